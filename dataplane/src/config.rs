@@ -1,0 +1,76 @@
+//! The data plane's own, already-validated settings. YAML parsing and validation live in the
+//! control crate; this is the plain-Rust shape the workers are started with.
+
+use std::net::SocketAddr;
+use std::num::NonZeroUsize;
+use std::time::Duration;
+
+/// Default socket buffer size (`SO_RCVBUF`/`SO_SNDBUF`) of each data-port socket: large enough to
+/// absorb a burst of a few thousand game datagrams while a worker is busy.
+pub const DEFAULT_SOCKET_BUFFER_BYTES: usize = 4 * 1024 * 1024;
+
+/// Default control packet prefix: FF FF FF FF "RESET".
+pub const DEFAULT_CONTROL_MAGIC: &[u8] = b"\xFF\xFF\xFF\xFFRESET";
+
+/// Settings for [`crate::DataPlane::start`].
+#[derive(Clone, Debug)]
+pub struct DataPlaneConfig {
+    /// UDP data ports, in the order that defines their index in grants and sessions.
+    pub data_ports: Vec<DataPortConfig>,
+    /// Number of worker threads.
+    pub workers: NonZeroUsize,
+    /// CPU pinning of the worker threads.
+    pub affinity: WorkerAffinity,
+    /// A session with no traffic in either direction for this long ends.
+    pub session_timeout: Duration,
+    /// Global cap on live sessions (all workers together).
+    pub max_sessions: usize,
+    /// Cap on live sessions per client IP address (all workers together).
+    pub max_sessions_per_ip: Option<usize>,
+    /// Prefix that marks a control (session reset) packet.
+    pub control_magic: Vec<u8>,
+    /// `SO_RCVBUF` of each data-port socket.
+    pub recv_buffer_bytes: usize,
+    /// `SO_SNDBUF` of each data-port socket.
+    pub send_buffer_bytes: usize,
+    /// Use `recvmmsg`/`sendmmsg` (Linux). When false, or off Linux, one syscall per datagram.
+    pub batch_io: bool,
+}
+
+impl DataPlaneConfig {
+    /// A configuration with the product defaults for the given ports (used by tests and tools).
+    pub fn with_ports(data_ports: Vec<DataPortConfig>) -> Self {
+        Self {
+            data_ports,
+            workers: NonZeroUsize::MIN,
+            affinity: WorkerAffinity::None,
+            session_timeout: Duration::from_secs(300),
+            max_sessions: 1_000_000,
+            max_sessions_per_ip: None,
+            control_magic: DEFAULT_CONTROL_MAGIC.to_vec(),
+            recv_buffer_bytes: DEFAULT_SOCKET_BUFFER_BYTES,
+            send_buffer_bytes: DEFAULT_SOCKET_BUFFER_BYTES,
+            batch_io: true,
+        }
+    }
+}
+
+/// One UDP data port.
+#[derive(Clone, Debug)]
+pub struct DataPortConfig {
+    /// Name used in grants and reported to clients (`ports` in the query answer).
+    pub name: String,
+    /// Address to bind; port 0 picks one port shared by every worker.
+    pub bind: SocketAddr,
+}
+
+/// How worker threads are pinned to cores.
+#[derive(Clone, Debug, Eq, PartialEq)]
+pub enum WorkerAffinity {
+    /// No pinning; the scheduler decides.
+    None,
+    /// Worker `i` runs on the `i`-th core the OS reports (modulo the core count).
+    Auto,
+    /// Worker `i` runs on `cores[i % cores.len()]`.
+    Cores(Vec<usize>),
+}

@@ -1,0 +1,251 @@
+//! The data plane's control API: messages from the control thread to workers, events from workers
+//! back, and the [`Controller`] handle that sends them.
+//!
+//! Each worker has one bounded channel plus a `mio::Waker`; a send is followed by a wake-up so the
+//! worker handles the message on its next loop turn. Workers never block on control, and control
+//! never touches a worker's sessions directly.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crossbeam_channel::{Sender, TrySendError};
+use crossbeam_utils::CachePadded;
+
+use crate::grant::{Backend, BackendId, Grant, TokenId};
+use crate::metrics::{CounterSnapshot, WorkerCounters};
+use crate::session::{SessionKind, SessionStats};
+
+/// Capacity of each worker's control channel.
+pub(crate) const CONTROL_CHANNEL_CAPACITY: usize = 4096;
+
+/// Callback that receives one worker's session listing.
+pub type SessionListReply = Arc<dyn Fn(Vec<SessionInfo>) + Send + Sync>;
+/// Callback that receives how many sessions one worker ended.
+pub type KillReply = Arc<dyn Fn(usize) + Send + Sync>;
+
+/// A message from control to one worker.
+pub(crate) enum ControlMsg {
+    /// A new grant the worker may redeem.
+    Grant(Arc<Grant>),
+    /// The backend for clients without a token (`None`: drop them).
+    SetDefault(Option<Arc<Backend>>),
+    /// The backend left the inventory: token sessions to it end, default sessions move to the
+    /// current default backend (or end if there is none).
+    RemoveBackend(BackendId),
+    /// Report every session through the callback.
+    ListSessions(SessionListReply),
+    /// End matching sessions and report how many through the callback.
+    KillSessions(ClientMatch, KillReply),
+    /// Open no new sessions from now on; keep forwarding for existing ones.
+    Drain,
+    /// Close everything and end the worker thread.
+    Shutdown,
+}
+
+impl std::fmt::Debug for ControlMsg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Grant(g) => f.debug_tuple("Grant").field(&g.token).finish(),
+            Self::SetDefault(b) => f.debug_tuple("SetDefault").field(b).finish(),
+            Self::RemoveBackend(b) => f.debug_tuple("RemoveBackend").field(b).finish(),
+            Self::ListSessions(_) => f.write_str("ListSessions"),
+            Self::KillSessions(m, _) => f.debug_tuple("KillSessions").field(m).finish(),
+            Self::Drain => f.write_str("Drain"),
+            Self::Shutdown => f.write_str("Shutdown"),
+        }
+    }
+}
+
+/// Which sessions a kill applies to.
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub enum ClientMatch {
+    /// Every session of this client address (on any data port).
+    Addr(SocketAddr),
+    /// Every session of any client at this IP.
+    Ip(IpAddr),
+}
+
+impl ClientMatch {
+    pub(crate) fn matches(&self, client: SocketAddr) -> bool {
+        match *self {
+            Self::Addr(a) => a == client,
+            Self::Ip(ip) => ip == client.ip(),
+        }
+    }
+}
+
+/// What a worker tells control. Sent per session, never per datagram.
+#[derive(Clone, Debug, Eq, PartialEq)]
+pub enum WorkerEvent {
+    /// A session opened.
+    SessionOpened {
+        /// Backend it goes to.
+        backend: BackendId,
+        /// How it opened.
+        kind: SessionKind,
+        /// The token redeemed, for token sessions.
+        token: Option<TokenId>,
+    },
+    /// A session moved to another backend (control packet or default-backend change).
+    SessionMoved {
+        /// Old backend.
+        from: BackendId,
+        /// New backend.
+        to: BackendId,
+        /// The token redeemed, for a control packet.
+        token: Option<TokenId>,
+    },
+    /// A session ended.
+    SessionClosed {
+        /// Backend it went to.
+        backend: BackendId,
+        /// Why it ended.
+        reason: CloseReason,
+    },
+}
+
+/// Why a session ended.
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub enum CloseReason {
+    /// No traffic for the session timeout.
+    Idle,
+    /// Ended through the admin API.
+    Killed,
+    /// Its backend left the inventory.
+    BackendRemoved,
+    /// The worker shut down.
+    Shutdown,
+}
+
+/// One session, as the admin API lists it.
+#[derive(Clone, Debug)]
+pub struct SessionInfo {
+    /// Worker that owns it.
+    pub worker: usize,
+    /// Client address.
+    pub client: SocketAddr,
+    /// Data port index.
+    pub data_port: usize,
+    /// Backend address.
+    pub target: SocketAddr,
+    /// Backend identity.
+    pub backend: BackendId,
+    /// How it opened.
+    pub kind: SessionKind,
+    /// Time since it opened.
+    pub age: Duration,
+    /// Time since its last datagram.
+    pub idle: Duration,
+    /// Traffic counters.
+    pub stats: SessionStats,
+}
+
+/// The control plane is not keeping up: a worker's control channel is full or gone.
+#[derive(Clone, Copy, Debug, Eq, PartialEq, thiserror::Error)]
+#[error("a data-plane worker is not accepting control messages (channel full or worker gone)")]
+pub struct Overloaded;
+
+pub(crate) struct WorkerLink {
+    pub(crate) tx: Sender<ControlMsg>,
+    pub(crate) waker: Arc<mio::Waker>,
+}
+
+/// Cloneable handle through which control steers every worker and reads their counters.
+#[derive(Clone)]
+pub struct Controller {
+    pub(crate) links: Arc<[WorkerLink]>,
+    pub(crate) counters: Arc<[CachePadded<WorkerCounters>]>,
+}
+
+impl std::fmt::Debug for Controller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Controller")
+            .field("workers", &self.links.len())
+            .finish()
+    }
+}
+
+impl Controller {
+    /// Number of workers.
+    pub fn workers(&self) -> usize {
+        self.links.len()
+    }
+
+    /// Publishes a grant to every worker. Must complete before the token is handed to the
+    /// client, so that whichever worker the client's datagram reaches already knows it (or finds
+    /// it in its channel).
+    pub fn publish_grant(&self, grant: Grant) -> Result<(), Overloaded> {
+        let grant = Arc::new(grant);
+        for link in self.links.iter() {
+            match link.tx.try_send(ControlMsg::Grant(Arc::clone(&grant))) {
+                Ok(()) => wake(link),
+                Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+                    return Err(Overloaded);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Sets (or clears) the default backend on every worker.
+    pub fn set_default(&self, backend: Option<Backend>) {
+        let backend = backend.map(Arc::new);
+        self.broadcast(|| ControlMsg::SetDefault(backend.clone()));
+    }
+
+    /// Ends sessions to a backend that left the inventory (default sessions move).
+    pub fn remove_backend(&self, backend: BackendId) {
+        self.broadcast(|| ControlMsg::RemoveBackend(backend));
+    }
+
+    /// Asks every worker for its sessions; `reply` is called once per worker that got the ask.
+    /// Returns how many workers were asked.
+    pub fn list_sessions(&self, reply: SessionListReply) -> usize {
+        self.broadcast(|| ControlMsg::ListSessions(Arc::clone(&reply)))
+    }
+
+    /// Ends matching sessions; `reply` is called once per worker with its count. Returns how
+    /// many workers were asked.
+    pub fn kill_sessions(&self, client: ClientMatch, reply: KillReply) -> usize {
+        self.broadcast(|| ControlMsg::KillSessions(client, Arc::clone(&reply)))
+    }
+
+    /// Stops opening sessions; existing ones keep forwarding.
+    pub fn drain(&self) {
+        self.broadcast(|| ControlMsg::Drain);
+    }
+
+    /// Ends every worker (join them with [`crate::DataPlane::join`]).
+    pub fn shutdown(&self) {
+        self.broadcast(|| ControlMsg::Shutdown);
+    }
+
+    /// Sum of all workers' counters now.
+    pub fn counters(&self) -> CounterSnapshot {
+        let mut snapshot = CounterSnapshot::default();
+        for c in self.counters.iter() {
+            snapshot.add(c);
+        }
+        snapshot
+    }
+
+    /// Sends a state message to every worker, waiting for room: unlike grants, these must not be
+    /// lost. Returns how many workers took it (a worker that ended takes nothing).
+    fn broadcast(&self, msg: impl Fn() -> ControlMsg) -> usize {
+        let mut sent = 0;
+        for link in self.links.iter() {
+            if link.tx.send(msg()).is_ok() {
+                wake(link);
+                sent += 1;
+            }
+        }
+        sent
+    }
+}
+
+fn wake(link: &WorkerLink) {
+    if let Err(e) = link.waker.wake() {
+        log::warn!("could not wake a data-plane worker: {e}");
+    }
+}

@@ -1,0 +1,81 @@
+//! Errors of starting and running the data plane. Per-datagram problems are never errors: they
+//! are [`crate::DropReason`]s, counted and dropped.
+
+use std::io;
+use std::net::SocketAddr;
+
+/// Binding a data-port socket failed; one variant per syscall step so the message says which.
+#[derive(Debug, thiserror::Error)]
+pub enum SocketError {
+    /// `socket(2)` failed.
+    #[error("could not create a socket for {addr}")]
+    Create {
+        /// Address the socket was meant for.
+        addr: SocketAddr,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// A `setsockopt(2)` failed.
+    #[error("could not set {option} on the socket for {addr}")]
+    SetOption {
+        /// Address the socket was meant for.
+        addr: SocketAddr,
+        /// Option name, as in `man 7 socket`.
+        option: &'static str,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// `bind(2)` failed (port in use, address not on this host, privileged port).
+    #[error("could not bind {addr}")]
+    Bind {
+        /// Address that could not be bound.
+        addr: SocketAddr,
+        /// The OS error.
+        source: io::Error,
+    },
+}
+
+/// Starting the data plane failed; nothing is left running.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A data-port socket could not be set up.
+    #[error(transparent)]
+    Socket(#[from] SocketError),
+    /// The event loop could not be created or a socket not registered.
+    #[error("could not set up the event loop of worker {worker}")]
+    Poll {
+        /// Worker index.
+        worker: usize,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// The worker thread could not be spawned.
+    #[error("could not spawn worker thread {worker}")]
+    Spawn {
+        /// Worker index.
+        worker: usize,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// The configuration names no data port, or more than the data plane supports.
+    #[error("the data plane needs between 1 and {max} UDP data ports, got {got}")]
+    DataPortCount {
+        /// Ports configured.
+        got: usize,
+        /// Supported maximum.
+        max: usize,
+    },
+}
+
+/// A worker's event loop failed; the worker thread ends with it.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// `epoll_wait` failed for a reason other than a signal.
+    #[error("worker {worker}: poll failed")]
+    Poll {
+        /// Worker index.
+        worker: usize,
+        /// The OS error.
+        source: io::Error,
+    },
+}

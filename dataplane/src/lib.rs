@@ -1,0 +1,35 @@
+//! The udp-director data plane: one `mio` event loop per core, each bound with `SO_REUSEPORT` to
+//! every UDP data port and owning its own shard of sessions.
+//!
+//! The kernel's reuseport hash sends every datagram of one client 4-tuple to the same worker, so a
+//! worker's session table needs no lock. Each session owns one connected upstream socket registered
+//! in the same worker's `Poll`, so replies come back to the worker that owns the session.
+//!
+//! The control thread talks to workers only through [`Controller`]: grants (token → backend),
+//! the default backend, backend removal, drain and shutdown travel as [`ctl::ControlMsg`]s on one
+//! bounded channel per worker, followed by a `mio::Waker` wake-up. Workers report sessions opened
+//! and closed as [`ctl::WorkerEvent`]s and keep per-worker [`metrics::WorkerCounters`] that
+//! control sums at scrape time. Nothing on the per-datagram path takes a lock or allocates.
+//!
+//! This crate knows nothing of tokio, Kubernetes or YAML.
+
+mod batch;
+pub mod config;
+pub mod ctl;
+pub mod error;
+pub mod grant;
+mod limits;
+pub mod metrics;
+pub mod packet;
+mod plane;
+pub mod session;
+mod socket;
+mod worker;
+
+pub use config::{DataPlaneConfig, DataPortConfig, WorkerAffinity};
+pub use ctl::{Controller, SessionInfo, WorkerEvent};
+pub use error::{StartError, WorkerError};
+pub use grant::{Backend, BackendId, Grant, TokenId};
+pub use metrics::{CounterSnapshot, DropReason, TokenRejectReason};
+pub use plane::DataPlane;
+pub use session::SessionKind;

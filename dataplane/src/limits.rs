@@ -1,0 +1,105 @@
+//! Session caps shared by all workers: a global count and an optional per-client-IP count.
+//!
+//! Touched only when a session opens or closes, never per datagram. The per-IP map is sharded so
+//! workers setting up sessions for different clients rarely meet on one lock.
+
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use ahash::AHashMap;
+use parking_lot::Mutex;
+
+use crate::metrics::DropReason;
+
+const IP_SHARDS: usize = 64;
+
+/// Global and per-IP session admission.
+#[derive(Debug)]
+pub(crate) struct SessionLimits {
+    max_sessions: usize,
+    max_per_ip: Option<usize>,
+    live: AtomicUsize,
+    per_ip: Box<[Mutex<AHashMap<IpAddr, usize>>]>,
+    hasher: ahash::RandomState,
+}
+
+impl SessionLimits {
+    pub(crate) fn new(max_sessions: usize, max_per_ip: Option<usize>) -> Self {
+        Self {
+            max_sessions,
+            max_per_ip,
+            live: AtomicUsize::new(0),
+            per_ip: (0..IP_SHARDS).map(|_| Mutex::default()).collect(),
+            hasher: ahash::RandomState::new(),
+        }
+    }
+
+    /// Reserves a session slot for `ip`, or says which cap refused it.
+    pub(crate) fn try_acquire(&self, ip: IpAddr) -> Result<(), DropReason> {
+        if self.live.fetch_add(1, Ordering::AcqRel) >= self.max_sessions {
+            self.live.fetch_sub(1, Ordering::AcqRel);
+            return Err(DropReason::SessionLimit);
+        }
+        if let Some(max) = self.max_per_ip {
+            let mut shard = self.shard(ip).lock();
+            let count = shard.entry(ip).or_insert(0);
+            if *count >= max {
+                drop(shard);
+                self.live.fetch_sub(1, Ordering::AcqRel);
+                return Err(DropReason::IpLimit);
+            }
+            *count += 1;
+        }
+        Ok(())
+    }
+
+    /// Returns a slot taken by [`Self::try_acquire`].
+    pub(crate) fn release(&self, ip: IpAddr) {
+        self.live.fetch_sub(1, Ordering::AcqRel);
+        if self.max_per_ip.is_some() {
+            let mut shard = self.shard(ip).lock();
+            if let Some(count) = shard.get_mut(&ip) {
+                *count -= 1;
+                if *count == 0 {
+                    shard.remove(&ip);
+                }
+            }
+        }
+    }
+
+    /// Sessions live across all workers.
+    #[cfg(test)]
+    pub(crate) fn live(&self) -> usize {
+        self.live.load(Ordering::Acquire)
+    }
+
+    fn shard(&self, ip: IpAddr) -> &Mutex<AHashMap<IpAddr, usize>> {
+        let index = self.hasher.hash_one(ip) as usize % IP_SHARDS;
+        &self.per_ip[index]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn global_and_per_ip_caps() {
+        let limits = SessionLimits::new(3, Some(2));
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let b: IpAddr = "10.0.0.2".parse().unwrap();
+        assert_eq!(limits.try_acquire(a), Ok(()));
+        assert_eq!(limits.try_acquire(a), Ok(()));
+        assert_eq!(limits.try_acquire(a), Err(DropReason::IpLimit));
+        assert_eq!(limits.try_acquire(b), Ok(()));
+        assert_eq!(limits.try_acquire(b), Err(DropReason::SessionLimit));
+        assert_eq!(limits.live(), 3);
+        limits.release(a);
+        assert_eq!(limits.try_acquire(b), Ok(()));
+        assert_eq!(limits.try_acquire(b), Err(DropReason::SessionLimit));
+        limits.release(b);
+        limits.release(b);
+        limits.release(a);
+        assert_eq!(limits.live(), 0);
+    }
+}

@@ -1,0 +1,237 @@
+//! Per-worker counters and the reasons datagrams are dropped or tokens rejected.
+//!
+//! Each worker owns one cache-line-padded [`WorkerCounters`]; only that worker writes it, so an
+//! increment is a relaxed load and store (no locked instruction). Control sums all workers'
+//! counters into a [`CounterSnapshot`] at scrape time.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::session::SessionKind;
+
+/// Why a datagram was dropped. Per-datagram failures are values, never errors.
+#[derive(Clone, Copy, Debug, Eq, Hash, PartialEq)]
+pub enum DropReason {
+    /// First datagram of an unknown client that is no valid token, with no default backend.
+    NoSession,
+    /// A token or control packet whose token was unknown, used, expired or for another port.
+    TokenRejected,
+    /// A control packet (magic prefix) whose body is not a token.
+    MalformedControl,
+    /// `maxSessions` reached.
+    SessionLimit,
+    /// `maxSessionsPerIp` reached for the client's address.
+    IpLimit,
+    /// The proxy is draining and opens no new sessions.
+    Draining,
+    /// The upstream socket of a new session could not be created or connected.
+    UpstreamSetup,
+    /// Sending to the backend failed (e.g. ICMP port unreachable reported on the socket).
+    UpstreamSend,
+    /// Sending a reply to the client failed or the socket's send buffer was full.
+    DownstreamSend,
+}
+
+impl DropReason {
+    /// Every reason, in metric-label order.
+    pub const ALL: [Self; 9] = [
+        Self::NoSession,
+        Self::TokenRejected,
+        Self::MalformedControl,
+        Self::SessionLimit,
+        Self::IpLimit,
+        Self::Draining,
+        Self::UpstreamSetup,
+        Self::UpstreamSend,
+        Self::DownstreamSend,
+    ];
+
+    /// The metric label value.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::NoSession => "no_session",
+            Self::TokenRejected => "token_rejected",
+            Self::MalformedControl => "malformed_control",
+            Self::SessionLimit => "session_limit",
+            Self::IpLimit => "ip_limit",
+            Self::Draining => "draining",
+            Self::UpstreamSetup => "upstream_setup",
+            Self::UpstreamSend => "upstream_send",
+            Self::DownstreamSend => "downstream_send",
+        }
+    }
+
+    /// Whose fault the drop was: `client`, `backend` or `internal`.
+    pub const fn source(self) -> &'static str {
+        match self {
+            Self::NoSession | Self::TokenRejected | Self::MalformedControl | Self::IpLimit => {
+                "client"
+            }
+            Self::UpstreamSend => "backend",
+            Self::SessionLimit | Self::Draining | Self::UpstreamSetup | Self::DownstreamSend => {
+                "internal"
+            }
+        }
+    }
+}
+
+/// Why a token was not redeemed.
+#[derive(Clone, Copy, Debug, Eq, Hash, PartialEq)]
+pub enum TokenRejectReason {
+    /// No grant with this token is known (never issued, or long gone).
+    Unknown,
+    /// The grant's TTL passed.
+    Expired,
+    /// The grant was already redeemed on this data port.
+    Used,
+    /// The grant does not cover this data port.
+    WrongPort,
+}
+
+impl TokenRejectReason {
+    /// Every reason, in metric-label order.
+    pub const ALL: [Self; 4] = [Self::Unknown, Self::Expired, Self::Used, Self::WrongPort];
+
+    /// The metric label value.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Unknown => "unknown",
+            Self::Expired => "expired",
+            Self::Used => "used",
+            Self::WrongPort => "wrong_port",
+        }
+    }
+}
+
+/// A counter written by one thread and read by others.
+#[derive(Debug, Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    /// Adds `n`. Only the owning worker calls this, so load + store cannot lose updates.
+    #[inline]
+    pub fn add(&self, n: u64) {
+        self.0.store(
+            self.0.load(Ordering::Relaxed).wrapping_add(n),
+            Ordering::Relaxed,
+        );
+    }
+
+    /// Sets the value (gauges).
+    #[inline]
+    pub fn set(&self, v: u64) {
+        self.0.store(v, Ordering::Relaxed);
+    }
+
+    /// Current value.
+    #[inline]
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// One worker's counters.
+#[derive(Debug, Default)]
+pub struct WorkerCounters {
+    /// Datagrams client → backend.
+    pub packets_upstream: Counter,
+    /// Datagrams backend → client.
+    pub packets_downstream: Counter,
+    /// Bytes client → backend.
+    pub bytes_upstream: Counter,
+    /// Bytes backend → client.
+    pub bytes_downstream: Counter,
+    /// Drops, indexed like [`DropReason::ALL`].
+    pub dropped: [Counter; DropReason::ALL.len()],
+    /// Sessions opened, indexed like [`SessionKind::ALL`].
+    pub sessions_created: [Counter; SessionKind::ALL.len()],
+    /// Sessions moved to another backend by a control packet.
+    pub sessions_reset: Counter,
+    /// Sessions ended by the idle timeout.
+    pub sessions_expired: Counter,
+    /// Sessions ended otherwise (killed, backend removed, shutdown).
+    pub sessions_closed: Counter,
+    /// Sessions live on this worker (gauge).
+    pub sessions_active: Counter,
+    /// Tokens redeemed (session opened or reset).
+    pub tokens_redeemed: Counter,
+    /// Tokens rejected, indexed like [`TokenRejectReason::ALL`].
+    pub tokens_rejected: [Counter; TokenRejectReason::ALL.len()],
+}
+
+impl WorkerCounters {
+    #[inline]
+    pub(crate) fn drop(&self, reason: DropReason, n: u64) {
+        self.dropped[reason as usize].add(n);
+    }
+
+    #[inline]
+    pub(crate) fn reject(&self, reason: TokenRejectReason) {
+        self.tokens_rejected[reason as usize].add(1);
+    }
+}
+
+/// Sum of all workers' counters at one moment.
+#[derive(Clone, Debug, Default, Eq, PartialEq)]
+pub struct CounterSnapshot {
+    /// Datagrams client → backend.
+    pub packets_upstream: u64,
+    /// Datagrams backend → client.
+    pub packets_downstream: u64,
+    /// Bytes client → backend.
+    pub bytes_upstream: u64,
+    /// Bytes backend → client.
+    pub bytes_downstream: u64,
+    /// Drops, indexed like [`DropReason::ALL`].
+    pub dropped: [u64; DropReason::ALL.len()],
+    /// Sessions opened, indexed like [`SessionKind::ALL`].
+    pub sessions_created: [u64; SessionKind::ALL.len()],
+    /// Sessions moved by a control packet.
+    pub sessions_reset: u64,
+    /// Sessions ended by the idle timeout.
+    pub sessions_expired: u64,
+    /// Sessions ended otherwise.
+    pub sessions_closed: u64,
+    /// Sessions live now.
+    pub sessions_active: u64,
+    /// Tokens redeemed.
+    pub tokens_redeemed: u64,
+    /// Tokens rejected, indexed like [`TokenRejectReason::ALL`].
+    pub tokens_rejected: [u64; TokenRejectReason::ALL.len()],
+}
+
+impl CounterSnapshot {
+    /// Drops for one reason.
+    pub fn dropped(&self, reason: DropReason) -> u64 {
+        self.dropped[reason as usize]
+    }
+
+    /// Sessions created of one kind.
+    pub fn created(&self, kind: SessionKind) -> u64 {
+        self.sessions_created[kind as usize]
+    }
+
+    /// Tokens rejected for one reason.
+    pub fn rejected(&self, reason: TokenRejectReason) -> u64 {
+        self.tokens_rejected[reason as usize]
+    }
+
+    pub(crate) fn add(&mut self, c: &WorkerCounters) {
+        fn sum<const N: usize>(into: &mut [u64; N], from: &[Counter; N]) {
+            for (i, f) in into.iter_mut().zip(from) {
+                *i += f.get();
+            }
+        }
+        self.packets_upstream += c.packets_upstream.get();
+        self.packets_downstream += c.packets_downstream.get();
+        self.bytes_upstream += c.bytes_upstream.get();
+        self.bytes_downstream += c.bytes_downstream.get();
+        sum(&mut self.dropped, &c.dropped);
+        sum(&mut self.sessions_created, &c.sessions_created);
+        self.sessions_reset += c.sessions_reset.get();
+        self.sessions_expired += c.sessions_expired.get();
+        self.sessions_closed += c.sessions_closed.get();
+        self.sessions_active += c.sessions_active.get();
+        self.tokens_redeemed += c.tokens_redeemed.get();
+        sum(&mut self.tokens_rejected, &c.tokens_rejected);
+    }
+}

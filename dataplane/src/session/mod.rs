@@ -1,0 +1,264 @@
+//! The session shard of one worker (sans-io: no syscalls, no clock reads; `now` is passed in).
+//!
+//! Sessions live in a slab addressed by [`SessionId`] (slot + generation, so a stale id never
+//! reaches a reused slot) and are found by [`SessionKey`] through an `ahash` map. Idle expiry uses
+//! [`IdleWheel`]: traffic only stores `last_active`, and a session is looked at again only when its
+//! deadline comes round, so the cost of expiry does not grow with busy sessions.
+//!
+//! The table is generic over the upstream socket type so it can be driven in tests without I/O.
+
+mod key;
+mod timer;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use ahash::AHashMap;
+
+use crate::grant::BackendId;
+pub use key::SessionKey;
+pub(crate) use timer::IdleWheel;
+
+/// How a session came to be; also the `kind` label of `sessions_created_total`.
+#[derive(Clone, Copy, Debug, Eq, Hash, PartialEq)]
+pub enum SessionKind {
+    /// Opened by redeeming a token.
+    Token,
+    /// Opened for a client without a token, to the default backend.
+    Default,
+}
+
+impl SessionKind {
+    /// Every kind, in metric-label order.
+    pub const ALL: [Self; 2] = [Self::Token, Self::Default];
+
+    /// The metric label value.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Token => "token",
+            Self::Default => "default",
+        }
+    }
+}
+
+/// Handle of a live session: slab slot plus the slot's generation when the session was made.
+#[derive(Clone, Copy, Debug, Eq, Hash, PartialEq)]
+pub struct SessionId {
+    slot: u32,
+    generation: u32,
+}
+
+impl SessionId {
+    /// The slab slot, used to derive the session's `mio::Token`.
+    pub fn slot(self) -> usize {
+        self.slot as usize
+    }
+}
+
+/// Per-session traffic counters.
+#[derive(Clone, Copy, Debug, Default, Eq, PartialEq)]
+pub struct SessionStats {
+    /// Datagrams client → backend.
+    pub packets_upstream: u64,
+    /// Bytes client → backend.
+    pub bytes_upstream: u64,
+    /// Datagrams backend → client.
+    pub packets_downstream: u64,
+    /// Bytes backend → client.
+    pub bytes_downstream: u64,
+}
+
+/// One client's session on one data port.
+#[derive(Debug)]
+pub struct Session<S> {
+    /// Client address and data port.
+    pub key: SessionKey,
+    /// The client address pre-encoded for `sendmmsg`, done once per session instead of per reply.
+    pub client_sockaddr: socket2::SockAddr,
+    /// Connected socket to the backend.
+    pub upstream: S,
+    /// Backend address the upstream socket is connected to.
+    pub target: SocketAddr,
+    /// Backend identity (for load-balancing counts and removal).
+    pub backend: BackendId,
+    /// How the session was opened.
+    pub kind: SessionKind,
+    /// When it was opened.
+    pub created: Instant,
+    /// Last datagram in either direction.
+    pub last_active: Instant,
+    /// Traffic counters.
+    pub stats: SessionStats,
+}
+
+struct Slot<S> {
+    generation: u32,
+    session: Option<Session<S>>,
+}
+
+/// A worker's sessions.
+pub struct SessionTable<S> {
+    slots: Vec<Slot<S>>,
+    free: Vec<u32>,
+    by_key: AHashMap<SessionKey, SessionId>,
+    wheel: IdleWheel,
+    timeout: Duration,
+}
+
+impl<S> std::fmt::Debug for SessionTable<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SessionTable")
+            .field("live", &self.by_key.len())
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S> SessionTable<S> {
+    /// An empty table whose sessions end after `timeout` without traffic.
+    pub fn new(timeout: Duration, epoch: Instant) -> Self {
+        Self {
+            slots: Vec::new(),
+            free: Vec::new(),
+            by_key: AHashMap::new(),
+            wheel: IdleWheel::new(epoch),
+            timeout,
+        }
+    }
+
+    /// Adds a session; the caller has checked that `session.key` is not present.
+    pub fn insert(&mut self, session: Session<S>) -> SessionId {
+        let key = session.key;
+        let deadline = session.last_active + self.timeout;
+        let id = match self.free.pop() {
+            Some(slot) => {
+                let entry = &mut self.slots[slot as usize];
+                entry.session = Some(session);
+                SessionId {
+                    slot,
+                    generation: entry.generation,
+                }
+            }
+            None => {
+                let slot = u32::try_from(self.slots.len()).expect("fewer than 2^32 sessions");
+                self.slots.push(Slot {
+                    generation: 0,
+                    session: Some(session),
+                });
+                SessionId {
+                    slot,
+                    generation: 0,
+                }
+            }
+        };
+        self.by_key.insert(key, id);
+        self.wheel.schedule(id, deadline);
+        id
+    }
+
+    /// The session of a client on a data port.
+    #[inline]
+    pub fn find(&self, key: &SessionKey) -> Option<SessionId> {
+        self.by_key.get(key).copied()
+    }
+
+    /// The session behind an id, if it still lives.
+    #[inline]
+    pub fn get_mut(&mut self, id: SessionId) -> Option<&mut Session<S>> {
+        let slot = self.slots.get_mut(id.slot as usize)?;
+        if slot.generation != id.generation {
+            return None;
+        }
+        slot.session.as_mut()
+    }
+
+    /// The live session in a slab slot (mio tokens carry only the slot).
+    #[inline]
+    pub fn by_slot_mut(&mut self, slot: usize) -> Option<(SessionId, &mut Session<S>)> {
+        let entry = self.slots.get_mut(slot)?;
+        let id = SessionId {
+            slot: slot as u32,
+            generation: entry.generation,
+        };
+        entry.session.as_mut().map(|s| (id, s))
+    }
+
+    /// Removes a session and returns it (its socket is the caller's to deregister and close).
+    pub fn remove(&mut self, id: SessionId) -> Option<Session<S>> {
+        let slot = self.slots.get_mut(id.slot as usize)?;
+        if slot.generation != id.generation {
+            return None;
+        }
+        let session = slot.session.take()?;
+        slot.generation = slot.generation.wrapping_add(1);
+        self.free.push(id.slot);
+        self.by_key.remove(&session.key);
+        Some(session)
+    }
+
+    /// Number of live sessions.
+    pub fn len(&self) -> usize {
+        self.by_key.len()
+    }
+
+    /// True when no session lives.
+    pub fn is_empty(&self) -> bool {
+        self.by_key.is_empty()
+    }
+
+    /// Iterates over live sessions.
+    pub fn iter(&self) -> impl Iterator<Item = (SessionId, &Session<S>)> {
+        self.slots.iter().enumerate().filter_map(|(slot, entry)| {
+            entry.session.as_ref().map(|s| {
+                (
+                    SessionId {
+                        slot: slot as u32,
+                        generation: entry.generation,
+                    },
+                    s,
+                )
+            })
+        })
+    }
+
+    /// Restarts a session's idle timer from `now` (after a reset: its deadline moves later, which
+    /// the wheel finds out lazily).
+    pub fn touch(&mut self, id: SessionId, now: Instant) {
+        if let Some(s) = self.get_mut(id) {
+            s.last_active = now;
+        }
+    }
+
+    /// Removes and returns every session idle for at least the timeout at `now`. Looks only at
+    /// sessions whose last scheduled deadline has come; busy ones are rescheduled, not expired.
+    pub fn expire_idle(&mut self, now: Instant, expired: &mut Vec<Session<S>>) {
+        let timeout = self.timeout;
+        let mut due = self.wheel.take_due(now);
+        for id in due.drain(..) {
+            let Some(session) = self.get_mut(id) else {
+                continue; // removed since it was scheduled
+            };
+            let deadline = session.last_active + timeout;
+            if deadline <= now {
+                if let Some(s) = self.remove(id) {
+                    expired.push(s);
+                }
+            } else {
+                self.wheel.schedule(id, deadline);
+            }
+        }
+        self.wheel.recycle(due);
+    }
+
+    /// How long until the idle wheel next needs a look, if any session lives.
+    pub fn next_timeout(&self, now: Instant) -> Option<Duration> {
+        if self.is_empty() {
+            None
+        } else {
+            Some(self.wheel.until_next_tick(now))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,141 @@
+//! Session table and idle wheel, driven with an injected clock.
+
+use super::*;
+
+fn key(n: u16) -> SessionKey {
+    SessionKey {
+        client: SocketAddr::from(([10, 0, (n >> 8) as u8, n as u8], 40000 + n)),
+        port: 0,
+    }
+}
+
+fn session(n: u16, now: Instant) -> Session<()> {
+    Session {
+        key: key(n),
+        client_sockaddr: key(n).client.into(),
+        upstream: (),
+        target: "10.1.0.1:7000".parse().unwrap(),
+        backend: BackendId(1),
+        kind: SessionKind::Token,
+        created: now,
+        last_active: now,
+        stats: SessionStats::default(),
+    }
+}
+
+#[test]
+fn insert_find_remove_and_slot_reuse() {
+    let t0 = Instant::now();
+    let mut table = SessionTable::new(Duration::from_secs(10), t0);
+    let a = table.insert(session(1, t0));
+    let b = table.insert(session(2, t0));
+    assert_eq!(table.find(&key(1)), Some(a));
+    assert_eq!(table.find(&key(2)), Some(b));
+    assert_eq!(table.len(), 2);
+    assert!(table.remove(a).is_some());
+    assert!(table.remove(a).is_none(), "double remove is a no-op");
+    assert_eq!(table.find(&key(1)), None);
+    let c = table.insert(session(3, t0));
+    assert_eq!(c.slot(), a.slot(), "slot reused");
+    assert!(
+        table.get_mut(a).is_none(),
+        "stale id does not reach the new session"
+    );
+    assert_eq!(table.get_mut(c).unwrap().key, key(3));
+}
+
+#[test]
+fn idle_sessions_expire_busy_ones_stay() {
+    let t0 = Instant::now();
+    let timeout = Duration::from_secs(10);
+    let mut table = SessionTable::new(timeout, t0);
+    let idle = table.insert(session(1, t0));
+    let busy = table.insert(session(2, t0));
+    let mut expired = Vec::new();
+    // Traffic on `busy` every second for 30 s.
+    for s in 1..=30 {
+        let now = t0 + Duration::from_secs(s);
+        table.get_mut(busy).unwrap().last_active = now;
+        table.expire_idle(now, &mut expired);
+        if s < 10 {
+            assert!(
+                expired.is_empty(),
+                "nothing expires before the timeout (t={s})"
+            );
+        }
+    }
+    assert_eq!(expired.len(), 1);
+    assert_eq!(expired[0].key, key(1));
+    assert!(table.get_mut(idle).is_none());
+    assert!(table.get_mut(busy).is_some());
+    // Busy stops; it expires one timeout after its last traffic, within a tick.
+    expired.clear();
+    table.expire_idle(t0 + Duration::from_secs(39), &mut expired);
+    assert!(expired.is_empty());
+    table.expire_idle(t0 + Duration::from_secs(40) + 2 * timer::TICK, &mut expired);
+    assert_eq!(expired.len(), 1);
+    assert!(table.is_empty());
+}
+
+#[test]
+fn expiry_is_never_early_and_at_most_a_tick_late() {
+    let t0 = Instant::now();
+    let timeout = Duration::from_millis(1500);
+    let mut table = SessionTable::new(timeout, t0);
+    let mut expired = Vec::new();
+    for n in 0..100u16 {
+        table.insert(session(n, t0 + Duration::from_millis(u64::from(n) * 7)));
+    }
+    let mut now = t0;
+    while !table.is_empty() {
+        now += Duration::from_millis(10);
+        table.expire_idle(now, &mut expired);
+        for s in expired.drain(..) {
+            let idle_for = now - s.last_active;
+            assert!(idle_for >= timeout, "expired early: {idle_for:?}");
+            assert!(
+                idle_for <= timeout + 2 * timer::TICK,
+                "expired late: {idle_for:?}"
+            );
+        }
+        assert!(now < t0 + Duration::from_secs(5));
+    }
+}
+
+#[test]
+fn timeouts_longer_than_a_wheel_revolution() {
+    let t0 = Instant::now();
+    let timeout = Duration::from_secs(300);
+    let mut table = SessionTable::new(timeout, t0);
+    table.insert(session(1, t0));
+    let mut expired = Vec::new();
+    let mut now = t0;
+    while now < t0 + Duration::from_secs(299) {
+        now += Duration::from_secs(1);
+        table.expire_idle(now, &mut expired);
+    }
+    assert!(expired.is_empty());
+    table.expire_idle(t0 + Duration::from_secs(301), &mut expired);
+    assert_eq!(expired.len(), 1);
+}
+
+#[test]
+fn a_long_sleep_expires_everything_due() {
+    let t0 = Instant::now();
+    let mut table = SessionTable::new(Duration::from_secs(1), t0);
+    for n in 0..10 {
+        table.insert(session(n, t0));
+    }
+    let mut expired = Vec::new();
+    table.expire_idle(t0 + Duration::from_secs(3600), &mut expired);
+    assert_eq!(expired.len(), 10);
+}
+
+#[test]
+fn next_timeout_only_with_sessions() {
+    let t0 = Instant::now();
+    let mut table = SessionTable::new(Duration::from_secs(1), t0);
+    assert_eq!(table.next_timeout(t0), None);
+    table.insert(session(1, t0));
+    assert!(table.next_timeout(t0).unwrap() <= timer::TICK);
+}

@@ -1,0 +1,79 @@
+//! Socket builders (socket2): data-port listeners with `SO_REUSEPORT`, and connected upstream
+//! sockets for sessions. One error variant per syscall step, so a failure names its cause.
+
+use std::io;
+use std::net::{SocketAddr, UdpSocket};
+
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+
+use crate::error::SocketError;
+
+/// Binds a non-blocking UDP socket with `SO_REUSEPORT` so every worker can bind the same port.
+/// `[::]` binds dual-stack.
+pub(crate) fn bind_reuseport_udp(
+    addr: SocketAddr,
+    recv_buffer_bytes: usize,
+    send_buffer_bytes: usize,
+) -> Result<UdpSocket, SocketError> {
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))
+        .map_err(|source| SocketError::Create { addr, source })?;
+    let opt = |option: &'static str, r: io::Result<()>| {
+        r.map_err(|source| SocketError::SetOption {
+            addr,
+            option,
+            source,
+        })
+    };
+    if addr.is_ipv6() {
+        opt("IPV6_V6ONLY", socket.set_only_v6(false))?;
+    }
+    opt("SO_REUSEADDR", socket.set_reuse_address(true))?;
+    #[cfg(unix)]
+    opt("SO_REUSEPORT", socket.set_reuse_port(true))?;
+    opt("SO_RCVBUF", socket.set_recv_buffer_size(recv_buffer_bytes))?;
+    opt("SO_SNDBUF", socket.set_send_buffer_size(send_buffer_bytes))?;
+    warn_if_capped(
+        addr,
+        "SO_RCVBUF",
+        recv_buffer_bytes,
+        socket.recv_buffer_size(),
+    );
+    warn_if_capped(
+        addr,
+        "SO_SNDBUF",
+        send_buffer_bytes,
+        socket.send_buffer_size(),
+    );
+    opt("O_NONBLOCK", socket.set_nonblocking(true))?;
+    socket
+        .bind(&addr.into())
+        .map_err(|source| SocketError::Bind { addr, source })?;
+    Ok(socket.into())
+}
+
+/// A non-blocking UDP socket on an ephemeral port, connected to `target`: the backend sees one
+/// stable peer per session, and the kernel filters out datagrams from anyone but `target`.
+pub(crate) fn connect_upstream_udp(target: SocketAddr) -> io::Result<mio::net::UdpSocket> {
+    let socket = Socket::new(
+        Domain::for_address(target),
+        Type::DGRAM.nonblocking().cloexec(),
+        Some(Protocol::UDP),
+    )?;
+    // connect(2) on an unbound UDP socket binds an ephemeral port as part of the same call.
+    socket.connect(&SockAddr::from(target))?;
+    Ok(mio::net::UdpSocket::from_std(socket.into()))
+}
+
+/// The kernel silently caps socket buffers at `net.core.rmem_max`/`wmem_max`; say so, because a
+/// small buffer turns bursts into drops.
+fn warn_if_capped(addr: SocketAddr, option: &str, wanted: usize, got: io::Result<usize>) {
+    // Linux reports twice the size it was given (the other half is bookkeeping).
+    if let Ok(got) = got
+        && got < wanted
+    {
+        log::warn!(
+            "{addr}: {option} is {got} bytes, not the {wanted} configured; raise \
+             net.core.rmem_max / net.core.wmem_max to absorb bursts"
+        );
+    }
+}

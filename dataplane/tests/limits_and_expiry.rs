@@ -1,0 +1,184 @@
+//! Idle expiry, session caps, admin kill, drain and shutdown.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use dataplane::DropReason;
+use dataplane::ctl::ClientMatch;
+
+#[test]
+fn idle_sessions_expire_and_free_their_sockets() {
+    let proxy = Proxy::start(2, |cfg| cfg.session_timeout = Duration::from_millis(500));
+    let echo = Echo::plain();
+    let clients: Vec<_> = (0..20).map(|_| client()).collect();
+    for c in &clients {
+        c.send_to(proxy.grant_one(1, echo.addr).as_bytes(), proxy.addr())
+            .unwrap();
+    }
+    proxy.eventually("20 sessions", |p| p.ctl.counters().sessions_active == 20);
+    assert_eq!(
+        udp_sockets_connected_to(echo.addr),
+        20,
+        "one upstream socket per session"
+    );
+    // Keep one session busy past the timeout; the others go idle.
+    let busy = &clients[0];
+    for _ in 0..10 {
+        busy.send_to(b"x", proxy.addr()).unwrap();
+        assert_eq!(expect_datagram(busy), b"x");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    proxy.eventually("idle ones expired", |p| {
+        p.ctl.counters().sessions_expired == 19
+    });
+    assert_eq!(proxy.sessions().len(), 1);
+    drop(clients);
+    proxy.eventually("busy one expired too", |p| {
+        p.ctl.counters().sessions_active == 0
+    });
+    assert_eq!(
+        udp_sockets_connected_to(echo.addr),
+        0,
+        "every upstream socket closed"
+    );
+}
+
+#[test]
+fn replies_keep_a_session_alive() {
+    let proxy = Proxy::start(1, |cfg| cfg.session_timeout = Duration::from_millis(400));
+    let server = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    server.set_read_timeout(Some(WAIT)).unwrap();
+    let c = client();
+    c.send_to(
+        proxy.grant_one(1, server.local_addr().unwrap()).as_bytes(),
+        proxy.addr(),
+    )
+    .unwrap();
+    c.send_to(b"hi", proxy.addr()).unwrap();
+    let mut buf = [0u8; 16];
+    let (_, peer) = server.recv_from(&mut buf).unwrap();
+    // Only the server talks for a while: the session must stay.
+    for _ in 0..8 {
+        server.send_to(b"tick", peer).unwrap();
+        assert_eq!(expect_datagram(&c), b"tick");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(proxy.ctl.counters().sessions_expired, 0);
+}
+
+#[test]
+fn max_sessions_refuses_new_ones_only() {
+    let proxy = Proxy::start(2, |cfg| cfg.max_sessions = 3);
+    let echo = Echo::plain();
+    let clients: Vec<_> = (0..5).map(|_| client()).collect();
+    for c in &clients {
+        c.send_to(proxy.grant_one(1, echo.addr).as_bytes(), proxy.addr())
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    proxy.eventually("two refused", |p| {
+        p.ctl.counters().dropped(DropReason::SessionLimit) == 2
+    });
+    assert_eq!(proxy.sessions().len(), 3);
+    for c in &clients[..3] {
+        c.send_to(b"ok", proxy.addr()).unwrap();
+        assert_eq!(expect_datagram(c), b"ok");
+    }
+}
+
+#[test]
+fn max_sessions_per_ip() {
+    let proxy = Proxy::start(2, |cfg| cfg.max_sessions_per_ip = Some(2));
+    let echo = Echo::plain();
+    let clients: Vec<_> = (0..4).map(|_| client()).collect();
+    for c in &clients {
+        c.send_to(proxy.grant_one(1, echo.addr).as_bytes(), proxy.addr())
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    proxy.eventually("two refused", |p| {
+        p.ctl.counters().dropped(DropReason::IpLimit) == 2
+    });
+    assert_eq!(proxy.sessions().len(), 2);
+    // Another IP on the loopback net is a different budget.
+    let other = client_on("127.0.0.2:0");
+    other
+        .send_to(proxy.grant_one(1, echo.addr).as_bytes(), proxy.addr())
+        .unwrap();
+    other.send_to(b"hi", proxy.addr()).unwrap();
+    assert_eq!(expect_datagram(&other), b"hi");
+}
+
+#[test]
+fn kill_sessions_by_client() {
+    let proxy = Proxy::start(2, |_| {});
+    let echo = Echo::plain();
+    let a = client();
+    let b = client();
+    for c in [&a, &b] {
+        c.send_to(proxy.grant_one(1, echo.addr).as_bytes(), proxy.addr())
+            .unwrap();
+    }
+    proxy.eventually("2 sessions", |p| p.sessions().len() == 2);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let tx = std::sync::Mutex::new(tx);
+    let asked = proxy.ctl.kill_sessions(
+        ClientMatch::Addr(a.local_addr().unwrap()),
+        Arc::new(move |n| tx.lock().unwrap().send(n).unwrap()),
+    );
+    let killed: usize = (0..asked).map(|_| rx.recv_timeout(WAIT).unwrap()).sum();
+    assert_eq!(killed, 1);
+    let left = proxy.sessions();
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].client, b.local_addr().unwrap());
+    assert_eq!(proxy.ctl.counters().sessions_closed, 1);
+}
+
+#[test]
+fn drain_keeps_sessions_but_opens_none() {
+    let proxy = Proxy::start(2, |_| {});
+    let echo = Echo::plain();
+    let old = client();
+    old.send_to(proxy.grant_one(1, echo.addr).as_bytes(), proxy.addr())
+        .unwrap();
+    proxy.set_default(1, Some(echo.addr));
+    proxy.eventually("session", |p| p.sessions().len() == 1);
+    proxy.ctl.drain();
+    let token = proxy.grant_one(1, echo.addr);
+    let new = client();
+    new.send_to(token.as_bytes(), proxy.addr()).unwrap();
+    new.send_to(b"x", proxy.addr()).unwrap();
+    expect_nothing(&new, Duration::from_millis(200));
+    old.send_to(b"still here", proxy.addr()).unwrap();
+    assert_eq!(expect_datagram(&old), b"still here");
+    assert_eq!(proxy.ctl.counters().dropped(DropReason::Draining), 2);
+}
+
+#[test]
+fn shutdown_closes_every_socket() {
+    let echo = Echo::plain();
+    {
+        let proxy = Proxy::start(2, |_| {});
+        let c = client();
+        c.send_to(proxy.grant_one(1, echo.addr).as_bytes(), proxy.addr())
+            .unwrap();
+        proxy.eventually("session", |p| p.sessions().len() == 1);
+        assert_eq!(udp_sockets_connected_to(echo.addr), 1);
+    }
+    assert_eq!(udp_sockets_connected_to(echo.addr), 0);
+}
+
+#[test]
+fn port_in_use_is_a_clear_start_error() {
+    let taken = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mut cfg = dataplane::DataPlaneConfig::with_ports(vec![dataplane::DataPortConfig {
+        name: "game".into(),
+        bind: taken.local_addr().unwrap(),
+    }]);
+    cfg.workers = std::num::NonZeroUsize::new(1).unwrap();
+    let err = dataplane::DataPlane::start(cfg).unwrap_err();
+    assert!(err.to_string().contains("could not bind"), "{err}");
+}
