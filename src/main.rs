@@ -1,1 +1,179 @@
-fn main() {}
+//! `udp-director`: parse arguments, load and validate the config, start the data plane workers
+//! and the control thread, wait for them. Everything else lives in the `dataplane` and `control`
+//! crates.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use control::config::Config;
+
+/// Kubernetes-native stateful UDP proxy for game-server fleets.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Config file (YAML) for running the proxy.
+    #[arg(long, env = "CONFIG_PATH", global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the proxy (the default when no subcommand is given).
+    Run,
+    /// Validate a config file and exit: 0 when valid, 1 with the reason otherwise.
+    CheckConfig {
+        /// Config file to check.
+        file: PathBuf,
+    },
+    /// Ask a running proxy's query port for a token and print it.
+    Query(QueryArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct QueryArgs {
+    /// Query port address.
+    #[arg(long, default_value = "127.0.0.1:9000")]
+    addr: String,
+    /// Resource type (a key of resourceQueryMapping).
+    #[arg(long)]
+    resource_type: String,
+    /// Namespace to search.
+    #[arg(long)]
+    namespace: Option<String>,
+    /// Label that must match, as key=value (repeatable).
+    #[arg(short = 'l', long = "label", value_parser = key_value)]
+    labels: Vec<(String, String)>,
+    /// Annotation that must match, as key=value (repeatable).
+    #[arg(short = 'a', long = "annotation", value_parser = key_value)]
+    annotations: Vec<(String, String)>,
+    /// Status field to test, as a dot path (e.g. status.state).
+    #[arg(long, requires = "status_value")]
+    status_path: Option<String>,
+    /// Accepted value of --status-path (repeatable).
+    #[arg(long)]
+    status_value: Vec<String>,
+    /// Print the whole JSON answer instead of the token alone.
+    #[arg(long)]
+    json: bool,
+}
+
+fn key_value(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("`{s}` is not key=value"))
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let args = Args::parse();
+    let result = match args.command {
+        None | Some(Command::Run) => match args.config {
+            Some(path) => run(&path),
+            None => Err(anyhow::anyhow!(
+                "no config: pass --config FILE or set CONFIG_PATH"
+            )),
+        },
+        Some(Command::CheckConfig { file }) => check_config(&file),
+        Some(Command::Query(q)) => query(&q),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("udp-director: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(path: &Path) -> anyhow::Result<()> {
+    let config = Arc::new(Config::load(path)?);
+    raise_fd_limit();
+    let plane = dataplane::DataPlane::start(config.dataplane()).context("data plane")?;
+    let control = control::start(Arc::clone(&config), &plane).context("control plane")?;
+    let data: Vec<String> = config
+        .udp_ports()
+        .zip(plane.local_addrs())
+        .map(|((_, p), a)| format!("{}/udp={a}", p.name))
+        .collect();
+    // One machine-readable line, for scripts and tests that start the proxy on port 0.
+    println!(
+        "listening query={} admin={} data={}",
+        control.query_addr,
+        control.admin_addr,
+        data.join(",")
+    );
+    std::io::stdout().flush().ok();
+    control.join();
+    plane.join().context("data plane")?;
+    Ok(())
+}
+
+fn check_config(path: &Path) -> anyhow::Result<()> {
+    let config = Config::load(path)?;
+    println!(
+        "{}: ok ({} data ports, {} resource types, {} workers)",
+        path.display(),
+        config.data_ports.len(),
+        config.mappings.len(),
+        config.workers
+    );
+    Ok(())
+}
+
+fn query(q: &QueryArgs) -> anyhow::Result<()> {
+    let mut request = serde_json::json!({
+        "type": "query",
+        "resourceType": q.resource_type,
+        "labelSelector": q.labels.iter().cloned().collect::<std::collections::BTreeMap<_, _>>(),
+        "annotationSelector": q.annotations.iter().cloned().collect::<std::collections::BTreeMap<_, _>>(),
+    });
+    if let Some(ns) = &q.namespace {
+        request["namespace"] = ns.clone().into();
+    }
+    if let Some(path) = &q.status_path {
+        request["statusQuery"] = serde_json::json!({"jsonPath": path, "expectedValues": q.status_value});
+    }
+    let mut stream =
+        TcpStream::connect(&q.addr).with_context(|| format!("connect to {}", q.addr))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    writeln!(stream, "{request}")?;
+    let mut line = String::new();
+    BufReader::new(&stream).read_line(&mut line)?;
+    let answer: serde_json::Value =
+        serde_json::from_str(&line).with_context(|| format!("unexpected answer: {line:?}"))?;
+    if let Some(error) = answer.get("error") {
+        bail!("{} ({})", error.as_str().unwrap_or("?"), answer["code"].as_str().unwrap_or("?"));
+    }
+    if q.json {
+        println!("{answer}");
+    } else {
+        println!("{}", answer["token"].as_str().unwrap_or_default());
+    }
+    Ok(())
+}
+
+/// Each session holds a socket: lift the soft fd limit to the hard one.
+fn raise_fd_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raw const limit) != 0 {
+                log::warn!("could not raise the open-file limit");
+            }
+        }
+    }
+}

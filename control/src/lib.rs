@@ -1,1 +1,220 @@
+//! The control plane of udp-director: one thread ("control") running a tokio runtime that owns
+//! the query server, the inventory, selection and token minting, and the admin HTTP server.
+//!
+//! Control steers the data plane only through [`dataplane::Controller`] (grants, default
+//! backend, backend removal, drain, shutdown) and learns about sessions from
+//! [`dataplane::WorkerEvent`]s. It never touches a worker's sessions or sockets.
 
+pub mod admin;
+pub mod config;
+pub mod director;
+pub mod inventory;
+pub mod jsonpath;
+pub mod metrics;
+pub mod query;
+pub mod select;
+pub mod server;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use dataplane::DataPlane;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::config::{Config, InventoryConfig};
+use crate::director::Director;
+use crate::inventory::{FileSource, Snapshot};
+use crate::metrics::Metrics;
+
+/// How often worker events are folded into the load counts.
+const EVENT_INTERVAL: Duration = Duration::from_millis(100);
+/// How often the default backend is re-chosen (load balancing moves with the load).
+const RECONCILE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Starting the control plane failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// The tokio runtime could not be built.
+    #[error("cannot start the control runtime")]
+    Runtime(#[source] std::io::Error),
+    /// A listener could not be bound.
+    #[error("cannot listen on {what} {addr}")]
+    Bind {
+        /// Which listener.
+        what: &'static str,
+        /// Address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The control thread could not be spawned.
+    #[error("cannot spawn the control thread")]
+    Spawn(#[source] std::io::Error),
+    /// The configured inventory source is not available in this build.
+    #[error("inventory kind `kubernetes` is not available yet; use `inventory: {{kind: file, path: …}}`")]
+    KubernetesUnavailable,
+}
+
+/// The running control plane.
+#[derive(Debug)]
+pub struct ControlPlane {
+    thread: JoinHandle<()>,
+    /// Bound query server address.
+    pub query_addr: SocketAddr,
+    /// Bound admin address.
+    pub admin_addr: SocketAddr,
+}
+
+impl ControlPlane {
+    /// Waits until control has drained and shut the data plane down (after SIGTERM/SIGINT).
+    pub fn join(self) {
+        if self.thread.join().is_err() {
+            log::error!("the control thread panicked");
+        }
+    }
+}
+
+/// Binds the query and admin listeners, then runs control on its own thread until SIGTERM or
+/// SIGINT: then it drains for `config.drain`, shuts the workers down and returns.
+pub fn start(config: Arc<Config>, plane: &DataPlane) -> Result<ControlPlane, ControlError> {
+    let source = match &config.inventory {
+        InventoryConfig::File {
+            path,
+            poll_interval,
+        } => FileSource::new(path.clone(), *poll_interval),
+        InventoryConfig::Kubernetes => return Err(ControlError::KubernetesUnavailable),
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(ControlError::Runtime)?;
+    let bind = |what: &'static str, port: u16| {
+        let addr = SocketAddr::new(config.bind_address, port);
+        runtime
+            .block_on(TcpListener::bind(addr))
+            .map_err(|source| ControlError::Bind { what, addr, source })
+    };
+    let query_listener = bind("query port", config.query_port)?;
+    let admin_listener = bind("admin port", config.admin_port)?;
+    let query_addr = query_listener
+        .local_addr()
+        .map_err(|source| ControlError::Bind {
+            what: "query port",
+            addr: SocketAddr::new(config.bind_address, config.query_port),
+            source,
+        })?;
+    let admin_addr = admin_listener
+        .local_addr()
+        .map_err(|source| ControlError::Bind {
+            what: "admin port",
+            addr: SocketAddr::new(config.bind_address, config.admin_port),
+            source,
+        })?;
+
+    let controller = plane.controller();
+    let (inventory_tx, inventory_rx) = watch::channel(Arc::new(Snapshot::default()));
+    let metrics = Metrics::new(controller.clone(), inventory_rx.clone());
+    let director = Arc::new(Director::new(
+        Arc::clone(&config),
+        controller,
+        plane.local_addrs(),
+        inventory_rx,
+        plane.events(),
+        Arc::clone(&metrics),
+    ));
+
+    let thread = std::thread::Builder::new()
+        .name("control".into())
+        .spawn(move || {
+            runtime.block_on(run(
+                config,
+                director,
+                metrics,
+                source,
+                inventory_tx,
+                query_listener,
+                admin_listener,
+            ));
+        })
+        .map_err(ControlError::Spawn)?;
+    Ok(ControlPlane {
+        thread,
+        query_addr,
+        admin_addr,
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run(
+    config: Arc<Config>,
+    director: Arc<Director>,
+    metrics: Arc<Metrics>,
+    source: FileSource,
+    inventory_tx: watch::Sender<Arc<Snapshot>>,
+    query_listener: TcpListener,
+    admin_listener: TcpListener,
+) {
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut inventory_rx = inventory_tx.subscribe();
+    tokio::spawn(inventory::run(source, config.mappings.clone(), inventory_tx));
+    tokio::spawn(server::serve(
+        query_listener,
+        Arc::clone(&director),
+        server::QueryLimits {
+            idle_timeout: config.query_idle_timeout,
+            max_connections: config.max_query_connections,
+        },
+        stop_rx.clone(),
+    ));
+    tokio::spawn(admin::serve(
+        admin_listener,
+        Arc::clone(&director),
+        metrics,
+        stop_rx.clone(),
+    ));
+
+    let mut events = tokio::time::interval(EVENT_INTERVAL);
+    let mut reconcile = tokio::time::interval(RECONCILE_INTERVAL);
+    let shutdown = shutdown_signal();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            changed = inventory_rx.changed() => {
+                if changed.is_err() { break; }
+                director.reconcile();
+            }
+            _ = reconcile.tick() => director.reconcile(),
+            _ = events.tick() => director.absorb_events(Instant::now()),
+            () = &mut shutdown => break,
+        }
+    }
+
+    log::info!(
+        "shutting down: no new sessions, forwarding for {} s more",
+        config.drain.as_secs()
+    );
+    director.drain();
+    let _ = stop_tx.send(true);
+    tokio::time::sleep(config.drain).await;
+    director.controller().shutdown();
+    log::info!("drained; data plane stopped");
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        log::error!("cannot install signal handlers; stop the proxy with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => log::info!("SIGTERM received"),
+        _ = int.recv() => log::info!("SIGINT received"),
+    }
+}

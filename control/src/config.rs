@@ -1,0 +1,798 @@
+//! The YAML configuration: a strict raw schema (`#[serde(deny_unknown_fields)]`) turned into a
+//! validated [`Config`] by [`Config::from_yaml`]. Every rejection names the key and the reason.
+//! The config is immutable once the proxy runs.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::num::NonZeroUsize;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::query::Query;
+
+pub const DEFAULT_QUERY_PORT: u16 = 9000;
+pub const DEFAULT_DATA_PORT: u16 = 7777;
+pub const DEFAULT_ADMIN_PORT: u16 = 9090;
+pub const DEFAULT_TOKEN_TTL_SECONDS: u64 = 30;
+pub const DEFAULT_SESSION_TIMEOUT_SECONDS: u64 = 300;
+pub const DEFAULT_QUERY_IDLE_TIMEOUT_SECONDS: u64 = 10;
+pub const DEFAULT_MAX_QUERY_CONNECTIONS: usize = 1024;
+pub const DEFAULT_MAX_SESSIONS: usize = 100_000;
+pub const DEFAULT_DRAIN_SECONDS: u64 = 10;
+pub const DEFAULT_CONTROL_MAGIC_HEX: &str = "FFFFFFFF5245534554";
+pub const DEFAULT_FILE_POLL_MILLIS: u64 = 1000;
+/// Name of the data port when the config gives a bare `dataPort`.
+pub const DEFAULT_DATA_PORT_NAME: &str = "default";
+
+/// A configuration error, always naming the key at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// File path.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The YAML does not fit the schema (unknown key, wrong type); serde_yaml's message carries
+    /// the key path and position.
+    #[error("config: {0}")]
+    Schema(#[from] serde_yaml::Error),
+    /// A value fits the schema but not the rules.
+    #[error("config key `{key}`: {reason}")]
+    Invalid {
+        /// Dotted path of the key.
+        key: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+fn invalid(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        reason: reason.into(),
+    }
+}
+
+/// The config file as written (camelCase keys). See `deploy/examples/` for complete files.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawConfig {
+    /// TCP port of the query server.
+    #[serde(default)]
+    query_port: Option<u16>,
+    /// A single UDP data port (named `default`); exclusive with `dataPorts`.
+    #[serde(default)]
+    data_port: Option<u16>,
+    /// Named data ports; exclusive with `dataPort`.
+    #[serde(default)]
+    data_ports: Option<Vec<RawDataPort>>,
+    /// Address every listener binds; `::` for dual stack.
+    #[serde(default)]
+    bind_address: Option<String>,
+    /// Admin HTTP port (metrics, health, sessions).
+    #[serde(default)]
+    admin_port: Option<u16>,
+    /// Seconds a token stays redeemable after it is issued.
+    #[serde(default, alias = "tokenTTLSeconds")]
+    token_ttl_seconds: Option<u64>,
+    /// Seconds without traffic after which a session ends.
+    #[serde(default)]
+    session_timeout_seconds: Option<u64>,
+    /// Seconds a query connection may wait before sending a full request.
+    #[serde(default)]
+    query_idle_timeout_seconds: Option<u64>,
+    /// Concurrent query connections; more are refused.
+    #[serde(default)]
+    max_query_connections: Option<usize>,
+    /// Live sessions across the proxy.
+    #[serde(default)]
+    max_sessions: Option<usize>,
+    /// Live sessions per client IP.
+    #[serde(default)]
+    max_sessions_per_ip: Option<usize>,
+    /// Hex of the control packet prefix.
+    #[serde(default)]
+    control_packet_magic_bytes: Option<String>,
+    /// Data-plane worker threads; default one per core.
+    #[serde(default)]
+    workers: Option<usize>,
+    /// `auto` or a list of core ids to pin workers to.
+    #[serde(default)]
+    cpu_affinity: Option<RawAffinity>,
+    /// SO_RCVBUF and SO_SNDBUF of every data-port socket.
+    #[serde(default)]
+    socket_buffer_bytes: Option<usize>,
+    /// Seconds to keep forwarding after SIGTERM before exiting.
+    #[serde(default)]
+    drain_seconds: Option<u64>,
+    /// Where game servers are found.
+    #[serde(default)]
+    inventory: Option<RawInventory>,
+    /// Resource types a query may name.
+    #[serde(default)]
+    resource_query_mapping: BTreeMap<String, RawMapping>,
+    /// How one backend is chosen among the matches.
+    #[serde(default)]
+    load_balancing: Option<RawLoadBalancing>,
+    /// Query used for clients that arrive without a token.
+    #[serde(default)]
+    default_endpoint: Option<Query>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDataPort {
+    name: String,
+    port: u16,
+    #[serde(default)]
+    protocol: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawAffinity {
+    Word(String),
+    Cores(Vec<usize>),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawInventory {
+    kind: String,
+    #[serde(default)]
+    path: Option<PathBuf>,
+    #[serde(default)]
+    poll_interval_millis: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawMapping {
+    group: String,
+    version: String,
+    resource: String,
+    #[serde(default)]
+    kind: Option<String>,
+    #[serde(default)]
+    address_path: Option<String>,
+    #[serde(default)]
+    address_type: Option<String>,
+    #[serde(default)]
+    port_name: Option<String>,
+    #[serde(default)]
+    port_path: Option<String>,
+    #[serde(default)]
+    ports: Option<Vec<RawMappedPort>>,
+    #[serde(default)]
+    service_selector_label: Option<String>,
+    #[serde(default)]
+    service_target_port_name: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawMappedPort {
+    name: String,
+    #[serde(default)]
+    port_name: Option<String>,
+    #[serde(default)]
+    port_path: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawLoadBalancing {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    current_label: Option<String>,
+    #[serde(default)]
+    max_label: Option<String>,
+    #[serde(default)]
+    overlap: Option<i64>,
+}
+
+/// Transport of a data port.
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub enum Protocol {
+    /// Datagrams, handled by the data-plane workers.
+    Udp,
+    /// A stream whose first bytes are the token.
+    Tcp,
+}
+
+/// A validated data port.
+#[derive(Clone, Debug)]
+pub struct DataPort {
+    /// Name used in grants, mappings and query answers.
+    pub name: String,
+    /// Listen port.
+    pub port: u16,
+    /// Transport.
+    pub protocol: Protocol,
+}
+
+/// Where the inventory comes from.
+#[derive(Clone, Debug)]
+pub enum InventoryConfig {
+    /// A YAML file of Kubernetes-shaped objects, reloaded when it changes.
+    File {
+        /// File path.
+        path: PathBuf,
+        /// How often the file is checked for changes.
+        poll_interval: Duration,
+    },
+    /// A Kubernetes API server (in-cluster or `KUBECONFIG`).
+    Kubernetes,
+}
+
+/// How a resource's backend address and ports are found.
+#[derive(Clone, Debug)]
+pub enum Locator {
+    /// Address and ports read from the object itself.
+    Direct {
+        /// Dot path of the address (a string, or with `address_type` an array of
+        /// `{type, address}`).
+        address_path: String,
+        /// Pick the entry of this `type` from an address array.
+        address_type: Option<String>,
+        /// Per data port (index into `Config::data_ports`), where its port comes from.
+        ports: Vec<(usize, PortSource)>,
+    },
+    /// The Service labelled `<label>=<object name>` in the object's namespace: its ClusterIP and
+    /// named port (for every data port).
+    Service {
+        /// Label key on the Service.
+        selector_label: String,
+        /// Name of the Service port.
+        target_port_name: String,
+    },
+}
+
+/// Where a port number comes from.
+#[derive(Clone, Debug, Eq, PartialEq)]
+pub enum PortSource {
+    /// A named port: Agones `status.ports[].name` or Pod `spec.containers[].ports[].name`.
+    Name(String),
+    /// A dot path to a number.
+    Path(String),
+}
+
+/// A resource type a query can name.
+#[derive(Clone, Debug)]
+pub struct Mapping {
+    /// API group (`""` for core).
+    pub group: String,
+    /// API version.
+    pub version: String,
+    /// Plural resource name (`gameservers`).
+    pub resource: String,
+    /// Kind (`GameServer`); derived from `resource` unless given.
+    pub kind: Option<String>,
+    /// How backends are located.
+    pub locator: Locator,
+}
+
+impl Mapping {
+    /// `group/version`, or `version` for the core group.
+    pub fn api_version(&self) -> String {
+        if self.group.is_empty() {
+            self.version.clone()
+        } else {
+            format!("{}/{}", self.group, self.version)
+        }
+    }
+
+    /// True when an object of this `kind` belongs to the mapping.
+    pub fn matches_kind(&self, kind: &str) -> bool {
+        match &self.kind {
+            Some(k) => k == kind,
+            None => plural_of(kind) == self.resource,
+        }
+    }
+}
+
+/// The lowercase plural of a kind, as Kubernetes names resources (`GameServer` → `gameservers`,
+/// `Policy` → `policies`, `Ingress` → `ingresses`).
+pub fn plural_of(kind: &str) -> String {
+    let lower = kind.to_ascii_lowercase();
+    if lower.ends_with('s') || lower.ends_with('x') || lower.ends_with("ch") || lower.ends_with("sh")
+    {
+        format!("{lower}es")
+    } else if let Some(stem) = lower.strip_suffix('y')
+        && !stem.ends_with(['a', 'e', 'i', 'o', 'u'])
+    {
+        format!("{stem}ies")
+    } else {
+        format!("{lower}s")
+    }
+}
+
+/// Load-balancing strategy.
+#[derive(Clone, Debug, Eq, PartialEq)]
+pub enum LoadBalancing {
+    /// Fewest live sessions plus outstanding grants on this instance.
+    LeastSessions,
+    /// Capacity from labels: `max − current − local sessions − outstanding grants − overlap`.
+    LabelArithmetic {
+        /// Label holding the current player count.
+        current_label: String,
+        /// Label holding the capacity.
+        max_label: String,
+        /// Head-room kept free.
+        overlap: i64,
+    },
+    /// Rotate through the matches.
+    RoundRobin,
+    /// Uniformly at random.
+    Random,
+}
+
+/// The validated configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Address every listener binds.
+    pub bind_address: IpAddr,
+    /// Query server port.
+    pub query_port: u16,
+    /// Admin HTTP port.
+    pub admin_port: u16,
+    /// Data ports in declaration order.
+    pub data_ports: Vec<DataPort>,
+    /// Token lifetime.
+    pub token_ttl: Duration,
+    /// Idle session timeout.
+    pub session_timeout: Duration,
+    /// Query connection idle limit.
+    pub query_idle_timeout: Duration,
+    /// Concurrent query connections.
+    pub max_query_connections: usize,
+    /// Global session cap.
+    pub max_sessions: usize,
+    /// Per-IP session cap.
+    pub max_sessions_per_ip: Option<usize>,
+    /// Control packet prefix.
+    pub control_magic: Vec<u8>,
+    /// Worker thread count.
+    pub workers: NonZeroUsize,
+    /// Worker pinning.
+    pub affinity: dataplane::WorkerAffinity,
+    /// Socket buffer size of data-port sockets.
+    pub socket_buffer_bytes: usize,
+    /// Drain period after SIGTERM.
+    pub drain: Duration,
+    /// Inventory source.
+    pub inventory: InventoryConfig,
+    /// Resource types by query name.
+    pub mappings: BTreeMap<String, Mapping>,
+    /// Load balancing.
+    pub load_balancing: LoadBalancing,
+    /// Default endpoint query.
+    pub default_endpoint: Option<Query>,
+}
+
+impl Config {
+    /// Reads and validates a config file. Relative inventory paths are resolved against the
+    /// config file's directory.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut config = Self::from_yaml(&text)?;
+        if let InventoryConfig::File { path: inv, .. } = &mut config.inventory
+            && inv.is_relative()
+            && let Some(dir) = path.parent()
+        {
+            *inv = dir.join(&*inv);
+        }
+        Ok(config)
+    }
+
+    /// Parses and validates YAML text.
+    pub fn from_yaml(text: &str) -> Result<Self, ConfigError> {
+        let raw: RawConfig = serde_yaml::from_str(text)?;
+        Self::try_from(raw)
+    }
+
+    /// UDP data ports with their index in `data_ports`.
+    pub fn udp_ports(&self) -> impl Iterator<Item = (usize, &DataPort)> {
+        self.data_ports
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.protocol == Protocol::Udp)
+    }
+
+    /// The data plane's settings derived from this config.
+    pub fn dataplane(&self) -> dataplane::DataPlaneConfig {
+        let ports = self
+            .udp_ports()
+            .map(|(_, p)| dataplane::DataPortConfig {
+                name: p.name.clone(),
+                bind: SocketAddr::new(self.bind_address, p.port),
+            })
+            .collect();
+        let mut dp = dataplane::DataPlaneConfig::with_ports(ports);
+        dp.workers = self.workers;
+        dp.affinity = self.affinity.clone();
+        dp.session_timeout = self.session_timeout;
+        dp.max_sessions = self.max_sessions;
+        dp.max_sessions_per_ip = self.max_sessions_per_ip;
+        dp.control_magic = self.control_magic.clone();
+        dp.recv_buffer_bytes = self.socket_buffer_bytes;
+        dp.send_buffer_bytes = self.socket_buffer_bytes;
+        dp
+    }
+}
+
+impl TryFrom<RawConfig> for Config {
+    type Error = ConfigError;
+
+    fn try_from(raw: RawConfig) -> Result<Self, ConfigError> {
+        let bind_address = match raw.bind_address.as_deref() {
+            None => IpAddr::from([0, 0, 0, 0]),
+            Some(s) => s
+                .parse()
+                .map_err(|_| invalid("bindAddress", format!("`{s}` is not an IP address")))?,
+        };
+        let data_ports = data_ports(raw.data_port, raw.data_ports)?;
+        let seconds = |key: &str, v: Option<u64>, default: u64| -> Result<Duration, ConfigError> {
+            match v.unwrap_or(default) {
+                0 => Err(invalid(key, "must be at least 1")),
+                s if s > 86_400 => Err(invalid(key, "must be at most 86400 (one day)")),
+                s => Ok(Duration::from_secs(s)),
+            }
+        };
+        let positive = |key: &str, v: Option<usize>, default: usize| match v.unwrap_or(default) {
+            0 => Err(invalid(key, "must be at least 1")),
+            n => Ok(n),
+        };
+        let control_magic = parse_magic(
+            raw.control_packet_magic_bytes
+                .as_deref()
+                .unwrap_or(DEFAULT_CONTROL_MAGIC_HEX),
+        )?;
+        let workers = match raw.workers {
+            Some(0) => return Err(invalid("workers", "must be at least 1")),
+            Some(n) => NonZeroUsize::new(n).unwrap_or(NonZeroUsize::MIN),
+            None => std::thread::available_parallelism().unwrap_or(NonZeroUsize::MIN),
+        };
+        let affinity = match raw.cpu_affinity {
+            None => dataplane::WorkerAffinity::None,
+            Some(RawAffinity::Word(w)) if w == "auto" => dataplane::WorkerAffinity::Auto,
+            Some(RawAffinity::Word(w)) if w == "none" => dataplane::WorkerAffinity::None,
+            Some(RawAffinity::Word(w)) => {
+                return Err(invalid(
+                    "cpuAffinity",
+                    format!("`{w}` is neither `auto`, `none` nor a list of core ids"),
+                ));
+            }
+            Some(RawAffinity::Cores(cores)) if cores.is_empty() => {
+                return Err(invalid("cpuAffinity", "the core list is empty"));
+            }
+            Some(RawAffinity::Cores(cores)) => dataplane::WorkerAffinity::Cores(cores),
+        };
+        let socket_buffer_bytes = match raw.socket_buffer_bytes {
+            None => dataplane::config::DEFAULT_SOCKET_BUFFER_BYTES,
+            Some(n) if n < 4096 => return Err(invalid("socketBufferBytes", "must be at least 4096")),
+            Some(n) => n,
+        };
+        let inventory = inventory(raw.inventory)?;
+        let mut mappings = BTreeMap::new();
+        for (name, m) in raw.resource_query_mapping {
+            let key = format!("resourceQueryMapping.{name}");
+            mappings.insert(name, mapping(&key, m, &data_ports)?);
+        }
+        let load_balancing = load_balancing(raw.load_balancing)?;
+        if let Some(q) = &raw.default_endpoint {
+            q.validate()
+                .map_err(|reason| invalid("defaultEndpoint", reason))?;
+            if !mappings.contains_key(&q.resource_type) {
+                return Err(invalid(
+                    "defaultEndpoint.resourceType",
+                    format!("`{}` is not in resourceQueryMapping", q.resource_type),
+                ));
+            }
+        }
+        let query_port = raw.query_port.unwrap_or(DEFAULT_QUERY_PORT);
+        let admin_port = raw.admin_port.unwrap_or(DEFAULT_ADMIN_PORT);
+        Ok(Self {
+            bind_address,
+            query_port,
+            admin_port,
+            data_ports,
+            token_ttl: seconds(
+                "tokenTtlSeconds",
+                raw.token_ttl_seconds,
+                DEFAULT_TOKEN_TTL_SECONDS,
+            )?,
+            session_timeout: seconds(
+                "sessionTimeoutSeconds",
+                raw.session_timeout_seconds,
+                DEFAULT_SESSION_TIMEOUT_SECONDS,
+            )?,
+            query_idle_timeout: seconds(
+                "queryIdleTimeoutSeconds",
+                raw.query_idle_timeout_seconds,
+                DEFAULT_QUERY_IDLE_TIMEOUT_SECONDS,
+            )?,
+            max_query_connections: positive(
+                "maxQueryConnections",
+                raw.max_query_connections,
+                DEFAULT_MAX_QUERY_CONNECTIONS,
+            )?,
+            max_sessions: positive("maxSessions", raw.max_sessions, DEFAULT_MAX_SESSIONS)?,
+            max_sessions_per_ip: match raw.max_sessions_per_ip {
+                Some(0) => return Err(invalid("maxSessionsPerIp", "must be at least 1")),
+                other => other,
+            },
+            control_magic,
+            workers,
+            affinity,
+            socket_buffer_bytes,
+            drain: match raw.drain_seconds.unwrap_or(DEFAULT_DRAIN_SECONDS) {
+                s if s > 3600 => return Err(invalid("drainSeconds", "must be at most 3600")),
+                s => Duration::from_secs(s),
+            },
+            inventory,
+            mappings,
+            load_balancing,
+            default_endpoint: raw.default_endpoint,
+        })
+    }
+}
+
+fn data_ports(
+    single: Option<u16>,
+    list: Option<Vec<RawDataPort>>,
+) -> Result<Vec<DataPort>, ConfigError> {
+    let ports = match (single, list) {
+        (Some(_), Some(_)) => {
+            return Err(invalid("dataPorts", "give either `dataPort` or `dataPorts`, not both"));
+        }
+        (Some(port), None) => vec![DataPort {
+            name: DEFAULT_DATA_PORT_NAME.into(),
+            port,
+            protocol: Protocol::Udp,
+        }],
+        (None, None) => vec![DataPort {
+            name: DEFAULT_DATA_PORT_NAME.into(),
+            port: DEFAULT_DATA_PORT,
+            protocol: Protocol::Udp,
+        }],
+        (None, Some(list)) => {
+            let mut out: Vec<DataPort> = Vec::with_capacity(list.len());
+            for (i, p) in list.into_iter().enumerate() {
+                let key = format!("dataPorts[{i}]");
+                if p.name.is_empty() {
+                    return Err(invalid(format!("{key}.name"), "must not be empty"));
+                }
+                if out.iter().any(|o| o.name == p.name) {
+                    return Err(invalid(format!("{key}.name"), format!("`{}` is used twice", p.name)));
+                }
+                let protocol = match p.protocol.as_deref().unwrap_or("udp") {
+                    "udp" | "UDP" => Protocol::Udp,
+                    "tcp" | "TCP" => Protocol::Tcp,
+                    other => {
+                        return Err(invalid(
+                            format!("{key}.protocol"),
+                            format!("`{other}` is neither `udp` nor `tcp`"),
+                        ));
+                    }
+                };
+                if p.port != 0
+                    && out
+                        .iter()
+                        .any(|o| o.port == p.port && o.protocol == protocol)
+                {
+                    return Err(invalid(format!("{key}.port"), format!("{} is used twice", p.port)));
+                }
+                out.push(DataPort {
+                    name: p.name,
+                    port: p.port,
+                    protocol,
+                });
+            }
+            out
+        }
+    };
+    if !ports.iter().any(|p| p.protocol == Protocol::Udp) {
+        return Err(invalid("dataPorts", "at least one UDP data port is needed"));
+    }
+    if ports.iter().any(|p| p.protocol == Protocol::Tcp) {
+        return Err(invalid(
+            "dataPorts",
+            "TCP data ports are not supported by this version yet; use `protocol: udp`",
+        ));
+    }
+    Ok(ports)
+}
+
+fn parse_magic(hex: &str) -> Result<Vec<u8>, ConfigError> {
+    let key = "controlPacketMagicBytes";
+    let hex = hex.trim().trim_start_matches("0x");
+    if hex.is_empty() || hex.len() % 2 != 0 {
+        return Err(invalid(key, "must be an even number of hex digits, at least 2"));
+    }
+    if hex.len() > 64 {
+        return Err(invalid(key, "must be at most 32 bytes"));
+    }
+    (0..hex.len())
+        .step_by(2)
+        .map(|i| {
+            u8::from_str_radix(&hex[i..i + 2], 16)
+                .map_err(|_| invalid(key, format!("`{hex}` is not hex")))
+        })
+        .collect()
+}
+
+fn inventory(raw: Option<RawInventory>) -> Result<InventoryConfig, ConfigError> {
+    let Some(raw) = raw else {
+        return Ok(InventoryConfig::Kubernetes);
+    };
+    match raw.kind.as_str() {
+        "file" => {
+            let path = raw
+                .path
+                .ok_or_else(|| invalid("inventory.path", "is required for `kind: file`"))?;
+            let millis = raw.poll_interval_millis.unwrap_or(DEFAULT_FILE_POLL_MILLIS);
+            if millis < 10 {
+                return Err(invalid("inventory.pollIntervalMillis", "must be at least 10"));
+            }
+            Ok(InventoryConfig::File {
+                path,
+                poll_interval: Duration::from_millis(millis),
+            })
+        }
+        "kubernetes" => {
+            if raw.path.is_some() {
+                return Err(invalid("inventory.path", "only applies to `kind: file`"));
+            }
+            Ok(InventoryConfig::Kubernetes)
+        }
+        other => Err(invalid(
+            "inventory.kind",
+            format!("`{other}` is neither `kubernetes` nor `file`"),
+        )),
+    }
+}
+
+fn port_source(key: &str, name: Option<String>, path: Option<String>) -> Result<PortSource, ConfigError> {
+    match (name, path) {
+        (Some(n), None) if !n.is_empty() => Ok(PortSource::Name(n)),
+        (None, Some(p)) if !p.is_empty() => Ok(PortSource::Path(p)),
+        (Some(_), Some(_)) => Err(invalid(key, "give `portName` or `portPath`, not both")),
+        _ => Err(invalid(key, "needs a non-empty `portName` or `portPath`")),
+    }
+}
+
+fn mapping(key: &str, m: RawMapping, data_ports: &[DataPort]) -> Result<Mapping, ConfigError> {
+    if m.version.is_empty() {
+        return Err(invalid(format!("{key}.version"), "must not be empty"));
+    }
+    if m.resource.is_empty() {
+        return Err(invalid(format!("{key}.resource"), "must not be empty"));
+    }
+    let service = m.service_selector_label.is_some() || m.service_target_port_name.is_some();
+    let direct = m.address_path.is_some()
+        || m.address_type.is_some()
+        || m.port_name.is_some()
+        || m.port_path.is_some()
+        || m.ports.is_some();
+    let locator = match (direct, service) {
+        (true, true) => {
+            return Err(invalid(
+                key,
+                "mixes direct keys (addressPath, ports…) with service keys (serviceSelectorLabel…)",
+            ));
+        }
+        (false, false) => {
+            return Err(invalid(
+                key,
+                "needs `addressPath` with `portName`/`portPath`/`ports`, or `serviceSelectorLabel` \
+                 with `serviceTargetPortName`",
+            ));
+        }
+        (false, true) => Locator::Service {
+            selector_label: m
+                .service_selector_label
+                .ok_or_else(|| invalid(format!("{key}.serviceSelectorLabel"), "is required"))?,
+            target_port_name: m
+                .service_target_port_name
+                .ok_or_else(|| invalid(format!("{key}.serviceTargetPortName"), "is required"))?,
+        },
+        (true, false) => {
+            let address_path = m
+                .address_path
+                .ok_or_else(|| invalid(format!("{key}.addressPath"), "is required"))?;
+            let ports = match m.ports {
+                Some(list) => {
+                    if m.port_name.is_some() || m.port_path.is_some() {
+                        return Err(invalid(
+                            format!("{key}.ports"),
+                            "give `ports` or `portName`/`portPath`, not both",
+                        ));
+                    }
+                    let mut out = Vec::new();
+                    for (i, p) in list.into_iter().enumerate() {
+                        let pkey = format!("{key}.ports[{i}]");
+                        let index = data_ports
+                            .iter()
+                            .position(|d| d.name == p.name)
+                            .ok_or_else(|| {
+                                invalid(
+                                    format!("{pkey}.name"),
+                                    format!("`{}` is not a data port name", p.name),
+                                )
+                            })?;
+                        out.push((index, port_source(&pkey, p.port_name, p.port_path)?));
+                    }
+                    if out.is_empty() {
+                        return Err(invalid(format!("{key}.ports"), "must not be empty"));
+                    }
+                    out
+                }
+                None => {
+                    // One port: every data port goes to it.
+                    let src = port_source(key, m.port_name, m.port_path)?;
+                    (0..data_ports.len()).map(|i| (i, src.clone())).collect()
+                }
+            };
+            Locator::Direct {
+                address_path,
+                address_type: m.address_type,
+                ports,
+            }
+        }
+    };
+    Ok(Mapping {
+        group: m.group,
+        version: m.version,
+        resource: m.resource,
+        kind: m.kind,
+        locator,
+    })
+}
+
+fn load_balancing(raw: Option<RawLoadBalancing>) -> Result<LoadBalancing, ConfigError> {
+    let Some(raw) = raw else {
+        return Ok(LoadBalancing::LeastSessions);
+    };
+    let extra = raw.current_label.is_some() || raw.max_label.is_some() || raw.overlap.is_some();
+    let plain = |lb: LoadBalancing| {
+        if extra {
+            Err(invalid(
+                "loadBalancing",
+                "currentLabel/maxLabel/overlap only apply to `type: labelArithmetic`",
+            ))
+        } else {
+            Ok(lb)
+        }
+    };
+    match raw.kind.as_str() {
+        "leastSessions" => plain(LoadBalancing::LeastSessions),
+        "roundRobin" => plain(LoadBalancing::RoundRobin),
+        "random" => plain(LoadBalancing::Random),
+        "labelArithmetic" => Ok(LoadBalancing::LabelArithmetic {
+            current_label: raw
+                .current_label
+                .ok_or_else(|| invalid("loadBalancing.currentLabel", "is required"))?,
+            max_label: raw
+                .max_label
+                .ok_or_else(|| invalid("loadBalancing.maxLabel", "is required"))?,
+            overlap: raw.overlap.unwrap_or(0),
+        }),
+        other => Err(invalid(
+            "loadBalancing.type",
+            format!("`{other}` is not one of leastSessions, labelArithmetic, roundRobin, random"),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests;

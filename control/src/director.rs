@@ -1,0 +1,334 @@
+//! The director: control's state and decisions. It answers queries from the inventory snapshot,
+//! mints and publishes grants, keeps this instance's load per backend (live sessions from worker
+//! events plus outstanding grants), keeps the default backend current and ends sessions whose
+//! backend left the inventory.
+//!
+//! Everything runs on the control thread; the mutex is never held across an await and is
+//! uncontended in practice (one runtime thread), it only makes the state shareable among tasks.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use ahash::AHashMap;
+use crossbeam_channel::Receiver;
+use dataplane::{Backend, BackendId, Controller, Grant, TokenId, WorkerEvent};
+use parking_lot::Mutex;
+use tokio::sync::watch;
+
+use crate::config::Config;
+use crate::inventory::Snapshot;
+use crate::metrics::Metrics;
+use crate::query::{ErrorCode, Query, QueryError, TokenAnswer};
+use crate::select;
+
+/// Control's shared state.
+#[derive(Debug)]
+pub struct Director {
+    config: Arc<Config>,
+    controller: Controller,
+    /// Data port name → the port the proxy actually listens on.
+    public_ports: Vec<(String, u16)>,
+    inventory: watch::Receiver<Arc<Snapshot>>,
+    events: Receiver<WorkerEvent>,
+    metrics: Arc<Metrics>,
+    draining: AtomicBool,
+    state: Mutex<LoadState>,
+}
+
+#[derive(Debug, Default)]
+struct LoadState {
+    sessions: AHashMap<BackendId, u64>,
+    outstanding: AHashMap<TokenId, (BackendId, Instant)>,
+    outstanding_per_backend: AHashMap<BackendId, u64>,
+    rotation: BTreeMap<String, u64>,
+    default_backend: Option<Backend>,
+    /// Every backend id resolvable in the current snapshot.
+    known: HashSet<BackendId>,
+}
+
+impl LoadState {
+    fn load(&self, id: BackendId) -> u64 {
+        self.sessions.get(&id).copied().unwrap_or(0)
+            + self.outstanding_per_backend.get(&id).copied().unwrap_or(0)
+    }
+
+    fn settle_grant(&mut self, token: TokenId) {
+        if let Some((backend, _)) = self.outstanding.remove(&token) {
+            decrement(&mut self.outstanding_per_backend, backend);
+        }
+    }
+
+    fn apply(&mut self, event: WorkerEvent) {
+        match event {
+            WorkerEvent::SessionOpened { backend, token, .. } => {
+                *self.sessions.entry(backend).or_default() += 1;
+                if let Some(t) = token {
+                    self.settle_grant(t);
+                }
+            }
+            WorkerEvent::SessionMoved { from, to, token } => {
+                decrement(&mut self.sessions, from);
+                *self.sessions.entry(to).or_default() += 1;
+                if let Some(t) = token {
+                    self.settle_grant(t);
+                }
+            }
+            WorkerEvent::SessionClosed { backend, .. } => decrement(&mut self.sessions, backend),
+        }
+    }
+
+    fn expire_grants(&mut self, now: Instant) {
+        let per_backend = &mut self.outstanding_per_backend;
+        self.outstanding.retain(|_, (backend, expires)| {
+            let live = *expires > now;
+            if !live {
+                decrement(per_backend, *backend);
+            }
+            live
+        });
+    }
+}
+
+fn decrement(map: &mut AHashMap<BackendId, u64>, key: BackendId) {
+    if let Some(n) = map.get_mut(&key) {
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            map.remove(&key);
+        }
+    }
+}
+
+impl Director {
+    /// A director steering `controller`'s workers from `inventory`.
+    pub fn new(
+        config: Arc<Config>,
+        controller: Controller,
+        local_addrs: &[std::net::SocketAddr],
+        inventory: watch::Receiver<Arc<Snapshot>>,
+        events: Receiver<WorkerEvent>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let public_ports = config
+            .udp_ports()
+            .zip(local_addrs)
+            .map(|((_, p), addr)| (p.name.clone(), addr.port()))
+            .collect();
+        Self {
+            config,
+            controller,
+            public_ports,
+            inventory,
+            events,
+            metrics,
+            draining: AtomicBool::new(false),
+            state: Mutex::new(LoadState::default()),
+        }
+    }
+
+    /// The data-plane handle.
+    pub fn controller(&self) -> &Controller {
+        &self.controller
+    }
+
+    /// The current inventory snapshot.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        Arc::clone(&self.inventory.borrow())
+    }
+
+    /// True once the inventory delivered its first list.
+    pub fn is_ready(&self) -> bool {
+        self.inventory.borrow().loaded && !self.draining.load(Ordering::Relaxed)
+    }
+
+    /// Answers a query: select a backend, mint a token, publish the grant to every worker.
+    pub fn query(&self, query: &Query) -> Result<TokenAnswer, QueryError> {
+        let started = Instant::now();
+        let result = self.answer(query, started);
+        self.metrics.observe_query(
+            result.as_ref().err().map(|e| e.code),
+            started.elapsed(),
+        );
+        result
+    }
+
+    fn answer(&self, query: &Query, now: Instant) -> Result<TokenAnswer, QueryError> {
+        query
+            .validate()
+            .map_err(|e| QueryError::new(ErrorCode::BadRequest, e))?;
+        if self.draining.load(Ordering::Relaxed) {
+            return Err(QueryError::new(
+                ErrorCode::Overloaded,
+                "the proxy is draining and opens no new sessions",
+            ));
+        }
+        let backend = self.pick(query, now)?;
+        let token = uuid::Uuid::new_v4();
+        let ports = self
+            .public_ports
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| backend.addr_for(*i).is_some())
+            .map(|(_, (name, port))| (name.clone(), *port))
+            .collect();
+        let backend_id = backend.id;
+        let expires = now + self.config.token_ttl;
+        self.controller
+            .publish_grant(Grant::new(TokenId(token.as_u128()), backend, expires))
+            .map_err(|e| QueryError::new(ErrorCode::Overloaded, e.to_string()))?;
+        {
+            let mut state = self.state.lock();
+            state
+                .outstanding
+                .insert(TokenId(token.as_u128()), (backend_id, expires));
+            *state.outstanding_per_backend.entry(backend_id).or_default() += 1;
+        }
+        self.metrics.tokens_issued.inc();
+        Ok(TokenAnswer {
+            token: token.hyphenated().to_string(),
+            ttl_seconds: self.config.token_ttl.as_secs(),
+            ports,
+        })
+    }
+
+    /// Runs selection for a query against the current snapshot and load.
+    fn pick(&self, query: &Query, now: Instant) -> Result<Backend, QueryError> {
+        let snapshot = self.snapshot();
+        if !snapshot.loaded {
+            return Err(QueryError::new(
+                ErrorCode::InventoryUnavailable,
+                "the inventory has not loaded yet; try again shortly",
+            ));
+        }
+        let mapping = self.config.mappings.get(&query.resource_type).ok_or_else(|| {
+            QueryError::new(
+                ErrorCode::UnknownResourceType,
+                format!(
+                    "unknown resourceType `{}` (known: {})",
+                    query.resource_type,
+                    self.config
+                        .mappings
+                        .keys()
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            )
+        })?;
+        let candidates =
+            select::candidates(query, mapping, &snapshot, self.public_ports.len())?;
+        self.absorb_events(now);
+        let mut state = self.state.lock();
+        let mut rotation = state.rotation.get(&query.resource_type).copied().unwrap_or(0);
+        let chosen = select::choose(
+            &self.config.load_balancing,
+            &candidates,
+            |id| state.load(id),
+            &mut rotation,
+        )?;
+        state.rotation.insert(query.resource_type.clone(), rotation);
+        Ok(candidates[chosen].backend.clone())
+    }
+
+    /// Folds pending worker events into the load counts and forgets expired grants.
+    pub fn absorb_events(&self, now: Instant) {
+        let mut state = self.state.lock();
+        while let Ok(event) = self.events.try_recv() {
+            state.apply(event);
+        }
+        state.expire_grants(now);
+    }
+
+    /// Reacts to a new snapshot (or a periodic tick): re-select the default backend, then end
+    /// sessions of backends that are gone. The default is set first so that moved default
+    /// sessions land on the new one.
+    pub fn reconcile(&self) {
+        let now = Instant::now();
+        self.absorb_events(now);
+        let snapshot = self.snapshot();
+        if !snapshot.loaded {
+            return;
+        }
+        self.refresh_default(now);
+        let mut known = HashSet::new();
+        for (name, objects) in &snapshot.by_mapping {
+            let mapping = &self.config.mappings[name];
+            for o in objects {
+                if let Some(b) = select::resolve(mapping, o, &snapshot, self.public_ports.len()) {
+                    known.insert(b.id);
+                }
+            }
+        }
+        let gone: Vec<BackendId> = {
+            let mut state = self.state.lock();
+            let gone = state
+                .sessions
+                .keys()
+                .filter(|id| !known.contains(id))
+                .copied()
+                .collect();
+            state.known = known;
+            gone
+        };
+        for id in gone {
+            log::info!("backend {id:?} left the inventory; ending its sessions");
+            self.controller.remove_backend(id);
+        }
+    }
+
+    /// Re-evaluates the default endpoint query; publishes only when the choice changes.
+    pub fn refresh_default(&self, now: Instant) {
+        let Some(query) = &self.config.default_endpoint else {
+            return;
+        };
+        let chosen = match self.pick(query, now) {
+            Ok(b) => Some(b),
+            Err(e) => {
+                log::debug!("default endpoint unresolved: {e}");
+                None
+            }
+        };
+        let mut state = self.state.lock();
+        if state.default_backend != chosen {
+            match &chosen {
+                Some(b) => log::info!("default backend now {:?} at {:?}", b.id, b.addrs),
+                None => log::warn!("no default backend: clients without a token are dropped"),
+            }
+            state.default_backend.clone_from(&chosen);
+            drop(state);
+            self.controller.set_default(chosen);
+        }
+    }
+
+    /// Counts a request rejected before it reached selection (unparseable, oversized).
+    pub fn metrics_bad_request(&self) {
+        self.metrics
+            .observe_query(Some(ErrorCode::BadRequest), std::time::Duration::ZERO);
+    }
+
+    /// Stops minting tokens and tells the workers to open no new sessions.
+    pub fn drain(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+        self.controller.drain();
+    }
+
+    /// Live sessions per backend on this instance, as counted from worker events.
+    pub fn sessions_per_backend(&self) -> Vec<(BackendId, u64)> {
+        self.absorb_events(Instant::now());
+        self.state
+            .lock()
+            .sessions
+            .iter()
+            .map(|(k, v)| (*k, *v))
+            .collect()
+    }
+
+    /// Name of a data port by its index in the data plane.
+    pub fn data_port_name(&self, index: usize) -> &str {
+        self.public_ports
+            .get(index)
+            .map(|(n, _)| n.as_str())
+            .unwrap_or("?")
+    }
+}

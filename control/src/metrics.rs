@@ -1,0 +1,205 @@
+//! Prometheus metrics (prometheus-client). Control's own metrics are ordinary counters and
+//! histograms; the data plane's per-worker counters and the inventory sizes are read at scrape
+//! time by a collector, so the data path never touches the registry.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use dataplane::{Controller, DropReason, SessionKind, TokenRejectReason};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use tokio::sync::watch;
+
+use crate::inventory::Snapshot;
+use crate::query::ErrorCode;
+
+type ResultLabel = [(&'static str, &'static str); 1];
+
+/// Control's metrics and the registry that exposes them.
+#[derive(Debug)]
+pub struct Metrics {
+    queries: Family<ResultLabel, Counter>,
+    query_duration: Histogram,
+    /// Tokens minted.
+    pub tokens_issued: Counter,
+    registry: parking_lot::Mutex<Registry>,
+}
+
+impl Metrics {
+    /// Registers every metric; the collector reads `controller` and `inventory` at scrape time.
+    pub fn new(controller: Controller, inventory: watch::Receiver<Arc<Snapshot>>) -> Arc<Self> {
+        let mut registry = Registry::default();
+        let queries = Family::<ResultLabel, Counter>::default();
+        // 25 µs … ~0.4 s.
+        let query_duration = Histogram::new(exponential_buckets(0.000_025, 2.0, 15));
+        let tokens_issued = Counter::default();
+        registry.register(
+            "udp_director_queries",
+            "Queries answered, by result (ok or an error code)",
+            queries.clone(),
+        );
+        registry.register(
+            "udp_director_query_duration_seconds",
+            "Time to answer a query, from parsed request to token",
+            query_duration.clone(),
+        );
+        registry.register(
+            "udp_director_tokens_issued",
+            "Tokens minted",
+            tokens_issued.clone(),
+        );
+        registry.register_collector(Box::new(DataPlaneCollector {
+            controller,
+            inventory,
+        }));
+        Arc::new(Self {
+            queries,
+            query_duration,
+            tokens_issued,
+            registry: parking_lot::Mutex::new(registry),
+        })
+    }
+
+    /// Counts one answered query.
+    pub fn observe_query(&self, error: Option<ErrorCode>, took: Duration) {
+        let result = error.map_or("ok", ErrorCode::as_str);
+        self.queries.get_or_create(&[("result", result)]).inc();
+        self.query_duration.observe(took.as_secs_f64());
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry.lock()) {
+            log::error!("metrics encoding failed: {e}");
+        }
+        out
+    }
+}
+
+#[derive(Debug)]
+struct DataPlaneCollector {
+    controller: Controller,
+    inventory: watch::Receiver<Arc<Snapshot>>,
+}
+
+fn counter(
+    encoder: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    values: &[(&[(&str, &str)], u64)],
+) -> Result<(), std::fmt::Error> {
+    let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+    if let [(labels, v)] = values
+        && labels.is_empty()
+    {
+        return ConstCounter::new(*v).encode(family);
+    }
+    for (labels, v) in values {
+        ConstCounter::new(*v).encode(family.encode_family(&labels.to_vec())?)?;
+    }
+    Ok(())
+}
+
+impl Collector for DataPlaneCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let c = self.controller.counters();
+        counter(
+            &mut encoder,
+            "udp_director_tokens_redeemed",
+            "Tokens redeemed by a first datagram or control packet",
+            &[(&[], c.tokens_redeemed)],
+        )?;
+        let rejected: Vec<_> = TokenRejectReason::ALL
+            .iter()
+            .map(|r| (vec![("reason", r.as_str())], c.rejected(*r)))
+            .collect();
+        counter(
+            &mut encoder,
+            "udp_director_tokens_rejected",
+            "Tokens not redeemed, by reason",
+            &rejected.iter().map(|(l, v)| (l.as_slice(), *v)).collect::<Vec<_>>(),
+        )?;
+        let created: Vec<_> = SessionKind::ALL
+            .iter()
+            .map(|k| (vec![("kind", k.as_str())], c.created(*k)))
+            .collect();
+        counter(
+            &mut encoder,
+            "udp_director_sessions_created",
+            "Sessions opened, by kind",
+            &created.iter().map(|(l, v)| (l.as_slice(), *v)).collect::<Vec<_>>(),
+        )?;
+        counter(
+            &mut encoder,
+            "udp_director_sessions_reset",
+            "Sessions moved to another backend by a control packet",
+            &[(&[], c.sessions_reset)],
+        )?;
+        counter(
+            &mut encoder,
+            "udp_director_sessions_expired",
+            "Sessions ended by the idle timeout",
+            &[(&[], c.sessions_expired)],
+        )?;
+        counter(
+            &mut encoder,
+            "udp_director_sessions_closed",
+            "Sessions ended otherwise (admin kill, backend removed, shutdown)",
+            &[(&[], c.sessions_closed)],
+        )?;
+        counter(
+            &mut encoder,
+            "udp_director_packets",
+            "Datagrams forwarded, by direction",
+            &[
+                (&[("direction", "upstream")], c.packets_upstream),
+                (&[("direction", "downstream")], c.packets_downstream),
+            ],
+        )?;
+        counter(
+            &mut encoder,
+            "udp_director_bytes",
+            "Payload bytes forwarded, by direction",
+            &[
+                (&[("direction", "upstream")], c.bytes_upstream),
+                (&[("direction", "downstream")], c.bytes_downstream),
+            ],
+        )?;
+        let dropped: Vec<_> = DropReason::ALL
+            .iter()
+            .map(|r| (vec![("reason", r.as_str()), ("source", r.source())], c.dropped(*r)))
+            .collect();
+        counter(
+            &mut encoder,
+            "udp_director_packets_dropped",
+            "Datagrams dropped, by reason and by whose fault (client, backend, internal)",
+            &dropped.iter().map(|(l, v)| (l.as_slice(), *v)).collect::<Vec<_>>(),
+        )?;
+        let gauge = encoder.encode_descriptor(
+            "udp_director_sessions_active",
+            "Sessions live now",
+            None,
+            MetricType::Gauge,
+        )?;
+        ConstGauge::new(c.sessions_active as i64).encode(gauge)?;
+        let snapshot = Arc::clone(&self.inventory.borrow());
+        let mut objects = encoder.encode_descriptor(
+            "udp_director_inventory_objects",
+            "Objects in the inventory cache, by resource type",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (name, list) in &snapshot.by_mapping {
+            ConstGauge::new(list.len() as i64)
+                .encode(objects.encode_family(&vec![("resource_type", name.as_str())])?)?;
+        }
+        Ok(())
+    }
+}

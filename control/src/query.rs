@@ -1,0 +1,186 @@
+//! The query protocol's request and answer shapes (SPEC section 2) and its error codes.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// A query for a backend, as sent on the query port and used for the default endpoint.
+#[derive(Clone, Debug, Deserialize, Eq, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Query {
+    /// Request type; only `query` exists.
+    #[serde(rename = "type", default)]
+    pub kind: Option<String>,
+    /// Key of `resourceQueryMapping`.
+    pub resource_type: String,
+    /// Namespace to search; all namespaces when absent.
+    #[serde(default)]
+    pub namespace: Option<String>,
+    /// Labels that must all be equal.
+    #[serde(default)]
+    pub label_selector: BTreeMap<String, String>,
+    /// Annotations that must all be equal.
+    #[serde(default)]
+    pub annotation_selector: BTreeMap<String, String>,
+    /// A field of the object that must have one of the expected values.
+    #[serde(default)]
+    pub status_query: Option<StatusQuery>,
+}
+
+/// `statusQuery`: a dot path and the value(s) it must have (compared as strings).
+#[derive(Clone, Debug, Deserialize, Eq, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct StatusQuery {
+    /// Dot path with `[n]` indexes, e.g. `status.state`.
+    pub json_path: String,
+    /// The one value accepted.
+    #[serde(default)]
+    pub expected_value: Option<Scalar>,
+    /// Any of these values is accepted.
+    #[serde(default)]
+    pub expected_values: Option<Vec<Scalar>>,
+}
+
+/// A JSON/YAML scalar compared as a string (`3`, `true` and `"3"` all work).
+#[derive(Clone, Debug, Deserialize, Eq, PartialEq)]
+#[serde(untagged)]
+pub enum Scalar {
+    /// A string.
+    Str(String),
+    /// A number.
+    Num(serde_json::Number),
+    /// A boolean.
+    Bool(bool),
+}
+
+impl Scalar {
+    /// The string form used for comparison.
+    pub fn as_string(&self) -> String {
+        match self {
+            Self::Str(s) => s.clone(),
+            Self::Num(n) => n.to_string(),
+            Self::Bool(b) => b.to_string(),
+        }
+    }
+}
+
+impl StatusQuery {
+    /// The accepted values as strings.
+    pub fn expected(&self) -> Vec<String> {
+        let mut out: Vec<String> = self.expected_value.iter().map(Scalar::as_string).collect();
+        out.extend(self.expected_values.iter().flatten().map(Scalar::as_string));
+        out
+    }
+}
+
+impl Query {
+    /// Checks the rules serde cannot express.
+    pub fn validate(&self) -> Result<(), String> {
+        if let Some(kind) = &self.kind
+            && kind != "query"
+        {
+            return Err(format!("unknown request type `{kind}` (only `query` exists)"));
+        }
+        if self.resource_type.is_empty() {
+            return Err("`resourceType` must not be empty".into());
+        }
+        if let Some(sq) = &self.status_query {
+            if sq.json_path.is_empty() {
+                return Err("`statusQuery.jsonPath` must not be empty".into());
+            }
+            match (&sq.expected_value, &sq.expected_values) {
+                (Some(_), Some(_)) => {
+                    return Err("`statusQuery` takes `expectedValue` or `expectedValues`, not both".into());
+                }
+                (None, None) => {
+                    return Err("`statusQuery` needs `expectedValue` or `expectedValues`".into());
+                }
+                (None, Some(v)) if v.is_empty() => {
+                    return Err("`statusQuery.expectedValues` must not be empty".into());
+                }
+                _ => {}
+            }
+            crate::jsonpath::Path::parse(&sq.json_path)
+                .map_err(|e| format!("`statusQuery.jsonPath`: {e}"))?;
+        }
+        Ok(())
+    }
+}
+
+/// Machine-readable failure codes of the query protocol.
+#[derive(Clone, Copy, Debug, Eq, Hash, PartialEq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The request is not valid JSON of the request schema, or too large.
+    BadRequest,
+    /// `resourceType` is not in `resourceQueryMapping`.
+    UnknownResourceType,
+    /// No object matches the filters.
+    NoMatch,
+    /// Objects match, but none has capacity left (`labelArithmetic`).
+    NoCapacity,
+    /// Objects match, but none has a usable address and port.
+    BackendUnresolvable,
+    /// The inventory has not loaded yet.
+    InventoryUnavailable,
+    /// The proxy cannot take the request now (connection limit, data plane busy, draining).
+    Overloaded,
+}
+
+impl ErrorCode {
+    /// Every code, in metric-label order.
+    pub const ALL: [Self; 7] = [
+        Self::BadRequest,
+        Self::UnknownResourceType,
+        Self::NoMatch,
+        Self::NoCapacity,
+        Self::BackendUnresolvable,
+        Self::InventoryUnavailable,
+        Self::Overloaded,
+    ];
+
+    /// The code as it appears on the wire and in metric labels.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::BadRequest => "bad_request",
+            Self::UnknownResourceType => "unknown_resource_type",
+            Self::NoMatch => "no_match",
+            Self::NoCapacity => "no_capacity",
+            Self::BackendUnresolvable => "backend_unresolvable",
+            Self::InventoryUnavailable => "inventory_unavailable",
+            Self::Overloaded => "overloaded",
+        }
+    }
+}
+
+/// A failed query: a human message and a machine code.
+#[derive(Clone, Debug, Eq, PartialEq, Serialize, thiserror::Error)]
+#[error("{error} ({})", code.as_str())]
+pub struct QueryError {
+    /// Human message.
+    pub error: String,
+    /// Machine code.
+    pub code: ErrorCode,
+}
+
+impl QueryError {
+    /// A failure with a code and message.
+    pub fn new(code: ErrorCode, error: impl Into<String>) -> Self {
+        Self {
+            error: error.into(),
+            code,
+        }
+    }
+}
+
+/// A successful query.
+#[derive(Clone, Debug, Deserialize, Eq, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TokenAnswer {
+    /// The token, a UUID v4.
+    pub token: String,
+    /// Seconds it stays redeemable.
+    pub ttl_seconds: u64,
+    /// Data port name → proxy port, for every port the token opens.
+    pub ports: BTreeMap<String, u16>,
+}

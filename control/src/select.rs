@@ -1,0 +1,270 @@
+//! Selection: filter an inventory snapshot by a query, resolve each match to a backend address
+//! per data port, and pick one by the configured load-balancing strategy.
+//!
+//! Filtering order (SPEC section 5): namespace, label selector, status query, annotation
+//! selector, then load balancing. Everything here is pure; the load counts come in as a function.
+
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use dataplane::{Backend, BackendId};
+use serde_json::Value;
+
+use crate::config::{LoadBalancing, Locator, Mapping, PortSource};
+use crate::inventory::{Object, Snapshot};
+use crate::jsonpath::Path;
+use crate::query::{ErrorCode, Query, QueryError};
+
+/// A matching object and where its traffic goes.
+#[derive(Clone, Debug)]
+pub struct Candidate {
+    /// The inventory object.
+    pub object: Arc<Object>,
+    /// Its backend (address per data port).
+    pub backend: Backend,
+}
+
+/// Objects of the query's resource type that pass every filter, resolved to backends.
+/// Errors: unknown type, nothing matches, or nothing that matches has an address.
+pub fn candidates(
+    query: &Query,
+    mapping: &Mapping,
+    snapshot: &Snapshot,
+    data_ports: usize,
+) -> Result<Vec<Candidate>, QueryError> {
+    let objects = snapshot
+        .by_mapping
+        .get(&query.resource_type)
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    let status = match &query.status_query {
+        Some(sq) => Some((
+            Path::parse(&sq.json_path).map_err(|e| QueryError::new(ErrorCode::BadRequest, e))?,
+            sq.expected(),
+        )),
+        None => None,
+    };
+    let matched: Vec<&Arc<Object>> = objects
+        .iter()
+        .filter(|o| query.namespace.as_ref().is_none_or(|ns| &o.namespace == ns))
+        .filter(|o| subset(&query.label_selector, &o.labels))
+        .filter(|o| match &status {
+            Some((path, expected)) => path
+                .get_string(&o.raw)
+                .is_some_and(|v| expected.contains(&v)),
+            None => true,
+        })
+        .filter(|o| subset(&query.annotation_selector, &o.annotations))
+        .collect();
+    if matched.is_empty() {
+        return Err(QueryError::new(
+            ErrorCode::NoMatch,
+            format!(
+                "no {} matches the query{}",
+                query.resource_type,
+                query
+                    .namespace
+                    .as_ref()
+                    .map(|ns| format!(" in namespace {ns}"))
+                    .unwrap_or_default()
+            ),
+        ));
+    }
+    let resolved: Vec<Candidate> = matched
+        .iter()
+        .filter_map(|o| {
+            resolve(mapping, o, snapshot, data_ports).map(|backend| Candidate {
+                object: Arc::clone(o),
+                backend,
+            })
+        })
+        .collect();
+    if resolved.is_empty() {
+        return Err(QueryError::new(
+            ErrorCode::BackendUnresolvable,
+            format!(
+                "{} matching {} found, but none has a usable address and port",
+                matched.len(),
+                query.resource_type
+            ),
+        ));
+    }
+    Ok(resolved)
+}
+
+fn subset(
+    wanted: &std::collections::BTreeMap<String, String>,
+    have: &std::collections::BTreeMap<String, String>,
+) -> bool {
+    wanted.iter().all(|(k, v)| have.get(k) == Some(v))
+}
+
+/// The backend of an object: its address on each data port, or None when it has no usable
+/// address or none of its ports resolve.
+pub fn resolve(
+    mapping: &Mapping,
+    object: &Object,
+    snapshot: &Snapshot,
+    data_ports: usize,
+) -> Option<Backend> {
+    let mut addrs: Vec<Option<SocketAddr>> = vec![None; data_ports];
+    match &mapping.locator {
+        Locator::Direct {
+            address_path,
+            address_type,
+            ports,
+        } => {
+            let ip = direct_address(&object.raw, address_path, address_type.as_deref())?;
+            for (index, source) in ports {
+                if let (Some(slot), Some(port)) =
+                    (addrs.get_mut(*index), port_of(&object.raw, source))
+                {
+                    *slot = Some(SocketAddr::new(ip, port));
+                }
+            }
+        }
+        Locator::Service {
+            selector_label,
+            target_port_name,
+        } => {
+            let service = snapshot.service_labelled(&object.namespace, selector_label, &object.name)?;
+            let spec = service.raw.get("spec")?;
+            let ip: IpAddr = spec.get("clusterIP")?.as_str()?.parse().ok()?;
+            let port = spec
+                .get("ports")?
+                .as_array()?
+                .iter()
+                .find(|p| p.get("name").and_then(Value::as_str) == Some(target_port_name))
+                .and_then(|p| p.get("port"))
+                .and_then(number)?;
+            addrs.iter_mut().for_each(|a| *a = Some(SocketAddr::new(ip, port)));
+        }
+    }
+    if addrs.iter().all(Option::is_none) {
+        return None;
+    }
+    Some(Backend {
+        id: backend_id(object, &addrs),
+        addrs: addrs.into(),
+    })
+}
+
+/// A stable id per (object, addresses): an object whose address changes is a new backend, so
+/// sessions to its old address are ended like those of a deleted one.
+fn backend_id(object: &Object, addrs: &[Option<SocketAddr>]) -> BackendId {
+    let mut h = DefaultHasher::new();
+    (&object.kind, &object.namespace, &object.name, addrs).hash(&mut h);
+    BackendId(h.finish())
+}
+
+fn direct_address(raw: &Value, path: &str, address_type: Option<&str>) -> Option<IpAddr> {
+    let value = Path::parse(path).ok()?.get(raw)?;
+    let text = match address_type {
+        None => value.as_str()?,
+        Some(kind) => value
+            .as_array()?
+            .iter()
+            .find(|e| e.get("type").and_then(Value::as_str) == Some(kind))?
+            .get("address")?
+            .as_str()?,
+    };
+    text.parse().ok()
+}
+
+fn number(v: &Value) -> Option<u16> {
+    match v {
+        Value::Number(n) => n.as_u64().and_then(|n| u16::try_from(n).ok()),
+        Value::String(s) => s.parse().ok(),
+        _ => None,
+    }
+    .filter(|&p| p != 0)
+}
+
+/// A port by name (Agones `status.ports[]`, then Pod `spec.containers[].ports[]`) or by path.
+fn port_of(raw: &Value, source: &PortSource) -> Option<u16> {
+    match source {
+        PortSource::Path(p) => Path::parse(p).ok()?.get(raw).and_then(number),
+        PortSource::Name(name) => {
+            let named = |p: &&Value| p.get("name").and_then(Value::as_str) == Some(name);
+            if let Some(port) = raw
+                .pointer("/status/ports")
+                .and_then(Value::as_array)
+                .and_then(|ports| ports.iter().find(named))
+                .and_then(|p| p.get("port"))
+                .and_then(number)
+            {
+                return Some(port);
+            }
+            raw.pointer("/spec/containers")?
+                .as_array()?
+                .iter()
+                .filter_map(|c| c.get("ports")?.as_array())
+                .flatten()
+                .find(named)
+                .and_then(|p| p.get("containerPort"))
+                .and_then(number)
+        }
+    }
+}
+
+/// Picks one candidate. `local_load` is this instance's live sessions plus outstanding grants
+/// for a backend; `rotation` is the round-robin counter of this query's resource type.
+pub fn choose(
+    strategy: &LoadBalancing,
+    candidates: &[Candidate],
+    local_load: impl Fn(BackendId) -> u64,
+    rotation: &mut u64,
+) -> Result<usize, QueryError> {
+    debug_assert!(!candidates.is_empty());
+    match strategy {
+        LoadBalancing::LeastSessions => Ok(candidates
+            .iter()
+            .enumerate()
+            .min_by_key(|(_, c)| local_load(c.backend.id))
+            .map(|(i, _)| i)
+            .unwrap_or(0)),
+        LoadBalancing::RoundRobin => {
+            let i = (*rotation % candidates.len() as u64) as usize;
+            *rotation = rotation.wrapping_add(1);
+            Ok(i)
+        }
+        LoadBalancing::Random => Ok(fastrand::usize(..candidates.len())),
+        LoadBalancing::LabelArithmetic {
+            current_label,
+            max_label,
+            overlap,
+        } => {
+            let label = |o: &Object, k: &str| o.labels.get(k).and_then(|v| v.trim().parse::<i64>().ok());
+            candidates
+                .iter()
+                .enumerate()
+                .filter_map(|(i, c)| {
+                    let max = label(&c.object, max_label)?;
+                    let current = label(&c.object, current_label)?;
+                    let local = i64::try_from(local_load(c.backend.id)).unwrap_or(i64::MAX);
+                    let available = max
+                        .saturating_sub(current)
+                        .saturating_sub(local)
+                        .saturating_sub(*overlap);
+                    (available > 0).then_some((i, available))
+                })
+                // Most available wins; the first in name order on a tie.
+                .max_by_key(|&(i, available)| (available, std::cmp::Reverse(i)))
+                .map(|(i, _)| i)
+                .ok_or_else(|| {
+                    QueryError::new(
+                        ErrorCode::NoCapacity,
+                        format!(
+                            "{} servers match, but none has capacity ({max_label} - {current_label} \
+                             - local sessions - overlap {overlap} <= 0)",
+                            candidates.len()
+                        ),
+                    )
+                })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

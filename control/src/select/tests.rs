@@ -1,0 +1,187 @@
+//! Selectors, mapping modes and every load-balancing strategy, on hand-made inventories.
+
+use super::*;
+use crate::config::Config;
+use crate::inventory::parse_objects;
+use crate::query::Query;
+
+const CONFIG: &str = r#"
+inventory: {kind: file, path: x}
+dataPorts: [{name: game, port: 7777}, {name: voice, port: 7778}]
+resourceQueryMapping:
+  gameserver: {group: agones.dev, version: v1, resource: gameservers, addressPath: status.address, portName: default}
+  gs-podip: {group: agones.dev, version: v1, resource: gameservers, addressPath: status.addresses, addressType: PodIP, portName: default}
+  pod: {group: "", version: v1, resource: pods, addressPath: status.podIP, ports: [{name: game, portName: game}, {name: voice, portName: voice}]}
+  pathport: {group: "", version: v1, resource: pods, addressPath: status.podIP, portPath: "spec.containers[0].ports[1].containerPort"}
+  svc: {group: agones.dev, version: v1, resource: gameservers, serviceSelectorLabel: gs-name, serviceTargetPortName: game}
+"#;
+
+const INVENTORY: &str = r#"
+- apiVersion: agones.dev/v1
+  kind: GameServer
+  metadata: {name: a, namespace: ns, labels: {fleet: f, map: dust, players: "3", max: "10"}, annotations: {open: "yes"}}
+  status: {state: Ready, address: 10.0.0.1, addresses: [{type: Hostname, address: node1}, {type: PodIP, address: 10.1.0.1}], ports: [{name: default, port: 7001}]}
+- apiVersion: agones.dev/v1
+  kind: GameServer
+  metadata: {name: b, namespace: ns, labels: {fleet: f, map: dust, players: "8", max: "10"}, annotations: {open: "no"}}
+  status: {state: Allocated, address: 10.0.0.2, ports: [{name: default, port: 7002}]}
+- apiVersion: agones.dev/v1
+  kind: GameServer
+  metadata: {name: c, namespace: other, labels: {fleet: f, map: inferno, players: "0", max: "10"}}
+  status: {state: Ready, address: 10.0.0.3, ports: [{name: default, port: 7003}]}
+- apiVersion: agones.dev/v1
+  kind: GameServer
+  metadata: {name: noaddr, namespace: ns, labels: {fleet: broken}}
+  status: {state: Ready, ports: [{name: default, port: 7004}]}
+- apiVersion: v1
+  kind: Pod
+  metadata: {name: p, namespace: ns}
+  spec: {containers: [{name: srv, ports: [{name: game, containerPort: 7100}, {name: voice, containerPort: 7101}]}]}
+  status: {podIP: 10.2.0.1}
+- apiVersion: v1
+  kind: Service
+  metadata: {name: a-svc, namespace: ns, labels: {gs-name: a}}
+  spec: {clusterIP: 10.96.0.10, ports: [{name: game, port: 7777}]}
+"#;
+
+fn setup() -> (Config, Snapshot) {
+    let config = Config::from_yaml(CONFIG).unwrap();
+    let objects = parse_objects(INVENTORY.as_bytes(), "t".as_ref()).unwrap();
+    let snap = Snapshot::build(objects, &config.mappings);
+    (config, snap)
+}
+
+fn query(json: &str) -> Query {
+    serde_json::from_str(json).unwrap()
+}
+
+fn names(config: &Config, snap: &Snapshot, q: &str) -> Result<Vec<String>, ErrorCode> {
+    let q = query(q);
+    candidates(&q, &config.mappings[&q.resource_type], snap, 2)
+        .map(|c| c.iter().map(|c| c.object.name.clone()).collect())
+        .map_err(|e| e.code)
+}
+
+#[test]
+fn filters_in_order() {
+    let (c, s) = setup();
+    assert_eq!(names(&c, &s, r#"{"resourceType":"gameserver","namespace":"ns","labelSelector":{"fleet":"f"}}"#), Ok(vec!["a".into(), "b".into()]));
+    assert_eq!(names(&c, &s, r#"{"resourceType":"gameserver","labelSelector":{"fleet":"f"}}"#).unwrap().len(), 3);
+    assert_eq!(names(&c, &s, r#"{"resourceType":"gameserver","labelSelector":{"fleet":"f","map":"dust"},"statusQuery":{"jsonPath":"status.state","expectedValue":"Ready"}}"#), Ok(vec!["a".into()]));
+    assert_eq!(names(&c, &s, r#"{"resourceType":"gameserver","labelSelector":{"fleet":"f"},"statusQuery":{"jsonPath":"status.state","expectedValues":["Ready","Allocated"]}}"#).unwrap().len(), 3);
+    assert_eq!(names(&c, &s, r#"{"resourceType":"gameserver","annotationSelector":{"open":"no"}}"#), Ok(vec!["b".into()]));
+    assert_eq!(names(&c, &s, r#"{"resourceType":"gameserver","statusQuery":{"jsonPath":"status.ports[0].port","expectedValue":7003}}"#), Ok(vec!["c".into()]));
+    assert_eq!(names(&c, &s, r#"{"resourceType":"gameserver","labelSelector":{"fleet":"nope"}}"#), Err(ErrorCode::NoMatch));
+    assert_eq!(names(&c, &s, r#"{"resourceType":"gameserver","labelSelector":{"fleet":"broken"}}"#), Err(ErrorCode::BackendUnresolvable));
+}
+
+#[test]
+fn direct_mapping_modes() {
+    let (c, s) = setup();
+    let q = query(r#"{"resourceType":"gameserver","namespace":"ns","labelSelector":{"map":"dust"},"statusQuery":{"jsonPath":"status.state","expectedValue":"Ready"}}"#);
+    let got = candidates(&q, &c.mappings["gameserver"], &s, 2).unwrap();
+    let a: SocketAddr = "10.0.0.1:7001".parse().unwrap();
+    assert_eq!(&*got[0].backend.addrs, &[Some(a), Some(a)], "single-port mapping serves every data port");
+
+    let q = query(r#"{"resourceType":"gs-podip","namespace":"ns","labelSelector":{"map":"dust"}}"#);
+    let got = candidates(&q, &c.mappings["gs-podip"], &s, 2).unwrap();
+    assert_eq!(got.len(), 1, "b has no addresses array");
+    assert_eq!(got[0].backend.addr_for(0), Some("10.1.0.1:7001".parse().unwrap()));
+
+    let q = query(r#"{"resourceType":"pod"}"#);
+    let got = candidates(&q, &c.mappings["pod"], &s, 2).unwrap();
+    assert_eq!(
+        &*got[0].backend.addrs,
+        &[Some("10.2.0.1:7100".parse().unwrap()), Some("10.2.0.1:7101".parse().unwrap())]
+    );
+    let q = query(r#"{"resourceType":"pathport"}"#);
+    let got = candidates(&q, &c.mappings["pathport"], &s, 2).unwrap();
+    assert_eq!(got[0].backend.addr_for(0), Some("10.2.0.1:7101".parse().unwrap()));
+}
+
+#[test]
+fn service_mapping() {
+    let (c, s) = setup();
+    let q = query(r#"{"resourceType":"svc","namespace":"ns"}"#);
+    let got = candidates(&q, &c.mappings["svc"], &s, 2).unwrap();
+    assert_eq!(got.len(), 1, "only a has a Service");
+    assert_eq!(got[0].object.name, "a");
+    assert_eq!(got[0].backend.addr_for(0), Some("10.96.0.10:7777".parse().unwrap()));
+}
+
+#[test]
+fn backend_ids_are_stable_and_follow_addresses() {
+    let (c, s) = setup();
+    let q = query(r#"{"resourceType":"gameserver","namespace":"ns","labelSelector":{"fleet":"f"}}"#);
+    let one = candidates(&q, &c.mappings["gameserver"], &s, 2).unwrap();
+    let two = candidates(&q, &c.mappings["gameserver"], &s, 2).unwrap();
+    assert_eq!(one[0].backend.id, two[0].backend.id);
+    assert_ne!(one[0].backend.id, one[1].backend.id);
+    let moved = INVENTORY.replace("address: 10.0.0.1,", "address: 10.0.0.9,");
+    let s2 = Snapshot::build(parse_objects(moved.as_bytes(), "t".as_ref()).unwrap(), &c.mappings);
+    let three = candidates(&q, &c.mappings["gameserver"], &s2, 2).unwrap();
+    assert_ne!(one[0].backend.id, three[0].backend.id, "new address, new backend");
+}
+
+fn three_candidates() -> Vec<Candidate> {
+    let (c, s) = setup();
+    let q = query(r#"{"resourceType":"gameserver","labelSelector":{"fleet":"f"}}"#);
+    candidates(&q, &c.mappings["gameserver"], &s, 2).unwrap()
+}
+
+#[test]
+fn least_sessions_picks_the_least_loaded() {
+    let cands = three_candidates();
+    let loads = [5u64, 2, 7];
+    let load = |id| loads[cands.iter().position(|c| c.backend.id == id).unwrap()];
+    assert_eq!(choose(&LoadBalancing::LeastSessions, &cands, load, &mut 0).unwrap(), 1);
+    // Ties go to the first in name order.
+    assert_eq!(choose(&LoadBalancing::LeastSessions, &cands, |_| 0, &mut 0).unwrap(), 0);
+}
+
+#[test]
+fn round_robin_rotates() {
+    let cands = three_candidates();
+    let mut rotation = 0;
+    let picks: Vec<usize> = (0..6)
+        .map(|_| choose(&LoadBalancing::RoundRobin, &cands, |_| 0, &mut rotation).unwrap())
+        .collect();
+    assert_eq!(picks, [0, 1, 2, 0, 1, 2]);
+}
+
+#[test]
+fn random_covers_every_candidate() {
+    let cands = three_candidates();
+    let mut seen = [false; 3];
+    for _ in 0..200 {
+        seen[choose(&LoadBalancing::Random, &cands, |_| 0, &mut 0).unwrap()] = true;
+    }
+    assert_eq!(seen, [true; 3]);
+}
+
+#[test]
+fn label_arithmetic() {
+    // Candidates in name order: a (ns, 3/10), b (ns, 8/10), c (other, 0/10).
+    let mut cands = three_candidates();
+    cands.sort_by(|x, y| x.object.name.cmp(&y.object.name));
+    let lb = |overlap| LoadBalancing::LabelArithmetic {
+        current_label: "players".into(),
+        max_label: "max".into(),
+        overlap,
+    };
+    // Most available wins: c has 10.
+    assert_eq!(choose(&lb(0), &cands, |_| 0, &mut 0).unwrap(), 2);
+    // Local sessions and grants count against capacity: c with 8 local has 2 left, a has 7.
+    let c_id = cands[2].backend.id;
+    assert_eq!(choose(&lb(0), &cands, |id| if id == c_id { 8 } else { 0 }, &mut 0).unwrap(), 0);
+    // Overlap removes head-room everywhere: with 10, nobody has capacity.
+    let err = choose(&lb(10), &cands, |_| 0, &mut 0).unwrap_err();
+    assert_eq!(err.code, ErrorCode::NoCapacity);
+    // Objects without the labels are not eligible.
+    let lb_missing = LoadBalancing::LabelArithmetic {
+        current_label: "nope".into(),
+        max_label: "max".into(),
+        overlap: 0,
+    };
+    assert_eq!(choose(&lb_missing, &cands, |_| 0, &mut 0).unwrap_err().code, ErrorCode::NoCapacity);
+}

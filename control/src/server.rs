@@ -1,0 +1,157 @@
+//! The query server (SPEC section 2): newline-delimited JSON over TCP, one answer line per
+//! request, in order. A request cut by EOF without a newline is still answered, so
+//! `echo '{…}' | nc host 9000` works. Oversized requests, idle connections and connections over
+//! the limit get an error line and a close; nothing a client sends can stall the control thread.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, watch};
+
+use crate::director::Director;
+use crate::query::{ErrorCode, Query, QueryError};
+
+/// Largest request line accepted.
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+/// How long writing an answer may take before the client is dropped.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Limits of the query server.
+#[derive(Clone, Copy, Debug)]
+pub struct QueryLimits {
+    /// Time allowed for one complete request line.
+    pub idle_timeout: Duration,
+    /// Concurrent connections.
+    pub max_connections: usize,
+}
+
+/// Accepts query connections until `stop` turns true.
+pub async fn serve(
+    listener: TcpListener,
+    director: Arc<Director>,
+    limits: QueryLimits,
+    mut stop: watch::Receiver<bool>,
+) {
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                log::warn!("query server: accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        match Arc::clone(&slots).try_acquire_owned() {
+            Ok(permit) => {
+                let director = Arc::clone(&director);
+                tokio::spawn(async move {
+                    if let Err(e) = handle(stream, &director, limits.idle_timeout).await {
+                        log::debug!("query connection {peer}: {e}");
+                    }
+                    drop(permit);
+                });
+            }
+            Err(_) => {
+                log::warn!("query server: refusing {peer}, {} connections open", limits.max_connections);
+                tokio::spawn(async move {
+                    let mut stream = stream;
+                    let err = QueryError::new(ErrorCode::Overloaded, "too many query connections");
+                    let _ = write_line(&mut stream, &error_line(&err)).await;
+                });
+            }
+        }
+    }
+}
+
+fn error_line(err: &QueryError) -> Vec<u8> {
+    let mut line = serde_json::to_vec(err).unwrap_or_else(|_| b"{}".to_vec());
+    line.push(b'\n');
+    line
+}
+
+async fn write_line<W: AsyncWrite + Unpin>(w: &mut W, line: &[u8]) -> std::io::Result<()> {
+    match tokio::time::timeout(WRITE_TIMEOUT, w.write_all(line)).await {
+        Ok(r) => r,
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "client does not read its answers",
+        )),
+    }
+}
+
+async fn handle(stream: TcpStream, director: &Director, idle: Duration) -> std::io::Result<()> {
+    let (read, mut write) = stream.into_split();
+    let mut reader = BufReader::new(read);
+    let mut buf = Vec::with_capacity(512);
+    loop {
+        buf.clear();
+        let limited = (&mut reader).take(MAX_REQUEST_BYTES as u64 + 1);
+        let read = tokio::time::timeout(idle, read_line(limited, &mut buf)).await;
+        let n = match read {
+            Err(_) => {
+                let err = QueryError::new(
+                    ErrorCode::BadRequest,
+                    format!("no complete request within {} s", idle.as_secs()),
+                );
+                return write_line(&mut write, &error_line(&err)).await;
+            }
+            Ok(r) => r?,
+        };
+        if n == 0 {
+            return Ok(()); // EOF between requests
+        }
+        let complete = buf.last() == Some(&b'\n');
+        if !complete && buf.len() > MAX_REQUEST_BYTES {
+            let err = QueryError::new(
+                ErrorCode::BadRequest,
+                format!("request larger than {MAX_REQUEST_BYTES} bytes"),
+            );
+            director.metrics_bad_request();
+            return write_line(&mut write, &error_line(&err)).await;
+        }
+        let line = buf.trim_ascii();
+        if !line.is_empty() {
+            let answer = answer(director, line);
+            write_line(&mut write, &answer).await?;
+        }
+        if !complete {
+            return Ok(()); // the request ended at EOF
+        }
+    }
+}
+
+async fn read_line<R: tokio::io::AsyncBufRead + Unpin>(
+    mut r: R,
+    buf: &mut Vec<u8>,
+) -> std::io::Result<usize> {
+    r.read_until(b'\n', buf).await
+}
+
+/// One request line → one answer line.
+fn answer(director: &Director, line: &[u8]) -> Vec<u8> {
+    let mut out = match serde_json::from_slice::<Query>(line) {
+        Ok(query) => match director.query(&query) {
+            Ok(token) => serde_json::to_vec(&token).unwrap_or_default(),
+            Err(e) => serde_json::to_vec(&e).unwrap_or_default(),
+        },
+        Err(e) => {
+            director.metrics_bad_request();
+            serde_json::to_vec(&QueryError::new(
+                ErrorCode::BadRequest,
+                format!("invalid request: {e}"),
+            ))
+            .unwrap_or_default()
+        }
+    };
+    out.push(b'\n');
+    out
+}
