@@ -139,7 +139,8 @@ fn query(q: &QueryArgs) -> anyhow::Result<()> {
         request["namespace"] = ns.clone().into();
     }
     if let Some(path) = &q.status_path {
-        request["statusQuery"] = serde_json::json!({"jsonPath": path, "expectedValues": q.status_value});
+        request["statusQuery"] =
+            serde_json::json!({"jsonPath": path, "expectedValues": q.status_value});
     }
     let mut stream =
         TcpStream::connect(&q.addr).with_context(|| format!("connect to {}", q.addr))?;
@@ -150,7 +151,11 @@ fn query(q: &QueryArgs) -> anyhow::Result<()> {
     let answer: serde_json::Value =
         serde_json::from_str(&line).with_context(|| format!("unexpected answer: {line:?}"))?;
     if let Some(error) = answer.get("error") {
-        bail!("{} ({})", error.as_str().unwrap_or("?"), answer["code"].as_str().unwrap_or("?"));
+        bail!(
+            "{} ({})",
+            error.as_str().unwrap_or("?"),
+            answer["code"].as_str().unwrap_or("?")
+        );
     }
     if q.json {
         println!("{answer}");
@@ -168,7 +173,8 @@ fn raise_fd_limit() {
     };
     // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
     unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut limit) == 0
+            && limit.rlim_cur < limit.rlim_max
         {
             limit.rlim_cur = limit.rlim_max;
             if libc::setrlimit(libc::RLIMIT_NOFILE, &raw const limit) != 0 {

@@ -209,7 +209,10 @@ mod tests {
             parse_client("%5B::1%5D%3A5000"),
             Some(ClientMatch::Addr("[::1]:5000".parse().unwrap()))
         );
-        assert_eq!(parse_client("::1"), Some(ClientMatch::Ip("::1".parse().unwrap())));
+        assert_eq!(
+            parse_client("::1"),
+            Some(ClientMatch::Ip("::1".parse().unwrap()))
+        );
         assert_eq!(parse_client("nope"), None);
     }
 }

@@ -301,7 +301,10 @@ impl Mapping {
 /// `Policy` → `policies`, `Ingress` → `ingresses`).
 pub fn plural_of(kind: &str) -> String {
     let lower = kind.to_ascii_lowercase();
-    if lower.ends_with('s') || lower.ends_with('x') || lower.ends_with("ch") || lower.ends_with("sh")
+    if lower.ends_with('s')
+        || lower.ends_with('x')
+        || lower.ends_with("ch")
+        || lower.ends_with("sh")
     {
         format!("{lower}es")
     } else if let Some(stem) = lower.strip_suffix('y')
@@ -438,7 +441,7 @@ impl TryFrom<RawConfig> for Config {
             None => IpAddr::from([0, 0, 0, 0]),
             Some(s) => s
                 .parse()
-                .map_err(|_| invalid("bindAddress", format!("`{s}` is not an IP address")))?,
+                .map_err(|e| invalid("bindAddress", format!("`{s}` is not an IP address: {e}")))?,
         };
         let data_ports = data_ports(raw.data_port, raw.data_ports)?;
         let seconds = |key: &str, v: Option<u64>, default: u64| -> Result<Duration, ConfigError> {
@@ -479,7 +482,9 @@ impl TryFrom<RawConfig> for Config {
         };
         let socket_buffer_bytes = match raw.socket_buffer_bytes {
             None => dataplane::config::DEFAULT_SOCKET_BUFFER_BYTES,
-            Some(n) if n < 4096 => return Err(invalid("socketBufferBytes", "must be at least 4096")),
+            Some(n) if n < 4096 => {
+                return Err(invalid("socketBufferBytes", "must be at least 4096"));
+            }
             Some(n) => n,
         };
         let inventory = inventory(raw.inventory)?;
@@ -553,7 +558,10 @@ fn data_ports(
 ) -> Result<Vec<DataPort>, ConfigError> {
     let ports = match (single, list) {
         (Some(_), Some(_)) => {
-            return Err(invalid("dataPorts", "give either `dataPort` or `dataPorts`, not both"));
+            return Err(invalid(
+                "dataPorts",
+                "give either `dataPort` or `dataPorts`, not both",
+            ));
         }
         (Some(port), None) => vec![DataPort {
             name: DEFAULT_DATA_PORT_NAME.into(),
@@ -573,7 +581,10 @@ fn data_ports(
                     return Err(invalid(format!("{key}.name"), "must not be empty"));
                 }
                 if out.iter().any(|o| o.name == p.name) {
-                    return Err(invalid(format!("{key}.name"), format!("`{}` is used twice", p.name)));
+                    return Err(invalid(
+                        format!("{key}.name"),
+                        format!("`{}` is used twice", p.name),
+                    ));
                 }
                 let protocol = match p.protocol.as_deref().unwrap_or("udp") {
                     "udp" | "UDP" => Protocol::Udp,
@@ -590,7 +601,10 @@ fn data_ports(
                         .iter()
                         .any(|o| o.port == p.port && o.protocol == protocol)
                 {
-                    return Err(invalid(format!("{key}.port"), format!("{} is used twice", p.port)));
+                    return Err(invalid(
+                        format!("{key}.port"),
+                        format!("{} is used twice", p.port),
+                    ));
                 }
                 out.push(DataPort {
                     name: p.name,
@@ -616,8 +630,11 @@ fn data_ports(
 fn parse_magic(hex: &str) -> Result<Vec<u8>, ConfigError> {
     let key = "controlPacketMagicBytes";
     let hex = hex.trim().trim_start_matches("0x");
-    if hex.is_empty() || hex.len() % 2 != 0 {
-        return Err(invalid(key, "must be an even number of hex digits, at least 2"));
+    if hex.is_empty() || !hex.len().is_multiple_of(2) {
+        return Err(invalid(
+            key,
+            "must be an even number of hex digits, at least 2",
+        ));
     }
     if hex.len() > 64 {
         return Err(invalid(key, "must be at most 32 bytes"));
@@ -626,7 +643,7 @@ fn parse_magic(hex: &str) -> Result<Vec<u8>, ConfigError> {
         .step_by(2)
         .map(|i| {
             u8::from_str_radix(&hex[i..i + 2], 16)
-                .map_err(|_| invalid(key, format!("`{hex}` is not hex")))
+                .map_err(|e| invalid(key, format!("`{hex}` is not hex: {e}")))
         })
         .collect()
 }
@@ -642,7 +659,10 @@ fn inventory(raw: Option<RawInventory>) -> Result<InventoryConfig, ConfigError> 
                 .ok_or_else(|| invalid("inventory.path", "is required for `kind: file`"))?;
             let millis = raw.poll_interval_millis.unwrap_or(DEFAULT_FILE_POLL_MILLIS);
             if millis < 10 {
-                return Err(invalid("inventory.pollIntervalMillis", "must be at least 10"));
+                return Err(invalid(
+                    "inventory.pollIntervalMillis",
+                    "must be at least 10",
+                ));
             }
             Ok(InventoryConfig::File {
                 path,
@@ -662,7 +682,11 @@ fn inventory(raw: Option<RawInventory>) -> Result<InventoryConfig, ConfigError> 
     }
 }
 
-fn port_source(key: &str, name: Option<String>, path: Option<String>) -> Result<PortSource, ConfigError> {
+fn port_source(
+    key: &str,
+    name: Option<String>,
+    path: Option<String>,
+) -> Result<PortSource, ConfigError> {
     match (name, path) {
         (Some(n), None) if !n.is_empty() => Ok(PortSource::Name(n)),
         (None, Some(p)) if !p.is_empty() => Ok(PortSource::Path(p)),

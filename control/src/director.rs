@@ -146,10 +146,8 @@ impl Director {
     pub fn query(&self, query: &Query) -> Result<TokenAnswer, QueryError> {
         let started = Instant::now();
         let result = self.answer(query, started);
-        self.metrics.observe_query(
-            result.as_ref().err().map(|e| e.code),
-            started.elapsed(),
-        );
+        self.metrics
+            .observe_query(result.as_ref().err().map(|e| e.code), started.elapsed());
         result
     }
 
@@ -201,26 +199,33 @@ impl Director {
                 "the inventory has not loaded yet; try again shortly",
             ));
         }
-        let mapping = self.config.mappings.get(&query.resource_type).ok_or_else(|| {
-            QueryError::new(
-                ErrorCode::UnknownResourceType,
-                format!(
-                    "unknown resourceType `{}` (known: {})",
-                    query.resource_type,
-                    self.config
-                        .mappings
-                        .keys()
-                        .cloned()
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
-            )
-        })?;
-        let candidates =
-            select::candidates(query, mapping, &snapshot, self.public_ports.len())?;
+        let mapping = self
+            .config
+            .mappings
+            .get(&query.resource_type)
+            .ok_or_else(|| {
+                QueryError::new(
+                    ErrorCode::UnknownResourceType,
+                    format!(
+                        "unknown resourceType `{}` (known: {})",
+                        query.resource_type,
+                        self.config
+                            .mappings
+                            .keys()
+                            .cloned()
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                )
+            })?;
+        let candidates = select::candidates(query, mapping, &snapshot, self.public_ports.len())?;
         self.absorb_events(now);
         let mut state = self.state.lock();
-        let mut rotation = state.rotation.get(&query.resource_type).copied().unwrap_or(0);
+        let mut rotation = state
+            .rotation
+            .get(&query.resource_type)
+            .copied()
+            .unwrap_or(0);
         let chosen = select::choose(
             &self.config.load_balancing,
             &candidates,

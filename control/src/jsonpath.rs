@@ -39,9 +39,12 @@ impl Path {
                 let close = rest
                     .find(']')
                     .ok_or_else(|| format!("unclosed `[` in `{text}`"))?;
-                let index = rest[1..close]
-                    .parse()
-                    .map_err(|_| format!("`{}` is not an array index in `{text}`", &rest[1..close]))?;
+                let index = rest[1..close].parse().map_err(|e| {
+                    format!(
+                        "`{}` is not an array index in `{text}`: {e}",
+                        &rest[1..close]
+                    )
+                })?;
                 steps.push(Step::Index(index));
                 rest = &rest[close + 1..];
                 if !rest.is_empty() && !rest.starts_with('[') {

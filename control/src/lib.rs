@@ -54,7 +54,9 @@ pub enum ControlError {
     #[error("cannot spawn the control thread")]
     Spawn(#[source] std::io::Error),
     /// The configured inventory source is not available in this build.
-    #[error("inventory kind `kubernetes` is not available yet; use `inventory: {{kind: file, path: …}}`")]
+    #[error(
+        "inventory kind `kubernetes` is not available yet; use `inventory: {{kind: file, path: …}}`"
+    )]
     KubernetesUnavailable,
 }
 
@@ -159,7 +161,11 @@ async fn run(
 ) {
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut inventory_rx = inventory_tx.subscribe();
-    tokio::spawn(inventory::run(source, config.mappings.clone(), inventory_tx));
+    tokio::spawn(inventory::run(
+        source,
+        config.mappings.clone(),
+        inventory_tx,
+    ));
     tokio::spawn(server::serve(
         query_listener,
         Arc::clone(&director),

@@ -124,7 +124,10 @@ impl Collector for DataPlaneCollector {
             &mut encoder,
             "udp_director_tokens_rejected",
             "Tokens not redeemed, by reason",
-            &rejected.iter().map(|(l, v)| (l.as_slice(), *v)).collect::<Vec<_>>(),
+            &rejected
+                .iter()
+                .map(|(l, v)| (l.as_slice(), *v))
+                .collect::<Vec<_>>(),
         )?;
         let created: Vec<_> = SessionKind::ALL
             .iter()
@@ -134,7 +137,10 @@ impl Collector for DataPlaneCollector {
             &mut encoder,
             "udp_director_sessions_created",
             "Sessions opened, by kind",
-            &created.iter().map(|(l, v)| (l.as_slice(), *v)).collect::<Vec<_>>(),
+            &created
+                .iter()
+                .map(|(l, v)| (l.as_slice(), *v))
+                .collect::<Vec<_>>(),
         )?;
         counter(
             &mut encoder,
@@ -174,13 +180,21 @@ impl Collector for DataPlaneCollector {
         )?;
         let dropped: Vec<_> = DropReason::ALL
             .iter()
-            .map(|r| (vec![("reason", r.as_str()), ("source", r.source())], c.dropped(*r)))
+            .map(|r| {
+                (
+                    vec![("reason", r.as_str()), ("source", r.source())],
+                    c.dropped(*r),
+                )
+            })
             .collect();
         counter(
             &mut encoder,
             "udp_director_packets_dropped",
             "Datagrams dropped, by reason and by whose fault (client, backend, internal)",
-            &dropped.iter().map(|(l, v)| (l.as_slice(), *v)).collect::<Vec<_>>(),
+            &dropped
+                .iter()
+                .map(|(l, v)| (l.as_slice(), *v))
+                .collect::<Vec<_>>(),
         )?;
         let gauge = encoder.encode_descriptor(
             "udp_director_sessions_active",

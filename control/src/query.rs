@@ -79,7 +79,9 @@ impl Query {
         if let Some(kind) = &self.kind
             && kind != "query"
         {
-            return Err(format!("unknown request type `{kind}` (only `query` exists)"));
+            return Err(format!(
+                "unknown request type `{kind}` (only `query` exists)"
+            ));
         }
         if self.resource_type.is_empty() {
             return Err("`resourceType` must not be empty".into());
@@ -90,7 +92,9 @@ impl Query {
             }
             match (&sq.expected_value, &sq.expected_values) {
                 (Some(_), Some(_)) => {
-                    return Err("`statusQuery` takes `expectedValue` or `expectedValues`, not both".into());
+                    return Err(
+                        "`statusQuery` takes `expectedValue` or `expectedValues`, not both".into(),
+                    );
                 }
                 (None, None) => {
                     return Err("`statusQuery` needs `expectedValue` or `expectedValues`".into());

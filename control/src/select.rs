@@ -128,7 +128,8 @@ pub fn resolve(
             selector_label,
             target_port_name,
         } => {
-            let service = snapshot.service_labelled(&object.namespace, selector_label, &object.name)?;
+            let service =
+                snapshot.service_labelled(&object.namespace, selector_label, &object.name)?;
             let spec = service.raw.get("spec")?;
             let ip: IpAddr = spec.get("clusterIP")?.as_str()?.parse().ok()?;
             let port = spec
@@ -138,7 +139,9 @@ pub fn resolve(
                 .find(|p| p.get("name").and_then(Value::as_str) == Some(target_port_name))
                 .and_then(|p| p.get("port"))
                 .and_then(number)?;
-            addrs.iter_mut().for_each(|a| *a = Some(SocketAddr::new(ip, port)));
+            addrs
+                .iter_mut()
+                .for_each(|a| *a = Some(SocketAddr::new(ip, port)));
         }
     }
     if addrs.iter().all(Option::is_none) {
@@ -235,7 +238,8 @@ pub fn choose(
             max_label,
             overlap,
         } => {
-            let label = |o: &Object, k: &str| o.labels.get(k).and_then(|v| v.trim().parse::<i64>().ok());
+            let label =
+                |o: &Object, k: &str| o.labels.get(k).and_then(|v| v.trim().parse::<i64>().ok());
             candidates
                 .iter()
                 .enumerate()

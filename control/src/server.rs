@@ -17,6 +17,9 @@ use crate::query::{ErrorCode, Query, QueryError};
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
 /// How long writing an answer may take before the client is dropped.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long, and how much, a refused client's input is read and discarded before the close.
+const LINGER: Duration = Duration::from_secs(1);
+const LINGER_BYTES: usize = 1 << 20;
 
 /// Limits of the query server.
 #[derive(Clone, Copy, Debug)]
@@ -61,11 +64,14 @@ pub async fn serve(
                 });
             }
             Err(_) => {
-                log::warn!("query server: refusing {peer}, {} connections open", limits.max_connections);
+                log::warn!(
+                    "query server: refusing {peer}, {} connections open",
+                    limits.max_connections
+                );
                 tokio::spawn(async move {
-                    let mut stream = stream;
+                    let (read, mut write) = stream.into_split();
                     let err = QueryError::new(ErrorCode::Overloaded, "too many query connections");
-                    let _ = write_line(&mut stream, &error_line(&err)).await;
+                    refuse(read, &mut write, &err).await;
                 });
             }
         }
@@ -76,6 +82,31 @@ fn error_line(err: &QueryError) -> Vec<u8> {
     let mut line = serde_json::to_vec(err).unwrap_or_else(|_| b"{}".to_vec());
     line.push(b'\n');
     line
+}
+
+/// Writes a final error line and closes gracefully: FIN first, then discard what the client
+/// still sends for a moment. Closing with unread input would make the kernel send RST, and the
+/// client could lose the error line.
+async fn refuse<R, W>(mut read: R, write: &mut W, err: &QueryError)
+where
+    R: tokio::io::AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    if write_line(write, &error_line(err)).await.is_err() {
+        return;
+    }
+    let _ = write.shutdown().await;
+    let mut sink = [0u8; 4096];
+    let _ = tokio::time::timeout(LINGER, async {
+        let mut total = 0;
+        while total < LINGER_BYTES {
+            match read.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => total += n,
+            }
+        }
+    })
+    .await;
 }
 
 async fn write_line<W: AsyncWrite + Unpin>(w: &mut W, line: &[u8]) -> std::io::Result<()> {
@@ -102,7 +133,8 @@ async fn handle(stream: TcpStream, director: &Director, idle: Duration) -> std::
                     ErrorCode::BadRequest,
                     format!("no complete request within {} s", idle.as_secs()),
                 );
-                return write_line(&mut write, &error_line(&err)).await;
+                refuse(reader, &mut write, &err).await;
+                return Ok(());
             }
             Ok(r) => r?,
         };
@@ -116,7 +148,8 @@ async fn handle(stream: TcpStream, director: &Director, idle: Duration) -> std::
                 format!("request larger than {MAX_REQUEST_BYTES} bytes"),
             );
             director.metrics_bad_request();
-            return write_line(&mut write, &error_line(&err)).await;
+            refuse(reader, &mut write, &err).await;
+            return Ok(());
         }
         let line = buf.trim_ascii();
         if !line.is_empty() {

@@ -57,7 +57,10 @@ fn unknown_keys_are_named() {
 resourceQueryMapping:
   gs: {group: a, version: v1, resource: gs, adressPath: x, portName: p}
 "#);
-    assert!(e.contains("adressPath") && e.contains("resourceQueryMapping"), "{e}");
+    assert!(
+        e.contains("adressPath") && e.contains("resourceQueryMapping"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -85,15 +88,36 @@ fn each_rejection_names_its_key() {
         ("cpuAffinity: []\n", "cpuAffinity"),
         ("socketBufferBytes: 10\n", "socketBufferBytes"),
         ("drainSeconds: 99999\n", "drainSeconds"),
-        ("dataPort: 1\ndataPorts: [{name: a, port: 2}]\n", "dataPorts"),
-        ("dataPorts: [{name: a, port: 2}, {name: a, port: 3}]\n", "dataPorts[1].name"),
-        ("dataPorts: [{name: a, port: 2}, {name: b, port: 2}]\n", "dataPorts[1].port"),
-        ("dataPorts: [{name: a, port: 2, protocol: sctp}]\n", "dataPorts[0].protocol"),
+        (
+            "dataPort: 1\ndataPorts: [{name: a, port: 2}]\n",
+            "dataPorts",
+        ),
+        (
+            "dataPorts: [{name: a, port: 2}, {name: a, port: 3}]\n",
+            "dataPorts[1].name",
+        ),
+        (
+            "dataPorts: [{name: a, port: 2}, {name: b, port: 2}]\n",
+            "dataPorts[1].port",
+        ),
+        (
+            "dataPorts: [{name: a, port: 2, protocol: sctp}]\n",
+            "dataPorts[0].protocol",
+        ),
         ("dataPorts: [{name: '', port: 2}]\n", "dataPorts[0].name"),
         ("loadBalancing: {type: fastest}\n", "loadBalancing.type"),
-        ("loadBalancing: {type: labelArithmetic, maxLabel: m}\n", "loadBalancing.currentLabel"),
-        ("loadBalancing: {type: roundRobin, overlap: 1}\n", "loadBalancing"),
-        ("defaultEndpoint: {resourceType: pod}\n", "defaultEndpoint.resourceType"),
+        (
+            "loadBalancing: {type: labelArithmetic, maxLabel: m}\n",
+            "loadBalancing.currentLabel",
+        ),
+        (
+            "loadBalancing: {type: roundRobin, overlap: 1}\n",
+            "loadBalancing",
+        ),
+        (
+            "defaultEndpoint: {resourceType: pod}\n",
+            "defaultEndpoint.resourceType",
+        ),
         (
             "defaultEndpoint: {resourceType: gameserver, statusQuery: {jsonPath: a}}\n",
             "defaultEndpoint",
@@ -120,15 +144,42 @@ fn inventory_rules() {
 fn mapping_rules() {
     let base = "resourceQueryMapping:\n  gs: ";
     let cases = [
-        ("{group: a, version: v1, resource: gs}", "resourceQueryMapping.gs"),
-        ("{group: a, version: '', resource: gs, addressPath: x, portName: p}", "resourceQueryMapping.gs.version"),
-        ("{group: a, version: v1, resource: gs, addressPath: x}", "resourceQueryMapping.gs"),
-        ("{group: a, version: v1, resource: gs, portName: p}", "resourceQueryMapping.gs.addressPath"),
-        ("{group: a, version: v1, resource: gs, addressPath: x, portName: p, portPath: q}", "resourceQueryMapping.gs"),
-        ("{group: a, version: v1, resource: gs, addressPath: x, portName: p, serviceSelectorLabel: l}", "resourceQueryMapping.gs"),
-        ("{group: a, version: v1, resource: gs, serviceSelectorLabel: l}", "serviceTargetPortName"),
-        ("{group: a, version: v1, resource: gs, addressPath: x, ports: [{name: voice, portName: v}]}", "resourceQueryMapping.gs.ports[0].name"),
-        ("{group: a, version: v1, resource: gs, addressPath: x, ports: []}", "resourceQueryMapping.gs.ports"),
+        (
+            "{group: a, version: v1, resource: gs}",
+            "resourceQueryMapping.gs",
+        ),
+        (
+            "{group: a, version: '', resource: gs, addressPath: x, portName: p}",
+            "resourceQueryMapping.gs.version",
+        ),
+        (
+            "{group: a, version: v1, resource: gs, addressPath: x}",
+            "resourceQueryMapping.gs",
+        ),
+        (
+            "{group: a, version: v1, resource: gs, portName: p}",
+            "resourceQueryMapping.gs.addressPath",
+        ),
+        (
+            "{group: a, version: v1, resource: gs, addressPath: x, portName: p, portPath: q}",
+            "resourceQueryMapping.gs",
+        ),
+        (
+            "{group: a, version: v1, resource: gs, addressPath: x, portName: p, serviceSelectorLabel: l}",
+            "resourceQueryMapping.gs",
+        ),
+        (
+            "{group: a, version: v1, resource: gs, serviceSelectorLabel: l}",
+            "serviceTargetPortName",
+        ),
+        (
+            "{group: a, version: v1, resource: gs, addressPath: x, ports: [{name: voice, portName: v}]}",
+            "resourceQueryMapping.gs.ports[0].name",
+        ),
+        (
+            "{group: a, version: v1, resource: gs, addressPath: x, ports: []}",
+            "resourceQueryMapping.gs.ports",
+        ),
     ];
     for (m, key) in cases {
         let e = err(&format!("{base}{m}\n"));
@@ -175,7 +226,9 @@ fn affinity_forms() {
 
 #[test]
 fn tcp_data_ports_are_refused_clearly() {
-    let e = err(&with("dataPorts: [{name: a, port: 2}, {name: t, port: 3, protocol: tcp}]\n"));
+    let e = err(&with(
+        "dataPorts: [{name: a, port: 2}, {name: t, port: 3, protocol: tcp}]\n",
+    ));
     assert!(e.contains("dataPorts") && e.contains("TCP"), "{e}");
 }
 

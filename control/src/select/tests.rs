@@ -65,38 +65,104 @@ fn names(config: &Config, snap: &Snapshot, q: &str) -> Result<Vec<String>, Error
 #[test]
 fn filters_in_order() {
     let (c, s) = setup();
-    assert_eq!(names(&c, &s, r#"{"resourceType":"gameserver","namespace":"ns","labelSelector":{"fleet":"f"}}"#), Ok(vec!["a".into(), "b".into()]));
-    assert_eq!(names(&c, &s, r#"{"resourceType":"gameserver","labelSelector":{"fleet":"f"}}"#).unwrap().len(), 3);
-    assert_eq!(names(&c, &s, r#"{"resourceType":"gameserver","labelSelector":{"fleet":"f","map":"dust"},"statusQuery":{"jsonPath":"status.state","expectedValue":"Ready"}}"#), Ok(vec!["a".into()]));
+    assert_eq!(
+        names(
+            &c,
+            &s,
+            r#"{"resourceType":"gameserver","namespace":"ns","labelSelector":{"fleet":"f"}}"#
+        ),
+        Ok(vec!["a".into(), "b".into()])
+    );
+    assert_eq!(
+        names(
+            &c,
+            &s,
+            r#"{"resourceType":"gameserver","labelSelector":{"fleet":"f"}}"#
+        )
+        .unwrap()
+        .len(),
+        3
+    );
+    assert_eq!(
+        names(
+            &c,
+            &s,
+            r#"{"resourceType":"gameserver","labelSelector":{"fleet":"f","map":"dust"},"statusQuery":{"jsonPath":"status.state","expectedValue":"Ready"}}"#
+        ),
+        Ok(vec!["a".into()])
+    );
     assert_eq!(names(&c, &s, r#"{"resourceType":"gameserver","labelSelector":{"fleet":"f"},"statusQuery":{"jsonPath":"status.state","expectedValues":["Ready","Allocated"]}}"#).unwrap().len(), 3);
-    assert_eq!(names(&c, &s, r#"{"resourceType":"gameserver","annotationSelector":{"open":"no"}}"#), Ok(vec!["b".into()]));
-    assert_eq!(names(&c, &s, r#"{"resourceType":"gameserver","statusQuery":{"jsonPath":"status.ports[0].port","expectedValue":7003}}"#), Ok(vec!["c".into()]));
-    assert_eq!(names(&c, &s, r#"{"resourceType":"gameserver","labelSelector":{"fleet":"nope"}}"#), Err(ErrorCode::NoMatch));
-    assert_eq!(names(&c, &s, r#"{"resourceType":"gameserver","labelSelector":{"fleet":"broken"}}"#), Err(ErrorCode::BackendUnresolvable));
+    assert_eq!(
+        names(
+            &c,
+            &s,
+            r#"{"resourceType":"gameserver","annotationSelector":{"open":"no"}}"#
+        ),
+        Ok(vec!["b".into()])
+    );
+    assert_eq!(
+        names(
+            &c,
+            &s,
+            r#"{"resourceType":"gameserver","statusQuery":{"jsonPath":"status.ports[0].port","expectedValue":7003}}"#
+        ),
+        Ok(vec!["c".into()])
+    );
+    assert_eq!(
+        names(
+            &c,
+            &s,
+            r#"{"resourceType":"gameserver","labelSelector":{"fleet":"nope"}}"#
+        ),
+        Err(ErrorCode::NoMatch)
+    );
+    assert_eq!(
+        names(
+            &c,
+            &s,
+            r#"{"resourceType":"gameserver","labelSelector":{"fleet":"broken"}}"#
+        ),
+        Err(ErrorCode::BackendUnresolvable)
+    );
 }
 
 #[test]
 fn direct_mapping_modes() {
     let (c, s) = setup();
-    let q = query(r#"{"resourceType":"gameserver","namespace":"ns","labelSelector":{"map":"dust"},"statusQuery":{"jsonPath":"status.state","expectedValue":"Ready"}}"#);
+    let q = query(
+        r#"{"resourceType":"gameserver","namespace":"ns","labelSelector":{"map":"dust"},"statusQuery":{"jsonPath":"status.state","expectedValue":"Ready"}}"#,
+    );
     let got = candidates(&q, &c.mappings["gameserver"], &s, 2).unwrap();
     let a: SocketAddr = "10.0.0.1:7001".parse().unwrap();
-    assert_eq!(&*got[0].backend.addrs, &[Some(a), Some(a)], "single-port mapping serves every data port");
+    assert_eq!(
+        &*got[0].backend.addrs,
+        &[Some(a), Some(a)],
+        "single-port mapping serves every data port"
+    );
 
     let q = query(r#"{"resourceType":"gs-podip","namespace":"ns","labelSelector":{"map":"dust"}}"#);
     let got = candidates(&q, &c.mappings["gs-podip"], &s, 2).unwrap();
     assert_eq!(got.len(), 1, "b has no addresses array");
-    assert_eq!(got[0].backend.addr_for(0), Some("10.1.0.1:7001".parse().unwrap()));
+    assert_eq!(
+        got[0].backend.addr_for(0),
+        Some("10.1.0.1:7001".parse().unwrap())
+    );
 
     let q = query(r#"{"resourceType":"pod"}"#);
     let got = candidates(&q, &c.mappings["pod"], &s, 2).unwrap();
     assert_eq!(
         &*got[0].backend.addrs,
-        &[Some("10.2.0.1:7100".parse().unwrap()), Some("10.2.0.1:7101".parse().unwrap())]
+        &[
+            Some("10.2.0.1:7100".parse().unwrap()),
+            Some("10.2.0.1:7101".parse().unwrap())
+        ]
     );
     let q = query(r#"{"resourceType":"pathport"}"#);
     let got = candidates(&q, &c.mappings["pathport"], &s, 2).unwrap();
-    assert_eq!(got[0].backend.addr_for(0), Some("10.2.0.1:7101".parse().unwrap()));
+    assert_eq!(
+        got[0].backend.addr_for(0),
+        Some("10.2.0.1:7101".parse().unwrap())
+    );
 }
 
 #[test]
@@ -106,21 +172,31 @@ fn service_mapping() {
     let got = candidates(&q, &c.mappings["svc"], &s, 2).unwrap();
     assert_eq!(got.len(), 1, "only a has a Service");
     assert_eq!(got[0].object.name, "a");
-    assert_eq!(got[0].backend.addr_for(0), Some("10.96.0.10:7777".parse().unwrap()));
+    assert_eq!(
+        got[0].backend.addr_for(0),
+        Some("10.96.0.10:7777".parse().unwrap())
+    );
 }
 
 #[test]
 fn backend_ids_are_stable_and_follow_addresses() {
     let (c, s) = setup();
-    let q = query(r#"{"resourceType":"gameserver","namespace":"ns","labelSelector":{"fleet":"f"}}"#);
+    let q =
+        query(r#"{"resourceType":"gameserver","namespace":"ns","labelSelector":{"fleet":"f"}}"#);
     let one = candidates(&q, &c.mappings["gameserver"], &s, 2).unwrap();
     let two = candidates(&q, &c.mappings["gameserver"], &s, 2).unwrap();
     assert_eq!(one[0].backend.id, two[0].backend.id);
     assert_ne!(one[0].backend.id, one[1].backend.id);
     let moved = INVENTORY.replace("address: 10.0.0.1,", "address: 10.0.0.9,");
-    let s2 = Snapshot::build(parse_objects(moved.as_bytes(), "t".as_ref()).unwrap(), &c.mappings);
+    let s2 = Snapshot::build(
+        parse_objects(moved.as_bytes(), "t".as_ref()).unwrap(),
+        &c.mappings,
+    );
     let three = candidates(&q, &c.mappings["gameserver"], &s2, 2).unwrap();
-    assert_ne!(one[0].backend.id, three[0].backend.id, "new address, new backend");
+    assert_ne!(
+        one[0].backend.id, three[0].backend.id,
+        "new address, new backend"
+    );
 }
 
 fn three_candidates() -> Vec<Candidate> {
@@ -134,9 +210,15 @@ fn least_sessions_picks_the_least_loaded() {
     let cands = three_candidates();
     let loads = [5u64, 2, 7];
     let load = |id| loads[cands.iter().position(|c| c.backend.id == id).unwrap()];
-    assert_eq!(choose(&LoadBalancing::LeastSessions, &cands, load, &mut 0).unwrap(), 1);
+    assert_eq!(
+        choose(&LoadBalancing::LeastSessions, &cands, load, &mut 0).unwrap(),
+        1
+    );
     // Ties go to the first in name order.
-    assert_eq!(choose(&LoadBalancing::LeastSessions, &cands, |_| 0, &mut 0).unwrap(), 0);
+    assert_eq!(
+        choose(&LoadBalancing::LeastSessions, &cands, |_| 0, &mut 0).unwrap(),
+        0
+    );
 }
 
 #[test]
@@ -173,7 +255,10 @@ fn label_arithmetic() {
     assert_eq!(choose(&lb(0), &cands, |_| 0, &mut 0).unwrap(), 2);
     // Local sessions and grants count against capacity: c with 8 local has 2 left, a has 7.
     let c_id = cands[2].backend.id;
-    assert_eq!(choose(&lb(0), &cands, |id| if id == c_id { 8 } else { 0 }, &mut 0).unwrap(), 0);
+    assert_eq!(
+        choose(&lb(0), &cands, |id| if id == c_id { 8 } else { 0 }, &mut 0).unwrap(),
+        0
+    );
     // Overlap removes head-room everywhere: with 10, nobody has capacity.
     let err = choose(&lb(10), &cands, |_| 0, &mut 0).unwrap_err();
     assert_eq!(err.code, ErrorCode::NoCapacity);
@@ -183,5 +268,8 @@ fn label_arithmetic() {
         max_label: "max".into(),
         overlap: 0,
     };
-    assert_eq!(choose(&lb_missing, &cands, |_| 0, &mut 0).unwrap_err().code, ErrorCode::NoCapacity);
+    assert_eq!(
+        choose(&lb_missing, &cands, |_| 0, &mut 0).unwrap_err().code,
+        ErrorCode::NoCapacity
+    );
 }

@@ -1,0 +1,60 @@
+//! Strict configuration through the binary: `check-config` and refusing to start.
+
+mod common;
+
+use common::{base_config, run_binary, scratch_dir};
+
+#[test]
+fn shipped_examples_pass_check_config() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/examples");
+    let (code, out, err) = run_binary(&["check-config", &format!("{dir}/local.yaml")]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("ok"));
+}
+
+#[test]
+fn bad_configs_name_the_key() {
+    let dir = scratch_dir();
+    let cases = [
+        ("queryPort: 9000\nsessionTimeout: 5\n", "sessionTimeout"),
+        ("tokenTtlSeconds: 0\n", "tokenTtlSeconds"),
+        ("controlPacketMagicBytes: XYZ\n", "controlPacketMagicBytes"),
+        ("loadBalancing: {type: bestEffort}\n", "loadBalancing.type"),
+        (
+            "dataPorts: [{name: g, port: 1}, {name: g, port: 2}]\n",
+            "dataPorts[1].name",
+        ),
+    ];
+    for (yaml, key) in cases {
+        let path = dir.join("bad.yaml");
+        std::fs::write(&path, yaml).unwrap();
+        let path = path.to_str().unwrap();
+        let (code, _, err) = run_binary(&["check-config", path]);
+        assert_eq!(code, 1, "{yaml}");
+        assert!(err.contains(key), "{yaml}: {err}");
+        // Running refuses the same config with the same message.
+        let (code, _, err) = run_binary(&["--config", path]);
+        assert_eq!(code, 1);
+        assert!(err.contains(key), "{err}");
+    }
+    let (code, _, err) = run_binary(&["check-config", "/nonexistent/config.yaml"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("cannot read"), "{err}");
+    let (code, _, err) = run_binary(&[]);
+    assert_eq!(code, 1);
+    assert!(err.contains("--config"), "{err}");
+}
+
+#[test]
+fn a_port_in_use_is_reported() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dir = scratch_dir();
+    let config = base_config("").replace(
+        "queryPort: 0",
+        &format!("queryPort: {}", taken.local_addr().unwrap().port()),
+    );
+    std::fs::write(dir.join("c.yaml"), config).unwrap();
+    let (code, _, err) = run_binary(&["--config", dir.join("c.yaml").to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(err.contains("query port"), "{err}");
+}
