@@ -44,8 +44,6 @@ struct LoadState {
     outstanding_per_backend: AHashMap<BackendId, u64>,
     rotation: BTreeMap<String, u64>,
     default_backend: Option<Backend>,
-    /// Every backend id resolvable in the current snapshot.
-    known: HashSet<BackendId>,
 }
 
 impl LoadState {
@@ -265,17 +263,14 @@ impl Director {
                 }
             }
         }
-        let gone: Vec<BackendId> = {
-            let mut state = self.state.lock();
-            let gone = state
-                .sessions
-                .keys()
-                .filter(|id| !known.contains(id))
-                .copied()
-                .collect();
-            state.known = known;
-            gone
-        };
+        let gone: Vec<BackendId> = self
+            .state
+            .lock()
+            .sessions
+            .keys()
+            .filter(|id| !known.contains(id))
+            .copied()
+            .collect();
         for id in gone {
             log::info!("backend {id:?} left the inventory; ending its sessions");
             self.controller.remove_backend(id);
@@ -316,17 +311,6 @@ impl Director {
     pub fn drain(&self) {
         self.draining.store(true, Ordering::Relaxed);
         self.controller.drain();
-    }
-
-    /// Live sessions per backend on this instance, as counted from worker events.
-    pub fn sessions_per_backend(&self) -> Vec<(BackendId, u64)> {
-        self.absorb_events(Instant::now());
-        self.state
-            .lock()
-            .sessions
-            .iter()
-            .map(|(k, v)| (*k, *v))
-            .collect()
     }
 
     /// Name of a data port by its index in the data plane.

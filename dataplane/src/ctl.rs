@@ -173,13 +173,21 @@ impl Controller {
     }
 
     /// Publishes a grant to every worker. Must complete before the token is handed to the
-    /// client, so that whichever worker the client's datagram reaches already knows it (or finds
-    /// it in its channel).
+    /// client, so that whichever worker the client's datagram reaches finds it in its table or
+    /// its channel.
+    ///
+    /// Workers are not woken for a grant: one that meets an unknown token drains its channel
+    /// first, so the wake-up (a syscall per worker per query, and a spurious loop turn in every
+    /// worker) is only needed to keep an idle worker's channel from filling up.
     pub fn publish_grant(&self, grant: Grant) -> Result<(), Overloaded> {
         let grant = Arc::new(grant);
         for link in self.links.iter() {
             match link.tx.try_send(ControlMsg::Grant(Arc::clone(&grant))) {
-                Ok(()) => wake(link),
+                Ok(()) => {
+                    if link.tx.len() >= CONTROL_CHANNEL_CAPACITY / 2 {
+                        wake(link);
+                    }
+                }
                 Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
                     return Err(Overloaded);
                 }

@@ -182,3 +182,31 @@ fn port_in_use_is_a_clear_start_error() {
     let err = dataplane::DataPlane::start(cfg).unwrap_err();
     assert!(err.to_string().contains("could not bind"), "{err}");
 }
+
+#[test]
+fn workers_are_named_and_pinned() {
+    let proxy = Proxy::start(2, |cfg| {
+        cfg.affinity = dataplane::WorkerAffinity::Cores(vec![0]);
+    });
+    let mut pinned = 0;
+    for task in std::fs::read_dir("/proc/self/task").unwrap() {
+        let dir = task.unwrap().path();
+        let name = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        if !name.starts_with("dp-worker-") {
+            continue;
+        }
+        let status = std::fs::read_to_string(dir.join("status")).unwrap();
+        let cpus = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+            .unwrap()
+            .trim()
+            .to_string();
+        // Tests run in parallel: count only this proxy's workers, pinned to core 0 alone.
+        if cpus == "0" {
+            pinned += 1;
+        }
+    }
+    assert!(pinned >= 2, "both workers pinned to core 0");
+    drop(proxy);
+}

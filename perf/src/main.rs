@@ -5,6 +5,7 @@
 
 mod echo;
 mod load;
+mod query;
 
 use std::process::ExitCode;
 
@@ -26,6 +27,8 @@ enum Command {
     Load(load::LoadArgs),
     /// One client, one datagram in flight: pure latency.
     Latency(load::LoadArgs),
+    /// Query-port throughput and latency.
+    Query(query::QueryArgs),
 }
 
 fn main() -> ExitCode {
@@ -38,6 +41,7 @@ fn main() -> ExitCode {
             a.window = 1;
             load::run(&a).map(|_| ())
         }
+        Command::Query(a) => query::run(&a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -221,14 +221,6 @@ impl<S> SessionTable<S> {
         })
     }
 
-    /// Restarts a session's idle timer from `now` (after a reset: its deadline moves later, which
-    /// the wheel finds out lazily).
-    pub fn touch(&mut self, id: SessionId, now: Instant) {
-        if let Some(s) = self.get_mut(id) {
-            s.last_active = now;
-        }
-    }
-
     /// Removes and returns every session idle for at least the timeout at `now`. Looks only at
     /// sessions whose last scheduled deadline has come; busy ones are rescheduled, not expired.
     pub fn expire_idle(&mut self, now: Instant, expired: &mut Vec<Session<S>>) {
