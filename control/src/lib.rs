@@ -93,28 +93,16 @@ pub fn start(config: Arc<Config>, plane: &DataPlane) -> Result<ControlPlane, Con
         .enable_all()
         .build()
         .map_err(ControlError::Runtime)?;
+    // Binds a listener and reads back its address (the real port when configured as 0).
     let bind = |what: &'static str, port: u16| {
         let addr = SocketAddr::new(config.bind_address, port);
-        runtime
-            .block_on(TcpListener::bind(addr))
-            .map_err(|source| ControlError::Bind { what, addr, source })
+        let err = |source| ControlError::Bind { what, addr, source };
+        let listener = runtime.block_on(TcpListener::bind(addr)).map_err(err)?;
+        let bound = listener.local_addr().map_err(err)?;
+        Ok::<_, ControlError>((listener, bound))
     };
-    let query_listener = bind("query port", config.query_port)?;
-    let admin_listener = bind("admin port", config.admin_port)?;
-    let query_addr = query_listener
-        .local_addr()
-        .map_err(|source| ControlError::Bind {
-            what: "query port",
-            addr: SocketAddr::new(config.bind_address, config.query_port),
-            source,
-        })?;
-    let admin_addr = admin_listener
-        .local_addr()
-        .map_err(|source| ControlError::Bind {
-            what: "admin port",
-            addr: SocketAddr::new(config.bind_address, config.admin_port),
-            source,
-        })?;
+    let (query_listener, query_addr) = bind("query port", config.query_port)?;
+    let (admin_listener, admin_addr) = bind("admin port", config.admin_port)?;
 
     let controller = plane.controller();
     let (inventory_tx, inventory_rx) = watch::channel(Arc::new(Snapshot::default()));
