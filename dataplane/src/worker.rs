@@ -389,7 +389,7 @@ impl Worker {
                         return;
                     }
                     Err(reason) => {
-                        log::debug!(
+                        log::trace!(
                             "{}: token {token} rejected: {}",
                             key.client,
                             reason.as_str()
