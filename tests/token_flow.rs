@@ -136,15 +136,15 @@ fn label_arithmetic_counts_grants_of_this_instance() {
     let lb = "loadBalancing: {type: labelArithmetic, currentLabel: players, maxLabel: max}\n";
     let proxy = Proxy::start(&base_config(lb), &inventory);
     // a has 3 free, b has 1: a, a, then a tie (1 each) goes to a by name, then b, then none.
-    let mut targets = Vec::new();
+    // Each client keeps its socket, so no later client reuses its port and lands in its session.
+    let mut players = Vec::new();
     for _ in 0..4 {
         let token = proxy.token(READY);
         let c = client();
         c.send_to(token.as_bytes(), proxy.data_addr()).unwrap();
         c.send_to(b"?", proxy.data_addr()).unwrap();
         expect_datagram(&c);
-        targets.push(proxy.sessions().last().cloned());
-        std::mem::forget(c); // keep the session's client socket alive
+        players.push(c);
     }
     let sessions = proxy.sessions();
     let to_a = sessions
@@ -157,4 +157,30 @@ fn label_arithmetic_counts_grants_of_this_instance() {
         .count();
     assert_eq!((to_a, to_b), (3, 1), "{sessions:?}");
     assert_eq!(proxy.query(READY)["code"], "no_capacity");
+}
+
+#[test]
+fn default_endpoint_refreshes_do_not_disturb_query_round_robin() {
+    let a = Echo::tagged(b'A');
+    let b = Echo::tagged(b'B');
+    let inventory =
+        gameserver("gs-a", "Ready", a.addr, "") + &gameserver("gs-b", "Ready", b.addr, "");
+    let config = base_config(&format!(
+        "loadBalancing: {{type: roundRobin}}\ndefaultEndpoint: {READY}\n"
+    ));
+    let proxy = Proxy::start(&config, &inventory);
+    let mut served_by = Vec::new();
+    for _ in 0..4 {
+        // Longer than the one-second default refresh, so refreshes fall between queries.
+        std::thread::sleep(Duration::from_millis(1100));
+        let c = client();
+        c.send_to(proxy.token(READY).as_bytes(), proxy.data_addr())
+            .unwrap();
+        c.send_to(b"?", proxy.data_addr()).unwrap();
+        served_by.push(expect_datagram(&c)[0]);
+    }
+    assert_eq!(
+        served_by, b"ABAB",
+        "queries alternate between the two servers"
+    );
 }

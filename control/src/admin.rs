@@ -103,23 +103,38 @@ async fn route(
     }
 }
 
-async fn list_sessions(director: &Director) -> Response<Full<Bytes>> {
+/// Asks every worker through `ask` (which hands the reply callback to the controller and returns
+/// how many workers were asked) and collects one reply per worker; `None` if one does not answer
+/// in time.
+async fn ask_workers<T: Send + 'static>(
+    ask: impl FnOnce(Arc<dyn Fn(T) + Send + Sync>) -> usize,
+) -> Option<Vec<T>> {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let asked = director.controller().list_sessions(Arc::new(move |list| {
-        let _ = tx.send(list);
+    let asked = ask(Arc::new(move |reply| {
+        let _ = tx.send(reply);
     }));
-    let mut sessions = Vec::new();
+    let mut replies = Vec::with_capacity(asked);
     for _ in 0..asked {
         match tokio::time::timeout(WORKER_REPLY_TIMEOUT, rx.recv()).await {
-            Ok(Some(list)) => sessions.extend(list),
-            _ => {
-                return json_reply(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    &json!({"error": "a data-plane worker did not answer"}),
-                );
-            }
+            Ok(Some(reply)) => replies.push(reply),
+            _ => return None,
         }
     }
+    Some(replies)
+}
+
+fn worker_silent() -> Response<Full<Bytes>> {
+    json_reply(
+        StatusCode::SERVICE_UNAVAILABLE,
+        &json!({"error": "a data-plane worker did not answer"}),
+    )
+}
+
+async fn list_sessions(director: &Director) -> Response<Full<Bytes>> {
+    let Some(lists) = ask_workers(|reply| director.controller().list_sessions(reply)).await else {
+        return worker_silent();
+    };
+    let mut sessions: Vec<_> = lists.into_iter().flatten().collect();
     sessions.sort_by_key(|s| (s.client, s.data_port));
     let body: Vec<serde_json::Value> = sessions
         .iter()
@@ -170,19 +185,12 @@ async fn kill_sessions(director: &Director, client: &str) -> Response<Full<Bytes
             &json!({"error": format!("`{client}` is not IP:PORT or IP")}),
         );
     };
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let asked = director.controller().kill_sessions(
-        matcher,
-        Arc::new(move |n| {
-            let _ = tx.send(n);
-        }),
-    );
-    let mut killed = 0;
-    for _ in 0..asked {
-        if let Ok(Some(n)) = tokio::time::timeout(WORKER_REPLY_TIMEOUT, rx.recv()).await {
-            killed += n;
-        }
-    }
+    let Some(counts) =
+        ask_workers(|reply| director.controller().kill_sessions(matcher, reply)).await
+    else {
+        return worker_silent();
+    };
+    let killed: usize = counts.into_iter().sum();
     let status = if killed == 0 {
         StatusCode::NOT_FOUND
     } else {

@@ -42,7 +42,11 @@ struct LoadState {
     sessions: AHashMap<BackendId, u64>,
     outstanding: AHashMap<TokenId, (BackendId, Instant)>,
     outstanding_per_backend: AHashMap<BackendId, u64>,
+    /// Round-robin position of queries, per resource type.
     rotation: BTreeMap<String, u64>,
+    /// Round-robin position of the default endpoint, apart from the queries' so that periodic
+    /// default refreshes do not make queries skip servers.
+    default_rotation: u64,
     default_backend: Option<Backend>,
 }
 
@@ -87,6 +91,13 @@ impl LoadState {
             live
         });
     }
+}
+
+/// Who selects: a client's query, or the default endpoint's periodic refresh.
+#[derive(Clone, Copy, Debug)]
+enum Picker {
+    Query,
+    DefaultEndpoint,
 }
 
 fn decrement(map: &mut AHashMap<BackendId, u64>, key: BackendId) {
@@ -159,7 +170,7 @@ impl Director {
                 "the proxy is draining and opens no new sessions",
             ));
         }
-        let backend = self.pick(query, now)?;
+        let backend = self.pick(query, Picker::Query, now)?;
         let token = uuid::Uuid::new_v4();
         let ports = self
             .public_ports
@@ -189,7 +200,7 @@ impl Director {
     }
 
     /// Runs selection for a query against the current snapshot and load.
-    fn pick(&self, query: &Query, now: Instant) -> Result<Backend, QueryError> {
+    fn pick(&self, query: &Query, picker: Picker, now: Instant) -> Result<Backend, QueryError> {
         let snapshot = self.snapshot();
         if !snapshot.loaded {
             return Err(QueryError::new(
@@ -219,18 +230,29 @@ impl Director {
         let candidates = select::candidates(query, mapping, &snapshot, self.public_ports.len())?;
         self.absorb_events(now);
         let mut state = self.state.lock();
-        let mut rotation = state
-            .rotation
-            .get(&query.resource_type)
-            .copied()
-            .unwrap_or(0);
+        let mut rotation = match picker {
+            Picker::Query => state
+                .rotation
+                .get(&query.resource_type)
+                .copied()
+                .unwrap_or(0),
+            Picker::DefaultEndpoint => state.default_rotation,
+        };
         let chosen = select::choose(
             &self.config.load_balancing,
             &candidates,
             |id| state.load(id),
             &mut rotation,
         )?;
-        state.rotation.insert(query.resource_type.clone(), rotation);
+        match picker {
+            Picker::Query => match state.rotation.get_mut(&query.resource_type) {
+                Some(r) => *r = rotation,
+                None => {
+                    state.rotation.insert(query.resource_type.clone(), rotation);
+                }
+            },
+            Picker::DefaultEndpoint => state.default_rotation = rotation,
+        }
         Ok(candidates[chosen].backend.clone())
     }
 
@@ -282,7 +304,7 @@ impl Director {
         let Some(query) = &self.config.default_endpoint else {
             return;
         };
-        let chosen = match self.pick(query, now) {
+        let chosen = match self.pick(query, Picker::DefaultEndpoint, now) {
             Ok(b) => Some(b),
             Err(e) => {
                 log::debug!("default endpoint unresolved: {e}");

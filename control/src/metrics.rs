@@ -89,20 +89,27 @@ struct DataPlaneCollector {
     inventory: watch::Receiver<Arc<Snapshot>>,
 }
 
+type Labels = Vec<(&'static str, &'static str)>;
+
 fn counter(
     encoder: &mut DescriptorEncoder<'_>,
     name: &str,
     help: &str,
-    values: &[(&[(&str, &str)], u64)],
+    value: u64,
+) -> Result<(), std::fmt::Error> {
+    let family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+    ConstCounter::new(value).encode(family)
+}
+
+fn labelled_counter(
+    encoder: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    series: impl IntoIterator<Item = (Labels, u64)>,
 ) -> Result<(), std::fmt::Error> {
     let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
-    if let [(labels, v)] = values
-        && labels.is_empty()
-    {
-        return ConstCounter::new(*v).encode(family);
-    }
-    for (labels, v) in values {
-        ConstCounter::new(*v).encode(family.encode_family(&labels.to_vec())?)?;
+    for (labels, value) in series {
+        ConstCounter::new(value).encode(family.encode_family(&labels)?)?;
     }
     Ok(())
 }
@@ -110,91 +117,75 @@ fn counter(
 impl Collector for DataPlaneCollector {
     fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
         let c = self.controller.counters();
+        let e = &mut encoder;
         counter(
-            &mut encoder,
+            e,
             "udp_director_tokens_redeemed",
             "Tokens redeemed by a first datagram or control packet",
-            &[(&[], c.tokens_redeemed)],
+            c.tokens_redeemed,
         )?;
-        let rejected: Vec<_> = TokenRejectReason::ALL
-            .iter()
-            .map(|r| (vec![("reason", r.as_str())], c.rejected(*r)))
-            .collect();
-        counter(
-            &mut encoder,
+        labelled_counter(
+            e,
             "udp_director_tokens_rejected",
             "Tokens not redeemed, by reason",
-            &rejected
+            TokenRejectReason::ALL
                 .iter()
-                .map(|(l, v)| (l.as_slice(), *v))
-                .collect::<Vec<_>>(),
+                .map(|r| (vec![("reason", r.as_str())], c.rejected(*r))),
         )?;
-        let created: Vec<_> = SessionKind::ALL
-            .iter()
-            .map(|k| (vec![("kind", k.as_str())], c.created(*k)))
-            .collect();
-        counter(
-            &mut encoder,
+        labelled_counter(
+            e,
             "udp_director_sessions_created",
             "Sessions opened, by kind",
-            &created
+            SessionKind::ALL
                 .iter()
-                .map(|(l, v)| (l.as_slice(), *v))
-                .collect::<Vec<_>>(),
+                .map(|k| (vec![("kind", k.as_str())], c.created(*k))),
         )?;
         counter(
-            &mut encoder,
+            e,
             "udp_director_sessions_reset",
             "Sessions moved to another backend by a control packet",
-            &[(&[], c.sessions_reset)],
+            c.sessions_reset,
         )?;
         counter(
-            &mut encoder,
+            e,
             "udp_director_sessions_expired",
             "Sessions ended by the idle timeout",
-            &[(&[], c.sessions_expired)],
+            c.sessions_expired,
         )?;
         counter(
-            &mut encoder,
+            e,
             "udp_director_sessions_closed",
             "Sessions ended otherwise (admin kill, backend removed, shutdown)",
-            &[(&[], c.sessions_closed)],
+            c.sessions_closed,
         )?;
-        counter(
-            &mut encoder,
+        labelled_counter(
+            e,
             "udp_director_packets",
             "Datagrams forwarded, by direction",
-            &[
-                (&[("direction", "upstream")], c.packets_upstream),
-                (&[("direction", "downstream")], c.packets_downstream),
+            [
+                (vec![("direction", "upstream")], c.packets_upstream),
+                (vec![("direction", "downstream")], c.packets_downstream),
             ],
         )?;
-        counter(
-            &mut encoder,
+        labelled_counter(
+            e,
             "udp_director_bytes",
             "Payload bytes forwarded, by direction",
-            &[
-                (&[("direction", "upstream")], c.bytes_upstream),
-                (&[("direction", "downstream")], c.bytes_downstream),
+            [
+                (vec![("direction", "upstream")], c.bytes_upstream),
+                (vec![("direction", "downstream")], c.bytes_downstream),
             ],
         )?;
-        let dropped: Vec<_> = DropReason::ALL
-            .iter()
-            .map(|r| {
+        labelled_counter(
+            e,
+            "udp_director_packets_dropped",
+            "Datagrams dropped, by reason and by whose fault (client, backend, internal)",
+            DropReason::ALL.iter().map(|r| {
                 (
                     vec![("reason", r.as_str()), ("source", r.source())],
                     c.dropped(*r),
                 )
-            })
-            .collect();
-        counter(
-            &mut encoder,
-            "udp_director_packets_dropped",
-            "Datagrams dropped, by reason and by whose fault (client, backend, internal)",
-            &dropped
-                .iter()
-                .map(|(l, v)| (l.as_slice(), *v))
-                .collect::<Vec<_>>(),
+            }),
         )?;
         let gauge = encoder.encode_descriptor(
             "udp_director_sessions_active",

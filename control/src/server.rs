@@ -125,8 +125,8 @@ async fn handle(stream: TcpStream, director: &Director, idle: Duration) -> std::
     let mut buf = Vec::with_capacity(512);
     loop {
         buf.clear();
-        let limited = (&mut reader).take(MAX_REQUEST_BYTES as u64 + 1);
-        let read = tokio::time::timeout(idle, read_line(limited, &mut buf)).await;
+        let mut limited = (&mut reader).take(MAX_REQUEST_BYTES as u64 + 1);
+        let read = tokio::time::timeout(idle, limited.read_until(b'\n', &mut buf)).await;
         let n = match read {
             Err(_) => {
                 let err = QueryError::new(
@@ -160,13 +160,6 @@ async fn handle(stream: TcpStream, director: &Director, idle: Duration) -> std::
             return Ok(()); // the request ended at EOF
         }
     }
-}
-
-async fn read_line<R: tokio::io::AsyncBufRead + Unpin>(
-    mut r: R,
-    buf: &mut Vec<u8>,
-) -> std::io::Result<usize> {
-    r.read_until(b'\n', buf).await
 }
 
 /// One request line → one answer line.

@@ -260,14 +260,16 @@ impl Worker {
                 .and_then(|d| Some((d.id, d.addr_for(usize::from(port))?)));
             match (kind, new_default) {
                 (SessionKind::Default, Some((to, addr))) => {
-                    if self.retarget(id, to, addr, now).is_ok() {
-                        let _ = self.events.send(WorkerEvent::SessionMoved {
-                            from: backend,
-                            to,
-                            token: None,
-                        });
-                    } else {
-                        self.close_session(id, CloseReason::BackendRemoved);
+                    match self.retarget(id, to, addr, SessionKind::Default, now) {
+                        Ok(Some(from)) => {
+                            let _ = self.events.send(WorkerEvent::SessionMoved {
+                                from,
+                                to,
+                                token: None,
+                            });
+                        }
+                        Ok(None) => {}
+                        Err(_) => self.close_session(id, CloseReason::BackendRemoved),
                     }
                 }
                 _ => self.close_session(id, CloseReason::BackendRemoved),
@@ -505,7 +507,6 @@ impl Worker {
         };
         let client = session.key.client;
         let port = usize::from(session.key.port);
-        let from = session.backend;
         let Some(token) = parse_token(body) else {
             log::warn!("{client}: control packet without a valid token; session unchanged");
             self.counters().drop(DropReason::MalformedControl, 1);
@@ -522,14 +523,19 @@ impl Worker {
                 return;
             }
         };
-        if let Err(e) = self.retarget(id, to, target, now) {
-            log::warn!("{client}: cannot move the session to {target}: {e}; session unchanged");
-            self.counters().drop(DropReason::UpstreamSetup, 1);
-            return;
-        }
-        if let Some(session) = self.sessions.get_mut(id) {
-            session.kind = SessionKind::Token;
-        }
+        // Redeeming may have drained control messages that ended this session meanwhile.
+        let from = match self.retarget(id, to, target, SessionKind::Token, now) {
+            Ok(Some(from)) => from,
+            Ok(None) => {
+                log::debug!("{client}: session ended while its control packet was handled");
+                return;
+            }
+            Err(e) => {
+                log::warn!("{client}: cannot move the session to {target}: {e}; session unchanged");
+                self.counters().drop(DropReason::UpstreamSetup, 1);
+                return;
+            }
+        };
         let c = self.counters();
         c.sessions_reset.add(1);
         c.tokens_redeemed.add(1);
@@ -543,37 +549,38 @@ impl Worker {
 
     /// Points a session at a new backend through a fresh upstream socket. The old socket is
     /// closed, so late replies from the old backend are dropped by the kernel.
+    ///
+    /// Returns the backend the session left, read at the moment of the move: the session may
+    /// have been moved or ended by control messages drained since the caller looked at it, and
+    /// `Ok(None)` says it no longer exists.
     fn retarget(
         &mut self,
         id: SessionId,
         backend: BackendId,
         target: SocketAddr,
+        kind: SessionKind,
         now: Instant,
-    ) -> io::Result<()> {
+    ) -> io::Result<Option<BackendId>> {
+        if self.sessions.get_mut(id).is_none() {
+            return Ok(None);
+        }
         let mut upstream = connect_upstream_udp(target)?;
         let registry = self.poll.registry();
         let Some(session) = self.sessions.get_mut(id) else {
-            return Ok(());
+            return Ok(None);
         };
+        let token = Token(FIRST_SESSION + id.slot());
         registry.deregister(&mut session.upstream)?;
-        if let Err(e) = registry.register(
-            &mut upstream,
-            Token(FIRST_SESSION + id.slot()),
-            Interest::READABLE,
-        ) {
+        if let Err(e) = registry.register(&mut upstream, token, Interest::READABLE) {
             // Put the old socket back so the session keeps working where it was.
-            registry.register(
-                &mut session.upstream,
-                Token(FIRST_SESSION + id.slot()),
-                Interest::READABLE,
-            )?;
+            registry.register(&mut session.upstream, token, Interest::READABLE)?;
             return Err(e);
         }
         session.upstream = upstream;
         session.target = target;
-        session.backend = backend;
+        session.kind = kind;
         session.last_active = now;
-        Ok(())
+        Ok(Some(std::mem::replace(&mut session.backend, backend)))
     }
 
     // ---- backend side ----------------------------------------------------------------------

@@ -188,25 +188,28 @@ fn workers_are_named_and_pinned() {
     let proxy = Proxy::start(2, |cfg| {
         cfg.affinity = dataplane::WorkerAffinity::Cores(vec![0]);
     });
-    let mut pinned = 0;
-    for task in std::fs::read_dir("/proc/self/task").unwrap() {
-        let dir = task.unwrap().path();
-        let name = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
-        if !name.starts_with("dp-worker-") {
-            continue;
-        }
-        let status = std::fs::read_to_string(dir.join("status")).unwrap();
-        let cpus = status
-            .lines()
-            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
-            .unwrap()
-            .trim()
-            .to_string();
-        // Tests run in parallel: count only this proxy's workers, pinned to core 0 alone.
-        if cpus == "0" {
-            pinned += 1;
-        }
-    }
-    assert!(pinned >= 2, "both workers pinned to core 0");
+    // Workers pin themselves as their threads start, so wait for it rather than sample once.
+    proxy.eventually("both workers pinned to core 0", |_| {
+        workers_pinned_to_core_0() >= 2
+    });
     drop(proxy);
+}
+
+/// Threads of this process named `dp-worker-*` whose allowed CPUs are exactly core 0. Tests run
+/// in parallel, so other proxies' (unpinned) workers are present too and are not counted.
+fn workers_pinned_to_core_0() -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|task| {
+            let dir = task.ok()?.path();
+            let name = std::fs::read_to_string(dir.join("comm")).ok()?;
+            let status = std::fs::read_to_string(dir.join("status")).ok()?;
+            let cpus = status
+                .lines()
+                .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))?
+                .trim()
+                .to_string();
+            (name.starts_with("dp-worker-") && cpus == "0").then_some(())
+        })
+        .count()
 }
