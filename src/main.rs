@@ -35,6 +35,15 @@ enum Command {
     },
     /// Ask a running proxy's query port for a token and print it.
     Query(QueryArgs),
+    /// Print the least-privilege ClusterRole a config needs (list and watch on exactly the
+    /// resource types it watches), for `deploy/`.
+    Rbac {
+        /// Config file.
+        file: PathBuf,
+        /// metadata.name of the ClusterRole.
+        #[arg(long, default_value = "udp-director")]
+        name: String,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -83,6 +92,11 @@ fn main() -> ExitCode {
         },
         Some(Command::CheckConfig { file }) => check_config(&file),
         Some(Command::Query(q)) => query(&q),
+        Some(Command::Rbac { file, name }) => Config::load(&file)
+            .map(|config| {
+                print!("{}", control::inventory::kube::cluster_role(&config, &name));
+            })
+            .map_err(Into::into),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -148,6 +148,10 @@ struct RawInventory {
     path: Option<PathBuf>,
     #[serde(default)]
     poll_interval_millis: Option<u64>,
+    #[serde(default)]
+    watch_namespaces: Option<Vec<String>>,
+    #[serde(default)]
+    label_selector: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -227,8 +231,15 @@ pub enum InventoryConfig {
         /// How often the file is checked for changes.
         poll_interval: Duration,
     },
-    /// A Kubernetes API server (in-cluster or `KUBECONFIG`).
-    Kubernetes,
+    /// A Kubernetes API server (in-cluster or `KUBECONFIG`), watched into local caches.
+    Kubernetes {
+        /// Namespaces to watch; empty means the whole cluster.
+        namespaces: Vec<String>,
+        /// Label selector applied to every mapped resource type (not to Services and
+        /// EndpointSlices, which are narrowed by the labels the mappings use), so a proxy on a
+        /// big cluster caches only its fleet.
+        label_selector: Option<String>,
+    },
 }
 
 /// How a resource's backend address and ports are found.
@@ -650,10 +661,30 @@ fn parse_magic(hex: &str) -> Result<Vec<u8>, ConfigError> {
 
 fn inventory(raw: Option<RawInventory>) -> Result<InventoryConfig, ConfigError> {
     let Some(raw) = raw else {
-        return Ok(InventoryConfig::Kubernetes);
+        return Ok(InventoryConfig::Kubernetes {
+            namespaces: Vec::new(),
+            label_selector: None,
+        });
+    };
+    // A key that belongs to the other kind is a mistake worth naming, not something to ignore.
+    let only_for = |present: bool, key: &str, kind: &str| {
+        if present {
+            Err(invalid(
+                format!("inventory.{key}"),
+                format!("only applies to `kind: {kind}`"),
+            ))
+        } else {
+            Ok(())
+        }
     };
     match raw.kind.as_str() {
         "file" => {
+            only_for(
+                raw.watch_namespaces.is_some(),
+                "watchNamespaces",
+                "kubernetes",
+            )?;
+            only_for(raw.label_selector.is_some(), "labelSelector", "kubernetes")?;
             let path = raw
                 .path
                 .ok_or_else(|| invalid("inventory.path", "is required for `kind: file`"))?;
@@ -670,16 +701,50 @@ fn inventory(raw: Option<RawInventory>) -> Result<InventoryConfig, ConfigError> 
             })
         }
         "kubernetes" => {
-            if raw.path.is_some() {
-                return Err(invalid("inventory.path", "only applies to `kind: file`"));
+            only_for(raw.path.is_some(), "path", "file")?;
+            only_for(
+                raw.poll_interval_millis.is_some(),
+                "pollIntervalMillis",
+                "file",
+            )?;
+            let namespaces = raw.watch_namespaces.unwrap_or_default();
+            for (i, ns) in namespaces.iter().enumerate() {
+                if !is_dns_label(ns) {
+                    return Err(invalid(
+                        format!("inventory.watchNamespaces[{i}]"),
+                        format!("`{ns}` is not a valid namespace name"),
+                    ));
+                }
             }
-            Ok(InventoryConfig::Kubernetes)
+            let label_selector = match raw.label_selector {
+                Some(s) if s.trim().is_empty() => {
+                    return Err(invalid(
+                        "inventory.labelSelector",
+                        "must not be empty; leave it out to watch every object",
+                    ));
+                }
+                other => other,
+            };
+            Ok(InventoryConfig::Kubernetes {
+                namespaces,
+                label_selector,
+            })
         }
         other => Err(invalid(
             "inventory.kind",
             format!("`{other}` is neither `kubernetes` nor `file`"),
         )),
     }
+}
+
+/// An RFC 1123 label, as namespace names must be.
+fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
 }
 
 fn port_source(

@@ -26,7 +26,7 @@ use tokio::sync::watch;
 
 use crate::config::{Config, InventoryConfig};
 use crate::director::Director;
-use crate::inventory::{FileSource, Snapshot};
+use crate::inventory::{FileSource, KubeSource, Snapshot};
 use crate::metrics::Metrics;
 
 /// How often worker events are folded into the load counts.
@@ -53,11 +53,36 @@ pub enum ControlError {
     /// The control thread could not be spawned.
     #[error("cannot spawn the control thread")]
     Spawn(#[source] std::io::Error),
-    /// The configured inventory source is not available in this build.
+    /// `inventory.kind` is `kubernetes` (the default), but no API server is configured.
     #[error(
-        "inventory kind `kubernetes` is not available yet; use `inventory: {{kind: file, path: …}}`"
+        "inventory.kind is `kubernetes` (the default when no inventory is given), but no \
+         Kubernetes API server is configured: {0}. Run in a cluster, set KUBECONFIG, or use \
+         `inventory: {{kind: file, path: …}}`"
     )]
-    KubernetesUnavailable,
+    Kubernetes(String),
+}
+
+/// The configured inventory source.
+#[derive(Debug)]
+enum Source {
+    File(FileSource),
+    Kube(Box<KubeSource>),
+}
+
+impl inventory::InventorySource for Source {
+    fn describe(&self) -> String {
+        match self {
+            Self::File(s) => s.describe(),
+            Self::Kube(s) => s.describe(),
+        }
+    }
+
+    async fn next(&mut self) -> Result<Snapshot, inventory::InventoryError> {
+        match self {
+            Self::File(s) => s.next().await,
+            Self::Kube(s) => s.next().await,
+        }
+    }
 }
 
 /// The running control plane.
@@ -82,17 +107,31 @@ impl ControlPlane {
 /// Binds the query and admin listeners, then runs control on its own thread until SIGTERM or
 /// SIGINT: then it drains for `config.drain`, shuts the workers down and returns.
 pub fn start(config: Arc<Config>, plane: &DataPlane) -> Result<ControlPlane, ControlError> {
-    let source = match &config.inventory {
-        InventoryConfig::File {
-            path,
-            poll_interval,
-        } => FileSource::new(path.clone(), *poll_interval),
-        InventoryConfig::Kubernetes => return Err(ControlError::KubernetesUnavailable),
-    };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(ControlError::Runtime)?;
+    let source = match &config.inventory {
+        InventoryConfig::File {
+            path,
+            poll_interval,
+        } => Source::File(FileSource::new(
+            path.clone(),
+            *poll_interval,
+            config.mappings.clone(),
+        )),
+        InventoryConfig::Kubernetes { .. } => {
+            // Found once at start (in-cluster service account, else KUBECONFIG): a proxy with
+            // nowhere to look fails now, with the reason, rather than never turning ready.
+            let client = runtime
+                .block_on(async {
+                    let kube_config = kube::Config::infer().await.map_err(|e| e.to_string())?;
+                    kube::Client::try_from(kube_config).map_err(|e| e.to_string())
+                })
+                .map_err(ControlError::Kubernetes)?;
+            Source::Kube(Box::new(KubeSource::new(client, &config)))
+        }
+    };
     // Binds a listener and reads back its address (the real port when configured as 0).
     let bind = |what: &'static str, port: u16| {
         let addr = SocketAddr::new(config.bind_address, port);
@@ -142,18 +181,14 @@ async fn run(
     config: Arc<Config>,
     director: Arc<Director>,
     metrics: Arc<Metrics>,
-    source: FileSource,
+    source: Source,
     inventory_tx: watch::Sender<Arc<Snapshot>>,
     query_listener: TcpListener,
     admin_listener: TcpListener,
 ) {
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut inventory_rx = inventory_tx.subscribe();
-    tokio::spawn(inventory::run(
-        source,
-        config.mappings.clone(),
-        inventory_tx,
-    ));
+    tokio::spawn(inventory::run(source, inventory_tx));
     tokio::spawn(server::serve(
         query_listener,
         Arc::clone(&director),

@@ -205,6 +205,16 @@ impl Collector for DataPlaneCollector {
             ConstGauge::new(list.len() as i64)
                 .encode(objects.encode_family(&vec![("resource_type", name.as_str())])?)?;
         }
+        let mut stale = encoder.encode_descriptor(
+            "udp_director_inventory_stale",
+            "1 while a watched resource's cache is stale (its watch failed and has not re-listed)",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (resource, is_stale) in &snapshot.watches {
+            ConstGauge::new(i64::from(*is_stale))
+                .encode(stale.encode_family(&vec![("resource", resource.as_str())])?)?;
+        }
         Ok(())
     }
 }

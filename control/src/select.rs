@@ -131,17 +131,18 @@ pub fn resolve(
             let service =
                 snapshot.service_labelled(&object.namespace, selector_label, &object.name)?;
             let spec = service.raw.get("spec")?;
-            let ip: IpAddr = spec.get("clusterIP")?.as_str()?.parse().ok()?;
-            let port = spec
-                .get("ports")?
-                .as_array()?
-                .iter()
-                .find(|p| p.get("name").and_then(Value::as_str) == Some(target_port_name))
-                .and_then(|p| p.get("port"))
-                .and_then(number)?;
-            addrs
-                .iter_mut()
-                .for_each(|a| *a = Some(SocketAddr::new(ip, port)));
+            // A ClusterIP Service is reached through its virtual IP and the Service port; a
+            // headless one (`clusterIP: None`) through a ready endpoint of its EndpointSlices.
+            let addr = match spec.get("clusterIP")?.as_str()?.parse::<IpAddr>() {
+                Ok(ip) => SocketAddr::new(
+                    ip,
+                    named_port(spec.get("ports")?, target_port_name, "port")?,
+                ),
+                Err(_) => {
+                    snapshot.ready_endpoint(&service.namespace, &service.name, target_port_name)?
+                }
+            };
+            addrs.iter_mut().for_each(|a| *a = Some(addr));
         }
     }
     if addrs.iter().all(Option::is_none) {
@@ -184,31 +185,33 @@ fn number(v: &Value) -> Option<u16> {
     .filter(|&p| p != 0)
 }
 
-/// A port by name (Agones `status.ports[]`, then Pod `spec.containers[].ports[]`) or by path.
+/// A port by name or by path.
 fn port_of(raw: &Value, source: &PortSource) -> Option<u16> {
     match source {
         PortSource::Path(p) => Path::parse(p).ok()?.get(raw).and_then(number),
-        PortSource::Name(name) => {
-            let named = |p: &&Value| p.get("name").and_then(Value::as_str) == Some(name);
-            if let Some(port) = raw
-                .pointer("/status/ports")
-                .and_then(Value::as_array)
-                .and_then(|ports| ports.iter().find(named))
-                .and_then(|p| p.get("port"))
-                .and_then(number)
-            {
-                return Some(port);
-            }
-            raw.pointer("/spec/containers")?
-                .as_array()?
-                .iter()
-                .filter_map(|c| c.get("ports")?.as_array())
-                .flatten()
-                .find(named)
-                .and_then(|p| p.get("containerPort"))
-                .and_then(number)
-        }
+        // Agones `status.ports[]`, then Pod containers, then Service ports.
+        PortSource::Name(name) => raw
+            .pointer("/status/ports")
+            .and_then(|ports| named_port(ports, name, "port"))
+            .or_else(|| {
+                raw.pointer("/spec/containers")?
+                    .as_array()?
+                    .iter()
+                    .filter_map(|c| c.get("ports"))
+                    .find_map(|ports| named_port(ports, name, "containerPort"))
+            })
+            .or_else(|| named_port(raw.pointer("/spec/ports")?, name, "port")),
     }
+}
+
+/// In an array of `{name, <field>}` entries, the number of the one called `name`.
+fn named_port(ports: &Value, name: &str, field: &str) -> Option<u16> {
+    ports
+        .as_array()?
+        .iter()
+        .find(|p| p.get("name").and_then(Value::as_str) == Some(name))?
+        .get(field)
+        .and_then(number)
 }
 
 /// Picks one candidate. `local_load` is this instance's live sessions plus outstanding grants

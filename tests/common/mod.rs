@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 #[allow(unused_imports)]
 pub use testkit::*;
 
+pub mod cluster;
+
 /// A running proxy process and its scratch directory.
 pub struct Proxy {
     pub child: Child,
@@ -66,8 +68,20 @@ pub fn gameserver(name: &str, state: &str, addr: SocketAddr, labels: &str) -> St
 }
 
 impl Proxy {
-    /// Writes `config` and `inventory` into a scratch dir and starts the binary on them.
+    /// Writes `config` and `inventory` into a scratch dir, starts the binary on them and waits
+    /// until it has loaded the inventory.
     pub fn start(config: &str, inventory: &str) -> Self {
+        let proxy = Self::launch(config, inventory, &[]);
+        proxy.eventually("inventory loaded", |p| {
+            !std::fs::exists(p.dir.join("inventory.yaml")).unwrap()
+                || p.http("GET", "/readyz").0 == 200
+        });
+        proxy
+    }
+
+    /// Starts the binary with extra environment variables, once it has printed its addresses;
+    /// it may not be ready yet.
+    pub fn launch(config: &str, inventory: &str, env: &[(&str, &std::ffi::OsStr)]) -> Self {
         let dir = scratch_dir();
         std::fs::write(dir.join("config.yaml"), config).unwrap();
         if !inventory.is_empty() {
@@ -77,6 +91,7 @@ impl Proxy {
             .arg("--config")
             .arg(dir.join("config.yaml"))
             .env("RUST_LOG", "warn")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -98,18 +113,13 @@ impl Proxy {
                 (name.to_string(), addr.parse().unwrap())
             })
             .collect();
-        let proxy = Self {
+        Self {
             query: field("query").parse().unwrap(),
             admin: field("admin").parse().unwrap(),
             data,
             child,
             dir,
-        };
-        proxy.eventually("inventory loaded", |p| {
-            !std::fs::exists(p.dir.join("inventory.yaml")).unwrap()
-                || p.http("GET", "/readyz").0 == 200
-        });
-        proxy
+        }
     }
 
     /// The first data port's address.
@@ -189,8 +199,12 @@ impl Proxy {
         serde_json::from_str::<Vec<serde_json::Value>>(&body).unwrap()
     }
 
-    pub fn eventually(&self, what: &str, mut f: impl FnMut(&Self) -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(10);
+    pub fn eventually(&self, what: &str, f: impl FnMut(&Self) -> bool) {
+        self.eventually_within(Duration::from_secs(10), what, f);
+    }
+
+    pub fn eventually_within(&self, limit: Duration, what: &str, mut f: impl FnMut(&Self) -> bool) {
+        let deadline = Instant::now() + limit;
         while !f(self) {
             assert!(Instant::now() < deadline, "timed out waiting for: {what}");
             std::thread::sleep(Duration::from_millis(20));

@@ -38,7 +38,10 @@ fn defaults() {
 #[test]
 fn no_inventory_means_kubernetes() {
     let c = Config::from_yaml("resourceQueryMapping: {}").unwrap();
-    assert!(matches!(c.inventory, InventoryConfig::Kubernetes));
+    assert!(matches!(
+        c.inventory,
+        InventoryConfig::Kubernetes { ref namespaces, label_selector: None } if namespaces.is_empty()
+    ));
 }
 
 #[test]
@@ -138,6 +141,27 @@ fn inventory_rules() {
         err("inventory: {kind: file, path: x, pollIntervalMillis: 1}\n")
             .contains("inventory.pollIntervalMillis")
     );
+    assert!(
+        err("inventory: {kind: file, path: x, watchNamespaces: [a]}\n")
+            .contains("inventory.watchNamespaces")
+    );
+    assert!(
+        err("inventory: {kind: kubernetes, watchNamespaces: [ok, Not_OK]}\n")
+            .contains("inventory.watchNamespaces[1]")
+    );
+    assert!(
+        err("inventory: {kind: kubernetes, labelSelector: ' '}\n")
+            .contains("inventory.labelSelector")
+    );
+    let c = Config::from_yaml(
+        "inventory: {kind: kubernetes, watchNamespaces: [a, b], labelSelector: 'fleet=x'}\n",
+    )
+    .unwrap();
+    assert!(matches!(
+        c.inventory,
+        InventoryConfig::Kubernetes { ref namespaces, label_selector: Some(ref l) }
+            if namespaces == &["a", "b"] && l == "fleet=x"
+    ));
 }
 
 #[test]

@@ -14,6 +14,7 @@ resourceQueryMapping:
   pod: {group: "", version: v1, resource: pods, addressPath: status.podIP, ports: [{name: game, portName: game}, {name: voice, portName: voice}]}
   pathport: {group: "", version: v1, resource: pods, addressPath: status.podIP, portPath: "spec.containers[0].ports[1].containerPort"}
   svc: {group: agones.dev, version: v1, resource: gameservers, serviceSelectorLabel: gs-name, serviceTargetPortName: game}
+  dns: {group: "", version: v1, resource: services, addressPath: spec.clusterIP, portName: dns-udp}
 "#;
 
 const INVENTORY: &str = r#"
@@ -42,6 +43,19 @@ const INVENTORY: &str = r#"
   kind: Service
   metadata: {name: a-svc, namespace: ns, labels: {gs-name: a}}
   spec: {clusterIP: 10.96.0.10, ports: [{name: game, port: 7777}]}
+- apiVersion: v1
+  kind: Service
+  metadata: {name: c-svc, namespace: other, labels: {gs-name: c}}
+  spec: {clusterIP: None, ports: [{name: game, port: 7777, targetPort: 7003}]}
+- apiVersion: discovery.k8s.io/v1
+  kind: EndpointSlice
+  metadata: {name: c-svc-x1, namespace: other, labels: {kubernetes.io/service-name: c-svc}}
+  ports: [{name: game, port: 7003}]
+  endpoints: [{addresses: [10.1.0.3], conditions: {ready: true}}]
+- apiVersion: v1
+  kind: Service
+  metadata: {name: kube-dns, namespace: kube-system}
+  spec: {clusterIP: 10.96.0.53, ports: [{name: dns-tcp, port: 53, protocol: TCP}, {name: dns-udp, port: 53, protocol: UDP}]}
 "#;
 
 fn setup() -> (Config, Snapshot) {
@@ -175,6 +189,30 @@ fn service_mapping() {
     assert_eq!(
         got[0].backend.addr_for(0),
         Some("10.96.0.10:7777".parse().unwrap())
+    );
+}
+
+#[test]
+fn headless_service_resolves_through_endpoint_slices() {
+    let (c, s) = setup();
+    let q = query(r#"{"resourceType":"svc","namespace":"other"}"#);
+    let got = candidates(&q, &c.mappings["svc"], &s, 2).unwrap();
+    assert_eq!(got[0].object.name, "c");
+    assert_eq!(
+        got[0].backend.addr_for(0),
+        Some("10.1.0.3:7003".parse().unwrap()),
+        "the endpoint's address and the slice's port, not the Service port"
+    );
+}
+
+#[test]
+fn service_ports_by_name() {
+    let (c, s) = setup();
+    let q = query(r#"{"resourceType":"dns","namespace":"kube-system"}"#);
+    let got = candidates(&q, &c.mappings["dns"], &s, 2).unwrap();
+    assert_eq!(
+        got[0].backend.addr_for(0),
+        Some("10.96.0.53:53".parse().unwrap())
     );
 }
 

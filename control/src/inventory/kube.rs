@@ -1,0 +1,562 @@
+//! The Kubernetes inventory: one kube-rs watcher per watched resource type and namespace, each
+//! feeding a local cache, so a query never waits on the API server.
+//!
+//! What is watched follows from the config ([`plan`]): every resource type of
+//! `resourceQueryMapping` (narrowed by `inventory.labelSelector`), and, when a mapping is
+//! service-based, the Services carrying its selector label and the EndpointSlices of Services.
+//! The same plan gives the RBAC rules the proxy needs ([`cluster_role`]), so the shipped
+//! ClusterRole and the watches cannot drift apart.
+//!
+//! Each watch runs as its own task. It replaces its cache only when a (re-)list completes, so a
+//! half-finished list never shows; on any error it reports the cache stale, backs off
+//! (0.5 s doubling to 30 s) and re-lists. A re-list, rather than resuming the watch from its
+//! resourceVersion, is what makes "stale" end at a known point: the cache is again exactly the
+//! server's state. Until then queries are answered from the last state.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use kube::api::{ApiResource, DynamicObject};
+use kube::runtime::watcher::{self, Event};
+use kube::{Api, Client};
+use serde_json::Value;
+use tokio::sync::mpsc;
+
+use super::{
+    ENDPOINT_SLICE_API_VERSION, InventoryError, InventorySource, Object, SERVICE_API_VERSION,
+    SERVICE_NAME_LABEL, Snapshot, sort_by_name,
+};
+use crate::config::{Config, InventoryConfig, Locator, Mapping};
+
+/// Events arriving within this window after a first one are folded into one snapshot, so a
+/// fleet scaling by a hundred servers rebuilds the snapshot once, not a hundred times.
+const COALESCE: Duration = Duration::from_millis(10);
+const BACKOFF_MIN: Duration = Duration::from_millis(500);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// What a watched resource type is used for.
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub enum Feed {
+    /// A resource type of `resourceQueryMapping`.
+    Mapped,
+    /// Services, for service-based mappings.
+    Services,
+    /// EndpointSlices, for service-based mappings to headless Services.
+    EndpointSlices,
+}
+
+/// One resource type to watch.
+#[derive(Clone, Debug)]
+pub struct WatchPlan {
+    /// Group, version, kind and plural.
+    pub resource: ApiResource,
+    /// Server-side label selector.
+    pub label_selector: Option<String>,
+    /// What the objects are for.
+    pub feed: Feed,
+}
+
+impl WatchPlan {
+    /// `plural.group`, or `plural` for the core group: the name RBAC and metrics use.
+    pub fn name(&self) -> String {
+        if self.resource.group.is_empty() {
+            self.resource.plural.clone()
+        } else {
+            format!("{}.{}", self.resource.plural, self.resource.group)
+        }
+    }
+}
+
+/// The resource types a config needs watched.
+pub fn plan(config: &Config) -> Vec<WatchPlan> {
+    let label_selector = match &config.inventory {
+        InventoryConfig::Kubernetes { label_selector, .. } => label_selector.clone(),
+        InventoryConfig::File { .. } => None,
+    };
+    let mut plans: Vec<WatchPlan> = Vec::new();
+    for mapping in config.mappings.values() {
+        let resource = mapped_resource(mapping);
+        if !plans.iter().any(|p| same_type(&p.resource, &resource)) {
+            plans.push(WatchPlan {
+                resource,
+                label_selector: label_selector.clone(),
+                feed: Feed::Mapped,
+            });
+        }
+    }
+    let mut service_labels: Vec<&str> = config
+        .mappings
+        .values()
+        .filter_map(|m| match &m.locator {
+            Locator::Service { selector_label, .. } => Some(selector_label.as_str()),
+            Locator::Direct { .. } => None,
+        })
+        .collect();
+    service_labels.sort_unstable();
+    service_labels.dedup();
+    for label in &service_labels {
+        // An existence selector: only the Services a mapping can point at are cached.
+        plans.push(WatchPlan {
+            resource: core_resource(SERVICE_API_VERSION, "Service", "services"),
+            label_selector: Some((*label).to_string()),
+            feed: Feed::Services,
+        });
+    }
+    if !service_labels.is_empty() {
+        plans.push(WatchPlan {
+            resource: core_resource(
+                ENDPOINT_SLICE_API_VERSION,
+                "EndpointSlice",
+                "endpointslices",
+            ),
+            label_selector: Some(SERVICE_NAME_LABEL.to_string()),
+            feed: Feed::EndpointSlices,
+        });
+    }
+    plans
+}
+
+fn mapped_resource(mapping: &Mapping) -> ApiResource {
+    ApiResource {
+        group: mapping.group.clone(),
+        version: mapping.version.clone(),
+        api_version: mapping.api_version(),
+        // The kind only labels cached objects (and keys backend ids), so it must be the same
+        // for every event; the resource name stands in when the config gives none.
+        kind: mapping
+            .kind
+            .clone()
+            .unwrap_or_else(|| mapping.resource.clone()),
+        plural: mapping.resource.clone(),
+    }
+}
+
+fn core_resource(api_version: &str, kind: &str, plural: &str) -> ApiResource {
+    let (group, version) = api_version.rsplit_once('/').unwrap_or(("", api_version));
+    ApiResource {
+        group: group.to_string(),
+        version: version.to_string(),
+        api_version: api_version.to_string(),
+        kind: kind.to_string(),
+        plural: plural.to_string(),
+    }
+}
+
+fn same_type(a: &ApiResource, b: &ApiResource) -> bool {
+    a.group == b.group && a.version == b.version && a.plural == b.plural
+}
+
+/// A least-privilege ClusterRole for a config: `list` and `watch` (all a watcher does) on each
+/// watched resource type, nothing else.
+pub fn cluster_role(config: &Config, name: &str) -> String {
+    let mut by_group: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    let plans = plan(config);
+    for p in &plans {
+        let resources = by_group.entry(p.resource.group.as_str()).or_default();
+        if !resources.contains(&p.resource.plural.as_str()) {
+            resources.push(&p.resource.plural);
+        }
+    }
+    let mut out = format!(
+        "# Generated by `udp-director rbac`: list and watch on exactly what the config watches.\n\
+         apiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRole\nmetadata:\n  name: {name}\nrules:\n"
+    );
+    if by_group.is_empty() {
+        out.push_str("[]\n");
+    }
+    for (group, mut resources) in by_group {
+        resources.sort_unstable();
+        let _ = write!(
+            out,
+            "- apiGroups: [\"{group}\"]\n  resources: [{}]\n  verbs: [list, watch]\n",
+            resources.join(", ")
+        );
+    }
+    out
+}
+
+/// What a watch task reports.
+#[derive(Debug)]
+enum Change {
+    /// A (re-)list completed: the whole current set.
+    Listed(Vec<Arc<Object>>),
+    /// Created or modified.
+    Applied(Arc<Object>),
+    /// Deleted (namespace, name).
+    Deleted(String, String),
+    /// The watch failed; it re-lists after a back-off.
+    Failed(String),
+}
+
+/// One watch: a resource type in one namespace (or the whole cluster) and its cache.
+#[derive(Debug)]
+struct Watch {
+    plan: usize,
+    namespace: Option<String>,
+    objects: BTreeMap<(String, String), Arc<Object>>,
+    listed: bool,
+    stale: bool,
+}
+
+impl Watch {
+    fn describe(&self, plans: &[WatchPlan]) -> String {
+        let name = plans[self.plan].name();
+        match &self.namespace {
+            Some(ns) => format!("{name} in {ns}"),
+            None => name,
+        }
+    }
+}
+
+/// The Kubernetes inventory source.
+pub struct KubeSource {
+    client: Client,
+    plans: Vec<WatchPlan>,
+    mappings: BTreeMap<String, Mapping>,
+    watches: Vec<Watch>,
+    started: bool,
+    tx: mpsc::UnboundedSender<(usize, Change)>,
+    rx: mpsc::UnboundedReceiver<(usize, Change)>,
+}
+
+impl std::fmt::Debug for KubeSource {
+    // `kube::Client` is not `Debug`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KubeSource")
+            .field("plans", &self.plans)
+            .field("watches", &self.watches)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KubeSource {
+    /// A source for `config`'s mappings; the watches start on the first [`InventorySource::next`].
+    pub fn new(client: Client, config: &Config) -> Self {
+        let plans = plan(config);
+        let namespaces: Vec<Option<String>> = match &config.inventory {
+            InventoryConfig::Kubernetes { namespaces, .. } if !namespaces.is_empty() => {
+                namespaces.iter().cloned().map(Some).collect()
+            }
+            _ => vec![None],
+        };
+        let watches = (0..plans.len())
+            .flat_map(|plan| {
+                namespaces.iter().map(move |namespace| Watch {
+                    plan,
+                    namespace: namespace.clone(),
+                    objects: BTreeMap::new(),
+                    listed: false,
+                    stale: false,
+                })
+            })
+            .collect();
+        let (tx, rx) = mpsc::unbounded_channel();
+        Self {
+            client,
+            plans,
+            mappings: config.mappings.clone(),
+            watches,
+            started: false,
+            tx,
+            rx,
+        }
+    }
+
+    fn start(&mut self) {
+        for (id, watch) in self.watches.iter().enumerate() {
+            let plan = &self.plans[watch.plan];
+            let api: Api<DynamicObject> = match &watch.namespace {
+                Some(ns) => Api::namespaced_with(self.client.clone(), ns, &plan.resource),
+                None => Api::all_with(self.client.clone(), &plan.resource),
+            };
+            let mut config = watcher::Config::default();
+            if let Some(selector) = &plan.label_selector {
+                config = config.labels(selector);
+            }
+            tokio::spawn(run_watch(
+                api,
+                config,
+                plan.resource.clone(),
+                id,
+                self.tx.clone(),
+            ));
+        }
+        self.started = true;
+    }
+
+    /// Applies one report; true when the snapshot changes.
+    fn apply(&mut self, id: usize, change: Change) -> bool {
+        let what = self.watches[id].describe(&self.plans);
+        let watch = &mut self.watches[id];
+        match change {
+            Change::Listed(objects) => {
+                if watch.stale {
+                    log::info!(
+                        "inventory: {what} re-listed ({} objects), fresh again",
+                        objects.len()
+                    );
+                } else {
+                    log::info!("inventory: {what} listed ({} objects)", objects.len());
+                }
+                watch.objects = objects
+                    .into_iter()
+                    .map(|o| ((o.namespace.clone(), o.name.clone()), o))
+                    .collect();
+                watch.listed = true;
+                watch.stale = false;
+            }
+            Change::Applied(object) => {
+                let key = (object.namespace.clone(), object.name.clone());
+                watch.objects.insert(key, object);
+            }
+            Change::Deleted(namespace, name) => {
+                watch.objects.remove(&(namespace, name));
+            }
+            Change::Failed(error) => {
+                // Logged every time: the back-off bounds the rate, and a persistent error (a
+                // missing RBAC permission, an unknown resource type) must stay visible.
+                log::warn!(
+                    "inventory: watch of {what} failed, {}: {error}",
+                    if watch.listed {
+                        "serving the last state until a re-list succeeds"
+                    } else {
+                        "not ready until it lists"
+                    }
+                );
+                if watch.stale {
+                    return false;
+                }
+                watch.stale = true;
+            }
+        }
+        true
+    }
+
+    fn snapshot(&self) -> Snapshot {
+        let objects_of = |feed: &dyn Fn(&WatchPlan) -> bool| -> Vec<Arc<Object>> {
+            let mut list: Vec<Arc<Object>> = self
+                .watches
+                .iter()
+                .filter(|w| feed(&self.plans[w.plan]))
+                .flat_map(|w| w.objects.values().cloned())
+                .collect();
+            sort_by_name(&mut list);
+            list
+        };
+        let by_mapping = self
+            .mappings
+            .iter()
+            .map(|(name, mapping)| {
+                let resource = mapped_resource(mapping);
+                let list =
+                    objects_of(&|p| p.feed == Feed::Mapped && same_type(&p.resource, &resource));
+                (name.clone(), list)
+            })
+            .collect();
+        let mut watches: Vec<(String, bool)> = Vec::new();
+        for w in &self.watches {
+            let name = self.plans[w.plan].name();
+            match watches.iter_mut().find(|(n, _)| *n == name) {
+                Some((_, stale)) => *stale |= w.stale,
+                None => watches.push((name, w.stale)),
+            }
+        }
+        Snapshot {
+            loaded: self.watches.iter().all(|w| w.listed),
+            by_mapping,
+            services: objects_of(&|p| p.feed == Feed::Services),
+            endpoint_slices: objects_of(&|p| p.feed == Feed::EndpointSlices),
+            watches,
+        }
+    }
+}
+
+impl InventorySource for KubeSource {
+    fn describe(&self) -> String {
+        let names: Vec<String> = self.plans.iter().map(WatchPlan::name).collect();
+        format!("Kubernetes watches of {}", names.join(", "))
+    }
+
+    async fn next(&mut self) -> Result<Snapshot, InventoryError> {
+        if !self.started {
+            self.start();
+        }
+        loop {
+            // The source holds a sender itself, so the channel never closes.
+            let Some((id, change)) = self.rx.recv().await else {
+                continue;
+            };
+            let mut changed = self.apply(id, change);
+            tokio::time::sleep(COALESCE).await;
+            while let Ok((id, change)) = self.rx.try_recv() {
+                changed |= self.apply(id, change);
+            }
+            if changed {
+                return Ok(self.snapshot());
+            }
+        }
+    }
+}
+
+/// Runs one watch for ever: reports every change, and on an error reports it, backs off and
+/// re-lists. Ends when the source is gone.
+async fn run_watch(
+    api: Api<DynamicObject>,
+    config: watcher::Config,
+    resource: ApiResource,
+    id: usize,
+    tx: mpsc::UnboundedSender<(usize, Change)>,
+) {
+    let mut delay = BACKOFF_MIN;
+    loop {
+        let mut stream = std::pin::pin!(watcher::watcher(api.clone(), config.clone()));
+        let mut listing = Vec::new();
+        let error = loop {
+            let change = match stream.next().await {
+                Some(Ok(Event::Init)) => {
+                    listing.clear();
+                    continue;
+                }
+                Some(Ok(Event::InitApply(o))) => {
+                    listing.extend(to_object(o, &resource));
+                    continue;
+                }
+                Some(Ok(Event::InitDone)) => {
+                    delay = BACKOFF_MIN;
+                    Change::Listed(std::mem::take(&mut listing))
+                }
+                Some(Ok(Event::Apply(o))) => match to_object(o, &resource) {
+                    Some(o) => Change::Applied(o),
+                    None => continue,
+                },
+                Some(Ok(Event::Delete(o))) => Change::Deleted(
+                    o.metadata.namespace.unwrap_or_default(),
+                    o.metadata.name.unwrap_or_default(),
+                ),
+                Some(Err(e)) => break e.to_string(),
+                None => break "the watch stream ended".to_string(),
+            };
+            if tx.send((id, change)).is_err() {
+                return;
+            }
+        };
+        if tx.send((id, Change::Failed(error))).is_err() {
+            return;
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(BACKOFF_MAX);
+    }
+}
+
+/// A watched object as the inventory keeps it. `apiVersion` and `kind` come from the watch (list
+/// items of built-in types carry neither), and `managedFields`, often the largest part of an
+/// object and never queried, is dropped to keep the cache small.
+fn to_object(object: DynamicObject, resource: &ApiResource) -> Option<Arc<Object>> {
+    let mut raw = match serde_json::to_value(object) {
+        Ok(v) => v,
+        Err(e) => {
+            log::warn!("inventory: a {} could not be read: {e}", resource.kind);
+            return None;
+        }
+    };
+    let map = raw.as_object_mut()?;
+    map.insert(
+        "apiVersion".into(),
+        Value::from(resource.api_version.clone()),
+    );
+    map.insert("kind".into(), Value::from(resource.kind.clone()));
+    if let Some(meta) = map.get_mut("metadata").and_then(Value::as_object_mut) {
+        meta.remove("managedFields");
+    }
+    match Object::from_value(raw) {
+        Ok(o) => Some(Arc::new(o)),
+        Err(e) => {
+            log::warn!("inventory: a {} skipped: {e}", resource.kind);
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(yaml: &str) -> Config {
+        Config::from_yaml(yaml).unwrap()
+    }
+
+    const MAPPINGS: &str = r#"
+dataPorts: [{name: game, port: 7777}]
+inventory: {kind: kubernetes, watchNamespaces: [a, b], labelSelector: "fleet=x"}
+resourceQueryMapping:
+  gs: {group: agones.dev, version: v1, resource: gameservers, addressPath: status.address, portName: game}
+  gs-pod-ip: {group: agones.dev, version: v1, resource: gameservers, addressPath: status.addresses, addressType: PodIP, portName: game}
+  pod: {group: "", version: v1, resource: pods, addressPath: status.podIP, portName: game}
+  svc: {group: agones.dev, version: v1, resource: gameservers, serviceSelectorLabel: gs, serviceTargetPortName: game}
+"#;
+
+    #[test]
+    fn one_watch_per_resource_type_plus_services_and_slices() {
+        let plans = plan(&config(MAPPINGS));
+        let names: Vec<(String, Option<String>)> = plans
+            .iter()
+            .map(|p| (p.name(), p.label_selector.clone()))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                ("gameservers.agones.dev".into(), Some("fleet=x".into())),
+                ("pods".into(), Some("fleet=x".into())),
+                ("services".into(), Some("gs".into())),
+                (
+                    "endpointslices.discovery.k8s.io".into(),
+                    Some(SERVICE_NAME_LABEL.into())
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn direct_mappings_watch_no_services() {
+        let plans = plan(&config(
+            "resourceQueryMapping:\n  pod: {group: \"\", version: v1, resource: pods, addressPath: status.podIP, portName: game}\n",
+        ));
+        assert_eq!(plans.len(), 1);
+        assert_eq!(plans[0].resource.api_version, "v1");
+        assert_eq!(plans[0].label_selector, None);
+    }
+
+    #[test]
+    fn cluster_role_lists_exactly_the_watched_types() {
+        let role = cluster_role(&config(MAPPINGS), "udp-director");
+        assert!(role.contains(
+            "- apiGroups: [\"\"]\n  resources: [pods, services]\n  verbs: [list, watch]\n"
+        ));
+        assert!(role.contains(
+            "- apiGroups: [\"agones.dev\"]\n  resources: [gameservers]\n  verbs: [list, watch]\n"
+        ));
+        assert!(
+            role.contains("- apiGroups: [\"discovery.k8s.io\"]\n  resources: [endpointslices]\n")
+        );
+        assert_eq!(role.matches("apiGroups").count(), 3);
+        let parsed: serde_json::Value = serde_yaml::from_str(&role).unwrap();
+        assert_eq!(parsed["kind"], "ClusterRole");
+    }
+
+    #[test]
+    fn managed_fields_are_dropped_and_type_filled_in() {
+        let resource = core_resource("v1", "Pod", "pods");
+        let object: DynamicObject = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "p", "namespace": "a", "managedFields": [{"manager": "x"}]},
+            "status": {"podIP": "10.0.0.1"}
+        }))
+        .unwrap();
+        let o = to_object(object, &resource).unwrap();
+        assert_eq!((o.api_version.as_str(), o.kind.as_str()), ("v1", "Pod"));
+        assert_eq!(o.raw.pointer("/metadata/managedFields"), None);
+        assert_eq!(o.raw["status"]["podIP"], "10.0.0.1");
+    }
+}

@@ -1,0 +1,250 @@
+//! The inventory: Kubernetes-shaped objects, grouped by the resource types of
+//! `resourceQueryMapping`, plus Services and EndpointSlices for service-based mappings.
+//!
+//! A source ([`InventorySource`]) yields immutable [`Snapshot`]s: the file source one per file
+//! change ([`file`]), the Kubernetes source one per burst of watch events ([`kube`]). [`run`]
+//! publishes each on a `watch` channel, so a query reads a consistent view without waiting on
+//! anything, and never on the API server. A source error keeps the last good snapshot.
+
+pub mod file;
+pub mod kube;
+
+pub use file::{FileSource, parse_objects};
+pub use kube::KubeSource;
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use serde_json::Value;
+use tokio::sync::watch;
+
+use crate::config::Mapping;
+
+/// One object (GameServer, Pod, Service, …) with its commonly used metadata pulled out.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Object {
+    /// `apiVersion`.
+    pub api_version: String,
+    /// `kind`.
+    pub kind: String,
+    /// `metadata.namespace` (empty for cluster-scoped or unset).
+    pub namespace: String,
+    /// `metadata.name`.
+    pub name: String,
+    /// `metadata.labels`.
+    pub labels: BTreeMap<String, String>,
+    /// `metadata.annotations`.
+    pub annotations: BTreeMap<String, String>,
+    /// The whole object, for paths into `spec` and `status`.
+    pub raw: Value,
+}
+
+impl Object {
+    /// Reads the metadata of a raw object; fails when `apiVersion`, `kind` or `metadata.name` is
+    /// missing.
+    pub fn from_value(raw: Value) -> Result<Self, String> {
+        let text = |v: Option<&Value>| v.and_then(Value::as_str).map(str::to_string);
+        let map = |v: Option<&Value>| -> BTreeMap<String, String> {
+            v.and_then(Value::as_object)
+                .map(|m| {
+                    m.iter()
+                        .filter_map(|(k, v)| {
+                            let v = match v {
+                                Value::String(s) => s.clone(),
+                                Value::Number(n) => n.to_string(),
+                                Value::Bool(b) => b.to_string(),
+                                _ => return None,
+                            };
+                            Some((k.clone(), v))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let meta = raw.get("metadata");
+        let api_version = text(raw.get("apiVersion")).ok_or("missing apiVersion")?;
+        let kind = text(raw.get("kind")).ok_or("missing kind")?;
+        let name = text(meta.and_then(|m| m.get("name"))).ok_or("missing metadata.name")?;
+        Ok(Self {
+            api_version,
+            kind,
+            namespace: text(meta.and_then(|m| m.get("namespace"))).unwrap_or_default(),
+            name,
+            labels: map(meta.and_then(|m| m.get("labels"))),
+            annotations: map(meta.and_then(|m| m.get("annotations"))),
+            raw,
+        })
+    }
+}
+
+/// An immutable view of the inventory.
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    /// True once a source delivered its first complete list.
+    pub loaded: bool,
+    /// Objects per mapping name, sorted by namespace and name.
+    pub by_mapping: BTreeMap<String, Vec<Arc<Object>>>,
+    /// Services (core v1), for service-based mappings.
+    pub services: Vec<Arc<Object>>,
+    /// EndpointSlices (discovery.k8s.io/v1), for service-based mappings to headless Services.
+    pub endpoint_slices: Vec<Arc<Object>>,
+    /// Every watched resource (`gameservers.agones.dev`, `services`, …) and whether its cache
+    /// is stale: its watch failed and has not yet re-listed. Empty for the file source.
+    pub watches: Vec<(String, bool)>,
+}
+
+/// apiVersion of Services.
+pub const SERVICE_API_VERSION: &str = "v1";
+/// apiVersion of EndpointSlices.
+pub const ENDPOINT_SLICE_API_VERSION: &str = "discovery.k8s.io/v1";
+/// The label that ties an EndpointSlice to its Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+impl Snapshot {
+    /// Groups objects by the mappings they belong to.
+    pub fn build(objects: Vec<Object>, mappings: &BTreeMap<String, Mapping>) -> Self {
+        let mut by_mapping: BTreeMap<String, Vec<Arc<Object>>> =
+            mappings.keys().map(|k| (k.clone(), Vec::new())).collect();
+        let mut services = Vec::new();
+        let mut endpoint_slices = Vec::new();
+        for object in objects {
+            let object = Arc::new(object);
+            if object.api_version == SERVICE_API_VERSION && object.kind == "Service" {
+                services.push(Arc::clone(&object));
+            }
+            if object.api_version == ENDPOINT_SLICE_API_VERSION && object.kind == "EndpointSlice" {
+                endpoint_slices.push(Arc::clone(&object));
+            }
+            for (name, mapping) in mappings {
+                if object.api_version == mapping.api_version() && mapping.matches_kind(&object.kind)
+                {
+                    by_mapping
+                        .get_mut(name)
+                        .expect("every mapping has a list")
+                        .push(Arc::clone(&object));
+                }
+            }
+        }
+        for list in by_mapping.values_mut() {
+            sort_by_name(list);
+        }
+        sort_by_name(&mut endpoint_slices);
+        Self {
+            loaded: true,
+            by_mapping,
+            services,
+            endpoint_slices,
+            watches: Vec::new(),
+        }
+    }
+
+    /// The Service in `namespace` labelled `label=value`.
+    pub fn service_labelled(&self, namespace: &str, label: &str, value: &str) -> Option<&Object> {
+        self.services
+            .iter()
+            .find(|s| s.namespace == namespace && s.labels.get(label).is_some_and(|v| v == value))
+            .map(Arc::as_ref)
+    }
+
+    /// The address of the first ready endpoint (in slice-name order) of a Service, on the
+    /// EndpointSlice port named `port_name`: how a headless Service is reached.
+    pub fn ready_endpoint(
+        &self,
+        namespace: &str,
+        service: &str,
+        port_name: &str,
+    ) -> Option<SocketAddr> {
+        self.endpoint_slices
+            .iter()
+            .filter(|s| {
+                s.namespace == namespace
+                    && s.labels
+                        .get(SERVICE_NAME_LABEL)
+                        .is_some_and(|v| v == service)
+            })
+            .find_map(|slice| {
+                let port = slice
+                    .raw
+                    .get("ports")?
+                    .as_array()?
+                    .iter()
+                    .find(|p| p.get("name").and_then(Value::as_str) == Some(port_name))?
+                    .get("port")?
+                    .as_u64()
+                    .and_then(|p| u16::try_from(p).ok())?;
+                let ip: IpAddr = slice
+                    .raw
+                    .get("endpoints")?
+                    .as_array()?
+                    .iter()
+                    // An absent `ready` condition means ready (EndpointSlice API contract).
+                    .filter(|e| e.pointer("/conditions/ready") != Some(&Value::Bool(false)))
+                    .find_map(|e| e.pointer("/addresses/0")?.as_str()?.parse().ok())?;
+                Some(SocketAddr::new(ip, port))
+            })
+    }
+}
+
+/// Sorts objects by namespace, then name: the order queries see and ties are broken in.
+pub fn sort_by_name(list: &mut [Arc<Object>]) {
+    list.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+}
+
+/// Why a source could not deliver a list.
+#[derive(Debug, thiserror::Error)]
+pub enum InventoryError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// File path.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The file is not valid YAML.
+    #[error("{path} is not valid YAML: {source}")]
+    Parse {
+        /// File path.
+        path: PathBuf,
+        /// Parser message, with position.
+        source: serde_yaml::Error,
+    },
+}
+
+/// Something that yields the current inventory, then each changed one.
+pub trait InventorySource: Send + 'static {
+    /// Human name for logs.
+    fn describe(&self) -> String;
+
+    /// The first call returns the current inventory; later calls wait for a change.
+    fn next(&mut self) -> impl Future<Output = Result<Snapshot, InventoryError>> + Send;
+}
+
+/// Drives a source: publishes each snapshot, logs and keeps the last good one on errors.
+/// Returns when every receiver is gone.
+pub async fn run<S: InventorySource>(mut source: S, tx: watch::Sender<Arc<Snapshot>>) {
+    loop {
+        let result = tokio::select! {
+            r = source.next() => r,
+            () = tx.closed() => return,
+        };
+        match result {
+            Ok(snapshot) => {
+                let counts: Vec<String> = snapshot
+                    .by_mapping
+                    .iter()
+                    .map(|(k, v)| format!("{k}={}", v.len()))
+                    .collect();
+                if snapshot.loaded {
+                    log::debug!("inventory from {}: {}", source.describe(), counts.join(" "));
+                }
+                if tx.send(Arc::new(snapshot)).is_err() {
+                    return;
+                }
+            }
+            Err(e) => log::warn!("inventory not updated, keeping the last good one: {e}"),
+        }
+    }
+}

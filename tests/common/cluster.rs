@@ -1,0 +1,174 @@
+//! The Kubernetes suite's API server: the real kube-apiserver that `scripts/k8s-apiserver.sh
+//! start RUN_DIR` runs (scripts/test.sh does it), found through `UDP_DIRECTOR_K8S_RUN=RUN_DIR`.
+//! Tests drive it with kubectl as an operator would, and run the proxy as the RBAC-limited
+//! service account `udp-director/udp-director`.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+/// The suite's proxy config: every mapping the Kubernetes tests use. `NAMESPACE` is replaced by
+/// the test's namespace. The ClusterRole the proxy runs under is generated from this very file
+/// (`udp-director rbac`), so a watch the generator forgets fails the tests.
+pub const PROXY_CONFIG: &str = include_str!("../k8s/proxy.yaml");
+
+/// The API server, or None (after saying so on the terminal) when none is configured.
+pub struct Cluster {
+    pub run: PathBuf,
+}
+
+pub fn cluster() -> Option<&'static Cluster> {
+    static CLUSTER: OnceLock<Option<Cluster>> = OnceLock::new();
+    CLUSTER
+        .get_or_init(|| {
+            let Some(run) = std::env::var_os("UDP_DIRECTOR_K8S_RUN") else {
+                assert!(
+                    std::env::var("CI").as_deref() != Ok("true"),
+                    "CI=true but UDP_DIRECTOR_K8S_RUN is not set: the Kubernetes suite must run \
+                     in CI (scripts/test.sh starts the API server)"
+                );
+                // Straight to the terminal: the test harness captures eprintln! of passing tests.
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "\n*** Kubernetes suite SKIPPED: no API server configured. Run scripts/test.sh, \
+                     or `scripts/k8s-apiserver.sh start DIR` and set UDP_DIRECTOR_K8S_RUN=DIR. ***\n"
+                );
+                return None;
+            };
+            let cluster = Cluster { run: run.into() };
+            cluster.grant_proxy_rbac();
+            Some(cluster)
+        })
+        .as_ref()
+}
+
+/// The repository root.
+pub fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+impl Cluster {
+    pub fn admin_kubeconfig(&self) -> PathBuf {
+        self.run.join("kubeconfig")
+    }
+
+    pub fn proxy_kubeconfig(&self) -> PathBuf {
+        self.run.join("kubeconfig-proxy")
+    }
+
+    /// kubectl as admin: Ok(stdout) or Err(stderr).
+    pub fn kubectl(&self, args: &[&str], stdin: Option<&str>) -> Result<String, String> {
+        let mut child = Command::new("kubectl")
+            .args(args)
+            .env("KUBECONFIG", self.admin_kubeconfig())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("kubectl runs");
+        let mut input = child.stdin.take().unwrap();
+        input.write_all(stdin.unwrap_or("").as_bytes()).unwrap();
+        drop(input);
+        let out = child.wait_with_output().unwrap();
+        let text = |b: Vec<u8>| String::from_utf8_lossy(&b).into_owned();
+        if out.status.success() {
+            Ok(text(out.stdout))
+        } else {
+            Err(text(out.stderr))
+        }
+    }
+
+    /// kubectl as admin, panicking on failure.
+    pub fn must(&self, args: &[&str], stdin: Option<&str>) -> String {
+        self.kubectl(args, stdin)
+            .unwrap_or_else(|e| panic!("kubectl {}: {e}", args.join(" ")))
+    }
+
+    /// A server-side apply of YAML (client-side apply would treat the EndpointSlice stand-in as
+    /// the built-in type and send a strategic-merge patch the CRD cannot take).
+    pub fn apply(&self, yaml: &str) {
+        self.must(
+            &[
+                "apply",
+                "--server-side",
+                "--force-conflicts",
+                "--field-manager=test",
+                "-f",
+                "-",
+            ],
+            Some(yaml),
+        );
+    }
+
+    /// A merge patch of an object's status subresource, as a controller (Agones, the kubelet)
+    /// writes it.
+    pub fn patch_status(&self, namespace: &str, resource: &str, name: &str, json: &str) {
+        self.must(
+            &[
+                "patch",
+                resource,
+                name,
+                "-n",
+                namespace,
+                "--subresource=status",
+                "--type=merge",
+                "-p",
+                json,
+            ],
+            None,
+        );
+    }
+
+    /// A namespace of its own for one test, unique across runs on the same server.
+    pub fn namespace(&self, prefix: &str) -> String {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let name = format!(
+            "{prefix}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        );
+        self.must(&["create", "namespace", &name], None);
+        name
+    }
+
+    /// Runs `scripts/k8s-apiserver.sh VERB RUN_DIR`.
+    pub fn script(&self, verb: &str) {
+        let status = Command::new(repo().join("scripts/k8s-apiserver.sh"))
+            .arg(verb)
+            .arg(&self.run)
+            .status()
+            .unwrap();
+        assert!(status.success(), "k8s-apiserver.sh {verb}: {status:?}");
+    }
+
+    /// Binds the proxy's service account to the ClusterRole `udp-director rbac` generates for
+    /// [`PROXY_CONFIG`], and to nothing else.
+    fn grant_proxy_rbac(&self) {
+        let config =
+            std::env::temp_dir().join(format!("udp-director-rbac-{}.yaml", std::process::id()));
+        std::fs::write(&config, PROXY_CONFIG.replace("NAMESPACE", "default")).unwrap();
+        let (code, role, err) =
+            super::run_binary(&["rbac", config.to_str().unwrap(), "--name", "udp-director"]);
+        let _ = std::fs::remove_file(&config);
+        assert_eq!(code, 0, "{err}");
+        self.apply(&format!(
+            "{role}---\n{}",
+            r#"apiVersion: v1
+kind: Namespace
+metadata: {name: udp-director}
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: udp-director, namespace: udp-director}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata: {name: udp-director}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: udp-director}
+subjects: [{kind: ServiceAccount, name: udp-director, namespace: udp-director}]
+"#
+        ));
+    }
+}

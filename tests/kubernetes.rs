@@ -1,0 +1,291 @@
+//! The Kubernetes suite: the proxy against a real kube-apiserver (scripts/k8s-apiserver.sh),
+//! running as the RBAC-limited service account. Each test has its own namespace and proxy.
+//! Skipped, loudly, when no API server is configured; a failure under `CI=true`.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use common::cluster::{Cluster, PROXY_CONFIG, cluster};
+use common::*;
+
+const READY_WITHIN: Duration = Duration::from_secs(30);
+
+/// Starts a proxy watching `namespace` with the suite's config plus `extra`, and waits until it
+/// is ready (every initial list done).
+fn start_proxy(c: &Cluster, namespace: &str, extra: &str) -> Proxy {
+    let proxy = launch_proxy(c, namespace, extra);
+    proxy.eventually_within(READY_WITHIN, "proxy ready", |p| {
+        p.http("GET", "/readyz").0 == 200
+    });
+    proxy
+}
+
+fn launch_proxy(c: &Cluster, namespace: &str, extra: &str) -> Proxy {
+    let config = format!("{}{extra}", PROXY_CONFIG.replace("NAMESPACE", namespace));
+    let kubeconfig = c.proxy_kubeconfig();
+    Proxy::launch(&config, "", &[("KUBECONFIG", kubeconfig.as_os_str())])
+}
+
+fn gameserver(namespace: &str, name: &str, labels: &str) -> String {
+    format!(
+        "apiVersion: agones.dev/v1\nkind: GameServer\nmetadata: {{name: {name}, namespace: {namespace}, labels: {{{labels}}}}}\nspec: {{}}\n"
+    )
+}
+
+/// An Agones status: `status.address`, `status.addresses` (a Hostname and the PodIP) and a port.
+fn gs_status(state: &str, addr: SocketAddr) -> String {
+    format!(
+        r#"{{"status":{{"state":"{state}","address":"{ip}","addresses":[{{"type":"Hostname","address":"node-1"}},{{"type":"PodIP","address":"{ip}"}}],"ports":[{{"name":"default","port":{port}}}]}}}}"#,
+        ip = addr.ip(),
+        port = addr.port()
+    )
+}
+
+fn ready_query(resource_type: &str, namespace: &str) -> String {
+    format!(
+        r#"{{"resourceType":"{resource_type}","namespace":"{namespace}","statusQuery":{{"jsonPath":"status.state","expectedValue":"Ready"}}}}"#
+    )
+}
+
+/// Queries, opens a session on the `game` port with the token and returns the tag of the echo
+/// server that answers; Err(answer) when the query is refused.
+fn served_by(p: &Proxy, query: &str) -> Result<u8, serde_json::Value> {
+    let answer = p.query(query);
+    let token = answer["token"].as_str().ok_or_else(|| answer.clone())?;
+    let c = client();
+    c.send_to(token.as_bytes(), p.data_addr()).unwrap();
+    c.send_to(b"ping", p.data_addr()).unwrap();
+    Ok(expect_datagram(&c)[0])
+}
+
+#[test]
+fn gameservers_are_picked_by_status_and_follow_status_changes() {
+    let Some(c) = cluster() else { return };
+    let ns = c.namespace("gs-status");
+    let (a, b) = (Echo::tagged(1), Echo::tagged(2));
+    c.apply(&gameserver(&ns, "gs-a", ""));
+    c.apply(&gameserver(&ns, "gs-b", ""));
+    c.patch_status(&ns, "gameservers", "gs-a", &gs_status("Ready", a.addr));
+    c.patch_status(&ns, "gameservers", "gs-b", &gs_status("Allocated", b.addr));
+    let p = start_proxy(c, &ns, "");
+    assert_eq!(
+        p.metric(r#"udp_director_inventory_objects{resource_type="gameserver"}"#),
+        2.0
+    );
+    assert_eq!(
+        p.metric(r#"udp_director_inventory_stale{resource="gameservers.agones.dev"}"#),
+        0.0
+    );
+
+    let ready = ready_query("gameserver", &ns);
+    assert_eq!(served_by(&p, &ready), Ok(1));
+    // status.addresses, entry of type PodIP.
+    assert_eq!(served_by(&p, &ready_query("gameserver-podip", &ns)), Ok(1));
+
+    // The fleet changes under the proxy: routing follows, no restart.
+    c.patch_status(&ns, "gameservers", "gs-a", &gs_status("Allocated", a.addr));
+    c.patch_status(&ns, "gameservers", "gs-b", &gs_status("Ready", b.addr));
+    p.eventually("queries follow the status change", |p| {
+        served_by(p, &ready) == Ok(2)
+    });
+    c.patch_status(&ns, "gameservers", "gs-b", &gs_status("Shutdown", b.addr));
+    p.eventually("a server no longer Ready leaves the selection", |p| {
+        p.query(&ready)["code"] == "no_match"
+    });
+    // A GameServer that appears is served, with no API call per query.
+    c.apply(&gameserver(&ns, "gs-c", ""));
+    c.patch_status(&ns, "gameservers", "gs-c", &gs_status("Ready", b.addr));
+    p.eventually("a new server is picked up", |p| {
+        served_by(p, &ready) == Ok(2)
+    });
+}
+
+#[test]
+fn deleted_gameserver_ends_its_sessions_and_default_sessions_move() {
+    let Some(c) = cluster() else { return };
+    let ns = c.namespace("gs-delete");
+    let (a, b) = (Echo::tagged(1), Echo::tagged(2));
+    c.apply(&gameserver(&ns, "gs-a", "id: a"));
+    c.apply(&gameserver(&ns, "gs-b", "id: b"));
+    c.patch_status(&ns, "gameservers", "gs-a", &gs_status("Ready", a.addr));
+    c.patch_status(&ns, "gameservers", "gs-b", &gs_status("Allocated", b.addr));
+    let extra = format!("defaultEndpoint: {}\n", ready_query("gameserver", &ns));
+    let p = start_proxy(c, &ns, &extra);
+
+    // A token session and a default-endpoint session, both on gs-a.
+    let with_token = client();
+    let answer = p.token(&format!(
+        r#"{{"resourceType":"gameserver","namespace":"{ns}","labelSelector":{{"id":"a"}}}}"#
+    ));
+    with_token
+        .send_to(answer.as_bytes(), p.data_addr())
+        .unwrap();
+    let without = client();
+    for s in [&with_token, &without] {
+        s.send_to(b"x", p.data_addr()).unwrap();
+        assert_eq!(expect_datagram(s)[0], 1);
+    }
+    c.patch_status(&ns, "gameservers", "gs-b", &gs_status("Ready", b.addr));
+    c.must(&["delete", "gameserver", "gs-a", "-n", &ns], None);
+
+    // The token session ends, so the client's next datagram opens a default session (gs-b); the
+    // default session moves to the new default (gs-b).
+    for (what, s) in [
+        ("token session ends", &with_token),
+        ("default session moves", &without),
+    ] {
+        p.eventually(what, |p| {
+            s.send_to(b"x", p.data_addr()).unwrap();
+            expect_datagram(s)[0] == 2
+        });
+    }
+    assert!(p.metric("udp_director_sessions_closed_total") >= 1.0);
+    assert!(
+        p.sessions()
+            .iter()
+            .all(|s| !s["target"].to_string().contains(&a.addr.to_string()))
+    );
+}
+
+#[test]
+fn pods_with_named_ports_serve_every_data_port() {
+    let Some(c) = cluster() else { return };
+    let ns = c.namespace("pods");
+    let (game, voice) = (Echo::tagged(3), Echo::tagged(4));
+    c.apply(&format!(
+        r#"apiVersion: v1
+kind: Pod
+metadata: {{name: match-1, namespace: {ns}, labels: {{app: match}}}}
+spec:
+  containers:
+  - name: server
+    image: example.com/game-server:1
+    ports: [{{name: game, containerPort: {}, protocol: UDP}}, {{name: voice, containerPort: {}, protocol: UDP}}]
+"#,
+        game.addr.port(),
+        voice.addr.port()
+    ));
+    let pod_query =
+        format!(r#"{{"resourceType":"pod","namespace":"{ns}","labelSelector":{{"app":"match"}}}}"#);
+    let p = start_proxy(c, &ns, "");
+    assert_eq!(
+        p.query(&pod_query)["code"],
+        "backend_unresolvable",
+        "no podIP before the kubelet reports one"
+    );
+    c.patch_status(
+        &ns,
+        "pods",
+        "match-1",
+        r#"{"status":{"phase":"Running","podIP":"127.0.0.1","podIPs":[{"ip":"127.0.0.1"}]}}"#,
+    );
+    p.eventually("the pod's IP is seen", |p| {
+        p.query(&pod_query).get("token").is_some()
+    });
+    let answer = p.query(&pod_query);
+    let token = answer["token"].as_str().unwrap();
+    for (port, tag) in [("game", 3u8), ("voice", 4u8)] {
+        let addr = p.data.iter().find(|(n, _)| n == port).unwrap().1;
+        assert_eq!(answer["ports"][port], addr.port(), "{answer}");
+        let s = client();
+        s.send_to(token.as_bytes(), addr).unwrap();
+        s.send_to(b"hello", addr).unwrap();
+        assert_eq!(
+            expect_datagram(&s),
+            [&[tag][..], b"hello"].concat(),
+            "{port}"
+        );
+    }
+}
+
+#[test]
+fn service_based_lookup_through_cluster_ip_and_endpoint_slices() {
+    let Some(c) = cluster() else { return };
+    let ns = c.namespace("services");
+    let (first, second) = (Echo::tagged(5), Echo::tagged(6));
+    c.apply(&gameserver(&ns, "gs-vip", "id: vip"));
+    c.apply(&gameserver(&ns, "gs-headless", "id: headless"));
+    c.apply(&format!(
+        r#"apiVersion: v1
+kind: Service
+metadata: {{name: gs-vip, namespace: {ns}, labels: {{game.example/server: gs-vip}}}}
+spec: {{ports: [{{name: game, port: 7777, protocol: UDP}}]}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: gs-headless, namespace: {ns}, labels: {{game.example/server: gs-headless}}}}
+spec: {{clusterIP: None, ports: [{{name: game, port: 7777, protocol: UDP}}]}}
+"#
+    ));
+    let slice = |port: u16, ready: bool| {
+        format!(
+            r#"apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: gs-headless-x1, namespace: {ns}, labels: {{kubernetes.io/service-name: gs-headless}}}}
+addressType: IPv4
+ports: [{{name: game, port: {port}, protocol: UDP}}]
+endpoints: [{{addresses: [127.0.0.1], conditions: {{ready: {ready}}}}}]
+"#
+        )
+    };
+    c.apply(&slice(first.addr.port(), true));
+    let p = start_proxy(c, &ns, "");
+    let by_id = |id: &str| {
+        format!(
+            r#"{{"resourceType":"gameserver-svc","namespace":"{ns}","labelSelector":{{"id":"{id}"}}}}"#
+        )
+    };
+
+    // A ClusterIP Service: its virtual IP and the Service port.
+    let cluster_ip = c.must(
+        &[
+            "get",
+            "service",
+            "gs-vip",
+            "-n",
+            &ns,
+            "-o",
+            "jsonpath={.spec.clusterIP}",
+        ],
+        None,
+    );
+    let token = p.token(&by_id("vip"));
+    let s = client();
+    s.send_to(token.as_bytes(), p.data_addr()).unwrap();
+    p.eventually("a session to the ClusterIP", |p| {
+        p.sessions()
+            .iter()
+            .any(|x| x["target"] == format!("{cluster_ip}:7777"))
+    });
+
+    // A headless Service: a ready endpoint of its EndpointSlice, on the slice's port.
+    assert_eq!(served_by(&p, &by_id("headless")), Ok(5));
+    c.apply(&slice(second.addr.port(), true));
+    p.eventually("EndpointSlice changes are watched", |p| {
+        served_by(p, &by_id("headless")) == Ok(6)
+    });
+    c.apply(&slice(second.addr.port(), false));
+    p.eventually("no ready endpoint, no backend", |p| {
+        p.query(&by_id("headless"))["code"] == "backend_unresolvable"
+    });
+}
+
+#[test]
+fn a_missing_permission_keeps_the_proxy_unready_and_says_which() {
+    let Some(c) = cluster() else { return };
+    let ns = c.namespace("forbidden");
+    // ConfigMaps are not in the ClusterRole generated from the suite's config.
+    let extra = "  settings: {group: \"\", version: v1, resource: configmaps, addressPath: data.address, portPath: data.port}\n";
+    let p = launch_proxy(c, &ns, extra);
+    p.eventually_within(READY_WITHIN, "the forbidden watch is reported stale", |p| {
+        p.metric(r#"udp_director_inventory_stale{resource="configmaps"}"#) == 1.0
+    });
+    assert_eq!(p.http("GET", "/readyz").0, 503);
+    assert_eq!(
+        p.query(&ready_query("gameserver", &ns))["code"],
+        "inventory_unavailable",
+        "queries wait for every initial list"
+    );
+}
