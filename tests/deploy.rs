@@ -1,0 +1,312 @@
+//! deploy/: every overlay renders with `kubectl kustomize`, is what the proxy expects (its
+//! config is valid, its ClusterRole is exactly what `udp-director rbac` derives from that
+//! config, its data ports are declared), passes the offline schema check, and applies to the
+//! real API server (`--dry-run=server`), where `kubectl auth can-i` confirms the service
+//! account gets list and watch on what the config watches and nothing else.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::process::Command;
+
+use common::cluster::{cluster, repo};
+use common::*;
+use serde_json::Value;
+
+const OVERLAYS: [&str; 5] = ["agones", "pods-multiport", "dns", "ntp", "dev"];
+const SERVICE_ACCOUNT: &str = "system:serviceaccount:udp-director:udp-director";
+
+fn overlay_dir(name: &str) -> PathBuf {
+    repo().join("deploy/overlays").join(name)
+}
+
+/// True when `tool` runs; otherwise says so loudly (a failure under CI=true).
+fn have(tool: &str) -> bool {
+    let found = Command::new(tool)
+        .arg("--help")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !found {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "{tool} is required under CI=true (scripts/setup.sh installs it)"
+        );
+        use std::io::Write;
+        let _ = writeln!(
+            std::io::stderr(),
+            "\n*** deploy checks SKIPPED: {tool} not found ***\n"
+        );
+    }
+    found
+}
+
+fn render(name: &str) -> String {
+    let out = Command::new("kubectl")
+        .args(["kustomize"])
+        .arg(overlay_dir(name))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{name}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn documents(yaml: &str) -> Vec<Value> {
+    use serde::Deserialize;
+    serde_yaml::Deserializer::from_str(yaml)
+        .map(|d| Value::deserialize(d).unwrap())
+        .collect()
+}
+
+fn of_kind<'a>(docs: &'a [Value], kind: &str) -> &'a Value {
+    docs.iter()
+        .find(|d| d["kind"] == kind)
+        .unwrap_or_else(|| panic!("no {kind}"))
+}
+
+/// (apiGroup, resource, verb) triples a ClusterRole grants.
+fn grants(role: &Value) -> BTreeSet<(String, String, String)> {
+    let strings = |v: &Value| -> Vec<String> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s.as_str().unwrap().to_string())
+            .collect()
+    };
+    let mut out = BTreeSet::new();
+    for rule in role["rules"].as_array().unwrap() {
+        for g in strings(&rule["apiGroups"]) {
+            for r in strings(&rule["resources"]) {
+                for v in strings(&rule["verbs"]) {
+                    out.insert((g.clone(), r.clone(), v));
+                }
+            }
+        }
+    }
+    out
+}
+
+fn write_scratch(name: &str, text: &str) -> PathBuf {
+    let dir = scratch_dir();
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn overlays_render_to_what_the_proxy_needs() {
+    if !have("kubectl") {
+        return;
+    }
+    for name in OVERLAYS {
+        let docs = documents(&render(name));
+        let kinds: BTreeSet<&str> = docs.iter().map(|d| d["kind"].as_str().unwrap()).collect();
+        for kind in [
+            "Namespace",
+            "ServiceAccount",
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "ConfigMap",
+            "DaemonSet",
+        ] {
+            assert!(kinds.contains(kind), "{name}: no {kind}");
+        }
+
+        // The config is valid, and the ClusterRole is exactly the generated one.
+        let config_text = of_kind(&docs, "ConfigMap")["data"]["config.yaml"]
+            .as_str()
+            .unwrap();
+        let config = write_scratch("config.yaml", config_text);
+        let (code, _, err) = run_binary(&["check-config", config.to_str().unwrap()]);
+        assert_eq!(code, 0, "{name}: {err}");
+        let (code, generated, err) = run_binary(&["rbac", config.to_str().unwrap()]);
+        assert_eq!(code, 0, "{name}: {err}");
+        let generated = documents(&generated);
+        assert_eq!(
+            grants(of_kind(&docs, "ClusterRole")),
+            grants(&generated[0]),
+            "{name}: clusterrole.yaml is stale; regenerate it with `udp-director rbac {name}/config.yaml`"
+        );
+        assert!(
+            grants(&generated[0])
+                .iter()
+                .all(|(_, _, v)| v == "list" || v == "watch")
+        );
+
+        let pod = &of_kind(&docs, "DaemonSet")["spec"]["template"]["spec"];
+        assert_eq!(pod["hostNetwork"], true, "{name}");
+        assert_eq!(pod["dnsPolicy"], "ClusterFirstWithHostNet", "{name}");
+        assert_eq!(pod["serviceAccountName"], "udp-director", "{name}");
+        let container = &pod["containers"][0];
+        assert_eq!(
+            container["livenessProbe"]["httpGet"]["path"], "/healthz",
+            "{name}"
+        );
+        assert_eq!(
+            container["readinessProbe"]["httpGet"]["path"], "/readyz",
+            "{name}"
+        );
+        assert!(
+            container["resources"]["requests"]["memory"].is_string(),
+            "{name}"
+        );
+        assert!(
+            container["resources"]["limits"]["memory"].is_string(),
+            "{name}"
+        );
+        let security = &container["securityContext"];
+        assert_eq!(security["allowPrivilegeEscalation"], false, "{name}");
+        assert_eq!(security["readOnlyRootFilesystem"], true, "{name}");
+        assert_eq!(
+            security["capabilities"]["drop"],
+            serde_json::json!(["ALL"]),
+            "{name}"
+        );
+        let added = security["capabilities"]["add"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        assert!(
+            added.iter().all(|c| c == "NET_BIND_SERVICE"),
+            "{name}: {added:?}"
+        );
+        // The config's data ports are declared (host ports, with hostNetwork), and the config
+        // volume is the generated ConfigMap.
+        let config: Value = serde_yaml::from_str(config_text).unwrap();
+        let declared: BTreeSet<(u64, &str)> = container["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| {
+                (
+                    p["containerPort"].as_u64().unwrap(),
+                    p["protocol"].as_str().unwrap(),
+                )
+            })
+            .collect();
+        for port in config["dataPorts"].as_array().unwrap() {
+            assert!(
+                declared.contains(&(port["port"].as_u64().unwrap(), "UDP")),
+                "{name}: {port}"
+            );
+        }
+        assert_eq!(
+            pod["volumes"][0]["configMap"]["name"],
+            of_kind(&docs, "ConfigMap")["metadata"]["name"],
+            "{name}"
+        );
+    }
+}
+
+#[test]
+fn overlays_pass_the_offline_schema_check() {
+    if !have("kubectl") || !have("kubernetes-validate") {
+        return;
+    }
+    for name in OVERLAYS {
+        let rendered = write_scratch(&format!("{name}.yaml"), &render(name));
+        let out = Command::new("kubernetes-validate")
+            .args(["--strict", "-k", "1.33.0"])
+            .arg(&rendered)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{name}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+fn can_i(c: &common::cluster::Cluster, verb: &str, resource: &str) -> bool {
+    c.kubectl(
+        &[
+            "auth",
+            "can-i",
+            verb,
+            resource,
+            &format!("--as={SERVICE_ACCOUNT}"),
+        ],
+        None,
+    )
+    .is_ok()
+}
+
+#[test]
+fn overlays_apply_to_the_api_server_with_least_privilege() {
+    let Some(c) = cluster() else { return };
+    if !have("kubectl") {
+        return;
+    }
+    let mut every_resource = BTreeSet::new();
+    let rendered: Vec<(&str, String)> = OVERLAYS.iter().map(|n| (*n, render(n))).collect();
+    for (_, yaml) in &rendered {
+        for (group, resource, _) in grants(of_kind(&documents(yaml), "ClusterRole")) {
+            every_resource.insert(qualified(&group, &resource));
+        }
+    }
+    for (name, yaml) in &rendered {
+        // Every object as the server would take it: schema, defaults, admission.
+        let server_side = [
+            "apply",
+            "--server-side",
+            "--force-conflicts",
+            "--field-manager=test",
+        ];
+        c.kubectl(
+            &[&server_side[..], &["--dry-run=server", "-f", "-"]].concat(),
+            Some(yaml),
+        )
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+
+        // The RBAC for real, then ask the server what the service account may do.
+        let docs = documents(yaml);
+        let rbac: Vec<String> = [
+            "Namespace",
+            "ServiceAccount",
+            "ClusterRole",
+            "ClusterRoleBinding",
+        ]
+        .iter()
+        .map(|k| serde_json::to_string(of_kind(&docs, k)).unwrap())
+        .collect();
+        c.kubectl(
+            &[&server_side[..], &["-f", "-"]].concat(),
+            Some(&rbac.join("\n")),
+        )
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let needed: BTreeSet<String> = grants(of_kind(&docs, "ClusterRole"))
+            .into_iter()
+            .map(|(g, r, _)| qualified(&g, &r))
+            .collect();
+        for resource in &needed {
+            for verb in ["list", "watch"] {
+                assert!(can_i(c, verb, resource), "{name}: cannot {verb} {resource}");
+            }
+            for verb in ["get", "create", "update", "patch", "delete"] {
+                assert!(!can_i(c, verb, resource), "{name}: may {verb} {resource}");
+            }
+        }
+        let unneeded = every_resource.iter().filter(|r| !needed.contains(*r));
+        for resource in unneeded
+            .map(String::as_str)
+            .chain(["secrets", "configmaps", "nodes"])
+        {
+            assert!(!can_i(c, "list", resource), "{name}: may list {resource}");
+        }
+    }
+}
+
+/// `resource.group`, as kubectl names a resource of a group.
+fn qualified(group: &str, resource: &str) -> String {
+    if group.is_empty() {
+        resource.to_string()
+    } else {
+        format!("{resource}.{group}")
+    }
+}
