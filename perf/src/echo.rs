@@ -1,8 +1,16 @@
-//! The echo server: one thread per socket, each bound with SO_REUSEPORT to the same address, so
-//! the kernel spreads clients over threads like it does over the proxy's workers.
+//! The echo server, the game-server stand-in: one thread per socket, each bound with
+//! SO_REUSEPORT to the same address (the kernel spreads clients over threads as it does over the
+//! proxy's workers), reading and answering up to 32 datagrams per system call (recvmmsg /
+//! sendmmsg). With `--tag`, byte 20 of every reply (the first after the load generator's header)
+//! is replaced by the tag, so a reply says which server answered. `--tcp` also echoes TCP
+//! streams on the same port.
 
-use std::net::{SocketAddr, UdpSocket};
-use std::time::{Duration, Instant};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use socket2::{Domain, Protocol, Socket, Type};
 
@@ -15,10 +23,22 @@ pub(crate) struct EchoArgs {
     /// Threads (sockets).
     #[arg(long, default_value_t = 1)]
     pub(crate) threads: usize,
+    /// Write this byte at offset 20 of every UDP reply, to tell servers apart.
+    #[arg(long)]
+    pub(crate) tag: Option<u8>,
+    /// Also echo TCP connections on the same port.
+    #[arg(long)]
+    pub(crate) tcp: bool,
     /// Stop after this many seconds (0: run until killed).
     #[arg(long, default_value_t = 0)]
     pub(crate) seconds: u64,
 }
+
+/// Where the load generator's header ends; a tagged echo marks this byte.
+pub(crate) const TAG_OFFSET: usize = 20;
+const BATCH: usize = 32;
+/// Room for the largest UDP payload, so nothing is truncated.
+const SLOT: usize = 65536;
 
 pub(crate) fn bind_reuseport(addr: SocketAddr) -> std::io::Result<UdpSocket> {
     let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
@@ -29,34 +49,141 @@ pub(crate) fn bind_reuseport(addr: SocketAddr) -> std::io::Result<UdpSocket> {
     Ok(s.into())
 }
 
-pub(crate) fn run(args: &EchoArgs) -> anyhow::Result<()> {
-    let first = bind_reuseport(args.bind)?;
-    let addr = first.local_addr()?;
-    println!("echo listening on {addr} with {} threads", args.threads);
-    let deadline = (args.seconds > 0).then(|| Instant::now() + Duration::from_secs(args.seconds));
-    let mut sockets = vec![first];
-    for _ in 1..args.threads {
-        sockets.push(bind_reuseport(addr)?);
+/// A running in-process echo server; stops when dropped.
+#[derive(Debug)]
+pub(crate) struct Echo {
+    pub(crate) addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Echo {
+    /// Starts `threads` UDP echo threads on `bind` (port 0 picks one).
+    pub(crate) fn start(
+        bind: SocketAddr,
+        threads: usize,
+        tag: Option<u8>,
+    ) -> std::io::Result<Self> {
+        let first = bind_reuseport(bind)?;
+        let addr = first.local_addr()?;
+        let mut sockets = vec![first];
+        for _ in 1..threads.max(1) {
+            sockets.push(bind_reuseport(addr)?);
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let threads = sockets
+            .into_iter()
+            .map(|s| {
+                let stop = Arc::clone(&stop);
+                std::thread::spawn(move || serve(&s, tag, &stop))
+            })
+            .collect();
+        Ok(Self {
+            addr,
+            stop,
+            threads,
+        })
     }
-    let threads: Vec<_> = sockets
-        .into_iter()
-        .map(|s| std::thread::spawn(move || serve(&s, deadline)))
-        .collect();
-    for t in threads {
-        let _ = t.join();
+}
+
+impl Drop for Echo {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+pub(crate) fn run(args: &EchoArgs) -> anyhow::Result<()> {
+    let echo = Echo::start(args.bind, args.threads, args.tag)?;
+    if args.tcp {
+        let listener = TcpListener::bind(echo.addr)?;
+        std::thread::spawn(move || serve_tcp(&listener));
+    }
+    println!(
+        "echo listening on {} with {} threads{}",
+        echo.addr,
+        args.threads,
+        if args.tcp { " (udp and tcp)" } else { "" }
+    );
+    if args.seconds > 0 {
+        std::thread::sleep(Duration::from_secs(args.seconds));
+    } else {
+        loop {
+            std::thread::park();
+        }
     }
     Ok(())
 }
 
-fn serve(socket: &UdpSocket, deadline: Option<Instant>) {
-    let _ = socket.set_read_timeout(Some(Duration::from_millis(200)));
-    let mut buf = vec![0u8; 65536];
-    loop {
-        if deadline.is_some_and(|d| Instant::now() >= d) {
-            return;
+fn serve_tcp(listener: &TcpListener) {
+    for mut stream in listener.incoming().flatten() {
+        std::thread::spawn(move || {
+            let _ = stream.set_nodelay(true);
+            let mut buf = vec![0u8; 65536];
+            while let Ok(n) = stream.read(&mut buf) {
+                if n == 0 || stream.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+        });
+    }
+}
+
+/// Answers every datagram, a batch per system call, until `stop`.
+fn serve(socket: &UdpSocket, tag: Option<u8>, stop: &AtomicBool) {
+    let _ = socket.set_read_timeout(Some(Duration::from_millis(100)));
+    let fd = socket.as_raw_fd();
+    let mut bufs = vec![vec![0u8; SLOT]; BATCH];
+    // SAFETY: all-zero is a valid value for these plain C structs.
+    let mut addrs: Vec<libc::sockaddr_storage> = vec![unsafe { std::mem::zeroed() }; BATCH];
+    let mut iovs: Vec<libc::iovec> = Vec::with_capacity(BATCH);
+    // SAFETY: as above.
+    let mut msgs: Vec<libc::mmsghdr> = vec![unsafe { std::mem::zeroed() }; BATCH];
+    while !stop.load(Ordering::Relaxed) {
+        iovs.clear();
+        for (i, buf) in bufs.iter_mut().enumerate() {
+            iovs.push(libc::iovec {
+                iov_base: buf.as_mut_ptr().cast(),
+                iov_len: buf.len(),
+            });
+            let hdr = &mut msgs[i].msg_hdr;
+            hdr.msg_name = (&raw mut addrs[i]).cast();
+            hdr.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+            hdr.msg_iovlen = 1;
         }
-        if let Ok((n, from)) = socket.recv_from(&mut buf) {
-            let _ = socket.send_to(&buf[..n], from);
+        for (msg, iov) in msgs.iter_mut().zip(iovs.iter_mut()) {
+            msg.msg_hdr.msg_iov = iov;
+        }
+        // SAFETY: every mmsghdr points at a live buffer and address of this frame; the timeout
+        // set on the socket bounds the wait (MSG_WAITFORONE returns once one has arrived).
+        let n = unsafe {
+            libc::recvmmsg(
+                fd,
+                msgs.as_mut_ptr(),
+                BATCH as u32,
+                libc::MSG_WAITFORONE,
+                std::ptr::null_mut(),
+            )
+        };
+        if n <= 0 {
+            continue;
+        }
+        let n = n as usize;
+        for (i, msg) in msgs.iter_mut().take(n).enumerate() {
+            let len = msg.msg_len as usize;
+            if let Some(t) = tag
+                && len > TAG_OFFSET
+            {
+                bufs[i][TAG_OFFSET] = t;
+            }
+            iovs[i].iov_len = len;
+        }
+        // SAFETY: the first `n` headers hold the received lengths and source addresses.
+        unsafe { libc::sendmmsg(fd, msgs.as_mut_ptr(), n as u32, 0) };
+        for iov in &mut iovs[..n] {
+            iov.iov_len = SLOT;
         }
     }
 }

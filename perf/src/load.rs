@@ -46,6 +46,12 @@ pub(crate) struct LoadArgs {
     /// Label for the JSON line.
     #[arg(long, default_value = "run")]
     pub(crate) label: String,
+    /// Write the latency percentile distribution (.hgrm text) here.
+    #[arg(long)]
+    pub(crate) hgrm: Option<std::path::PathBuf>,
+    /// Write an SVG plot of the latency distribution here.
+    #[arg(long)]
+    pub(crate) svg: Option<std::path::PathBuf>,
 }
 
 /// Results of one run.
@@ -71,7 +77,7 @@ struct Client {
     last_reply: Instant,
 }
 
-fn token(query: SocketAddr, resource_type: &str) -> anyhow::Result<String> {
+pub(crate) fn token(query: SocketAddr, resource_type: &str) -> anyhow::Result<String> {
     let mut s = TcpStream::connect(query).context("query port")?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
     writeln!(s, r#"{{"resourceType":"{resource_type}"}}"#)?;
@@ -84,7 +90,7 @@ fn token(query: SocketAddr, resource_type: &str) -> anyhow::Result<String> {
     }
 }
 
-fn cpu_seconds(pid: u32) -> Option<f64> {
+pub(crate) fn cpu_seconds(pid: u32) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let rest = &stat[stat.rfind(')')? + 2..];
     let fields: Vec<&str> = rest.split_whitespace().collect();
@@ -134,6 +140,20 @@ pub(crate) fn run(args: &LoadArgs) -> anyhow::Result<Report> {
         s.spawn(move || {
             std::thread::sleep(measure_from.saturating_duration_since(Instant::now()));
             *cpu_before.lock().unwrap() = pid.and_then(cpu_seconds);
+            // A progress line for long runs, on stderr so stdout stays table + JSON.
+            if args.duration >= 5.0 {
+                while Instant::now() < end {
+                    std::thread::sleep(Duration::from_secs(1));
+                    let done = Instant::now().saturating_duration_since(measure_from);
+                    eprint!(
+                        "\r{}: {:.0}/{:.0} s ",
+                        args.label,
+                        done.as_secs_f64().min(args.duration),
+                        args.duration
+                    );
+                }
+                eprintln!();
+            }
         });
         let handles: Vec<_> = groups
             .into_iter()
@@ -161,6 +181,19 @@ pub(crate) fn run(args: &LoadArgs) -> anyhow::Result<Report> {
         total.histogram.add(&r.histogram)?;
     }
     print_report(args, &total);
+    if let Some(path) = &args.hgrm {
+        crate::report::write(path, &crate::report::hgrm(&total.histogram))?;
+    }
+    if let Some(path) = &args.svg {
+        let title = format!(
+            "{}: {} clients x {} in flight, {} B",
+            args.label, args.clients, args.window, args.size
+        );
+        crate::report::write(
+            path,
+            &crate::report::svg(&title, &[(&args.label, &total.histogram)]),
+        )?;
+    }
     Ok(total)
 }
 
@@ -250,7 +283,7 @@ fn drive(
     })
 }
 
-fn print_report(args: &LoadArgs, r: &Report) {
+pub(crate) fn print_report(args: &LoadArgs, r: &Report) {
     let us = |q: f64| r.histogram.value_at_quantile(q) as f64 / 1000.0;
     let rate = r.round_trips as f64 / r.seconds;
     let loss = if r.sent == 0 {

@@ -3,9 +3,14 @@
 //!
 //! Everything stays on loopback and every run stops by itself.
 
+mod compare;
 mod echo;
 mod load;
+mod migrate;
+mod proxy;
 mod query;
+mod report;
+mod sessions;
 
 use std::process::ExitCode;
 
@@ -29,6 +34,12 @@ enum Command {
     Latency(load::LoadArgs),
     /// Query-port throughput and latency.
     Query(query::QueryArgs),
+    /// N concurrent sessions: setup rate, proxy memory per session, no cross-talk.
+    Sessions(sessions::SessionsArgs),
+    /// Live migrations under load: loss, wrong-server replies, time to the new server.
+    Migrate(migrate::MigrateArgs),
+    /// Direct vs through the proxy (and other proxies), interleaved, with ratios.
+    Compare(compare::CompareArgs),
 }
 
 fn main() -> ExitCode {
@@ -42,6 +53,9 @@ fn main() -> ExitCode {
             load::run(&a).map(|_| ())
         }
         Command::Query(a) => query::run(&a),
+        Command::Sessions(a) => sessions::run(&a),
+        Command::Migrate(a) => migrate::run(&a),
+        Command::Compare(a) => compare::run(&a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,240 @@
+//! `compare`: the same load directly against an echo server and through the proxy (and through
+//! any other UDP proxy command named), interleaved A B A B … so drift on the machine hits every
+//! contender alike. Prints each run, then a summary with ratios against direct.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command};
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+
+use crate::echo::Echo;
+use crate::load::{LoadArgs, Report};
+use crate::proxy::{ProxyProcess, Server};
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct CompareArgs {
+    /// Concurrent clients (one session each through a proxy).
+    #[arg(long, default_value_t = 64)]
+    pub(crate) clients: usize,
+    /// Datagrams in flight per client.
+    #[arg(long, default_value_t = 32)]
+    pub(crate) window: usize,
+    /// Payload bytes.
+    #[arg(long, default_value_t = 64)]
+    pub(crate) size: usize,
+    /// Measured seconds per run.
+    #[arg(long, default_value_t = 5.0)]
+    pub(crate) duration: f64,
+    /// Warm-up seconds per run.
+    #[arg(long, default_value_t = 1.0)]
+    pub(crate) warmup: f64,
+    /// Rounds of (direct, proxy, others…).
+    #[arg(long, default_value_t = 2)]
+    pub(crate) rounds: usize,
+    /// Load-generator threads.
+    #[arg(long, default_value_t = 1)]
+    pub(crate) threads: usize,
+    /// Echo server threads.
+    #[arg(long, default_value_t = 1)]
+    pub(crate) echo_threads: usize,
+    /// Proxy binary (default: udp-director beside this binary).
+    #[arg(long)]
+    pub(crate) proxy_bin: Option<PathBuf>,
+    /// Proxy worker threads (default: one per core).
+    #[arg(long)]
+    pub(crate) proxy_workers: Option<usize>,
+    /// Clients get a token from the query port first (else they are default-endpoint clients).
+    #[arg(long)]
+    pub(crate) token: bool,
+    /// Another UDP proxy to compare, as NAME=LISTEN_ADDR=COMMAND; `{echo}` in COMMAND is replaced
+    /// by the echo server's address. E.g. socat=127.0.0.1:7900='socat UDP4-LISTEN:7900,fork,reuseaddr UDP4:{echo}'.
+    #[arg(long)]
+    pub(crate) other: Vec<String>,
+    /// Directory for `<label>.hgrm` files and `latency.svg`.
+    #[arg(long)]
+    pub(crate) out: Option<PathBuf>,
+}
+
+struct Contender {
+    label: String,
+    target: SocketAddr,
+    query: Option<SocketAddr>,
+    pid: Option<u32>,
+    total: Option<Report>,
+}
+
+struct Other(Child);
+
+impl Drop for Other {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub(crate) fn run(args: &CompareArgs) -> anyhow::Result<()> {
+    let echo = Echo::start("127.0.0.1:0".parse()?, args.echo_threads, None)?;
+    let bin = crate::proxy::binary(args.proxy_bin.as_deref())?;
+    let proxy = ProxyProcess::start(
+        &bin,
+        &[Server {
+            name: "echo",
+            addr: echo.addr,
+        }],
+        args.proxy_workers,
+        "",
+    )?;
+    let mut contenders = vec![
+        Contender {
+            label: "direct".into(),
+            target: echo.addr,
+            query: None,
+            pid: None,
+            total: None,
+        },
+        Contender {
+            label: "udp-director".into(),
+            target: proxy.data,
+            query: args.token.then_some(proxy.query),
+            pid: Some(proxy.pid),
+            total: None,
+        },
+    ];
+    let mut others = Vec::new();
+    for spec in &args.other {
+        let mut parts = spec.splitn(3, '=');
+        let (Some(name), Some(addr), Some(cmd)) = (parts.next(), parts.next(), parts.next()) else {
+            anyhow::bail!("--other {spec:?} is not NAME=LISTEN_ADDR=COMMAND");
+        };
+        let child = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "exec {}",
+                cmd.replace("{echo}", &echo.addr.to_string())
+            ))
+            .spawn()?;
+        let pid = child.id();
+        others.push(Other(child));
+        std::thread::sleep(Duration::from_millis(500));
+        contenders.push(Contender {
+            label: name.into(),
+            target: addr.parse()?,
+            query: None,
+            pid: Some(pid),
+            total: None,
+        });
+    }
+
+    for round in 0..args.rounds {
+        for c in &mut contenders {
+            let load = LoadArgs {
+                target: c.target,
+                query: c.query,
+                resource_type: "gameserver".into(),
+                clients: args.clients,
+                window: args.window,
+                size: args.size,
+                duration: args.duration,
+                warmup: args.warmup,
+                threads: args.threads,
+                proxy_pid: c.pid,
+                label: format!("{}#{}", c.label, round + 1),
+                hgrm: None,
+                svg: None,
+            };
+            let r = crate::load::run(&load)?;
+            match &mut c.total {
+                None => c.total = Some(r),
+                Some(t) => {
+                    t.round_trips += r.round_trips;
+                    t.sent += r.sent;
+                    t.misdelivered += r.misdelivered;
+                    t.seconds += r.seconds;
+                    t.proxy_cpu_seconds = match (t.proxy_cpu_seconds, r.proxy_cpu_seconds) {
+                        (Some(a), Some(b)) => Some(a + b),
+                        _ => None,
+                    };
+                    t.histogram.add(&r.histogram)?;
+                }
+            }
+        }
+    }
+    summarize(args, &contenders)
+}
+
+fn summarize(args: &CompareArgs, contenders: &[Contender]) -> anyhow::Result<()> {
+    let totals: Vec<(&str, &Report)> = contenders
+        .iter()
+        .filter_map(|c| Some((c.label.as_str(), c.total.as_ref()?)))
+        .collect();
+    let Some((_, direct)) = totals.first() else {
+        return Ok(());
+    };
+    let rate = |r: &Report| r.round_trips as f64 / r.seconds;
+    let p = |r: &Report, q: f64| r.histogram.value_at_quantile(q) as f64 / 1000.0;
+    println!(
+        "\nsummary: {} clients x {} in flight, {} B, {} rounds of {} s\n{:<14} {:>12} {:>8} {:>9} {:>9} {:>9} {:>14} {:>14}",
+        args.clients,
+        args.window,
+        args.size,
+        args.rounds,
+        args.duration,
+        "",
+        "rt/s",
+        "ratio",
+        "loss %",
+        "p50 µs",
+        "p99 µs",
+        "+p50 µs",
+        "rt/CPU-s"
+    );
+    for (label, r) in &totals {
+        let loss = 100.0 * r.sent.saturating_sub(r.round_trips) as f64 / r.sent.max(1) as f64;
+        let per_cpu = r
+            .proxy_cpu_seconds
+            .map(|c| r.round_trips as f64 / c.max(1e-9));
+        println!(
+            "{label:<14} {:>12.0} {:>8.2} {:>9.3} {:>9.1} {:>9.1} {:>14.1} {:>14}",
+            rate(r),
+            rate(r) / rate(direct),
+            loss,
+            p(r, 0.5),
+            p(r, 0.99),
+            p(r, 0.5) - p(direct, 0.5),
+            per_cpu.map_or("-".into(), |v| format!("{v:.0}"))
+        );
+        println!(
+            "{}",
+            serde_json::json!({
+                "summary": label, "clients": args.clients, "window": args.window, "size": args.size,
+                "round_trips_per_second": rate(r), "ratio_to_direct": rate(r) / rate(direct),
+                "loss_percent": loss, "misdelivered": r.misdelivered,
+                "p50_us": p(r, 0.5), "p99_us": p(r, 0.99), "p999_us": p(r, 0.999),
+                "added_p50_us": p(r, 0.5) - p(direct, 0.5),
+                "round_trips_per_proxy_cpu_second": per_cpu,
+            })
+        );
+    }
+    if let Some(dir) = &args.out {
+        std::fs::create_dir_all(dir)?;
+        for (label, r) in &totals {
+            crate::report::write(
+                &dir.join(format!("{label}.hgrm")),
+                &crate::report::hgrm(&r.histogram),
+            )?;
+        }
+        let series: Vec<(&str, &Histogram<u64>)> =
+            totals.iter().map(|(l, r)| (*l, &r.histogram)).collect();
+        let title = format!(
+            "round trips, {} clients x {} in flight, {} B",
+            args.clients, args.window, args.size
+        );
+        crate::report::write(
+            &dir.join("latency.svg"),
+            &crate::report::svg(&title, &series),
+        )?;
+    }
+    Ok(())
+}

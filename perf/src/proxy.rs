@@ -1,0 +1,152 @@
+//! A udp-director process for a benchmark: a config and a file inventory in a temp dir, the
+//! binary started on port 0 and its addresses read from its `listening` line. Killed on drop.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use anyhow::{Context, bail};
+
+/// A game server in the proxy's inventory.
+#[derive(Debug)]
+pub(crate) struct Server {
+    pub(crate) name: &'static str,
+    pub(crate) addr: SocketAddr,
+}
+
+#[derive(Debug)]
+pub(crate) struct ProxyProcess {
+    child: Child,
+    dir: PathBuf,
+    pub(crate) pid: u32,
+    pub(crate) query: SocketAddr,
+    pub(crate) data: SocketAddr,
+}
+
+/// The proxy binary: `--proxy-bin`, else `udp-director` beside this binary (same target dir).
+pub(crate) fn binary(given: Option<&Path>) -> anyhow::Result<PathBuf> {
+    let path = match given {
+        Some(p) => p.to_owned(),
+        None => std::env::current_exe()?.with_file_name("udp-director"),
+    };
+    if !path.exists() {
+        bail!(
+            "no proxy binary at {} (build it: cargo build --release; or pass --proxy-bin)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+impl ProxyProcess {
+    /// Starts the proxy with `servers` in its inventory (labelled `id: <name>`), the first one
+    /// also the default endpoint (clients without a token), and `extra` config lines.
+    pub(crate) fn start(
+        bin: &Path,
+        servers: &[Server],
+        workers: Option<usize>,
+        extra: &str,
+    ) -> anyhow::Result<Self> {
+        let dir = std::env::temp_dir().join(format!("udp-director-perf-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let inventory: String = servers
+            .iter()
+            .map(|s| {
+                format!(
+                    "- {{apiVersion: agones.dev/v1, kind: GameServer, metadata: {{name: {n}, namespace: perf, labels: {{id: {n}}}}}, status: {{state: Ready, address: \"{}\", ports: [{{name: default, port: {}}}]}}}}\n",
+                    s.addr.ip(),
+                    s.addr.port(),
+                    n = s.name
+                )
+            })
+            .collect();
+        std::fs::write(dir.join("inventory.yaml"), inventory)?;
+        let default = servers.first().map(|s| s.name).unwrap_or("none");
+        let workers = workers
+            .map(|w| format!("workers: {w}\n"))
+            .unwrap_or_default();
+        let config = format!(
+            "bindAddress: 127.0.0.1\nqueryPort: 0\nadminPort: 0\ndataPort: 0\ndrainSeconds: 0\n{workers}{extra}\
+             inventory: {{kind: file, path: inventory.yaml}}\n\
+             resourceQueryMapping:\n  gameserver: {{group: agones.dev, version: v1, resource: gameservers, addressPath: status.address, portName: default}}\n\
+             defaultEndpoint: {{resourceType: gameserver, labelSelector: {{id: {default}}}}}\n"
+        );
+        std::fs::write(dir.join("config.yaml"), config)?;
+        let mut child = Command::new(bin)
+            .arg("--config")
+            .arg(dir.join("config.yaml"))
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().context("proxy stdout")?).read_line(&mut line)?;
+        let field = |key: &str| {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(key))
+                .with_context(|| format!("no {key} in the proxy's first line {line:?}"))
+        };
+        let query = field("query=")?.parse()?;
+        let data = field("data=")?
+            .split_once("/udp=")
+            .context("data port")?
+            .1
+            .split(',')
+            .next()
+            .unwrap_or_default()
+            .parse()?;
+        let pid = child.id();
+        let proxy = Self {
+            child,
+            dir,
+            pid,
+            query,
+            data,
+        };
+        // Ready once the inventory is in: a query answers with a token.
+        for _ in 0..100 {
+            if crate::load::token(proxy.query, "gameserver").is_ok() {
+                return Ok(proxy);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        bail!("the proxy did not become ready")
+    }
+}
+
+impl Drop for ProxyProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A field of /proc/PID/status in KiB (VmRSS, VmHWM…).
+pub(crate) fn status_kib(pid: u32, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Raises this process's open-file limit to its hard limit (a socket per session).
+pub(crate) fn raise_fd_limit() -> u64 {
+    // SAFETY: getrlimit/setrlimit with a valid, live struct.
+    unsafe {
+        let mut l = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) == 0 {
+            l.rlim_cur = l.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &l);
+        }
+        l.rlim_cur
+    }
+}
