@@ -1,0 +1,114 @@
+//! Smoke test of the harness: every benchmark runs briefly against the real proxy binary and
+//! reports what it should. Correctness only; the numbers are for `README.md`, not asserted.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::Value;
+
+fn perf(args: &[&str]) -> Vec<Value> {
+    let bin = Path::new(env!("CARGO_BIN_EXE_udp-director-perf"));
+    let proxy = bin.with_file_name("udp-director");
+    assert!(
+        proxy.exists(),
+        "{} is missing: build the workspace (cargo test --workspace builds it)",
+        proxy.display()
+    );
+    let out = Command::new(bin).args(args).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{args:?}: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn scratch() -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("udp-director-perf-smoke-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+#[test]
+fn compare_reports_every_contender_with_histograms_and_a_plot() {
+    let out = scratch();
+    let lines = perf(&[
+        "compare",
+        "--clients",
+        "4",
+        "--window",
+        "4",
+        "--duration",
+        "0.3",
+        "--warmup",
+        "0.1",
+        "--rounds",
+        "1",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let summary = |label: &str| {
+        lines
+            .iter()
+            .find(|l| l["summary"] == label)
+            .unwrap_or_else(|| panic!("no summary for {label}: {lines:?}"))
+    };
+    for label in ["direct", "udp-director"] {
+        let s = summary(label);
+        assert!(s["round_trips_per_second"].as_f64().unwrap() > 0.0, "{s}");
+        assert_eq!(s["misdelivered"], 0, "{s}");
+        assert!(s["p50_us"].as_f64().unwrap() > 0.0, "{s}");
+        let hgrm = std::fs::read_to_string(out.join(format!("{label}.hgrm"))).unwrap();
+        assert!(
+            hgrm.contains("Percentile") && hgrm.contains("#[Max"),
+            "{hgrm}"
+        );
+    }
+    assert!(
+        summary("udp-director")["round_trips_per_proxy_cpu_second"]
+            .as_f64()
+            .unwrap()
+            > 0.0
+    );
+    let svg = std::fs::read_to_string(out.join("latency.svg")).unwrap();
+    assert!(svg.starts_with("<svg") && svg.matches("<polyline").count() == 2);
+    let _ = std::fs::remove_dir_all(out);
+}
+
+#[test]
+fn sessions_opens_each_and_keeps_them_apart() {
+    let lines = perf(&["sessions", "--sessions", "300", "--batch", "50"]);
+    let r = &lines[0];
+    assert_eq!(r["opened"], 300, "{r}");
+    assert_eq!(r["answered_second_round"], 300, "{r}");
+    assert_eq!(r["misdelivered"], 0, "{r}");
+    assert!(r["proxy_rss_after_kib"].as_u64().unwrap() > 0, "{r}");
+}
+
+#[test]
+fn migrate_checks_every_reply_against_its_server() {
+    let lines = perf(&[
+        "migrate",
+        "--migrations",
+        "20",
+        "--clients",
+        "4",
+        "--window",
+        "4",
+        "--quiesce",
+    ]);
+    let r = &lines[0];
+    assert_eq!(r["migrations"], 20, "{r}");
+    assert_eq!(r["wrong_server"], 0, "{r}");
+    assert_eq!(r["lost_other"], 0, "{r}");
+    assert_eq!(
+        r["lost_in_flight_at_reset"], 0,
+        "quiesced clients have nothing in flight: {r}"
+    );
+    assert!(r["switch_p50_us"].as_f64().unwrap() > 0.0, "{r}");
+}
