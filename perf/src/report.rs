@@ -82,7 +82,7 @@ pub(crate) fn svg(title: &str, series: &[(&str, &Histogram<u64>)]) -> String {
         let y = py(v);
         let _ = writeln!(
             out,
-            r##"<line x1="{LEFT}" y1="{y}" x2="{}" y2="{y}" stroke="#ddd"/><text x="{}" y="{}" text-anchor="end">{v:.0}</text>"##,
+            r##"<line x1="{LEFT}" y1="{y:.1}" x2="{}" y2="{y:.1}" stroke="#ddd"/><text x="{}" y="{:.1}" text-anchor="end">{v:.0}</text>"##,
             W - RIGHT,
             LEFT - 6.0,
             y + 4.0

@@ -81,10 +81,15 @@ pub(crate) fn run(args: &SessionsArgs) -> anyhow::Result<()> {
         args.proxy_workers,
         &extra,
     )?;
+    // Clients bind to 127.0.1.x, so they leave 127.0.0.1's ephemeral ports (one per session,
+    // about 28k by default) to the proxy's upstream sockets.
     let sockets: Vec<UdpSocket> = (0..args.sessions)
-        .map(|_| {
-            let s = UdpSocket::bind("127.0.0.1:0")?;
-            s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        .map(|i| {
+            let s = UdpSocket::bind((
+                std::net::Ipv4Addr::new(127, 0, 1, 1 + (i / 20_000) as u8),
+                0,
+            ))?;
+            s.set_read_timeout(Some(Duration::from_millis(200)))?;
             Ok(s)
         })
         .collect::<std::io::Result<_>>()?;
