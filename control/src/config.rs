@@ -107,6 +107,9 @@ struct RawConfig {
     /// SO_RCVBUF and SO_SNDBUF of every data-port socket.
     #[serde(default)]
     socket_buffer_bytes: Option<usize>,
+    /// Microseconds a worker keeps polling after traffic before it sleeps.
+    #[serde(default)]
+    busy_poll_micros: Option<u64>,
     /// Seconds to keep forwarding after SIGTERM before exiting.
     #[serde(default)]
     drain_seconds: Option<u64>,
@@ -378,6 +381,8 @@ pub struct Config {
     pub affinity: dataplane::WorkerAffinity,
     /// Socket buffer size of data-port sockets.
     pub socket_buffer_bytes: usize,
+    /// Busy-poll window of the workers (zero: off).
+    pub busy_poll: Duration,
     /// Drain period after SIGTERM.
     pub drain: Duration,
     /// Inventory source.
@@ -440,6 +445,7 @@ impl Config {
         dp.control_magic = self.control_magic.clone();
         dp.recv_buffer_bytes = self.socket_buffer_bytes;
         dp.send_buffer_bytes = self.socket_buffer_bytes;
+        dp.busy_poll = self.busy_poll;
         dp
     }
 }
@@ -498,6 +504,15 @@ impl TryFrom<RawConfig> for Config {
             }
             Some(n) => n,
         };
+        let busy_poll = match raw.busy_poll_micros {
+            Some(n) if n > 10_000 => {
+                return Err(invalid(
+                    "busyPollMicros",
+                    "must be at most 10000 (10 ms); a worker spinning longer only burns CPU",
+                ));
+            }
+            n => Duration::from_micros(n.unwrap_or(0)),
+        };
         let inventory = inventory(raw.inventory)?;
         let mut mappings = BTreeMap::new();
         for (name, m) in raw.resource_query_mapping {
@@ -551,6 +566,7 @@ impl TryFrom<RawConfig> for Config {
             workers,
             affinity,
             socket_buffer_bytes,
+            busy_poll,
             drain: match raw.drain_seconds.unwrap_or(DEFAULT_DRAIN_SECONDS) {
                 s if s > 3600 => return Err(invalid("drainSeconds", "must be at most 3600")),
                 s => Duration::from_secs(s),

@@ -35,6 +35,9 @@ pub struct DataPlaneConfig {
     pub send_buffer_bytes: usize,
     /// Use `recvmmsg`/`sendmmsg` (Linux). When false, or off Linux, one syscall per datagram.
     pub batch_io: bool,
+    /// After handling traffic, a worker keeps polling without sleeping for this long before it
+    /// blocks in `epoll_wait`: a reply that comes back within it costs no wake-up. Zero: off.
+    pub busy_poll: Duration,
 }
 
 impl DataPlaneConfig {
@@ -51,6 +54,7 @@ impl DataPlaneConfig {
             recv_buffer_bytes: DEFAULT_SOCKET_BUFFER_BYTES,
             send_buffer_bytes: DEFAULT_SOCKET_BUFFER_BYTES,
             batch_io: true,
+            busy_poll: Duration::ZERO,
         }
     }
 }

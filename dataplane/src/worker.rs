@@ -72,6 +72,7 @@ pub(crate) struct Worker {
     default_backend: Option<Arc<Backend>>,
     control_magic: Box<[u8]>,
     batch_io: bool,
+    busy_poll: Duration,
     draining: bool,
     shutting_down: bool,
     /// Sockets left with unread datagrams after hitting `IO_LOOP_BOUND`.
@@ -120,6 +121,7 @@ impl Worker {
             default_backend: None,
             control_magic: setup.config.control_magic.clone().into_boxed_slice(),
             batch_io: setup.config.batch_io,
+            busy_poll: setup.config.busy_poll,
             draining: false,
             shutting_down: false,
             pending_ports: Vec::new(),
@@ -137,8 +139,15 @@ impl Worker {
     /// The event loop; returns after a `Shutdown` message.
     pub(crate) fn run(mut self) -> Result<(), WorkerError> {
         let mut events = Events::with_capacity(EVENTS_CAPACITY);
+        // Until then the worker polls without blocking (busy_poll after the last event).
+        let mut spin_until = Instant::now();
         loop {
-            let timeout = self.next_timeout(Instant::now());
+            let now = Instant::now();
+            let timeout = if now < spin_until {
+                Some(Duration::ZERO)
+            } else {
+                self.next_timeout(now)
+            };
             if let Err(source) = self.poll.poll(&mut events, timeout) {
                 if source.kind() == io::ErrorKind::Interrupted {
                     continue;
@@ -149,6 +158,9 @@ impl Worker {
                 });
             }
             let now = Instant::now();
+            if !events.is_empty() {
+                spin_until = now + self.busy_poll;
+            }
             for event in &events {
                 match event.token() {
                     WAKER => self.drain_control(now),

@@ -240,3 +240,21 @@ fn portable_io_path_forwards_too() {
         assert_eq!(expect_datagram(&c), [i; 100]);
     }
 }
+
+#[test]
+fn busy_polling_workers_forward_expire_and_stop() {
+    // A long spin window: the worker must still honour its idle timer and stop on shutdown.
+    let proxy = Proxy::start(2, |c| {
+        c.busy_poll = Duration::from_millis(5);
+        c.session_timeout = Duration::from_millis(300);
+    });
+    let echo = Echo::plain();
+    let c = client();
+    c.send_to(proxy.grant_one(1, echo.addr).as_bytes(), proxy.addr())
+        .unwrap();
+    for i in 0..50u8 {
+        c.send_to(&[i], proxy.addr()).unwrap();
+        assert_eq!(expect_datagram(&c), [i]);
+    }
+    proxy.eventually("the idle session expires", |p| p.sessions().is_empty());
+}

@@ -45,6 +45,9 @@ pub(crate) struct CompareArgs {
     /// Proxy worker threads (default: one per core).
     #[arg(long)]
     pub(crate) proxy_workers: Option<usize>,
+    /// The proxy's busyPollMicros (0: off, the product default).
+    #[arg(long, default_value_t = 0)]
+    pub(crate) proxy_busy_poll_micros: u64,
     /// Clients get a token from the query port first (else they are default-endpoint clients).
     #[arg(long)]
     pub(crate) token: bool,

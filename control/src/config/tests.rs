@@ -33,6 +33,10 @@ fn defaults() {
     assert_eq!(c.bind_address, IpAddr::from([0, 0, 0, 0]));
     assert!(matches!(c.inventory, InventoryConfig::File { .. }));
     assert_eq!(c.affinity, dataplane::WorkerAffinity::None);
+    assert_eq!(c.busy_poll, Duration::ZERO);
+    assert!(err(&with("busyPollMicros: 20000\n")).contains("busyPollMicros"));
+    let c = Config::from_yaml(&with("busyPollMicros: 50\n")).unwrap();
+    assert_eq!(c.dataplane().busy_poll, Duration::from_micros(50));
 }
 
 #[test]
