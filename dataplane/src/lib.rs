@@ -24,6 +24,7 @@ pub mod packet;
 mod plane;
 pub mod session;
 mod socket;
+mod warn_gate;
 mod worker;
 
 pub use config::{DataPlaneConfig, DataPortConfig, WorkerAffinity};

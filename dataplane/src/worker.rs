@@ -27,6 +27,7 @@ use crate::metrics::{DropReason, TokenRejectReason, WorkerCounters};
 use crate::packet::{Classified, classify, control_body, parse_token};
 use crate::session::{Session, SessionId, SessionKey, SessionKind, SessionStats, SessionTable};
 use crate::socket::connect_upstream_udp;
+use crate::warn_gate::WarnGate;
 
 const WAKER: Token = Token(0);
 const FIRST_PORT: usize = 1;
@@ -73,6 +74,8 @@ pub(crate) struct Worker {
     control_magic: Box<[u8]>,
     batch_io: bool,
     busy_poll: Duration,
+    /// Rate limit of client-triggered warnings.
+    warn_gate: WarnGate,
     draining: bool,
     shutting_down: bool,
     /// Sockets left with unread datagrams after hitting `IO_LOOP_BOUND`.
@@ -122,6 +125,7 @@ impl Worker {
             control_magic: setup.config.control_magic.clone().into_boxed_slice(),
             batch_io: setup.config.batch_io,
             busy_poll: setup.config.busy_poll,
+            warn_gate: WarnGate::new(),
             draining: false,
             shutting_down: false,
             pending_ports: Vec::new(),
@@ -472,7 +476,12 @@ impl Worker {
         let upstream = match connect_upstream_udp(target) {
             Ok(s) => s,
             Err(e) => {
-                log::warn!("{}: cannot open a socket to {target}: {e}", key.client);
+                if let Some(note) = self.warn_gate.admit(now) {
+                    log::warn!(
+                        "{}: cannot open a socket to {target}: {e}{note}",
+                        key.client
+                    );
+                }
                 self.limits.release(key.client.ip());
                 self.counters().drop(DropReason::UpstreamSetup, 1);
                 return None;
@@ -496,10 +505,12 @@ impl Worker {
             None => Ok(()),
         };
         if let Err(e) = registered {
-            log::warn!(
-                "{}: cannot register the socket to {target}: {e}",
-                key.client
-            );
+            if let Some(note) = self.warn_gate.admit(now) {
+                log::warn!(
+                    "{}: cannot register the socket to {target}: {e}{note}",
+                    key.client
+                );
+            }
             self.sessions.remove(id);
             self.limits.release(key.client.ip());
             self.counters().drop(DropReason::UpstreamSetup, 1);
@@ -520,17 +531,23 @@ impl Worker {
         let client = session.key.client;
         let port = usize::from(session.key.port);
         let Some(token) = parse_token(body) else {
-            log::warn!("{client}: control packet without a valid token; session unchanged");
+            if let Some(note) = self.warn_gate.admit(now) {
+                log::warn!(
+                    "{client}: control packet without a valid token; session unchanged{note}"
+                );
+            }
             self.counters().drop(DropReason::MalformedControl, 1);
             return;
         };
         let (to, target) = match self.redeem(token, port, now) {
             Ok(granted) => granted,
             Err(reason) => {
-                log::warn!(
-                    "{client}: control packet with {} token; session unchanged",
-                    reason.as_str()
-                );
+                if let Some(note) = self.warn_gate.admit(now) {
+                    log::warn!(
+                        "{client}: control packet with {} token; session unchanged{note}",
+                        reason.as_str()
+                    );
+                }
                 self.counters().drop(DropReason::TokenRejected, 1);
                 return;
             }
@@ -543,7 +560,11 @@ impl Worker {
                 return;
             }
             Err(e) => {
-                log::warn!("{client}: cannot move the session to {target}: {e}; session unchanged");
+                if let Some(note) = self.warn_gate.admit(now) {
+                    log::warn!(
+                        "{client}: cannot move the session to {target}: {e}; session unchanged{note}"
+                    );
+                }
                 self.counters().drop(DropReason::UpstreamSetup, 1);
                 return;
             }
