@@ -12,7 +12,9 @@ use dataplane::ctl::ClientMatch;
 #[test]
 fn idle_sessions_expire_and_free_their_sockets() {
     let proxy = Proxy::start(2, |cfg| cfg.session_timeout = Duration::from_millis(500));
-    let echo = Echo::plain();
+    // Sockets are counted by the address they are connected to: an echo on an address of its
+    // own, so sockets other tests still hold to a reused 127.0.0.1 port are not counted.
+    let echo = Echo::spawn("127.0.0.77:0", None);
     let clients: Vec<_> = (0..20).map(|_| client()).collect();
     for c in &clients {
         c.send_to(proxy.grant_one(1, echo.addr).as_bytes(), proxy.addr())
@@ -159,7 +161,7 @@ fn drain_keeps_sessions_but_opens_none() {
 
 #[test]
 fn shutdown_closes_every_socket() {
-    let echo = Echo::plain();
+    let echo = Echo::spawn("127.0.0.78:0", None);
     {
         let proxy = Proxy::start(2, |_| {});
         let c = client();

@@ -2,8 +2,9 @@
 //! to server A or B (tagged echo servers); one client after another sends a control packet with
 //! a token for the other server. Every reply is checked: a datagram sent before a client's reset
 //! must be answered by its old server, one sent after by its new server. Reports the datagrams
-//! lost (split into those in flight at a reset and the rest), those answered by the wrong
-//! server, and the time from each reset to the first reply from the new server.
+//! lost, split into those in flight at a reset (the old server's late replies, which the proxy
+//! drops by design when it closes the old upstream socket) and the rest; those answered by the
+//! wrong server; and the time from each reset to the first reply from the new server.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
@@ -56,8 +57,9 @@ struct Client {
     /// Sequence → send time, for datagrams not yet answered.
     in_flight: BTreeMap<u64, Instant>,
     server: usize,
-    old_server: usize,
-    switch_seq: u64,
+    /// Sequence numbers at which this client's resets took effect, ascending. Servers
+    /// alternate from server 0, so the resets at or before a sequence say which server owes it.
+    switches: Vec<u64>,
     reset_at: Option<Instant>,
     quiescing_since: Option<Instant>,
 }
@@ -84,6 +86,21 @@ struct Counts {
     wrong_server: u64,
     lost_in_flight_at_reset: u64,
     lost_other: u64,
+}
+
+impl Counts {
+    /// Counts an unanswered datagram: one sent within a window before some reset was in flight
+    /// when its server's socket closed (its late reply is dropped by design, SPEC section 3).
+    fn lose(&mut self, c: &Client, seq: u64, window: usize) {
+        if c.switches
+            .iter()
+            .any(|&k| seq < k && seq + window as u64 >= k)
+        {
+            self.lost_in_flight_at_reset += 1;
+        } else {
+            self.lost_other += 1;
+        }
+    }
 }
 
 pub(crate) fn run(args: &MigrateArgs) -> anyhow::Result<()> {
@@ -121,8 +138,7 @@ pub(crate) fn run(args: &MigrateArgs) -> anyhow::Result<()> {
             seq: 0,
             in_flight: BTreeMap::new(),
             server: 0,
-            old_server: 0,
-            switch_seq: 0,
+            switches: Vec::new(),
             reset_at: None,
             quiescing_since: None,
         });
@@ -153,9 +169,8 @@ pub(crate) fn run(args: &MigrateArgs) -> anyhow::Result<()> {
                 let mut packet = MAGIC.to_vec();
                 packet.extend_from_slice(token_for(proxy.query, NAMES[new])?.as_bytes());
                 c.socket.send(&packet)?;
-                c.old_server = c.server;
                 c.server = new;
-                c.switch_seq = c.seq;
+                c.switches.push(c.seq);
                 c.reset_at = Some(Instant::now());
                 c.quiescing_since = None;
                 migrations += 1;
@@ -188,14 +203,10 @@ pub(crate) fn run(args: &MigrateArgs) -> anyhow::Result<()> {
                     continue;
                 }
                 counts.answered += 1;
-                let expected = if seq >= c.switch_seq {
-                    c.server
-                } else {
-                    c.old_server
-                };
+                let expected = c.switches.partition_point(|&k| k <= seq) % 2;
                 if usize::from(buf[TAG_OFFSET]) != expected {
                     counts.wrong_server += 1;
-                } else if seq >= c.switch_seq
+                } else if c.switches.last().is_some_and(|&k| seq >= k)
                     && let Some(at) = c.reset_at.take()
                 {
                     let _ = switch_time.record(at.elapsed().as_nanos().max(1) as u64);
@@ -211,22 +222,14 @@ pub(crate) fn run(args: &MigrateArgs) -> anyhow::Result<()> {
                 .collect();
             for seq in lost {
                 c.in_flight.remove(&seq);
-                if seq < c.switch_seq && seq + args.window as u64 >= c.switch_seq {
-                    counts.lost_in_flight_at_reset += 1;
-                } else {
-                    counts.lost_other += 1;
-                }
+                counts.lose(c, seq, args.window);
             }
         }
         std::thread::sleep(Duration::from_micros(50));
     }
     for c in &clients {
-        for seq in c.in_flight.keys() {
-            if *seq < c.switch_seq && seq + args.window as u64 >= c.switch_seq {
-                counts.lost_in_flight_at_reset += 1;
-            } else {
-                counts.lost_other += 1;
-            }
+        for &seq in c.in_flight.keys() {
+            counts.lose(c, seq, args.window);
         }
     }
     let us = |q: f64| switch_time.value_at_quantile(q) as f64 / 1000.0;

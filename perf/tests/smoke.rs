@@ -111,4 +111,18 @@ fn migrate_checks_every_reply_against_its_server() {
         "quiesced clients have nothing in flight: {r}"
     );
     assert!(r["switch_p50_us"].as_f64().unwrap() > 0.0, "{r}");
+    // Clients that keep sending through the reset: nothing reaches them from the wrong server,
+    // and only the old server's late replies may be missing (dropped by design, SPEC §3).
+    let lines = perf(&[
+        "migrate",
+        "--migrations",
+        "20",
+        "--clients",
+        "4",
+        "--window",
+        "4",
+    ]);
+    let r = &lines[0];
+    assert_eq!(r["wrong_server"], 0, "{r}");
+    assert_eq!(r["lost_other"], 0, "{r}");
 }
