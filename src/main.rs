@@ -17,7 +17,8 @@ use control::config::Config;
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Args {
-    /// Config file (YAML) for running the proxy.
+    /// Config file (YAML) for running the proxy. Without one (outside a cluster), the built-in
+    /// example of deploy/examples/local.yaml runs, with its file inventory.
     #[arg(long, env = "CONFIG_PATH", global = true)]
     config: Option<PathBuf>,
     #[command(subcommand)]
@@ -85,10 +86,10 @@ fn main() -> ExitCode {
     let args = Args::parse();
     let result = match args.command {
         None | Some(Command::Run) => match args.config {
-            Some(path) => run(&path),
-            None => Err(anyhow::anyhow!(
-                "no config: pass --config FILE or set CONFIG_PATH"
-            )),
+            Some(path) => Config::load(&path)
+                .map_err(Into::into)
+                .and_then(|c| run(Arc::new(c))),
+            None => embedded_default().and_then(|c| run(Arc::new(c))),
         },
         Some(Command::CheckConfig { file }) => check_config(&file),
         Some(Command::Query(q)) => query(&q),
@@ -107,8 +108,42 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(path: &Path) -> anyhow::Result<()> {
-    let config = Arc::new(Config::load(path)?);
+/// The example config of `deploy/examples/`, built in: `udp-director` with no config runs it on
+/// this machine, game servers from the example file inventory (written to a temp file when
+/// `deploy/examples/local-inventory.yaml` is not under the working directory).
+const EMBEDDED_CONFIG: &str = include_str!("../deploy/examples/local.yaml");
+const EMBEDDED_INVENTORY: &str = include_str!("../deploy/examples/local-inventory.yaml");
+
+fn embedded_default() -> anyhow::Result<Config> {
+    // In a cluster the fleet, its mappings and RBAC differ per deployment: no guessing there.
+    if std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() {
+        anyhow::bail!(
+            "no config: pass --config FILE or set CONFIG_PATH (see deploy/overlays/ for \
+             in-cluster configs)"
+        );
+    }
+    let mut config = Config::from_yaml(EMBEDDED_CONFIG)?;
+    let local = Path::new("deploy/examples/local-inventory.yaml");
+    let path = if local.exists() {
+        local.to_path_buf()
+    } else {
+        let path = std::env::temp_dir().join("udp-director-example-inventory.yaml");
+        std::fs::write(&path, EMBEDDED_INVENTORY)
+            .with_context(|| format!("writing the example inventory to {}", path.display()))?;
+        path
+    };
+    log::info!(
+        "no config given: running the built-in example (deploy/examples/local.yaml) with the \
+         file inventory {}",
+        path.display()
+    );
+    if let control::config::InventoryConfig::File { path: p, .. } = &mut config.inventory {
+        *p = path;
+    }
+    Ok(config)
+}
+
+fn run(config: Arc<Config>) -> anyhow::Result<()> {
     raise_fd_limit();
     let plane = dataplane::DataPlane::start(config.dataplane()).context("data plane")?;
     let control = control::start(Arc::clone(&config), &plane).context("control plane")?;
