@@ -4,72 +4,17 @@
 
 mod common;
 
-use std::net::SocketAddr;
-use std::time::Duration;
-
-use common::cluster::{Cluster, PROXY_CONFIG, cluster};
+use common::cluster::{READY_WITHIN, cluster, gs_status, ready_query, served_by};
 use common::*;
-
-const READY_WITHIN: Duration = Duration::from_secs(30);
-
-/// Starts a proxy watching `namespace` with the suite's config plus `extra`, and waits until it
-/// is ready (every initial list done).
-fn start_proxy(c: &Cluster, namespace: &str, extra: &str) -> Proxy {
-    let proxy = launch_proxy(c, namespace, extra);
-    proxy.eventually_within(READY_WITHIN, "proxy ready", |p| {
-        p.http("GET", "/readyz").0 == 200
-    });
-    proxy
-}
-
-fn launch_proxy(c: &Cluster, namespace: &str, extra: &str) -> Proxy {
-    let config = format!("{}{extra}", PROXY_CONFIG.replace("NAMESPACE", namespace));
-    let kubeconfig = c.proxy_kubeconfig();
-    Proxy::launch(&config, "", &[("KUBECONFIG", kubeconfig.as_os_str())])
-}
-
-fn gameserver(namespace: &str, name: &str, labels: &str) -> String {
-    format!(
-        "apiVersion: agones.dev/v1\nkind: GameServer\nmetadata: {{name: {name}, namespace: {namespace}, labels: {{{labels}}}}}\nspec: {{}}\n"
-    )
-}
-
-/// An Agones status: `status.address`, `status.addresses` (a Hostname and the PodIP) and a port.
-fn gs_status(state: &str, addr: SocketAddr) -> String {
-    format!(
-        r#"{{"status":{{"state":"{state}","address":"{ip}","addresses":[{{"type":"Hostname","address":"node-1"}},{{"type":"PodIP","address":"{ip}"}}],"ports":[{{"name":"default","port":{port}}}]}}}}"#,
-        ip = addr.ip(),
-        port = addr.port()
-    )
-}
-
-fn ready_query(resource_type: &str, namespace: &str) -> String {
-    format!(
-        r#"{{"resourceType":"{resource_type}","namespace":"{namespace}","statusQuery":{{"jsonPath":"status.state","expectedValue":"Ready"}}}}"#
-    )
-}
-
-/// Queries, opens a session on the `game` port with the token and returns the tag of the echo
-/// server that answers; Err(answer) when the query is refused.
-fn served_by(p: &Proxy, query: &str) -> Result<u8, serde_json::Value> {
-    let answer = p.query(query);
-    let token = answer["token"].as_str().ok_or_else(|| answer.clone())?;
-    let c = client();
-    c.send_to(token.as_bytes(), p.data_addr()).unwrap();
-    c.send_to(b"ping", p.data_addr()).unwrap();
-    Ok(expect_datagram(&c)[0])
-}
 
 #[test]
 fn gameservers_are_picked_by_status_and_follow_status_changes() {
     let Some(c) = cluster() else { return };
     let ns = c.namespace("gs-status");
     let (a, b) = (Echo::tagged(1), Echo::tagged(2));
-    c.apply(&gameserver(&ns, "gs-a", ""));
-    c.apply(&gameserver(&ns, "gs-b", ""));
-    c.patch_status(&ns, "gameservers", "gs-a", &gs_status("Ready", a.addr));
-    c.patch_status(&ns, "gameservers", "gs-b", &gs_status("Allocated", b.addr));
-    let p = start_proxy(c, &ns, "");
+    c.gameserver(&ns, "gs-a", "", "Ready", a.addr);
+    c.gameserver(&ns, "gs-b", "", "Allocated", b.addr);
+    let p = c.start_proxy(&ns, "");
     assert_eq!(
         p.metric(r#"udp_director_inventory_objects{resource_type="gameserver"}"#),
         2.0
@@ -95,8 +40,7 @@ fn gameservers_are_picked_by_status_and_follow_status_changes() {
         p.query(&ready)["code"] == "no_match"
     });
     // A GameServer that appears is served, with no API call per query.
-    c.apply(&gameserver(&ns, "gs-c", ""));
-    c.patch_status(&ns, "gameservers", "gs-c", &gs_status("Ready", b.addr));
+    c.gameserver(&ns, "gs-c", "", "Ready", b.addr);
     p.eventually("a new server is picked up", |p| {
         served_by(p, &ready) == Ok(2)
     });
@@ -107,12 +51,10 @@ fn deleted_gameserver_ends_its_sessions_and_default_sessions_move() {
     let Some(c) = cluster() else { return };
     let ns = c.namespace("gs-delete");
     let (a, b) = (Echo::tagged(1), Echo::tagged(2));
-    c.apply(&gameserver(&ns, "gs-a", "id: a"));
-    c.apply(&gameserver(&ns, "gs-b", "id: b"));
-    c.patch_status(&ns, "gameservers", "gs-a", &gs_status("Ready", a.addr));
-    c.patch_status(&ns, "gameservers", "gs-b", &gs_status("Allocated", b.addr));
+    c.gameserver(&ns, "gs-a", "id: a", "Ready", a.addr);
+    c.gameserver(&ns, "gs-b", "id: b", "Allocated", b.addr);
     let extra = format!("defaultEndpoint: {}\n", ready_query("gameserver", &ns));
-    let p = start_proxy(c, &ns, &extra);
+    let p = c.start_proxy(&ns, &extra);
 
     // A token session and a default-endpoint session, both on gs-a.
     let with_token = client();
@@ -169,7 +111,7 @@ spec:
     ));
     let pod_query =
         format!(r#"{{"resourceType":"pod","namespace":"{ns}","labelSelector":{{"app":"match"}}}}"#);
-    let p = start_proxy(c, &ns, "");
+    let p = c.start_proxy(&ns, "");
     assert_eq!(
         p.query(&pod_query)["code"],
         "backend_unresolvable",
@@ -205,8 +147,8 @@ fn service_based_lookup_through_cluster_ip_and_endpoint_slices() {
     let Some(c) = cluster() else { return };
     let ns = c.namespace("services");
     let (first, second) = (Echo::tagged(5), Echo::tagged(6));
-    c.apply(&gameserver(&ns, "gs-vip", "id: vip"));
-    c.apply(&gameserver(&ns, "gs-headless", "id: headless"));
+    c.apply_gameserver(&ns, "gs-vip", "id: vip");
+    c.apply_gameserver(&ns, "gs-headless", "id: headless");
     c.apply(&format!(
         r#"apiVersion: v1
 kind: Service
@@ -231,7 +173,7 @@ endpoints: [{{addresses: [127.0.0.1], conditions: {{ready: {ready}}}}}]
         )
     };
     c.apply(&slice(first.addr.port(), true));
-    let p = start_proxy(c, &ns, "");
+    let p = c.start_proxy(&ns, "");
     let by_id = |id: &str| {
         format!(
             r#"{{"resourceType":"gameserver-svc","namespace":"{ns}","labelSelector":{{"id":"{id}"}}}}"#
@@ -278,7 +220,7 @@ fn a_missing_permission_keeps_the_proxy_unready_and_says_which() {
     let ns = c.namespace("forbidden");
     // ConfigMaps are not in the ClusterRole generated from the suite's config.
     let extra = "  settings: {group: \"\", version: v1, resource: configmaps, addressPath: data.address, portPath: data.port}\n";
-    let p = launch_proxy(c, &ns, extra);
+    let p = c.launch_proxy(&ns, extra);
     p.eventually_within(READY_WITHIN, "the forbidden watch is reported stale", |p| {
         p.metric(r#"udp_director_inventory_stale{resource="configmaps"}"#) == 1.0
     });

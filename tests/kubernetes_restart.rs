@@ -4,51 +4,23 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
-use common::cluster::{PROXY_CONFIG, cluster};
-use common::*;
-
-fn gs_status(state: &str, addr: SocketAddr) -> String {
-    format!(
-        r#"{{"status":{{"state":"{state}","address":"{}","ports":[{{"name":"default","port":{}}}]}}}}"#,
-        addr.ip(),
-        addr.port()
-    )
-}
-
-fn served_by(p: &Proxy, query: &str) -> Option<u8> {
-    let token = p.query(query)["token"].as_str()?.to_string();
-    let c = client();
-    c.send_to(token.as_bytes(), p.data_addr()).unwrap();
-    c.send_to(b"ping", p.data_addr()).unwrap();
-    Some(expect_datagram(&c)[0])
-}
+use common::Echo;
+use common::cluster::{cluster, gs_status, ready_query, served_by};
 
 #[test]
 fn caches_survive_an_api_server_restart() {
     let Some(c) = cluster() else { return };
     let ns = c.namespace("restart");
     let (a, b) = (Echo::tagged(1), Echo::tagged(2));
-    for (name, state, addr) in [("gs-a", "Ready", a.addr), ("gs-b", "Allocated", b.addr)] {
-        c.apply(&format!(
-            "apiVersion: agones.dev/v1\nkind: GameServer\nmetadata: {{name: {name}, namespace: {ns}}}\nspec: {{}}\n"
-        ));
-        c.patch_status(&ns, "gameservers", name, &gs_status(state, addr));
-    }
-    let kubeconfig = c.proxy_kubeconfig();
-    let p = Proxy::launch(
-        &PROXY_CONFIG.replace("NAMESPACE", &ns),
-        "",
-        &[("KUBECONFIG", kubeconfig.as_os_str())],
-    );
+    c.gameserver(&ns, "gs-a", "", "Ready", a.addr);
+    c.gameserver(&ns, "gs-b", "", "Allocated", b.addr);
+    let p = c.launch_proxy(&ns, "");
     let long = Duration::from_secs(60);
     p.eventually_within(long, "ready", |p| p.http("GET", "/readyz").0 == 200);
-    let ready = format!(
-        r#"{{"resourceType":"gameserver","namespace":"{ns}","statusQuery":{{"jsonPath":"status.state","expectedValue":"Ready"}}}}"#
-    );
-    assert_eq!(served_by(&p, &ready), Some(1));
+    let ready = ready_query("gameserver", &ns);
+    assert_eq!(served_by(&p, &ready), Ok(1));
     let stale = r#"udp_director_inventory_stale{resource="gameservers.agones.dev"}"#;
 
     c.script("apiserver-stop");
@@ -56,7 +28,7 @@ fn caches_survive_an_api_server_restart() {
         p.metric(stale) == 1.0
     });
     // Still answering, from the last state, and still ready: game servers keep getting players.
-    assert_eq!(served_by(&p, &ready), Some(1));
+    assert_eq!(served_by(&p, &ready), Ok(1));
     assert_eq!(p.http("GET", "/readyz").0, 200);
 
     c.script("apiserver-start");
@@ -66,6 +38,6 @@ fn caches_survive_an_api_server_restart() {
     c.patch_status(&ns, "gameservers", "gs-a", &gs_status("Allocated", a.addr));
     c.patch_status(&ns, "gameservers", "gs-b", &gs_status("Ready", b.addr));
     p.eventually("changes after the restart are seen", |p| {
-        served_by(p, &ready) == Some(2)
+        served_by(p, &ready) == Ok(2)
     });
 }

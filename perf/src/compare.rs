@@ -10,41 +10,22 @@ use std::time::Duration;
 use hdrhistogram::Histogram;
 
 use crate::echo::Echo;
-use crate::load::{LoadArgs, Report};
-use crate::proxy::{ProxyProcess, Server};
+use crate::load::{LoadArgs, Report, Shape};
+use crate::proxy::{ProxyArgs, Server};
 
 #[derive(Debug, clap::Args)]
 pub(crate) struct CompareArgs {
-    /// Concurrent clients (one session each through a proxy).
-    #[arg(long, default_value_t = 64)]
-    pub(crate) clients: usize,
-    /// Datagrams in flight per client.
-    #[arg(long, default_value_t = 32)]
-    pub(crate) window: usize,
-    /// Payload bytes.
-    #[arg(long, default_value_t = 64)]
-    pub(crate) size: usize,
-    /// Measured seconds per run.
-    #[arg(long, default_value_t = 5.0)]
-    pub(crate) duration: f64,
-    /// Warm-up seconds per run.
-    #[arg(long, default_value_t = 1.0)]
-    pub(crate) warmup: f64,
+    /// The load of every run.
+    #[command(flatten)]
+    pub(crate) shape: Shape,
     /// Rounds of (direct, proxy, others…).
     #[arg(long, default_value_t = 2)]
     pub(crate) rounds: usize,
-    /// Load-generator threads.
-    #[arg(long, default_value_t = 1)]
-    pub(crate) threads: usize,
     /// Echo server threads.
     #[arg(long, default_value_t = 1)]
     pub(crate) echo_threads: usize,
-    /// Proxy binary (default: udp-director beside this binary).
-    #[arg(long)]
-    pub(crate) proxy_bin: Option<PathBuf>,
-    /// Proxy worker threads (default: one per core).
-    #[arg(long)]
-    pub(crate) proxy_workers: Option<usize>,
+    #[command(flatten)]
+    pub(crate) proxy: ProxyArgs,
     /// The proxy's busyPollMicros (0: off, the product default).
     #[arg(long, default_value_t = 0)]
     pub(crate) proxy_busy_poll_micros: u64,
@@ -79,15 +60,14 @@ impl Drop for Other {
 
 pub(crate) fn run(args: &CompareArgs) -> anyhow::Result<()> {
     let echo = Echo::start("127.0.0.1:0".parse()?, args.echo_threads, None)?;
-    let bin = crate::proxy::binary(args.proxy_bin.as_deref())?;
-    let proxy = ProxyProcess::start(
-        &bin,
+    // The extra line is the only config difference from the product defaults.
+    let extra = format!("busyPollMicros: {}\n", args.proxy_busy_poll_micros);
+    let proxy = args.proxy.start(
         &[Server {
             name: "echo",
             addr: echo.addr,
         }],
-        args.proxy_workers,
-        "",
+        &extra,
     )?;
     let mut contenders = vec![
         Contender {
@@ -136,12 +116,7 @@ pub(crate) fn run(args: &CompareArgs) -> anyhow::Result<()> {
                 target: c.target,
                 query: c.query,
                 resource_type: "gameserver".into(),
-                clients: args.clients,
-                window: args.window,
-                size: args.size,
-                duration: args.duration,
-                warmup: args.warmup,
-                threads: args.threads,
+                shape: args.shape.clone(),
                 proxy_pid: c.pid,
                 label: format!("{}#{}", c.label, round + 1),
                 hgrm: None,
@@ -150,17 +125,7 @@ pub(crate) fn run(args: &CompareArgs) -> anyhow::Result<()> {
             let r = crate::load::run(&load)?;
             match &mut c.total {
                 None => c.total = Some(r),
-                Some(t) => {
-                    t.round_trips += r.round_trips;
-                    t.sent += r.sent;
-                    t.misdelivered += r.misdelivered;
-                    t.seconds += r.seconds;
-                    t.proxy_cpu_seconds = match (t.proxy_cpu_seconds, r.proxy_cpu_seconds) {
-                        (Some(a), Some(b)) => Some(a + b),
-                        _ => None,
-                    };
-                    t.histogram.add(&r.histogram)?;
-                }
+                Some(t) => t.append(&r)?,
             }
         }
     }
@@ -186,11 +151,11 @@ fn summarize(args: &CompareArgs, contenders: &[Contender]) -> anyhow::Result<()>
     let p = |r: &Report, q: f64| r.histogram.value_at_quantile(q) as f64 / 1000.0;
     println!(
         "\nsummary: {} clients x {} in flight, {} B, {} rounds of {} s\n{:<14} {:>12} {:>8} {:>9} {:>9} {:>9} {:>14} {:>14}",
-        args.clients,
-        args.window,
-        args.size,
+        args.shape.clients,
+        args.shape.window,
+        args.shape.size,
         args.rounds,
-        args.duration,
+        args.shape.duration,
         "",
         "rt/s",
         "ratio",
@@ -218,7 +183,7 @@ fn summarize(args: &CompareArgs, contenders: &[Contender]) -> anyhow::Result<()>
         println!(
             "{}",
             serde_json::json!({
-                "summary": label, "clients": args.clients, "window": args.window, "size": args.size,
+                "summary": label, "clients": args.shape.clients, "window": args.shape.window, "size": args.shape.size,
                 "round_trips_per_second": rate(r), "ratio_to_direct": rate(r) / rate(direct),
                 "loss_percent": loss, "misdelivered": r.misdelivered,
                 "p50_us": p(r, 0.5), "p99_us": p(r, 0.99), "p999_us": p(r, 0.999),
@@ -239,7 +204,7 @@ fn summarize(args: &CompareArgs, contenders: &[Contender]) -> anyhow::Result<()>
             totals.iter().map(|(l, r)| (*l, &r.histogram)).collect();
         let title = format!(
             "round trips, {} clients x {} in flight, {} B",
-            args.clients, args.window, args.size
+            args.shape.clients, args.shape.window, args.shape.size
         );
         crate::report::write(
             &dir.join("latency.svg"),

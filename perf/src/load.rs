@@ -10,18 +10,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use hdrhistogram::Histogram;
 
-/// Arguments of `load` and `latency`.
+/// The load itself, shared by `load`, `latency` and `compare`.
 #[derive(Clone, Debug, clap::Args)]
-pub(crate) struct LoadArgs {
-    /// Where datagrams go: the proxy's data port, or an echo server directly.
-    #[arg(long)]
-    pub(crate) target: SocketAddr,
-    /// Proxy query port: each client first gets a token and sends it (token flow).
-    #[arg(long)]
-    pub(crate) query: Option<SocketAddr>,
-    /// resourceType for the token query.
-    #[arg(long, default_value = "gameserver")]
-    pub(crate) resource_type: String,
+pub(crate) struct Shape {
     /// Concurrent clients (one socket, one proxy session each).
     #[arg(long, default_value_t = 64)]
     pub(crate) clients: usize,
@@ -40,6 +31,22 @@ pub(crate) struct LoadArgs {
     /// Load-generator threads.
     #[arg(long, default_value_t = 1)]
     pub(crate) threads: usize,
+}
+
+/// Arguments of `load` and `latency`.
+#[derive(Clone, Debug, clap::Args)]
+pub(crate) struct LoadArgs {
+    /// Where datagrams go: the proxy's data port, or an echo server directly.
+    #[arg(long)]
+    pub(crate) target: SocketAddr,
+    /// Proxy query port: each client first gets a token and sends it (token flow).
+    #[arg(long)]
+    pub(crate) query: Option<SocketAddr>,
+    /// resourceType for the token query.
+    #[arg(long, default_value = "gameserver")]
+    pub(crate) resource_type: String,
+    #[command(flatten)]
+    pub(crate) shape: Shape,
     /// PID of the proxy, to report its CPU use during the measured period.
     #[arg(long)]
     pub(crate) proxy_pid: Option<u32>,
@@ -65,6 +72,28 @@ pub(crate) struct Report {
     pub(crate) histogram: Histogram<u64>,
 }
 
+impl Report {
+    /// Adds the counts and latencies of a part of the same run (another thread's clients).
+    fn add_part(&mut self, part: &Self) -> anyhow::Result<()> {
+        self.round_trips += part.round_trips;
+        self.sent += part.sent;
+        self.misdelivered += part.misdelivered;
+        self.histogram.add(&part.histogram)?;
+        Ok(())
+    }
+
+    /// Appends a later run: its counts and latencies, its time and the proxy CPU it used.
+    pub(crate) fn append(&mut self, later: &Self) -> anyhow::Result<()> {
+        self.add_part(later)?;
+        self.seconds += later.seconds;
+        self.proxy_cpu_seconds = self
+            .proxy_cpu_seconds
+            .zip(later.proxy_cpu_seconds)
+            .map(|(a, b)| a + b);
+        Ok(())
+    }
+}
+
 const HEADER: usize = 20;
 /// A client with replies missing for this long refills its window (the rest count as lost).
 const STALL: Duration = Duration::from_millis(200);
@@ -77,10 +106,11 @@ struct Client {
     last_reply: Instant,
 }
 
-pub(crate) fn token(query: SocketAddr, resource_type: &str) -> anyhow::Result<String> {
+/// Sends one query (a JSON object) to the query port and returns the token of the answer.
+pub(crate) fn token(query: SocketAddr, request: &str) -> anyhow::Result<String> {
     let mut s = TcpStream::connect(query).context("query port")?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    writeln!(s, r#"{{"resourceType":"{resource_type}"}}"#)?;
+    writeln!(s, "{request}")?;
     let mut line = String::new();
     BufReader::new(&s).read_line(&mut line)?;
     let v: serde_json::Value = serde_json::from_str(&line)?;
@@ -101,7 +131,7 @@ pub(crate) fn cpu_seconds(pid: u32) -> Option<f64> {
 }
 
 pub(crate) fn run(args: &LoadArgs) -> anyhow::Result<Report> {
-    if args.size < HEADER {
+    if args.shape.size < HEADER {
         bail!("--size must be at least {HEADER}");
     }
     let bind = if args.target.is_ipv6() {
@@ -109,12 +139,13 @@ pub(crate) fn run(args: &LoadArgs) -> anyhow::Result<Report> {
     } else {
         "127.0.0.1:0"
     };
-    let mut clients = Vec::with_capacity(args.clients);
-    for id in 0..args.clients {
+    let request = format!(r#"{{"resourceType":"{}"}}"#, args.resource_type);
+    let mut clients = Vec::with_capacity(args.shape.clients);
+    for id in 0..args.shape.clients {
         let socket = UdpSocket::bind(bind)?;
         socket.connect(args.target)?;
         if let Some(q) = args.query {
-            socket.send(token(q, &args.resource_type)?.as_bytes())?;
+            socket.send(token(q, &request)?.as_bytes())?;
         }
         socket.set_nonblocking(true)?;
         clients.push(Client {
@@ -125,14 +156,14 @@ pub(crate) fn run(args: &LoadArgs) -> anyhow::Result<Report> {
             last_reply: Instant::now(),
         });
     }
-    let threads = args.threads.clamp(1, args.clients.max(1));
+    let threads = args.shape.threads.clamp(1, args.shape.clients.max(1));
     let mut groups: Vec<Vec<Client>> = (0..threads).map(|_| Vec::new()).collect();
     for (i, c) in clients.into_iter().enumerate() {
         groups[i % threads].push(c);
     }
     let start = Instant::now();
-    let measure_from = start + Duration::from_secs_f64(args.warmup);
-    let end = measure_from + Duration::from_secs_f64(args.duration);
+    let measure_from = start + Duration::from_secs_f64(args.shape.warmup);
+    let end = measure_from + Duration::from_secs_f64(args.shape.duration);
     let cpu_before = std::sync::Mutex::new(None);
     let results: Vec<anyhow::Result<Report>> = std::thread::scope(|s| {
         let pid = args.proxy_pid;
@@ -141,15 +172,15 @@ pub(crate) fn run(args: &LoadArgs) -> anyhow::Result<Report> {
             std::thread::sleep(measure_from.saturating_duration_since(Instant::now()));
             *cpu_before.lock().unwrap() = pid.and_then(cpu_seconds);
             // A progress line for long runs, on stderr so stdout stays table + JSON.
-            if args.duration >= 5.0 {
+            if args.shape.duration >= 5.0 {
                 while Instant::now() < end {
                     std::thread::sleep(Duration::from_secs(1));
                     let done = Instant::now().saturating_duration_since(measure_from);
                     eprint!(
                         "\r{}: {:.0}/{:.0} s ",
                         args.label,
-                        done.as_secs_f64().min(args.duration),
-                        args.duration
+                        done.as_secs_f64().min(args.shape.duration),
+                        args.shape.duration
                     );
                 }
                 eprintln!();
@@ -166,7 +197,7 @@ pub(crate) fn run(args: &LoadArgs) -> anyhow::Result<Report> {
         round_trips: 0,
         sent: 0,
         misdelivered: 0,
-        seconds: args.duration,
+        seconds: args.shape.duration,
         proxy_cpu_seconds: match (*cpu_before.lock().unwrap(), cpu_after) {
             (Some(a), Some(b)) => Some(b - a),
             _ => None,
@@ -174,11 +205,7 @@ pub(crate) fn run(args: &LoadArgs) -> anyhow::Result<Report> {
         histogram: Histogram::new(3)?,
     };
     for r in results {
-        let r = r?;
-        total.round_trips += r.round_trips;
-        total.sent += r.sent;
-        total.misdelivered += r.misdelivered;
-        total.histogram.add(&r.histogram)?;
+        total.add_part(&r?)?;
     }
     print_report(args, &total);
     if let Some(path) = &args.hgrm {
@@ -187,7 +214,7 @@ pub(crate) fn run(args: &LoadArgs) -> anyhow::Result<Report> {
     if let Some(path) = &args.svg {
         let title = format!(
             "{}: {} clients x {} in flight, {} B",
-            args.label, args.clients, args.window, args.size
+            args.label, args.shape.clients, args.shape.window, args.shape.size
         );
         crate::report::write(
             path,
@@ -205,7 +232,7 @@ fn drive(
 ) -> anyhow::Result<Report> {
     let mut histogram = Histogram::<u64>::new(3)?;
     let (mut round_trips, mut sent, mut misdelivered) = (0u64, 0u64, 0u64);
-    let mut out = vec![0u8; args.size];
+    let mut out = vec![0u8; args.shape.size];
     let mut buf = vec![0u8; 65536];
     let epoch = Instant::now();
     let mut fds: Vec<libc::pollfd> = clients
@@ -230,7 +257,7 @@ fn drive(
                     c.in_flight = 0; // presumed lost
                     c.last_reply = now;
                 }
-                while c.in_flight < args.window {
+                while c.in_flight < args.shape.window {
                     out[..4].copy_from_slice(&c.id.to_be_bytes());
                     out[4..12].copy_from_slice(&c.seq.to_be_bytes());
                     let t = epoch.elapsed().as_nanos() as u64;
@@ -277,7 +304,7 @@ fn drive(
         round_trips,
         sent,
         misdelivered,
-        seconds: args.duration,
+        seconds: args.shape.duration,
         proxy_cpu_seconds: None,
         histogram,
     })
@@ -298,9 +325,9 @@ pub(crate) fn print_report(args: &LoadArgs, r: &Report) {
         "{:<12} {:>5} clients x {:>3} in flight, {:>5} B: {:>10.0} rt/s  loss {:>6.3}%  misdelivered {}  \
          p50 {:.1} µs  p90 {:.1}  p99 {:.1}  p99.9 {:.1}  max {:.1}{}",
         args.label,
-        args.clients,
-        args.window,
-        args.size,
+        args.shape.clients,
+        args.shape.window,
+        args.shape.size,
         rate,
         loss,
         r.misdelivered,
@@ -314,7 +341,7 @@ pub(crate) fn print_report(args: &LoadArgs, r: &Report) {
         ))
     );
     let json = serde_json::json!({
-        "label": args.label, "clients": args.clients, "window": args.window, "size": args.size,
+        "label": args.label, "clients": args.shape.clients, "window": args.shape.window, "size": args.shape.size,
         "seconds": r.seconds, "round_trips": r.round_trips, "round_trips_per_second": rate,
         "sent": r.sent, "loss_percent": loss, "misdelivered": r.misdelivered,
         "p50_us": us(0.5), "p90_us": us(0.9), "p99_us": us(0.99), "p999_us": us(0.999),

@@ -48,8 +48,8 @@ fn main() -> ExitCode {
         Command::Echo(a) => echo::run(&a),
         Command::Load(a) => load::run(&a).map(|_| ()),
         Command::Latency(mut a) => {
-            a.clients = 1;
-            a.window = 1;
+            a.shape.clients = 1;
+            a.shape.window = 1;
             load::run(&a).map(|_| ())
         }
         Command::Query(a) => query::run(&a),

@@ -7,16 +7,15 @@
 //! wrong server; and the time from each reset to the first reply from the new server.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Write};
-use std::net::{SocketAddr, TcpStream, UdpSocket};
-use std::path::PathBuf;
+use std::net::UdpSocket;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use hdrhistogram::Histogram;
 
 use crate::echo::{Echo, TAG_OFFSET};
-use crate::proxy::{ProxyProcess, Server};
+use crate::load::token;
+use crate::proxy::{ProxyArgs, Server};
 
 #[derive(Debug, clap::Args)]
 pub(crate) struct MigrateArgs {
@@ -39,9 +38,8 @@ pub(crate) struct MigrateArgs {
     /// exchanges); without it, replies still in flight from the old server are lost.
     #[arg(long)]
     pub(crate) quiesce: bool,
-    /// Proxy binary (default: udp-director beside this binary).
-    #[arg(long)]
-    pub(crate) proxy_bin: Option<PathBuf>,
+    #[command(flatten)]
+    pub(crate) proxy: ProxyArgs,
     /// Label for the JSON line.
     #[arg(long, default_value = "migrate")]
     pub(crate) label: String,
@@ -62,21 +60,6 @@ struct Client {
     switches: Vec<u64>,
     reset_at: Option<Instant>,
     quiescing_since: Option<Instant>,
-}
-
-fn token_for(query: SocketAddr, server: &str) -> anyhow::Result<String> {
-    let mut s = TcpStream::connect(query)?;
-    writeln!(
-        s,
-        r#"{{"resourceType":"gameserver","labelSelector":{{"id":"{server}"}}}}"#
-    )?;
-    let mut line = String::new();
-    BufReader::new(&s).read_line(&mut line)?;
-    let v: serde_json::Value = serde_json::from_str(&line)?;
-    v["token"]
-        .as_str()
-        .map(str::to_string)
-        .with_context(|| format!("query failed: {line}"))
 }
 
 #[derive(Default)]
@@ -111,9 +94,7 @@ pub(crate) fn run(args: &MigrateArgs) -> anyhow::Result<()> {
         Echo::start("127.0.0.1:0".parse()?, 1, Some(0))?,
         Echo::start("127.0.0.1:0".parse()?, 1, Some(1))?,
     ];
-    let bin = crate::proxy::binary(args.proxy_bin.as_deref())?;
-    let proxy = ProxyProcess::start(
-        &bin,
+    let proxy = args.proxy.start(
         &[
             Server {
                 name: NAMES[0],
@@ -124,14 +105,16 @@ pub(crate) fn run(args: &MigrateArgs) -> anyhow::Result<()> {
                 addr: servers[1].addr,
             },
         ],
-        None,
         "",
     )?;
+    // The query for a token to server a or b.
+    let requests =
+        NAMES.map(|n| format!(r#"{{"resourceType":"gameserver","labelSelector":{{"id":"{n}"}}}}"#));
     let mut clients = Vec::new();
     for _ in 0..args.clients {
         let socket = UdpSocket::bind("127.0.0.1:0")?;
         socket.connect(proxy.data)?;
-        socket.send(token_for(proxy.query, NAMES[0])?.as_bytes())?;
+        socket.send(token(proxy.query, &requests[0])?.as_bytes())?;
         socket.set_nonblocking(true)?;
         clients.push(Client {
             socket,
@@ -167,7 +150,7 @@ pub(crate) fn run(args: &MigrateArgs) -> anyhow::Result<()> {
             if settled {
                 let new = 1 - c.server;
                 let mut packet = MAGIC.to_vec();
-                packet.extend_from_slice(token_for(proxy.query, NAMES[new])?.as_bytes());
+                packet.extend_from_slice(token(proxy.query, &requests[new])?.as_bytes());
                 c.socket.send(&packet)?;
                 c.server = new;
                 c.switches.push(c.seq);

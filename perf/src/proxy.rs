@@ -24,8 +24,27 @@ pub(crate) struct ProxyProcess {
     pub(crate) data: SocketAddr,
 }
 
+/// Which proxy a benchmark starts; shared by `compare`, `sessions` and `migrate`.
+#[derive(Clone, Debug, clap::Args)]
+pub(crate) struct ProxyArgs {
+    /// Proxy binary (default: udp-director beside this binary).
+    #[arg(long)]
+    pub(crate) proxy_bin: Option<PathBuf>,
+    /// Proxy worker threads (default: the proxy's own, one per core).
+    #[arg(long)]
+    pub(crate) proxy_workers: Option<usize>,
+}
+
+impl ProxyArgs {
+    /// Starts the chosen proxy on `servers` (see [`ProxyProcess::start`]).
+    pub(crate) fn start(&self, servers: &[Server], extra: &str) -> anyhow::Result<ProxyProcess> {
+        let bin = binary(self.proxy_bin.as_deref())?;
+        ProxyProcess::start(&bin, servers, self.proxy_workers, extra)
+    }
+}
+
 /// The proxy binary: `--proxy-bin`, else `udp-director` beside this binary (same target dir).
-pub(crate) fn binary(given: Option<&Path>) -> anyhow::Result<PathBuf> {
+fn binary(given: Option<&Path>) -> anyhow::Result<PathBuf> {
     let path = match given {
         Some(p) => p.to_owned(),
         None => std::env::current_exe()?.with_file_name("udp-director"),
@@ -106,7 +125,7 @@ impl ProxyProcess {
         };
         // Ready once the inventory is in: a query answers with a token.
         for _ in 0..100 {
-            if crate::load::token(proxy.query, "gameserver").is_ok() {
+            if crate::load::token(proxy.query, r#"{"resourceType":"gameserver"}"#).is_ok() {
                 return Ok(proxy);
             }
             std::thread::sleep(std::time::Duration::from_millis(20));

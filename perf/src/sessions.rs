@@ -3,13 +3,12 @@
 //! session, and that every session still reaches its own client afterwards.
 
 use std::net::{SocketAddr, UdpSocket};
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::bail;
 
 use crate::echo::Echo;
-use crate::proxy::{ProxyProcess, Server, raise_fd_limit, status_kib};
+use crate::proxy::{ProxyArgs, Server, raise_fd_limit, status_kib};
 
 #[derive(Debug, clap::Args)]
 pub(crate) struct SessionsArgs {
@@ -19,12 +18,8 @@ pub(crate) struct SessionsArgs {
     /// Setups in flight at once.
     #[arg(long, default_value_t = 256)]
     pub(crate) batch: usize,
-    /// Proxy binary to start (default: udp-director beside this binary).
-    #[arg(long)]
-    pub(crate) proxy_bin: Option<PathBuf>,
-    /// Proxy worker threads (default: the proxy's own default, one per core).
-    #[arg(long)]
-    pub(crate) proxy_workers: Option<usize>,
+    #[command(flatten)]
+    pub(crate) proxy: ProxyArgs,
     /// Label for the JSON line.
     #[arg(long, default_value = "sessions")]
     pub(crate) label: String,
@@ -70,15 +65,12 @@ pub(crate) fn run(args: &SessionsArgs) -> anyhow::Result<()> {
         );
     }
     let echo = Echo::start("127.0.0.1:0".parse()?, 2, None)?;
-    let bin = crate::proxy::binary(args.proxy_bin.as_deref())?;
     let extra = format!("maxSessions: {}\n", args.sessions + 1000);
-    let proxy = ProxyProcess::start(
-        &bin,
+    let proxy = args.proxy.start(
         &[Server {
             name: "echo",
             addr: echo.addr,
         }],
-        args.proxy_workers,
         &extra,
     )?;
     // Clients bind to 127.0.1.x, so they leave 127.0.0.1's ephemeral ports (one per session,

@@ -4,15 +4,49 @@
 //! service account `udp-director/udp-director`.
 
 use std::io::Write;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use super::{Proxy, client, expect_datagram};
 
 /// The suite's proxy config: every mapping the Kubernetes tests use. `NAMESPACE` is replaced by
 /// the test's namespace. The ClusterRole the proxy runs under is generated from this very file
 /// (`udp-director rbac`), so a watch the generator forgets fails the tests.
 pub const PROXY_CONFIG: &str = include_str!("../k8s/proxy.yaml");
+
+/// How long a proxy may take to list everything and turn ready.
+pub const READY_WITHIN: Duration = Duration::from_secs(30);
+
+/// An Agones status: `status.address`, `status.addresses` (a Hostname and the PodIP) and a port.
+pub fn gs_status(state: &str, addr: SocketAddr) -> String {
+    format!(
+        r#"{{"status":{{"state":"{state}","address":"{ip}","addresses":[{{"type":"Hostname","address":"node-1"}},{{"type":"PodIP","address":"{ip}"}}],"ports":[{{"name":"default","port":{port}}}]}}}}"#,
+        ip = addr.ip(),
+        port = addr.port()
+    )
+}
+
+/// A query for a Ready object of `resource_type` in `namespace`.
+pub fn ready_query(resource_type: &str, namespace: &str) -> String {
+    format!(
+        r#"{{"resourceType":"{resource_type}","namespace":"{namespace}","statusQuery":{{"jsonPath":"status.state","expectedValue":"Ready"}}}}"#
+    )
+}
+
+/// Queries, opens a session on the `game` port with the token and returns the tag of the echo
+/// server that answers; Err(answer) when the query is refused.
+pub fn served_by(p: &Proxy, query: &str) -> Result<u8, serde_json::Value> {
+    let answer = p.query(query);
+    let token = answer["token"].as_str().ok_or_else(|| answer.clone())?;
+    let c = client();
+    c.send_to(token.as_bytes(), p.data_addr()).unwrap();
+    c.send_to(b"ping", p.data_addr()).unwrap();
+    Ok(expect_datagram(&c)[0])
+}
 
 /// The API server, or None (after saying so on the terminal) when none is configured.
 pub struct Cluster {
@@ -131,6 +165,43 @@ impl Cluster {
         );
         self.must(&["create", "namespace", &name], None);
         name
+    }
+
+    /// Starts a proxy as the service account, watching `namespace` with [`PROXY_CONFIG`] plus
+    /// `extra`, and waits until it is ready (every initial list done).
+    pub fn start_proxy(&self, namespace: &str, extra: &str) -> Proxy {
+        let proxy = self.launch_proxy(namespace, extra);
+        proxy.eventually_within(READY_WITHIN, "proxy ready", |p| {
+            p.http("GET", "/readyz").0 == 200
+        });
+        proxy
+    }
+
+    /// Starts a proxy as [`Cluster::start_proxy`] does, without waiting for it to be ready.
+    pub fn launch_proxy(&self, namespace: &str, extra: &str) -> Proxy {
+        let config = format!("{}{extra}", PROXY_CONFIG.replace("NAMESPACE", namespace));
+        let kubeconfig = self.proxy_kubeconfig();
+        Proxy::launch(&config, "", &[("KUBECONFIG", kubeconfig.as_os_str())])
+    }
+
+    /// Creates a GameServer (no status yet); `labels` is YAML map content (`id: a`).
+    pub fn apply_gameserver(&self, namespace: &str, name: &str, labels: &str) {
+        self.apply(&format!(
+            "apiVersion: agones.dev/v1\nkind: GameServer\nmetadata: {{name: {name}, namespace: {namespace}, labels: {{{labels}}}}}\nspec: {{}}\n"
+        ));
+    }
+
+    /// Creates a GameServer and writes its status as the Agones controller would.
+    pub fn gameserver(
+        &self,
+        namespace: &str,
+        name: &str,
+        labels: &str,
+        state: &str,
+        addr: SocketAddr,
+    ) {
+        self.apply_gameserver(namespace, name, labels);
+        self.patch_status(namespace, "gameservers", name, &gs_status(state, addr));
     }
 
     /// Runs `scripts/k8s-apiserver.sh VERB RUN_DIR`.

@@ -50,12 +50,7 @@ impl InventorySource for FileSource {
                     let parsed = parse_objects(&bytes, &self.path);
                     self.last = Some(bytes);
                     let snapshot = Snapshot::build(parsed?, &self.mappings);
-                    let counts: Vec<String> = snapshot
-                        .by_mapping
-                        .iter()
-                        .map(|(k, v)| format!("{k}={}", v.len()))
-                        .collect();
-                    log::info!("inventory from {}: {}", self.describe(), counts.join(" "));
+                    log::info!("inventory from {}: {}", self.describe(), snapshot.counts());
                     return Ok(snapshot);
                 }
                 Ok(_) => {}

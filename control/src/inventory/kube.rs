@@ -215,7 +215,8 @@ impl Watch {
 pub struct KubeSource {
     client: Client,
     plans: Vec<WatchPlan>,
-    mappings: BTreeMap<String, Mapping>,
+    /// Each mapping's name and the plan that watches its resource type, found once.
+    mapping_plans: Vec<(String, usize)>,
     watches: Vec<Watch>,
     started: bool,
     tx: mpsc::UnboundedSender<(usize, Change)>,
@@ -253,11 +254,23 @@ impl KubeSource {
                 })
             })
             .collect();
+        let mapping_plans = config
+            .mappings
+            .iter()
+            .map(|(name, mapping)| {
+                let resource = mapped_resource(mapping);
+                let plan = plans
+                    .iter()
+                    .position(|p| p.feed == Feed::Mapped && same_type(&p.resource, &resource))
+                    .expect("plan() covers every mapping");
+                (name.clone(), plan)
+            })
+            .collect();
         let (tx, rx) = mpsc::unbounded_channel();
         Self {
             client,
             plans,
-            mappings: config.mappings.clone(),
+            mapping_plans,
             watches,
             started: false,
             tx,
@@ -289,10 +302,11 @@ impl KubeSource {
 
     /// Applies one report; true when the snapshot changes.
     fn apply(&mut self, id: usize, change: Change) -> bool {
-        let what = self.watches[id].describe(&self.plans);
+        let plans = &self.plans;
         let watch = &mut self.watches[id];
         match change {
             Change::Listed(objects) => {
+                let what = watch.describe(plans);
                 if watch.stale {
                     log::info!(
                         "inventory: {what} re-listed ({} objects), fresh again",
@@ -318,6 +332,7 @@ impl KubeSource {
             Change::Failed(error) => {
                 // Logged every time: the back-off bounds the rate, and a persistent error (a
                 // missing RBAC permission, an unknown resource type) must stay visible.
+                let what = watch.describe(plans);
                 log::warn!(
                     "inventory: watch of {what} failed, {}: {error}",
                     if watch.listed {
@@ -336,26 +351,25 @@ impl KubeSource {
     }
 
     fn snapshot(&self) -> Snapshot {
-        let objects_of = |feed: &dyn Fn(&WatchPlan) -> bool| -> Vec<Arc<Object>> {
+        // The objects of every watch (all namespaces) of the plans `wanted` picks, in name order.
+        let objects_of = |wanted: &dyn Fn(usize) -> bool| -> Vec<Arc<Object>> {
             let mut list: Vec<Arc<Object>> = self
                 .watches
                 .iter()
-                .filter(|w| feed(&self.plans[w.plan]))
+                .filter(|w| wanted(w.plan))
                 .flat_map(|w| w.objects.values().cloned())
                 .collect();
             sort_by_name(&mut list);
             list
         };
+        let of_feed = |feed: Feed| objects_of(&|plan| self.plans[plan].feed == feed);
         let by_mapping = self
-            .mappings
+            .mapping_plans
             .iter()
-            .map(|(name, mapping)| {
-                let resource = mapped_resource(mapping);
-                let list =
-                    objects_of(&|p| p.feed == Feed::Mapped && same_type(&p.resource, &resource));
-                (name.clone(), list)
-            })
+            .map(|(name, plan)| (name.clone(), objects_of(&|p| p == *plan)))
             .collect();
+        // One entry per resource name: two Service watches (two selector labels) are one
+        // metric series.
         let mut watches: Vec<(String, bool)> = Vec::new();
         for w in &self.watches {
             let name = self.plans[w.plan].name();
@@ -367,8 +381,8 @@ impl KubeSource {
         Snapshot {
             loaded: self.watches.iter().all(|w| w.listed),
             by_mapping,
-            services: objects_of(&|p| p.feed == Feed::Services),
-            endpoint_slices: objects_of(&|p| p.feed == Feed::EndpointSlices),
+            services: of_feed(Feed::Services),
+            endpoint_slices: of_feed(Feed::EndpointSlices),
             watches,
         }
     }

@@ -140,6 +140,16 @@ impl Snapshot {
         }
     }
 
+    /// Objects per resource type, as `gameserver=12 pod=3`, for logs.
+    pub fn counts(&self) -> String {
+        let counts: Vec<String> = self
+            .by_mapping
+            .iter()
+            .map(|(k, v)| format!("{k}={}", v.len()))
+            .collect();
+        counts.join(" ")
+    }
+
     /// The Service in `namespace` labelled `label=value`.
     pub fn service_labelled(&self, namespace: &str, label: &str, value: &str) -> Option<&Object> {
         self.services
@@ -232,13 +242,12 @@ pub async fn run<S: InventorySource>(mut source: S, tx: watch::Sender<Arc<Snapsh
         };
         match result {
             Ok(snapshot) => {
-                let counts: Vec<String> = snapshot
-                    .by_mapping
-                    .iter()
-                    .map(|(k, v)| format!("{k}={}", v.len()))
-                    .collect();
                 if snapshot.loaded {
-                    log::debug!("inventory from {}: {}", source.describe(), counts.join(" "));
+                    log::debug!(
+                        "inventory from {}: {}",
+                        source.describe(),
+                        snapshot.counts()
+                    );
                 }
                 if tx.send(Arc::new(snapshot)).is_err() {
                     return;
