@@ -24,6 +24,14 @@ fn bad_configs_name_the_key() {
             "dataPorts: [{name: g, port: 1}, {name: g, port: 2}]\n",
             "dataPorts[1].name",
         ),
+        ("workers: 10000\n", "workers"),
+        ("cpuAffinity: [99999, 100000]\n", "cpuAffinity"),
+        ("queryPort: 9400\nadminPort: 9400\n", "adminPort"),
+        (
+            "resourceQueryMapping:\n  gs: {group: a, version: v1, resource: gs, addressPath: \"a..b\", portName: p}\n",
+            "resourceQueryMapping.gs.addressPath",
+        ),
+        ("queryPort: lots\n", "queryPort"),
     ];
     for (yaml, key) in cases {
         let path = dir.join("bad.yaml");
@@ -32,6 +40,9 @@ fn bad_configs_name_the_key() {
         let (code, _, err) = run_binary(&["check-config", path]);
         assert_eq!(code, 1, "{yaml}");
         assert!(err.contains(key), "{yaml}: {err}");
+        // Said once: the message is not repeated by its own error chain.
+        let reason = err.trim().rsplit(": ").next().unwrap();
+        assert_eq!(err.matches(reason).count(), 1, "said twice: {err}");
         // Running refuses the same config with the same message.
         let (code, _, err) = run_binary(&["--config", path]);
         assert_eq!(code, 1);
@@ -40,6 +51,13 @@ fn bad_configs_name_the_key() {
     let (code, _, err) = run_binary(&["check-config", "/nonexistent/config.yaml"]);
     assert_eq!(code, 1);
     assert!(err.contains("cannot read"), "{err}");
+    assert_eq!(err.matches("No such file").count(), 1, "{err}");
+    // An unknown key lists the known ones once.
+    let path = dir.join("unknown.yaml");
+    std::fs::write(&path, "sesionTimeoutSeconds: 3\n").unwrap();
+    let (code, _, err) = run_binary(&["check-config", path.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert_eq!(err.matches("sessionTimeoutSeconds").count(), 1, "{err}");
     // No config at all is not an error outside a cluster (the built-in example runs):
     // tests/embedded_default.rs covers it.
 }

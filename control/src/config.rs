@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::jsonpath::Path as JsonPath;
 use crate::query::Query;
 
 pub const DEFAULT_QUERY_PORT: u16 = 9000;
@@ -19,6 +20,13 @@ pub const DEFAULT_TOKEN_TTL_SECONDS: u64 = 30;
 pub const DEFAULT_SESSION_TIMEOUT_SECONDS: u64 = 300;
 pub const DEFAULT_QUERY_IDLE_TIMEOUT_SECONDS: u64 = 10;
 pub const DEFAULT_MAX_QUERY_CONNECTIONS: usize = 1024;
+pub const DEFAULT_MAX_QUERY_CONNECTIONS_PER_IP: usize = 32;
+/// Largest inventory file applied (`inventory.maxBytes`).
+pub const DEFAULT_INVENTORY_MAX_BYTES: u64 = 16 * 1024 * 1024;
+/// Most data-plane threads a config may ask for. Each costs a few file descriptors and about
+/// 4 MiB of batch buffers, so a typo like `workers: 10000` is refused here rather than failing
+/// at start after allocating gigabytes.
+pub const MAX_WORKERS: usize = 1024;
 pub const DEFAULT_MAX_SESSIONS: usize = 100_000;
 pub const DEFAULT_DRAIN_SECONDS: u64 = 10;
 pub const DEFAULT_CONTROL_MAGIC_HEX: &str = "FFFFFFFF5245534554";
@@ -30,7 +38,7 @@ pub const DEFAULT_DATA_PORT_NAME: &str = "default";
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The file could not be read.
-    #[error("cannot read config file {path}: {source}")]
+    #[error("cannot read config file {path}")]
     Read {
         /// File path.
         path: PathBuf,
@@ -38,9 +46,10 @@ pub enum ConfigError {
         source: std::io::Error,
     },
     /// The YAML does not fit the schema (unknown key, wrong type); serde_yaml's message carries
-    /// the key path and position.
+    /// the key path and position. Not a `#[source]`: the message is the whole story, and an
+    /// error chain printed with `{:#}` would repeat it.
     #[error("config: {0}")]
-    Schema(#[from] serde_yaml::Error),
+    Schema(serde_yaml::Error),
     /// A value fits the schema but not the rules.
     #[error("config key `{key}`: {reason}")]
     Invalid {
@@ -49,6 +58,12 @@ pub enum ConfigError {
         /// What is wrong with it.
         reason: String,
     },
+}
+
+impl From<serde_yaml::Error> for ConfigError {
+    fn from(e: serde_yaml::Error) -> Self {
+        Self::Schema(e)
+    }
 }
 
 fn invalid(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
@@ -89,6 +104,12 @@ struct RawConfig {
     /// Concurrent query connections; more are refused.
     #[serde(default)]
     max_query_connections: Option<usize>,
+    /// Concurrent query connections from one IP address; more are refused.
+    #[serde(default)]
+    max_query_connections_per_ip: Option<usize>,
+    /// Who may use the admin sessions API (`GET`/`DELETE /sessions`).
+    #[serde(default)]
+    sessions_api: Option<RawSessionsApi>,
     /// Live sessions across the proxy.
     #[serde(default)]
     max_sessions: Option<usize>,
@@ -137,6 +158,13 @@ struct RawDataPort {
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawSessionsApi {
+    /// `loopback` (default) or `kubernetes`.
+    auth: String,
+}
+
+#[derive(Debug, Deserialize)]
 #[serde(untagged)]
 enum RawAffinity {
     Word(String),
@@ -155,6 +183,8 @@ struct RawInventory {
     watch_namespaces: Option<Vec<String>>,
     #[serde(default)]
     label_selector: Option<String>,
+    #[serde(default)]
+    max_bytes: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -233,6 +263,8 @@ pub enum InventoryConfig {
         path: PathBuf,
         /// How often the file is checked for changes.
         poll_interval: Duration,
+        /// A larger file is refused (and the last good inventory kept).
+        max_bytes: u64,
     },
     /// A Kubernetes API server (in-cluster or `KUBECONFIG`), watched into local caches.
     Kubernetes {
@@ -251,8 +283,8 @@ pub enum Locator {
     /// Address and ports read from the object itself.
     Direct {
         /// Dot path of the address (a string, or with `address_type` an array of
-        /// `{type, address}`).
-        address_path: String,
+        /// `{type, address}`), parsed at load.
+        address_path: JsonPath,
         /// Pick the entry of this `type` from an address array.
         address_type: Option<String>,
         /// Per data port (index into `Config::data_ports`), where its port comes from.
@@ -273,8 +305,8 @@ pub enum Locator {
 pub enum PortSource {
     /// A named port: Agones `status.ports[].name` or Pod `spec.containers[].ports[].name`.
     Name(String),
-    /// A dot path to a number.
-    Path(String),
+    /// A dot path to a number, parsed at load.
+    Path(JsonPath),
 }
 
 /// A resource type a query can name.
@@ -350,6 +382,17 @@ pub enum LoadBalancing {
     Random,
 }
 
+/// Who may use the sessions API, which shows player addresses and ends sessions.
+#[derive(Clone, Copy, Debug, Default, Eq, PartialEq)]
+pub enum SessionsApiAuth {
+    /// Only callers on loopback (the node itself, `kubectl port-forward`, `kubectl exec`).
+    #[default]
+    Loopback,
+    /// Loopback, or a remote caller whose bearer token the API server's TokenReview accepts and
+    /// whose user a SubjectAccessReview allows `list`/`delete` on `sessions.udp-director.dev`.
+    Kubernetes,
+}
+
 /// The validated configuration.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -369,6 +412,10 @@ pub struct Config {
     pub query_idle_timeout: Duration,
     /// Concurrent query connections.
     pub max_query_connections: usize,
+    /// Concurrent query connections from one IP address.
+    pub max_query_connections_per_ip: usize,
+    /// Who may use the sessions API.
+    pub sessions_api: SessionsApiAuth,
     /// Global session cap.
     pub max_sessions: usize,
     /// Per-IP session cap.
@@ -479,24 +526,16 @@ impl TryFrom<RawConfig> for Config {
         )?;
         let workers = match raw.workers {
             Some(0) => return Err(invalid("workers", "must be at least 1")),
+            Some(n) if n > MAX_WORKERS => {
+                return Err(invalid(
+                    "workers",
+                    format!("{n} is more than {MAX_WORKERS}; use about one per core"),
+                ));
+            }
             Some(n) => NonZeroUsize::new(n).unwrap_or(NonZeroUsize::MIN),
             None => std::thread::available_parallelism().unwrap_or(NonZeroUsize::MIN),
         };
-        let affinity = match raw.cpu_affinity {
-            None => dataplane::WorkerAffinity::None,
-            Some(RawAffinity::Word(w)) if w == "auto" => dataplane::WorkerAffinity::Auto,
-            Some(RawAffinity::Word(w)) if w == "none" => dataplane::WorkerAffinity::None,
-            Some(RawAffinity::Word(w)) => {
-                return Err(invalid(
-                    "cpuAffinity",
-                    format!("`{w}` is neither `auto`, `none` nor a list of core ids"),
-                ));
-            }
-            Some(RawAffinity::Cores(cores)) if cores.is_empty() => {
-                return Err(invalid("cpuAffinity", "the core list is empty"));
-            }
-            Some(RawAffinity::Cores(cores)) => dataplane::WorkerAffinity::Cores(cores),
-        };
+        let affinity = affinity(raw.cpu_affinity, &dataplane::available_cores())?;
         let socket_buffer_bytes = match raw.socket_buffer_bytes {
             None => dataplane::config::DEFAULT_SOCKET_BUFFER_BYTES,
             Some(n) if n < 4096 => {
@@ -532,6 +571,24 @@ impl TryFrom<RawConfig> for Config {
         }
         let query_port = raw.query_port.unwrap_or(DEFAULT_QUERY_PORT);
         let admin_port = raw.admin_port.unwrap_or(DEFAULT_ADMIN_PORT);
+        if query_port != 0 && query_port == admin_port {
+            return Err(invalid(
+                "adminPort",
+                format!(
+                    "{admin_port} is also the queryPort; the two TCP listeners need their own ports"
+                ),
+            ));
+        }
+        let sessions_api = match raw.sessions_api.as_ref().map(|a| a.auth.as_str()) {
+            None | Some("loopback") => SessionsApiAuth::Loopback,
+            Some("kubernetes") => SessionsApiAuth::Kubernetes,
+            Some(other) => {
+                return Err(invalid(
+                    "sessionsApi.auth",
+                    format!("`{}` is neither `loopback` nor `kubernetes`", quote(other)),
+                ));
+            }
+        };
         Ok(Self {
             bind_address,
             query_port,
@@ -557,6 +614,12 @@ impl TryFrom<RawConfig> for Config {
                 raw.max_query_connections,
                 DEFAULT_MAX_QUERY_CONNECTIONS,
             )?,
+            max_query_connections_per_ip: positive(
+                "maxQueryConnectionsPerIp",
+                raw.max_query_connections_per_ip,
+                DEFAULT_MAX_QUERY_CONNECTIONS_PER_IP,
+            )?,
+            sessions_api,
             max_sessions: positive("maxSessions", raw.max_sessions, DEFAULT_MAX_SESSIONS)?,
             max_sessions_per_ip: match raw.max_sessions_per_ip {
                 Some(0) => return Err(invalid("maxSessionsPerIp", "must be at least 1")),
@@ -576,6 +639,69 @@ impl TryFrom<RawConfig> for Config {
             load_balancing,
             default_endpoint: raw.default_endpoint,
         })
+    }
+}
+
+/// Worker pinning; core ids must be among `available` (the cores this process may run on), so a
+/// typo is refused here instead of turning into a warning per worker at start.
+fn affinity(
+    raw: Option<RawAffinity>,
+    available: &[usize],
+) -> Result<dataplane::WorkerAffinity, ConfigError> {
+    match raw {
+        None => Ok(dataplane::WorkerAffinity::None),
+        Some(RawAffinity::Word(w)) if w == "auto" => Ok(dataplane::WorkerAffinity::Auto),
+        Some(RawAffinity::Word(w)) if w == "none" => Ok(dataplane::WorkerAffinity::None),
+        Some(RawAffinity::Word(w)) => Err(invalid(
+            "cpuAffinity",
+            format!(
+                "`{}` is neither `auto`, `none` nor a list of core ids",
+                quote(&w)
+            ),
+        )),
+        Some(RawAffinity::Cores(cores)) if cores.is_empty() => {
+            Err(invalid("cpuAffinity", "the core list is empty"))
+        }
+        Some(RawAffinity::Cores(cores)) => {
+            let unknown: Vec<String> = cores
+                .iter()
+                .filter(|c| !available.contains(c))
+                .map(ToString::to_string)
+                .collect();
+            if unknown.is_empty() {
+                return Ok(dataplane::WorkerAffinity::Cores(cores));
+            }
+            let have: Vec<String> = available.iter().map(ToString::to_string).collect();
+            Err(invalid(
+                "cpuAffinity",
+                format!(
+                    "core {} not available to this process (available: {})",
+                    unknown.join(", "),
+                    if have.is_empty() {
+                        "none could be read".to_string()
+                    } else {
+                        have.join(", ")
+                    }
+                ),
+            ))
+        }
+    }
+}
+
+/// A user-given string for an error message, cut to a readable length.
+pub fn quote(text: &str) -> std::borrow::Cow<'_, str> {
+    cut(text, 64)
+}
+
+/// A message that may quote user input (a parser's), cut to a readable length.
+pub fn quote_message(text: &str) -> std::borrow::Cow<'_, str> {
+    cut(text, 300)
+}
+
+fn cut(text: &str, max_chars: usize) -> std::borrow::Cow<'_, str> {
+    match text.char_indices().nth(max_chars) {
+        None => text.into(),
+        Some((at, _)) => format!("{}… ({} bytes)", &text[..at], text.len()).into(),
     }
 }
 
@@ -711,9 +837,18 @@ fn inventory(raw: Option<RawInventory>) -> Result<InventoryConfig, ConfigError> 
                     "must be at least 10",
                 ));
             }
+            let max_bytes = match raw.max_bytes {
+                None => DEFAULT_INVENTORY_MAX_BYTES,
+                Some(0) => return Err(invalid("inventory.maxBytes", "must be at least 1")),
+                Some(n) if n > 1 << 30 => {
+                    return Err(invalid("inventory.maxBytes", "must be at most 1 GiB"));
+                }
+                Some(n) => n,
+            };
             Ok(InventoryConfig::File {
                 path,
                 poll_interval: Duration::from_millis(millis),
+                max_bytes,
             })
         }
         "kubernetes" => {
@@ -723,6 +858,7 @@ fn inventory(raw: Option<RawInventory>) -> Result<InventoryConfig, ConfigError> 
                 "pollIntervalMillis",
                 "file",
             )?;
+            only_for(raw.max_bytes.is_some(), "maxBytes", "file")?;
             let namespaces = raw.watch_namespaces.unwrap_or_default();
             for (i, ns) in namespaces.iter().enumerate() {
                 if !is_dns_label(ns) {
@@ -770,7 +906,9 @@ fn port_source(
 ) -> Result<PortSource, ConfigError> {
     match (name, path) {
         (Some(n), None) if !n.is_empty() => Ok(PortSource::Name(n)),
-        (None, Some(p)) if !p.is_empty() => Ok(PortSource::Path(p)),
+        (None, Some(p)) if !p.is_empty() => JsonPath::parse(&p)
+            .map(PortSource::Path)
+            .map_err(|e| invalid(format!("{key}.portPath"), e)),
         (Some(_), Some(_)) => Err(invalid(key, "give `portName` or `portPath`, not both")),
         _ => Err(invalid(key, "needs a non-empty `portName` or `portPath`")),
     }
@@ -815,6 +953,8 @@ fn mapping(key: &str, m: RawMapping, data_ports: &[DataPort]) -> Result<Mapping,
             let address_path = m
                 .address_path
                 .ok_or_else(|| invalid(format!("{key}.addressPath"), "is required"))?;
+            let address_path = JsonPath::parse(&address_path)
+                .map_err(|e| invalid(format!("{key}.addressPath"), e))?;
             let ports = match m.ports {
                 Some(list) => {
                     if m.port_name.is_some() || m.port_path.is_some() {

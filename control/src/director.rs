@@ -21,7 +21,7 @@ use crate::config::Config;
 use crate::inventory::Snapshot;
 use crate::metrics::Metrics;
 use crate::query::{ErrorCode, Query, QueryError, TokenAnswer};
-use crate::select;
+use crate::select::{self, Candidate};
 
 /// Control's shared state.
 #[derive(Debug)]
@@ -48,6 +48,9 @@ struct LoadState {
     /// default refreshes do not make queries skip servers.
     default_rotation: u64,
     default_backend: Option<Backend>,
+    /// How logs name the backends this instance knows of (namespace/name and addresses),
+    /// rather than by their internal id.
+    names: AHashMap<BackendId, String>,
 }
 
 impl LoadState {
@@ -79,6 +82,22 @@ impl LoadState {
             }
             WorkerEvent::SessionClosed { backend, .. } => decrement(&mut self.sessions, backend),
         }
+    }
+
+    fn name(&self, id: BackendId) -> String {
+        self.names
+            .get(&id)
+            .cloned()
+            .unwrap_or_else(|| format!("backend {:016x}", id.0))
+    }
+
+    /// Forgets names of backends nothing refers to any more.
+    fn prune_names(&mut self) {
+        let default = self.default_backend.as_ref().map(|b| b.id);
+        let (sessions, outstanding) = (&self.sessions, &self.outstanding_per_backend);
+        self.names.retain(|id, _| {
+            sessions.contains_key(id) || outstanding.contains_key(id) || default == Some(*id)
+        });
     }
 
     fn expire_grants(&mut self, now: Instant) {
@@ -166,11 +185,11 @@ impl Director {
             .map_err(|e| QueryError::new(ErrorCode::BadRequest, e))?;
         if self.draining.load(Ordering::Relaxed) {
             return Err(QueryError::new(
-                ErrorCode::Overloaded,
-                "the proxy is draining and opens no new sessions",
+                ErrorCode::Draining,
+                "the proxy is draining and opens no new sessions; ask another instance",
             ));
         }
-        let backend = self.pick(query, Picker::Query, now)?;
+        let backend = self.pick(query, Picker::Query, now)?.backend;
         let token = uuid::Uuid::new_v4();
         let ports = self
             .public_ports
@@ -199,8 +218,9 @@ impl Director {
         })
     }
 
-    /// Runs selection for a query against the current snapshot and load.
-    fn pick(&self, query: &Query, picker: Picker, now: Instant) -> Result<Backend, QueryError> {
+    /// Runs selection for a query against the current snapshot and load, and remembers how to
+    /// name the chosen backend in logs.
+    fn pick(&self, query: &Query, picker: Picker, now: Instant) -> Result<Candidate, QueryError> {
         let snapshot = self.snapshot();
         if !snapshot.loaded {
             return Err(QueryError::new(
@@ -217,7 +237,7 @@ impl Director {
                     ErrorCode::UnknownResourceType,
                     format!(
                         "unknown resourceType `{}` (known: {})",
-                        query.resource_type,
+                        crate::config::quote(&query.resource_type),
                         self.config
                             .mappings
                             .keys()
@@ -227,7 +247,8 @@ impl Director {
                     ),
                 )
             })?;
-        let candidates = select::candidates(query, mapping, &snapshot, self.public_ports.len())?;
+        let mut candidates =
+            select::candidates(query, mapping, &snapshot, self.public_ports.len())?;
         self.absorb_events(now);
         let mut state = self.state.lock();
         let mut rotation = match picker {
@@ -253,7 +274,12 @@ impl Director {
             },
             Picker::DefaultEndpoint => state.default_rotation = rotation,
         }
-        Ok(candidates[chosen].backend.clone())
+        let chosen = candidates.swap_remove(chosen);
+        state
+            .names
+            .entry(chosen.backend.id)
+            .or_insert_with(|| describe(&chosen));
+        Ok(chosen)
     }
 
     /// Folds pending worker events into the load counts and forgets expired grants.
@@ -285,16 +311,17 @@ impl Director {
                 }
             }
         }
-        let gone: Vec<BackendId> = self
-            .state
-            .lock()
+        let mut state = self.state.lock();
+        let gone: Vec<(BackendId, String)> = state
             .sessions
             .keys()
             .filter(|id| !known.contains(id))
-            .copied()
+            .map(|&id| (id, state.name(id)))
             .collect();
-        for id in gone {
-            log::info!("backend {id:?} left the inventory; ending its sessions");
+        state.prune_names();
+        drop(state);
+        for (id, name) in gone {
+            log::info!("{name} left the inventory (or changed address); ending its sessions");
             self.controller.remove_backend(id);
         }
     }
@@ -305,7 +332,7 @@ impl Director {
             return;
         };
         let chosen = match self.pick(query, Picker::DefaultEndpoint, now) {
-            Ok(b) => Some(b),
+            Ok(c) => Some(c.backend),
             Err(e) => {
                 log::debug!("default endpoint unresolved: {e}");
                 None
@@ -314,7 +341,7 @@ impl Director {
         let mut state = self.state.lock();
         if state.default_backend != chosen {
             match &chosen {
-                Some(b) => log::info!("default backend now {:?} at {:?}", b.id, b.addrs),
+                Some(b) => log::info!("default backend now {}", state.name(b.id)),
                 None => log::warn!("no default backend: clients without a token are dropped"),
             }
             state.default_backend.clone_from(&chosen);
@@ -323,10 +350,11 @@ impl Director {
         }
     }
 
-    /// Counts a request rejected before it reached selection (unparseable, oversized).
-    pub fn metrics_bad_request(&self) {
+    /// Counts a request refused before it reached selection (unparseable, oversized, idle,
+    /// over a connection limit).
+    pub fn count_refused(&self, code: ErrorCode) {
         self.metrics
-            .observe_query(Some(ErrorCode::BadRequest), std::time::Duration::ZERO);
+            .observe_query(Some(code), std::time::Duration::ZERO);
     }
 
     /// Stops minting tokens and tells the workers to open no new sessions.
@@ -342,4 +370,23 @@ impl Director {
             .map(|(n, _)| n.as_str())
             .unwrap_or("?")
     }
+}
+
+/// `namespace/name (addresses)` of a candidate, for logs.
+fn describe(candidate: &Candidate) -> String {
+    let addrs: Vec<String> = candidate
+        .backend
+        .addrs
+        .iter()
+        .flatten()
+        .map(ToString::to_string)
+        .collect();
+    let o = &candidate.object;
+    format!(
+        "{} {}/{} at {}",
+        o.kind,
+        o.namespace,
+        o.name,
+        addrs.join(", ")
+    )
 }

@@ -7,6 +7,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod conn_limit;
 pub mod director;
 pub mod inventory;
 pub mod jsonpath;
@@ -24,7 +25,7 @@ use dataplane::DataPlane;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::config::{Config, InventoryConfig};
+use crate::config::{Config, InventoryConfig, SessionsApiAuth};
 use crate::director::Director;
 use crate::inventory::{FileSource, KubeSource, Snapshot};
 use crate::metrics::Metrics;
@@ -53,13 +54,17 @@ pub enum ControlError {
     /// The control thread could not be spawned.
     #[error("cannot spawn the control thread")]
     Spawn(#[source] std::io::Error),
-    /// `inventory.kind` is `kubernetes` (the default), but no API server is configured.
+    /// The config needs a Kubernetes API server, but none is configured.
     #[error(
-        "inventory.kind is `kubernetes` (the default when no inventory is given), but no \
-         Kubernetes API server is configured: {0}. Run in a cluster, set KUBECONFIG, or use \
-         `inventory: {{kind: file, path: …}}`"
+        "{needed_by}, but no Kubernetes API server is configured: {reason}. Run in a cluster or \
+         set KUBECONFIG"
     )]
-    Kubernetes(String),
+    Kubernetes {
+        /// What in the config needs it.
+        needed_by: &'static str,
+        /// Why no client could be made.
+        reason: String,
+    },
 }
 
 /// The configured inventory source.
@@ -115,23 +120,29 @@ pub fn start(config: Arc<Config>, plane: &DataPlane) -> Result<ControlPlane, Con
         InventoryConfig::File {
             path,
             poll_interval,
+            max_bytes,
         } => Source::File(FileSource::new(
             path.clone(),
             *poll_interval,
+            *max_bytes,
             config.mappings.clone(),
         )),
         InventoryConfig::Kubernetes { .. } => {
-            // Found once at start (in-cluster service account, else KUBECONFIG): a proxy with
-            // nowhere to look fails now, with the reason, rather than never turning ready.
-            let client = runtime
-                .block_on(async {
-                    let kube_config = kube::Config::infer().await.map_err(|e| e.to_string())?;
-                    kube::Client::try_from(kube_config).map_err(|e| e.to_string())
-                })
-                .map_err(ControlError::Kubernetes)?;
+            let needed_by = "inventory.kind is `kubernetes` (the default when no inventory is \
+                             given; use `inventory: {kind: file, path: …}` without a cluster)";
+            let client = kube_client(&runtime, needed_by)?;
             Source::Kube(Box::new(KubeSource::new(client, &config)))
         }
     };
+    let authorizer = admin::auth::Authorizer::new(
+        config.sessions_api,
+        match config.sessions_api {
+            SessionsApiAuth::Kubernetes => {
+                Some(kube_client(&runtime, "sessionsApi.auth is `kubernetes`")?)
+            }
+            SessionsApiAuth::Loopback => None,
+        },
+    );
     // Binds a listener and reads back its address (the real port when configured as 0).
     let bind = |what: &'static str, port: u16| {
         let addr = SocketAddr::new(config.bind_address, port);
@@ -154,6 +165,11 @@ pub fn start(config: Arc<Config>, plane: &DataPlane) -> Result<ControlPlane, Con
         plane.events(),
         Arc::clone(&metrics),
     ));
+    let admin = Arc::new(admin::Admin {
+        director: Arc::clone(&director),
+        metrics,
+        authorizer,
+    });
 
     let thread = std::thread::Builder::new()
         .name("control".into())
@@ -161,7 +177,7 @@ pub fn start(config: Arc<Config>, plane: &DataPlane) -> Result<ControlPlane, Con
             runtime.block_on(run(
                 config,
                 director,
-                metrics,
+                admin,
                 source,
                 inventory_tx,
                 query_listener,
@@ -180,7 +196,7 @@ pub fn start(config: Arc<Config>, plane: &DataPlane) -> Result<ControlPlane, Con
 async fn run(
     config: Arc<Config>,
     director: Arc<Director>,
-    metrics: Arc<Metrics>,
+    admin: Arc<admin::Admin>,
     source: Source,
     inventory_tx: watch::Sender<Arc<Snapshot>>,
     query_listener: TcpListener,
@@ -195,15 +211,11 @@ async fn run(
         server::QueryLimits {
             idle_timeout: config.query_idle_timeout,
             max_connections: config.max_query_connections,
+            max_connections_per_ip: config.max_query_connections_per_ip,
         },
         stop_rx.clone(),
     ));
-    tokio::spawn(admin::serve(
-        admin_listener,
-        Arc::clone(&director),
-        metrics,
-        stop_rx.clone(),
-    ));
+    tokio::spawn(admin::serve(admin_listener, admin, stop_rx.clone()));
 
     let mut events = tokio::time::interval(EVENT_INTERVAL);
     let mut reconcile = tokio::time::interval(RECONCILE_INTERVAL);
@@ -221,15 +233,35 @@ async fn run(
         }
     }
 
+    // The drain: no new sessions, existing ones keep forwarding. The query and admin servers
+    // stay up meanwhile, so `/readyz` says 503, `/healthz` 200, metrics keep moving and queries
+    // are answered `draining`; a second signal ends the drain at once.
     log::info!(
-        "shutting down: no new sessions, forwarding for {} s more",
+        "shutting down: no new sessions, forwarding for {} s more (signal again to stop now)",
         config.drain.as_secs()
     );
     director.drain();
+    tokio::select! {
+        () = tokio::time::sleep(config.drain) => log::info!("drained"),
+        () = shutdown_signal() => log::info!("drain cut short"),
+    }
     let _ = stop_tx.send(true);
-    tokio::time::sleep(config.drain).await;
     director.controller().shutdown();
-    log::info!("drained; data plane stopped");
+    log::info!("data plane stopped");
+}
+
+/// The API server client (in-cluster service account, else KUBECONFIG), found once at start: a
+/// proxy with nowhere to look fails now, with the reason, rather than never turning ready.
+fn kube_client(
+    runtime: &tokio::runtime::Runtime,
+    needed_by: &'static str,
+) -> Result<kube::Client, ControlError> {
+    runtime
+        .block_on(async {
+            let kube_config = kube::Config::infer().await.map_err(|e| e.to_string())?;
+            kube::Client::try_from(kube_config).map_err(|e| e.to_string())
+        })
+        .map_err(|reason| ControlError::Kubernetes { needed_by, reason })
 }
 
 /// Resolves on SIGTERM or SIGINT.

@@ -80,7 +80,8 @@ impl Query {
             && kind != "query"
         {
             return Err(format!(
-                "unknown request type `{kind}` (only `query` exists)"
+                "unknown request type `{}` (only `query` exists)",
+                crate::config::quote(kind)
             ));
         }
         if self.resource_type.is_empty() {
@@ -127,13 +128,15 @@ pub enum ErrorCode {
     BackendUnresolvable,
     /// The inventory has not loaded yet.
     InventoryUnavailable,
-    /// The proxy cannot take the request now (connection limit, data plane busy, draining).
+    /// The proxy cannot take the request now (connection limit, data plane busy).
     Overloaded,
+    /// The proxy is shutting down and opens no new sessions.
+    Draining,
 }
 
 impl ErrorCode {
     /// Every code, in metric-label order.
-    pub const ALL: [Self; 7] = [
+    pub const ALL: [Self; 8] = [
         Self::BadRequest,
         Self::UnknownResourceType,
         Self::NoMatch,
@@ -141,6 +144,7 @@ impl ErrorCode {
         Self::BackendUnresolvable,
         Self::InventoryUnavailable,
         Self::Overloaded,
+        Self::Draining,
     ];
 
     /// The code as it appears on the wire and in metric labels.
@@ -153,6 +157,7 @@ impl ErrorCode {
             Self::BackendUnresolvable => "backend_unresolvable",
             Self::InventoryUnavailable => "inventory_unavailable",
             Self::Overloaded => "overloaded",
+            Self::Draining => "draining",
         }
     }
 }

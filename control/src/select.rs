@@ -66,7 +66,7 @@ pub fn candidates(
                 query
                     .namespace
                     .as_ref()
-                    .map(|ns| format!(" in namespace {ns}"))
+                    .map(|ns| format!(" in namespace {}", crate::config::quote(ns)))
                     .unwrap_or_default()
             ),
         ));
@@ -162,8 +162,8 @@ fn backend_id(object: &Object, addrs: &[Option<SocketAddr>]) -> BackendId {
     BackendId(h.finish())
 }
 
-fn direct_address(raw: &Value, path: &str, address_type: Option<&str>) -> Option<IpAddr> {
-    let value = Path::parse(path).ok()?.get(raw)?;
+fn direct_address(raw: &Value, path: &Path, address_type: Option<&str>) -> Option<IpAddr> {
+    let value = path.get(raw)?;
     let text = match address_type {
         None => value.as_str()?,
         Some(kind) => value
@@ -188,7 +188,7 @@ fn number(v: &Value) -> Option<u16> {
 /// A port by name or by path.
 fn port_of(raw: &Value, source: &PortSource) -> Option<u16> {
     match source {
-        PortSource::Path(p) => Path::parse(p).ok()?.get(raw).and_then(number),
+        PortSource::Path(p) => p.get(raw).and_then(number),
         // Agones `status.ports[]`, then Pod containers, then Service ports.
         PortSource::Name(name) => raw
             .pointer("/status/ports")

@@ -8,8 +8,11 @@ use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::watch;
 
+use dataplane::WarnGate;
+
+use crate::conn_limit::ConnectionSlots;
 use crate::director::Director;
 use crate::query::{ErrorCode, Query, QueryError};
 
@@ -28,6 +31,8 @@ pub struct QueryLimits {
     pub idle_timeout: Duration,
     /// Concurrent connections.
     pub max_connections: usize,
+    /// Concurrent connections from one IP address.
+    pub max_connections_per_ip: usize,
 }
 
 /// Accepts query connections until `stop` turns true.
@@ -37,7 +42,10 @@ pub async fn serve(
     limits: QueryLimits,
     mut stop: watch::Receiver<bool>,
 ) {
-    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let slots = ConnectionSlots::new(limits.max_connections, limits.max_connections_per_ip);
+    // Refusals and accept errors are what a flood produces: one log line a second at most.
+    let mut refusal_log = WarnGate::new();
+    let mut accept_log = WarnGate::new();
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
@@ -47,30 +55,35 @@ pub async fn serve(
             Ok(a) => a,
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.
-                log::warn!("query server: accept failed: {e}");
+                if let Some(note) = accept_log.admit(std::time::Instant::now()) {
+                    log::warn!("query server: accept failed: {e}{note}");
+                }
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
         };
         let _ = stream.set_nodelay(true);
-        match Arc::clone(&slots).try_acquire_owned() {
-            Ok(permit) => {
+        match slots.try_acquire(peer.ip()) {
+            Ok(slot) => {
                 let director = Arc::clone(&director);
                 tokio::spawn(async move {
                     if let Err(e) = handle(stream, &director, limits.idle_timeout).await {
                         log::debug!("query connection {peer}: {e}");
                     }
-                    drop(permit);
+                    drop(slot);
                 });
             }
-            Err(_) => {
-                log::warn!(
-                    "query server: refusing {peer}, {} connections open",
-                    limits.max_connections
-                );
+            Err(refusal) => {
+                director.count_refused(ErrorCode::Overloaded);
+                if let Some(note) = refusal_log.admit(std::time::Instant::now()) {
+                    log::warn!("query server: refusing {peer}: {refusal}{note}");
+                }
                 tokio::spawn(async move {
                     let (read, mut write) = stream.into_split();
-                    let err = QueryError::new(ErrorCode::Overloaded, "too many query connections");
+                    let err = QueryError::new(
+                        ErrorCode::Overloaded,
+                        format!("too many query connections: {refusal}"),
+                    );
                     refuse(read, &mut write, &err).await;
                 });
             }
@@ -133,6 +146,7 @@ async fn handle(stream: TcpStream, director: &Director, idle: Duration) -> std::
                     ErrorCode::BadRequest,
                     format!("no complete request within {} s", idle.as_secs()),
                 );
+                director.count_refused(ErrorCode::BadRequest);
                 refuse(reader, &mut write, &err).await;
                 return Ok(());
             }
@@ -147,7 +161,7 @@ async fn handle(stream: TcpStream, director: &Director, idle: Duration) -> std::
                 ErrorCode::BadRequest,
                 format!("request larger than {MAX_REQUEST_BYTES} bytes"),
             );
-            director.metrics_bad_request();
+            director.count_refused(ErrorCode::BadRequest);
             refuse(reader, &mut write, &err).await;
             return Ok(());
         }
@@ -170,10 +184,15 @@ fn answer(director: &Director, line: &[u8]) -> Vec<u8> {
             Err(e) => serde_json::to_vec(&e).unwrap_or_default(),
         },
         Err(e) => {
-            director.metrics_bad_request();
+            director.count_refused(ErrorCode::BadRequest);
+            // serde's message quotes the offending input (an unknown field's name, a string):
+            // cut it to a readable length.
             serde_json::to_vec(&QueryError::new(
                 ErrorCode::BadRequest,
-                format!("invalid request: {e}"),
+                format!(
+                    "invalid request: {}",
+                    crate::config::quote_message(&e.to_string())
+                ),
             ))
             .unwrap_or_default()
         }

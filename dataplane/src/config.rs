@@ -78,3 +78,13 @@ pub enum WorkerAffinity {
     /// Worker `i` runs on `cores[i % cores.len()]`.
     Cores(Vec<usize>),
 }
+
+/// Ids of the cores this process may run on (its affinity mask), as `cpuAffinity` names them;
+/// empty when the OS does not say.
+pub fn available_cores() -> Vec<usize> {
+    core_affinity::get_core_ids()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|c| c.id)
+        .collect()
+}

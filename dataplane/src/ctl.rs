@@ -1,9 +1,11 @@
 //! The data plane's control API: messages from the control thread to workers, events from workers
 //! back, and the [`Controller`] handle that sends them.
 //!
-//! Each worker has one bounded channel plus a `mio::Waker`; a send is followed by a wake-up so the
-//! worker handles the message on its next loop turn. Workers never block on control, and control
-//! never touches a worker's sessions directly.
+//! Each worker has two channels plus a `mio::Waker`: grants travel on a bounded channel of their
+//! own (a full one refuses the query as `overloaded`), state messages on an unbounded one, so
+//! control never blocks on a slow worker. A worker that meets an unknown token drains the grant
+//! channel only, so no state change lands in the middle of a half-handled batch. Workers never
+//! block on control, and control never touches a worker's sessions directly.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -16,18 +18,16 @@ use crate::grant::{Backend, BackendId, Grant, TokenId};
 use crate::metrics::{CounterSnapshot, WorkerCounters};
 use crate::session::{SessionKind, SessionStats};
 
-/// Capacity of each worker's control channel.
-pub(crate) const CONTROL_CHANNEL_CAPACITY: usize = 4096;
+/// Capacity of each worker's grant channel: outstanding grants a worker has not looked at yet.
+pub(crate) const GRANT_CHANNEL_CAPACITY: usize = 4096;
 
 /// Callback that receives one worker's session listing.
 pub type SessionListReply = Arc<dyn Fn(Vec<SessionInfo>) + Send + Sync>;
 /// Callback that receives how many sessions one worker ended.
 pub type KillReply = Arc<dyn Fn(usize) + Send + Sync>;
 
-/// A message from control to one worker.
+/// A state message from control to one worker (grants travel on their own channel).
 pub(crate) enum ControlMsg {
-    /// A new grant the worker may redeem.
-    Grant(Arc<Grant>),
     /// The backend for clients without a token (`None`: drop them).
     SetDefault(Option<Arc<Backend>>),
     /// The backend left the inventory: token sessions to it end, default sessions move to the
@@ -46,7 +46,6 @@ pub(crate) enum ControlMsg {
 impl std::fmt::Debug for ControlMsg {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Self::Grant(g) => f.debug_tuple("Grant").field(&g.token).finish(),
             Self::SetDefault(b) => f.debug_tuple("SetDefault").field(b).finish(),
             Self::RemoveBackend(b) => f.debug_tuple("RemoveBackend").field(b).finish(),
             Self::ListSessions(_) => f.write_str("ListSessions"),
@@ -147,6 +146,10 @@ pub struct SessionInfo {
 pub struct Overloaded;
 
 pub(crate) struct WorkerLink {
+    /// Bounded: [`GRANT_CHANNEL_CAPACITY`].
+    pub(crate) grants: Sender<Arc<Grant>>,
+    /// Unbounded: state messages come at control's pace (inventory changes, admin requests,
+    /// once-a-second refreshes), and a send must never block the control thread.
     pub(crate) tx: Sender<ControlMsg>,
     pub(crate) waker: Arc<mio::Waker>,
 }
@@ -182,9 +185,9 @@ impl Controller {
     pub fn publish_grant(&self, grant: Grant) -> Result<(), Overloaded> {
         let grant = Arc::new(grant);
         for link in self.links.iter() {
-            match link.tx.try_send(ControlMsg::Grant(Arc::clone(&grant))) {
+            match link.grants.try_send(Arc::clone(&grant)) {
                 Ok(()) => {
-                    if link.tx.len() >= CONTROL_CHANNEL_CAPACITY / 2 {
+                    if link.grants.len() >= GRANT_CHANNEL_CAPACITY / 2 {
                         wake(link);
                     }
                 }
@@ -238,8 +241,8 @@ impl Controller {
         snapshot
     }
 
-    /// Sends a state message to every worker, waiting for room: unlike grants, these must not be
-    /// lost. Returns how many workers took it (a worker that ended takes nothing).
+    /// Sends a state message to every worker; the channel is unbounded, so this never blocks.
+    /// Returns how many workers took it (a worker that ended takes nothing).
     fn broadcast(&self, msg: impl Fn() -> ControlMsg) -> usize {
         let mut sent = 0;
         for link in self.links.iter() {
@@ -255,5 +258,57 @@ impl Controller {
 fn wake(link: &WorkerLink) {
     if let Err(e) = link.waker.wake() {
         log::warn!("could not wake a data-plane worker: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::grant::Backend;
+
+    /// A controller whose one "worker" is the test: nothing drains its channels.
+    fn stalled_controller() -> (
+        Controller,
+        crossbeam_channel::Receiver<Arc<Grant>>,
+        crossbeam_channel::Receiver<ControlMsg>,
+        mio::Poll,
+    ) {
+        let poll = mio::Poll::new().unwrap();
+        let waker = Arc::new(mio::Waker::new(poll.registry(), mio::Token(0)).unwrap());
+        let (grants, grant_rx) = crossbeam_channel::bounded(GRANT_CHANNEL_CAPACITY);
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let controller = Controller {
+            links: vec![WorkerLink { grants, tx, waker }].into(),
+            counters: vec![CachePadded::new(WorkerCounters::default())].into(),
+        };
+        (controller, grant_rx, rx, poll)
+    }
+
+    fn grant(n: u128) -> Grant {
+        let backend = Backend {
+            id: BackendId(1),
+            addrs: vec![Some("127.0.0.1:1".parse().unwrap())].into(),
+        };
+        Grant::new(
+            TokenId(n),
+            backend,
+            std::time::Instant::now() + Duration::from_secs(30),
+        )
+    }
+
+    #[test]
+    fn a_stalled_worker_refuses_grants_but_never_blocks_control() {
+        let (controller, grant_rx, rx, _poll) = stalled_controller();
+        for n in 0..GRANT_CHANNEL_CAPACITY as u128 {
+            controller.publish_grant(grant(n)).unwrap();
+        }
+        assert_eq!(controller.publish_grant(grant(u128::MAX)), Err(Overloaded));
+        // State messages to the same worker: far more than any bounded channel would hold, and
+        // each send returns at once (a blocking send would hang this test).
+        for _ in 0..3 * GRANT_CHANNEL_CAPACITY {
+            controller.set_default(None);
+        }
+        assert_eq!(rx.len(), 3 * GRANT_CHANNEL_CAPACITY);
+        assert_eq!(grant_rx.len(), GRANT_CHANNEL_CAPACITY);
     }
 }

@@ -25,6 +25,17 @@ pub enum SocketError {
         /// The OS error.
         source: io::Error,
     },
+    /// The port is held by another socket, likely another process (a second instance).
+    #[error(
+        "UDP port {addr} is already in use by another process (is another udp-director \
+         running on this port?)"
+    )]
+    Taken {
+        /// Address that is taken.
+        addr: SocketAddr,
+        /// The OS error.
+        source: io::Error,
+    },
     /// `bind(2)` failed (port in use, address not on this host, privileged port).
     #[error("could not bind {addr}")]
     Bind {

@@ -70,8 +70,10 @@ impl Grant {
         }
     }
 
-    /// Redeems the grant on `port`: returns the target address the first time only.
-    pub fn redeem(&self, port: usize, now: Instant) -> Result<SocketAddr, TokenRejectReason> {
+    /// Whether the grant could be redeemed on `port` now, without redeeming it: the target
+    /// address, or why not. A worker checks first, sets up everything a session needs (limits,
+    /// socket), and only then redeems, so a session refused on the way does not spend the token.
+    pub fn check(&self, port: usize, now: Instant) -> Result<SocketAddr, TokenRejectReason> {
         if now >= self.expires_at {
             return Err(TokenRejectReason::Expired);
         }
@@ -79,6 +81,15 @@ impl Grant {
             .backend
             .addr_for(port)
             .ok_or(TokenRejectReason::WrongPort)?;
+        if self.redeemed[port].load(Ordering::Acquire) {
+            return Err(TokenRejectReason::Used);
+        }
+        Ok(target)
+    }
+
+    /// Redeems the grant on `port`: returns the target address the first time only.
+    pub fn redeem(&self, port: usize, now: Instant) -> Result<SocketAddr, TokenRejectReason> {
+        let target = self.check(port, now)?;
         // AcqRel: the winner of the swap is the only redeemer; losers see `true`.
         if self.redeemed[port].swap(true, Ordering::AcqRel) {
             return Err(TokenRejectReason::Used);
@@ -117,7 +128,10 @@ mod tests {
         let a: SocketAddr = "10.0.0.1:7000".parse().unwrap();
         let b: SocketAddr = "10.0.0.1:7001".parse().unwrap();
         let (g, now) = grant(vec![Some(a), Some(b), None], Duration::from_secs(30));
+        assert_eq!(g.check(0, now), Ok(a));
+        assert_eq!(g.check(0, now), Ok(a), "checking spends nothing");
         assert_eq!(g.redeem(0, now), Ok(a));
+        assert_eq!(g.check(0, now), Err(TokenRejectReason::Used));
         assert_eq!(g.redeem(0, now), Err(TokenRejectReason::Used));
         assert!(!g.is_spent(now));
         assert_eq!(g.redeem(2, now), Err(TokenRejectReason::WrongPort));

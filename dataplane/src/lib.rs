@@ -27,10 +27,11 @@ mod socket;
 mod warn_gate;
 mod worker;
 
-pub use config::{DataPlaneConfig, DataPortConfig, WorkerAffinity};
+pub use config::{DataPlaneConfig, DataPortConfig, WorkerAffinity, available_cores};
 pub use ctl::{Controller, SessionInfo, WorkerEvent};
 pub use error::{StartError, WorkerError};
 pub use grant::{Backend, BackendId, Grant, TokenId};
 pub use metrics::{CounterSnapshot, DropReason, TokenRejectReason};
 pub use plane::DataPlane;
 pub use session::SessionKind;
+pub use warn_gate::WarnGate;

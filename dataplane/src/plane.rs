@@ -8,11 +8,11 @@ use crossbeam_channel::Receiver;
 use crossbeam_utils::CachePadded;
 
 use crate::config::{DataPlaneConfig, WorkerAffinity};
-use crate::ctl::{CONTROL_CHANNEL_CAPACITY, Controller, WorkerEvent, WorkerLink};
+use crate::ctl::{Controller, GRANT_CHANNEL_CAPACITY, WorkerEvent, WorkerLink};
 use crate::error::{StartError, WorkerError};
 use crate::limits::SessionLimits;
 use crate::metrics::WorkerCounters;
-use crate::socket::bind_reuseport_udp;
+use crate::socket::{bind_reuseport_udp, probe_exclusive_udp};
 use crate::worker::{MAX_DATA_PORTS, Worker, WorkerSetup};
 
 /// The running data plane: worker threads plus the handles control needs.
@@ -36,6 +36,11 @@ impl DataPlane {
             });
         }
         let workers = config.workers.get();
+        for port in &config.data_ports {
+            if port.bind.port() != 0 {
+                probe_exclusive_udp(port.bind)?;
+            }
+        }
         // With port 0, the first worker's socket picks the port and the others join it.
         let mut local_addrs: Vec<SocketAddr> = Vec::with_capacity(port_count);
         let mut sockets_per_worker = Vec::with_capacity(workers);
@@ -69,7 +74,8 @@ impl DataPlane {
         let mut links = Vec::with_capacity(workers);
         let mut built = Vec::with_capacity(workers);
         for (id, sockets) in sockets_per_worker.into_iter().enumerate() {
-            let (tx, rx) = crossbeam_channel::bounded(CONTROL_CHANNEL_CAPACITY);
+            let (grants_tx, grants) = crossbeam_channel::bounded(GRANT_CHANNEL_CAPACITY);
+            let (tx, rx) = crossbeam_channel::unbounded();
             let core = match &config.affinity {
                 WorkerAffinity::None => None,
                 WorkerAffinity::Auto => cores.get(id % cores.len().max(1)).copied(),
@@ -82,12 +88,17 @@ impl DataPlane {
                 config: &config,
                 sockets,
                 control: rx,
+                grants,
                 events: events_tx.clone(),
                 counters: Arc::clone(&counters),
                 limits: Arc::clone(&limits),
             })
             .map_err(|source| StartError::Poll { worker: id, source })?;
-            links.push(WorkerLink { tx, waker });
+            links.push(WorkerLink {
+                grants: grants_tx,
+                tx,
+                waker,
+            });
             built.push((worker, core));
         }
 

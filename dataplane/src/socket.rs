@@ -51,6 +51,31 @@ pub(crate) fn bind_reuseport_udp(
     Ok(socket.into())
 }
 
+/// Fails when another socket holds `addr`, even one of another process with `SO_REUSEPORT`: a
+/// plain bind (neither `SO_REUSEADDR`, which for UDP would also let two sockets share a port,
+/// nor `SO_REUSEPORT`) before the real ones. Without it a second instance started by mistake
+/// would silently take half of the clients, whose tokens it does not know.
+pub(crate) fn probe_exclusive_udp(addr: SocketAddr) -> Result<(), SocketError> {
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))
+        .map_err(|source| SocketError::Create { addr, source })?;
+    if addr.is_ipv6() {
+        socket
+            .set_only_v6(false)
+            .map_err(|source| SocketError::SetOption {
+                addr,
+                option: "IPV6_V6ONLY",
+                source,
+            })?;
+    }
+    socket.bind(&addr.into()).map_err(|source| {
+        if source.kind() == io::ErrorKind::AddrInUse {
+            SocketError::Taken { addr, source }
+        } else {
+            SocketError::Bind { addr, source }
+        }
+    })
+}
+
 /// A non-blocking UDP socket on an ephemeral port, connected to `target`: the backend sees one
 /// stable peer per session, and the kernel filters out datagrams from anyone but `target`.
 pub(crate) fn connect_upstream_udp(target: SocketAddr) -> io::Result<mio::net::UdpSocket> {

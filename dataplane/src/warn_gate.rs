@@ -9,13 +9,21 @@ use std::time::{Duration, Instant};
 pub(crate) const WARN_INTERVAL: Duration = Duration::from_secs(1);
 
 #[derive(Debug)]
-pub(crate) struct WarnGate {
+/// At most one warning per interval; counts what it holds back.
+pub struct WarnGate {
     next: Option<Instant>,
     suppressed: u64,
 }
 
+impl Default for WarnGate {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl WarnGate {
-    pub(crate) const fn new() -> Self {
+    /// A gate that admits the first warning.
+    pub const fn new() -> Self {
         Self {
             next: None,
             suppressed: 0,
@@ -24,7 +32,7 @@ impl WarnGate {
 
     /// Whether a warning may be logged at `now`; if so, a note of how many were suppressed
     /// before it (empty when none).
-    pub(crate) fn admit(&mut self, now: Instant) -> Option<String> {
+    pub fn admit(&mut self, now: Instant) -> Option<String> {
         if self.next.is_some_and(|next| now < next) {
             self.suppressed += 1;
             return None;

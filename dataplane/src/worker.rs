@@ -53,6 +53,7 @@ pub(crate) struct WorkerSetup<'a> {
     pub(crate) config: &'a DataPlaneConfig,
     pub(crate) sockets: Vec<UdpSocket>,
     pub(crate) control: Receiver<ControlMsg>,
+    pub(crate) grants: Receiver<Arc<Grant>>,
     pub(crate) events: Sender<WorkerEvent>,
     pub(crate) counters: Arc<[CachePadded<WorkerCounters>]>,
     pub(crate) limits: Arc<SessionLimits>,
@@ -62,6 +63,7 @@ pub(crate) struct Worker {
     id: usize,
     poll: Poll,
     control: Receiver<ControlMsg>,
+    grant_rx: Receiver<Arc<Grant>>,
     events: Sender<WorkerEvent>,
     counters: Arc<[CachePadded<WorkerCounters>]>,
     limits: Arc<SessionLimits>,
@@ -114,6 +116,7 @@ impl Worker {
             id: setup.id,
             poll,
             control: setup.control,
+            grant_rx: setup.grants,
             events: setup.events,
             counters: setup.counters,
             limits: setup.limits,
@@ -167,7 +170,10 @@ impl Worker {
             }
             for event in &events {
                 match event.token() {
-                    WAKER => self.drain_control(now),
+                    WAKER => {
+                        self.drain_grants();
+                        self.drain_control(now);
+                    }
                     Token(t) if t < FIRST_SESSION => self.drain_port(t - FIRST_PORT, now),
                     Token(t) => self.drain_session(t - FIRST_SESSION, now),
                 }
@@ -201,6 +207,13 @@ impl Worker {
 
     // ---- control -------------------------------------------------------------------------
 
+    /// Takes every grant published so far.
+    fn drain_grants(&mut self) {
+        while let Ok(grant) = self.grant_rx.try_recv() {
+            self.grants.insert(grant.token, grant);
+        }
+    }
+
     fn drain_control(&mut self, now: Instant) {
         loop {
             match self.control.try_recv() {
@@ -217,9 +230,6 @@ impl Worker {
 
     fn apply_control(&mut self, msg: ControlMsg, now: Instant) {
         match msg {
-            ControlMsg::Grant(grant) => {
-                self.grants.insert(grant.token, grant);
-            }
             ControlMsg::SetDefault(backend) => self.default_backend = backend,
             ControlMsg::RemoveBackend(backend) => self.remove_backend(backend, now),
             ControlMsg::ListSessions(reply) => reply(self.list_sessions(now)),
@@ -276,16 +286,21 @@ impl Worker {
                 .and_then(|d| Some((d.id, d.addr_for(usize::from(port))?)));
             match (kind, new_default) {
                 (SessionKind::Default, Some((to, addr))) => {
-                    match self.retarget(id, to, addr, SessionKind::Default, now) {
-                        Ok(Some(from)) => {
+                    let moved = self
+                        .open_upstream(addr, Token(FIRST_SESSION + id.slot()))
+                        .ok()
+                        .and_then(|upstream| {
+                            self.retarget(id, to, addr, upstream, SessionKind::Default, now)
+                        });
+                    match moved {
+                        Some(from) => {
                             let _ = self.events.send(WorkerEvent::SessionMoved {
                                 from,
                                 to,
                                 token: None,
                             });
                         }
-                        Ok(None) => {}
-                        Err(_) => self.close_session(id, CloseReason::BackendRemoved),
+                        None => self.close_session(id, CloseReason::BackendRemoved),
                     }
                 }
                 _ => self.close_session(id, CloseReason::BackendRemoved),
@@ -340,12 +355,14 @@ impl Worker {
         from: Option<SocketAddr>,
         now: Instant,
     ) {
-        let Some(client) = from else {
+        let Some(from) = from else {
             self.counters().drop(DropReason::NoSession, 1);
             return;
         };
+        // An IPv4 client on a dual-stack socket arrives as `::ffff:a.b.c.d`; sessions, limits
+        // and the admin API know it by its IPv4 address.
         let key = SessionKey {
-            client,
+            client: SocketAddr::new(from.ip().to_canonical(), from.port()),
             port: port as u16,
         };
         match self.sessions.find(&key) {
@@ -356,7 +373,7 @@ impl Worker {
                     self.forward_upstream(id, datagram, now);
                 }
             }
-            None => self.open_session(key, datagram, now),
+            None => self.open_session(key, from, datagram, now),
         }
     }
 
@@ -382,7 +399,14 @@ impl Worker {
 
     /// First datagram of an unknown client: a token (or control packet) opens a session to its
     /// grant's backend and is consumed; anything else goes to the default backend, if any.
-    fn open_session(&mut self, key: SessionKey, datagram: &[u8], now: Instant) {
+    /// `reply_to` is the client's address as received (the session key holds its canonical form).
+    fn open_session(
+        &mut self,
+        key: SessionKey,
+        reply_to: SocketAddr,
+        datagram: &[u8],
+        now: Instant,
+    ) {
         if self.draining {
             self.counters().drop(DropReason::Draining, 1);
             return;
@@ -391,19 +415,9 @@ impl Worker {
         let mut rejected = None;
         match classify(datagram, &self.control_magic) {
             Classified::Token(token) | Classified::Control(token) => {
-                match self.redeem(token, port, now) {
-                    Ok((backend, target)) => {
-                        if self
-                            .create_session(key, target, backend, SessionKind::Token, now)
-                            .is_some()
-                        {
-                            self.counters().tokens_redeemed.add(1);
-                            let _ = self.events.send(WorkerEvent::SessionOpened {
-                                backend,
-                                kind: SessionKind::Token,
-                                token: Some(token),
-                            });
-                        }
+                match self.find_grant(token, port, now) {
+                    Ok((grant, target)) => {
+                        self.open_token_session(key, reply_to, &grant, target, now);
                         return;
                     }
                     Err(reason) => {
@@ -428,31 +442,81 @@ impl Worker {
                 .drop(rejected.unwrap_or(DropReason::NoSession), 1);
             return;
         };
-        if let Some(id) = self.create_session(key, target, backend, SessionKind::Default, now) {
-            let _ = self.events.send(WorkerEvent::SessionOpened {
-                backend,
-                kind: SessionKind::Default,
-                token: None,
-            });
-            self.forward_upstream(id, datagram, now);
-        }
+        let Some(upstream) = self.reserve(key.client, target, now) else {
+            return;
+        };
+        let id = self.install(
+            key,
+            reply_to,
+            upstream,
+            target,
+            backend,
+            SessionKind::Default,
+            now,
+        );
+        let _ = self.events.send(WorkerEvent::SessionOpened {
+            backend,
+            kind: SessionKind::Default,
+            token: None,
+        });
+        self.forward_upstream(id, datagram, now);
     }
 
-    /// Looks a token up and redeems it for `port`. A grant published just before the client got
-    /// its token may still sit in the control channel, so a miss drains the channel once.
-    fn redeem(
+    /// Opens a session with a grant that [`Self::find_grant`] found redeemable. The token is
+    /// spent last, once the session's slot and socket exist: a session refused at a cap, or one
+    /// whose socket cannot be made, leaves the token for the player's retry.
+    fn open_token_session(
+        &mut self,
+        key: SessionKey,
+        reply_to: SocketAddr,
+        grant: &Grant,
+        target: SocketAddr,
+        now: Instant,
+    ) {
+        let Some(upstream) = self.reserve(key.client, target, now) else {
+            return;
+        };
+        if let Err(reason) = grant.redeem(usize::from(key.port), now) {
+            // Another worker redeemed it in the meantime.
+            self.abandon(key.client, upstream);
+            self.counters().reject(reason);
+            self.counters().drop(DropReason::TokenRejected, 1);
+            return;
+        }
+        let backend = grant.backend.id;
+        self.install(
+            key,
+            reply_to,
+            upstream,
+            target,
+            backend,
+            SessionKind::Token,
+            now,
+        );
+        self.counters().tokens_redeemed.add(1);
+        let _ = self.events.send(WorkerEvent::SessionOpened {
+            backend,
+            kind: SessionKind::Token,
+            token: Some(grant.token),
+        });
+    }
+
+    /// Looks a token up and checks it is redeemable on `port`, without spending it. A grant
+    /// published just before the client got its token may still sit in the grant channel, so a
+    /// miss drains that channel (and nothing else) once.
+    fn find_grant(
         &mut self,
         token: TokenId,
         port: usize,
         now: Instant,
-    ) -> Result<(BackendId, SocketAddr), TokenRejectReason> {
+    ) -> Result<(Arc<Grant>, SocketAddr), TokenRejectReason> {
         if !self.grants.contains_key(&token) {
-            self.drain_control(now);
+            self.drain_grants();
         }
         let result = match self.grants.get(&token) {
             Some(grant) => grant
-                .redeem(port, now)
-                .map(|target| (grant.backend.id, target)),
+                .check(port, now)
+                .map(|target| (Arc::clone(grant), target)),
             None => Err(TokenRejectReason::Unknown),
         };
         if let Err(reason) = result {
@@ -461,35 +525,65 @@ impl Worker {
         result
     }
 
-    fn create_session(
+    /// Everything a new session needs that can fail: a slot under `maxSessions` and
+    /// `maxSessionsPerIp`, and an upstream socket to `target`, registered under the token of
+    /// the slot the session will take. `None` when refused (counted, and logged at most once a
+    /// second).
+    fn reserve(
+        &mut self,
+        client: SocketAddr,
+        target: SocketAddr,
+        now: Instant,
+    ) -> Option<UpstreamSocket> {
+        if let Err(reason) = self.limits.try_acquire(client.ip()) {
+            self.counters().drop(reason, 1);
+            return None;
+        }
+        let token = Token(FIRST_SESSION + self.sessions.next_slot());
+        match self.open_upstream(target, token) {
+            Ok(upstream) => Some(upstream),
+            Err(e) => {
+                if let Some(note) = self.warn_gate.admit(now) {
+                    log::warn!("{client}: cannot open a socket to {target}: {e}{note}");
+                }
+                self.limits.release(client.ip());
+                self.counters().drop(DropReason::UpstreamSetup, 1);
+                None
+            }
+        }
+    }
+
+    /// Gives back what [`Self::reserve`] took, for a session that will not open after all.
+    fn abandon(&self, client: SocketAddr, mut upstream: UpstreamSocket) {
+        let _ = self.poll.registry().deregister(&mut upstream);
+        self.limits.release(client.ip());
+    }
+
+    /// A connected upstream socket, registered in this worker's poll under `token`.
+    fn open_upstream(&self, target: SocketAddr, token: Token) -> io::Result<UpstreamSocket> {
+        let mut upstream = connect_upstream_udp(target)?;
+        self.poll
+            .registry()
+            .register(&mut upstream, token, Interest::READABLE)?;
+        Ok(upstream)
+    }
+
+    /// Adds a session whose slot and socket [`Self::reserve`] set up; cannot fail.
+    #[allow(clippy::too_many_arguments)]
+    fn install(
         &mut self,
         key: SessionKey,
+        reply_to: SocketAddr,
+        upstream: UpstreamSocket,
         target: SocketAddr,
         backend: BackendId,
         kind: SessionKind,
         now: Instant,
-    ) -> Option<SessionId> {
-        if let Err(reason) = self.limits.try_acquire(key.client.ip()) {
-            self.counters().drop(reason, 1);
-            return None;
-        }
-        let upstream = match connect_upstream_udp(target) {
-            Ok(s) => s,
-            Err(e) => {
-                if let Some(note) = self.warn_gate.admit(now) {
-                    log::warn!(
-                        "{}: cannot open a socket to {target}: {e}{note}",
-                        key.client
-                    );
-                }
-                self.limits.release(key.client.ip());
-                self.counters().drop(DropReason::UpstreamSetup, 1);
-                return None;
-            }
-        };
+    ) -> SessionId {
+        let expected_slot = self.sessions.next_slot();
         let id = self.sessions.insert(Session {
             key,
-            client_sockaddr: key.client.into(),
+            client_sockaddr: reply_to.into(),
             upstream,
             target,
             backend,
@@ -498,29 +592,12 @@ impl Worker {
             last_active: now,
             stats: SessionStats::default(),
         });
-        let token = Token(FIRST_SESSION + id.slot());
-        let registry = self.poll.registry();
-        let registered = match self.sessions.get_mut(id) {
-            Some(s) => registry.register(&mut s.upstream, token, Interest::READABLE),
-            None => Ok(()),
-        };
-        if let Err(e) = registered {
-            if let Some(note) = self.warn_gate.admit(now) {
-                log::warn!(
-                    "{}: cannot register the socket to {target}: {e}{note}",
-                    key.client
-                );
-            }
-            self.sessions.remove(id);
-            self.limits.release(key.client.ip());
-            self.counters().drop(DropReason::UpstreamSetup, 1);
-            return None;
-        }
+        debug_assert_eq!(id.slot(), expected_slot, "registered under another token");
         let c = self.counters();
         c.sessions_created[kind as usize].add(1);
         c.sessions_active.set(self.sessions.len() as u64);
         log::debug!("{}: session to {target} ({})", key.client, kind.as_str());
-        Some(id)
+        id
     }
 
     /// A control packet on a live session: move it to the new grant's backend.
@@ -539,8 +616,8 @@ impl Worker {
             self.counters().drop(DropReason::MalformedControl, 1);
             return;
         };
-        let (to, target) = match self.redeem(token, port, now) {
-            Ok(granted) => granted,
+        let (grant, target) = match self.find_grant(token, port, now) {
+            Ok(found) => found,
             Err(reason) => {
                 if let Some(note) = self.warn_gate.admit(now) {
                     log::warn!(
@@ -552,13 +629,10 @@ impl Worker {
                 return;
             }
         };
-        // Redeeming may have drained control messages that ended this session meanwhile.
-        let from = match self.retarget(id, to, target, SessionKind::Token, now) {
-            Ok(Some(from)) => from,
-            Ok(None) => {
-                log::debug!("{client}: session ended while its control packet was handled");
-                return;
-            }
+        // The new socket first, the token after: a socket that cannot be made leaves both the
+        // session and the token as they were.
+        let upstream = match self.open_upstream(target, Token(FIRST_SESSION + id.slot())) {
+            Ok(upstream) => upstream,
             Err(e) => {
                 if let Some(note) = self.warn_gate.admit(now) {
                     log::warn!(
@@ -568,6 +642,17 @@ impl Worker {
                 self.counters().drop(DropReason::UpstreamSetup, 1);
                 return;
             }
+        };
+        if let Err(reason) = grant.redeem(port, now) {
+            let mut unused = upstream;
+            let _ = self.poll.registry().deregister(&mut unused);
+            self.counters().reject(reason);
+            self.counters().drop(DropReason::TokenRejected, 1);
+            return;
+        }
+        let to = grant.backend.id;
+        let Some(from) = self.retarget(id, to, target, upstream, SessionKind::Token, now) else {
+            return;
         };
         let c = self.counters();
         c.sessions_reset.add(1);
@@ -580,40 +665,26 @@ impl Worker {
         });
     }
 
-    /// Points a session at a new backend through a fresh upstream socket. The old socket is
-    /// closed, so late replies from the old backend are dropped by the kernel.
-    ///
-    /// Returns the backend the session left, read at the moment of the move: the session may
-    /// have been moved or ended by control messages drained since the caller looked at it, and
-    /// `Ok(None)` says it no longer exists.
+    /// Points a session at a new backend through `upstream`, a fresh socket already registered
+    /// under the session's token. The old socket is closed, so late replies from the old backend
+    /// are dropped by the kernel. Returns the backend the session left (`None`: no such session).
     fn retarget(
         &mut self,
         id: SessionId,
         backend: BackendId,
         target: SocketAddr,
+        upstream: UpstreamSocket,
         kind: SessionKind,
         now: Instant,
-    ) -> io::Result<Option<BackendId>> {
-        if self.sessions.get_mut(id).is_none() {
-            return Ok(None);
-        }
-        let mut upstream = connect_upstream_udp(target)?;
-        let registry = self.poll.registry();
-        let Some(session) = self.sessions.get_mut(id) else {
-            return Ok(None);
-        };
-        let token = Token(FIRST_SESSION + id.slot());
-        registry.deregister(&mut session.upstream)?;
-        if let Err(e) = registry.register(&mut upstream, token, Interest::READABLE) {
-            // Put the old socket back so the session keeps working where it was.
-            registry.register(&mut session.upstream, token, Interest::READABLE)?;
-            return Err(e);
-        }
-        session.upstream = upstream;
+    ) -> Option<BackendId> {
+        let session = self.sessions.get_mut(id)?;
+        let mut old = std::mem::replace(&mut session.upstream, upstream);
         session.target = target;
         session.kind = kind;
         session.last_active = now;
-        Ok(Some(std::mem::replace(&mut session.backend, backend)))
+        let from = std::mem::replace(&mut session.backend, backend);
+        let _ = self.poll.registry().deregister(&mut old);
+        Some(from)
     }
 
     // ---- backend side ----------------------------------------------------------------------

@@ -182,7 +182,35 @@ fn port_in_use_is_a_clear_start_error() {
     }]);
     cfg.workers = std::num::NonZeroUsize::new(1).unwrap();
     let err = dataplane::DataPlane::start(cfg).unwrap_err();
-    assert!(err.to_string().contains("could not bind"), "{err}");
+    let port = taken.local_addr().unwrap().to_string();
+    assert!(
+        err.to_string().contains("already in use") && err.to_string().contains(&port),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_second_data_plane_on_the_same_port_is_refused() {
+    // The first holds the port the way every instance does: SO_REUSEADDR + SO_REUSEPORT.
+    let first = Proxy::start(2, |_| {});
+    let mut cfg = dataplane::DataPlaneConfig::with_ports(vec![dataplane::DataPortConfig {
+        name: "game".into(),
+        bind: first.addr(),
+    }]);
+    cfg.workers = std::num::NonZeroUsize::new(2).unwrap();
+    let err = dataplane::DataPlane::start(cfg).unwrap_err();
+    assert!(
+        err.to_string().contains(&first.addr().to_string())
+            && err.to_string().contains("already in use"),
+        "{err}"
+    );
+    // The first still serves.
+    let echo = Echo::spawn("127.0.0.1:0", None);
+    let c = client();
+    c.send_to(first.grant_one(1, echo.addr).as_bytes(), first.addr())
+        .unwrap();
+    c.send_to(b"still mine", first.addr()).unwrap();
+    assert_eq!(expect_datagram(&c), b"still mine");
 }
 
 #[test]
@@ -214,4 +242,61 @@ fn workers_pinned_to_core_0() -> usize {
             (name.starts_with("dp-worker-") && cpus == "0").then_some(())
         })
         .count()
+}
+
+/// Kills every session of `client` through the control API and returns how many ended.
+fn kill(proxy: &Proxy, client: std::net::SocketAddr) -> usize {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let tx = std::sync::Mutex::new(tx);
+    let asked = proxy.ctl.kill_sessions(
+        ClientMatch::Addr(client),
+        Arc::new(move |n| tx.lock().unwrap().send(n).unwrap()),
+    );
+    (0..asked).map(|_| rx.recv_timeout(WAIT).unwrap()).sum()
+}
+
+#[test]
+fn a_token_refused_at_max_sessions_redeems_once_a_slot_frees() {
+    let proxy = Proxy::start(2, |cfg| cfg.max_sessions = 1);
+    let echo = Echo::plain();
+    let holder = client();
+    holder
+        .send_to(proxy.grant_one(1, echo.addr).as_bytes(), proxy.addr())
+        .unwrap();
+    proxy.eventually("one session", |p| p.sessions().len() == 1);
+    let player = client();
+    let token = proxy.grant_one(1, echo.addr);
+    player.send_to(token.as_bytes(), proxy.addr()).unwrap();
+    proxy.eventually("refused at the cap", |p| {
+        p.ctl.counters().dropped(DropReason::SessionLimit) == 1
+    });
+    assert_eq!(kill(&proxy, holder.local_addr().unwrap()), 1);
+    // The retry with the same token opens the session.
+    player.send_to(token.as_bytes(), proxy.addr()).unwrap();
+    player.send_to(b"in", proxy.addr()).unwrap();
+    assert_eq!(expect_datagram(&player), b"in");
+    assert_eq!(proxy.ctl.counters().tokens_redeemed, 2);
+    assert_eq!(proxy.ctl.counters().tokens_rejected.iter().sum::<u64>(), 0);
+}
+
+#[test]
+fn a_token_refused_at_max_sessions_per_ip_redeems_once_a_slot_frees() {
+    let proxy = Proxy::start(2, |cfg| cfg.max_sessions_per_ip = Some(1));
+    let echo = Echo::plain();
+    let holder = client();
+    holder
+        .send_to(proxy.grant_one(1, echo.addr).as_bytes(), proxy.addr())
+        .unwrap();
+    proxy.eventually("one session", |p| p.sessions().len() == 1);
+    let player = client();
+    let token = proxy.grant_one(1, echo.addr);
+    player.send_to(token.as_bytes(), proxy.addr()).unwrap();
+    proxy.eventually("refused at the per-IP cap", |p| {
+        p.ctl.counters().dropped(DropReason::IpLimit) == 1
+    });
+    assert_eq!(kill(&proxy, holder.local_addr().unwrap()), 1);
+    player.send_to(token.as_bytes(), proxy.addr()).unwrap();
+    player.send_to(b"in", proxy.addr()).unwrap();
+    assert_eq!(expect_datagram(&player), b"in");
+    assert_eq!(proxy.ctl.counters().tokens_rejected.iter().sum::<u64>(), 0);
 }

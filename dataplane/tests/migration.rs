@@ -126,3 +126,44 @@ fn late_replies_from_the_old_server_are_dropped() {
     old.send_to(b"late", session_peer).unwrap();
     expect_nothing(&c, Duration::from_millis(200));
 }
+
+/// An upstream socket that cannot be made (connect(2) to the broadcast address without
+/// `SO_BROADCAST` fails with EACCES) must not spend the token, on a first datagram or on a
+/// control packet: the retry fails the same way instead of as `used`.
+#[test]
+fn a_socket_that_cannot_be_made_spends_no_token() {
+    let proxy = Proxy::start(2, |_| {});
+    let a = Echo::tagged(b'A');
+    let unreachable: std::net::SocketAddr = "255.255.255.255:9".parse().unwrap();
+
+    let fresh = client();
+    let token = proxy.grant_one(1, unreachable);
+    for _ in 0..2 {
+        fresh.send_to(token.as_bytes(), proxy.addr()).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    proxy.eventually("both first datagrams refused at setup", |p| {
+        p.ctl.counters().dropped(DropReason::UpstreamSetup) == 2
+    });
+
+    let c = client();
+    c.send_to(proxy.grant_one(1, a.addr).as_bytes(), proxy.addr())
+        .unwrap();
+    let mut seq = 0u32;
+    exchange(&c, &proxy, b'A', &mut seq, 3);
+    let token = proxy.grant_one(2, unreachable);
+    for _ in 0..2 {
+        c.send_to(&control_packet(&token), proxy.addr()).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    proxy.eventually("both control packets refused at setup", |p| {
+        p.ctl.counters().dropped(DropReason::UpstreamSetup) == 4
+    });
+    assert_eq!(
+        proxy.ctl.counters().rejected(TokenRejectReason::Used),
+        0,
+        "no token was spent"
+    );
+    // The session is where it was.
+    exchange(&c, &proxy, b'A', &mut seq, 3);
+}

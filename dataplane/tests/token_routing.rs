@@ -206,7 +206,7 @@ fn multi_port_grant_redeems_once_per_port() {
 #[test]
 fn ipv6_loopback() {
     if std::net::UdpSocket::bind("[::1]:0").is_err() {
-        eprintln!("SKIPPED: no IPv6 loopback on this machine");
+        testkit::skip_test("no IPv6 loopback on this machine");
         return;
     }
     let proxy = Proxy::start_on("[::]:0", 2, |_| {});

@@ -237,7 +237,10 @@ resourceQueryMapping:
         ports,
         &vec![
             (1, PortSource::Name("voip".into())),
-            (0, PortSource::Path("spec.gamePort".into()))
+            (
+                0,
+                PortSource::Path(JsonPath::parse("spec.gamePort").unwrap())
+            )
         ]
     );
     assert_eq!(c.mappings["pod"].api_version(), "v1");
@@ -247,9 +250,125 @@ resourceQueryMapping:
 fn affinity_forms() {
     let c = Config::from_yaml(&with("cpuAffinity: auto\n")).unwrap();
     assert_eq!(c.affinity, dataplane::WorkerAffinity::Auto);
-    let c = Config::from_yaml(&with("cpuAffinity: [2, 3]\nworkers: 2\n")).unwrap();
-    assert_eq!(c.affinity, dataplane::WorkerAffinity::Cores(vec![2, 3]));
+    let first = dataplane::available_cores()[0];
+    let c = Config::from_yaml(&with(&format!("cpuAffinity: [{first}]\nworkers: 2\n"))).unwrap();
+    assert_eq!(c.affinity, dataplane::WorkerAffinity::Cores(vec![first]));
     assert_eq!(c.workers.get(), 2);
+    assert_eq!(
+        affinity(Some(RawAffinity::Cores(vec![2, 3])), &[0, 1, 2, 3]).unwrap(),
+        dataplane::WorkerAffinity::Cores(vec![2, 3])
+    );
+}
+
+#[test]
+fn affinity_names_cores_this_machine_lacks() {
+    let e = affinity(Some(RawAffinity::Cores(vec![1, 99, 100])), &[0, 1])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("cpuAffinity") && e.contains("99, 100") && e.contains("available: 0, 1"),
+        "{e}"
+    );
+    let e = err(&with("cpuAffinity: [99999]\n"));
+    assert!(e.contains("cpuAffinity") && e.contains("99999"), "{e}");
+}
+
+#[test]
+fn workers_are_bounded() {
+    let e = err(&with("workers: 10000\n"));
+    assert!(e.contains("workers") && e.contains("1024"), "{e}");
+    assert_eq!(
+        Config::from_yaml(&with("workers: 1024\n"))
+            .unwrap()
+            .workers
+            .get(),
+        1024
+    );
+}
+
+#[test]
+fn query_and_admin_ports_differ() {
+    let e = err(&with("queryPort: 9100\nadminPort: 9100\n"));
+    assert!(e.contains("adminPort") && e.contains("queryPort"), "{e}");
+    // Port 0 twice is two free ports, not a clash.
+    Config::from_yaml(&with("queryPort: 0\nadminPort: 0\n")).unwrap();
+}
+
+#[test]
+fn paths_are_parsed_at_load() {
+    let e = err(r#"
+resourceQueryMapping:
+  gs: {group: a, version: v1, resource: gs, addressPath: "status..address", portName: p}
+"#);
+    assert!(e.contains("resourceQueryMapping.gs.addressPath"), "{e}");
+    let e = err(r#"
+resourceQueryMapping:
+  gs: {group: a, version: v1, resource: gs, addressPath: status.address, portPath: "spec.ports[x]"}
+"#);
+    assert!(e.contains("resourceQueryMapping.gs.portPath"), "{e}");
+    let e = err(r#"
+dataPorts: [{name: a, port: 1}]
+resourceQueryMapping:
+  gs: {group: a, version: v1, resource: gs, addressPath: status.address, ports: [{name: a, portPath: "p[1"}]}
+"#);
+    assert!(
+        e.contains("resourceQueryMapping.gs.ports[0].portPath"),
+        "{e}"
+    );
+}
+
+#[test]
+fn sessions_api_and_query_limits() {
+    let c = Config::from_yaml(MINIMAL).unwrap();
+    assert_eq!(c.sessions_api, SessionsApiAuth::Loopback);
+    assert_eq!(c.max_query_connections_per_ip, 32);
+    let c = Config::from_yaml(&with(
+        "sessionsApi: {auth: kubernetes}\nmaxQueryConnectionsPerIp: 4\n",
+    ))
+    .unwrap();
+    assert_eq!(c.sessions_api, SessionsApiAuth::Kubernetes);
+    assert_eq!(c.max_query_connections_per_ip, 4);
+    assert!(err(&with("sessionsApi: {auth: open}\n")).contains("sessionsApi.auth"));
+    assert!(err(&with("sessionsApi: {}\n")).contains("auth"));
+    assert!(err(&with("maxQueryConnectionsPerIp: 0\n")).contains("maxQueryConnectionsPerIp"));
+}
+
+#[test]
+fn inventory_max_bytes() {
+    let c = Config::from_yaml(MINIMAL).unwrap();
+    assert!(matches!(
+        c.inventory,
+        InventoryConfig::File {
+            max_bytes: DEFAULT_INVENTORY_MAX_BYTES,
+            ..
+        }
+    ));
+    let c = Config::from_yaml(
+        "inventory: {kind: file, path: x, maxBytes: 1000}\nresourceQueryMapping: {}",
+    )
+    .unwrap();
+    assert!(matches!(
+        c.inventory,
+        InventoryConfig::File {
+            max_bytes: 1000,
+            ..
+        }
+    ));
+    let e = err("inventory: {kind: file, path: x, maxBytes: 0}\nresourceQueryMapping: {}");
+    assert!(e.contains("inventory.maxBytes"), "{e}");
+    let e = err("inventory: {kind: kubernetes, maxBytes: 10}\nresourceQueryMapping: {}");
+    assert!(e.contains("inventory.maxBytes"), "{e}");
+}
+
+#[test]
+fn long_user_strings_are_quoted_short() {
+    let long = "x".repeat(60_000);
+    let q = quote(&long);
+    assert!(q.len() < 200 && q.contains("60000 bytes"), "{q}");
+    assert_eq!(quote("short"), "short");
+    // Multi-byte characters are cut on a boundary.
+    let accents = "é".repeat(100);
+    assert!(quote(&accents).starts_with("éé"));
 }
 
 #[test]

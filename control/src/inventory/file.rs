@@ -1,9 +1,17 @@
 //! The file inventory: a YAML file of Kubernetes-shaped objects, polled for changes. The
 //! embedded default for running without a cluster.
+//!
+//! A file is applied only whole and settled (SPEC section 8): a file whose size, mtime or inode
+//! changed since the last poll is still being written and is looked at again on the next one;
+//! an empty file, a file over `maxBytes`, something that is not a regular file, invalid YAML or
+//! any invalid object is refused with the reason, and the last good inventory stays. An
+//! operator who wants an empty inventory writes an explicit empty list (`[]`). Reading and
+//! parsing run on a blocking thread, never on the control thread that answers queries.
 
 use std::collections::BTreeMap;
+use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use serde_json::Value;
 
@@ -11,29 +19,200 @@ use super::{InventoryError, InventorySource, Object, Snapshot};
 use crate::config::Mapping;
 
 /// A YAML file of objects (multi-document, or `kind: List` with `items`, as `kubectl get -o yaml`
-/// prints), re-read when its content changes. Polling, rather than inotify, also sees a ConfigMap
+/// prints), re-read when it changes. Polling, rather than inotify, also sees a ConfigMap
 /// volume's symlink swap.
 #[derive(Debug)]
 pub struct FileSource {
     path: PathBuf,
     poll_interval: Duration,
+    max_bytes: u64,
     mappings: BTreeMap<String, Mapping>,
-    last: Option<Vec<u8>>,
+    /// What the file looked like at the previous poll: a file is read only once it looks the
+    /// same twice in a row.
+    seen: Option<Stamp>,
+    /// The stamp last acted on (applied or refused), so a file is judged once per change.
+    judged: Option<Stamp>,
+    /// Content of the last applied file: a rewrite with the same bytes changes nothing.
+    applied: Option<Vec<u8>>,
+}
+
+/// What identifies one version of the file without reading it.
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+enum Stamp {
+    File {
+        len: u64,
+        modified: Option<SystemTime>,
+        inode: (u64, u64),
+    },
+    /// Missing, unreadable, or not a regular file (a reason is reported once per change).
+    Unusable(std::io::ErrorKind),
+}
+
+impl Stamp {
+    fn of(path: &Path) -> Self {
+        use std::os::unix::fs::MetadataExt;
+        match std::fs::metadata(path) {
+            Ok(m) if m.is_file() => Self::File {
+                len: m.len(),
+                modified: m.modified().ok(),
+                inode: (m.dev(), m.ino()),
+            },
+            Ok(_) => Self::Unusable(std::io::ErrorKind::InvalidInput),
+            Err(e) => Self::Unusable(e.kind()),
+        }
+    }
 }
 
 impl FileSource {
-    /// A source for `path`, checked every `poll_interval`.
+    /// A source for `path`, checked every `poll_interval`; files over `max_bytes` are refused.
     pub fn new(
         path: PathBuf,
         poll_interval: Duration,
+        max_bytes: u64,
         mappings: BTreeMap<String, Mapping>,
     ) -> Self {
         Self {
             path,
             poll_interval,
+            max_bytes,
             mappings,
-            last: None,
+            seen: None,
+            judged: None,
+            applied: None,
         }
+    }
+
+    /// One look at the file: `None` while it is unchanged or not settled, else what to report.
+    async fn poll_once(&mut self) -> Option<Result<Snapshot, InventoryError>> {
+        let path = self.path.clone();
+        let stamp = tokio::task::spawn_blocking(move || Stamp::of(&path))
+            .await
+            .ok()?;
+        let settled = self.seen == Some(stamp);
+        self.seen = Some(stamp);
+        if self.judged == Some(stamp) {
+            return None;
+        }
+        // Nothing is loaded on the first look, so it acts at once; a later change waits until
+        // the file looks the same on two polls in a row.
+        if !settled && self.judged.is_some() {
+            return None;
+        }
+        if let Stamp::Unusable(kind) = stamp {
+            self.judged = Some(stamp);
+            return Some(Err(self.unusable(kind)));
+        }
+        let path = self.path.clone();
+        let max_bytes = self.max_bytes;
+        let mappings = self.mappings.clone();
+        let previous = self.applied.take();
+        let outcome =
+            tokio::task::spawn_blocking(move || load(&path, stamp, max_bytes, &mappings, previous))
+                .await;
+        let Ok((applied, loaded)) = outcome else {
+            self.judged = Some(stamp);
+            return Some(Err(InventoryError::Refused {
+                path: self.path.clone(),
+                reason: "the reader thread failed".into(),
+            }));
+        };
+        self.applied = applied;
+        match loaded {
+            Loaded::Moving(now) => {
+                // Written to while it was read: judge it again once it is still.
+                self.seen = Some(now);
+                None
+            }
+            Loaded::Unchanged => {
+                self.judged = Some(stamp);
+                None
+            }
+            Loaded::Snapshot(snapshot) => {
+                self.judged = Some(stamp);
+                Some(Ok(snapshot))
+            }
+            Loaded::Refused(e) => {
+                self.judged = Some(stamp);
+                Some(Err(e))
+            }
+        }
+    }
+
+    fn unusable(&self, kind: std::io::ErrorKind) -> InventoryError {
+        match kind {
+            std::io::ErrorKind::InvalidInput => InventoryError::Refused {
+                path: self.path.clone(),
+                reason: "not a regular file".into(),
+            },
+            kind => InventoryError::Read {
+                path: self.path.clone(),
+                source: kind.into(),
+            },
+        }
+    }
+}
+
+/// What reading one settled version of the file gave.
+enum Loaded {
+    /// The same bytes as the inventory already applied.
+    Unchanged,
+    /// The file changed while it was read; this is its stamp now.
+    Moving(Stamp),
+    /// A complete, valid inventory.
+    Snapshot(Snapshot),
+    /// Not applied, for this reason.
+    Refused(InventoryError),
+}
+
+/// Reads at most `max_bytes + 1` bytes, checks the file did not change meanwhile, parses it and
+/// builds the snapshot. Returns the content to remember as applied, and the outcome. Runs on a
+/// blocking thread.
+fn load(
+    path: &Path,
+    stamp: Stamp,
+    max_bytes: u64,
+    mappings: &BTreeMap<String, Mapping>,
+    previous: Option<Vec<u8>>,
+) -> (Option<Vec<u8>>, Loaded) {
+    let refuse = |reason: String| {
+        Loaded::Refused(InventoryError::Refused {
+            path: path.to_owned(),
+            reason,
+        })
+    };
+    let mut bytes = Vec::new();
+    let read = std::fs::File::open(path)
+        .and_then(|f| f.take(max_bytes.saturating_add(1)).read_to_end(&mut bytes));
+    if let Err(source) = read {
+        let e = InventoryError::Read {
+            path: path.to_owned(),
+            source,
+        };
+        return (previous, Loaded::Refused(e));
+    }
+    let now = Stamp::of(path);
+    if now != stamp {
+        return (previous, Loaded::Moving(now));
+    }
+    if bytes.len() as u64 > max_bytes {
+        let reason = format!(
+            "larger than inventory.maxBytes ({max_bytes} bytes); raise it or split the fleet"
+        );
+        return (previous, refuse(reason));
+    }
+    if previous.as_deref() == Some(bytes.as_slice()) {
+        return (previous, Loaded::Unchanged);
+    }
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        let reason = "the file is empty (write `[]` for an empty inventory)".to_string();
+        return (previous, refuse(reason));
+    }
+    match parse_objects(&bytes, path) {
+        Ok(objects) => {
+            let snapshot = Snapshot::build(objects, mappings);
+            (Some(bytes), Loaded::Snapshot(snapshot))
+        }
+        Err(e) => (previous, Loaded::Refused(e)),
     }
 }
 
@@ -44,37 +223,24 @@ impl InventorySource for FileSource {
 
     async fn next(&mut self) -> Result<Snapshot, InventoryError> {
         loop {
-            let read = tokio::fs::read(&self.path).await;
-            match read {
-                Ok(bytes) if self.last.as_ref() != Some(&bytes) => {
-                    let parsed = parse_objects(&bytes, &self.path);
-                    self.last = Some(bytes);
-                    let snapshot = Snapshot::build(parsed?, &self.mappings);
+            if let Some(result) = self.poll_once().await {
+                if let Ok(snapshot) = &result {
                     log::info!("inventory from {}: {}", self.describe(), snapshot.counts());
-                    return Ok(snapshot);
                 }
-                Ok(_) => {}
-                Err(source) => {
-                    // Report a missing or unreadable file once, not every poll.
-                    if self.last.as_ref().is_none_or(|l| !l.is_empty()) {
-                        self.last = Some(Vec::new());
-                        return Err(InventoryError::Read {
-                            path: self.path.clone(),
-                            source,
-                        });
-                    }
-                }
+                return result;
             }
             tokio::time::sleep(self.poll_interval).await;
         }
     }
 }
 
-/// Parses a YAML stream of objects; `List` documents are flattened. Objects without the basic
-/// metadata are skipped with a warning rather than failing the whole file.
+/// Parses a YAML stream of objects; `List` documents and top-level sequences are flattened.
+/// The whole file is refused when any object lacks the basic metadata, or when the file holds
+/// no list and no object (say `[]` to mean "no objects").
 pub fn parse_objects(bytes: &[u8], path: &Path) -> Result<Vec<Object>, InventoryError> {
     use serde::Deserialize;
     let mut values = Vec::new();
+    let mut explicit_list = false;
     for doc in serde_yaml::Deserializer::from_slice(bytes) {
         let value = Value::deserialize(doc).map_err(|source| InventoryError::Parse {
             path: path.to_owned(),
@@ -82,23 +248,35 @@ pub fn parse_objects(bytes: &[u8], path: &Path) -> Result<Vec<Object>, Inventory
         })?;
         match value {
             Value::Null => {}
-            Value::Object(ref m) if m.get("items").is_some_and(Value::is_array) => {
-                if let Some(Value::Array(items)) = m.get("items") {
-                    values.extend(items.iter().cloned());
+            Value::Object(mut m) if m.get("items").is_some_and(Value::is_array) => {
+                explicit_list = true;
+                if let Some(Value::Array(items)) = m.remove("items") {
+                    values.extend(items);
                 }
             }
-            Value::Array(items) => values.extend(items),
+            Value::Array(items) => {
+                explicit_list = true;
+                values.extend(items);
+            }
             other => values.push(other),
         }
     }
-    let mut objects = Vec::with_capacity(values.len());
-    for (i, v) in values.into_iter().enumerate() {
-        match Object::from_value(v) {
-            Ok(o) => objects.push(o),
-            Err(e) => log::warn!("{}: object #{i} skipped: {e}", path.display()),
-        }
+    if values.is_empty() && !explicit_list {
+        return Err(InventoryError::Refused {
+            path: path.to_owned(),
+            reason: "no objects and no list (write `[]` for an empty inventory)".into(),
+        });
     }
-    Ok(objects)
+    values
+        .into_iter()
+        .enumerate()
+        .map(|(i, v)| {
+            Object::from_value(v).map_err(|e| InventoryError::Refused {
+                path: path.to_owned(),
+                reason: format!("object #{i}: {e}"),
+            })
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -138,12 +316,9 @@ metadata: {name: arena}
 apiVersion: agones.dev/v1beta1
 kind: GameServer
 metadata: {name: old-version}
----
-kind: GameServer
-metadata: {name: no-api-version}
 "#;
         let objects = parse_objects(list.as_bytes(), "t.yaml".as_ref()).unwrap();
-        assert_eq!(objects.len(), 6, "one object without apiVersion skipped");
+        assert_eq!(objects.len(), 6);
         let snap = Snapshot::build(objects, &config.mappings);
         assert_eq!(snap.by_mapping["gameserver"].len(), 1);
         assert_eq!(snap.by_mapping["pod"].len(), 1);
@@ -163,6 +338,109 @@ metadata: {name: no-api-version}
     #[test]
     fn invalid_yaml_is_an_error() {
         assert!(parse_objects(b"a: [unclosed", "t.yaml".as_ref()).is_err());
+    }
+
+    #[test]
+    fn one_invalid_object_refuses_the_file() {
+        let text = "- {apiVersion: v1, kind: Pod, metadata: {name: ok}}\n\
+                    - {kind: GameServer, metadata: {name: no-api-version}}\n";
+        let e = parse_objects(text.as_bytes(), "t.yaml".as_ref()).unwrap_err();
+        assert!(
+            e.to_string().contains("object #1: missing apiVersion"),
+            "{e}"
+        );
+        // Cut off mid-object: the last object lost its metadata.
+        let cut =
+            "- {apiVersion: v1, kind: Pod, metadata: {name: a}}\n- apiVersion: v1\n  kind: Pod\n";
+        assert!(parse_objects(cut.as_bytes(), "t.yaml".as_ref()).is_err());
+    }
+
+    #[test]
+    fn only_an_explicit_list_is_empty() {
+        for empty in ["[]", "items: []", "apiVersion: v1\nkind: List\nitems: []\n"] {
+            let objects = parse_objects(empty.as_bytes(), "t.yaml".as_ref()).unwrap();
+            assert!(objects.is_empty(), "{empty}");
+        }
+        for nothing in ["", "# just a comment\n", "---\n---\n"] {
+            let e = parse_objects(nothing.as_bytes(), "t.yaml".as_ref()).unwrap_err();
+            assert!(e.to_string().contains("[]"), "{nothing:?}: {e}");
+        }
+    }
+
+    fn source(path: &Path, max_bytes: u64) -> FileSource {
+        let config = Config::from_yaml(CONFIG).unwrap();
+        FileSource::new(
+            path.to_owned(),
+            Duration::from_millis(10),
+            max_bytes,
+            config.mappings,
+        )
+    }
+
+    fn gameservers(n: usize) -> String {
+        (0..n)
+            .map(|i| {
+                format!("- {{apiVersion: agones.dev/v1, kind: GameServer, metadata: {{name: gs-{i}}}}}\n")
+            })
+            .collect()
+    }
+
+    /// Drives one poll at a time, as `next` does between its sleeps.
+    #[tokio::test]
+    async fn a_change_is_applied_only_once_settled_and_whole() {
+        let dir = std::env::temp_dir().join(format!("inv-settle-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("inv.yaml");
+        std::fs::write(&path, gameservers(2)).unwrap();
+        let mut src = source(&path, 4096);
+        let first = src.poll_once().await.unwrap().unwrap();
+        assert_eq!(
+            first.by_mapping["gameserver"].len(),
+            2,
+            "first look applies at once"
+        );
+        assert!(src.poll_once().await.is_none(), "unchanged");
+
+        // A change waits one poll, then applies.
+        std::fs::write(&path, gameservers(3)).unwrap();
+        assert!(src.poll_once().await.is_none(), "not settled yet");
+        let next = src.poll_once().await.unwrap().unwrap();
+        assert_eq!(next.by_mapping["gameserver"].len(), 3);
+
+        // Truncated to nothing: refused once, then quiet.
+        std::fs::write(&path, "").unwrap();
+        assert!(src.poll_once().await.is_none());
+        let e = src.poll_once().await.unwrap().unwrap_err();
+        assert!(e.to_string().contains("empty"), "{e}");
+        assert!(
+            src.poll_once().await.is_none(),
+            "a refusal is reported once"
+        );
+
+        // Over maxBytes: refused.
+        std::fs::write(&path, gameservers(200)).unwrap();
+        assert!(src.poll_once().await.is_none());
+        let e = src.poll_once().await.unwrap().unwrap_err();
+        assert!(e.to_string().contains("maxBytes"), "{e}");
+
+        // Not a regular file (a symlink to a device).
+        std::fs::remove_file(&path).unwrap();
+        std::os::unix::fs::symlink("/dev/zero", &path).unwrap();
+        assert!(src.poll_once().await.is_none());
+        let e = src.poll_once().await.unwrap().unwrap_err();
+        assert!(e.to_string().contains("not a regular file"), "{e}");
+        std::fs::remove_file(&path).unwrap();
+
+        // Fixed: applied again; an explicit empty list empties it.
+        std::fs::write(&path, gameservers(1)).unwrap();
+        assert!(src.poll_once().await.is_none());
+        let fixed = src.poll_once().await.unwrap().unwrap();
+        assert_eq!(fixed.by_mapping["gameserver"].len(), 1);
+        std::fs::write(&path, "[]\n").unwrap();
+        assert!(src.poll_once().await.is_none());
+        let empty = src.poll_once().await.unwrap().unwrap();
+        assert!(empty.by_mapping["gameserver"].is_empty());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

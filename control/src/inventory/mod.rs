@@ -221,6 +221,14 @@ pub enum InventoryError {
         /// Parser message, with position.
         source: serde_yaml::Error,
     },
+    /// The file is readable YAML but is not applied: empty, too large, or an invalid object.
+    #[error("{path} not applied: {reason}")]
+    Refused {
+        /// File path.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
 }
 
 /// Something that yields the current inventory, then each changed one.

@@ -126,6 +126,14 @@ impl<S> SessionTable<S> {
         }
     }
 
+    /// The slab slot the next [`Self::insert`] will use, so a session's socket can be registered
+    /// under its final `mio::Token` before the session exists (and before a token is spent on it).
+    pub fn next_slot(&self) -> usize {
+        self.free
+            .last()
+            .map_or(self.slots.len(), |&slot| slot as usize)
+    }
+
     /// Adds a session; the caller has checked that `session.key` is not present.
     pub fn insert(&mut self, session: Session<S>) -> SessionId {
         let key = session.key;

@@ -27,7 +27,9 @@ fn session(n: u16, now: Instant) -> Session<()> {
 fn insert_find_remove_and_slot_reuse() {
     let t0 = Instant::now();
     let mut table = SessionTable::new(Duration::from_secs(10), t0);
+    assert_eq!(table.next_slot(), 0);
     let a = table.insert(session(1, t0));
+    assert_eq!((a.slot(), table.next_slot()), (0, 1));
     let b = table.insert(session(2, t0));
     assert_eq!(table.find(&key(1)), Some(a));
     assert_eq!(table.find(&key(2)), Some(b));
@@ -35,6 +37,7 @@ fn insert_find_remove_and_slot_reuse() {
     assert!(table.remove(a).is_some());
     assert!(table.remove(a).is_none(), "double remove is a no-op");
     assert_eq!(table.find(&key(1)), None);
+    assert_eq!(table.next_slot(), a.slot(), "the freed slot is next");
     let c = table.insert(session(3, t0));
     assert_eq!(c.slot(), a.slot(), "slot reused");
     assert!(

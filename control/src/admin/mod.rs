@@ -1,56 +1,96 @@
 //! Admin HTTP (SPEC section 8): `/metrics`, `/healthz`, `/readyz`, `GET /sessions` and
 //! `DELETE /sessions/{client}`, on hyper's HTTP/1 server.
+//!
+//! Health and metrics are read-only and answer anyone (probes, Prometheus). The sessions API
+//! shows player addresses and ends sessions, so [`auth`] decides who gets it. Like the query
+//! server, the admin server bounds what a client can hold: a header-read timeout, a cap on
+//! connections in total and per source address, and a bounded read buffer per connection.
+
+pub mod auth;
 
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use dataplane::WarnGate;
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::conn_limit::ConnectionSlots;
 use crate::director::Director;
 use crate::metrics::Metrics;
+use auth::{Authorizer, Decision, Verb};
 use dataplane::ctl::ClientMatch;
 
 /// How long a session listing waits for the workers.
 const WORKER_REPLY_TIMEOUT: Duration = Duration::from_secs(2);
+/// A client must send a request's headers within this long (also between keep-alive requests).
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// Concurrent admin connections, in total and from one address: enough for probes, a few
+/// Prometheus servers and operators, far below the open-file limit.
+pub const MAX_ADMIN_CONNECTIONS: usize = 256;
+/// See [`MAX_ADMIN_CONNECTIONS`].
+pub const MAX_ADMIN_CONNECTIONS_PER_IP: usize = 32;
+/// Read buffer of one connection (hyper's minimum is 8 KiB): requests here are a line and a few
+/// headers.
+const MAX_BUF_BYTES: usize = 16 * 1024;
+
+/// What the admin handlers share.
+#[derive(Debug)]
+pub struct Admin {
+    /// Control state.
+    pub director: Arc<Director>,
+    /// Metrics registry.
+    pub metrics: Arc<Metrics>,
+    /// Sessions API access.
+    pub authorizer: Authorizer,
+}
 
 /// Serves admin requests until `stop` turns true.
-pub async fn serve(
-    listener: TcpListener,
-    director: Arc<Director>,
-    metrics: Arc<Metrics>,
-    mut stop: watch::Receiver<bool>,
-) {
+pub async fn serve(listener: TcpListener, admin: Arc<Admin>, mut stop: watch::Receiver<bool>) {
+    let slots = ConnectionSlots::new(MAX_ADMIN_CONNECTIONS, MAX_ADMIN_CONNECTIONS_PER_IP);
+    let mut refusal_log = WarnGate::new();
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
             _ = stop.wait_for(|s| *s) => return,
         };
-        let Ok((stream, _)) = accepted else {
+        let Ok((stream, peer)) = accepted else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
-        let director = Arc::clone(&director);
-        let metrics = Arc::clone(&metrics);
+        let slot = match slots.try_acquire(peer.ip()) {
+            Ok(slot) => slot,
+            Err(refusal) => {
+                if let Some(note) = refusal_log.admit(Instant::now()) {
+                    log::warn!("admin server: refusing {peer}: {refusal}{note}");
+                }
+                drop(stream);
+                continue;
+            }
+        };
+        let admin = Arc::clone(&admin);
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {
-                let director = Arc::clone(&director);
-                let metrics = Arc::clone(&metrics);
-                async move { Ok::<_, Infallible>(route(req, &director, &metrics).await) }
+                let admin = Arc::clone(&admin);
+                async move { Ok::<_, Infallible>(route(req, peer.ip(), &admin).await) }
             });
             if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .max_buf_size(MAX_BUF_BYTES)
                 .serve_connection(TokioIo::new(stream), service)
                 .await
             {
-                log::debug!("admin connection: {e}");
+                log::debug!("admin connection {peer}: {e}");
             }
+            drop(slot);
         });
     }
 }
@@ -67,12 +107,23 @@ fn json_reply(status: StatusCode, value: &serde_json::Value) -> Response<Full<By
     reply(status, "application/json", value.to_string())
 }
 
-async fn route(
-    req: Request<Incoming>,
-    director: &Director,
-    metrics: &Metrics,
-) -> Response<Full<Bytes>> {
+async fn route(req: Request<Incoming>, peer: IpAddr, admin: &Admin) -> Response<Full<Bytes>> {
+    let (director, metrics) = (&admin.director, &admin.metrics);
     let path = req.uri().path();
+    let verb = match (req.method(), path) {
+        (&Method::GET, "/sessions") => Some(Verb::List),
+        (&Method::DELETE, p) if p.starts_with("/sessions/") => Some(Verb::Delete),
+        _ => None,
+    };
+    if let Some(verb) = verb {
+        let authorization = req
+            .headers()
+            .get(hyper::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
+        if let Some(denied) = denied(admin.authorizer.check(peer, authorization, verb).await) {
+            return denied;
+        }
+    }
     match (req.method(), path) {
         (&Method::GET, "/metrics") => reply(
             StatusCode::OK,
@@ -123,6 +174,24 @@ async fn ask_workers<T: Send + 'static>(
     Some(replies)
 }
 
+/// The reply for a refused sessions API request; `None` when allowed.
+fn denied(decision: Decision) -> Option<Response<Full<Bytes>>> {
+    let (status, message) = match decision {
+        Decision::Allow => return None,
+        Decision::Unauthorized(m) => (StatusCode::UNAUTHORIZED, m.to_string()),
+        Decision::Forbidden(m) => (StatusCode::FORBIDDEN, m),
+        Decision::Unavailable(m) => (StatusCode::SERVICE_UNAVAILABLE, m),
+    };
+    let mut response = json_reply(status, &json!({ "error": message }));
+    if status == StatusCode::UNAUTHORIZED {
+        response.headers_mut().insert(
+            hyper::header::WWW_AUTHENTICATE,
+            hyper::header::HeaderValue::from_static("Bearer"),
+        );
+    }
+    Some(response)
+}
+
 fn worker_silent() -> Response<Full<Bytes>> {
     json_reply(
         StatusCode::SERVICE_UNAVAILABLE,
@@ -167,15 +236,20 @@ fn parse_client(text: &str) -> Option<ClientMatch> {
         .replace("%5d", "]")
         .replace("%3A", ":")
         .replace("%3a", ":");
+    // Sessions are keyed by canonical addresses (an IPv4 client on a dual-stack socket is its
+    // IPv4 address), so a `::ffff:a.b.c.d` given here means the same client.
     if let Ok(addr) = decoded.parse::<SocketAddr>() {
-        return Some(ClientMatch::Addr(addr));
+        return Some(ClientMatch::Addr(SocketAddr::new(
+            addr.ip().to_canonical(),
+            addr.port(),
+        )));
     }
     decoded
         .trim_start_matches('[')
         .trim_end_matches(']')
         .parse::<IpAddr>()
         .ok()
-        .map(ClientMatch::Ip)
+        .map(|ip| ClientMatch::Ip(ip.to_canonical()))
 }
 
 async fn kill_sessions(director: &Director, client: &str) -> Response<Full<Bytes>> {
@@ -222,5 +296,13 @@ mod tests {
             Some(ClientMatch::Ip("::1".parse().unwrap()))
         );
         assert_eq!(parse_client("nope"), None);
+        assert_eq!(
+            parse_client("::ffff:10.0.0.1"),
+            Some(ClientMatch::Ip("10.0.0.1".parse().unwrap()))
+        );
+        assert_eq!(
+            parse_client("[::ffff:10.0.0.1]:5000"),
+            Some(ClientMatch::Addr("10.0.0.1:5000".parse().unwrap()))
+        );
     }
 }

@@ -1,0 +1,133 @@
+//! Connection admission for the TCP servers of the control thread (query and admin): a cap on
+//! concurrent connections and one per source IP, so one address cannot take every slot and
+//! lock the others out. A slot is held by a guard and returned when the guard drops.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use ahash::AHashMap;
+use parking_lot::Mutex;
+
+/// Why a connection was refused.
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub enum Refusal {
+    /// Every slot is taken.
+    Total(usize),
+    /// This address holds its share already.
+    PerIp(usize),
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Total(n) => write!(f, "{n} connections open, the most this server takes"),
+            Self::PerIp(n) => write!(
+                f,
+                "{n} connections open from this address, the most it may hold"
+            ),
+        }
+    }
+}
+
+/// Concurrent connections, in total and per source IP.
+#[derive(Debug)]
+pub struct ConnectionSlots {
+    max_total: usize,
+    max_per_ip: usize,
+    open: Mutex<Open>,
+}
+
+#[derive(Debug, Default)]
+struct Open {
+    total: usize,
+    per_ip: AHashMap<IpAddr, usize>,
+}
+
+/// One admitted connection's slot; dropping it frees the slot.
+#[derive(Debug)]
+pub struct Slot {
+    slots: Arc<ConnectionSlots>,
+    ip: IpAddr,
+}
+
+impl ConnectionSlots {
+    /// Slots for at most `max_total` connections, `max_per_ip` of them from one address.
+    pub fn new(max_total: usize, max_per_ip: usize) -> Arc<Self> {
+        Arc::new(Self {
+            max_total,
+            max_per_ip,
+            open: Mutex::new(Open::default()),
+        })
+    }
+
+    /// Admits a connection from `ip` (IPv4-mapped IPv6 counts as the IPv4 address), or says
+    /// which cap refused it.
+    pub fn try_acquire(self: &Arc<Self>, ip: IpAddr) -> Result<Slot, Refusal> {
+        let ip = ip.to_canonical();
+        let mut open = self.open.lock();
+        if open.total >= self.max_total {
+            return Err(Refusal::Total(self.max_total));
+        }
+        let from_ip = open.per_ip.entry(ip).or_insert(0);
+        if *from_ip >= self.max_per_ip {
+            return Err(Refusal::PerIp(self.max_per_ip));
+        }
+        *from_ip += 1;
+        open.total += 1;
+        Ok(Slot {
+            slots: Arc::clone(self),
+            ip,
+        })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut open = self.slots.open.lock();
+        open.total -= 1;
+        if let Some(n) = open.per_ip.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                open.per_ip.remove(&self.ip);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_address_cannot_take_every_slot() {
+        let slots = ConnectionSlots::new(4, 2);
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let b: IpAddr = "10.0.0.2".parse().unwrap();
+        let a1 = slots.try_acquire(a).unwrap();
+        let _a2 = slots.try_acquire(a).unwrap();
+        assert_eq!(slots.try_acquire(a).unwrap_err(), Refusal::PerIp(2));
+        // The mapped form of the same address is the same address.
+        let mapped: IpAddr = "::ffff:10.0.0.1".parse().unwrap();
+        assert_eq!(slots.try_acquire(mapped).unwrap_err(), Refusal::PerIp(2));
+        let _b1 = slots.try_acquire(b).unwrap();
+        let _b2 = slots.try_acquire(b).unwrap();
+        let c: IpAddr = "10.0.0.3".parse().unwrap();
+        assert_eq!(slots.try_acquire(c).unwrap_err(), Refusal::Total(4));
+        drop(a1);
+        let _c1 = slots.try_acquire(c).unwrap();
+        assert!(slots.open.lock().per_ip.len() == 3);
+    }
+
+    #[test]
+    fn slots_come_back() {
+        let slots = ConnectionSlots::new(1, 1);
+        let ip: IpAddr = "::1".parse().unwrap();
+        for _ in 0..3 {
+            let slot = slots.try_acquire(ip).unwrap();
+            assert!(slots.try_acquire(ip).is_err());
+            drop(slot);
+        }
+        assert_eq!(slots.open.lock().total, 0);
+        assert!(slots.open.lock().per_ip.is_empty());
+    }
+}
