@@ -131,10 +131,17 @@ fn overlays_render_to_what_the_proxy_needs() {
             grants(&generated[0]),
             "{name}: clusterrole.yaml is stale; regenerate it with `udp-director rbac {name}/config.yaml`"
         );
+        // Read-only on what it watches; `create` only on the reviews of sessionsApi.auth.
         assert!(
-            grants(&generated[0])
-                .iter()
-                .all(|(_, _, v)| v == "list" || v == "watch")
+            grants(&generated[0]).iter().all(|(g, r, v)| v == "list"
+                || v == "watch"
+                || (v == "create"
+                    && [
+                        ("authentication.k8s.io", "tokenreviews"),
+                        ("authorization.k8s.io", "subjectaccessreviews")
+                    ]
+                    .contains(&(g.as_str(), r.as_str())))),
+            "{name}"
         );
 
         let pod = &of_kind(&docs, "DaemonSet")["spec"]["template"]["spec"];
@@ -280,10 +287,17 @@ fn overlays_apply_to_the_api_server_with_least_privilege() {
             Some(&rbac.join("\n")),
         )
         .unwrap_or_else(|e| panic!("{name}: {e}"));
-        let needed: BTreeSet<String> = grants(of_kind(&docs, "ClusterRole"))
-            .into_iter()
-            .map(|(g, r, _)| qualified(&g, &r))
-            .collect();
+        let granted = grants(of_kind(&docs, "ClusterRole"));
+        let with_verb = |verb: &str| -> BTreeSet<String> {
+            granted
+                .iter()
+                .filter(|(_, _, v)| v == verb)
+                .map(|(g, r, _)| qualified(g, r))
+                .collect()
+        };
+        // What the config watches: list and watch, nothing else.
+        let needed = with_verb("list");
+        assert_eq!(needed, with_verb("watch"), "{name}");
         for resource in &needed {
             for verb in ["list", "watch"] {
                 assert!(can_i(c, verb, resource), "{name}: cannot {verb} {resource}");
@@ -292,6 +306,26 @@ fn overlays_apply_to_the_api_server_with_least_privilege() {
                 assert!(!can_i(c, verb, resource), "{name}: may {verb} {resource}");
             }
         }
+        // `sessionsApi.auth: kubernetes`: create reviews, nothing else.
+        let reviews = with_verb("create");
+        for resource in &reviews {
+            assert!(
+                [
+                    "tokenreviews.authentication.k8s.io",
+                    "subjectaccessreviews.authorization.k8s.io"
+                ]
+                .contains(&resource.as_str()),
+                "{name}: may create {resource}"
+            );
+            assert!(
+                can_i(c, "create", resource),
+                "{name}: cannot create {resource}"
+            );
+            for verb in ["get", "list", "delete"] {
+                assert!(!can_i(c, verb, resource), "{name}: may {verb} {resource}");
+            }
+        }
+        let needed: BTreeSet<String> = needed.union(&reviews).cloned().collect();
         let unneeded = every_resource.iter().filter(|r| !needed.contains(*r));
         for resource in unneeded
             .map(String::as_str)

@@ -26,6 +26,15 @@ fn sigterm_drains_then_exits_cleanly() {
     proxy.eventually("not ready while draining", |p| {
         p.http("GET", "/readyz").0 != 200
     });
+    // The drain can be watched: readiness says 503, liveness stays 200, metrics answer and
+    // queries are told to go elsewhere.
+    assert_eq!(proxy.http("GET", "/readyz").0, 503);
+    assert_eq!(proxy.http("GET", "/healthz").0, 200);
+    assert_eq!(proxy.http("GET", "/metrics").0, 200);
+    assert_eq!(
+        proxy.query(r#"{"resourceType":"gameserver"}"#)["code"],
+        "draining"
+    );
     // Existing sessions keep forwarding during the drain.
     c.send_to(b"during", proxy.data_addr()).unwrap();
     assert_eq!(expect_datagram(&c), b"during");
@@ -40,4 +49,21 @@ fn sigterm_drains_then_exits_cleanly() {
     assert!(status.success(), "{status:?}");
     assert!(took >= Duration::from_millis(1900), "drained for {took:?}");
     assert!(took < Duration::from_secs(6), "took {took:?}");
+}
+
+#[test]
+fn a_second_signal_ends_the_drain_at_once() {
+    let config = base_config("").replace("drainSeconds: 1", "drainSeconds: 60");
+    let mut proxy = Proxy::start(&config, "[]\n");
+    proxy.terminate();
+    proxy.eventually("draining", |p| p.http("GET", "/readyz").0 == 503);
+    let started = Instant::now();
+    proxy.terminate();
+    let status = proxy.child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
 }

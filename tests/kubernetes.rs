@@ -231,3 +231,72 @@ fn a_missing_permission_keeps_the_proxy_unready_and_says_which() {
         "queries wait for every initial list"
     );
 }
+
+#[test]
+fn remote_sessions_api_callers_need_a_token_the_api_server_allows() {
+    let Some(c) = cluster() else { return };
+    let net = match common::netns::NetNs::create() {
+        Ok(net) => net,
+        Err(e) => {
+            skip_test(&format!("cannot make a network namespace: {e}"));
+            return;
+        }
+    };
+    // The static token `ops-token` is user `ops` (scripts/k8s-apiserver.sh); it may list and
+    // delete sessions. `viewer-token` is user `viewer`, with no such grant.
+    c.apply(
+        r#"apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata: {name: udp-director-sessions-operator}
+rules: [{apiGroups: [udp-director.dev], resources: [sessions], verbs: [list, delete]}]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata: {name: udp-director-sessions-operator}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: udp-director-sessions-operator}
+subjects: [{apiGroup: rbac.authorization.k8s.io, kind: User, name: ops}]
+"#,
+    );
+    let ns = c.namespace("sessions-api");
+    let echo = Echo::tagged(1);
+    c.gameserver(&ns, "gs-a", "", "Ready", echo.addr);
+    let p = c.start_proxy_on(&ns, "0.0.0.0");
+    assert_eq!(served_by(&p, &ready_query("gameserver", &ns)), Ok(1));
+    let admin = std::net::SocketAddr::new(net.host_ip, p.admin.port());
+    let remote = |method: &'static str, path: &'static str, token: Option<&'static str>| {
+        let header = token.map(|t| format!("Authorization: Bearer {t}\r\n"));
+        net.run(move || http_request(admin, method, path, header.as_deref().unwrap_or("")))
+    };
+
+    assert_eq!(
+        remote("GET", "/healthz", None).0,
+        200,
+        "probes need no token"
+    );
+    let (status, body) = remote("GET", "/sessions", None);
+    assert_eq!(status, 401, "{body}");
+    assert_eq!(remote("GET", "/sessions", Some("made-up-token")).0, 401);
+    let (status, body) = remote("GET", "/sessions", Some("viewer-token"));
+    assert_eq!(status, 403, "{body}");
+    assert!(
+        body.contains("viewer") && !body.contains("127.0.0.1"),
+        "{body}"
+    );
+    let (status, body) = remote("GET", "/sessions", Some("ops-token"));
+    assert_eq!(status, 200, "{body}");
+    let sessions: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
+    assert_eq!(sessions.len(), 1, "{body}");
+
+    assert_eq!(
+        remote("DELETE", "/sessions/127.0.0.1", Some("viewer-token")).0,
+        403
+    );
+    assert_eq!(
+        p.sessions().len(),
+        1,
+        "loopback needs no token; nothing killed yet"
+    );
+    let (status, body) = remote("DELETE", "/sessions/127.0.0.1", Some("ops-token"));
+    assert_eq!((status, body.as_str()), (200, r#"{"killed":1}"#));
+    assert!(p.sessions().is_empty());
+}

@@ -177,6 +177,20 @@ impl Cluster {
         proxy
     }
 
+    /// Starts a proxy as [`Cluster::start_proxy`] does, on `bind_address` instead of loopback.
+    pub fn start_proxy_on(&self, namespace: &str, bind_address: &str) -> Proxy {
+        let config = PROXY_CONFIG.replace("NAMESPACE", namespace).replace(
+            "bindAddress: 127.0.0.1",
+            &format!("bindAddress: {bind_address}"),
+        );
+        let kubeconfig = self.proxy_kubeconfig();
+        let proxy = Proxy::launch(&config, "", &[("KUBECONFIG", kubeconfig.as_os_str())]);
+        proxy.eventually_within(READY_WITHIN, "proxy ready", |p| {
+            p.http("GET", "/readyz").0 == 200
+        });
+        proxy
+    }
+
     /// Starts a proxy as [`Cluster::start_proxy`] does, without waiting for it to be ready.
     pub fn launch_proxy(&self, namespace: &str, extra: &str) -> Proxy {
         let config = format!("{}{extra}", PROXY_CONFIG.replace("NAMESPACE", namespace));

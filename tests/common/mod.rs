@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 pub use testkit::*;
 
 pub mod cluster;
+pub mod netns;
 
 /// A running proxy process and its scratch directory.
 pub struct Proxy {
@@ -165,24 +166,7 @@ impl Proxy {
 
     /// A minimal HTTP/1.1 request to the admin port: (status, body).
     pub fn http(&self, method: &str, path: &str) -> (u16, String) {
-        let Ok(mut s) = TcpStream::connect(self.admin) else {
-            return (0, String::new());
-        };
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        write!(
-            s,
-            "{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
-        )
-        .unwrap();
-        let mut text = String::new();
-        let _ = s.read_to_string(&mut text);
-        let status = text
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(0);
-        let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
-        (status, body.to_string())
+        http_request(self.admin, method, path, "")
     }
 
     /// The value of a metric line (exact name with labels), 0 when absent.
@@ -225,6 +209,28 @@ impl Drop for Proxy {
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// A minimal HTTP/1.1 request with extra header lines (each ending in `\r\n`): (status, body);
+/// status 0 when the connection failed or closed without an answer.
+pub fn http_request(addr: SocketAddr, method: &str, path: &str, headers: &str) -> (u16, String) {
+    let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_secs(5)) else {
+        return (0, String::new());
+    };
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let _ = write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n{headers}\r\n"
+    );
+    let mut text = String::new();
+    let _ = s.read_to_string(&mut text);
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    (status, body.to_string())
 }
 
 pub fn control_packet(token: &str) -> Vec<u8> {

@@ -1,0 +1,95 @@
+//! A network namespace joined to this host by a veth pair, so a test has a client that is not
+//! on loopback: the proxy sees it arrive from the namespace's address. Traffic stays between
+//! this host and the namespace the test made; the namespace is deleted on drop.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::process::Command;
+use std::sync::atomic::{AtomicU8, Ordering};
+
+/// A namespace `name` with `ns_ip`, reached from the host at `host_ip` (a /30 between them).
+pub struct NetNs {
+    name: String,
+    /// This host's end of the veth pair.
+    pub host_ip: IpAddr,
+    /// The namespace's end: the address its clients come from.
+    pub ns_ip: IpAddr,
+}
+
+fn ip(args: &[&str]) -> Result<(), String> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|e| format!("ip: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+impl NetNs {
+    /// Makes the namespace, or says why it cannot (not root, no iproute2).
+    pub fn create() -> Result<Self, String> {
+        static N: AtomicU8 = AtomicU8::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let tag = format!("{}{n}", std::process::id() % 100_000);
+        let name = format!("udt-{tag}");
+        let (host_if, ns_if) = (format!("vh{tag}"), format!("vn{tag}"));
+        let octet = (std::process::id() % 64) as u8 * 4;
+        let host = Ipv4Addr::new(10, 251, n, octet + 1);
+        let ns = Ipv4Addr::new(10, 251, n, octet + 2);
+        let _ = ip(&["netns", "del", &name]);
+        let _ = ip(&["link", "del", &host_if]);
+        let made = Self {
+            name: name.clone(),
+            host_ip: host.into(),
+            ns_ip: ns.into(),
+        };
+        ip(&["netns", "add", &name])?;
+        ip(&[
+            "link", "add", &host_if, "type", "veth", "peer", "name", &ns_if,
+        ])?;
+        ip(&["link", "set", &ns_if, "netns", &name])?;
+        ip(&["addr", "add", &format!("{host}/30"), "dev", &host_if])?;
+        ip(&["link", "set", &host_if, "up"])?;
+        let inside = |args: &[&str]| {
+            let mut all = vec!["netns", "exec", &name, "ip"];
+            all.extend_from_slice(args);
+            ip(&all)
+        };
+        inside(&["addr", "add", &format!("{ns}/30"), "dev", &ns_if])?;
+        inside(&["link", "set", &ns_if, "up"])?;
+        inside(&["link", "set", "lo", "up"])?;
+        Ok(made)
+    }
+
+    /// Runs `f` on a thread that has joined the namespace: sockets it opens live there.
+    pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        let path = format!("/run/netns/{}", self.name);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let file = std::fs::File::open(&path).unwrap();
+                // SAFETY: setns(2) with a namespace fd we hold open; it moves only this thread,
+                // which the scope joins before the fd is dropped.
+                let r = unsafe {
+                    libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET)
+                };
+                assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
+                f()
+            })
+            .join()
+            .unwrap()
+        })
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        // Deleting the namespace deletes its veth end, and with it the pair.
+        let _ = ip(&["netns", "del", &self.name]);
+    }
+}

@@ -1,0 +1,332 @@
+//! What a careless operator or a hostile client does to a running proxy: half-written inventory
+//! files, stalled admin connections, one address hogging the query port, a second instance on
+//! the same ports, remote callers of the sessions API, IPv4 clients on a dual-stack socket.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use common::netns::NetNs;
+use common::*;
+
+const ANY: &str = r#"{"resourceType":"gameserver","namespace":"starx"}"#;
+
+/// A session through the proxy to `echo`, checked with one round trip.
+fn session(proxy: &Proxy) -> std::net::UdpSocket {
+    let c = client();
+    c.send_to(proxy.token(ANY).as_bytes(), proxy.data_addr())
+        .unwrap();
+    c.send_to(b"hello", proxy.data_addr()).unwrap();
+    assert_eq!(expect_datagram(&c), b"hello");
+    c
+}
+
+fn still_forwards(proxy: &Proxy, c: &std::net::UdpSocket, what: &str) {
+    c.send_to(what.as_bytes(), proxy.data_addr()).unwrap();
+    assert_eq!(expect_datagram(c), what.as_bytes(), "after {what}");
+    assert_eq!(proxy.sessions().len(), 1, "after {what}");
+    assert_eq!(proxy.http("GET", "/readyz").0, 200, "after {what}");
+}
+
+#[test]
+fn inventory_edits_that_are_not_whole_keep_every_session() {
+    let echo = Echo::plain();
+    let good = gameserver("gs-a", "Ready", echo.addr, "")
+        + &gameserver("gs-b", "Ready", echo.addr, ", map: b");
+    let proxy = Proxy::start(
+        &base_config("").replace(
+            "pollIntervalMillis: 50}",
+            "pollIntervalMillis: 50, maxBytes: 4096}",
+        ),
+        &good,
+    );
+    let c = session(&proxy);
+    let path = proxy.dir.join("inventory.yaml");
+    let settle = || std::thread::sleep(Duration::from_millis(400));
+
+    // Emptied in place (`: > inventory.yaml`).
+    std::fs::write(&path, "").unwrap();
+    settle();
+    still_forwards(&proxy, &c, "emptied");
+
+    // Cut off in the middle of the second object.
+    std::fs::write(&path, &good[..good.len() - 40]).unwrap();
+    settle();
+    still_forwards(&proxy, &c, "half-written");
+
+    // Grown past inventory.maxBytes.
+    let huge: String = (0..60)
+        .map(|i| gameserver(&format!("gs-{i}"), "Ready", echo.addr, ""))
+        .collect();
+    assert!(huge.len() > 4096);
+    std::fs::write(&path, &huge).unwrap();
+    settle();
+    still_forwards(&proxy, &c, "over maxBytes");
+    assert_eq!(
+        proxy.metric(r#"udp_director_inventory_objects{resource_type="gameserver"}"#),
+        2.0,
+        "the last good inventory stays"
+    );
+
+    // Written slowly, a piece at a time: never applied half-done.
+    let mut file = std::fs::File::create(&path).unwrap();
+    for chunk in good.as_bytes().chunks(good.len() / 4 + 1) {
+        file.write_all(chunk).unwrap();
+        file.flush().unwrap();
+        std::thread::sleep(Duration::from_millis(30));
+        assert_eq!(proxy.sessions().len(), 1);
+    }
+    drop(file);
+    settle();
+    still_forwards(&proxy, &c, "slow write");
+
+    // Only an explicit empty list empties the inventory, and then the session ends.
+    std::fs::write(&path, "[]\n").unwrap();
+    proxy.eventually("session ended", |p| p.sessions().is_empty());
+    assert_eq!(proxy.query(ANY)["code"], "no_match");
+}
+
+/// A client socket bound to `from` (any 127.0.0.0/8 address works on loopback).
+fn connect_from(from: &str, to: SocketAddr) -> TcpStream {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    let from: SocketAddr = format!("{from}:0").parse().unwrap();
+    socket.bind(&from.into()).unwrap();
+    socket.connect(&to.into()).unwrap();
+    socket.into()
+}
+
+/// Opens `n` connections from `from` that send half a request line and stop.
+fn stall(from: &str, to: SocketAddr, n: usize) -> Vec<TcpStream> {
+    (0..n)
+        .map(|_| {
+            let mut s = connect_from(from, to);
+            s.write_all(b"GET /metr").unwrap();
+            s
+        })
+        .collect()
+}
+
+/// True when the server has already closed `s` (EOF or reset), without waiting.
+fn closed_now(s: &TcpStream) -> bool {
+    s.set_nonblocking(true).unwrap();
+    let closed = closed_within(s, Duration::ZERO);
+    s.set_nonblocking(false).unwrap();
+    closed
+}
+
+/// True when the server has closed `s` (EOF or reset) within `within` (zero: do not wait).
+fn closed_within(s: &TcpStream, within: Duration) -> bool {
+    if !within.is_zero() {
+        s.set_read_timeout(Some(within)).unwrap();
+    }
+    let mut buf = [0u8; 512];
+    match (&*s).read(&mut buf) {
+        Ok(0) => true,
+        // hyper answers a header-read timeout with 408 before it closes.
+        Ok(n) => String::from_utf8_lossy(&buf[..n]).contains("408"),
+        Err(e) => !matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ),
+    }
+}
+
+/// `GET path` over a connection from `from`: the status, 0 when closed without an answer.
+fn get_from(from: &str, to: SocketAddr, path: &str) -> u16 {
+    let mut s = connect_from(from, to);
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    let _ = s.read_to_string(&mut text);
+    text.split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn stalled_admin_connections_are_capped_and_closed() {
+    let echo = Echo::plain();
+    let proxy = Proxy::start(
+        &base_config(""),
+        &gameserver("gs-a", "Ready", echo.addr, ""),
+    );
+    // One address: past its share (32) the server closes at once.
+    let hog = stall("127.0.0.1", proxy.admin, 40);
+    std::thread::sleep(Duration::from_millis(300));
+    let refused = hog.iter().filter(|s| closed_now(s)).count();
+    assert_eq!(refused, 8, "the per-address cap is 32");
+    assert_eq!(get_from("127.0.0.2", proxy.admin, "/healthz"), 200);
+    // Many addresses: past the total (256) the server closes at once, and the query port
+    // still answers.
+    let crowd: Vec<TcpStream> = (10..19)
+        .flat_map(|i| stall(&format!("127.0.0.{i}"), proxy.admin, 32))
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let refused = crowd.iter().filter(|s| closed_now(s)).count();
+    assert_eq!(refused, 32 + 9 * 32 - 256, "the total cap is 256");
+    assert!(proxy.query(ANY).get("token").is_some());
+    // Every stalled connection is closed once the header-read timeout (5 s) passes, and the
+    // admin port serves again.
+    let started = Instant::now();
+    for s in hog.iter().chain(&crowd) {
+        assert!(closed_within(s, Duration::from_secs(8)), "still open");
+    }
+    assert!(started.elapsed() < Duration::from_secs(8));
+    assert_eq!(proxy.http("GET", "/healthz").0, 200);
+}
+
+#[test]
+fn one_address_cannot_lock_others_out_of_the_query_port() {
+    let echo = Echo::plain();
+    let proxy = Proxy::start(
+        &base_config("maxQueryConnections: 40\nmaxQueryConnectionsPerIp: 4\n"),
+        &gameserver("gs-a", "Ready", echo.addr, ""),
+    );
+    // One address holds its four connections idle; a fifth is refused with an error line.
+    let idle: Vec<TcpStream> = (0..4)
+        .map(|_| connect_from("127.0.0.1", proxy.query))
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let mut fifth = connect_from("127.0.0.1", proxy.query);
+    fifth
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut answer = String::new();
+    let _ = fifth.read_to_string(&mut answer);
+    assert!(answer.contains("\"code\":\"overloaded\""), "{answer}");
+    // Another address is served all the while.
+    let mut other = connect_from("127.0.0.3", proxy.query);
+    other
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    writeln!(other, "{ANY}").unwrap();
+    other.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut answer = String::new();
+    other.read_to_string(&mut answer).unwrap();
+    assert!(answer.contains("\"token\""), "{answer}");
+    assert_eq!(
+        proxy.metric(r#"udp_director_queries_total{result="overloaded"}"#),
+        1.0,
+        "refusals are counted"
+    );
+    drop(idle);
+}
+
+#[test]
+fn client_input_is_quoted_short_in_errors() {
+    let proxy = Proxy::start(&base_config(""), "[]\n");
+    let long = "x".repeat(60_000);
+    for request in [
+        format!(r#"{{"resourceType":"{long}"}}"#),
+        format!(r#"{{"resourceType":"gameserver","{long}":1}}"#),
+        format!(r#"{{"type":"{long}","resourceType":"gameserver"}}"#),
+        format!(r#"{{"resourceType":"gameserver","namespace":"{long}"}}"#),
+    ] {
+        let answer = proxy.query(&request);
+        let text = answer.to_string();
+        assert!(answer.get("error").is_some(), "{}", &text[..200]);
+        assert!(text.len() < 1024, "{} bytes echoed", text.len());
+    }
+}
+
+#[test]
+fn a_second_instance_on_the_same_data_port_exits_naming_it() {
+    let echo = Echo::plain();
+    let first = Proxy::start(
+        &base_config(""),
+        &gameserver("gs-a", "Ready", echo.addr, ""),
+    );
+    let port = first.data_addr().port();
+    let dir = scratch_dir();
+    let config = base_config("").replace("dataPort: 0", &format!("dataPort: {port}"));
+    std::fs::write(dir.join("c.yaml"), config).unwrap();
+    std::fs::write(dir.join("inventory.yaml"), "[]\n").unwrap();
+    let (code, _, err) = run_binary(&["--config", dir.join("c.yaml").to_str().unwrap()]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains(&format!("127.0.0.1:{port}")) && err.contains("already in use"),
+        "{err}"
+    );
+    // The first keeps all of its clients.
+    for _ in 0..8 {
+        let c = session(&first);
+        drop(c);
+    }
+}
+
+#[test]
+fn ipv4_clients_on_a_dual_stack_socket_are_known_by_their_ipv4_address() {
+    if std::net::UdpSocket::bind("[::]:0").is_err() {
+        skip_test("no IPv6 on this machine");
+        return;
+    }
+    let echo = Echo::plain();
+    let proxy = Proxy::start(
+        &base_config("").replace("bindAddress: 127.0.0.1", "bindAddress: \"::\""),
+        &gameserver("gs-a", "Ready", echo.addr, ""),
+    );
+    let data = SocketAddr::new("127.0.0.1".parse().unwrap(), proxy.data_addr().port());
+    let query = SocketAddr::new("127.0.0.1".parse().unwrap(), proxy.query.port());
+    let mut s = TcpStream::connect(query).unwrap();
+    writeln!(s, "{ANY}").unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).unwrap();
+    let token: serde_json::Value = serde_json::from_str(&answer).unwrap();
+    let c = client();
+    c.send_to(token["token"].as_str().unwrap().as_bytes(), data)
+        .unwrap();
+    c.send_to(b"v4", data).unwrap();
+    assert_eq!(expect_datagram(&c), b"v4");
+    let admin = SocketAddr::new("127.0.0.1".parse().unwrap(), proxy.admin.port());
+    let (status, body) = http_request(admin, "GET", "/sessions", "");
+    assert_eq!(status, 200, "{body}");
+    let me = c.local_addr().unwrap().to_string();
+    assert!(body.contains(&format!("\"client\":\"{me}\"")), "{body}");
+    let (status, body) = http_request(admin, "DELETE", "/sessions/127.0.0.1", "");
+    assert_eq!(
+        (status, body.contains("\"killed\":1")),
+        (200, true),
+        "{body}"
+    );
+}
+
+#[test]
+fn the_sessions_api_answers_loopback_only_by_default() {
+    let ns = match NetNs::create() {
+        Ok(ns) => ns,
+        Err(e) => {
+            skip_test(&format!("cannot make a network namespace: {e}"));
+            return;
+        }
+    };
+    let echo = Echo::plain();
+    let proxy = Proxy::start(
+        &base_config("").replace("bindAddress: 127.0.0.1", "bindAddress: 0.0.0.0"),
+        &gameserver("gs-a", "Ready", echo.addr, ""),
+    );
+    let admin = SocketAddr::new(ns.host_ip, proxy.admin.port());
+    let from_ns = |method: &'static str, path: &'static str| {
+        ns.run(move || http_request(admin, method, path, ""))
+    };
+    // Probes and Prometheus reach health and metrics from anywhere.
+    assert_eq!(from_ns("GET", "/healthz").0, 200);
+    assert_eq!(from_ns("GET", "/readyz").0, 200);
+    assert_eq!(from_ns("GET", "/metrics").0, 200);
+    // Player addresses and kills are for loopback callers.
+    let _c = session(&proxy);
+    let (status, body) = from_ns("GET", "/sessions");
+    assert_eq!(status, 403, "{body}");
+    assert!(!body.contains("127.0.0.1"), "{body}");
+    assert!(body.contains("sessionsApi.auth"), "{body}");
+    assert_eq!(from_ns("DELETE", "/sessions/127.0.0.1").0, 403);
+    assert_eq!(proxy.sessions().len(), 1, "nothing was killed");
+    assert_eq!(proxy.http("GET", "/sessions").0, 200);
+}
