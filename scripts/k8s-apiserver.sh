@@ -119,13 +119,11 @@ start() { # RUN
     openssl genrsa -out "$run/sa.key" 2048 2>/dev/null
     openssl rsa -in "$run/sa.key" -pubout -out "$run/sa.pub" 2>/dev/null
   }
-  # Static tokens: an admin, the proxy's service account with only what RBAC gives it, and two
-  # plain users (an operator and a viewer) for the sessions API's token and access reviews.
+  # Static tokens: an admin, and the proxy's service account with only what RBAC gives it.
+  # (Tests that need audience-bound tokens get them from the TokenRequest API.)
   cat >"$run/tokens.csv" <<T
 admin-token,admin,admin,system:masters
 proxy-token,system:serviceaccount:udp-director:udp-director,sa-udp-director,"system:serviceaccounts,system:serviceaccounts:udp-director"
-ops-token,ops,ops,sessions-operators
-viewer-token,viewer,viewer
 T
   rm -rf "$run/etcd-data"
   setsid etcd --data-dir "$run/etcd-data" --unsafe-no-fsync \

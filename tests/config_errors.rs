@@ -75,3 +75,41 @@ fn a_port_in_use_is_reported() {
     assert_eq!(code, 1);
     assert!(err.contains("query port"), "{err}");
 }
+
+#[test]
+fn workers_that_would_exhaust_file_descriptors_are_refused() {
+    use std::os::unix::process::CommandExt;
+    let dir = scratch_dir();
+    let path = dir.join("many-workers.yaml");
+    std::fs::write(
+        &path,
+        "workers: 400\ninventory: {kind: file, path: x.yaml}\nresourceQueryMapping: {}\n",
+    )
+    .unwrap();
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_udp-director"));
+    command
+        .arg("check-config")
+        .arg(&path)
+        .env("RUST_LOG", "off");
+    // SAFETY: setrlimit in the child between fork and exec touches no shared state.
+    unsafe {
+        command.pre_exec(|| {
+            let limit = libc::rlimit {
+                rlim_cur: 512,
+                rlim_max: 512,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raw const limit) == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
+    }
+    let out = command.output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("workers") && err.contains("open-file limit (512)"),
+        "{err}"
+    );
+}

@@ -15,8 +15,12 @@ const ANY: &str = r#"{"resourceType":"gameserver","namespace":"starx"}"#;
 
 /// A session through the proxy to `echo`, checked with one round trip.
 fn session(proxy: &Proxy) -> std::net::UdpSocket {
+    session_for(proxy, ANY)
+}
+
+fn session_for(proxy: &Proxy, query: &str) -> std::net::UdpSocket {
     let c = client();
-    c.send_to(proxy.token(ANY).as_bytes(), proxy.data_addr())
+    c.send_to(proxy.token(query).as_bytes(), proxy.data_addr())
         .unwrap();
     c.send_to(b"hello", proxy.data_addr()).unwrap();
     assert_eq!(expect_datagram(&c), b"hello");
@@ -42,7 +46,11 @@ fn inventory_edits_that_are_not_whole_keep_every_session() {
         ),
         &good,
     );
-    let c = session(&proxy);
+    // The session goes to the file's last object, the one a cut-off write loses.
+    let c = session_for(
+        &proxy,
+        r#"{"resourceType":"gameserver","namespace":"starx","labelSelector":{"map":"b"}}"#,
+    );
     let path = proxy.dir.join("inventory.yaml");
     let settle = || std::thread::sleep(Duration::from_millis(400));
 
@@ -51,10 +59,17 @@ fn inventory_edits_that_are_not_whole_keep_every_session() {
     settle();
     still_forwards(&proxy, &c, "emptied");
 
-    // Cut off in the middle of the second object.
+    // Cut off in the middle of the second object: in a flow mapping (invalid YAML), and at a
+    // line boundary (valid YAML whose last object has no kind or name).
     std::fs::write(&path, &good[..good.len() - 40]).unwrap();
     settle();
     still_forwards(&proxy, &c, "half-written");
+    let second = good.rfind("- apiVersion").unwrap();
+    let cut = &good[..good[second..].find('\n').unwrap() + second + 1];
+    assert!(cut.ends_with("- apiVersion: agones.dev/v1\n"), "{cut}");
+    std::fs::write(&path, cut).unwrap();
+    settle();
+    still_forwards(&proxy, &c, "cut at a line");
 
     // Grown past inventory.maxBytes.
     let huge: String = (0..60)
@@ -157,18 +172,24 @@ fn stalled_admin_connections_are_capped_and_closed() {
         &base_config(""),
         &gameserver("gs-a", "Ready", echo.addr, ""),
     );
-    // One address: past its share (32) the server closes at once.
+    // One address: past its share (32) the server closes within a second (it waits that long
+    // for a probe's request line, which these never finish).
     let hog = stall("127.0.0.1", proxy.admin, 40);
-    std::thread::sleep(Duration::from_millis(300));
+    std::thread::sleep(Duration::from_millis(1300));
     let refused = hog.iter().filter(|s| closed_now(s)).count();
     assert_eq!(refused, 8, "the per-address cap is 32");
     assert_eq!(get_from("127.0.0.2", proxy.admin, "/healthz"), 200);
-    // Many addresses: past the total (256) the server closes at once, and the query port
-    // still answers.
+    // Many addresses: past the total (256) the server closes within a second, and the query
+    // port still answers.
     let crowd: Vec<TcpStream> = (10..19)
         .flat_map(|i| stall(&format!("127.0.0.{i}"), proxy.admin, 32))
         .collect();
-    std::thread::sleep(Duration::from_millis(300));
+    // With every slot taken, the probes are still answered (the kubelet must not kill a
+    // healthy proxy), and nothing else is.
+    assert_eq!(get_from("127.0.0.30", proxy.admin, "/healthz"), 200);
+    assert_eq!(get_from("127.0.0.30", proxy.admin, "/readyz"), 200);
+    assert_eq!(get_from("127.0.0.30", proxy.admin, "/metrics"), 503);
+    std::thread::sleep(Duration::from_millis(1300));
     let refused = crowd.iter().filter(|s| closed_now(s)).count();
     assert_eq!(refused, 32 + 9 * 32 - 256, "the total cap is 256");
     assert!(proxy.query(ANY).get("token").is_some());
@@ -228,12 +249,18 @@ fn client_input_is_quoted_short_in_errors() {
         format!(r#"{{"resourceType":"gameserver","{long}":1}}"#),
         format!(r#"{{"type":"{long}","resourceType":"gameserver"}}"#),
         format!(r#"{{"resourceType":"gameserver","namespace":"{long}"}}"#),
+        format!(
+            r#"{{"resourceType":"gameserver","statusQuery":{{"jsonPath":"a..{long}","expectedValue":"x"}}}}"#
+        ),
     ] {
         let answer = proxy.query(&request);
         let text = answer.to_string();
         assert!(answer.get("error").is_some(), "{}", &text[..200]);
         assert!(text.len() < 1024, "{} bytes echoed", text.len());
     }
+    let (status, body) = proxy.http("DELETE", &format!("/sessions/{}", "y".repeat(8000)));
+    assert_eq!(status, 400);
+    assert!(body.len() < 1024, "{} bytes echoed", body.len());
 }
 
 #[test]
@@ -329,4 +356,51 @@ fn the_sessions_api_answers_loopback_only_by_default() {
     assert_eq!(from_ns("DELETE", "/sessions/127.0.0.1").0, 403);
     assert_eq!(proxy.sessions().len(), 1, "nothing was killed");
     assert_eq!(proxy.http("GET", "/sessions").0, 200);
+}
+
+#[test]
+fn logs_name_backends_and_refusals_are_throttled() {
+    let (a, b) = (Echo::plain(), Echo::plain());
+    let both =
+        gameserver("gs-a", "Ready", a.addr, "") + &gameserver("gs-b", "Ready", b.addr, ", map: b");
+    let config = base_config(
+        "maxQueryConnectionsPerIp: 1\ndefaultEndpoint: {resourceType: gameserver, namespace: starx, labelSelector: {map: b}}\n",
+    );
+    let dir_env = std::ffi::OsString::from("info");
+    let proxy = Proxy::launch(&config, &both, &[("RUST_LOG", dir_env.as_os_str())]);
+    proxy.eventually("ready", |p| p.http("GET", "/readyz").0 == 200);
+    let _c = session_for(
+        &proxy,
+        r#"{"resourceType":"gameserver","namespace":"starx","labelSelector":{"map":"b"}}"#,
+    );
+    proxy.write_inventory(&gameserver("gs-a", "Ready", a.addr, ""));
+    proxy.eventually("gs-b's session ended", |p| p.sessions().is_empty());
+    let log = proxy.log();
+    let named = format!("GameServer starx/gs-b at {}", b.addr);
+    assert!(
+        log.contains(&format!("default backend now {named}")),
+        "{log}"
+    );
+    assert!(
+        log.contains(&format!("{named} left the inventory")),
+        "{log}"
+    );
+    assert!(!log.contains("BackendId"), "{log}");
+
+    // Twenty refusals inside a second: counted each, logged at most twice.
+    let _held = connect_from("127.0.0.1", proxy.query);
+    std::thread::sleep(Duration::from_millis(100));
+    for _ in 0..20 {
+        let mut s = connect_from("127.0.0.1", proxy.query);
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut answer = String::new();
+        let _ = s.read_to_string(&mut answer);
+        assert!(answer.contains("overloaded"), "{answer}");
+    }
+    assert_eq!(
+        proxy.metric(r#"udp_director_queries_total{result="overloaded"}"#),
+        20.0
+    );
+    let lines = proxy.log().matches("query server: refusing").count();
+    assert!((1..=2).contains(&lines), "{lines} refusal lines");
 }

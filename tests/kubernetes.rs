@@ -242,28 +242,32 @@ fn remote_sessions_api_callers_need_a_token_the_api_server_allows() {
             return;
         }
     };
-    // The static token `ops-token` is user `ops` (scripts/k8s-apiserver.sh); it may list and
-    // delete sessions. `viewer-token` is user `viewer`, with no such grant.
-    c.apply(
+    let ns = c.namespace("sessions-api");
+    // Service account `ops` may list and delete sessions; `viewer` has no such grant.
+    c.apply(&format!(
         r#"apiVersion: rbac.authorization.k8s.io/v1
 kind: ClusterRole
-metadata: {name: udp-director-sessions-operator}
-rules: [{apiGroups: [udp-director.dev], resources: [sessions], verbs: [list, delete]}]
+metadata: {{name: udp-director-sessions-operator}}
+rules: [{{apiGroups: [udp-director.dev], resources: [sessions], verbs: [list, delete]}}]
 ---
 apiVersion: rbac.authorization.k8s.io/v1
 kind: ClusterRoleBinding
-metadata: {name: udp-director-sessions-operator}
-roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: udp-director-sessions-operator}
-subjects: [{apiGroup: rbac.authorization.k8s.io, kind: User, name: ops}]
-"#,
-    );
-    let ns = c.namespace("sessions-api");
+metadata: {{name: udp-director-sessions-operator-{ns}}}
+roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: udp-director-sessions-operator}}
+subjects: [{{kind: ServiceAccount, name: ops, namespace: {ns}}}]
+"#
+    ));
+    let ops = c.service_account_token(&ns, "ops", Some("udp-director"));
+    let viewer = c.service_account_token(&ns, "viewer", Some("udp-director"));
+    // The same account's token for the API server: not for this proxy.
+    let ops_for_api_server = c.service_account_token(&ns, "ops", None);
+
     let echo = Echo::tagged(1);
     c.gameserver(&ns, "gs-a", "", "Ready", echo.addr);
     let p = c.start_proxy_on(&ns, "0.0.0.0");
     assert_eq!(served_by(&p, &ready_query("gameserver", &ns)), Ok(1));
     let admin = std::net::SocketAddr::new(net.host_ip, p.admin.port());
-    let remote = |method: &'static str, path: &'static str, token: Option<&'static str>| {
+    let remote = |method: &'static str, path: &'static str, token: Option<&str>| {
         let header = token.map(|t| format!("Authorization: Bearer {t}\r\n"));
         net.run(move || http_request(admin, method, path, header.as_deref().unwrap_or("")))
     };
@@ -276,19 +280,21 @@ subjects: [{apiGroup: rbac.authorization.k8s.io, kind: User, name: ops}]
     let (status, body) = remote("GET", "/sessions", None);
     assert_eq!(status, 401, "{body}");
     assert_eq!(remote("GET", "/sessions", Some("made-up-token")).0, 401);
-    let (status, body) = remote("GET", "/sessions", Some("viewer-token"));
+    let (status, body) = remote("GET", "/sessions", Some(&ops_for_api_server));
+    assert_eq!(status, 401, "a token for another audience: {body}");
+    let (status, body) = remote("GET", "/sessions", Some(&viewer));
     assert_eq!(status, 403, "{body}");
     assert!(
         body.contains("viewer") && !body.contains("127.0.0.1"),
         "{body}"
     );
-    let (status, body) = remote("GET", "/sessions", Some("ops-token"));
+    let (status, body) = remote("GET", "/sessions", Some(&ops));
     assert_eq!(status, 200, "{body}");
     let sessions: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
     assert_eq!(sessions.len(), 1, "{body}");
 
     assert_eq!(
-        remote("DELETE", "/sessions/127.0.0.1", Some("viewer-token")).0,
+        remote("DELETE", "/sessions/127.0.0.1", Some(&viewer)).0,
         403
     );
     assert_eq!(
@@ -296,7 +302,7 @@ subjects: [{apiGroup: rbac.authorization.k8s.io, kind: User, name: ops}]
         1,
         "loopback needs no token; nothing killed yet"
     );
-    let (status, body) = remote("DELETE", "/sessions/127.0.0.1", Some("ops-token"));
+    let (status, body) = remote("DELETE", "/sessions/127.0.0.1", Some(&ops));
     assert_eq!((status, body.as_str()), (200, r#"{"killed":1}"#));
     assert!(p.sessions().is_empty());
 }

@@ -12,6 +12,7 @@ use serde::Deserialize;
 
 use crate::jsonpath::Path as JsonPath;
 use crate::query::Query;
+use crate::quote::quote;
 
 pub const DEFAULT_QUERY_PORT: u16 = 9000;
 pub const DEFAULT_DATA_PORT: u16 = 7777;
@@ -162,6 +163,9 @@ struct RawDataPort {
 struct RawSessionsApi {
     /// `loopback` (default) or `kubernetes`.
     auth: String,
+    /// With `kubernetes`: the audiences a caller's token must be issued for.
+    #[serde(default)]
+    audiences: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -382,6 +386,11 @@ pub enum LoadBalancing {
     Random,
 }
 
+/// The audience a remote sessions API caller's token must carry by default: a token minted for
+/// the proxy (`kubectl create token NAME --audience udp-director`) cannot be replayed against
+/// the API server, and an API server token is not accepted here.
+pub const DEFAULT_SESSIONS_API_AUDIENCE: &str = "udp-director";
+
 /// Who may use the sessions API, which shows player addresses and ends sessions.
 #[derive(Clone, Copy, Debug, Default, Eq, PartialEq)]
 pub enum SessionsApiAuth {
@@ -416,6 +425,9 @@ pub struct Config {
     pub max_query_connections_per_ip: usize,
     /// Who may use the sessions API.
     pub sessions_api: SessionsApiAuth,
+    /// Audiences a remote sessions API caller's token must be issued for (empty: the API
+    /// server's own).
+    pub sessions_api_audiences: Vec<String>,
     /// Global session cap.
     pub max_sessions: usize,
     /// Per-IP session cap.
@@ -589,6 +601,22 @@ impl TryFrom<RawConfig> for Config {
                 ));
             }
         };
+        let sessions_api_audiences = match raw.sessions_api.and_then(|a| a.audiences) {
+            Some(_) if sessions_api == SessionsApiAuth::Loopback => {
+                return Err(invalid(
+                    "sessionsApi.audiences",
+                    "only applies to `auth: kubernetes`",
+                ));
+            }
+            Some(list) if list.iter().any(String::is_empty) => {
+                return Err(invalid("sessionsApi.audiences", "an audience is empty"));
+            }
+            Some(list) => list,
+            None if sessions_api == SessionsApiAuth::Kubernetes => {
+                vec![DEFAULT_SESSIONS_API_AUDIENCE.to_string()]
+            }
+            None => Vec::new(),
+        };
         Ok(Self {
             bind_address,
             query_port,
@@ -620,6 +648,7 @@ impl TryFrom<RawConfig> for Config {
                 DEFAULT_MAX_QUERY_CONNECTIONS_PER_IP,
             )?,
             sessions_api,
+            sessions_api_audiences,
             max_sessions: positive("maxSessions", raw.max_sessions, DEFAULT_MAX_SESSIONS)?,
             max_sessions_per_ip: match raw.max_sessions_per_ip {
                 Some(0) => return Err(invalid("maxSessionsPerIp", "must be at least 1")),
@@ -685,23 +714,6 @@ fn affinity(
                 ),
             ))
         }
-    }
-}
-
-/// A user-given string for an error message, cut to a readable length.
-pub fn quote(text: &str) -> std::borrow::Cow<'_, str> {
-    cut(text, 64)
-}
-
-/// A message that may quote user input (a parser's), cut to a readable length.
-pub fn quote_message(text: &str) -> std::borrow::Cow<'_, str> {
-    cut(text, 300)
-}
-
-fn cut(text: &str, max_chars: usize) -> std::borrow::Cow<'_, str> {
-    match text.char_indices().nth(max_chars) {
-        None => text.into(),
-        Some((at, _)) => format!("{}… ({} bytes)", &text[..at], text.len()).into(),
     }
 }
 

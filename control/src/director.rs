@@ -237,7 +237,7 @@ impl Director {
                     ErrorCode::UnknownResourceType,
                     format!(
                         "unknown resourceType `{}` (known: {})",
-                        crate::config::quote(&query.resource_type),
+                        crate::quote::quote(&query.resource_type),
                         self.config
                             .mappings
                             .keys()
@@ -353,8 +353,7 @@ impl Director {
     /// Counts a request refused before it reached selection (unparseable, oversized, idle,
     /// over a connection limit).
     pub fn count_refused(&self, code: ErrorCode) {
-        self.metrics
-            .observe_query(Some(code), std::time::Duration::ZERO);
+        self.metrics.count_query(Some(code));
     }
 
     /// Stops minting tokens and tells the workers to open no new sessions.

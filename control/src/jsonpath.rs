@@ -17,8 +17,13 @@ pub enum Step {
 pub struct Path(Vec<Step>);
 
 impl Path {
-    /// Parses `a.b[2].c`; keys may contain any character but `.` and `[`.
+    /// Parses `a.b[2].c`; keys may contain any character but `.` and `[`. The error quotes the
+    /// path cut to a readable length (paths come from clients' queries).
     pub fn parse(text: &str) -> Result<Self, String> {
+        Self::parse_steps(text).map_err(|e| crate::quote::quote_message(&e).into_owned())
+    }
+
+    fn parse_steps(text: &str) -> Result<Self, String> {
         let text = text.strip_prefix('.').unwrap_or(text);
         if text.is_empty() {
             return Err("empty path".into());

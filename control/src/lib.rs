@@ -13,6 +13,7 @@ pub mod inventory;
 pub mod jsonpath;
 pub mod metrics;
 pub mod query;
+pub mod quote;
 pub mod select;
 pub mod server;
 
@@ -136,6 +137,7 @@ pub fn start(config: Arc<Config>, plane: &DataPlane) -> Result<ControlPlane, Con
     };
     let authorizer = admin::auth::Authorizer::new(
         config.sessions_api,
+        config.sessions_api_audiences.clone(),
         match config.sessions_api {
             SessionsApiAuth::Kubernetes => {
                 Some(kube_client(&runtime, "sessionsApi.auth is `kubernetes`")?)
@@ -219,8 +221,15 @@ async fn run(
 
     let mut events = tokio::time::interval(EVENT_INTERVAL);
     let mut reconcile = tokio::time::interval(RECONCILE_INTERVAL);
-    let shutdown = shutdown_signal();
-    tokio::pin!(shutdown);
+    // The first signal starts the drain: no new sessions, existing ones keep forwarding. The
+    // loop keeps running through it (a backend that leaves the inventory still ends its
+    // sessions, load counts stay current), and so do the query and admin servers: `/readyz`
+    // says 503, `/healthz` 200, metrics keep moving and queries are answered `draining`. The
+    // drain ends after `drainSeconds`, or at once on a second signal.
+    let mut signals = ShutdownSignals::new();
+    let drain_over = tokio::time::sleep(Duration::MAX);
+    tokio::pin!(drain_over);
+    let mut draining = false;
     loop {
         tokio::select! {
             changed = inventory_rx.changed() => {
@@ -229,21 +238,25 @@ async fn run(
             }
             _ = reconcile.tick() => director.reconcile(),
             _ = events.tick() => director.absorb_events(Instant::now()),
-            () = &mut shutdown => break,
+            () = signals.recv() => {
+                if draining {
+                    log::info!("drain cut short");
+                    break;
+                }
+                draining = true;
+                log::info!(
+                    "shutting down: no new sessions, forwarding for {} s more (signal again to \
+                     stop now)",
+                    config.drain.as_secs()
+                );
+                director.drain();
+                drain_over.as_mut().reset(tokio::time::Instant::now() + config.drain);
+            }
+            () = &mut drain_over => {
+                log::info!("drained");
+                break;
+            }
         }
-    }
-
-    // The drain: no new sessions, existing ones keep forwarding. The query and admin servers
-    // stay up meanwhile, so `/readyz` says 503, `/healthz` 200, metrics keep moving and queries
-    // are answered `draining`; a second signal ends the drain at once.
-    log::info!(
-        "shutting down: no new sessions, forwarding for {} s more (signal again to stop now)",
-        config.drain.as_secs()
-    );
-    director.drain();
-    tokio::select! {
-        () = tokio::time::sleep(config.drain) => log::info!("drained"),
-        () = shutdown_signal() => log::info!("drain cut short"),
     }
     let _ = stop_tx.send(true);
     director.controller().shutdown();
@@ -264,18 +277,36 @@ fn kube_client(
         .map_err(|reason| ControlError::Kubernetes { needed_by, reason })
 }
 
-/// Resolves on SIGTERM or SIGINT.
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        log::error!("cannot install signal handlers; stop the proxy with SIGKILL");
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => log::info!("SIGTERM received"),
-        _ = int.recv() => log::info!("SIGINT received"),
+/// SIGTERM and SIGINT, listened to for the whole run: a signal that arrives between two
+/// `recv` calls is kept, not lost.
+struct ShutdownSignals {
+    streams: Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)>,
+}
+
+impl ShutdownSignals {
+    fn new() -> Self {
+        use tokio::signal::unix::{SignalKind, signal};
+        let streams = match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
+            (Ok(term), Ok(int)) => Some((term, int)),
+            _ => {
+                log::error!("cannot install signal handlers; stop the proxy with SIGKILL");
+                None
+            }
+        };
+        Self { streams }
+    }
+
+    /// Resolves on the next SIGTERM or SIGINT.
+    async fn recv(&mut self) {
+        let Some((term, int)) = &mut self.streams else {
+            return std::future::pending().await;
+        };
+        tokio::select! {
+            _ = term.recv() => log::info!("SIGTERM received"),
+            _ = int.recv() => log::info!("SIGINT received"),
+        }
     }
 }

@@ -68,9 +68,15 @@ impl Metrics {
 
     /// Counts one answered query.
     pub fn observe_query(&self, error: Option<ErrorCode>, took: Duration) {
+        self.count_query(error);
+        self.query_duration.observe(took.as_secs_f64());
+    }
+
+    /// Counts a query answered without selection (refused at the door, unparseable), which
+    /// says nothing about how long selection takes and stays out of the duration histogram.
+    pub fn count_query(&self, error: Option<ErrorCode>) {
         let result = error.map_or("ok", ErrorCode::as_str);
         self.queries.get_or_create(&[("result", result)]).inc();
-        self.query_duration.observe(took.as_secs_f64());
     }
 
     /// The Prometheus text exposition.

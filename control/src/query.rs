@@ -81,7 +81,7 @@ impl Query {
         {
             return Err(format!(
                 "unknown request type `{}` (only `query` exists)",
-                crate::config::quote(kind)
+                crate::quote::quote(kind)
             ));
         }
         if self.resource_type.is_empty() {

@@ -66,7 +66,7 @@ pub fn candidates(
                 query
                     .namespace
                     .as_ref()
-                    .map(|ns| format!(" in namespace {}", crate::config::quote(ns)))
+                    .map(|ns| format!(" in namespace {}", crate::quote::quote(ns)))
                     .unwrap_or_default()
             ),
         ));

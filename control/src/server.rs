@@ -191,7 +191,7 @@ fn answer(director: &Director, line: &[u8]) -> Vec<u8> {
                 ErrorCode::BadRequest,
                 format!(
                     "invalid request: {}",
-                    crate::config::quote_message(&e.to_string())
+                    crate::quote::quote_message(&e.to_string())
                 ),
             ))
             .unwrap_or_default()

@@ -198,6 +198,33 @@ impl Cluster {
         Proxy::launch(&config, "", &[("KUBECONFIG", kubeconfig.as_os_str())])
     }
 
+    /// A token of service account `namespace/name` (created if missing) from the TokenRequest
+    /// API, issued for `audience` (None: the API server's own).
+    pub fn service_account_token(
+        &self,
+        namespace: &str,
+        name: &str,
+        audience: Option<&str>,
+    ) -> String {
+        let _ = self.kubectl(&["create", "serviceaccount", name, "-n", namespace], None);
+        let audiences = audience.map_or(String::new(), |a| format!(r#""audiences":["{a}"],"#));
+        let request = format!(
+            r#"{{"apiVersion":"authentication.k8s.io/v1","kind":"TokenRequest","spec":{{{audiences}"expirationSeconds":600}}}}"#
+        );
+        let answer = self.must(
+            &[
+                "create",
+                "--raw",
+                &format!("/api/v1/namespaces/{namespace}/serviceaccounts/{name}/token"),
+                "-f",
+                "-",
+            ],
+            Some(&request),
+        );
+        let answer: serde_json::Value = serde_json::from_str(&answer).unwrap();
+        answer["status"]["token"].as_str().unwrap().to_string()
+    }
+
     /// Creates a GameServer (no status yet); `labels` is YAML map content (`id: a`).
     pub fn apply_gameserver(&self, namespace: &str, name: &str, labels: &str) {
         self.apply(&format!(

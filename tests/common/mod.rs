@@ -88,19 +88,25 @@ impl Proxy {
         if !inventory.is_empty() {
             std::fs::write(dir.join("inventory.yaml"), inventory).unwrap();
         }
+        let log = std::fs::File::create(dir.join("proxy.log")).unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_udp-director"))
             .arg("--config")
             .arg(dir.join("config.yaml"))
             .env("RUST_LOG", "warn")
             .envs(env.iter().copied())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(log)
             .spawn()
             .expect("binary starts");
         let mut line = String::new();
         BufReader::new(child.stdout.take().unwrap())
             .read_line(&mut line)
             .unwrap();
+        if line.is_empty() {
+            let _ = child.wait();
+            let log = std::fs::read_to_string(dir.join("proxy.log")).unwrap_or_default();
+            panic!("the proxy did not start:\n{log}");
+        }
         let field = |key: &str| -> String {
             line.split_whitespace()
                 .find_map(|w| w.strip_prefix(&format!("{key}=")))
@@ -121,6 +127,11 @@ impl Proxy {
             child,
             dir,
         }
+    }
+
+    /// What the proxy has logged so far (its stderr).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("proxy.log")).unwrap_or_default()
     }
 
     /// The first data port's address.
@@ -207,6 +218,9 @@ impl Drop for Proxy {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("--- proxy log ---\n{}--- end of proxy log ---", self.log());
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

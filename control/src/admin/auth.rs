@@ -81,8 +81,9 @@ pub fn gate(
                 .into(),
         )),
         SessionsApiAuth::Kubernetes => authorization
-            .and_then(|h| h.strip_prefix("Bearer "))
-            .map(str::trim)
+            .and_then(|h| h.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, token)| token.trim())
             .filter(|t| !t.is_empty())
             .ok_or(Decision::Unauthorized(
                 "a bearer token is required (Authorization: Bearer <token>)",
@@ -93,6 +94,7 @@ pub fn gate(
 /// The sessions API's access check.
 pub struct Authorizer {
     mode: SessionsApiAuth,
+    audiences: Vec<String>,
     client: Option<kube::Client>,
     cache: Mutex<AHashMap<(String, Verb), (Decision, Instant)>>,
 }
@@ -107,10 +109,16 @@ impl std::fmt::Debug for Authorizer {
 }
 
 impl Authorizer {
-    /// An authorizer in `mode`; the Kubernetes mode needs `client`.
-    pub fn new(mode: SessionsApiAuth, client: Option<kube::Client>) -> Self {
+    /// An authorizer in `mode`; the Kubernetes mode needs `client`, and accepts tokens issued
+    /// for one of `audiences` (empty: the API server's own).
+    pub fn new(
+        mode: SessionsApiAuth,
+        audiences: Vec<String>,
+        client: Option<kube::Client>,
+    ) -> Self {
         Self {
             mode,
+            audiences,
             client,
             cache: Mutex::new(AHashMap::new()),
         }
@@ -132,8 +140,8 @@ impl Authorizer {
         {
             return decision.clone();
         }
-        let decision = match tokio::time::timeout(REVIEW_TIMEOUT, review(client, token, verb)).await
-        {
+        let reviewed = review(client, token, &self.audiences, verb);
+        let decision = match tokio::time::timeout(REVIEW_TIMEOUT, reviewed).await {
             Ok(decision) => decision,
             Err(_) => Decision::Unavailable("the API server did not answer the review".into()),
         };
@@ -149,13 +157,13 @@ impl Authorizer {
     }
 }
 
-/// TokenReview, then SubjectAccessReview for the user it names.
-async fn review(client: &kube::Client, token: &str, verb: Verb) -> Decision {
+/// TokenReview (for `audiences`), then SubjectAccessReview for the user it names.
+async fn review(client: &kube::Client, token: &str, audiences: &[String], verb: Verb) -> Decision {
     let tokens: Api<TokenReview> = Api::all(client.clone());
     let asked = TokenReview {
         spec: TokenReviewSpec {
             token: Some(token.to_string()),
-            audiences: None,
+            audiences: (!audiences.is_empty()).then(|| audiences.to_vec()),
         },
         ..TokenReview::default()
     };
@@ -165,8 +173,14 @@ async fn review(client: &kube::Client, token: &str, verb: Verb) -> Decision {
     };
     let status = reviewed.status.unwrap_or_default();
     let (Some(true), Some(user)) = (status.authenticated, status.user) else {
-        return Decision::Unauthorized("the token is not valid");
+        return Decision::Unauthorized("the token is not valid (for this audience)");
     };
+    // The API server only authenticates a token for an audience it was asked about; check
+    // that it said so rather than trust an authenticator that ignores audiences.
+    let granted = status.audiences.unwrap_or_default();
+    if !audiences.is_empty() && !granted.iter().any(|a| audiences.contains(a)) {
+        return Decision::Unauthorized("the token is not issued for this proxy's audience");
+    }
     let access: Api<SubjectAccessReview> = Api::all(client.clone());
     let asked = SubjectAccessReview {
         spec: SubjectAccessReviewSpec {
@@ -241,6 +255,11 @@ mod tests {
         assert_eq!(
             gate(SessionsApiAuth::Kubernetes, REMOTE, Some("Bearer abc.def")),
             Ok("abc.def")
+        );
+        // The scheme is case-insensitive (RFC 7235).
+        assert_eq!(
+            gate(SessionsApiAuth::Kubernetes, REMOTE, Some("bearer abc")),
+            Ok("abc")
         );
     }
 }

@@ -40,6 +40,14 @@ pub const MAX_ADMIN_CONNECTIONS_PER_IP: usize = 32;
 /// Read buffer of one connection (hyper's minimum is 8 KiB): requests here are a line and a few
 /// headers.
 const MAX_BUF_BYTES: usize = 16 * 1024;
+/// A connection ends after this long whatever it does, so a client that pipelines requests and
+/// never reads the answers cannot keep its slot.
+pub const MAX_CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
+/// Connections over the caps still get `/healthz` and `/readyz` answered (so a flood of stalled
+/// clients cannot make the kubelet kill a healthy proxy), by a bounded number of short-lived
+/// responders: each reads one request line for at most [`OVER_CAP_DEADLINE`].
+const OVER_CAP_RESPONDERS: usize = 256;
+const OVER_CAP_DEADLINE: Duration = Duration::from_secs(1);
 
 /// What the admin handlers share.
 #[derive(Debug)]
@@ -55,6 +63,7 @@ pub struct Admin {
 /// Serves admin requests until `stop` turns true.
 pub async fn serve(listener: TcpListener, admin: Arc<Admin>, mut stop: watch::Receiver<bool>) {
     let slots = ConnectionSlots::new(MAX_ADMIN_CONNECTIONS, MAX_ADMIN_CONNECTIONS_PER_IP);
+    let responders = Arc::new(tokio::sync::Semaphore::new(OVER_CAP_RESPONDERS));
     let mut refusal_log = WarnGate::new();
     loop {
         let accepted = tokio::select! {
@@ -71,7 +80,17 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>, mut stop: watch::Re
                 if let Some(note) = refusal_log.admit(Instant::now()) {
                     log::warn!("admin server: refusing {peer}: {refusal}{note}");
                 }
-                drop(stream);
+                if let Ok(permit) = Arc::clone(&responders).try_acquire_owned() {
+                    let admin = Arc::clone(&admin);
+                    tokio::spawn(async move {
+                        let _ = tokio::time::timeout(
+                            OVER_CAP_DEADLINE,
+                            answer_probe(stream, &admin.director),
+                        )
+                        .await;
+                        drop(permit);
+                    });
+                }
                 continue;
             }
         };
@@ -81,18 +100,49 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>, mut stop: watch::Re
                 let admin = Arc::clone(&admin);
                 async move { Ok::<_, Infallible>(route(req, peer.ip(), &admin).await) }
             });
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
+            let connection = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEADER_READ_TIMEOUT)
                 .max_buf_size(MAX_BUF_BYTES)
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
-                log::debug!("admin connection {peer}: {e}");
+                .serve_connection(TokioIo::new(stream), service);
+            match tokio::time::timeout(MAX_CONNECTION_LIFETIME, connection).await {
+                Ok(Err(e)) => log::debug!("admin connection {peer}: {e}"),
+                Err(_) => log::debug!("admin connection {peer}: lifetime over, closed"),
+                Ok(Ok(())) => {}
             }
             drop(slot);
         });
     }
+}
+
+/// The over-cap path: one request line, and an answer only for the probes (503 otherwise).
+async fn answer_probe(stream: tokio::net::TcpStream, director: &Director) {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+    let (read, mut write) = stream.into_split();
+    let mut line = Vec::with_capacity(64);
+    let mut reader = tokio::io::BufReader::new(read.take(1024));
+    if reader.read_until(b'\n', &mut line).await.is_err() {
+        return;
+    }
+    let (status, body) = if line.starts_with(b"GET /healthz ") {
+        ("200 OK", "ok\n")
+    } else if line.starts_with(b"GET /readyz ") && director.is_ready() {
+        ("200 OK", "ready\n")
+    } else if line.starts_with(b"GET /readyz ") {
+        ("503 Service Unavailable", "not ready\n")
+    } else {
+        (
+            "503 Service Unavailable",
+            "too many admin connections; retry later\n",
+        )
+    };
+    let answer = format!(
+        "HTTP/1.1 {status}\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\
+         connection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = write.write_all(answer.as_bytes()).await;
+    let _ = write.shutdown().await;
 }
 
 fn reply(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
@@ -256,7 +306,7 @@ async fn kill_sessions(director: &Director, client: &str) -> Response<Full<Bytes
     let Some(matcher) = parse_client(client) else {
         return json_reply(
             StatusCode::BAD_REQUEST,
-            &json!({"error": format!("`{client}` is not IP:PORT or IP")}),
+            &json!({"error": format!("`{}` is not IP:PORT or IP", crate::quote::quote(client))}),
         );
     };
     let Some(counts) =

@@ -42,6 +42,9 @@ enum Stamp {
     File {
         len: u64,
         modified: Option<SystemTime>,
+        /// Seconds and nanoseconds of the inode change time: unlike mtime, no writer can set
+        /// it back (`cp -p`, `touch -r`).
+        changed: (i64, i64),
         inode: (u64, u64),
     },
     /// Missing, unreadable, or not a regular file (a reason is reported once per change).
@@ -55,6 +58,7 @@ impl Stamp {
             Ok(m) if m.is_file() => Self::File {
                 len: m.len(),
                 modified: m.modified().ok(),
+                changed: (m.ctime(), m.ctime_nsec()),
                 inode: (m.dev(), m.ino()),
             },
             Ok(_) => Self::Unusable(std::io::ErrorKind::InvalidInput),

@@ -16,6 +16,7 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use tokio::sync::watch;
@@ -243,6 +244,7 @@ pub trait InventorySource: Send + 'static {
 /// Drives a source: publishes each snapshot, logs and keeps the last good one on errors.
 /// Returns when every receiver is gone.
 pub async fn run<S: InventorySource>(mut source: S, tx: watch::Sender<Arc<Snapshot>>) {
+    let mut trimmed = Instant::now();
     loop {
         let result = tokio::select! {
             r = source.next() => r,
@@ -257,30 +259,43 @@ pub async fn run<S: InventorySource>(mut source: S, tx: watch::Sender<Arc<Snapsh
                         snapshot.counts()
                     );
                 }
-                // `send_replace` hands back the previous snapshot: dropped here, then its memory
-                // (and the parser's) goes back to the OS.
-                drop(tx.send_replace(Arc::new(snapshot)));
+                let previous = tx.send_replace(Arc::new(snapshot));
                 if tx.is_closed() {
                     return;
                 }
-                release_freed_memory();
+                retire(Some(previous), &mut trimmed);
             }
             Err(e) => {
                 log::warn!("inventory not updated, keeping the last good one: {e}");
-                release_freed_memory();
+                // A refused file was parsed all the same: its memory goes back too.
+                retire(None, &mut trimmed);
             }
         }
     }
 }
 
-/// Returns freed heap memory to the OS. A big inventory is parsed into many small allocations;
-/// once it is replaced (or a refused file's parse is dropped) glibc would keep the pages, and
-/// RSS would stay at its peak long after the file was fixed. Once per inventory change, never
-/// on a query or packet path.
-fn release_freed_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only walks and releases glibc's free lists; no pointers are passed.
-    unsafe {
-        libc::malloc_trim(0);
+/// How often freed memory is handed back to the OS at most.
+const TRIM_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Drops a replaced snapshot (tens of thousands of objects in a big fleet) on a blocking thread,
+/// not on the control thread that answers queries, and then, at most once a [`TRIM_INTERVAL`],
+/// returns freed heap memory to the OS: a big inventory is many small allocations, and once it
+/// is replaced (or a refused file's parse is dropped) glibc would keep the pages, so RSS would
+/// stay at its peak long after the file was fixed.
+fn retire(previous: Option<Arc<Snapshot>>, trimmed: &mut Instant) {
+    let trim = trimmed.elapsed() >= TRIM_INTERVAL;
+    if trim {
+        *trimmed = Instant::now();
     }
+    tokio::task::spawn_blocking(move || {
+        drop(previous);
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        if trim {
+            // SAFETY: malloc_trim only walks and releases glibc's free lists; no pointers
+            // are passed.
+            unsafe {
+                libc::malloc_trim(0);
+            }
+        }
+    });
 }
