@@ -566,7 +566,7 @@ resourceQueryMapping:
         );
         assert_eq!(role.matches("apiGroups").count(), 3);
         assert!(
-            !role.contains("create"),
+            !role.contains("verbs: [create]"),
             "no reviews without sessionsApi.auth"
         );
         let parsed: serde_json::Value = serde_yaml::from_str(&role).unwrap();
