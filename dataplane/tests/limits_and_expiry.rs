@@ -255,9 +255,13 @@ fn kill(proxy: &Proxy, client: std::net::SocketAddr) -> usize {
     (0..asked).map(|_| rx.recv_timeout(WAIT).unwrap()).sum()
 }
 
-#[test]
-fn a_token_refused_at_max_sessions_redeems_once_a_slot_frees() {
-    let proxy = Proxy::start(2, |cfg| cfg.max_sessions = 1);
+/// A player refused at a cap (`cap` set by `tweak`, dropped as `reason`) keeps its token: once
+/// the session holding the slot ends, the retry with the same token opens the session.
+fn refused_token_redeems_once_a_slot_frees(
+    tweak: impl FnOnce(&mut dataplane::DataPlaneConfig),
+    reason: DropReason,
+) {
+    let proxy = Proxy::start(2, tweak);
     let echo = Echo::plain();
     let holder = client();
     holder
@@ -268,10 +272,9 @@ fn a_token_refused_at_max_sessions_redeems_once_a_slot_frees() {
     let token = proxy.grant_one(1, echo.addr);
     player.send_to(token.as_bytes(), proxy.addr()).unwrap();
     proxy.eventually("refused at the cap", |p| {
-        p.ctl.counters().dropped(DropReason::SessionLimit) == 1
+        p.ctl.counters().dropped(reason) == 1
     });
     assert_eq!(kill(&proxy, holder.local_addr().unwrap()), 1);
-    // The retry with the same token opens the session.
     player.send_to(token.as_bytes(), proxy.addr()).unwrap();
     player.send_to(b"in", proxy.addr()).unwrap();
     assert_eq!(expect_datagram(&player), b"in");
@@ -280,23 +283,14 @@ fn a_token_refused_at_max_sessions_redeems_once_a_slot_frees() {
 }
 
 #[test]
+fn a_token_refused_at_max_sessions_redeems_once_a_slot_frees() {
+    refused_token_redeems_once_a_slot_frees(|cfg| cfg.max_sessions = 1, DropReason::SessionLimit);
+}
+
+#[test]
 fn a_token_refused_at_max_sessions_per_ip_redeems_once_a_slot_frees() {
-    let proxy = Proxy::start(2, |cfg| cfg.max_sessions_per_ip = Some(1));
-    let echo = Echo::plain();
-    let holder = client();
-    holder
-        .send_to(proxy.grant_one(1, echo.addr).as_bytes(), proxy.addr())
-        .unwrap();
-    proxy.eventually("one session", |p| p.sessions().len() == 1);
-    let player = client();
-    let token = proxy.grant_one(1, echo.addr);
-    player.send_to(token.as_bytes(), proxy.addr()).unwrap();
-    proxy.eventually("refused at the per-IP cap", |p| {
-        p.ctl.counters().dropped(DropReason::IpLimit) == 1
-    });
-    assert_eq!(kill(&proxy, holder.local_addr().unwrap()), 1);
-    player.send_to(token.as_bytes(), proxy.addr()).unwrap();
-    player.send_to(b"in", proxy.addr()).unwrap();
-    assert_eq!(expect_datagram(&player), b"in");
-    assert_eq!(proxy.ctl.counters().tokens_rejected.iter().sum::<u64>(), 0);
+    refused_token_redeems_once_a_slot_frees(
+        |cfg| cfg.max_sessions_per_ip = Some(1),
+        DropReason::IpLimit,
+    );
 }
