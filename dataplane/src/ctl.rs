@@ -7,12 +7,20 @@
 //! channel only, so no state change lands in the middle of a half-handled batch. Workers never
 //! block on control, and control never touches a worker's sessions directly.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use crossbeam_channel::{Sender, TrySendError};
 use crossbeam_utils::CachePadded;
+use parking_lot::Mutex;
+
+use crate::listener::{
+    CloseMode, ListenError, ListenerId, ListenerKind, ListenerSpec, OpenedListener, PortRegistry,
+    Transport,
+};
+use crate::socket::{bind_reuseport_udp, probe_exclusive_udp, unique_udp_port};
 
 use crate::grant::{Backend, BackendId, Grant, TokenId};
 use crate::metrics::{CounterSnapshot, WorkerCounters};
@@ -28,6 +36,25 @@ pub type KillReply = Arc<dyn Fn(usize) + Send + Sync>;
 
 /// A state message from control to one worker (grants travel on their own channel).
 pub(crate) enum ControlMsg {
+    /// Start serving a listener on this worker's own socket of it.
+    OpenListener {
+        /// The listener's id.
+        id: ListenerId,
+        /// This worker's `SO_REUSEPORT` socket, already bound.
+        socket: UdpSocket,
+        /// What it does.
+        kind: ListenerKind,
+    },
+    /// Close a listener (end its sessions, or let them drain); `closing` is told once this
+    /// worker's socket is gone.
+    CloseListener {
+        /// The listener's id.
+        id: ListenerId,
+        /// End or drain.
+        mode: CloseMode,
+        /// Frees the port once every worker has let go of it.
+        closing: Arc<Closing>,
+    },
     /// The backend for clients without a token (`None`: drop them).
     SetDefault(Option<Arc<Backend>>),
     /// The backend left the inventory: token sessions to it end, default sessions move to the
@@ -46,6 +73,16 @@ pub(crate) enum ControlMsg {
 impl std::fmt::Debug for ControlMsg {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
+            Self::OpenListener { id, kind, .. } => f
+                .debug_struct("OpenListener")
+                .field("id", id)
+                .field("kind", kind)
+                .finish_non_exhaustive(),
+            Self::CloseListener { id, mode, .. } => f
+                .debug_struct("CloseListener")
+                .field("id", id)
+                .field("mode", mode)
+                .finish_non_exhaustive(),
             Self::SetDefault(b) => f.debug_tuple("SetDefault").field(b).finish(),
             Self::RemoveBackend(b) => f.debug_tuple("RemoveBackend").field(b).finish(),
             Self::ListSessions(_) => f.write_str("ListSessions"),
@@ -115,6 +152,8 @@ pub enum CloseReason {
     BackendRemoved,
     /// The worker shut down.
     Shutdown,
+    /// Its listener was closed.
+    ListenerClosed,
 }
 
 /// One session, as the admin API lists it.
@@ -154,11 +193,38 @@ pub(crate) struct WorkerLink {
     pub(crate) waker: Arc<mio::Waker>,
 }
 
+/// A listener being closed: the port stays registered (so nothing else can join its
+/// `SO_REUSEPORT` group) until the last worker has dropped its socket.
+#[derive(Debug)]
+pub(crate) struct Closing {
+    id: ListenerId,
+    workers_left: AtomicUsize,
+    registry: Arc<Mutex<PortRegistry>>,
+}
+
+impl Closing {
+    /// One worker has dropped its socket of the listener.
+    pub(crate) fn release(&self) {
+        if self.workers_left.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.registry.lock().remove(self.id);
+        }
+    }
+}
+
+/// Socket settings of the listeners [`Controller::open_listener`] binds.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct SocketSettings {
+    pub(crate) recv_buffer_bytes: usize,
+    pub(crate) send_buffer_bytes: usize,
+}
+
 /// Cloneable handle through which control steers every worker and reads their counters.
 #[derive(Clone)]
 pub struct Controller {
     pub(crate) links: Arc<[WorkerLink]>,
     pub(crate) counters: Arc<[CachePadded<WorkerCounters>]>,
+    pub(crate) registry: Arc<Mutex<PortRegistry>>,
+    pub(crate) sockets: SocketSettings,
 }
 
 impl std::fmt::Debug for Controller {
@@ -173,6 +239,66 @@ impl Controller {
     /// Number of workers.
     pub fn workers(&self) -> usize {
         self.links.len()
+    }
+
+    /// Opens a listener on every worker. The sockets are bound here, on the caller's thread, so
+    /// a port in use (by another listener of this data plane, or another process) comes back
+    /// now with the reason and nothing is left open; the workers start serving it on their
+    /// next loop turn.
+    pub fn open_listener(&self, spec: ListenerSpec) -> Result<OpenedListener, ListenError> {
+        let mut registry = self.registry.lock();
+        registry.check(&spec)?;
+        let addr = if spec.bind.port() == 0 {
+            unique_udp_port(spec.bind)?
+        } else {
+            probe_exclusive_udp(spec.bind)?;
+            spec.bind
+        };
+        let mut sockets = Vec::with_capacity(self.links.len());
+        for _ in 0..self.links.len() {
+            sockets.push(bind_reuseport_udp(
+                addr,
+                self.sockets.recv_buffer_bytes,
+                self.sockets.send_buffer_bytes,
+            )?);
+        }
+        let id = registry.insert(Transport::Udp, addr.port(), spec.owner)?;
+        drop(registry);
+        for (link, socket) in self.links.iter().zip(sockets) {
+            let msg = ControlMsg::OpenListener {
+                id,
+                socket,
+                kind: spec.kind,
+            };
+            if link.tx.send(msg).is_err() {
+                return Err(ListenError::Stopped);
+            }
+            wake(link);
+        }
+        Ok(OpenedListener { id, addr })
+    }
+
+    /// Closes a listener on every worker: `End` ends its sessions now, `Drain` takes no new
+    /// ones and closes once the last has ended. Other listeners and their sessions are not
+    /// touched. The port can be opened again once every worker has let go of it.
+    pub fn close_listener(&self, id: ListenerId, mode: CloseMode) {
+        let closing = Arc::new(Closing {
+            id,
+            workers_left: AtomicUsize::new(self.links.len()),
+            registry: Arc::clone(&self.registry),
+        });
+        for link in self.links.iter() {
+            let msg = ControlMsg::CloseListener {
+                id,
+                mode,
+                closing: Arc::clone(&closing),
+            };
+            if link.tx.send(msg).is_ok() {
+                wake(link);
+            } else {
+                closing.release();
+            }
+        }
     }
 
     /// Publishes a grant to every worker. Must complete before the token is handed to the
@@ -280,6 +406,11 @@ mod tests {
         let controller = Controller {
             links: vec![WorkerLink { grants, tx, waker }].into(),
             counters: vec![CachePadded::new(WorkerCounters::default())].into(),
+            registry: Arc::default(),
+            sockets: SocketSettings {
+                recv_buffer_bytes: 1 << 16,
+                send_buffer_bytes: 1 << 16,
+            },
         };
         (controller, grant_rx, rx, poll)
     }

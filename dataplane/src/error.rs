@@ -49,9 +49,14 @@ pub enum SocketError {
 /// Starting the data plane failed; nothing is left running.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    /// A data-port socket could not be set up.
-    #[error(transparent)]
-    Socket(#[from] SocketError),
+    /// A data port could not be opened (the cause follows in the error chain).
+    #[error("cannot open data port {name}")]
+    Listen {
+        /// The data port's name.
+        name: String,
+        /// Why.
+        source: crate::listener::ListenError,
+    },
     /// The event loop could not be created or a socket not registered.
     #[error("could not set up the event loop of worker {worker}")]
     Poll {

@@ -19,6 +19,7 @@ pub mod ctl;
 pub mod error;
 pub mod grant;
 mod limits;
+pub mod listener;
 pub mod metrics;
 pub mod packet;
 mod plane;
@@ -31,6 +32,9 @@ pub use config::{DataPlaneConfig, DataPortConfig, WorkerAffinity, available_core
 pub use ctl::{Controller, SessionInfo, WorkerEvent};
 pub use error::{StartError, WorkerError};
 pub use grant::{Backend, BackendId, Grant, TokenId};
+pub use listener::{
+    CloseMode, ListenError, ListenerId, ListenerKind, ListenerSpec, OpenedListener, Transport,
+};
 pub use metrics::{CounterSnapshot, DropReason, TokenRejectReason};
 pub use plane::DataPlane;
 pub use session::SessionKind;

@@ -8,12 +8,15 @@ use crossbeam_channel::Receiver;
 use crossbeam_utils::CachePadded;
 
 use crate::config::{DataPlaneConfig, WorkerAffinity};
-use crate::ctl::{Controller, GRANT_CHANNEL_CAPACITY, WorkerEvent, WorkerLink};
+use crate::ctl::{Controller, GRANT_CHANNEL_CAPACITY, SocketSettings, WorkerEvent, WorkerLink};
 use crate::error::{StartError, WorkerError};
 use crate::limits::SessionLimits;
+use crate::listener::{ListenerKind, ListenerSpec, Transport};
 use crate::metrics::WorkerCounters;
-use crate::socket::{bind_reuseport_udp, probe_exclusive_udp};
-use crate::worker::{MAX_DATA_PORTS, Worker, WorkerSetup};
+use crate::worker::{Worker, WorkerSetup};
+
+/// Data ports a config may declare (more listeners can be opened at run time).
+const MAX_DATA_PORTS: usize = 64;
 
 /// The running data plane: worker threads plus the handles control needs.
 #[derive(Debug)]
@@ -25,8 +28,10 @@ pub struct DataPlane {
 }
 
 impl DataPlane {
-    /// Binds every data port on every worker and starts the worker threads. All sockets are bound
-    /// before any thread starts, so a bind error is reported here and nothing is left running.
+    /// Starts the worker threads, then opens every data port as a token-port listener through
+    /// [`Controller::open_listener`], the path every later listener takes too. The data ports
+    /// get listener ids 0, 1, … in config order, which is the data-port index grants use. A
+    /// bind error is reported here and nothing is left running.
     pub fn start(config: DataPlaneConfig) -> Result<Self, StartError> {
         let port_count = config.data_ports.len();
         if port_count == 0 || port_count > MAX_DATA_PORTS {
@@ -36,31 +41,6 @@ impl DataPlane {
             });
         }
         let workers = config.workers.get();
-        for port in &config.data_ports {
-            if port.bind.port() != 0 {
-                probe_exclusive_udp(port.bind)?;
-            }
-        }
-        // With port 0, the first worker's socket picks the port and the others join it.
-        let mut local_addrs: Vec<SocketAddr> = Vec::with_capacity(port_count);
-        let mut sockets_per_worker = Vec::with_capacity(workers);
-        for _ in 0..workers {
-            let mut sockets = Vec::with_capacity(port_count);
-            for (i, port) in config.data_ports.iter().enumerate() {
-                let addr = local_addrs.get(i).copied().unwrap_or(port.bind);
-                let socket =
-                    bind_reuseport_udp(addr, config.recv_buffer_bytes, config.send_buffer_bytes)?;
-                if local_addrs.len() == i {
-                    let bound = socket
-                        .local_addr()
-                        .map_err(|source| StartError::Poll { worker: 0, source })?;
-                    local_addrs.push(bound);
-                }
-                sockets.push(socket);
-            }
-            sockets_per_worker.push(sockets);
-        }
-
         let counters: Arc<[CachePadded<WorkerCounters>]> = (0..workers)
             .map(|_| CachePadded::new(WorkerCounters::default()))
             .collect();
@@ -73,7 +53,7 @@ impl DataPlane {
 
         let mut links = Vec::with_capacity(workers);
         let mut built = Vec::with_capacity(workers);
-        for (id, sockets) in sockets_per_worker.into_iter().enumerate() {
+        for id in 0..workers {
             let (grants_tx, grants) = crossbeam_channel::bounded(GRANT_CHANNEL_CAPACITY);
             let (tx, rx) = crossbeam_channel::unbounded();
             let core = match &config.affinity {
@@ -86,7 +66,6 @@ impl DataPlane {
             let (worker, waker) = Worker::new(WorkerSetup {
                 id,
                 config: &config,
-                sockets,
                 control: rx,
                 grants,
                 events: events_tx.clone(),
@@ -101,6 +80,21 @@ impl DataPlane {
             });
             built.push((worker, core));
         }
+        let controller = Controller {
+            links: links.into(),
+            counters,
+            registry: Arc::default(),
+            sockets: SocketSettings {
+                recv_buffer_bytes: config.recv_buffer_bytes,
+                send_buffer_bytes: config.send_buffer_bytes,
+            },
+        };
+        let stop = |threads: Vec<JoinHandle<Result<(), WorkerError>>>| {
+            controller.shutdown();
+            for t in threads {
+                let _ = t.join();
+            }
+        };
 
         let mut threads = Vec::with_capacity(workers);
         for (worker, core) in built {
@@ -118,15 +112,28 @@ impl DataPlane {
             match spawned {
                 Ok(handle) => threads.push(handle),
                 Err(source) => {
-                    // Stop the workers already running before reporting.
-                    for link in &links {
-                        let _ = link.tx.send(crate::ctl::ControlMsg::Shutdown);
-                        let _ = link.waker.wake();
-                    }
-                    for t in threads {
-                        let _ = t.join();
-                    }
+                    stop(threads);
                     return Err(StartError::Spawn { worker: id, source });
+                }
+            }
+        }
+
+        let mut local_addrs = Vec::with_capacity(port_count);
+        for port in &config.data_ports {
+            let spec = ListenerSpec {
+                owner: format!("data port {}", port.name),
+                bind: port.bind,
+                transport: Transport::Udp,
+                kind: ListenerKind::TokenPort,
+            };
+            match controller.open_listener(spec) {
+                Ok(opened) => local_addrs.push(opened.addr),
+                Err(source) => {
+                    stop(threads);
+                    return Err(StartError::Listen {
+                        name: port.name.clone(),
+                        source,
+                    });
                 }
             }
         }
@@ -139,10 +146,7 @@ impl DataPlane {
                 .join(", ")
         );
         Ok(Self {
-            controller: Controller {
-                links: links.into(),
-                counters,
-            },
+            controller,
             events,
             threads,
             local_addrs,

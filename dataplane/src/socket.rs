@@ -76,6 +76,37 @@ pub(crate) fn probe_exclusive_udp(addr: SocketAddr) -> Result<(), SocketError> {
     })
 }
 
+/// `addr` with port 0 replaced by a port no other socket holds. Binding port 0 directly with
+/// `SO_REUSEADDR`/`SO_REUSEPORT` would not do: the kernel may then pick a port that another
+/// reuse-port socket of the same user holds, and silently share it.
+pub(crate) fn unique_udp_port(addr: SocketAddr) -> Result<SocketAddr, SocketError> {
+    if addr.port() != 0 {
+        return Ok(addr);
+    }
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))
+        .map_err(|source| SocketError::Create { addr, source })?;
+    if addr.is_ipv6() {
+        socket
+            .set_only_v6(false)
+            .map_err(|source| SocketError::SetOption {
+                addr,
+                option: "IPV6_V6ONLY",
+                source,
+            })?;
+    }
+    socket
+        .bind(&addr.into())
+        .map_err(|source| SocketError::Bind { addr, source })?;
+    socket
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_socket())
+        .ok_or_else(|| SocketError::Bind {
+            addr,
+            source: io::Error::other("no local address after bind"),
+        })
+}
+
 /// A non-blocking UDP socket on an ephemeral port, connected to `target`: the backend sees one
 /// stable peer per session, and the kernel filters out datagrams from anyone but `target`.
 pub(crate) fn connect_upstream_udp(target: SocketAddr) -> io::Result<mio::net::UdpSocket> {

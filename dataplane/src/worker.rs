@@ -19,10 +19,11 @@ use mio::{Events, Interest, Poll, Token, Waker};
 
 use crate::batch::{BATCH, RecvBatch, SendQueue};
 use crate::config::DataPlaneConfig;
-use crate::ctl::{ClientMatch, CloseReason, ControlMsg, SessionInfo, WorkerEvent};
+use crate::ctl::{ClientMatch, CloseReason, Closing, ControlMsg, SessionInfo, WorkerEvent};
 use crate::error::WorkerError;
 use crate::grant::{Backend, BackendId, Grant, TokenId};
 use crate::limits::SessionLimits;
+use crate::listener::{CloseMode, ListenerId, ListenerKind, MAX_LISTENERS};
 use crate::metrics::{DropReason, TokenRejectReason, WorkerCounters};
 use crate::packet::{Classified, classify, control_body, parse_token};
 use crate::session::{Session, SessionId, SessionKey, SessionKind, SessionStats, SessionTable};
@@ -30,10 +31,9 @@ use crate::socket::connect_upstream_udp;
 use crate::warn_gate::WarnGate;
 
 const WAKER: Token = Token(0);
-const FIRST_PORT: usize = 1;
-/// Data ports per data plane; their tokens sit between the waker and the sessions.
-pub(crate) const MAX_DATA_PORTS: usize = 64;
-const FIRST_SESSION: usize = FIRST_PORT + MAX_DATA_PORTS;
+/// Listener `id` is `Token(FIRST_LISTENER + id)`; sessions come after every possible listener.
+const FIRST_LISTENER: usize = 1;
+const FIRST_SESSION: usize = FIRST_LISTENER + MAX_LISTENERS;
 /// Batches read from one socket per readiness event before other sockets get a turn.
 const IO_LOOP_BOUND: usize = 16;
 /// How often spent grants are dropped from the worker's table.
@@ -42,16 +42,21 @@ const EVENTS_CAPACITY: usize = 1024;
 
 type UpstreamSocket = mio::net::UdpSocket;
 
-struct DataPort {
+/// This worker's side of one listener.
+struct Listener {
     socket: mio::net::UdpSocket,
     replies: SendQueue,
+    kind: ListenerKind,
+    /// Live sessions on it in this worker, so a draining listener knows when to close.
+    sessions: usize,
+    /// Set once a close was asked (no new sessions); told when this worker's socket is gone.
+    closing: Option<Arc<Closing>>,
 }
 
 /// Everything [`Worker::new`] needs.
 pub(crate) struct WorkerSetup<'a> {
     pub(crate) id: usize,
     pub(crate) config: &'a DataPlaneConfig,
-    pub(crate) sockets: Vec<UdpSocket>,
     pub(crate) control: Receiver<ControlMsg>,
     pub(crate) grants: Receiver<Arc<Grant>>,
     pub(crate) events: Sender<WorkerEvent>,
@@ -67,7 +72,8 @@ pub(crate) struct Worker {
     events: Sender<WorkerEvent>,
     counters: Arc<[CachePadded<WorkerCounters>]>,
     limits: Arc<SessionLimits>,
-    ports: Vec<DataPort>,
+    /// Indexed by listener id; `None` where no listener is open.
+    listeners: Vec<Option<Listener>>,
     /// Taken out while a batch is processed, so handlers can borrow the rest of `self`.
     rx: Option<Box<RecvBatch>>,
     sessions: SessionTable<UpstreamSocket>,
@@ -97,20 +103,10 @@ impl std::fmt::Debug for Worker {
 }
 
 impl Worker {
-    /// Registers the worker's sockets with a fresh `Poll`; returns the worker and its waker.
+    /// A worker with a fresh `Poll` and no listener yet; returns the worker and its waker.
     pub(crate) fn new(setup: WorkerSetup<'_>) -> io::Result<(Self, Arc<Waker>)> {
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
-        let mut ports = Vec::with_capacity(setup.sockets.len());
-        for (i, socket) in setup.sockets.into_iter().enumerate() {
-            let mut socket = mio::net::UdpSocket::from_std(socket);
-            poll.registry()
-                .register(&mut socket, Token(FIRST_PORT + i), Interest::READABLE)?;
-            ports.push(DataPort {
-                socket,
-                replies: SendQueue::new(),
-            });
-        }
         let now = Instant::now();
         let worker = Self {
             id: setup.id,
@@ -120,7 +116,7 @@ impl Worker {
             events: setup.events,
             counters: setup.counters,
             limits: setup.limits,
-            ports,
+            listeners: Vec::new(),
             rx: Some(Box::new(RecvBatch::new())),
             sessions: SessionTable::new(setup.config.session_timeout, now),
             grants: AHashMap::new(),
@@ -174,7 +170,7 @@ impl Worker {
                         self.drain_grants();
                         self.drain_control(now);
                     }
-                    Token(t) if t < FIRST_SESSION => self.drain_port(t - FIRST_PORT, now),
+                    Token(t) if t < FIRST_SESSION => self.drain_port(t - FIRST_LISTENER, now),
                     Token(t) => self.drain_session(t - FIRST_SESSION, now),
                 }
             }
@@ -230,12 +226,85 @@ impl Worker {
 
     fn apply_control(&mut self, msg: ControlMsg, now: Instant) {
         match msg {
+            ControlMsg::OpenListener { id, socket, kind } => self.open_listener(id, socket, kind),
+            ControlMsg::CloseListener { id, mode, closing } => {
+                self.close_listener(id, mode, closing);
+            }
             ControlMsg::SetDefault(backend) => self.default_backend = backend,
             ControlMsg::RemoveBackend(backend) => self.remove_backend(backend, now),
             ControlMsg::ListSessions(reply) => reply(self.list_sessions(now)),
             ControlMsg::KillSessions(client, reply) => reply(self.kill_sessions(client)),
             ControlMsg::Drain => self.draining = true,
             ControlMsg::Shutdown => self.shutting_down = true,
+        }
+    }
+
+    fn open_listener(&mut self, id: ListenerId, socket: UdpSocket, kind: ListenerKind) {
+        let index = usize::from(id.0);
+        let mut socket = mio::net::UdpSocket::from_std(socket);
+        let token = Token(FIRST_LISTENER + index);
+        if let Err(e) = self
+            .poll
+            .registry()
+            .register(&mut socket, token, Interest::READABLE)
+        {
+            log::error!("worker {}: cannot serve listener {index}: {e}", self.id);
+            return;
+        }
+        if self.listeners.len() <= index {
+            self.listeners.resize_with(index + 1, || None);
+        }
+        self.listeners[index] = Some(Listener {
+            socket,
+            replies: SendQueue::new(),
+            kind,
+            sessions: 0,
+            closing: None,
+        });
+    }
+
+    fn close_listener(&mut self, id: ListenerId, mode: CloseMode, closing: Arc<Closing>) {
+        let index = usize::from(id.0);
+        let Some(listener) = self.listeners.get_mut(index).and_then(Option::as_mut) else {
+            closing.release();
+            return;
+        };
+        listener.closing = Some(closing);
+        if mode == CloseMode::End {
+            let doomed: Vec<SessionId> = self
+                .sessions
+                .iter()
+                .filter(|(_, s)| usize::from(s.key.port) == index)
+                .map(|(id, _)| id)
+                .collect();
+            for session in doomed {
+                self.close_session(session, CloseReason::ListenerClosed);
+            }
+        }
+        self.retire_listener_if_done(index);
+    }
+
+    /// Drops a closing listener's socket once it has no session left, and says so.
+    fn retire_listener_if_done(&mut self, index: usize) {
+        let done = self
+            .listeners
+            .get(index)
+            .and_then(Option::as_ref)
+            .is_some_and(|l| l.closing.is_some() && l.sessions == 0);
+        if !done {
+            return;
+        }
+        if let Some(mut listener) = self.listeners[index].take() {
+            if !listener.replies.is_empty() {
+                let fd = listener.socket.as_raw_fd();
+                listener.replies.flush(fd, self.batch_io);
+            }
+            let _ = self.poll.registry().deregister(&mut listener.socket);
+            let closing = listener.closing.take();
+            drop(listener);
+            if let Some(closing) = closing {
+                closing.release();
+            }
         }
     }
 
@@ -311,17 +380,25 @@ impl Worker {
     // ---- client side -----------------------------------------------------------------------
 
     fn drain_port(&mut self, port: usize, now: Instant) {
+        // Closed since its readiness was reported.
+        let Some((fd, kind)) = self
+            .listeners
+            .get(port)
+            .and_then(Option::as_ref)
+            .map(|l| (l.socket.as_raw_fd(), l.kind))
+        else {
+            return;
+        };
         let Some(mut rx) = self.rx.take() else {
             return;
         };
-        let fd = self.ports[port].socket.as_raw_fd();
         let mut drained = false;
         for _ in 0..IO_LOOP_BOUND {
             match rx.recv(fd, self.batch_io) {
                 Ok(n) => {
                     for i in 0..n {
                         let (datagram, from) = rx.get(i);
-                        self.on_client_datagram(port, datagram, from, now);
+                        self.on_client_datagram(port, kind, datagram, from, now);
                     }
                     if n < BATCH {
                         // A short batch means the queue was empty: a new datagram raises a new
@@ -351,6 +428,7 @@ impl Worker {
     fn on_client_datagram(
         &mut self,
         port: usize,
+        kind: ListenerKind,
         datagram: &[u8],
         from: Option<SocketAddr>,
         now: Instant,
@@ -367,7 +445,11 @@ impl Worker {
         };
         match self.sessions.find(&key) {
             Some(id) => {
-                if let Some(body) = control_body(datagram, &self.control_magic) {
+                // RESET magic means something on token ports only.
+                let resets = match kind {
+                    ListenerKind::TokenPort => true,
+                };
+                if resets && let Some(body) = control_body(datagram, &self.control_magic) {
                     self.reset_session(id, body, now);
                 } else {
                     self.forward_upstream(id, datagram, now);
@@ -407,11 +489,16 @@ impl Worker {
         datagram: &[u8],
         now: Instant,
     ) {
-        if self.draining {
+        let port = usize::from(key.port);
+        let closing = self
+            .listeners
+            .get(port)
+            .and_then(Option::as_ref)
+            .is_none_or(|l| l.closing.is_some());
+        if self.draining || closing {
             self.counters().drop(DropReason::Draining, 1);
             return;
         }
-        let port = usize::from(key.port);
         let mut rejected = None;
         match classify(datagram, &self.control_magic) {
             Classified::Token(token) | Classified::Control(token) => {
@@ -593,6 +680,13 @@ impl Worker {
             stats: SessionStats::default(),
         });
         debug_assert_eq!(id.slot(), expected_slot, "registered under another token");
+        if let Some(listener) = self
+            .listeners
+            .get_mut(usize::from(key.port))
+            .and_then(Option::as_mut)
+        {
+            listener.sessions += 1;
+        }
         let c = self.counters();
         c.sessions_created[kind as usize].add(1);
         c.sessions_active.set(self.sessions.len() as u64);
@@ -693,7 +787,14 @@ impl Worker {
         let Some((id, session)) = self.sessions.by_slot_mut(slot) else {
             return; // closed earlier in this turn
         };
-        let port = &mut self.ports[usize::from(session.key.port)];
+        // A listener lives as long as any of its sessions.
+        let Some(port) = self
+            .listeners
+            .get_mut(usize::from(session.key.port))
+            .and_then(Option::as_mut)
+        else {
+            return;
+        };
         let fd = session.upstream.as_raw_fd();
         let counters = &self.counters[self.id];
         let mut drained = false;
@@ -757,7 +858,7 @@ impl Worker {
     }
 
     fn flush_replies(&mut self) {
-        for port in &mut self.ports {
+        for port in self.listeners.iter_mut().flatten() {
             if !port.replies.is_empty() {
                 let flushed = port.replies.flush(port.socket.as_raw_fd(), self.batch_io);
                 self.counters[self.id].drop(DropReason::DownstreamSend, flushed.dropped);
@@ -806,9 +907,10 @@ impl Worker {
         }
     }
 
-    /// Frees what a removed session held: its poll registration, its limit slot, and (on drop)
-    /// its socket.
-    fn release(&self, session: &mut Session<UpstreamSocket>, reason: CloseReason) {
+    /// Frees what a removed session held: its poll registration, its limit slot, its place on
+    /// its listener (a draining listener closes with its last session), and (on drop) its
+    /// socket.
+    fn release(&mut self, session: &mut Session<UpstreamSocket>, reason: CloseReason) {
         if let Err(e) = self.poll.registry().deregister(&mut session.upstream) {
             log::debug!("deregister {}: {e}", session.target);
         }
@@ -817,6 +919,11 @@ impl Worker {
             backend: session.backend,
             reason,
         });
+        let index = usize::from(session.key.port);
+        if let Some(listener) = self.listeners.get_mut(index).and_then(Option::as_mut) {
+            listener.sessions = listener.sessions.saturating_sub(1);
+        }
+        self.retire_listener_if_done(index);
     }
 
     fn close_all(&mut self) {

@@ -181,10 +181,10 @@ fn port_in_use_is_a_clear_start_error() {
         bind: taken.local_addr().unwrap(),
     }]);
     cfg.workers = std::num::NonZeroUsize::new(1).unwrap();
-    let err = dataplane::DataPlane::start(cfg).unwrap_err();
+    let err = chain(&dataplane::DataPlane::start(cfg).unwrap_err());
     let port = taken.local_addr().unwrap().to_string();
     assert!(
-        err.to_string().contains("already in use") && err.to_string().contains(&port),
+        err.contains("data port game") && err.contains("already in use") && err.contains(&port),
         "{err}"
     );
 }
@@ -198,10 +198,9 @@ fn a_second_data_plane_on_the_same_port_is_refused() {
         bind: first.addr(),
     }]);
     cfg.workers = std::num::NonZeroUsize::new(2).unwrap();
-    let err = dataplane::DataPlane::start(cfg).unwrap_err();
+    let err = chain(&dataplane::DataPlane::start(cfg).unwrap_err());
     assert!(
-        err.to_string().contains(&first.addr().to_string())
-            && err.to_string().contains("already in use"),
+        err.contains(&first.addr().to_string()) && err.contains("already in use"),
         "{err}"
     );
     // The first still serves.

@@ -64,10 +64,15 @@ impl Echo {
         threads: usize,
         tag: Option<u8>,
     ) -> std::io::Result<Self> {
-        let first = bind_reuseport(bind)?;
-        let addr = first.local_addr()?;
-        let mut sockets = vec![first];
-        for _ in 1..threads.max(1) {
+        // Port 0 with SO_REUSEPORT could land on a port another reuse-port socket of this user
+        // holds (a proxy's data port in a test running beside): take a port nobody holds first.
+        let addr = if bind.port() == 0 {
+            UdpSocket::bind(bind)?.local_addr()?
+        } else {
+            bind
+        };
+        let mut sockets = Vec::with_capacity(threads.max(1));
+        for _ in 0..threads.max(1) {
             sockets.push(bind_reuseport(addr)?);
         }
         let stop = Arc::new(AtomicBool::new(false));

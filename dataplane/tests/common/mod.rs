@@ -120,3 +120,15 @@ pub fn control_packet(token: &str) -> Vec<u8> {
     p.extend_from_slice(token.as_bytes());
     p
 }
+
+/// An error and its causes, as `anyhow` prints them with `{:#}`.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
+}

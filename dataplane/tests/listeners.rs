@@ -1,0 +1,163 @@
+//! Listeners opened, closed and drained while traffic flows, and what refuses to open.
+
+mod common;
+
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use common::*;
+use dataplane::ctl::ClientMatch;
+use dataplane::{CloseMode, DropReason, ListenerId, ListenerKind, ListenerSpec, Transport};
+
+fn token_port(port: u16) -> ListenerSpec {
+    ListenerSpec {
+        owner: format!("test port {port}"),
+        bind: SocketAddr::from(([127, 0, 0, 1], port)),
+        transport: Transport::Udp,
+        kind: ListenerKind::TokenPort,
+    }
+}
+
+/// A grant for listener `id` only.
+fn grant_on(proxy: &Proxy, id: ListenerId, target: SocketAddr) -> String {
+    let mut targets = vec![None; usize::from(id.0) + 1];
+    targets[usize::from(id.0)] = Some(target);
+    proxy.grant(1, &targets, Duration::from_secs(30))
+}
+
+#[test]
+fn listeners_open_and_close_under_traffic_without_touching_the_others() {
+    let proxy = Arc::new(Proxy::start(2, |_| {}));
+    let echo = Echo::plain();
+    // Steady traffic on the config's data port the whole time: every datagram must come back.
+    let steady = client();
+    steady
+        .send_to(proxy.grant_one(1, echo.addr).as_bytes(), proxy.addr())
+        .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let traffic = {
+        let (proxy, stop) = (Arc::clone(&proxy), Arc::clone(&stop));
+        std::thread::spawn(move || {
+            let mut sent = 0u32;
+            while !stop.load(Ordering::Relaxed) {
+                steady.send_to(&sent.to_be_bytes(), proxy.addr()).unwrap();
+                assert_eq!(expect_datagram(&steady), sent.to_be_bytes(), "seq {sent}");
+                sent += 1;
+            }
+            sent
+        })
+    };
+
+    for _ in 0..5 {
+        let opened = proxy.ctl.open_listener(token_port(0)).unwrap();
+        assert_ne!(opened.addr.port(), 0);
+        let c = client();
+        c.send_to(
+            grant_on(&proxy, opened.id, echo.addr).as_bytes(),
+            opened.addr,
+        )
+        .unwrap();
+        c.send_to(b"on the new one", opened.addr).unwrap();
+        assert_eq!(expect_datagram(&c), b"on the new one");
+        proxy.ctl.close_listener(opened.id, CloseMode::End);
+        proxy.eventually("its session ended with it", |p| {
+            p.sessions()
+                .iter()
+                .all(|s| s.data_port != usize::from(opened.id.0))
+        });
+        // The port is gone: nothing answers any more.
+        c.send_to(b"after close", opened.addr).unwrap();
+        expect_nothing(&c, Duration::from_millis(100));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let exchanged = traffic.join().unwrap();
+    assert!(exchanged > 0);
+    assert_eq!(
+        proxy.sessions().len(),
+        1,
+        "the steady session is still there"
+    );
+    assert_eq!(proxy.ctl.counters().dropped(DropReason::UpstreamSend), 0);
+}
+
+#[test]
+fn a_port_in_use_is_refused_at_once_and_opens_nothing() {
+    let proxy = Proxy::start(2, |_| {});
+    // Held by this data plane: named by its owner.
+    let e = proxy
+        .ctl
+        .open_listener(token_port(proxy.addr().port()))
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        e,
+        format!(
+            "udp/{} is already open for data port game",
+            proxy.addr().port()
+        )
+    );
+    // Held by another socket (another process): the bind error, synchronously.
+    let other = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let e = chain(
+        &proxy
+            .ctl
+            .open_listener(token_port(other.local_addr().unwrap().port()))
+            .unwrap_err(),
+    );
+    assert!(e.contains("already in use by another process"), "{e}");
+    // Nothing was left half-open: the next listener gets the next id.
+    let opened = proxy.ctl.open_listener(token_port(0)).unwrap();
+    assert_eq!(opened.id, ListenerId(1));
+}
+
+#[test]
+fn a_draining_listener_keeps_its_sessions_and_closes_after_the_last() {
+    let proxy = Proxy::start(2, |_| {});
+    let echo = Echo::plain();
+    let opened = proxy.ctl.open_listener(token_port(0)).unwrap();
+    let old = client();
+    old.send_to(
+        grant_on(&proxy, opened.id, echo.addr).as_bytes(),
+        opened.addr,
+    )
+    .unwrap();
+    old.send_to(b"1", opened.addr).unwrap();
+    assert_eq!(expect_datagram(&old), b"1");
+
+    proxy.ctl.close_listener(opened.id, CloseMode::Drain);
+    std::thread::sleep(Duration::from_millis(50));
+    // No new session, even with a valid token.
+    let late = client();
+    late.send_to(
+        grant_on(&proxy, opened.id, echo.addr).as_bytes(),
+        opened.addr,
+    )
+    .unwrap();
+    late.send_to(b"x", opened.addr).unwrap();
+    expect_nothing(&late, Duration::from_millis(200));
+    // The old one keeps forwarding.
+    old.send_to(b"2", opened.addr).unwrap();
+    assert_eq!(expect_datagram(&old), b"2");
+    // The port is still held while it drains.
+    assert!(
+        proxy
+            .ctl
+            .open_listener(token_port(opened.addr.port()))
+            .is_err()
+    );
+
+    // Its last session ends: the listener closes, and the port can be opened again.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let tx = std::sync::Mutex::new(tx);
+    let asked = proxy.ctl.kill_sessions(
+        ClientMatch::Addr(old.local_addr().unwrap()),
+        Arc::new(move |n| tx.lock().unwrap().send(n).unwrap()),
+    );
+    let killed: usize = (0..asked).map(|_| rx.recv_timeout(WAIT).unwrap()).sum();
+    assert_eq!(killed, 1);
+    proxy.eventually("the port is free again", |p| {
+        p.ctl.open_listener(token_port(opened.addr.port())).is_ok()
+    });
+}
