@@ -103,6 +103,18 @@ pub fn expect_datagram(s: &UdpSocket) -> Vec<u8> {
     buf
 }
 
+/// One datagram if it arrives within `within`: for polling loops, where a datagram lost in a
+/// change (a session ending under it) is a retry, not a failure.
+pub fn datagram_within(s: &UdpSocket, within: Duration) -> Option<Vec<u8>> {
+    s.set_read_timeout(Some(within)).unwrap();
+    let mut buf = vec![0u8; 65536];
+    let got = s.recv_from(&mut buf);
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    let (n, _) = got.ok()?;
+    buf.truncate(n);
+    Some(buf)
+}
+
 /// Asserts nothing arrives within `within`.
 pub fn expect_nothing(s: &UdpSocket, within: Duration) {
     s.set_read_timeout(Some(within)).unwrap();
