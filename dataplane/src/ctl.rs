@@ -44,6 +44,8 @@ pub(crate) enum ControlMsg {
         socket: UdpSocket,
         /// What it does.
         kind: ListenerKind,
+        /// Idle timeout of its sessions.
+        idle_timeout: Duration,
     },
     /// Close a listener (end its sessions, or let them drain); `closing` is told once this
     /// worker's socket is gone.
@@ -269,6 +271,7 @@ impl Controller {
                 id,
                 socket,
                 kind: spec.kind,
+                idle_timeout: spec.idle_timeout,
             };
             if link.tx.send(msg).is_err() {
                 return Err(ListenError::Stopped);

@@ -7,6 +7,7 @@
 //! `SO_REUSEPORT` would otherwise silently split one port between two owners.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 /// A listener's id: its index in every worker's listener table, and for a token port the
 /// data-port index that grants and backends use.
@@ -48,6 +49,8 @@ pub struct ListenerSpec {
     pub transport: Transport,
     /// What it does.
     pub kind: ListenerKind,
+    /// Its sessions end after this long without traffic in either direction.
+    pub idle_timeout: Duration,
 }
 
 /// How a listener is closed.
@@ -162,6 +165,7 @@ mod tests {
             bind: SocketAddr::from(([127, 0, 0, 1], port)),
             transport: Transport::Udp,
             kind: ListenerKind::TokenPort,
+            idle_timeout: Duration::from_secs(300),
         }
     }
 

@@ -125,6 +125,7 @@ impl DataPlane {
                 bind: port.bind,
                 transport: Transport::Udp,
                 kind: ListenerKind::TokenPort,
+                idle_timeout: config.session_timeout,
             };
             match controller.open_listener(spec) {
                 Ok(opened) => local_addrs.push(opened.addr),

@@ -39,6 +39,9 @@ const IO_LOOP_BOUND: usize = 16;
 /// How often spent grants are dropped from the worker's table.
 const GRANT_SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 const EVENTS_CAPACITY: usize = 1024;
+/// Idle timeout of a session whose listener is gone (cannot happen: a listener outlives its
+/// sessions); short, so such a session would not linger.
+const ORPHAN_IDLE_TIMEOUT: Duration = Duration::from_secs(1);
 
 type UpstreamSocket = mio::net::UdpSocket;
 
@@ -47,6 +50,8 @@ struct Listener {
     socket: mio::net::UdpSocket,
     replies: SendQueue,
     kind: ListenerKind,
+    /// Idle timeout of its sessions.
+    idle_timeout: Duration,
     /// Live sessions on it in this worker, so a draining listener knows when to close.
     sessions: usize,
     /// Set once a close was asked (no new sessions); told when this worker's socket is gone.
@@ -118,7 +123,7 @@ impl Worker {
             limits: setup.limits,
             listeners: Vec::new(),
             rx: Some(Box::new(RecvBatch::new())),
-            sessions: SessionTable::new(setup.config.session_timeout, now),
+            sessions: SessionTable::new(now),
             grants: AHashMap::new(),
             default_backend: None,
             control_magic: setup.config.control_magic.clone().into_boxed_slice(),
@@ -226,7 +231,12 @@ impl Worker {
 
     fn apply_control(&mut self, msg: ControlMsg, now: Instant) {
         match msg {
-            ControlMsg::OpenListener { id, socket, kind } => self.open_listener(id, socket, kind),
+            ControlMsg::OpenListener {
+                id,
+                socket,
+                kind,
+                idle_timeout,
+            } => self.open_listener(id, socket, kind, idle_timeout),
             ControlMsg::CloseListener { id, mode, closing } => {
                 self.close_listener(id, mode, closing);
             }
@@ -239,7 +249,13 @@ impl Worker {
         }
     }
 
-    fn open_listener(&mut self, id: ListenerId, socket: UdpSocket, kind: ListenerKind) {
+    fn open_listener(
+        &mut self,
+        id: ListenerId,
+        socket: UdpSocket,
+        kind: ListenerKind,
+        idle_timeout: Duration,
+    ) {
         let index = usize::from(id.0);
         let mut socket = mio::net::UdpSocket::from_std(socket);
         let token = Token(FIRST_LISTENER + index);
@@ -258,6 +274,7 @@ impl Worker {
             socket,
             replies: SendQueue::new(),
             kind,
+            idle_timeout,
             sessions: 0,
             closing: None,
         });
@@ -667,6 +684,18 @@ impl Worker {
         kind: SessionKind,
         now: Instant,
     ) -> SessionId {
+        // `open_session` checked the listener is open, and nothing since could close it.
+        let idle_timeout = match self
+            .listeners
+            .get_mut(usize::from(key.port))
+            .and_then(Option::as_mut)
+        {
+            Some(listener) => {
+                listener.sessions += 1;
+                listener.idle_timeout
+            }
+            None => ORPHAN_IDLE_TIMEOUT,
+        };
         let expected_slot = self.sessions.next_slot();
         let id = self.sessions.insert(Session {
             key,
@@ -677,16 +706,10 @@ impl Worker {
             kind,
             created: now,
             last_active: now,
+            idle_timeout,
             stats: SessionStats::default(),
         });
         debug_assert_eq!(id.slot(), expected_slot, "registered under another token");
-        if let Some(listener) = self
-            .listeners
-            .get_mut(usize::from(key.port))
-            .and_then(Option::as_mut)
-        {
-            listener.sessions += 1;
-        }
         let c = self.counters();
         c.sessions_created[kind as usize].add(1);
         c.sessions_active.set(self.sessions.len() as u64);

@@ -17,6 +17,7 @@ fn token_port(port: u16) -> ListenerSpec {
         bind: SocketAddr::from(([127, 0, 0, 1], port)),
         transport: Transport::Udp,
         kind: ListenerKind::TokenPort,
+        idle_timeout: Duration::from_secs(300),
     }
 }
 
@@ -160,4 +161,33 @@ fn a_draining_listener_keeps_its_sessions_and_closes_after_the_last() {
     proxy.eventually("the port is free again", |p| {
         p.ctl.open_listener(token_port(opened.addr.port())).is_ok()
     });
+}
+
+#[test]
+fn each_listener_times_its_sessions_out_by_its_own_timeout() {
+    // The data port keeps sessions for 300 s; a listener opened with 400 ms ends its own.
+    let proxy = Proxy::start(2, |_| {});
+    let echo = Echo::plain();
+    let short = proxy
+        .ctl
+        .open_listener(ListenerSpec {
+            idle_timeout: Duration::from_millis(400),
+            ..token_port(0)
+        })
+        .unwrap();
+    let long_lived = client();
+    long_lived
+        .send_to(proxy.grant_one(1, echo.addr).as_bytes(), proxy.addr())
+        .unwrap();
+    let brief = client();
+    brief
+        .send_to(grant_on(&proxy, short.id, echo.addr).as_bytes(), short.addr)
+        .unwrap();
+    proxy.eventually("two sessions", |p| p.sessions().len() == 2);
+    proxy.eventually("the short listener's session expired", |p| {
+        p.ctl.counters().sessions_expired == 1
+    });
+    let left = proxy.sessions();
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].client, long_lived.local_addr().unwrap());
 }

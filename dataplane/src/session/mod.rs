@@ -87,6 +87,8 @@ pub struct Session<S> {
     pub created: Instant,
     /// Last datagram in either direction.
     pub last_active: Instant,
+    /// No traffic either way for this long ends the session (its listener's timeout).
+    pub idle_timeout: Duration,
     /// Traffic counters.
     pub stats: SessionStats,
 }
@@ -102,27 +104,24 @@ pub struct SessionTable<S> {
     free: Vec<u32>,
     by_key: AHashMap<SessionKey, SessionId>,
     wheel: IdleWheel,
-    timeout: Duration,
 }
 
 impl<S> std::fmt::Debug for SessionTable<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SessionTable")
             .field("live", &self.by_key.len())
-            .field("timeout", &self.timeout)
             .finish_non_exhaustive()
     }
 }
 
 impl<S> SessionTable<S> {
-    /// An empty table whose sessions end after `timeout` without traffic.
-    pub fn new(timeout: Duration, epoch: Instant) -> Self {
+    /// An empty table; each session ends after its own `idle_timeout` without traffic.
+    pub fn new(epoch: Instant) -> Self {
         Self {
             slots: Vec::new(),
             free: Vec::new(),
             by_key: AHashMap::new(),
             wheel: IdleWheel::new(epoch),
-            timeout,
         }
     }
 
@@ -137,7 +136,7 @@ impl<S> SessionTable<S> {
     /// Adds a session; the caller has checked that `session.key` is not present.
     pub fn insert(&mut self, session: Session<S>) -> SessionId {
         let key = session.key;
-        let deadline = session.last_active + self.timeout;
+        let deadline = session.last_active + session.idle_timeout;
         let id = match self.free.pop() {
             Some(slot) => {
                 let entry = &mut self.slots[slot as usize];
@@ -229,16 +228,15 @@ impl<S> SessionTable<S> {
         })
     }
 
-    /// Removes and returns every session idle for at least the timeout at `now`. Looks only at
+    /// Removes and returns every session idle for at least its timeout at `now`. Looks only at
     /// sessions whose last scheduled deadline has come; busy ones are rescheduled, not expired.
     pub fn expire_idle(&mut self, now: Instant, expired: &mut Vec<Session<S>>) {
-        let timeout = self.timeout;
         let mut due = self.wheel.take_due(now);
         for id in due.drain(..) {
             let Some(session) = self.get_mut(id) else {
                 continue; // removed since it was scheduled
             };
-            let deadline = session.last_active + timeout;
+            let deadline = session.last_active + session.idle_timeout;
             if deadline <= now {
                 if let Some(s) = self.remove(id) {
                     expired.push(s);

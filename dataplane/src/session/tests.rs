@@ -9,7 +9,12 @@ fn key(n: u16) -> SessionKey {
     }
 }
 
+/// A session with the 10 s idle timeout most tests use.
 fn session(n: u16, now: Instant) -> Session<()> {
+    session_idle(n, now, Duration::from_secs(10))
+}
+
+fn session_idle(n: u16, now: Instant, idle_timeout: Duration) -> Session<()> {
     Session {
         key: key(n),
         client_sockaddr: key(n).client.into(),
@@ -19,6 +24,7 @@ fn session(n: u16, now: Instant) -> Session<()> {
         kind: SessionKind::Token,
         created: now,
         last_active: now,
+        idle_timeout,
         stats: SessionStats::default(),
     }
 }
@@ -26,7 +32,7 @@ fn session(n: u16, now: Instant) -> Session<()> {
 #[test]
 fn insert_find_remove_and_slot_reuse() {
     let t0 = Instant::now();
-    let mut table = SessionTable::new(Duration::from_secs(10), t0);
+    let mut table = SessionTable::new(t0);
     assert_eq!(table.next_slot(), 0);
     let a = table.insert(session(1, t0));
     assert_eq!((a.slot(), table.next_slot()), (0, 1));
@@ -51,9 +57,9 @@ fn insert_find_remove_and_slot_reuse() {
 fn idle_sessions_expire_busy_ones_stay() {
     let t0 = Instant::now();
     let timeout = Duration::from_secs(10);
-    let mut table = SessionTable::new(timeout, t0);
-    let idle = table.insert(session(1, t0));
-    let busy = table.insert(session(2, t0));
+    let mut table = SessionTable::new(t0);
+    let idle = table.insert(session_idle(1, t0, timeout));
+    let busy = table.insert(session_idle(2, t0, timeout));
     let mut expired = Vec::new();
     // Traffic on `busy` every second for 30 s.
     for s in 1..=30 {
@@ -84,10 +90,14 @@ fn idle_sessions_expire_busy_ones_stay() {
 fn expiry_is_never_early_and_at_most_a_tick_late() {
     let t0 = Instant::now();
     let timeout = Duration::from_millis(1500);
-    let mut table = SessionTable::new(timeout, t0);
+    let mut table = SessionTable::new(t0);
     let mut expired = Vec::new();
     for n in 0..100u16 {
-        table.insert(session(n, t0 + Duration::from_millis(u64::from(n) * 7)));
+        table.insert(session_idle(
+            n,
+            t0 + Duration::from_millis(u64::from(n) * 7),
+            timeout,
+        ));
     }
     let mut now = t0;
     while !table.is_empty() {
@@ -109,8 +119,8 @@ fn expiry_is_never_early_and_at_most_a_tick_late() {
 fn timeouts_longer_than_a_wheel_revolution() {
     let t0 = Instant::now();
     let timeout = Duration::from_secs(300);
-    let mut table = SessionTable::new(timeout, t0);
-    table.insert(session(1, t0));
+    let mut table = SessionTable::new(t0);
+    table.insert(session_idle(1, t0, timeout));
     let mut expired = Vec::new();
     let mut now = t0;
     while now < t0 + Duration::from_secs(299) {
@@ -125,9 +135,9 @@ fn timeouts_longer_than_a_wheel_revolution() {
 #[test]
 fn a_long_sleep_expires_everything_due() {
     let t0 = Instant::now();
-    let mut table = SessionTable::new(Duration::from_secs(1), t0);
+    let mut table = SessionTable::new(t0);
     for n in 0..10 {
-        table.insert(session(n, t0));
+        table.insert(session_idle(n, t0, Duration::from_secs(1)));
     }
     let mut expired = Vec::new();
     table.expire_idle(t0 + Duration::from_secs(3600), &mut expired);
@@ -137,8 +147,34 @@ fn a_long_sleep_expires_everything_due() {
 #[test]
 fn next_timeout_only_with_sessions() {
     let t0 = Instant::now();
-    let mut table = SessionTable::new(Duration::from_secs(1), t0);
+    let mut table = SessionTable::new(t0);
     assert_eq!(table.next_timeout(t0), None);
     table.insert(session(1, t0));
     assert!(table.next_timeout(t0).unwrap() <= timer::TICK);
+}
+
+#[test]
+fn each_session_expires_after_its_own_timeout() {
+    let t0 = Instant::now();
+    let mut table = SessionTable::new(t0);
+    table.insert(session_idle(1, t0, Duration::from_secs(3)));
+    table.insert(session_idle(2, t0, Duration::from_secs(30)));
+    table.insert(session_idle(3, t0, Duration::from_millis(500)));
+    let mut expired = Vec::new();
+    let mut order = Vec::new();
+    let mut now = t0;
+    while !table.is_empty() {
+        now += timer::TICK;
+        table.expire_idle(now, &mut expired);
+        for s in expired.drain(..) {
+            let idle_for = now - s.last_active;
+            assert!(idle_for >= s.idle_timeout, "early: {idle_for:?}");
+            assert!(
+                idle_for <= s.idle_timeout + 2 * timer::TICK,
+                "late: {idle_for:?}"
+            );
+            order.push(s.key);
+        }
+    }
+    assert_eq!(order, [key(3), key(1), key(2)]);
 }
