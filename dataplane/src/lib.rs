@@ -13,6 +13,7 @@
 //!
 //! This crate knows nothing of tokio, Kubernetes or YAML.
 
+mod admit;
 mod batch;
 pub mod config;
 pub mod ctl;

@@ -17,6 +17,7 @@ use crossbeam_channel::{Receiver, Sender, TryRecvError};
 use crossbeam_utils::CachePadded;
 use mio::{Events, Interest, Poll, Token, Waker};
 
+use crate::admit::{Admission, AdmitContext, admit};
 use crate::batch::{BATCH, RecvBatch, SendQueue};
 use crate::config::DataPlaneConfig;
 use crate::ctl::{ClientMatch, CloseReason, Closing, ControlMsg, SessionInfo, WorkerEvent};
@@ -25,7 +26,7 @@ use crate::grant::{Backend, BackendId, Grant, TokenId};
 use crate::limits::SessionLimits;
 use crate::listener::{CloseMode, ListenerId, ListenerKind, MAX_LISTENERS};
 use crate::metrics::{DropReason, TokenRejectReason, WorkerCounters};
-use crate::packet::{Classified, classify, control_body, parse_token};
+use crate::packet::{classify, control_body, parse_token};
 use crate::session::{Session, SessionId, SessionKey, SessionKind, SessionStats, SessionTable};
 use crate::socket::connect_upstream_udp;
 use crate::warn_gate::WarnGate;
@@ -507,44 +508,39 @@ impl Worker {
         now: Instant,
     ) {
         let port = usize::from(key.port);
-        let closing = self
-            .listeners
-            .get(port)
-            .and_then(Option::as_ref)
-            .is_none_or(|l| l.closing.is_some());
-        if self.draining || closing {
-            self.counters().drop(DropReason::Draining, 1);
-            return;
-        }
-        let mut rejected = None;
-        match classify(datagram, &self.control_magic) {
-            Classified::Token(token) | Classified::Control(token) => {
-                match self.find_grant(token, port, now) {
-                    Ok((grant, target)) => {
-                        self.open_token_session(key, reply_to, &grant, target, now);
-                        return;
-                    }
-                    Err(reason) => {
-                        log::trace!(
-                            "{}: token {token} rejected: {}",
-                            key.client,
-                            reason.as_str()
-                        );
-                        rejected = Some(DropReason::TokenRejected);
-                    }
-                }
+        let listener = self.listeners.get(port).and_then(Option::as_ref);
+        let ctx = AdmitContext {
+            listener: listener.map_or(ListenerKind::TokenPort, |l| l.kind),
+            closed: self.draining || listener.is_none_or(|l| l.closing.is_some()),
+            default: self
+                .default_backend
+                .as_ref()
+                .and_then(|d| Some((d.id, d.addr_for(port)?))),
+        };
+        let first = classify(datagram, &self.control_magic);
+        let admission = admit(first, ctx, |token| self.find_grant(token, port, now));
+        let (backend, target) = match admission {
+            Admission::Token { grant, target } => {
+                self.open_token_session(key, reply_to, &grant, target, now);
+                return;
             }
-            Classified::BadControl => rejected = Some(DropReason::MalformedControl),
-            Classified::Payload => {}
-        }
-        let default = self
-            .default_backend
-            .as_ref()
-            .and_then(|d| Some((d.id, d.addr_for(port)?)));
-        let Some((backend, target)) = default else {
-            self.counters()
-                .drop(rejected.unwrap_or(DropReason::NoSession), 1);
-            return;
+            Admission::Drop { reason, refused } => {
+                if let Some((token, why)) = refused {
+                    log::trace!("{}: token {token} rejected: {}", key.client, why.as_str());
+                }
+                self.counters().drop(reason, 1);
+                return;
+            }
+            Admission::Default {
+                backend,
+                target,
+                refused,
+            } => {
+                if let Some((token, why)) = refused {
+                    log::trace!("{}: token {token} rejected: {}", key.client, why.as_str());
+                }
+                (backend, target)
+            }
         };
         let Some(upstream) = self.reserve(key.client, target, now) else {
             return;

@@ -1,0 +1,226 @@
+//! Admission (sans-io): what the first datagram of an unknown client on a listener leads to.
+//! The worker classifies the datagram, asks [`admit`], and only then does I/O (a socket, a
+//! session) around the answer. Nothing here reads a clock or touches a socket; the grant lookup
+//! comes in as a function.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use crate::grant::{BackendId, Grant, TokenId};
+use crate::listener::ListenerKind;
+use crate::metrics::{DropReason, TokenRejectReason};
+use crate::packet::Classified;
+
+/// What a new client's first datagram leads to.
+#[derive(Debug)]
+pub(crate) enum Admission {
+    /// A session to the grant's target on this port; the datagram (the token) is consumed.
+    /// The token is spent only once the session's slot and socket exist.
+    Token {
+        /// The presented token's grant, found redeemable.
+        grant: Arc<Grant>,
+        /// Where the session goes.
+        target: SocketAddr,
+    },
+    /// A session to the default backend; the datagram is forwarded.
+    Default {
+        /// The default backend.
+        backend: BackendId,
+        /// Its address on this port.
+        target: SocketAddr,
+        /// A token that was presented and refused, for the counters.
+        refused: Option<(TokenId, TokenRejectReason)>,
+    },
+    /// No session: dropped and counted with this reason.
+    Drop {
+        /// Why.
+        reason: DropReason,
+        /// A token that was presented and refused, for the counters.
+        refused: Option<(TokenId, TokenRejectReason)>,
+    },
+}
+
+/// Everything [`admit`] decides on besides the datagram.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct AdmitContext {
+    /// The listener's kind.
+    pub(crate) listener: ListenerKind,
+    /// The listener is closing or the proxy draining: no new sessions.
+    pub(crate) closed: bool,
+    /// The default backend and its address on this port, if any.
+    pub(crate) default: Option<(BackendId, SocketAddr)>,
+}
+
+/// Decides on a first datagram, already classified. `find_grant` looks a token up and says
+/// whether it is redeemable on this port, without spending it.
+pub(crate) fn admit(
+    first: Classified,
+    ctx: AdmitContext,
+    find_grant: impl FnOnce(TokenId) -> Result<(Arc<Grant>, SocketAddr), TokenRejectReason>,
+) -> Admission {
+    if ctx.closed {
+        return Admission::Drop {
+            reason: DropReason::Draining,
+            refused: None,
+        };
+    }
+    let (refused, dropped_as) = match (ctx.listener, first) {
+        (ListenerKind::TokenPort, Classified::Token(token) | Classified::Control(token)) => {
+            match find_grant(token) {
+                Ok((grant, target)) => return Admission::Token { grant, target },
+                Err(reason) => (Some((token, reason)), DropReason::TokenRejected),
+            }
+        }
+        (ListenerKind::TokenPort, Classified::BadControl) => (None, DropReason::MalformedControl),
+        (ListenerKind::TokenPort, Classified::Payload) => (None, DropReason::NoSession),
+    };
+    match ctx.default {
+        Some((backend, target)) => Admission::Default {
+            backend,
+            target,
+            refused,
+        },
+        None => Admission::Drop {
+            reason: dropped_as,
+            refused,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::grant::Backend;
+    use std::time::{Duration, Instant};
+
+    const GAME: &str = "10.0.0.1:7000";
+    const FALLBACK: &str = "10.0.0.9:7000";
+
+    fn ctx(default: bool) -> AdmitContext {
+        AdmitContext {
+            listener: ListenerKind::TokenPort,
+            closed: false,
+            default: default.then(|| (BackendId(9), FALLBACK.parse().unwrap())),
+        }
+    }
+
+    fn grant() -> Arc<Grant> {
+        let backend = Backend {
+            id: BackendId(1),
+            addrs: vec![Some(GAME.parse().unwrap())].into(),
+        };
+        Arc::new(Grant::new(
+            TokenId(7),
+            backend,
+            Instant::now() + Duration::from_secs(30),
+        ))
+    }
+
+    fn known(token: TokenId) -> Result<(Arc<Grant>, SocketAddr), TokenRejectReason> {
+        if token == TokenId(7) {
+            Ok((grant(), GAME.parse().unwrap()))
+        } else {
+            Err(TokenRejectReason::Unknown)
+        }
+    }
+
+    fn never(_: TokenId) -> Result<(Arc<Grant>, SocketAddr), TokenRejectReason> {
+        panic!("no token to look up")
+    }
+
+    #[test]
+    fn a_valid_token_or_control_packet_opens_its_grant() {
+        for first in [
+            Classified::Token(TokenId(7)),
+            Classified::Control(TokenId(7)),
+        ] {
+            for default in [false, true] {
+                let a = admit(first, ctx(default), known);
+                assert!(
+                    matches!(&a, Admission::Token { grant, target }
+                        if grant.token == TokenId(7) && *target == GAME.parse().unwrap()),
+                    "{a:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_refused_token_falls_back_to_the_default_or_is_dropped() {
+        let a = admit(Classified::Token(TokenId(8)), ctx(true), known);
+        assert!(
+            matches!(
+                a,
+                Admission::Default {
+                    backend: BackendId(9),
+                    refused: Some((TokenId(8), TokenRejectReason::Unknown)),
+                    ..
+                }
+            ),
+            "{a:?}"
+        );
+        let a = admit(Classified::Token(TokenId(8)), ctx(false), known);
+        assert!(
+            matches!(
+                a,
+                Admission::Drop {
+                    reason: DropReason::TokenRejected,
+                    refused: Some((TokenId(8), TokenRejectReason::Unknown))
+                }
+            ),
+            "{a:?}"
+        );
+    }
+
+    #[test]
+    fn garbage_never_makes_a_session_without_a_default() {
+        let a = admit(Classified::Payload, ctx(false), never);
+        assert!(
+            matches!(
+                a,
+                Admission::Drop {
+                    reason: DropReason::NoSession,
+                    refused: None
+                }
+            ),
+            "{a:?}"
+        );
+        let a = admit(Classified::BadControl, ctx(false), never);
+        assert!(
+            matches!(
+                a,
+                Admission::Drop {
+                    reason: DropReason::MalformedControl,
+                    ..
+                }
+            ),
+            "{a:?}"
+        );
+        for first in [Classified::Payload, Classified::BadControl] {
+            let a = admit(first, ctx(true), never);
+            assert!(
+                matches!(a, Admission::Default { refused: None, .. }),
+                "{a:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_closed_listener_admits_nothing() {
+        let closed = AdmitContext {
+            closed: true,
+            ..ctx(true)
+        };
+        let a = admit(Classified::Token(TokenId(7)), closed, never);
+        assert!(
+            matches!(
+                a,
+                Admission::Drop {
+                    reason: DropReason::Draining,
+                    ..
+                }
+            ),
+            "{a:?}"
+        );
+    }
+}
