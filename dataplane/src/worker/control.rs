@@ -1,0 +1,211 @@
+//! A worker's control side: grants, state messages from control, listeners opened and closed,
+//! the admin API's session list and kills, and backends that leave the inventory.
+
+use std::net::UdpSocket;
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::TryRecvError;
+use mio::{Interest, Token};
+
+use crate::batch::SendQueue;
+use crate::ctl::{ClientMatch, CloseReason, Closing, ControlMsg, SessionInfo, WorkerEvent};
+use crate::grant::BackendId;
+use crate::listener::{CloseMode, ListenerId, ListenerKind};
+use crate::session::{SessionId, SessionKind};
+
+use super::{FIRST_LISTENER, FIRST_SESSION, Listener, Worker};
+
+impl Worker {
+    /// Takes every grant published so far.
+    pub(super) fn drain_grants(&mut self) {
+        while let Ok(grant) = self.grant_rx.try_recv() {
+            self.grants.insert(grant.token, grant);
+        }
+    }
+
+    pub(super) fn drain_control(&mut self, now: Instant) {
+        loop {
+            match self.control.try_recv() {
+                Ok(msg) => self.apply_control(msg, now),
+                Err(TryRecvError::Empty) => return,
+                Err(TryRecvError::Disconnected) => {
+                    // Control is gone: nobody can steer or stop us any more.
+                    self.shutting_down = true;
+                    return;
+                }
+            }
+        }
+    }
+
+    pub(super) fn apply_control(&mut self, msg: ControlMsg, now: Instant) {
+        match msg {
+            ControlMsg::OpenListener {
+                id,
+                socket,
+                kind,
+                idle_timeout,
+            } => self.open_listener(id, socket, kind, idle_timeout),
+            ControlMsg::CloseListener { id, mode, closing } => {
+                self.close_listener(id, mode, closing);
+            }
+            ControlMsg::SetDefault(backend) => self.default_backend = backend,
+            ControlMsg::RemoveBackend(backend) => self.remove_backend(backend, now),
+            ControlMsg::ListSessions(reply) => reply(self.list_sessions(now)),
+            ControlMsg::KillSessions(client, reply) => reply(self.kill_sessions(client)),
+            ControlMsg::Drain => self.draining = true,
+            ControlMsg::Shutdown => self.shutting_down = true,
+        }
+    }
+
+    pub(super) fn open_listener(
+        &mut self,
+        id: ListenerId,
+        socket: UdpSocket,
+        kind: ListenerKind,
+        idle_timeout: Duration,
+    ) {
+        let index = usize::from(id.0);
+        let mut socket = mio::net::UdpSocket::from_std(socket);
+        let token = Token(FIRST_LISTENER + index);
+        if let Err(e) = self
+            .poll
+            .registry()
+            .register(&mut socket, token, Interest::READABLE)
+        {
+            log::error!("worker {}: cannot serve listener {index}: {e}", self.id);
+            return;
+        }
+        if self.listeners.len() <= index {
+            self.listeners.resize_with(index + 1, || None);
+        }
+        self.listeners[index] = Some(Listener {
+            socket,
+            replies: SendQueue::new(),
+            kind,
+            idle_timeout,
+            sessions: 0,
+            closing: None,
+        });
+    }
+
+    pub(super) fn close_listener(
+        &mut self,
+        id: ListenerId,
+        mode: CloseMode,
+        closing: Arc<Closing>,
+    ) {
+        let index = usize::from(id.0);
+        let Some(listener) = self.listeners.get_mut(index).and_then(Option::as_mut) else {
+            closing.release();
+            return;
+        };
+        listener.closing = Some(closing);
+        if mode == CloseMode::End {
+            let doomed: Vec<SessionId> = self
+                .sessions
+                .iter()
+                .filter(|(_, s)| usize::from(s.key.port) == index)
+                .map(|(id, _)| id)
+                .collect();
+            for session in doomed {
+                self.close_session(session, CloseReason::ListenerClosed);
+            }
+        }
+        self.retire_listener_if_done(index);
+    }
+
+    /// Drops a closing listener's socket once it has no session left, and says so.
+    pub(super) fn retire_listener_if_done(&mut self, index: usize) {
+        let done = self
+            .listeners
+            .get(index)
+            .and_then(Option::as_ref)
+            .is_some_and(|l| l.closing.is_some() && l.sessions == 0);
+        if !done {
+            return;
+        }
+        if let Some(mut listener) = self.listeners[index].take() {
+            if !listener.replies.is_empty() {
+                let fd = listener.socket.as_raw_fd();
+                listener.replies.flush(fd, self.batch_io);
+            }
+            let _ = self.poll.registry().deregister(&mut listener.socket);
+            let closing = listener.closing.take();
+            drop(listener);
+            if let Some(closing) = closing {
+                closing.release();
+            }
+        }
+    }
+
+    pub(super) fn list_sessions(&self, now: Instant) -> Vec<SessionInfo> {
+        self.sessions
+            .iter()
+            .map(|(_, s)| SessionInfo {
+                worker: self.id,
+                client: s.key.client,
+                data_port: usize::from(s.key.port),
+                target: s.target,
+                backend: s.backend,
+                kind: s.kind,
+                age: now.saturating_duration_since(s.created),
+                idle: now.saturating_duration_since(s.last_active),
+                stats: s.stats,
+            })
+            .collect()
+    }
+
+    pub(super) fn kill_sessions(&mut self, client: ClientMatch) -> usize {
+        let doomed: Vec<SessionId> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| client.matches(s.key.client))
+            .map(|(id, _)| id)
+            .collect();
+        for &id in &doomed {
+            self.close_session(id, CloseReason::Killed);
+        }
+        doomed.len()
+    }
+
+    /// Token sessions to `backend` end; default sessions move to the current default backend
+    /// when it serves their port, and end otherwise.
+    pub(super) fn remove_backend(&mut self, backend: BackendId, now: Instant) {
+        let affected: Vec<(SessionId, SessionKind, u16)> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| s.backend == backend)
+            .map(|(id, s)| (id, s.kind, s.key.port))
+            .collect();
+        for (id, kind, port) in affected {
+            let new_default = self
+                .default_backend
+                .as_ref()
+                .filter(|d| d.id != backend)
+                .and_then(|d| Some((d.id, d.addr_for(usize::from(port))?)));
+            match (kind, new_default) {
+                (SessionKind::Default, Some((to, addr))) => {
+                    let moved = self
+                        .open_upstream(addr, Token(FIRST_SESSION + id.slot()))
+                        .ok()
+                        .and_then(|upstream| {
+                            self.retarget(id, to, addr, upstream, SessionKind::Default, now)
+                        });
+                    match moved {
+                        Some(from) => {
+                            let _ = self.events.send(WorkerEvent::SessionMoved {
+                                from,
+                                to,
+                                token: None,
+                            });
+                        }
+                        None => self.close_session(id, CloseReason::BackendRemoved),
+                    }
+                }
+                _ => self.close_session(id, CloseReason::BackendRemoved),
+            }
+        }
+    }
+}

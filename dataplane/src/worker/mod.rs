@@ -1,0 +1,466 @@
+//! One data-plane worker: a `mio` event loop owning its socket of every listener and a shard of
+//! sessions. It handles control messages, client datagrams, backend replies and idle expiry, and
+//! never blocks on anything but `epoll_wait`. This file holds the loop and the per-datagram
+//! paths; `control.rs` the control side (state messages, listeners, admin requests) and
+//! `setup.rs` session setup and moves.
+//!
+//! Per datagram the worker does one session lookup and one syscall (`send` upstream, or a share of
+//! a `recvmmsg`/`sendmmsg` batch); everything else (socket setup, address encoding, counting
+//! toward limits) happens once per session.
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ahash::AHashMap;
+use crossbeam_channel::{Receiver, Sender};
+use crossbeam_utils::CachePadded;
+use mio::{Events, Poll, Token, Waker};
+
+use crate::batch::{BATCH, RecvBatch, SendQueue};
+use crate::config::DataPlaneConfig;
+use crate::ctl::{CloseReason, Closing, ControlMsg, WorkerEvent};
+use crate::error::WorkerError;
+use crate::grant::{Backend, Grant, TokenId};
+use crate::limits::SessionLimits;
+use crate::listener::{ListenerKind, MAX_LISTENERS};
+use crate::metrics::{DropReason, WorkerCounters};
+use crate::packet::control_body;
+use crate::session::{Session, SessionId, SessionKey, SessionTable};
+use crate::warn_gate::WarnGate;
+
+mod control;
+mod setup;
+
+const WAKER: Token = Token(0);
+/// Listener `id` is `Token(FIRST_LISTENER + id)`; sessions come after every possible listener.
+const FIRST_LISTENER: usize = 1;
+const FIRST_SESSION: usize = FIRST_LISTENER + MAX_LISTENERS;
+/// Batches read from one socket per readiness event before other sockets get a turn.
+const IO_LOOP_BOUND: usize = 16;
+/// How often spent grants are dropped from the worker's table.
+const GRANT_SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+const EVENTS_CAPACITY: usize = 1024;
+/// Idle timeout of a session whose listener is gone (cannot happen: a listener outlives its
+/// sessions); short, so such a session would not linger.
+const ORPHAN_IDLE_TIMEOUT: Duration = Duration::from_secs(1);
+
+type UpstreamSocket = mio::net::UdpSocket;
+
+/// This worker's side of one listener.
+struct Listener {
+    socket: mio::net::UdpSocket,
+    replies: SendQueue,
+    kind: ListenerKind,
+    /// Idle timeout of its sessions.
+    idle_timeout: Duration,
+    /// Live sessions on it in this worker, so a draining listener knows when to close.
+    sessions: usize,
+    /// Set once a close was asked (no new sessions); told when this worker's socket is gone.
+    closing: Option<Arc<Closing>>,
+}
+
+/// Everything [`Worker::new`] needs.
+pub(crate) struct WorkerSetup<'a> {
+    pub(crate) id: usize,
+    pub(crate) config: &'a DataPlaneConfig,
+    pub(crate) control: Receiver<ControlMsg>,
+    pub(crate) grants: Receiver<Arc<Grant>>,
+    pub(crate) events: Sender<WorkerEvent>,
+    pub(crate) counters: Arc<[CachePadded<WorkerCounters>]>,
+    pub(crate) limits: Arc<SessionLimits>,
+}
+
+pub(crate) struct Worker {
+    id: usize,
+    poll: Poll,
+    control: Receiver<ControlMsg>,
+    grant_rx: Receiver<Arc<Grant>>,
+    events: Sender<WorkerEvent>,
+    counters: Arc<[CachePadded<WorkerCounters>]>,
+    limits: Arc<SessionLimits>,
+    /// Indexed by listener id; `None` where no listener is open.
+    listeners: Vec<Option<Listener>>,
+    /// Taken out while a batch is processed, so handlers can borrow the rest of `self`.
+    rx: Option<Box<RecvBatch>>,
+    sessions: SessionTable<UpstreamSocket>,
+    grants: AHashMap<TokenId, Arc<Grant>>,
+    default_backend: Option<Arc<Backend>>,
+    control_magic: Box<[u8]>,
+    batch_io: bool,
+    busy_poll: Duration,
+    /// Rate limit of client-triggered warnings.
+    warn_gate: WarnGate,
+    draining: bool,
+    shutting_down: bool,
+    /// Sockets left with unread datagrams after hitting `IO_LOOP_BOUND`.
+    pending_ports: Vec<usize>,
+    pending_sessions: Vec<SessionId>,
+    expired: Vec<Session<UpstreamSocket>>,
+    next_grant_sweep: Instant,
+}
+
+impl std::fmt::Debug for Worker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker")
+            .field("id", &self.id)
+            .field("sessions", &self.sessions.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Worker {
+    /// A worker with a fresh `Poll` and no listener yet; returns the worker and its waker.
+    pub(crate) fn new(setup: WorkerSetup<'_>) -> io::Result<(Self, Arc<Waker>)> {
+        let poll = Poll::new()?;
+        let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+        let now = Instant::now();
+        let worker = Self {
+            id: setup.id,
+            poll,
+            control: setup.control,
+            grant_rx: setup.grants,
+            events: setup.events,
+            counters: setup.counters,
+            limits: setup.limits,
+            listeners: Vec::new(),
+            rx: Some(Box::new(RecvBatch::new())),
+            sessions: SessionTable::new(now),
+            grants: AHashMap::new(),
+            default_backend: None,
+            control_magic: setup.config.control_magic.clone().into_boxed_slice(),
+            batch_io: setup.config.batch_io,
+            busy_poll: setup.config.busy_poll,
+            warn_gate: WarnGate::new(),
+            draining: false,
+            shutting_down: false,
+            pending_ports: Vec::new(),
+            pending_sessions: Vec::new(),
+            expired: Vec::new(),
+            next_grant_sweep: now + GRANT_SWEEP_INTERVAL,
+        };
+        Ok((worker, waker))
+    }
+
+    pub(crate) fn id(&self) -> usize {
+        self.id
+    }
+
+    /// The event loop; returns after a `Shutdown` message.
+    pub(crate) fn run(mut self) -> Result<(), WorkerError> {
+        let mut events = Events::with_capacity(EVENTS_CAPACITY);
+        // Until then the worker polls without blocking (busy_poll after the last event).
+        let mut spin_until = Instant::now();
+        loop {
+            let now = Instant::now();
+            let timeout = if now < spin_until {
+                Some(Duration::ZERO)
+            } else {
+                self.next_timeout(now)
+            };
+            if let Err(source) = self.poll.poll(&mut events, timeout) {
+                if source.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(WorkerError::Poll {
+                    worker: self.id,
+                    source,
+                });
+            }
+            let now = Instant::now();
+            if !events.is_empty() {
+                spin_until = now + self.busy_poll;
+            }
+            for event in &events {
+                match event.token() {
+                    WAKER => {
+                        self.drain_grants();
+                        self.drain_control(now);
+                    }
+                    Token(t) if t < FIRST_SESSION => self.drain_port(t - FIRST_LISTENER, now),
+                    Token(t) => self.drain_session(t - FIRST_SESSION, now),
+                }
+            }
+            self.drain_pending(now);
+            self.flush_replies();
+            if self.shutting_down {
+                self.close_all();
+                return Ok(());
+            }
+            self.expire_idle(now);
+            self.sweep_grants(now);
+        }
+    }
+
+    fn counters(&self) -> &WorkerCounters {
+        &self.counters[self.id]
+    }
+
+    fn next_timeout(&self, now: Instant) -> Option<Duration> {
+        if !self.pending_ports.is_empty() || !self.pending_sessions.is_empty() {
+            return Some(Duration::ZERO);
+        }
+        let grants =
+            (!self.grants.is_empty()).then(|| self.next_grant_sweep.saturating_duration_since(now));
+        match (self.sessions.next_timeout(now), grants) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    // ---- client side -----------------------------------------------------------------------
+
+    fn drain_port(&mut self, port: usize, now: Instant) {
+        // Closed since its readiness was reported.
+        let Some((fd, kind)) = self
+            .listeners
+            .get(port)
+            .and_then(Option::as_ref)
+            .map(|l| (l.socket.as_raw_fd(), l.kind))
+        else {
+            return;
+        };
+        let Some(mut rx) = self.rx.take() else {
+            return;
+        };
+        let mut drained = false;
+        for _ in 0..IO_LOOP_BOUND {
+            match rx.recv(fd, self.batch_io) {
+                Ok(n) => {
+                    for i in 0..n {
+                        let (datagram, from) = rx.get(i);
+                        self.on_client_datagram(port, kind, datagram, from, now);
+                    }
+                    if n < BATCH {
+                        // A short batch means the queue was empty: a new datagram raises a new
+                        // readiness edge, so there is nothing left to read now.
+                        drained = true;
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    drained = true;
+                    break;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    log::debug!("worker {}: receive on data port {port}: {e}", self.id);
+                    drained = true;
+                    break;
+                }
+            }
+        }
+        if !drained {
+            self.pending_ports.push(port);
+        }
+        self.rx = Some(rx);
+    }
+
+    fn on_client_datagram(
+        &mut self,
+        port: usize,
+        kind: ListenerKind,
+        datagram: &[u8],
+        from: Option<SocketAddr>,
+        now: Instant,
+    ) {
+        let Some(from) = from else {
+            self.counters().drop(DropReason::NoSession, 1);
+            return;
+        };
+        // An IPv4 client on a dual-stack socket arrives as `::ffff:a.b.c.d`; sessions, limits
+        // and the admin API know it by its IPv4 address.
+        let key = SessionKey {
+            client: SocketAddr::new(from.ip().to_canonical(), from.port()),
+            port: port as u16,
+        };
+        match self.sessions.find(&key) {
+            Some(id) => {
+                // RESET magic means something on token ports only.
+                let resets = match kind {
+                    ListenerKind::TokenPort => true,
+                };
+                if resets && let Some(body) = control_body(datagram, &self.control_magic) {
+                    self.reset_session(id, body, now);
+                } else {
+                    self.forward_upstream(id, datagram, now);
+                }
+            }
+            None => self.open_session(key, from, datagram, now),
+        }
+    }
+
+    fn forward_upstream(&mut self, id: SessionId, datagram: &[u8], now: Instant) {
+        let Some(session) = self.sessions.get_mut(id) else {
+            return;
+        };
+        session.last_active = now;
+        match session.upstream.send(datagram) {
+            Ok(_) => {
+                session.stats.packets_upstream += 1;
+                session.stats.bytes_upstream += datagram.len() as u64;
+                let c = &self.counters[self.id];
+                c.packets_upstream.add(1);
+                c.bytes_upstream.add(datagram.len() as u64);
+            }
+            Err(e) => {
+                log::trace!("worker {}: send to {}: {e}", self.id, session.target);
+                self.counters[self.id].drop(DropReason::UpstreamSend, 1);
+            }
+        }
+    }
+
+    // ---- backend side ----------------------------------------------------------------------
+
+    fn drain_session(&mut self, slot: usize, now: Instant) {
+        let Some((id, session)) = self.sessions.by_slot_mut(slot) else {
+            return; // closed earlier in this turn
+        };
+        // A listener lives as long as any of its sessions.
+        let Some(port) = self
+            .listeners
+            .get_mut(usize::from(session.key.port))
+            .and_then(Option::as_mut)
+        else {
+            return;
+        };
+        let fd = session.upstream.as_raw_fd();
+        let counters = &self.counters[self.id];
+        let mut drained = false;
+        for _ in 0..IO_LOOP_BOUND {
+            if port.replies.is_full() {
+                let flushed = port.replies.flush(port.socket.as_raw_fd(), self.batch_io);
+                counters.drop(DropReason::DownstreamSend, flushed.dropped);
+            }
+            let free = BATCH - port.replies.len();
+            match port
+                .replies
+                .recv_from_connected(fd, &session.client_sockaddr, self.batch_io)
+            {
+                Ok((n, bytes)) => {
+                    session.last_active = now;
+                    session.stats.packets_downstream += n as u64;
+                    session.stats.bytes_downstream += bytes as u64;
+                    counters.packets_downstream.add(n as u64);
+                    counters.bytes_downstream.add(bytes as u64);
+                    if n < free {
+                        drained = true;
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    drained = true;
+                    break;
+                }
+                // A backend that was down answered an earlier send with ICMP; the error is
+                // reported once and the socket stays usable.
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::ConnectionRefused | io::ErrorKind::Interrupted
+                    ) => {}
+                Err(e) => {
+                    log::debug!("worker {}: receive from {}: {e}", self.id, session.target);
+                    drained = true;
+                    break;
+                }
+            }
+        }
+        if !drained {
+            self.pending_sessions.push(id);
+        }
+    }
+
+    /// Gives sockets that hit the work bound last turn another turn.
+    fn drain_pending(&mut self, now: Instant) {
+        if self.pending_ports.is_empty() && self.pending_sessions.is_empty() {
+            return;
+        }
+        let ports = std::mem::take(&mut self.pending_ports);
+        for port in ports {
+            self.drain_port(port, now);
+        }
+        let sessions = std::mem::take(&mut self.pending_sessions);
+        for id in sessions {
+            self.drain_session(id.slot(), now);
+        }
+    }
+
+    fn flush_replies(&mut self) {
+        for port in self.listeners.iter_mut().flatten() {
+            if !port.replies.is_empty() {
+                let flushed = port.replies.flush(port.socket.as_raw_fd(), self.batch_io);
+                self.counters[self.id].drop(DropReason::DownstreamSend, flushed.dropped);
+            }
+        }
+    }
+
+    // ---- housekeeping ----------------------------------------------------------------------
+
+    fn expire_idle(&mut self, now: Instant) {
+        let mut expired = std::mem::take(&mut self.expired);
+        self.sessions.expire_idle(now, &mut expired);
+        if expired.is_empty() {
+            self.expired = expired;
+            return;
+        }
+        let count = expired.len() as u64;
+        for mut session in expired.drain(..) {
+            log::debug!(
+                "{}: session to {} idle, closed",
+                session.key.client,
+                session.target
+            );
+            self.release(&mut session, CloseReason::Idle);
+        }
+        let c = self.counters();
+        c.sessions_expired.add(count);
+        c.sessions_active.set(self.sessions.len() as u64);
+        self.expired = expired;
+    }
+
+    fn sweep_grants(&mut self, now: Instant) {
+        if now < self.next_grant_sweep {
+            return;
+        }
+        self.next_grant_sweep = now + GRANT_SWEEP_INTERVAL;
+        self.grants.retain(|_, g| !g.is_spent(now));
+    }
+
+    fn close_session(&mut self, id: SessionId, reason: CloseReason) {
+        if let Some(mut session) = self.sessions.remove(id) {
+            self.release(&mut session, reason);
+            let c = self.counters();
+            c.sessions_closed.add(1);
+            c.sessions_active.set(self.sessions.len() as u64);
+        }
+    }
+
+    /// Frees what a removed session held: its poll registration, its limit slot, its place on
+    /// its listener (a draining listener closes with its last session), and (on drop) its
+    /// socket.
+    fn release(&mut self, session: &mut Session<UpstreamSocket>, reason: CloseReason) {
+        if let Err(e) = self.poll.registry().deregister(&mut session.upstream) {
+            log::debug!("deregister {}: {e}", session.target);
+        }
+        self.limits.release(session.key.client.ip());
+        let _ = self.events.send(WorkerEvent::SessionClosed {
+            backend: session.backend,
+            reason,
+        });
+        let index = usize::from(session.key.port);
+        if let Some(listener) = self.listeners.get_mut(index).and_then(Option::as_mut) {
+            listener.sessions = listener.sessions.saturating_sub(1);
+        }
+        self.retire_listener_if_done(index);
+    }
+
+    fn close_all(&mut self) {
+        let ids: Vec<SessionId> = self.sessions.iter().map(|(id, _)| id).collect();
+        for id in ids {
+            self.close_session(id, CloseReason::Shutdown);
+        }
+    }
+}

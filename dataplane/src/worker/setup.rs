@@ -1,0 +1,330 @@
+//! A worker's session setup: admission of a new client, the reservation of its slot and
+//! socket before a token is spent, and moving a live session (control packet) to a new
+//! backend.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use mio::{Interest, Token};
+
+use crate::admit::{Admission, AdmitContext, admit};
+use crate::ctl::WorkerEvent;
+use crate::grant::{BackendId, Grant, TokenId};
+use crate::listener::ListenerKind;
+use crate::metrics::{DropReason, TokenRejectReason};
+use crate::packet::{classify, parse_token};
+use crate::session::{Session, SessionId, SessionKey, SessionKind, SessionStats};
+use crate::socket::connect_upstream_udp;
+
+use super::{FIRST_SESSION, ORPHAN_IDLE_TIMEOUT, UpstreamSocket, Worker};
+
+impl Worker {
+    /// First datagram of an unknown client: a token (or control packet) opens a session to its
+    /// grant's backend and is consumed; anything else goes to the default backend, if any.
+    /// `reply_to` is the client's address as received (the session key holds its canonical form).
+    pub(super) fn open_session(
+        &mut self,
+        key: SessionKey,
+        reply_to: SocketAddr,
+        datagram: &[u8],
+        now: Instant,
+    ) {
+        let port = usize::from(key.port);
+        let listener = self.listeners.get(port).and_then(Option::as_ref);
+        let ctx = AdmitContext {
+            listener: listener.map_or(ListenerKind::TokenPort, |l| l.kind),
+            closed: self.draining || listener.is_none_or(|l| l.closing.is_some()),
+            default: self
+                .default_backend
+                .as_ref()
+                .and_then(|d| Some((d.id, d.addr_for(port)?))),
+        };
+        let first = classify(datagram, &self.control_magic);
+        let admission = admit(first, ctx, |token| self.find_grant(token, port, now));
+        let (backend, target) = match admission {
+            Admission::Token { grant, target } => {
+                self.open_token_session(key, reply_to, &grant, target, now);
+                return;
+            }
+            Admission::Drop { reason, refused } => {
+                if let Some((token, why)) = refused {
+                    log::trace!("{}: token {token} rejected: {}", key.client, why.as_str());
+                }
+                self.counters().drop(reason, 1);
+                return;
+            }
+            Admission::Default {
+                backend,
+                target,
+                refused,
+            } => {
+                if let Some((token, why)) = refused {
+                    log::trace!("{}: token {token} rejected: {}", key.client, why.as_str());
+                }
+                (backend, target)
+            }
+        };
+        let Some(upstream) = self.reserve(key.client, target, now) else {
+            return;
+        };
+        let id = self.install(
+            key,
+            reply_to,
+            upstream,
+            target,
+            backend,
+            SessionKind::Default,
+            now,
+        );
+        let _ = self.events.send(WorkerEvent::SessionOpened {
+            backend,
+            kind: SessionKind::Default,
+            token: None,
+        });
+        self.forward_upstream(id, datagram, now);
+    }
+
+    /// Opens a session with a grant that [`Self::find_grant`] found redeemable. The token is
+    /// spent last, once the session's slot and socket exist: a session refused at a cap, or one
+    /// whose socket cannot be made, leaves the token for the player's retry.
+    pub(super) fn open_token_session(
+        &mut self,
+        key: SessionKey,
+        reply_to: SocketAddr,
+        grant: &Grant,
+        target: SocketAddr,
+        now: Instant,
+    ) {
+        let Some(upstream) = self.reserve(key.client, target, now) else {
+            return;
+        };
+        if let Err(reason) = grant.redeem(usize::from(key.port), now) {
+            // Another worker redeemed it in the meantime.
+            self.abandon(key.client, upstream);
+            self.counters().reject(reason);
+            self.counters().drop(DropReason::TokenRejected, 1);
+            return;
+        }
+        let backend = grant.backend.id;
+        self.install(
+            key,
+            reply_to,
+            upstream,
+            target,
+            backend,
+            SessionKind::Token,
+            now,
+        );
+        self.counters().tokens_redeemed.add(1);
+        let _ = self.events.send(WorkerEvent::SessionOpened {
+            backend,
+            kind: SessionKind::Token,
+            token: Some(grant.token),
+        });
+    }
+
+    /// Looks a token up and checks it is redeemable on `port`, without spending it. A grant
+    /// published just before the client got its token may still sit in the grant channel, so a
+    /// miss drains that channel (and nothing else) once.
+    pub(super) fn find_grant(
+        &mut self,
+        token: TokenId,
+        port: usize,
+        now: Instant,
+    ) -> Result<(Arc<Grant>, SocketAddr), TokenRejectReason> {
+        if !self.grants.contains_key(&token) {
+            self.drain_grants();
+        }
+        let result = match self.grants.get(&token) {
+            Some(grant) => grant
+                .check(port, now)
+                .map(|target| (Arc::clone(grant), target)),
+            None => Err(TokenRejectReason::Unknown),
+        };
+        if let Err(reason) = result {
+            self.counters().reject(reason);
+        }
+        result
+    }
+
+    /// Everything a new session needs that can fail: a slot under `maxSessions` and
+    /// `maxSessionsPerIp`, and an upstream socket to `target`, registered under the token of
+    /// the slot the session will take. `None` when refused (counted, and logged at most once a
+    /// second).
+    pub(super) fn reserve(
+        &mut self,
+        client: SocketAddr,
+        target: SocketAddr,
+        now: Instant,
+    ) -> Option<UpstreamSocket> {
+        if let Err(reason) = self.limits.try_acquire(client.ip()) {
+            self.counters().drop(reason, 1);
+            return None;
+        }
+        let token = Token(FIRST_SESSION + self.sessions.next_slot());
+        match self.open_upstream(target, token) {
+            Ok(upstream) => Some(upstream),
+            Err(e) => {
+                if let Some(note) = self.warn_gate.admit(now) {
+                    log::warn!("{client}: cannot open a socket to {target}: {e}{note}");
+                }
+                self.limits.release(client.ip());
+                self.counters().drop(DropReason::UpstreamSetup, 1);
+                None
+            }
+        }
+    }
+
+    /// Gives back what [`Self::reserve`] took, for a session that will not open after all.
+    pub(super) fn abandon(&self, client: SocketAddr, mut upstream: UpstreamSocket) {
+        let _ = self.poll.registry().deregister(&mut upstream);
+        self.limits.release(client.ip());
+    }
+
+    /// A connected upstream socket, registered in this worker's poll under `token`.
+    pub(super) fn open_upstream(
+        &self,
+        target: SocketAddr,
+        token: Token,
+    ) -> io::Result<UpstreamSocket> {
+        let mut upstream = connect_upstream_udp(target)?;
+        self.poll
+            .registry()
+            .register(&mut upstream, token, Interest::READABLE)?;
+        Ok(upstream)
+    }
+
+    /// Adds a session whose slot and socket [`Self::reserve`] set up; cannot fail.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn install(
+        &mut self,
+        key: SessionKey,
+        reply_to: SocketAddr,
+        upstream: UpstreamSocket,
+        target: SocketAddr,
+        backend: BackendId,
+        kind: SessionKind,
+        now: Instant,
+    ) -> SessionId {
+        // `open_session` checked the listener is open, and nothing since could close it.
+        let idle_timeout = match self
+            .listeners
+            .get_mut(usize::from(key.port))
+            .and_then(Option::as_mut)
+        {
+            Some(listener) => {
+                listener.sessions += 1;
+                listener.idle_timeout
+            }
+            None => ORPHAN_IDLE_TIMEOUT,
+        };
+        let expected_slot = self.sessions.next_slot();
+        let id = self.sessions.insert(Session {
+            key,
+            client_sockaddr: reply_to.into(),
+            upstream,
+            target,
+            backend,
+            kind,
+            created: now,
+            last_active: now,
+            idle_timeout,
+            stats: SessionStats::default(),
+        });
+        debug_assert_eq!(id.slot(), expected_slot, "registered under another token");
+        let c = self.counters();
+        c.sessions_created[kind as usize].add(1);
+        c.sessions_active.set(self.sessions.len() as u64);
+        log::debug!("{}: session to {target} ({})", key.client, kind.as_str());
+        id
+    }
+
+    /// A control packet on a live session: move it to the new grant's backend.
+    pub(super) fn reset_session(&mut self, id: SessionId, body: &[u8], now: Instant) {
+        let Some(session) = self.sessions.get_mut(id) else {
+            return;
+        };
+        let client = session.key.client;
+        let port = usize::from(session.key.port);
+        let Some(token) = parse_token(body) else {
+            if let Some(note) = self.warn_gate.admit(now) {
+                log::warn!(
+                    "{client}: control packet without a valid token; session unchanged{note}"
+                );
+            }
+            self.counters().drop(DropReason::MalformedControl, 1);
+            return;
+        };
+        let (grant, target) = match self.find_grant(token, port, now) {
+            Ok(found) => found,
+            Err(reason) => {
+                if let Some(note) = self.warn_gate.admit(now) {
+                    log::warn!(
+                        "{client}: control packet with {} token; session unchanged{note}",
+                        reason.as_str()
+                    );
+                }
+                self.counters().drop(DropReason::TokenRejected, 1);
+                return;
+            }
+        };
+        // The new socket first, the token after: a socket that cannot be made leaves both the
+        // session and the token as they were.
+        let upstream = match self.open_upstream(target, Token(FIRST_SESSION + id.slot())) {
+            Ok(upstream) => upstream,
+            Err(e) => {
+                if let Some(note) = self.warn_gate.admit(now) {
+                    log::warn!(
+                        "{client}: cannot move the session to {target}: {e}; session unchanged{note}"
+                    );
+                }
+                self.counters().drop(DropReason::UpstreamSetup, 1);
+                return;
+            }
+        };
+        if let Err(reason) = grant.redeem(port, now) {
+            let mut unused = upstream;
+            let _ = self.poll.registry().deregister(&mut unused);
+            self.counters().reject(reason);
+            self.counters().drop(DropReason::TokenRejected, 1);
+            return;
+        }
+        let to = grant.backend.id;
+        let Some(from) = self.retarget(id, to, target, upstream, SessionKind::Token, now) else {
+            return;
+        };
+        let c = self.counters();
+        c.sessions_reset.add(1);
+        c.tokens_redeemed.add(1);
+        log::debug!("{client}: session moved to {target}");
+        let _ = self.events.send(WorkerEvent::SessionMoved {
+            from,
+            to,
+            token: Some(token),
+        });
+    }
+
+    /// Points a session at a new backend through `upstream`, a fresh socket already registered
+    /// under the session's token. The old socket is closed, so late replies from the old backend
+    /// are dropped by the kernel. Returns the backend the session left (`None`: no such session).
+    pub(super) fn retarget(
+        &mut self,
+        id: SessionId,
+        backend: BackendId,
+        target: SocketAddr,
+        upstream: UpstreamSocket,
+        kind: SessionKind,
+        now: Instant,
+    ) -> Option<BackendId> {
+        let session = self.sessions.get_mut(id)?;
+        let mut old = std::mem::replace(&mut session.upstream, upstream);
+        session.target = target;
+        session.kind = kind;
+        session.last_active = now;
+        let from = std::mem::replace(&mut session.backend, backend);
+        let _ = self.poll.registry().deregister(&mut old);
+        Some(from)
+    }
+}
