@@ -26,6 +26,10 @@ use crate::grant::{Backend, BackendId, Grant, TokenId};
 use crate::metrics::{CounterSnapshot, WorkerCounters};
 use crate::session::{SessionKind, SessionStats};
 
+/// Longest idle timeout a listener may give its sessions (a year): deadlines stay far from
+/// `Instant` overflow.
+const MAX_IDLE_TIMEOUT: Duration = Duration::from_secs(365 * 86_400);
+
 /// Capacity of each worker's grant channel: outstanding grants a worker has not looked at yet.
 pub(crate) const GRANT_CHANNEL_CAPACITY: usize = 4096;
 
@@ -195,20 +199,48 @@ pub(crate) struct WorkerLink {
     pub(crate) waker: Arc<mio::Waker>,
 }
 
-/// A listener being closed: the port stays registered (so nothing else can join its
-/// `SO_REUSEPORT` group) until the last worker has dropped its socket.
+/// A listener being closed, shared by every worker. A draining listener keeps every worker's
+/// socket until its sessions on *all* workers have ended: a worker that dropped its socket
+/// early would shrink the `SO_REUSEPORT` group, the kernel would re-hash clients onto the
+/// others, and a draining session's datagrams would land on a worker that does not know it.
+/// The port stays registered until the last worker has dropped its socket, so nothing can join
+/// the group of a listener that is going away.
 #[derive(Debug)]
 pub(crate) struct Closing {
     id: ListenerId,
-    workers_left: AtomicUsize,
+    generation: u64,
+    workers: usize,
+    /// Workers that have handled the close and added their live sessions to `sessions`.
+    joined: AtomicUsize,
+    /// Live sessions of the listener on the workers that joined.
+    sessions: AtomicUsize,
+    /// Workers that have dropped their socket.
+    released: AtomicUsize,
     registry: Arc<Mutex<PortRegistry>>,
 }
 
 impl Closing {
-    /// One worker has dropped its socket of the listener.
+    /// A worker handles the close; `sessions` of the listener live on it.
+    pub(crate) fn join(&self, sessions: usize) {
+        self.sessions.fetch_add(sessions, Ordering::AcqRel);
+        self.joined.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// One of the sessions counted at `join` has ended.
+    pub(crate) fn session_ended(&self) {
+        self.sessions.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Every worker has joined and no session of the listener is left anywhere.
+    pub(crate) fn drained(&self) -> bool {
+        self.joined.load(Ordering::Acquire) == self.workers
+            && self.sessions.load(Ordering::Acquire) == 0
+    }
+
+    /// One worker has dropped its socket of the listener; the last frees the port.
     pub(crate) fn release(&self) {
-        if self.workers_left.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.registry.lock().remove(self.id);
+        if self.released.fetch_add(1, Ordering::AcqRel) + 1 == self.workers {
+            self.registry.lock().finish_close(self.id, self.generation);
         }
     }
 }
@@ -264,30 +296,57 @@ impl Controller {
                 self.sockets.send_buffer_bytes,
             )?);
         }
-        let id = registry.insert(Transport::Udp, addr.port(), spec.owner)?;
-        drop(registry);
+        let (id, generation) = registry.insert(Transport::Udp, addr.port(), spec.owner)?;
+        // Sent under the registry lock, so a close of this id can only come after the open in
+        // every worker's channel.
         for (link, socket) in self.links.iter().zip(sockets) {
             let msg = ControlMsg::OpenListener {
                 id,
                 socket,
                 kind: spec.kind,
-                idle_timeout: spec.idle_timeout,
+                idle_timeout: spec.idle_timeout.min(MAX_IDLE_TIMEOUT),
             };
             if link.tx.send(msg).is_err() {
+                // A worker has ended: the data plane is going down; undo what was opened.
+                self.send_close(&mut registry, id, generation, CloseMode::End);
                 return Err(ListenError::Stopped);
             }
             wake(link);
         }
-        Ok(OpenedListener { id, addr })
+        Ok(OpenedListener {
+            id,
+            addr,
+            generation,
+        })
     }
 
     /// Closes a listener on every worker: `End` ends its sessions now, `Drain` takes no new
     /// ones and closes once the last has ended. Other listeners and their sessions are not
     /// touched. The port can be opened again once every worker has let go of it.
-    pub fn close_listener(&self, id: ListenerId, mode: CloseMode) {
+    /// Closing a listener that is not open (closed already, closing, or a stale handle whose
+    /// id a later listener reuses) does nothing.
+    pub fn close_listener(&self, listener: &OpenedListener, mode: CloseMode) {
+        let mut registry = self.registry.lock();
+        self.send_close(&mut registry, listener.id, listener.generation, mode);
+    }
+
+    fn send_close(
+        &self,
+        registry: &mut PortRegistry,
+        id: ListenerId,
+        generation: u64,
+        mode: CloseMode,
+    ) {
+        if !registry.begin_close(id, generation) {
+            return;
+        }
         let closing = Arc::new(Closing {
             id,
-            workers_left: AtomicUsize::new(self.links.len()),
+            generation,
+            workers: self.links.len(),
+            joined: AtomicUsize::new(0),
+            sessions: AtomicUsize::new(0),
+            released: AtomicUsize::new(0),
             registry: Arc::clone(&self.registry),
         });
         for link in self.links.iter() {
@@ -299,7 +358,10 @@ impl Controller {
             if link.tx.send(msg).is_ok() {
                 wake(link);
             } else {
-                closing.release();
+                // An ended worker holds no socket and no session. (Not `release`: the registry
+                // is locked here; with every worker gone the port is never reused anyway.)
+                closing.join(0);
+                closing.released.fetch_add(1, Ordering::AcqRel);
             }
         }
     }

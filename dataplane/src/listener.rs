@@ -62,13 +62,15 @@ pub enum CloseMode {
     Drain,
 }
 
-/// A listener that is open.
+/// A listener that is open: the handle to close it with.
 #[derive(Clone, Copy, Debug, Eq, PartialEq)]
 pub struct OpenedListener {
     /// Its id.
     pub id: ListenerId,
     /// The bound address (the real port when asked for 0).
     pub addr: SocketAddr,
+    /// Tells this listener from a later one that reuses its id: a stale handle closes nothing.
+    pub generation: u64,
 }
 
 /// Opening a listener failed; nothing was opened.
@@ -104,15 +106,34 @@ pub(crate) const MAX_LISTENERS: usize = 1 << 16;
 /// Which ports are open and by whom.
 #[derive(Debug, Default)]
 pub(crate) struct PortRegistry {
-    /// Indexed by listener id: (transport, bound port, owner).
-    open: Vec<Option<(Transport, u16, String)>>,
+    /// Indexed by listener id.
+    open: Vec<Option<Entry>>,
+    /// Stamps each opened listener, so a late message about a closed one never touches a
+    /// listener that reused its id.
+    next_generation: u64,
+}
+
+#[derive(Debug)]
+struct Entry {
+    transport: Transport,
+    port: u16,
+    owner: String,
+    generation: u64,
+    /// A close was asked; the port stays held until every worker has let go of it.
+    closing: bool,
 }
 
 impl PortRegistry {
-    /// The owner holding (transport, port), if any.
-    pub(crate) fn holder(&self, transport: Transport, port: u16) -> Option<&str> {
-        self.open.iter().flatten().find_map(|(t, p, owner)| {
-            (*t == transport && *p == port && port != 0).then_some(owner.as_str())
+    /// The owner holding (transport, port), if any (a closing listener still holds it).
+    pub(crate) fn holder(&self, transport: Transport, port: u16) -> Option<String> {
+        self.open.iter().flatten().find_map(|e| {
+            (e.transport == transport && e.port == port && port != 0).then(|| {
+                if e.closing {
+                    format!("{} (closing)", e.owner)
+                } else {
+                    e.owner.clone()
+                }
+            })
         })
     }
 
@@ -122,19 +143,20 @@ impl PortRegistry {
             Some(holder) => Err(ListenError::Taken {
                 transport: spec.transport,
                 port: spec.bind.port(),
-                holder: holder.to_string(),
+                holder,
             }),
             None => Ok(()),
         }
     }
 
-    /// Records an opened listener bound to `port`; returns its id (the lowest free one).
+    /// Records an opened listener bound to `port`; returns its id (the lowest free one) and
+    /// generation.
     pub(crate) fn insert(
         &mut self,
         transport: Transport,
         port: u16,
         owner: String,
-    ) -> Result<ListenerId, ListenError> {
+    ) -> Result<(ListenerId, u64), ListenError> {
         let slot = match self.open.iter().position(Option::is_none) {
             Some(slot) => slot,
             None if self.open.len() < MAX_LISTENERS => {
@@ -143,14 +165,41 @@ impl PortRegistry {
             }
             None => return Err(ListenError::Full { max: MAX_LISTENERS }),
         };
-        self.open[slot] = Some((transport, port, owner));
-        Ok(ListenerId(slot as u16))
+        self.next_generation += 1;
+        self.open[slot] = Some(Entry {
+            transport,
+            port,
+            owner,
+            generation: self.next_generation,
+            closing: false,
+        });
+        Ok((ListenerId(slot as u16), self.next_generation))
     }
 
-    /// Forgets a closed listener; its port and id can be reused.
-    pub(crate) fn remove(&mut self, id: ListenerId) {
-        if let Some(entry) = self.open.get_mut(usize::from(id.0)) {
-            *entry = None;
+    /// Marks an open listener as closing; false when that listener is not open (closed, or
+    /// closing already, or its id now belongs to a later one): such a close does nothing.
+    pub(crate) fn begin_close(&mut self, id: ListenerId, generation: u64) -> bool {
+        let Some(entry) = self
+            .open
+            .get_mut(usize::from(id.0))
+            .and_then(Option::as_mut)
+        else {
+            return false;
+        };
+        if entry.closing || entry.generation != generation {
+            return false;
+        }
+        entry.closing = true;
+        true
+    }
+
+    /// Forgets a closed listener, if the entry is still that one; its port and id can be
+    /// reused.
+    pub(crate) fn finish_close(&mut self, id: ListenerId, generation: u64) {
+        if let Some(slot) = self.open.get_mut(usize::from(id.0))
+            && slot.as_ref().is_some_and(|e| e.generation == generation)
+        {
+            *slot = None;
         }
     }
 }
@@ -173,22 +222,29 @@ mod tests {
     fn one_owner_per_port_and_ids_are_reused() {
         let mut r = PortRegistry::default();
         r.check(&spec(7777)).unwrap();
-        let a = r
+        let (a, generation) = r
             .insert(Transport::Udp, 7777, "data port game".into())
             .unwrap();
-        let b = r
+        let (b, _) = r
             .insert(Transport::Udp, 7778, "data port voice".into())
             .unwrap();
         assert_eq!((a, b), (ListenerId(0), ListenerId(1)));
         let e = r.check(&spec(7777)).unwrap_err().to_string();
         assert_eq!(e, "udp/7777 is already open for data port game");
-        r.remove(a);
+        assert!(r.begin_close(a, generation));
+        assert!(!r.begin_close(a, generation), "a second close does nothing");
+        let e = r.check(&spec(7777)).unwrap_err().to_string();
+        assert_eq!(e, "udp/7777 is already open for data port game (closing)");
+        r.finish_close(a, generation);
         r.check(&spec(7777)).unwrap();
-        assert_eq!(
-            r.insert(Transport::Udp, 7777, "x".into()).unwrap(),
-            ListenerId(0),
-            "the lowest free id"
-        );
+        let (again, new_generation) = r.insert(Transport::Udp, 7777, "x".into()).unwrap();
+        assert_eq!(again, ListenerId(0), "the lowest free id");
+        // A late finish, or a stale close, of the old listener leaves the new one alone.
+        r.finish_close(a, generation);
+        assert!(!r.begin_close(a, generation));
+        assert!(r.check(&spec(7777)).is_err());
+        assert!(r.begin_close(again, new_generation));
+        assert!(!r.begin_close(ListenerId(9), 1), "never opened");
         // Port 0 asks the kernel for a free port: never a conflict.
         r.check(&spec(0)).unwrap();
     }

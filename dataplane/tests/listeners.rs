@@ -62,15 +62,16 @@ fn listeners_open_and_close_under_traffic_without_touching_the_others() {
         .unwrap();
         c.send_to(b"on the new one", opened.addr).unwrap();
         assert_eq!(expect_datagram(&c), b"on the new one");
-        proxy.ctl.close_listener(opened.id, CloseMode::End);
+        proxy.ctl.close_listener(&opened, CloseMode::End);
         proxy.eventually("its session ended with it", |p| {
             p.sessions()
                 .iter()
                 .all(|s| s.data_port != usize::from(opened.id.0))
         });
-        // The port is gone: nothing answers any more.
+        // The port is gone: nothing answers any more, and every worker let go of it.
         c.send_to(b"after close", opened.addr).unwrap();
         expect_nothing(&c, Duration::from_millis(100));
+        proxy.eventually("the port is free", |_| UdpSocket::bind(opened.addr).is_ok());
     }
     stop.store(true, Ordering::Relaxed);
     let exchanged = traffic.join().unwrap();
@@ -127,7 +128,7 @@ fn a_draining_listener_keeps_its_sessions_and_closes_after_the_last() {
     old.send_to(b"1", opened.addr).unwrap();
     assert_eq!(expect_datagram(&old), b"1");
 
-    proxy.ctl.close_listener(opened.id, CloseMode::Drain);
+    proxy.ctl.close_listener(&opened, CloseMode::Drain);
     std::thread::sleep(Duration::from_millis(50));
     // No new session, even with a valid token.
     let late = client();
@@ -190,4 +191,87 @@ fn each_listener_times_its_sessions_out_by_its_own_timeout() {
     let left = proxy.sessions();
     assert_eq!(left.len(), 1);
     assert_eq!(left[0].client, long_lived.local_addr().unwrap());
+}
+
+#[test]
+fn a_drain_keeps_every_workers_socket_until_all_its_sessions_end() {
+    // With several workers, a worker that dropped its socket as soon as *its* sessions ended
+    // would shrink the reuse-port group, and the kernel would re-hash the remaining clients
+    // onto workers that do not know them.
+    let proxy = Proxy::start(4, |_| {});
+    let echo = Echo::plain();
+    let opened = proxy.ctl.open_listener(token_port(0)).unwrap();
+    let clients: Vec<UdpSocket> = (0..24).map(|_| client()).collect();
+    for c in &clients {
+        c.send_to(
+            grant_on(&proxy, opened.id, echo.addr).as_bytes(),
+            opened.addr,
+        )
+        .unwrap();
+    }
+    proxy.eventually("24 sessions", |p| p.sessions().len() == 24);
+    let workers: std::collections::BTreeSet<usize> =
+        proxy.sessions().iter().map(|s| s.worker).collect();
+    assert!(
+        workers.len() > 1,
+        "sessions on several workers: {workers:?}"
+    );
+
+    proxy.ctl.close_listener(&opened, CloseMode::Drain);
+    let kill = |c: &UdpSocket| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let tx = std::sync::Mutex::new(tx);
+        let asked = proxy.ctl.kill_sessions(
+            ClientMatch::Addr(c.local_addr().unwrap()),
+            Arc::new(move |n| tx.lock().unwrap().send(n).unwrap()),
+        );
+        (0..asked)
+            .map(|_| rx.recv_timeout(WAIT).unwrap())
+            .sum::<usize>()
+    };
+    // End sessions one by one; every one left keeps being answered.
+    for (ended, c) in clients.iter().enumerate() {
+        for (i, other) in clients.iter().enumerate().skip(ended) {
+            let seq = format!("{ended}/{i}");
+            other.send_to(seq.as_bytes(), opened.addr).unwrap();
+            assert_eq!(
+                expect_datagram(other),
+                seq.as_bytes(),
+                "client {i} after {ended} ended"
+            );
+        }
+        assert_eq!(kill(c), 1);
+    }
+    proxy.eventually("every worker let go of the port", |_| {
+        UdpSocket::bind(opened.addr).is_ok()
+    });
+}
+
+#[test]
+fn a_stale_or_second_close_does_nothing() {
+    let proxy = Proxy::start(2, |_| {});
+    let echo = Echo::plain();
+    let first = proxy.ctl.open_listener(token_port(0)).unwrap();
+    proxy.ctl.close_listener(&first, CloseMode::End);
+    proxy.ctl.close_listener(&first, CloseMode::End);
+    // The id comes free once every worker has let go; the next listener takes it.
+    let mut second = proxy.ctl.open_listener(token_port(0)).unwrap();
+    let mut tries = 0;
+    while second.id != first.id && tries < 100 {
+        proxy.ctl.close_listener(&second, CloseMode::End);
+        std::thread::sleep(Duration::from_millis(10));
+        second = proxy.ctl.open_listener(token_port(0)).unwrap();
+        tries += 1;
+    }
+    assert_eq!(second.id, first.id, "the id was reused");
+    // A close through the old handle leaves the new listener alone.
+    proxy.ctl.close_listener(&first, CloseMode::End);
+    let c = client();
+    c.send_to(
+        grant_on(&proxy, second.id, echo.addr).as_bytes(),
+        second.addr,
+    )
+    .unwrap();
+    c.send_to(b"still open", second.addr).unwrap();
+    assert_eq!(expect_datagram(&c), b"still open");
 }

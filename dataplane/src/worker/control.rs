@@ -97,12 +97,14 @@ impl Worker {
         closing: Arc<Closing>,
     ) {
         let index = usize::from(id.0);
-        let Some(listener) = self.listeners.get_mut(index).and_then(Option::as_mut) else {
+        if self.listeners.get(index).and_then(Option::as_ref).is_none() {
+            // Its open never reached this worker (the registration failed).
+            closing.join(0);
             closing.release();
             return;
-        };
-        listener.closing = Some(closing);
+        }
         if mode == CloseMode::End {
+            // Ended here and now, whatever the other workers do.
             let doomed: Vec<SessionId> = self
                 .sessions
                 .iter()
@@ -112,20 +114,50 @@ impl Worker {
             for session in doomed {
                 self.close_session(session, CloseReason::ListenerClosed);
             }
+            closing.join(0);
+            self.set_closing(index, closing);
+            self.retire_listener(index);
+            return;
         }
-        self.retire_listener_if_done(index);
+        if let Some(listener) = self.listeners[index].as_ref() {
+            closing.join(listener.sessions);
+        }
+        self.set_closing(index, closing);
+        self.retire_listener_if_drained(index);
     }
 
-    /// Drops a closing listener's socket once it has no session left, and says so.
-    pub(super) fn retire_listener_if_done(&mut self, index: usize) {
-        let done = self
+    fn set_closing(&mut self, index: usize, closing: Arc<Closing>) {
+        if let Some(listener) = self.listeners[index].as_mut() {
+            listener.closing = Some(closing);
+            self.closing_listeners += 1;
+        }
+    }
+
+    /// Drops a draining listener's socket once its sessions on every worker have ended.
+    pub(super) fn retire_listener_if_drained(&mut self, index: usize) {
+        let drained = self
             .listeners
             .get(index)
             .and_then(Option::as_ref)
-            .is_some_and(|l| l.closing.is_some() && l.sessions == 0);
-        if !done {
+            .and_then(|l| l.closing.as_ref())
+            .is_some_and(|c| c.drained());
+        if drained {
+            self.retire_listener(index);
+        }
+    }
+
+    /// Looks at every draining listener (they may have drained on other workers).
+    pub(super) fn retire_drained_listeners(&mut self) {
+        if self.closing_listeners == 0 {
             return;
         }
+        for index in 0..self.listeners.len() {
+            self.retire_listener_if_drained(index);
+        }
+    }
+
+    /// Drops a closing listener's socket (its last queued replies sent first), and says so.
+    fn retire_listener(&mut self, index: usize) {
         if let Some(mut listener) = self.listeners[index].take() {
             if !listener.replies.is_empty() {
                 let fd = listener.socket.as_raw_fd();
@@ -135,6 +167,7 @@ impl Worker {
             let closing = listener.closing.take();
             drop(listener);
             if let Some(closing) = closing {
+                self.closing_listeners -= 1;
                 closing.release();
             }
         }

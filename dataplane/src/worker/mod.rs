@@ -43,6 +43,8 @@ const IO_LOOP_BOUND: usize = 16;
 /// How often spent grants are dropped from the worker's table.
 const GRANT_SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 const EVENTS_CAPACITY: usize = 1024;
+/// How often a worker looks whether a draining listener has drained on every worker.
+const CLOSING_CHECK_INTERVAL: Duration = Duration::from_millis(100);
 /// Idle timeout of a session whose listener is gone (cannot happen: a listener outlives its
 /// sessions); short, so such a session would not linger.
 const ORPHAN_IDLE_TIMEOUT: Duration = Duration::from_secs(1);
@@ -83,6 +85,9 @@ pub(crate) struct Worker {
     limits: Arc<SessionLimits>,
     /// Indexed by listener id; `None` where no listener is open.
     listeners: Vec<Option<Listener>>,
+    /// Listeners of `listeners` that are closing (draining), so the loop looks at them only
+    /// when there are any.
+    closing_listeners: usize,
     /// Taken out while a batch is processed, so handlers can borrow the rest of `self`.
     rx: Option<Box<RecvBatch>>,
     sessions: SessionTable<UpstreamSocket>,
@@ -126,6 +131,7 @@ impl Worker {
             counters: setup.counters,
             limits: setup.limits,
             listeners: Vec::new(),
+            closing_listeners: 0,
             rx: Some(Box::new(RecvBatch::new())),
             sessions: SessionTable::new(now),
             grants: AHashMap::new(),
@@ -191,6 +197,7 @@ impl Worker {
             }
             self.expire_idle(now);
             self.sweep_grants(now);
+            self.retire_drained_listeners();
         }
     }
 
@@ -204,10 +211,12 @@ impl Worker {
         }
         let grants =
             (!self.grants.is_empty()).then(|| self.next_grant_sweep.saturating_duration_since(now));
-        match (self.sessions.next_timeout(now), grants) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        // A draining listener may finish on another worker: look again now and then.
+        let closing = (self.closing_listeners > 0).then_some(CLOSING_CHECK_INTERVAL);
+        [self.sessions.next_timeout(now), grants, closing]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     // ---- client side -----------------------------------------------------------------------
@@ -453,8 +462,13 @@ impl Worker {
         let index = usize::from(session.key.port);
         if let Some(listener) = self.listeners.get_mut(index).and_then(Option::as_mut) {
             listener.sessions = listener.sessions.saturating_sub(1);
+            // Counted in the drain only if it lived when this worker joined the close (a
+            // closing listener takes no new sessions, so every one it has did).
+            if let Some(closing) = &listener.closing {
+                closing.session_ended();
+            }
         }
-        self.retire_listener_if_done(index);
+        self.retire_listener_if_drained(index);
     }
 
     fn close_all(&mut self) {
