@@ -1,6 +1,7 @@
 //! Connection admission for the TCP servers of the control thread (query and admin): a cap on
-//! concurrent connections and one per source IP, so one address cannot take every slot and
-//! lock the others out. A slot is held by a guard and returned when the guard drops.
+//! concurrent connections and one per source, so one client cannot take every slot and lock the
+//! others out. A source is an IPv4 address, or an IPv6 /64: one subscriber's prefix holds more
+//! addresses than any cap. A slot is held by a guard and returned when the guard drops.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -23,7 +24,8 @@ impl std::fmt::Display for Refusal {
             Self::Total(n) => write!(f, "{n} connections open, the most this server takes"),
             Self::PerIp(n) => write!(
                 f,
-                "{n} connections open from this address, the most it may hold"
+                "{n} connections open from this address (an IPv6 /64 counts as one), the most \
+                 it may hold"
             ),
         }
     }
@@ -60,10 +62,10 @@ impl ConnectionSlots {
         })
     }
 
-    /// Admits a connection from `ip` (IPv4-mapped IPv6 counts as the IPv4 address), or says
-    /// which cap refused it.
+    /// Admits a connection from `ip` (IPv4-mapped IPv6 counts as the IPv4 address, other IPv6
+    /// as its /64), or says which cap refused it.
     pub fn try_acquire(self: &Arc<Self>, ip: IpAddr) -> Result<Slot, Refusal> {
-        let ip = ip.to_canonical();
+        let ip = source_of(ip);
         let mut open = self.open.lock();
         if open.total >= self.max_total {
             return Err(Refusal::Total(self.max_total));
@@ -78,6 +80,17 @@ impl ConnectionSlots {
             slots: Arc::clone(self),
             ip,
         })
+    }
+}
+
+/// The source a connection counts against.
+fn source_of(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => {
+            let prefix = u128::from(v6) & !((1u128 << 64) - 1);
+            IpAddr::V6(prefix.into())
+        }
+        v4 => v4,
     }
 }
 
@@ -116,6 +129,24 @@ mod tests {
         drop(a1);
         let _c1 = slots.try_acquire(c).unwrap();
         assert!(slots.open.lock().per_ip.len() == 3);
+    }
+
+    #[test]
+    fn an_ipv6_prefix_is_one_source() {
+        let slots = ConnectionSlots::new(10, 2);
+        let a: IpAddr = "2001:db8:1:2::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap();
+        let elsewhere: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        let _a = slots.try_acquire(a).unwrap();
+        let _b = slots.try_acquire(b).unwrap();
+        assert_eq!(
+            slots
+                .try_acquire("2001:db8:1:2::77".parse().unwrap())
+                .unwrap_err(),
+            Refusal::PerIp(2),
+            "the same /64"
+        );
+        let _c = slots.try_acquire(elsewhere).unwrap();
     }
 
     #[test]
