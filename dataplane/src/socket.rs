@@ -51,11 +51,8 @@ pub(crate) fn bind_reuseport_udp(
     Ok(socket.into())
 }
 
-/// Fails when another socket holds `addr`, even one of another process with `SO_REUSEPORT`: a
-/// plain bind (neither `SO_REUSEADDR`, which for UDP would also let two sockets share a port,
-/// nor `SO_REUSEPORT`) before the real ones. Without it a second instance started by mistake
-/// would silently take half of the clients, whose tokens it does not know.
-pub(crate) fn probe_exclusive_udp(addr: SocketAddr) -> Result<(), SocketError> {
+/// A UDP socket for `addr` with no reuse option (dual-stack for `[::]`), not bound yet.
+fn plain_udp_socket(addr: SocketAddr) -> Result<Socket, SocketError> {
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))
         .map_err(|source| SocketError::Create { addr, source })?;
     if addr.is_ipv6() {
@@ -67,6 +64,15 @@ pub(crate) fn probe_exclusive_udp(addr: SocketAddr) -> Result<(), SocketError> {
                 source,
             })?;
     }
+    Ok(socket)
+}
+
+/// Fails when another socket holds `addr`, even one of another process with `SO_REUSEPORT`: a
+/// plain bind (neither `SO_REUSEADDR`, which for UDP would also let two sockets share a port,
+/// nor `SO_REUSEPORT`) before the real ones. Without it a second instance started by mistake
+/// would silently take half of the clients, whose tokens it does not know.
+pub(crate) fn probe_exclusive_udp(addr: SocketAddr) -> Result<(), SocketError> {
+    let socket = plain_udp_socket(addr)?;
     socket.bind(&addr.into()).map_err(|source| {
         if source.kind() == io::ErrorKind::AddrInUse {
             SocketError::Taken { addr, source }
@@ -83,17 +89,7 @@ pub(crate) fn unique_udp_port(addr: SocketAddr) -> Result<SocketAddr, SocketErro
     if addr.port() != 0 {
         return Ok(addr);
     }
-    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))
-        .map_err(|source| SocketError::Create { addr, source })?;
-    if addr.is_ipv6() {
-        socket
-            .set_only_v6(false)
-            .map_err(|source| SocketError::SetOption {
-                addr,
-                option: "IPV6_V6ONLY",
-                source,
-            })?;
-    }
+    let socket = plain_udp_socket(addr)?;
     socket
         .bind(&addr.into())
         .map_err(|source| SocketError::Bind { addr, source })?;

@@ -243,17 +243,6 @@ fn workers_pinned_to_core_0() -> usize {
         .count()
 }
 
-/// Kills every session of `client` through the control API and returns how many ended.
-fn kill(proxy: &Proxy, client: std::net::SocketAddr) -> usize {
-    let (tx, rx) = std::sync::mpsc::channel();
-    let tx = std::sync::Mutex::new(tx);
-    let asked = proxy.ctl.kill_sessions(
-        ClientMatch::Addr(client),
-        Arc::new(move |n| tx.lock().unwrap().send(n).unwrap()),
-    );
-    (0..asked).map(|_| rx.recv_timeout(WAIT).unwrap()).sum()
-}
-
 /// A player refused at a cap (`cap` set by `tweak`, dropped as `reason`) keeps its token: once
 /// the session holding the slot ends, the retry with the same token opens the session.
 fn refused_token_redeems_once_a_slot_frees(
@@ -273,7 +262,7 @@ fn refused_token_redeems_once_a_slot_frees(
     proxy.eventually("refused at the cap", |p| {
         p.ctl.counters().dropped(reason) == 1
     });
-    assert_eq!(kill(&proxy, holder.local_addr().unwrap()), 1);
+    assert_eq!(proxy.kill(holder.local_addr().unwrap()), 1);
     player.send_to(token.as_bytes(), proxy.addr()).unwrap();
     player.send_to(b"in", proxy.addr()).unwrap();
     assert_eq!(expect_datagram(&player), b"in");

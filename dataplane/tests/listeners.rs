@@ -8,7 +8,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use common::*;
-use dataplane::ctl::ClientMatch;
 use dataplane::{CloseMode, DropReason, ListenerId, ListenerKind, ListenerSpec, Transport};
 
 fn token_port(port: u16) -> ListenerSpec {
@@ -151,14 +150,7 @@ fn a_draining_listener_keeps_its_sessions_and_closes_after_the_last() {
     );
 
     // Its last session ends: the listener closes, and the port can be opened again.
-    let (tx, rx) = std::sync::mpsc::channel();
-    let tx = std::sync::Mutex::new(tx);
-    let asked = proxy.ctl.kill_sessions(
-        ClientMatch::Addr(old.local_addr().unwrap()),
-        Arc::new(move |n| tx.lock().unwrap().send(n).unwrap()),
-    );
-    let killed: usize = (0..asked).map(|_| rx.recv_timeout(WAIT).unwrap()).sum();
-    assert_eq!(killed, 1);
+    assert_eq!(proxy.kill(old.local_addr().unwrap()), 1);
     proxy.eventually("the port is free again", |p| {
         p.ctl.open_listener(token_port(opened.addr.port())).is_ok()
     });
@@ -218,17 +210,6 @@ fn a_drain_keeps_every_workers_socket_until_all_its_sessions_end() {
     );
 
     proxy.ctl.close_listener(&opened, CloseMode::Drain);
-    let kill = |c: &UdpSocket| {
-        let (tx, rx) = std::sync::mpsc::channel();
-        let tx = std::sync::Mutex::new(tx);
-        let asked = proxy.ctl.kill_sessions(
-            ClientMatch::Addr(c.local_addr().unwrap()),
-            Arc::new(move |n| tx.lock().unwrap().send(n).unwrap()),
-        );
-        (0..asked)
-            .map(|_| rx.recv_timeout(WAIT).unwrap())
-            .sum::<usize>()
-    };
     // End sessions one by one; every one left keeps being answered.
     for (ended, c) in clients.iter().enumerate() {
         for (i, other) in clients.iter().enumerate().skip(ended) {
@@ -240,7 +221,7 @@ fn a_drain_keeps_every_workers_socket_until_all_its_sessions_end() {
                 "client {i} after {ended} ended"
             );
         }
-        assert_eq!(kill(c), 1);
+        assert_eq!(proxy.kill(c.local_addr().unwrap()), 1);
     }
     proxy.eventually("every worker let go of the port", |_| {
         UdpSocket::bind(opened.addr).is_ok()

@@ -83,6 +83,17 @@ impl Proxy {
             .collect()
     }
 
+    /// Ends every session of `client` through the control API; returns how many ended.
+    pub fn kill(&self, client: SocketAddr) -> usize {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let tx = std::sync::Mutex::new(tx);
+        let asked = self.ctl.kill_sessions(
+            dataplane::ctl::ClientMatch::Addr(client),
+            Arc::new(move |n| tx.lock().unwrap().send(n).unwrap()),
+        );
+        (0..asked).map(|_| rx.recv_timeout(WAIT).unwrap()).sum()
+    }
+
     /// Polls until `f` holds, or fails after a few seconds.
     pub fn eventually(&self, what: &str, mut f: impl FnMut(&Self) -> bool) {
         let deadline = Instant::now() + Duration::from_secs(5);
