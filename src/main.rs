@@ -144,14 +144,15 @@ fn embedded_default() -> anyhow::Result<Config> {
 }
 
 fn run(config: Arc<Config>) -> anyhow::Result<()> {
-    raise_fd_limit();
+    raise_fd_limit(&config);
     check_fd_budget(&config)?;
     let plane = dataplane::DataPlane::start(config.dataplane()).context("data plane")?;
     let control = control::start(Arc::clone(&config), &plane).context("control plane")?;
     let data: Vec<String> = config
-        .udp_ports()
+        .data_ports
+        .iter()
         .zip(plane.local_addrs())
-        .map(|((_, p), a)| format!("{}/udp={a}", p.name))
+        .map(|(p, a)| format!("{}/{}={a}", p.name, p.protocol.as_str()))
         .collect();
     // One machine-readable line, for scripts and tests that start the proxy on port 0.
     println!(
@@ -217,7 +218,7 @@ fn query(q: &QueryArgs) -> anyhow::Result<()> {
 }
 
 /// File descriptors a worker holds before any session: its epoll instance, its waker and one
-/// socket per UDP data port.
+/// socket per data port.
 const FDS_PER_WORKER_BASE: u64 = 2;
 /// What the rest of the process holds: listeners, the inventory, the API client, logs.
 const FDS_RESERVED: u64 = 64;
@@ -227,7 +228,7 @@ const FDS_RESERVED: u64 = 64;
 /// too, so it refuses what a start on this machine would.
 fn check_fd_budget(config: &Config) -> anyhow::Result<()> {
     let workers = config.workers.get() as u64;
-    let needed = workers * (FDS_PER_WORKER_BASE + config.udp_ports().count() as u64) + FDS_RESERVED;
+    let needed = workers * (FDS_PER_WORKER_BASE + config.data_ports.len() as u64) + FDS_RESERVED;
     let limit = open_file_hard_limit();
     if needed > limit / 2 {
         bail!(
@@ -253,20 +254,44 @@ fn open_file_hard_limit() -> u64 {
 }
 
 /// Each session holds a socket: lift the soft fd limit to the hard one.
-fn raise_fd_limit() {
+/// Raises the open-file soft limit to the hard limit (every session holds a socket, a TCP
+/// session two), and says so when even that is below what `maxSessions` asks.
+fn raise_fd_limit(config: &Config) {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
     // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut limit) == 0
-            && limit.rlim_cur < limit.rlim_max
-        {
-            limit.rlim_cur = limit.rlim_max;
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &raw const limit) != 0 {
-                log::warn!("could not raise the open-file limit");
+    let soft = unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut limit) != 0 {
+            return;
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                rlim_max: limit.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raw const raised) == 0 {
+                log::info!(
+                    "open-file limit raised from {} to {}",
+                    limit.rlim_cur,
+                    limit.rlim_max
+                );
+                limit = raised;
+            } else {
+                log::warn!(
+                    "could not raise the open-file limit from {}",
+                    limit.rlim_cur
+                );
             }
         }
+        limit.rlim_cur
+    };
+    if (soft as u128) < config.max_sessions as u128 {
+        log::warn!(
+            "the open-file limit is {soft}, below maxSessions ({}): sessions beyond about {soft} \
+             will be refused as upstream_setup; raise the hard limit (LimitNOFILE, ulimit -Hn)",
+            config.max_sessions
+        );
     }
 }

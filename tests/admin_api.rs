@@ -43,16 +43,19 @@ fn metrics_sessions_and_kill() {
     assert_eq!(proxy.metric("udp_director_tokens_issued_total"), 2.0);
     assert_eq!(proxy.metric("udp_director_tokens_redeemed_total"), 2.0);
     assert_eq!(
-        proxy.metric(r#"udp_director_sessions_created_total{kind="token"}"#),
-        2.0
-    );
-    assert_eq!(proxy.metric("udp_director_sessions_active"), 2.0);
-    assert_eq!(
-        proxy.metric(r#"udp_director_packets_total{direction="upstream"}"#),
+        proxy.metric(r#"udp_director_sessions_created_total{origin="token",protocol="udp"}"#),
         2.0
     );
     assert_eq!(
-        proxy.metric(r#"udp_director_bytes_total{direction="downstream"}"#),
+        proxy.metric(r#"udp_director_sessions_active{protocol="udp"}"#),
+        2.0
+    );
+    assert_eq!(
+        proxy.metric(r#"udp_director_packets_total{direction="upstream",protocol="udp"}"#),
+        2.0
+    );
+    assert_eq!(
+        proxy.metric(r#"udp_director_bytes_total{direction="downstream",protocol="udp"}"#),
         10.0
     );
     // Selection time only: the unparseable request is counted in queries_total, not timed.
@@ -71,7 +74,8 @@ fn metrics_sessions_and_kill() {
         .unwrap();
     assert_eq!(s["target"], a.addr.to_string());
     assert_eq!(s["dataPort"], "default");
-    assert_eq!(s["kind"], "token");
+    assert_eq!(s["origin"], "token");
+    assert_eq!(s["protocol"], "udp");
     assert_eq!(s["packetsUpstream"], 1);
     assert_eq!(s["bytesDownstream"], 5);
 

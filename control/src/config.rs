@@ -19,6 +19,8 @@ pub const DEFAULT_DATA_PORT: u16 = 7777;
 pub const DEFAULT_ADMIN_PORT: u16 = 9090;
 pub const DEFAULT_TOKEN_TTL_SECONDS: u64 = 30;
 pub const DEFAULT_SESSION_TIMEOUT_SECONDS: u64 = 300;
+/// Default `tcpTokenTimeoutSeconds`: how long a TCP client has to send its token.
+pub const DEFAULT_TCP_TOKEN_TIMEOUT_SECONDS: u64 = 10;
 pub const DEFAULT_QUERY_IDLE_TIMEOUT_SECONDS: u64 = 10;
 pub const DEFAULT_MAX_QUERY_CONNECTIONS: usize = 1024;
 pub const DEFAULT_MAX_QUERY_CONNECTIONS_PER_IP: usize = 32;
@@ -99,6 +101,9 @@ struct RawConfig {
     /// Seconds without traffic after which a session ends.
     #[serde(default)]
     session_timeout_seconds: Option<u64>,
+    /// Seconds a TCP client has to send its token on a TCP data port.
+    #[serde(default)]
+    tcp_token_timeout_seconds: Option<u64>,
     /// Seconds a query connection may wait before sending a full request.
     #[serde(default)]
     query_idle_timeout_seconds: Option<u64>,
@@ -238,14 +243,8 @@ struct RawLoadBalancing {
     overlap: Option<i64>,
 }
 
-/// Transport of a data port.
-#[derive(Clone, Copy, Debug, Eq, PartialEq)]
-pub enum Protocol {
-    /// Datagrams, handled by the data-plane workers.
-    Udp,
-    /// A stream whose first bytes are the token.
-    Tcp,
-}
+/// Transport of a data port (`protocol: udp|tcp`).
+pub use dataplane::Transport as Protocol;
 
 /// A validated data port.
 #[derive(Clone, Debug)]
@@ -417,6 +416,8 @@ pub struct Config {
     pub token_ttl: Duration,
     /// Idle session timeout.
     pub session_timeout: Duration,
+    /// How long a TCP client has to send its token.
+    pub tcp_token_timeout: Duration,
     /// Query connection idle limit.
     pub query_idle_timeout: Duration,
     /// Concurrent query connections.
@@ -478,27 +479,22 @@ impl Config {
         Self::try_from(raw)
     }
 
-    /// UDP data ports with their index in `data_ports`.
-    pub fn udp_ports(&self) -> impl Iterator<Item = (usize, &DataPort)> {
-        self.data_ports
-            .iter()
-            .enumerate()
-            .filter(|(_, p)| p.protocol == Protocol::Udp)
-    }
-
     /// The data plane's settings derived from this config.
     pub fn dataplane(&self) -> dataplane::DataPlaneConfig {
         let ports = self
-            .udp_ports()
-            .map(|(_, p)| dataplane::DataPortConfig {
+            .data_ports
+            .iter()
+            .map(|p| dataplane::DataPortConfig {
                 name: p.name.clone(),
                 bind: SocketAddr::new(self.bind_address, p.port),
+                transport: p.protocol,
             })
             .collect();
         let mut dp = dataplane::DataPlaneConfig::with_ports(ports);
         dp.workers = self.workers;
         dp.affinity = self.affinity.clone();
         dp.session_timeout = self.session_timeout;
+        dp.tcp_token_timeout = self.tcp_token_timeout;
         dp.max_sessions = self.max_sessions;
         dp.max_sessions_per_ip = self.max_sessions_per_ip;
         dp.control_magic = self.control_magic.clone();
@@ -631,6 +627,11 @@ impl TryFrom<RawConfig> for Config {
                 "sessionTimeoutSeconds",
                 raw.session_timeout_seconds,
                 DEFAULT_SESSION_TIMEOUT_SECONDS,
+            )?,
+            tcp_token_timeout: seconds(
+                "tcpTokenTimeoutSeconds",
+                raw.tcp_token_timeout_seconds,
+                DEFAULT_TCP_TOKEN_TIMEOUT_SECONDS,
             )?,
             query_idle_timeout: seconds(
                 "queryIdleTimeoutSeconds",
@@ -780,14 +781,8 @@ fn data_ports(
             out
         }
     };
-    if !ports.iter().any(|p| p.protocol == Protocol::Udp) {
-        return Err(invalid("dataPorts", "at least one UDP data port is needed"));
-    }
-    if ports.iter().any(|p| p.protocol == Protocol::Tcp) {
-        return Err(invalid(
-            "dataPorts",
-            "TCP data ports are not supported by this version yet; use `protocol: udp`",
-        ));
+    if ports.is_empty() {
+        return Err(invalid("dataPorts", "at least one data port is needed"));
     }
     Ok(ports)
 }

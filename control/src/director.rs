@@ -139,9 +139,10 @@ impl Director {
         metrics: Arc<Metrics>,
     ) -> Self {
         let public_ports = config
-            .udp_ports()
+            .data_ports
+            .iter()
             .zip(local_addrs)
-            .map(|((_, p), addr)| (p.name.clone(), addr.port()))
+            .map(|(p, addr)| (p.name.clone(), addr.port()))
             .collect();
         Self {
             config,

@@ -141,10 +141,17 @@ impl Collector for DataPlaneCollector {
         labelled_counter(
             e,
             "udp_director_sessions_created",
-            "Sessions opened, by kind",
-            SessionKind::ALL
-                .iter()
-                .map(|k| (vec![("kind", k.as_str())], c.created(*k))),
+            "Sessions opened, by origin (token or default backend) and protocol",
+            SessionKind::ALL.iter().flat_map(|k| {
+                let tcp = c.tcp_created(*k);
+                [
+                    (
+                        vec![("origin", k.as_str()), ("protocol", "udp")],
+                        c.created(*k) - tcp,
+                    ),
+                    (vec![("origin", k.as_str()), ("protocol", "tcp")], tcp),
+                ]
+            }),
         )?;
         counter(
             e,
@@ -167,39 +174,80 @@ impl Collector for DataPlaneCollector {
         labelled_counter(
             e,
             "udp_director_packets",
-            "Datagrams forwarded, by direction",
+            "Datagrams forwarded, by direction (UDP only)",
             [
-                (vec![("direction", "upstream")], c.packets_upstream),
-                (vec![("direction", "downstream")], c.packets_downstream),
+                (
+                    vec![("direction", "upstream"), ("protocol", "udp")],
+                    c.packets_upstream,
+                ),
+                (
+                    vec![("direction", "downstream"), ("protocol", "udp")],
+                    c.packets_downstream,
+                ),
             ],
         )?;
         labelled_counter(
             e,
             "udp_director_bytes",
-            "Payload bytes forwarded, by direction",
+            "Payload bytes forwarded, by direction and protocol",
             [
-                (vec![("direction", "upstream")], c.bytes_upstream),
-                (vec![("direction", "downstream")], c.bytes_downstream),
+                (
+                    vec![("direction", "upstream"), ("protocol", "udp")],
+                    c.bytes_upstream,
+                ),
+                (
+                    vec![("direction", "downstream"), ("protocol", "udp")],
+                    c.bytes_downstream,
+                ),
+                (
+                    vec![("direction", "upstream"), ("protocol", "tcp")],
+                    c.tcp_bytes_upstream,
+                ),
+                (
+                    vec![("direction", "downstream"), ("protocol", "tcp")],
+                    c.tcp_bytes_downstream,
+                ),
             ],
         )?;
         labelled_counter(
             e,
             "udp_director_packets_dropped",
             "Datagrams dropped, by reason and by whose fault (client, backend, internal)",
-            DropReason::ALL.iter().map(|r| {
+            DropReason::DATAGRAM.iter().map(|r| {
                 (
                     vec![("reason", r.as_str()), ("source", r.source())],
                     c.dropped(*r),
                 )
             }),
         )?;
-        let gauge = encoder.encode_descriptor(
+        counter(
+            e,
+            "udp_director_tcp_connections_accepted",
+            "TCP connections accepted on data ports",
+            c.tcp_accepted,
+        )?;
+        labelled_counter(
+            e,
+            "udp_director_tcp_connections_refused",
+            "TCP connections closed without a session, or whose backend connection failed, by \
+             reason and by whose fault",
+            DropReason::CONNECTION.iter().map(|r| {
+                (
+                    vec![("reason", r.as_str()), ("source", r.source())],
+                    c.refused(*r),
+                )
+            }),
+        )?;
+        let mut gauge = encoder.encode_descriptor(
             "udp_director_sessions_active",
-            "Sessions live now",
+            "Sessions live now, by protocol",
             None,
             MetricType::Gauge,
         )?;
-        ConstGauge::new(c.sessions_active as i64).encode(gauge)?;
+        ConstGauge::new(c.sessions_active.saturating_sub(c.tcp_sessions_active) as i64)
+            .encode(gauge.encode_family(&vec![("protocol", "udp")])?)?;
+        ConstGauge::new(c.tcp_sessions_active as i64)
+            .encode(gauge.encode_family(&vec![("protocol", "tcp")])?)?;
         let snapshot = Arc::clone(&self.inventory.borrow());
         let mut objects = encoder.encode_descriptor(
             "udp_director_inventory_objects",

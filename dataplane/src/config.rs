@@ -5,6 +5,8 @@ use std::net::SocketAddr;
 use std::num::NonZeroUsize;
 use std::time::Duration;
 
+use crate::listener::Transport;
+
 /// Default socket buffer size (`SO_RCVBUF`/`SO_SNDBUF`) of each data-port socket: large enough to
 /// absorb a burst of a few thousand game datagrams while a worker is busy.
 pub const DEFAULT_SOCKET_BUFFER_BYTES: usize = 4 * 1024 * 1024;
@@ -15,7 +17,7 @@ pub const DEFAULT_CONTROL_MAGIC: &[u8] = b"\xFF\xFF\xFF\xFFRESET";
 /// Settings for [`crate::DataPlane::start`].
 #[derive(Clone, Debug)]
 pub struct DataPlaneConfig {
-    /// UDP data ports, in the order that defines their index in grants and sessions.
+    /// Data ports, in the order that defines their index in grants and sessions.
     pub data_ports: Vec<DataPortConfig>,
     /// Number of worker threads.
     pub workers: NonZeroUsize,
@@ -27,6 +29,9 @@ pub struct DataPlaneConfig {
     pub max_sessions: usize,
     /// Cap on live sessions per client IP address (all workers together).
     pub max_sessions_per_ip: Option<usize>,
+    /// A TCP client on a data port has this long to send its token (then: default backend, or
+    /// the connection is closed).
+    pub tcp_token_timeout: Duration,
     /// Prefix that marks a control (session reset) packet.
     pub control_magic: Vec<u8>,
     /// `SO_RCVBUF` of each data-port socket.
@@ -50,6 +55,7 @@ impl DataPlaneConfig {
             session_timeout: Duration::from_secs(300),
             max_sessions: 1_000_000,
             max_sessions_per_ip: None,
+            tcp_token_timeout: Duration::from_secs(10),
             control_magic: DEFAULT_CONTROL_MAGIC.to_vec(),
             recv_buffer_bytes: DEFAULT_SOCKET_BUFFER_BYTES,
             send_buffer_bytes: DEFAULT_SOCKET_BUFFER_BYTES,
@@ -59,13 +65,35 @@ impl DataPlaneConfig {
     }
 }
 
-/// One UDP data port.
+/// One data port.
 #[derive(Clone, Debug)]
 pub struct DataPortConfig {
     /// Name used in grants and reported to clients (`ports` in the query answer).
     pub name: String,
     /// Address to bind; port 0 picks one port shared by every worker.
     pub bind: SocketAddr,
+    /// UDP or TCP.
+    pub transport: Transport,
+}
+
+impl DataPortConfig {
+    /// A UDP data port.
+    pub fn udp(name: impl Into<String>, bind: SocketAddr) -> Self {
+        Self {
+            name: name.into(),
+            bind,
+            transport: Transport::Udp,
+        }
+    }
+
+    /// A TCP data port.
+    pub fn tcp(name: impl Into<String>, bind: SocketAddr) -> Self {
+        Self {
+            name: name.into(),
+            bind,
+            transport: Transport::Tcp,
+        }
+    }
 }
 
 /// How worker threads are pinned to cores.

@@ -7,7 +7,7 @@
 //! channel only, so no state change lands in the middle of a half-handled batch. Workers never
 //! block on control, and control never touches a worker's sessions directly.
 
-use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -20,7 +20,7 @@ use crate::listener::{
     CloseMode, ListenError, ListenerId, ListenerKind, ListenerSpec, OpenedListener, PortRegistry,
     Transport,
 };
-use crate::socket::{bind_reuseport_udp, probe_exclusive_udp, unique_udp_port};
+use crate::socket::{ListenSocket, bind_reuseport, probe_exclusive, unique_port};
 
 use crate::grant::{Backend, BackendId, Grant, TokenId};
 use crate::metrics::{CounterSnapshot, WorkerCounters};
@@ -44,8 +44,8 @@ pub(crate) enum ControlMsg {
     OpenListener {
         /// The listener's id.
         id: ListenerId,
-        /// This worker's `SO_REUSEPORT` socket, already bound.
-        socket: UdpSocket,
+        /// This worker's `SO_REUSEPORT` socket, already bound (and for TCP listening).
+        socket: ListenSocket,
         /// What it does.
         kind: ListenerKind,
         /// Idle timeout of its sessions.
@@ -160,6 +160,10 @@ pub enum CloseReason {
     Shutdown,
     /// Its listener was closed.
     ListenerClosed,
+    /// A TCP session's connections both finished, or either was reset.
+    ConnectionEnded,
+    /// A TCP session's backend connection could not be established.
+    UpstreamFailed,
 }
 
 /// One session, as the admin API lists it.
@@ -171,6 +175,8 @@ pub struct SessionInfo {
     pub client: SocketAddr,
     /// Data port index.
     pub data_port: usize,
+    /// Transport of the data port.
+    pub protocol: Transport,
     /// Backend address.
     pub target: SocketAddr,
     /// Backend identity.
@@ -283,20 +289,21 @@ impl Controller {
         let mut registry = self.registry.lock();
         registry.check(&spec)?;
         let addr = if spec.bind.port() == 0 {
-            unique_udp_port(spec.bind)?
+            unique_port(spec.bind, spec.transport)?
         } else {
-            probe_exclusive_udp(spec.bind)?;
+            probe_exclusive(spec.bind, spec.transport)?;
             spec.bind
         };
         let mut sockets = Vec::with_capacity(self.links.len());
         for _ in 0..self.links.len() {
-            sockets.push(bind_reuseport_udp(
+            sockets.push(bind_reuseport(
                 addr,
+                spec.transport,
                 self.sockets.recv_buffer_bytes,
                 self.sockets.send_buffer_bytes,
             )?);
         }
-        let (id, generation) = registry.insert(Transport::Udp, addr.port(), spec.owner)?;
+        let (id, generation) = registry.insert(spec.transport, addr.port(), spec.owner)?;
         // Sent under the registry lock, so a close of this id can only come after the open in
         // every worker's channel.
         for (link, socket) in self.links.iter().zip(sockets) {

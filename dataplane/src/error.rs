@@ -27,10 +27,13 @@ pub enum SocketError {
     },
     /// The port is held by another socket, likely another process (a second instance).
     #[error(
-        "UDP port {addr} is already in use by another process (is another udp-director \
-         running on this port?)"
+        "{transport} port {addr} is already in use by another process (is another \
+         udp-director running on this port?)",
+        transport = .transport.as_str().to_uppercase()
     )]
     Taken {
+        /// Transport of the port.
+        transport: crate::listener::Transport,
         /// Address that is taken.
         addr: SocketAddr,
         /// The OS error.
@@ -74,7 +77,7 @@ pub enum StartError {
         source: io::Error,
     },
     /// The configuration names no data port, or more than the data plane supports.
-    #[error("the data plane needs between 1 and {max} UDP data ports, got {got}")]
+    #[error("the data plane needs between 1 and {max} data ports, got {got}")]
     DataPortCount {
         /// Ports configured.
         got: usize,

@@ -26,6 +26,7 @@ pub mod packet;
 mod plane;
 pub mod session;
 mod socket;
+mod tcp;
 mod warn_gate;
 mod worker;
 

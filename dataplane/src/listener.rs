@@ -27,13 +27,19 @@ pub enum ListenerKind {
 pub enum Transport {
     /// Datagrams.
     Udp,
+    /// Streams.
+    Tcp,
 }
 
 impl Transport {
+    /// Every transport, in metric-label order.
+    pub const ALL: [Self; 2] = [Self::Udp, Self::Tcp];
+
     /// `udp`, as in `udp/7777`.
     pub const fn as_str(self) -> &'static str {
         match self {
             Self::Udp => "udp",
+            Self::Tcp => "tcp",
         }
     }
 }

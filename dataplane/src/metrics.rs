@@ -8,7 +8,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::session::SessionKind;
 
-/// Why a datagram was dropped. Per-datagram failures are values, never errors.
+/// Why a datagram was dropped, or a TCP connection refused. Per-datagram and per-connection
+/// failures are values, never errors.
 #[derive(Clone, Copy, Debug, Eq, Hash, PartialEq)]
 pub enum DropReason {
     /// First datagram of an unknown client that is no valid token, with no default backend.
@@ -29,11 +30,16 @@ pub enum DropReason {
     UpstreamSend,
     /// Sending a reply to the client failed or the socket's send buffer was full.
     DownstreamSend,
+    /// A TCP client sent no full token within `tcpTokenTimeoutSeconds`, and there is no default
+    /// backend.
+    TokenTimeout,
+    /// The backend refused or never answered a TCP connection.
+    UpstreamConnect,
 }
 
 impl DropReason {
-    /// Every reason, in metric-label order.
-    pub const ALL: [Self; 9] = [
+    /// Every reason, in counter-index order.
+    pub const ALL: [Self; 11] = [
         Self::NoSession,
         Self::TokenRejected,
         Self::MalformedControl,
@@ -43,6 +49,34 @@ impl DropReason {
         Self::UpstreamSetup,
         Self::UpstreamSend,
         Self::DownstreamSend,
+        Self::TokenTimeout,
+        Self::UpstreamConnect,
+    ];
+
+    /// The reasons a datagram is dropped, in metric-label order.
+    pub const DATAGRAM: [Self; 9] = [
+        Self::NoSession,
+        Self::TokenRejected,
+        Self::MalformedControl,
+        Self::SessionLimit,
+        Self::IpLimit,
+        Self::Draining,
+        Self::UpstreamSetup,
+        Self::UpstreamSend,
+        Self::DownstreamSend,
+    ];
+
+    /// The reasons a TCP connection is refused (closed without a session, or when its backend
+    /// connection fails), in metric-label order.
+    pub const CONNECTION: [Self; 8] = [
+        Self::NoSession,
+        Self::TokenRejected,
+        Self::TokenTimeout,
+        Self::SessionLimit,
+        Self::IpLimit,
+        Self::Draining,
+        Self::UpstreamSetup,
+        Self::UpstreamConnect,
     ];
 
     /// The metric label value.
@@ -57,16 +91,20 @@ impl DropReason {
             Self::UpstreamSetup => "upstream_setup",
             Self::UpstreamSend => "upstream_send",
             Self::DownstreamSend => "downstream_send",
+            Self::TokenTimeout => "token_timeout",
+            Self::UpstreamConnect => "upstream_connect",
         }
     }
 
     /// Whose fault the drop was: `client`, `backend` or `internal`.
     pub const fn source(self) -> &'static str {
         match self {
-            Self::NoSession | Self::TokenRejected | Self::MalformedControl | Self::IpLimit => {
-                "client"
-            }
-            Self::UpstreamSend => "backend",
+            Self::NoSession
+            | Self::TokenRejected
+            | Self::MalformedControl
+            | Self::IpLimit
+            | Self::TokenTimeout => "client",
+            Self::UpstreamSend | Self::UpstreamConnect => "backend",
             Self::SessionLimit | Self::Draining | Self::UpstreamSetup | Self::DownstreamSend => {
                 "internal"
             }
@@ -132,7 +170,7 @@ impl Counter {
 /// One worker's counters.
 #[derive(Debug, Default)]
 pub struct WorkerCounters {
-    /// Datagrams client → backend.
+    /// Datagrams client → backend (UDP only, like every unqualified packet and byte count).
     pub packets_upstream: Counter,
     /// Datagrams backend → client.
     pub packets_downstream: Counter,
@@ -156,9 +194,27 @@ pub struct WorkerCounters {
     pub tokens_redeemed: Counter,
     /// Tokens rejected, indexed like [`TokenRejectReason::ALL`].
     pub tokens_rejected: [Counter; TokenRejectReason::ALL.len()],
+    /// TCP bytes client → backend.
+    pub tcp_bytes_upstream: Counter,
+    /// TCP bytes backend → client.
+    pub tcp_bytes_downstream: Counter,
+    /// TCP sessions opened, indexed like [`SessionKind::ALL`] (also counted in
+    /// `sessions_created`).
+    pub tcp_sessions_created: [Counter; SessionKind::ALL.len()],
+    /// TCP sessions live on this worker (gauge; also counted in `sessions_active`).
+    pub tcp_sessions_active: Counter,
+    /// TCP connections accepted on a data port.
+    pub tcp_accepted: Counter,
+    /// TCP connections refused, indexed like [`DropReason::ALL`].
+    pub connections_refused: [Counter; DropReason::ALL.len()],
 }
 
 impl WorkerCounters {
+    #[inline]
+    pub(crate) fn refuse(&self, reason: DropReason) {
+        self.connections_refused[reason as usize].add(1);
+    }
+
     #[inline]
     pub(crate) fn drop(&self, reason: DropReason, n: u64) {
         self.dropped[reason as usize].add(n);
@@ -197,6 +253,18 @@ pub struct CounterSnapshot {
     pub tokens_redeemed: u64,
     /// Tokens rejected, indexed like [`TokenRejectReason::ALL`].
     pub tokens_rejected: [u64; TokenRejectReason::ALL.len()],
+    /// TCP bytes client → backend.
+    pub tcp_bytes_upstream: u64,
+    /// TCP bytes backend → client.
+    pub tcp_bytes_downstream: u64,
+    /// TCP sessions opened, indexed like [`SessionKind::ALL`].
+    pub tcp_sessions_created: [u64; SessionKind::ALL.len()],
+    /// TCP sessions live now.
+    pub tcp_sessions_active: u64,
+    /// TCP connections accepted.
+    pub tcp_accepted: u64,
+    /// TCP connections refused, indexed like [`DropReason::ALL`].
+    pub connections_refused: [u64; DropReason::ALL.len()],
 }
 
 impl CounterSnapshot {
@@ -205,9 +273,19 @@ impl CounterSnapshot {
         self.dropped[reason as usize]
     }
 
-    /// Sessions created of one kind.
+    /// Sessions created of one kind (UDP and TCP).
     pub fn created(&self, kind: SessionKind) -> u64 {
         self.sessions_created[kind as usize]
+    }
+
+    /// TCP sessions created of one kind.
+    pub fn tcp_created(&self, kind: SessionKind) -> u64 {
+        self.tcp_sessions_created[kind as usize]
+    }
+
+    /// TCP connections refused for one reason.
+    pub fn refused(&self, reason: DropReason) -> u64 {
+        self.connections_refused[reason as usize]
     }
 
     /// Tokens rejected for one reason.
@@ -233,5 +311,11 @@ impl CounterSnapshot {
         self.sessions_active += c.sessions_active.get();
         self.tokens_redeemed += c.tokens_redeemed.get();
         sum(&mut self.tokens_rejected, &c.tokens_rejected);
+        self.tcp_bytes_upstream += c.tcp_bytes_upstream.get();
+        self.tcp_bytes_downstream += c.tcp_bytes_downstream.get();
+        sum(&mut self.tcp_sessions_created, &c.tcp_sessions_created);
+        self.tcp_sessions_active += c.tcp_sessions_active.get();
+        self.tcp_accepted += c.tcp_accepted.get();
+        sum(&mut self.connections_refused, &c.connections_refused);
     }
 }

@@ -11,7 +11,7 @@ use crate::config::{DataPlaneConfig, WorkerAffinity};
 use crate::ctl::{Controller, GRANT_CHANNEL_CAPACITY, SocketSettings, WorkerEvent, WorkerLink};
 use crate::error::{StartError, WorkerError};
 use crate::limits::SessionLimits;
-use crate::listener::{ListenerKind, ListenerSpec, Transport};
+use crate::listener::{ListenerKind, ListenerSpec};
 use crate::metrics::WorkerCounters;
 use crate::worker::{Worker, WorkerSetup};
 
@@ -123,7 +123,7 @@ impl DataPlane {
             let spec = ListenerSpec {
                 owner: format!("data port {}", port.name),
                 bind: port.bind,
-                transport: Transport::Udp,
+                transport: port.transport,
                 kind: ListenerKind::TokenPort,
                 idle_timeout: config.session_timeout,
             };

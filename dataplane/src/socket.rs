@@ -1,59 +1,32 @@
-//! Socket builders (socket2): data-port listeners with `SO_REUSEPORT`, and connected upstream
+//! Socket builders (socket2): listener sockets with `SO_REUSEPORT` (UDP and TCP), and upstream
 //! sockets for sessions. One error variant per syscall step, so a failure names its cause.
 
 use std::io;
-use std::net::{SocketAddr, UdpSocket};
+use std::net::{SocketAddr, TcpListener, UdpSocket};
 
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
 use crate::error::SocketError;
+use crate::listener::Transport;
 
-/// Binds a non-blocking UDP socket with `SO_REUSEPORT` so every worker can bind the same port.
-/// `[::]` binds dual-stack.
-pub(crate) fn bind_reuseport_udp(
-    addr: SocketAddr,
-    recv_buffer_bytes: usize,
-    send_buffer_bytes: usize,
-) -> Result<UdpSocket, SocketError> {
-    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))
-        .map_err(|source| SocketError::Create { addr, source })?;
-    let opt = |option: &'static str, r: io::Result<()>| {
-        r.map_err(|source| SocketError::SetOption {
-            addr,
-            option,
-            source,
-        })
-    };
-    if addr.is_ipv6() {
-        opt("IPV6_V6ONLY", socket.set_only_v6(false))?;
-    }
-    opt("SO_REUSEADDR", socket.set_reuse_address(true))?;
-    #[cfg(unix)]
-    opt("SO_REUSEPORT", socket.set_reuse_port(true))?;
-    opt("SO_RCVBUF", socket.set_recv_buffer_size(recv_buffer_bytes))?;
-    opt("SO_SNDBUF", socket.set_send_buffer_size(send_buffer_bytes))?;
-    warn_if_capped(
-        addr,
-        "SO_RCVBUF",
-        recv_buffer_bytes,
-        socket.recv_buffer_size(),
-    );
-    warn_if_capped(
-        addr,
-        "SO_SNDBUF",
-        send_buffer_bytes,
-        socket.send_buffer_size(),
-    );
-    opt("O_NONBLOCK", socket.set_nonblocking(true))?;
-    socket
-        .bind(&addr.into())
-        .map_err(|source| SocketError::Bind { addr, source })?;
-    Ok(socket.into())
+/// Connections a TCP listener socket queues before the worker accepts them.
+const TCP_BACKLOG: i32 = 1024;
+
+/// One worker's socket of a listener, bound and (for TCP) listening.
+#[derive(Debug)]
+pub(crate) enum ListenSocket {
+    /// A datagram socket.
+    Udp(UdpSocket),
+    /// A listening stream socket.
+    Tcp(TcpListener),
 }
 
-/// A UDP socket for `addr` with no reuse option (dual-stack for `[::]`), not bound yet.
-fn plain_udp_socket(addr: SocketAddr) -> Result<Socket, SocketError> {
-    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))
+fn new_socket(addr: SocketAddr, transport: Transport) -> Result<Socket, SocketError> {
+    let (ty, protocol) = match transport {
+        Transport::Udp => (Type::DGRAM, Protocol::UDP),
+        Transport::Tcp => (Type::STREAM, Protocol::TCP),
+    };
+    let socket = Socket::new(Domain::for_address(addr), ty, Some(protocol))
         .map_err(|source| SocketError::Create { addr, source })?;
     if addr.is_ipv6() {
         socket
@@ -67,15 +40,82 @@ fn plain_udp_socket(addr: SocketAddr) -> Result<Socket, SocketError> {
     Ok(socket)
 }
 
+/// Binds a non-blocking listener socket with `SO_REUSEPORT` so every worker can bind the same
+/// port (and, for TCP, starts listening). `[::]` binds dual-stack.
+pub(crate) fn bind_reuseport(
+    addr: SocketAddr,
+    transport: Transport,
+    recv_buffer_bytes: usize,
+    send_buffer_bytes: usize,
+) -> Result<ListenSocket, SocketError> {
+    let socket = new_socket(addr, transport)?;
+    let opt = |option: &'static str, r: io::Result<()>| {
+        r.map_err(|source| SocketError::SetOption {
+            addr,
+            option,
+            source,
+        })
+    };
+    opt("SO_REUSEADDR", socket.set_reuse_address(true))?;
+    #[cfg(unix)]
+    opt("SO_REUSEPORT", socket.set_reuse_port(true))?;
+    if transport == Transport::Udp {
+        // A TCP listener's buffers are its connections' business (the kernel autotunes them).
+        opt("SO_RCVBUF", socket.set_recv_buffer_size(recv_buffer_bytes))?;
+        opt("SO_SNDBUF", socket.set_send_buffer_size(send_buffer_bytes))?;
+        warn_if_capped(
+            addr,
+            "SO_RCVBUF",
+            recv_buffer_bytes,
+            socket.recv_buffer_size(),
+        );
+        warn_if_capped(
+            addr,
+            "SO_SNDBUF",
+            send_buffer_bytes,
+            socket.send_buffer_size(),
+        );
+    }
+    opt("O_NONBLOCK", socket.set_nonblocking(true))?;
+    socket
+        .bind(&addr.into())
+        .map_err(|source| SocketError::Bind { addr, source })?;
+    match transport {
+        Transport::Udp => Ok(ListenSocket::Udp(socket.into())),
+        Transport::Tcp => {
+            socket
+                .listen(TCP_BACKLOG)
+                .map_err(|source| SocketError::Bind { addr, source })?;
+            Ok(ListenSocket::Tcp(socket.into()))
+        }
+    }
+}
+
 /// Fails when another socket holds `addr`, even one of another process with `SO_REUSEPORT`: a
-/// plain bind (neither `SO_REUSEADDR`, which for UDP would also let two sockets share a port,
-/// nor `SO_REUSEPORT`) before the real ones. Without it a second instance started by mistake
-/// would silently take half of the clients, whose tokens it does not know.
-pub(crate) fn probe_exclusive_udp(addr: SocketAddr) -> Result<(), SocketError> {
-    let socket = plain_udp_socket(addr)?;
+/// bind without `SO_REUSEPORT` before the real ones. Without it a second instance started by
+/// mistake would silently take half of the clients, whose tokens it does not know.
+///
+/// A UDP probe sets no reuse option (for UDP `SO_REUSEADDR` would itself let two sockets share
+/// a port). A TCP probe sets `SO_REUSEADDR`, which lets it bind over connections in TIME_WAIT
+/// after a restart but still fails against another listening socket.
+pub(crate) fn probe_exclusive(addr: SocketAddr, transport: Transport) -> Result<(), SocketError> {
+    let socket = new_socket(addr, transport)?;
+    if transport == Transport::Tcp {
+        socket
+            .set_reuse_address(true)
+            .map_err(|source| SocketError::SetOption {
+                addr,
+                option: "SO_REUSEADDR",
+                source,
+            })?;
+    }
     socket.bind(&addr.into()).map_err(|source| {
         if source.kind() == io::ErrorKind::AddrInUse {
-            SocketError::Taken { addr, source }
+            SocketError::Taken {
+                transport,
+                addr,
+                source,
+            }
         } else {
             SocketError::Bind { addr, source }
         }
@@ -85,11 +125,14 @@ pub(crate) fn probe_exclusive_udp(addr: SocketAddr) -> Result<(), SocketError> {
 /// `addr` with port 0 replaced by a port no other socket holds. Binding port 0 directly with
 /// `SO_REUSEADDR`/`SO_REUSEPORT` would not do: the kernel may then pick a port that another
 /// reuse-port socket of the same user holds, and silently share it.
-pub(crate) fn unique_udp_port(addr: SocketAddr) -> Result<SocketAddr, SocketError> {
+pub(crate) fn unique_port(
+    addr: SocketAddr,
+    transport: Transport,
+) -> Result<SocketAddr, SocketError> {
     if addr.port() != 0 {
         return Ok(addr);
     }
-    let socket = plain_udp_socket(addr)?;
+    let socket = new_socket(addr, transport)?;
     socket
         .bind(&addr.into())
         .map_err(|source| SocketError::Bind { addr, source })?;
@@ -114,6 +157,14 @@ pub(crate) fn connect_upstream_udp(target: SocketAddr) -> io::Result<mio::net::U
     // connect(2) on an unbound UDP socket binds an ephemeral port as part of the same call.
     socket.connect(&SockAddr::from(target))?;
     Ok(mio::net::UdpSocket::from_std(socket.into()))
+}
+
+/// A non-blocking TCP connection to `target`, in progress (it completes, or fails, on the
+/// socket's first writable event). `TCP_NODELAY`: game traffic is small and latency-bound.
+pub(crate) fn connect_upstream_tcp(target: SocketAddr) -> io::Result<mio::net::TcpStream> {
+    let stream = mio::net::TcpStream::connect(target)?;
+    stream.set_nodelay(true)?;
+    Ok(stream)
 }
 
 /// The kernel silently caps socket buffers at `net.core.rmem_max`/`wmem_max`; say so, because a

@@ -176,10 +176,10 @@ fn shutdown_closes_every_socket() {
 #[test]
 fn port_in_use_is_a_clear_start_error() {
     let taken = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    let mut cfg = dataplane::DataPlaneConfig::with_ports(vec![dataplane::DataPortConfig {
-        name: "game".into(),
-        bind: taken.local_addr().unwrap(),
-    }]);
+    let mut cfg = dataplane::DataPlaneConfig::with_ports(vec![dataplane::DataPortConfig::udp(
+        "game",
+        taken.local_addr().unwrap(),
+    )]);
     cfg.workers = std::num::NonZeroUsize::new(1).unwrap();
     let err = chain(&dataplane::DataPlane::start(cfg).unwrap_err());
     let port = taken.local_addr().unwrap().to_string();
@@ -193,10 +193,10 @@ fn port_in_use_is_a_clear_start_error() {
 fn a_second_data_plane_on_the_same_port_is_refused() {
     // The first holds the port the way every instance does: SO_REUSEADDR + SO_REUSEPORT.
     let first = Proxy::start(2, |_| {});
-    let mut cfg = dataplane::DataPlaneConfig::with_ports(vec![dataplane::DataPortConfig {
-        name: "game".into(),
-        bind: first.addr(),
-    }]);
+    let mut cfg = dataplane::DataPlaneConfig::with_ports(vec![dataplane::DataPortConfig::udp(
+        "game",
+        first.addr(),
+    )]);
     cfg.workers = std::num::NonZeroUsize::new(2).unwrap();
     let err = chain(&dataplane::DataPlane::start(cfg).unwrap_err());
     assert!(

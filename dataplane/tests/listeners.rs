@@ -256,3 +256,72 @@ fn a_stale_or_second_close_does_nothing() {
     c.send_to(b"still open", second.addr).unwrap();
     assert_eq!(expect_datagram(&c), b"still open");
 }
+
+fn tcp_token_port(port: u16) -> ListenerSpec {
+    ListenerSpec {
+        transport: Transport::Tcp,
+        ..token_port(port)
+    }
+}
+
+#[test]
+fn tcp_listeners_open_refuse_conflicts_and_close_without_touching_udp() {
+    use std::io::Write;
+    let proxy = Proxy::start(2, |_| {});
+    let echo = Echo::plain();
+    let steady = client();
+    steady
+        .send_to(proxy.grant_one(1, echo.addr).as_bytes(), proxy.addr())
+        .unwrap();
+    // TCP on the UDP data port's number is another (protocol, port): allowed.
+    let same_number = proxy
+        .ctl
+        .open_listener(tcp_token_port(proxy.addr().port()))
+        .unwrap();
+    let e = proxy
+        .ctl
+        .open_listener(tcp_token_port(proxy.addr().port()))
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        e,
+        format!(
+            "tcp/{} is already open for test port {}",
+            proxy.addr().port(),
+            proxy.addr().port()
+        )
+    );
+    // Held by another process: refused synchronously, with the reason.
+    let other = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let e = chain(
+        &proxy
+            .ctl
+            .open_listener(tcp_token_port(other.local_addr().unwrap().port()))
+            .unwrap_err(),
+    );
+    assert!(
+        e.contains("TCP port") && e.contains("already in use"),
+        "{e}"
+    );
+
+    // A TCP session on it, then close it: the session ends, the port is freed, and the UDP
+    // session on the same port number carries on.
+    let backend = TcpBackend::spawn();
+    let token = grant_on(&proxy, same_number.id, backend.addr);
+    let mut c = tcp_client(same_number.addr);
+    c.write_all(format!("{token}\nx").as_bytes()).unwrap();
+    let mut server = backend.accept();
+    assert_eq!(read_exact_within(&mut server, 1), b"x");
+    proxy.ctl.close_listener(&same_number, CloseMode::End);
+    let mut buf = [0u8; 1];
+    assert!(matches!(
+        std::io::Read::read(&mut c, &mut buf),
+        Ok(0) | Err(_)
+    ));
+    proxy.eventually("the TCP port is free", |_| {
+        std::net::TcpListener::bind(same_number.addr).is_ok()
+    });
+    steady.send_to(b"udp still", proxy.addr()).unwrap();
+    assert_eq!(expect_datagram(&steady), b"udp still");
+    assert_eq!(proxy.sessions().len(), 1);
+}

@@ -177,10 +177,10 @@ fn removed_backend_ends_token_sessions_and_moves_default_ones() {
 #[test]
 fn multi_port_grant_redeems_once_per_port() {
     let proxy = Proxy::start(2, |cfg| {
-        cfg.data_ports.push(dataplane::DataPortConfig {
-            name: "voice".into(),
-            bind: "127.0.0.1:0".parse().unwrap(),
-        });
+        cfg.data_ports.push(dataplane::DataPortConfig::udp(
+            "voice",
+            "127.0.0.1:0".parse().unwrap(),
+        ));
     });
     let game = Echo::tagged(1);
     let voice = Echo::tagged(2);

@@ -1,5 +1,9 @@
 //! Helpers for loopback tests across the workspace: UDP echo backends that can tag their
-//! replies, client sockets with timeouts, and assertions on what arrives. Real sockets only.
+//! replies, TCP backends, client sockets with timeouts, and assertions on what arrives. Real
+//! sockets only.
+
+mod tcp;
+pub use tcp::{TcpBackend, TcpEcho, read_exact_within, tcp_client};
 
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::Arc;

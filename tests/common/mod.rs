@@ -116,7 +116,9 @@ impl Proxy {
         let data = field("data")
             .split(',')
             .map(|d| {
-                let (name, addr) = d.split_once("/udp=").unwrap();
+                // `name/udp=addr` or `name/tcp=addr`
+                let (port, addr) = d.split_once('=').unwrap();
+                let name = port.split_once('/').map_or(port, |(name, _)| name);
                 (name.to_string(), addr.parse().unwrap())
             })
             .collect();

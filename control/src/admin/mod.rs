@@ -261,8 +261,9 @@ async fn list_sessions(director: &Director) -> Response<Full<Bytes>> {
             json!({
                 "client": s.client.to_string(),
                 "dataPort": director.data_port_name(s.data_port),
+                "protocol": s.protocol.as_str(),
                 "target": s.target.to_string(),
-                "kind": s.kind.as_str(),
+                "origin": s.kind.as_str(),
                 "worker": s.worker,
                 "ageSeconds": s.age.as_secs_f64(),
                 "idleSeconds": s.idle.as_secs_f64(),

@@ -376,11 +376,39 @@ fn inventory_max_bytes() {
 }
 
 #[test]
-fn tcp_data_ports_are_refused_clearly() {
-    let e = err(&with(
-        "dataPorts: [{name: a, port: 2}, {name: t, port: 3, protocol: tcp}]\n",
-    ));
-    assert!(e.contains("dataPorts") && e.contains("TCP"), "{e}");
+fn tcp_data_ports_keep_their_index_among_all_data_ports() {
+    // The TCP port sits between two UDP ones: a mapping's port index must be its place among
+    // *all* data ports, which is also its listener id in the data plane.
+    let c = Config::from_yaml(&with(
+        "dataPorts: [{name: game, port: 2}, {name: chat, port: 3, protocol: tcp}, \
+         {name: voice, port: 4, protocol: udp}]\ntcpTokenTimeoutSeconds: 3\n",
+    ))
+    .unwrap();
+    let dp = c.dataplane();
+    let got: Vec<(&str, u16, Protocol)> = dp
+        .data_ports
+        .iter()
+        .map(|p| (p.name.as_str(), p.bind.port(), p.transport))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("game", 2, Protocol::Udp),
+            ("chat", 3, Protocol::Tcp),
+            ("voice", 4, Protocol::Udp)
+        ]
+    );
+    assert_eq!(dp.tcp_token_timeout, Duration::from_secs(3));
+    assert_eq!(
+        Config::from_yaml(MINIMAL).unwrap().tcp_token_timeout,
+        Duration::from_secs(10)
+    );
+    let e = err(&with("tcpTokenTimeoutSeconds: 0\n"));
+    assert!(e.contains("tcpTokenTimeoutSeconds"), "{e}");
+    let e = err(&with("dataPorts: [{name: t, port: 3, protocol: sctp}]\n"));
+    assert!(e.contains("dataPorts[0].protocol"), "{e}");
+    let e = err(&with("dataPorts: []\n"));
+    assert!(e.contains("dataPorts"), "{e}");
 }
 
 #[test]

@@ -1,21 +1,21 @@
 //! A worker's control side: grants, state messages from control, listeners opened and closed,
 //! the admin API's session list and kills, and backends that leave the inventory.
 
-use std::net::UdpSocket;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::TryRecvError;
-use mio::{Interest, Token};
+use mio::Interest;
 
 use crate::batch::SendQueue;
 use crate::ctl::{ClientMatch, CloseReason, Closing, ControlMsg, SessionInfo, WorkerEvent};
 use crate::grant::BackendId;
-use crate::listener::{CloseMode, ListenerId, ListenerKind};
+use crate::listener::{CloseMode, ListenerId, ListenerKind, Transport};
 use crate::session::{SessionId, SessionKind};
+use crate::socket::ListenSocket;
 
-use super::{FIRST_LISTENER, FIRST_SESSION, Listener, Worker};
+use super::{FIRST_LISTENER, Listener, ListenerIo, Worker, upstream_token};
 
 impl Worker {
     /// Takes every grant published so far.
@@ -62,27 +62,42 @@ impl Worker {
     pub(super) fn open_listener(
         &mut self,
         id: ListenerId,
-        socket: UdpSocket,
+        socket: ListenSocket,
         kind: ListenerKind,
         idle_timeout: Duration,
     ) {
         let index = usize::from(id.0);
-        let mut socket = mio::net::UdpSocket::from_std(socket);
-        let token = Token(FIRST_LISTENER + index);
-        if let Err(e) = self
-            .poll
-            .registry()
-            .register(&mut socket, token, Interest::READABLE)
-        {
-            log::error!("worker {}: cannot serve listener {index}: {e}", self.id);
-            return;
-        }
+        let token = mio::Token(FIRST_LISTENER + index);
+        let registry = self.poll.registry();
+        let registered = match socket {
+            ListenSocket::Udp(socket) => {
+                let mut socket = mio::net::UdpSocket::from_std(socket);
+                registry
+                    .register(&mut socket, token, Interest::READABLE)
+                    .map(|()| ListenerIo::Udp {
+                        socket,
+                        replies: Box::new(SendQueue::new()),
+                    })
+            }
+            ListenSocket::Tcp(listener) => {
+                let mut listener = mio::net::TcpListener::from_std(listener);
+                registry
+                    .register(&mut listener, token, Interest::READABLE)
+                    .map(|()| ListenerIo::Tcp(listener))
+            }
+        };
+        let io = match registered {
+            Ok(io) => io,
+            Err(e) => {
+                log::error!("worker {}: cannot serve listener {index}: {e}", self.id);
+                return;
+            }
+        };
         if self.listeners.len() <= index {
             self.listeners.resize_with(index + 1, || None);
         }
         self.listeners[index] = Some(Listener {
-            socket,
-            replies: SendQueue::new(),
+            io,
             kind,
             idle_timeout,
             sessions: 0,
@@ -114,6 +129,7 @@ impl Worker {
             for session in doomed {
                 self.close_session(session, CloseReason::ListenerClosed);
             }
+            self.close_pending_on(index);
             closing.join(0);
             self.set_closing(index, closing);
             self.retire_listener(index);
@@ -159,11 +175,16 @@ impl Worker {
     /// Drops a closing listener's socket (its last queued replies sent first), and says so.
     fn retire_listener(&mut self, index: usize) {
         if let Some(mut listener) = self.listeners[index].take() {
-            if !listener.replies.is_empty() {
-                let fd = listener.socket.as_raw_fd();
-                listener.replies.flush(fd, self.batch_io);
-            }
-            let _ = self.poll.registry().deregister(&mut listener.socket);
+            let registry = self.poll.registry();
+            let _ = match &mut listener.io {
+                ListenerIo::Udp { socket, replies } => {
+                    if !replies.is_empty() {
+                        replies.flush(socket.as_raw_fd(), self.batch_io);
+                    }
+                    registry.deregister(socket)
+                }
+                ListenerIo::Tcp(tcp) => registry.deregister(tcp),
+            };
             let closing = listener.closing.take();
             drop(listener);
             if let Some(closing) = closing {
@@ -180,6 +201,7 @@ impl Worker {
                 worker: self.id,
                 client: s.key.client,
                 data_port: usize::from(s.key.port),
+                protocol: s.upstream.transport(),
                 target: s.target,
                 backend: s.backend,
                 kind: s.kind,
@@ -206,13 +228,18 @@ impl Worker {
     /// Token sessions to `backend` end; default sessions move to the current default backend
     /// when it serves their port, and end otherwise.
     pub(super) fn remove_backend(&mut self, backend: BackendId, now: Instant) {
-        let affected: Vec<(SessionId, SessionKind, u16)> = self
+        let affected: Vec<(SessionId, SessionKind, u16, Transport)> = self
             .sessions
             .iter()
             .filter(|(_, s)| s.backend == backend)
-            .map(|(id, s)| (id, s.kind, s.key.port))
+            .map(|(id, s)| (id, s.kind, s.key.port, s.upstream.transport()))
             .collect();
-        for (id, kind, port) in affected {
+        for (id, kind, port, transport) in affected {
+            if transport == Transport::Tcp {
+                // A stream cannot move to another backend mid-way.
+                self.close_session(id, CloseReason::BackendRemoved);
+                continue;
+            }
             let new_default = self
                 .default_backend
                 .as_ref()
@@ -221,7 +248,7 @@ impl Worker {
             match (kind, new_default) {
                 (SessionKind::Default, Some((to, addr))) => {
                     let moved = self
-                        .open_upstream(addr, Token(FIRST_SESSION + id.slot()))
+                        .open_upstream(addr, upstream_token(id.slot()))
                         .ok()
                         .and_then(|upstream| {
                             self.retarget(id, to, addr, upstream, SessionKind::Default, now)

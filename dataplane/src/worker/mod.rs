@@ -1,8 +1,8 @@
 //! One data-plane worker: a `mio` event loop owning its socket of every listener and a shard of
-//! sessions. It handles control messages, client datagrams, backend replies and idle expiry, and
-//! never blocks on anything but `epoll_wait`. This file holds the loop and the per-datagram
-//! paths; `control.rs` the control side (state messages, listeners, admin requests) and
-//! `setup.rs` session setup and moves.
+//! sessions. It handles control messages, client datagrams and connections, backend replies
+//! and idle expiry, and never blocks on anything but `epoll_wait`. This file holds the loop and
+//! the per-datagram paths; `control.rs` the control side (state messages, listeners, admin
+//! requests), `setup.rs` session setup and moves, and `tcp.rs` TCP connections.
 //!
 //! Per datagram the worker does one session lookup and one syscall (`send` upstream, or a share of
 //! a `recvmmsg`/`sendmmsg` batch); everything else (socket setup, address encoding, counting
@@ -25,19 +25,26 @@ use crate::ctl::{CloseReason, Closing, ControlMsg, WorkerEvent};
 use crate::error::WorkerError;
 use crate::grant::{Backend, Grant, TokenId};
 use crate::limits::SessionLimits;
-use crate::listener::{ListenerKind, MAX_LISTENERS};
+use crate::listener::{ListenerKind, MAX_LISTENERS, Transport};
 use crate::metrics::{DropReason, WorkerCounters};
 use crate::packet::control_body;
 use crate::session::{Session, SessionId, SessionKey, SessionTable};
+use crate::tcp::splice::Splice;
 use crate::warn_gate::WarnGate;
 
 mod control;
 mod setup;
+mod tcp;
 
 const WAKER: Token = Token(0);
 /// Listener `id` is `Token(FIRST_LISTENER + id)`; sessions come after every possible listener.
 const FIRST_LISTENER: usize = 1;
+/// Session slot `s` has two tokens: `FIRST_SESSION + 2s` for its upstream socket and
+/// `FIRST_SESSION + 2s + 1` for its client connection (TCP only).
 const FIRST_SESSION: usize = FIRST_LISTENER + MAX_LISTENERS;
+/// TCP connections still waiting for their token: `FIRST_PENDING + slot`, above every
+/// session token.
+const FIRST_PENDING: usize = usize::MAX / 2 + 1;
 /// Batches read from one socket per readiness event before other sockets get a turn.
 const IO_LOOP_BOUND: usize = 16;
 /// How often spent grants are dropped from the worker's table.
@@ -49,12 +56,61 @@ const CLOSING_CHECK_INTERVAL: Duration = Duration::from_millis(100);
 /// sessions); short, so such a session would not linger.
 const ORPHAN_IDLE_TIMEOUT: Duration = Duration::from_secs(1);
 
-type UpstreamSocket = mio::net::UdpSocket;
+/// The token of a session's upstream socket.
+fn upstream_token(slot: usize) -> Token {
+    Token(FIRST_SESSION + 2 * slot)
+}
+
+/// The token of a TCP session's client connection.
+fn client_token(slot: usize) -> Token {
+    Token(FIRST_SESSION + 2 * slot + 1)
+}
+
+/// A session's way to its backend.
+#[derive(Debug)]
+pub(crate) enum Upstream {
+    /// A connected UDP socket; replies go out of the listener's socket.
+    Udp(mio::net::UdpSocket),
+    /// A TCP session: the client's connection spliced to the backend connection.
+    Tcp(Box<Splice>),
+}
+
+impl Upstream {
+    fn transport(&self) -> Transport {
+        match self {
+            Self::Udp(_) => Transport::Udp,
+            Self::Tcp(_) => Transport::Tcp,
+        }
+    }
+
+    /// Takes the session's sockets out of the worker's poll (they close when dropped).
+    fn deregister(&mut self, registry: &mio::Registry) {
+        let result = match self {
+            Self::Udp(socket) => registry.deregister(socket),
+            Self::Tcp(splice) => registry
+                .deregister(&mut splice.client)
+                .and(registry.deregister(&mut splice.upstream)),
+        };
+        if let Err(e) = result {
+            log::debug!("deregister: {e}");
+        }
+    }
+}
+
+/// This worker's socket of one listener.
+enum ListenerIo {
+    /// A datagram socket and the replies queued for it.
+    Udp {
+        socket: mio::net::UdpSocket,
+        replies: Box<SendQueue>,
+    },
+    /// A listening stream socket.
+    Tcp(mio::net::TcpListener),
+}
 
 /// This worker's side of one listener.
 struct Listener {
-    socket: mio::net::UdpSocket,
-    replies: SendQueue,
+    io: ListenerIo,
     kind: ListenerKind,
     /// Idle timeout of its sessions.
     idle_timeout: Duration,
@@ -90,7 +146,12 @@ pub(crate) struct Worker {
     closing_listeners: usize,
     /// Taken out while a batch is processed, so handlers can borrow the rest of `self`.
     rx: Option<Box<RecvBatch>>,
-    sessions: SessionTable<UpstreamSocket>,
+    sessions: SessionTable<Upstream>,
+    /// TCP sessions among `sessions`, for the per-protocol gauge.
+    tcp_sessions: usize,
+    /// TCP connections accepted and still waiting for their first bytes.
+    pending_tcp: tcp::PendingConnections,
+    tcp_token_timeout: Duration,
     grants: AHashMap<TokenId, Arc<Grant>>,
     default_backend: Option<Arc<Backend>>,
     control_magic: Box<[u8]>,
@@ -103,7 +164,7 @@ pub(crate) struct Worker {
     /// Sockets left with unread datagrams after hitting `IO_LOOP_BOUND`.
     pending_ports: Vec<usize>,
     pending_sessions: Vec<SessionId>,
-    expired: Vec<Session<UpstreamSocket>>,
+    expired: Vec<Session<Upstream>>,
     next_grant_sweep: Instant,
 }
 
@@ -134,6 +195,9 @@ impl Worker {
             closing_listeners: 0,
             rx: Some(Box::new(RecvBatch::new())),
             sessions: SessionTable::new(now),
+            tcp_sessions: 0,
+            pending_tcp: tcp::PendingConnections::default(),
+            tcp_token_timeout: setup.config.tcp_token_timeout,
             grants: AHashMap::new(),
             default_backend: None,
             control_magic: setup.config.control_magic.clone().into_boxed_slice(),
@@ -186,7 +250,8 @@ impl Worker {
                         self.drain_control(now);
                     }
                     Token(t) if t < FIRST_SESSION => self.drain_port(t - FIRST_LISTENER, now),
-                    Token(t) => self.drain_session(t - FIRST_SESSION, now),
+                    Token(t) if t >= FIRST_PENDING => self.on_pending(t - FIRST_PENDING, now),
+                    Token(t) => self.drain_session((t - FIRST_SESSION) / 2, now),
                 }
             }
             self.drain_pending(now);
@@ -196,6 +261,7 @@ impl Worker {
                 return Ok(());
             }
             self.expire_idle(now);
+            self.expire_pending(now);
             self.sweep_grants(now);
             self.retire_drained_listeners();
         }
@@ -213,7 +279,8 @@ impl Worker {
             (!self.grants.is_empty()).then(|| self.next_grant_sweep.saturating_duration_since(now));
         // A draining listener may finish on another worker: look again now and then.
         let closing = (self.closing_listeners > 0).then_some(CLOSING_CHECK_INTERVAL);
-        [self.sessions.next_timeout(now), grants, closing]
+        let pending = self.pending_tcp.next_timeout(now);
+        [self.sessions.next_timeout(now), grants, closing, pending]
             .into_iter()
             .flatten()
             .min()
@@ -223,13 +290,16 @@ impl Worker {
 
     fn drain_port(&mut self, port: usize, now: Instant) {
         // Closed since its readiness was reported.
-        let Some((fd, kind)) = self
-            .listeners
-            .get(port)
-            .and_then(Option::as_ref)
-            .map(|l| (l.socket.as_raw_fd(), l.kind))
-        else {
+        let Some(listener) = self.listeners.get(port).and_then(Option::as_ref) else {
             return;
+        };
+        let kind = listener.kind;
+        let fd = match &listener.io {
+            ListenerIo::Udp { socket, .. } => socket.as_raw_fd(),
+            ListenerIo::Tcp(_) => {
+                self.accept_connections(port, now);
+                return;
+            }
         };
         let Some(mut rx) = self.rx.take() else {
             return;
@@ -305,8 +375,11 @@ impl Worker {
         let Some(session) = self.sessions.get_mut(id) else {
             return;
         };
+        let Upstream::Udp(upstream) = &session.upstream else {
+            return;
+        };
         session.last_active = now;
-        match session.upstream.send(datagram) {
+        match upstream.send(datagram) {
             Ok(_) => {
                 session.stats.packets_upstream += 1;
                 session.stats.bytes_upstream += datagram.len() as u64;
@@ -327,27 +400,33 @@ impl Worker {
         let Some((id, session)) = self.sessions.by_slot_mut(slot) else {
             return; // closed earlier in this turn
         };
+        let fd = match &session.upstream {
+            Upstream::Udp(socket) => socket.as_raw_fd(),
+            Upstream::Tcp(_) => {
+                self.drive_tcp(id, now);
+                return;
+            }
+        };
         // A listener lives as long as any of its sessions.
-        let Some(port) = self
+        let Some(Listener {
+            io: ListenerIo::Udp { socket, replies },
+            ..
+        }) = self
             .listeners
             .get_mut(usize::from(session.key.port))
             .and_then(Option::as_mut)
         else {
             return;
         };
-        let fd = session.upstream.as_raw_fd();
         let counters = &self.counters[self.id];
         let mut drained = false;
         for _ in 0..IO_LOOP_BOUND {
-            if port.replies.is_full() {
-                let flushed = port.replies.flush(port.socket.as_raw_fd(), self.batch_io);
+            if replies.is_full() {
+                let flushed = replies.flush(socket.as_raw_fd(), self.batch_io);
                 counters.drop(DropReason::DownstreamSend, flushed.dropped);
             }
-            let free = BATCH - port.replies.len();
-            match port
-                .replies
-                .recv_from_connected(fd, &session.client_sockaddr, self.batch_io)
-            {
+            let free = BATCH - replies.len();
+            match replies.recv_from_connected(fd, &session.client_sockaddr, self.batch_io) {
                 Ok((n, bytes)) => {
                     session.last_active = now;
                     session.stats.packets_downstream += n as u64;
@@ -398,9 +477,11 @@ impl Worker {
     }
 
     fn flush_replies(&mut self) {
-        for port in self.listeners.iter_mut().flatten() {
-            if !port.replies.is_empty() {
-                let flushed = port.replies.flush(port.socket.as_raw_fd(), self.batch_io);
+        for listener in self.listeners.iter_mut().flatten() {
+            if let ListenerIo::Udp { socket, replies } = &mut listener.io
+                && !replies.is_empty()
+            {
+                let flushed = replies.flush(socket.as_raw_fd(), self.batch_io);
                 self.counters[self.id].drop(DropReason::DownstreamSend, flushed.dropped);
             }
         }
@@ -424,9 +505,8 @@ impl Worker {
             );
             self.release(&mut session, CloseReason::Idle);
         }
-        let c = self.counters();
-        c.sessions_expired.add(count);
-        c.sessions_active.set(self.sessions.len() as u64);
+        self.counters().sessions_expired.add(count);
+        self.set_session_gauges();
         self.expired = expired;
     }
 
@@ -441,18 +521,25 @@ impl Worker {
     fn close_session(&mut self, id: SessionId, reason: CloseReason) {
         if let Some(mut session) = self.sessions.remove(id) {
             self.release(&mut session, reason);
-            let c = self.counters();
-            c.sessions_closed.add(1);
-            c.sessions_active.set(self.sessions.len() as u64);
+            self.counters().sessions_closed.add(1);
+            self.set_session_gauges();
         }
+    }
+
+    /// Publishes how many sessions live on this worker, in all and over TCP.
+    fn set_session_gauges(&self) {
+        let c = self.counters();
+        c.sessions_active.set(self.sessions.len() as u64);
+        c.tcp_sessions_active.set(self.tcp_sessions as u64);
     }
 
     /// Frees what a removed session held: its poll registration, its limit slot, its place on
     /// its listener (a draining listener closes with its last session), and (on drop) its
     /// socket.
-    fn release(&mut self, session: &mut Session<UpstreamSocket>, reason: CloseReason) {
-        if let Err(e) = self.poll.registry().deregister(&mut session.upstream) {
-            log::debug!("deregister {}: {e}", session.target);
+    fn release(&mut self, session: &mut Session<Upstream>, reason: CloseReason) {
+        session.upstream.deregister(self.poll.registry());
+        if session.upstream.transport() == Transport::Tcp {
+            self.tcp_sessions -= 1;
         }
         self.limits.release(session.key.client.ip());
         let _ = self.events.send(WorkerEvent::SessionClosed {
@@ -476,5 +563,6 @@ impl Worker {
         for id in ids {
             self.close_session(id, CloseReason::Shutdown);
         }
+        self.close_pending_all();
     }
 }

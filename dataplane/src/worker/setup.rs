@@ -12,13 +12,15 @@ use mio::{Interest, Token};
 use crate::admit::{Admission, AdmitContext, admit};
 use crate::ctl::WorkerEvent;
 use crate::grant::{BackendId, Grant, TokenId};
-use crate::listener::ListenerKind;
+use crate::listener::{ListenerKind, Transport};
 use crate::metrics::{DropReason, TokenRejectReason};
 use crate::packet::{classify, parse_token};
 use crate::session::{Session, SessionId, SessionKey, SessionKind, SessionStats};
 use crate::socket::connect_upstream_udp;
 
-use super::{FIRST_SESSION, ORPHAN_IDLE_TIMEOUT, UpstreamSocket, Worker};
+use super::{ORPHAN_IDLE_TIMEOUT, Upstream, Worker, upstream_token};
+
+type UdpUpstream = mio::net::UdpSocket;
 
 impl Worker {
     /// First datagram of an unknown client: a token (or control packet) opens a session to its
@@ -32,15 +34,7 @@ impl Worker {
         now: Instant,
     ) {
         let port = usize::from(key.port);
-        let listener = self.listeners.get(port).and_then(Option::as_ref);
-        let ctx = AdmitContext {
-            listener: listener.map_or(ListenerKind::TokenPort, |l| l.kind),
-            closed: self.draining || listener.is_none_or(|l| l.closing.is_some()),
-            default: self
-                .default_backend
-                .as_ref()
-                .and_then(|d| Some((d.id, d.addr_for(port)?))),
-        };
+        let ctx = self.admit_context(port);
         let first = classify(datagram, &self.control_magic);
         let admission = admit(first, ctx, |token| self.find_grant(token, port, now));
         let (backend, target) = match admission {
@@ -72,7 +66,7 @@ impl Worker {
         let id = self.install(
             key,
             reply_to,
-            upstream,
+            Upstream::Udp(upstream),
             target,
             backend,
             SessionKind::Default,
@@ -84,6 +78,19 @@ impl Worker {
             token: None,
         });
         self.forward_upstream(id, datagram, now);
+    }
+
+    /// What admission needs to know of listener `port` and this worker's state.
+    pub(super) fn admit_context(&self, port: usize) -> AdmitContext {
+        let listener = self.listeners.get(port).and_then(Option::as_ref);
+        AdmitContext {
+            listener: listener.map_or(ListenerKind::TokenPort, |l| l.kind),
+            closed: self.draining || listener.is_none_or(|l| l.closing.is_some()),
+            default: self
+                .default_backend
+                .as_ref()
+                .and_then(|d| Some((d.id, d.addr_for(port)?))),
+        }
     }
 
     /// Opens a session with a grant that [`Self::find_grant`] found redeemable. The token is
@@ -111,7 +118,7 @@ impl Worker {
         self.install(
             key,
             reply_to,
-            upstream,
+            Upstream::Udp(upstream),
             target,
             backend,
             SessionKind::Token,
@@ -158,12 +165,12 @@ impl Worker {
         client: SocketAddr,
         target: SocketAddr,
         now: Instant,
-    ) -> Option<UpstreamSocket> {
+    ) -> Option<UdpUpstream> {
         if let Err(reason) = self.limits.try_acquire(client.ip()) {
             self.counters().drop(reason, 1);
             return None;
         }
-        let token = Token(FIRST_SESSION + self.sessions.next_slot());
+        let token = upstream_token(self.sessions.next_slot());
         match self.open_upstream(target, token) {
             Ok(upstream) => Some(upstream),
             Err(e) => {
@@ -178,7 +185,7 @@ impl Worker {
     }
 
     /// Gives back what [`Self::reserve`] took, for a session that will not open after all.
-    pub(super) fn abandon(&self, client: SocketAddr, mut upstream: UpstreamSocket) {
+    pub(super) fn abandon(&self, client: SocketAddr, mut upstream: UdpUpstream) {
         let _ = self.poll.registry().deregister(&mut upstream);
         self.limits.release(client.ip());
     }
@@ -188,7 +195,7 @@ impl Worker {
         &self,
         target: SocketAddr,
         token: Token,
-    ) -> io::Result<UpstreamSocket> {
+    ) -> io::Result<UdpUpstream> {
         let mut upstream = connect_upstream_udp(target)?;
         self.poll
             .registry()
@@ -202,12 +209,13 @@ impl Worker {
         &mut self,
         key: SessionKey,
         reply_to: SocketAddr,
-        upstream: UpstreamSocket,
+        upstream: Upstream,
         target: SocketAddr,
         backend: BackendId,
         kind: SessionKind,
         now: Instant,
     ) -> SessionId {
+        let transport = upstream.transport();
         // `open_session` checked the listener is open, and nothing since could close it.
         let idle_timeout = match self
             .listeners
@@ -236,8 +244,17 @@ impl Worker {
         debug_assert_eq!(id.slot(), expected_slot, "registered under another token");
         let c = self.counters();
         c.sessions_created[kind as usize].add(1);
-        c.sessions_active.set(self.sessions.len() as u64);
-        log::debug!("{}: session to {target} ({})", key.client, kind.as_str());
+        if transport == Transport::Tcp {
+            c.tcp_sessions_created[kind as usize].add(1);
+            self.tcp_sessions += 1;
+        }
+        self.set_session_gauges();
+        log::debug!(
+            "{}: {} session to {target} ({})",
+            key.client,
+            transport.as_str(),
+            kind.as_str()
+        );
         id
     }
 
@@ -272,7 +289,7 @@ impl Worker {
         };
         // The new socket first, the token after: a socket that cannot be made leaves both the
         // session and the token as they were.
-        let upstream = match self.open_upstream(target, Token(FIRST_SESSION + id.slot())) {
+        let upstream = match self.open_upstream(target, upstream_token(id.slot())) {
             Ok(upstream) => upstream,
             Err(e) => {
                 if let Some(note) = self.warn_gate.admit(now) {
@@ -306,20 +323,24 @@ impl Worker {
         });
     }
 
-    /// Points a session at a new backend through `upstream`, a fresh socket already registered
-    /// under the session's token. The old socket is closed, so late replies from the old backend
-    /// are dropped by the kernel. Returns the backend the session left (`None`: no such session).
+    /// Points a UDP session at a new backend through `upstream`, a fresh socket already
+    /// registered under the session's token. The old socket is closed, so late replies from the
+    /// old backend are dropped by the kernel. Returns the backend the session left (`None`: no
+    /// such UDP session).
     pub(super) fn retarget(
         &mut self,
         id: SessionId,
         backend: BackendId,
         target: SocketAddr,
-        upstream: UpstreamSocket,
+        upstream: UdpUpstream,
         kind: SessionKind,
         now: Instant,
     ) -> Option<BackendId> {
         let session = self.sessions.get_mut(id)?;
-        let mut old = std::mem::replace(&mut session.upstream, upstream);
+        let Upstream::Udp(current) = &mut session.upstream else {
+            return None;
+        };
+        let mut old = std::mem::replace(current, upstream);
         session.target = target;
         session.kind = kind;
         session.last_active = now;

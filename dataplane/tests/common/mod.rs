@@ -26,10 +26,8 @@ impl Proxy {
     }
 
     pub fn start_on(bind: &str, workers: usize, tweak: impl FnOnce(&mut DataPlaneConfig)) -> Self {
-        let mut cfg = DataPlaneConfig::with_ports(vec![DataPortConfig {
-            name: "game".into(),
-            bind: bind.parse().unwrap(),
-        }]);
+        let mut cfg =
+            DataPlaneConfig::with_ports(vec![DataPortConfig::udp("game", bind.parse().unwrap())]);
         cfg.workers = NonZeroUsize::new(workers).unwrap();
         tweak(&mut cfg);
         let plane = DataPlane::start(cfg).expect("data plane starts");

@@ -1,0 +1,179 @@
+//! The token at the start of a TCP connection (sans-io): is what the client sent so far a
+//! token, not one, or too short to say?
+//!
+//! A client on a TCP data port sends the 36-char token first, optionally followed by `\n` or
+//! `\r\n`; everything after it is stream data. A byte that cannot be part of a hyphenated UUID
+//! at its position decides "not a token" at once, so a token-less protocol whose client speaks
+//! first reaches the default backend without waiting for `tcpTokenTimeoutSeconds`.
+
+use crate::grant::TokenId;
+use crate::packet::TOKEN_LEN;
+
+/// Most bytes the token reader needs: the token and `\r\n`.
+pub(crate) const MAX_PREFIX: usize = TOKEN_LEN + 2;
+
+/// Where a token's optional line ending may still be, when the bytes so far end right after
+/// the token (or after its `\r`): the stream's next bytes decide.
+#[derive(Clone, Copy, Debug, Default, Eq, PartialEq)]
+pub(crate) enum LineEnd {
+    /// Decided: the stream data starts with the next byte.
+    #[default]
+    Done,
+    /// The token ended the bytes so far: a `\n` or `\r\n` next is dropped.
+    Maybe,
+    /// A `\r` followed the token and ended the bytes so far (it was not forwarded): a `\n`
+    /// next is dropped; anything else means the `\r` was data and is forwarded first.
+    AfterCr,
+}
+
+/// What the first bytes of a connection are.
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub(crate) enum Prefix {
+    /// Too few bytes to decide.
+    NeedMore,
+    /// A well-formed token; stream data starts at `data_from` of the bytes so far, and
+    /// `line_end` says whether the next bytes may still hold its line ending.
+    Token {
+        /// The token.
+        token: TokenId,
+        /// Index of the first data byte in the bytes read so far.
+        data_from: usize,
+        /// A line ending the next read may still hold.
+        line_end: LineEnd,
+    },
+    /// Not a token: every byte so far is stream data.
+    NotToken,
+}
+
+/// Reads the bytes a connection has sent so far (at most [`MAX_PREFIX`] are looked at).
+pub(crate) fn read_prefix(bytes: &[u8]) -> Prefix {
+    let head = &bytes[..bytes.len().min(TOKEN_LEN)];
+    if !head.iter().enumerate().all(|(i, &b)| uuid_byte(i, b)) {
+        return Prefix::NotToken;
+    }
+    if bytes.len() < TOKEN_LEN {
+        return Prefix::NeedMore;
+    }
+    let Ok(uuid) = uuid::Uuid::try_parse_ascii(head) else {
+        return Prefix::NotToken;
+    };
+    let token = TokenId(uuid.as_u128());
+    let (data_from, line_end) = match &bytes[TOKEN_LEN..] {
+        [] => (TOKEN_LEN, LineEnd::Maybe),
+        [b'\n', ..] => (TOKEN_LEN + 1, LineEnd::Done),
+        [b'\r'] => (TOKEN_LEN + 1, LineEnd::AfterCr),
+        [b'\r', b'\n', ..] => (TOKEN_LEN + 2, LineEnd::Done),
+        _ => (TOKEN_LEN, LineEnd::Done),
+    };
+    Prefix::Token {
+        token,
+        data_from,
+        line_end,
+    }
+}
+
+/// Whether `b` can stand at position `i` of a hyphenated UUID.
+fn uuid_byte(i: usize, b: u8) -> bool {
+    if matches!(i, 8 | 13 | 18 | 23) {
+        b == b'-'
+    } else {
+        b.is_ascii_hexdigit()
+    }
+}
+
+/// Applies a pending [`LineEnd`] to the first bytes read after the token: returns how many
+/// bytes to drop from the front of `data`, and whether a held-back `\r` must be forwarded
+/// before them. `data` is not empty.
+pub(crate) fn finish_line_end(line_end: LineEnd, data: &[u8]) -> (usize, bool, LineEnd) {
+    match (line_end, data) {
+        (LineEnd::Done, _) => (0, false, LineEnd::Done),
+        (LineEnd::Maybe, [b'\n', ..]) | (LineEnd::AfterCr, [b'\n', ..]) => {
+            (1, false, LineEnd::Done)
+        }
+        (LineEnd::Maybe, [b'\r', b'\n', ..]) => (2, false, LineEnd::Done),
+        (LineEnd::Maybe, [b'\r']) => (1, false, LineEnd::AfterCr),
+        (LineEnd::Maybe, _) => (0, false, LineEnd::Done),
+        (LineEnd::AfterCr, _) => (0, true, LineEnd::Done),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TOKEN: &str = "550e8400-e29b-41d4-a716-446655440000";
+
+    fn token() -> TokenId {
+        TokenId(uuid::Uuid::parse_str(TOKEN).unwrap().as_u128())
+    }
+
+    #[test]
+    fn a_token_is_read_with_or_without_a_line_ending() {
+        let t = token();
+        let cases: [(&str, usize, LineEnd); 6] = [
+            ("", 36, LineEnd::Maybe),
+            ("\n", 37, LineEnd::Done),
+            ("\r\n", 38, LineEnd::Done),
+            ("\r", 37, LineEnd::AfterCr),
+            ("\nGET", 37, LineEnd::Done),
+            ("hello", 36, LineEnd::Done),
+        ];
+        for (after, data_from, line_end) in cases {
+            let bytes = format!("{TOKEN}{after}");
+            let bytes = &bytes.as_bytes()[..bytes.len().min(MAX_PREFIX)];
+            assert_eq!(
+                read_prefix(bytes),
+                Prefix::Token {
+                    token: t,
+                    data_from,
+                    line_end
+                },
+                "{after:?}"
+            );
+        }
+        assert_eq!(
+            read_prefix(TOKEN.to_uppercase().as_bytes()),
+            Prefix::Token {
+                token: t,
+                data_from: 36,
+                line_end: LineEnd::Maybe
+            },
+            "hex digits in either case"
+        );
+    }
+
+    #[test]
+    fn a_prefix_of_a_token_needs_more_and_anything_else_is_decided_at_once() {
+        for n in 0..TOKEN_LEN {
+            assert_eq!(read_prefix(&TOKEN.as_bytes()[..n]), Prefix::NeedMore, "{n}");
+        }
+        assert_eq!(read_prefix(b"H"), Prefix::NotToken, "first byte decides");
+        assert_eq!(read_prefix(b"550e8400_"), Prefix::NotToken, "no hyphen");
+        assert_eq!(
+            read_prefix(b"550e84000"),
+            Prefix::NotToken,
+            "digit for hyphen"
+        );
+        assert_eq!(read_prefix(b"\x16\x03\x01"), Prefix::NotToken, "TLS hello");
+        let mut bad = TOKEN.as_bytes().to_vec();
+        bad[35] = b'g';
+        assert_eq!(read_prefix(&bad), Prefix::NotToken, "last byte");
+    }
+
+    #[test]
+    fn a_pending_line_ending_is_dropped_from_the_next_bytes_only() {
+        use LineEnd::{AfterCr, Done, Maybe};
+        assert_eq!(finish_line_end(Maybe, b"\nabc"), (1, false, Done));
+        assert_eq!(finish_line_end(Maybe, b"\r\nabc"), (2, false, Done));
+        assert_eq!(finish_line_end(Maybe, b"\r"), (1, false, AfterCr));
+        assert_eq!(finish_line_end(AfterCr, b"\nabc"), (1, false, Done));
+        assert_eq!(
+            finish_line_end(AfterCr, b"abc"),
+            (0, true, Done),
+            "a lone \\r was data"
+        );
+        assert_eq!(finish_line_end(Maybe, b"abc"), (0, false, Done));
+        assert_eq!(finish_line_end(Maybe, b"\rabc"), (0, false, Done));
+        assert_eq!(finish_line_end(Done, b"\nabc"), (0, false, Done));
+    }
+}

@@ -1,0 +1,453 @@
+//! A worker's TCP side: connections accepted on a TCP data port wait for their first bytes
+//! (the token, or proof there is none), are admitted like a first datagram, and then become
+//! sessions whose client and backend connections are spliced in this worker.
+//!
+//! A waiting connection already holds a place under `maxSessions` and `maxSessionsPerIp`, so
+//! a flood of silent connections is capped like a flood of sessions; the place passes to its
+//! session. Until the decision a connection is read at most [`MAX_PREFIX`] bytes at a time:
+//! whatever follows stays in the kernel's buffer until the splice reads it.
+
+use std::collections::VecDeque;
+use std::io::{self, Read};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use mio::net::TcpStream;
+use mio::{Interest, Token};
+use slab::Slab;
+
+use crate::admit::{Admission, admit};
+use crate::ctl::{CloseReason, WorkerEvent};
+use crate::grant::{BackendId, Grant};
+use crate::metrics::DropReason;
+use crate::packet::Classified;
+use crate::session::{SessionId, SessionKey, SessionKind};
+use crate::socket::connect_upstream_tcp;
+use crate::tcp::prefix::{LineEnd, MAX_PREFIX, Prefix, read_prefix};
+use crate::tcp::splice::{Pipe, Splice, SpliceError};
+
+use super::{
+    FIRST_PENDING, IO_LOOP_BOUND, ListenerIo, Upstream, Worker, client_token, upstream_token,
+};
+
+/// Connections accepted per listener readiness event before other sockets get a turn.
+const ACCEPT_BOUND: usize = 4 * IO_LOOP_BOUND;
+
+/// TCP connections waiting for their first bytes.
+#[derive(Debug, Default)]
+pub(super) struct PendingConnections {
+    slab: Slab<Pending>,
+    /// (deadline, slot, serial) in accept order; every connection waits as long, so this is
+    /// deadline order too.
+    deadlines: VecDeque<(Instant, usize, u64)>,
+    next_serial: u64,
+}
+
+impl PendingConnections {
+    /// How long until the oldest waiting connection times out.
+    pub(super) fn next_timeout(&self, now: Instant) -> Option<Duration> {
+        self.deadlines
+            .front()
+            .map(|&(deadline, ..)| deadline.saturating_duration_since(now))
+    }
+}
+
+#[derive(Debug)]
+struct Pending {
+    stream: TcpStream,
+    /// Canonical client address (IPv4 clients of a dual-stack socket as IPv4).
+    client: SocketAddr,
+    listener: usize,
+    prefix: [u8; MAX_PREFIX],
+    len: usize,
+    /// Tells this connection from a later one in the same slot.
+    serial: u64,
+}
+
+/// Why a waiting connection is being decided now.
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+enum Decide {
+    /// Its first bytes said enough.
+    Read,
+    /// It closed its side before saying enough.
+    Eof,
+    /// `tcpTokenTimeoutSeconds` passed.
+    Timeout,
+}
+
+/// Where an admitted connection goes, and the bytes it sent first that go along.
+struct Admitted<'a> {
+    target: SocketAddr,
+    backend: BackendId,
+    kind: SessionKind,
+    grant: Option<&'a Grant>,
+    data: &'a [u8],
+    line_end: LineEnd,
+}
+
+impl Worker {
+    /// Accepts what a TCP listener has queued.
+    pub(super) fn accept_connections(&mut self, port: usize, now: Instant) {
+        for _ in 0..ACCEPT_BOUND {
+            let Some(ListenerIo::Tcp(listener)) = self
+                .listeners
+                .get(port)
+                .and_then(Option::as_ref)
+                .map(|l| &l.io)
+            else {
+                return;
+            };
+            match listener.accept() {
+                Ok((stream, from)) => self.on_accepted(port, stream, from, now),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                // Out of file descriptors, or a connection reset while queued: the next
+                // connection raises a new edge.
+                Err(e) => {
+                    if let Some(note) = self.warn_gate.admit(now) {
+                        log::warn!("worker {}: accept on listener {port}: {e}{note}", self.id);
+                    }
+                    return;
+                }
+            }
+        }
+        self.pending_ports.push(port);
+    }
+
+    fn on_accepted(&mut self, port: usize, mut stream: TcpStream, from: SocketAddr, now: Instant) {
+        self.counters().tcp_accepted.add(1);
+        let client = SocketAddr::new(from.ip().to_canonical(), from.port());
+        if self.admit_context(port).closed {
+            self.counters().refuse(DropReason::Draining);
+            return;
+        }
+        if let Err(reason) = self.limits.try_acquire(client.ip()) {
+            self.counters().refuse(reason);
+            return;
+        }
+        let _ = stream.set_nodelay(true);
+        let slot = self.pending_tcp.slab.vacant_key();
+        if let Err(e) = self.poll.registry().register(
+            &mut stream,
+            Token(FIRST_PENDING + slot),
+            Interest::READABLE,
+        ) {
+            log::debug!("{client}: cannot register the connection: {e}");
+            self.limits.release(client.ip());
+            self.counters().refuse(DropReason::UpstreamSetup);
+            return;
+        }
+        let pending = &mut self.pending_tcp;
+        pending.next_serial += 1;
+        let serial = pending.next_serial;
+        pending.slab.insert(Pending {
+            stream,
+            client,
+            listener: port,
+            prefix: [0; MAX_PREFIX],
+            len: 0,
+            serial,
+        });
+        pending
+            .deadlines
+            .push_back((now + self.tcp_token_timeout, slot, serial));
+        // Bytes that came with the handshake are readable now.
+        self.on_pending(slot, now);
+    }
+
+    /// Reads a waiting connection's first bytes; decides once they say enough.
+    pub(super) fn on_pending(&mut self, slot: usize, now: Instant) {
+        let Some(p) = self.pending_tcp.slab.get_mut(slot) else {
+            return;
+        };
+        let why = loop {
+            if p.len == MAX_PREFIX {
+                break Decide::Read;
+            }
+            match (&p.stream).read(&mut p.prefix[p.len..]) {
+                Ok(0) => break Decide::Eof,
+                Ok(n) => {
+                    p.len += n;
+                    if read_prefix(&p.prefix[..p.len]) != Prefix::NeedMore {
+                        break Decide::Read;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    log::debug!("{}: connection failed before its token: {e}", p.client);
+                    self.drop_pending(slot);
+                    self.counters().refuse(DropReason::NoSession);
+                    return;
+                }
+            }
+        };
+        self.decide(slot, why, now);
+    }
+
+    /// Ends the wait of connections whose `tcpTokenTimeoutSeconds` has passed.
+    pub(super) fn expire_pending(&mut self, now: Instant) {
+        while let Some(&(deadline, slot, serial)) = self.pending_tcp.deadlines.front() {
+            if deadline > now {
+                return;
+            }
+            self.pending_tcp.deadlines.pop_front();
+            if self
+                .pending_tcp
+                .slab
+                .get(slot)
+                .is_some_and(|p| p.serial == serial)
+            {
+                self.decide(slot, Decide::Timeout, now);
+            }
+        }
+    }
+
+    /// Admits a waiting connection like a first datagram: a redeemable token opens a session
+    /// to its grant's target (the token consumed), anything else goes to the default backend
+    /// with every byte read so far, or the connection is closed and counted.
+    fn decide(&mut self, slot: usize, why: Decide, now: Instant) {
+        let Some(p) = self.pending_tcp.slab.try_remove(slot) else {
+            return;
+        };
+        let port = p.listener;
+        let bytes = &p.prefix[..p.len];
+        let (first, data_from, line_end) = match read_prefix(bytes) {
+            Prefix::Token {
+                token,
+                data_from,
+                line_end,
+            } => (Classified::Token(token), data_from, line_end),
+            Prefix::NotToken | Prefix::NeedMore => (Classified::Payload, 0, LineEnd::Done),
+        };
+        let ctx = self.admit_context(port);
+        let admission = admit(first, ctx, |token| self.find_grant(token, port, now));
+        let eof = why == Decide::Eof;
+        match admission {
+            Admission::Token { grant, target } => {
+                let admitted = Admitted {
+                    target,
+                    backend: grant.backend.id,
+                    kind: SessionKind::Token,
+                    grant: Some(&grant),
+                    data: &bytes[data_from..],
+                    line_end,
+                };
+                self.open_tcp_session(p.stream, p.client, port, &admitted, eof, now);
+            }
+            Admission::Default {
+                backend,
+                target,
+                refused,
+            } => {
+                if let Some((token, why)) = refused {
+                    log::trace!("{}: token {token} rejected: {}", p.client, why.as_str());
+                }
+                let admitted = Admitted {
+                    target,
+                    backend,
+                    kind: SessionKind::Default,
+                    grant: None,
+                    data: bytes,
+                    line_end: LineEnd::Done,
+                };
+                self.open_tcp_session(p.stream, p.client, port, &admitted, eof, now);
+            }
+            Admission::Drop { reason, refused } => {
+                if let Some((token, why)) = refused {
+                    log::trace!("{}: token {token} rejected: {}", p.client, why.as_str());
+                }
+                let reason = if why == Decide::Timeout && reason == DropReason::NoSession {
+                    DropReason::TokenTimeout
+                } else {
+                    reason
+                };
+                self.counters().refuse(reason);
+                self.abandon_connection(p.stream, None, p.client);
+            }
+        }
+    }
+
+    /// Connects to the backend and makes the session. The token is spent once the backend
+    /// socket exists, as on UDP.
+    fn open_tcp_session(
+        &mut self,
+        mut client_stream: TcpStream,
+        client: SocketAddr,
+        port: usize,
+        admitted: &Admitted<'_>,
+        eof: bool,
+        now: Instant,
+    ) {
+        let key = SessionKey {
+            client,
+            port: port as u16,
+        };
+        if self.sessions.find(&key).is_some() {
+            // The same client address and port reached this port on another local address.
+            self.counters().refuse(DropReason::NoSession);
+            self.abandon_connection(client_stream, None, client);
+            return;
+        }
+        let target = admitted.target;
+        let slot = self.sessions.next_slot();
+        let registry = self.poll.registry();
+        let upstream = connect_upstream_tcp(target).and_then(|mut upstream| {
+            registry
+                .register(
+                    &mut upstream,
+                    upstream_token(slot),
+                    Interest::READABLE | Interest::WRITABLE,
+                )
+                .map(|()| upstream)
+        });
+        let upstream = match upstream {
+            Ok(upstream) => upstream,
+            Err(e) => {
+                if let Some(note) = self.warn_gate.admit(now) {
+                    log::warn!("{client}: cannot connect to {target}: {e}{note}");
+                }
+                self.counters().refuse(DropReason::UpstreamSetup);
+                self.abandon_connection(client_stream, None, client);
+                return;
+            }
+        };
+        if let Some(grant) = admitted.grant {
+            if let Err(reason) = grant.redeem(port, now) {
+                // Another worker (or this port's UDP twin) redeemed it in the meantime.
+                self.counters().reject(reason);
+                self.counters().refuse(DropReason::TokenRejected);
+                self.abandon_connection(client_stream, Some(upstream), client);
+                return;
+            }
+            self.counters().tokens_redeemed.add(1);
+        }
+        if let Err(e) = self.poll.registry().reregister(
+            &mut client_stream,
+            client_token(slot),
+            Interest::READABLE | Interest::WRITABLE,
+        ) {
+            log::debug!("{client}: cannot register the connection: {e}");
+            self.counters().refuse(DropReason::UpstreamSetup);
+            self.abandon_connection(client_stream, Some(upstream), client);
+            return;
+        }
+        let splice = Splice {
+            client: client_stream,
+            upstream,
+            connected: false,
+            up: Pipe::with_data(admitted.data, admitted.line_end, eof),
+            down: Pipe::default(),
+        };
+        let id = self.install(
+            key,
+            client,
+            Upstream::Tcp(Box::new(splice)),
+            target,
+            admitted.backend,
+            admitted.kind,
+            now,
+        );
+        let _ = self.events.send(WorkerEvent::SessionOpened {
+            backend: admitted.backend,
+            kind: admitted.kind,
+            token: admitted.grant.map(|g| g.token),
+        });
+        self.drive_tcp(id, now);
+    }
+
+    /// Closes a connection that gets no session, and gives back its place under the caps.
+    fn abandon_connection(
+        &self,
+        mut client_stream: TcpStream,
+        upstream: Option<TcpStream>,
+        client: SocketAddr,
+    ) {
+        let registry = self.poll.registry();
+        let _ = registry.deregister(&mut client_stream);
+        if let Some(mut upstream) = upstream {
+            let _ = registry.deregister(&mut upstream);
+        }
+        self.limits.release(client.ip());
+    }
+
+    /// Moves what can move on a TCP session, both ways; ends it when both directions have
+    /// finished, or either connection failed.
+    pub(super) fn drive_tcp(&mut self, id: SessionId, now: Instant) {
+        let Some(session) = self.sessions.get_mut(id) else {
+            return;
+        };
+        let Upstream::Tcp(splice) = &mut session.upstream else {
+            return;
+        };
+        match splice.drive() {
+            Ok(driven) => {
+                if driven.up + driven.down > 0 {
+                    session.last_active = now;
+                    session.stats.bytes_upstream += driven.up as u64;
+                    session.stats.bytes_downstream += driven.down as u64;
+                    let c = &self.counters[self.id];
+                    c.tcp_bytes_upstream.add(driven.up as u64);
+                    c.tcp_bytes_downstream.add(driven.down as u64);
+                }
+                if driven.finished {
+                    log::debug!(
+                        "{}: connection to {} ended",
+                        session.key.client,
+                        session.target
+                    );
+                    self.close_session(id, CloseReason::ConnectionEnded);
+                } else if driven.again {
+                    self.pending_sessions.push(id);
+                }
+            }
+            Err(SpliceError::Connect(e)) => {
+                if let Some(note) = self.warn_gate.admit(now) {
+                    log::warn!(
+                        "{}: cannot connect to {}: {e}{note}",
+                        session.key.client,
+                        session.target
+                    );
+                }
+                self.counters().refuse(DropReason::UpstreamConnect);
+                self.close_session(id, CloseReason::UpstreamFailed);
+            }
+            Err(SpliceError::Io(e)) => {
+                log::debug!(
+                    "{}: connection to {} failed: {e}",
+                    session.key.client,
+                    session.target
+                );
+                self.close_session(id, CloseReason::ConnectionEnded);
+            }
+        }
+    }
+
+    fn drop_pending(&mut self, slot: usize) {
+        if let Some(p) = self.pending_tcp.slab.try_remove(slot) {
+            self.abandon_connection(p.stream, None, p.client);
+        }
+    }
+
+    /// Closes the waiting connections of a listener that is closed.
+    pub(super) fn close_pending_on(&mut self, listener: usize) {
+        let doomed: Vec<usize> = self
+            .pending_tcp
+            .slab
+            .iter()
+            .filter(|(_, p)| p.listener == listener)
+            .map(|(slot, _)| slot)
+            .collect();
+        for slot in doomed {
+            self.drop_pending(slot);
+        }
+    }
+
+    /// Closes every waiting connection (shutdown).
+    pub(super) fn close_pending_all(&mut self) {
+        let slots: Vec<usize> = self.pending_tcp.slab.iter().map(|(slot, _)| slot).collect();
+        for slot in slots {
+            self.drop_pending(slot);
+        }
+    }
+}
