@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::SocketAddr;
 
 use common::*;
@@ -70,8 +70,7 @@ fn one_token_opens_a_tcp_and_a_udp_port_and_the_admin_api_shows_both() {
     // Spent on the TCP port: a second connection with it is closed and counted.
     let mut again = tcp_client(chat_port);
     again.write_all(token.as_bytes()).unwrap();
-    let mut buf = [0u8; 8];
-    assert!(matches!(again.read(&mut buf), Ok(0) | Err(_)));
+    expect_closed(&mut again);
 
     let sessions = proxy.sessions();
     assert_eq!(sessions.len(), 2, "{sessions:?}");
@@ -103,12 +102,16 @@ fn one_token_opens_a_tcp_and_a_udp_port_and_the_admin_api_shows_both() {
         ),
         1.0
     );
+    assert_eq!(
+        proxy.metric("udp_director_tcp_connections_accepted_total"),
+        2.0
+    );
 
     let (status, body) = proxy.http(
         "DELETE",
         &format!("/sessions/{}", tcp.local_addr().unwrap()),
     );
     assert_eq!(status, 200, "{body}");
-    assert!(matches!(tcp.read(&mut buf), Ok(0) | Err(_)), "killed");
+    expect_closed(&mut tcp);
     assert_eq!(proxy.sessions().len(), 1, "the UDP session stays");
 }

@@ -147,7 +147,9 @@ impl Collector for DataPlaneCollector {
                 [
                     (
                         vec![("origin", k.as_str()), ("protocol", "udp")],
-                        c.created(*k) - tcp,
+                        // Summed without a lock: a TCP session counted in one and not yet
+                        // the other must not underflow.
+                        c.created(*k).saturating_sub(tcp),
                     ),
                     (vec![("origin", k.as_str()), ("protocol", "tcp")], tcp),
                 ]

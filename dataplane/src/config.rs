@@ -32,6 +32,9 @@ pub struct DataPlaneConfig {
     /// A TCP client on a data port has this long to send its token (then: default backend, or
     /// the connection is closed).
     pub tcp_token_timeout: Duration,
+    /// A TCP session whose backend connection is not established this long after it opened
+    /// is closed and counted as `upstream_connect` (the kernel alone would try for minutes).
+    pub tcp_connect_timeout: Duration,
     /// Prefix that marks a control (session reset) packet.
     pub control_magic: Vec<u8>,
     /// `SO_RCVBUF` of each data-port socket.
@@ -56,6 +59,7 @@ impl DataPlaneConfig {
             max_sessions: 1_000_000,
             max_sessions_per_ip: None,
             tcp_token_timeout: Duration::from_secs(10),
+            tcp_connect_timeout: Duration::from_secs(5),
             control_magic: DEFAULT_CONTROL_MAGIC.to_vec(),
             recv_buffer_bytes: DEFAULT_SOCKET_BUFFER_BYTES,
             send_buffer_bytes: DEFAULT_SOCKET_BUFFER_BYTES,

@@ -11,6 +11,7 @@ mod proxy;
 mod query;
 mod report;
 mod sessions;
+mod tcp;
 
 use std::process::ExitCode;
 
@@ -40,6 +41,8 @@ enum Command {
     Migrate(migrate::MigrateArgs),
     /// Direct vs through the proxy (and other proxies), interleaved, with ratios.
     Compare(compare::CompareArgs),
+    /// TCP data port: MB/s and connection setups/s, direct vs through the proxy.
+    Tcp(tcp::TcpArgs),
 }
 
 fn main() -> ExitCode {
@@ -56,6 +59,7 @@ fn main() -> ExitCode {
         Command::Sessions(a) => sessions::run(&a),
         Command::Migrate(a) => migrate::run(&a),
         Command::Compare(a) => compare::run(&a),
+        Command::Tcp(a) => tcp::run(&a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

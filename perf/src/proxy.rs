@@ -36,10 +36,22 @@ pub(crate) struct ProxyArgs {
 }
 
 impl ProxyArgs {
-    /// Starts the chosen proxy on `servers` (see [`ProxyProcess::start`]).
+    /// Starts the chosen proxy on `servers` with one UDP data port (see
+    /// [`ProxyProcess::start`]).
     pub(crate) fn start(&self, servers: &[Server], extra: &str) -> anyhow::Result<ProxyProcess> {
         let bin = binary(self.proxy_bin.as_deref())?;
-        ProxyProcess::start(&bin, servers, self.proxy_workers, extra)
+        ProxyProcess::start(&bin, servers, self.proxy_workers, "dataPort: 0\n", extra)
+    }
+
+    /// Starts the chosen proxy on `servers` with one TCP data port instead.
+    pub(crate) fn start_tcp(
+        &self,
+        servers: &[Server],
+        extra: &str,
+    ) -> anyhow::Result<ProxyProcess> {
+        let bin = binary(self.proxy_bin.as_deref())?;
+        let ports = "dataPorts: [{name: default, port: 0, protocol: tcp}]\n";
+        ProxyProcess::start(&bin, servers, self.proxy_workers, ports, extra)
     }
 }
 
@@ -60,11 +72,13 @@ fn binary(given: Option<&Path>) -> anyhow::Result<PathBuf> {
 
 impl ProxyProcess {
     /// Starts the proxy with `servers` in its inventory (labelled `id: <name>`), the first one
-    /// also the default endpoint (clients without a token), and `extra` config lines.
+    /// also the default endpoint (clients without a token), its data port(s) from the
+    /// `data_ports` config line, and `extra` config lines.
     pub(crate) fn start(
         bin: &Path,
         servers: &[Server],
         workers: Option<usize>,
+        data_ports: &str,
         extra: &str,
     ) -> anyhow::Result<Self> {
         let dir = std::env::temp_dir().join(format!("udp-director-perf-{}", std::process::id()));
@@ -86,7 +100,7 @@ impl ProxyProcess {
             .map(|w| format!("workers: {w}\n"))
             .unwrap_or_default();
         let config = format!(
-            "bindAddress: 127.0.0.1\nqueryPort: 0\nadminPort: 0\ndataPort: 0\ndrainSeconds: 0\n{workers}{extra}\
+            "bindAddress: 127.0.0.1\nqueryPort: 0\nadminPort: 0\n{data_ports}drainSeconds: 0\n{workers}{extra}\
              inventory: {{kind: file, path: inventory.yaml}}\n\
              resourceQueryMapping:\n  gameserver: {{group: agones.dev, version: v1, resource: gameservers, addressPath: status.address, portName: default}}\n\
              defaultEndpoint: {{resourceType: gameserver, labelSelector: {{id: {default}}}}}\n"
@@ -107,13 +121,13 @@ impl ProxyProcess {
                 .with_context(|| format!("no {key} in the proxy's first line {line:?}"))
         };
         let query = field("query=")?.parse()?;
+        // `data=NAME/PROTOCOL=ADDR,…`: the first data port.
         let data = field("data=")?
-            .split_once("/udp=")
-            .context("data port")?
-            .1
             .split(',')
             .next()
-            .unwrap_or_default()
+            .and_then(|port| port.split_once('='))
+            .context("data port")?
+            .1
             .parse()?;
         let pid = child.id();
         let proxy = Self {

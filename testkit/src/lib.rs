@@ -3,7 +3,7 @@
 //! sockets only.
 
 mod tcp;
-pub use tcp::{TcpBackend, TcpEcho, read_exact_within, tcp_client};
+pub use tcp::{TcpBackend, TcpEcho, expect_closed, read_exact_within, tcp_client};
 
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::Arc;

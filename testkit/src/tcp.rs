@@ -99,6 +99,17 @@ pub fn tcp_client(addr: SocketAddr) -> TcpStream {
     s
 }
 
+/// Asserts the peer closes `s` (EOF or reset) before the read timeout, sending nothing.
+pub fn expect_closed(s: &mut TcpStream) {
+    let mut buf = [0u8; 64];
+    match s.read(&mut buf) {
+        Ok(0) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        Ok(n) => panic!("got {n} bytes, expected the connection to close"),
+        Err(e) => panic!("expected the connection to close: {e}"),
+    }
+}
+
 /// Reads exactly `n` bytes, or fails with what came.
 pub fn read_exact_within(s: &mut TcpStream, n: usize) -> Vec<u8> {
     let mut buf = vec![0u8; n];

@@ -102,6 +102,8 @@ impl Pipe {
                         // The peer is gone already: nothing left to tell it.
                         Ok(()) | Err(_) => self.shut = true,
                     }
+                    // This direction carries nothing more.
+                    self.buf = Vec::new();
                 }
                 return Ok((
                     written,

@@ -118,6 +118,9 @@ impl Worker {
             closing.release();
             return;
         }
+        // Connections still waiting for their token would be refused now anyway; closed at
+        // once, none can outlive the listener and land on a later one that reuses its id.
+        self.close_pending_on(index);
         if mode == CloseMode::End {
             // Ended here and now, whatever the other workers do.
             let doomed: Vec<SessionId> = self
@@ -129,7 +132,6 @@ impl Worker {
             for session in doomed {
                 self.close_session(session, CloseReason::ListenerClosed);
             }
-            self.close_pending_on(index);
             closing.join(0);
             self.set_closing(index, closing);
             self.retire_listener(index);

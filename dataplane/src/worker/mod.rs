@@ -152,6 +152,7 @@ pub(crate) struct Worker {
     /// TCP connections accepted and still waiting for their first bytes.
     pending_tcp: tcp::PendingConnections,
     tcp_token_timeout: Duration,
+    tcp_connect_timeout: Duration,
     grants: AHashMap<TokenId, Arc<Grant>>,
     default_backend: Option<Arc<Backend>>,
     control_magic: Box<[u8]>,
@@ -198,6 +199,7 @@ impl Worker {
             tcp_sessions: 0,
             pending_tcp: tcp::PendingConnections::default(),
             tcp_token_timeout: setup.config.tcp_token_timeout,
+            tcp_connect_timeout: setup.config.tcp_connect_timeout,
             grants: AHashMap::new(),
             default_backend: None,
             control_magic: setup.config.control_magic.clone().into_boxed_slice(),

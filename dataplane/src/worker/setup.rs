@@ -242,12 +242,11 @@ impl Worker {
             stats: SessionStats::default(),
         });
         debug_assert_eq!(id.slot(), expected_slot, "registered under another token");
-        let c = self.counters();
-        c.sessions_created[kind as usize].add(1);
         if transport == Transport::Tcp {
-            c.tcp_sessions_created[kind as usize].add(1);
             self.tcp_sessions += 1;
+            self.counters().tcp_sessions_created[kind as usize].add(1);
         }
+        self.counters().sessions_created[kind as usize].add(1);
         self.set_session_gauges();
         log::debug!(
             "{}: {} session to {target} ({})",

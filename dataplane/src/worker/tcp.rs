@@ -32,8 +32,21 @@ use super::{
 
 /// Connections accepted per listener readiness event before other sockets get a turn.
 const ACCEPT_BOUND: usize = 4 * IO_LOOP_BOUND;
+/// After an accept failed for want of descriptors or memory, try that listener again this
+/// much later.
+const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 
-/// TCP connections waiting for their first bytes.
+/// Errors of `accept(2)` that say the process or system is out of something, not that one
+/// queued connection is bad.
+fn is_resource_error(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
+}
+
+/// TCP connections waiting for their first bytes or for their backend, and listeners whose
+/// accept is to be retried.
 #[derive(Debug, Default)]
 pub(super) struct PendingConnections {
     slab: Slab<Pending>,
@@ -41,14 +54,29 @@ pub(super) struct PendingConnections {
     /// deadline order too.
     deadlines: VecDeque<(Instant, usize, u64)>,
     next_serial: u64,
+    /// (deadline, session) of TCP sessions whose backend connection was started, in order.
+    connecting: VecDeque<(Instant, SessionId)>,
+    /// (when, listener) to accept on again after a resource error.
+    accept_retries: Vec<(Instant, usize)>,
 }
 
 impl PendingConnections {
-    /// How long until the oldest waiting connection times out.
+    /// How long until the next deadline: a token wait, a backend connect or an accept retry.
     pub(super) fn next_timeout(&self, now: Instant) -> Option<Duration> {
-        self.deadlines
-            .front()
-            .map(|&(deadline, ..)| deadline.saturating_duration_since(now))
+        let token = self.deadlines.front().map(|&(deadline, ..)| deadline);
+        let connect = self.connecting.front().map(|&(deadline, _)| deadline);
+        let retry = self.accept_retries.iter().map(|&(at, _)| at).min();
+        [token, connect, retry]
+            .into_iter()
+            .flatten()
+            .min()
+            .map(|at| at.saturating_duration_since(now))
+    }
+
+    fn retry_accept(&mut self, listener: usize, at: Instant) {
+        if !self.accept_retries.iter().any(|&(_, l)| l == listener) {
+            self.accept_retries.push((at, listener));
+        }
     }
 }
 
@@ -101,14 +129,17 @@ impl Worker {
                 Ok((stream, from)) => self.on_accepted(port, stream, from, now),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                // Out of file descriptors, or a connection reset while queued: the next
-                // connection raises a new edge.
-                Err(e) => {
+                // Out of descriptors or buffers: what is queued stays queued, and no new edge
+                // may come for it; try again shortly instead of spinning.
+                Err(e) if is_resource_error(&e) => {
                     if let Some(note) = self.warn_gate.admit(now) {
                         log::warn!("worker {}: accept on listener {port}: {e}{note}", self.id);
                     }
+                    self.pending_tcp.retry_accept(port, now + ACCEPT_RETRY);
                     return;
                 }
+                // One connection failed while queued (reset, aborted): the next may be fine.
+                Err(e) => log::debug!("worker {}: accept on listener {port}: {e}", self.id),
             }
         }
         self.pending_ports.push(port);
@@ -185,20 +216,51 @@ impl Worker {
         self.decide(slot, why, now);
     }
 
-    /// Ends the wait of connections whose `tcpTokenTimeoutSeconds` has passed.
+    /// Ends the wait of connections whose `tcpTokenTimeoutSeconds` has passed, gives up backend
+    /// connections past `tcp_connect_timeout`, and retries deferred accepts.
     pub(super) fn expire_pending(&mut self, now: Instant) {
         while let Some(&(deadline, slot, serial)) = self.pending_tcp.deadlines.front() {
-            if deadline > now {
-                return;
-            }
-            self.pending_tcp.deadlines.pop_front();
-            if self
+            let waiting = self
                 .pending_tcp
                 .slab
                 .get(slot)
-                .is_some_and(|p| p.serial == serial)
-            {
+                .is_some_and(|p| p.serial == serial);
+            // Entries of connections decided since are dropped as soon as they are in front.
+            if waiting && deadline > now {
+                break;
+            }
+            self.pending_tcp.deadlines.pop_front();
+            if waiting {
                 self.decide(slot, Decide::Timeout, now);
+            }
+        }
+        while let Some(&(deadline, id)) = self.pending_tcp.connecting.front() {
+            let connecting = self
+                .sessions
+                .get_mut(id)
+                .is_some_and(|s| matches!(&s.upstream, Upstream::Tcp(splice) if !splice.connected));
+            if connecting && deadline > now {
+                break;
+            }
+            self.pending_tcp.connecting.pop_front();
+            if connecting {
+                self.connect_failed(id, "timed out", now);
+            }
+        }
+        if self
+            .pending_tcp
+            .accept_retries
+            .iter()
+            .any(|&(at, _)| at <= now)
+        {
+            let (due, later): (Vec<_>, Vec<_>) = self
+                .pending_tcp
+                .accept_retries
+                .drain(..)
+                .partition(|&(at, _)| at <= now);
+            self.pending_tcp.accept_retries = later;
+            for (_, listener) in due {
+                self.accept_connections(listener, now);
             }
         }
     }
@@ -210,6 +272,13 @@ impl Worker {
         let Some(p) = self.pending_tcp.slab.try_remove(slot) else {
             return;
         };
+        if why == Decide::Eof && p.len == 0 {
+            // Connected and closed without a byte (a port scan, a health check): nothing to
+            // forward, so no backend connection either.
+            self.counters().refuse(DropReason::NoSession);
+            self.abandon_connection(p.stream, None, p.client);
+            return;
+        }
         let port = p.listener;
         let bytes = &p.prefix[..p.len];
         let (first, data_from, line_end) = match read_prefix(bytes) {
@@ -312,16 +381,6 @@ impl Worker {
                 return;
             }
         };
-        if let Some(grant) = admitted.grant {
-            if let Err(reason) = grant.redeem(port, now) {
-                // Another worker (or this port's UDP twin) redeemed it in the meantime.
-                self.counters().reject(reason);
-                self.counters().refuse(DropReason::TokenRejected);
-                self.abandon_connection(client_stream, Some(upstream), client);
-                return;
-            }
-            self.counters().tokens_redeemed.add(1);
-        }
         if let Err(e) = self.poll.registry().reregister(
             &mut client_stream,
             client_token(slot),
@@ -331,6 +390,18 @@ impl Worker {
             self.counters().refuse(DropReason::UpstreamSetup);
             self.abandon_connection(client_stream, Some(upstream), client);
             return;
+        }
+        // Spent last, once nothing is left that can fail synchronously. A backend that then
+        // refuses the connection has the token spent, as on UDP: the player queries again.
+        if let Some(grant) = admitted.grant {
+            if let Err(reason) = grant.redeem(port, now) {
+                // Another worker (or this port's UDP twin) redeemed it in the meantime.
+                self.counters().reject(reason);
+                self.counters().refuse(DropReason::TokenRejected);
+                self.abandon_connection(client_stream, Some(upstream), client);
+                return;
+            }
+            self.counters().tokens_redeemed.add(1);
         }
         let splice = Splice {
             client: client_stream,
@@ -353,6 +424,9 @@ impl Worker {
             kind: admitted.kind,
             token: admitted.grant.map(|g| g.token),
         });
+        self.pending_tcp
+            .connecting
+            .push_back((now + self.tcp_connect_timeout, id));
         self.drive_tcp(id, now);
     }
 
@@ -401,17 +475,7 @@ impl Worker {
                     self.pending_sessions.push(id);
                 }
             }
-            Err(SpliceError::Connect(e)) => {
-                if let Some(note) = self.warn_gate.admit(now) {
-                    log::warn!(
-                        "{}: cannot connect to {}: {e}{note}",
-                        session.key.client,
-                        session.target
-                    );
-                }
-                self.counters().refuse(DropReason::UpstreamConnect);
-                self.close_session(id, CloseReason::UpstreamFailed);
-            }
+            Err(SpliceError::Connect(e)) => self.connect_failed(id, &e.to_string(), now),
             Err(SpliceError::Io(e)) => {
                 log::debug!(
                     "{}: connection to {} failed: {e}",
@@ -421,6 +485,21 @@ impl Worker {
                 self.close_session(id, CloseReason::ConnectionEnded);
             }
         }
+    }
+
+    /// A TCP session whose backend connection failed: the client is closed, and it counts.
+    fn connect_failed(&mut self, id: SessionId, why: &str, now: Instant) {
+        if let Some(session) = self.sessions.get_mut(id)
+            && let Some(note) = self.warn_gate.admit(now)
+        {
+            log::warn!(
+                "{}: cannot connect to {}: {why}{note}",
+                session.key.client,
+                session.target
+            );
+        }
+        self.counters().refuse(DropReason::UpstreamConnect);
+        self.close_session(id, CloseReason::UpstreamFailed);
     }
 
     fn drop_pending(&mut self, slot: usize) {
