@@ -250,6 +250,13 @@ impl Collector for DataPlaneCollector {
             .encode(gauge.encode_family(&vec![("protocol", "udp")])?)?;
         ConstGauge::new(c.tcp_sessions_active as i64)
             .encode(gauge.encode_family(&vec![("protocol", "tcp")])?)?;
+        let gauge = encoder.encode_descriptor(
+            "udp_director_upstream_sockets",
+            "Shared upstream sockets open (each carries at most one UDP session per backend address)",
+            None,
+            MetricType::Gauge,
+        )?;
+        ConstGauge::new(c.upstream_sockets as i64).encode(gauge)?;
         let snapshot = Arc::clone(&self.inventory.borrow());
         let mut objects = encoder.encode_descriptor(
             "udp_director_inventory_objects",

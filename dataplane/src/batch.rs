@@ -1,9 +1,10 @@
 //! Batched datagram I/O: `recvmmsg`/`sendmmsg` on Linux, one `recvfrom`/`sendto` per datagram
 //! elsewhere (or when batching is switched off, which is how the portable path is tested here).
 //!
-//! [`RecvBatch`] holds datagrams read from a data-port socket. [`SendQueue`] holds replies bound
-//! for clients through one data-port socket; replies are received from a session's upstream socket
-//! straight into the queue's free slots, so the reply path copies nothing in user space.
+//! [`RecvBatch`] holds datagrams read from an unconnected socket, with their sources.
+//! [`SendQueue`] holds replies bound for clients through one data-port socket. [`UpstreamBatch`]
+//! sends the client datagrams of one `RecvBatch` on to their backends through the worker's
+//! shared upstream sockets, one `sendmmsg` per socket, straight out of the receive buffer.
 //!
 //! Every slot is [`SLOT_BYTES`] long so that no datagram (up to 65507 bytes of payload) is ever
 //! truncated. The buffers are zero-filled allocations, so pages are touched only when used.
@@ -113,9 +114,17 @@ impl RecvBatch {
     /// proxy).
     #[inline]
     pub(crate) fn get(&self, i: usize) -> (&[u8], Option<SocketAddr>) {
+        (
+            self.data(i),
+            to_socket_addr(&self.addrs[i], self.addr_lens[i]),
+        )
+    }
+
+    /// Datagram `i` of the last `recv`.
+    #[inline]
+    pub(crate) fn data(&self, i: usize) -> &[u8] {
         let start = i * SLOT_BYTES;
-        let data = &self.buf[start..start + self.lens[i]];
-        (data, to_socket_addr(&self.addrs[i], self.addr_lens[i]))
+        &self.buf[start..start + self.lens[i]]
     }
 }
 
@@ -153,10 +162,6 @@ impl SendQueue {
         }
     }
 
-    pub(crate) fn len(&self) -> usize {
-        self.count
-    }
-
     pub(crate) fn is_full(&self) -> bool {
         self.count == BATCH
     }
@@ -165,86 +170,174 @@ impl SendQueue {
         self.count == 0
     }
 
-    /// Reads datagrams from a connected socket into the free slots, each addressed to `dest`.
-    /// Returns how many and their total bytes; `Err(WouldBlock)` when none is waiting.
-    pub(crate) fn recv_from_connected(
-        &mut self,
-        fd: RawFd,
-        dest: &SockAddr,
-        batch_io: bool,
-    ) -> io::Result<(usize, usize)> {
-        let start = self.count;
-        let free = BATCH - start;
-        let buf = &mut self.buf[start * SLOT_BYTES..];
-        let lens = &mut self.lens[start..];
-        let n = if batch_io {
-            sys::recv_many(fd, buf, lens, None, free)?
-        } else {
-            portable::recv_many(fd, buf, lens, None, free)?
-        };
-        let mut bytes = 0;
-        for i in start..start + n {
-            bytes += self.lens[i];
-            // SAFETY: `dest.len()` bytes at `dest.as_ptr()` are a valid socket address, and
-            // sockaddr_storage is large enough for any of them.
-            unsafe {
-                std::ptr::copy_nonoverlapping(
-                    dest.as_ptr().cast::<u8>(),
-                    (&raw mut self.addrs[i]).cast::<u8>(),
-                    dest.len() as usize,
-                );
-            }
-            self.addr_lens[i] = dest.len();
+    /// Copies a datagram into the next free slot, addressed to `dest`; false when full.
+    pub(crate) fn push(&mut self, datagram: &[u8], dest: &SockAddr) -> bool {
+        if self.is_full() || datagram.len() > SLOT_BYTES {
+            return false;
         }
-        self.count += n;
-        Ok((n, bytes))
+        let i = self.count;
+        self.buf[i * SLOT_BYTES..i * SLOT_BYTES + datagram.len()].copy_from_slice(datagram);
+        self.lens[i] = datagram.len();
+        store_addr(&mut self.addrs[i], &mut self.addr_lens[i], dest);
+        self.count += 1;
+        true
     }
 
     /// Sends everything queued. A datagram the kernel refuses (full send buffer, unreachable
     /// client) is dropped and counted: UDP gives no delivery guarantee, and holding replies back
     /// would delay every other session on this socket.
     pub(crate) fn flush(&mut self, fd: RawFd, batch_io: bool) -> Flushed {
-        let mut flushed = Flushed::default();
-        let mut sent = 0;
-        while sent < self.count {
-            let result = if batch_io {
-                sys::send_many(
-                    fd,
-                    &self.buf,
-                    &self.lens,
-                    &self.addrs,
-                    &self.addr_lens,
-                    sent,
-                    self.count,
-                )
-            } else {
-                portable::send_many(
-                    fd,
-                    &self.buf,
-                    &self.lens,
-                    &self.addrs,
-                    &self.addr_lens,
-                    sent,
-                    self.count,
-                )
-            };
-            match result {
-                Ok(n) if n > 0 => sent += n,
-                Ok(_) => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    flushed.dropped += (self.count - sent) as u64;
-                    break;
-                }
-                Err(e) => {
-                    log::debug!("dropping a reply: {e}");
-                    flushed.dropped += 1;
-                    sent += 1;
-                }
+        let (buf, lens, addrs, addr_lens) = (&self.buf, &self.lens, &self.addrs, &self.addr_lens);
+        let dropped = send_all(fd, self.count, batch_io, |i| Outgoing {
+            data: &buf[i * SLOT_BYTES..i * SLOT_BYTES + lens[i]],
+            addr: &addrs[i],
+            addr_len: addr_lens[i],
+        });
+        self.count = 0;
+        Flushed { dropped }
+    }
+}
+
+/// Copies a socket address into a `sockaddr_storage` slot.
+fn store_addr(slot: &mut libc::sockaddr_storage, len: &mut libc::socklen_t, addr: &SockAddr) {
+    // SAFETY: `addr.len()` bytes at `addr.as_ptr()` are a valid socket address, and
+    // sockaddr_storage is large enough for any of them.
+    unsafe {
+        std::ptr::copy_nonoverlapping(
+            addr.as_ptr().cast::<u8>(),
+            std::ptr::from_mut(slot).cast::<u8>(),
+            addr.len() as usize,
+        );
+    }
+    *len = addr.len();
+}
+
+/// One datagram to send, and where.
+#[derive(Clone, Copy)]
+pub(crate) struct Outgoing<'a> {
+    data: &'a [u8],
+    addr: &'a libc::sockaddr_storage,
+    addr_len: libc::socklen_t,
+}
+
+/// Sends datagrams `0..count` (`msg(i)` is datagram `i`) in as few syscalls as the kernel takes
+/// them. Returns how many were dropped: one the kernel refuses is skipped, and a full send
+/// buffer drops the rest (UDP gives no delivery guarantee; holding them back would only delay
+/// everything behind them).
+fn send_all<'a>(
+    fd: RawFd,
+    count: usize,
+    batch_io: bool,
+    msg: impl Fn(usize) -> Outgoing<'a>,
+) -> u64 {
+    let mut dropped = 0;
+    let mut sent = 0;
+    while sent < count {
+        let result = if batch_io {
+            sys::send_many(fd, sent, count, &msg)
+        } else {
+            portable::send_many(fd, sent, count, &msg)
+        };
+        match result {
+            Ok(n) if n > 0 => sent += n,
+            Ok(_) => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                dropped += (count - sent) as u64;
+                break;
+            }
+            Err(e) => {
+                log::debug!("dropping a datagram: {e}");
+                dropped += 1;
+                sent += 1;
             }
         }
-        self.count = 0;
-        flushed
+    }
+    dropped
+}
+
+/// Client datagrams of one [`RecvBatch`] queued for their backends: each names the shared
+/// upstream socket it leaves from (a session's) and its destination. [`Self::flush`] sends
+/// them with one `sendmmsg` per socket, pointing at the receive buffer: nothing is copied.
+pub(crate) struct UpstreamBatch {
+    sockets: [u32; BATCH],
+    slots: [u8; BATCH],
+    addrs: [libc::sockaddr_storage; BATCH],
+    addr_lens: [libc::socklen_t; BATCH],
+    count: usize,
+}
+
+impl std::fmt::Debug for UpstreamBatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamBatch")
+            .field("count", &self.count)
+            .finish()
+    }
+}
+
+impl UpstreamBatch {
+    pub(crate) fn new() -> Self {
+        Self {
+            sockets: [0; BATCH],
+            slots: [0; BATCH],
+            addrs: [zeroed_storage(); BATCH],
+            addr_lens: [0; BATCH],
+            count: 0,
+        }
+    }
+
+    /// Queues datagram `slot` of the current receive batch, to go out of upstream socket
+    /// `socket` to `dest`. At most one entry per receive slot, so it never overflows.
+    pub(crate) fn push(&mut self, socket: u32, slot: usize, dest: &SockAddr) {
+        let i = self.count;
+        debug_assert!(i < BATCH && slot < BATCH);
+        self.sockets[i] = socket;
+        self.slots[i] = slot as u8;
+        store_addr(&mut self.addrs[i], &mut self.addr_lens[i], dest);
+        self.count += 1;
+    }
+
+    /// Sends what is queued, grouped by socket (`fd_of` turns a socket number into its fd;
+    /// `None`: gone, its datagrams dropped). Returns (sent, dropped).
+    pub(crate) fn flush(
+        &mut self,
+        rx: &RecvBatch,
+        batch_io: bool,
+        fd_of: impl Fn(u32) -> Option<RawFd>,
+    ) -> (u64, u64) {
+        let count = std::mem::take(&mut self.count);
+        let mut done = [false; BATCH];
+        let mut group = [0usize; BATCH];
+        let (mut sent, mut dropped) = (0u64, 0u64);
+        for first in 0..count {
+            if done[first] {
+                continue;
+            }
+            let socket = self.sockets[first];
+            let mut len = 0;
+            for (i, sent) in done.iter_mut().enumerate().take(count).skip(first) {
+                if !*sent && self.sockets[i] == socket {
+                    *sent = true;
+                    group[len] = i;
+                    len += 1;
+                }
+            }
+            let Some(fd) = fd_of(socket) else {
+                dropped += len as u64;
+                continue;
+            };
+            let lost = send_all(fd, len, batch_io, |k| {
+                let i = group[k];
+                Outgoing {
+                    data: rx.data(usize::from(self.slots[i])),
+                    addr: &self.addrs[i],
+                    addr_len: self.addr_lens[i],
+                }
+            });
+            dropped += lost;
+            sent += len as u64 - lost;
+        }
+        (sent, dropped)
     }
 }
 
@@ -324,27 +417,30 @@ mod sys {
         Ok(n)
     }
 
-    /// `sendmmsg(2)` of slots `from..to`; returns how many the kernel took.
-    pub(super) fn send_many(
+    /// `sendmmsg(2)` of datagrams `from..to` (`msg(i)` is datagram `i`); returns how many the
+    /// kernel took.
+    pub(super) fn send_many<'a>(
         fd: RawFd,
-        buf: &[u8],
-        lens: &[usize],
-        addrs: &[libc::sockaddr_storage; BATCH],
-        addr_lens: &[libc::socklen_t; BATCH],
         from: usize,
         to: usize,
+        msg: &impl Fn(usize) -> Outgoing<'a>,
     ) -> io::Result<usize> {
         let mut iovs: [MaybeUninit<libc::iovec>; BATCH] = [MaybeUninit::uninit(); BATCH];
         let mut hdrs: [MaybeUninit<libc::mmsghdr>; BATCH] = [MaybeUninit::uninit(); BATCH];
-        let count = to - from;
-        for (j, i) in (from..to).enumerate() {
+        let count = (to - from).min(BATCH);
+        for j in 0..count {
+            let m = msg(from + j);
             let iov = iovs[j].write(libc::iovec {
                 // The kernel only reads through this pointer for a send.
-                iov_base: buf[i * SLOT_BYTES..].as_ptr().cast_mut().cast(),
-                iov_len: lens[i],
+                iov_base: m.data.as_ptr().cast_mut().cast(),
+                iov_len: m.data.len(),
             });
             hdrs[j].write(libc::mmsghdr {
-                msg_hdr: msghdr_for(iov, (&raw const addrs[i]).cast_mut().cast(), addr_lens[i]),
+                msg_hdr: msghdr_for(
+                    iov,
+                    std::ptr::from_ref(m.addr).cast_mut().cast(),
+                    m.addr_len,
+                ),
                 msg_len: 0,
             });
         }
@@ -411,26 +507,24 @@ mod portable {
         Ok(n)
     }
 
-    pub(super) fn send_many(
+    pub(super) fn send_many<'a>(
         fd: RawFd,
-        buf: &[u8],
-        lens: &[usize],
-        addrs: &[libc::sockaddr_storage; BATCH],
-        addr_lens: &[libc::socklen_t; BATCH],
         from: usize,
         to: usize,
+        msg: &impl Fn(usize) -> Outgoing<'a>,
     ) -> io::Result<usize> {
         for i in from..to {
-            // SAFETY: the slot holds `lens[i]` initialised bytes and `addrs[i]` a socket address
-            // of `addr_lens[i]` bytes; both are only read.
+            let m = msg(i);
+            // SAFETY: `m.data` is initialised and `m.addr` holds a socket address of
+            // `m.addr_len` bytes; both are only read.
             let r = unsafe {
                 libc::sendto(
                     fd,
-                    buf[i * SLOT_BYTES..].as_ptr().cast(),
-                    lens[i],
+                    m.data.as_ptr().cast(),
+                    m.data.len(),
                     0,
-                    (&raw const addrs[i]).cast(),
-                    addr_lens[i],
+                    std::ptr::from_ref(m.addr).cast(),
+                    m.addr_len,
                 )
             };
             if r < 0 {
@@ -477,18 +571,12 @@ mod tests {
             io::ErrorKind::WouldBlock
         );
 
-        // Replies: b connected to a, received into a send queue addressed to c, flushed from a.
+        // Replies: copied into a send queue addressed to c, flushed from a.
         let c = UdpSocket::bind("127.0.0.1:0").unwrap();
-        b.connect(a.local_addr().unwrap()).unwrap();
-        a.send_to(b"one", b.local_addr().unwrap()).unwrap();
-        a.send_to(&[7; 65507], b.local_addr().unwrap()).unwrap();
-        std::thread::sleep(std::time::Duration::from_millis(20));
         let mut tx = SendQueue::new();
         let dest = SockAddr::from(c.local_addr().unwrap());
-        let (n, bytes) = tx
-            .recv_from_connected(b.as_raw_fd(), &dest, batch_io)
-            .unwrap();
-        assert_eq!((n, bytes), (2, 3 + 65507));
+        assert!(tx.push(b"one", &dest));
+        assert!(tx.push(&[7; 65507], &dest));
         assert_eq!(tx.flush(a.as_raw_fd(), batch_io).dropped, 0);
         assert!(tx.is_empty());
         let mut buf = vec![0; 70000];
@@ -496,6 +584,46 @@ mod tests {
         assert_eq!((&buf[..len], from), (&b"one"[..], a.local_addr().unwrap()));
         let (len, _) = c.recv_from(&mut buf).unwrap();
         assert_eq!(len, 65507);
+        for _ in 0..BATCH - 1 {
+            assert!(tx.push(b"x", &dest));
+        }
+        assert!(tx.push(b"x", &dest) && !tx.push(b"full", &dest), "bounded");
+        tx.flush(a.as_raw_fd(), batch_io);
+
+        // Upstream: datagrams of one receive batch out of two sockets to two peers, grouped
+        // by socket, straight from the receive buffer.
+        let (u1, u2) = pair();
+        let (p1, p2) = pair();
+        for i in 0..6u8 {
+            b.send_to(&[i; 100], a.local_addr().unwrap()).unwrap();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert_eq!(rx.recv(a.as_raw_fd(), batch_io).unwrap(), 6);
+        let mut up = UpstreamBatch::new();
+        let to1 = SockAddr::from(p1.local_addr().unwrap());
+        let to2 = SockAddr::from(p2.local_addr().unwrap());
+        for slot in 0..6 {
+            // Even slots leave from u1 to p1, odd ones from u2 to p2, interleaved.
+            let (socket, dest) = if slot % 2 == 0 { (1, &to1) } else { (2, &to2) };
+            up.push(socket, slot, dest);
+        }
+        let fds = |n: u32| match n {
+            1 => Some(u1.as_raw_fd()),
+            2 => Some(u2.as_raw_fd()),
+            _ => None,
+        };
+        assert_eq!(up.flush(&rx, batch_io, fds), (6, 0));
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        for (peer, from, first) in [(&p1, &u1, 0u8), (&p2, &u2, 1)] {
+            for k in 0..3u8 {
+                let (len, src) = peer.recv_from(&mut buf).unwrap();
+                assert_eq!(src, from.local_addr().unwrap());
+                assert_eq!(&buf[..len], &[first + 2 * k; 100], "in order");
+            }
+        }
+        // A socket that is gone drops its datagrams and counts them.
+        up.push(9, 0, &to1);
+        assert_eq!(up.flush(&rx, batch_io, fds), (0, 1));
     }
 
     #[test]

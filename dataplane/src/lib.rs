@@ -27,6 +27,7 @@ mod plane;
 pub mod session;
 mod socket;
 mod tcp;
+mod upstream;
 mod warn_gate;
 mod worker;
 

@@ -35,11 +35,14 @@ pub enum DropReason {
     TokenTimeout,
     /// The backend refused or never answered a TCP connection.
     UpstreamConnect,
+    /// A datagram reached a shared upstream socket from an address none of its sessions talks
+    /// to (a late reply after a session moved or ended, or a stranger).
+    StrayReply,
 }
 
 impl DropReason {
     /// Every reason, in counter-index order.
-    pub const ALL: [Self; 11] = [
+    pub const ALL: [Self; 12] = [
         Self::NoSession,
         Self::TokenRejected,
         Self::MalformedControl,
@@ -51,10 +54,11 @@ impl DropReason {
         Self::DownstreamSend,
         Self::TokenTimeout,
         Self::UpstreamConnect,
+        Self::StrayReply,
     ];
 
     /// The reasons a datagram is dropped, in metric-label order.
-    pub const DATAGRAM: [Self; 9] = [
+    pub const DATAGRAM: [Self; 10] = [
         Self::NoSession,
         Self::TokenRejected,
         Self::MalformedControl,
@@ -64,6 +68,7 @@ impl DropReason {
         Self::UpstreamSetup,
         Self::UpstreamSend,
         Self::DownstreamSend,
+        Self::StrayReply,
     ];
 
     /// The reasons a TCP connection is refused (closed without a session, or when its backend
@@ -93,6 +98,7 @@ impl DropReason {
             Self::DownstreamSend => "downstream_send",
             Self::TokenTimeout => "token_timeout",
             Self::UpstreamConnect => "upstream_connect",
+            Self::StrayReply => "stray_reply",
         }
     }
 
@@ -104,7 +110,7 @@ impl DropReason {
             | Self::MalformedControl
             | Self::IpLimit
             | Self::TokenTimeout => "client",
-            Self::UpstreamSend | Self::UpstreamConnect => "backend",
+            Self::UpstreamSend | Self::UpstreamConnect | Self::StrayReply => "backend",
             Self::SessionLimit | Self::Draining | Self::UpstreamSetup | Self::DownstreamSend => {
                 "internal"
             }
@@ -205,6 +211,8 @@ pub struct WorkerCounters {
     pub tcp_sessions_active: Counter,
     /// TCP connections accepted on a data port.
     pub tcp_accepted: Counter,
+    /// Shared upstream sockets this worker has open (gauge).
+    pub upstream_sockets: Counter,
     /// TCP connections refused, indexed like [`DropReason::ALL`].
     pub connections_refused: [Counter; DropReason::ALL.len()],
 }
@@ -263,6 +271,8 @@ pub struct CounterSnapshot {
     pub tcp_sessions_active: u64,
     /// TCP connections accepted.
     pub tcp_accepted: u64,
+    /// Shared upstream sockets open.
+    pub upstream_sockets: u64,
     /// TCP connections refused, indexed like [`DropReason::ALL`].
     pub connections_refused: [u64; DropReason::ALL.len()],
 }
@@ -316,6 +326,7 @@ impl CounterSnapshot {
         sum(&mut self.tcp_sessions_created, &c.tcp_sessions_created);
         self.tcp_sessions_active += c.tcp_sessions_active.get();
         self.tcp_accepted += c.tcp_accepted.get();
+        self.upstream_sockets += c.upstream_sockets.get();
         sum(&mut self.connections_refused, &c.connections_refused);
     }
 }

@@ -146,16 +146,38 @@ pub(crate) fn unique_port(
         })
 }
 
-/// A non-blocking UDP socket on an ephemeral port, connected to `target`: the backend sees one
-/// stable peer per session, and the kernel filters out datagrams from anyone but `target`.
-pub(crate) fn connect_upstream_udp(target: SocketAddr) -> io::Result<mio::net::UdpSocket> {
+/// A non-blocking, unconnected UDP socket on an ephemeral port of the wildcard address of one
+/// family: a shared upstream socket (see `crate::upstream`).
+pub(crate) fn bind_upstream_udp(
+    ipv6: bool,
+    recv_buffer_bytes: usize,
+    send_buffer_bytes: usize,
+) -> io::Result<mio::net::UdpSocket> {
+    let (domain, any) = if ipv6 {
+        (
+            Domain::IPV6,
+            SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0)),
+        )
+    } else {
+        (
+            Domain::IPV4,
+            SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, 0)),
+        )
+    };
     let socket = Socket::new(
-        Domain::for_address(target),
+        domain,
         Type::DGRAM.nonblocking().cloexec(),
         Some(Protocol::UDP),
     )?;
-    // connect(2) on an unbound UDP socket binds an ephemeral port as part of the same call.
-    socket.connect(&SockAddr::from(target))?;
+    if ipv6 {
+        // IPv4 backends get IPv4 sockets: replies then come from the address the session knows.
+        socket.set_only_v6(true)?;
+    }
+    // Best effort: the kernel caps these at rmem_max/wmem_max, which the listener sockets
+    // already warn about.
+    let _ = socket.set_recv_buffer_size(recv_buffer_bytes);
+    let _ = socket.set_send_buffer_size(send_buffer_bytes);
+    socket.bind(&SockAddr::from(any))?;
     Ok(mio::net::UdpSocket::from_std(socket.into()))
 }
 

@@ -10,22 +10,19 @@ use dataplane::DropReason;
 use dataplane::ctl::ClientMatch;
 
 #[test]
-fn idle_sessions_expire_and_free_their_sockets() {
-    let proxy = Proxy::start(2, |cfg| cfg.session_timeout = Duration::from_millis(500));
-    // Sockets are counted by the address they are connected to: an echo on an address of its
-    // own, so sockets other tests still hold to a reused 127.0.0.1 port are not counted.
-    let echo = Echo::spawn("127.0.0.77:0", None);
+fn idle_sessions_expire_and_free_their_places_on_the_shared_sockets() {
+    // One worker: each worker has its own sockets, and which worker a client lands on is the
+    // kernel's hash.
+    let proxy = Proxy::start(1, |cfg| cfg.session_timeout = Duration::from_millis(500));
+    let echo = Echo::plain();
     let clients: Vec<_> = (0..20).map(|_| client()).collect();
     for c in &clients {
         c.send_to(proxy.grant_one(1, echo.addr).as_bytes(), proxy.addr())
             .unwrap();
     }
     proxy.eventually("20 sessions", |p| p.ctl.counters().sessions_active == 20);
-    assert_eq!(
-        udp_sockets_connected_to(echo.addr),
-        20,
-        "one upstream socket per session"
-    );
+    // Twenty sessions to one backend address: twenty sockets, one source port each.
+    assert_eq!(proxy.ctl.counters().upstream_sockets, 20);
     // Keep one session busy past the timeout; the others go idle.
     let busy = &clients[0];
     for _ in 0..10 {
@@ -37,15 +34,69 @@ fn idle_sessions_expire_and_free_their_sockets() {
         p.ctl.counters().sessions_expired == 19
     });
     assert_eq!(proxy.sessions().len(), 1);
+    // New sessions take the places the expired ones left: no new socket.
+    let again: Vec<_> = (0..19).map(|_| client()).collect();
+    for c in &again {
+        c.send_to(proxy.grant_one(1, echo.addr).as_bytes(), proxy.addr())
+            .unwrap();
+        c.send_to(b"y", proxy.addr()).unwrap();
+        assert_eq!(expect_datagram(c), b"y");
+    }
+    assert_eq!(proxy.ctl.counters().upstream_sockets, 20);
     drop(clients);
-    proxy.eventually("busy one expired too", |p| {
-        p.ctl.counters().sessions_active == 0
+    drop(again);
+    proxy.eventually("all expired", |p| p.ctl.counters().sessions_active == 0);
+}
+
+#[test]
+fn sessions_to_many_backends_share_upstream_sockets_and_replies_find_their_session() {
+    let proxy = Proxy::start(1, |_| {});
+    // 8 backends × 3 sessions each: 3 sockets carry all 24, each session keeps its own
+    // (socket, backend) pair, so every backend sees 3 distinct source ports.
+    let backends: Vec<Echo> = (0..8).map(Echo::tagged).collect();
+    let mut clients = Vec::new();
+    for (i, b) in backends.iter().enumerate() {
+        for _ in 0..3 {
+            let c = client();
+            c.send_to(proxy.grant_one(i as u64, b.addr).as_bytes(), proxy.addr())
+                .unwrap();
+            clients.push((i as u8, c));
+        }
+    }
+    for round in 0..3u8 {
+        for (_, c) in &clients {
+            c.send_to(&[round], proxy.addr()).unwrap();
+        }
+        for (tag, c) in &clients {
+            assert_eq!(
+                expect_datagram(c),
+                [*tag, round],
+                "a reply reaches its own client"
+            );
+        }
+    }
+    assert_eq!(proxy.ctl.counters().upstream_sockets, 3);
+    // A stranger writing to a shared socket is dropped and counted, never delivered; so is
+    // a late reply from a backend the session has left.
+    let server = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    server.set_read_timeout(Some(WAIT)).unwrap();
+    let c = client();
+    c.send_to(
+        proxy.grant_one(99, server.local_addr().unwrap()).as_bytes(),
+        proxy.addr(),
+    )
+    .unwrap();
+    c.send_to(b"hi", proxy.addr()).unwrap();
+    let mut buf = [0u8; 16];
+    let (_, upstream) = server.recv_from(&mut buf).unwrap();
+    let stranger = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    stranger.send_to(b"spoof", upstream).unwrap();
+    server.send_to(b"real", upstream).unwrap();
+    assert_eq!(expect_datagram(&c), b"real");
+    expect_nothing(&c, Duration::from_millis(100));
+    proxy.eventually("the stray is counted", |p| {
+        p.ctl.counters().dropped(DropReason::StrayReply) == 1
     });
-    assert_eq!(
-        udp_sockets_connected_to(echo.addr),
-        0,
-        "every upstream socket closed"
-    );
 }
 
 #[test]
@@ -161,16 +212,23 @@ fn drain_keeps_sessions_but_opens_none() {
 
 #[test]
 fn shutdown_closes_every_socket() {
-    let echo = Echo::spawn("127.0.0.78:0", None);
-    {
+    let server = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    server.set_read_timeout(Some(WAIT)).unwrap();
+    let upstream_port = {
         let proxy = Proxy::start(2, |_| {});
         let c = client();
-        c.send_to(proxy.grant_one(1, echo.addr).as_bytes(), proxy.addr())
-            .unwrap();
-        proxy.eventually("session", |p| p.sessions().len() == 1);
-        assert_eq!(udp_sockets_connected_to(echo.addr), 1);
-    }
-    assert_eq!(udp_sockets_connected_to(echo.addr), 0);
+        c.send_to(
+            proxy.grant_one(1, server.local_addr().unwrap()).as_bytes(),
+            proxy.addr(),
+        )
+        .unwrap();
+        c.send_to(b"x", proxy.addr()).unwrap();
+        let mut buf = [0u8; 8];
+        let (_, from) = server.recv_from(&mut buf).unwrap();
+        assert_eq!(udp_sockets_on_port(from.port()), 1);
+        from.port()
+    };
+    assert_eq!(udp_sockets_on_port(upstream_port), 0);
 }
 
 #[test]

@@ -127,9 +127,9 @@ fn late_replies_from_the_old_server_are_dropped() {
     expect_nothing(&c, Duration::from_millis(200));
 }
 
-/// An upstream socket that cannot be made (connect(2) to the broadcast address without
-/// `SO_BROADCAST` fails with EACCES) must not spend the token, on a first datagram or on a
-/// control packet: the retry fails the same way instead of as `used`.
+/// A session that cannot be set up (its backend address is the broadcast address, which no
+/// session may send to) must not spend the token, on a first datagram or on a control packet:
+/// the retry fails the same way instead of as `used`.
 #[test]
 fn a_socket_that_cannot_be_made_spends_no_token() {
     let proxy = Proxy::start(2, |_| {});

@@ -49,12 +49,62 @@ struct Contender {
     total: Option<Report>,
 }
 
-struct Other(Child);
+/// Another proxy started for a comparison; killed on drop.
+pub(crate) struct Other {
+    child: Child,
+    /// Its name in the report.
+    pub(crate) label: String,
+    /// Where it listens.
+    pub(crate) addr: SocketAddr,
+    pub(crate) pid: u32,
+}
 
 impl Drop for Other {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        // SIGTERM first: a proxy with worker processes (nginx) stops them on it, while a
+        // SIGKILL would leave them running, holding the port and this process's stdout.
+        if let Ok(pid) = libc::pid_t::try_from(self.pid) {
+            // SAFETY: kill(2) on our own child's pid, which we have not reaped yet.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+        }
+        for _ in 0..50 {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Other {
+    /// Starts `NAME=LISTEN_ADDR=COMMAND` with `{echo}` in COMMAND replaced by `backend`, and
+    /// gives it half a second to listen.
+    pub(crate) fn start(spec: &str, backend: SocketAddr) -> anyhow::Result<Self> {
+        let mut parts = spec.splitn(3, '=');
+        let (Some(name), Some(addr), Some(cmd)) = (parts.next(), parts.next(), parts.next()) else {
+            anyhow::bail!("--other {spec:?} is not NAME=LISTEN_ADDR=COMMAND");
+        };
+        let child = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "exec {}",
+                cmd.replace("{echo}", &backend.to_string())
+            ))
+            .spawn()?;
+        let pid = child.id();
+        let mut other = Self {
+            child,
+            label: name.into(),
+            addr: addr.parse()?,
+            pid,
+        };
+        std::thread::sleep(Duration::from_millis(500));
+        if let Some(status) = other.child.try_wait()? {
+            anyhow::bail!("--other {name} exited at once ({status})");
+        }
+        Ok(other)
     }
 }
 
@@ -87,27 +137,15 @@ pub(crate) fn run(args: &CompareArgs) -> anyhow::Result<()> {
     ];
     let mut others = Vec::new();
     for spec in &args.other {
-        let mut parts = spec.splitn(3, '=');
-        let (Some(name), Some(addr), Some(cmd)) = (parts.next(), parts.next(), parts.next()) else {
-            anyhow::bail!("--other {spec:?} is not NAME=LISTEN_ADDR=COMMAND");
-        };
-        let child = Command::new("sh")
-            .arg("-c")
-            .arg(format!(
-                "exec {}",
-                cmd.replace("{echo}", &echo.addr.to_string())
-            ))
-            .spawn()?;
-        let pid = child.id();
-        others.push(Other(child));
-        std::thread::sleep(Duration::from_millis(500));
+        let other = Other::start(spec, echo.addr)?;
         contenders.push(Contender {
-            label: name.into(),
-            target: addr.parse()?,
+            label: other.label.clone(),
+            target: other.addr,
             query: None,
-            pid: Some(pid),
+            pid: Some(other.pid),
             total: None,
         });
+        others.push(other);
     }
 
     for round in 0..args.rounds {

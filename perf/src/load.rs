@@ -120,14 +120,42 @@ pub(crate) fn token(query: SocketAddr, request: &str) -> anyhow::Result<String> 
     }
 }
 
+/// CPU seconds (user + system) of `pid` and of its live child processes: a proxy with worker
+/// processes (nginx) does its work in those.
 pub(crate) fn cpu_seconds(pid: u32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    let own = stat_fields(pid)?;
+    let ticks = |f: &[String]| -> f64 {
+        let field = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        field(11) + field(12)
+    };
+    let mut total = ticks(&own);
+    if let Ok(entries) = std::fs::read_dir("/proc") {
+        for entry in entries.flatten() {
+            let Some(child) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            // Field 1 after the command is the parent pid.
+            if let Some(f) = stat_fields(child)
+                .filter(|f| f.get(1).map(String::as_str) == Some(&pid.to_string()))
+            {
+                total += ticks(&f);
+            }
+        }
+    }
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    Some(ticks / hz)
+    Some(total / hz)
+}
+
+/// The fields of /proc/PID/stat after the command name (state, ppid, …).
+fn stat_fields(pid: u32) -> Option<Vec<String>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = stat.get(stat.rfind(')')? + 2..)?;
+    Some(rest.split_whitespace().map(str::to_owned).collect())
 }
 
 pub(crate) fn run(args: &LoadArgs) -> anyhow::Result<Report> {

@@ -35,6 +35,10 @@ pub(crate) struct TcpArgs {
     /// Bytes per write of a streaming client.
     #[arg(long, default_value_t = 64 * 1024)]
     write_size: usize,
+    /// Another TCP proxy to compare, as NAME=LISTEN_ADDR=COMMAND; `{echo}` in COMMAND is the
+    /// backend's address. E.g. nginx=127.0.0.1:7901='scripts/nginx-peer.sh tcp 127.0.0.1:7901 {echo}'.
+    #[arg(long)]
+    other: Vec<String>,
     #[command(flatten)]
     proxy: ProxyArgs,
 }
@@ -99,7 +103,13 @@ pub(crate) fn run(args: &TcpArgs) -> anyhow::Result<()> {
         }],
         "",
     )?;
-    let contenders = [("direct", backend.addr), ("udp-director", proxy.data)];
+    let others = args
+        .other
+        .iter()
+        .map(|spec| crate::compare::Other::start(spec, backend.addr))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let mut contenders = vec![("direct", backend.addr), ("udp-director", proxy.data)];
+    contenders.extend(others.iter().map(|o| (o.label.as_str(), o.addr)));
     let mut totals: Vec<Totals> = contenders.iter().map(|_| Totals::default()).collect();
     let duration = Duration::from_secs_f64(args.seconds);
     for round in 1..=args.rounds {

@@ -153,6 +153,27 @@ pub fn udp_sockets_connected_to(peer: SocketAddr) -> usize {
         .count()
 }
 
+/// Open UDP sockets (of any process) bound to local port `port`, any address.
+pub fn udp_sockets_on_port(port: u16) -> usize {
+    let wanted = format!(":{port:04X}");
+    ["/proc/net/udp", "/proc/net/udp6"]
+        .iter()
+        .filter_map(|path| std::fs::read_to_string(path).ok())
+        .flat_map(|table| {
+            table
+                .lines()
+                .skip(1)
+                .filter(|line| {
+                    line.split_whitespace()
+                        .nth(1)
+                        .is_some_and(|local| local.ends_with(&wanted))
+                })
+                .count()
+                .checked_add(0)
+        })
+        .sum()
+}
+
 /// Marks the calling test as skipped because `reason` (something this machine lacks) keeps it
 /// from running: said loudly on the terminal, and a failure under `CI=true`, where every test
 /// must run. The caller returns right after.

@@ -133,6 +133,15 @@ impl<S> SessionTable<S> {
             .map_or(self.slots.len(), |&slot| slot as usize)
     }
 
+    /// The id the next [`Self::insert`] will return.
+    pub fn next_id(&self) -> SessionId {
+        let slot = self.next_slot();
+        SessionId {
+            slot: slot as u32,
+            generation: self.slots.get(slot).map_or(0, |s| s.generation),
+        }
+    }
+
     /// Adds a session; the caller has checked that `session.key` is not present.
     pub fn insert(&mut self, session: Session<S>) -> SessionId {
         let key = session.key;

@@ -15,7 +15,7 @@ use crate::listener::{CloseMode, ListenerId, ListenerKind, Transport};
 use crate::session::{SessionId, SessionKind};
 use crate::socket::ListenSocket;
 
-use super::{FIRST_LISTENER, Listener, ListenerIo, Worker, upstream_token};
+use super::{FIRST_LISTENER, Listener, ListenerIo, Worker};
 
 impl Worker {
     /// Takes every grant published so far.
@@ -249,12 +249,9 @@ impl Worker {
                 .and_then(|d| Some((d.id, d.addr_for(usize::from(port))?)));
             match (kind, new_default) {
                 (SessionKind::Default, Some((to, addr))) => {
-                    let moved = self
-                        .open_upstream(addr, upstream_token(id.slot()))
-                        .ok()
-                        .and_then(|upstream| {
-                            self.retarget(id, to, addr, upstream, SessionKind::Default, now)
-                        });
+                    let moved = self.open_upstream(addr, id).ok().and_then(|upstream| {
+                        self.retarget(id, to, addr, upstream, SessionKind::Default, now)
+                    });
                     match moved {
                         Some(from) => {
                             let _ = self.events.send(WorkerEvent::SessionMoved {

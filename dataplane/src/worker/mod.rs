@@ -19,7 +19,7 @@ use crossbeam_channel::{Receiver, Sender};
 use crossbeam_utils::CachePadded;
 use mio::{Events, Poll, Token, Waker};
 
-use crate::batch::{BATCH, RecvBatch, SendQueue};
+use crate::batch::{BATCH, RecvBatch, SendQueue, UpstreamBatch};
 use crate::config::DataPlaneConfig;
 use crate::ctl::{CloseReason, Closing, ControlMsg, WorkerEvent};
 use crate::error::WorkerError;
@@ -33,15 +33,20 @@ use crate::tcp::splice::Splice;
 use crate::warn_gate::WarnGate;
 
 mod control;
+mod pool;
 mod setup;
 mod tcp;
+
+use pool::{PoolRef, UpstreamPool};
 
 const WAKER: Token = Token(0);
 /// Listener `id` is `Token(FIRST_LISTENER + id)`; sessions come after every possible listener.
 const FIRST_LISTENER: usize = 1;
-/// Session slot `s` has two tokens: `FIRST_SESSION + 2s` for its upstream socket and
-/// `FIRST_SESSION + 2s + 1` for its client connection (TCP only).
+/// A TCP session in slot `s` has two tokens: `FIRST_SESSION + 2s` for its backend connection
+/// and `FIRST_SESSION + 2s + 1` for its client connection.
 const FIRST_SESSION: usize = FIRST_LISTENER + MAX_LISTENERS;
+/// Shared upstream socket `p` (a [`PoolRef`]) is `FIRST_POOL + p`, above every session token.
+const FIRST_POOL: usize = usize::MAX / 4 + 1;
 /// TCP connections still waiting for their token: `FIRST_PENDING + slot`, above every
 /// session token.
 const FIRST_PENDING: usize = usize::MAX / 2 + 1;
@@ -56,7 +61,7 @@ const CLOSING_CHECK_INTERVAL: Duration = Duration::from_millis(100);
 /// sessions); short, so such a session would not linger.
 const ORPHAN_IDLE_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// The token of a session's upstream socket.
+/// The token of a TCP session's backend connection.
 fn upstream_token(slot: usize) -> Token {
     Token(FIRST_SESSION + 2 * slot)
 }
@@ -69,10 +74,18 @@ fn client_token(slot: usize) -> Token {
 /// A session's way to its backend.
 #[derive(Debug)]
 pub(crate) enum Upstream {
-    /// A connected UDP socket; replies go out of the listener's socket.
-    Udp(mio::net::UdpSocket),
+    /// A UDP session: its place on a shared upstream socket, and its backend's address
+    /// encoded once for `sendmmsg`. Replies go out of the listener's socket.
+    Udp(UdpUpstream),
     /// A TCP session: the client's connection spliced to the backend connection.
     Tcp(Box<Splice>),
+}
+
+/// A UDP session's upstream side.
+#[derive(Debug)]
+pub(crate) struct UdpUpstream {
+    pool: PoolRef,
+    dest: socket2::SockAddr,
 }
 
 impl Upstream {
@@ -80,19 +93,6 @@ impl Upstream {
         match self {
             Self::Udp(_) => Transport::Udp,
             Self::Tcp(_) => Transport::Tcp,
-        }
-    }
-
-    /// Takes the session's sockets out of the worker's poll (they close when dropped).
-    fn deregister(&mut self, registry: &mio::Registry) {
-        let result = match self {
-            Self::Udp(socket) => registry.deregister(socket),
-            Self::Tcp(splice) => registry
-                .deregister(&mut splice.client)
-                .and(registry.deregister(&mut splice.upstream)),
-        };
-        if let Err(e) = result {
-            log::debug!("deregister: {e}");
         }
     }
 }
@@ -146,6 +146,10 @@ pub(crate) struct Worker {
     closing_listeners: usize,
     /// Taken out while a batch is processed, so handlers can borrow the rest of `self`.
     rx: Option<Box<RecvBatch>>,
+    /// Client datagrams of the batch in `rx` on their way upstream.
+    upstream_batch: Box<UpstreamBatch>,
+    /// The shared upstream sockets of UDP sessions.
+    pool: UpstreamPool,
     sessions: SessionTable<Upstream>,
     /// TCP sessions among `sessions`, for the per-protocol gauge.
     tcp_sessions: usize,
@@ -165,6 +169,7 @@ pub(crate) struct Worker {
     /// Sockets left with unread datagrams after hitting `IO_LOOP_BOUND`.
     pending_ports: Vec<usize>,
     pending_sessions: Vec<SessionId>,
+    pending_pools: Vec<PoolRef>,
     expired: Vec<Session<Upstream>>,
     next_grant_sweep: Instant,
 }
@@ -195,6 +200,11 @@ impl Worker {
             listeners: Vec::new(),
             closing_listeners: 0,
             rx: Some(Box::new(RecvBatch::new())),
+            upstream_batch: Box::new(UpstreamBatch::new()),
+            pool: UpstreamPool::new(
+                setup.config.recv_buffer_bytes,
+                setup.config.send_buffer_bytes,
+            ),
             sessions: SessionTable::new(now),
             tcp_sessions: 0,
             pending_tcp: tcp::PendingConnections::default(),
@@ -210,6 +220,7 @@ impl Worker {
             shutting_down: false,
             pending_ports: Vec::new(),
             pending_sessions: Vec::new(),
+            pending_pools: Vec::new(),
             expired: Vec::new(),
             next_grant_sweep: now + GRANT_SWEEP_INTERVAL,
         };
@@ -253,6 +264,9 @@ impl Worker {
                     }
                     Token(t) if t < FIRST_SESSION => self.drain_port(t - FIRST_LISTENER, now),
                     Token(t) if t >= FIRST_PENDING => self.on_pending(t - FIRST_PENDING, now),
+                    Token(t) if t >= FIRST_POOL => {
+                        self.drain_pool(PoolRef::from_number((t - FIRST_POOL) as u32), now);
+                    }
                     Token(t) => self.drain_session((t - FIRST_SESSION) / 2, now),
                 }
             }
@@ -274,7 +288,10 @@ impl Worker {
     }
 
     fn next_timeout(&self, now: Instant) -> Option<Duration> {
-        if !self.pending_ports.is_empty() || !self.pending_sessions.is_empty() {
+        if !self.pending_ports.is_empty()
+            || !self.pending_sessions.is_empty()
+            || !self.pending_pools.is_empty()
+        {
             return Some(Duration::ZERO);
         }
         let grants =
@@ -312,8 +329,9 @@ impl Worker {
                 Ok(n) => {
                     for i in 0..n {
                         let (datagram, from) = rx.get(i);
-                        self.on_client_datagram(port, kind, datagram, from, now);
+                        self.on_client_datagram(port, kind, i, datagram, from, now);
                     }
+                    self.flush_upstream(&rx);
                     if n < BATCH {
                         // A short batch means the queue was empty: a new datagram raises a new
                         // readiness edge, so there is nothing left to read now.
@@ -339,10 +357,12 @@ impl Worker {
         self.rx = Some(rx);
     }
 
+    /// Datagram `slot` of the receive batch, from a client on listener `port`.
     fn on_client_datagram(
         &mut self,
         port: usize,
         kind: ListenerKind,
+        slot: usize,
         datagram: &[u8],
         from: Option<SocketAddr>,
         now: Instant,
@@ -366,14 +386,16 @@ impl Worker {
                 if resets && let Some(body) = control_body(datagram, &self.control_magic) {
                     self.reset_session(id, body, now);
                 } else {
-                    self.forward_upstream(id, datagram, now);
+                    self.forward_upstream(id, slot, datagram.len(), now);
                 }
             }
-            None => self.open_session(key, from, datagram, now),
+            None => self.open_session(key, from, slot, datagram, now),
         }
     }
 
-    fn forward_upstream(&mut self, id: SessionId, datagram: &[u8], now: Instant) {
+    /// Queues datagram `slot` of the receive batch (`len` bytes) for the session's backend; it
+    /// leaves with the rest of the batch in [`Self::flush_upstream`].
+    fn forward_upstream(&mut self, id: SessionId, slot: usize, len: usize, now: Instant) {
         let Some(session) = self.sessions.get_mut(id) else {
             return;
         };
@@ -381,33 +403,91 @@ impl Worker {
             return;
         };
         session.last_active = now;
-        match upstream.send(datagram) {
-            Ok(_) => {
-                session.stats.packets_upstream += 1;
-                session.stats.bytes_upstream += datagram.len() as u64;
-                let c = &self.counters[self.id];
-                c.packets_upstream.add(1);
-                c.bytes_upstream.add(datagram.len() as u64);
-            }
-            Err(e) => {
-                log::trace!("worker {}: send to {}: {e}", self.id, session.target);
-                self.counters[self.id].drop(DropReason::UpstreamSend, 1);
-            }
+        self.upstream_batch
+            .push(upstream.pool.number(), slot, &upstream.dest);
+        session.stats.packets_upstream += 1;
+        session.stats.bytes_upstream += len as u64;
+        let c = &self.counters[self.id];
+        c.packets_upstream.add(1);
+        c.bytes_upstream.add(len as u64);
+    }
+
+    /// Sends the client datagrams of `rx` queued for their backends: one `sendmmsg` per
+    /// shared upstream socket.
+    fn flush_upstream(&mut self, rx: &RecvBatch) {
+        let pool = &self.pool;
+        let (_, dropped) = self
+            .upstream_batch
+            .flush(rx, self.batch_io, |n| pool.fd(PoolRef::from_number(n)));
+        if dropped > 0 {
+            self.counters[self.id].drop(DropReason::UpstreamSend, dropped);
         }
     }
 
     // ---- backend side ----------------------------------------------------------------------
 
+    /// An event on a TCP session's connections.
     fn drain_session(&mut self, slot: usize, now: Instant) {
-        let Some((id, session)) = self.sessions.by_slot_mut(slot) else {
+        let Some((id, _)) = self.sessions.by_slot_mut(slot) else {
             return; // closed earlier in this turn
         };
-        let fd = match &session.upstream {
-            Upstream::Udp(socket) => socket.as_raw_fd(),
-            Upstream::Tcp(_) => {
-                self.drive_tcp(id, now);
-                return;
+        self.drive_tcp(id, now);
+    }
+
+    /// Replies on a shared upstream socket: each goes to the session of its source address,
+    /// out of that session's listener socket.
+    fn drain_pool(&mut self, pool: PoolRef, now: Instant) {
+        let Some(fd) = self.pool.fd(pool) else {
+            return;
+        };
+        let Some(mut rx) = self.rx.take() else {
+            return;
+        };
+        let mut drained = false;
+        for _ in 0..IO_LOOP_BOUND {
+            match rx.recv(fd, self.batch_io) {
+                Ok(n) => {
+                    for i in 0..n {
+                        let (datagram, from) = rx.get(i);
+                        self.on_reply(pool, datagram, from, now);
+                    }
+                    if n < BATCH {
+                        drained = true;
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    drained = true;
+                    break;
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::ConnectionRefused | io::ErrorKind::Interrupted
+                    ) => {}
+                Err(e) => {
+                    log::debug!("worker {}: receive on an upstream socket: {e}", self.id);
+                    drained = true;
+                    break;
+                }
             }
+        }
+        if !drained {
+            self.pending_pools.push(pool);
+        }
+        self.rx = Some(rx);
+    }
+
+    fn on_reply(&mut self, pool: PoolRef, datagram: &[u8], from: Option<SocketAddr>, now: Instant) {
+        let counters = &self.counters[self.id];
+        // Only a session's backend is heard: anything else reaching the socket is dropped.
+        let Some(id) = from.and_then(|from| self.pool.session_for(pool, from)) else {
+            counters.drop(DropReason::StrayReply, 1);
+            return;
+        };
+        let Some(session) = self.sessions.get_mut(id) else {
+            counters.drop(DropReason::StrayReply, 1);
+            return;
         };
         // A listener lives as long as any of its sessions.
         let Some(Listener {
@@ -420,52 +500,27 @@ impl Worker {
         else {
             return;
         };
-        let counters = &self.counters[self.id];
-        let mut drained = false;
-        for _ in 0..IO_LOOP_BOUND {
-            if replies.is_full() {
-                let flushed = replies.flush(socket.as_raw_fd(), self.batch_io);
-                counters.drop(DropReason::DownstreamSend, flushed.dropped);
-            }
-            let free = BATCH - replies.len();
-            match replies.recv_from_connected(fd, &session.client_sockaddr, self.batch_io) {
-                Ok((n, bytes)) => {
-                    session.last_active = now;
-                    session.stats.packets_downstream += n as u64;
-                    session.stats.bytes_downstream += bytes as u64;
-                    counters.packets_downstream.add(n as u64);
-                    counters.bytes_downstream.add(bytes as u64);
-                    if n < free {
-                        drained = true;
-                        break;
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    drained = true;
-                    break;
-                }
-                // A backend that was down answered an earlier send with ICMP; the error is
-                // reported once and the socket stays usable.
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::ConnectionRefused | io::ErrorKind::Interrupted
-                    ) => {}
-                Err(e) => {
-                    log::debug!("worker {}: receive from {}: {e}", self.id, session.target);
-                    drained = true;
-                    break;
-                }
-            }
+        if replies.is_full() {
+            let flushed = replies.flush(socket.as_raw_fd(), self.batch_io);
+            counters.drop(DropReason::DownstreamSend, flushed.dropped);
         }
-        if !drained {
-            self.pending_sessions.push(id);
+        if !replies.push(datagram, &session.client_sockaddr) {
+            counters.drop(DropReason::DownstreamSend, 1);
+            return;
         }
+        session.last_active = now;
+        session.stats.packets_downstream += 1;
+        session.stats.bytes_downstream += datagram.len() as u64;
+        counters.packets_downstream.add(1);
+        counters.bytes_downstream.add(datagram.len() as u64);
     }
 
     /// Gives sockets that hit the work bound last turn another turn.
     fn drain_pending(&mut self, now: Instant) {
-        if self.pending_ports.is_empty() && self.pending_sessions.is_empty() {
+        if self.pending_ports.is_empty()
+            && self.pending_sessions.is_empty()
+            && self.pending_pools.is_empty()
+        {
             return;
         }
         let ports = std::mem::take(&mut self.pending_ports);
@@ -475,6 +530,10 @@ impl Worker {
         let sessions = std::mem::take(&mut self.pending_sessions);
         for id in sessions {
             self.drain_session(id.slot(), now);
+        }
+        let pools = std::mem::take(&mut self.pending_pools);
+        for pool in pools {
+            self.drain_pool(pool, now);
         }
     }
 
@@ -539,9 +598,14 @@ impl Worker {
     /// its listener (a draining listener closes with its last session), and (on drop) its
     /// socket.
     fn release(&mut self, session: &mut Session<Upstream>, reason: CloseReason) {
-        session.upstream.deregister(self.poll.registry());
-        if session.upstream.transport() == Transport::Tcp {
-            self.tcp_sessions -= 1;
+        match &mut session.upstream {
+            Upstream::Udp(upstream) => self.pool.release(upstream.pool, session.target),
+            Upstream::Tcp(splice) => {
+                let registry = self.poll.registry();
+                let _ = registry.deregister(&mut splice.client);
+                let _ = registry.deregister(&mut splice.upstream);
+                self.tcp_sessions -= 1;
+            }
         }
         self.limits.release(session.key.client.ip());
         let _ = self.events.send(WorkerEvent::SessionClosed {

@@ -7,8 +7,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use mio::{Interest, Token};
-
 use crate::admit::{Admission, AdmitContext, admit};
 use crate::ctl::WorkerEvent;
 use crate::grant::{BackendId, Grant, TokenId};
@@ -16,11 +14,9 @@ use crate::listener::{ListenerKind, Transport};
 use crate::metrics::{DropReason, TokenRejectReason};
 use crate::packet::{classify, parse_token};
 use crate::session::{Session, SessionId, SessionKey, SessionKind, SessionStats};
-use crate::socket::connect_upstream_udp;
+use crate::upstream::is_unicast_target;
 
-use super::{ORPHAN_IDLE_TIMEOUT, Upstream, Worker, upstream_token};
-
-type UdpUpstream = mio::net::UdpSocket;
+use super::{ORPHAN_IDLE_TIMEOUT, UdpUpstream, Upstream, Worker};
 
 impl Worker {
     /// First datagram of an unknown client: a token (or control packet) opens a session to its
@@ -30,6 +26,7 @@ impl Worker {
         &mut self,
         key: SessionKey,
         reply_to: SocketAddr,
+        slot: usize,
         datagram: &[u8],
         now: Instant,
     ) {
@@ -77,7 +74,7 @@ impl Worker {
             kind: SessionKind::Default,
             token: None,
         });
-        self.forward_upstream(id, datagram, now);
+        self.forward_upstream(id, slot, datagram.len(), now);
     }
 
     /// What admission needs to know of listener `port` and this worker's state.
@@ -109,7 +106,7 @@ impl Worker {
         };
         if let Err(reason) = grant.redeem(usize::from(key.port), now) {
             // Another worker redeemed it in the meantime.
-            self.abandon(key.client, upstream);
+            self.abandon(key.client, &upstream, target);
             self.counters().reject(reason);
             self.counters().drop(DropReason::TokenRejected, 1);
             return;
@@ -157,8 +154,8 @@ impl Worker {
     }
 
     /// Everything a new session needs that can fail: a slot under `maxSessions` and
-    /// `maxSessionsPerIp`, and an upstream socket to `target`, registered under the token of
-    /// the slot the session will take. `None` when refused (counted, and logged at most once a
+    /// `maxSessionsPerIp`, and a place on a shared upstream socket to `target`, recorded for
+    /// the id the session will take. `None` when refused (counted, and logged at most once a
     /// second).
     pub(super) fn reserve(
         &mut self,
@@ -170,8 +167,7 @@ impl Worker {
             self.counters().drop(reason, 1);
             return None;
         }
-        let token = upstream_token(self.sessions.next_slot());
-        match self.open_upstream(target, token) {
+        match self.open_upstream(target, self.sessions.next_id()) {
             Ok(upstream) => Some(upstream),
             Err(e) => {
                 if let Some(note) = self.warn_gate.admit(now) {
@@ -185,22 +181,37 @@ impl Worker {
     }
 
     /// Gives back what [`Self::reserve`] took, for a session that will not open after all.
-    pub(super) fn abandon(&self, client: SocketAddr, mut upstream: UdpUpstream) {
-        let _ = self.poll.registry().deregister(&mut upstream);
+    pub(super) fn abandon(
+        &mut self,
+        client: SocketAddr,
+        upstream: &UdpUpstream,
+        target: SocketAddr,
+    ) {
+        self.pool.release(upstream.pool, target);
         self.limits.release(client.ip());
     }
 
-    /// A connected upstream socket, registered in this worker's poll under `token`.
+    /// A place for session `id` on a shared upstream socket that serves no other session to
+    /// `target` (opened if need be).
     pub(super) fn open_upstream(
-        &self,
+        &mut self,
         target: SocketAddr,
-        token: Token,
+        id: SessionId,
     ) -> io::Result<UdpUpstream> {
-        let mut upstream = connect_upstream_udp(target)?;
-        self.poll
-            .registry()
-            .register(&mut upstream, token, Interest::READABLE)?;
-        Ok(upstream)
+        if !is_unicast_target(target) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "not a unicast address a session can send to",
+            ));
+        }
+        let pool = self.pool.acquire(target, id, self.poll.registry())?;
+        self.counters()
+            .upstream_sockets
+            .set(self.pool.sockets() as u64);
+        Ok(UdpUpstream {
+            pool,
+            dest: socket2::SockAddr::from(target),
+        })
     }
 
     /// Adds a session whose slot and socket [`Self::reserve`] set up; cannot fail.
@@ -288,7 +299,7 @@ impl Worker {
         };
         // The new socket first, the token after: a socket that cannot be made leaves both the
         // session and the token as they were.
-        let upstream = match self.open_upstream(target, upstream_token(id.slot())) {
+        let upstream = match self.open_upstream(target, id) {
             Ok(upstream) => upstream,
             Err(e) => {
                 if let Some(note) = self.warn_gate.admit(now) {
@@ -301,8 +312,7 @@ impl Worker {
             }
         };
         if let Err(reason) = grant.redeem(port, now) {
-            let mut unused = upstream;
-            let _ = self.poll.registry().deregister(&mut unused);
+            self.pool.release(upstream.pool, target);
             self.counters().reject(reason);
             self.counters().drop(DropReason::TokenRejected, 1);
             return;
@@ -322,10 +332,9 @@ impl Worker {
         });
     }
 
-    /// Points a UDP session at a new backend through `upstream`, a fresh socket already
-    /// registered under the session's token. The old socket is closed, so late replies from the
-    /// old backend are dropped by the kernel. Returns the backend the session left (`None`: no
-    /// such UDP session).
+    /// Points a UDP session at a new backend through `upstream`, its new place on a shared
+    /// socket. It leaves its old place: late replies from the old backend are dropped as
+    /// strays. Returns the backend the session left (`None`: no such UDP session).
     pub(super) fn retarget(
         &mut self,
         id: SessionId,
@@ -335,16 +344,20 @@ impl Worker {
         kind: SessionKind,
         now: Instant,
     ) -> Option<BackendId> {
-        let session = self.sessions.get_mut(id)?;
-        let Upstream::Udp(current) = &mut session.upstream else {
+        let Some(session) = self.sessions.get_mut(id) else {
+            self.pool.release(upstream.pool, target);
             return None;
         };
-        let mut old = std::mem::replace(current, upstream);
-        session.target = target;
+        let Upstream::Udp(current) = &mut session.upstream else {
+            self.pool.release(upstream.pool, target);
+            return None;
+        };
+        let old = std::mem::replace(current, upstream);
+        let old_target = std::mem::replace(&mut session.target, target);
         session.kind = kind;
         session.last_active = now;
         let from = std::mem::replace(&mut session.backend, backend);
-        let _ = self.poll.registry().deregister(&mut old);
+        self.pool.release(old.pool, old_target);
         Some(from)
     }
 }
