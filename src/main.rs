@@ -253,9 +253,8 @@ fn open_file_hard_limit() -> u64 {
     limit.rlim_max
 }
 
-/// Each session holds a socket: lift the soft fd limit to the hard one.
-/// Raises the open-file soft limit to the hard limit (every session holds a socket, a TCP
-/// session two), and says so when even that is below what `maxSessions` asks.
+/// Raises the open-file soft limit to the hard limit (a TCP session holds two sockets), and
+/// says so when even that is below what `maxSessions` asks of TCP data ports.
 fn raise_fd_limit(config: &Config) {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
@@ -287,10 +286,18 @@ fn raise_fd_limit(config: &Config) {
         }
         limit.rlim_cur
     };
-    if (soft as u128) < config.max_sessions as u128 {
+    // UDP sessions share a few upstream sockets per worker; a TCP session holds two
+    // descriptors (client and backend connection).
+    let tcp = config
+        .data_ports
+        .iter()
+        .any(|p| p.protocol == control::config::Protocol::Tcp);
+    if tcp && (soft as u128) < 2 * config.max_sessions as u128 {
         log::warn!(
-            "the open-file limit is {soft}, below maxSessions ({}): sessions beyond about {soft} \
-             will be refused as upstream_setup; raise the hard limit (LimitNOFILE, ulimit -Hn)",
+            "the open-file limit is {soft}: with two descriptors per TCP session, about {} TCP \
+             sessions fit, fewer than maxSessions ({}); more are refused as upstream_setup. \
+             Raise the hard limit (LimitNOFILE, ulimit -Hn)",
+            soft / 2,
             config.max_sessions
         );
     }

@@ -37,6 +37,9 @@ enum Command {
     Query(query::QueryArgs),
     /// N concurrent sessions: setup rate, proxy memory per session, no cross-talk.
     Sessions(sessions::SessionsArgs),
+    /// One client process of `sessions` (started by it).
+    #[command(hide = true)]
+    SessionsClient(sessions::ClientArgs),
     /// Live migrations under load: loss, wrong-server replies, time to the new server.
     Migrate(migrate::MigrateArgs),
     /// Direct vs through the proxy (and other proxies), interleaved, with ratios.
@@ -57,6 +60,7 @@ fn main() -> ExitCode {
         }
         Command::Query(a) => query::run(&a),
         Command::Sessions(a) => sessions::run(&a),
+        Command::SessionsClient(a) => sessions::run_client(&a),
         Command::Migrate(a) => migrate::run(&a),
         Command::Compare(a) => compare::run(&a),
         Command::Tcp(a) => tcp::run(&a),

@@ -21,6 +21,7 @@ pub(crate) struct ProxyProcess {
     dir: PathBuf,
     pub(crate) pid: u32,
     pub(crate) query: SocketAddr,
+    pub(crate) admin: SocketAddr,
     pub(crate) data: SocketAddr,
 }
 
@@ -121,6 +122,7 @@ impl ProxyProcess {
                 .with_context(|| format!("no {key} in the proxy's first line {line:?}"))
         };
         let query = field("query=")?.parse()?;
+        let admin = field("admin=")?.parse()?;
         // `data=NAME/PROTOCOL=ADDR,…`: the first data port.
         let data = field("data=")?
             .split(',')
@@ -135,6 +137,7 @@ impl ProxyProcess {
             dir,
             pid,
             query,
+            admin,
             data,
         };
         // Ready once the inventory is in: a query answers with a token.
