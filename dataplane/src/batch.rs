@@ -233,7 +233,9 @@ fn send_all<'a>(
     let mut dropped = 0;
     let mut sent = 0;
     while sent < count {
-        let result = if batch_io {
+        // One datagram left: sendto(2) does less work in the kernel than a sendmmsg(2) of one,
+        // and at one round trip in flight that is every send.
+        let result = if batch_io && count - sent > 1 {
             sys::send_many(fd, sent, count, &msg)
         } else {
             portable::send_many(fd, sent, count, &msg)
