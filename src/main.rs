@@ -286,8 +286,16 @@ fn raise_fd_limit(config: &Config) {
         }
         limit.rlim_cur
     };
-    // UDP sessions share a few upstream sockets per worker; a TCP session holds two
-    // descriptors (client and backend connection).
+    // UDP sessions share upstream sockets, but sessions to one backend address need one
+    // socket each; a TCP session holds two descriptors (client and backend connection).
+    if (soft as u128) < config.max_sessions as u128 {
+        log::info!(
+            "open-file limit {soft}: UDP sessions share upstream sockets, but the sessions to \
+             one backend address need a socket each, so one backend takes at most about {soft} \
+             of maxSessions ({})",
+            config.max_sessions
+        );
+    }
     let tcp = config
         .data_ports
         .iter()

@@ -18,6 +18,8 @@ use socket2::SockAddr;
 
 /// Datagrams moved per syscall.
 pub(crate) const BATCH: usize = 32;
+// An [`UpstreamBatch`] stores receive slots as `u8`.
+const _: () = assert!(BATCH <= 256);
 /// Room for the largest UDP datagram.
 pub(crate) const SLOT_BYTES: usize = 65_536;
 
@@ -230,6 +232,17 @@ fn send_all<'a>(
     batch_io: bool,
     msg: impl Fn(usize) -> Outgoing<'a>,
 ) -> u64 {
+    send_all_noting(fd, count, batch_io, msg, |_| {})
+}
+
+/// [`send_all`], telling `dropped(i)` of each datagram dropped.
+fn send_all_noting<'a>(
+    fd: RawFd,
+    count: usize,
+    batch_io: bool,
+    msg: impl Fn(usize) -> Outgoing<'a>,
+    mut on_drop: impl FnMut(usize),
+) -> u64 {
     let mut dropped = 0;
     let mut sent = 0;
     while sent < count {
@@ -242,20 +255,38 @@ fn send_all<'a>(
         };
         match result {
             Ok(n) if n > 0 => sent += n,
-            Ok(_) => break,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            // The kernel takes no more now (full send buffer, or a send of nothing).
+            Ok(_) => {
+                (sent..count).for_each(&mut on_drop);
+                dropped += (count - sent) as u64;
+                break;
+            }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                (sent..count).for_each(&mut on_drop);
                 dropped += (count - sent) as u64;
                 break;
             }
             Err(e) => {
                 log::debug!("dropping a datagram: {e}");
+                on_drop(sent);
                 dropped += 1;
                 sent += 1;
             }
         }
     }
     dropped
+}
+
+/// What an [`UpstreamBatch::flush`] did.
+#[derive(Clone, Copy, Debug, Default, Eq, PartialEq)]
+pub(crate) struct SentUpstream {
+    /// Datagrams the kernel took.
+    pub(crate) packets: u64,
+    /// Their bytes.
+    pub(crate) bytes: u64,
+    /// Datagrams dropped (refused, full send buffer, socket gone).
+    pub(crate) dropped: u64,
 }
 
 /// Client datagrams of one [`RecvBatch`] queued for their backends: each names the shared
@@ -300,17 +331,17 @@ impl UpstreamBatch {
     }
 
     /// Sends what is queued, grouped by socket (`fd_of` turns a socket number into its fd;
-    /// `None`: gone, its datagrams dropped). Returns (sent, dropped).
+    /// `None`: gone, its datagrams dropped).
     pub(crate) fn flush(
         &mut self,
         rx: &RecvBatch,
         batch_io: bool,
         fd_of: impl Fn(u32) -> Option<RawFd>,
-    ) -> (u64, u64) {
+    ) -> SentUpstream {
         let count = std::mem::take(&mut self.count);
         let mut done = [false; BATCH];
         let mut group = [0usize; BATCH];
-        let (mut sent, mut dropped) = (0u64, 0u64);
+        let mut result = SentUpstream::default();
         for first in 0..count {
             if done[first] {
                 continue;
@@ -325,21 +356,30 @@ impl UpstreamBatch {
                 }
             }
             let Some(fd) = fd_of(socket) else {
-                dropped += len as u64;
+                result.dropped += len as u64;
                 continue;
             };
-            let lost = send_all(fd, len, batch_io, |k| {
-                let i = group[k];
-                Outgoing {
-                    data: rx.data(usize::from(self.slots[i])),
-                    addr: &self.addrs[i],
-                    addr_len: self.addr_lens[i],
-                }
-            });
-            dropped += lost;
-            sent += len as u64 - lost;
+            let size = |k: usize| rx.data(usize::from(self.slots[group[k]])).len() as u64;
+            let mut lost_bytes = 0;
+            let lost = send_all_noting(
+                fd,
+                len,
+                batch_io,
+                |k| {
+                    let i = group[k];
+                    Outgoing {
+                        data: rx.data(usize::from(self.slots[i])),
+                        addr: &self.addrs[i],
+                        addr_len: self.addr_lens[i],
+                    }
+                },
+                |k| lost_bytes += size(k),
+            );
+            result.dropped += lost;
+            result.packets += len as u64 - lost;
+            result.bytes += (0..len).map(size).sum::<u64>() - lost_bytes;
         }
-        (sent, dropped)
+        result
     }
 }
 
@@ -614,7 +654,8 @@ mod tests {
             2 => Some(u2.as_raw_fd()),
             _ => None,
         };
-        assert_eq!(up.flush(&rx, batch_io, fds), (6, 0));
+        let sent = up.flush(&rx, batch_io, fds);
+        assert_eq!((sent.packets, sent.bytes, sent.dropped), (6, 600, 0));
         std::thread::sleep(std::time::Duration::from_millis(20));
         for (peer, from, first) in [(&p1, &u1, 0u8), (&p2, &u2, 1)] {
             for k in 0..3u8 {
@@ -625,7 +666,20 @@ mod tests {
         }
         // A socket that is gone drops its datagrams and counts them.
         up.push(9, 0, &to1);
-        assert_eq!(up.flush(&rx, batch_io, fds), (0, 1));
+        assert_eq!(up.flush(&rx, batch_io, fds).dropped, 1);
+        // One datagram the kernel refuses (an IPv6 destination on an IPv4 socket) in the
+        // middle of a group is dropped alone; the rest leave.
+        let v6 = SockAddr::from("[::1]:9".parse::<SocketAddr>().unwrap());
+        for slot in 0..6 {
+            up.push(1, slot, if slot == 2 { &v6 } else { &to1 });
+        }
+        let sent = up.flush(&rx, batch_io, fds);
+        assert_eq!((sent.packets, sent.bytes, sent.dropped), (5, 500, 1));
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        for slot in [0u8, 1, 3, 4, 5] {
+            let (len, _) = p1.recv_from(&mut buf).unwrap();
+            assert_eq!(&buf[..len], &[slot; 100]);
+        }
     }
 
     #[test]

@@ -8,7 +8,9 @@
 //! apart by (socket, source address). A worker then needs as many sockets as its busiest
 //! backend has sessions on it, not one per session.
 
-use std::net::SocketAddr;
+use std::collections::VecDeque;
+use std::net::{SocketAddr, SocketAddrV6};
+use std::time::{Duration, Instant};
 
 use ahash::AHashMap;
 
@@ -24,43 +26,85 @@ pub(crate) fn is_unicast_target(target: SocketAddr) -> bool {
     unicast && !ip.is_unspecified() && !ip.is_multicast() && target.port() != 0
 }
 
+/// How long a place (socket, backend address) a session left stays unused. The backend may
+/// still send to the session's old source port for a while (replies in flight, or a server
+/// that has not noticed the player moved); a new session to the same backend in the same
+/// place would get them, and the backend would take it for the old player.
+pub(crate) const PLACE_QUARANTINE: Duration = Duration::from_secs(10);
+
+/// The form a backend address takes as a key, so the address a session was given and the
+/// source address the kernel reports for its replies match: IPv4-mapped IPv6 as IPv4, no IPv6
+/// flow label, and a scope id only where it means something (link-local addresses).
+pub(crate) fn peer_key(addr: SocketAddr) -> SocketAddr {
+    match addr {
+        SocketAddr::V4(_) => addr,
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::from((v4, v6.port())),
+            None => {
+                let link_local = v6.ip().segments()[0] & 0xffc0 == 0xfe80;
+                let scope = if link_local { v6.scope_id() } else { 0 };
+                SocketAddr::V6(SocketAddrV6::new(*v6.ip(), v6.port(), 0, scope))
+            }
+        },
+    }
+}
+
 /// Which socket each backend address's sessions use.
 #[derive(Debug, Default)]
 pub(crate) struct SocketAssigner {
     targets: AHashMap<SocketAddr, TargetUse>,
 }
 
-/// The sockets one backend address uses: `0..high_water`, minus `free`.
+/// The sockets one backend address uses: `0..high_water`, minus those in `free`.
 #[derive(Debug, Default)]
 struct TargetUse {
     high_water: u32,
-    free: Vec<u32>,
+    /// Places given back, oldest first, with when.
+    free: VecDeque<(u32, Instant)>,
 }
 
 impl SocketAssigner {
-    /// A socket for a new session to `target`, one no live session to `target` uses. It may be
-    /// the first index past every socket opened so far: the caller opens that one.
-    pub(crate) fn acquire(&mut self, target: SocketAddr) -> u32 {
+    /// A socket for a new session to `target`, one no live session to `target` uses and none
+    /// left within [`PLACE_QUARANTINE`]. It may be the first index past every socket opened so
+    /// far: the caller opens that one.
+    pub(crate) fn acquire(&mut self, target: SocketAddr, now: Instant) -> u32 {
         let used = self.targets.entry(target).or_default();
-        used.free.pop().unwrap_or_else(|| {
-            used.high_water += 1;
-            used.high_water - 1
-        })
-    }
-
-    /// The session to `target` on socket `index` has ended (or was never made).
-    pub(crate) fn release(&mut self, target: SocketAddr, index: u32) {
-        let Some(used) = self.targets.get_mut(&target) else {
-            return;
-        };
-        used.free.push(index);
-        if used.free.len() == used.high_water as usize {
-            // No session to `target` is left: forget it (its sockets stay for others).
-            self.targets.remove(&target);
+        match used.free.front() {
+            Some(&(index, since)) if now.saturating_duration_since(since) >= PLACE_QUARANTINE => {
+                used.free.pop_front();
+                index
+            }
+            _ => {
+                used.high_water += 1;
+                used.high_water - 1
+            }
         }
     }
 
-    /// Backend addresses with at least one session.
+    /// The session to `target` on socket `index` has ended, moved or was never made.
+    pub(crate) fn release(&mut self, target: SocketAddr, index: u32, now: Instant) {
+        let Some(used) = self.targets.get_mut(&target) else {
+            return;
+        };
+        debug_assert!(
+            index < used.high_water && !used.free.iter().any(|&(i, _)| i == index),
+            "a place released twice, or never handed out"
+        );
+        used.free.push_back((index, now));
+    }
+
+    /// Forgets backend addresses whose every place has been free past the quarantine (their
+    /// sockets stay for other backends). Call now and then.
+    pub(crate) fn sweep(&mut self, now: Instant) {
+        self.targets.retain(|_, used| {
+            used.free.len() < used.high_water as usize
+                || used.free.back().is_some_and(|&(_, since)| {
+                    now.saturating_duration_since(since) < PLACE_QUARANTINE
+                })
+        });
+    }
+
+    /// Backend addresses known.
     #[cfg(test)]
     fn targets(&self) -> usize {
         self.targets.len()
@@ -95,37 +139,61 @@ mod tests {
     }
 
     #[test]
+    fn backend_addresses_are_keyed_as_the_kernel_reports_sources() {
+        let key = |a: &str| peer_key(a.parse().unwrap()).to_string();
+        assert_eq!(key("[::ffff:10.0.0.1]:7000"), "10.0.0.1:7000");
+        assert_eq!(key("10.0.0.1:7000"), "10.0.0.1:7000");
+        let flow = SocketAddr::V6(SocketAddrV6::new("2001:db8::1".parse().unwrap(), 9, 77, 3));
+        assert_eq!(peer_key(flow).to_string(), "[2001:db8::1]:9");
+        let link = SocketAddr::V6(SocketAddrV6::new("fe80::1".parse().unwrap(), 9, 5, 3));
+        assert_eq!(peer_key(link).to_string(), "[fe80::1%3]:9");
+    }
+
+    #[test]
     fn one_session_per_backend_address_and_socket() {
         let a: SocketAddr = "10.0.0.1:7000".parse().unwrap();
         let b: SocketAddr = "10.0.0.2:7000".parse().unwrap();
+        let t0 = Instant::now();
         let mut s = SocketAssigner::default();
         // Three sessions to A need three sockets; B shares them.
-        assert_eq!([s.acquire(a), s.acquire(a), s.acquire(a)], [0, 1, 2]);
-        assert_eq!([s.acquire(b), s.acquire(b)], [0, 1]);
-        // A's socket 1 frees up: the next session to A takes it, not a fourth socket.
-        s.release(a, 1);
-        assert_eq!(s.acquire(a), 1);
-        assert_eq!(s.acquire(a), 3);
+        assert_eq!(
+            [s.acquire(a, t0), s.acquire(a, t0), s.acquire(a, t0)],
+            [0, 1, 2]
+        );
+        assert_eq!([s.acquire(b, t0), s.acquire(b, t0)], [0, 1]);
+        // A's socket 1 frees up: within the quarantine a new session to A does not get it
+        // (the backend may still send there for the old player)...
+        s.release(a, 1, t0);
+        assert_eq!(s.acquire(a, t0 + Duration::from_secs(1)), 3);
+        // ...after it, it does, oldest first.
+        s.release(a, 0, t0 + Duration::from_secs(2));
+        let later = t0 + PLACE_QUARANTINE + Duration::from_secs(2);
+        assert_eq!(s.acquire(a, later), 1);
+        assert_eq!(s.acquire(a, later), 0);
         for i in 0..4 {
-            s.release(a, i);
+            s.release(a, i, later);
         }
-        assert_eq!(s.targets(), 1, "A is forgotten once its last session ends");
-        assert_eq!(s.acquire(a), 0);
+        s.sweep(later);
+        assert_eq!(
+            s.targets(),
+            2,
+            "A is kept while its places are in quarantine"
+        );
+        s.sweep(later + PLACE_QUARANTINE);
+        assert_eq!(s.targets(), 1, "and forgotten after");
+        assert_eq!(s.acquire(a, later + PLACE_QUARANTINE), 0);
         // Releasing for an unknown target does nothing.
-        s.release("10.9.9.9:1".parse().unwrap(), 0);
-        s.release(b, 0);
-        s.release(b, 1);
-        s.release(a, 0);
-        assert_eq!(s.targets(), 0);
+        s.release("10.9.9.9:1".parse().unwrap(), 0, later);
     }
 
     #[test]
     fn a_hundred_thousand_sessions_over_a_thousand_backends_need_a_hundred_sockets() {
+        let now = Instant::now();
         let mut s = SocketAssigner::default();
         let mut max = 0;
         for i in 0..100_000u32 {
             let target = SocketAddr::from(([10, 1, (i % 1000 / 250) as u8, (i % 250) as u8], 7000));
-            max = max.max(s.acquire(target));
+            max = max.max(s.acquire(target, now));
         }
         assert_eq!(max + 1, 100);
     }

@@ -10,7 +10,7 @@ use dataplane::DropReason;
 use dataplane::ctl::ClientMatch;
 
 #[test]
-fn idle_sessions_expire_and_free_their_places_on_the_shared_sockets() {
+fn idle_sessions_expire_and_their_places_are_not_reused_at_once() {
     // One worker: each worker has its own sockets, and which worker a client lands on is the
     // kernel's hash.
     let proxy = Proxy::start(1, |cfg| cfg.session_timeout = Duration::from_millis(500));
@@ -34,7 +34,8 @@ fn idle_sessions_expire_and_free_their_places_on_the_shared_sockets() {
         p.ctl.counters().sessions_expired == 19
     });
     assert_eq!(proxy.sessions().len(), 1);
-    // New sessions take the places the expired ones left: no new socket.
+    // New sessions to the same backend do not take the places the expired ones left (the
+    // backend may still send there for the old players): new sockets, for a while.
     let again: Vec<_> = (0..19).map(|_| client()).collect();
     for c in &again {
         c.send_to(proxy.grant_one(1, echo.addr).as_bytes(), proxy.addr())
@@ -42,7 +43,7 @@ fn idle_sessions_expire_and_free_their_places_on_the_shared_sockets() {
         c.send_to(b"y", proxy.addr()).unwrap();
         assert_eq!(expect_datagram(c), b"y");
     }
-    assert_eq!(proxy.ctl.counters().upstream_sockets, 20);
+    assert_eq!(proxy.ctl.counters().upstream_sockets, 39);
     drop(clients);
     drop(again);
     proxy.eventually("all expired", |p| p.ctl.counters().sessions_active == 0);
@@ -97,6 +98,46 @@ fn sessions_to_many_backends_share_upstream_sockets_and_replies_find_their_sessi
     proxy.eventually("the stray is counted", |p| {
         p.ctl.counters().dropped(DropReason::StrayReply) == 1
     });
+}
+
+#[test]
+fn a_late_reply_after_a_move_never_reaches_the_next_session_to_that_backend() {
+    let proxy = Proxy::start(1, |_| {});
+    let old = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    old.set_read_timeout(Some(WAIT)).unwrap();
+    let new = Echo::tagged(b'N');
+    let a = client();
+    a.send_to(
+        proxy.grant_one(1, old.local_addr().unwrap()).as_bytes(),
+        proxy.addr(),
+    )
+    .unwrap();
+    a.send_to(b"a", proxy.addr()).unwrap();
+    let mut buf = [0u8; 16];
+    let (_, a_port) = old.recv_from(&mut buf).unwrap();
+    // A moves to another backend; C then opens a session to A's old backend.
+    a.send_to(&control_packet(&proxy.grant_one(2, new.addr)), proxy.addr())
+        .unwrap();
+    a.send_to(b"m", proxy.addr()).unwrap();
+    assert_eq!(expect_datagram(&a), b"Nm");
+    let c = client();
+    c.send_to(
+        proxy.grant_one(1, old.local_addr().unwrap()).as_bytes(),
+        proxy.addr(),
+    )
+    .unwrap();
+    c.send_to(b"c", proxy.addr()).unwrap();
+    let (_, c_port) = old.recv_from(&mut buf).unwrap();
+    assert_ne!(c_port, a_port, "C does not get A's old source port");
+    // The old backend, still talking to A's old port: dropped, for nobody.
+    old.send_to(b"late", a_port).unwrap();
+    expect_nothing(&c, Duration::from_millis(100));
+    expect_nothing(&a, Duration::from_millis(10));
+    proxy.eventually("the late reply is a stray", |p| {
+        p.ctl.counters().dropped(DropReason::StrayReply) == 1
+    });
+    old.send_to(b"to c", c_port).unwrap();
+    assert_eq!(expect_datagram(&c), b"to c");
 }
 
 #[test]
@@ -339,4 +380,19 @@ fn a_token_refused_at_max_sessions_per_ip_redeems_once_a_slot_frees() {
         |cfg| cfg.max_sessions_per_ip = Some(1),
         DropReason::IpLimit,
     );
+}
+
+#[test]
+fn an_ipv4_mapped_backend_address_is_an_ipv4_backend() {
+    let proxy = Proxy::start(1, |_| {});
+    let echo = Echo::tagged(b'M');
+    let mapped: std::net::SocketAddr = format!("[::ffff:127.0.0.1]:{}", echo.addr.port())
+        .parse()
+        .unwrap();
+    let c = client();
+    c.send_to(proxy.grant_one(1, mapped).as_bytes(), proxy.addr())
+        .unwrap();
+    c.send_to(b"v4", proxy.addr()).unwrap();
+    assert_eq!(expect_datagram(&c), b"Mv4");
+    assert_eq!(proxy.ctl.counters().dropped(DropReason::StrayReply), 0);
 }

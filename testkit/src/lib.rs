@@ -159,7 +159,7 @@ pub fn udp_sockets_on_port(port: u16) -> usize {
     ["/proc/net/udp", "/proc/net/udp6"]
         .iter()
         .filter_map(|path| std::fs::read_to_string(path).ok())
-        .flat_map(|table| {
+        .map(|table| {
             table
                 .lines()
                 .skip(1)
@@ -169,7 +169,6 @@ pub fn udp_sockets_on_port(port: u16) -> usize {
                         .is_some_and(|local| local.ends_with(&wanted))
                 })
                 .count()
-                .checked_add(0)
         })
         .sum()
 }

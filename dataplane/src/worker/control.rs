@@ -249,7 +249,7 @@ impl Worker {
                 .and_then(|d| Some((d.id, d.addr_for(usize::from(port))?)));
             match (kind, new_default) {
                 (SessionKind::Default, Some((to, addr))) => {
-                    let moved = self.open_upstream(addr, id).ok().and_then(|upstream| {
+                    let moved = self.open_upstream(addr, id, now).ok().and_then(|upstream| {
                         self.retarget(id, to, addr, upstream, SessionKind::Default, now)
                     });
                     match moved {

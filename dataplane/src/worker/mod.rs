@@ -81,10 +81,14 @@ pub(crate) enum Upstream {
     Tcp(Box<Splice>),
 }
 
-/// A UDP session's upstream side.
+/// A UDP session's upstream side: its place (socket, backend address) on the pool.
 #[derive(Debug)]
 pub(crate) struct UdpUpstream {
     pool: PoolRef,
+    /// The backend address as the pool knows it (`crate::upstream::peer_key`).
+    key: SocketAddr,
+    /// The session the place was taken for.
+    session: SessionId,
     dest: socket2::SockAddr,
 }
 
@@ -405,22 +409,24 @@ impl Worker {
         session.last_active = now;
         self.upstream_batch
             .push(upstream.pool.number(), slot, &upstream.dest);
+        // The session's own counts include a datagram the kernel then refuses (rare); the
+        // worker's count what left ([`Self::flush_upstream`]).
         session.stats.packets_upstream += 1;
         session.stats.bytes_upstream += len as u64;
-        let c = &self.counters[self.id];
-        c.packets_upstream.add(1);
-        c.bytes_upstream.add(len as u64);
     }
 
     /// Sends the client datagrams of `rx` queued for their backends: one `sendmmsg` per
     /// shared upstream socket.
     fn flush_upstream(&mut self, rx: &RecvBatch) {
         let pool = &self.pool;
-        let (_, dropped) = self
+        let sent = self
             .upstream_batch
             .flush(rx, self.batch_io, |n| pool.fd(PoolRef::from_number(n)));
-        if dropped > 0 {
-            self.counters[self.id].drop(DropReason::UpstreamSend, dropped);
+        let c = &self.counters[self.id];
+        c.packets_upstream.add(sent.packets);
+        c.bytes_upstream.add(sent.bytes);
+        if sent.dropped > 0 {
+            c.drop(DropReason::UpstreamSend, sent.dropped);
         }
     }
 
@@ -498,6 +504,7 @@ impl Worker {
             .get_mut(usize::from(session.key.port))
             .and_then(Option::as_mut)
         else {
+            counters.drop(DropReason::StrayReply, 1);
             return;
         };
         if replies.is_full() {
@@ -577,6 +584,7 @@ impl Worker {
         }
         self.next_grant_sweep = now + GRANT_SWEEP_INTERVAL;
         self.grants.retain(|_, g| !g.is_spent(now));
+        self.pool.sweep(now);
     }
 
     fn close_session(&mut self, id: SessionId, reason: CloseReason) {
@@ -599,7 +607,14 @@ impl Worker {
     /// socket.
     fn release(&mut self, session: &mut Session<Upstream>, reason: CloseReason) {
         match &mut session.upstream {
-            Upstream::Udp(upstream) => self.pool.release(upstream.pool, session.target),
+            Upstream::Udp(upstream) => {
+                self.pool.release(
+                    upstream.pool,
+                    upstream.key,
+                    upstream.session,
+                    Instant::now(),
+                );
+            }
             Upstream::Tcp(splice) => {
                 let registry = self.poll.registry();
                 let _ = registry.deregister(&mut splice.client);

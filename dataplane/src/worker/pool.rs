@@ -5,13 +5,14 @@
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
+use std::time::Instant;
 
 use ahash::AHashMap;
 use mio::{Interest, Registry, Token};
 
 use crate::session::SessionId;
 use crate::socket::bind_upstream_udp;
-use crate::upstream::SocketAssigner;
+use crate::upstream::{SocketAssigner, peer_key};
 
 use super::FIRST_POOL;
 
@@ -76,15 +77,16 @@ impl UpstreamPool {
         }
     }
 
-    /// A socket for `session` to `target`: one that serves no other session to `target`,
-    /// opened (and registered) if every open one does.
+    /// A socket for `session` to `target` (in [`peer_key`] form): one that serves no other
+    /// session to `target`, opened (and registered) if every open one does.
     pub(super) fn acquire(
         &mut self,
         target: SocketAddr,
         session: SessionId,
         registry: &Registry,
+        now: Instant,
     ) -> io::Result<PoolRef> {
-        let index = self.assigner.acquire(target);
+        let index = self.assigner.acquire(target, now);
         let ipv6 = target.is_ipv6();
         let pool = PoolRef::new(index, ipv6);
         let sockets = if ipv6 { &mut self.v6 } else { &mut self.v4 };
@@ -101,7 +103,9 @@ impl UpstreamPool {
                     peers: AHashMap::new(),
                 }),
                 Err(e) => {
-                    self.assigner.release(target, index);
+                    // Never used: no quarantine needed, but the assigner cannot tell; a socket
+                    // that failed to open is rare enough.
+                    self.assigner.release(target, index, now);
                     return Err(e);
                 }
             }
@@ -110,18 +114,35 @@ impl UpstreamPool {
         Ok(pool)
     }
 
-    /// The session to `target` on `pool` has ended, or moved to another socket.
-    pub(super) fn release(&mut self, pool: PoolRef, target: SocketAddr) {
-        if let Some(socket) = self.socket_mut(pool) {
-            socket.peers.remove(&target);
-            self.assigner.release(target, pool.index() as u32);
+    /// Session `session` to `target` on `pool` has ended, or moved to another socket. A
+    /// release by anyone but the place's session does nothing.
+    pub(super) fn release(
+        &mut self,
+        pool: PoolRef,
+        target: SocketAddr,
+        session: SessionId,
+        now: Instant,
+    ) {
+        let Some(socket) = self.socket_mut(pool) else {
+            return;
+        };
+        if socket.peers.get(&target) != Some(&session) {
+            debug_assert!(false, "{target} on {pool:?} is not this session's place");
+            return;
         }
+        socket.peers.remove(&target);
+        self.assigner.release(target, pool.index() as u32, now);
+    }
+
+    /// Forgets backends whose places have all been free for a while.
+    pub(super) fn sweep(&mut self, now: Instant) {
+        self.assigner.sweep(now);
     }
 
     /// The session whose backend `from` sent a datagram to `pool`.
     #[inline]
     pub(super) fn session_for(&self, pool: PoolRef, from: SocketAddr) -> Option<SessionId> {
-        self.socket(pool)?.peers.get(&from).copied()
+        self.socket(pool)?.peers.get(&peer_key(from)).copied()
     }
 
     /// The file descriptor of a pool socket.

@@ -14,7 +14,7 @@ use crate::listener::{ListenerKind, Transport};
 use crate::metrics::{DropReason, TokenRejectReason};
 use crate::packet::{classify, parse_token};
 use crate::session::{Session, SessionId, SessionKey, SessionKind, SessionStats};
-use crate::upstream::is_unicast_target;
+use crate::upstream::{is_unicast_target, peer_key};
 
 use super::{ORPHAN_IDLE_TIMEOUT, UdpUpstream, Upstream, Worker};
 
@@ -106,7 +106,7 @@ impl Worker {
         };
         if let Err(reason) = grant.redeem(usize::from(key.port), now) {
             // Another worker redeemed it in the meantime.
-            self.abandon(key.client, &upstream, target);
+            self.abandon(key.client, &upstream, now);
             self.counters().reject(reason);
             self.counters().drop(DropReason::TokenRejected, 1);
             return;
@@ -167,7 +167,7 @@ impl Worker {
             self.counters().drop(reason, 1);
             return None;
         }
-        match self.open_upstream(target, self.sessions.next_id()) {
+        match self.open_upstream(target, self.sessions.next_id(), now) {
             Ok(upstream) => Some(upstream),
             Err(e) => {
                 if let Some(note) = self.warn_gate.admit(now) {
@@ -181,14 +181,15 @@ impl Worker {
     }
 
     /// Gives back what [`Self::reserve`] took, for a session that will not open after all.
-    pub(super) fn abandon(
-        &mut self,
-        client: SocketAddr,
-        upstream: &UdpUpstream,
-        target: SocketAddr,
-    ) {
-        self.pool.release(upstream.pool, target);
+    pub(super) fn abandon(&mut self, client: SocketAddr, upstream: &UdpUpstream, now: Instant) {
+        self.leave_place(upstream, now);
         self.limits.release(client.ip());
+    }
+
+    /// Gives back a UDP session's place on the pool.
+    pub(super) fn leave_place(&mut self, upstream: &UdpUpstream, now: Instant) {
+        self.pool
+            .release(upstream.pool, upstream.key, upstream.session, now);
     }
 
     /// A place for session `id` on a shared upstream socket that serves no other session to
@@ -197,20 +198,26 @@ impl Worker {
         &mut self,
         target: SocketAddr,
         id: SessionId,
+        now: Instant,
     ) -> io::Result<UdpUpstream> {
-        if !is_unicast_target(target) {
+        // An IPv4-mapped backend address is an IPv4 backend: sent to from an IPv4 socket, and
+        // its replies come from its IPv4 address.
+        let key = peer_key(target);
+        if !is_unicast_target(key) {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 "not a unicast address a session can send to",
             ));
         }
-        let pool = self.pool.acquire(target, id, self.poll.registry())?;
+        let pool = self.pool.acquire(key, id, self.poll.registry(), now)?;
         self.counters()
             .upstream_sockets
             .set(self.pool.sockets() as u64);
         Ok(UdpUpstream {
             pool,
-            dest: socket2::SockAddr::from(target),
+            key,
+            session: id,
+            dest: socket2::SockAddr::from(key),
         })
     }
 
@@ -299,7 +306,7 @@ impl Worker {
         };
         // The new socket first, the token after: a socket that cannot be made leaves both the
         // session and the token as they were.
-        let upstream = match self.open_upstream(target, id) {
+        let upstream = match self.open_upstream(target, id, now) {
             Ok(upstream) => upstream,
             Err(e) => {
                 if let Some(note) = self.warn_gate.admit(now) {
@@ -312,7 +319,7 @@ impl Worker {
             }
         };
         if let Err(reason) = grant.redeem(port, now) {
-            self.pool.release(upstream.pool, target);
+            self.leave_place(&upstream, now);
             self.counters().reject(reason);
             self.counters().drop(DropReason::TokenRejected, 1);
             return;
@@ -344,20 +351,21 @@ impl Worker {
         kind: SessionKind,
         now: Instant,
     ) -> Option<BackendId> {
-        let Some(session) = self.sessions.get_mut(id) else {
-            self.pool.release(upstream.pool, target);
-            return None;
-        };
-        let Upstream::Udp(current) = &mut session.upstream else {
-            self.pool.release(upstream.pool, target);
+        let Some(Session {
+            upstream: Upstream::Udp(current),
+            ..
+        }) = self.sessions.get_mut(id)
+        else {
+            self.leave_place(&upstream, now);
             return None;
         };
         let old = std::mem::replace(current, upstream);
-        let old_target = std::mem::replace(&mut session.target, target);
+        let session = self.sessions.get_mut(id)?;
+        session.target = target;
         session.kind = kind;
         session.last_active = now;
         let from = std::mem::replace(&mut session.backend, backend);
-        self.pool.release(old.pool, old_target);
+        self.leave_place(&old, now);
         Some(from)
     }
 }
