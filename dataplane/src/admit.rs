@@ -40,6 +40,13 @@ pub(crate) enum Admission {
     },
 }
 
+/// Logs (at trace) a token that was presented and refused on the way to an admission.
+pub(crate) fn trace_refused(client: SocketAddr, refused: Option<(TokenId, TokenRejectReason)>) {
+    if let Some((token, why)) = refused {
+        log::trace!("{client}: token {token} rejected: {}", why.as_str());
+    }
+}
+
 /// Everything [`admit`] decides on besides the datagram.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct AdmitContext {

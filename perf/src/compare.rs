@@ -168,12 +168,7 @@ pub(crate) fn run(args: &CompareArgs) -> anyhow::Result<()> {
         }
     }
     summarize(args, &contenders)?;
-    let kib = |f| crate::proxy::status_kib(proxy.pid, f).unwrap_or(0) as f64 / 1024.0;
-    println!(
-        "udp-director memory: RSS {:.1} MiB, peak {:.1} MiB",
-        kib("VmRSS"),
-        kib("VmHWM")
-    );
+    crate::proxy::print_memory("udp-director", proxy.pid);
     Ok(())
 }
 

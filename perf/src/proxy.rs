@@ -159,6 +159,16 @@ impl Drop for ProxyProcess {
     }
 }
 
+/// Prints a proxy's resident and peak memory.
+pub(crate) fn print_memory(label: &str, pid: u32) {
+    let mib = |f| status_kib(pid, f).unwrap_or(0) as f64 / 1024.0;
+    println!(
+        "{label} memory: RSS {:.1} MiB, peak {:.1} MiB",
+        mib("VmRSS"),
+        mib("VmHWM")
+    );
+}
+
 /// A field of /proc/PID/status in KiB (VmRSS, VmHWM…).
 pub(crate) fn status_kib(pid: u32, field: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;

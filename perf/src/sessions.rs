@@ -132,8 +132,8 @@ struct ClientProcess {
 }
 
 impl ClientProcess {
-    /// The child's next report line, split into words after its keyword.
-    fn expect(&mut self, keyword: &str) -> anyhow::Result<Vec<f64>> {
+    /// The child's next report line, split into numbers after its keyword.
+    fn expect(&mut self, keyword: &str) -> anyhow::Result<Vec<u64>> {
         let mut line = String::new();
         self.stdout.read_line(&mut line)?;
         let mut words = line.split_whitespace();
@@ -141,7 +141,7 @@ impl ClientProcess {
             bail!("a client process said {line:?}, not {keyword}");
         }
         words
-            .map(|w| w.parse::<f64>().context("a client's number"))
+            .map(|w| w.parse::<u64>().context("a client's number"))
             .collect()
     }
 
@@ -211,11 +211,11 @@ pub(crate) fn run(args: &SessionsArgs) -> anyhow::Result<()> {
     for c in &mut clients {
         c.say("setup")?;
     }
-    let (mut opened, mut wrong) = (0.0, 0.0);
+    let (mut opened, mut wrong) = (0u64, 0u64);
     for c in &mut clients {
         let r = c.expect("setup")?;
-        opened += r.first().copied().unwrap_or(0.0);
-        wrong += r.get(1).copied().unwrap_or(0.0);
+        opened += r.first().copied().unwrap_or(0);
+        wrong += r.get(1).copied().unwrap_or(0);
     }
     let setup_seconds = started.elapsed().as_secs_f64();
     // Let the control thread take in the session events before reading memory.
@@ -224,17 +224,17 @@ pub(crate) fn run(args: &SessionsArgs) -> anyhow::Result<()> {
     for c in &mut clients {
         c.say("check")?;
     }
-    let mut answered = 0.0;
+    let mut answered = 0u64;
     for c in &mut clients {
         let r = c.expect("check")?;
-        answered += r.first().copied().unwrap_or(0.0);
-        wrong += r.get(1).copied().unwrap_or(0.0);
+        answered += r.first().copied().unwrap_or(0);
+        wrong += r.get(1).copied().unwrap_or(0);
     }
     let upstream_sockets = proxy_metric(&proxy, "udp_director_upstream_sockets");
     drop(clients);
 
-    let per_session = (rss_after.saturating_sub(rss_before) as f64 * 1024.0) / opened.max(1.0);
-    let rate = opened / setup_seconds;
+    let per_session = (rss_after.saturating_sub(rss_before) as f64 * 1024.0) / opened.max(1) as f64;
+    let rate = opened as f64 / setup_seconds;
     println!(
         "{:<12} {} sessions over {} backends from {processes} processes: {opened} opened in {:.2} s \
          ({:.0} setups/s); proxy RSS {:.1} → {:.1} MiB, {:.0} B per session; {} upstream sockets; \

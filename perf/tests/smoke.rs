@@ -91,6 +91,46 @@ fn sessions_opens_each_and_keeps_them_apart() {
 }
 
 #[test]
+fn sessions_spread_over_backends_and_client_processes() {
+    let lines = perf(&[
+        "sessions",
+        "--sessions",
+        "600",
+        "--backends",
+        "7",
+        "--per-process",
+        "250",
+    ]);
+    let r = &lines[0];
+    assert_eq!(r["client_processes"], 3, "{r}");
+    assert_eq!(r["opened"], 600, "{r}");
+    assert_eq!(r["answered_second_round"], 600, "{r}");
+    assert_eq!(r["misdelivered"], 0, "{r}");
+    // 600 sessions over 7 backends: no more sockets than the busiest backend has sessions
+    // (86 on 2 workers), far fewer than one per session.
+    let sockets = r["upstream_sockets"].as_f64().unwrap();
+    assert!((86.0..=172.0).contains(&sockets), "{r}");
+}
+
+#[test]
+fn tcp_reports_throughput_and_setups_for_direct_and_the_proxy() {
+    let lines = perf(&["tcp", "--seconds", "0.3", "--rounds", "1"]);
+    let by = |label: &str| {
+        lines
+            .iter()
+            .find(|l| l["summary"] == label)
+            .unwrap()
+            .clone()
+    };
+    for label in ["direct", "udp-director"] {
+        let r = by(label);
+        assert!(r["megabytes_per_second"].as_f64().unwrap() > 0.0, "{r}");
+        assert!(r["setups_per_second"].as_f64().unwrap() > 0.0, "{r}");
+        assert_eq!(r["setup_failures"], 0, "{r}");
+    }
+}
+
+#[test]
 fn migrate_checks_every_reply_against_its_server() {
     // Quiesced clients reset between exchanges; the others keep sending through the reset, so
     // only the old server's late replies may be missing (dropped by design, SPEC §3).

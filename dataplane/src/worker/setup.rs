@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::admit::{Admission, AdmitContext, admit};
+use crate::admit::{Admission, AdmitContext, admit, trace_refused};
 use crate::ctl::WorkerEvent;
 use crate::grant::{BackendId, Grant, TokenId};
 use crate::listener::{ListenerKind, Transport};
@@ -40,9 +40,7 @@ impl Worker {
                 return;
             }
             Admission::Drop { reason, refused } => {
-                if let Some((token, why)) = refused {
-                    log::trace!("{}: token {token} rejected: {}", key.client, why.as_str());
-                }
+                trace_refused(key.client, refused);
                 self.counters().drop(reason, 1);
                 return;
             }
@@ -51,9 +49,7 @@ impl Worker {
                 target,
                 refused,
             } => {
-                if let Some((token, why)) = refused {
-                    log::trace!("{}: token {token} rejected: {}", key.client, why.as_str());
-                }
+                trace_refused(key.client, refused);
                 (backend, target)
             }
         };

@@ -16,7 +16,7 @@ use mio::net::TcpStream;
 use mio::{Interest, Token};
 use slab::Slab;
 
-use crate::admit::{Admission, admit};
+use crate::admit::{Admission, admit, trace_refused};
 use crate::ctl::{CloseReason, WorkerEvent};
 use crate::grant::{BackendId, Grant};
 use crate::metrics::DropReason;
@@ -309,9 +309,7 @@ impl Worker {
                 target,
                 refused,
             } => {
-                if let Some((token, why)) = refused {
-                    log::trace!("{}: token {token} rejected: {}", p.client, why.as_str());
-                }
+                trace_refused(p.client, refused);
                 let admitted = Admitted {
                     target,
                     backend,
@@ -323,9 +321,7 @@ impl Worker {
                 self.open_tcp_session(p.stream, p.client, port, &admitted, eof, now);
             }
             Admission::Drop { reason, refused } => {
-                if let Some((token, why)) = refused {
-                    log::trace!("{}: token {token} rejected: {}", p.client, why.as_str());
-                }
+                trace_refused(p.client, refused);
                 let reason = if why == Decide::Timeout && reason == DropReason::NoSession {
                     DropReason::TokenTimeout
                 } else {
