@@ -51,6 +51,16 @@ pub(crate) enum ControlMsg {
         /// Idle timeout of its sessions.
         idle_timeout: Duration,
     },
+    /// Change what a listener does with new clients, and the idle timeout it gives new
+    /// sessions.
+    UpdateListener {
+        /// The listener's id.
+        id: ListenerId,
+        /// What it does from now on.
+        kind: ListenerKind,
+        /// Idle timeout of sessions it opens from now on.
+        idle_timeout: Duration,
+    },
     /// Close a listener (end its sessions, or let them drain); `closing` is told once this
     /// worker's socket is gone.
     CloseListener {
@@ -81,6 +91,11 @@ impl std::fmt::Debug for ControlMsg {
         match self {
             Self::OpenListener { id, kind, .. } => f
                 .debug_struct("OpenListener")
+                .field("id", id)
+                .field("kind", kind)
+                .finish_non_exhaustive(),
+            Self::UpdateListener { id, kind, .. } => f
+                .debug_struct("UpdateListener")
                 .field("id", id)
                 .field("kind", kind)
                 .finish_non_exhaustive(),
@@ -325,6 +340,30 @@ impl Controller {
             addr,
             generation,
         })
+    }
+
+    /// Changes an open listener on every worker while it serves: its kind, and the idle
+    /// timeout of the sessions it opens from now on (live sessions keep theirs). Returns false,
+    /// changing nothing, for a listener that is closed or closing or a stale handle.
+    pub fn update_listener(
+        &self,
+        listener: &OpenedListener,
+        kind: ListenerKind,
+        idle_timeout: Duration,
+    ) -> bool {
+        // Under the lock: a close of this listener can only come after the update in every
+        // worker's channel.
+        let registry = self.registry.lock();
+        if !registry.is_open(listener.id, listener.generation) {
+            return false;
+        }
+        self.broadcast(|| ControlMsg::UpdateListener {
+            id: listener.id,
+            kind,
+            idle_timeout: idle_timeout.min(MAX_IDLE_TIMEOUT),
+        });
+        drop(registry);
+        true
     }
 
     /// Closes a listener on every worker: `End` ends its sessions now, `Drain` takes no new

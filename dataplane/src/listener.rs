@@ -182,6 +182,14 @@ impl PortRegistry {
         Ok((ListenerId(slot as u16), self.next_generation))
     }
 
+    /// Whether this listener (id and generation) is open and not closing.
+    pub(crate) fn is_open(&self, id: ListenerId, generation: u64) -> bool {
+        self.open
+            .get(usize::from(id.0))
+            .and_then(Option::as_ref)
+            .is_some_and(|e| e.generation == generation && !e.closing)
+    }
+
     /// Marks an open listener as closing; false when that listener is not open (closed, or
     /// closing already, or its id now belongs to a later one): such a close does nothing.
     pub(crate) fn begin_close(&mut self, id: ListenerId, generation: u64) -> bool {

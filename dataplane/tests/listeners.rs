@@ -269,27 +269,40 @@ fn tcp_listeners_open_refuse_conflicts_and_close_without_touching_udp() {
     use std::io::Write;
     let proxy = Proxy::start(2, |_| {});
     let echo = Echo::plain();
+    // A UDP and a TCP listener on one port number: another (protocol, port), so allowed. The
+    // number must be free for both, and other tests' TCP sockets come and go: try a few.
+    let (udp, same_number) = (0..50)
+        .find_map(|_| {
+            let port = UdpSocket::bind("127.0.0.1:0")
+                .ok()?
+                .local_addr()
+                .ok()?
+                .port();
+            let udp = proxy.ctl.open_listener(token_port(port)).ok()?;
+            match proxy.ctl.open_listener(tcp_token_port(port)) {
+                Ok(tcp) => Some((udp, tcp)),
+                Err(_) => {
+                    proxy.ctl.close_listener(&udp, CloseMode::End);
+                    None
+                }
+            }
+        })
+        .expect("a port number free for UDP and TCP");
+    let port = udp.addr.port();
     let steady = client();
     steady
-        .send_to(proxy.grant_one(1, echo.addr).as_bytes(), proxy.addr())
+        .send_to(grant_on(&proxy, udp.id, echo.addr).as_bytes(), udp.addr)
         .unwrap();
-    // TCP on the UDP data port's number is another (protocol, port): allowed.
-    let same_number = proxy
-        .ctl
-        .open_listener(tcp_token_port(proxy.addr().port()))
-        .unwrap();
+    steady.send_to(b"udp", udp.addr).unwrap();
+    assert_eq!(expect_datagram(&steady), b"udp");
     let e = proxy
         .ctl
-        .open_listener(tcp_token_port(proxy.addr().port()))
+        .open_listener(tcp_token_port(port))
         .unwrap_err()
         .to_string();
     assert_eq!(
         e,
-        format!(
-            "tcp/{} is already open for test port {}",
-            proxy.addr().port(),
-            proxy.addr().port()
-        )
+        format!("tcp/{port} is already open for test port {port}")
     );
     // Held by another process: refused synchronously, with the reason.
     let other = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -321,7 +334,52 @@ fn tcp_listeners_open_refuse_conflicts_and_close_without_touching_udp() {
     proxy.eventually("the TCP port is free", |_| {
         std::net::TcpListener::bind(same_number.addr).is_ok()
     });
-    steady.send_to(b"udp still", proxy.addr()).unwrap();
+    steady.send_to(b"udp still", udp.addr).unwrap();
     assert_eq!(expect_datagram(&steady), b"udp still");
     assert_eq!(proxy.sessions().len(), 1);
+}
+
+#[test]
+fn a_listener_is_updated_while_it_serves_and_new_sessions_take_the_change() {
+    let proxy = Proxy::start(2, |_| {});
+    let echo = Echo::plain();
+    let opened = proxy.ctl.open_listener(token_port(0)).unwrap();
+    let before = client();
+    before
+        .send_to(
+            grant_on(&proxy, opened.id, echo.addr).as_bytes(),
+            opened.addr,
+        )
+        .unwrap();
+    before.send_to(b"a", opened.addr).unwrap();
+    assert_eq!(expect_datagram(&before), b"a");
+    assert!(proxy.ctl.update_listener(
+        &opened,
+        ListenerKind::TokenPort,
+        Duration::from_millis(300)
+    ));
+    let after = client();
+    after
+        .send_to(
+            grant_on(&proxy, opened.id, echo.addr).as_bytes(),
+            opened.addr,
+        )
+        .unwrap();
+    after.send_to(b"b", opened.addr).unwrap();
+    assert_eq!(expect_datagram(&after), b"b");
+    // The session opened after the update goes idle after 300 ms; the one before keeps its
+    // 300 s and never missed a datagram.
+    proxy.eventually("the new session expired", |p| {
+        p.ctl.counters().sessions_expired == 1
+    });
+    before.send_to(b"still", opened.addr).unwrap();
+    assert_eq!(expect_datagram(&before), b"still");
+    assert_eq!(proxy.sessions().len(), 1);
+    // A closed listener (or a stale handle) is not updated.
+    proxy.ctl.close_listener(&opened, CloseMode::End);
+    assert!(
+        !proxy
+            .ctl
+            .update_listener(&opened, ListenerKind::TokenPort, Duration::from_secs(1))
+    );
 }

@@ -47,6 +47,20 @@ impl Worker {
                 kind,
                 idle_timeout,
             } => self.open_listener(id, socket, kind, idle_timeout),
+            ControlMsg::UpdateListener {
+                id,
+                kind,
+                idle_timeout,
+            } => {
+                if let Some(listener) = self
+                    .listeners
+                    .get_mut(usize::from(id.0))
+                    .and_then(Option::as_mut)
+                {
+                    listener.kind = kind;
+                    listener.idle_timeout = idle_timeout;
+                }
+            }
             ControlMsg::CloseListener { id, mode, closing } => {
                 self.close_listener(id, mode, closing);
             }
