@@ -451,7 +451,7 @@ fn an_unreachable_backend_closes_the_client_and_is_counted() {
 #[test]
 fn a_backend_that_never_answers_the_connect_is_given_up() {
     let proxy = tcp_proxy(1, |cfg| {
-        cfg.tcp_connect_timeout = Duration::from_millis(300)
+        cfg.tcp_connect_timeout = Duration::from_millis(300);
     });
     // A listener whose accept queue is full and never accepted: further SYNs go unanswered.
     let full = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();

@@ -349,7 +349,7 @@ fn tokens(
     }
     sender
         .join()
-        .map_err(|_| anyhow::anyhow!("query writer"))??;
+        .map_err(|_panic| anyhow::anyhow!("the query writer panicked"))??;
     Ok(tokens)
 }
 
