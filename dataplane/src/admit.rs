@@ -31,6 +31,13 @@ pub(crate) enum Admission {
         /// A token that was presented and refused, for the counters.
         refused: Option<(TokenId, TokenRejectReason)>,
     },
+    /// A forwarder's session to its target; the datagram is forwarded.
+    Forward {
+        /// The forwarder.
+        backend: BackendId,
+        /// Its target.
+        target: SocketAddr,
+    },
     /// No session: dropped and counted with this reason.
     Drop {
         /// Why.
@@ -71,15 +78,19 @@ pub(crate) fn admit(
             refused: None,
         };
     }
-    let (refused, dropped_as) = match (ctx.listener, first) {
-        (ListenerKind::TokenPort, Classified::Token(token) | Classified::Control(token)) => {
-            match find_grant(token) {
+    let (refused, dropped_as) = match ctx.listener {
+        // Whatever comes first, token-shaped or not, is the client's traffic.
+        ListenerKind::Forward { target, backend } => {
+            return Admission::Forward { backend, target };
+        }
+        ListenerKind::TokenPort => match first {
+            Classified::Token(token) | Classified::Control(token) => match find_grant(token) {
                 Ok((grant, target)) => return Admission::Token { grant, target },
                 Err(reason) => (Some((token, reason)), DropReason::TokenRejected),
-            }
-        }
-        (ListenerKind::TokenPort, Classified::BadControl) => (None, DropReason::MalformedControl),
-        (ListenerKind::TokenPort, Classified::Payload) => (None, DropReason::NoSession),
+            },
+            Classified::BadControl => (None, DropReason::MalformedControl),
+            Classified::Payload => (None, DropReason::NoSession),
+        },
     };
     match ctx.default {
         Some((backend, target)) => Admission::Default {
@@ -210,6 +221,41 @@ mod tests {
                 "{a:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_forwarder_takes_every_first_datagram_token_or_not_and_never_a_grant() {
+        let target: SocketAddr = "10.0.0.5:27015".parse().unwrap();
+        let forward = AdmitContext {
+            listener: ListenerKind::Forward {
+                target,
+                backend: BackendId(42),
+            },
+            ..ctx(true)
+        };
+        for first in [
+            Classified::Payload,
+            Classified::Token(TokenId(7)),
+            Classified::Control(TokenId(7)),
+            Classified::BadControl,
+        ] {
+            let a = admit(first, forward, never);
+            assert!(
+                matches!(a, Admission::Forward { backend: BackendId(42), target: t } if t == target),
+                "{a:?}"
+            );
+        }
+        let closed = AdmitContext {
+            closed: true,
+            ..forward
+        };
+        assert!(matches!(
+            admit(Classified::Payload, closed, never),
+            Admission::Drop {
+                reason: DropReason::Draining,
+                ..
+            }
+        ));
     }
 
     #[test]

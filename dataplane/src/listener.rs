@@ -20,6 +20,15 @@ pub enum ListenerKind {
     /// A token port: a token or control packet opens a session to its grant's backend;
     /// anything else goes to the default backend. RESET magic is honoured here only.
     TokenPort,
+    /// A forwarder: every new client gets a session to `target`, and its first datagram (or
+    /// every byte of its connection) is forwarded. Updating the target moves the listener's UDP
+    /// sessions at once; TCP connections keep the target they were opened to.
+    Forward {
+        /// Where its sessions go.
+        target: SocketAddr,
+        /// Control's identity for the forwarder, as its sessions report it.
+        backend: crate::grant::BackendId,
+    },
 }
 
 /// Transport of a listener.

@@ -26,17 +26,20 @@ pub enum SessionKind {
     Token,
     /// Opened for a client without a token, to the default backend.
     Default,
+    /// Opened by a forwarder listener, to its target.
+    Forwarder,
 }
 
 impl SessionKind {
     /// Every kind, in metric-label order.
-    pub const ALL: [Self; 2] = [Self::Token, Self::Default];
+    pub const ALL: [Self; 3] = [Self::Token, Self::Default, Self::Forwarder];
 
     /// The metric label value.
     pub const fn as_str(self) -> &'static str {
         match self {
             Self::Token => "token",
             Self::Default => "default",
+            Self::Forwarder => "forwarder",
         }
     }
 }

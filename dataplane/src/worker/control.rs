@@ -51,16 +51,7 @@ impl Worker {
                 id,
                 kind,
                 idle_timeout,
-            } => {
-                if let Some(listener) = self
-                    .listeners
-                    .get_mut(usize::from(id.0))
-                    .and_then(Option::as_mut)
-                {
-                    listener.kind = kind;
-                    listener.idle_timeout = idle_timeout;
-                }
-            }
+            } => self.update_listener(usize::from(id.0), kind, idle_timeout, now),
             ControlMsg::CloseListener { id, mode, closing } => {
                 self.close_listener(id, mode, closing);
             }
@@ -117,6 +108,57 @@ impl Worker {
             sessions: 0,
             closing: None,
         });
+    }
+
+    /// Applies a listener update. A forwarder whose target changed moves its UDP sessions to
+    /// the new target now (their next datagram goes there); its TCP connections stay where
+    /// they were opened to.
+    fn update_listener(
+        &mut self,
+        index: usize,
+        kind: ListenerKind,
+        idle_timeout: Duration,
+        now: Instant,
+    ) {
+        let Some(listener) = self.listeners.get_mut(index).and_then(Option::as_mut) else {
+            return;
+        };
+        let old = std::mem::replace(&mut listener.kind, kind);
+        listener.idle_timeout = idle_timeout;
+        let ListenerKind::Forward { target, backend } = kind else {
+            return;
+        };
+        if matches!(old, ListenerKind::Forward { target: was, .. } if was == target) {
+            return;
+        }
+        let moving: Vec<SessionId> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| {
+                usize::from(s.key.port) == index
+                    && s.kind == SessionKind::Forwarder
+                    && s.upstream.transport() == Transport::Udp
+            })
+            .map(|(id, _)| id)
+            .collect();
+        for id in moving {
+            let moved = self
+                .open_upstream(target, id, now)
+                .ok()
+                .and_then(|upstream| {
+                    self.retarget(id, backend, target, upstream, SessionKind::Forwarder, now)
+                });
+            match moved {
+                Some(from) => {
+                    let _ = self.events.send(WorkerEvent::SessionMoved {
+                        from,
+                        to: backend,
+                        token: None,
+                    });
+                }
+                None => self.close_session(id, CloseReason::BackendRemoved),
+            }
+        }
     }
 
     pub(super) fn close_listener(

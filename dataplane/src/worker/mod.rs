@@ -386,6 +386,7 @@ impl Worker {
                 // RESET magic means something on token ports only.
                 let resets = match kind {
                     ListenerKind::TokenPort => true,
+                    ListenerKind::Forward { .. } => false,
                 };
                 if resets && let Some(body) = control_body(datagram, &self.control_magic) {
                     self.reset_session(id, body, now);

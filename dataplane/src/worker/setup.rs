@@ -34,7 +34,7 @@ impl Worker {
         let ctx = self.admit_context(port);
         let first = classify(datagram, &self.control_magic);
         let admission = admit(first, ctx, |token| self.find_grant(token, port, now));
-        let (backend, target) = match admission {
+        let (backend, target, kind) = match admission {
             Admission::Token { grant, target } => {
                 self.open_token_session(key, reply_to, &grant, target, now);
                 return;
@@ -50,8 +50,9 @@ impl Worker {
                 refused,
             } => {
                 trace_refused(key.client, refused);
-                (backend, target)
+                (backend, target, SessionKind::Default)
             }
+            Admission::Forward { backend, target } => (backend, target, SessionKind::Forwarder),
         };
         let Some(upstream) = self.reserve(key.client, target, now) else {
             return;
@@ -62,12 +63,12 @@ impl Worker {
             Upstream::Udp(upstream),
             target,
             backend,
-            SessionKind::Default,
+            kind,
             now,
         );
         let _ = self.events.send(WorkerEvent::SessionOpened {
             backend,
-            kind: SessionKind::Default,
+            kind,
             token: None,
         });
         self.forward_upstream(id, slot, datagram.len(), now);

@@ -19,6 +19,7 @@ use slab::Slab;
 use crate::admit::{Admission, admit, trace_refused};
 use crate::ctl::{CloseReason, WorkerEvent};
 use crate::grant::{BackendId, Grant};
+use crate::listener::ListenerKind;
 use crate::metrics::DropReason;
 use crate::packet::Classified;
 use crate::session::{SessionId, SessionKey, SessionKind};
@@ -157,6 +158,19 @@ impl Worker {
             return;
         }
         let _ = stream.set_nodelay(true);
+        if let ListenerKind::Forward { target, backend } = self.admit_context(port).listener {
+            // Nothing to read first: the connection is the forwarder's at once.
+            let admitted = Admitted {
+                target,
+                backend,
+                kind: SessionKind::Forwarder,
+                grant: None,
+                data: &[],
+                line_end: LineEnd::Done,
+            };
+            self.open_tcp_session(stream, client, port, &admitted, false, false, now);
+            return;
+        }
         let slot = self.pending_tcp.slab.vacant_key();
         if let Err(e) = self.poll.registry().register(
             &mut stream,
@@ -302,7 +316,7 @@ impl Worker {
                     data: &bytes[data_from..],
                     line_end,
                 };
-                self.open_tcp_session(p.stream, p.client, port, &admitted, eof, now);
+                self.open_tcp_session(p.stream, p.client, port, &admitted, eof, true, now);
             }
             Admission::Default {
                 backend,
@@ -318,7 +332,18 @@ impl Worker {
                     data: bytes,
                     line_end: LineEnd::Done,
                 };
-                self.open_tcp_session(p.stream, p.client, port, &admitted, eof, now);
+                self.open_tcp_session(p.stream, p.client, port, &admitted, eof, true, now);
+            }
+            Admission::Forward { backend, target } => {
+                let admitted = Admitted {
+                    target,
+                    backend,
+                    kind: SessionKind::Forwarder,
+                    grant: None,
+                    data: bytes,
+                    line_end: LineEnd::Done,
+                };
+                self.open_tcp_session(p.stream, p.client, port, &admitted, eof, true, now);
             }
             Admission::Drop { reason, refused } => {
                 trace_refused(p.client, refused);
@@ -335,6 +360,9 @@ impl Worker {
 
     /// Connects to the backend and makes the session. The token is spent once the backend
     /// socket exists, as on UDP.
+    /// `registered`: the client connection is in the poll already (it waited for its first
+    /// bytes) and moves to the session's token; otherwise it is registered now.
+    #[allow(clippy::too_many_arguments)]
     fn open_tcp_session(
         &mut self,
         mut client_stream: TcpStream,
@@ -342,6 +370,7 @@ impl Worker {
         port: usize,
         admitted: &Admitted<'_>,
         eof: bool,
+        registered: bool,
         now: Instant,
     ) {
         let key = SessionKey {
@@ -377,11 +406,14 @@ impl Worker {
                 return;
             }
         };
-        if let Err(e) = self.poll.registry().reregister(
-            &mut client_stream,
-            client_token(slot),
-            Interest::READABLE | Interest::WRITABLE,
-        ) {
+        let interest = Interest::READABLE | Interest::WRITABLE;
+        let registry = self.poll.registry();
+        let moved = if registered {
+            registry.reregister(&mut client_stream, client_token(slot), interest)
+        } else {
+            registry.register(&mut client_stream, client_token(slot), interest)
+        };
+        if let Err(e) = moved {
             log::debug!("{client}: cannot register the connection: {e}");
             self.counters().refuse(DropReason::UpstreamSetup);
             self.abandon_connection(client_stream, Some(upstream), client);

@@ -1,0 +1,105 @@
+//! Forwarder listeners over real loopback sockets: every client goes to the target, nothing is
+//! read as a token or a control packet, the largest datagrams pass, and an update of the target
+//! moves UDP sessions at once while TCP connections keep theirs.
+
+mod common;
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use common::*;
+use dataplane::{
+    BackendId, CloseMode, ListenerKind, ListenerSpec, OpenedListener, SessionKind, Transport,
+};
+
+fn forward(target: SocketAddr) -> ListenerKind {
+    ListenerKind::Forward {
+        target,
+        backend: BackendId(1000),
+    }
+}
+
+fn open(proxy: &Proxy, transport: Transport, target: SocketAddr) -> OpenedListener {
+    proxy
+        .ctl
+        .open_listener(ListenerSpec {
+            owner: "forwarder test/fw".into(),
+            bind: "127.0.0.1:0".parse().unwrap(),
+            transport,
+            kind: forward(target),
+            idle_timeout: Duration::from_secs(300),
+        })
+        .unwrap()
+}
+
+#[test]
+fn a_udp_forwarder_takes_every_client_and_every_datagram_as_traffic() {
+    let proxy = Proxy::start(2, |_| {});
+    let echo = Echo::tagged(b'F');
+    let fw = open(&proxy, Transport::Udp, echo.addr);
+    let c = client();
+    // What a token port would consume (a token, a control packet) is data here.
+    let token = proxy.grant_one(1, echo.addr);
+    c.send_to(token.as_bytes(), fw.addr).unwrap();
+    let mut expected = vec![b'F'];
+    expected.extend_from_slice(token.as_bytes());
+    assert_eq!(expect_datagram(&c), expected);
+    let reset = control_packet(&token);
+    c.send_to(&reset, fw.addr).unwrap();
+    assert_eq!(expect_datagram(&c)[1..], reset[..]);
+    // The largest UDP payload passes whole.
+    let big = vec![0xabu8; 65507];
+    let plain = Echo::plain();
+    let fw_big = open(&proxy, Transport::Udp, plain.addr);
+    c.send_to(&big, fw_big.addr).unwrap();
+    assert_eq!(expect_datagram(&c), big);
+    let sessions = proxy.sessions();
+    assert_eq!(sessions.len(), 2);
+    assert!(sessions.iter().all(|s| s.kind == SessionKind::Forwarder));
+    assert_eq!(proxy.ctl.counters().created(SessionKind::Forwarder), 2);
+    assert_eq!(proxy.ctl.counters().tokens_redeemed, 0, "no token is read");
+}
+
+#[test]
+fn a_new_udp_target_moves_live_sessions_and_tcp_connections_keep_theirs() {
+    let proxy = Proxy::start(2, |_| {});
+    let a = Echo::tagged(b'A');
+    let b = Echo::tagged(b'B');
+    let fw = open(&proxy, Transport::Udp, a.addr);
+    let c = client();
+    c.send_to(b"1", fw.addr).unwrap();
+    assert_eq!(expect_datagram(&c), b"A1");
+    assert!(
+        proxy
+            .ctl
+            .update_listener(&fw, forward(b.addr), Duration::from_secs(300))
+    );
+    proxy.eventually("the session follows the new target", |p| {
+        p.sessions().first().is_some_and(|s| s.target == b.addr)
+    });
+    c.send_to(b"2", fw.addr).unwrap();
+    assert_eq!(expect_datagram(&c), b"B2");
+    assert_eq!(proxy.sessions().len(), 1, "moved, not reopened");
+
+    let ta = TcpEcho::tagged(b'a');
+    let tb = TcpEcho::tagged(b'b');
+    let tcp = open(&proxy, Transport::Tcp, ta.addr);
+    // A server that speaks first reaches the client at once: no token wait on a forwarder.
+    let mut old = tcp_client(tcp.addr);
+    assert_eq!(read_exact_within(&mut old, 1), b"a");
+    old.write_all(b"x").unwrap();
+    assert_eq!(read_exact_within(&mut old, 1), b"x");
+    assert!(
+        proxy
+            .ctl
+            .update_listener(&tcp, forward(tb.addr), Duration::from_secs(300))
+    );
+    std::thread::sleep(Duration::from_millis(50));
+    let mut new = tcp_client(tcp.addr);
+    assert_eq!(read_exact_within(&mut new, 1), b"b");
+    old.write_all(b"still a").unwrap();
+    assert_eq!(read_exact_within(&mut old, 7), b"still a");
+    proxy.ctl.close_listener(&tcp, CloseMode::End);
+    expect_closed(&mut old);
+}
