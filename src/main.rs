@@ -36,6 +36,9 @@ enum Command {
     },
     /// Ask a running proxy's query port for a token and print it.
     Query(QueryArgs),
+    /// Print the CustomResourceDefinitions of udp-director (generated from its Rust types; the
+    /// copies in `deploy/crds/` are these).
+    Crds,
     /// Print the least-privilege ClusterRole a config needs (list and watch on exactly the
     /// resource types it watches), for `deploy/`.
     Rbac {
@@ -93,6 +96,9 @@ fn main() -> ExitCode {
         },
         Some(Command::CheckConfig { file }) => check_config(&file),
         Some(Command::Query(q)) => query(&q),
+        Some(Command::Crds) => control::crd::all_yaml()
+            .map(|yaml| print!("{yaml}"))
+            .map_err(anyhow::Error::from),
         Some(Command::Rbac { file, name }) => Config::load(&file)
             .map(|config| {
                 print!("{}", control::inventory::kube::cluster_role(&config, &name));

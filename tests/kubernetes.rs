@@ -307,3 +307,82 @@ subjects: [{{kind: ServiceAccount, name: ops, namespace: {ns}}}]
     assert_eq!((status, body.as_str()), (200, r#"{"killed":1}"#));
     assert!(p.sessions().is_empty());
 }
+
+#[test]
+fn the_forwarder_crd_is_accepted_and_validates_its_objects() {
+    let Some(c) = cluster() else { return };
+    let crds =
+        std::fs::read_to_string(common::cluster::repo().join("deploy/crds/udp-director.dev.yaml"))
+            .unwrap();
+    c.apply(&crds);
+    c.must(
+        &[
+            "wait",
+            "--for=condition=Established",
+            "crd/forwarders.udp-director.dev",
+            "--timeout=30s",
+        ],
+        None,
+    );
+    let ns = c.namespace("fwd-crd");
+    let forwarder = |name: &str, port: u32| {
+        format!(
+            "apiVersion: udp-director.dev/v1alpha1\nkind: Forwarder\nmetadata: {{name: {name}, namespace: {ns}}}\n\
+             spec:\n  udp: {{listenPort: {port}, targetHost: gs-1.games.svc.cluster.local, targetPort: 27015, idleTimeoutSeconds: 30}}\n  proxyProtocol: v2-first\n"
+        )
+    };
+    c.apply(&forwarder("game-1", 27015));
+    let got = c.must(
+        &["get", "forwarders", "-n", &ns, "game-1", "-o", "json"],
+        None,
+    );
+    let v: serde_json::Value = serde_json::from_str(&got).unwrap();
+    assert_eq!(v["spec"]["udp"]["listenPort"], 27015);
+    // The schema refuses what a forwarder cannot be: port 0, over 65535, an unknown protocol.
+    for bad in [forwarder("bad-0", 0), forwarder("bad-big", 70000)] {
+        let e = c
+            .kubectl(&["apply", "--server-side", "-f", "-"], Some(&bad))
+            .unwrap_err();
+        assert!(e.contains("listenPort"), "{e}");
+    }
+    let bad = forwarder("bad-proto", 27016).replace("v2-first", "v3");
+    let e = c
+        .kubectl(&["apply", "--server-side", "-f", "-"], Some(&bad))
+        .unwrap_err();
+    assert!(e.contains("proxyProtocol"), "{e}");
+    // Each instance's status entry is keyed by node: two field managers, two entries.
+    for node in ["node-a", "node-b"] {
+        let status = format!(
+            r#"{{"apiVersion":"udp-director.dev/v1alpha1","kind":"Forwarder","metadata":{{"name":"game-1","namespace":"{ns}"}},"status":{{"instances":[{{"node":"{node}","ready":true,"listening":["udp/27015"],"message":""}}]}}}}"#
+        );
+        c.must(
+            &[
+                "apply",
+                "--server-side",
+                "--subresource=status",
+                // A status apply carries no spec; the client-side schema check would ask for one.
+                "--validate=false",
+                &format!("--field-manager=udp-director-{node}"),
+                "-f",
+                "-",
+            ],
+            Some(&status),
+        );
+    }
+    let got = c.must(
+        &["get", "forwarders", "-n", &ns, "game-1", "-o", "json"],
+        None,
+    );
+    let v: serde_json::Value = serde_json::from_str(&got).unwrap();
+    let nodes: Vec<&str> = v["status"]["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["node"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        nodes,
+        ["node-a", "node-b"],
+        "neither instance overwrote the other"
+    );
+}

@@ -8,6 +8,7 @@
 pub mod admin;
 pub mod config;
 pub mod conn_limit;
+pub mod crd;
 pub mod director;
 pub mod inventory;
 pub mod jsonpath;
