@@ -139,8 +139,14 @@ T
   kubeconfig "$run/kubeconfig" admin admin-token "$run"
   kubeconfig "$run/kubeconfig-proxy" proxy proxy-token "$run"
   KUBECONFIG=$run/kubeconfig kubectl apply -f "$HERE/tests/k8s/crds.yaml" >/dev/null
+  # udp-director's own CRDs too, before any test runs: a CRD established mid-suite makes the
+  # API server rebuild its handlers while other tests' watches (EndpointSlices are a CRD here)
+  # are live.
+  KUBECONFIG=$run/kubeconfig kubectl apply --server-side --field-manager=test \
+    -f "$HERE/deploy/crds/udp-director.dev.yaml" >/dev/null
   KUBECONFIG=$run/kubeconfig kubectl wait --for condition=established --timeout=30s \
-    crd/gameservers.agones.dev crd/endpointslices.discovery.k8s.io >/dev/null
+    crd/gameservers.agones.dev crd/endpointslices.discovery.k8s.io \
+    crd/forwarders.udp-director.dev >/dev/null
   echo "k8s-apiserver: ready at https://127.0.0.1:$API_PORT; KUBECONFIG=$run/kubeconfig (admin), $run/kubeconfig-proxy (service account)"
 }
 
