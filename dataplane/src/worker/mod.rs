@@ -324,21 +324,37 @@ impl Worker {
                 return;
             }
         };
+        let drained = self.read_batches(fd, "a data port", |worker, rx, n| {
+            for i in 0..n {
+                let (datagram, from) = rx.get(i);
+                worker.on_client_datagram(port, kind, i, datagram, from, now);
+            }
+            worker.flush_upstream(rx);
+        });
+        if !drained {
+            self.pending_ports.push(port);
+        }
+    }
+
+    /// Reads `fd` a batch at a time until its queue is empty or the work bound is hit, handing
+    /// each batch (and its length) to `batch`; true when the queue was emptied. A short batch
+    /// means the queue was empty: a new datagram raises a new readiness edge, so no read is
+    /// spent on learning `EAGAIN`.
+    fn read_batches(
+        &mut self,
+        fd: std::os::fd::RawFd,
+        what: &str,
+        mut batch: impl FnMut(&mut Self, &RecvBatch, usize),
+    ) -> bool {
         let Some(mut rx) = self.rx.take() else {
-            return;
+            return true;
         };
         let mut drained = false;
         for _ in 0..IO_LOOP_BOUND {
             match rx.recv(fd, self.batch_io) {
                 Ok(n) => {
-                    for i in 0..n {
-                        let (datagram, from) = rx.get(i);
-                        self.on_client_datagram(port, kind, i, datagram, from, now);
-                    }
-                    self.flush_upstream(&rx);
+                    batch(self, &rx, n);
                     if n < BATCH {
-                        // A short batch means the queue was empty: a new datagram raises a new
-                        // readiness edge, so there is nothing left to read now.
                         drained = true;
                         break;
                     }
@@ -347,18 +363,22 @@ impl Worker {
                     drained = true;
                     break;
                 }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                // An earlier send drew an ICMP error, reported once; or a signal. The socket
+                // stays usable.
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::ConnectionRefused | io::ErrorKind::Interrupted
+                    ) => {}
                 Err(e) => {
-                    log::debug!("worker {}: receive on data port {port}: {e}", self.id);
+                    log::debug!("worker {}: receive on {what}: {e}", self.id);
                     drained = true;
                     break;
                 }
             }
         }
-        if !drained {
-            self.pending_ports.push(port);
-        }
         self.rx = Some(rx);
+        drained
     }
 
     /// Datagram `slot` of the receive batch, from a client on listener `port`.
@@ -447,42 +467,15 @@ impl Worker {
         let Some(fd) = self.pool.fd(pool) else {
             return;
         };
-        let Some(mut rx) = self.rx.take() else {
-            return;
-        };
-        let mut drained = false;
-        for _ in 0..IO_LOOP_BOUND {
-            match rx.recv(fd, self.batch_io) {
-                Ok(n) => {
-                    for i in 0..n {
-                        let (datagram, from) = rx.get(i);
-                        self.on_reply(pool, datagram, from, now);
-                    }
-                    if n < BATCH {
-                        drained = true;
-                        break;
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    drained = true;
-                    break;
-                }
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::ConnectionRefused | io::ErrorKind::Interrupted
-                    ) => {}
-                Err(e) => {
-                    log::debug!("worker {}: receive on an upstream socket: {e}", self.id);
-                    drained = true;
-                    break;
-                }
+        let drained = self.read_batches(fd, "an upstream socket", |worker, rx, n| {
+            for i in 0..n {
+                let (datagram, from) = rx.get(i);
+                worker.on_reply(pool, datagram, from, now);
             }
-        }
+        });
         if !drained {
             self.pending_pools.push(pool);
         }
-        self.rx = Some(rx);
     }
 
     fn on_reply(&mut self, pool: PoolRef, datagram: &[u8], from: Option<SocketAddr>, now: Instant) {
