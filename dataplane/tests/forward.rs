@@ -81,6 +81,7 @@ fn a_new_udp_target_moves_live_sessions_and_tcp_connections_keep_theirs() {
     c.send_to(b"2", fw.addr).unwrap();
     assert_eq!(expect_datagram(&c), b"B2");
     assert_eq!(proxy.sessions().len(), 1, "moved, not reopened");
+    assert_eq!(proxy.ctl.counters().created(SessionKind::Forwarder), 1);
 
     let ta = TcpEcho::tagged(b'a');
     let tb = TcpEcho::tagged(b'b');
@@ -95,11 +96,74 @@ fn a_new_udp_target_moves_live_sessions_and_tcp_connections_keep_theirs() {
             .ctl
             .update_listener(&tcp, forward(tb.addr), Duration::from_secs(300))
     );
-    std::thread::sleep(Duration::from_millis(50));
-    let mut new = tcp_client(tcp.addr);
-    assert_eq!(read_exact_within(&mut new, 1), b"b");
+    // Each worker applies the update on its next turn: new connections reach `b` once the
+    // worker that accepts them has.
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let mut new = tcp_client(tcp.addr);
+        if read_exact_within(&mut new, 1) == b"b" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "new connections still reach a"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
     old.write_all(b"still a").unwrap();
     assert_eq!(read_exact_within(&mut old, 7), b"still a");
     proxy.ctl.close_listener(&tcp, CloseMode::End);
     expect_closed(&mut old);
+}
+
+#[test]
+fn turning_a_token_port_into_a_forwarder_ends_its_sessions_and_a_new_id_keeps_them() {
+    let proxy = Proxy::start(1, |_| {});
+    let echo = Echo::tagged(b'T');
+    let opened = proxy
+        .ctl
+        .open_listener(ListenerSpec {
+            owner: "kind change".into(),
+            bind: "127.0.0.1:0".parse().unwrap(),
+            transport: Transport::Udp,
+            kind: ListenerKind::TokenPort,
+            idle_timeout: Duration::from_secs(300),
+        })
+        .unwrap();
+    let mut targets = vec![None; usize::from(opened.id.0) + 1];
+    targets[usize::from(opened.id.0)] = Some(echo.addr);
+    let c = client();
+    c.send_to(
+        proxy.grant(1, &targets, Duration::from_secs(30)).as_bytes(),
+        opened.addr,
+    )
+    .unwrap();
+    c.send_to(b"t", opened.addr).unwrap();
+    assert_eq!(expect_datagram(&c), b"Tt");
+    // A session admitted under token rules ends when the port becomes a forwarder.
+    let fwd = Echo::tagged(b'F');
+    assert!(
+        proxy
+            .ctl
+            .update_listener(&opened, forward(fwd.addr), Duration::from_secs(300))
+    );
+    proxy.eventually("the token session ended", |p| p.sessions().is_empty());
+    c.send_to(b"f", opened.addr).unwrap();
+    assert_eq!(expect_datagram(&c), b"Ff");
+    // Same target, another forwarder id: the session stays and reports the new id.
+    let renamed = ListenerKind::Forward {
+        target: fwd.addr,
+        backend: BackendId(2000),
+    };
+    assert!(
+        proxy
+            .ctl
+            .update_listener(&opened, renamed, Duration::from_secs(300))
+    );
+    proxy.eventually("the session carries the new id", |p| {
+        p.sessions()
+            .first()
+            .is_some_and(|s| s.backend == BackendId(2000))
+    });
+    assert_eq!(proxy.ctl.counters().created(SessionKind::Forwarder), 1);
 }

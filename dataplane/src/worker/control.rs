@@ -12,6 +12,7 @@ use crate::batch::SendQueue;
 use crate::ctl::{ClientMatch, CloseReason, Closing, ControlMsg, SessionInfo, WorkerEvent};
 use crate::grant::BackendId;
 use crate::listener::{CloseMode, ListenerId, ListenerKind, Transport};
+use crate::metrics::DropReason;
 use crate::session::{SessionId, SessionKind};
 use crate::socket::ListenSocket;
 
@@ -125,23 +126,54 @@ impl Worker {
         };
         let old = std::mem::replace(&mut listener.kind, kind);
         listener.idle_timeout = idle_timeout;
-        let ListenerKind::Forward { target, backend } = kind else {
-            return;
+        let on_this_port = |sessions: &crate::session::SessionTable<super::Upstream>,
+                            udp_only: bool| {
+            sessions
+                .iter()
+                .filter(|(_, s)| {
+                    usize::from(s.key.port) == index
+                        && (!udp_only || s.upstream.transport() == Transport::Udp)
+                })
+                .map(|(id, _)| id)
+                .collect::<Vec<SessionId>>()
         };
-        if matches!(old, ListenerKind::Forward { target: was, .. } if was == target) {
-            return;
-        }
-        let moving: Vec<SessionId> = self
-            .sessions
-            .iter()
-            .filter(|(_, s)| {
-                usize::from(s.key.port) == index
-                    && s.kind == SessionKind::Forwarder
-                    && s.upstream.transport() == Transport::Udp
-            })
-            .map(|(id, _)| id)
-            .collect();
-        for id in moving {
+        let (target, backend) = match (old, kind) {
+            (ListenerKind::TokenPort, ListenerKind::TokenPort) => return,
+            (
+                ListenerKind::Forward {
+                    target: was,
+                    backend: was_backend,
+                },
+                ListenerKind::Forward { target, backend },
+            ) if was == target => {
+                if was_backend != backend {
+                    // Same target, new identity: the sessions stay and are counted anew.
+                    for id in on_this_port(&self.sessions, false) {
+                        if let Some(s) = self.sessions.get_mut(id) {
+                            let from = std::mem::replace(&mut s.backend, backend);
+                            let _ = self.events.send(WorkerEvent::SessionMoved {
+                                from,
+                                to: backend,
+                                token: None,
+                            });
+                        }
+                    }
+                }
+                return;
+            }
+            (ListenerKind::Forward { .. }, ListenerKind::Forward { target, backend }) => {
+                (target, backend)
+            }
+            // A token port turned forwarder or back: its sessions were admitted under rules
+            // that no longer hold, so they end (the listener itself stays open).
+            _ => {
+                for id in on_this_port(&self.sessions, false) {
+                    self.close_session(id, CloseReason::ListenerClosed);
+                }
+                return;
+            }
+        };
+        for id in on_this_port(&self.sessions, true) {
             let moved = self
                 .open_upstream(target, id, now)
                 .ok()
@@ -156,7 +188,16 @@ impl Worker {
                         token: None,
                     });
                 }
-                None => self.close_session(id, CloseReason::BackendRemoved),
+                None => {
+                    if let Some(note) = self.warn_gate.admit(now) {
+                        log::warn!(
+                            "worker {}: a forwarder session cannot move to {target}; ended{note}",
+                            self.id
+                        );
+                    }
+                    self.counters().drop(DropReason::UpstreamSetup, 1);
+                    self.close_session(id, CloseReason::BackendRemoved);
+                }
             }
         }
     }
