@@ -23,7 +23,7 @@ use crate::listener::{
 use crate::socket::{ListenSocket, bind_reuseport, probe_exclusive, unique_port};
 
 use crate::grant::{Backend, BackendId, Grant, TokenId};
-use crate::metrics::{CounterSnapshot, WorkerCounters};
+use crate::metrics::{CounterSnapshot, ListenerCounters, WorkerCounters};
 use crate::session::{SessionKind, SessionStats};
 
 /// Longest idle timeout a listener may give its sessions (a year): deadlines stay far from
@@ -50,6 +50,8 @@ pub(crate) enum ControlMsg {
         kind: ListenerKind,
         /// Idle timeout of its sessions.
         idle_timeout: Duration,
+        /// Its traffic counts, shared with control.
+        counters: Arc<ListenerCounters>,
     },
     /// Change what a listener does with new clients, and the idle timeout it gives new
     /// sessions.
@@ -318,7 +320,13 @@ impl Controller {
                 self.sockets.send_buffer_bytes,
             )?);
         }
-        let (id, generation) = registry.insert(spec.transport, addr.port(), spec.owner)?;
+        let counters = Arc::new(ListenerCounters::new(self.links.len()));
+        let (id, generation) = registry.insert(
+            spec.transport,
+            addr.port(),
+            spec.owner,
+            Arc::clone(&counters),
+        )?;
         // Sent under the registry lock, so a close of this id can only come after the open in
         // every worker's channel.
         for (link, socket) in self.links.iter().zip(sockets) {
@@ -327,6 +335,7 @@ impl Controller {
                 socket,
                 kind: spec.kind,
                 idle_timeout: spec.idle_timeout.min(MAX_IDLE_TIMEOUT),
+                counters: Arc::clone(&counters),
             };
             if link.tx.send(msg).is_err() {
                 // A worker has ended: the data plane is going down; undo what was opened.
@@ -340,6 +349,14 @@ impl Controller {
             addr,
             generation,
         })
+    }
+
+    /// The traffic counts of a listener that is open (or closing), to keep and read at
+    /// scrape time; `None` for a stale handle. The counts stay readable after the close.
+    pub fn listener_counters(&self, listener: &OpenedListener) -> Option<Arc<ListenerCounters>> {
+        self.registry
+            .lock()
+            .counters(listener.id, listener.generation)
     }
 
     /// Changes an open listener on every worker while it serves: its kind, and the idle

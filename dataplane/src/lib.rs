@@ -38,7 +38,9 @@ pub use grant::{Backend, BackendId, Grant, TokenId};
 pub use listener::{
     CloseMode, ListenError, ListenerId, ListenerKind, ListenerSpec, OpenedListener, Transport,
 };
-pub use metrics::{CounterSnapshot, DropReason, TokenRejectReason};
+pub use metrics::{
+    CounterSnapshot, DropReason, ListenerCounters, ListenerStats, TokenRejectReason,
+};
 pub use plane::DataPlane;
 pub use session::SessionKind;
 pub use warn_gate::WarnGate;

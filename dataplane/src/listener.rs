@@ -136,6 +136,7 @@ struct Entry {
     generation: u64,
     /// A close was asked; the port stays held until every worker has let go of it.
     closing: bool,
+    counters: std::sync::Arc<crate::metrics::ListenerCounters>,
 }
 
 impl PortRegistry {
@@ -171,6 +172,7 @@ impl PortRegistry {
         transport: Transport,
         port: u16,
         owner: String,
+        counters: std::sync::Arc<crate::metrics::ListenerCounters>,
     ) -> Result<(ListenerId, u64), ListenError> {
         let slot = match self.open.iter().position(Option::is_none) {
             Some(slot) => slot,
@@ -187,6 +189,7 @@ impl PortRegistry {
             owner,
             generation: self.next_generation,
             closing: false,
+            counters,
         });
         Ok((ListenerId(slot as u16), self.next_generation))
     }
@@ -197,6 +200,19 @@ impl PortRegistry {
             .get(usize::from(id.0))
             .and_then(Option::as_ref)
             .is_some_and(|e| e.generation == generation && !e.closing)
+    }
+
+    /// The counters of this listener (id and generation), while it is registered.
+    pub(crate) fn counters(
+        &self,
+        id: ListenerId,
+        generation: u64,
+    ) -> Option<std::sync::Arc<crate::metrics::ListenerCounters>> {
+        self.open
+            .get(usize::from(id.0))
+            .and_then(Option::as_ref)
+            .filter(|e| e.generation == generation)
+            .map(|e| std::sync::Arc::clone(&e.counters))
     }
 
     /// Marks an open listener as closing; false when that listener is not open (closed, or
@@ -231,6 +247,10 @@ impl PortRegistry {
 mod tests {
     use super::*;
 
+    fn counters() -> std::sync::Arc<crate::metrics::ListenerCounters> {
+        std::sync::Arc::new(crate::metrics::ListenerCounters::new(1))
+    }
+
     fn spec(port: u16) -> ListenerSpec {
         ListenerSpec {
             owner: format!("test {port}"),
@@ -246,10 +266,10 @@ mod tests {
         let mut r = PortRegistry::default();
         r.check(&spec(7777)).unwrap();
         let (a, generation) = r
-            .insert(Transport::Udp, 7777, "data port game".into())
+            .insert(Transport::Udp, 7777, "data port game".into(), counters())
             .unwrap();
         let (b, _) = r
-            .insert(Transport::Udp, 7778, "data port voice".into())
+            .insert(Transport::Udp, 7778, "data port voice".into(), counters())
             .unwrap();
         assert_eq!((a, b), (ListenerId(0), ListenerId(1)));
         let e = r.check(&spec(7777)).unwrap_err().to_string();
@@ -260,7 +280,9 @@ mod tests {
         assert_eq!(e, "udp/7777 is already open for data port game (closing)");
         r.finish_close(a, generation);
         r.check(&spec(7777)).unwrap();
-        let (again, new_generation) = r.insert(Transport::Udp, 7777, "x".into()).unwrap();
+        let (again, new_generation) = r
+            .insert(Transport::Udp, 7777, "x".into(), counters())
+            .unwrap();
         assert_eq!(again, ListenerId(0), "the lowest free id");
         // A late finish, or a stale close, of the old listener leaves the new one alone.
         r.finish_close(a, generation);

@@ -330,3 +330,86 @@ impl CounterSnapshot {
         sum(&mut self.connections_refused, &c.connections_refused);
     }
 }
+
+/// One worker's counts of one listener.
+#[derive(Debug, Default)]
+pub(crate) struct ListenerSlot {
+    pub(crate) packets_upstream: Counter,
+    pub(crate) bytes_upstream: Counter,
+    pub(crate) packets_downstream: Counter,
+    pub(crate) bytes_downstream: Counter,
+    /// Live sessions on this worker (gauge).
+    pub(crate) sessions: Counter,
+    /// Datagrams dropped and connections refused, indexed like [`DropReason::ALL`].
+    pub(crate) dropped: [Counter; DropReason::ALL.len()],
+}
+
+impl ListenerSlot {
+    #[inline]
+    pub(crate) fn drop(&self, reason: DropReason, n: u64) {
+        self.dropped[reason as usize].add(n);
+    }
+}
+
+/// The traffic of one listener, one cache-line-padded slot per worker (only that worker
+/// writes it). Control keeps the `Arc` from [`crate::Controller::listener_counters`] and reads
+/// it at scrape time; it outlives the listener, so nothing is lost at a close.
+#[derive(Debug)]
+pub struct ListenerCounters {
+    slots: Box<[crossbeam_utils::CachePadded<ListenerSlot>]>,
+}
+
+impl ListenerCounters {
+    pub(crate) fn new(workers: usize) -> Self {
+        Self {
+            slots: (0..workers).map(|_| Default::default()).collect(),
+        }
+    }
+
+    /// Worker `worker`'s slot.
+    #[inline]
+    pub(crate) fn slot(&self, worker: usize) -> &ListenerSlot {
+        &self.slots[worker]
+    }
+
+    /// The sum over every worker now.
+    pub fn snapshot(&self) -> ListenerStats {
+        let mut s = ListenerStats::default();
+        for slot in &*self.slots {
+            s.packets_upstream += slot.packets_upstream.get();
+            s.bytes_upstream += slot.bytes_upstream.get();
+            s.packets_downstream += slot.packets_downstream.get();
+            s.bytes_downstream += slot.bytes_downstream.get();
+            s.sessions += slot.sessions.get();
+            for (into, from) in s.dropped.iter_mut().zip(&slot.dropped) {
+                *into += from.get();
+            }
+        }
+        s
+    }
+}
+
+/// A listener's counts at one moment. Bytes are datagram payloads (UDP) or stream bytes (TCP);
+/// packets are UDP only.
+#[derive(Clone, Debug, Default, Eq, PartialEq)]
+pub struct ListenerStats {
+    /// Datagrams client → backend that left.
+    pub packets_upstream: u64,
+    /// Bytes client → backend.
+    pub bytes_upstream: u64,
+    /// Datagrams backend → client queued for the client.
+    pub packets_downstream: u64,
+    /// Bytes backend → client.
+    pub bytes_downstream: u64,
+    /// Live sessions (clients).
+    pub sessions: u64,
+    /// Drops and refusals, indexed like [`DropReason::ALL`].
+    pub dropped: [u64; DropReason::ALL.len()],
+}
+
+impl ListenerStats {
+    /// Drops (or refusals) for one reason.
+    pub fn dropped(&self, reason: DropReason) -> u64 {
+        self.dropped[reason as usize]
+    }
+}

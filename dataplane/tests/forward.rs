@@ -59,6 +59,30 @@ fn a_udp_forwarder_takes_every_client_and_every_datagram_as_traffic() {
     assert!(sessions.iter().all(|s| s.kind == SessionKind::Forwarder));
     assert_eq!(proxy.ctl.counters().created(SessionKind::Forwarder), 2);
     assert_eq!(proxy.ctl.counters().tokens_redeemed, 0, "no token is read");
+    assert!(
+        proxy.plane.as_ref().unwrap().events().try_recv().is_err(),
+        "forwarder sessions are not reported to control"
+    );
+
+    // Each listener counts its own traffic, and the counts outlive it.
+    let counters = proxy.ctl.listener_counters(&fw_big).unwrap();
+    let stats = counters.snapshot();
+    assert_eq!(
+        (stats.packets_upstream, stats.bytes_upstream),
+        (1, 65507),
+        "{stats:?}"
+    );
+    assert_eq!(
+        (stats.packets_downstream, stats.bytes_downstream),
+        (1, 65507)
+    );
+    assert_eq!(stats.sessions, 1);
+    let first = proxy.ctl.listener_counters(&fw).unwrap().snapshot();
+    assert_eq!(first.packets_upstream, 2);
+    proxy.ctl.close_listener(&fw_big, CloseMode::End);
+    proxy.eventually("its session ended", |p| p.sessions().len() == 1);
+    let after = counters.snapshot();
+    assert_eq!((after.bytes_upstream, after.sessions), (65507, 0));
 }
 
 #[test]

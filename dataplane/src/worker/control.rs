@@ -12,7 +12,7 @@ use crate::batch::SendQueue;
 use crate::ctl::{ClientMatch, CloseReason, Closing, ControlMsg, SessionInfo, WorkerEvent};
 use crate::grant::BackendId;
 use crate::listener::{CloseMode, ListenerId, ListenerKind, Transport};
-use crate::metrics::DropReason;
+use crate::metrics::{DropReason, ListenerCounters};
 use crate::session::{SessionId, SessionKind};
 use crate::socket::ListenSocket;
 
@@ -47,7 +47,8 @@ impl Worker {
                 socket,
                 kind,
                 idle_timeout,
-            } => self.open_listener(id, socket, kind, idle_timeout),
+                counters,
+            } => self.open_listener(id, socket, kind, idle_timeout, counters),
             ControlMsg::UpdateListener {
                 id,
                 kind,
@@ -71,6 +72,7 @@ impl Worker {
         socket: ListenSocket,
         kind: ListenerKind,
         idle_timeout: Duration,
+        counters: Arc<ListenerCounters>,
     ) {
         let index = usize::from(id.0);
         let token = mio::Token(FIRST_LISTENER + index);
@@ -108,6 +110,7 @@ impl Worker {
             idle_timeout,
             sessions: 0,
             closing: None,
+            counters,
         });
     }
 
@@ -147,15 +150,11 @@ impl Worker {
                 ListenerKind::Forward { target, backend },
             ) if was == target => {
                 if was_backend != backend {
-                    // Same target, new identity: the sessions stay and are counted anew.
+                    // Same target, new identity: the sessions stay and carry the new id
+                    // (control is not told: it counts no forwarder sessions).
                     for id in on_this_port(&self.sessions, false) {
                         if let Some(s) = self.sessions.get_mut(id) {
-                            let from = std::mem::replace(&mut s.backend, backend);
-                            let _ = self.events.send(WorkerEvent::SessionMoved {
-                                from,
-                                to: backend,
-                                token: None,
-                            });
+                            s.backend = backend;
                         }
                     }
                 }
@@ -181,13 +180,8 @@ impl Worker {
                     self.retarget(id, backend, target, upstream, SessionKind::Forwarder, now)
                 });
             match moved {
-                Some(from) => {
-                    let _ = self.events.send(WorkerEvent::SessionMoved {
-                        from,
-                        to: backend,
-                        token: None,
-                    });
-                }
+                // Control counts no forwarder sessions, so the move is not reported.
+                Some(_) => {}
                 None => {
                     if let Some(note) = self.warn_gate.admit(now) {
                         log::warn!(
@@ -196,6 +190,7 @@ impl Worker {
                         );
                     }
                     self.counters().drop(DropReason::UpstreamSetup, 1);
+                    self.count_on_listener(index, DropReason::UpstreamSetup);
                     self.close_session(id, CloseReason::BackendRemoved);
                 }
             }

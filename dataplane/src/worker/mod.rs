@@ -26,9 +26,9 @@ use crate::error::WorkerError;
 use crate::grant::{Backend, Grant, TokenId};
 use crate::limits::SessionLimits;
 use crate::listener::{ListenerKind, MAX_LISTENERS, Transport};
-use crate::metrics::{DropReason, WorkerCounters};
+use crate::metrics::{DropReason, ListenerCounters, ListenerSlot, WorkerCounters};
 use crate::packet::control_body;
-use crate::session::{Session, SessionId, SessionKey, SessionTable};
+use crate::session::{Session, SessionId, SessionKey, SessionKind, SessionTable};
 use crate::tcp::splice::Splice;
 use crate::warn_gate::WarnGate;
 
@@ -122,6 +122,8 @@ struct Listener {
     sessions: usize,
     /// Set once a close was asked (no new sessions); told when this worker's socket is gone.
     closing: Option<Arc<Closing>>,
+    /// Its traffic counts; this worker writes its own slot.
+    counters: Arc<ListenerCounters>,
 }
 
 /// Everything [`Worker::new`] needs.
@@ -329,7 +331,7 @@ impl Worker {
                 let (datagram, from) = rx.get(i);
                 worker.on_client_datagram(port, kind, i, datagram, from, now);
             }
-            worker.flush_upstream(rx);
+            worker.flush_upstream(port, rx);
         });
         if !drained {
             self.pending_ports.push(port);
@@ -436,9 +438,9 @@ impl Worker {
         session.stats.bytes_upstream += len as u64;
     }
 
-    /// Sends the client datagrams of `rx` queued for their backends: one `sendmmsg` per
-    /// shared upstream socket.
-    fn flush_upstream(&mut self, rx: &RecvBatch) {
+    /// Sends the client datagrams of `rx` (received on listener `port`) queued for their
+    /// backends: one `sendmmsg` per shared upstream socket.
+    fn flush_upstream(&mut self, port: usize, rx: &RecvBatch) {
         let pool = &self.pool;
         let sent = self
             .upstream_batch
@@ -449,6 +451,38 @@ impl Worker {
         if sent.dropped > 0 {
             c.drop(DropReason::UpstreamSend, sent.dropped);
         }
+        // Once per batch: every datagram of it came in on this one listener.
+        if let Some(slot) = self.listener_slot(port) {
+            slot.packets_upstream.add(sent.packets);
+            slot.bytes_upstream.add(sent.bytes);
+            slot.drop(DropReason::UpstreamSend, sent.dropped);
+        }
+    }
+
+    /// Tells control about a session of `kind`. Forwarder sessions are not reported: control
+    /// counts sessions per inventory backend (for load balancing and to end a removed
+    /// backend's sessions), and a forwarder's clients are counted on its listener instead.
+    pub(super) fn report(&self, kind: SessionKind, event: WorkerEvent) {
+        if kind != SessionKind::Forwarder {
+            let _ = self.events.send(event);
+        }
+    }
+
+    /// Counts a datagram dropped, or a connection refused, on listener `port` for `reason`
+    /// (the worker-wide count is the caller's).
+    pub(super) fn count_on_listener(&self, port: usize, reason: DropReason) {
+        if let Some(slot) = self.listener_slot(port) {
+            slot.drop(reason, 1);
+        }
+    }
+
+    /// This worker's counts of listener `port`, while it is open.
+    #[inline]
+    pub(super) fn listener_slot(&self, port: usize) -> Option<&ListenerSlot> {
+        self.listeners
+            .get(port)
+            .and_then(Option::as_ref)
+            .map(|l| l.counters.slot(self.id))
     }
 
     // ---- backend side ----------------------------------------------------------------------
@@ -492,6 +526,7 @@ impl Worker {
         // A listener lives as long as any of its sessions.
         let Some(Listener {
             io: ListenerIo::Udp { socket, replies },
+            counters: listener_counters,
             ..
         }) = self
             .listeners
@@ -501,12 +536,15 @@ impl Worker {
             counters.drop(DropReason::StrayReply, 1);
             return;
         };
+        let slot = listener_counters.slot(self.id);
         if replies.is_full() {
             let flushed = replies.flush(socket.as_raw_fd(), self.batch_io);
             counters.drop(DropReason::DownstreamSend, flushed.dropped);
+            slot.drop(DropReason::DownstreamSend, flushed.dropped);
         }
         if !replies.push(datagram, &session.client_sockaddr) {
             counters.drop(DropReason::DownstreamSend, 1);
+            slot.drop(DropReason::DownstreamSend, 1);
             return;
         }
         session.last_active = now;
@@ -514,6 +552,8 @@ impl Worker {
         session.stats.bytes_downstream += datagram.len() as u64;
         counters.packets_downstream.add(1);
         counters.bytes_downstream.add(datagram.len() as u64);
+        slot.packets_downstream.add(1);
+        slot.bytes_downstream.add(datagram.len() as u64);
     }
 
     /// Gives sockets that hit the work bound last turn another turn.
@@ -545,6 +585,10 @@ impl Worker {
             {
                 let flushed = replies.flush(socket.as_raw_fd(), self.batch_io);
                 self.counters[self.id].drop(DropReason::DownstreamSend, flushed.dropped);
+                listener
+                    .counters
+                    .slot(self.id)
+                    .drop(DropReason::DownstreamSend, flushed.dropped);
             }
         }
     }
@@ -617,13 +661,21 @@ impl Worker {
             }
         }
         self.limits.release(session.key.client.ip());
-        let _ = self.events.send(WorkerEvent::SessionClosed {
-            backend: session.backend,
-            reason,
-        });
+        self.report(
+            session.kind,
+            WorkerEvent::SessionClosed {
+                backend: session.backend,
+                reason,
+            },
+        );
         let index = usize::from(session.key.port);
         if let Some(listener) = self.listeners.get_mut(index).and_then(Option::as_mut) {
             listener.sessions = listener.sessions.saturating_sub(1);
+            listener
+                .counters
+                .slot(self.id)
+                .sessions
+                .set(listener.sessions as u64);
             // Counted in the drain only if it lived when this worker joined the close (a
             // closing listener takes no new sessions, so every one it has did).
             if let Some(closing) = &listener.closing {

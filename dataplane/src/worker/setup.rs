@@ -42,6 +42,7 @@ impl Worker {
             Admission::Drop { reason, refused } => {
                 trace_refused(key.client, refused);
                 self.counters().drop(reason, 1);
+                self.count_on_listener(port, reason);
                 return;
             }
             Admission::Default {
@@ -54,8 +55,12 @@ impl Worker {
             }
             Admission::Forward { backend, target } => (backend, target, SessionKind::Forwarder),
         };
-        let Some(upstream) = self.reserve(key.client, target, now) else {
-            return;
+        let upstream = match self.reserve(key.client, target, now) {
+            Ok(upstream) => upstream,
+            Err(reason) => {
+                self.count_on_listener(port, reason);
+                return;
+            }
         };
         let id = self.install(
             key,
@@ -66,11 +71,14 @@ impl Worker {
             kind,
             now,
         );
-        let _ = self.events.send(WorkerEvent::SessionOpened {
-            backend,
+        self.report(
             kind,
-            token: None,
-        });
+            WorkerEvent::SessionOpened {
+                backend,
+                kind,
+                token: None,
+            },
+        );
         self.forward_upstream(id, slot, datagram.len(), now);
     }
 
@@ -98,7 +106,7 @@ impl Worker {
         target: SocketAddr,
         now: Instant,
     ) {
-        let Some(upstream) = self.reserve(key.client, target, now) else {
+        let Ok(upstream) = self.reserve(key.client, target, now) else {
             return;
         };
         if let Err(reason) = grant.redeem(usize::from(key.port), now) {
@@ -152,27 +160,27 @@ impl Worker {
 
     /// Everything a new session needs that can fail: a slot under `maxSessions` and
     /// `maxSessionsPerIp`, and a place on a shared upstream socket to `target`, recorded for
-    /// the id the session will take. `None` when refused (counted, and logged at most once a
-    /// second).
+    /// the id the session will take. The reason when refused (counted, and logged at most
+    /// once a second).
     pub(super) fn reserve(
         &mut self,
         client: SocketAddr,
         target: SocketAddr,
         now: Instant,
-    ) -> Option<UdpUpstream> {
+    ) -> Result<UdpUpstream, DropReason> {
         if let Err(reason) = self.limits.try_acquire(client.ip()) {
             self.counters().drop(reason, 1);
-            return None;
+            return Err(reason);
         }
         match self.open_upstream(target, self.sessions.next_id(), now) {
-            Ok(upstream) => Some(upstream),
+            Ok(upstream) => Ok(upstream),
             Err(e) => {
                 if let Some(note) = self.warn_gate.admit(now) {
                     log::warn!("{client}: cannot open a socket to {target}: {e}{note}");
                 }
                 self.limits.release(client.ip());
                 self.counters().drop(DropReason::UpstreamSetup, 1);
-                None
+                Err(DropReason::UpstreamSetup)
             }
         }
     }
@@ -239,6 +247,11 @@ impl Worker {
         {
             Some(listener) => {
                 listener.sessions += 1;
+                listener
+                    .counters
+                    .slot(self.id)
+                    .sessions
+                    .set(listener.sessions as u64);
                 listener.idle_timeout
             }
             None => ORPHAN_IDLE_TIMEOUT,

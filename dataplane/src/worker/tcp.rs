@@ -155,6 +155,7 @@ impl Worker {
         }
         if let Err(reason) = self.limits.try_acquire(client.ip()) {
             self.counters().refuse(reason);
+            self.count_on_listener(port, reason);
             return;
         }
         let _ = stream.set_nodelay(true);
@@ -402,6 +403,7 @@ impl Worker {
                     log::warn!("{client}: cannot connect to {target}: {e}{note}");
                 }
                 self.counters().refuse(DropReason::UpstreamSetup);
+                self.count_on_listener(port, DropReason::UpstreamSetup);
                 self.abandon_connection(client_stream, None, client);
                 return;
             }
@@ -447,11 +449,14 @@ impl Worker {
             admitted.kind,
             now,
         );
-        let _ = self.events.send(WorkerEvent::SessionOpened {
-            backend: admitted.backend,
-            kind: admitted.kind,
-            token: admitted.grant.map(|g| g.token),
-        });
+        self.report(
+            admitted.kind,
+            WorkerEvent::SessionOpened {
+                backend: admitted.backend,
+                kind: admitted.kind,
+                token: admitted.grant.map(|g| g.token),
+            },
+        );
         self.pending_tcp
             .connecting
             .push_back((now + self.tcp_connect_timeout, id));
@@ -491,6 +496,12 @@ impl Worker {
                     let c = &self.counters[self.id];
                     c.tcp_bytes_upstream.add(driven.up as u64);
                     c.tcp_bytes_downstream.add(driven.down as u64);
+                    if let Some(Some(listener)) = self.listeners.get(usize::from(session.key.port))
+                    {
+                        let slot = listener.counters.slot(self.id);
+                        slot.bytes_upstream.add(driven.up as u64);
+                        slot.bytes_downstream.add(driven.down as u64);
+                    }
                 }
                 if driven.finished {
                     log::debug!(
@@ -527,6 +538,9 @@ impl Worker {
             );
         }
         self.counters().refuse(DropReason::UpstreamConnect);
+        if let Some(port) = self.sessions.get_mut(id).map(|s| usize::from(s.key.port)) {
+            self.count_on_listener(port, DropReason::UpstreamConnect);
+        }
         self.close_session(id, CloseReason::UpstreamFailed);
     }
 
