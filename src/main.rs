@@ -40,7 +40,8 @@ enum Command {
     /// copies in `deploy/crds/` are these).
     Crds,
     /// Print the least-privilege ClusterRole a config needs (list and watch on exactly the
-    /// resource types it watches), for `deploy/`.
+    /// resource types it watches), and with `forwarders` the Role `NAME-forwarders` in their
+    /// namespace, for `deploy/`.
     Rbac {
         /// Config file.
         file: PathBuf,
@@ -102,6 +103,10 @@ fn main() -> ExitCode {
         Some(Command::Rbac { file, name }) => Config::load(&file)
             .map(|config| {
                 print!("{}", control::inventory::kube::cluster_role(&config, &name));
+                print!(
+                    "{}",
+                    control::inventory::kube::forwarders_role(&config, &name)
+                );
             })
             .map_err(Into::into),
     };

@@ -36,6 +36,10 @@ pub const DEFAULT_CONTROL_MAGIC_HEX: &str = "FFFFFFFF5245534554";
 pub const DEFAULT_FILE_POLL_MILLIS: u64 = 1000;
 /// Name of the data port when the config gives a bare `dataPort`.
 pub const DEFAULT_DATA_PORT_NAME: &str = "default";
+/// How often a forwarder's DNS `targetHost` is looked up again.
+pub const DEFAULT_RESOLVE_INTERVAL_SECONDS: u64 = 30;
+/// The forwarders' namespace when neither `forwarders.namespace` nor `POD_NAMESPACE` says.
+pub const DEFAULT_FORWARDERS_NAMESPACE: &str = "udp-director";
 
 /// A configuration error, always naming the key at fault.
 #[derive(Debug, thiserror::Error)]
@@ -152,6 +156,29 @@ struct RawConfig {
     /// Query used for clients that arrive without a token.
     #[serde(default)]
     default_endpoint: Option<Query>,
+    /// `Forwarder` custom resources: on when present.
+    #[serde(default)]
+    forwarders: Option<RawForwarders>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawForwarders {
+    #[serde(default)]
+    namespace: Option<String>,
+    #[serde(default)]
+    service_ports: Option<RawServicePorts>,
+    #[serde(default)]
+    resolve_interval_seconds: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServicePorts {
+    #[serde(default)]
+    udp: Option<String>,
+    #[serde(default)]
+    tcp: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -453,6 +480,23 @@ pub struct Config {
     pub load_balancing: LoadBalancing,
     /// Default endpoint query.
     pub default_endpoint: Option<Query>,
+    /// Forwarders, when enabled.
+    pub forwarders: Option<ForwardersConfig>,
+}
+
+/// `forwarders`: declarative `listenPort → targetHost:targetPort` forwarding from `Forwarder`
+/// objects (SPEC §6).
+#[derive(Clone, Debug, Eq, PartialEq)]
+pub struct ForwardersConfig {
+    /// The namespace whose `Forwarder` objects are served (file objects without a namespace
+    /// count as in it).
+    pub namespace: String,
+    /// The Service, in `namespace`, that carries a port per UDP forwarder listener.
+    pub udp_service: Option<String>,
+    /// The Service that carries a port per TCP forwarder listener (may be the UDP one).
+    pub tcp_service: Option<String>,
+    /// How often a DNS `targetHost` is looked up again.
+    pub resolve_interval: Duration,
 }
 
 impl Config {
@@ -668,7 +712,71 @@ impl TryFrom<RawConfig> for Config {
             mappings,
             load_balancing,
             default_endpoint: raw.default_endpoint,
+            forwarders: raw
+                .forwarders
+                .map(|f| forwarders(f, std::env::var("POD_NAMESPACE").ok()))
+                .transpose()?,
         })
+    }
+}
+
+/// `forwarders`; `pod_namespace` is the proxy's own namespace (`POD_NAMESPACE`), if known.
+fn forwarders(
+    raw: RawForwarders,
+    pod_namespace: Option<String>,
+) -> Result<ForwardersConfig, ConfigError> {
+    let namespace = match raw.namespace {
+        Some(ns) => {
+            dns_label("forwarders.namespace", &ns)?;
+            ns
+        }
+        None => pod_namespace
+            .filter(|ns| !ns.is_empty())
+            .unwrap_or_else(|| DEFAULT_FORWARDERS_NAMESPACE.to_string()),
+    };
+    let ports = raw.service_ports.unwrap_or_default();
+    let service =
+        |key: &str, name: Option<String>| name.map(|n| dns_label(key, &n).map(|()| n)).transpose();
+    let resolve_interval = match raw
+        .resolve_interval_seconds
+        .unwrap_or(DEFAULT_RESOLVE_INTERVAL_SECONDS)
+    {
+        0 => {
+            return Err(invalid(
+                "forwarders.resolveIntervalSeconds",
+                "must be at least 1",
+            ));
+        }
+        s if s > 86_400 => {
+            return Err(invalid(
+                "forwarders.resolveIntervalSeconds",
+                "must be at most 86400 (one day)",
+            ));
+        }
+        s => Duration::from_secs(s),
+    };
+    Ok(ForwardersConfig {
+        namespace,
+        udp_service: service("forwarders.servicePorts.udp", ports.udp)?,
+        tcp_service: service("forwarders.servicePorts.tcp", ports.tcp)?,
+        resolve_interval,
+    })
+}
+
+/// Namespace and Service names are DNS labels (RFC 1123): at most 63 lowercase letters, digits
+/// and `-`, starting and ending with a letter or digit.
+fn dns_label(key: &str, name: &str) -> Result<(), ConfigError> {
+    if crate::forwarder::is_dns_label(name) {
+        Ok(())
+    } else {
+        Err(invalid(
+            key,
+            format!(
+                "`{}` is not a valid name (at most 63 lowercase letters, digits and `-`, \
+                 starting and ending with a letter or digit)",
+                quote(name)
+            ),
+        ))
     }
 }
 

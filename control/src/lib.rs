@@ -10,6 +10,7 @@ pub mod config;
 pub mod conn_limit;
 pub mod crd;
 pub mod director;
+pub mod forwarder;
 pub mod inventory;
 pub mod jsonpath;
 pub mod metrics;
@@ -118,6 +119,14 @@ pub fn start(config: Arc<Config>, plane: &DataPlane) -> Result<ControlPlane, Con
         .enable_all()
         .build()
         .map_err(ControlError::Runtime)?;
+    let kube = match &config.inventory {
+        InventoryConfig::Kubernetes { .. } => {
+            let needed_by = "inventory.kind is `kubernetes` (the default when no inventory is \
+                             given; use `inventory: {kind: file, path: …}` without a cluster)";
+            Some(kube_client(&runtime, needed_by)?)
+        }
+        InventoryConfig::File { .. } => None,
+    };
     let source = match &config.inventory {
         InventoryConfig::File {
             path,
@@ -129,12 +138,10 @@ pub fn start(config: Arc<Config>, plane: &DataPlane) -> Result<ControlPlane, Con
             *max_bytes,
             config.mappings.clone(),
         )),
-        InventoryConfig::Kubernetes { .. } => {
-            let needed_by = "inventory.kind is `kubernetes` (the default when no inventory is \
-                             given; use `inventory: {kind: file, path: …}` without a cluster)";
-            let client = kube_client(&runtime, needed_by)?;
-            Source::Kube(Box::new(KubeSource::new(client, &config)))
-        }
+        InventoryConfig::Kubernetes { .. } => Source::Kube(Box::new(KubeSource::new(
+            kube.clone().expect("a client for the Kubernetes inventory"),
+            &config,
+        ))),
     };
     let authorizer = admin::auth::Authorizer::new(
         config.sessions_api,
@@ -168,10 +175,15 @@ pub fn start(config: Arc<Config>, plane: &DataPlane) -> Result<ControlPlane, Con
         plane.events(),
         Arc::clone(&metrics),
     ));
+    let forwarders = forwarder_reconciler(&config, plane, kube, query_addr, admin_addr);
+    if let Some(f) = &forwarders {
+        metrics.register_collector(Box::new(forwarder::metrics::ForwarderCollector(f.table())));
+    }
     let admin = Arc::new(admin::Admin {
         director: Arc::clone(&director),
         metrics,
         authorizer,
+        forwarders: forwarders.as_ref().map(forwarder::Reconciler::table),
     });
 
     let thread = std::thread::Builder::new()
@@ -185,6 +197,7 @@ pub fn start(config: Arc<Config>, plane: &DataPlane) -> Result<ControlPlane, Con
                 inventory_tx,
                 query_listener,
                 admin_listener,
+                forwarders,
             ));
         })
         .map_err(ControlError::Spawn)?;
@@ -204,9 +217,13 @@ async fn run(
     inventory_tx: watch::Sender<Arc<Snapshot>>,
     query_listener: TcpListener,
     admin_listener: TcpListener,
+    forwarders: Option<forwarder::Reconciler>,
 ) {
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut inventory_rx = inventory_tx.subscribe();
+    if let Some(f) = forwarders {
+        tokio::spawn(f.run(inventory_tx.subscribe()));
+    }
     tokio::spawn(inventory::run(source, inventory_tx));
     tokio::spawn(server::serve(
         query_listener,
@@ -262,6 +279,48 @@ async fn run(
     let _ = stop_tx.send(true);
     director.controller().shutdown();
     log::info!("data plane stopped");
+}
+
+/// The forwarder reconciler, when the config enables forwarders: it keeps off the proxy's own
+/// ports, and with the Kubernetes inventory writes status as the node in `NODE_NAME` (set by
+/// the DaemonSet from `spec.nodeName`; the host name without it).
+fn forwarder_reconciler(
+    config: &Config,
+    plane: &DataPlane,
+    kube: Option<kube::Client>,
+    query: SocketAddr,
+    admin: SocketAddr,
+) -> Option<forwarder::Reconciler> {
+    let namespace = config.forwarders.as_ref()?.namespace.clone();
+    let data: Vec<(String, dataplane::Transport, u16)> = config
+        .data_ports
+        .iter()
+        .zip(plane.local_addrs())
+        .map(|(p, addr)| (p.name.clone(), p.protocol, addr.port()))
+        .collect();
+    let own = forwarder::own_ports(query.port(), admin.port(), &data);
+    let writer = kube.map(|client| {
+        let node = node_name();
+        log::info!("forwarders: status is written as node {node}");
+        forwarder::status::Writer::new(client, namespace, node)
+    });
+    forwarder::Reconciler::new(config, plane.controller(), own, writer)
+}
+
+/// `NODE_NAME`, else the host name.
+fn node_name() -> String {
+    if let Some(node) = std::env::var("NODE_NAME").ok().filter(|n| !n.is_empty()) {
+        return node;
+    }
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its length; gethostname NUL-terminates within it or
+    // fails.
+    let ok = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } == 0;
+    let end = buf.iter().position(|b| *b == 0).unwrap_or(0);
+    match std::str::from_utf8(&buf[..end]) {
+        Ok(name) if ok && !name.is_empty() => name.to_string(),
+        _ => "unknown-node".to_string(),
+    }
 }
 
 /// The API server client (in-cluster service account, else KUBECONFIG), found once at start: a

@@ -66,6 +66,11 @@ impl Metrics {
         })
     }
 
+    /// Adds a collector read at scrape time (the forwarders').
+    pub fn register_collector(&self, collector: Box<dyn Collector>) {
+        self.registry.lock().register_collector(collector);
+    }
+
     /// Counts one answered query.
     pub fn observe_query(&self, error: Option<ErrorCode>, took: Duration) {
         self.count_query(error);

@@ -185,3 +185,26 @@ pub fn skip_test(reason: &str) {
     use std::io::Write;
     let _ = writeln!(std::io::stderr(), "\n*** test SKIPPED: {reason} ***\n");
 }
+
+/// A port free for both UDP and TCP on loopback, outside the ephemeral range (so no socket
+/// bound to port 0 elsewhere takes it meanwhile), for listeners whose port a test must name.
+pub fn free_port() -> u16 {
+    use std::net::TcpListener;
+    static NEXT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
+    // A start that differs between test processes running at once.
+    let _ = NEXT.compare_exchange(
+        0,
+        20_000 + (std::process::id() % 400) as u16 * 25,
+        Ordering::Relaxed,
+        Ordering::Relaxed,
+    );
+    loop {
+        let port = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = 20_000 + (port - 20_000) % 12_000;
+        let udp = UdpSocket::bind(("127.0.0.1", port));
+        let tcp = TcpListener::bind(("127.0.0.1", port));
+        if udp.is_ok() && tcp.is_ok() {
+            return port;
+        }
+    }
+}

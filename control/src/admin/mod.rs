@@ -58,6 +58,8 @@ pub struct Admin {
     pub metrics: Arc<Metrics>,
     /// Sessions API access.
     pub authorizer: Authorizer,
+    /// This instance's forwarders, when enabled.
+    pub forwarders: Option<crate::forwarder::ForwarderTable>,
 }
 
 /// Serves admin requests until `stop` turns true.
@@ -157,6 +159,32 @@ fn json_reply(status: StatusCode, value: &serde_json::Value) -> Response<Full<By
     reply(status, "application/json", value.to_string())
 }
 
+/// `GET /forwarders`: this instance's view of each forwarder (what its status entry says, and
+/// where each open listener forwards to). Read-only, with no player addresses.
+fn list_forwarders(table: Option<&crate::forwarder::ForwarderTable>) -> Response<Full<Bytes>> {
+    let Some(table) = table else {
+        return json_reply(
+            StatusCode::NOT_FOUND,
+            &json!({"error": "forwarders are not enabled (config key `forwarders`)"}),
+        );
+    };
+    let list: Vec<serde_json::Value> = table
+        .lock()
+        .iter()
+        .map(|(name, v)| {
+            json!({
+                "name": name,
+                "namespace": v.namespace,
+                "ready": v.ready,
+                "listening": v.listening,
+                "message": v.message,
+                "targets": v.targets,
+            })
+        })
+        .collect();
+    json_reply(StatusCode::OK, &serde_json::Value::Array(list))
+}
+
 async fn route(req: Request<Incoming>, peer: IpAddr, admin: &Admin) -> Response<Full<Bytes>> {
     let (director, metrics) = (&admin.director, &admin.metrics);
     let path = req.uri().path();
@@ -193,10 +221,11 @@ async fn route(req: Request<Incoming>, peer: IpAddr, admin: &Admin) -> Response<
             }
         }
         (&Method::GET, "/sessions") => list_sessions(director).await,
+        (&Method::GET, "/forwarders") => list_forwarders(admin.forwarders.as_ref()),
         (&Method::DELETE, p) if p.starts_with("/sessions/") => {
             kill_sessions(director, &p["/sessions/".len()..]).await
         }
-        (_, "/metrics" | "/healthz" | "/readyz" | "/sessions") => json_reply(
+        (_, "/metrics" | "/healthz" | "/readyz" | "/sessions" | "/forwarders") => json_reply(
             StatusCode::METHOD_NOT_ALLOWED,
             &json!({"error": "method not allowed"}),
         ),

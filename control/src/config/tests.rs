@@ -425,3 +425,36 @@ fn example_configs_parse() {
     }
     assert!(seen >= 1);
 }
+
+#[test]
+fn forwarders_are_off_unless_configured_and_every_key_is_checked() {
+    assert_eq!(Config::from_yaml(MINIMAL).unwrap().forwarders, None);
+    let f = forwarders(RawForwarders::default(), Some("games".into())).unwrap();
+    assert_eq!(
+        f.namespace, "games",
+        "the proxy's own namespace (POD_NAMESPACE)"
+    );
+    assert_eq!(f.resolve_interval, Duration::from_secs(30));
+    assert_eq!((f.udp_service, f.tcp_service), (None, None));
+    let f = forwarders(RawForwarders::default(), None).unwrap();
+    assert_eq!(f.namespace, DEFAULT_FORWARDERS_NAMESPACE);
+    let c = Config::from_yaml(&with(
+        "forwarders: {namespace: edge, servicePorts: {udp: game-lb, tcp: game-lb}, resolveIntervalSeconds: 5}\n",
+    ))
+    .unwrap();
+    let f = c.forwarders.unwrap();
+    assert_eq!(f.namespace, "edge");
+    assert_eq!(f.udp_service.as_deref(), Some("game-lb"));
+    assert_eq!(f.tcp_service.as_deref(), Some("game-lb"));
+    assert_eq!(f.resolve_interval, Duration::from_secs(5));
+    assert!(err(&with("forwarders: {namespace: Edge}\n")).contains("forwarders.namespace"));
+    assert!(
+        err(&with("forwarders: {servicePorts: {udp: a.b}}\n"))
+            .contains("forwarders.servicePorts.udp")
+    );
+    assert!(
+        err(&with("forwarders: {resolveIntervalSeconds: 0}\n"))
+            .contains("forwarders.resolveIntervalSeconds")
+    );
+    assert!(err(&with("forwarders: {servicePorts: {sctp: x}}\n")).contains("sctp"));
+}

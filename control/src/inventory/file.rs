@@ -275,10 +275,18 @@ pub fn parse_objects(bytes: &[u8], path: &Path) -> Result<Vec<Object>, Inventory
         .into_iter()
         .enumerate()
         .map(|(i, v)| {
-            Object::from_value(v).map_err(|e| InventoryError::Refused {
+            let refused = |e: String| InventoryError::Refused {
                 path: path.to_owned(),
                 reason: format!("object #{i}: {e}"),
-            })
+            };
+            let object = Object::from_value(v).map_err(refused)?;
+            // A forwarder is checked here, so a typo refuses the file (and keeps the running
+            // forwarders) instead of closing a listener.
+            if crate::forwarder::is_forwarder(&object) {
+                crate::forwarder::ForwarderObject::from_object(&object)
+                    .map_err(|e| refused(format!("Forwarder {}: {e}", object.name)))?;
+            }
+            Ok(object)
         })
         .collect()
 }

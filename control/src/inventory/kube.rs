@@ -46,6 +46,19 @@ pub enum Feed {
     Services,
     /// EndpointSlices, for service-based mappings to headless Services.
     EndpointSlices,
+    /// `Forwarder` objects.
+    Forwarders,
+}
+
+/// Where a resource type is watched.
+#[derive(Clone, Debug, Eq, PartialEq)]
+pub enum Scope {
+    /// In `inventory.watchNamespaces` (the whole cluster when empty).
+    Inventory,
+    /// In the whole cluster (Services and EndpointSlices a forwarder's target may name).
+    Cluster,
+    /// In one namespace (the forwarders').
+    Namespace(String),
 }
 
 /// One resource type to watch.
@@ -57,6 +70,8 @@ pub struct WatchPlan {
     pub label_selector: Option<String>,
     /// What the objects are for.
     pub feed: Feed,
+    /// Which namespaces.
+    pub scope: Scope,
 }
 
 impl WatchPlan {
@@ -84,6 +99,7 @@ pub fn plan(config: &Config) -> Vec<WatchPlan> {
                 resource,
                 label_selector: label_selector.clone(),
                 feed: Feed::Mapped,
+                scope: Scope::Inventory,
             });
         }
     }
@@ -97,26 +113,65 @@ pub fn plan(config: &Config) -> Vec<WatchPlan> {
         .collect();
     service_labels.sort_unstable();
     service_labels.dedup();
+    let services = || core_resource(SERVICE_API_VERSION, "Service", "services");
+    let slices = || {
+        core_resource(
+            ENDPOINT_SLICE_API_VERSION,
+            "EndpointSlice",
+            "endpointslices",
+        )
+    };
+    if let Some(forwarders) = &config.forwarders {
+        // A forwarder's `<service>.<namespace>.svc` target may name any Service, so every
+        // Service and EndpointSlice is watched (which also covers service-based mappings).
+        plans.push(WatchPlan {
+            resource: services(),
+            label_selector: None,
+            feed: Feed::Services,
+            scope: Scope::Cluster,
+        });
+        plans.push(WatchPlan {
+            resource: slices(),
+            label_selector: Some(SERVICE_NAME_LABEL.to_string()),
+            feed: Feed::EndpointSlices,
+            scope: Scope::Cluster,
+        });
+        plans.push(WatchPlan {
+            resource: forwarder_resource(),
+            label_selector: None,
+            feed: Feed::Forwarders,
+            scope: Scope::Namespace(forwarders.namespace.clone()),
+        });
+        return plans;
+    }
     for label in &service_labels {
         // An existence selector: only the Services a mapping can point at are cached.
         plans.push(WatchPlan {
-            resource: core_resource(SERVICE_API_VERSION, "Service", "services"),
+            resource: services(),
             label_selector: Some((*label).to_string()),
             feed: Feed::Services,
+            scope: Scope::Inventory,
         });
     }
     if !service_labels.is_empty() {
         plans.push(WatchPlan {
-            resource: core_resource(
-                ENDPOINT_SLICE_API_VERSION,
-                "EndpointSlice",
-                "endpointslices",
-            ),
+            resource: slices(),
             label_selector: Some(SERVICE_NAME_LABEL.to_string()),
             feed: Feed::EndpointSlices,
+            scope: Scope::Inventory,
         });
     }
     plans
+}
+
+fn forwarder_resource() -> ApiResource {
+    ApiResource {
+        group: "udp-director.dev".into(),
+        version: "v1alpha1".into(),
+        api_version: crate::forwarder::API_VERSION.into(),
+        kind: crate::forwarder::KIND.into(),
+        plural: "forwarders".into(),
+    }
 }
 
 fn mapped_resource(mapping: &Mapping) -> ApiResource {
@@ -154,7 +209,11 @@ fn same_type(a: &ApiResource, b: &ApiResource) -> bool {
 pub fn cluster_role(config: &Config, name: &str) -> String {
     let mut by_group: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
     let plans = plan(config);
-    for p in &plans {
+    // Namespaced watches are granted by the forwarders' Role ([`forwarders_role`]).
+    for p in plans
+        .iter()
+        .filter(|p| !matches!(p.scope, Scope::Namespace(_)))
+    {
         let resources = by_group.entry(p.resource.group.as_str()).or_default();
         if !resources.contains(&p.resource.plural.as_str()) {
             resources.push(&p.resource.plural);
@@ -182,6 +241,50 @@ pub fn cluster_role(config: &Config, name: &str) -> String {
         out.push_str(
             "- apiGroups: [\"authentication.k8s.io\"]\n  resources: [tokenreviews]\n  verbs: [create]\n\
              - apiGroups: [\"authorization.k8s.io\"]\n  resources: [subjectaccessreviews]\n  verbs: [create]\n",
+        );
+    }
+    out
+}
+
+/// The Role the forwarders need in their namespace (empty without `forwarders`): `list` and
+/// `watch` on the namespaced watches of [`plan`], `patch` on `forwarders/status` (each instance
+/// writes its own entry), and `get`/`patch` on the named Services of `servicePorts` only.
+pub fn forwarders_role(config: &Config, name: &str) -> String {
+    let Some(forwarders) = &config.forwarders else {
+        return String::new();
+    };
+    let mut out = format!(
+        "---\n# Generated by `udp-director rbac`: what the forwarders need in their namespace.\n\
+         apiVersion: rbac.authorization.k8s.io/v1\nkind: Role\nmetadata:\n  name: {name}-forwarders\n  \
+         namespace: {}\nrules:\n",
+        forwarders.namespace
+    );
+    for p in plan(config) {
+        if matches!(p.scope, Scope::Namespace(_)) {
+            let _ = write!(
+                out,
+                "- apiGroups: [\"{}\"]\n  resources: [{}]\n  verbs: [list, watch]\n",
+                p.resource.group, p.resource.plural
+            );
+        }
+    }
+    let _ = write!(
+        out,
+        "- apiGroups: [\"{}\"]\n  resources: [forwarders/status]\n  verbs: [patch]\n",
+        forwarder_resource().group
+    );
+    let mut services: Vec<&str> = [&forwarders.udp_service, &forwarders.tcp_service]
+        .into_iter()
+        .flatten()
+        .map(String::as_str)
+        .collect();
+    services.sort_unstable();
+    services.dedup();
+    if !services.is_empty() {
+        let _ = write!(
+            out,
+            "- apiGroups: [\"\"]\n  resources: [services]\n  resourceNames: [{}]\n  verbs: [get, patch]\n",
+            services.join(", ")
         );
     }
     out
@@ -246,17 +349,24 @@ impl KubeSource {
     /// A source for `config`'s mappings; the watches start on the first [`InventorySource::next`].
     pub fn new(client: Client, config: &Config) -> Self {
         let plans = plan(config);
-        let namespaces: Vec<Option<String>> = match &config.inventory {
+        let inventory_namespaces: Vec<Option<String>> = match &config.inventory {
             InventoryConfig::Kubernetes { namespaces, .. } if !namespaces.is_empty() => {
                 namespaces.iter().cloned().map(Some).collect()
             }
             _ => vec![None],
         };
-        let watches = (0..plans.len())
-            .flat_map(|plan| {
-                namespaces.iter().map(move |namespace| Watch {
+        let watches = plans
+            .iter()
+            .enumerate()
+            .flat_map(|(plan, p)| {
+                let namespaces = match &p.scope {
+                    Scope::Inventory => inventory_namespaces.clone(),
+                    Scope::Cluster => vec![None],
+                    Scope::Namespace(ns) => vec![Some(ns.clone())],
+                };
+                namespaces.into_iter().map(move |namespace| Watch {
                     plan,
-                    namespace: namespace.clone(),
+                    namespace,
                     objects: BTreeMap::new(),
                     listed: false,
                     stale: false,
@@ -392,6 +502,7 @@ impl KubeSource {
             by_mapping,
             services: of_feed(Feed::Services),
             endpoint_slices: of_feed(Feed::EndpointSlices),
+            forwarders: of_feed(Feed::Forwarders),
             watches,
         }
     }
@@ -588,6 +699,60 @@ resourceQueryMapping:
         assert_eq!(role.matches("apiGroups").count(), 5);
         let parsed: serde_json::Value = serde_yaml::from_str(&role).unwrap();
         assert_eq!(parsed["rules"].as_array().unwrap().len(), 5);
+    }
+
+    #[test]
+    fn forwarders_watch_their_namespace_and_every_service_with_a_role_of_their_own() {
+        let c = config(&format!(
+            "{MAPPINGS}forwarders: {{namespace: edge, servicePorts: {{udp: lb-udp, tcp: lb-tcp}}}}\n"
+        ));
+        let plans = plan(&c);
+        let scoped: Vec<(String, Option<String>, Scope)> = plans
+            .iter()
+            .skip(2)
+            .map(|p| (p.name(), p.label_selector.clone(), p.scope.clone()))
+            .collect();
+        assert_eq!(
+            scoped,
+            [
+                ("services".into(), None, Scope::Cluster),
+                (
+                    "endpointslices.discovery.k8s.io".into(),
+                    Some(SERVICE_NAME_LABEL.into()),
+                    Scope::Cluster
+                ),
+                (
+                    "forwarders.udp-director.dev".into(),
+                    None,
+                    Scope::Namespace("edge".into())
+                ),
+            ],
+            "one Service watch serves both the mappings and the forwarders' targets"
+        );
+        let cluster = cluster_role(&c, "udp-director");
+        assert!(
+            !cluster.contains("forwarders"),
+            "granted in the namespace only"
+        );
+        let role = forwarders_role(&c, "udp-director");
+        let role = role.strip_prefix("---\n").expect("a document of its own");
+        let parsed: serde_json::Value = serde_yaml::from_str(role).unwrap();
+        assert_eq!(parsed["kind"], "Role");
+        assert_eq!(parsed["metadata"]["name"], "udp-director-forwarders");
+        assert_eq!(parsed["metadata"]["namespace"], "edge");
+        assert_eq!(
+            parsed["rules"],
+            serde_json::json!([
+                {"apiGroups": ["udp-director.dev"], "resources": ["forwarders"], "verbs": ["list", "watch"]},
+                {"apiGroups": ["udp-director.dev"], "resources": ["forwarders/status"], "verbs": ["patch"]},
+                {"apiGroups": [""], "resources": ["services"], "resourceNames": ["lb-tcp", "lb-udp"], "verbs": ["get", "patch"]},
+            ])
+        );
+        assert_eq!(
+            forwarders_role(&config(MAPPINGS), "x"),
+            "",
+            "no forwarders, no Role"
+        );
     }
 
     #[test]

@@ -91,6 +91,8 @@ pub struct Snapshot {
     pub services: Vec<Arc<Object>>,
     /// EndpointSlices (discovery.k8s.io/v1), for service-based mappings to headless Services.
     pub endpoint_slices: Vec<Arc<Object>>,
+    /// `Forwarder` objects (any namespace: the reconciler picks its own), in name order.
+    pub forwarders: Vec<Arc<Object>>,
     /// Every watched resource (`gameservers.agones.dev`, `services`, …) and whether its cache
     /// is stale: its watch failed and has not yet re-listed. Empty for the file source.
     pub watches: Vec<(String, bool)>,
@@ -110,8 +112,12 @@ impl Snapshot {
             mappings.keys().map(|k| (k.clone(), Vec::new())).collect();
         let mut services = Vec::new();
         let mut endpoint_slices = Vec::new();
+        let mut forwarders = Vec::new();
         for object in objects {
             let object = Arc::new(object);
+            if crate::forwarder::is_forwarder(&object) {
+                forwarders.push(Arc::clone(&object));
+            }
             if object.api_version == SERVICE_API_VERSION && object.kind == "Service" {
                 services.push(Arc::clone(&object));
             }
@@ -132,11 +138,13 @@ impl Snapshot {
             sort_by_name(list);
         }
         sort_by_name(&mut endpoint_slices);
+        sort_by_name(&mut forwarders);
         Self {
             loaded: true,
             by_mapping,
             services,
             endpoint_slices,
+            forwarders,
             watches: Vec::new(),
         }
     }

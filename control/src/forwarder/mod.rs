@@ -1,0 +1,594 @@
+//! Forwarders (SPEC §6): the reconciler that turns `Forwarder` objects (from the Kubernetes
+//! watch or the inventory file) into data-plane listeners, and reports back.
+//!
+//! One task owns it. On every inventory change, DNS answer and once a second it recomputes
+//! what the objects ask for ([`plan`], sans-io), resolves targets ([`resolve`]), and diffs that
+//! against the listeners it holds: open, update (target or idle timeout, sessions kept), close.
+//! It acts only once the inventory has listed, so a forwarder deleted while the proxy was down
+//! is never opened. Each instance's view goes into `status.instances` (server-side apply, one
+//! field manager per node, [`status`]) and the managed Service ports follow the forwarders.
+
+pub mod metrics;
+pub mod plan;
+pub mod resolve;
+pub mod status;
+
+pub use plan::{API_VERSION, ForwarderObject, KIND, is_dns_label, is_forwarder};
+
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{Hash, Hasher};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dataplane::{
+    BackendId, CloseMode, Controller, ListenError, ListenerCounters, ListenerKind, ListenerSpec,
+    ListenerStats, OpenedListener, Transport,
+};
+use parking_lot::Mutex;
+use tokio::sync::{mpsc, watch};
+
+use crate::config::{Config, ForwardersConfig};
+use crate::crd::ForwarderInstance;
+use crate::inventory::Snapshot;
+use plan::{Claim, Reserved, ServicePort};
+use resolve::{DnsCache, Host};
+
+/// How often the reconciler looks again without a change (DNS due, a port another process
+/// held, a failed status write).
+const TICK: Duration = Duration::from_secs(1);
+/// How soon a listener is tried again when its port is still being let go by a closing one.
+const RETRY_SOON: Duration = Duration::from_millis(50);
+/// A failed Service write is retried after this long.
+const SERVICE_RETRY: Duration = Duration::from_secs(5);
+/// A closed listener's counters are read this long before they are folded into totals, so the
+/// last datagrams its workers counted are not lost.
+const RETIRE_AFTER: Duration = Duration::from_secs(5);
+
+/// What one instance knows of one forwarder, shared with the admin API and metrics.
+#[derive(Debug, Default)]
+pub struct ForwarderView {
+    /// Namespace.
+    pub namespace: String,
+    /// Every listener it asks for is open here.
+    pub ready: bool,
+    /// Open listeners, as `udp/27015`.
+    pub listening: Vec<String>,
+    /// Why not ready, or a warning.
+    pub message: Option<String>,
+    /// Where each open listener forwards to, as `udp/27015 -> 10.0.0.7:27015`.
+    pub targets: Vec<String>,
+    /// Counters of its open listeners, and of closed ones not yet folded into `closed`.
+    pub(crate) live: Vec<(Transport, Arc<ListenerCounters>, Option<Instant>)>,
+    /// What closed listeners counted.
+    pub(crate) closed: ListenerStats,
+    /// Control-side errors by type (`listen`, `resolve`).
+    pub(crate) errors: BTreeMap<&'static str, u64>,
+}
+
+/// Every forwarder this instance serves, by name.
+pub type ForwarderTable = Arc<Mutex<BTreeMap<String, ForwarderView>>>;
+
+/// A listener the reconciler holds.
+#[derive(Debug)]
+struct Held {
+    handle: OpenedListener,
+    port: u16,
+    target: SocketAddr,
+    idle_timeout: Duration,
+}
+
+/// The forwarder reconciler.
+pub struct Reconciler {
+    config: ForwardersConfig,
+    controller: Controller,
+    bind: IpAddr,
+    session_timeout: Duration,
+    reserved: Vec<Reserved>,
+    held: BTreeMap<(String, Transport), Held>,
+    dns: DnsCache,
+    table: ForwarderTable,
+    writer: Option<status::Writer>,
+    /// Per forwarder: what was last written to its status entry, and for which generation.
+    written: HashMap<String, ForwarderInstance>,
+    /// Per managed Service: the ports last applied, and when a failed write may be retried.
+    service_ports: BTreeMap<String, (Option<Vec<ServicePort>>, Instant)>,
+    /// The last message logged per forwarder, so a persisting problem is logged once.
+    logged: HashMap<String, Option<String>>,
+    retry_soon: bool,
+}
+
+impl std::fmt::Debug for Reconciler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reconciler")
+            .field("config", &self.config)
+            .field("held", &self.held)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Reconciler {
+    /// A reconciler for `config.forwarders`, opening listeners through `controller`. The ports
+    /// the proxy holds itself (`query`, `admin`, the data ports as bound) are never given to a
+    /// forwarder. `writer` writes status and Service ports (Kubernetes inventory only).
+    pub fn new(
+        config: &Config,
+        controller: Controller,
+        own_ports: Vec<Reserved>,
+        writer: Option<status::Writer>,
+    ) -> Option<Self> {
+        let forwarders = config.forwarders.clone()?;
+        Some(Self {
+            config: forwarders,
+            controller,
+            bind: config.bind_address,
+            session_timeout: config.session_timeout,
+            reserved: own_ports,
+            held: BTreeMap::new(),
+            dns: DnsCache::default(),
+            table: ForwarderTable::default(),
+            writer,
+            written: HashMap::new(),
+            service_ports: BTreeMap::new(),
+            logged: HashMap::new(),
+            retry_soon: false,
+        })
+    }
+
+    /// The table the admin API and metrics read.
+    pub fn table(&self) -> ForwarderTable {
+        Arc::clone(&self.table)
+    }
+
+    /// Runs until the inventory channel closes.
+    pub async fn run(mut self, mut inventory: watch::Receiver<Arc<Snapshot>>) {
+        let (answers_tx, mut answers) =
+            mpsc::unbounded_channel::<(String, Result<IpAddr, String>)>();
+        loop {
+            let wait = if self.retry_soon { RETRY_SOON } else { TICK };
+            tokio::select! {
+                changed = inventory.changed() => if changed.is_err() { return },
+                Some((host, result)) = answers.recv() => {
+                    self.dns.answered(&host, result, Instant::now(), self.config.resolve_interval);
+                }
+                () = tokio::time::sleep(wait) => {}
+            }
+            let snapshot = Arc::clone(&inventory.borrow_and_update());
+            self.reconcile(&snapshot, Instant::now()).await;
+            for host in self.dns.take_due(Instant::now()) {
+                let tx = answers_tx.clone();
+                tokio::spawn(async move {
+                    let result = lookup(&host).await;
+                    let _ = tx.send((host, result));
+                });
+            }
+        }
+    }
+
+    /// One pass: listeners brought in line with the objects, status and Service ports written.
+    pub async fn reconcile(&mut self, snapshot: &Snapshot, now: Instant) {
+        if !snapshot.loaded {
+            return;
+        }
+        self.retry_soon = false;
+        let mut reports: BTreeMap<String, Report> = BTreeMap::new();
+        let mut objects = Vec::new();
+        for o in snapshot
+            .forwarders
+            .iter()
+            .filter(|o| o.namespace == self.config.namespace || o.namespace.is_empty())
+        {
+            match ForwarderObject::from_object(o) {
+                Ok(f) => objects.push(f),
+                Err(e) => {
+                    let report = reports.entry(o.name.clone()).or_default();
+                    report.problems.push(format!("invalid: {e}"));
+                    report.generation = o
+                        .raw
+                        .pointer("/metadata/generation")
+                        .and_then(|g| g.as_i64());
+                }
+            }
+        }
+        let claims = plan::claims(&objects, &self.reserved);
+        // What each claim wants, resolved; `None` where it cannot be opened now.
+        let mut wanted: BTreeMap<(String, Transport), Option<Want>> = BTreeMap::new();
+        for claim in &claims {
+            let name = &claim.forwarder.name;
+            let report = reports.entry(name.clone()).or_default();
+            report.generation = claim.forwarder.generation;
+            report.requested += 1;
+            let key = (name.clone(), claim.transport);
+            let want = match &claim.verdict {
+                Err(why) => {
+                    report.problems.push(why.clone());
+                    None
+                }
+                Ok(()) => match self.resolve(&claim.port.target_host, snapshot, now) {
+                    Ok(ip) => {
+                        if let Some(note) = self.dns.stale_reason(&claim.port.target_host) {
+                            report.notes.push(note);
+                        }
+                        Some(self.want(claim, SocketAddr::new(ip, claim.port.target_port)))
+                    }
+                    Err(why) => {
+                        report.problems.push(why);
+                        report.errors.push("resolve");
+                        None
+                    }
+                },
+            };
+            wanted.insert(key, want);
+        }
+        self.dns.retain_used();
+
+        // Closes first, so a port given up here can be opened by another forwarder below.
+        let stale: Vec<(String, Transport)> = self
+            .held
+            .iter()
+            .filter(|(key, held)| !matches!(wanted.get(*key), Some(Some(w)) if w.port == held.port))
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in stale {
+            if let Some(held) = self.held.remove(&key) {
+                log::info!(
+                    "forwarder {}: closing {}/{}",
+                    key.0,
+                    key.1.as_str(),
+                    held.port
+                );
+                self.controller.close_listener(&held.handle, CloseMode::End);
+                self.retire(&key, now);
+            }
+        }
+        for (key, want) in &wanted {
+            let Some(want) = want else { continue };
+            let report = reports.entry(key.0.clone()).or_default();
+            if self.apply(key, want, report) {
+                report
+                    .listening
+                    .push(format!("{}/{}", key.1.as_str(), want.port));
+                report.targets.push(format!(
+                    "{}/{} -> {}",
+                    key.1.as_str(),
+                    want.port,
+                    want.target
+                ));
+            }
+        }
+        self.fold_retired(now);
+        self.publish(&reports);
+        if self.writer.is_some() {
+            self.write_status(&reports).await;
+            self.write_service_ports(&claims, now).await;
+        }
+    }
+
+    fn want(&self, claim: &Claim<'_>, target: SocketAddr) -> Want {
+        Want {
+            port: claim.port.listen_port,
+            target,
+            idle_timeout: claim
+                .port
+                .idle_timeout_seconds
+                .map_or(self.session_timeout, Duration::from_secs),
+            owner: format!(
+                "forwarder {}/{}",
+                claim.forwarder.namespace, claim.forwarder.name
+            ),
+        }
+    }
+
+    fn resolve(&mut self, host: &str, snapshot: &Snapshot, now: Instant) -> Result<IpAddr, String> {
+        match Host::parse(host) {
+            Host::Ip(ip) => Ok(ip),
+            Host::Service { name, namespace } => {
+                resolve::service_address(snapshot, namespace, name)
+                    .map_err(|e| format!("targetHost {host}: {e}"))
+            }
+            Host::Dns(name) => self.dns.lookup(name, now),
+        }
+    }
+
+    /// Brings one held listener in line with `want`: opens or updates it. True when it is open
+    /// (as wanted) afterwards.
+    fn apply(&mut self, key: &(String, Transport), want: &Want, report: &mut Report) -> bool {
+        let kind = ListenerKind::Forward {
+            target: want.target,
+            backend: backend_id(key, want.target),
+        };
+        if let Some(held) = self.held.get_mut(key) {
+            if held.target == want.target && held.idle_timeout == want.idle_timeout {
+                return true;
+            }
+            if self
+                .controller
+                .update_listener(&held.handle, kind, want.idle_timeout)
+            {
+                if held.target != want.target {
+                    log::info!(
+                        "forwarder {}: {}/{} now goes to {}",
+                        key.0,
+                        key.1.as_str(),
+                        want.port,
+                        want.target
+                    );
+                }
+                held.target = want.target;
+                held.idle_timeout = want.idle_timeout;
+                return true;
+            }
+            // The data plane is going down: nothing to hold any more.
+            self.held.remove(key);
+            return false;
+        }
+        let spec = ListenerSpec {
+            owner: want.owner.clone(),
+            bind: SocketAddr::new(self.bind, want.port),
+            transport: key.1,
+            kind,
+            idle_timeout: want.idle_timeout,
+        };
+        match self.controller.open_listener(spec) {
+            Ok(handle) => {
+                log::info!(
+                    "forwarder {}: {}/{} open, forwarding to {}",
+                    key.0,
+                    key.1.as_str(),
+                    want.port,
+                    want.target
+                );
+                if let Some(counters) = self.controller.listener_counters(&handle) {
+                    let mut table = self.table.lock();
+                    let view = table.entry(key.0.clone()).or_default();
+                    view.live.push((key.1, counters, None));
+                }
+                self.held.insert(
+                    key.clone(),
+                    Held {
+                        handle,
+                        port: want.port,
+                        target: want.target,
+                        idle_timeout: want.idle_timeout,
+                    },
+                );
+                true
+            }
+            Err(ListenError::Taken { holder, .. }) if holder.ends_with("(closing)") => {
+                // A listener given up a moment ago is still letting go of the port.
+                self.retry_soon = true;
+                report.pending = true;
+                false
+            }
+            Err(e) => {
+                report.problems.push(e.to_string());
+                report.errors.push("listen");
+                false
+            }
+        }
+    }
+
+    /// Marks the counters of a closed listener for folding.
+    fn retire(&mut self, key: &(String, Transport), now: Instant) {
+        let mut table = self.table.lock();
+        if let Some(view) = table.get_mut(&key.0) {
+            for (transport, _, closed_at) in &mut view.live {
+                if *transport == key.1 && closed_at.is_none() {
+                    *closed_at = Some(now);
+                }
+            }
+        }
+    }
+
+    fn fold_retired(&mut self, now: Instant) {
+        let mut table = self.table.lock();
+        for view in table.values_mut() {
+            let closed = &mut view.closed;
+            view.live.retain(|(_, counters, closed_at)| {
+                let done = closed_at.is_some_and(|t| now.duration_since(t) >= RETIRE_AFTER);
+                if done {
+                    add_stats(closed, &counters.snapshot());
+                }
+                !done
+            });
+        }
+    }
+
+    /// Puts this pass's outcome in the shared table; forwarders that are gone leave it (and
+    /// their metric series end) once nothing of theirs is open.
+    fn publish(&mut self, reports: &BTreeMap<String, Report>) {
+        let mut table = self.table.lock();
+        for (name, report) in reports {
+            let view = table.entry(name.clone()).or_default();
+            view.namespace.clone_from(&self.config.namespace);
+            let (ready, message) = report.outcome();
+            view.ready = ready;
+            view.listening.clone_from(&report.listening);
+            view.message.clone_from(&message);
+            view.targets.clone_from(&report.targets);
+            for e in &report.errors {
+                // Counted when the problem appears, not once a second while it lasts.
+                if self.logged.get(name) != Some(&message) {
+                    *view.errors.entry(e).or_default() += 1;
+                }
+            }
+            if self.logged.get(name) != Some(&message) && !report.pending {
+                match &message {
+                    Some(m) if !ready => log::warn!("forwarder {name}: not ready: {m}"),
+                    Some(m) => log::warn!("forwarder {name}: {m}"),
+                    None => log::info!("forwarder {name}: ready"),
+                }
+                self.logged.insert(name.clone(), message);
+            }
+        }
+        table.retain(|name, view| reports.contains_key(name) || !view.live.is_empty());
+        self.logged.retain(|name, _| reports.contains_key(name));
+    }
+
+    async fn write_status(&mut self, reports: &BTreeMap<String, Report>) {
+        let Some(writer) = &self.writer else { return };
+        self.written.retain(|name, _| reports.contains_key(name));
+        for (name, report) in reports {
+            if report.pending {
+                continue; // settles within moments; written then
+            }
+            let (ready, message) = report.outcome();
+            let instance = ForwarderInstance {
+                node: writer.node().to_string(),
+                ready,
+                listening: report.listening.clone(),
+                message,
+                observed_generation: report.generation,
+                last_update_time: None,
+            };
+            if self.written.get(name) == Some(&instance) {
+                continue;
+            }
+            match writer.write_instance(name, &instance).await {
+                Ok(()) => {
+                    self.written.insert(name.clone(), instance);
+                }
+                Err(e) => log::warn!("forwarder {name}: status not written (retried): {e}"),
+            }
+        }
+    }
+
+    async fn write_service_ports(&mut self, claims: &[Claim<'_>], now: Instant) {
+        let Some(writer) = &self.writer else { return };
+        let (udp, tcp) = (&self.config.udp_service, &self.config.tcp_service);
+        let shared = udp.is_some() && udp == tcp;
+        let mut wanted: BTreeMap<String, Vec<ServicePort>> = BTreeMap::new();
+        for (service, transport) in [(udp, Transport::Udp), (tcp, Transport::Tcp)] {
+            let Some(service) = service else { continue };
+            let (ports, refused) = plan::service_ports(claims, transport, shared);
+            for (forwarder, why) in refused {
+                log::debug!("forwarder {forwarder}: {why}");
+            }
+            wanted.entry(service.clone()).or_default().extend(ports);
+        }
+        for (service, ports) in wanted {
+            let entry = self
+                .service_ports
+                .entry(service.clone())
+                .or_insert((None, now));
+            if entry.0.as_ref() == Some(&ports) || entry.1 > now {
+                continue;
+            }
+            match writer.apply_service_ports(&service, &ports).await {
+                Ok(()) => {
+                    log::info!(
+                        "Service {}/{service}: {} forwarder port(s)",
+                        self.config.namespace,
+                        ports.len()
+                    );
+                    *entry = (Some(ports), now);
+                }
+                Err(e) => {
+                    log::warn!(
+                        "Service {}/{service}: forwarder ports not written (retried in {} s): {e}",
+                        self.config.namespace,
+                        SERVICE_RETRY.as_secs()
+                    );
+                    entry.1 = now + SERVICE_RETRY;
+                }
+            }
+        }
+    }
+}
+
+/// What a claim asks the data plane for.
+#[derive(Debug)]
+struct Want {
+    port: u16,
+    target: SocketAddr,
+    idle_timeout: Duration,
+    owner: String,
+}
+
+/// One forwarder's outcome of a pass.
+#[derive(Debug, Default)]
+struct Report {
+    generation: Option<i64>,
+    requested: usize,
+    listening: Vec<String>,
+    targets: Vec<String>,
+    /// Why a listener is not open.
+    problems: Vec<String>,
+    /// Warnings that leave it ready (a stale DNS answer in use).
+    notes: Vec<String>,
+    /// Control-side error types, for metrics.
+    errors: Vec<&'static str>,
+    /// A listener waits for a closing one to let go of its port (moments).
+    pending: bool,
+}
+
+impl Report {
+    fn outcome(&self) -> (bool, Option<String>) {
+        let ready = self.problems.is_empty() && self.listening.len() == self.requested;
+        let all: Vec<&str> = self
+            .problems
+            .iter()
+            .chain(&self.notes)
+            .map(String::as_str)
+            .collect();
+        (ready, (!all.is_empty()).then(|| all.join("; ")))
+    }
+}
+
+/// A stable id per forwarder listener and target.
+fn backend_id(key: &(String, Transport), target: SocketAddr) -> BackendId {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    ("forwarder", key, target).hash(&mut h);
+    BackendId(h.finish())
+}
+
+fn add_stats(into: &mut ListenerStats, s: &ListenerStats) {
+    into.packets_upstream += s.packets_upstream;
+    into.bytes_upstream += s.bytes_upstream;
+    into.packets_downstream += s.packets_downstream;
+    into.bytes_downstream += s.bytes_downstream;
+    for (i, d) in into.dropped.iter_mut().zip(&s.dropped) {
+        *i += d;
+    }
+}
+
+/// One DNS lookup (the system resolver, on a blocking thread): the first IPv4 address, else
+/// the first IPv6 one, so a name with both (`localhost`) resolves the same way everywhere.
+async fn lookup(host: &str) -> Result<IpAddr, String> {
+    let addrs: Vec<IpAddr> = tokio::net::lookup_host((host, 0))
+        .await
+        .map_err(|e| e.to_string())?
+        .map(|a| a.ip())
+        .collect();
+    addrs
+        .iter()
+        .find(|ip| ip.is_ipv4())
+        .or_else(|| addrs.first())
+        .copied()
+        .ok_or_else(|| "no address".to_string())
+}
+
+/// The ports the proxy holds itself, as forwarder conflicts name them: the query and admin
+/// ports and each data port (name, transport, bound port).
+pub fn own_ports(query: u16, admin: u16, data: &[(String, Transport, u16)]) -> Vec<Reserved> {
+    let mut out = vec![
+        Reserved {
+            transport: Transport::Tcp,
+            port: query,
+            holder: "the query port".into(),
+        },
+        Reserved {
+            transport: Transport::Tcp,
+            port: admin,
+            holder: "the admin port".into(),
+        },
+    ];
+    for (name, transport, port) in data {
+        out.push(Reserved {
+            transport: *transport,
+            port: *port,
+            holder: format!("data port {name}"),
+        });
+    }
+    out
+}

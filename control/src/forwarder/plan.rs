@@ -1,0 +1,412 @@
+//! What the forwarders ask for, decided without I/O: each `Forwarder` object typed and checked,
+//! its listeners given their ports (or refused, naming who holds the port), and the Service
+//! ports that follow from them. Every proxy instance computes the same result from the same
+//! objects, which is what lets N replicas converge on one Service port set.
+
+use dataplane::Transport;
+
+use crate::crd::{ForwardPort, ForwarderSpec};
+use crate::inventory::Object;
+
+/// apiVersion of `Forwarder` objects.
+pub const API_VERSION: &str = "udp-director.dev/v1alpha1";
+/// Kind of `Forwarder` objects.
+pub const KIND: &str = "Forwarder";
+
+/// One `Forwarder`, typed and checked.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ForwarderObject {
+    /// `metadata.namespace`.
+    pub namespace: String,
+    /// `metadata.name`.
+    pub name: String,
+    /// `metadata.creationTimestamp` (RFC 3339 in UTC, so it sorts as text); empty when unset
+    /// (file objects), which sorts first.
+    pub created: String,
+    /// `metadata.generation`.
+    pub generation: Option<i64>,
+    /// What it asks for.
+    pub spec: ForwarderSpec,
+}
+
+impl ForwarderObject {
+    /// Reads a `Forwarder` inventory object; the error names the field.
+    pub fn from_object(object: &Object) -> Result<Self, String> {
+        let spec = object
+            .raw
+            .get("spec")
+            .ok_or_else(|| "spec: missing".to_string())?;
+        let spec: ForwarderSpec =
+            serde_json::from_value(spec.clone()).map_err(|e| format!("spec: {e}"))?;
+        if spec.udp.is_none() && spec.tcp.is_none() {
+            return Err("spec: neither udp nor tcp is given".into());
+        }
+        for (transport, port) in listeners_of(&spec) {
+            let key = format!("spec.{}", transport.as_str());
+            if port.listen_port == 0 {
+                return Err(format!("{key}.listenPort: must be 1 to 65535"));
+            }
+            if port.target_port == 0 {
+                return Err(format!("{key}.targetPort: must be 1 to 65535"));
+            }
+            if port.target_host.is_empty() || port.target_host.len() > 253 {
+                return Err(format!("{key}.targetHost: must be 1 to 253 characters"));
+            }
+            if port.idle_timeout_seconds == Some(0) {
+                return Err(format!("{key}.idleTimeoutSeconds: must be at least 1"));
+            }
+        }
+        let meta = object.raw.get("metadata");
+        Ok(Self {
+            namespace: object.namespace.clone(),
+            name: object.name.clone(),
+            created: meta
+                .and_then(|m| m.get("creationTimestamp"))
+                .and_then(serde_json::Value::as_str)
+                .unwrap_or_default()
+                .to_string(),
+            generation: meta
+                .and_then(|m| m.get("generation"))
+                .and_then(serde_json::Value::as_i64),
+            spec,
+        })
+    }
+
+    /// The listeners it asks for: UDP first, then TCP.
+    pub fn listeners(&self) -> impl Iterator<Item = (Transport, &ForwardPort)> {
+        listeners_of(&self.spec)
+    }
+}
+
+fn listeners_of(spec: &ForwarderSpec) -> impl Iterator<Item = (Transport, &ForwardPort)> {
+    [(Transport::Udp, &spec.udp), (Transport::Tcp, &spec.tcp)]
+        .into_iter()
+        .filter_map(|(t, p)| Some((t, p.as_ref()?)))
+}
+
+/// Whether `o` is a `Forwarder`.
+pub fn is_forwarder(o: &Object) -> bool {
+    o.api_version == API_VERSION && o.kind == KIND
+}
+
+/// A port the proxy holds itself (a data, query or admin port).
+#[derive(Clone, Debug, Eq, PartialEq)]
+pub struct Reserved {
+    /// Transport.
+    pub transport: Transport,
+    /// Port.
+    pub port: u16,
+    /// What holds it, as status says it: `the query port`.
+    pub holder: String,
+}
+
+/// One listener a forwarder asks for, and whether it may have its port.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Claim<'a> {
+    /// The forwarder.
+    pub forwarder: &'a ForwarderObject,
+    /// Transport.
+    pub transport: Transport,
+    /// What it asks for.
+    pub port: &'a ForwardPort,
+    /// `Err(why)` when the port is someone else's.
+    pub verdict: Result<(), String>,
+}
+
+impl Claim<'_> {
+    /// `udp/27015`.
+    pub fn label(&self) -> String {
+        format!("{}/{}", self.transport.as_str(), self.port.listen_port)
+    }
+}
+
+/// Gives every forwarder listener its port, oldest forwarder first (creationTimestamp, then
+/// name): a port the proxy holds itself, or an older forwarder holds, is refused with the
+/// holder's name. Claims come back in that order.
+pub fn claims<'a>(forwarders: &'a [ForwarderObject], reserved: &[Reserved]) -> Vec<Claim<'a>> {
+    let mut order: Vec<&ForwarderObject> = forwarders.iter().collect();
+    order.sort_by(|a, b| (&a.created, &a.name).cmp(&(&b.created, &b.name)));
+    let mut out: Vec<Claim<'a>> = Vec::new();
+    for forwarder in order {
+        for (transport, port) in forwarder.listeners() {
+            let taken = |p: u16| {
+                reserved
+                    .iter()
+                    .find(|r| r.transport == transport && r.port == p)
+                    .map(|r| r.holder.clone())
+                    .or_else(|| {
+                        out.iter()
+                            .find(|c| {
+                                c.verdict.is_ok()
+                                    && c.transport == transport
+                                    && c.port.listen_port == p
+                            })
+                            .map(|c| format!("forwarder {} (older)", c.forwarder.name))
+                    })
+            };
+            let verdict = match taken(port.listen_port) {
+                Some(holder) => Err(format!(
+                    "{}/{} is held by {holder}",
+                    transport.as_str(),
+                    port.listen_port
+                )),
+                None => Ok(()),
+            };
+            out.push(Claim {
+                forwarder,
+                transport,
+                port,
+                verdict,
+            });
+        }
+    }
+    out
+}
+
+/// One port of a managed Service.
+#[derive(Clone, Debug, Eq, Ord, PartialEq, PartialOrd)]
+pub struct ServicePort {
+    /// Port (and target port): the forwarder's `listenPort`.
+    pub port: u16,
+    /// Transport.
+    pub protocol: Transport,
+    /// The forwarder's name (with `-udp`/`-tcp` when one Service carries both protocols).
+    pub name: String,
+}
+
+/// The ports the Service of `protocol` carries: one per granted listener of that protocol.
+/// `shared` says one Service carries both protocols, so names get a protocol suffix to stay
+/// unique. A forwarder whose name cannot be a port name (a DNS label) is left out and named
+/// in the second list.
+pub fn service_ports(
+    claims: &[Claim<'_>],
+    protocol: Transport,
+    shared: bool,
+) -> (Vec<ServicePort>, Vec<(String, String)>) {
+    let mut ports = Vec::new();
+    let mut refused = Vec::new();
+    for c in claims
+        .iter()
+        .filter(|c| c.transport == protocol && c.verdict.is_ok())
+    {
+        let name = if shared {
+            format!("{}-{}", c.forwarder.name, protocol.as_str())
+        } else {
+            c.forwarder.name.clone()
+        };
+        if is_dns_label(&name) {
+            ports.push(ServicePort {
+                port: c.port.listen_port,
+                protocol,
+                name,
+            });
+        } else {
+            refused.push((
+                c.forwarder.name.clone(),
+                format!(
+                    "{} has no Service port: `{name}` is not a valid port name (at most 63 \
+                     lowercase letters, digits and `-`)",
+                    c.label()
+                ),
+            ));
+        }
+    }
+    ports.sort();
+    (ports, refused)
+}
+
+/// An RFC 1123 label: 1–63 lowercase letters, digits and `-`, not starting or ending with `-`.
+pub fn is_dns_label(name: &str) -> bool {
+    let b = name.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b[0] != b'-'
+        && b[b.len() - 1] != b'-'
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn object(yaml: &str) -> Object {
+        Object::from_value(serde_yaml::from_str(yaml).unwrap()).unwrap()
+    }
+
+    fn forwarder(name: &str, created: &str, spec: &str) -> ForwarderObject {
+        ForwarderObject::from_object(&object(&format!(
+            "apiVersion: {API_VERSION}\nkind: Forwarder\nmetadata: {{name: {name}, namespace: ns, \
+             creationTimestamp: \"{created}\", generation: 2}}\nspec: {spec}\n"
+        )))
+        .unwrap()
+    }
+
+    fn reserved() -> Vec<Reserved> {
+        vec![Reserved {
+            transport: Transport::Tcp,
+            port: 9000,
+            holder: "the query port".into(),
+        }]
+    }
+
+    #[test]
+    fn the_older_forwarder_keeps_a_contested_port() {
+        let f = [
+            forwarder(
+                "young",
+                "2026-01-02T00:00:00Z",
+                "{udp: {listenPort: 5000, targetHost: a, targetPort: 1}}",
+            ),
+            forwarder(
+                "old",
+                "2026-01-01T00:00:00Z",
+                "{udp: {listenPort: 5000, targetHost: b, targetPort: 1}, tcp: {listenPort: 5000, targetHost: b, targetPort: 1}}",
+            ),
+        ];
+        let c = claims(&f, &reserved());
+        let verdicts: Vec<(&str, String, Result<(), String>)> = c
+            .iter()
+            .map(|c| (c.forwarder.name.as_str(), c.label(), c.verdict.clone()))
+            .collect();
+        assert_eq!(
+            verdicts,
+            [
+                ("old", "udp/5000".into(), Ok(())),
+                ("old", "tcp/5000".into(), Ok(())),
+                (
+                    "young",
+                    "udp/5000".into(),
+                    Err("udp/5000 is held by forwarder old (older)".into())
+                ),
+            ]
+        );
+        assert_eq!(c[0].forwarder.generation, Some(2));
+    }
+
+    #[test]
+    fn same_age_goes_by_name_and_the_proxys_own_ports_are_refused() {
+        let f = [
+            forwarder(
+                "b",
+                "",
+                "{udp: {listenPort: 6000, targetHost: x, targetPort: 1}}",
+            ),
+            forwarder(
+                "a",
+                "",
+                "{udp: {listenPort: 6000, targetHost: x, targetPort: 1}, tcp: {listenPort: 9000, targetHost: x, targetPort: 1}}",
+            ),
+        ];
+        let c = claims(&f, &reserved());
+        assert_eq!(c[0].forwarder.name, "a");
+        assert_eq!(c[0].verdict, Ok(()));
+        assert_eq!(
+            c[1].verdict,
+            Err("tcp/9000 is held by the query port".into()),
+            "UDP 9000 would be free: ports are per protocol"
+        );
+        assert_eq!(
+            c[2].verdict,
+            Err("udp/6000 is held by forwarder a (older)".into())
+        );
+    }
+
+    #[test]
+    fn a_refused_claim_holds_nothing() {
+        // `b` loses tcp/9000 to the proxy; `c` may then have udp/7000 which only `b` wanted
+        // over tcp: nothing refused is counted as held.
+        let f = [
+            forwarder(
+                "b",
+                "1",
+                "{tcp: {listenPort: 9000, targetHost: x, targetPort: 1}}",
+            ),
+            forwarder(
+                "c",
+                "2",
+                "{tcp: {listenPort: 9000, targetHost: x, targetPort: 1}}",
+            ),
+        ];
+        let c = claims(&f, &reserved());
+        assert!(
+            c.iter()
+                .all(|c| c.verdict.as_ref().unwrap_err().contains("query port"))
+        );
+    }
+
+    #[test]
+    fn objects_are_checked_field_by_field() {
+        let bad = |spec: &str| {
+            ForwarderObject::from_object(&object(&format!(
+                "apiVersion: {API_VERSION}\nkind: Forwarder\nmetadata: {{name: f}}\nspec: {spec}\n"
+            )))
+            .unwrap_err()
+        };
+        assert_eq!(bad("{}"), "spec: neither udp nor tcp is given");
+        assert_eq!(
+            bad("{udp: {listenPort: 0, targetHost: a, targetPort: 1}}"),
+            "spec.udp.listenPort: must be 1 to 65535"
+        );
+        assert!(
+            bad("{tcp: {listenPort: 70000, targetHost: a, targetPort: 1}}").starts_with("spec: ")
+        );
+        assert!(bad("{udp: {listenPort: 1, targetPort: 1}}").contains("targetHost"));
+        assert_eq!(
+            bad("{udp: {listenPort: 1, targetHost: \"\", targetPort: 1}}"),
+            "spec.udp.targetHost: must be 1 to 253 characters"
+        );
+        assert_eq!(
+            bad("{tcp: {listenPort: 1, targetHost: a, targetPort: 1, idleTimeoutSeconds: 0}}"),
+            "spec.tcp.idleTimeoutSeconds: must be at least 1"
+        );
+    }
+
+    #[test]
+    fn service_ports_follow_the_granted_listeners() {
+        let f = [
+            forwarder(
+                "game-1",
+                "1",
+                "{udp: {listenPort: 27015, targetHost: x, targetPort: 1}, tcp: {listenPort: 27015, targetHost: x, targetPort: 1}}",
+            ),
+            forwarder(
+                "game-2",
+                "2",
+                "{udp: {listenPort: 27015, targetHost: x, targetPort: 1}}",
+            ),
+            forwarder(
+                "Bad.Name",
+                "3",
+                "{udp: {listenPort: 27016, targetHost: x, targetPort: 1}}",
+            ),
+        ];
+        let c = claims(&f, &[]);
+        let (udp, refused) = service_ports(&c, Transport::Udp, false);
+        assert_eq!(
+            udp,
+            [ServicePort {
+                port: 27015,
+                protocol: Transport::Udp,
+                name: "game-1".into()
+            }],
+            "the loser of a conflict gets no port"
+        );
+        assert_eq!(refused.len(), 1);
+        assert_eq!(refused[0].0, "Bad.Name");
+        let (tcp, _) = service_ports(&c, Transport::Tcp, true);
+        assert_eq!(tcp[0].name, "game-1-tcp");
+    }
+
+    #[test]
+    fn dns_labels() {
+        assert!(is_dns_label("game-1"));
+        assert!(is_dns_label("a"));
+        assert!(!is_dns_label(""));
+        assert!(!is_dns_label("-a"));
+        assert!(!is_dns_label("a-"));
+        assert!(!is_dns_label("A"));
+        assert!(!is_dns_label("a.b"));
+        assert!(!is_dns_label(&"a".repeat(64)));
+    }
+}

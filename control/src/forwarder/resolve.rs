@@ -1,0 +1,297 @@
+//! Where a forwarder's `targetHost` points. An IP address is itself; a
+//! `<service>.<namespace>.svc[.<cluster domain>]` name follows the Service watch (its ClusterIP,
+//! or for a headless Service its first ready endpoint), so a change applies when the watch
+//! delivers it; any other name is looked up by DNS every `resolveIntervalSeconds`, and a failed
+//! lookup keeps the last good address. [`DnsCache`] is the sans-io part of the DNS side: which
+//! names are due, and what each resolved to.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::inventory::{SERVICE_NAME_LABEL, Snapshot};
+
+/// What kind of name a `targetHost` is.
+#[derive(Clone, Debug, Eq, PartialEq)]
+pub enum Host<'a> {
+    /// An IP address.
+    Ip(IpAddr),
+    /// A cluster Service name.
+    Service {
+        /// Service name.
+        name: &'a str,
+        /// Its namespace.
+        namespace: &'a str,
+    },
+    /// Any other DNS name.
+    Dns(&'a str),
+}
+
+impl<'a> Host<'a> {
+    /// Reads a `targetHost`.
+    pub fn parse(host: &'a str) -> Self {
+        if let Ok(ip) = host.trim_start_matches('[').trim_end_matches(']').parse() {
+            return Self::Ip(ip);
+        }
+        let host = host.strip_suffix('.').unwrap_or(host);
+        let mut labels = host.split('.');
+        match (labels.next(), labels.next(), labels.next()) {
+            (Some(name), Some(namespace), Some("svc"))
+                if !name.is_empty() && !namespace.is_empty() =>
+            {
+                Self::Service { name, namespace }
+            }
+            _ => Self::Dns(host),
+        }
+    }
+}
+
+/// The address of a Service in the snapshot: its ClusterIP, or for a headless Service the
+/// first ready endpoint (slices in name order).
+pub fn service_address(snapshot: &Snapshot, namespace: &str, name: &str) -> Result<IpAddr, String> {
+    let service = snapshot
+        .services
+        .iter()
+        .find(|s| s.namespace == namespace && s.name == name)
+        .ok_or_else(|| format!("Service {namespace}/{name} not found"))?;
+    let cluster_ip = service
+        .raw
+        .pointer("/spec/clusterIP")
+        .and_then(Value::as_str)
+        .unwrap_or("None");
+    if let Ok(ip) = cluster_ip.parse() {
+        return Ok(ip);
+    }
+    snapshot
+        .endpoint_slices
+        .iter()
+        .filter(|s| {
+            s.namespace == namespace && s.labels.get(SERVICE_NAME_LABEL).is_some_and(|v| v == name)
+        })
+        .flat_map(|slice| {
+            slice
+                .raw
+                .get("endpoints")
+                .and_then(Value::as_array)
+                .map(Vec::as_slice)
+                .unwrap_or_default()
+        })
+        // An absent `ready` condition means ready (EndpointSlice API contract).
+        .filter(|e| e.pointer("/conditions/ready") != Some(&Value::Bool(false)))
+        .find_map(|e| e.pointer("/addresses/0")?.as_str()?.parse().ok())
+        .ok_or_else(|| format!("headless Service {namespace}/{name} has no ready endpoint"))
+}
+
+/// DNS answers per name, and when each name is due for another lookup.
+#[derive(Debug, Default)]
+pub struct DnsCache {
+    entries: HashMap<String, Entry>,
+}
+
+#[derive(Debug)]
+struct Entry {
+    /// The last good answer.
+    addr: Option<IpAddr>,
+    /// The last lookup's error, if it failed.
+    error: Option<String>,
+    /// When the next lookup is due (`None` while one runs).
+    due: Option<Instant>,
+    /// Asked for since the last [`DnsCache::retain_used`].
+    used: bool,
+}
+
+impl DnsCache {
+    /// The answer for `host`: the last good address (even when the latest lookup failed), or
+    /// why there is none. A new name is due at once.
+    pub fn lookup(&mut self, host: &str, now: Instant) -> Result<IpAddr, String> {
+        let entry = self.entries.entry(host.to_string()).or_insert(Entry {
+            addr: None,
+            error: None,
+            due: Some(now),
+            used: true,
+        });
+        entry.used = true;
+        match (entry.addr, &entry.error) {
+            (Some(addr), _) => Ok(addr),
+            (None, Some(e)) => Err(format!("targetHost {host} does not resolve: {e}")),
+            (None, None) => Err(format!("targetHost {host} is being looked up")),
+        }
+    }
+
+    /// The last lookup failed while an older answer is still used: the reason, for status.
+    pub fn stale_reason(&self, host: &str) -> Option<String> {
+        let e = self.entries.get(host)?;
+        match (e.addr, &e.error) {
+            (Some(addr), Some(error)) => Some(format!(
+                "the last lookup of {host} failed ({error}); still using {addr}"
+            )),
+            _ => None,
+        }
+    }
+
+    /// Names whose lookup is due; they count as running until [`Self::answered`].
+    pub fn take_due(&mut self, now: Instant) -> Vec<String> {
+        self.entries
+            .iter_mut()
+            .filter(|(_, e)| e.due.is_some_and(|d| d <= now))
+            .map(|(host, e)| {
+                e.due = None;
+                host.clone()
+            })
+            .collect()
+    }
+
+    /// The earliest time a lookup is due.
+    pub fn next_due(&self) -> Option<Instant> {
+        self.entries.values().filter_map(|e| e.due).min()
+    }
+
+    /// Records a lookup's result; true when the address a forwarder would use changed (or the
+    /// name resolved for the first time, or failed for the first time).
+    pub fn answered(
+        &mut self,
+        host: &str,
+        result: Result<IpAddr, String>,
+        now: Instant,
+        interval: Duration,
+    ) -> bool {
+        let Some(e) = self.entries.get_mut(host) else {
+            return false; // forgotten meanwhile
+        };
+        e.due = Some(now + interval);
+        match result {
+            Ok(addr) => {
+                let changed = e.addr != Some(addr) || e.error.is_some();
+                e.addr = Some(addr);
+                e.error = None;
+                changed
+            }
+            Err(error) => {
+                let changed = e.error.as_ref() != Some(&error);
+                e.error = Some(error);
+                changed
+            }
+        }
+    }
+
+    /// Forgets names no forwarder asked for since the last call.
+    pub fn retain_used(&mut self) {
+        self.entries.retain(|_, e| std::mem::take(&mut e.used));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::inventory::{Object, Snapshot};
+    use std::sync::Arc;
+
+    #[test]
+    fn hosts_are_told_apart() {
+        assert_eq!(
+            Host::parse("10.0.0.1"),
+            Host::Ip("10.0.0.1".parse().unwrap())
+        );
+        assert_eq!(Host::parse("[::1]"), Host::Ip("::1".parse().unwrap()));
+        assert_eq!(
+            Host::parse("gs-1.games.svc.cluster.local"),
+            Host::Service {
+                name: "gs-1",
+                namespace: "games"
+            }
+        );
+        assert_eq!(
+            Host::parse("gs-1.games.svc"),
+            Host::Service {
+                name: "gs-1",
+                namespace: "games"
+            }
+        );
+        assert_eq!(Host::parse("gs-1.games"), Host::Dns("gs-1.games"));
+        assert_eq!(Host::parse("example.com."), Host::Dns("example.com"));
+        assert_eq!(Host::parse("a.b.svcx.local"), Host::Dns("a.b.svcx.local"));
+    }
+
+    fn snapshot(yaml: &str) -> Snapshot {
+        let values: Vec<serde_json::Value> = serde_yaml::from_str(yaml).unwrap();
+        let mut s = Snapshot::default();
+        for v in values {
+            let o = Arc::new(Object::from_value(v).unwrap());
+            if o.kind == "Service" {
+                s.services.push(o);
+            } else {
+                s.endpoint_slices.push(o);
+            }
+        }
+        s
+    }
+
+    #[test]
+    fn services_resolve_to_their_cluster_ip_or_a_ready_endpoint() {
+        let s = snapshot(
+            r#"
+- {apiVersion: v1, kind: Service, metadata: {name: vip, namespace: g}, spec: {clusterIP: 10.96.0.7}}
+- {apiVersion: v1, kind: Service, metadata: {name: hl, namespace: g}, spec: {clusterIP: None}}
+- apiVersion: discovery.k8s.io/v1
+  kind: EndpointSlice
+  metadata: {name: hl-a, namespace: g, labels: {kubernetes.io/service-name: hl}}
+  endpoints: [{addresses: [10.1.0.1], conditions: {ready: false}}, {addresses: [10.1.0.2]}]
+"#,
+        );
+        assert_eq!(
+            service_address(&s, "g", "vip"),
+            Ok("10.96.0.7".parse().unwrap())
+        );
+        assert_eq!(
+            service_address(&s, "g", "hl"),
+            Ok("10.1.0.2".parse().unwrap())
+        );
+        assert_eq!(
+            service_address(&s, "other", "vip"),
+            Err("Service other/vip not found".into())
+        );
+    }
+
+    #[test]
+    fn a_failed_lookup_keeps_the_last_good_address() {
+        let mut dns = DnsCache::default();
+        let t0 = Instant::now();
+        let every = Duration::from_secs(30);
+        assert!(
+            dns.lookup("db", t0)
+                .unwrap_err()
+                .contains("being looked up")
+        );
+        assert_eq!(dns.take_due(t0), ["db"]);
+        assert!(dns.take_due(t0).is_empty(), "one lookup at a time");
+        let ip: IpAddr = "10.0.0.9".parse().unwrap();
+        assert!(dns.answered("db", Ok(ip), t0, every));
+        assert_eq!(dns.lookup("db", t0), Ok(ip));
+        assert!(dns.take_due(t0 + Duration::from_secs(29)).is_empty());
+        assert_eq!(dns.next_due(), Some(t0 + every));
+        assert_eq!(dns.take_due(t0 + every), ["db"]);
+        assert!(dns.answered("db", Err("timeout".into()), t0 + every, every));
+        assert_eq!(dns.lookup("db", t0), Ok(ip), "the last good address stays");
+        assert!(dns.stale_reason("db").unwrap().contains("timeout"));
+        assert!(
+            !dns.answered("db", Err("timeout".into()), t0, every),
+            "same error"
+        );
+        // A name that never resolved says why.
+        dns.lookup("nx", t0).unwrap_err();
+        dns.take_due(t0);
+        dns.answered("nx", Err("no such host".into()), t0, every);
+        assert_eq!(
+            dns.lookup("nx", t0),
+            Err("targetHost nx does not resolve: no such host".into())
+        );
+        // Names nobody asks for any more are forgotten.
+        dns.retain_used();
+        dns.lookup("db", t0).unwrap();
+        dns.retain_used();
+        dns.retain_used();
+        assert!(dns.lookup("db", t0).is_err(), "forgotten, looked up anew");
+    }
+}

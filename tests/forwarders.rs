@@ -1,0 +1,359 @@
+//! Forwarders with the file inventory (SPEC §6): the whole lifecycle by editing the file, port
+//! conflicts reported without disturbing anything else, the largest datagrams, the idle timer
+//! counted in both directions, DNS targets, and the per-forwarder metrics.
+
+mod common;
+
+use std::io::Write;
+use std::net::{SocketAddr, UdpSocket};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const CONFIG: &str = "forwarders: {namespace: games, resolveIntervalSeconds: 1}\n";
+
+/// A `Forwarder` list entry for the inventory file.
+fn forwarder(name: &str, created: &str, spec: &str) -> String {
+    format!(
+        "- apiVersion: udp-director.dev/v1alpha1\n  kind: Forwarder\n  metadata: {{name: {name}, \
+         namespace: games, creationTimestamp: \"{created}\"}}\n  spec: {spec}\n"
+    )
+}
+
+/// `{listenPort, targetHost, targetPort}` to `target`.
+fn to(listen: u16, target: SocketAddr) -> String {
+    format!(
+        "{{listenPort: {listen}, targetHost: \"{}\", targetPort: {}}}",
+        target.ip(),
+        target.port()
+    )
+}
+
+fn local(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// This instance's view of forwarder `name` (`GET /forwarders`).
+fn view(p: &Proxy, name: &str) -> serde_json::Value {
+    let (code, body) = p.http("GET", "/forwarders");
+    assert_eq!(code, 200, "{body}");
+    let list: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
+    list.into_iter()
+        .find(|f| f["name"] == name)
+        .unwrap_or(serde_json::Value::Null)
+}
+
+fn ready(p: &Proxy, name: &str) -> bool {
+    view(p, name)["ready"] == true
+}
+
+/// Sends `payload` from `c` to `port` and returns the reply, if one comes.
+fn round_trip(c: &UdpSocket, port: u16, payload: &[u8]) -> Option<Vec<u8>> {
+    c.send_to(payload, local(port)).unwrap();
+    datagram_within(c, Duration::from_millis(500))
+}
+
+#[test]
+fn a_forwarder_follows_every_edit_of_the_file() {
+    let (a, b) = (Echo::tagged(b'A'), Echo::tagged(b'B'));
+    let (ta, tb) = (TcpEcho::tagged(b'a'), TcpEcho::tagged(b'b'));
+    let (p1, p2) = (free_port(), free_port());
+    let both = |udp: &Echo, tcp: &TcpEcho, port: u16| {
+        forwarder(
+            "game-1",
+            "2026-01-01T00:00:00Z",
+            &format!(
+                "{{udp: {}, tcp: {}}}",
+                to(port, udp.addr),
+                to(port, tcp.addr)
+            ),
+        )
+    };
+    let proxy = Proxy::start(&base_config(CONFIG), &both(&a, &ta, p1));
+    proxy.eventually("the forwarder is ready", |p| ready(p, "game-1"));
+    let v = view(&proxy, "game-1");
+    assert_eq!(
+        v["listening"],
+        serde_json::json!([format!("udp/{p1}"), format!("tcp/{p1}")])
+    );
+    assert_eq!(v["message"], serde_json::Value::Null);
+
+    // UDP and TCP through it; the token port is untouched.
+    let c = client();
+    assert_eq!(round_trip(&c, p1, b"1").unwrap(), b"A1");
+    let mut old_tcp = tcp_client(local(p1));
+    old_tcp.write_all(b"x").unwrap();
+    assert_eq!(read_exact_within(&mut old_tcp, 2), b"ax");
+
+    // Target change: the UDP session moves on its next datagram, the TCP connection stays.
+    proxy.write_inventory(&both(&b, &tb, p1));
+    proxy.eventually("the UDP session moved", |p| {
+        p.sessions()
+            .iter()
+            .any(|s| s["protocol"] == "udp" && s["target"] == b.addr.to_string())
+    });
+    assert_eq!(round_trip(&c, p1, b"2").unwrap(), b"B2");
+    old_tcp.write_all(b"y").unwrap();
+    assert_eq!(
+        read_exact_within(&mut old_tcp, 1),
+        b"y",
+        "TCP keeps its target"
+    );
+    let mut new_tcp = tcp_client(local(p1));
+    new_tcp.write_all(b"z").unwrap();
+    assert_eq!(read_exact_within(&mut new_tcp, 2), b"bz");
+
+    // listenPort change: the old port closes (its sessions end), the new one opens.
+    proxy.write_inventory(&both(&b, &tb, p2));
+    proxy.eventually("the listener moved", |p| {
+        view(p, "game-1")["listening"]
+            == serde_json::json!([format!("udp/{p2}"), format!("tcp/{p2}")])
+    });
+    expect_closed(&mut old_tcp);
+    expect_closed(&mut new_tcp);
+    assert_eq!(
+        round_trip(&c, p1, b"3"),
+        None,
+        "nothing listens on the old port"
+    );
+    assert_eq!(round_trip(&c, p2, b"4").unwrap(), b"B4");
+
+    // Metrics that move.
+    let up = proxy
+        .metric(r#"udp_director_forwarder_bytes_total{forwarder="game-1",direction="upstream"}"#);
+    assert!(up >= 4.0, "{up}");
+    assert_eq!(
+        proxy.metric(r#"udp_director_forwarders{protocol="udp"}"#),
+        1.0
+    );
+    assert_eq!(
+        proxy.metric(r#"udp_director_forwarder_clients{forwarder="game-1"}"#),
+        1.0,
+        "the UDP client on the new port (the TCP connections ended with the old one)"
+    );
+
+    // A typo refuses the whole file: the running forwarder stays as it is.
+    proxy.write_inventory(&forwarder(
+        "game-1",
+        "2026-01-01T00:00:00Z",
+        &format!("{{udp: {{listenPort: {p2}, targetPort: 1}}}}"),
+    ));
+    proxy.eventually("the bad file is refused", |p| {
+        p.log().contains("targetHost")
+    });
+    assert_eq!(round_trip(&c, p2, b"5").unwrap(), b"B5");
+
+    // Delete: listeners close, sessions end, its series go.
+    proxy.write_inventory("[]\n");
+    proxy.eventually("the forwarder is gone", |p| {
+        view(p, "game-1").is_null() && p.sessions().is_empty()
+    });
+    assert_eq!(round_trip(&c, p2, b"6"), None);
+    assert_eq!(
+        proxy.metric(r#"udp_director_forwarders{protocol="udp"}"#),
+        0.0
+    );
+    // The token port served all along.
+    assert_eq!(proxy.http("GET", "/readyz").0, 200);
+}
+
+#[test]
+fn port_conflicts_are_reported_and_disturb_nothing() {
+    let (a, b) = (Echo::tagged(b'A'), Echo::tagged(b'B'));
+    let (contested, squatted) = (free_port(), free_port());
+    // Another process holds `squatted`.
+    let squatter = UdpSocket::bind(local(squatted)).unwrap();
+    let older = forwarder(
+        "older",
+        "2026-01-01T00:00:00Z",
+        &format!("{{udp: {}}}", to(contested, a.addr)),
+    );
+    let younger = forwarder(
+        "aaa-younger",
+        "2026-02-01T00:00:00Z",
+        &format!("{{udp: {}}}", to(contested, b.addr)),
+    );
+    let proxy = Proxy::start(&base_config(CONFIG), "[]\n");
+    let query_port = proxy.query.port();
+    let data_port = proxy.data_addr().port();
+    let on_query_port = forwarder(
+        "on-query",
+        "2026-01-01T00:00:00Z",
+        &format!("{{tcp: {}}}", to(query_port, a.addr)),
+    );
+    let on_data_port = forwarder(
+        "on-data",
+        "2026-01-01T00:00:00Z",
+        &format!("{{udp: {}}}", to(data_port, a.addr)),
+    );
+    let on_squatted = forwarder(
+        "on-squatted",
+        "2026-01-01T00:00:00Z",
+        &format!("{{udp: {}}}", to(squatted, a.addr)),
+    );
+    proxy.write_inventory(&format!(
+        "{younger}{older}{on_query_port}{on_data_port}{on_squatted}"
+    ));
+    proxy.eventually("the older forwarder is ready", |p| ready(p, "older"));
+    let message = |name: &str| {
+        view(&proxy, name)["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    proxy.eventually("every conflict is reported", |p| {
+        !view(p, "on-squatted")["message"].is_null()
+    });
+    assert_eq!(view(&proxy, "aaa-younger")["ready"], false);
+    assert_eq!(
+        message("aaa-younger"),
+        format!("udp/{contested} is held by forwarder older (older)")
+    );
+    assert_eq!(
+        message("on-query"),
+        format!("tcp/{query_port} is held by the query port")
+    );
+    assert_eq!(
+        message("on-data"),
+        format!("udp/{data_port} is held by data port default")
+    );
+    assert!(
+        message("on-squatted").contains("another process"),
+        "{}",
+        message("on-squatted")
+    );
+    assert!(
+        proxy.metric(
+            r#"udp_director_forwarder_errors_total{forwarder="on-squatted",type="listen"}"#
+        ) >= 1.0
+    );
+
+    // Nothing else was disturbed: the older forwarder and the token port serve.
+    let c = client();
+    assert_eq!(round_trip(&c, contested, b"1").unwrap(), b"A1");
+    assert_eq!(proxy.http("GET", "/readyz").0, 200);
+
+    // The other process lets go: the forwarder opens. The older one goes: the younger takes over.
+    drop(squatter);
+    proxy.eventually("the freed port is taken", |p| ready(p, "on-squatted"));
+    proxy.write_inventory(&format!("{younger}{on_squatted}"));
+    proxy.eventually("the younger forwarder has the port", |p| {
+        ready(p, "aaa-younger")
+    });
+    let c = client();
+    assert_eq!(round_trip(&c, contested, b"2").unwrap(), b"B2");
+}
+
+#[test]
+fn the_largest_datagrams_pass_and_the_idle_timer_counts_both_ways() {
+    let echo = Echo::plain();
+    let server = UdpSocket::bind("127.0.0.1:0").unwrap();
+    server
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    let (big, quiet) = (free_port(), free_port());
+    let idle = |port: u16, target: SocketAddr| {
+        format!(
+            "{{udp: {{listenPort: {port}, targetHost: \"127.0.0.1\", targetPort: {}, idleTimeoutSeconds: 2}}}}",
+            target.port()
+        )
+    };
+    let proxy = Proxy::start(
+        &base_config(CONFIG),
+        &format!(
+            "{}{}",
+            forwarder("big", "", &idle(big, echo.addr)),
+            forwarder("quiet", "", &idle(quiet, server.local_addr().unwrap()))
+        ),
+    );
+    proxy.eventually("both ready", |p| ready(p, "big") && ready(p, "quiet"));
+    let c = client();
+    let payload: Vec<u8> = (0..65507u32).map(|i| i as u8).collect();
+    c.send_to(&payload, local(big)).unwrap();
+    assert_eq!(
+        expect_datagram(&c),
+        payload,
+        "65507 bytes pass whole, both ways"
+    );
+
+    // Only the server talks, for longer than the idle timeout: the session lives on.
+    let player = client();
+    player.send_to(b"hello", local(quiet)).unwrap();
+    let mut buf = [0u8; 64];
+    let (_, relay) = server.recv_from(&mut buf).unwrap();
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(4) {
+        server.send_to(b"tick", relay).unwrap();
+        assert_eq!(expect_datagram(&player), b"tick");
+        std::thread::sleep(Duration::from_millis(400));
+    }
+    let quiet_sessions = |p: &Proxy| {
+        p.sessions()
+            .iter()
+            .filter(|s| s["client"] == player.local_addr().unwrap().to_string())
+            .count()
+    };
+    assert_eq!(
+        quiet_sessions(&proxy),
+        1,
+        "server→client traffic keeps it alive"
+    );
+    // Only the player talks: alive too, and on the same relay socket.
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(3) {
+        player.send_to(b"tock", local(quiet)).unwrap();
+        let (_, from) = server.recv_from(&mut buf).unwrap();
+        assert_eq!(from, relay, "the same session");
+        std::thread::sleep(Duration::from_millis(400));
+    }
+    assert_eq!(
+        quiet_sessions(&proxy),
+        1,
+        "client→server traffic keeps it alive"
+    );
+    // Both silent: it ends after the forwarder's idle timeout.
+    proxy.eventually("the idle session ends", |p| quiet_sessions(p) == 0);
+    assert!(
+        proxy.metric(
+            r#"udp_director_forwarder_bytes_total{forwarder="big",direction="downstream"}"#
+        ) >= 65507.0
+    );
+}
+
+#[test]
+fn dns_targets_resolve_and_a_name_that_never_does_is_not_ready() {
+    let echo = Echo::tagged(b'D');
+    let (named, missing) = (free_port(), free_port());
+    let proxy = Proxy::start(
+        &base_config(CONFIG),
+        &format!(
+            "{}{}",
+            forwarder(
+                "by-name",
+                "",
+                &format!(
+                    "{{udp: {{listenPort: {named}, targetHost: localhost, targetPort: {}}}}}",
+                    echo.addr.port()
+                )
+            ),
+            forwarder(
+                "nowhere",
+                "",
+                &format!(
+                    "{{udp: {{listenPort: {missing}, targetHost: no-such-host.invalid, targetPort: 1}}}}"
+                )
+            )
+        ),
+    );
+    proxy.eventually("the name resolves", |p| ready(p, "by-name"));
+    let c = client();
+    assert_eq!(round_trip(&c, named, b"1").unwrap(), b"D1");
+    proxy.eventually("the lookup failure is reported", |p| {
+        view(p, "nowhere")["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("does not resolve"))
+    });
+    assert_eq!(view(&proxy, "nowhere")["ready"], false);
+    assert_eq!(view(&proxy, "nowhere")["listening"], serde_json::json!([]));
+    assert_eq!(round_trip(&c, missing, b"2"), None);
+}
