@@ -32,6 +32,10 @@ pub(crate) struct CompareArgs {
     /// Clients get a token from the query port first (else they are default-endpoint clients).
     #[arg(long)]
     pub(crate) token: bool,
+    /// Clients reach the echo server through a UDP `Forwarder` (from the inventory file)
+    /// instead of the data port.
+    #[arg(long, conflicts_with = "token")]
+    pub(crate) forwarder: bool,
     /// Another UDP proxy to compare, as NAME=LISTEN_ADDR=COMMAND; `{echo}` in COMMAND is replaced
     /// by the echo server's address. E.g. socat=127.0.0.1:7900='socat UDP4-LISTEN:7900,fork,reuseaddr UDP4:{echo}'.
     #[arg(long)]
@@ -112,13 +116,17 @@ pub(crate) fn run(args: &CompareArgs) -> anyhow::Result<()> {
     let echo = Echo::start("127.0.0.1:0".parse()?, args.echo_threads, None)?;
     // The extra line is the only config difference from the product defaults.
     let extra = format!("busyPollMicros: {}\n", args.proxy_busy_poll_micros);
-    let proxy = args.proxy.start(
-        &[Server {
-            name: "echo",
-            addr: echo.addr,
-        }],
-        &extra,
-    )?;
+    let servers = [Server {
+        name: "echo",
+        addr: echo.addr,
+    }];
+    let (proxy, proxy_target) = if args.forwarder {
+        args.proxy.start_forwarder(&servers, &extra)?
+    } else {
+        let proxy = args.proxy.start(&servers, &extra)?;
+        let data = proxy.data;
+        (proxy, data)
+    };
     let mut contenders = vec![
         Contender {
             label: "direct".into(),
@@ -128,8 +136,12 @@ pub(crate) fn run(args: &CompareArgs) -> anyhow::Result<()> {
             total: None,
         },
         Contender {
-            label: "udp-director".into(),
-            target: proxy.data,
+            label: if args.forwarder {
+                "udp-director (forwarder)".into()
+            } else {
+                "udp-director".into()
+            },
+            target: proxy_target,
             query: args.token.then_some(proxy.query),
             pid: Some(proxy.pid),
             total: None,

@@ -41,7 +41,56 @@ impl ProxyArgs {
     /// [`ProxyProcess::start`]).
     pub(crate) fn start(&self, servers: &[Server], extra: &str) -> anyhow::Result<ProxyProcess> {
         let bin = binary(self.proxy_bin.as_deref())?;
-        ProxyProcess::start(&bin, servers, self.proxy_workers, "dataPort: 0\n", extra)
+        ProxyProcess::start(
+            &bin,
+            servers,
+            self.proxy_workers,
+            "dataPort: 0\n",
+            extra,
+            "",
+        )
+    }
+
+    /// Starts the chosen proxy as [`Self::start`] does, with a UDP `Forwarder` to the first
+    /// server in its inventory file; returns the proxy and the forwarder's listen address once
+    /// a datagram through it comes back.
+    pub(crate) fn start_forwarder(
+        &self,
+        servers: &[Server],
+        extra: &str,
+    ) -> anyhow::Result<(ProxyProcess, SocketAddr)> {
+        let bin = binary(self.proxy_bin.as_deref())?;
+        let target = servers.first().context("a server to forward to")?.addr;
+        // A free port (the kernel's pick, let go at once) for the forwarder to listen on.
+        let port = std::net::UdpSocket::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let forwarder = format!(
+            "- {{apiVersion: udp-director.dev/v1alpha1, kind: Forwarder, metadata: {{name: perf, namespace: perf}}, \
+             spec: {{udp: {{listenPort: {port}, targetHost: \"{}\", targetPort: {}}}}}}}\n",
+            target.ip(),
+            target.port()
+        );
+        let extra = format!("{extra}forwarders: {{namespace: perf}}\n");
+        let proxy = ProxyProcess::start(
+            &bin,
+            servers,
+            self.proxy_workers,
+            "dataPort: 0\n",
+            &extra,
+            &forwarder,
+        )?;
+        let listen = SocketAddr::from(([127, 0, 0, 1], port));
+        let probe = std::net::UdpSocket::bind("127.0.0.1:0")?;
+        probe.set_read_timeout(Some(std::time::Duration::from_millis(50)))?;
+        let mut buf = [0u8; 16];
+        for _ in 0..100 {
+            probe.send_to(b"ready?", listen)?;
+            if probe.recv_from(&mut buf).is_ok() {
+                return Ok((proxy, listen));
+            }
+        }
+        bail!("the forwarder on {listen} did not open")
     }
 
     /// Starts the chosen proxy on `servers` with one TCP data port instead.
@@ -52,7 +101,7 @@ impl ProxyArgs {
     ) -> anyhow::Result<ProxyProcess> {
         let bin = binary(self.proxy_bin.as_deref())?;
         let ports = "dataPorts: [{name: default, port: 0, protocol: tcp}]\n";
-        ProxyProcess::start(&bin, servers, self.proxy_workers, ports, extra)
+        ProxyProcess::start(&bin, servers, self.proxy_workers, ports, extra, "")
     }
 }
 
@@ -74,13 +123,15 @@ fn binary(given: Option<&Path>) -> anyhow::Result<PathBuf> {
 impl ProxyProcess {
     /// Starts the proxy with `servers` in its inventory (labelled `id: <name>`), the first one
     /// also the default endpoint (clients without a token), its data port(s) from the
-    /// `data_ports` config line, and `extra` config lines.
+    /// `data_ports` config line, `extra` config lines and `objects` (list entries) added to the
+    /// inventory file.
     pub(crate) fn start(
         bin: &Path,
         servers: &[Server],
         workers: Option<usize>,
         data_ports: &str,
         extra: &str,
+        objects: &str,
     ) -> anyhow::Result<Self> {
         let dir = std::env::temp_dir().join(format!("udp-director-perf-{}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
@@ -95,7 +146,7 @@ impl ProxyProcess {
                 )
             })
             .collect();
-        std::fs::write(dir.join("inventory.yaml"), inventory)?;
+        std::fs::write(dir.join("inventory.yaml"), inventory + objects)?;
         let default = servers.first().map(|s| s.name).unwrap_or("none");
         let workers = workers
             .map(|w| format!("workers: {w}\n"))

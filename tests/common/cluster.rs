@@ -191,6 +191,90 @@ impl Cluster {
         proxy
     }
 
+    /// The config of a proxy serving the forwarders of `namespace`, with `servicePorts` on
+    /// Services `lb-udp` and `lb-tcp` (one per protocol: the suite's API server, 1.20, predates
+    /// mixed-protocol LoadBalancers).
+    pub fn forwarder_config(namespace: &str, bind_address: &str) -> String {
+        format!(
+            "{}forwarders: {{namespace: {namespace}, servicePorts: {{udp: lb-udp, tcp: lb-tcp}}}}\n",
+            PROXY_CONFIG.replace("NAMESPACE", namespace).replace(
+                "bindAddress: 127.0.0.1",
+                &format!("bindAddress: {bind_address}")
+            )
+        )
+    }
+
+    /// Grants the proxy's service account what `udp-director rbac` generates for
+    /// [`Cluster::forwarder_config`] in `namespace`: the Role `udp-director-forwarders` there
+    /// (bound to the account). Its ClusterRole part must be the one the suite already granted.
+    pub fn grant_forwarder_rbac(&self, namespace: &str) {
+        let config = std::env::temp_dir().join(format!(
+            "udp-director-rbac-{}-{namespace}.yaml",
+            std::process::id()
+        ));
+        std::fs::write(&config, Self::forwarder_config(namespace, "127.0.0.1")).unwrap();
+        let (code, out, err) =
+            super::run_binary(&["rbac", config.to_str().unwrap(), "--name", "udp-director"]);
+        let _ = std::fs::remove_file(&config);
+        assert_eq!(code, 0, "{err}");
+        let (cluster_role, role) = out.split_once("---\n").expect("a ClusterRole and a Role");
+        assert_eq!(
+            cluster_role,
+            self.granted_cluster_role(),
+            "forwarders need nothing cluster-wide beyond the suite's ClusterRole"
+        );
+        self.apply(&format!(
+            "{role}---\napiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\n\
+             metadata: {{name: udp-director-forwarders, namespace: {namespace}}}\n\
+             roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: Role, name: udp-director-forwarders}}\n\
+             subjects: [{{kind: ServiceAccount, name: udp-director, namespace: udp-director}}]\n"
+        ));
+    }
+
+    /// Starts a proxy serving the forwarders of `namespace` on `bind_address`, as the instance
+    /// on `node`, and waits until it is ready.
+    pub fn start_forwarder_proxy(&self, namespace: &str, node: &str, bind_address: &str) -> Proxy {
+        let kubeconfig = self.proxy_kubeconfig();
+        let proxy = Proxy::launch(
+            &Self::forwarder_config(namespace, bind_address),
+            "",
+            &[
+                ("KUBECONFIG", kubeconfig.as_os_str()),
+                ("NODE_NAME", std::ffi::OsStr::new(node)),
+            ],
+        );
+        proxy.eventually_within(READY_WITHIN, "proxy ready", |p| {
+            p.http("GET", "/readyz").0 == 200
+        });
+        proxy
+    }
+
+    /// kubectl as the proxy's service account: `auth can-i VERB RESOURCE -n NAMESPACE`;
+    /// `RESOURCE` may be `TYPE/NAME`, or `TYPE/status` for the status subresource.
+    pub fn proxy_can(&self, verb: &str, resource: &str, namespace: &str) -> bool {
+        let mut args = vec![
+            "auth",
+            "can-i",
+            verb,
+            "-n",
+            namespace,
+            "--as=system:serviceaccount:udp-director:udp-director",
+        ];
+        match resource.strip_suffix("/status") {
+            Some(kind) => args.extend([kind, "--subresource=status"]),
+            None => args.push(resource),
+        }
+        let out = self.kubectl(&args, None);
+        match out {
+            Ok(answer) => answer.trim() == "yes",
+            // "no" goes to stdout with exit status 1; anything on stderr is a real failure.
+            Err(stderr) => {
+                assert!(stderr.trim().is_empty(), "kubectl auth can-i: {stderr}");
+                false
+            }
+        }
+    }
+
     /// Starts a proxy as [`Cluster::start_proxy`] does, without waiting for it to be ready.
     pub fn launch_proxy(&self, namespace: &str, extra: &str) -> Proxy {
         let config = format!("{}{extra}", PROXY_CONFIG.replace("NAMESPACE", namespace));
@@ -255,9 +339,8 @@ impl Cluster {
         assert!(status.success(), "k8s-apiserver.sh {verb}: {status:?}");
     }
 
-    /// Binds the proxy's service account to the ClusterRole `udp-director rbac` generates for
-    /// [`PROXY_CONFIG`], and to nothing else.
-    fn grant_proxy_rbac(&self) {
+    /// The ClusterRole `udp-director rbac` generates for [`PROXY_CONFIG`].
+    fn granted_cluster_role(&self) -> String {
         let config =
             std::env::temp_dir().join(format!("udp-director-rbac-{}.yaml", std::process::id()));
         std::fs::write(&config, PROXY_CONFIG.replace("NAMESPACE", "default")).unwrap();
@@ -265,6 +348,13 @@ impl Cluster {
             super::run_binary(&["rbac", config.to_str().unwrap(), "--name", "udp-director"]);
         let _ = std::fs::remove_file(&config);
         assert_eq!(code, 0, "{err}");
+        role
+    }
+
+    /// Binds the proxy's service account to the ClusterRole `udp-director rbac` generates for
+    /// [`PROXY_CONFIG`], and to nothing else.
+    fn grant_proxy_rbac(&self) {
+        let role = self.granted_cluster_role();
         self.apply(&format!(
             "{role}---\n{}",
             r#"apiVersion: v1

@@ -84,7 +84,11 @@ pub struct Reconciler {
     controller: Controller,
     bind: IpAddr,
     session_timeout: Duration,
+    /// The ports this instance holds itself, as bound.
     reserved: Vec<Reserved>,
+    /// The proxy's own ports as configured: the same on every instance, so every instance
+    /// computes the same Service port set (bound ports can differ, e.g. port 0).
+    configured: Vec<Reserved>,
     held: BTreeMap<(String, Transport), Held>,
     dns: DnsCache,
     table: ForwarderTable,
@@ -93,6 +97,9 @@ pub struct Reconciler {
     written: HashMap<String, ForwarderInstance>,
     /// Per managed Service: the ports last applied, and when a failed write may be retried.
     service_ports: BTreeMap<String, (Option<Vec<ServicePort>>, Instant)>,
+    /// The last write error logged per Service or forwarder status, so a persisting one is
+    /// logged once.
+    write_errors: HashMap<String, String>,
     /// The last message logged per forwarder, so a persisting problem is logged once.
     logged: HashMap<String, Option<String>>,
     retry_soon: bool,
@@ -118,18 +125,27 @@ impl Reconciler {
         writer: Option<status::Writer>,
     ) -> Option<Self> {
         let forwarders = config.forwarders.clone()?;
+        let data: Vec<(String, Transport, u16)> = config
+            .data_ports
+            .iter()
+            .map(|p| (p.name.clone(), p.protocol, p.port))
+            .collect();
+        let mut configured = own_ports_of(config.query_port, config.admin_port, &data);
+        configured.retain(|r| r.port != 0);
         Some(Self {
             config: forwarders,
             controller,
             bind: config.bind_address,
             session_timeout: config.session_timeout,
             reserved: own_ports,
+            configured,
             held: BTreeMap::new(),
             dns: DnsCache::default(),
             table: ForwarderTable::default(),
             writer,
             written: HashMap::new(),
             service_ports: BTreeMap::new(),
+            write_errors: HashMap::new(),
             logged: HashMap::new(),
             retry_soon: false,
         })
@@ -260,7 +276,8 @@ impl Reconciler {
         self.publish(&reports);
         if self.writer.is_some() {
             self.write_status(&reports).await;
-            self.write_service_ports(&claims, now).await;
+            let configured = plan::claims(&objects, &self.configured);
+            self.write_service_ports(&configured, now).await;
         }
     }
 
@@ -446,9 +463,16 @@ impl Reconciler {
             }
             match writer.write_instance(name, &instance).await {
                 Ok(()) => {
+                    self.write_errors.remove(&format!("forwarder/{name}"));
                     self.written.insert(name.clone(), instance);
                 }
-                Err(e) => log::warn!("forwarder {name}: status not written (retried): {e}"),
+                Err(e) => {
+                    let e = status::describe(&e);
+                    if self.write_errors.get(&format!("forwarder/{name}")) != Some(&e) {
+                        log::warn!("forwarder {name}: status not written (retried): {e}");
+                        self.write_errors.insert(format!("forwarder/{name}"), e);
+                    }
+                }
             }
         }
     }
@@ -474,6 +498,7 @@ impl Reconciler {
             if entry.0.as_ref() == Some(&ports) || entry.1 > now {
                 continue;
             }
+            let key = format!("service/{service}");
             match writer.apply_service_ports(&service, &ports).await {
                 Ok(()) => {
                     log::info!(
@@ -482,14 +507,19 @@ impl Reconciler {
                         ports.len()
                     );
                     *entry = (Some(ports), now);
+                    self.write_errors.remove(&key);
                 }
                 Err(e) => {
-                    log::warn!(
-                        "Service {}/{service}: forwarder ports not written (retried in {} s): {e}",
-                        self.config.namespace,
-                        SERVICE_RETRY.as_secs()
-                    );
                     entry.1 = now + SERVICE_RETRY;
+                    let e = status::describe(&e);
+                    if self.write_errors.get(&key) != Some(&e) {
+                        log::warn!(
+                            "Service {}/{service}: forwarder ports not written (retried every {} s): {e}",
+                            self.config.namespace,
+                            SERVICE_RETRY.as_secs()
+                        );
+                        self.write_errors.insert(key, e);
+                    }
                 }
             }
         }
@@ -571,6 +601,10 @@ async fn lookup(host: &str) -> Result<IpAddr, String> {
 /// The ports the proxy holds itself, as forwarder conflicts name them: the query and admin
 /// ports and each data port (name, transport, bound port).
 pub fn own_ports(query: u16, admin: u16, data: &[(String, Transport, u16)]) -> Vec<Reserved> {
+    own_ports_of(query, admin, data)
+}
+
+fn own_ports_of(query: u16, admin: u16, data: &[(String, Transport, u16)]) -> Vec<Reserved> {
     let mut out = vec![
         Reserved {
             transport: Transport::Tcp,

@@ -115,6 +115,15 @@ impl Writer {
     }
 }
 
+/// An API error in one line: the server's own message for a refused request (not the whole
+/// `Status` object), the error otherwise.
+pub fn describe(e: &kube::Error) -> String {
+    match e {
+        kube::Error::Api(status) => format!("{} ({})", status.message, status.code),
+        other => other.to_string(),
+    }
+}
+
 /// The status field manager of the instance on `node` (at most 128 characters).
 pub fn field_manager(node: &str) -> String {
     let mut manager = format!("udp-director/{node}");

@@ -1,0 +1,403 @@
+//! Forwarders against the real kube-apiserver (SPEC §6): proxies running as the service account
+//! with only the generated RBAC, two instances at once (distinct node names, on 127.0.0.1 and
+//! 127.0.0.2), each writing its own status entry, and the Service ports they share.
+//! Skipped, loudly, when no API server is configured; a failure under `CI=true`.
+
+mod common;
+
+use std::io::Write;
+use std::net::{SocketAddr, UdpSocket};
+use std::time::Duration;
+
+use common::cluster::{Cluster, cluster};
+use common::*;
+
+fn forwarder(ns: &str, name: &str, spec: &str) -> String {
+    format!(
+        "apiVersion: udp-director.dev/v1alpha1\nkind: Forwarder\nmetadata: {{name: {name}, namespace: {ns}}}\nspec: {spec}\n"
+    )
+}
+
+fn to(listen: u16, target: SocketAddr) -> String {
+    format!(
+        "{{listenPort: {listen}, targetHost: \"{}\", targetPort: {}}}",
+        target.ip(),
+        target.port()
+    )
+}
+
+/// `status.instances` of a forwarder, by node.
+fn instances(c: &Cluster, ns: &str, name: &str) -> Vec<serde_json::Value> {
+    let Ok(got) = c.kubectl(&["get", "forwarder", name, "-n", ns, "-o", "json"], None) else {
+        return Vec::new();
+    };
+    let v: serde_json::Value = serde_json::from_str(&got).unwrap();
+    v["status"]["instances"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+fn instance(c: &Cluster, ns: &str, name: &str, node: &str) -> serde_json::Value {
+    instances(c, ns, name)
+        .into_iter()
+        .find(|i| i["node"] == node)
+        .unwrap_or(serde_json::Value::Null)
+}
+
+/// The operator's Services `lb-udp` and `lb-tcp`, each with a port of its own that the proxy
+/// must leave alone.
+fn create_services(c: &Cluster, ns: &str) {
+    c.apply(&format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: lb-udp, namespace: {ns}}}\n\
+         spec: {{type: LoadBalancer, ports: [{{name: keep, port: 9, protocol: UDP}}]}}\n---\n\
+         apiVersion: v1\nkind: Service\nmetadata: {{name: lb-tcp, namespace: {ns}}}\n\
+         spec: {{type: LoadBalancer, ports: [{{name: admin, port: 8080, protocol: TCP}}]}}\n"
+    ));
+}
+
+/// The ports of Services `lb-udp` and `lb-tcp`, as `name=port/PROTOCOL`, sorted.
+fn service_ports(c: &Cluster, ns: &str) -> Vec<String> {
+    let mut ports = Vec::new();
+    for service in ["lb-udp", "lb-tcp"] {
+        let got = c.must(&["get", "service", service, "-n", ns, "-o", "json"], None);
+        let v: serde_json::Value = serde_json::from_str(&got).unwrap();
+        ports.extend(v["spec"]["ports"].as_array().unwrap().iter().map(|p| {
+            format!(
+                "{}={}/{}",
+                p["name"].as_str().unwrap_or(""),
+                p["port"],
+                p["protocol"].as_str().unwrap()
+            )
+        }));
+    }
+    ports.sort();
+    ports
+}
+
+fn sorted(mut v: Vec<String>) -> Vec<String> {
+    v.sort();
+    v
+}
+
+fn round_trip(c: &UdpSocket, to: SocketAddr, payload: &[u8]) -> Option<Vec<u8>> {
+    c.send_to(payload, to).unwrap();
+    datagram_within(c, Duration::from_millis(500))
+}
+
+fn at(ip: [u8; 4], port: u16) -> SocketAddr {
+    SocketAddr::from((ip, port))
+}
+
+/// Polls `f` (kubectl calls) for up to 30 s; on a timeout the proxies' logs are shown.
+fn eventually_logged(proxies: &[&Proxy], what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !f() {
+        if std::time::Instant::now() >= deadline {
+            for p in proxies {
+                eprintln!("--- proxy log ---\n{}", p.log());
+            }
+            panic!("timed out: {what}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn eventually(what: &str, f: impl FnMut() -> bool) {
+    eventually_logged(&[], what, f);
+}
+
+#[test]
+fn two_instances_serve_forwarders_and_share_one_service_port_set() {
+    let Some(c) = cluster() else { return };
+    let ns = c.namespace("fwd");
+    c.grant_forwarder_rbac(&ns);
+    create_services(c, &ns);
+    let (a, b) = (Echo::tagged(b'A'), Echo::tagged(b'B'));
+    let (ta, tb) = (TcpEcho::tagged(b'a'), TcpEcho::tagged(b'b'));
+    let (p1, p2) = (free_port(), free_port());
+    c.apply(&forwarder(
+        &ns,
+        "game-1",
+        &format!("{{udp: {}, tcp: {}}}", to(p1, a.addr), to(p1, ta.addr)),
+    ));
+    let node_a = c.start_forwarder_proxy(&ns, "node-a", "127.0.0.1");
+    let node_b = c.start_forwarder_proxy(&ns, "node-b", "127.0.0.2");
+
+    eventually("both instances report ready", || {
+        ["node-a", "node-b"].iter().all(|n| {
+            let i = instance(c, &ns, "game-1", n);
+            i["ready"] == true
+                && i["listening"] == serde_json::json!([format!("udp/{p1}"), format!("tcp/{p1}")])
+                && i["observedGeneration"] == 1
+        })
+    });
+    assert!(instance(c, &ns, "game-1", "node-a")["lastUpdateTime"].is_string());
+    let cl = client();
+    assert_eq!(
+        round_trip(&cl, at([127, 0, 0, 1], p1), b"1").unwrap(),
+        b"A1"
+    );
+    assert_eq!(
+        round_trip(&cl, at([127, 0, 0, 2], p1), b"2").unwrap(),
+        b"A2"
+    );
+    let mut tcp = tcp_client(at([127, 0, 0, 1], p1));
+    tcp.write_all(b"x").unwrap();
+    assert_eq!(read_exact_within(&mut tcp, 2), b"ax");
+    eventually_logged(
+        &[&node_a, &node_b],
+        "the Service carries both listeners",
+        || {
+            service_ports(c, &ns)
+                == sorted(vec![
+                    "admin=8080/TCP".to_string(),
+                    format!("game-1={p1}/TCP"),
+                    format!("game-1={p1}/UDP"),
+                    "keep=9/UDP".to_string(),
+                ])
+        },
+    );
+
+    // Update: a new UDP target (the live session moves) and a new TCP port.
+    c.apply(&forwarder(
+        &ns,
+        "game-1",
+        &format!("{{udp: {}, tcp: {}}}", to(p1, b.addr), to(p2, tb.addr)),
+    ));
+    eventually("both instances observed generation 2", || {
+        ["node-a", "node-b"].iter().all(|n| {
+            let i = instance(c, &ns, "game-1", n);
+            i["observedGeneration"] == 2
+                && i["listening"] == serde_json::json!([format!("udp/{p1}"), format!("tcp/{p2}")])
+        })
+    });
+    assert_eq!(
+        round_trip(&cl, at([127, 0, 0, 1], p1), b"3").unwrap(),
+        b"B3"
+    );
+    expect_closed(&mut tcp);
+    let mut tcp = tcp_client(at([127, 0, 0, 2], p2));
+    tcp.write_all(b"y").unwrap();
+    assert_eq!(read_exact_within(&mut tcp, 2), b"by");
+    eventually("the Service port followed", || {
+        service_ports(c, &ns)
+            == sorted(vec![
+                "admin=8080/TCP".to_string(),
+                format!("game-1={p1}/UDP"),
+                format!("game-1={p2}/TCP"),
+                "keep=9/UDP".to_string(),
+            ])
+    });
+
+    // Conflicts: a younger forwarder on a taken port, one on node-a's query port.
+    c.apply(&forwarder(
+        &ns,
+        "game-2",
+        &format!("{{udp: {}}}", to(p1, a.addr)),
+    ));
+    let query = node_a.query.port();
+    c.apply(&forwarder(
+        &ns,
+        "on-query",
+        &format!("{{tcp: {}}}", to(query, ta.addr)),
+    ));
+    eventually("the conflicts are in status", || {
+        instance(c, &ns, "game-2", "node-b")["message"]
+            == format!("udp/{p1} is held by forwarder game-1 (older)")
+            && instance(c, &ns, "on-query", "node-a")["message"]
+                == format!("tcp/{query} is held by the query port")
+    });
+    assert_eq!(instance(c, &ns, "game-2", "node-a")["ready"], false);
+    assert_eq!(instance(c, &ns, "on-query", "node-a")["ready"], false);
+    assert_eq!(
+        instance(c, &ns, "on-query", "node-b")["ready"],
+        true,
+        "node-b's query port is another one"
+    );
+    assert_eq!(
+        round_trip(&cl, at([127, 0, 0, 1], p1), b"4").unwrap(),
+        b"B4",
+        "undisturbed"
+    );
+
+    // Delete: the listeners close on both instances, the younger forwarder takes the port,
+    // and the Service ports follow; the operator's port stays.
+    c.must(&["delete", "forwarder", "game-1", "-n", &ns], None);
+    eventually("game-2 has the port on both instances", || {
+        ["node-a", "node-b"]
+            .iter()
+            .all(|n| instance(c, &ns, "game-2", n)["ready"] == true)
+    });
+    expect_closed(&mut tcp);
+    let cl = client();
+    assert_eq!(
+        round_trip(&cl, at([127, 0, 0, 2], p1), b"5").unwrap(),
+        b"A5"
+    );
+    eventually_logged(
+        &[&node_a, &node_b],
+        "the Service lost game-1's ports",
+        || {
+            let ports = service_ports(c, &ns);
+            ports
+                == sorted(vec![
+                    "admin=8080/TCP".to_string(),
+                    format!("game-2={p1}/UDP"),
+                    format!("on-query={query}/TCP"),
+                    "keep=9/UDP".to_string(),
+                ])
+        },
+    );
+    assert!(
+        node_a.metric(
+            r#"udp_director_forwarder_bytes_total{forwarder="game-2",direction="upstream"}"#
+        ) + node_b.metric(
+            r#"udp_director_forwarder_bytes_total{forwarder="game-2",direction="upstream"}"#
+        ) >= 1.0
+    );
+}
+
+#[test]
+fn a_forwarder_deleted_while_the_proxy_was_down_is_never_opened() {
+    let Some(c) = cluster() else { return };
+    let ns = c.namespace("fwd-down");
+    c.grant_forwarder_rbac(&ns);
+    create_services(c, &ns);
+    let echo = Echo::tagged(b'E');
+    let (kept, gone) = (free_port(), free_port());
+    c.apply(&forwarder(
+        &ns,
+        "kept",
+        &format!("{{udp: {}}}", to(kept, echo.addr)),
+    ));
+    let first = c.start_forwarder_proxy(&ns, "node-a", "127.0.0.1");
+    eventually("kept is ready", || {
+        instance(c, &ns, "kept", "node-a")["ready"] == true
+    });
+    first.terminate();
+    drop(first);
+    // While no proxy runs: one forwarder comes and goes, another is deleted.
+    c.apply(&forwarder(
+        &ns,
+        "gone",
+        &format!("{{udp: {}}}", to(gone, echo.addr)),
+    ));
+    c.must(&["delete", "forwarder", "gone", "-n", &ns], None);
+    c.must(&["delete", "forwarder", "kept", "-n", &ns], None);
+    let p = c.start_forwarder_proxy(&ns, "node-a", "127.0.0.1");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(p.http("GET", "/forwarders").1, "[]");
+    let cl = client();
+    assert_eq!(round_trip(&cl, at([127, 0, 0, 1], kept), b"1"), None);
+    assert_eq!(round_trip(&cl, at([127, 0, 0, 1], gone), b"2"), None);
+    assert_eq!(udp_sockets_on_port(kept) + udp_sockets_on_port(gone), 0);
+    eventually("the Service has no forwarder port", || {
+        service_ports(c, &ns) == ["admin=8080/TCP", "keep=9/UDP"]
+    });
+}
+
+#[test]
+fn a_cluster_service_target_follows_the_service() {
+    let Some(c) = cluster() else { return };
+    let ns = c.namespace("fwd-svc");
+    c.grant_forwarder_rbac(&ns);
+    create_services(c, &ns);
+    c.apply(&format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: gs, namespace: {ns}}}\n\
+         spec: {{clusterIP: None, ports: [{{name: game, port: 7777, protocol: UDP}}]}}\n"
+    ));
+    // Two game servers on one port, at two addresses: the headless Service's endpoints.
+    let first = Echo::spawn("127.0.0.1:0", Some(b'1'));
+    let port = first.addr.port();
+    let second = Echo::spawn(&format!("127.0.0.3:{port}"), Some(b'2'));
+    let slice = |ready_first: bool| {
+        format!(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: gs-x, namespace: {ns}, labels: {{kubernetes.io/service-name: gs}}}}\n\
+             addressType: IPv4\nports: [{{name: game, port: 7777, protocol: UDP}}]\n\
+             endpoints: [{{addresses: [127.0.0.1], conditions: {{ready: {ready_first}}}}}, {{addresses: [127.0.0.3]}}]\n"
+        )
+    };
+    c.apply(&slice(true));
+    let listen = free_port();
+    c.apply(&forwarder(
+        &ns,
+        "by-service",
+        &format!(
+            "{{udp: {{listenPort: {listen}, targetHost: gs.{ns}.svc.cluster.local, targetPort: {port}}}}}"
+        ),
+    ));
+    let p = c.start_forwarder_proxy(&ns, "node-a", "127.0.0.1");
+    eventually("ready", || {
+        instance(c, &ns, "by-service", "node-a")["ready"] == true
+    });
+    let cl = client();
+    assert_eq!(
+        round_trip(&cl, at([127, 0, 0, 1], listen), b"a").unwrap(),
+        b"1a"
+    );
+    // The first endpoint turns not ready: the watch moves the forwarder, and its session.
+    c.apply(&slice(false));
+    p.eventually("the target follows the EndpointSlice", |p| {
+        p.sessions()
+            .iter()
+            .any(|s| s["target"] == format!("127.0.0.3:{port}"))
+    });
+    assert_eq!(
+        round_trip(&cl, at([127, 0, 0, 1], listen), b"b").unwrap(),
+        b"2b"
+    );
+    drop(second);
+    // A missing Service: not ready, saying which.
+    c.apply(&forwarder(
+        &ns,
+        "by-missing",
+        &format!(
+            "{{udp: {{listenPort: {}, targetHost: nope.{ns}.svc, targetPort: 1}}}}",
+            free_port()
+        ),
+    ));
+    eventually("the missing Service is reported", || {
+        instance(c, &ns, "by-missing", "node-a")["message"]
+            .as_str()
+            .is_some_and(|m| m.contains(&format!("Service {ns}/nope not found")))
+    });
+}
+
+#[test]
+fn the_forwarder_rbac_grants_exactly_what_forwarders_need() {
+    let Some(c) = cluster() else { return };
+    let ns = c.namespace("fwd-rbac");
+    let other = c.namespace("fwd-rbac-other");
+    c.grant_forwarder_rbac(&ns);
+    let can = |verb: &str, resource: &str, namespace: &str| c.proxy_can(verb, resource, namespace);
+    assert!(can("list", "forwarders.udp-director.dev", &ns));
+    assert!(can("watch", "forwarders.udp-director.dev", &ns));
+    assert!(can("patch", "forwarders.udp-director.dev/status", &ns));
+    for service in ["services/lb-udp", "services/lb-tcp"] {
+        assert!(can("get", service, &ns));
+        assert!(can("patch", service, &ns));
+    }
+    for (verb, resource) in [
+        ("get", "forwarders.udp-director.dev"),
+        ("patch", "forwarders.udp-director.dev"),
+        ("create", "forwarders.udp-director.dev"),
+        ("delete", "forwarders.udp-director.dev"),
+        ("update", "forwarders.udp-director.dev/status"),
+        ("patch", "services/other"),
+        ("create", "services"),
+        ("delete", "services/lb-udp"),
+        ("update", "services/lb-tcp"),
+        ("patch", "services"),
+    ] {
+        assert!(!can(verb, resource, &ns), "may {verb} {resource}");
+    }
+    assert!(
+        !can("list", "forwarders.udp-director.dev", &other),
+        "another namespace"
+    );
+    assert!(
+        !can("patch", "services/lb-udp", &other),
+        "another namespace"
+    );
+}
