@@ -53,23 +53,110 @@ fn round_trip(c: &UdpSocket, port: u16, payload: &[u8]) -> Option<Vec<u8>> {
     datagram_within(c, Duration::from_millis(500))
 }
 
+/// What must not notice a forwarder's changes: a token session on the data port, and a live
+/// session through a neighbouring forwarder (its backend sees the same relay address).
+struct Bystanders {
+    /// Keeps the game server running.
+    _game: Echo,
+    data: SocketAddr,
+    player: UdpSocket,
+    neighbour_port: u16,
+    neighbour_backend: UdpSocket,
+    neighbour_client: UdpSocket,
+    relay: SocketAddr,
+}
+
+impl Bystanders {
+    /// Their inventory objects: a GameServer and the neighbour forwarder.
+    fn objects(game: &Echo, port: u16, backend: &UdpSocket) -> String {
+        format!(
+            "{}{}",
+            gameserver("gs", "Ready", game.addr, ""),
+            forwarder(
+                "neighbour",
+                "2025-01-01T00:00:00Z",
+                &format!("{{udp: {}}}", to(port, backend.local_addr().unwrap()))
+            )
+        )
+    }
+
+    fn new() -> (Echo, u16, UdpSocket) {
+        let backend = UdpSocket::bind("127.0.0.1:0").unwrap();
+        backend.set_read_timeout(Some(WAIT)).unwrap();
+        (Echo::tagged(b'G'), free_port(), backend)
+    }
+
+    /// Opens both sessions on a running proxy.
+    fn start(
+        proxy: &Proxy,
+        (game, neighbour_port, neighbour_backend): (Echo, u16, UdpSocket),
+    ) -> Self {
+        let player = client();
+        let token = proxy.token(r#"{"resourceType":"gameserver","namespace":"starx"}"#);
+        player.send_to(token.as_bytes(), proxy.data_addr()).unwrap();
+        player.send_to(b"p", proxy.data_addr()).unwrap();
+        assert_eq!(expect_datagram(&player), b"Gp");
+        proxy.eventually("the neighbour is ready", |p| ready(p, "neighbour"));
+        let neighbour_client = client();
+        neighbour_client
+            .send_to(b"n", local(neighbour_port))
+            .unwrap();
+        let mut buf = [0u8; 16];
+        let (_, relay) = neighbour_backend.recv_from(&mut buf).unwrap();
+        Self {
+            _game: game,
+            data: proxy.data_addr(),
+            player,
+            neighbour_port,
+            neighbour_backend,
+            neighbour_client,
+            relay,
+        }
+    }
+
+    fn check(&self, after: &str) {
+        self.player.send_to(b"q", self.data).unwrap();
+        assert_eq!(
+            expect_datagram(&self.player),
+            b"Gq",
+            "token session after {after}"
+        );
+        self.neighbour_client
+            .send_to(b"m", local(self.neighbour_port))
+            .unwrap();
+        let mut buf = [0u8; 16];
+        let (_, relay) = self.neighbour_backend.recv_from(&mut buf).unwrap();
+        assert_eq!(
+            relay, self.relay,
+            "the neighbour's session survived {after}"
+        );
+        self.neighbour_backend.send_to(b"back", relay).unwrap();
+        assert_eq!(expect_datagram(&self.neighbour_client), b"back");
+    }
+}
+
 #[test]
 fn a_forwarder_follows_every_edit_of_the_file() {
     let (a, b) = (Echo::tagged(b'A'), Echo::tagged(b'B'));
     let (ta, tb) = (TcpEcho::tagged(b'a'), TcpEcho::tagged(b'b'));
     let (p1, p2) = (free_port(), free_port());
-    let both = |udp: &Echo, tcp: &TcpEcho, port: u16| {
-        forwarder(
-            "game-1",
-            "2026-01-01T00:00:00Z",
-            &format!(
-                "{{udp: {}, tcp: {}}}",
-                to(port, udp.addr),
-                to(port, tcp.addr)
-            ),
+    let parts = Bystanders::new();
+    let others = Bystanders::objects(&parts.0, parts.1, &parts.2);
+    let game_1 = |spec: String| {
+        format!(
+            "{others}{}",
+            forwarder("game-1", "2026-01-01T00:00:00Z", &spec)
         )
     };
+    let both = |udp: &Echo, tcp: &TcpEcho, port: u16| {
+        game_1(format!(
+            "{{udp: {}, tcp: {}}}",
+            to(port, udp.addr),
+            to(port, tcp.addr)
+        ))
+    };
     let proxy = Proxy::start(&base_config(CONFIG), &both(&a, &ta, p1));
+    let bystanders = Bystanders::start(&proxy, parts);
     proxy.eventually("the forwarder is ready", |p| ready(p, "game-1"));
     let v = view(&proxy, "game-1");
     assert_eq!(
@@ -78,7 +165,7 @@ fn a_forwarder_follows_every_edit_of_the_file() {
     );
     assert_eq!(v["message"], serde_json::Value::Null);
 
-    // UDP and TCP through it; the token port is untouched.
+    // UDP and TCP through it.
     let c = client();
     assert_eq!(round_trip(&c, p1, b"1").unwrap(), b"A1");
     let mut old_tcp = tcp_client(local(p1));
@@ -102,6 +189,18 @@ fn a_forwarder_follows_every_edit_of_the_file() {
     let mut new_tcp = tcp_client(local(p1));
     new_tcp.write_all(b"z").unwrap();
     assert_eq!(read_exact_within(&mut new_tcp, 2), b"bz");
+    bystanders.check("a target change");
+
+    // Only the idle timeout changes: every session stays.
+    proxy.write_inventory(&game_1(format!(
+        "{{udp: {{listenPort: {p1}, targetHost: \"127.0.0.1\", targetPort: {}, idleTimeoutSeconds: 77}}, tcp: {}}}",
+        b.addr.port(),
+        to(p1, tb.addr)
+    )));
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(round_trip(&c, p1, b"i").unwrap(), b"Bi");
+    new_tcp.write_all(b"j").unwrap();
+    assert_eq!(read_exact_within(&mut new_tcp, 1), b"j");
 
     // listenPort change: the old port closes (its sessions end), the new one opens.
     proxy.write_inventory(&both(&b, &tb, p2));
@@ -117,6 +216,7 @@ fn a_forwarder_follows_every_edit_of_the_file() {
         "nothing listens on the old port"
     );
     assert_eq!(round_trip(&c, p2, b"4").unwrap(), b"B4");
+    bystanders.check("a listenPort change");
 
     // Metrics that move.
     let up = proxy
@@ -124,7 +224,8 @@ fn a_forwarder_follows_every_edit_of_the_file() {
     assert!(up >= 4.0, "{up}");
     assert_eq!(
         proxy.metric(r#"udp_director_forwarders{protocol="udp"}"#),
-        1.0
+        2.0,
+        "game-1 and the neighbour"
     );
     assert_eq!(
         proxy.metric(r#"udp_director_forwarder_clients{forwarder="game-1"}"#),
@@ -132,29 +233,44 @@ fn a_forwarder_follows_every_edit_of_the_file() {
         "the UDP client on the new port (the TCP connections ended with the old one)"
     );
 
+    // TCP dropped from the spec: its listener closes, the UDP session stays.
+    let mut tcp = tcp_client(local(p2));
+    assert_eq!(read_exact_within(&mut tcp, 1), b"b", "connected through");
+    proxy.write_inventory(&game_1(format!("{{udp: {}}}", to(p2, b.addr))));
+    proxy.eventually("UDP only", |p| {
+        view(p, "game-1")["listening"] == serde_json::json!([format!("udp/{p2}")])
+    });
+    expect_closed(&mut tcp);
+    assert_eq!(round_trip(&c, p2, b"u").unwrap(), b"Bu");
+    assert_eq!(
+        proxy.metric(r#"udp_director_forwarders{protocol="tcp"}"#),
+        0.0
+    );
+
     // A typo refuses the whole file: the running forwarder stays as it is.
-    proxy.write_inventory(&forwarder(
-        "game-1",
-        "2026-01-01T00:00:00Z",
-        &format!("{{udp: {{listenPort: {p2}, targetPort: 1}}}}"),
-    ));
+    proxy.write_inventory(&game_1(format!(
+        "{{udp: {{listenPort: {p2}, targetPort: 1}}}}"
+    )));
     proxy.eventually("the bad file is refused", |p| {
         p.log().contains("targetHost")
     });
     assert_eq!(round_trip(&c, p2, b"5").unwrap(), b"B5");
 
     // Delete: listeners close, sessions end, its series go.
-    proxy.write_inventory("[]\n");
+    proxy.write_inventory(&others);
     proxy.eventually("the forwarder is gone", |p| {
-        view(p, "game-1").is_null() && p.sessions().is_empty()
+        view(p, "game-1").is_null()
+            && !p
+                .sessions()
+                .iter()
+                .any(|s| s["client"] == c.local_addr().unwrap().to_string())
     });
     assert_eq!(round_trip(&c, p2, b"6"), None);
     assert_eq!(
         proxy.metric(r#"udp_director_forwarders{protocol="udp"}"#),
-        0.0
+        1.0
     );
-    // The token port served all along.
-    assert_eq!(proxy.http("GET", "/readyz").0, 200);
+    bystanders.check("a delete");
 }
 
 #[test]
@@ -356,4 +472,30 @@ fn dns_targets_resolve_and_a_name_that_never_does_is_not_ready() {
     assert_eq!(view(&proxy, "nowhere")["ready"], false);
     assert_eq!(view(&proxy, "nowhere")["listening"], serde_json::json!([]));
     assert_eq!(round_trip(&c, missing, b"2"), None);
+}
+
+#[test]
+fn a_proxy_protocol_forwarder_stays_closed_until_headers_are_supported() {
+    let echo = Echo::tagged(b'P');
+    let port = free_port();
+    let proxy = Proxy::start(
+        &base_config(CONFIG),
+        &forwarder(
+            "with-header",
+            "",
+            &format!("{{udp: {}, proxyProtocol: v2}}", to(port, echo.addr)),
+        ),
+    );
+    proxy.eventually("the refusal is reported", |p| {
+        view(p, "with-header")["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("proxyProtocol"))
+    });
+    assert_eq!(view(&proxy, "with-header")["ready"], false);
+    let c = client();
+    assert_eq!(
+        round_trip(&c, port, b"1"),
+        None,
+        "no traffic without the header the backend expects"
+    );
 }

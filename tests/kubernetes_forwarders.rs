@@ -45,12 +45,15 @@ fn instance(c: &Cluster, ns: &str, name: &str, node: &str) -> serde_json::Value 
         .unwrap_or(serde_json::Value::Null)
 }
 
+/// The operator's own UDP port on `lb-udp` (a port no test listens on otherwise).
+const KEEP: u16 = 19999;
+
 /// The operator's Services `lb-udp` and `lb-tcp`, each with a port of its own that the proxy
 /// must leave alone.
 fn create_services(c: &Cluster, ns: &str) {
     c.apply(&format!(
         "apiVersion: v1\nkind: Service\nmetadata: {{name: lb-udp, namespace: {ns}}}\n\
-         spec: {{type: LoadBalancer, ports: [{{name: keep, port: 9, protocol: UDP}}]}}\n---\n\
+         spec: {{type: LoadBalancer, ports: [{{name: keep, port: {KEEP}, protocol: UDP}}]}}\n---\n\
          apiVersion: v1\nkind: Service\nmetadata: {{name: lb-tcp, namespace: {ns}}}\n\
          spec: {{type: LoadBalancer, ports: [{{name: admin, port: 8080, protocol: TCP}}]}}\n"
     ));
@@ -154,7 +157,7 @@ fn two_instances_serve_forwarders_and_share_one_service_port_set() {
                     "admin=8080/TCP".to_string(),
                     format!("game-1={p1}/TCP"),
                     format!("game-1={p1}/UDP"),
-                    "keep=9/UDP".to_string(),
+                    format!("keep={KEEP}/UDP"),
                 ])
         },
     );
@@ -186,7 +189,7 @@ fn two_instances_serve_forwarders_and_share_one_service_port_set() {
                 "admin=8080/TCP".to_string(),
                 format!("game-1={p1}/UDP"),
                 format!("game-1={p2}/TCP"),
-                "keep=9/UDP".to_string(),
+                format!("keep={KEEP}/UDP"),
             ])
     });
 
@@ -221,6 +224,22 @@ fn two_instances_serve_forwarders_and_share_one_service_port_set() {
         "undisturbed"
     );
 
+    // A forwarder on a port the operator's Service already has: it is served, the Service
+    // keeps the operator's port, and status says why there is no Service port for it.
+    c.apply(&forwarder(
+        &ns,
+        "clash",
+        &format!("{{udp: {}}}", to(KEEP, a.addr)),
+    ));
+    eventually("the clash is in status", || {
+        let i = instance(c, &ns, "clash", "node-b");
+        i["ready"] == true && i["message"].as_str().is_some_and(|m| {
+            m == format!(
+                "udp/{KEEP} has no port on Service lb-udp: the port {KEEP}/UDP named `keep` there"
+            )
+        })
+    });
+
     // Delete: the listeners close on both instances, the younger forwarder takes the port,
     // and the Service ports follow; the operator's port stays.
     c.must(&["delete", "forwarder", "game-1", "-n", &ns], None);
@@ -245,7 +264,7 @@ fn two_instances_serve_forwarders_and_share_one_service_port_set() {
                     "admin=8080/TCP".to_string(),
                     format!("game-2={p1}/UDP"),
                     format!("on-query={query}/TCP"),
-                    "keep=9/UDP".to_string(),
+                    format!("keep={KEEP}/UDP"),
                 ])
         },
     );
@@ -265,7 +284,7 @@ fn a_forwarder_deleted_while_the_proxy_was_down_is_never_opened() {
     c.grant_forwarder_rbac(&ns);
     create_services(c, &ns);
     let echo = Echo::tagged(b'E');
-    let (kept, gone) = (free_port(), free_port());
+    let (kept, gone, survivor) = (free_port(), free_port(), free_port());
     c.apply(&forwarder(
         &ns,
         "kept",
@@ -285,15 +304,31 @@ fn a_forwarder_deleted_while_the_proxy_was_down_is_never_opened() {
     ));
     c.must(&["delete", "forwarder", "gone", "-n", &ns], None);
     c.must(&["delete", "forwarder", "kept", "-n", &ns], None);
+    c.apply(&forwarder(
+        &ns,
+        "survivor",
+        &format!("{{udp: {}}}", to(survivor, echo.addr)),
+    ));
     let p = c.start_forwarder_proxy(&ns, "node-a", "127.0.0.1");
-    std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(p.http("GET", "/forwarders").1, "[]");
+    // The reconciler has run once the survivor is served; the others were never opened.
     let cl = client();
+    p.eventually("the survivor is served", |_| {
+        round_trip(&cl, at([127, 0, 0, 1], survivor), b"s").as_deref() == Some(b"Es".as_slice())
+    });
+    let names: Vec<serde_json::Value> =
+        serde_json::from_str(&p.http("GET", "/forwarders").1).unwrap();
+    assert_eq!(names.len(), 1, "{names:?}");
+    assert_eq!(names[0]["name"], "survivor");
     assert_eq!(round_trip(&cl, at([127, 0, 0, 1], kept), b"1"), None);
     assert_eq!(round_trip(&cl, at([127, 0, 0, 1], gone), b"2"), None);
     assert_eq!(udp_sockets_on_port(kept) + udp_sockets_on_port(gone), 0);
-    eventually("the Service has no forwarder port", || {
-        service_ports(c, &ns) == ["admin=8080/TCP", "keep=9/UDP"]
+    eventually("the Service has the survivor's port only", || {
+        service_ports(c, &ns)
+            == sorted(vec![
+                "admin=8080/TCP".to_string(),
+                format!("keep={KEEP}/UDP"),
+                format!("survivor={survivor}/UDP"),
+            ])
     });
 }
 
@@ -347,7 +382,54 @@ fn a_cluster_service_target_follows_the_service() {
         round_trip(&cl, at([127, 0, 0, 1], listen), b"b").unwrap(),
         b"2b"
     );
+    // No endpoint ready at all: the last good address is kept, and status says so.
+    c.apply(&slice(false).replace(
+        "{addresses: [127.0.0.3]}",
+        "{addresses: [127.0.0.3], conditions: {ready: false}}",
+    ));
+    eventually("status says the target is kept", || {
+        instance(c, &ns, "by-service", "node-a")["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("no ready endpoint") && m.contains("still forwarding"))
+    });
+    assert_eq!(instance(c, &ns, "by-service", "node-a")["ready"], true);
+    assert_eq!(
+        round_trip(&cl, at([127, 0, 0, 1], listen), b"c").unwrap(),
+        b"2c"
+    );
     drop(second);
+    // A ClusterIP Service: its virtual IP.
+    c.apply(&format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: vip, namespace: {ns}}}\n\
+         spec: {{ports: [{{name: game, port: 7777, protocol: UDP}}]}}\n"
+    ));
+    let cluster_ip = c.must(
+        &[
+            "get",
+            "service",
+            "vip",
+            "-n",
+            &ns,
+            "-o",
+            "jsonpath={.spec.clusterIP}",
+        ],
+        None,
+    );
+    let vip_port = free_port();
+    c.apply(&forwarder(
+        &ns,
+        "by-vip",
+        &format!("{{udp: {{listenPort: {vip_port}, targetHost: vip.{ns}.svc, targetPort: 7777}}}}"),
+    ));
+    p.eventually("the ClusterIP is the target", |p| {
+        let list: Vec<serde_json::Value> =
+            serde_json::from_str(&p.http("GET", "/forwarders").1).unwrap();
+        list.iter().any(|f| {
+            f["name"] == "by-vip"
+                && f["targets"]
+                    == serde_json::json!([format!("udp/{vip_port} -> {cluster_ip}:7777")])
+        })
+    });
     // A missing Service: not ready, saying which.
     c.apply(&forwarder(
         &ns,

@@ -341,8 +341,13 @@ impl Cluster {
 
     /// The ClusterRole `udp-director rbac` generates for [`PROXY_CONFIG`].
     fn granted_cluster_role(&self) -> String {
-        let config =
-            std::env::temp_dir().join(format!("udp-director-rbac-{}.yaml", std::process::id()));
+        static N: AtomicU32 = AtomicU32::new(0);
+        // A file per call: tests granting RBAC run in parallel.
+        let config = std::env::temp_dir().join(format!(
+            "udp-director-rbac-{}-{}.yaml",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
         std::fs::write(&config, PROXY_CONFIG.replace("NAMESPACE", "default")).unwrap();
         let (code, role, err) =
             super::run_binary(&["rbac", config.to_str().unwrap(), "--name", "udp-director"]);

@@ -171,6 +171,7 @@ fn list_forwarders(table: Option<&crate::forwarder::ForwarderTable>) -> Response
     let list: Vec<serde_json::Value> = table
         .lock()
         .iter()
+        .filter(|(_, v)| v.present)
         .map(|(name, v)| {
             json!({
                 "name": name,

@@ -29,7 +29,7 @@ use parking_lot::Mutex;
 use tokio::sync::{mpsc, watch};
 
 use crate::config::{Config, ForwardersConfig};
-use crate::crd::ForwarderInstance;
+use crate::crd::{ForwarderInstance, ProxyProtocol};
 use crate::inventory::Snapshot;
 use plan::{Claim, Reserved, ServicePort};
 use resolve::{DnsCache, Host};
@@ -39,8 +39,6 @@ use resolve::{DnsCache, Host};
 const TICK: Duration = Duration::from_secs(1);
 /// How soon a listener is tried again when its port is still being let go by a closing one.
 const RETRY_SOON: Duration = Duration::from_millis(50);
-/// A failed Service write is retried after this long.
-const SERVICE_RETRY: Duration = Duration::from_secs(5);
 /// A closed listener's counters are read this long before they are folded into totals, so the
 /// last datagrams its workers counted are not lost.
 const RETIRE_AFTER: Duration = Duration::from_secs(5);
@@ -48,6 +46,8 @@ const RETIRE_AFTER: Duration = Duration::from_secs(5);
 /// What one instance knows of one forwarder, shared with the admin API and metrics.
 #[derive(Debug, Default)]
 pub struct ForwarderView {
+    /// The object exists (a deleted forwarder stays until its counters are folded).
+    pub present: bool,
     /// Namespace.
     pub namespace: String,
     /// Every listener it asks for is open here.
@@ -74,6 +74,8 @@ pub type ForwarderTable = Arc<Mutex<BTreeMap<String, ForwarderView>>>;
 struct Held {
     handle: OpenedListener,
     port: u16,
+    /// The `targetHost` it was resolved from.
+    host: String,
     target: SocketAddr,
     idle_timeout: Duration,
 }
@@ -92,14 +94,11 @@ pub struct Reconciler {
     held: BTreeMap<(String, Transport), Held>,
     dns: DnsCache,
     table: ForwarderTable,
+    /// Writes status and Service ports (Kubernetes inventory); started by [`Self::run`].
     writer: Option<status::Writer>,
-    /// Per forwarder: what was last written to its status entry, and for which generation.
-    written: HashMap<String, ForwarderInstance>,
-    /// Per managed Service: the ports last applied, and when a failed write may be retried.
-    service_ports: BTreeMap<String, (Option<Vec<ServicePort>>, Instant)>,
-    /// The last write error logged per Service or forwarder status, so a persisting one is
-    /// logged once.
-    write_errors: HashMap<String, String>,
+    /// The node this instance writes as, and what it wants written (read by the writer task,
+    /// so a slow API server never holds up a listener change).
+    writes: Option<(String, watch::Sender<Arc<Wanted>>)>,
     /// The last message logged per forwarder, so a persisting problem is logged once.
     logged: HashMap<String, Option<String>>,
     retry_soon: bool,
@@ -143,9 +142,7 @@ impl Reconciler {
             dns: DnsCache::default(),
             table: ForwarderTable::default(),
             writer,
-            written: HashMap::new(),
-            service_ports: BTreeMap::new(),
-            write_errors: HashMap::new(),
+            writes: None,
             logged: HashMap::new(),
             retry_soon: false,
         })
@@ -158,8 +155,13 @@ impl Reconciler {
 
     /// Runs until the inventory channel closes.
     pub async fn run(mut self, mut inventory: watch::Receiver<Arc<Snapshot>>) {
+        if let Some(writer) = self.writer.take() {
+            let (tx, rx) = watch::channel(Arc::new(Wanted::default()));
+            self.writes = Some((writer.node().to_string(), tx));
+            tokio::spawn(writer.run(rx, inventory.clone()));
+        }
         let (answers_tx, mut answers) =
-            mpsc::unbounded_channel::<(String, Result<IpAddr, String>)>();
+            mpsc::unbounded_channel::<(String, Result<Vec<IpAddr>, String>)>();
         loop {
             let wait = if self.retry_soon { RETRY_SOON } else { TICK };
             tokio::select! {
@@ -170,7 +172,7 @@ impl Reconciler {
                 () = tokio::time::sleep(wait) => {}
             }
             let snapshot = Arc::clone(&inventory.borrow_and_update());
-            self.reconcile(&snapshot, Instant::now()).await;
+            self.reconcile(&snapshot, Instant::now());
             for host in self.dns.take_due(Instant::now()) {
                 let tx = answers_tx.clone();
                 tokio::spawn(async move {
@@ -181,9 +183,10 @@ impl Reconciler {
         }
     }
 
-    /// One pass: listeners brought in line with the objects, status and Service ports written.
-    pub async fn reconcile(&mut self, snapshot: &Snapshot, now: Instant) {
-        if !snapshot.loaded {
+    /// One pass: listeners brought in line with the objects; what status and the Services
+    /// should say handed to the writer.
+    pub fn reconcile(&mut self, snapshot: &Snapshot, now: Instant) {
+        if !snapshot.forwarders_loaded {
             return;
         }
         self.retry_soon = false;
@@ -198,6 +201,7 @@ impl Reconciler {
                 Ok(f) => objects.push(f),
                 Err(e) => {
                     let report = reports.entry(o.name.clone()).or_default();
+                    report.uid = plan::uid_of(o);
                     report.problems.push(format!("invalid: {e}"));
                     report.generation = o
                         .raw
@@ -213,24 +217,51 @@ impl Reconciler {
             let name = &claim.forwarder.name;
             let report = reports.entry(name.clone()).or_default();
             report.generation = claim.forwarder.generation;
+            report.uid.clone_from(&claim.forwarder.uid);
             report.requested += 1;
             let key = (name.clone(), claim.transport);
+            if claim.forwarder.spec.proxy_protocol != ProxyProtocol::None {
+                // Sending traffic without the header a backend expects would be worse than
+                // not forwarding at all.
+                report.problems.push(
+                    "proxyProtocol v2 is not supported yet: the forwarder stays closed".into(),
+                );
+                wanted.insert(key, None);
+                continue;
+            }
+            let host = &claim.port.target_host;
+            // The address in use, while the name is the same: kept when a lookup fails.
+            let current = self
+                .held
+                .get(&key)
+                .filter(|h| h.host == *host && h.port == claim.port.listen_port)
+                .map(|h| h.target);
             let want = match &claim.verdict {
                 Err(why) => {
                     report.problems.push(why.clone());
                     None
                 }
-                Ok(()) => match self.resolve(&claim.port.target_host, snapshot, now) {
+                Ok(()) => match self.resolve(host, snapshot, current.map(|t| t.ip()), now) {
                     Ok(ip) => {
-                        if let Some(note) = self.dns.stale_reason(&claim.port.target_host) {
+                        if let Some(note) = self.dns.stale_reason(host) {
                             report.notes.push(note);
                         }
                         Some(self.want(claim, SocketAddr::new(ip, claim.port.target_port)))
                     }
                     Err(why) => {
-                        report.problems.push(why);
                         report.errors.push("resolve");
-                        None
+                        match current {
+                            Some(target) => {
+                                report
+                                    .notes
+                                    .push(format!("{why}; still forwarding to {target}"));
+                                Some(self.want(claim, target))
+                            }
+                            None => {
+                                report.problems.push(why);
+                                None
+                            }
+                        }
                     }
                 },
             };
@@ -272,18 +303,32 @@ impl Reconciler {
                 ));
             }
         }
+        let services = match &self.writes {
+            Some(_) => self.service_ports(&objects, snapshot, &mut reports),
+            None => BTreeMap::new(),
+        };
         self.fold_retired(now);
         self.publish(&reports);
-        if self.writer.is_some() {
-            self.write_status(&reports).await;
-            let configured = plan::claims(&objects, &self.configured);
-            self.write_service_ports(&configured, now).await;
+        if let Some((node, tx)) = &self.writes {
+            let previous = Arc::clone(&tx.borrow());
+            let wanted = Wanted {
+                statuses: self.statuses(node, &reports, &previous),
+                services,
+            };
+            tx.send_if_modified(|current| {
+                let changed = **current != wanted;
+                if changed {
+                    *current = Arc::new(wanted);
+                }
+                changed
+            });
         }
     }
 
     fn want(&self, claim: &Claim<'_>, target: SocketAddr) -> Want {
         Want {
             port: claim.port.listen_port,
+            host: claim.port.target_host.clone(),
             target,
             idle_timeout: claim
                 .port
@@ -296,11 +341,19 @@ impl Reconciler {
         }
     }
 
-    fn resolve(&mut self, host: &str, snapshot: &Snapshot, now: Instant) -> Result<IpAddr, String> {
+    /// The address of `host`; `current` is the one the listener uses now, kept while it is
+    /// still a valid answer (a headless Service's endpoint that is still ready).
+    fn resolve(
+        &mut self,
+        host: &str,
+        snapshot: &Snapshot,
+        current: Option<IpAddr>,
+        now: Instant,
+    ) -> Result<IpAddr, String> {
         match Host::parse(host) {
             Host::Ip(ip) => Ok(ip),
             Host::Service { name, namespace } => {
-                resolve::service_address(snapshot, namespace, name)
+                resolve::service_address(snapshot, namespace, name, current)
                     .map_err(|e| format!("targetHost {host}: {e}"))
             }
             Host::Dns(name) => self.dns.lookup(name, now),
@@ -316,6 +369,7 @@ impl Reconciler {
         };
         if let Some(held) = self.held.get_mut(key) {
             if held.target == want.target && held.idle_timeout == want.idle_timeout {
+                held.host.clone_from(&want.host);
                 return true;
             }
             if self
@@ -332,6 +386,7 @@ impl Reconciler {
                     );
                 }
                 held.target = want.target;
+                held.host.clone_from(&want.host);
                 held.idle_timeout = want.idle_timeout;
                 return true;
             }
@@ -365,6 +420,7 @@ impl Reconciler {
                     Held {
                         handle,
                         port: want.port,
+                        host: want.host.clone(),
                         target: want.target,
                         idle_timeout: want.idle_timeout,
                     },
@@ -417,6 +473,7 @@ impl Reconciler {
         let mut table = self.table.lock();
         for (name, report) in reports {
             let view = table.entry(name.clone()).or_default();
+            view.present = true;
             view.namespace.clone_from(&self.config.namespace);
             let (ready, message) = report.outcome();
             view.ready = ready;
@@ -438,98 +495,113 @@ impl Reconciler {
                 self.logged.insert(name.clone(), message);
             }
         }
+        for (name, view) in table.iter_mut() {
+            if !reports.contains_key(name) {
+                view.present = false;
+                view.ready = false;
+                view.listening.clear();
+                view.targets.clear();
+            }
+        }
         table.retain(|name, view| reports.contains_key(name) || !view.live.is_empty());
         self.logged.retain(|name, _| reports.contains_key(name));
     }
 
-    async fn write_status(&mut self, reports: &BTreeMap<String, Report>) {
-        let Some(writer) = &self.writer else { return };
-        self.written.retain(|name, _| reports.contains_key(name));
-        for (name, report) in reports {
-            if report.pending {
-                continue; // settles within moments; written then
-            }
-            let (ready, message) = report.outcome();
-            let instance = ForwarderInstance {
-                node: writer.node().to_string(),
-                ready,
-                listening: report.listening.clone(),
-                message,
-                observed_generation: report.generation,
-                last_update_time: None,
-            };
-            if self.written.get(name) == Some(&instance) {
-                continue;
-            }
-            match writer.write_instance(name, &instance).await {
-                Ok(()) => {
-                    self.write_errors.remove(&format!("forwarder/{name}"));
-                    self.written.insert(name.clone(), instance);
-                }
-                Err(e) => {
-                    let e = status::describe(&e);
-                    if self.write_errors.get(&format!("forwarder/{name}")) != Some(&e) {
-                        log::warn!("forwarder {name}: status not written (retried): {e}");
-                        self.write_errors.insert(format!("forwarder/{name}"), e);
-                    }
-                }
-            }
-        }
-    }
-
-    async fn write_service_ports(&mut self, claims: &[Claim<'_>], now: Instant) {
-        let Some(writer) = &self.writer else { return };
+    /// The managed Services' port sets: each granted listener by the configured ports (the
+    /// same on every instance), less the ports a live Service has under other names; what is
+    /// left out is said in the forwarder's status message.
+    fn service_ports(
+        &self,
+        objects: &[ForwarderObject],
+        snapshot: &Snapshot,
+        reports: &mut BTreeMap<String, Report>,
+    ) -> BTreeMap<String, Vec<ServicePort>> {
+        let mut out: BTreeMap<String, Vec<ServicePort>> = BTreeMap::new();
+        let claims = plan::claims(objects, &self.configured);
         let (udp, tcp) = (&self.config.udp_service, &self.config.tcp_service);
         let shared = udp.is_some() && udp == tcp;
-        let mut wanted: BTreeMap<String, Vec<ServicePort>> = BTreeMap::new();
         for (service, transport) in [(udp, Transport::Udp), (tcp, Transport::Tcp)] {
             let Some(service) = service else { continue };
-            let (ports, refused) = plan::service_ports(claims, transport, shared);
+            let (ports, refused) = plan::service_ports(&claims, transport, shared);
             for (forwarder, why) in refused {
-                log::debug!("forwarder {forwarder}: {why}");
+                reports.entry(forwarder).or_default().notes.push(why);
             }
-            wanted.entry(service.clone()).or_default().extend(ports);
+            out.entry(service.clone()).or_default().extend(ports);
         }
-        for (service, ports) in wanted {
-            let entry = self
-                .service_ports
-                .entry(service.clone())
-                .or_insert((None, now));
-            if entry.0.as_ref() == Some(&ports) || entry.1 > now {
-                continue;
-            }
-            let key = format!("service/{service}");
-            match writer.apply_service_ports(&service, &ports).await {
-                Ok(()) => {
-                    log::info!(
-                        "Service {}/{service}: {} forwarder port(s)",
-                        self.config.namespace,
-                        ports.len()
-                    );
-                    *entry = (Some(ports), now);
-                    self.write_errors.remove(&key);
-                }
-                Err(e) => {
-                    entry.1 = now + SERVICE_RETRY;
-                    let e = status::describe(&e);
-                    if self.write_errors.get(&key) != Some(&e) {
-                        log::warn!(
-                            "Service {}/{service}: forwarder ports not written (retried every {} s): {e}",
-                            self.config.namespace,
-                            SERVICE_RETRY.as_secs()
-                        );
-                        self.write_errors.insert(key, e);
-                    }
+        for (service, ports) in &mut out {
+            let live = plan::live_ports(&snapshot.services, &self.config.namespace, service)
+                .unwrap_or_default();
+            let (mut apply, left_out) = plan::leave_out_taken(std::mem::take(ports), &live);
+            for (port, why) in left_out {
+                let owner = claims.iter().find(|c| {
+                    c.verdict.is_ok()
+                        && c.transport == port.protocol
+                        && c.port.listen_port == port.port
+                });
+                if let Some(c) = owner {
+                    reports
+                        .entry(c.forwarder.name.clone())
+                        .or_default()
+                        .notes
+                        .push(format!(
+                            "{} has no port on Service {service}: {why}",
+                            c.label()
+                        ));
                 }
             }
+            apply.sort();
+            *ports = apply;
         }
+        out
     }
+
+    /// What this instance's status entries say now, by forwarder name.
+    fn statuses(
+        &self,
+        node: &str,
+        reports: &BTreeMap<String, Report>,
+        previous: &Wanted,
+    ) -> BTreeMap<String, (String, ForwarderInstance)> {
+        reports
+            .iter()
+            .filter_map(|(name, report)| {
+                if report.pending {
+                    // Settles within moments; until then the last entry stands.
+                    return previous
+                        .statuses
+                        .get(name)
+                        .map(|e| (name.clone(), e.clone()));
+                }
+                let (ready, message) = report.outcome();
+                let instance = ForwarderInstance {
+                    node: node.to_string(),
+                    ready,
+                    listening: report.listening.clone(),
+                    message,
+                    observed_generation: report.generation,
+                    last_update_time: None,
+                };
+                Some((name.clone(), (report.uid.clone(), instance)))
+            })
+            .collect()
+    }
+}
+
+/// What this instance wants the API server to say: its status entry per forwarder (with the
+/// forwarder's uid, so a re-created one is written anew) and each managed Service's ports.
+#[derive(Debug, Default, PartialEq)]
+pub struct Wanted {
+    /// By forwarder name.
+    pub statuses: BTreeMap<String, (String, ForwarderInstance)>,
+    /// By Service name.
+    pub services: BTreeMap<String, Vec<ServicePort>>,
 }
 
 /// What a claim asks the data plane for.
 #[derive(Debug)]
 struct Want {
     port: u16,
+    host: String,
     target: SocketAddr,
     idle_timeout: Duration,
     owner: String,
@@ -538,6 +610,7 @@ struct Want {
 /// One forwarder's outcome of a pass.
 #[derive(Debug, Default)]
 struct Report {
+    uid: String,
     generation: Option<i64>,
     requested: usize,
     listening: Vec<String>,
@@ -582,20 +655,17 @@ fn add_stats(into: &mut ListenerStats, s: &ListenerStats) {
     }
 }
 
-/// One DNS lookup (the system resolver, on a blocking thread): the first IPv4 address, else
-/// the first IPv6 one, so a name with both (`localhost`) resolves the same way everywhere.
-async fn lookup(host: &str) -> Result<IpAddr, String> {
+/// One DNS lookup (the system resolver, on a blocking thread): every address.
+async fn lookup(host: &str) -> Result<Vec<IpAddr>, String> {
     let addrs: Vec<IpAddr> = tokio::net::lookup_host((host, 0))
         .await
         .map_err(|e| e.to_string())?
         .map(|a| a.ip())
         .collect();
-    addrs
-        .iter()
-        .find(|ip| ip.is_ipv4())
-        .or_else(|| addrs.first())
-        .copied()
-        .ok_or_else(|| "no address".to_string())
+    if addrs.is_empty() {
+        return Err("no address".into());
+    }
+    Ok(addrs)
 }
 
 /// The ports the proxy holds itself, as forwarder conflicts name them: the query and admin

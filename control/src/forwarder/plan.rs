@@ -20,6 +20,8 @@ pub struct ForwarderObject {
     pub namespace: String,
     /// `metadata.name`.
     pub name: String,
+    /// `metadata.uid` (empty for file objects): tells a re-created forwarder from the old one.
+    pub uid: String,
     /// `metadata.creationTimestamp` (RFC 3339 in UTC, so it sorts as text); empty when unset
     /// (file objects), which sorts first.
     pub created: String,
@@ -60,6 +62,7 @@ impl ForwarderObject {
         Ok(Self {
             namespace: object.namespace.clone(),
             name: object.name.clone(),
+            uid: uid_of(object),
             created: meta
                 .and_then(|m| m.get("creationTimestamp"))
                 .and_then(serde_json::Value::as_str)
@@ -82,6 +85,52 @@ fn listeners_of(spec: &ForwarderSpec) -> impl Iterator<Item = (Transport, &Forwa
     [(Transport::Udp, &spec.udp), (Transport::Tcp, &spec.tcp)]
         .into_iter()
         .filter_map(|(t, p)| Some((t, p.as_ref()?)))
+}
+
+/// `metadata.uid`, or empty.
+pub fn uid_of(o: &Object) -> String {
+    o.raw
+        .pointer("/metadata/uid")
+        .and_then(serde_json::Value::as_str)
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// The ports Service `namespace/name` has in the snapshot (`None`: no such Service).
+pub fn live_ports(
+    services: &[std::sync::Arc<Object>],
+    namespace: &str,
+    name: &str,
+) -> Option<Vec<ServicePort>> {
+    let service = services
+        .iter()
+        .find(|s| s.namespace == namespace && s.name == name)?;
+    let ports = service
+        .raw
+        .pointer("/spec/ports")
+        .and_then(serde_json::Value::as_array)
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    Some(
+        ports
+            .iter()
+            .filter_map(|p| {
+                Some(ServicePort {
+                    port: u16::try_from(p.get("port")?.as_u64()?).ok()?,
+                    protocol: match p.get("protocol").and_then(serde_json::Value::as_str) {
+                        Some("UDP") => Transport::Udp,
+                        Some("TCP") | None => Transport::Tcp,
+                        Some(_) => return None, // SCTP: never one of ours
+                    },
+                    name: p
+                        .get("name")
+                        .and_then(serde_json::Value::as_str)
+                        .unwrap_or_default()
+                        .to_string(),
+                })
+            })
+            .collect(),
+    )
 }
 
 /// Whether `o` is a `Forwarder`.
@@ -213,6 +262,38 @@ pub fn service_ports(
     }
     ports.sort();
     (ports, refused)
+}
+
+/// Leaves out of `wanted` the ports that clash with a port the Service has now (`live`) that
+/// is not one of `wanted`: the same port and protocol under another name, or the same name on
+/// another port. Such a live port is the operator's (or one of ours on its way out, which the
+/// apply of the rest removes, so the left-out port gets in on the next pass). Returns the ports
+/// to apply and, for each left out, why.
+pub fn leave_out_taken(
+    wanted: Vec<ServicePort>,
+    live: &[ServicePort],
+) -> (Vec<ServicePort>, Vec<(ServicePort, String)>) {
+    let others: Vec<&ServicePort> = live.iter().filter(|l| !wanted.contains(l)).collect();
+    let mut apply = Vec::new();
+    let mut left_out = Vec::new();
+    for port in wanted {
+        let clash = others
+            .iter()
+            .find(|o| (o.port == port.port && o.protocol == port.protocol) || o.name == port.name);
+        match clash {
+            Some(o) => {
+                let why = format!(
+                    "the port {}/{} named `{}` there",
+                    o.port,
+                    o.protocol.as_str().to_ascii_uppercase(),
+                    o.name
+                );
+                left_out.push((port, why));
+            }
+            None => apply.push(port),
+        }
+    }
+    (apply, left_out)
 }
 
 /// An RFC 1123 label: 1–63 lowercase letters, digits and `-`, not starting or ending with `-`.
@@ -396,6 +477,39 @@ mod tests {
         assert_eq!(refused[0].0, "Bad.Name");
         let (tcp, _) = service_ports(&c, Transport::Tcp, true);
         assert_eq!(tcp[0].name, "game-1-tcp");
+    }
+
+    #[test]
+    fn ports_the_service_has_under_other_names_are_left_out() {
+        let port = |name: &str, port: u16, protocol| ServicePort {
+            port,
+            protocol,
+            name: name.into(),
+        };
+        let wanted = vec![
+            port("game-1", 27015, Transport::Udp),
+            port("game-2", 27016, Transport::Udp),
+            port("query", 27017, Transport::Udp),
+            port("game-4", 9000, Transport::Udp),
+        ];
+        let live = [
+            port("game-1", 27015, Transport::Udp), // ours already
+            port("admin", 27016, Transport::Udp),  // the operator's, same port
+            port("query", 9000, Transport::Tcp),   // the operator's, same name
+        ];
+        let (apply, left_out) = leave_out_taken(wanted, &live);
+        assert_eq!(
+            apply,
+            [
+                port("game-1", 27015, Transport::Udp),
+                port("game-4", 9000, Transport::Udp)
+            ],
+            "9000/UDP is not 9000/TCP"
+        );
+        assert_eq!(left_out.len(), 2);
+        assert_eq!(left_out[0].0.name, "game-2");
+        assert_eq!(left_out[0].1, "the port 27016/UDP named `admin` there");
+        assert_eq!(left_out[1].0.name, "query");
     }
 
     #[test]

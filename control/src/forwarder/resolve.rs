@@ -48,9 +48,15 @@ impl<'a> Host<'a> {
     }
 }
 
-/// The address of a Service in the snapshot: its ClusterIP, or for a headless Service the
-/// first ready endpoint (slices in name order).
-pub fn service_address(snapshot: &Snapshot, namespace: &str, name: &str) -> Result<IpAddr, String> {
+/// The address of a Service in the snapshot: its ClusterIP, or for a headless Service a ready
+/// endpoint: `current` while it is still ready (a new slice sorting first does not move the
+/// sessions), else the first (slices in name order).
+pub fn service_address(
+    snapshot: &Snapshot,
+    namespace: &str,
+    name: &str,
+    current: Option<IpAddr>,
+) -> Result<IpAddr, String> {
     let service = snapshot
         .services
         .iter()
@@ -64,7 +70,7 @@ pub fn service_address(snapshot: &Snapshot, namespace: &str, name: &str) -> Resu
     if let Ok(ip) = cluster_ip.parse() {
         return Ok(ip);
     }
-    snapshot
+    let ready: Vec<IpAddr> = snapshot
         .endpoint_slices
         .iter()
         .filter(|s| {
@@ -80,8 +86,20 @@ pub fn service_address(snapshot: &Snapshot, namespace: &str, name: &str) -> Resu
         })
         // An absent `ready` condition means ready (EndpointSlice API contract).
         .filter(|e| e.pointer("/conditions/ready") != Some(&Value::Bool(false)))
-        .find_map(|e| e.pointer("/addresses/0")?.as_str()?.parse().ok())
+        .filter_map(|e| e.pointer("/addresses/0")?.as_str()?.parse().ok())
+        .collect();
+    pick(&ready, current)
         .ok_or_else(|| format!("headless Service {namespace}/{name} has no ready endpoint"))
+}
+
+/// `current` if it is among `addrs`, else the first IPv4 address, else the first: an answer
+/// that only changes order moves nothing, and a name with both families (`localhost`)
+/// resolves the same way everywhere.
+fn pick(addrs: &[IpAddr], current: Option<IpAddr>) -> Option<IpAddr> {
+    current
+        .filter(|c| addrs.contains(c))
+        .or_else(|| addrs.iter().find(|ip| ip.is_ipv4()).copied())
+        .or_else(|| addrs.first().copied())
 }
 
 /// DNS answers per name, and when each name is due for another lookup.
@@ -153,7 +171,7 @@ impl DnsCache {
     pub fn answered(
         &mut self,
         host: &str,
-        result: Result<IpAddr, String>,
+        result: Result<Vec<IpAddr>, String>,
         now: Instant,
         interval: Duration,
     ) -> bool {
@@ -161,7 +179,7 @@ impl DnsCache {
             return false; // forgotten meanwhile
         };
         e.due = Some(now + interval);
-        match result {
+        match result.and_then(|addrs| pick(&addrs, e.addr).ok_or_else(|| "no address".into())) {
             Ok(addr) => {
                 let changed = e.addr != Some(addr) || e.error.is_some();
                 e.addr = Some(addr);
@@ -237,19 +255,30 @@ mod tests {
 - apiVersion: discovery.k8s.io/v1
   kind: EndpointSlice
   metadata: {name: hl-a, namespace: g, labels: {kubernetes.io/service-name: hl}}
-  endpoints: [{addresses: [10.1.0.1], conditions: {ready: false}}, {addresses: [10.1.0.2]}]
+  endpoints: [{addresses: [10.1.0.1], conditions: {ready: false}}, {addresses: [10.1.0.2]}, {addresses: [10.1.0.3]}]
 "#,
         );
         assert_eq!(
-            service_address(&s, "g", "vip"),
+            service_address(&s, "g", "vip", None),
             Ok("10.96.0.7".parse().unwrap())
         );
         assert_eq!(
-            service_address(&s, "g", "hl"),
+            service_address(&s, "g", "hl", None),
             Ok("10.1.0.2".parse().unwrap())
         );
+        let third = "10.1.0.3".parse().unwrap();
         assert_eq!(
-            service_address(&s, "other", "vip"),
+            service_address(&s, "g", "hl", Some(third)),
+            Ok(third),
+            "the endpoint in use stays while it is ready"
+        );
+        assert_eq!(
+            service_address(&s, "g", "hl", Some("10.1.0.1".parse().unwrap())),
+            Ok("10.1.0.2".parse().unwrap()),
+            "not ready: moved"
+        );
+        assert_eq!(
+            service_address(&s, "other", "vip", None),
             Err("Service other/vip not found".into())
         );
     }
@@ -267,7 +296,14 @@ mod tests {
         assert_eq!(dns.take_due(t0), ["db"]);
         assert!(dns.take_due(t0).is_empty(), "one lookup at a time");
         let ip: IpAddr = "10.0.0.9".parse().unwrap();
-        assert!(dns.answered("db", Ok(ip), t0, every));
+        let other: IpAddr = "10.0.0.8".parse().unwrap();
+        let v6: IpAddr = "fd00::1".parse().unwrap();
+        assert!(dns.answered("db", Ok(vec![v6, ip, other]), t0, every));
+        assert_eq!(dns.lookup("db", t0), Ok(ip), "IPv4 first");
+        assert!(
+            !dns.answered("db", Ok(vec![other, ip]), t0, every),
+            "a reordered answer moves nothing"
+        );
         assert_eq!(dns.lookup("db", t0), Ok(ip));
         assert!(dns.take_due(t0 + Duration::from_secs(29)).is_empty());
         assert_eq!(dns.next_due(), Some(t0 + every));
@@ -283,6 +319,7 @@ mod tests {
         dns.lookup("nx", t0).unwrap_err();
         dns.take_due(t0);
         dns.answered("nx", Err("no such host".into()), t0, every);
+        assert!(!dns.answered("gone", Ok(vec![]), t0, every), "unknown name");
         assert_eq!(
             dns.lookup("nx", t0),
             Err("targetHost nx does not resolve: no such host".into())

@@ -498,7 +498,12 @@ impl KubeSource {
             }
         }
         Snapshot {
-            loaded: self.watches.iter().all(|w| w.listed),
+            loaded: self
+                .watches
+                .iter()
+                .filter(|w| self.plans[w.plan].feed != Feed::Forwarders)
+                .all(|w| w.listed),
+            forwarders_loaded: self.watches.iter().all(|w| w.listed),
             by_mapping,
             services: of_feed(Feed::Services),
             endpoint_slices: of_feed(Feed::EndpointSlices),

@@ -83,8 +83,12 @@ impl Object {
 /// An immutable view of the inventory.
 #[derive(Clone, Debug, Default)]
 pub struct Snapshot {
-    /// True once a source delivered its first complete list.
+    /// True once a source delivered its first complete list of everything but the
+    /// forwarders: what queries and the token ports wait for.
     pub loaded: bool,
+    /// True once the `Forwarder` objects are listed too (a missing CRD or Role keeps only the
+    /// forwarders waiting, not the token ports).
+    pub forwarders_loaded: bool,
     /// Objects per mapping name, sorted by namespace and name.
     pub by_mapping: BTreeMap<String, Vec<Arc<Object>>>,
     /// Services (core v1), for service-based mappings.
@@ -141,6 +145,7 @@ impl Snapshot {
         sort_by_name(&mut forwarders);
         Self {
             loaded: true,
+            forwarders_loaded: true,
             by_mapping,
             services,
             endpoint_slices,
