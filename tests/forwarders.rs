@@ -80,7 +80,7 @@ impl Bystanders {
         )
     }
 
-    fn new() -> (Echo, u16, UdpSocket) {
+    fn parts() -> (Echo, u16, UdpSocket) {
         let backend = UdpSocket::bind("127.0.0.1:0").unwrap();
         backend.set_read_timeout(Some(WAIT)).unwrap();
         (Echo::tagged(b'G'), free_port(), backend)
@@ -140,7 +140,7 @@ fn a_forwarder_follows_every_edit_of_the_file() {
     let (a, b) = (Echo::tagged(b'A'), Echo::tagged(b'B'));
     let (ta, tb) = (TcpEcho::tagged(b'a'), TcpEcho::tagged(b'b'));
     let (p1, p2) = (free_port(), free_port());
-    let parts = Bystanders::new();
+    let parts = Bystanders::parts();
     let others = Bystanders::objects(&parts.0, parts.1, &parts.2);
     let game_1 = |spec: String| {
         format!(
