@@ -279,34 +279,23 @@ fn port_conflicts_are_reported_and_disturb_nothing() {
     let (contested, squatted) = (free_port(), free_port());
     // Another process holds `squatted`.
     let squatter = UdpSocket::bind(local(squatted)).unwrap();
-    let older = forwarder(
-        "older",
-        "2026-01-01T00:00:00Z",
-        &format!("{{udp: {}}}", to(contested, a.addr)),
-    );
-    let younger = forwarder(
-        "aaa-younger",
-        "2026-02-01T00:00:00Z",
-        &format!("{{udp: {}}}", to(contested, b.addr)),
-    );
+    // A forwarder of one listener: `{protocol: {listenPort: port, target}}`.
+    let one = |name: &str, created: &str, protocol: &str, port: u16, target: SocketAddr| {
+        forwarder(
+            name,
+            created,
+            &format!("{{{protocol}: {}}}", to(port, target)),
+        )
+    };
+    let (jan, feb) = ("2026-01-01T00:00:00Z", "2026-02-01T00:00:00Z");
+    let older = one("older", jan, "udp", contested, a.addr);
+    let younger = one("aaa-younger", feb, "udp", contested, b.addr);
     let proxy = Proxy::start(&base_config(CONFIG), "[]\n");
     let query_port = proxy.query.port();
     let data_port = proxy.data_addr().port();
-    let on_query_port = forwarder(
-        "on-query",
-        "2026-01-01T00:00:00Z",
-        &format!("{{tcp: {}}}", to(query_port, a.addr)),
-    );
-    let on_data_port = forwarder(
-        "on-data",
-        "2026-01-01T00:00:00Z",
-        &format!("{{udp: {}}}", to(data_port, a.addr)),
-    );
-    let on_squatted = forwarder(
-        "on-squatted",
-        "2026-01-01T00:00:00Z",
-        &format!("{{udp: {}}}", to(squatted, a.addr)),
-    );
+    let on_query_port = one("on-query", jan, "tcp", query_port, a.addr);
+    let on_data_port = one("on-data", jan, "udp", data_port, a.addr);
+    let on_squatted = one("on-squatted", jan, "udp", squatted, a.addr);
     proxy.write_inventory(&format!(
         "{younger}{older}{on_query_port}{on_data_port}{on_squatted}"
     ));
