@@ -275,6 +275,48 @@ fn two_instances_serve_forwarders_and_share_one_service_port_set() {
             r#"udp_director_forwarder_bytes_total{forwarder="game-2",direction="upstream"}"#
         ) >= 1.0
     );
+
+    // A burst: both instances apply after every change they see, in whatever order; the
+    // Service ends with exactly the surviving set.
+    let burst: Vec<(String, u16)> = (0..6)
+        .map(|i| (format!("burst-{i}"), free_port()))
+        .collect();
+    for (name, port) in &burst {
+        c.apply(&forwarder(
+            &ns,
+            name,
+            &format!("{{udp: {}}}", to(*port, a.addr)),
+        ));
+    }
+    for (name, _) in burst.iter().step_by(2) {
+        c.must(&["delete", "forwarder", name, "-n", &ns], None);
+    }
+    let mut expected = vec![
+        "admin=8080/TCP".to_string(),
+        format!("game-2={p1}/UDP"),
+        format!("on-query={query}/TCP"),
+        format!("keep={KEEP}/UDP"),
+    ];
+    expected.extend(
+        burst
+            .iter()
+            .skip(1)
+            .step_by(2)
+            .map(|(name, port)| format!("{name}={port}/UDP")),
+    );
+    let expected = sorted(expected);
+    eventually_logged(&[&node_a, &node_b], "the burst converged", || {
+        service_ports(c, &ns) == expected
+    });
+
+    // The operator re-creates the Service: the instances put their ports back.
+    c.must(&["delete", "service", "lb-udp", "-n", &ns], None);
+    create_services(c, &ns);
+    eventually_logged(
+        &[&node_a, &node_b],
+        "the re-created Service is refilled",
+        || service_ports(c, &ns) == expected,
+    );
 }
 
 #[test]
