@@ -31,6 +31,9 @@ pub(crate) enum Admission {
         /// A token that was presented and refused, for the counters.
         refused: Option<(TokenId, TokenRejectReason)>,
     },
+    /// A route entry point: the worker picks the endpoint from the listener's table (its
+    /// rotation state is the worker's); the datagram is forwarded.
+    Route,
     /// A forwarder's session to its target; the datagram is forwarded.
     Forward {
         /// The forwarder.
@@ -54,11 +57,40 @@ pub(crate) fn trace_refused(client: SocketAddr, refused: Option<(TokenId, TokenR
     }
 }
 
+/// What admission needs of a listener's kind (a route's table stays with the worker).
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Role {
+    /// A token port.
+    TokenPort,
+    /// A forwarder to `target`.
+    Forward {
+        /// Where its sessions go.
+        target: SocketAddr,
+        /// The forwarder's identity.
+        backend: BackendId,
+    },
+    /// A route entry point.
+    Route,
+}
+
+impl From<&ListenerKind> for Role {
+    fn from(kind: &ListenerKind) -> Self {
+        match kind {
+            ListenerKind::TokenPort => Self::TokenPort,
+            ListenerKind::Forward { target, backend } => Self::Forward {
+                target: *target,
+                backend: *backend,
+            },
+            ListenerKind::Route { .. } => Self::Route,
+        }
+    }
+}
+
 /// Everything [`admit`] decides on besides the datagram.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct AdmitContext {
-    /// The listener's kind.
-    pub(crate) listener: ListenerKind,
+    /// The listener's role.
+    pub(crate) listener: Role,
     /// The listener is closing or the proxy draining: no new sessions.
     pub(crate) closed: bool,
     /// The default backend and its address on this port, if any.
@@ -80,10 +112,12 @@ pub(crate) fn admit(
     }
     let (refused, dropped_as) = match ctx.listener {
         // Whatever comes first, token-shaped or not, is the client's traffic.
-        ListenerKind::Forward { target, backend } => {
+        Role::Forward { target, backend } => {
             return Admission::Forward { backend, target };
         }
-        ListenerKind::TokenPort => match first {
+        // Token magic means nothing on an entry point either.
+        Role::Route => return Admission::Route,
+        Role::TokenPort => match first {
             Classified::Token(token) | Classified::Control(token) => match find_grant(token) {
                 Ok((grant, target)) => return Admission::Token { grant, target },
                 Err(reason) => (Some((token, reason)), DropReason::TokenRejected),
@@ -116,7 +150,7 @@ mod tests {
 
     fn ctx(default: bool) -> AdmitContext {
         AdmitContext {
-            listener: ListenerKind::TokenPort,
+            listener: Role::TokenPort,
             closed: false,
             default: default.then(|| (BackendId(9), FALLBACK.parse().unwrap())),
         }
@@ -227,7 +261,7 @@ mod tests {
     fn a_forwarder_takes_every_first_datagram_token_or_not_and_never_a_grant() {
         let target: SocketAddr = "10.0.0.5:27015".parse().unwrap();
         let forward = AdmitContext {
-            listener: ListenerKind::Forward {
+            listener: Role::Forward {
                 target,
                 backend: BackendId(42),
             },

@@ -333,7 +333,7 @@ impl Controller {
             let msg = ControlMsg::OpenListener {
                 id,
                 socket,
-                kind: spec.kind,
+                kind: spec.kind.clone(),
                 idle_timeout: spec.idle_timeout.min(MAX_IDLE_TIMEOUT),
                 counters: Arc::clone(&counters),
             };
@@ -376,7 +376,7 @@ impl Controller {
         }
         self.broadcast(|| ControlMsg::UpdateListener {
             id: listener.id,
-            kind,
+            kind: kind.clone(),
             idle_timeout: idle_timeout.min(MAX_IDLE_TIMEOUT),
         });
         drop(registry);

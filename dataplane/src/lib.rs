@@ -24,6 +24,7 @@ pub mod listener;
 pub mod metrics;
 pub mod packet;
 mod plane;
+pub mod route;
 pub mod session;
 mod socket;
 mod tcp;
@@ -42,5 +43,6 @@ pub use metrics::{
     CounterSnapshot, DropReason, ListenerCounters, ListenerStats, TokenRejectReason,
 };
 pub use plane::DataPlane;
+pub use route::{Cidr, Match, RouteBackend, RouteCounter, RouteTable, Rule};
 pub use session::SessionKind;
 pub use warn_gate::WarnGate;

@@ -15,7 +15,7 @@ use std::time::Duration;
 pub struct ListenerId(pub u16);
 
 /// What a listener does with a new client.
-#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+#[derive(Clone, Debug)]
 pub enum ListenerKind {
     /// A token port: a token or control packet opens a session to its grant's backend;
     /// anything else goes to the default backend. RESET magic is honoured here only.
@@ -29,7 +29,33 @@ pub enum ListenerKind {
         /// Control's identity for the forwarder, as its sessions report it.
         backend: crate::grant::BackendId,
     },
+    /// A route entry point: each new client (UDP) or connection (TCP) is matched against the
+    /// table's rules and given an endpoint it keeps. A new table re-homes the UDP sessions whose
+    /// endpoint it no longer lists; TCP connections keep theirs.
+    Route {
+        /// The compiled rules.
+        table: std::sync::Arc<crate::route::RouteTable>,
+    },
 }
+
+impl PartialEq for ListenerKind {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Self::TokenPort, Self::TokenPort) => true,
+            (
+                Self::Forward { target, backend },
+                Self::Forward {
+                    target: t,
+                    backend: b,
+                },
+            ) => target == t && backend == b,
+            (Self::Route { table }, Self::Route { table: t }) => std::sync::Arc::ptr_eq(table, t),
+            _ => false,
+        }
+    }
+}
+
+impl Eq for ListenerKind {}
 
 /// Transport of a listener.
 #[derive(Clone, Copy, Debug, Eq, Hash, Ord, PartialEq, PartialOrd)]

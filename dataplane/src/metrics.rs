@@ -38,11 +38,14 @@ pub enum DropReason {
     /// A datagram reached a shared upstream socket from an address none of its sessions talks
     /// to (a late reply after a session moved or ended, or a stranger).
     StrayReply,
+    /// A new client on a route entry point that no rule takes, or whose rule has no ready
+    /// endpoint.
+    NoRoute,
 }
 
 impl DropReason {
     /// Every reason, in counter-index order.
-    pub const ALL: [Self; 12] = [
+    pub const ALL: [Self; 13] = [
         Self::NoSession,
         Self::TokenRejected,
         Self::MalformedControl,
@@ -55,10 +58,11 @@ impl DropReason {
         Self::TokenTimeout,
         Self::UpstreamConnect,
         Self::StrayReply,
+        Self::NoRoute,
     ];
 
     /// The reasons a datagram is dropped, in metric-label order.
-    pub const DATAGRAM: [Self; 10] = [
+    pub const DATAGRAM: [Self; 11] = [
         Self::NoSession,
         Self::TokenRejected,
         Self::MalformedControl,
@@ -69,11 +73,12 @@ impl DropReason {
         Self::UpstreamSend,
         Self::DownstreamSend,
         Self::StrayReply,
+        Self::NoRoute,
     ];
 
     /// The reasons a TCP connection is refused (closed without a session, or when its backend
     /// connection fails), in metric-label order.
-    pub const CONNECTION: [Self; 8] = [
+    pub const CONNECTION: [Self; 9] = [
         Self::NoSession,
         Self::TokenRejected,
         Self::TokenTimeout,
@@ -82,6 +87,7 @@ impl DropReason {
         Self::Draining,
         Self::UpstreamSetup,
         Self::UpstreamConnect,
+        Self::NoRoute,
     ];
 
     /// The metric label value.
@@ -99,6 +105,7 @@ impl DropReason {
             Self::TokenTimeout => "token_timeout",
             Self::UpstreamConnect => "upstream_connect",
             Self::StrayReply => "stray_reply",
+            Self::NoRoute => "no_route",
         }
     }
 
@@ -109,7 +116,8 @@ impl DropReason {
             | Self::TokenRejected
             | Self::MalformedControl
             | Self::IpLimit
-            | Self::TokenTimeout => "client",
+            | Self::TokenTimeout
+            | Self::NoRoute => "client",
             Self::UpstreamSend | Self::UpstreamConnect | Self::StrayReply => "backend",
             Self::SessionLimit | Self::Draining | Self::UpstreamSetup | Self::DownstreamSend => {
                 "internal"
@@ -190,6 +198,8 @@ pub struct WorkerCounters {
     pub sessions_created: [Counter; SessionKind::ALL.len()],
     /// Sessions moved to another backend by a control packet.
     pub sessions_reset: Counter,
+    /// Route sessions re-homed because their endpoint left.
+    pub sessions_rehomed: Counter,
     /// Sessions ended by the idle timeout.
     pub sessions_expired: Counter,
     /// Sessions ended otherwise (killed, backend removed, shutdown).
@@ -251,6 +261,8 @@ pub struct CounterSnapshot {
     pub sessions_created: [u64; SessionKind::ALL.len()],
     /// Sessions moved by a control packet.
     pub sessions_reset: u64,
+    /// Route sessions re-homed because their endpoint left.
+    pub sessions_rehomed: u64,
     /// Sessions ended by the idle timeout.
     pub sessions_expired: u64,
     /// Sessions ended otherwise.
@@ -316,6 +328,7 @@ impl CounterSnapshot {
         sum(&mut self.dropped, &c.dropped);
         sum(&mut self.sessions_created, &c.sessions_created);
         self.sessions_reset += c.sessions_reset.get();
+        self.sessions_rehomed += c.sessions_rehomed.get();
         self.sessions_expired += c.sessions_expired.get();
         self.sessions_closed += c.sessions_closed.get();
         self.sessions_active += c.sessions_active.get();

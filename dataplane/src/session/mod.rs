@@ -28,11 +28,13 @@ pub enum SessionKind {
     Default,
     /// Opened by a forwarder listener, to its target.
     Forwarder,
+    /// Opened on a route entry point, to the endpoint its rule picked.
+    Route,
 }
 
 impl SessionKind {
     /// Every kind, in metric-label order.
-    pub const ALL: [Self; 3] = [Self::Token, Self::Default, Self::Forwarder];
+    pub const ALL: [Self; 4] = [Self::Token, Self::Default, Self::Forwarder, Self::Route];
 
     /// The metric label value.
     pub const fn as_str(self) -> &'static str {
@@ -40,6 +42,7 @@ impl SessionKind {
             Self::Token => "token",
             Self::Default => "default",
             Self::Forwarder => "forwarder",
+            Self::Route => "route",
         }
     }
 }

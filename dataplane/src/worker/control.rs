@@ -1,6 +1,7 @@
 //! A worker's control side: grants, state messages from control, listeners opened and closed,
 //! the admin API's session list and kills, and backends that leave the inventory.
 
+use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -13,6 +14,7 @@ use crate::ctl::{ClientMatch, CloseReason, Closing, ControlMsg, SessionInfo, Wor
 use crate::grant::BackendId;
 use crate::listener::{CloseMode, ListenerId, ListenerKind, Transport};
 use crate::metrics::{DropReason, ListenerCounters};
+use crate::route::{Picker, RouteTable};
 use crate::session::{SessionId, SessionKind};
 use crate::socket::ListenSocket;
 
@@ -111,6 +113,7 @@ impl Worker {
             sessions: 0,
             closing: None,
             counters,
+            picker: Picker::default(),
         });
     }
 
@@ -127,8 +130,9 @@ impl Worker {
         let Some(listener) = self.listeners.get_mut(index).and_then(Option::as_mut) else {
             return;
         };
-        let old = std::mem::replace(&mut listener.kind, kind);
+        let old = std::mem::replace(&mut listener.kind, kind.clone());
         listener.idle_timeout = idle_timeout;
+        listener.picker.reset();
         let on_this_port = |sessions: &crate::session::SessionTable<super::Upstream>,
                             udp_only: bool| {
             sessions
@@ -163,6 +167,10 @@ impl Worker {
             (ListenerKind::Forward { .. }, ListenerKind::Forward { target, backend }) => {
                 (target, backend)
             }
+            (ListenerKind::Route { .. }, ListenerKind::Route { table }) => {
+                self.rehome_route_sessions(index, &table, now);
+                return;
+            }
             // A token port turned forwarder or back: its sessions were admitted under rules
             // that no longer hold, so they end (the listener itself stays open).
             _ => {
@@ -193,6 +201,59 @@ impl Worker {
                     self.count_on_listener(index, DropReason::UpstreamSetup);
                     self.close_session(id, CloseReason::BackendRemoved);
                 }
+            }
+        }
+    }
+
+    /// A route entry point got a new table: every UDP session whose endpoint the table no
+    /// longer lists for its rule is re-homed by that rule (its next datagram goes to the new
+    /// endpoint) and counted; one with nowhere to go ends, counted as `no_route`. TCP
+    /// connections keep their endpoint until they close.
+    fn rehome_route_sessions(&mut self, index: usize, table: &RouteTable, now: Instant) {
+        let stranded: Vec<(SessionId, u64, SocketAddr)> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| {
+                usize::from(s.key.port) == index
+                    && s.upstream.transport() == Transport::Udp
+                    && !table.serves(s.backend.0, s.target)
+            })
+            .map(|(id, s)| (id, s.backend.0, s.key.client))
+            .collect();
+        for (id, key, client) in stranded {
+            let pick = self
+                .listeners
+                .get_mut(index)
+                .and_then(Option::as_mut)
+                .and_then(|l| table.rehome(&mut l.picker, key, client));
+            let Some(pick) = pick else {
+                self.counters().drop(DropReason::NoRoute, 1);
+                self.count_on_listener(index, DropReason::NoRoute);
+                self.close_session(id, CloseReason::BackendRemoved);
+                continue;
+            };
+            let moved = self
+                .open_upstream(pick.endpoint, id, now)
+                .ok()
+                .and_then(|upstream| {
+                    self.retarget(
+                        id,
+                        BackendId(pick.key),
+                        pick.endpoint,
+                        upstream,
+                        SessionKind::Route,
+                        now,
+                    )
+                });
+            if moved.is_some() {
+                let rule = &table.rules[pick.rule];
+                rule.rehomed.inc();
+                rule.backends[pick.backend].sessions.inc();
+                self.counters().sessions_rehomed.add(1);
+            } else {
+                self.counters().drop(DropReason::UpstreamSetup, 1);
+                self.count_on_listener(index, DropReason::UpstreamSetup);
+                self.close_session(id, CloseReason::BackendRemoved);
             }
         }
     }

@@ -28,6 +28,7 @@ use crate::limits::SessionLimits;
 use crate::listener::{ListenerKind, MAX_LISTENERS, Transport};
 use crate::metrics::{DropReason, ListenerCounters, ListenerSlot, WorkerCounters};
 use crate::packet::control_body;
+use crate::route::Picker;
 use crate::session::{Session, SessionId, SessionKey, SessionKind, SessionTable};
 use crate::tcp::splice::Splice;
 use crate::warn_gate::WarnGate;
@@ -124,6 +125,8 @@ struct Listener {
     closing: Option<Arc<Closing>>,
     /// Its traffic counts; this worker writes its own slot.
     counters: Arc<ListenerCounters>,
+    /// This worker's place in the route table's rotations (route entry points).
+    picker: Picker,
 }
 
 /// Everything [`Worker::new`] needs.
@@ -318,7 +321,8 @@ impl Worker {
         let Some(listener) = self.listeners.get(port).and_then(Option::as_ref) else {
             return;
         };
-        let kind = listener.kind;
+        // RESET magic means something on token ports only.
+        let resets = matches!(listener.kind, ListenerKind::TokenPort);
         let fd = match &listener.io {
             ListenerIo::Udp { socket, .. } => socket.as_raw_fd(),
             ListenerIo::Tcp(_) => {
@@ -329,7 +333,7 @@ impl Worker {
         let drained = self.read_batches(fd, "a data port", |worker, rx, n| {
             for i in 0..n {
                 let (datagram, from) = rx.get(i);
-                worker.on_client_datagram(port, kind, i, datagram, from, now);
+                worker.on_client_datagram(port, resets, i, datagram, from, now);
             }
             worker.flush_upstream(port, rx);
         });
@@ -383,11 +387,12 @@ impl Worker {
         drained
     }
 
-    /// Datagram `slot` of the receive batch, from a client on listener `port`.
+    /// Datagram `slot` of the receive batch, from a client on listener `port`; `resets`: the
+    /// listener honours RESET magic (a token port).
     fn on_client_datagram(
         &mut self,
         port: usize,
-        kind: ListenerKind,
+        resets: bool,
         slot: usize,
         datagram: &[u8],
         from: Option<SocketAddr>,
@@ -405,11 +410,6 @@ impl Worker {
         };
         match self.sessions.find(&key) {
             Some(id) => {
-                // RESET magic means something on token ports only.
-                let resets = match kind {
-                    ListenerKind::TokenPort => true,
-                    ListenerKind::Forward { .. } => false,
-                };
                 if resets && let Some(body) = control_body(datagram, &self.control_magic) {
                     self.reset_session(id, body, now);
                 } else {
@@ -463,7 +463,7 @@ impl Worker {
     /// counts sessions per inventory backend (for load balancing and to end a removed
     /// backend's sessions), and a forwarder's clients are counted on its listener instead.
     pub(super) fn report(&self, kind: SessionKind, event: WorkerEvent) {
-        if kind != SessionKind::Forwarder {
+        if !matches!(kind, SessionKind::Forwarder | SessionKind::Route) {
             let _ = self.events.send(event);
         }
     }

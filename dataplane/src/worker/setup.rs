@@ -5,14 +5,15 @@
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use crate::admit::{Admission, AdmitContext, admit, trace_refused};
+use crate::admit::{Admission, AdmitContext, Role, admit, trace_refused};
 use crate::ctl::WorkerEvent;
 use crate::grant::{BackendId, Grant, TokenId};
 use crate::listener::{ListenerKind, Transport};
 use crate::metrics::{DropReason, TokenRejectReason};
 use crate::packet::{classify, parse_token};
+use crate::route::{Pick, RouteTable};
 use crate::session::{Session, SessionId, SessionKey, SessionKind, SessionStats};
 use crate::upstream::{is_unicast_target, peer_key};
 
@@ -54,6 +55,10 @@ impl Worker {
                 (backend, target, SessionKind::Default)
             }
             Admission::Forward { backend, target } => (backend, target, SessionKind::Forwarder),
+            Admission::Route => {
+                self.open_route_session(key, reply_to, slot, datagram.len(), now);
+                return;
+            }
         };
         let upstream = match self.reserve(key.client, target, now) {
             Ok(upstream) => upstream,
@@ -69,6 +74,7 @@ impl Worker {
             target,
             backend,
             kind,
+            None,
             now,
         );
         self.report(
@@ -82,11 +88,64 @@ impl Worker {
         self.forward_upstream(id, slot, datagram.len(), now);
     }
 
+    /// Picks the endpoint of a new client of route entry point `port` (with this worker's
+    /// rotation state); `None`: no rule takes it, or its rule has no ready endpoint.
+    pub(super) fn pick_route(
+        &mut self,
+        port: usize,
+        client: SocketAddr,
+    ) -> Option<(Pick, Arc<RouteTable>)> {
+        let listener = self.listeners.get_mut(port)?.as_mut()?;
+        let ListenerKind::Route { table } = &listener.kind else {
+            return None;
+        };
+        let table = Arc::clone(table);
+        let pick = table.pick(&mut listener.picker, client)?;
+        Some((pick, table))
+    }
+
+    /// A new client on a route entry point: a session to the endpoint its rule picks, with
+    /// the route's idle timeout; datagram `slot` (`len` bytes) is forwarded.
+    fn open_route_session(
+        &mut self,
+        key: SessionKey,
+        reply_to: SocketAddr,
+        slot: usize,
+        len: usize,
+        now: Instant,
+    ) {
+        let port = usize::from(key.port);
+        let Some((pick, table)) = self.pick_route(port, key.client) else {
+            self.counters().drop(DropReason::NoRoute, 1);
+            self.count_on_listener(port, DropReason::NoRoute);
+            return;
+        };
+        let upstream = match self.reserve(key.client, pick.endpoint, now) {
+            Ok(upstream) => upstream,
+            Err(reason) => {
+                self.count_on_listener(port, reason);
+                return;
+            }
+        };
+        let id = self.install(
+            key,
+            reply_to,
+            Upstream::Udp(upstream),
+            pick.endpoint,
+            BackendId(pick.key),
+            SessionKind::Route,
+            Some(pick.idle_timeout),
+            now,
+        );
+        table.rules[pick.rule].backends[pick.backend].sessions.inc();
+        self.forward_upstream(id, slot, len, now);
+    }
+
     /// What admission needs to know of listener `port` and this worker's state.
     pub(super) fn admit_context(&self, port: usize) -> AdmitContext {
         let listener = self.listeners.get(port).and_then(Option::as_ref);
         AdmitContext {
-            listener: listener.map_or(ListenerKind::TokenPort, |l| l.kind),
+            listener: listener.map_or(Role::TokenPort, |l| Role::from(&l.kind)),
             closed: self.draining || listener.is_none_or(|l| l.closing.is_some()),
             default: self
                 .default_backend
@@ -124,6 +183,7 @@ impl Worker {
             target,
             backend,
             SessionKind::Token,
+            None,
             now,
         );
         self.counters().tokens_redeemed.add(1);
@@ -236,6 +296,7 @@ impl Worker {
         target: SocketAddr,
         backend: BackendId,
         kind: SessionKind,
+        idle_timeout: Option<Duration>,
         now: Instant,
     ) -> SessionId {
         let transport = upstream.transport();
@@ -252,7 +313,7 @@ impl Worker {
                     .slot(self.id)
                     .sessions
                     .set(listener.sessions as u64);
-                listener.idle_timeout
+                idle_timeout.unwrap_or(listener.idle_timeout)
             }
             None => ORPHAN_IDLE_TIMEOUT,
         };

@@ -16,10 +16,9 @@ use mio::net::TcpStream;
 use mio::{Interest, Token};
 use slab::Slab;
 
-use crate::admit::{Admission, admit, trace_refused};
+use crate::admit::{Admission, Role, admit, trace_refused};
 use crate::ctl::{CloseReason, WorkerEvent};
 use crate::grant::{BackendId, Grant};
-use crate::listener::ListenerKind;
 use crate::metrics::DropReason;
 use crate::packet::Classified;
 use crate::session::{SessionId, SessionKey, SessionKind};
@@ -112,6 +111,8 @@ struct Admitted<'a> {
     grant: Option<&'a Grant>,
     data: &'a [u8],
     line_end: LineEnd,
+    /// The session's idle timeout, when not the listener's (a route's own).
+    idle_timeout: Option<Duration>,
 }
 
 impl Worker {
@@ -159,18 +160,44 @@ impl Worker {
             return;
         }
         let _ = stream.set_nodelay(true);
-        if let ListenerKind::Forward { target, backend } = self.admit_context(port).listener {
-            // Nothing to read first: the connection is the forwarder's at once.
-            let admitted = Admitted {
-                target,
-                backend,
-                kind: SessionKind::Forwarder,
-                grant: None,
-                data: &[],
-                line_end: LineEnd::Done,
-            };
-            self.open_tcp_session(stream, client, port, &admitted, false, false, now);
-            return;
+        match self.admit_context(port).listener {
+            Role::Forward { target, backend } => {
+                // Nothing to read first: the connection is the forwarder's at once.
+                let admitted = Admitted {
+                    target,
+                    backend,
+                    kind: SessionKind::Forwarder,
+                    grant: None,
+                    data: &[],
+                    line_end: LineEnd::Done,
+                    idle_timeout: None,
+                };
+                self.open_tcp_session(stream, client, port, &admitted, false, false, now);
+                return;
+            }
+            Role::Route => {
+                // A connection picks its endpoint by the same rules as a UDP client.
+                let Some((pick, table)) = self.pick_route(port, client) else {
+                    self.limits.release(client.ip());
+                    self.counters().refuse(DropReason::NoRoute);
+                    self.count_on_listener(port, DropReason::NoRoute);
+                    return;
+                };
+                let admitted = Admitted {
+                    target: pick.endpoint,
+                    backend: BackendId(pick.key),
+                    kind: SessionKind::Route,
+                    grant: None,
+                    data: &[],
+                    line_end: LineEnd::Done,
+                    idle_timeout: Some(pick.idle_timeout),
+                };
+                if self.open_tcp_session(stream, client, port, &admitted, false, false, now) {
+                    table.rules[pick.rule].backends[pick.backend].sessions.inc();
+                }
+                return;
+            }
+            Role::TokenPort => {}
         }
         let slot = self.pending_tcp.slab.vacant_key();
         if let Err(e) = self.poll.registry().register(
@@ -316,6 +343,7 @@ impl Worker {
                     grant: Some(&grant),
                     data: &bytes[data_from..],
                     line_end,
+                    idle_timeout: None,
                 };
                 self.open_tcp_session(p.stream, p.client, port, &admitted, eof, true, now);
             }
@@ -332,6 +360,7 @@ impl Worker {
                     grant: None,
                     data: bytes,
                     line_end: LineEnd::Done,
+                    idle_timeout: None,
                 };
                 self.open_tcp_session(p.stream, p.client, port, &admitted, eof, true, now);
             }
@@ -343,8 +372,14 @@ impl Worker {
                     grant: None,
                     data: bytes,
                     line_end: LineEnd::Done,
+                    idle_timeout: None,
                 };
                 self.open_tcp_session(p.stream, p.client, port, &admitted, eof, true, now);
+            }
+            // Waiting connections are on token ports only; an entry point admits at accept.
+            Admission::Route => {
+                self.counters().refuse(DropReason::NoRoute);
+                self.abandon_connection(p.stream, None, p.client);
             }
             Admission::Drop { reason, refused } => {
                 trace_refused(p.client, refused);
@@ -362,7 +397,8 @@ impl Worker {
     /// Connects to the backend and makes the session. The token is spent once the backend
     /// socket exists, as on UDP.
     /// `registered`: the client connection is in the poll already (it waited for its first
-    /// bytes) and moves to the session's token; otherwise it is registered now.
+    /// bytes) and moves to the session's token; otherwise it is registered now. True when
+    /// the session was made.
     #[allow(clippy::too_many_arguments)]
     fn open_tcp_session(
         &mut self,
@@ -373,7 +409,7 @@ impl Worker {
         eof: bool,
         registered: bool,
         now: Instant,
-    ) {
+    ) -> bool {
         let key = SessionKey {
             client,
             port: port as u16,
@@ -382,7 +418,7 @@ impl Worker {
             // The same client address and port reached this port on another local address.
             self.counters().refuse(DropReason::NoSession);
             self.abandon_connection(client_stream, None, client);
-            return;
+            return false;
         }
         let target = admitted.target;
         let slot = self.sessions.next_slot();
@@ -405,7 +441,7 @@ impl Worker {
                 self.counters().refuse(DropReason::UpstreamSetup);
                 self.count_on_listener(port, DropReason::UpstreamSetup);
                 self.abandon_connection(client_stream, None, client);
-                return;
+                return false;
             }
         };
         let interest = Interest::READABLE | Interest::WRITABLE;
@@ -419,7 +455,7 @@ impl Worker {
             log::debug!("{client}: cannot register the connection: {e}");
             self.counters().refuse(DropReason::UpstreamSetup);
             self.abandon_connection(client_stream, Some(upstream), client);
-            return;
+            return false;
         }
         // Spent last, once nothing is left that can fail synchronously. A backend that then
         // refuses the connection has the token spent, as on UDP: the player queries again.
@@ -429,7 +465,7 @@ impl Worker {
                 self.counters().reject(reason);
                 self.counters().refuse(DropReason::TokenRejected);
                 self.abandon_connection(client_stream, Some(upstream), client);
-                return;
+                return false;
             }
             self.counters().tokens_redeemed.add(1);
         }
@@ -447,6 +483,7 @@ impl Worker {
             target,
             admitted.backend,
             admitted.kind,
+            admitted.idle_timeout,
             now,
         );
         self.report(
@@ -461,6 +498,7 @@ impl Worker {
             .connecting
             .push_back((now + self.tcp_connect_timeout, id));
         self.drive_tcp(id, now);
+        true
     }
 
     /// Closes a connection that gets no session, and gives back its place under the caps.
