@@ -159,6 +159,19 @@ struct RawConfig {
     /// `Forwarder` custom resources: on when present.
     #[serde(default)]
     forwarders: Option<RawForwarders>,
+    /// Listen ports whose clients the `Route` objects route.
+    #[serde(default)]
+    entry_points: Vec<RawDataPort>,
+    /// Route settings.
+    #[serde(default)]
+    routes: Option<RawRoutes>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawRoutes {
+    #[serde(default)]
+    allow_cross_namespace: bool,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -482,6 +495,10 @@ pub struct Config {
     pub default_endpoint: Option<Query>,
     /// Forwarders, when enabled.
     pub forwarders: Option<ForwardersConfig>,
+    /// Route entry points, in declaration order (none: routes are off).
+    pub entry_points: Vec<DataPort>,
+    /// A route may send clients to a Service in another namespace.
+    pub routes_allow_cross_namespace: bool,
 }
 
 /// `forwarders`: declarative `listenPort → targetHost:targetPort` forwarding from `Forwarder`
@@ -560,6 +577,29 @@ impl TryFrom<RawConfig> for Config {
                 .map_err(|e| invalid("bindAddress", format!("`{s}` is not an IP address: {e}")))?,
         };
         let data_ports = data_ports(raw.data_port, raw.data_ports)?;
+        let entry_points = named_ports("entryPoints", raw.entry_points)?;
+        for (i, e) in entry_points.iter().enumerate() {
+            if e.port != 0
+                && data_ports
+                    .iter()
+                    .any(|d| d.port == e.port && d.protocol == e.protocol)
+            {
+                return Err(invalid(
+                    format!("entryPoints[{i}].port"),
+                    format!("{} is also a data port", e.port),
+                ));
+            }
+        }
+        let routes_allow_cross_namespace = match raw.routes {
+            Some(_) if entry_points.is_empty() => {
+                return Err(invalid(
+                    "routes",
+                    "routes need at least one entry point (entryPoints)",
+                ));
+            }
+            Some(r) => r.allow_cross_namespace,
+            None => false,
+        };
         let seconds = |key: &str, v: Option<u64>, default: u64| -> Result<Duration, ConfigError> {
             match v.unwrap_or(default) {
                 0 => Err(invalid(key, "must be at least 1")),
@@ -716,6 +756,8 @@ impl TryFrom<RawConfig> for Config {
                 .forwarders
                 .map(|f| forwarders(f, std::env::var("POD_NAMESPACE").ok()))
                 .transpose()?,
+            entry_points,
+            routes_allow_cross_namespace,
         })
     }
 }
@@ -847,52 +889,56 @@ fn data_ports(
             port: DEFAULT_DATA_PORT,
             protocol: Protocol::Udp,
         }],
-        (None, Some(list)) => {
-            let mut out: Vec<DataPort> = Vec::with_capacity(list.len());
-            for (i, p) in list.into_iter().enumerate() {
-                let key = format!("dataPorts[{i}]");
-                if p.name.is_empty() {
-                    return Err(invalid(format!("{key}.name"), "must not be empty"));
-                }
-                if out.iter().any(|o| o.name == p.name) {
-                    return Err(invalid(
-                        format!("{key}.name"),
-                        format!("`{}` is used twice", p.name),
-                    ));
-                }
-                let protocol = match p.protocol.as_deref().unwrap_or("udp") {
-                    "udp" | "UDP" => Protocol::Udp,
-                    "tcp" | "TCP" => Protocol::Tcp,
-                    other => {
-                        return Err(invalid(
-                            format!("{key}.protocol"),
-                            format!("`{other}` is neither `udp` nor `tcp`"),
-                        ));
-                    }
-                };
-                if p.port != 0
-                    && out
-                        .iter()
-                        .any(|o| o.port == p.port && o.protocol == protocol)
-                {
-                    return Err(invalid(
-                        format!("{key}.port"),
-                        format!("{} is used twice", p.port),
-                    ));
-                }
-                out.push(DataPort {
-                    name: p.name,
-                    port: p.port,
-                    protocol,
-                });
-            }
-            out
-        }
+        (None, Some(list)) => named_ports("dataPorts", list)?,
     };
     if ports.is_empty() {
         return Err(invalid("dataPorts", "at least one data port is needed"));
     }
     Ok(ports)
+}
+
+/// A list of named ports (`dataPorts`, `entryPoints`): names unique and not empty, protocol
+/// `udp` (default) or `tcp`, no (port, protocol) twice.
+fn named_ports(list_key: &str, list: Vec<RawDataPort>) -> Result<Vec<DataPort>, ConfigError> {
+    let mut out: Vec<DataPort> = Vec::with_capacity(list.len());
+    for (i, p) in list.into_iter().enumerate() {
+        let key = format!("{list_key}[{i}]");
+        if p.name.is_empty() {
+            return Err(invalid(format!("{key}.name"), "must not be empty"));
+        }
+        if out.iter().any(|o| o.name == p.name) {
+            return Err(invalid(
+                format!("{key}.name"),
+                format!("`{}` is used twice", p.name),
+            ));
+        }
+        let protocol = match p.protocol.as_deref().unwrap_or("udp") {
+            "udp" | "UDP" => Protocol::Udp,
+            "tcp" | "TCP" => Protocol::Tcp,
+            other => {
+                return Err(invalid(
+                    format!("{key}.protocol"),
+                    format!("`{other}` is neither `udp` nor `tcp`"),
+                ));
+            }
+        };
+        if p.port != 0
+            && out
+                .iter()
+                .any(|o| o.port == p.port && o.protocol == protocol)
+        {
+            return Err(invalid(
+                format!("{key}.port"),
+                format!("{} is used twice", p.port),
+            ));
+        }
+        out.push(DataPort {
+            name: p.name,
+            port: p.port,
+            protocol,
+        });
+    }
+    Ok(out)
 }
 
 fn parse_magic(hex: &str) -> Result<Vec<u8>, ConfigError> {

@@ -16,8 +16,10 @@ pub mod jsonpath;
 pub mod metrics;
 pub mod query;
 pub mod quote;
+pub mod route;
 pub mod select;
 pub mod server;
+pub mod status;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -302,7 +304,7 @@ fn forwarder_reconciler(
     let writer = kube.map(|client| {
         let node = node_name();
         log::info!("forwarders: status is written as node {node}");
-        forwarder::status::Writer::new(client, namespace, node)
+        status::Writer::new(client, namespace, node)
     });
     forwarder::Reconciler::new(config, plane.controller(), own, writer)
 }

@@ -3,16 +3,21 @@
 //! generated ones by a test.
 
 mod forwarder;
+mod route;
 
 pub use forwarder::{
     ForwardPort, Forwarder, ForwarderInstance, ForwarderSpec, ForwarderStatus, ProxyProtocol,
 };
+pub use route::{
+    Route, RouteBackendRef, RouteInstance, RouteMatch, RouteRule, RouteSpec, RouteStatus,
+    ServicePortRef,
+};
 
 use kube::CustomResourceExt;
 
-/// Every CRD, as one multi-document YAML stream (routes will join `Forwarder`).
+/// Every CRD, as one multi-document YAML stream.
 pub fn all_yaml() -> Result<String, serde_yaml::Error> {
-    let crds = [Forwarder::crd()];
+    let crds = [Forwarder::crd(), Route::crd()];
     let mut out = String::new();
     for crd in &crds {
         out.push_str("---\n");

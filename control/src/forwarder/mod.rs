@@ -11,7 +11,6 @@
 pub mod metrics;
 pub mod plan;
 pub mod resolve;
-pub mod status;
 
 pub use plan::{API_VERSION, ForwarderObject, KIND, is_dns_label, is_forwarder};
 
@@ -31,6 +30,7 @@ use tokio::sync::{mpsc, watch};
 use crate::config::{Config, ForwardersConfig};
 use crate::crd::{ForwarderInstance, ProxyProtocol};
 use crate::inventory::Snapshot;
+use crate::status::{self, StatusKey, StatusOf, Wanted};
 use plan::{Claim, Reserved, ServicePort};
 use resolve::{DnsCache, Host};
 
@@ -561,16 +561,18 @@ impl Reconciler {
         node: &str,
         reports: &BTreeMap<String, Report>,
         previous: &Wanted,
-    ) -> BTreeMap<String, (String, ForwarderInstance)> {
+    ) -> BTreeMap<StatusKey, (String, serde_json::Value)> {
         reports
             .iter()
             .filter_map(|(name, report)| {
+                let key = StatusKey {
+                    of: StatusOf::Forwarder,
+                    namespace: self.config.namespace.clone(),
+                    name: name.clone(),
+                };
                 if report.pending {
                     // Settles within moments; until then the last entry stands.
-                    return previous
-                        .statuses
-                        .get(name)
-                        .map(|e| (name.clone(), e.clone()));
+                    return previous.statuses.get(&key).map(|e| (key, e.clone()));
                 }
                 let (ready, message) = report.outcome();
                 let instance = ForwarderInstance {
@@ -581,20 +583,11 @@ impl Reconciler {
                     observed_generation: report.generation,
                     last_update_time: None,
                 };
-                Some((name.clone(), (report.uid.clone(), instance)))
+                let instance = serde_json::to_value(instance).ok()?;
+                Some((key, (report.uid.clone(), instance)))
             })
             .collect()
     }
-}
-
-/// What this instance wants the API server to say: its status entry per forwarder (with the
-/// forwarder's uid, so a re-created one is written anew) and each managed Service's ports.
-#[derive(Debug, Default, PartialEq)]
-pub struct Wanted {
-    /// By forwarder name.
-    pub statuses: BTreeMap<String, (String, ForwarderInstance)>,
-    /// By Service name.
-    pub services: BTreeMap<String, Vec<ServicePort>>,
 }
 
 /// What a claim asks the data plane for.

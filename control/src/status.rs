@@ -1,5 +1,5 @@
-//! What an instance writes to the API server for its forwarders: its own entry of each
-//! forwarder's `status.instances`, and the managed Service ports.
+//! What an instance writes to the API server: its own entry of `status.instances` of each
+//! `Forwarder` and `Route`, and the Service ports the forwarders manage.
 //!
 //! Both are server-side applies. Status uses a field manager per node, and `instances` is a
 //! list-map keyed by `node`, so each instance owns exactly its entry and N DaemonSet pods never
@@ -7,21 +7,70 @@
 //! each applies the whole set it computes (the same set on every instance, from the same
 //! objects), so a port removed from the set is released at once instead of lingering under
 //! another instance's ownership, and ports other managers own (the operator's) are left alone.
+//!
+//! A reconciler hands what it wants written to [`Writer::run`] through a `watch` channel
+//! ([`Wanted`]), so a slow API server never holds up a listener change.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use std::collections::BTreeMap;
+
 use k8s_openapi::api::core::v1::Service;
 use kube::Client;
-use kube::api::{Api, Patch, PatchParams};
-use serde_json::json;
+use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams};
+use serde_json::{Value, json};
 use tokio::sync::watch;
 
-use super::plan::{ServicePort, live_ports};
-use super::{API_VERSION, KIND, Wanted};
-use crate::crd::{Forwarder, ForwarderInstance};
+use crate::forwarder::plan::{ServicePort, live_ports};
 use crate::inventory::Snapshot;
+
+/// A custom resource whose status this proxy writes.
+#[derive(Clone, Copy, Debug, Eq, Hash, Ord, PartialEq, PartialOrd)]
+pub enum StatusOf {
+    /// `forwarders.udp-director.dev`.
+    Forwarder,
+    /// `routes.udp-director.dev`.
+    Route,
+}
+
+impl StatusOf {
+    fn resource(self) -> ApiResource {
+        let (kind, plural) = match self {
+            Self::Forwarder => ("Forwarder", "forwarders"),
+            Self::Route => ("Route", "routes"),
+        };
+        ApiResource {
+            group: "udp-director.dev".into(),
+            version: "v1alpha1".into(),
+            api_version: "udp-director.dev/v1alpha1".into(),
+            kind: kind.into(),
+            plural: plural.into(),
+        }
+    }
+}
+
+/// One object's status entry: which resource, namespace and name.
+#[derive(Clone, Debug, Eq, Hash, Ord, PartialEq, PartialOrd)]
+pub struct StatusKey {
+    /// The resource.
+    pub of: StatusOf,
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+}
+
+/// What a reconciler wants the API server to say: its entry per object (with the object's
+/// uid, so a re-created one is written anew) and, for forwarders, each managed Service's ports.
+#[derive(Debug, Default, PartialEq)]
+pub struct Wanted {
+    /// This instance's `status.instances` entry (without `lastUpdateTime`) per object.
+    pub statuses: BTreeMap<StatusKey, (String, Value)>,
+    /// By Service name (in the writer's namespace).
+    pub services: BTreeMap<String, Vec<ServicePort>>,
+}
 
 /// How often the writer looks again without a change (retries that came due).
 const TICK: Duration = Duration::from_secs(1);
@@ -32,7 +81,7 @@ const RETRY_MAX: Duration = Duration::from_secs(30);
 /// The field manager of the managed Service ports, shared by every instance.
 pub const SERVICE_PORTS_MANAGER: &str = "udp-director-forwarders";
 
-/// Writes one instance's forwarder status and the Service ports.
+/// Writes one instance's status entries and the managed Service ports.
 #[derive(Clone)]
 pub struct Writer {
     client: Client,
@@ -51,7 +100,7 @@ impl std::fmt::Debug for Writer {
 }
 
 impl Writer {
-    /// A writer for the forwarders in `namespace`, as the instance on `node`.
+    /// A writer as the instance on `node`; managed Services are in `namespace`.
     pub fn new(client: Client, namespace: String, node: String) -> Self {
         let manager = field_manager(&node);
         Self {
@@ -77,7 +126,7 @@ impl Writer {
         mut wanted: watch::Receiver<Arc<Wanted>>,
         mut inventory: watch::Receiver<Arc<Snapshot>>,
     ) {
-        let mut written: HashMap<String, (String, ForwarderInstance)> = HashMap::new();
+        let mut written: HashMap<StatusKey, (String, Value)> = HashMap::new();
         let mut applied: HashMap<String, Vec<ServicePort>> = HashMap::new();
         let mut retries = Retries::default();
         loop {
@@ -88,15 +137,15 @@ impl Writer {
             }
             let want = Arc::clone(&wanted.borrow_and_update());
             let snapshot = Arc::clone(&inventory.borrow_and_update());
-            written.retain(|name, _| want.statuses.contains_key(name));
-            for (name, entry) in &want.statuses {
-                let key = format!("forwarder {name}");
-                if written.get(name) == Some(entry) || !retries.due(&key) {
+            written.retain(|k, _| want.statuses.contains_key(k));
+            for (target, entry) in &want.statuses {
+                let key = format!("{:?} {}/{}", target.of, target.namespace, target.name);
+                if written.get(target) == Some(entry) || !retries.due(&key) {
                     continue;
                 }
-                let result = self.write_instance(name, &entry.1).await;
+                let result = self.write_instance(target, &entry.1).await;
                 if retries.settle(&key, result, "status not written") {
-                    written.insert(name.clone(), entry.clone());
+                    written.insert(target.clone(), entry.clone());
                 }
             }
             for (service, ports) in &want.services {
@@ -115,24 +164,32 @@ impl Writer {
         }
     }
 
-    /// Applies this instance's entry of a forwarder's `status.instances`.
+    /// Applies this instance's entry of an object's `status.instances`, stamped with
+    /// `lastUpdateTime`.
     pub async fn write_instance(
         &self,
-        name: &str,
-        instance: &ForwarderInstance,
+        key: &StatusKey,
+        instance: &Value,
     ) -> Result<(), kube::Error> {
         let mut instance = instance.clone();
-        instance.last_update_time = Some(k8s_openapi::jiff::Timestamp::now().to_string());
+        if let Some(map) = instance.as_object_mut() {
+            map.insert(
+                "lastUpdateTime".into(),
+                Value::from(k8s_openapi::jiff::Timestamp::now().to_string()),
+            );
+        }
+        let resource = key.of.resource();
         let patch = json!({
-            "apiVersion": API_VERSION,
-            "kind": KIND,
-            "metadata": {"name": name, "namespace": self.namespace},
+            "apiVersion": resource.api_version,
+            "kind": resource.kind,
+            "metadata": {"name": key.name, "namespace": key.namespace},
             "status": {"instances": [instance]},
         });
-        let api: Api<Forwarder> = Api::namespaced(self.client.clone(), &self.namespace);
+        let api: Api<DynamicObject> =
+            Api::namespaced_with(self.client.clone(), &key.namespace, &resource);
         // Forced: the entry is this node's alone, whoever wrote it last (an earlier pod).
         api.patch_status(
-            name,
+            &key.name,
             &PatchParams::apply(&self.manager).force(),
             &Patch::Apply(&patch),
         )
