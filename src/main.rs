@@ -165,12 +165,22 @@ fn run(config: Arc<Config>) -> anyhow::Result<()> {
         .zip(plane.local_addrs())
         .map(|(p, a)| format!("{}/{}={a}", p.name, p.protocol.as_str()))
         .collect();
+    let entry: Vec<String> = control
+        .entry_points
+        .iter()
+        .map(|(name, t, a)| format!("{name}/{}={a}", t.as_str()))
+        .collect();
     // One machine-readable line, for scripts and tests that start the proxy on port 0.
     println!(
-        "listening query={} admin={} data={}",
+        "listening query={} admin={} data={}{}",
         control.query_addr,
         control.admin_addr,
-        data.join(",")
+        data.join(","),
+        if entry.is_empty() {
+            String::new()
+        } else {
+            format!(" entry={}", entry.join(","))
+        }
     );
     std::io::stdout().flush().ok();
     control.join();

@@ -59,6 +59,9 @@ pub enum ControlError {
     /// The control thread could not be spawned.
     #[error("cannot spawn the control thread")]
     Spawn(#[source] std::io::Error),
+    /// A route entry point could not be opened.
+    #[error(transparent)]
+    EntryPoint(route::EntryPointError),
     /// The config needs a Kubernetes API server, but none is configured.
     #[error(
         "{needed_by}, but no Kubernetes API server is configured: {reason}. Run in a cluster or \
@@ -103,6 +106,8 @@ pub struct ControlPlane {
     pub query_addr: SocketAddr,
     /// Bound admin address.
     pub admin_addr: SocketAddr,
+    /// Route entry points as bound: name, transport, address.
+    pub entry_points: Vec<(String, dataplane::Transport, SocketAddr)>,
 }
 
 impl ControlPlane {
@@ -177,7 +182,23 @@ pub fn start(config: Arc<Config>, plane: &DataPlane) -> Result<ControlPlane, Con
         plane.events(),
         Arc::clone(&metrics),
     ));
-    let forwarders = forwarder_reconciler(&config, plane, kube, query_addr, admin_addr);
+    let routes = route::Reconciler::open(
+        &config,
+        plane.controller(),
+        kube.clone()
+            .map(|client| status::Writer::new(client, String::new(), node_name())),
+    )
+    .map_err(ControlError::EntryPoint)?;
+    let entry_points: Vec<(String, dataplane::Transport, SocketAddr)> = routes
+        .iter()
+        .flat_map(|r| r.entry_points())
+        .map(|e| (e.name.clone(), e.transport, e.addr))
+        .collect();
+    if let Some(r) = &routes {
+        metrics.register_collector(Box::new(route::metrics::RouteCollector(r.views())));
+    }
+    let forwarders =
+        forwarder_reconciler(&config, plane, kube, query_addr, admin_addr, &entry_points);
     if let Some(f) = &forwarders {
         metrics.register_collector(Box::new(forwarder::metrics::ForwarderCollector(f.table())));
     }
@@ -186,6 +207,7 @@ pub fn start(config: Arc<Config>, plane: &DataPlane) -> Result<ControlPlane, Con
         metrics,
         authorizer,
         forwarders: forwarders.as_ref().map(forwarder::Reconciler::table),
+        routes: routes.as_ref().map(route::Reconciler::views),
     });
 
     let thread = std::thread::Builder::new()
@@ -200,6 +222,7 @@ pub fn start(config: Arc<Config>, plane: &DataPlane) -> Result<ControlPlane, Con
                 query_listener,
                 admin_listener,
                 forwarders,
+                routes,
             ));
         })
         .map_err(ControlError::Spawn)?;
@@ -207,6 +230,7 @@ pub fn start(config: Arc<Config>, plane: &DataPlane) -> Result<ControlPlane, Con
         thread,
         query_addr,
         admin_addr,
+        entry_points,
     })
 }
 
@@ -220,11 +244,15 @@ async fn run(
     query_listener: TcpListener,
     admin_listener: TcpListener,
     forwarders: Option<forwarder::Reconciler>,
+    routes: Option<route::Reconciler>,
 ) {
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut inventory_rx = inventory_tx.subscribe();
     if let Some(f) = forwarders {
         tokio::spawn(f.run(inventory_tx.subscribe()));
+    }
+    if let Some(r) = routes {
+        tokio::spawn(r.run(inventory_tx.subscribe()));
     }
     tokio::spawn(inventory::run(source, inventory_tx));
     tokio::spawn(server::serve(
@@ -292,6 +320,7 @@ fn forwarder_reconciler(
     kube: Option<kube::Client>,
     query: SocketAddr,
     admin: SocketAddr,
+    entry_points: &[(String, dataplane::Transport, SocketAddr)],
 ) -> Option<forwarder::Reconciler> {
     let namespace = config.forwarders.as_ref()?.namespace.clone();
     let data: Vec<(String, dataplane::Transport, u16)> = config
@@ -300,7 +329,11 @@ fn forwarder_reconciler(
         .zip(plane.local_addrs())
         .map(|(p, addr)| (p.name.clone(), p.protocol, addr.port()))
         .collect();
-    let own = forwarder::own_ports(query.port(), admin.port(), &data);
+    let entry: Vec<(String, dataplane::Transport, u16)> = entry_points
+        .iter()
+        .map(|(name, t, addr)| (name.clone(), *t, addr.port()))
+        .collect();
+    let own = forwarder::own_ports(query.port(), admin.port(), &data, &entry);
     let writer = kube.map(|client| {
         let node = node_name();
         log::info!("forwarders: status is written as node {node}");

@@ -168,6 +168,12 @@ impl Collector for DataPlaneCollector {
         )?;
         counter(
             e,
+            "udp_director_sessions_rehomed",
+            "Route sessions moved to another endpoint because theirs left",
+            c.sessions_rehomed,
+        )?;
+        counter(
+            e,
             "udp_director_sessions_expired",
             "Sessions ended by the idle timeout",
             c.sessions_expired,

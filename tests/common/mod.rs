@@ -23,6 +23,8 @@ pub struct Proxy {
     pub admin: SocketAddr,
     /// Data port name → bound address.
     pub data: Vec<(String, SocketAddr)>,
+    /// Route entry point name → bound address.
+    pub entry: Vec<(String, SocketAddr)>,
 }
 
 /// A scratch directory unique to this test process and call.
@@ -113,19 +115,28 @@ impl Proxy {
                 .unwrap_or_else(|| panic!("no {key} in {line:?}"))
                 .to_string()
         };
-        let data = field("data")
-            .split(',')
-            .map(|d| {
-                // `name/udp=addr` or `name/tcp=addr`
-                let (port, addr) = d.split_once('=').unwrap();
-                let name = port.split_once('/').map_or(port, |(name, _)| name);
-                (name.to_string(), addr.parse().unwrap())
-            })
-            .collect();
+        // `name/udp=addr,name/tcp=addr`
+        let ports = |list: &str| -> Vec<(String, SocketAddr)> {
+            list.split(',')
+                .filter(|d| !d.is_empty())
+                .map(|d| {
+                    let (port, addr) = d.split_once('=').unwrap();
+                    let name = port.split_once('/').map_or(port, |(name, _)| name);
+                    (name.to_string(), addr.parse().unwrap())
+                })
+                .collect()
+        };
+        let data = ports(&field("data"));
+        let entry = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("entry="))
+            .map(ports)
+            .unwrap_or_default();
         Self {
             query: field("query").parse().unwrap(),
             admin: field("admin").parse().unwrap(),
             data,
+            entry,
             child,
             dir,
         }
@@ -134,6 +145,15 @@ impl Proxy {
     /// What the proxy has logged so far (its stderr).
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("proxy.log")).unwrap_or_default()
+    }
+
+    /// Entry point `name`'s address.
+    pub fn entry_addr(&self, name: &str) -> SocketAddr {
+        self.entry
+            .iter()
+            .find(|(n, _)| n == name)
+            .unwrap_or_else(|| panic!("no entry point {name}"))
+            .1
     }
 
     /// The first data port's address.

@@ -60,6 +60,8 @@ pub struct Admin {
     pub authorizer: Authorizer,
     /// This instance's forwarders, when enabled.
     pub forwarders: Option<crate::forwarder::ForwarderTable>,
+    /// This instance's routes, when entry points are configured.
+    pub routes: Option<crate::route::RouteViews>,
 }
 
 /// Serves admin requests until `stop` turns true.
@@ -186,6 +188,39 @@ fn list_forwarders(table: Option<&crate::forwarder::ForwarderTable>) -> Response
     json_reply(StatusCode::OK, &serde_json::Value::Array(list))
 }
 
+/// `GET /routes`: this instance's view of each route (ready, ready endpoints, what is wrong,
+/// sessions per Service). Read-only, with no player addresses.
+fn list_routes(views: Option<&crate::route::RouteViews>) -> Response<Full<Bytes>> {
+    let Some(views) = views else {
+        return json_reply(
+            StatusCode::NOT_FOUND,
+            &json!({"error": "routes are not enabled (config key `entryPoints`)"}),
+        );
+    };
+    let list: Vec<serde_json::Value> = views
+        .lock()
+        .iter()
+        .map(|((namespace, name), v)| {
+            let sessions: serde_json::Map<String, serde_json::Value> = v
+                .sessions
+                .iter()
+                .map(|(service, c)| (service.clone(), c.get().into()))
+                .collect();
+            json!({
+                "namespace": namespace,
+                "name": name,
+                "entryPoint": v.entry_point,
+                "ready": v.ready,
+                "readyEndpoints": v.ready_endpoints,
+                "message": v.message,
+                "sessions": sessions,
+                "rehomed": v.rehomed.iter().map(|c| c.get()).sum::<u64>(),
+            })
+        })
+        .collect();
+    json_reply(StatusCode::OK, &serde_json::Value::Array(list))
+}
+
 async fn route(req: Request<Incoming>, peer: IpAddr, admin: &Admin) -> Response<Full<Bytes>> {
     let (director, metrics) = (&admin.director, &admin.metrics);
     let path = req.uri().path();
@@ -223,13 +258,16 @@ async fn route(req: Request<Incoming>, peer: IpAddr, admin: &Admin) -> Response<
         }
         (&Method::GET, "/sessions") => list_sessions(director).await,
         (&Method::GET, "/forwarders") => list_forwarders(admin.forwarders.as_ref()),
+        (&Method::GET, "/routes") => list_routes(admin.routes.as_ref()),
         (&Method::DELETE, p) if p.starts_with("/sessions/") => {
             kill_sessions(director, &p["/sessions/".len()..]).await
         }
-        (_, "/metrics" | "/healthz" | "/readyz" | "/sessions" | "/forwarders") => json_reply(
-            StatusCode::METHOD_NOT_ALLOWED,
-            &json!({"error": "method not allowed"}),
-        ),
+        (_, "/metrics" | "/healthz" | "/readyz" | "/sessions" | "/forwarders" | "/routes") => {
+            json_reply(
+                StatusCode::METHOD_NOT_ALLOWED,
+                &json!({"error": "method not allowed"}),
+            )
+        }
         _ => json_reply(StatusCode::NOT_FOUND, &json!({"error": "not found"})),
     }
 }

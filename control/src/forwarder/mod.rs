@@ -129,7 +129,12 @@ impl Reconciler {
             .iter()
             .map(|p| (p.name.clone(), p.protocol, p.port))
             .collect();
-        let mut configured = own_ports_of(config.query_port, config.admin_port, &data);
+        let entry: Vec<(String, Transport, u16)> = config
+            .entry_points
+            .iter()
+            .map(|p| (p.name.clone(), p.protocol, p.port))
+            .collect();
+        let mut configured = own_ports_of(config.query_port, config.admin_port, &data, &entry);
         configured.retain(|r| r.port != 0);
         Some(Self {
             config: forwarders,
@@ -662,12 +667,22 @@ async fn lookup(host: &str) -> Result<Vec<IpAddr>, String> {
 }
 
 /// The ports the proxy holds itself, as forwarder conflicts name them: the query and admin
-/// ports and each data port (name, transport, bound port).
-pub fn own_ports(query: u16, admin: u16, data: &[(String, Transport, u16)]) -> Vec<Reserved> {
-    own_ports_of(query, admin, data)
+/// ports, each data port and each route entry point (name, transport, bound port).
+pub fn own_ports(
+    query: u16,
+    admin: u16,
+    data: &[(String, Transport, u16)],
+    entry: &[(String, Transport, u16)],
+) -> Vec<Reserved> {
+    own_ports_of(query, admin, data, entry)
 }
 
-fn own_ports_of(query: u16, admin: u16, data: &[(String, Transport, u16)]) -> Vec<Reserved> {
+fn own_ports_of(
+    query: u16,
+    admin: u16,
+    data: &[(String, Transport, u16)],
+    entry: &[(String, Transport, u16)],
+) -> Vec<Reserved> {
     let mut out = vec![
         Reserved {
             transport: Transport::Tcp,
@@ -685,6 +700,13 @@ fn own_ports_of(query: u16, admin: u16, data: &[(String, Transport, u16)]) -> Ve
             transport: *transport,
             port: *port,
             holder: format!("data port {name}"),
+        });
+    }
+    for (name, transport, port) in entry {
+        out.push(Reserved {
+            transport: *transport,
+            port: *port,
+            holder: format!("entry point {name}"),
         });
     }
     out

@@ -286,6 +286,10 @@ pub fn parse_objects(bytes: &[u8], path: &Path) -> Result<Vec<Object>, Inventory
                 crate::forwarder::ForwarderObject::from_object(&object)
                     .map_err(|e| refused(format!("Forwarder {}: {e}", object.name)))?;
             }
+            if crate::route::is_route(&object) {
+                crate::route::RouteObject::from_object(&object)
+                    .map_err(|e| refused(format!("Route {}: {e}", object.name)))?;
+            }
             Ok(object)
         })
         .collect()

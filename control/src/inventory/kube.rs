@@ -48,6 +48,8 @@ pub enum Feed {
     EndpointSlices,
     /// `Forwarder` objects.
     Forwarders,
+    /// `Route` objects.
+    Routes,
 }
 
 /// Where a resource type is watched.
@@ -121,9 +123,18 @@ pub fn plan(config: &Config) -> Vec<WatchPlan> {
             "endpointslices",
         )
     };
-    if let Some(forwarders) = &config.forwarders {
-        // A forwarder's `<service>.<namespace>.svc` target may name any Service, so every
-        // Service and EndpointSlice is watched (which also covers service-based mappings).
+    if !config.entry_points.is_empty() {
+        plans.push(WatchPlan {
+            resource: udp_director_resource("Route", "routes"),
+            label_selector: None,
+            feed: Feed::Routes,
+            scope: Scope::Inventory,
+        });
+    }
+    if config.forwarders.is_some() || !config.entry_points.is_empty() {
+        // A forwarder's `<service>.<namespace>.svc` target, or a route's backend, may name
+        // any Service, so every Service and EndpointSlice is watched (which also covers
+        // service-based mappings).
         plans.push(WatchPlan {
             resource: services(),
             label_selector: None,
@@ -136,12 +147,14 @@ pub fn plan(config: &Config) -> Vec<WatchPlan> {
             feed: Feed::EndpointSlices,
             scope: Scope::Cluster,
         });
-        plans.push(WatchPlan {
-            resource: forwarder_resource(),
-            label_selector: None,
-            feed: Feed::Forwarders,
-            scope: Scope::Namespace(forwarders.namespace.clone()),
-        });
+        if let Some(forwarders) = &config.forwarders {
+            plans.push(WatchPlan {
+                resource: forwarder_resource(),
+                label_selector: None,
+                feed: Feed::Forwarders,
+                scope: Scope::Namespace(forwarders.namespace.clone()),
+            });
+        }
         return plans;
     }
     for label in &service_labels {
@@ -165,12 +178,16 @@ pub fn plan(config: &Config) -> Vec<WatchPlan> {
 }
 
 fn forwarder_resource() -> ApiResource {
+    udp_director_resource(crate::forwarder::KIND, "forwarders")
+}
+
+fn udp_director_resource(kind: &str, plural: &str) -> ApiResource {
     ApiResource {
         group: "udp-director.dev".into(),
         version: "v1alpha1".into(),
-        api_version: crate::forwarder::API_VERSION.into(),
-        kind: crate::forwarder::KIND.into(),
-        plural: "forwarders".into(),
+        api_version: "udp-director.dev/v1alpha1".into(),
+        kind: kind.into(),
+        plural: plural.into(),
     }
 }
 
@@ -234,6 +251,12 @@ pub fn cluster_role(config: &Config, name: &str) -> String {
             out,
             "- apiGroups: [\"{group}\"]\n  resources: [{}]\n  verbs: [list, watch]\n",
             resources.join(", ")
+        );
+    }
+    if !config.entry_points.is_empty() {
+        // Each instance writes its own entry of a route's status.
+        out.push_str(
+            "- apiGroups: [\"udp-director.dev\"]\n  resources: [routes/status]\n  verbs: [patch]\n",
         );
     }
     if reviews {
@@ -501,13 +524,14 @@ impl KubeSource {
             loaded: self
                 .watches
                 .iter()
-                .filter(|w| self.plans[w.plan].feed != Feed::Forwarders)
+                .filter(|w| !matches!(self.plans[w.plan].feed, Feed::Forwarders | Feed::Routes))
                 .all(|w| w.listed),
             forwarders_loaded: self.watches.iter().all(|w| w.listed),
             by_mapping,
             services: of_feed(Feed::Services),
             endpoint_slices: of_feed(Feed::EndpointSlices),
             forwarders: of_feed(Feed::Forwarders),
+            routes: of_feed(Feed::Routes),
             watches,
         }
     }

@@ -86,8 +86,8 @@ pub struct Snapshot {
     /// True once a source delivered its first complete list of everything but the
     /// forwarders: what queries and the token ports wait for.
     pub loaded: bool,
-    /// True once the `Forwarder` objects are listed too (a missing CRD or Role keeps only the
-    /// forwarders waiting, not the token ports).
+    /// True once the `Forwarder` and `Route` objects are listed too (a missing CRD or Role
+    /// keeps only the forwarders and routes waiting, not the token ports).
     pub forwarders_loaded: bool,
     /// Objects per mapping name, sorted by namespace and name.
     pub by_mapping: BTreeMap<String, Vec<Arc<Object>>>,
@@ -97,6 +97,8 @@ pub struct Snapshot {
     pub endpoint_slices: Vec<Arc<Object>>,
     /// `Forwarder` objects (any namespace: the reconciler picks its own), in name order.
     pub forwarders: Vec<Arc<Object>>,
+    /// `Route` objects, in name order.
+    pub routes: Vec<Arc<Object>>,
     /// Every watched resource (`gameservers.agones.dev`, `services`, …) and whether its cache
     /// is stale: its watch failed and has not yet re-listed. Empty for the file source.
     pub watches: Vec<(String, bool)>,
@@ -117,10 +119,14 @@ impl Snapshot {
         let mut services = Vec::new();
         let mut endpoint_slices = Vec::new();
         let mut forwarders = Vec::new();
+        let mut routes = Vec::new();
         for object in objects {
             let object = Arc::new(object);
             if crate::forwarder::is_forwarder(&object) {
                 forwarders.push(Arc::clone(&object));
+            }
+            if crate::route::is_route(&object) {
+                routes.push(Arc::clone(&object));
             }
             if object.api_version == SERVICE_API_VERSION && object.kind == "Service" {
                 services.push(Arc::clone(&object));
@@ -143,6 +149,7 @@ impl Snapshot {
         }
         sort_by_name(&mut endpoint_slices);
         sort_by_name(&mut forwarders);
+        sort_by_name(&mut routes);
         Self {
             loaded: true,
             forwarders_loaded: true,
@@ -150,6 +157,7 @@ impl Snapshot {
             services,
             endpoint_slices,
             forwarders,
+            routes,
             watches: Vec::new(),
         }
     }

@@ -3,5 +3,313 @@
 //! ([`compile`], pure) and swapped into the workers whenever the inventory changes them.
 
 pub mod compile;
+pub mod metrics;
 
 pub use compile::{API_VERSION, KIND, RouteObject, is_route};
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use dataplane::{
+    Controller, ListenError, ListenerKind, ListenerSpec, OpenedListener, RouteCounter, RouteTable,
+    Transport,
+};
+use parking_lot::Mutex;
+use tokio::sync::watch;
+
+use crate::config::Config;
+use crate::crd::RouteInstance;
+use crate::inventory::Snapshot;
+use crate::status::{StatusKey, StatusOf, Wanted, Writer};
+use compile::{Compiled, Counters, Inputs};
+
+/// An entry point the proxy holds.
+#[derive(Debug)]
+pub struct EntryPoint {
+    /// Its name in the config.
+    pub name: String,
+    /// Transport.
+    pub transport: Transport,
+    /// The bound address (the real port when configured as 0).
+    pub addr: SocketAddr,
+    handle: OpenedListener,
+}
+
+/// What one instance knows of one route, for the admin API and metrics.
+#[derive(Clone, Debug, Default)]
+pub struct RouteView {
+    /// Its entry point.
+    pub entry_point: String,
+    /// Every backend resolved.
+    pub ready: bool,
+    /// Ready endpoints over its backends.
+    pub ready_endpoints: u32,
+    /// What is wrong.
+    pub message: Option<String>,
+    /// Sessions opened, per Service.
+    pub sessions: Vec<(String, Arc<RouteCounter>)>,
+    /// Sessions re-homed, per rule.
+    pub rehomed: Vec<Arc<RouteCounter>>,
+}
+
+/// Every route this instance serves, by (namespace, name).
+pub type RouteViews = Arc<Mutex<BTreeMap<(String, String), RouteView>>>;
+
+/// Opening an entry point failed at start.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot open entry point {name}")]
+pub struct EntryPointError {
+    /// The entry point.
+    pub name: String,
+    /// Why.
+    #[source]
+    pub source: ListenError,
+}
+
+/// The route reconciler.
+pub struct Reconciler {
+    controller: Controller,
+    entry_points: Vec<EntryPoint>,
+    names: Vec<String>,
+    allow_cross_namespace: bool,
+    session_timeout: Duration,
+    counters: Counters,
+    /// What each entry point's table was built from, so an unchanged one is not swapped (a
+    /// swap restarts the weighted rotation).
+    fingerprints: BTreeMap<String, String>,
+    views: RouteViews,
+    writer: Option<Writer>,
+    writes: Option<(String, watch::Sender<Arc<Wanted>>)>,
+}
+
+impl std::fmt::Debug for Reconciler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reconciler")
+            .field("entry_points", &self.entry_points)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Reconciler {
+    /// Opens the config's entry points (with no rules yet: every client is `no_route` until
+    /// the routes are listed); `None` without entry points. A port another process or
+    /// listener holds fails the start, naming it.
+    pub fn open(
+        config: &Config,
+        controller: Controller,
+        writer: Option<Writer>,
+    ) -> Result<Option<Self>, EntryPointError> {
+        if config.entry_points.is_empty() {
+            return Ok(None);
+        }
+        let mut entry_points = Vec::new();
+        for e in &config.entry_points {
+            let spec = ListenerSpec {
+                owner: format!("entry point {}", e.name),
+                bind: SocketAddr::new(config.bind_address, e.port),
+                transport: e.protocol,
+                kind: ListenerKind::Route {
+                    table: Arc::new(RouteTable::default()),
+                },
+                idle_timeout: config.session_timeout,
+            };
+            let handle = controller
+                .open_listener(spec)
+                .map_err(|source| EntryPointError {
+                    name: e.name.clone(),
+                    source,
+                })?;
+            entry_points.push(EntryPoint {
+                name: e.name.clone(),
+                transport: e.protocol,
+                addr: handle.addr,
+                handle,
+            });
+        }
+        Ok(Some(Self {
+            controller,
+            names: entry_points.iter().map(|e| e.name.clone()).collect(),
+            entry_points,
+            allow_cross_namespace: config.routes_allow_cross_namespace,
+            session_timeout: config.session_timeout,
+            counters: Counters::default(),
+            fingerprints: BTreeMap::new(),
+            views: RouteViews::default(),
+            writer,
+            writes: None,
+        }))
+    }
+
+    /// The entry points, as bound.
+    pub fn entry_points(&self) -> &[EntryPoint] {
+        &self.entry_points
+    }
+
+    /// The table the admin API and metrics read.
+    pub fn views(&self) -> RouteViews {
+        Arc::clone(&self.views)
+    }
+
+    /// Runs until the inventory channel closes.
+    pub async fn run(mut self, mut inventory: watch::Receiver<Arc<Snapshot>>) {
+        if let Some(writer) = self.writer.take() {
+            let (tx, rx) = watch::channel(Arc::new(Wanted::default()));
+            self.writes = Some((writer.node().to_string(), tx));
+            tokio::spawn(writer.run(rx, inventory.clone()));
+        }
+        loop {
+            let snapshot = Arc::clone(&inventory.borrow_and_update());
+            self.reconcile(&snapshot);
+            if inventory.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// One pass: every entry point's table compiled and, where it changed, swapped in.
+    pub fn reconcile(&mut self, snapshot: &Snapshot) {
+        if !snapshot.forwarders_loaded {
+            return;
+        }
+        let mut routes = Vec::new();
+        let mut invalid = BTreeMap::new();
+        for o in &snapshot.routes {
+            match RouteObject::from_object(o) {
+                Ok(r) => routes.push(r),
+                Err(e) => {
+                    invalid.insert(
+                        (o.namespace.clone(), o.name.clone()),
+                        format!("invalid: {e}"),
+                    );
+                }
+            }
+        }
+        let inputs = Inputs {
+            services: &snapshot.services,
+            slices: &snapshot.endpoint_slices,
+            entry_points: &self.names,
+            allow_cross_namespace: self.allow_cross_namespace,
+            session_timeout: self.session_timeout,
+        };
+        let Compiled { tables, reports } = compile::compile(&routes, inputs, &mut self.counters);
+        for (name, table) in tables {
+            let fingerprint = fingerprint(&table);
+            if self.fingerprints.get(&name) == Some(&fingerprint) {
+                continue;
+            }
+            let Some(entry) = self.entry_points.iter().find(|e| e.name == name) else {
+                continue;
+            };
+            let kind = ListenerKind::Route {
+                table: Arc::new(table),
+            };
+            if self
+                .controller
+                .update_listener(&entry.handle, kind, self.session_timeout)
+            {
+                log::info!("entry point {name}: routes updated");
+                self.fingerprints.insert(name, fingerprint);
+            }
+        }
+        self.publish(&routes, &reports, &invalid);
+    }
+
+    fn publish(
+        &mut self,
+        routes: &[RouteObject],
+        reports: &BTreeMap<(String, String), compile::RouteReport>,
+        invalid: &BTreeMap<(String, String), String>,
+    ) {
+        let mut views = BTreeMap::new();
+        let mut statuses = BTreeMap::new();
+        for r in routes {
+            let id = (r.namespace.clone(), r.name.clone());
+            let Some(report) = reports.get(&id) else {
+                continue;
+            };
+            let message = (!report.problems.is_empty()).then(|| report.problems.join("; "));
+            let full = r.full_name();
+            let view = RouteView {
+                entry_point: r.spec.entry_point.clone(),
+                ready: report.problems.is_empty(),
+                ready_endpoints: report.ready_endpoints,
+                message: message.clone(),
+                sessions: self
+                    .counters
+                    .sessions
+                    .iter()
+                    .filter(|((route, _), _)| *route == full)
+                    .map(|((_, service), c)| (service.clone(), Arc::clone(c)))
+                    .collect(),
+                rehomed: self
+                    .counters
+                    .rehomed
+                    .iter()
+                    .filter(|((route, _), _)| *route == full)
+                    .map(|(_, c)| Arc::clone(c))
+                    .collect(),
+            };
+            if let Some((node, _)) = &self.writes {
+                let instance = RouteInstance {
+                    node: node.clone(),
+                    ready: view.ready,
+                    ready_endpoints: view.ready_endpoints,
+                    message,
+                    observed_generation: report.generation,
+                    last_update_time: None,
+                };
+                if let Ok(value) = serde_json::to_value(instance) {
+                    statuses.insert(status_key(&id), (report.uid.clone(), value));
+                }
+            }
+            views.insert(id, view);
+        }
+        for (id, why) in invalid {
+            views.insert(
+                id.clone(),
+                RouteView {
+                    message: Some(why.clone()),
+                    ..RouteView::default()
+                },
+            );
+        }
+        *self.views.lock() = views;
+        if let Some((_, tx)) = &self.writes {
+            let wanted = Wanted {
+                statuses,
+                services: BTreeMap::new(),
+            };
+            tx.send_if_modified(|current| {
+                let changed = **current != wanted;
+                if changed {
+                    *current = Arc::new(wanted);
+                }
+                changed
+            });
+        }
+    }
+}
+
+fn status_key((namespace, name): &(String, String)) -> StatusKey {
+    StatusKey {
+        of: StatusOf::Route,
+        namespace: namespace.clone(),
+        name: name.clone(),
+    }
+}
+
+/// Everything of a table that picks depend on.
+fn fingerprint(table: &RouteTable) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    for r in &table.rules {
+        let _ = write!(out, "{}|{:?}|{:?}|", r.key, r.matcher, r.idle_timeout);
+        for b in &r.backends {
+            let _ = write!(out, "{}:{}:{:?};", b.service, b.weight, b.endpoints);
+        }
+        out.push('\n');
+    }
+    out
+}

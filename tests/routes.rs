@@ -1,0 +1,294 @@
+//! Routes with the file inventory (SPEC §7): Route, Service and EndpointSlice objects in the
+//! file, entry points from the config. Backends are echo servers on 127.0.0.1, .3, .4, … sharing
+//! one port, as endpoints of a Service share the slice's port.
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::net::{SocketAddr, UdpSocket};
+use std::time::Duration;
+
+use common::*;
+
+const ENTRY_POINTS: &str =
+    "entryPoints: [{name: voice, port: 0}, {name: chat, port: 0, protocol: tcp}]\n";
+
+/// Echo servers tagged `tags[i]` on 127.0.0.{1,3,4,…}, all on one port.
+fn endpoints(tags: &[u8]) -> Vec<Echo> {
+    let first = Echo::spawn("127.0.0.1:0", Some(tags[0]));
+    let port = first.addr.port();
+    let mut all = vec![first];
+    for (i, tag) in tags.iter().enumerate().skip(1) {
+        all.push(Echo::spawn(
+            &format!("127.0.0.{}:{port}", i + 2),
+            Some(*tag),
+        ));
+    }
+    all
+}
+
+/// A Service `name` in `games` with port `voice` (5000), and its EndpointSlice listing
+/// `ready` and `not_ready` endpoints on `port`.
+fn service(name: &str, port: u16, ready: &[&Echo], not_ready: &[&Echo]) -> String {
+    let list = |echos: &[&Echo], ready: bool| -> Vec<String> {
+        echos
+            .iter()
+            .map(|e| {
+                format!(
+                    "{{addresses: [\"{}\"], conditions: {{ready: {ready}}}}}",
+                    e.addr.ip()
+                )
+            })
+            .collect()
+    };
+    let mut eps = list(ready, true);
+    eps.extend(list(not_ready, false));
+    format!(
+        "- {{apiVersion: v1, kind: Service, metadata: {{name: {name}, namespace: games}}, spec: {{ports: [{{name: voice, port: 5000}}]}}}}\n\
+         - {{apiVersion: discovery.k8s.io/v1, kind: EndpointSlice, metadata: {{name: {name}-1, namespace: games, labels: {{kubernetes.io/service-name: {name}}}}}, \
+         ports: [{{name: voice, port: {port}}}], endpoints: [{}]}}\n",
+        eps.join(", ")
+    )
+}
+
+/// A Route in `games` on `entry` with the given rules (YAML flow sequence) and extra spec.
+fn route(name: &str, entry: &str, rules: &str, extra: &str) -> String {
+    format!(
+        "- {{apiVersion: udp-director.dev/v1alpha1, kind: Route, metadata: {{name: {name}, namespace: games}}, \
+         spec: {{entryPoint: {entry}, rules: {rules}{extra}}}}}\n"
+    )
+}
+
+/// This instance's view of route `name` (`GET /routes`).
+fn view(p: &Proxy, name: &str) -> serde_json::Value {
+    let (code, body) = p.http("GET", "/routes");
+    assert_eq!(code, 200, "{body}");
+    let list: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
+    list.into_iter()
+        .find(|r| r["name"] == name)
+        .unwrap_or(serde_json::Value::Null)
+}
+
+/// The tag of the endpoint that answers `c`'s datagram through `to`.
+fn tag(c: &UdpSocket, to: SocketAddr) -> Option<u8> {
+    c.send_to(b"x", to).unwrap();
+    datagram_within(c, Duration::from_millis(500)).map(|d| d[0])
+}
+
+#[test]
+fn weights_split_sessions_and_every_datagram_of_one_stays_on_its_endpoint() {
+    let eu = endpoints(b"EF");
+    let us = endpoints(b"U");
+    let port = eu[0].addr.port();
+    let us_port = us[0].addr.port();
+    let rules = "[{backends: [{service: eu, port: voice, weight: 3}, {service: us, port: 5000, weight: 1}, {service: off, port: voice, weight: 0}]}]";
+    let inventory = format!(
+        "{}{}{}{}",
+        service("eu", port, &[&eu[0], &eu[1]], &[]),
+        service("us", us_port, &[&us[0]], &[]),
+        service("off", us_port, &[&us[0]], &[]),
+        route("voice", "voice", rules, "")
+    );
+    let proxy = Proxy::start(&base_config(ENTRY_POINTS), &inventory);
+    let entry = proxy.entry_addr("voice");
+    proxy.eventually("the route is ready", |p| view(p, "voice")["ready"] == true);
+    assert_eq!(view(&proxy, "voice")["readyEndpoints"], 4);
+
+    let clients: Vec<UdpSocket> = (0..400).map(|_| client()).collect();
+    let mut by_tag: HashMap<u8, usize> = HashMap::new();
+    let mut first = Vec::new();
+    for c in &clients {
+        let t = tag(c, entry).expect("every session gets an endpoint");
+        *by_tag.entry(t).or_default() += 1;
+        first.push(t);
+    }
+    let eu_share =
+        by_tag.get(&b'E').copied().unwrap_or(0) + by_tag.get(&b'F').copied().unwrap_or(0);
+    let us_share = by_tag.get(&b'U').copied().unwrap_or(0);
+    assert_eq!(eu_share + us_share, 400);
+    assert!(
+        (300 - 32..=300 + 32).contains(&eu_share),
+        "3:1 within ±8 %: {by_tag:?}"
+    );
+    assert!(
+        by_tag[&b'E'] > 100 && by_tag[&b'F'] > 100,
+        "even across eu's endpoints: {by_tag:?}"
+    );
+    // Every datagram of a session reaches the same endpoint.
+    for (c, t) in clients.iter().zip(&first).step_by(10) {
+        for _ in 0..5 {
+            assert_eq!(tag(c, entry), Some(*t));
+        }
+    }
+    assert_eq!(
+        proxy
+            .metric(r#"udp_director_route_sessions_total{route="games/voice",service="games/eu"}"#),
+        eu_share as f64
+    );
+    assert_eq!(
+        proxy.metric(
+            r#"udp_director_route_sessions_total{route="games/voice",service="games/off"}"#
+        ),
+        0.0,
+        "weight 0 gets nothing"
+    );
+    assert_eq!(
+        proxy.metric(r#"udp_director_sessions_created_total{origin="route",protocol="udp"}"#),
+        400.0
+    );
+}
+
+#[test]
+fn source_rules_no_route_and_a_route_timeout() {
+    let (local2, ranged, rest) = (endpoints(b"2"), endpoints(b"R"), endpoints(b"*"));
+    let rules = |catch_all: &str| {
+        format!(
+            "[{{match: {{sourceCidrs: [127.0.0.2/32]}}, backends: [{{service: two, port: voice}}]}}, \
+             {{match: {{sourcePorts: [\"31000-31010\"]}}, backends: [{{service: ranged, port: voice}}]}}, \
+             {{match: {{sourceCidrs: [\"2001:db8::/32\", {catch_all}]}}, backends: [{{service: rest, port: voice}}]}}]"
+        )
+    };
+    let objects = format!(
+        "{}{}{}",
+        service("two", local2[0].addr.port(), &[&local2[0]], &[]),
+        service("ranged", ranged[0].addr.port(), &[&ranged[0]], &[]),
+        service("rest", rest[0].addr.port(), &[&rest[0]], &[]),
+    );
+    let with = |catch_all: &str| {
+        format!(
+            "{objects}{}",
+            route(
+                "voice",
+                "voice",
+                &rules(catch_all),
+                ", sessionTimeoutSeconds: 1"
+            )
+        )
+    };
+    let proxy = Proxy::start(&base_config(ENTRY_POINTS), &with("127.0.0.0/8"));
+    let entry = proxy.entry_addr("voice");
+    proxy.eventually("the route is ready", |p| view(p, "voice")["ready"] == true);
+    // A rule for 127.0.0.2/32 wins over the catch-all for a client bound to that address.
+    assert_eq!(tag(&client_on("127.0.0.2:0"), entry), Some(b'2'));
+    assert_eq!(tag(&client(), entry), Some(b'*'));
+    // A port in the range takes the second rule.
+    let in_range = (31000..=31010)
+        .find_map(|p| UdpSocket::bind(("127.0.0.1", p)).ok())
+        .expect("a free port in 31000-31010");
+    in_range.set_read_timeout(Some(WAIT)).unwrap();
+    assert_eq!(tag(&in_range, entry), Some(b'R'));
+    // A client no rule takes: dropped and counted as no_route.
+    proxy.write_inventory(&with("127.0.0.1/32"));
+    let before = proxy.metric(r#"udp_director_packets_dropped_total{reason="no_route",source="client"}"#);
+    proxy.eventually("a client from 127.0.0.8 has no route", |p| {
+        tag(&client_on("127.0.0.8:0"), entry).is_none()
+            && p.metric(r#"udp_director_packets_dropped_total{reason="no_route",source="client"}"#) > before
+    });
+    assert_eq!(tag(&client(), entry), Some(b'*'), "127.0.0.1 still has one");
+    // The route's 1 s idle timeout ends its sessions.
+    proxy.eventually("idle route sessions end after 1 s", |p| {
+        p.sessions().is_empty()
+    });
+}
+
+#[test]
+fn a_not_ready_endpoint_rehomes_its_sessions_and_gets_no_new_ones() {
+    let eps = endpoints(b"AB");
+    let port = eps[0].addr.port();
+    let rules = "[{backends: [{service: svc, port: voice}]}]";
+    let both = format!(
+        "{}{}",
+        service("svc", port, &[&eps[0], &eps[1]], &[]),
+        route("voice", "voice", rules, "")
+    );
+    let proxy = Proxy::start(&base_config(ENTRY_POINTS), &both);
+    let entry = proxy.entry_addr("voice");
+    proxy.eventually("ready", |p| view(p, "voice")["readyEndpoints"] == 2);
+    let clients: Vec<UdpSocket> = (0..10).map(|_| client()).collect();
+    let tags: Vec<u8> = clients.iter().map(|c| tag(c, entry).unwrap()).collect();
+    let on_a = tags.iter().filter(|t| **t == b'A').count();
+    assert!(on_a > 0 && on_a < 10, "{tags:?}");
+    proxy.write_inventory(&format!(
+        "{}{}",
+        service("svc", port, &[&eps[1]], &[&eps[0]]),
+        route("voice", "voice", rules, "")
+    ));
+    proxy.eventually("A's sessions re-homed", |p| {
+        p.metric(r#"udp_director_route_rehomed_total{route="games/voice"}"#) == on_a as f64
+    });
+    for c in &clients {
+        assert_eq!(tag(c, entry), Some(b'B'), "re-homed or staying on B");
+    }
+    assert_eq!(proxy.sessions().len(), 10, "no session lost");
+    for _ in 0..5 {
+        assert_eq!(tag(&client(), entry), Some(b'B'), "no new session on A");
+    }
+    assert_eq!(
+        proxy.metric("udp_director_sessions_rehomed_total"),
+        on_a as f64
+    );
+}
+
+#[test]
+fn cross_namespace_backends_are_refused_and_tcp_entry_points_route_connections() {
+    let tcp = TcpEcho::tagged(b't');
+    let udp = endpoints(b"U");
+    let inventory = format!(
+        "{}\
+         - {{apiVersion: v1, kind: Service, metadata: {{name: chat, namespace: games}}, spec: {{ports: [{{name: chat, port: 6000}}]}}}}\n\
+         - {{apiVersion: discovery.k8s.io/v1, kind: EndpointSlice, metadata: {{name: chat-1, namespace: games, labels: {{kubernetes.io/service-name: chat}}}}, \
+         ports: [{{name: chat, port: {}}}], endpoints: [{{addresses: [127.0.0.1]}}]}}\n\
+         - {{apiVersion: v1, kind: Service, metadata: {{name: voice, namespace: elsewhere}}, spec: {{ports: [{{name: voice, port: 5000}}]}}}}\n\
+         {}{}",
+        service("voice", udp[0].addr.port(), &[&udp[0]], &[]),
+        tcp.addr.port(),
+        route(
+            "chat",
+            "chat",
+            "[{backends: [{service: chat, port: chat}]}]",
+            ""
+        ),
+        route(
+            "away",
+            "voice",
+            "[{backends: [{service: voice, namespace: elsewhere, port: voice}]}]",
+            ""
+        ),
+    );
+    let proxy = Proxy::start(&base_config(ENTRY_POINTS), &inventory);
+    proxy.eventually("the chat route is ready", |p| {
+        view(p, "chat")["ready"] == true
+    });
+    let mut c = tcp_client(proxy.entry_addr("chat"));
+    c.write_all(b"hi").unwrap();
+    assert_eq!(read_exact_within(&mut c, 3), b"thi");
+    assert_eq!(
+        proxy.metric(r#"udp_director_sessions_created_total{origin="route",protocol="tcp"}"#),
+        1.0
+    );
+    let away = view(&proxy, "away");
+    assert_eq!(away["ready"], false);
+    assert!(
+        away["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("another namespace")),
+        "{away}"
+    );
+    assert_eq!(tag(&client(), proxy.entry_addr("voice")), None, "no_route");
+    // A Route naming an entry point this proxy lacks says so.
+    proxy.write_inventory(&format!(
+        "{inventory}{}",
+        route(
+            "lost",
+            "nope",
+            "[{backends: [{service: voice, port: voice}]}]",
+            ""
+        )
+    ));
+    proxy.eventually("the unknown entry point is reported", |p| {
+        view(p, "lost")["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("entry point `nope`"))
+    });
+}
