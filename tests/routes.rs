@@ -180,10 +180,12 @@ fn source_rules_no_route_and_a_route_timeout() {
     assert_eq!(tag(&in_range, entry), Some(b'R'));
     // A client no rule takes: dropped and counted as no_route.
     proxy.write_inventory(&with("127.0.0.1/32"));
-    let before = proxy.metric(r#"udp_director_packets_dropped_total{reason="no_route",source="client"}"#);
+    let before =
+        proxy.metric(r#"udp_director_packets_dropped_total{reason="no_route",source="client"}"#);
     proxy.eventually("a client from 127.0.0.8 has no route", |p| {
         tag(&client_on("127.0.0.8:0"), entry).is_none()
-            && p.metric(r#"udp_director_packets_dropped_total{reason="no_route",source="client"}"#) > before
+            && p.metric(r#"udp_director_packets_dropped_total{reason="no_route",source="client"}"#)
+                > before
     });
     assert_eq!(tag(&client(), entry), Some(b'*'), "127.0.0.1 still has one");
     // The route's 1 s idle timeout ends its sessions.

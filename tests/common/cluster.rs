@@ -249,6 +249,24 @@ impl Cluster {
         proxy
     }
 
+    /// Starts a proxy with [`PROXY_CONFIG`] on `namespace` as the instance on `node` (status
+    /// entries are written under that name), and waits until it is ready.
+    pub fn start_proxy_as(&self, namespace: &str, node: &str) -> Proxy {
+        let kubeconfig = self.proxy_kubeconfig();
+        let proxy = Proxy::launch(
+            &PROXY_CONFIG.replace("NAMESPACE", namespace),
+            "",
+            &[
+                ("KUBECONFIG", kubeconfig.as_os_str()),
+                ("NODE_NAME", std::ffi::OsStr::new(node)),
+            ],
+        );
+        proxy.eventually_within(READY_WITHIN, "proxy ready", |p| {
+            p.http("GET", "/readyz").0 == 200
+        });
+        proxy
+    }
+
     /// kubectl as the proxy's service account: `auth can-i VERB RESOURCE -n NAMESPACE`;
     /// `RESOURCE` may be `TYPE/NAME`, or `TYPE/status` for the status subresource.
     pub fn proxy_can(&self, verb: &str, resource: &str, namespace: &str) -> bool {

@@ -520,13 +520,17 @@ impl KubeSource {
                 None => watches.push((name, w.stale)),
             }
         }
-        Snapshot {
-            loaded: self
-                .watches
+        // Whether every watch of the feeds `wanted` picks has listed.
+        let listed = |wanted: &dyn Fn(Feed) -> bool| {
+            self.watches
                 .iter()
-                .filter(|w| !matches!(self.plans[w.plan].feed, Feed::Forwarders | Feed::Routes))
-                .all(|w| w.listed),
-            forwarders_loaded: self.watches.iter().all(|w| w.listed),
+                .filter(|w| wanted(self.plans[w.plan].feed))
+                .all(|w| w.listed)
+        };
+        Snapshot {
+            loaded: listed(&|f| !matches!(f, Feed::Forwarders | Feed::Routes)),
+            forwarders_loaded: listed(&|f| f != Feed::Routes),
+            routes_loaded: listed(&|f| f != Feed::Forwarders),
             by_mapping,
             services: of_feed(Feed::Services),
             endpoint_slices: of_feed(Feed::EndpointSlices),

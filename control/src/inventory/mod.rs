@@ -86,9 +86,11 @@ pub struct Snapshot {
     /// True once a source delivered its first complete list of everything but the
     /// forwarders: what queries and the token ports wait for.
     pub loaded: bool,
-    /// True once the `Forwarder` and `Route` objects are listed too (a missing CRD or Role
-    /// keeps only the forwarders and routes waiting, not the token ports).
+    /// True once the forwarders' watches have listed too: what the forwarder reconciler waits
+    /// for (a missing CRD or Role keeps only the forwarders waiting, not the token ports).
     pub forwarders_loaded: bool,
+    /// True once the routes' watches have listed too: what the route reconciler waits for.
+    pub routes_loaded: bool,
     /// Objects per mapping name, sorted by namespace and name.
     pub by_mapping: BTreeMap<String, Vec<Arc<Object>>>,
     /// Services (core v1), for service-based mappings.
@@ -153,6 +155,7 @@ impl Snapshot {
         Self {
             loaded: true,
             forwarders_loaded: true,
+            routes_loaded: true,
             by_mapping,
             services,
             endpoint_slices,

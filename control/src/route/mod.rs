@@ -170,7 +170,7 @@ impl Reconciler {
 
     /// One pass: every entry point's table compiled and, where it changed, swapped in.
     pub fn reconcile(&mut self, snapshot: &Snapshot) {
-        if !snapshot.forwarders_loaded {
+        if !snapshot.routes_loaded {
             return;
         }
         let mut routes = Vec::new();

@@ -1,6 +1,7 @@
-//! Forwarders against the real kube-apiserver (SPEC §6): proxies running as the service account
-//! with only the generated RBAC, two instances at once (distinct node names, on 127.0.0.1 and
-//! 127.0.0.2), each writing its own status entry, and the Service ports they share.
+//! Forwarders (SPEC §6) and routes (SPEC §7) against the real kube-apiserver: proxies running as
+//! the service account with only the generated RBAC, two instances at once (distinct node
+//! names, on 127.0.0.1 and 127.0.0.2), each writing its own status entries, the Service ports
+//! they share, and route tables following Routes, Services and EndpointSlices live.
 //! Skipped, loudly, when no API server is configured; a failure under `CI=true`.
 
 mod common;
@@ -523,5 +524,115 @@ fn the_forwarder_rbac_grants_exactly_what_forwarders_need() {
     assert!(
         !can("patch", "services/lb-udp", &other),
         "another namespace"
+    );
+}
+
+// ---- routes --------------------------------------------------------------------------------
+
+fn endpoint_slice(ns: &str, service: &str, port: u16, endpoints: &[(&str, bool)]) -> String {
+    let eps: Vec<String> = endpoints
+        .iter()
+        .map(|(ip, ready)| format!("{{addresses: [{ip}], conditions: {{ready: {ready}}}}}"))
+        .collect();
+    format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {service}-x, namespace: {ns}, labels: {{kubernetes.io/service-name: {service}}}}}\n\
+         addressType: IPv4\nports: [{{name: voice, port: {port}, protocol: UDP}}]\nendpoints: [{}]\n",
+        eps.join(", ")
+    )
+}
+
+#[test]
+fn routes_follow_route_service_and_endpoint_slice_changes_live() {
+    let Some(c) = cluster() else { return };
+    let ns = c.namespace("routes");
+    let a = Echo::spawn("127.0.0.1:0", Some(b'A'));
+    let port = a.addr.port();
+    let b = Echo::spawn(&format!("127.0.0.3:{port}"), Some(b'B'));
+    c.apply(&format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: voice, namespace: {ns}}}\n\
+         spec: {{clusterIP: None, ports: [{{name: voice, port: 5000, protocol: UDP}}]}}\n"
+    ));
+    c.apply(&endpoint_slice(&ns, "voice", port, &[("127.0.0.1", true)]));
+    let route = |backends: &str| {
+        format!(
+            "apiVersion: udp-director.dev/v1alpha1\nkind: Route\nmetadata: {{name: voice, namespace: {ns}}}\n\
+             spec: {{entryPoint: lobby, rules: [{{backends: [{backends}]}}]}}\n"
+        )
+    };
+    c.apply(&route("{service: voice, port: voice}"));
+    let p = c.start_proxy_as(&ns, "node-r");
+    let entry = p.entry_addr("lobby");
+    let route_instance = || instance_of(c, "routes.udp-director.dev", &ns, "voice", "node-r");
+    eventually_logged(&[&p], "the route reports ready", || {
+        let i = route_instance();
+        i["ready"] == true && i["readyEndpoints"] == 1 && i["observedGeneration"] == 1
+    });
+    let cl = client();
+    assert_eq!(round_trip(&cl, entry, b"1").unwrap(), b"A1");
+
+    // The EndpointSlice changes: A not ready, B ready. The session re-homes to B.
+    c.apply(&endpoint_slice(
+        &ns,
+        "voice",
+        port,
+        &[("127.0.0.1", false), ("127.0.0.3", true)],
+    ));
+    p.eventually("the session re-homed", |p| {
+        p.metric(&format!(
+            r#"udp_director_route_rehomed_total{{route="{ns}/voice"}}"#
+        )) == 1.0
+    });
+    assert_eq!(round_trip(&cl, entry, b"2").unwrap(), b"B2");
+
+    // The Route changes: a missing Service is reported, and its share dropped.
+    c.apply(&route(
+        "{service: voice, port: voice}, {service: gone, port: voice}",
+    ));
+    eventually_logged(&[&p], "the missing Service is in status", || {
+        let i = route_instance();
+        i["ready"] == false
+            && i["observedGeneration"] == 2
+            && i["message"]
+                .as_str()
+                .is_some_and(|m| m.contains(&format!("Service {ns}/gone not found")))
+    });
+    assert_eq!(round_trip(&client(), entry, b"3").unwrap(), b"B3");
+
+    // The Service goes: nothing to route to.
+    c.must(&["delete", "service", "voice", "-n", &ns], None);
+    p.eventually("no route without the Service", |_| {
+        round_trip(&client(), entry, b"4").is_none()
+    });
+    drop(b);
+}
+
+/// `status.instances` entry of `node` in a `resource` object.
+fn instance_of(c: &Cluster, resource: &str, ns: &str, name: &str, node: &str) -> serde_json::Value {
+    let Ok(got) = c.kubectl(&["get", resource, name, "-n", ns, "-o", "json"], None) else {
+        return serde_json::Value::Null;
+    };
+    let v: serde_json::Value = serde_json::from_str(&got).unwrap();
+    v["status"]["instances"]
+        .as_array()
+        .and_then(|list| list.iter().find(|i| i["node"] == node).cloned())
+        .unwrap_or(serde_json::Value::Null)
+}
+
+#[test]
+fn the_route_rbac_lists_routes_and_patches_their_status_only() {
+    let Some(c) = cluster() else { return };
+    let ns = c.namespace("routes-rbac");
+    let can = |verb: &str, resource: &str| c.proxy_can(verb, resource, &ns);
+    assert!(can("list", "routes.udp-director.dev"));
+    assert!(can("watch", "routes.udp-director.dev"));
+    assert!(can("patch", "routes.udp-director.dev/status"));
+    for verb in ["get", "create", "update", "patch", "delete"] {
+        assert!(!can(verb, "routes.udp-director.dev"), "may {verb} routes");
+    }
+    assert!(!can("update", "routes.udp-director.dev/status"));
+    assert!(can("list", "endpointslices.discovery.k8s.io"));
+    assert!(
+        !can("patch", "services"),
+        "no Service writes outside the forwarders' Role"
     );
 }
