@@ -36,6 +36,10 @@ pub(crate) struct CompareArgs {
     /// instead of the data port.
     #[arg(long, conflicts_with = "token")]
     pub(crate) forwarder: bool,
+    /// Clients reach N echo servers (on 127.0.0.1, .3, .4, …, one port) through a route entry
+    /// point: a `Route` over a Service whose EndpointSlice lists them (0: off).
+    #[arg(long, default_value_t = 0, conflicts_with_all = ["token", "forwarder"])]
+    pub(crate) route_endpoints: usize,
     /// Another UDP proxy to compare, as NAME=LISTEN_ADDR=COMMAND; `{echo}` in COMMAND is replaced
     /// by the echo server's address. E.g. socat=127.0.0.1:7900='socat UDP4-LISTEN:7900,fork,reuseaddr UDP4:{echo}'.
     #[arg(long)]
@@ -120,8 +124,18 @@ pub(crate) fn run(args: &CompareArgs) -> anyhow::Result<()> {
         name: "echo",
         addr: echo.addr,
     }];
+    // The route's other endpoints, beside the first echo server.
+    let mut more_echos = Vec::new();
+    for i in 1..args.route_endpoints {
+        let addr = SocketAddr::from(([127, 0, 0, 2 + i as u8], echo.addr.port()));
+        more_echos.push(Echo::start(addr, args.echo_threads, None)?);
+    }
     let (proxy, proxy_target) = if args.forwarder {
         args.proxy.start_forwarder(&servers, &extra)?
+    } else if args.route_endpoints > 0 {
+        let mut endpoints = vec![echo.addr];
+        endpoints.extend(more_echos.iter().map(|e| e.addr));
+        args.proxy.start_route(&servers, &endpoints, &extra)?
     } else {
         let proxy = args.proxy.start(&servers, &extra)?;
         let data = proxy.data;
@@ -138,6 +152,8 @@ pub(crate) fn run(args: &CompareArgs) -> anyhow::Result<()> {
         Contender {
             label: if args.forwarder {
                 "udp-director (forwarder)".into()
+            } else if args.route_endpoints > 0 {
+                format!("udp-director (route, {} endpoints)", args.route_endpoints)
             } else {
                 "udp-director".into()
             },

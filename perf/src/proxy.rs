@@ -23,6 +23,8 @@ pub(crate) struct ProxyProcess {
     pub(crate) query: SocketAddr,
     pub(crate) admin: SocketAddr,
     pub(crate) data: SocketAddr,
+    /// The first route entry point, if any.
+    pub(crate) entry: Option<SocketAddr>,
 }
 
 /// Which proxy a benchmark starts; shared by `compare`, `sessions` and `migrate`.
@@ -91,6 +93,51 @@ impl ProxyArgs {
             }
         }
         bail!("the forwarder on {listen} did not open")
+    }
+
+    /// Starts the chosen proxy as [`Self::start`] does, with an entry point `perf` and a
+    /// `Route` balancing it over `endpoints` (one Service, one EndpointSlice, all on one port);
+    /// returns the proxy and the entry point's address once a datagram through it comes back.
+    pub(crate) fn start_route(
+        &self,
+        servers: &[Server],
+        endpoints: &[SocketAddr],
+        extra: &str,
+    ) -> anyhow::Result<(ProxyProcess, SocketAddr)> {
+        let bin = binary(self.proxy_bin.as_deref())?;
+        let port = endpoints.first().context("an endpoint")?.port();
+        let addresses: Vec<String> = endpoints
+            .iter()
+            .map(|e| format!("{{addresses: [\"{}\"]}}", e.ip()))
+            .collect();
+        let objects = format!(
+            "- {{apiVersion: v1, kind: Service, metadata: {{name: echo, namespace: perf}}, spec: {{ports: [{{name: echo, port: 5000}}]}}}}\n\
+             - {{apiVersion: discovery.k8s.io/v1, kind: EndpointSlice, metadata: {{name: echo-1, namespace: perf, labels: {{kubernetes.io/service-name: echo}}}}, \
+             ports: [{{name: echo, port: {port}}}], endpoints: [{}]}}\n\
+             - {{apiVersion: udp-director.dev/v1alpha1, kind: Route, metadata: {{name: perf, namespace: perf}}, \
+             spec: {{entryPoint: perf, rules: [{{backends: [{{service: echo, port: echo}}]}}]}}}}\n",
+            addresses.join(", ")
+        );
+        let extra = format!("{extra}entryPoints: [{{name: perf, port: 0}}]\n");
+        let proxy = ProxyProcess::start(
+            &bin,
+            servers,
+            self.proxy_workers,
+            "dataPort: 0\n",
+            &extra,
+            &objects,
+        )?;
+        let entry = proxy.entry.context("the proxy printed no entry point")?;
+        let probe = std::net::UdpSocket::bind("127.0.0.1:0")?;
+        probe.set_read_timeout(Some(std::time::Duration::from_millis(50)))?;
+        let mut buf = [0u8; 16];
+        for _ in 0..100 {
+            probe.send_to(b"ready?", entry)?;
+            if probe.recv_from(&mut buf).is_ok() {
+                return Ok((proxy, entry));
+            }
+        }
+        bail!("the route on {entry} did not answer")
     }
 
     /// Starts the chosen proxy on `servers` with one TCP data port instead.
@@ -182,6 +229,10 @@ impl ProxyProcess {
             .context("data port")?
             .1
             .parse()?;
+        let entry = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("entry="))
+            .and_then(|e| e.split(',').next()?.split_once('=')?.1.parse().ok());
         let pid = child.id();
         let proxy = Self {
             child,
@@ -190,6 +241,7 @@ impl ProxyProcess {
             query,
             admin,
             data,
+            entry,
         };
         // Ready once the inventory is in: a query answers with a token.
         for _ in 0..100 {
