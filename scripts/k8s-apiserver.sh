@@ -143,10 +143,12 @@ T
   # API server rebuild its handlers while other tests' watches (EndpointSlices are a CRD here)
   # are live.
   KUBECONFIG=$run/kubeconfig kubectl apply --server-side --field-manager=test \
-    -f "$HERE/deploy/crds/udp-director.dev.yaml" >/dev/null
+    -f "$HERE/deploy/crds/udp-director.dev.yaml" \
+    -f "$HERE/tests/k8s/gateway-api-crds.yaml" >/dev/null
   KUBECONFIG=$run/kubeconfig kubectl wait --for condition=established --timeout=30s \
     crd/gameservers.agones.dev crd/endpointslices.discovery.k8s.io \
-    crd/forwarders.udp-director.dev >/dev/null
+    crd/forwarders.udp-director.dev crd/routes.udp-director.dev \
+    crd/gateways.gateway.networking.k8s.io crd/udproutes.gateway.networking.k8s.io >/dev/null
   echo "k8s-apiserver: ready at https://127.0.0.1:$API_PORT; KUBECONFIG=$run/kubeconfig (admin), $run/kubeconfig-proxy (service account)"
 }
 

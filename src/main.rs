@@ -38,7 +38,12 @@ enum Command {
     Query(QueryArgs),
     /// Print the CustomResourceDefinitions of udp-director (generated from its Rust types; the
     /// copies in `deploy/crds/` are these).
-    Crds,
+    Crds {
+        /// Print the Gateway API CRDs of the types udp-director reads instead, for a test API
+        /// server (clusters install the official ones).
+        #[arg(long)]
+        gateway_api_for_tests: bool,
+    },
     /// Print the least-privilege ClusterRole a config needs (list and watch on exactly the
     /// resource types it watches), and with `forwarders` the Role `NAME-forwarders` in their
     /// namespace, for `deploy/`.
@@ -97,9 +102,15 @@ fn main() -> ExitCode {
         },
         Some(Command::CheckConfig { file }) => check_config(&file),
         Some(Command::Query(q)) => query(&q),
-        Some(Command::Crds) => control::crd::all_yaml()
-            .map(|yaml| print!("{yaml}"))
-            .map_err(anyhow::Error::from),
+        Some(Command::Crds {
+            gateway_api_for_tests,
+        }) => if gateway_api_for_tests {
+            control::crd::gateway_api_yaml()
+        } else {
+            control::crd::all_yaml()
+        }
+        .map(|yaml| print!("{yaml}"))
+        .map_err(anyhow::Error::from),
         Some(Command::Rbac { file, name }) => Config::load(&file)
             .map(|config| {
                 print!("{}", control::inventory::kube::cluster_role(&config, &name));
