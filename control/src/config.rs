@@ -165,6 +165,15 @@ struct RawConfig {
     /// Route settings.
     #[serde(default)]
     routes: Option<RawRoutes>,
+    /// Gateway API: on when present.
+    #[serde(default)]
+    gateway_api: Option<RawGatewayApi>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawGatewayApi {
+    controller_name: String,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -499,6 +508,8 @@ pub struct Config {
     pub entry_points: Vec<DataPort>,
     /// A route may send clients to a Service in another namespace.
     pub routes_allow_cross_namespace: bool,
+    /// The Gateway API controller name this proxy serves GatewayClasses of, when enabled.
+    pub gateway_controller: Option<String>,
 }
 
 /// `forwarders`: declarative `listenPort → targetHost:targetPort` forwarding from `Forwarder`
@@ -758,6 +769,28 @@ impl TryFrom<RawConfig> for Config {
                 .transpose()?,
             entry_points,
             routes_allow_cross_namespace,
+            gateway_controller: match raw.gateway_api {
+                None => None,
+                Some(g) => {
+                    let name = g.controller_name;
+                    // The API's form: a domain-prefixed path (`example.net/gateway-controller`).
+                    let valid = name
+                        .split_once('/')
+                        .is_some_and(|(domain, path)| {
+                            domain.contains('.') && !path.is_empty() && name.len() <= 253
+                        });
+                    if !valid {
+                        return Err(invalid(
+                            "gatewayApi.controllerName",
+                            format!(
+                                "`{}` is not a domain-prefixed path like udp-director.dev/gateway-controller",
+                                quote(&name)
+                            ),
+                        ));
+                    }
+                    Some(name)
+                }
+            },
         })
     }
 }

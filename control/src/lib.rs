@@ -11,6 +11,7 @@ pub mod conn_limit;
 pub mod crd;
 pub mod director;
 pub mod forwarder;
+pub mod gateway;
 pub mod inventory;
 pub mod jsonpath;
 pub mod metrics;

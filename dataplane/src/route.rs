@@ -126,6 +126,10 @@ pub struct RouteBackend {
     pub endpoints: Vec<SocketAddr>,
     /// Sessions opened to it.
     pub sessions: Arc<RouteCounter>,
+    /// An invalid backend (a reference that does not resolve) that keeps its weighted share:
+    /// clients it is picked for get no session, as the Gateway API asks, instead of going to
+    /// the other backends.
+    pub drops_share: bool,
 }
 
 /// One rule of a route.
@@ -216,7 +220,7 @@ impl RouteTable {
         let mut total = 0i64;
         let mut best: Option<usize> = None;
         for (i, b) in rule.backends.iter().enumerate() {
-            if b.weight == 0 || b.endpoints.is_empty() {
+            if b.weight == 0 || (b.endpoints.is_empty() && !b.drops_share) {
                 continue;
             }
             let w = i64::from(b.weight);
@@ -229,6 +233,9 @@ impl RouteTable {
         let chosen = best?;
         state.current[chosen] -= total;
         let backend = &rule.backends[chosen];
+        if backend.endpoints.is_empty() {
+            return None; // an invalid backend's share
+        }
         let turn = state.next_endpoint[chosen] % backend.endpoints.len();
         state.next_endpoint[chosen] = turn + 1;
         Some(Pick {
@@ -275,6 +282,7 @@ mod tests {
             weight,
             endpoints: endpoints.iter().map(|e| addr(e)).collect(),
             sessions: Arc::default(),
+            drops_share: false,
         }
     }
 
@@ -378,6 +386,20 @@ mod tests {
             !counts.contains_key(&addr("10.0.2.1:1")),
             "weight 0 gets none"
         );
+    }
+
+    #[test]
+    fn an_invalid_backend_drops_its_share() {
+        let mut invalid = backend("missing", 1, &[]);
+        invalid.drops_share = true;
+        let table = RouteTable {
+            rules: vec![rule(1, Match::default(), vec![backend("ok", 1, &["10.0.0.1:1"]), invalid])],
+        };
+        let mut p = Picker::default();
+        let served = (0..100)
+            .filter(|i| table.pick(&mut p, addr(&format!("1.1.1.1:{i}"))).is_some())
+            .count();
+        assert_eq!(served, 50, "half the clients fall in the invalid backend's share");
     }
 
     #[test]

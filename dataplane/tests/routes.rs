@@ -21,6 +21,7 @@ fn backend(weight: u32, endpoints: &[SocketAddr], sessions: &Arc<RouteCounter>) 
         weight,
         endpoints: endpoints.to_vec(),
         sessions: Arc::clone(sessions),
+        drops_share: false,
     }
 }
 

@@ -50,6 +50,8 @@ pub enum Feed {
     Forwarders,
     /// `Route` objects.
     Routes,
+    /// Gateway API objects.
+    Gateway,
 }
 
 /// Where a resource type is watched.
@@ -131,7 +133,38 @@ pub fn plan(config: &Config) -> Vec<WatchPlan> {
             scope: Scope::Inventory,
         });
     }
-    if config.forwarders.is_some() || !config.entry_points.is_empty() {
+    if config.gateway_controller.is_some() {
+        let gateway = |version: &str, kind: &str, plural: &str| ApiResource {
+            group: crate::crd::gateway::GROUP.into(),
+            version: version.into(),
+            api_version: format!("{}/{version}", crate::crd::gateway::GROUP),
+            kind: kind.into(),
+            plural: plural.into(),
+        };
+        plans.push(WatchPlan {
+            resource: gateway("v1", "GatewayClass", "gatewayclasses"),
+            label_selector: None,
+            feed: Feed::Gateway,
+            scope: Scope::Cluster,
+        });
+        for (version, kind, plural) in [
+            ("v1", "Gateway", "gateways"),
+            ("v1", "UDPRoute", "udproutes"),
+            ("v1", "TCPRoute", "tcproutes"),
+            ("v1beta1", "ReferenceGrant", "referencegrants"),
+        ] {
+            plans.push(WatchPlan {
+                resource: gateway(version, kind, plural),
+                label_selector: None,
+                feed: Feed::Gateway,
+                scope: Scope::Inventory,
+            });
+        }
+    }
+    if config.forwarders.is_some()
+        || !config.entry_points.is_empty()
+        || config.gateway_controller.is_some()
+    {
         // A forwarder's `<service>.<namespace>.svc` target, or a route's backend, may name
         // any Service, so every Service and EndpointSlice is watched (which also covers
         // service-based mappings).
@@ -252,6 +285,12 @@ pub fn cluster_role(config: &Config, name: &str) -> String {
             out,
             "- apiGroups: [\"{group}\"]\n  resources: [{}]\n  verbs: [list, watch]\n",
             resources.join(", ")
+        );
+    }
+    if config.gateway_controller.is_some() {
+        // The status the Gateway API defines, for the classes, Gateways and routes served.
+        out.push_str(
+            "- apiGroups: [\"gateway.networking.k8s.io\"]\n  resources: [gatewayclasses/status, gateways/status, tcproutes/status, udproutes/status]\n  verbs: [patch]\n",
         );
     }
     if !config.entry_points.is_empty() {
@@ -529,14 +568,16 @@ impl KubeSource {
                 .all(|w| w.listed)
         };
         Snapshot {
-            loaded: listed(&|f| !matches!(f, Feed::Forwarders | Feed::Routes)),
-            forwarders_loaded: listed(&|f| f != Feed::Routes),
-            routes_loaded: listed(&|f| f != Feed::Forwarders),
+            loaded: listed(&|f| !matches!(f, Feed::Forwarders | Feed::Routes | Feed::Gateway)),
+            forwarders_loaded: listed(&|f| !matches!(f, Feed::Routes | Feed::Gateway)),
+            routes_loaded: listed(&|f| !matches!(f, Feed::Forwarders | Feed::Gateway)),
+            gateway_loaded: listed(&|f| !matches!(f, Feed::Forwarders | Feed::Routes)),
             by_mapping,
             services: of_feed(Feed::Services),
             endpoint_slices: of_feed(Feed::EndpointSlices),
             forwarders: of_feed(Feed::Forwarders),
             routes: of_feed(Feed::Routes),
+            gateway_api: of_feed(Feed::Gateway),
             watches,
         }
     }

@@ -91,6 +91,8 @@ pub struct Snapshot {
     pub forwarders_loaded: bool,
     /// True once the routes' watches have listed too: what the route reconciler waits for.
     pub routes_loaded: bool,
+    /// True once the Gateway API watches have listed too: what the gateway reconciler waits for.
+    pub gateway_loaded: bool,
     /// Objects per mapping name, sorted by namespace and name.
     pub by_mapping: BTreeMap<String, Vec<Arc<Object>>>,
     /// Services (core v1), for service-based mappings.
@@ -101,6 +103,9 @@ pub struct Snapshot {
     pub forwarders: Vec<Arc<Object>>,
     /// `Route` objects, in name order.
     pub routes: Vec<Arc<Object>>,
+    /// Gateway API objects (GatewayClass, Gateway, UDPRoute, TCPRoute, ReferenceGrant), in name
+    /// order.
+    pub gateway_api: Vec<Arc<Object>>,
     /// Every watched resource (`gameservers.agones.dev`, `services`, …) and whether its cache
     /// is stale: its watch failed and has not yet re-listed. Empty for the file source.
     pub watches: Vec<(String, bool)>,
@@ -122,6 +127,7 @@ impl Snapshot {
         let mut endpoint_slices = Vec::new();
         let mut forwarders = Vec::new();
         let mut routes = Vec::new();
+        let mut gateway_api = Vec::new();
         for object in objects {
             let object = Arc::new(object);
             if crate::forwarder::is_forwarder(&object) {
@@ -129,6 +135,9 @@ impl Snapshot {
             }
             if crate::route::is_route(&object) {
                 routes.push(Arc::clone(&object));
+            }
+            if crate::gateway::is_gateway_api(&object) {
+                gateway_api.push(Arc::clone(&object));
             }
             if object.api_version == SERVICE_API_VERSION && object.kind == "Service" {
                 services.push(Arc::clone(&object));
@@ -152,15 +161,18 @@ impl Snapshot {
         sort_by_name(&mut endpoint_slices);
         sort_by_name(&mut forwarders);
         sort_by_name(&mut routes);
+        sort_by_name(&mut gateway_api);
         Self {
             loaded: true,
             forwarders_loaded: true,
             routes_loaded: true,
+            gateway_loaded: true,
             by_mapping,
             services,
             endpoint_slices,
             forwarders,
             routes,
+            gateway_api,
             watches: Vec::new(),
         }
     }

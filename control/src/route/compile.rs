@@ -131,7 +131,7 @@ fn port_range(text: &str) -> Result<(u16, u16), String> {
 }
 
 /// What the compile reads besides the routes.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy)]
 pub struct Inputs<'a> {
     /// Services (any namespace).
     pub services: &'a [Arc<Object>],
@@ -143,6 +143,20 @@ pub struct Inputs<'a> {
     pub allow_cross_namespace: bool,
     /// `sessionTimeoutSeconds`, for routes that set none.
     pub session_timeout: Duration,
+    /// Gateway API rules: a backend in another namespace needs a ReferenceGrant there (this
+    /// says whether one permits route namespace → Service namespace/name), instead of
+    /// `allow_cross_namespace`; and an invalid backend keeps its weighted share (dropped).
+    pub gateway: Option<&'a dyn Fn(&str, &str, &str) -> bool>,
+}
+
+impl std::fmt::Debug for Inputs<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inputs")
+            .field("entry_points", &self.entry_points)
+            .field("allow_cross_namespace", &self.allow_cross_namespace)
+            .field("gateway", &self.gateway.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 /// One route's outcome.
@@ -156,6 +170,10 @@ pub struct RouteReport {
     pub ready_endpoints: u32,
     /// What is wrong; ready when empty.
     pub problems: Vec<String>,
+    /// A backend's Service (or its port) does not exist.
+    pub not_found: bool,
+    /// A backend in another namespace is not permitted.
+    pub not_permitted: bool,
 }
 
 /// The counters a compile hands to the tables, kept across compiles so counts survive a swap:
@@ -234,10 +252,26 @@ pub fn compile(routes: &[RouteObject], inputs: Inputs<'_>, counters: &mut Counte
                             weight: b.weight,
                             endpoints,
                             sessions,
+                            drops_share: false,
                         });
                     }
-                    // An invalid backend drops its weighted share.
-                    Err(why) => report.problems.push(why),
+                    Err(refusal) => {
+                        match refusal.kind {
+                            Refusal::NotFound => report.not_found = true,
+                            Refusal::NotPermitted => report.not_permitted = true,
+                        }
+                        report.problems.push(refusal.why);
+                        // The Gateway API keeps an invalid backend's share, and drops it.
+                        if inputs.gateway.is_some() && b.weight > 0 {
+                            backends.push(RouteBackend {
+                                service: format!("(invalid) {}", b.service),
+                                weight: b.weight,
+                                endpoints: Vec::new(),
+                                sessions: Arc::default(),
+                                drops_share: true,
+                            });
+                        }
+                    }
                 }
             }
             let rehomed_id = (full.clone(), key);
@@ -267,25 +301,58 @@ fn rule_key(route: &str, index: usize) -> u64 {
     h.finish()
 }
 
+/// Why a backend is left out.
+#[derive(Debug)]
+struct Refused {
+    kind: Refusal,
+    why: String,
+}
+
+#[derive(Debug)]
+enum Refusal {
+    NotFound,
+    NotPermitted,
+}
+
+fn not_found(why: String) -> Refused {
+    Refused {
+        kind: Refusal::NotFound,
+        why,
+    }
+}
+
 /// The ready endpoints of a backend's Service port, sorted; the error says why there are none
 /// to speak of (refused namespace, no such Service or port).
 fn endpoints_of(
     route: &RouteObject,
     backend: &RouteBackendRef,
     inputs: Inputs<'_>,
-) -> Result<(String, Vec<SocketAddr>), String> {
+) -> Result<(String, Vec<SocketAddr>), Refused> {
     let namespace = backend.namespace.as_deref().unwrap_or(&route.namespace);
     let service_name = format!("{namespace}/{}", backend.service);
-    if namespace != route.namespace && !inputs.allow_cross_namespace {
-        return Err(format!(
-            "backend {service_name} is in another namespace (set routes.allowCrossNamespace)"
-        ));
+    if namespace != route.namespace {
+        let (permitted, how) = match inputs.gateway {
+            Some(granted) => (
+                granted(&route.namespace, namespace, &backend.service),
+                "no ReferenceGrant there permits it",
+            ),
+            None => (
+                inputs.allow_cross_namespace,
+                "set routes.allowCrossNamespace",
+            ),
+        };
+        if !permitted {
+            return Err(Refused {
+                kind: Refusal::NotPermitted,
+                why: format!("backend {service_name} is in another namespace ({how})"),
+            });
+        }
     }
     let service = inputs
         .services
         .iter()
         .find(|s| s.namespace == namespace && s.name == backend.service)
-        .ok_or_else(|| format!("Service {service_name} not found"))?;
+        .ok_or_else(|| not_found(format!("Service {service_name} not found")))?;
     let ports = service
         .raw
         .pointer("/spec/ports")
@@ -306,7 +373,7 @@ fn endpoints_of(
                 ServicePortRef::Name(n) => n.clone(),
                 ServicePortRef::Number(n) => n.to_string(),
             };
-            format!("Service {service_name} has no port {port}")
+            not_found(format!("Service {service_name} has no port {port}"))
         })?;
     let mut endpoints: Vec<SocketAddr> = inputs
         .slices
@@ -399,6 +466,7 @@ mod tests {
             entry_points: eps,
             allow_cross_namespace: false,
             session_timeout: Duration::from_secs(300),
+            gateway: None,
         }
     }
 

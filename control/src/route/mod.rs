@@ -192,6 +192,7 @@ impl Reconciler {
             entry_points: &self.names,
             allow_cross_namespace: self.allow_cross_namespace,
             session_timeout: self.session_timeout,
+            gateway: None,
         };
         let Compiled { tables, reports } = compile::compile(&routes, inputs, &mut self.counters);
         for (name, table) in tables {
