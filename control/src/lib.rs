@@ -198,6 +198,12 @@ pub fn start(config: Arc<Config>, plane: &DataPlane) -> Result<ControlPlane, Con
     if let Some(r) = &routes {
         metrics.register_collector(Box::new(route::metrics::RouteCollector(r.views())));
     }
+    let gateways = gateway::Reconciler::new(
+        &config,
+        plane.controller(),
+        kube.clone()
+            .map(|client| status::Writer::new(client, String::new(), node_name())),
+    );
     let forwarders =
         forwarder_reconciler(&config, plane, kube, query_addr, admin_addr, &entry_points);
     if let Some(f) = &forwarders {
@@ -224,6 +230,7 @@ pub fn start(config: Arc<Config>, plane: &DataPlane) -> Result<ControlPlane, Con
                 admin_listener,
                 forwarders,
                 routes,
+                gateways,
             ));
         })
         .map_err(ControlError::Spawn)?;
@@ -246,6 +253,7 @@ async fn run(
     admin_listener: TcpListener,
     forwarders: Option<forwarder::Reconciler>,
     routes: Option<route::Reconciler>,
+    gateways: Option<gateway::Reconciler>,
 ) {
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut inventory_rx = inventory_tx.subscribe();
@@ -254,6 +262,9 @@ async fn run(
     }
     if let Some(r) = routes {
         tokio::spawn(r.run(inventory_tx.subscribe()));
+    }
+    if let Some(g) = gateways {
+        tokio::spawn(g.run(inventory_tx.subscribe()));
     }
     tokio::spawn(inventory::run(source, inventory_tx));
     tokio::spawn(server::serve(

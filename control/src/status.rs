@@ -29,25 +29,47 @@ use crate::inventory::Snapshot;
 /// A custom resource whose status this proxy writes.
 #[derive(Clone, Copy, Debug, Eq, Hash, Ord, PartialEq, PartialOrd)]
 pub enum StatusOf {
-    /// `forwarders.udp-director.dev`.
+    /// `forwarders.udp-director.dev`: an entry per node.
     Forwarder,
-    /// `routes.udp-director.dev`.
+    /// `routes.udp-director.dev`: an entry per node.
     Route,
+    /// `gatewayclasses.gateway.networking.k8s.io` (cluster-scoped): the whole status.
+    GatewayClass,
+    /// `gateways.gateway.networking.k8s.io`: the whole status.
+    Gateway,
+    /// `udproutes.gateway.networking.k8s.io`: the whole status.
+    UdpRoute,
+    /// `tcproutes.gateway.networking.k8s.io`: the whole status.
+    TcpRoute,
 }
+
+/// The field manager of Gateway API status, shared by every instance: the API has one status
+/// per object, not one per node, and every instance computes it from the same objects.
+pub const GATEWAY_STATUS_MANAGER: &str = "udp-director-gateway";
 
 impl StatusOf {
     fn resource(self) -> ApiResource {
-        let (kind, plural) = match self {
-            Self::Forwarder => ("Forwarder", "forwarders"),
-            Self::Route => ("Route", "routes"),
+        let (group, version, kind, plural) = match self {
+            Self::Forwarder => ("udp-director.dev", "v1alpha1", "Forwarder", "forwarders"),
+            Self::Route => ("udp-director.dev", "v1alpha1", "Route", "routes"),
+            Self::GatewayClass => (crate::crd::gateway::GROUP, "v1", "GatewayClass", "gatewayclasses"),
+            Self::Gateway => (crate::crd::gateway::GROUP, "v1", "Gateway", "gateways"),
+            Self::UdpRoute => (crate::crd::gateway::GROUP, "v1", "UDPRoute", "udproutes"),
+            Self::TcpRoute => (crate::crd::gateway::GROUP, "v1", "TCPRoute", "tcproutes"),
         };
         ApiResource {
-            group: "udp-director.dev".into(),
-            version: "v1alpha1".into(),
-            api_version: "udp-director.dev/v1alpha1".into(),
+            group: group.into(),
+            version: version.into(),
+            api_version: format!("{group}/{version}"),
             kind: kind.into(),
             plural: plural.into(),
         }
+    }
+
+    /// Whether each instance writes its own entry of `status.instances` (else the whole
+    /// status, under [`GATEWAY_STATUS_MANAGER`]).
+    fn per_node(self) -> bool {
+        matches!(self, Self::Forwarder | Self::Route)
     }
 }
 
@@ -164,33 +186,41 @@ impl Writer {
         }
     }
 
-    /// Applies this instance's entry of an object's `status.instances`, stamped with
-    /// `lastUpdateTime`.
-    pub async fn write_instance(
-        &self,
-        key: &StatusKey,
-        instance: &Value,
-    ) -> Result<(), kube::Error> {
-        let mut instance = instance.clone();
-        if let Some(map) = instance.as_object_mut() {
-            map.insert(
-                "lastUpdateTime".into(),
-                Value::from(k8s_openapi::jiff::Timestamp::now().to_string()),
-            );
-        }
+    /// Applies what `key` should say: this instance's entry of `status.instances`, stamped
+    /// with `lastUpdateTime` (forwarders, routes), or the whole status with every condition's
+    /// empty `lastTransitionTime` stamped (Gateway API objects).
+    pub async fn write_instance(&self, key: &StatusKey, value: &Value) -> Result<(), kube::Error> {
+        let now = k8s_openapi::jiff::Timestamp::now().to_string();
+        let mut value = value.clone();
         let resource = key.of.resource();
+        let (status, manager) = if key.of.per_node() {
+            if let Some(map) = value.as_object_mut() {
+                map.insert("lastUpdateTime".into(), Value::from(now));
+            }
+            (json!({"instances": [value]}), self.manager.as_str())
+        } else {
+            stamp_conditions(&mut value, &now);
+            (value, GATEWAY_STATUS_MANAGER)
+        };
+        let mut metadata = json!({"name": key.name});
+        if !key.namespace.is_empty() {
+            metadata["namespace"] = Value::from(key.namespace.clone());
+        }
         let patch = json!({
             "apiVersion": resource.api_version,
             "kind": resource.kind,
-            "metadata": {"name": key.name, "namespace": key.namespace},
-            "status": {"instances": [instance]},
+            "metadata": metadata,
+            "status": status,
         });
-        let api: Api<DynamicObject> =
-            Api::namespaced_with(self.client.clone(), &key.namespace, &resource);
-        // Forced: the entry is this node's alone, whoever wrote it last (an earlier pod).
+        let api: Api<DynamicObject> = if key.namespace.is_empty() {
+            Api::all_with(self.client.clone(), &resource)
+        } else {
+            Api::namespaced_with(self.client.clone(), &key.namespace, &resource)
+        };
+        // Forced: what this manager writes is its own, whoever wrote it last (an earlier pod).
         api.patch_status(
             &key.name,
-            &PatchParams::apply(&self.manager).force(),
+            &PatchParams::apply(manager).force(),
             &Patch::Apply(&patch),
         )
         .await
@@ -229,6 +259,26 @@ impl Writer {
         )
         .await
         .map(drop)
+    }
+}
+
+/// Sets every empty `lastTransitionTime` under `value` to `now`.
+fn stamp_conditions(value: &mut Value, now: &str) {
+    match value {
+        Value::Object(map) => {
+            if map.get("lastTransitionTime").and_then(Value::as_str) == Some("") {
+                map.insert("lastTransitionTime".into(), Value::from(now));
+            }
+            for v in map.values_mut() {
+                stamp_conditions(v, now);
+            }
+        }
+        Value::Array(items) => {
+            for v in items {
+                stamp_conditions(v, now);
+            }
+        }
+        _ => {}
     }
 }
 

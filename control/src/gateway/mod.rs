@@ -11,3 +11,343 @@ pub fn is_gateway_api(o: &crate::inventory::Object) -> bool {
         .strip_prefix(crate::crd::gateway::GROUP)
         .is_some_and(|rest| rest.starts_with('/'))
 }
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use dataplane::{
+    CloseMode, Controller, ListenerKind, ListenerSpec, OpenedListener, RouteTable, Transport,
+};
+use serde_json::{Value, json};
+use tokio::sync::watch;
+
+use crate::config::Config;
+use crate::crd::gateway::{GROUP, ParentReference};
+use crate::inventory::Snapshot;
+use crate::route::compile::{self as routes, Counters, Inputs, RouteReport};
+use crate::status::{StatusKey, StatusOf, Wanted, Writer};
+use compile::{Model, Plan, RouteKind};
+
+/// A Gateway listener the reconciler holds open.
+#[derive(Debug)]
+struct Held {
+    handle: OpenedListener,
+    port: u16,
+    transport: Transport,
+}
+
+/// The Gateway API reconciler.
+pub struct Reconciler {
+    controller_name: String,
+    controller: Controller,
+    bind: IpAddr,
+    session_timeout: Duration,
+    held: BTreeMap<String, Held>,
+    /// Counters per route kind (each kind's routes compile apart: grants are per kind).
+    counters: [Counters; 2],
+    fingerprints: BTreeMap<String, String>,
+    writer: Option<Writer>,
+    writes: Option<watch::Sender<Arc<Wanted>>>,
+}
+
+impl std::fmt::Debug for Reconciler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reconciler")
+            .field("controller_name", &self.controller_name)
+            .field("held", &self.held)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A condition as the API defines it; `lastTransitionTime` is stamped when written.
+fn condition(type_: &str, ok: bool, reason: &str, message: &str, generation: Option<i64>) -> Value {
+    json!({
+        "type": type_,
+        "status": if ok { "True" } else { "False" },
+        "reason": reason,
+        "message": message,
+        "observedGeneration": generation,
+        "lastTransitionTime": "",
+    })
+}
+
+impl Reconciler {
+    /// A reconciler for `gatewayApi.controllerName`; `None` when the Gateway API is off.
+    pub fn new(config: &Config, controller: Controller, writer: Option<Writer>) -> Option<Self> {
+        Some(Self {
+            controller_name: config.gateway_controller.clone()?,
+            controller,
+            bind: config.bind_address,
+            session_timeout: config.session_timeout,
+            held: BTreeMap::new(),
+            counters: Default::default(),
+            fingerprints: BTreeMap::new(),
+            writer,
+            writes: None,
+        })
+    }
+
+    /// Runs until the inventory channel closes.
+    pub async fn run(mut self, mut inventory: watch::Receiver<Arc<Snapshot>>) {
+        if let Some(writer) = self.writer.take() {
+            let (tx, rx) = watch::channel(Arc::new(Wanted::default()));
+            self.writes = Some(tx);
+            tokio::spawn(writer.run(rx, inventory.clone()));
+        }
+        loop {
+            let snapshot = Arc::clone(&inventory.borrow_and_update());
+            self.reconcile(&snapshot);
+            // A port a closing listener still holds is tried again shortly.
+            let retry = tokio::time::sleep(Duration::from_secs(1));
+            tokio::select! {
+                changed = inventory.changed() => if changed.is_err() { return },
+                () = retry => {}
+            }
+        }
+    }
+
+    /// One pass: listeners opened and closed as the Gateways say, tables compiled and swapped,
+    /// status handed to the writer.
+    pub fn reconcile(&mut self, snapshot: &Snapshot) {
+        if !snapshot.gateway_loaded {
+            return;
+        }
+        let model = Model::read(&snapshot.gateway_api);
+        let plan = compile::plan(&model, &self.controller_name);
+        let opened = self.sync_listeners(&plan);
+        let mut reports: BTreeMap<(String, String), RouteReport> = BTreeMap::new();
+        for (i, kind) in [RouteKind::Udp, RouteKind::Tcp].into_iter().enumerate() {
+            let objects: Vec<_> = plan
+                .route_objects
+                .iter()
+                .filter(|r| r.name.starts_with(&kind.as_str().to_ascii_lowercase()))
+                .cloned()
+                .collect();
+            let names: Vec<String> = plan
+                .listeners
+                .iter()
+                .filter(|l| l.transport == kind.transport() && opened.get(&l.key).is_some_and(Result::is_ok))
+                .map(|l| l.key.clone())
+                .collect();
+            let granted = |from: &str, to: &str, service: &str| model.granted(kind, from, to, service);
+            let inputs = Inputs {
+                services: &snapshot.services,
+                slices: &snapshot.endpoint_slices,
+                entry_points: &names,
+                allow_cross_namespace: false,
+                session_timeout: self.session_timeout,
+                gateway: Some(&granted),
+            };
+            let compiled = routes::compile(&objects, inputs, &mut self.counters[i]);
+            for (key, table) in compiled.tables {
+                self.swap(&key, table);
+            }
+            reports.extend(compiled.reports);
+        }
+        self.publish(&plan, &opened, &reports);
+    }
+
+    /// Opens the listeners the plan has and closes the others; what each opened to, or why not.
+    fn sync_listeners(&mut self, plan: &Plan) -> BTreeMap<String, Result<SocketAddr, String>> {
+        let stale: Vec<String> = self
+            .held
+            .iter()
+            .filter(|(key, held)| {
+                !plan
+                    .listeners
+                    .iter()
+                    .any(|l| l.key == **key && l.port == held.port && l.transport == held.transport)
+            })
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in stale {
+            if let Some(held) = self.held.remove(&key) {
+                log::info!("gateway listener {key}: closing");
+                self.controller.close_listener(&held.handle, CloseMode::End);
+                self.fingerprints.remove(&key);
+            }
+        }
+        let mut out = BTreeMap::new();
+        for l in &plan.listeners {
+            if let Some(held) = self.held.get(&l.key) {
+                out.insert(l.key.clone(), Ok(held.handle.addr));
+                continue;
+            }
+            let spec = ListenerSpec {
+                owner: format!("gateway listener {}", l.key),
+                bind: SocketAddr::new(self.bind, l.port),
+                transport: l.transport,
+                kind: ListenerKind::Route {
+                    table: Arc::new(RouteTable::default()),
+                },
+                idle_timeout: self.session_timeout,
+            };
+            match self.controller.open_listener(spec) {
+                Ok(handle) => {
+                    log::info!("gateway listener {}: open on {}", l.key, handle.addr);
+                    out.insert(l.key.clone(), Ok(handle.addr));
+                    self.held.insert(
+                        l.key.clone(),
+                        Held {
+                            handle,
+                            port: l.port,
+                            transport: l.transport,
+                        },
+                    );
+                }
+                Err(e) => {
+                    out.insert(l.key.clone(), Err(e.to_string()));
+                }
+            }
+        }
+        out
+    }
+
+    fn swap(&mut self, key: &str, table: RouteTable) {
+        let fingerprint = crate::route::fingerprint(&table);
+        if self.fingerprints.get(key) == Some(&fingerprint) {
+            return;
+        }
+        let Some(held) = self.held.get(key) else { return };
+        let kind = ListenerKind::Route {
+            table: Arc::new(table),
+        };
+        if self
+            .controller
+            .update_listener(&held.handle, kind, self.session_timeout)
+        {
+            self.fingerprints.insert(key.to_string(), fingerprint);
+        }
+    }
+
+    /// The status the API defines, for the writer.
+    fn publish(
+        &self,
+        plan: &Plan,
+        opened: &BTreeMap<String, Result<SocketAddr, String>>,
+        reports: &BTreeMap<(String, String), RouteReport>,
+    ) {
+        let Some(tx) = &self.writes else { return };
+        let mut statuses = BTreeMap::new();
+        for class in &plan.classes {
+            let status = json!({"conditions": [condition("Accepted", true, "Accepted", "", class.generation)]});
+            statuses.insert(key(StatusOf::GatewayClass, "", &class.name), (String::new(), status));
+        }
+        let attached = compile::attached_counts(plan);
+        for (m, gw) in &plan.gateways {
+            let mut listeners = Vec::new();
+            let mut all_programmed = true;
+            for l in &gw.listeners {
+                let lkey = format!("{}/{}/{}", m.namespace, m.name, l.name);
+                let kind = match l.protocol.as_str() {
+                    "UDP" => Some("UDPRoute"),
+                    "TCP" => Some("TCPRoute"),
+                    _ => None,
+                };
+                let g = m.generation;
+                let conditions = match (kind, opened.get(&lkey)) {
+                    (None, _) => {
+                        all_programmed = false;
+                        vec![
+                            condition("Accepted", false, "UnsupportedProtocol", &format!("protocol {} is not served (UDP and TCP are)", l.protocol), g),
+                            condition("Programmed", false, "Invalid", "not served", g),
+                            condition("ResolvedRefs", false, "InvalidRouteKinds", "", g),
+                        ]
+                    }
+                    (Some(_), Some(Ok(_))) => vec![
+                        condition("Accepted", true, "Accepted", "", g),
+                        condition("Programmed", true, "Programmed", "", g),
+                        condition("ResolvedRefs", true, "ResolvedRefs", "", g),
+                    ],
+                    (Some(_), other) => {
+                        all_programmed = false;
+                        let why = match other {
+                            Some(Err(e)) => e.clone(),
+                            _ => "not opened".into(),
+                        };
+                        vec![
+                            condition("Accepted", false, "PortUnavailable", &why, g),
+                            condition("Programmed", false, "Invalid", &why, g),
+                            condition("ResolvedRefs", true, "ResolvedRefs", "", g),
+                        ]
+                    }
+                };
+                listeners.push(json!({
+                    "name": l.name,
+                    "attachedRoutes": attached.get(&lkey).copied().unwrap_or(0),
+                    "supportedKinds": kind.map(|k| vec![json!({"group": GROUP, "kind": k})]).unwrap_or_default(),
+                    "conditions": conditions,
+                }));
+            }
+            let status = json!({
+                "conditions": [
+                    condition("Accepted", true, "Accepted", "", m.generation),
+                    if all_programmed {
+                        condition("Programmed", true, "Programmed", "", m.generation)
+                    } else {
+                        condition("Programmed", false, "Invalid", "a listener is not open; see its conditions", m.generation)
+                    },
+                ],
+                "listeners": listeners,
+            });
+            statuses.insert(key(StatusOf::Gateway, &m.namespace, &m.name), (String::new(), status));
+        }
+        // Routes: one `parents` entry per parent this controller serves.
+        let mut parents: BTreeMap<(RouteKind, String, String), Vec<Value>> = BTreeMap::new();
+        for a in &plan.attachments {
+            let g = a.route.generation;
+            let report_name = format!("{}/{}", a.kind.as_str().to_ascii_lowercase(), a.route.name);
+            let report = reports.get(&(a.route.namespace.clone(), report_name));
+            let accepted = match &a.accepted {
+                Ok(()) => condition("Accepted", true, "Accepted", "", g),
+                Err((reason, message)) => condition("Accepted", false, reason, message, g),
+            };
+            let resolved = match report {
+                Some(r) if r.not_permitted => condition("ResolvedRefs", false, "RefNotPermitted", &r.problems.join("; "), g),
+                Some(r) if r.not_found => condition("ResolvedRefs", false, "BackendNotFound", &r.problems.join("; "), g),
+                _ => condition("ResolvedRefs", true, "ResolvedRefs", "", g),
+            };
+            parents
+                .entry((a.kind, a.route.namespace.clone(), a.route.name.clone()))
+                .or_default()
+                .push(json!({
+                    "parentRef": parent_ref(&a.parent),
+                    "controllerName": self.controller_name,
+                    "conditions": [accepted, resolved],
+                }));
+        }
+        for ((kind, namespace, name), list) in parents {
+            let of = match kind {
+                RouteKind::Udp => StatusOf::UdpRoute,
+                RouteKind::Tcp => StatusOf::TcpRoute,
+            };
+            statuses.insert(key(of, &namespace, &name), (String::new(), json!({"parents": list})));
+        }
+        let wanted = Wanted {
+            statuses,
+            services: BTreeMap::new(),
+        };
+        tx.send_if_modified(|current| {
+            let changed = **current != wanted;
+            if changed {
+                *current = Arc::new(wanted);
+            }
+            changed
+        });
+    }
+}
+
+fn key(of: StatusOf, namespace: &str, name: &str) -> StatusKey {
+    StatusKey {
+        of,
+        namespace: namespace.to_string(),
+        name: name.to_string(),
+    }
+}
+
+/// A parent reference as status repeats it (only the fields given).
+fn parent_ref(p: &ParentReference) -> Value {
+    serde_json::to_value(p).unwrap_or(Value::Null)
+}

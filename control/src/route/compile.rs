@@ -130,6 +130,10 @@ fn port_range(text: &str) -> Result<(u16, u16), String> {
     Ok((lo, hi))
 }
 
+/// Whether a ReferenceGrant lets routes of a namespace refer to a Service (route namespace,
+/// Service namespace, Service name).
+pub type Granted<'a> = dyn Fn(&str, &str, &str) -> bool + 'a;
+
 /// What the compile reads besides the routes.
 #[derive(Clone, Copy)]
 pub struct Inputs<'a> {
@@ -146,7 +150,7 @@ pub struct Inputs<'a> {
     /// Gateway API rules: a backend in another namespace needs a ReferenceGrant there (this
     /// says whether one permits route namespace → Service namespace/name), instead of
     /// `allow_cross_namespace`; and an invalid backend keeps its weighted share (dropped).
-    pub gateway: Option<&'a dyn Fn(&str, &str, &str) -> bool>,
+    pub gateway: Option<&'a Granted<'a>>,
 }
 
 impl std::fmt::Debug for Inputs<'_> {

@@ -302,7 +302,7 @@ fn status_key((namespace, name): &(String, String)) -> StatusKey {
 }
 
 /// Everything of a table that picks depend on.
-fn fingerprint(table: &RouteTable) -> String {
+pub(crate) fn fingerprint(table: &RouteTable) -> String {
     use std::fmt::Write as _;
     let mut out = String::new();
     for r in &table.rules {
