@@ -774,11 +774,9 @@ impl TryFrom<RawConfig> for Config {
                 Some(g) => {
                     let name = g.controller_name;
                     // The API's form: a domain-prefixed path (`example.net/gateway-controller`).
-                    let valid = name
-                        .split_once('/')
-                        .is_some_and(|(domain, path)| {
-                            domain.contains('.') && !path.is_empty() && name.len() <= 253
-                        });
+                    let valid = name.split_once('/').is_some_and(|(domain, path)| {
+                        domain.contains('.') && !path.is_empty() && name.len() <= 253
+                    });
                     if !valid {
                         return Err(invalid(
                             "gatewayApi.controllerName",

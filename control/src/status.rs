@@ -52,7 +52,12 @@ impl StatusOf {
         let (group, version, kind, plural) = match self {
             Self::Forwarder => ("udp-director.dev", "v1alpha1", "Forwarder", "forwarders"),
             Self::Route => ("udp-director.dev", "v1alpha1", "Route", "routes"),
-            Self::GatewayClass => (crate::crd::gateway::GROUP, "v1", "GatewayClass", "gatewayclasses"),
+            Self::GatewayClass => (
+                crate::crd::gateway::GROUP,
+                "v1",
+                "GatewayClass",
+                "gatewayclasses",
+            ),
             Self::Gateway => (crate::crd::gateway::GROUP, "v1", "Gateway", "gateways"),
             Self::UdpRoute => (crate::crd::gateway::GROUP, "v1", "UDPRoute", "udproutes"),
             Self::TcpRoute => (crate::crd::gateway::GROUP, "v1", "TCPRoute", "tcproutes"),

@@ -393,13 +393,20 @@ mod tests {
         let mut invalid = backend("missing", 1, &[]);
         invalid.drops_share = true;
         let table = RouteTable {
-            rules: vec![rule(1, Match::default(), vec![backend("ok", 1, &["10.0.0.1:1"]), invalid])],
+            rules: vec![rule(
+                1,
+                Match::default(),
+                vec![backend("ok", 1, &["10.0.0.1:1"]), invalid],
+            )],
         };
         let mut p = Picker::default();
         let served = (0..100)
             .filter(|i| table.pick(&mut p, addr(&format!("1.1.1.1:{i}"))).is_some())
             .count();
-        assert_eq!(served, 50, "half the clients fall in the invalid backend's share");
+        assert_eq!(
+            served, 50,
+            "half the clients fall in the invalid backend's share"
+        );
     }
 
     #[test]

@@ -282,8 +282,10 @@ pub struct GrantFrom {
 /// A referable kind (optionally one name).
 #[derive(Clone, Debug, Default, Deserialize, JsonSchema, PartialEq, Serialize)]
 pub struct GrantTo {
-    /// `""` for Services.
-    pub group: String,
+    /// `""` for Services (optional here: the 1.20 test API server turns a written empty string
+    /// into null, which a required field refuses).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
     /// `Service`.
     pub kind: String,
     /// One object only, when given.

@@ -88,7 +88,10 @@ fn meta(o: &Object) -> Meta {
     Meta {
         namespace: o.namespace.clone(),
         name: o.name.clone(),
-        generation: o.raw.pointer("/metadata/generation").and_then(Value::as_i64),
+        generation: o
+            .raw
+            .pointer("/metadata/generation")
+            .and_then(Value::as_i64),
     }
 }
 
@@ -148,14 +151,20 @@ impl Model {
 
     /// Whether a ReferenceGrant in `to_namespace` lets routes of `kind` in `from_namespace`
     /// refer to Service `service` there.
-    pub fn granted(&self, kind: RouteKind, from_namespace: &str, to_namespace: &str, service: &str) -> bool {
+    pub fn granted(
+        &self,
+        kind: RouteKind,
+        from_namespace: &str,
+        to_namespace: &str,
+        service: &str,
+    ) -> bool {
         self.grants.iter().any(|(m, g)| {
             m.namespace == to_namespace
-                && g.from
-                    .iter()
-                    .any(|f| f.group == GROUP && f.kind == kind.as_str() && f.namespace == from_namespace)
+                && g.from.iter().any(|f| {
+                    f.group == GROUP && f.kind == kind.as_str() && f.namespace == from_namespace
+                })
                 && g.to.iter().any(|t| {
-                    t.group.is_empty()
+                    t.group.as_deref().unwrap_or_default().is_empty()
                         && t.kind == "Service"
                         && t.name.as_deref().is_none_or(|n| n == service)
                 })
@@ -329,7 +338,11 @@ fn as_route_object(route: &L4Route, listener: &str) -> RouteObject {
         .collect();
     RouteObject {
         namespace: route.meta.namespace.clone(),
-        name: format!("{}/{}", route.kind.as_str().to_ascii_lowercase(), route.meta.name),
+        name: format!(
+            "{}/{}",
+            route.kind.as_str().to_ascii_lowercase(),
+            route.meta.name
+        ),
         uid: String::new(),
         created: route.created.clone(),
         generation: route.meta.generation,
@@ -408,7 +421,11 @@ mod tests {
     fn our_classes_gateways_and_udp_tcp_listeners_only() {
         let p = plan(&model(OBJECTS), "udp-director.dev/gateway-controller");
         assert_eq!(p.classes.len(), 1);
-        assert_eq!(p.gateways.len(), 1, "a Gateway of another class is not ours");
+        assert_eq!(
+            p.gateways.len(),
+            1,
+            "a Gateway of another class is not ours"
+        );
         let keys: Vec<(&str, Transport, u16)> = p
             .listeners
             .iter()
@@ -435,11 +452,18 @@ mod tests {
         };
         assert_eq!(by_name("voice").listeners, ["infra/edge/voice"]);
         assert_eq!(
-            p.attachments.iter().filter(|a| a.route.name == "voice").count(),
+            p.attachments
+                .iter()
+                .filter(|a| a.route.name == "voice")
+                .count(),
             1,
             "the parent of another controller is not ours to speak for"
         );
-        assert_eq!(by_name("chat").listeners, ["infra/edge/chat"], "by port, from All");
+        assert_eq!(
+            by_name("chat").listeners,
+            ["infra/edge/chat"],
+            "by port, from All"
+        );
         assert_eq!(
             by_name("stranger").accepted.as_ref().unwrap_err().0,
             "NotAllowedByListeners"
@@ -464,8 +488,17 @@ mod tests {
     fn reference_grants_permit_by_kind_namespace_and_name() {
         let m = model(OBJECTS);
         assert!(m.granted(RouteKind::Udp, "infra", "games", "voice-us"));
-        assert!(!m.granted(RouteKind::Udp, "infra", "games", "voice-eu"), "another name");
-        assert!(!m.granted(RouteKind::Tcp, "infra", "games", "voice-us"), "another kind");
-        assert!(!m.granted(RouteKind::Udp, "other", "games", "voice-us"), "another namespace");
+        assert!(
+            !m.granted(RouteKind::Udp, "infra", "games", "voice-eu"),
+            "another name"
+        );
+        assert!(
+            !m.granted(RouteKind::Tcp, "infra", "games", "voice-us"),
+            "another kind"
+        );
+        assert!(
+            !m.granted(RouteKind::Udp, "other", "games", "voice-us"),
+            "another namespace"
+        );
     }
 }

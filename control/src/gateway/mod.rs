@@ -61,8 +61,11 @@ impl std::fmt::Debug for Reconciler {
     }
 }
 
-/// A condition as the API defines it; `lastTransitionTime` is stamped when written.
+/// A condition as the API defines it; `lastTransitionTime` is stamped when written. The
+/// message is never empty (the reason stands in): older API servers turn an applied empty
+/// string into null, which a required string field refuses.
 fn condition(type_: &str, ok: bool, reason: &str, message: &str, generation: Option<i64>) -> Value {
+    let message = if message.is_empty() { reason } else { message };
     json!({
         "type": type_,
         "status": if ok { "True" } else { "False" },
@@ -128,10 +131,13 @@ impl Reconciler {
             let names: Vec<String> = plan
                 .listeners
                 .iter()
-                .filter(|l| l.transport == kind.transport() && opened.get(&l.key).is_some_and(Result::is_ok))
+                .filter(|l| {
+                    l.transport == kind.transport() && opened.get(&l.key).is_some_and(Result::is_ok)
+                })
                 .map(|l| l.key.clone())
                 .collect();
-            let granted = |from: &str, to: &str, service: &str| model.granted(kind, from, to, service);
+            let granted =
+                |from: &str, to: &str, service: &str| model.granted(kind, from, to, service);
             let inputs = Inputs {
                 services: &snapshot.services,
                 slices: &snapshot.endpoint_slices,
@@ -151,17 +157,16 @@ impl Reconciler {
 
     /// Opens the listeners the plan has and closes the others; what each opened to, or why not.
     fn sync_listeners(&mut self, plan: &Plan) -> BTreeMap<String, Result<SocketAddr, String>> {
-        let stale: Vec<String> = self
-            .held
-            .iter()
-            .filter(|(key, held)| {
-                !plan
-                    .listeners
-                    .iter()
-                    .any(|l| l.key == **key && l.port == held.port && l.transport == held.transport)
-            })
-            .map(|(key, _)| key.clone())
-            .collect();
+        let stale: Vec<String> =
+            self.held
+                .iter()
+                .filter(|(key, held)| {
+                    !plan.listeners.iter().any(|l| {
+                        l.key == **key && l.port == held.port && l.transport == held.transport
+                    })
+                })
+                .map(|(key, _)| key.clone())
+                .collect();
         for key in stale {
             if let Some(held) = self.held.remove(&key) {
                 log::info!("gateway listener {key}: closing");
@@ -210,7 +215,9 @@ impl Reconciler {
         if self.fingerprints.get(key) == Some(&fingerprint) {
             return;
         }
-        let Some(held) = self.held.get(key) else { return };
+        let Some(held) = self.held.get(key) else {
+            return;
+        };
         let kind = ListenerKind::Route {
             table: Arc::new(table),
         };
@@ -233,7 +240,10 @@ impl Reconciler {
         let mut statuses = BTreeMap::new();
         for class in &plan.classes {
             let status = json!({"conditions": [condition("Accepted", true, "Accepted", "", class.generation)]});
-            statuses.insert(key(StatusOf::GatewayClass, "", &class.name), (String::new(), status));
+            statuses.insert(
+                key(StatusOf::GatewayClass, "", &class.name),
+                (String::new(), status),
+            );
         }
         let attached = compile::attached_counts(plan);
         for (m, gw) in &plan.gateways {
@@ -251,7 +261,13 @@ impl Reconciler {
                     (None, _) => {
                         all_programmed = false;
                         vec![
-                            condition("Accepted", false, "UnsupportedProtocol", &format!("protocol {} is not served (UDP and TCP are)", l.protocol), g),
+                            condition(
+                                "Accepted",
+                                false,
+                                "UnsupportedProtocol",
+                                &format!("protocol {} is not served (UDP and TCP are)", l.protocol),
+                                g,
+                            ),
                             condition("Programmed", false, "Invalid", "not served", g),
                             condition("ResolvedRefs", false, "InvalidRouteKinds", "", g),
                         ]
@@ -292,7 +308,10 @@ impl Reconciler {
                 ],
                 "listeners": listeners,
             });
-            statuses.insert(key(StatusOf::Gateway, &m.namespace, &m.name), (String::new(), status));
+            statuses.insert(
+                key(StatusOf::Gateway, &m.namespace, &m.name),
+                (String::new(), status),
+            );
         }
         // Routes: one `parents` entry per parent this controller serves.
         let mut parents: BTreeMap<(RouteKind, String, String), Vec<Value>> = BTreeMap::new();
@@ -305,8 +324,20 @@ impl Reconciler {
                 Err((reason, message)) => condition("Accepted", false, reason, message, g),
             };
             let resolved = match report {
-                Some(r) if r.not_permitted => condition("ResolvedRefs", false, "RefNotPermitted", &r.problems.join("; "), g),
-                Some(r) if r.not_found => condition("ResolvedRefs", false, "BackendNotFound", &r.problems.join("; "), g),
+                Some(r) if r.not_permitted => condition(
+                    "ResolvedRefs",
+                    false,
+                    "RefNotPermitted",
+                    &r.problems.join("; "),
+                    g,
+                ),
+                Some(r) if r.not_found => condition(
+                    "ResolvedRefs",
+                    false,
+                    "BackendNotFound",
+                    &r.problems.join("; "),
+                    g,
+                ),
                 _ => condition("ResolvedRefs", true, "ResolvedRefs", "", g),
             };
             parents
@@ -323,7 +354,10 @@ impl Reconciler {
                 RouteKind::Udp => StatusOf::UdpRoute,
                 RouteKind::Tcp => StatusOf::TcpRoute,
             };
-            statuses.insert(key(of, &namespace, &name), (String::new(), json!({"parents": list})));
+            statuses.insert(
+                key(of, &namespace, &name),
+                (String::new(), json!({"parents": list})),
+            );
         }
         let wanted = Wanted {
             statuses,

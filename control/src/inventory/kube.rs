@@ -151,7 +151,6 @@ pub fn plan(config: &Config) -> Vec<WatchPlan> {
             ("v1", "Gateway", "gateways"),
             ("v1", "UDPRoute", "udproutes"),
             ("v1", "TCPRoute", "tcproutes"),
-            ("v1beta1", "ReferenceGrant", "referencegrants"),
         ] {
             plans.push(WatchPlan {
                 resource: gateway(version, kind, plural),
@@ -160,6 +159,13 @@ pub fn plan(config: &Config) -> Vec<WatchPlan> {
                 scope: Scope::Inventory,
             });
         }
+        // A grant lives where the backends are, which may be outside watchNamespaces.
+        plans.push(WatchPlan {
+            resource: gateway("v1beta1", "ReferenceGrant", "referencegrants"),
+            label_selector: None,
+            feed: Feed::Gateway,
+            scope: Scope::Cluster,
+        });
     }
     if config.forwarders.is_some()
         || !config.entry_points.is_empty()
