@@ -14,7 +14,7 @@ use common::cluster::{cluster, repo};
 use common::*;
 use serde_json::Value;
 
-const OVERLAYS: [&str; 7] = [
+const OVERLAYS: [&str; 8] = [
     "agones",
     "pods-multiport",
     "dns",
@@ -22,6 +22,7 @@ const OVERLAYS: [&str; 7] = [
     "dev",
     "forwarders",
     "routes",
+    "gateway-api",
 ];
 const SERVICE_ACCOUNT: &str = "system:serviceaccount:udp-director:udp-director";
 
@@ -168,7 +169,8 @@ fn overlays_render_to_what_the_proxy_needs() {
                         ("authorization.k8s.io", "subjectaccessreviews")
                     ]
                     .contains(&(g.as_str(), r.as_str())))
-                || (v == "patch" && g == "udp-director.dev" && r == "routes/status")),
+                || (v == "patch" && g == "udp-director.dev" && r == "routes/status")
+                || (v == "patch" && g == "gateway.networking.k8s.io" && r.ends_with("/status"))),
             "{name}"
         );
 

@@ -294,3 +294,30 @@ fn cross_namespace_backends_are_refused_and_tcp_entry_points_route_connections()
             .is_some_and(|m| m.contains("entry point `nope`"))
     });
 }
+
+#[test]
+fn gateway_api_objects_in_the_file_are_served_too() {
+    let eps = endpoints(b"G");
+    let port = free_port();
+    let inventory = format!(
+        "{}\
+         - {{apiVersion: gateway.networking.k8s.io/v1, kind: GatewayClass, metadata: {{name: ours}}, spec: {{controllerName: udp-director.dev/gateway-controller}}}}\n\
+         - {{apiVersion: gateway.networking.k8s.io/v1, kind: Gateway, metadata: {{name: edge, namespace: games}}, \
+         spec: {{gatewayClassName: ours, listeners: [{{name: voice, port: {port}, protocol: UDP}}]}}}}\n\
+         - {{apiVersion: gateway.networking.k8s.io/v1, kind: UDPRoute, metadata: {{name: voice, namespace: games}}, \
+         spec: {{parentRefs: [{{name: edge, sectionName: voice}}], rules: [{{backendRefs: [{{name: voice, port: 5000}}]}}]}}}}\n",
+        service("voice", eps[0].addr.port(), &[&eps[0]], &[])
+    );
+    let proxy = Proxy::start(
+        &base_config("gatewayApi: {controllerName: udp-director.dev/gateway-controller}\n"),
+        &inventory,
+    );
+    let to = SocketAddr::from(([127, 0, 0, 1], port));
+    let c = client();
+    proxy.eventually("the Gateway's listener serves the UDPRoute", |_| {
+        tag(&c, to) == Some(b'G')
+    });
+    // The Gateway goes from the file: its listener closes.
+    proxy.write_inventory(&service("voice", eps[0].addr.port(), &[&eps[0]], &[]));
+    proxy.eventually("the listener is closed", |_| udp_sockets_on_port(port) == 0);
+}
