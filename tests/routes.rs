@@ -317,6 +317,12 @@ fn gateway_api_objects_in_the_file_are_served_too() {
     proxy.eventually("the Gateway's listener serves the UDPRoute", |_| {
         tag(&c, to) == Some(b'G')
     });
+    assert_eq!(
+        proxy.metric(
+            r#"udp_director_route_sessions_total{route="games/udproute/voice",service="games/voice"}"#
+        ),
+        1.0
+    );
     // The Gateway goes from the file: its listener closes.
     proxy.write_inventory(&service("voice", eps[0].addr.port(), &[&eps[0]], &[]));
     proxy.eventually("the listener is closed", |_| udp_sockets_on_port(port) == 0);

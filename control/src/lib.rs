@@ -195,15 +195,20 @@ pub fn start(config: Arc<Config>, plane: &DataPlane) -> Result<ControlPlane, Con
         .flat_map(|r| r.entry_points())
         .map(|e| (e.name.clone(), e.transport, e.addr))
         .collect();
-    if let Some(r) = &routes {
-        metrics.register_collector(Box::new(route::metrics::RouteCollector(r.views())));
-    }
     let gateways = gateway::Reconciler::new(
         &config,
         plane.controller(),
         kube.clone()
             .map(|client| status::Writer::new(client, String::new(), node_name())),
     );
+    let route_views: Vec<route::RouteViews> = routes
+        .iter()
+        .map(route::Reconciler::views)
+        .chain(gateways.iter().map(gateway::Reconciler::views))
+        .collect();
+    if !route_views.is_empty() {
+        metrics.register_collector(Box::new(route::metrics::RouteCollector(route_views)));
+    }
     let forwarders =
         forwarder_reconciler(&config, plane, kube, query_addr, admin_addr, &entry_points);
     if let Some(f) = &forwarders {

@@ -50,6 +50,7 @@ pub struct Reconciler {
     fingerprints: BTreeMap<String, String>,
     writer: Option<Writer>,
     writes: Option<watch::Sender<Arc<Wanted>>>,
+    views: crate::route::RouteViews,
 }
 
 impl std::fmt::Debug for Reconciler {
@@ -89,7 +90,13 @@ impl Reconciler {
             fingerprints: BTreeMap::new(),
             writer,
             writes: None,
+            views: crate::route::RouteViews::default(),
         })
+    }
+
+    /// The routes' views, for metrics (named `namespace/udproute/name`).
+    pub fn views(&self) -> crate::route::RouteViews {
+        Arc::clone(&self.views)
     }
 
     /// Runs until the inventory channel closes.
@@ -121,6 +128,7 @@ impl Reconciler {
         let plan = compile::plan(&model, &self.controller_name);
         let opened = self.sync_listeners(&plan);
         let mut reports: BTreeMap<(String, String), RouteReport> = BTreeMap::new();
+        let mut views = BTreeMap::new();
         for (i, kind) in [RouteKind::Udp, RouteKind::Tcp].into_iter().enumerate() {
             let objects: Vec<_> = plan
                 .route_objects
@@ -150,8 +158,17 @@ impl Reconciler {
             for (key, table) in compiled.tables {
                 self.swap(&key, table);
             }
+            for r in &objects {
+                if let Some(report) = compiled.reports.get(&(r.namespace.clone(), r.name.clone())) {
+                    views.insert(
+                        (r.namespace.clone(), r.name.clone()),
+                        crate::route::view_of(r, report, &self.counters[i]),
+                    );
+                }
+            }
             reports.extend(compiled.reports);
         }
+        *self.views.lock() = views;
         self.publish(&plan, &opened, &reports);
     }
 

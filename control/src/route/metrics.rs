@@ -13,15 +13,18 @@ use prometheus_client::metrics::gauge::ConstGauge;
 
 use super::RouteViews;
 
-/// Reads [`RouteViews`] at scrape time.
+/// Reads [`RouteViews`] at scrape time: the `Route` objects' and the Gateway API routes'.
 #[derive(Debug)]
-pub struct RouteCollector(pub RouteViews);
+pub struct RouteCollector(pub Vec<RouteViews>);
 
 type Labels = Vec<(&'static str, String)>;
 
 impl Collector for RouteCollector {
     fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
-        let views = self.0.lock().clone();
+        let mut views = std::collections::BTreeMap::new();
+        for v in &self.0 {
+            views.extend(v.lock().clone());
+        }
         let e = &mut encoder;
         let mut family = e.encode_descriptor(
             "udp_director_route_sessions",

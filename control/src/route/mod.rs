@@ -230,28 +230,8 @@ impl Reconciler {
             let Some(report) = reports.get(&id) else {
                 continue;
             };
-            let message = (!report.problems.is_empty()).then(|| report.problems.join("; "));
-            let full = r.full_name();
-            let view = RouteView {
-                entry_point: r.spec.entry_point.clone(),
-                ready: report.problems.is_empty(),
-                ready_endpoints: report.ready_endpoints,
-                message: message.clone(),
-                sessions: self
-                    .counters
-                    .sessions
-                    .iter()
-                    .filter(|((route, _), _)| *route == full)
-                    .map(|((_, service), c)| (service.clone(), Arc::clone(c)))
-                    .collect(),
-                rehomed: self
-                    .counters
-                    .rehomed
-                    .iter()
-                    .filter(|((route, _), _)| *route == full)
-                    .map(|(_, c)| Arc::clone(c))
-                    .collect(),
-            };
+            let view = view_of(r, report, &self.counters);
+            let message = view.message.clone();
             if let Some((node, _)) = &self.writes {
                 let instance = RouteInstance {
                     node: node.clone(),
@@ -290,6 +270,33 @@ impl Reconciler {
                 changed
             });
         }
+    }
+}
+
+/// What the admin API and metrics show of route `r`.
+pub(crate) fn view_of(
+    r: &RouteObject,
+    report: &compile::RouteReport,
+    counters: &Counters,
+) -> RouteView {
+    let full = r.full_name();
+    RouteView {
+        entry_point: r.spec.entry_point.clone(),
+        ready: report.problems.is_empty(),
+        ready_endpoints: report.ready_endpoints,
+        message: (!report.problems.is_empty()).then(|| report.problems.join("; ")),
+        sessions: counters
+            .sessions
+            .iter()
+            .filter(|((route, _), _)| *route == full)
+            .map(|((_, service), c)| (service.clone(), Arc::clone(c)))
+            .collect(),
+        rehomed: counters
+            .rehomed
+            .iter()
+            .filter(|((route, _), _)| *route == full)
+            .map(|(_, c)| Arc::clone(c))
+            .collect(),
     }
 }
 
