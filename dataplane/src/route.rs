@@ -47,6 +47,16 @@ impl Cidr {
         if cidr.masked(addr) != bits(addr) {
             return Err(format!("`{text}` has host bits set"));
         }
+        // `::ffff:10.0.0.0/104` is an IPv4 block; clients are matched in their IPv4 form.
+        if let IpAddr::V6(v6) = addr
+            && let Some(v4) = v6.to_ipv4_mapped()
+            && len >= 96
+        {
+            return Ok(Self {
+                addr: IpAddr::V4(v4),
+                len: len - 96,
+            });
+        }
         Ok(cidr)
     }
 
@@ -321,6 +331,13 @@ mod tests {
                 .contains("127.0.0.2".parse().unwrap())
         );
         assert!(Cidr::parse("10.0.0.1/8").unwrap_err().contains("host bits"));
+        let mapped = Cidr::parse("::ffff:10.0.0.0/104").unwrap();
+        assert_eq!(
+            mapped.to_string(),
+            "10.0.0.0/8",
+            "a mapped block is an IPv4 block"
+        );
+        assert!(mapped.contains("10.1.2.3".parse().unwrap()));
         assert!(Cidr::parse("10.0.0.0/33").unwrap_err().contains("0 to 32"));
         assert!(Cidr::parse("ten/8").is_err());
         assert_eq!(

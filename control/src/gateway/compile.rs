@@ -202,6 +202,8 @@ pub struct Attachment {
     pub listeners: Vec<String>,
     /// `Err((reason, message))` when not accepted.
     pub accepted: Result<(), (&'static str, String)>,
+    /// A backendRef names something other than a core Service (its share is dropped).
+    pub invalid_kind: bool,
 }
 
 /// What the objects ask for.
@@ -306,6 +308,11 @@ pub fn plan(model: &Model, controller: &str) -> Plan {
                 parent: parent.clone(),
                 listeners: allowed.iter().map(|l| l.key.clone()).collect(),
                 accepted,
+                invalid_kind: route
+                    .rules
+                    .iter()
+                    .flat_map(|r| &r.backend_refs)
+                    .any(|b| !is_service(b)),
             });
         }
     }
@@ -323,12 +330,13 @@ fn as_route_object(route: &L4Route, listener: &str) -> RouteObject {
             backends: r
                 .backend_refs
                 .iter()
-                .filter(|b| {
-                    b.group.as_deref().unwrap_or("").is_empty()
-                        && b.kind.as_deref().unwrap_or("Service") == "Service"
-                })
+                // A ref to anything but a Service resolves to no Service: its share drops.
                 .map(|b| RouteBackendRef {
-                    service: b.name.clone(),
+                    service: if is_service(b) {
+                        b.name.clone()
+                    } else {
+                        String::new()
+                    },
                     namespace: b.namespace.clone(),
                     port: ServicePortRef::Number(b.port.unwrap_or(0)),
                     weight: b.weight.unwrap_or(1),
@@ -354,6 +362,12 @@ fn as_route_object(route: &L4Route, listener: &str) -> RouteObject {
             rules,
         },
     }
+}
+
+/// Whether a backendRef names a core Service (the kind served).
+fn is_service(b: &crate::crd::gateway::BackendRef) -> bool {
+    b.group.as_deref().unwrap_or("").is_empty()
+        && b.kind.as_deref().unwrap_or("Service") == "Service"
 }
 
 /// Routes attached per listener key, for `attachedRoutes`.
@@ -482,6 +496,22 @@ mod tests {
         assert_eq!(voice.spec.entry_point, "infra/edge/voice");
         assert_eq!(voice.spec.rules[0].backends[0].weight, 3);
         assert_eq!(voice.spec.rules[0].backends[1].weight, 1, "default weight");
+    }
+
+    #[test]
+    fn a_backend_ref_that_is_no_service_keeps_its_share_unresolved() {
+        let m = model(&OBJECTS.replace(
+            "backendRefs: [{name: chat, port: 6000}]}]}",
+            "backendRefs: [{name: chat, port: 6000}, {group: example.com, kind: Pool, name: p, port: 1}]}]}",
+        ));
+        let p = plan(&m, "udp-director.dev/gateway-controller");
+        let chat = p.attachments.iter().find(|a| a.route.name == "chat").unwrap();
+        assert!(chat.invalid_kind);
+        let object = p.route_objects.iter().find(|r| r.name == "tcproute/chat").unwrap();
+        let backends = &object.spec.rules[0].backends;
+        assert_eq!(backends.len(), 2, "kept, with its weight");
+        assert_eq!(backends[1].service, "", "resolves to no Service");
+        assert!(!p.attachments.iter().find(|a| a.route.name == "voice").unwrap().invalid_kind);
     }
 
     #[test]

@@ -130,10 +130,12 @@ impl Reconciler {
         let mut reports: BTreeMap<(String, String), RouteReport> = BTreeMap::new();
         let mut views = BTreeMap::new();
         for (i, kind) in [RouteKind::Udp, RouteKind::Tcp].into_iter().enumerate() {
+            // Only listeners that are open compile (a listener that failed says so itself).
             let objects: Vec<_> = plan
                 .route_objects
                 .iter()
                 .filter(|r| r.name.starts_with(&kind.as_str().to_ascii_lowercase()))
+                .filter(|r| opened.get(&r.spec.entry_point).is_some_and(Result::is_ok))
                 .cloned()
                 .collect();
             let names: Vec<String> = plan
@@ -166,7 +168,24 @@ impl Reconciler {
                     );
                 }
             }
-            reports.extend(compiled.reports);
+            // A route on several listeners has a report per listener: they merge.
+            for (id, report) in compiled.reports {
+                match reports.entry(id) {
+                    std::collections::btree_map::Entry::Vacant(v) => {
+                        v.insert(report);
+                    }
+                    std::collections::btree_map::Entry::Occupied(mut o) => {
+                        let merged = o.get_mut();
+                        merged.not_found |= report.not_found;
+                        merged.not_permitted |= report.not_permitted;
+                        for p in report.problems {
+                            if !merged.problems.contains(&p) {
+                                merged.problems.push(p);
+                            }
+                        }
+                    }
+                }
+            }
         }
         *self.views.lock() = views;
         self.publish(&plan, &opened, &reports);
@@ -341,6 +360,13 @@ impl Reconciler {
                 Err((reason, message)) => condition("Accepted", false, reason, message, g),
             };
             let resolved = match report {
+                _ if a.invalid_kind => condition(
+                    "ResolvedRefs",
+                    false,
+                    "InvalidKind",
+                    "a backendRef is not a core Service",
+                    g,
+                ),
                 Some(r) if r.not_permitted => condition(
                     "ResolvedRefs",
                     false,

@@ -231,6 +231,15 @@ pub fn compile(routes: &[RouteObject], inputs: Inputs<'_>, counters: &mut Counte
                 .insert((route.namespace.clone(), route.name.clone()), report);
             continue;
         };
+        if route.spec.proxy_protocol != crate::crd::ProxyProtocol::None {
+            // Traffic without the header a backend expects would be worse than none.
+            report.problems.push(
+                "proxyProtocol v2 is not supported yet: the route's rules are left out".into(),
+            );
+            out.reports
+                .insert((route.namespace.clone(), route.name.clone()), report);
+            continue;
+        }
         let idle_timeout = route
             .spec
             .session_timeout_seconds
@@ -588,6 +597,68 @@ mod tests {
             ["10.2.0.1:16000".parse().unwrap()],
             "unnamed port"
         );
+    }
+
+    #[test]
+    fn under_gateway_rules_an_invalid_backend_keeps_its_share_and_grants_decide() {
+        let (services, slices) = (objects(SERVICES), objects(SLICES));
+        let eps = ["voice".to_string()];
+        let r = route(
+            r#"
+- apiVersion: udp-director.dev/v1alpha1
+  kind: Route
+  metadata: {name: voice, namespace: games}
+  spec:
+    entryPoint: voice
+    rules: [{backends: [{service: us, port: voice}, {service: gone, port: voice}, {service: other, namespace: elsewhere, port: 6000}]}]
+"#,
+        );
+        let granted = |from: &str, to: &str, service: &str| {
+            from == "games" && to == "elsewhere" && service == "other"
+        };
+        let gateway = Inputs {
+            gateway: Some(&granted),
+            ..inputs(&services, &slices, &eps)
+        };
+        let c = compile(std::slice::from_ref(&r), gateway, &mut Counters::default());
+        let rule = &c.tables["voice"].rules[0];
+        let shares: Vec<(bool, usize)> = rule
+            .backends
+            .iter()
+            .map(|b| (b.drops_share, b.endpoints.len()))
+            .collect();
+        assert_eq!(
+            shares,
+            [(false, 1), (true, 0), (false, 1)],
+            "granted: served"
+        );
+        let report = &c.reports[&("games".into(), "voice".into())];
+        assert!(report.not_found && !report.not_permitted);
+        // One valid and one invalid backend, 1:1: half the clients are dropped.
+        let mut p = dataplane_picker();
+        let served = (0..100)
+            .filter(|i| {
+                rule_table(&c)
+                    .pick(&mut p, format!("1.1.1.1:{i}").parse().unwrap())
+                    .is_some()
+            })
+            .count();
+        assert_eq!(served, 67, "two valid shares of three");
+        let refused = |_: &str, _: &str, _: &str| false;
+        let strict = Inputs {
+            gateway: Some(&refused),
+            ..inputs(&services, &slices, &eps)
+        };
+        let c = compile(&[r], strict, &mut Counters::default());
+        assert!(c.reports[&("games".into(), "voice".into())].not_permitted);
+    }
+
+    fn dataplane_picker() -> dataplane::route::Picker {
+        dataplane::route::Picker::default()
+    }
+
+    fn rule_table(c: &Compiled) -> &dataplane::RouteTable {
+        &c.tables["voice"]
     }
 
     #[test]
