@@ -246,6 +246,11 @@ impl Worker {
                     )
                 });
             if moved.is_some() {
+                // The rule that took it may be another one, with its own idle timeout (a
+                // shorter one takes effect at the deadline already scheduled).
+                if let Some(s) = self.sessions.get_mut(id) {
+                    s.idle_timeout = pick.idle_timeout;
+                }
                 let rule = &table.rules[pick.rule];
                 rule.rehomed.inc();
                 rule.backends[pick.backend].sessions.inc();
