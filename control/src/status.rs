@@ -62,10 +62,12 @@ impl StatusOf {
             Self::UdpRoute => (crate::crd::gateway::GROUP, "v1", "UDPRoute", "udproutes"),
             Self::TcpRoute => (crate::crd::gateway::GROUP, "v1", "TCPRoute", "tcproutes"),
         };
+        // Routes at the version the inventory found served (v1, or v1alpha2).
+        let version = crate::gateway::served_version(kind).unwrap_or_else(|| version.to_string());
         ApiResource {
             group: group.into(),
-            version: version.into(),
             api_version: format!("{group}/{version}"),
+            version,
             kind: kind.into(),
             plural: plural.into(),
         }

@@ -505,13 +505,27 @@ mod tests {
             "backendRefs: [{name: chat, port: 6000}, {group: example.com, kind: Pool, name: p, port: 1}]}]}",
         ));
         let p = plan(&m, "udp-director.dev/gateway-controller");
-        let chat = p.attachments.iter().find(|a| a.route.name == "chat").unwrap();
+        let chat = p
+            .attachments
+            .iter()
+            .find(|a| a.route.name == "chat")
+            .unwrap();
         assert!(chat.invalid_kind);
-        let object = p.route_objects.iter().find(|r| r.name == "tcproute/chat").unwrap();
+        let object = p
+            .route_objects
+            .iter()
+            .find(|r| r.name == "tcproute/chat")
+            .unwrap();
         let backends = &object.spec.rules[0].backends;
         assert_eq!(backends.len(), 2, "kept, with its weight");
         assert_eq!(backends[1].service, "", "resolves to no Service");
-        assert!(!p.attachments.iter().find(|a| a.route.name == "voice").unwrap().invalid_kind);
+        assert!(
+            !p.attachments
+                .iter()
+                .find(|a| a.route.name == "voice")
+                .unwrap()
+                .invalid_kind
+        );
     }
 
     #[test]

@@ -469,21 +469,30 @@ impl KubeSource {
     fn start(&mut self) {
         for (id, watch) in self.watches.iter().enumerate() {
             let plan = &self.plans[watch.plan];
-            let api: Api<DynamicObject> = match &watch.namespace {
-                Some(ns) => Api::namespaced_with(self.client.clone(), ns, &plan.resource),
-                None => Api::all_with(self.client.clone(), &plan.resource),
-            };
             let mut config = watcher::Config::default();
             if let Some(selector) = &plan.label_selector {
                 config = config.labels(selector);
             }
-            tokio::spawn(run_watch(
-                api,
-                config,
-                plan.resource.clone(),
-                id,
+            let (client, namespace, tx) = (
+                self.client.clone(),
+                watch.namespace.clone(),
                 self.tx.clone(),
-            ));
+            );
+            let mut resource = plan.resource.clone();
+            // UDPRoute and TCPRoute are served at v1 or, from the Gateway API's experimental
+            // channel, at v1alpha2: watch the version this API server serves.
+            let discover = plan.feed == Feed::Gateway
+                && matches!(resource.kind.as_str(), "UDPRoute" | "TCPRoute");
+            tokio::spawn(async move {
+                if discover {
+                    resource = crate::gateway::served(&client, resource).await;
+                }
+                let api: Api<DynamicObject> = match &namespace {
+                    Some(ns) => Api::namespaced_with(client, ns, &resource),
+                    None => Api::all_with(client, &resource),
+                };
+                run_watch(api, config, resource, id, tx).await;
+            });
         }
         self.started = true;
     }
