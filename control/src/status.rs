@@ -110,6 +110,17 @@ const RETRY_MAX: Duration = Duration::from_secs(30);
 /// The field manager of the managed Service ports, shared by every instance.
 pub const SERVICE_PORTS_MANAGER: &str = "udp-director-forwarders";
 
+/// Hands `wanted` to a writer's channel, waking the writer only when it changed.
+pub fn hand_over(tx: &watch::Sender<Arc<Wanted>>, wanted: Wanted) {
+    tx.send_if_modified(|current| {
+        let changed = **current != wanted;
+        if changed {
+            *current = Arc::new(wanted);
+        }
+        changed
+    });
+}
+
 /// Writes one instance's status entries and the managed Service ports.
 #[derive(Clone)]
 pub struct Writer {

@@ -83,16 +83,9 @@ impl ProxyArgs {
             &forwarder,
         )?;
         let listen = SocketAddr::from(([127, 0, 0, 1], port));
-        let probe = std::net::UdpSocket::bind("127.0.0.1:0")?;
-        probe.set_read_timeout(Some(std::time::Duration::from_millis(50)))?;
-        let mut buf = [0u8; 16];
-        for _ in 0..100 {
-            probe.send_to(b"ready?", listen)?;
-            if probe.recv_from(&mut buf).is_ok() {
-                return Ok((proxy, listen));
-            }
-        }
-        bail!("the forwarder on {listen} did not open")
+        echoes_through(listen)
+            .with_context(|| format!("the forwarder on {listen} did not open"))?;
+        Ok((proxy, listen))
     }
 
     /// Starts the chosen proxy as [`Self::start`] does, with an entry point `perf` and a
@@ -128,16 +121,8 @@ impl ProxyArgs {
             &objects,
         )?;
         let entry = proxy.entry.context("the proxy printed no entry point")?;
-        let probe = std::net::UdpSocket::bind("127.0.0.1:0")?;
-        probe.set_read_timeout(Some(std::time::Duration::from_millis(50)))?;
-        let mut buf = [0u8; 16];
-        for _ in 0..100 {
-            probe.send_to(b"ready?", entry)?;
-            if probe.recv_from(&mut buf).is_ok() {
-                return Ok((proxy, entry));
-            }
-        }
-        bail!("the route on {entry} did not answer")
+        echoes_through(entry).with_context(|| format!("the route on {entry} did not answer"))?;
+        Ok((proxy, entry))
     }
 
     /// Starts the chosen proxy on `servers` with one TCP data port instead.
@@ -150,6 +135,20 @@ impl ProxyArgs {
         let ports = "dataPorts: [{name: default, port: 0, protocol: tcp}]\n";
         ProxyProcess::start(&bin, servers, self.proxy_workers, ports, extra, "")
     }
+}
+
+/// Waits (up to 5 s) until a datagram sent to `addr` comes back.
+fn echoes_through(addr: SocketAddr) -> anyhow::Result<()> {
+    let probe = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    probe.set_read_timeout(Some(std::time::Duration::from_millis(50)))?;
+    let mut buf = [0u8; 16];
+    for _ in 0..100 {
+        probe.send_to(b"ready?", addr)?;
+        if probe.recv_from(&mut buf).is_ok() {
+            return Ok(());
+        }
+    }
+    bail!("no answer from {addr}")
 }
 
 /// The proxy binary: `--proxy-bin`, else `udp-director` beside this binary (same target dir).

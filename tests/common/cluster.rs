@@ -234,9 +234,15 @@ impl Cluster {
     /// Starts a proxy serving the forwarders of `namespace` on `bind_address`, as the instance
     /// on `node`, and waits until it is ready.
     pub fn start_forwarder_proxy(&self, namespace: &str, node: &str, bind_address: &str) -> Proxy {
+        self.start_node(&Self::forwarder_config(namespace, bind_address), node)
+    }
+
+    /// Starts a proxy on `config` as the service account and as the instance on `node`, and
+    /// waits until it is ready.
+    fn start_node(&self, config: &str, node: &str) -> Proxy {
         let kubeconfig = self.proxy_kubeconfig();
         let proxy = Proxy::launch(
-            &Self::forwarder_config(namespace, bind_address),
+            config,
             "",
             &[
                 ("KUBECONFIG", kubeconfig.as_os_str()),
@@ -252,19 +258,7 @@ impl Cluster {
     /// Starts a proxy with [`PROXY_CONFIG`] on `namespace` as the instance on `node` (status
     /// entries are written under that name), and waits until it is ready.
     pub fn start_proxy_as(&self, namespace: &str, node: &str) -> Proxy {
-        let kubeconfig = self.proxy_kubeconfig();
-        let proxy = Proxy::launch(
-            &PROXY_CONFIG.replace("NAMESPACE", namespace),
-            "",
-            &[
-                ("KUBECONFIG", kubeconfig.as_os_str()),
-                ("NODE_NAME", std::ffi::OsStr::new(node)),
-            ],
-        );
-        proxy.eventually_within(READY_WITHIN, "proxy ready", |p| {
-            p.http("GET", "/readyz").0 == 200
-        });
-        proxy
+        self.start_node(&PROXY_CONFIG.replace("NAMESPACE", namespace), node)
     }
 
     /// kubectl as the proxy's service account: `auth can-i VERB RESOURCE -n NAMESPACE`;

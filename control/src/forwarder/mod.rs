@@ -320,13 +320,7 @@ impl Reconciler {
                 statuses: self.statuses(node, &reports, &previous),
                 services,
             };
-            tx.send_if_modified(|current| {
-                let changed = **current != wanted;
-                if changed {
-                    *current = Arc::new(wanted);
-                }
-                changed
-            });
+            crate::status::hand_over(tx, wanted);
         }
     }
 

@@ -450,13 +450,7 @@ impl Reconciler {
             statuses,
             services: BTreeMap::new(),
         };
-        tx.send_if_modified(|current| {
-            let changed = **current != wanted;
-            if changed {
-                *current = Arc::new(wanted);
-            }
-            changed
-        });
+        crate::status::hand_over(tx, wanted);
     }
 }
 
