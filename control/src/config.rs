@@ -168,6 +168,19 @@ struct RawConfig {
     /// Gateway API: on when present.
     #[serde(default)]
     gateway_api: Option<RawGatewayApi>,
+    /// Flood protection: off unless present.
+    #[serde(default)]
+    rate_limit: Option<RawRateLimit>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawRateLimit {
+    per_ip_packets_per_second: u32,
+    #[serde(default)]
+    per_ip_burst: Option<u32>,
+    #[serde(default)]
+    new_sessions_per_ip_per_second: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -510,6 +523,8 @@ pub struct Config {
     pub routes_allow_cross_namespace: bool,
     /// The Gateway API controller name this proxy serves GatewayClasses of, when enabled.
     pub gateway_controller: Option<String>,
+    /// Per-source-IP flood limits, when enabled.
+    pub rate_limit: Option<dataplane::RateLimit>,
 }
 
 /// `forwarders`: declarative `listenPort → targetHost:targetPort` forwarding from `Forwarder`
@@ -573,6 +588,7 @@ impl Config {
         dp.recv_buffer_bytes = self.socket_buffer_bytes;
         dp.send_buffer_bytes = self.socket_buffer_bytes;
         dp.busy_poll = self.busy_poll;
+        dp.rate_limit = self.rate_limit;
         dp
     }
 }
@@ -769,6 +785,7 @@ impl TryFrom<RawConfig> for Config {
                 .transpose()?,
             entry_points,
             routes_allow_cross_namespace,
+            rate_limit: raw.rate_limit.map(rate_limit).transpose()?,
             gateway_controller: match raw.gateway_api {
                 None => None,
                 Some(g) => {
@@ -791,6 +808,32 @@ impl TryFrom<RawConfig> for Config {
             },
         })
     }
+}
+
+/// `rateLimit`: the burst defaults to one second's packets; new sessions are unlimited unless
+/// given.
+fn rate_limit(raw: RawRateLimit) -> Result<dataplane::RateLimit, ConfigError> {
+    if raw.per_ip_packets_per_second == 0 {
+        return Err(invalid(
+            "rateLimit.perIpPacketsPerSecond",
+            "must be at least 1 (leave rateLimit out to turn it off)",
+        ));
+    }
+    let burst = raw.per_ip_burst.unwrap_or(raw.per_ip_packets_per_second);
+    if burst == 0 {
+        return Err(invalid("rateLimit.perIpBurst", "must be at least 1"));
+    }
+    if raw.new_sessions_per_ip_per_second == Some(0) {
+        return Err(invalid(
+            "rateLimit.newSessionsPerIpPerSecond",
+            "must be at least 1 (leave it out for no limit)",
+        ));
+    }
+    Ok(dataplane::RateLimit {
+        packets_per_second: raw.per_ip_packets_per_second,
+        burst,
+        sessions_per_second: raw.new_sessions_per_ip_per_second.unwrap_or(0),
+    })
 }
 
 /// `forwarders`; `pod_namespace` is the proxy's own namespace (`POD_NAMESPACE`), if known.

@@ -46,6 +46,8 @@ pub struct DataPlaneConfig {
     /// After handling traffic, a worker keeps polling without sleeping for this long before it
     /// blocks in `epoll_wait`: a reply that comes back within it costs no wake-up. Zero: off.
     pub busy_poll: Duration,
+    /// Per-source-IP limits on datagrams without a session and on new sessions (off: `None`).
+    pub rate_limit: Option<crate::ratelimit::RateLimit>,
 }
 
 impl DataPlaneConfig {
@@ -65,6 +67,7 @@ impl DataPlaneConfig {
             send_buffer_bytes: DEFAULT_SOCKET_BUFFER_BYTES,
             batch_io: true,
             busy_poll: Duration::ZERO,
+            rate_limit: None,
         }
     }
 }

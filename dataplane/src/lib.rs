@@ -24,6 +24,7 @@ pub mod listener;
 pub mod metrics;
 pub mod packet;
 mod plane;
+pub mod ratelimit;
 pub mod route;
 pub mod session;
 mod socket;
@@ -43,6 +44,7 @@ pub use metrics::{
     CounterSnapshot, DropReason, ListenerCounters, ListenerStats, TokenRejectReason,
 };
 pub use plane::DataPlane;
+pub use ratelimit::RateLimit;
 pub use route::{Cidr, Match, RouteBackend, RouteCounter, RouteTable, Rule};
 pub use session::SessionKind;
 pub use warn_gate::WarnGate;

@@ -41,11 +41,14 @@ pub enum DropReason {
     /// A new client on a route entry point that no rule takes, or whose rule has no ready
     /// endpoint.
     NoRoute,
+    /// Over `rateLimit` for its source address: a datagram without a session, or a new
+    /// session or connection.
+    RateLimited,
 }
 
 impl DropReason {
     /// Every reason, in counter-index order.
-    pub const ALL: [Self; 13] = [
+    pub const ALL: [Self; 14] = [
         Self::NoSession,
         Self::TokenRejected,
         Self::MalformedControl,
@@ -59,10 +62,11 @@ impl DropReason {
         Self::UpstreamConnect,
         Self::StrayReply,
         Self::NoRoute,
+        Self::RateLimited,
     ];
 
     /// The reasons a datagram is dropped, in metric-label order.
-    pub const DATAGRAM: [Self; 11] = [
+    pub const DATAGRAM: [Self; 12] = [
         Self::NoSession,
         Self::TokenRejected,
         Self::MalformedControl,
@@ -74,11 +78,12 @@ impl DropReason {
         Self::DownstreamSend,
         Self::StrayReply,
         Self::NoRoute,
+        Self::RateLimited,
     ];
 
     /// The reasons a TCP connection is refused (closed without a session, or when its backend
     /// connection fails), in metric-label order.
-    pub const CONNECTION: [Self; 9] = [
+    pub const CONNECTION: [Self; 10] = [
         Self::NoSession,
         Self::TokenRejected,
         Self::TokenTimeout,
@@ -88,6 +93,7 @@ impl DropReason {
         Self::UpstreamSetup,
         Self::UpstreamConnect,
         Self::NoRoute,
+        Self::RateLimited,
     ];
 
     /// The metric label value.
@@ -106,6 +112,7 @@ impl DropReason {
             Self::UpstreamConnect => "upstream_connect",
             Self::StrayReply => "stray_reply",
             Self::NoRoute => "no_route",
+            Self::RateLimited => "rate_limited",
         }
     }
 
@@ -117,7 +124,8 @@ impl DropReason {
             | Self::MalformedControl
             | Self::IpLimit
             | Self::TokenTimeout
-            | Self::NoRoute => "client",
+            | Self::NoRoute
+            | Self::RateLimited => "client",
             Self::UpstreamSend | Self::UpstreamConnect | Self::StrayReply => "backend",
             Self::SessionLimit | Self::Draining | Self::UpstreamSetup | Self::DownstreamSend => {
                 "internal"

@@ -396,3 +396,40 @@ fn an_ipv4_mapped_backend_address_is_an_ipv4_backend() {
     assert_eq!(expect_datagram(&c), b"Mv4");
     assert_eq!(proxy.ctl.counters().dropped(DropReason::StrayReply), 0);
 }
+
+#[test]
+fn a_flooding_source_is_rate_limited_and_sessions_of_others_keep_flowing() {
+    let proxy = Proxy::start(2, |c| {
+        c.rate_limit = Some(dataplane::RateLimit {
+            packets_per_second: 20,
+            burst: 5,
+            sessions_per_second: 0,
+        });
+    });
+    let echo = Echo::tagged(b'E');
+    let player = client();
+    let token = proxy.grant_one(1, echo.addr);
+    player.send_to(token.as_bytes(), proxy.addr()).unwrap();
+    player.send_to(b"1", proxy.addr()).unwrap();
+    assert_eq!(expect_datagram(&player), b"E1");
+    // One address sends garbage (no token, no default backend) as fast as it can.
+    let flooder = client();
+    for _ in 0..500 {
+        flooder.send_to(b"junk", proxy.addr()).unwrap();
+    }
+    proxy.eventually("the flood is counted", |p| {
+        let c = p.ctl.counters();
+        c.dropped(DropReason::RateLimited) + c.dropped(DropReason::NoSession) == 500
+    });
+    let c = proxy.ctl.counters();
+    assert!(
+        c.dropped(DropReason::NoSession) <= 5 + 2 * 20,
+        "only the burst (and the refill) gets past the bucket: {c:?}"
+    );
+    assert!(c.dropped(DropReason::RateLimited) >= 400);
+    // The player's session is not limited: it has a session.
+    for i in 0..50u8 {
+        player.send_to(&[i], proxy.addr()).unwrap();
+        assert_eq!(expect_datagram(&player), [b'E', i]);
+    }
+}

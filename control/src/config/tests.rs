@@ -458,3 +458,30 @@ fn forwarders_are_off_unless_configured_and_every_key_is_checked() {
     );
     assert!(err(&with("forwarders: {servicePorts: {sctp: x}}\n")).contains("sctp"));
 }
+
+#[test]
+fn rate_limits_are_off_unless_configured_and_checked() {
+    assert_eq!(Config::from_yaml(MINIMAL).unwrap().rate_limit, None);
+    let c = Config::from_yaml(&with("rateLimit: {perIpPacketsPerSecond: 50}\n")).unwrap();
+    let l = c.rate_limit.unwrap();
+    assert_eq!(
+        (l.packets_per_second, l.burst, l.sessions_per_second),
+        (50, 50, 0)
+    );
+    assert_eq!(c.dataplane().rate_limit, Some(l));
+    let c = Config::from_yaml(&with(
+        "rateLimit: {perIpPacketsPerSecond: 50, perIpBurst: 5, newSessionsPerIpPerSecond: 2}\n",
+    ))
+    .unwrap();
+    assert_eq!(c.rate_limit.unwrap().sessions_per_second, 2);
+    assert!(
+        err(&with("rateLimit: {perIpPacketsPerSecond: 0}\n")).contains("perIpPacketsPerSecond")
+    );
+    assert!(
+        err(&with(
+            "rateLimit: {perIpPacketsPerSecond: 5, perIpBurst: 0}\n"
+        ))
+        .contains("perIpBurst")
+    );
+    assert!(err(&with("rateLimit: {perIpBurst: 5}\n")).contains("perIpPacketsPerSecond"));
+}

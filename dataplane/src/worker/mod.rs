@@ -28,6 +28,7 @@ use crate::limits::SessionLimits;
 use crate::listener::{ListenerKind, MAX_LISTENERS, Transport};
 use crate::metrics::{DropReason, ListenerCounters, ListenerSlot, WorkerCounters};
 use crate::packet::control_body;
+use crate::ratelimit::RateLimiter;
 use crate::route::Picker;
 use crate::session::{Session, SessionId, SessionKey, SessionKind, SessionTable};
 use crate::tcp::splice::Splice;
@@ -171,6 +172,8 @@ pub(crate) struct Worker {
     control_magic: Box<[u8]>,
     batch_io: bool,
     busy_poll: Duration,
+    /// Per-source buckets for datagrams without a session and new sessions (`rateLimit`).
+    rate_limiter: Option<Box<RateLimiter>>,
     /// Rate limit of client-triggered warnings.
     warn_gate: WarnGate,
     draining: bool,
@@ -224,6 +227,10 @@ impl Worker {
             control_magic: setup.config.control_magic.clone().into_boxed_slice(),
             batch_io: setup.config.batch_io,
             busy_poll: setup.config.busy_poll,
+            rate_limiter: setup
+                .config
+                .rate_limit
+                .map(|l| Box::new(RateLimiter::new(l, now))),
             warn_gate: WarnGate::new(),
             draining: false,
             shutting_down: false,
@@ -416,7 +423,18 @@ impl Worker {
                     self.forward_upstream(id, slot, datagram.len(), now);
                 }
             }
-            None => self.open_session(key, from, slot, datagram, now),
+            None => {
+                // A flood from one address costs a table lookup, nothing more.
+                if let Some(rl) = &mut self.rate_limiter
+                    && !(rl.admit_packet(key.client.ip(), now)
+                        && rl.admit_session(key.client.ip(), now))
+                {
+                    self.counters().drop(DropReason::RateLimited, 1);
+                    self.count_on_listener(port, DropReason::RateLimited);
+                    return;
+                }
+                self.open_session(key, from, slot, datagram, now);
+            }
         }
     }
 

@@ -150,6 +150,13 @@ impl Worker {
     fn on_accepted(&mut self, port: usize, mut stream: TcpStream, from: SocketAddr, now: Instant) {
         self.counters().tcp_accepted.add(1);
         let client = SocketAddr::new(from.ip().to_canonical(), from.port());
+        if let Some(rl) = &mut self.rate_limiter
+            && !(rl.admit_packet(client.ip(), now) && rl.admit_session(client.ip(), now))
+        {
+            self.counters().refuse(DropReason::RateLimited);
+            self.count_on_listener(port, DropReason::RateLimited);
+            return;
+        }
         if self.admit_context(port).closed {
             self.counters().refuse(DropReason::Draining);
             return;
