@@ -819,9 +819,22 @@ fn rate_limit(raw: RawRateLimit) -> Result<dataplane::RateLimit, ConfigError> {
             "must be at least 1 (leave rateLimit out to turn it off)",
         ));
     }
+    const MAX: u32 = 1_000_000;
+    if raw.per_ip_packets_per_second > MAX {
+        return Err(invalid(
+            "rateLimit.perIpPacketsPerSecond",
+            "must be at most 1000000",
+        ));
+    }
     let burst = raw.per_ip_burst.unwrap_or(raw.per_ip_packets_per_second);
-    if burst == 0 {
-        return Err(invalid("rateLimit.perIpBurst", "must be at least 1"));
+    if burst == 0 || burst > MAX {
+        return Err(invalid("rateLimit.perIpBurst", "must be 1 to 1000000"));
+    }
+    if raw.new_sessions_per_ip_per_second.is_some_and(|s| s > MAX) {
+        return Err(invalid(
+            "rateLimit.newSessionsPerIpPerSecond",
+            "must be at most 1000000",
+        ));
     }
     if raw.new_sessions_per_ip_per_second == Some(0) {
         return Err(invalid(

@@ -1,6 +1,7 @@
 //! Flood protection (sans-io): per-source-IP token buckets for datagrams from addresses without
 //! a session, and for new sessions (SPEC §9, `rateLimit`). Each worker has its own table, so
-//! nothing is shared or locked.
+//! nothing is shared or locked; the kernel spreads one address's source ports over the workers,
+//! so an address that varies its port gets up to the limit on each worker.
 //!
 //! The table has a fixed number of slots, so memory stays the same under a flood from a million
 //! spoofed sources: an address hashes to one slot, and an address that finds its slot held by
@@ -34,9 +35,8 @@ struct Slot {
     packets: u32,
     /// Session tokens, in thousandths.
     sessions: u32,
-    /// Milliseconds since the table's epoch at the last refill.
-    at: u32,
-    _pad: u32,
+    /// Milliseconds since the table's epoch at the last refill (u64: no wrap in any uptime).
+    at: u64,
 }
 
 /// One worker's buckets.
@@ -81,11 +81,13 @@ impl RateLimiter {
             IpAddr::V4(v4) => h.write_u32(u32::from(v4)),
             IpAddr::V6(v6) => h.write_u128(u128::from(v6)),
         }
-        let tag = h.finish() | 1;
-        let ms = u32::try_from(now.saturating_duration_since(self.epoch).as_millis())
-            .unwrap_or(u32::MAX);
+        let hash = h.finish();
+        let tag = hash | 1; // never 0, the free tag
+        let index = (hash >> 48) as usize;
+        let ms = u64::try_from(now.saturating_duration_since(self.epoch).as_millis())
+            .unwrap_or(u64::MAX);
         let limit = self.limit;
-        let slot = &mut self.slots[(tag as usize) & (SLOTS - 1)];
+        let slot = &mut self.slots[index & (SLOTS - 1)];
         let burst = limit.burst.max(1).saturating_mul(1000);
         let session_burst = limit.sessions_per_second.max(1).saturating_mul(1000);
         if slot.tag != tag {
@@ -94,11 +96,10 @@ impl RateLimiter {
                 packets: burst,
                 sessions: session_burst,
                 at: ms,
-                _pad: 0,
             };
             return slot;
         }
-        let elapsed = u64::from(ms.saturating_sub(slot.at));
+        let elapsed = ms.saturating_sub(slot.at);
         if elapsed > 0 {
             // Tokens are thousandths: a rate of R per second adds R per millisecond.
             let refill = |tokens: u32, rate: u32, cap: u32| {
@@ -162,6 +163,27 @@ mod tests {
         let other: IpAddr = "192.0.2.2".parse().unwrap();
         assert!(rl.admit_packet(other, later));
         assert_eq!(interval(&limit()), Duration::from_millis(10));
+    }
+
+    #[test]
+    fn the_clock_runs_for_longer_than_any_uptime() {
+        let t0 = Instant::now();
+        let mut rl = RateLimiter::new(limit(), t0);
+        let ip: IpAddr = "192.0.2.9".parse().unwrap();
+        let day = Duration::from_secs(86_400);
+        // 60 days in: past where a u32 millisecond clock would stop.
+        for d in [50u32, 60] {
+            let t = t0 + day * d;
+            assert_eq!(
+                (0..50).filter(|_| rl.admit_packet(ip, t)).count(),
+                10,
+                "day {d}"
+            );
+            assert!(
+                rl.admit_packet(ip, t + Duration::from_millis(15)),
+                "refills on day {d}"
+            );
+        }
     }
 
     #[test]

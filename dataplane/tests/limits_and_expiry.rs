@@ -417,19 +417,49 @@ fn a_flooding_source_is_rate_limited_and_sessions_of_others_keep_flowing() {
     for _ in 0..500 {
         flooder.send_to(b"junk", proxy.addr()).unwrap();
     }
+    // (The kernel may drop some of the burst at the socket buffer: most is enough.)
     proxy.eventually("the flood is counted", |p| {
         let c = p.ctl.counters();
-        c.dropped(DropReason::RateLimited) + c.dropped(DropReason::NoSession) == 500
+        c.dropped(DropReason::RateLimited) + c.dropped(DropReason::NoSession) >= 450
     });
     let c = proxy.ctl.counters();
     assert!(
         c.dropped(DropReason::NoSession) <= 5 + 2 * 20,
         "only the burst (and the refill) gets past the bucket: {c:?}"
     );
-    assert!(c.dropped(DropReason::RateLimited) >= 400);
+    assert!(c.dropped(DropReason::RateLimited) >= 350);
     // The player's session is not limited: it has a session.
     for i in 0..50u8 {
         player.send_to(&[i], proxy.addr()).unwrap();
         assert_eq!(expect_datagram(&player), [b'E', i]);
     }
+}
+
+#[test]
+fn only_sessions_that_open_spend_the_session_rate_and_tcp_is_limited_too() {
+    let proxy = Proxy::start(1, |c| {
+        c.rate_limit = Some(dataplane::RateLimit {
+            packets_per_second: 1000,
+            burst: 1000,
+            sessions_per_second: 1,
+        });
+    });
+    let echo = Echo::tagged(b'E');
+    // Junk and a refused token spend no session token: the real token still opens one.
+    let c = client();
+    for _ in 0..5 {
+        c.send_to(b"junk", proxy.addr()).unwrap();
+    }
+    c.send_to(b"00000000-0000-4000-8000-000000000000", proxy.addr())
+        .unwrap();
+    let token = proxy.grant_one(1, echo.addr);
+    c.send_to(token.as_bytes(), proxy.addr()).unwrap();
+    c.send_to(b"1", proxy.addr()).unwrap();
+    assert_eq!(expect_datagram(&c), b"E1");
+    // A second session from the same address within the second is refused.
+    let again = client();
+    let token = proxy.grant_one(1, echo.addr);
+    again.send_to(token.as_bytes(), proxy.addr()).unwrap();
+    expect_nothing(&again, Duration::from_millis(200));
+    assert!(proxy.ctl.counters().dropped(DropReason::RateLimited) >= 1);
 }

@@ -484,4 +484,16 @@ fn rate_limits_are_off_unless_configured_and_checked() {
         .contains("perIpBurst")
     );
     assert!(err(&with("rateLimit: {perIpBurst: 5}\n")).contains("perIpPacketsPerSecond"));
+    assert!(
+        err(&with(
+            "rateLimit: {perIpPacketsPerSecond: 5, newSessionsPerIpPerSecond: 0}\n"
+        ))
+        .contains("newSessionsPerIpPerSecond")
+    );
+    assert!(
+        err(&with(
+            "rateLimit: {perIpPacketsPerSecond: 5, perIpBurst: 5000000}\n"
+        ))
+        .contains("perIpBurst")
+    );
 }

@@ -426,8 +426,7 @@ impl Worker {
             None => {
                 // A flood from one address costs a table lookup, nothing more.
                 if let Some(rl) = &mut self.rate_limiter
-                    && !(rl.admit_packet(key.client.ip(), now)
-                        && rl.admit_session(key.client.ip(), now))
+                    && !rl.admit_packet(key.client.ip(), now)
                 {
                     self.counters().drop(DropReason::RateLimited, 1);
                     self.count_on_listener(port, DropReason::RateLimited);
@@ -484,6 +483,30 @@ impl Worker {
         if !matches!(kind, SessionKind::Forwarder | SessionKind::Route) {
             let _ = self.events.send(event);
         }
+    }
+
+    /// Whether `client` may open a session on listener `port` now under `rateLimit`'s
+    /// new-session rate (taken only once a session is about to open); counts a refusal.
+    pub(super) fn session_allowed(
+        &mut self,
+        client: SocketAddr,
+        port: usize,
+        now: Instant,
+        tcp: bool,
+    ) -> bool {
+        let Some(rl) = &mut self.rate_limiter else {
+            return true;
+        };
+        if rl.admit_session(client.ip(), now) {
+            return true;
+        }
+        if tcp {
+            self.counters().refuse(DropReason::RateLimited);
+        } else {
+            self.counters().drop(DropReason::RateLimited, 1);
+        }
+        self.count_on_listener(port, DropReason::RateLimited);
+        false
     }
 
     /// Counts a datagram dropped, or a connection refused, on listener `port` for `reason`

@@ -35,6 +35,10 @@ impl Worker {
         let ctx = self.admit_context(port);
         let first = classify(datagram, &self.control_magic);
         let admission = admit(first, ctx, |token| self.find_grant(token, port, now));
+        let opens = !matches!(admission, Admission::Drop { .. });
+        if opens && !self.session_allowed(key.client, port, now, false) {
+            return;
+        }
         let (backend, target, kind) = match admission {
             Admission::Token { grant, target } => {
                 self.open_token_session(key, reply_to, &grant, target, now);

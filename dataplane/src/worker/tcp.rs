@@ -151,7 +151,7 @@ impl Worker {
         self.counters().tcp_accepted.add(1);
         let client = SocketAddr::new(from.ip().to_canonical(), from.port());
         if let Some(rl) = &mut self.rate_limiter
-            && !(rl.admit_packet(client.ip(), now) && rl.admit_session(client.ip(), now))
+            && !rl.admit_packet(client.ip(), now)
         {
             self.counters().refuse(DropReason::RateLimited);
             self.count_on_listener(port, DropReason::RateLimited);
@@ -417,6 +417,10 @@ impl Worker {
         registered: bool,
         now: Instant,
     ) -> bool {
+        if !self.session_allowed(client, port, now, true) {
+            self.abandon_connection(client_stream, None, client);
+            return false;
+        }
         let key = SessionKey {
             client,
             port: port as u16,
