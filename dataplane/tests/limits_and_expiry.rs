@@ -463,3 +463,38 @@ fn only_sessions_that_open_spend_the_session_rate_and_tcp_is_limited_too() {
     expect_nothing(&again, Duration::from_millis(200));
     assert!(proxy.ctl.counters().dropped(DropReason::RateLimited) >= 1);
 }
+
+#[test]
+fn tcp_connections_over_the_rate_are_refused() {
+    use std::io::Read;
+    let proxy = Proxy::start(1, |c| {
+        c.rate_limit = Some(dataplane::RateLimit {
+            packets_per_second: 1,
+            burst: 2,
+            sessions_per_second: 0,
+        });
+    });
+    let backend = TcpEcho::tagged(b't');
+    let fw = proxy
+        .ctl
+        .open_listener(dataplane::ListenerSpec {
+            owner: "test".into(),
+            bind: "127.0.0.1:0".parse().unwrap(),
+            transport: dataplane::Transport::Tcp,
+            kind: dataplane::ListenerKind::Forward {
+                target: backend.addr,
+                backend: dataplane::BackendId(7),
+            },
+            idle_timeout: Duration::from_secs(60),
+        })
+        .unwrap();
+    let served = (0..5)
+        .filter(|_| {
+            let mut s = tcp_client(fw.addr);
+            let mut tag = [0u8; 1];
+            matches!(s.read(&mut tag), Ok(1))
+        })
+        .count();
+    assert_eq!(served, 2, "the burst, then the rate");
+    assert_eq!(proxy.ctl.counters().refused(DropReason::RateLimited), 3);
+}
