@@ -11,6 +11,9 @@ use common::*;
 fn one_token_raced_from_many_clients_redeems_once() {
     let proxy = Proxy::start(4, |_| {});
     let echo = Echo::plain();
+    // Every round's clients stay open: a port freed by an earlier round's client could be
+    // handed to a new one, whose datagrams would then join the old session.
+    let mut earlier = Vec::new();
     for _ in 0..10 {
         let token = proxy.grant_one(1, echo.addr);
         let clients: Vec<_> = (0..16).map(|_| client()).collect();
@@ -31,6 +34,7 @@ fn one_token_raced_from_many_clients_redeems_once() {
             }
         }
         assert_eq!(winners, 1, "exactly one client wins the token");
+        earlier.push(clients);
     }
     // The clients' sessions landed on more than one worker over the rounds.
     let workers: HashSet<usize> = proxy.sessions().iter().map(|s| s.worker).collect();
