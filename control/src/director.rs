@@ -35,12 +35,18 @@ pub struct Director {
     metrics: Arc<Metrics>,
     draining: AtomicBool,
     state: Mutex<LoadState>,
+    /// The query index of the latest snapshot queried (built on the first query after a
+    /// change), keyed by the snapshot it was built from.
+    index: Mutex<Option<(Arc<Snapshot>, Arc<select::QueryIndex>)>>,
 }
 
 #[derive(Debug, Default)]
 struct LoadState {
     sessions: AHashMap<BackendId, u64>,
     outstanding: AHashMap<TokenId, (BackendId, Instant)>,
+    /// Outstanding grants in expiry order (one TTL for all, so issue order), so expiring them
+    /// looks only at those due instead of at every grant on every query.
+    expiries: std::collections::VecDeque<(Instant, TokenId)>,
     outstanding_per_backend: AHashMap<BackendId, u64>,
     /// Round-robin position of queries, per resource type.
     rotation: BTreeMap<String, u64>,
@@ -101,14 +107,16 @@ impl LoadState {
     }
 
     fn expire_grants(&mut self, now: Instant) {
-        let per_backend = &mut self.outstanding_per_backend;
-        self.outstanding.retain(|_, (backend, expires)| {
-            let live = *expires > now;
-            if !live {
-                decrement(per_backend, *backend);
+        while let Some(&(expires, token)) = self.expiries.front() {
+            if expires > now {
+                break;
             }
-            live
-        });
+            self.expiries.pop_front();
+            // A redeemed grant has left `outstanding` already.
+            if let Some((backend, _)) = self.outstanding.remove(&token) {
+                decrement(&mut self.outstanding_per_backend, backend);
+            }
+        }
     }
 }
 
@@ -153,6 +161,7 @@ impl Director {
             metrics,
             draining: AtomicBool::new(false),
             state: Mutex::new(LoadState::default()),
+            index: Mutex::new(None),
         }
     }
 
@@ -209,6 +218,9 @@ impl Director {
             state
                 .outstanding
                 .insert(TokenId(token.as_u128()), (backend_id, expires));
+            state
+                .expiries
+                .push_back((expires, TokenId(token.as_u128())));
             *state.outstanding_per_backend.entry(backend_id).or_default() += 1;
         }
         self.metrics.tokens_issued.inc();
@@ -221,6 +233,23 @@ impl Director {
 
     /// Runs selection for a query against the current snapshot and load, and remembers how to
     /// name the chosen backend in logs.
+    /// The query index of `snapshot`: the cached one, or built now (once per snapshot).
+    fn index_of(&self, snapshot: &Arc<Snapshot>) -> Arc<select::QueryIndex> {
+        let mut cached = self.index.lock();
+        if let Some((of, index)) = cached.as_ref()
+            && Arc::ptr_eq(of, snapshot)
+        {
+            return Arc::clone(index);
+        }
+        let index = Arc::new(select::QueryIndex::build(
+            snapshot,
+            &self.config.mappings,
+            self.public_ports.len(),
+        ));
+        *cached = Some((Arc::clone(snapshot), Arc::clone(&index)));
+        index
+    }
+
     fn pick(&self, query: &Query, picker: Picker, now: Instant) -> Result<Candidate, QueryError> {
         let snapshot = self.snapshot();
         if !snapshot.loaded {
@@ -229,8 +258,7 @@ impl Director {
                 "the inventory has not loaded yet; try again shortly",
             ));
         }
-        let mapping = self
-            .config
+        self.config
             .mappings
             .get(&query.resource_type)
             .ok_or_else(|| {
@@ -248,8 +276,10 @@ impl Director {
                     ),
                 )
             })?;
-        let mut candidates =
-            select::candidates(query, mapping, &snapshot, self.public_ports.len())?;
+        let index = self.index_of(&snapshot);
+        let empty = select::index::MappingIndex::default();
+        let candidates =
+            select::matching(query, index.mapping(&query.resource_type).unwrap_or(&empty))?;
         self.absorb_events(now);
         let mut state = self.state.lock();
         let mut rotation = match picker {
@@ -275,7 +305,7 @@ impl Director {
             },
             Picker::DefaultEndpoint => state.default_rotation = rotation,
         }
-        let chosen = candidates.swap_remove(chosen);
+        let chosen = candidates[chosen].clone();
         state
             .names
             .entry(chosen.backend.id)
@@ -302,13 +332,15 @@ impl Director {
         if !snapshot.loaded {
             return;
         }
+        // The index is built here, on the control loop as the inventory changes, so the first
+        // query after a change does not pay for it.
+        let index = self.index_of(&snapshot);
         self.refresh_default(now);
         let mut known = HashSet::new();
-        for (name, objects) in &snapshot.by_mapping {
-            let mapping = &self.config.mappings[name];
-            for o in objects {
-                if let Some(b) = select::resolve(mapping, o, &snapshot, self.public_ports.len()) {
-                    known.insert(b.id);
+        for name in snapshot.by_mapping.keys() {
+            for e in index.mapping(name).map_or(&[][..], |m| &m.entries) {
+                if let Some(c) = &e.candidate {
+                    known.insert(c.backend.id);
                 }
             }
         }

@@ -16,6 +16,9 @@ use crate::inventory::{Object, Snapshot};
 use crate::jsonpath::Path;
 use crate::query::{ErrorCode, Query, QueryError};
 
+pub mod index;
+pub use index::QueryIndex;
+
 /// A matching object and where its traffic goes.
 #[derive(Clone, Debug)]
 pub struct Candidate {
@@ -26,38 +29,64 @@ pub struct Candidate {
 }
 
 /// Objects of the query's resource type that pass every filter, resolved to backends.
-/// Errors: unknown type, nothing matches, or nothing that matches has an address.
+/// Errors: unknown type, nothing matches, or nothing that matches has an address. (Builds an
+/// index for this one call: the query path keeps one per snapshot, see [`matching`].)
 pub fn candidates(
     query: &Query,
     mapping: &Mapping,
     snapshot: &Snapshot,
     data_ports: usize,
 ) -> Result<Vec<Candidate>, QueryError> {
-    let objects = snapshot
-        .by_mapping
-        .get(&query.resource_type)
-        .map(Vec::as_slice)
-        .unwrap_or_default();
+    let mappings = std::iter::once((query.resource_type.clone(), mapping.clone())).collect();
+    let index = QueryIndex::build(snapshot, &mappings, data_ports);
+    let empty = index::MappingIndex::default();
+    let mapping_index = index.mapping(&query.resource_type).unwrap_or(&empty);
+    matching(query, mapping_index).map(|list| list.into_iter().cloned().collect())
+}
+
+/// The indexed objects that pass every filter (namespace, label selector, status query,
+/// annotation selector), resolved: the same answer as [`candidates`], walking only the
+/// shortest list the namespace and label selector allow, with backends resolved once per
+/// snapshot.
+pub fn matching<'a>(
+    query: &Query,
+    index: &'a index::MappingIndex,
+) -> Result<Vec<&'a Candidate>, QueryError> {
     let status = match &query.status_query {
-        Some(sq) => Some((
-            Path::parse(&sq.json_path).map_err(|e| QueryError::new(ErrorCode::BadRequest, e))?,
-            sq.expected(),
-        )),
+        Some(sq) => {
+            let path = Path::parse(&sq.json_path)
+                .map_err(|e| QueryError::new(ErrorCode::BadRequest, e))?;
+            // The values at this path, read once per snapshot (while few paths are in use).
+            let values = index.status_values(&sq.json_path, &path);
+            Some((path, values, sq.expected()))
+        }
         None => None,
     };
-    let matched: Vec<&Arc<Object>> = objects
-        .iter()
-        .filter(|o| query.namespace.as_ref().is_none_or(|ns| &o.namespace == ns))
-        .filter(|o| subset(&query.label_selector, &o.labels))
-        .filter(|o| match &status {
-            Some((path, expected)) => path
-                .get_string(&o.raw)
-                .is_some_and(|v| expected.contains(&v)),
-            None => true,
+    let mut matched = 0usize;
+    let resolved: Vec<&Candidate> = index
+        .narrow(query.namespace.as_deref(), &query.label_selector)
+        .filter(|(i, e)| {
+            let o = &e.object;
+            query.namespace.as_ref().is_none_or(|ns| &o.namespace == ns)
+                && subset(&query.label_selector, &o.labels)
+                && match &status {
+                    Some((_, Some(values), expected)) => {
+                        values[*i].as_ref().is_some_and(|v| expected.contains(v))
+                    }
+                    Some((path, None, expected)) => path
+                        .get_string(&o.raw)
+                        .is_some_and(|v| expected.contains(&v)),
+                    None => true,
+                }
+                && subset(&query.annotation_selector, &o.annotations)
         })
-        .filter(|o| subset(&query.annotation_selector, &o.annotations))
+        .map(|(_, e)| e)
+        .filter_map(|e| {
+            matched += 1;
+            e.candidate.as_ref()
+        })
         .collect();
-    if matched.is_empty() {
+    if matched == 0 {
         return Err(QueryError::new(
             ErrorCode::NoMatch,
             format!(
@@ -71,21 +100,11 @@ pub fn candidates(
             ),
         ));
     }
-    let resolved: Vec<Candidate> = matched
-        .iter()
-        .filter_map(|o| {
-            resolve(mapping, o, snapshot, data_ports).map(|backend| Candidate {
-                object: Arc::clone(o),
-                backend,
-            })
-        })
-        .collect();
     if resolved.is_empty() {
         return Err(QueryError::new(
             ErrorCode::BackendUnresolvable,
             format!(
-                "{} matching {} found, but none has a usable address and port",
-                matched.len(),
+                "{matched} matching {} found, but none has a usable address and port",
                 query.resource_type
             ),
         ));
@@ -216,9 +235,9 @@ fn named_port(ports: &Value, name: &str, field: &str) -> Option<u16> {
 
 /// Picks one candidate. `local_load` is this instance's live sessions plus outstanding grants
 /// for a backend; `rotation` is the round-robin counter of this query's resource type.
-pub fn choose(
+pub fn choose<C: std::borrow::Borrow<Candidate>>(
     strategy: &LoadBalancing,
-    candidates: &[Candidate],
+    candidates: &[C],
     local_load: impl Fn(BackendId) -> u64,
     rotation: &mut u64,
 ) -> Result<usize, QueryError> {
@@ -227,7 +246,7 @@ pub fn choose(
         LoadBalancing::LeastSessions => Ok(candidates
             .iter()
             .enumerate()
-            .min_by_key(|(_, c)| local_load(c.backend.id))
+            .min_by_key(|(_, c)| local_load(c.borrow().backend.id))
             .map(|(i, _)| i)
             .unwrap_or(0)),
         LoadBalancing::RoundRobin => {
@@ -247,6 +266,7 @@ pub fn choose(
                 .iter()
                 .enumerate()
                 .filter_map(|(i, c)| {
+                    let c = c.borrow();
                     let max = label(&c.object, max_label)?;
                     let current = label(&c.object, current_label)?;
                     let local = i64::try_from(local_load(c.backend.id)).unwrap_or(i64::MAX);

@@ -1,5 +1,6 @@
 //! Selectors, mapping modes and every load-balancing strategy, on hand-made inventories.
 
+use super::index::QueryIndex;
 use super::*;
 use crate::config::Config;
 use crate::inventory::parse_objects;
@@ -310,4 +311,33 @@ fn label_arithmetic() {
         choose(&lb_missing, &cands, |_| 0, &mut 0).unwrap_err().code,
         ErrorCode::NoCapacity
     );
+}
+
+#[test]
+fn one_index_per_snapshot_answers_like_a_scan_and_keeps_few_status_paths() {
+    let (config, snap) = setup();
+    let index = QueryIndex::build(&snap, &config.mappings, 2);
+    let queries = [
+        r#"{"resourceType":"gameserver"}"#,
+        r#"{"resourceType":"gameserver","namespace":"starx"}"#,
+        r#"{"resourceType":"gameserver","namespace":"nowhere"}"#,
+        r#"{"resourceType":"gameserver","labelSelector":{"agones.dev/fleet":"m-tutorial"}}"#,
+        r#"{"resourceType":"gameserver","statusQuery":{"jsonPath":"status.state","expectedValue":"Ready"}}"#,
+    ];
+    for text in queries {
+        let q = query(text);
+        let scan = names(&config, &snap, text);
+        let indexed = matching(&q, index.mapping("gameserver").unwrap())
+            .map(|c| c.iter().map(|c| c.object.name.clone()).collect::<Vec<_>>())
+            .map_err(|e| e.code);
+        assert_eq!(indexed, scan, "{text}");
+    }
+    // The same index answers again from its kept status values; a client cannot make it keep
+    // more than a few paths.
+    let m = index.mapping("gameserver").unwrap();
+    for i in 0..40 {
+        let path = crate::jsonpath::Path::parse(&format!("status.x{i}")).unwrap();
+        let kept = m.status_values(&format!("status.x{i}"), &path);
+        assert_eq!(kept.is_some(), i < 15, "path {i}");
+    }
 }
