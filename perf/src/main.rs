@@ -5,6 +5,7 @@
 
 mod compare;
 mod echo;
+mod flood;
 mod load;
 mod migrate;
 mod proxy;
@@ -46,6 +47,8 @@ enum Command {
     Compare(compare::CompareArgs),
     /// TCP data port: MB/s and connection setups/s, direct vs through the proxy.
     Tcp(tcp::TcpArgs),
+    /// Live sessions' throughput with and without a session-less flood from one address.
+    Flood(flood::FloodArgs),
 }
 
 fn main() -> ExitCode {
@@ -64,6 +67,7 @@ fn main() -> ExitCode {
         Command::Migrate(a) => migrate::run(&a),
         Command::Compare(a) => compare::run(&a),
         Command::Tcp(a) => tcp::run(&a),
+        Command::Flood(a) => flood::run(&a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -125,6 +125,25 @@ impl ProxyArgs {
         Ok((proxy, entry))
     }
 
+    /// Starts the chosen proxy on `servers` with one UDP data port and no default endpoint:
+    /// only clients with a token get a session.
+    pub(crate) fn start_tokens_only(
+        &self,
+        servers: &[Server],
+        extra: &str,
+    ) -> anyhow::Result<ProxyProcess> {
+        let bin = binary(self.proxy_bin.as_deref())?;
+        ProxyProcess::start_with(
+            &bin,
+            servers,
+            self.proxy_workers,
+            "dataPort: 0\n",
+            extra,
+            "",
+            false,
+        )
+    }
+
     /// Starts the chosen proxy on `servers` with one TCP data port instead.
     pub(crate) fn start_tcp(
         &self,
@@ -179,6 +198,20 @@ impl ProxyProcess {
         extra: &str,
         objects: &str,
     ) -> anyhow::Result<Self> {
+        Self::start_with(bin, servers, workers, data_ports, extra, objects, true)
+    }
+
+    /// [`Self::start`], with or without the default endpoint (without: a client with no token
+    /// gets no session).
+    pub(crate) fn start_with(
+        bin: &Path,
+        servers: &[Server],
+        workers: Option<usize>,
+        data_ports: &str,
+        extra: &str,
+        objects: &str,
+        default_endpoint: bool,
+    ) -> anyhow::Result<Self> {
         let dir = std::env::temp_dir().join(format!("udp-director-perf-{}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
         let inventory: String = servers
@@ -193,7 +226,13 @@ impl ProxyProcess {
             })
             .collect();
         std::fs::write(dir.join("inventory.yaml"), inventory + objects)?;
-        let default = servers.first().map(|s| s.name).unwrap_or("none");
+        let default = match servers.first() {
+            Some(s) if default_endpoint => format!(
+                "defaultEndpoint: {{resourceType: gameserver, labelSelector: {{id: {}}}}}\n",
+                s.name
+            ),
+            _ => String::new(),
+        };
         let workers = workers
             .map(|w| format!("workers: {w}\n"))
             .unwrap_or_default();
@@ -201,7 +240,7 @@ impl ProxyProcess {
             "bindAddress: 127.0.0.1\nqueryPort: 0\nadminPort: 0\n{data_ports}drainSeconds: 0\n{workers}{extra}\
              inventory: {{kind: file, path: inventory.yaml}}\n\
              resourceQueryMapping:\n  gameserver: {{group: agones.dev, version: v1, resource: gameservers, addressPath: status.address, portName: default}}\n\
-             defaultEndpoint: {{resourceType: gameserver, labelSelector: {{id: {default}}}}}\n"
+             {default}"
         );
         std::fs::write(dir.join("config.yaml"), config)?;
         let mut child = Command::new(bin)
