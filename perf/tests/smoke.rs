@@ -161,3 +161,34 @@ fn migrate_checks_every_reply_against_its_server() {
         }
     }
 }
+
+#[test]
+fn flood_reports_both_throughputs_and_counts_the_limited_datagrams() {
+    let lines = perf(&[
+        "flood",
+        "--clients",
+        "4",
+        "--window",
+        "2",
+        "--duration",
+        "0.3",
+        "--warmup",
+        "0.1",
+        "--rounds",
+        "1",
+    ]);
+    let s = lines.iter().find(|l| l["summary"] == "flood").unwrap();
+    assert!(
+        s["quiet_round_trips_per_second"].as_f64().unwrap() > 0.0,
+        "{s}"
+    );
+    assert!(
+        s["flooded_round_trips_per_second"].as_f64().unwrap() > 0.0,
+        "{s}"
+    );
+    assert!(s["flood_datagrams"].as_u64().unwrap() > 0, "{s}");
+    assert!(
+        s["rate_limited"].as_u64().unwrap() > 0,
+        "the proxy counted the flood: {s}"
+    );
+}
