@@ -39,6 +39,9 @@ impl Worker {
         if opens && !self.session_allowed(key.client, port, now, false) {
             return;
         }
+        // A route session also carries its rule's idle timeout and the counter of the Service
+        // it went to, added once the session exists.
+        let mut route = None;
         let (backend, target, kind) = match admission {
             Admission::Token { grant, target } => {
                 self.open_token_session(key, reply_to, &grant, target, now);
@@ -60,8 +63,14 @@ impl Worker {
             }
             Admission::Forward { backend, target } => (backend, target, SessionKind::Forwarder),
             Admission::Route => {
-                self.open_route_session(key, reply_to, slot, datagram.len(), now);
-                return;
+                let Some((pick, table)) = self.pick_route(port, key.client) else {
+                    self.counters().drop(DropReason::NoRoute, 1);
+                    self.count_on_listener(port, DropReason::NoRoute);
+                    return;
+                };
+                let target = pick.endpoint;
+                route = Some((pick, table));
+                (BackendId(pick.key), target, SessionKind::Route)
             }
         };
         let upstream = match self.reserve(key.client, target, now) {
@@ -78,9 +87,12 @@ impl Worker {
             target,
             backend,
             kind,
-            None,
+            route.as_ref().map(|(pick, _)| pick.idle_timeout),
             now,
         );
+        if let Some((pick, table)) = &route {
+            table.rules[pick.rule].backends[pick.backend].sessions.inc();
+        }
         self.report(
             kind,
             WorkerEvent::SessionOpened {
@@ -106,43 +118,6 @@ impl Worker {
         let table = Arc::clone(table);
         let pick = table.pick(&mut listener.picker, client)?;
         Some((pick, table))
-    }
-
-    /// A new client on a route entry point: a session to the endpoint its rule picks, with
-    /// the route's idle timeout; datagram `slot` (`len` bytes) is forwarded.
-    fn open_route_session(
-        &mut self,
-        key: SessionKey,
-        reply_to: SocketAddr,
-        slot: usize,
-        len: usize,
-        now: Instant,
-    ) {
-        let port = usize::from(key.port);
-        let Some((pick, table)) = self.pick_route(port, key.client) else {
-            self.counters().drop(DropReason::NoRoute, 1);
-            self.count_on_listener(port, DropReason::NoRoute);
-            return;
-        };
-        let upstream = match self.reserve(key.client, pick.endpoint, now) {
-            Ok(upstream) => upstream,
-            Err(reason) => {
-                self.count_on_listener(port, reason);
-                return;
-            }
-        };
-        let id = self.install(
-            key,
-            reply_to,
-            Upstream::Udp(upstream),
-            pick.endpoint,
-            BackendId(pick.key),
-            SessionKind::Route,
-            Some(pick.idle_timeout),
-            now,
-        );
-        table.rules[pick.rule].backends[pick.backend].sessions.inc();
-        self.forward_upstream(id, slot, len, now);
     }
 
     /// What admission needs to know of listener `port` and this worker's state.
