@@ -35,8 +35,8 @@ pub struct Director {
     metrics: Arc<Metrics>,
     draining: AtomicBool,
     state: Mutex<LoadState>,
-    /// The query index of the latest snapshot queried (built on the first query after a
-    /// change), keyed by the snapshot it was built from.
+    /// The query index of the latest snapshot (built as the inventory changes, by
+    /// [`Director::reconcile`]), keyed by the snapshot it was built from.
     index: Mutex<Option<(Arc<Snapshot>, Arc<select::QueryIndex>)>>,
 }
 
@@ -231,8 +231,6 @@ impl Director {
         })
     }
 
-    /// Runs selection for a query against the current snapshot and load, and remembers how to
-    /// name the chosen backend in logs.
     /// The query index of `snapshot`: the cached one, or built now (once per snapshot).
     fn index_of(&self, snapshot: &Arc<Snapshot>) -> Arc<select::QueryIndex> {
         let mut cached = self.index.lock();
@@ -246,10 +244,18 @@ impl Director {
             &self.config.mappings,
             self.public_ports.len(),
         ));
-        *cached = Some((Arc::clone(snapshot), Arc::clone(&index)));
+        let old = cached.replace((Arc::clone(snapshot), Arc::clone(&index)));
+        // The old snapshot may be held here alone now: free it (tens of thousands of objects)
+        // off the control thread, as the inventory does with the snapshots it replaces.
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn_blocking(move || drop(old))),
+            Err(_) => drop(old),
+        }
         index
     }
 
+    /// Runs selection for a query against the current snapshot and load, and remembers how to
+    /// name the chosen backend in logs.
     fn pick(&self, query: &Query, picker: Picker, now: Instant) -> Result<Candidate, QueryError> {
         let snapshot = self.snapshot();
         if !snapshot.loaded {

@@ -4,7 +4,7 @@
 use serde_json::Value;
 
 /// One step of a path.
-#[derive(Clone, Debug, Eq, PartialEq)]
+#[derive(Clone, Debug, Eq, Hash, PartialEq)]
 pub enum Step {
     /// An object key.
     Key(String),
@@ -13,7 +13,7 @@ pub enum Step {
 }
 
 /// A parsed dot path.
-#[derive(Clone, Debug, Eq, PartialEq)]
+#[derive(Clone, Debug, Eq, Hash, PartialEq)]
 pub struct Path(Vec<Step>);
 
 impl Path {

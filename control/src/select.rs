@@ -57,7 +57,7 @@ pub fn matching<'a>(
             let path = Path::parse(&sq.json_path)
                 .map_err(|e| QueryError::new(ErrorCode::BadRequest, e))?;
             // The values at this path, read once per snapshot (while few paths are in use).
-            let values = index.status_values(&sq.json_path, &path);
+            let values = index.status_values(&path);
             Some((path, values, sq.expected()))
         }
         None => None,

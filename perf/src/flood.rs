@@ -6,6 +6,8 @@ use std::net::{SocketAddr, UdpSocket};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
+use anyhow::Context as _;
+
 use crate::echo::Echo;
 use crate::load::{LoadArgs, Shape};
 use crate::proxy::{ProxyArgs, Server};
@@ -38,6 +40,12 @@ pub(crate) fn run(args: &FloodArgs) -> anyhow::Result<()> {
         }],
         &format!("rateLimit: {{perIpPacketsPerSecond: {pps}, perIpBurst: {pps}}}\n"),
     )?;
+    if args.shape.clients as u64 >= u64::from(pps) {
+        anyhow::bail!(
+            "--clients must be under --per-ip-packets-per-second: the sessions' own first \
+             datagrams come from one address too"
+        );
+    }
     let mut quiet = None;
     let mut flooded = None;
     let mut flood_sent = 0u64;
@@ -45,15 +53,15 @@ pub(crate) fn run(args: &FloodArgs) -> anyhow::Result<()> {
         for flood in [false, true] {
             let stop = Arc::new(AtomicBool::new(false));
             let sent = Arc::new(AtomicU64::new(0));
-            let flooder = flood.then(|| {
-                let (stop, sent, to, from) = (
-                    Arc::clone(&stop),
-                    Arc::clone(&sent),
-                    proxy.data,
-                    args.flood_from,
-                );
+            // Bound here, so a flood address this machine lacks fails the run instead of
+            // leaving the "flooded" rounds quiet.
+            let socket = flood
+                .then(|| UdpSocket::bind(args.flood_from))
+                .transpose()
+                .with_context(|| format!("binding the flooder to {}", args.flood_from))?;
+            let flooder = socket.map(|s| {
+                let (stop, sent, to) = (Arc::clone(&stop), Arc::clone(&sent), proxy.data);
                 std::thread::spawn(move || {
-                    let Ok(s) = UdpSocket::bind(from) else { return };
                     let junk = [0x5au8; 64];
                     while !stop.load(Ordering::Relaxed) {
                         if s.send_to(&junk, to).is_ok() {

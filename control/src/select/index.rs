@@ -31,7 +31,8 @@ pub struct MappingIndex {
     by_namespace: HashMap<String, Vec<u32>>,
     by_label: HashMap<(String, String), Vec<u32>>,
     /// Per status path asked for: every entry's value there, read once per snapshot.
-    status: parking_lot::Mutex<HashMap<String, Arc<Vec<Option<String>>>>>,
+    /// Keyed by the parsed path, so spellings of one path (`a[0]`, `a[00]`) share an entry.
+    status: parking_lot::Mutex<HashMap<crate::jsonpath::Path, Arc<Vec<Option<String>>>>>,
 }
 
 impl MappingIndex {
@@ -68,15 +69,11 @@ impl MappingIndex {
         index
     }
 
-    /// Every entry's value at the status path `text` (parsed as `path`), kept for the
-    /// snapshot's life; `None` once [`MAX_STATUS_PATHS`] paths are kept (read per query then).
-    pub fn status_values(
-        &self,
-        text: &str,
-        path: &crate::jsonpath::Path,
-    ) -> Option<Arc<Vec<Option<String>>>> {
+    /// Every entry's value at status path `path`, kept for the snapshot's life; `None` once
+    /// [`MAX_STATUS_PATHS`] paths are kept (read per query then).
+    pub fn status_values(&self, path: &crate::jsonpath::Path) -> Option<Arc<Vec<Option<String>>>> {
         let mut cache = self.status.lock();
-        if let Some(values) = cache.get(text) {
+        if let Some(values) = cache.get(path) {
             return Some(Arc::clone(values));
         }
         if cache.len() >= MAX_STATUS_PATHS {
@@ -88,7 +85,7 @@ impl MappingIndex {
                 .map(|e| path.get_string(&e.object.raw))
                 .collect(),
         );
-        cache.insert(text.to_string(), Arc::clone(&values));
+        cache.insert(path.clone(), Arc::clone(&values));
         Some(values)
     }
 
