@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -171,6 +172,18 @@ struct RawConfig {
     /// Flood protection: off unless present.
     #[serde(default)]
     rate_limit: Option<RawRateLimit>,
+    /// Sealed tokens: the key file (a mounted Secret); UUID tokens when absent.
+    #[serde(default)]
+    token_secret: Option<RawTokenSecret>,
+    /// Seal (or record) the querying client's IP in each grant; only it may redeem.
+    #[serde(default)]
+    bind_token_to_client_ip: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawTokenSecret {
+    file: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -525,6 +538,37 @@ pub struct Config {
     pub gateway_controller: Option<String>,
     /// Per-source-IP flood limits, when enabled.
     pub rate_limit: Option<dataplane::RateLimit>,
+    /// Sealed tokens, when `tokenSecret` is set.
+    pub token_secret: Option<TokenSecret>,
+    /// Only the querying client's IP may redeem a token.
+    pub bind_token_to_client_ip: bool,
+}
+
+/// `tokenSecret`: the key file and the keys read from it at load.
+#[derive(Clone, Debug)]
+pub struct TokenSecret {
+    /// The key file (watched with the config file: a Secret update rotates the keys).
+    pub file: PathBuf,
+    /// Its keys: the first seals, all open.
+    pub keys: Arc<dataplane::seal::KeyRing>,
+}
+
+impl TokenSecret {
+    /// Reads the key file; errors name `tokenSecret.file`.
+    pub fn read(file: PathBuf) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(&file).map_err(|e| {
+            invalid(
+                "tokenSecret.file",
+                format!("cannot read {}: {e}", file.display()),
+            )
+        })?;
+        let keys = dataplane::seal::KeyRing::parse(&text)
+            .map_err(|e| invalid("tokenSecret.file", format!("{}: {e}", file.display())))?;
+        Ok(Self {
+            file,
+            keys: Arc::new(keys),
+        })
+    }
 }
 
 /// `forwarders`: declarative `listenPort → targetHost:targetPort` forwarding from `Forwarder`
@@ -589,6 +633,7 @@ impl Config {
         dp.send_buffer_bytes = self.socket_buffer_bytes;
         dp.busy_poll = self.busy_poll;
         dp.rate_limit = self.rate_limit;
+        dp.token_keys = self.token_secret.as_ref().map(|t| Arc::clone(&t.keys));
         dp
     }
 }
@@ -604,6 +649,7 @@ impl TryFrom<RawConfig> for Config {
                 .map_err(|e| invalid("bindAddress", format!("`{s}` is not an IP address: {e}")))?,
         };
         let data_ports = data_ports(raw.data_port, raw.data_ports)?;
+        let data_ports_for_seal = data_ports.len();
         let entry_points = named_ports("entryPoints", raw.entry_points)?;
         for (i, e) in entry_points.iter().enumerate() {
             if e.port != 0
@@ -786,6 +832,25 @@ impl TryFrom<RawConfig> for Config {
             entry_points,
             routes_allow_cross_namespace,
             rate_limit: raw.rate_limit.map(rate_limit).transpose()?,
+            token_secret: match raw.token_secret {
+                Some(t) if t.file.is_empty() => {
+                    return Err(invalid("tokenSecret.file", "is empty"));
+                }
+                Some(t) => {
+                    if data_ports_for_seal > dataplane::seal::MAX_SEALED_PORTS {
+                        return Err(invalid(
+                            "tokenSecret",
+                            format!(
+                                "a sealed token names at most {} data ports",
+                                dataplane::seal::MAX_SEALED_PORTS
+                            ),
+                        ));
+                    }
+                    Some(TokenSecret::read(PathBuf::from(t.file))?)
+                }
+                None => None,
+            },
+            bind_token_to_client_ip: raw.bind_token_to_client_ip,
             gateway_controller: match raw.gateway_api {
                 None => None,
                 Some(g) => {

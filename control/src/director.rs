@@ -7,9 +7,10 @@
 //! uncontended in practice (one runtime thread), it only makes the state shareable among tasks.
 
 use std::collections::{BTreeMap, HashSet};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use ahash::AHashMap;
 use crossbeam_channel::Receiver;
@@ -180,16 +181,22 @@ impl Director {
         self.inventory.borrow().loaded && !self.draining.load(Ordering::Relaxed)
     }
 
-    /// Answers a query: select a backend, mint a token, publish the grant to every worker.
-    pub fn query(&self, query: &Query) -> Result<TokenAnswer, QueryError> {
+    /// Answers a query from `client`: select a backend and mint a token. A UUID token's grant
+    /// is published to every worker; a sealed token carries its grant itself.
+    pub fn query(&self, query: &Query, client: IpAddr) -> Result<TokenAnswer, QueryError> {
         let started = Instant::now();
-        let result = self.answer(query, started);
+        let result = self.answer(query, client, started);
         self.metrics
             .observe_query(result.as_ref().err().map(|e| e.code), started.elapsed());
         result
     }
 
-    fn answer(&self, query: &Query, now: Instant) -> Result<TokenAnswer, QueryError> {
+    fn answer(
+        &self,
+        query: &Query,
+        client: IpAddr,
+        now: Instant,
+    ) -> Result<TokenAnswer, QueryError> {
         query
             .validate()
             .map_err(|e| QueryError::new(ErrorCode::BadRequest, e))?;
@@ -200,7 +207,6 @@ impl Director {
             ));
         }
         let backend = self.pick(query, Picker::Query, now)?.backend;
-        let token = uuid::Uuid::new_v4();
         let ports = self
             .public_ports
             .iter()
@@ -209,24 +215,47 @@ impl Director {
             .map(|(_, (name, port))| (name.clone(), *port))
             .collect();
         let backend_id = backend.id;
-        let expires = now + self.config.token_ttl;
-        self.controller
-            .publish_grant(Grant::new(TokenId(token.as_u128()), backend, expires))
-            .map_err(|e| QueryError::new(ErrorCode::Overloaded, e.to_string()))?;
+        let ttl = self.config.token_ttl;
+        let expires = now + ttl;
+        let bound = self
+            .config
+            .bind_token_to_client_ip
+            .then(|| client.to_canonical());
+        let (token, id) = match &self.config.token_secret {
+            Some(secret) => {
+                let expires_unix = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .unwrap_or_default()
+                    + ttl;
+                let sealed = secret
+                    .keys
+                    .seal(&backend, expires_unix, bound)
+                    .map_err(|e| QueryError::new(ErrorCode::Overloaded, e.to_string()))?;
+                (sealed.text, sealed.id)
+            }
+            None => {
+                let id = TokenId(uuid::Uuid::new_v4().as_u128());
+                let grant = Grant::new(id, backend, expires);
+                let grant = match bound {
+                    Some(ip) => grant.bound_to(ip),
+                    None => grant,
+                };
+                self.controller
+                    .publish_grant(grant)
+                    .map_err(|e| QueryError::new(ErrorCode::Overloaded, e.to_string()))?;
+                (id.to_string(), id)
+            }
+        };
         {
             let mut state = self.state.lock();
-            state
-                .outstanding
-                .insert(TokenId(token.as_u128()), (backend_id, expires));
-            state
-                .expiries
-                .push_back((expires, TokenId(token.as_u128())));
+            state.outstanding.insert(id, (backend_id, expires));
+            state.expiries.push_back((expires, id));
             *state.outstanding_per_backend.entry(backend_id).or_default() += 1;
         }
         self.metrics.tokens_issued.inc();
         Ok(TokenAnswer {
-            token: token.hyphenated().to_string(),
-            ttl_seconds: self.config.token_ttl.as_secs(),
+            token,
+            ttl_seconds: ttl.as_secs(),
             ports,
         })
     }

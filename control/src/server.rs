@@ -3,6 +3,7 @@
 //! `echo '{…}' | nc host 9000` works. Oversized requests, idle connections and connections over
 //! the limit get an error line and a close; nothing a client sends can stall the control thread.
 
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -67,7 +68,7 @@ pub async fn serve(
             Ok(slot) => {
                 let director = Arc::clone(&director);
                 tokio::spawn(async move {
-                    if let Err(e) = handle(stream, &director, limits.idle_timeout).await {
+                    if let Err(e) = handle(stream, peer, &director, limits.idle_timeout).await {
                         log::debug!("query connection {peer}: {e}");
                     }
                     drop(slot);
@@ -132,7 +133,12 @@ async fn write_line<W: AsyncWrite + Unpin>(w: &mut W, line: &[u8]) -> std::io::R
     }
 }
 
-async fn handle(stream: TcpStream, director: &Director, idle: Duration) -> std::io::Result<()> {
+async fn handle(
+    stream: TcpStream,
+    peer: SocketAddr,
+    director: &Director,
+    idle: Duration,
+) -> std::io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut reader = BufReader::new(read);
     let mut buf = Vec::with_capacity(512);
@@ -167,7 +173,7 @@ async fn handle(stream: TcpStream, director: &Director, idle: Duration) -> std::
         }
         let line = buf.trim_ascii();
         if !line.is_empty() {
-            let answer = answer(director, line);
+            let answer = answer(director, line, peer.ip());
             write_line(&mut write, &answer).await?;
         }
         if !complete {
@@ -176,10 +182,10 @@ async fn handle(stream: TcpStream, director: &Director, idle: Duration) -> std::
     }
 }
 
-/// One request line → one answer line.
-fn answer(director: &Director, line: &[u8]) -> Vec<u8> {
+/// One request line from `client` → one answer line.
+fn answer(director: &Director, line: &[u8], client: IpAddr) -> Vec<u8> {
     let mut out = match serde_json::from_slice::<Query>(line) {
-        Ok(query) => match director.query(&query) {
+        Ok(query) => match director.query(&query, client) {
             Ok(token) => serde_json::to_vec(&token).unwrap_or_default(),
             Err(e) => serde_json::to_vec(&e).unwrap_or_default(),
         },

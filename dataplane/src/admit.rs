@@ -6,14 +6,14 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use crate::grant::{BackendId, Grant, TokenId};
+use crate::grant::{BackendId, Grant};
 use crate::listener::ListenerKind;
 use crate::metrics::{DropReason, TokenRejectReason};
-use crate::packet::Classified;
+use crate::packet::{Classified, Presented};
 
 /// What a new client's first datagram leads to.
 #[derive(Debug)]
-pub(crate) enum Admission {
+pub(crate) enum Admission<'a> {
     /// A session to the grant's target on this port; the datagram (the token) is consumed.
     /// The token is spent only once the session's slot and socket exist.
     Token {
@@ -29,7 +29,7 @@ pub(crate) enum Admission {
         /// Its address on this port.
         target: SocketAddr,
         /// A token that was presented and refused, for the counters.
-        refused: Option<(TokenId, TokenRejectReason)>,
+        refused: Option<(Presented<'a>, TokenRejectReason)>,
     },
     /// A route entry point: the worker picks the endpoint from the listener's table (its
     /// rotation state is the worker's); the datagram is forwarded.
@@ -46,12 +46,15 @@ pub(crate) enum Admission {
         /// Why.
         reason: DropReason,
         /// A token that was presented and refused, for the counters.
-        refused: Option<(TokenId, TokenRejectReason)>,
+        refused: Option<(Presented<'a>, TokenRejectReason)>,
     },
 }
 
 /// Logs (at trace) a token that was presented and refused on the way to an admission.
-pub(crate) fn trace_refused(client: SocketAddr, refused: Option<(TokenId, TokenRejectReason)>) {
+pub(crate) fn trace_refused(
+    client: SocketAddr,
+    refused: Option<(Presented<'_>, TokenRejectReason)>,
+) {
     if let Some((token, why)) = refused {
         log::trace!("{client}: token {token} rejected: {}", why.as_str());
     }
@@ -99,11 +102,11 @@ pub(crate) struct AdmitContext {
 
 /// Decides on a first datagram, already classified. `find_grant` looks a token up and says
 /// whether it is redeemable on this port, without spending it.
-pub(crate) fn admit(
-    first: Classified,
+pub(crate) fn admit<'a>(
+    first: Classified<'a>,
     ctx: AdmitContext,
-    find_grant: impl FnOnce(TokenId) -> Result<(Arc<Grant>, SocketAddr), TokenRejectReason>,
-) -> Admission {
+    find_grant: impl FnOnce(Presented<'a>) -> Result<(Arc<Grant>, SocketAddr), TokenRejectReason>,
+) -> Admission<'a> {
     if ctx.closed {
         return Admission::Drop {
             reason: DropReason::Draining,
@@ -142,7 +145,7 @@ pub(crate) fn admit(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::grant::Backend;
+    use crate::grant::{Backend, TokenId};
     use std::time::{Duration, Instant};
 
     const GAME: &str = "10.0.0.1:7000";
@@ -168,23 +171,23 @@ mod tests {
         ))
     }
 
-    fn known(token: TokenId) -> Result<(Arc<Grant>, SocketAddr), TokenRejectReason> {
-        if token == TokenId(7) {
+    fn known(token: Presented<'_>) -> Result<(Arc<Grant>, SocketAddr), TokenRejectReason> {
+        if token == Presented::Uuid(TokenId(7)) {
             Ok((grant(), GAME.parse().unwrap()))
         } else {
             Err(TokenRejectReason::Unknown)
         }
     }
 
-    fn never(_: TokenId) -> Result<(Arc<Grant>, SocketAddr), TokenRejectReason> {
+    fn never(_: Presented<'_>) -> Result<(Arc<Grant>, SocketAddr), TokenRejectReason> {
         panic!("no token to look up")
     }
 
     #[test]
     fn a_valid_token_or_control_packet_opens_its_grant() {
         for first in [
-            Classified::Token(TokenId(7)),
-            Classified::Control(TokenId(7)),
+            Classified::Token(Presented::Uuid(TokenId(7))),
+            Classified::Control(Presented::Uuid(TokenId(7))),
         ] {
             for default in [false, true] {
                 let a = admit(first, ctx(default), known);
@@ -199,25 +202,33 @@ mod tests {
 
     #[test]
     fn a_refused_token_falls_back_to_the_default_or_is_dropped() {
-        let a = admit(Classified::Token(TokenId(8)), ctx(true), known);
+        let a = admit(
+            Classified::Token(Presented::Uuid(TokenId(8))),
+            ctx(true),
+            known,
+        );
         assert!(
             matches!(
                 a,
                 Admission::Default {
                     backend: BackendId(9),
-                    refused: Some((TokenId(8), TokenRejectReason::Unknown)),
+                    refused: Some((Presented::Uuid(TokenId(8)), TokenRejectReason::Unknown)),
                     ..
                 }
             ),
             "{a:?}"
         );
-        let a = admit(Classified::Token(TokenId(8)), ctx(false), known);
+        let a = admit(
+            Classified::Token(Presented::Uuid(TokenId(8))),
+            ctx(false),
+            known,
+        );
         assert!(
             matches!(
                 a,
                 Admission::Drop {
                     reason: DropReason::TokenRejected,
-                    refused: Some((TokenId(8), TokenRejectReason::Unknown))
+                    refused: Some((Presented::Uuid(TokenId(8)), TokenRejectReason::Unknown))
                 }
             ),
             "{a:?}"
@@ -269,8 +280,8 @@ mod tests {
         };
         for first in [
             Classified::Payload,
-            Classified::Token(TokenId(7)),
-            Classified::Control(TokenId(7)),
+            Classified::Token(Presented::Uuid(TokenId(7))),
+            Classified::Control(Presented::Uuid(TokenId(7))),
             Classified::BadControl,
         ] {
             let a = admit(first, forward, never);
@@ -298,7 +309,11 @@ mod tests {
             closed: true,
             ..ctx(true)
         };
-        let a = admit(Classified::Token(TokenId(7)), closed, never);
+        let a = admit(
+            Classified::Token(Presented::Uuid(TokenId(7))),
+            closed,
+            never,
+        );
         assert!(
             matches!(
                 a,

@@ -48,6 +48,8 @@ pub struct DataPlaneConfig {
     pub busy_poll: Duration,
     /// Per-source-IP limits on datagrams without a session and on new sessions (off: `None`).
     pub rate_limit: Option<crate::ratelimit::RateLimit>,
+    /// The keys that open sealed tokens (`tokenSecret`); `None`: only UUID tokens.
+    pub token_keys: Option<std::sync::Arc<crate::seal::KeyRing>>,
 }
 
 impl DataPlaneConfig {
@@ -68,6 +70,7 @@ impl DataPlaneConfig {
             batch_io: true,
             busy_poll: Duration::ZERO,
             rate_limit: None,
+            token_keys: None,
         }
     }
 }

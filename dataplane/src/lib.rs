@@ -26,6 +26,7 @@ pub mod packet;
 mod plane;
 pub mod ratelimit;
 pub mod route;
+pub mod seal;
 pub mod session;
 mod socket;
 mod tcp;

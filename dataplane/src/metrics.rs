@@ -145,11 +145,23 @@ pub enum TokenRejectReason {
     Used,
     /// The grant does not cover this data port.
     WrongPort,
+    /// A sealed token that did not open: truncated, tampered with, or sealed with a key this
+    /// replica does not hold.
+    Invalid,
+    /// The token is bound to another client address (`bindTokenToClientIp`).
+    WrongClient,
 }
 
 impl TokenRejectReason {
     /// Every reason, in metric-label order.
-    pub const ALL: [Self; 4] = [Self::Unknown, Self::Expired, Self::Used, Self::WrongPort];
+    pub const ALL: [Self; 6] = [
+        Self::Unknown,
+        Self::Expired,
+        Self::Used,
+        Self::WrongPort,
+        Self::Invalid,
+        Self::WrongClient,
+    ];
 
     /// The metric label value.
     pub const fn as_str(self) -> &'static str {
@@ -158,6 +170,8 @@ impl TokenRejectReason {
             Self::Expired => "expired",
             Self::Used => "used",
             Self::WrongPort => "wrong_port",
+            Self::Invalid => "invalid",
+            Self::WrongClient => "wrong_client",
         }
     }
 }

@@ -10,6 +10,7 @@ use crossbeam_utils::CachePadded;
 use crate::config::{DataPlaneConfig, WorkerAffinity};
 use crate::ctl::{Controller, GRANT_CHANNEL_CAPACITY, SocketSettings, WorkerEvent, WorkerLink};
 use crate::error::{StartError, WorkerError};
+use crate::grant::NonceLedger;
 use crate::limits::SessionLimits;
 use crate::listener::{ListenerKind, ListenerSpec};
 use crate::metrics::WorkerCounters;
@@ -53,6 +54,7 @@ impl DataPlane {
 
         let mut links = Vec::with_capacity(workers);
         let mut built = Vec::with_capacity(workers);
+        let ledger = Arc::new(NonceLedger::default());
         for id in 0..workers {
             let (grants_tx, grants) = crossbeam_channel::bounded(GRANT_CHANNEL_CAPACITY);
             let (tx, rx) = crossbeam_channel::unbounded();
@@ -71,6 +73,7 @@ impl DataPlane {
                 events: events_tx.clone(),
                 counters: Arc::clone(&counters),
                 limits: Arc::clone(&limits),
+                ledger: Arc::clone(&ledger),
             })
             .map_err(|source| StartError::Poll { worker: id, source })?;
             links.push(WorkerLink {

@@ -1,16 +1,18 @@
 //! The token at the start of a TCP connection (sans-io): is what the client sent so far a
 //! token, not one, or too short to say?
 //!
-//! A client on a TCP data port sends the 36-char token first, optionally followed by `\n` or
-//! `\r\n`; everything after it is stream data. A byte that cannot be part of a hyphenated UUID
-//! at its position decides "not a token" at once, so a token-less protocol whose client speaks
-//! first reaches the default backend without waiting for `tcpTokenTimeoutSeconds`.
+//! A client on a TCP data port sends the token first (a 36-char UUID, or a sealed token whose
+//! first four characters give its length), optionally followed by `\n` or `\r\n`; everything
+//! after it is stream data. A byte that cannot be part of a token at its position decides "not
+//! a token" at once, so a token-less protocol whose client speaks first reaches the default
+//! backend without waiting for `tcpTokenTimeoutSeconds`.
 
 use crate::grant::TokenId;
-use crate::packet::TOKEN_LEN;
+use crate::packet::{Presented, TOKEN_LEN};
+use crate::seal::{self, HEADER_LEN, MAX_SEALED_LEN, SEALED_PREFIX};
 
-/// Most bytes the token reader needs: the token and `\r\n`.
-pub(crate) const MAX_PREFIX: usize = TOKEN_LEN + 2;
+/// Most bytes the token reader needs: the longest token and `\r\n`.
+pub(crate) const MAX_PREFIX: usize = MAX_SEALED_LEN + 2;
 
 /// Where a token's optional line ending may still be, when the bytes so far end right after
 /// the token (or after its `\r`): the stream's next bytes decide.
@@ -28,14 +30,14 @@ pub(crate) enum LineEnd {
 
 /// What the first bytes of a connection are.
 #[derive(Clone, Copy, Debug, Eq, PartialEq)]
-pub(crate) enum Prefix {
+pub(crate) enum Prefix<'a> {
     /// Too few bytes to decide.
     NeedMore,
     /// A well-formed token; stream data starts at `data_from` of the bytes so far, and
     /// `line_end` says whether the next bytes may still hold its line ending.
     Token {
         /// The token.
-        token: TokenId,
+        token: Presented<'a>,
         /// Index of the first data byte in the bytes read so far.
         data_from: usize,
         /// A line ending the next read may still hold.
@@ -46,30 +48,64 @@ pub(crate) enum Prefix {
 }
 
 /// Reads the bytes a connection has sent so far (at most [`MAX_PREFIX`] are looked at).
-pub(crate) fn read_prefix(bytes: &[u8]) -> Prefix {
-    let head = &bytes[..bytes.len().min(TOKEN_LEN)];
-    if !head.iter().enumerate().all(|(i, &b)| uuid_byte(i, b)) {
-        return Prefix::NotToken;
-    }
-    if bytes.len() < TOKEN_LEN {
-        return Prefix::NeedMore;
-    }
-    let Ok(uuid) = uuid::Uuid::try_parse_ascii(head) else {
-        return Prefix::NotToken;
+pub(crate) fn read_prefix(bytes: &[u8]) -> Prefix<'_> {
+    let token = match bytes.first() {
+        None => return Prefix::NeedMore,
+        Some(&b) if b == SEALED_PREFIX[0] => read_sealed(bytes),
+        Some(_) => read_uuid(bytes),
     };
-    let token = TokenId(uuid.as_u128());
-    let (data_from, line_end) = match &bytes[TOKEN_LEN..] {
-        [] => (TOKEN_LEN, LineEnd::Maybe),
-        [b'\n', ..] => (TOKEN_LEN + 1, LineEnd::Done),
-        [b'\r'] => (TOKEN_LEN + 1, LineEnd::AfterCr),
-        [b'\r', b'\n', ..] => (TOKEN_LEN + 2, LineEnd::Done),
-        _ => (TOKEN_LEN, LineEnd::Done),
+    let token = match token {
+        Ok(token) => token,
+        Err(undecided) => return undecided,
+    };
+    let len = match token {
+        Presented::Uuid(_) => TOKEN_LEN,
+        Presented::Sealed(text) => text.len(),
+    };
+    let (data_from, line_end) = match &bytes[len..] {
+        [] => (len, LineEnd::Maybe),
+        [b'\n', ..] => (len + 1, LineEnd::Done),
+        [b'\r'] => (len + 1, LineEnd::AfterCr),
+        [b'\r', b'\n', ..] => (len + 2, LineEnd::Done),
+        _ => (len, LineEnd::Done),
     };
     Prefix::Token {
         token,
         data_from,
         line_end,
     }
+}
+
+/// A UUID token at the start of `bytes`, or what to say if there is none (yet).
+fn read_uuid(bytes: &[u8]) -> Result<Presented<'_>, Prefix<'_>> {
+    let head = &bytes[..bytes.len().min(TOKEN_LEN)];
+    if !head.iter().enumerate().all(|(i, &b)| uuid_byte(i, b)) {
+        return Err(Prefix::NotToken);
+    }
+    if bytes.len() < TOKEN_LEN {
+        return Err(Prefix::NeedMore);
+    }
+    let Ok(uuid) = uuid::Uuid::try_parse_ascii(head) else {
+        return Err(Prefix::NotToken);
+    };
+    Ok(Presented::Uuid(TokenId(uuid.as_u128())))
+}
+
+/// A sealed token at the start of `bytes`, or what to say if there is none (yet).
+fn read_sealed(bytes: &[u8]) -> Result<Presented<'_>, Prefix<'_>> {
+    let len = match seal::sealed_len(bytes) {
+        None => return Err(Prefix::NeedMore),
+        Some(Err(())) => return Err(Prefix::NotToken),
+        Some(Ok(len)) => len,
+    };
+    let head = &bytes[..bytes.len().min(len)];
+    if !head[HEADER_LEN..].iter().all(|&b| seal::is_body_char(b)) {
+        return Err(Prefix::NotToken);
+    }
+    if bytes.len() < len {
+        return Err(Prefix::NeedMore);
+    }
+    Ok(Presented::Sealed(head))
 }
 
 /// Whether `b` can stand at position `i` of a hyphenated UUID.
@@ -103,8 +139,8 @@ mod tests {
 
     const TOKEN: &str = "550e8400-e29b-41d4-a716-446655440000";
 
-    fn token() -> TokenId {
-        TokenId(uuid::Uuid::parse_str(TOKEN).unwrap().as_u128())
+    fn token() -> Presented<'static> {
+        Presented::Uuid(TokenId(uuid::Uuid::parse_str(TOKEN).unwrap().as_u128()))
     }
 
     #[test]
@@ -158,6 +194,37 @@ mod tests {
         let mut bad = TOKEN.as_bytes().to_vec();
         bad[35] = b'g';
         assert_eq!(read_prefix(&bad), Prefix::NotToken, "last byte");
+    }
+
+    #[test]
+    fn a_sealed_token_is_read_by_its_header_length_newline_or_not() {
+        let sealed = format!("S1Bk{}", "x".repeat(100));
+        for n in 0..sealed.len() {
+            assert_eq!(
+                read_prefix(&sealed.as_bytes()[..n]),
+                Prefix::NeedMore,
+                "{n}"
+            );
+        }
+        for (after, data_from, line_end) in [
+            ("", 104, LineEnd::Maybe),
+            ("\r\nGET /", 106, LineEnd::Done),
+            ("GET /", 104, LineEnd::Done),
+        ] {
+            let bytes = format!("{sealed}{after}");
+            assert_eq!(
+                read_prefix(bytes.as_bytes()),
+                Prefix::Token {
+                    token: Presented::Sealed(sealed.as_bytes()),
+                    data_from,
+                    line_end
+                },
+                "{after:?}"
+            );
+        }
+        assert_eq!(read_prefix(b"S1Bk!"), Prefix::NotToken, "a non-base64 byte");
+        assert_eq!(read_prefix(b"S2"), Prefix::NotToken, "another version");
+        assert_eq!(read_prefix(b"SSH-2.0-OpenSSH"), Prefix::NotToken);
     }
 
     #[test]

@@ -23,13 +23,14 @@ use crate::batch::{BATCH, RecvBatch, SendQueue, UpstreamBatch};
 use crate::config::DataPlaneConfig;
 use crate::ctl::{CloseReason, Closing, ControlMsg, WorkerEvent};
 use crate::error::WorkerError;
-use crate::grant::{Backend, Grant, TokenId};
+use crate::grant::{Backend, Grant, NonceLedger, TokenId};
 use crate::limits::SessionLimits;
 use crate::listener::{ListenerKind, MAX_LISTENERS, Transport};
 use crate::metrics::{DropReason, ListenerCounters, ListenerSlot, WorkerCounters};
 use crate::packet::control_body;
 use crate::ratelimit::RateLimiter;
 use crate::route::Picker;
+use crate::seal::KeyRing;
 use crate::session::{Session, SessionId, SessionKey, SessionKind, SessionTable};
 use crate::tcp::splice::Splice;
 use crate::warn_gate::WarnGate;
@@ -139,6 +140,7 @@ pub(crate) struct WorkerSetup<'a> {
     pub(crate) events: Sender<WorkerEvent>,
     pub(crate) counters: Arc<[CachePadded<WorkerCounters>]>,
     pub(crate) limits: Arc<SessionLimits>,
+    pub(crate) ledger: Arc<NonceLedger>,
 }
 
 pub(crate) struct Worker {
@@ -168,6 +170,9 @@ pub(crate) struct Worker {
     tcp_token_timeout: Duration,
     tcp_connect_timeout: Duration,
     grants: AHashMap<TokenId, Arc<Grant>>,
+    /// The keys that open sealed tokens, and the replica's record of those redeemed.
+    token_keys: Option<Arc<KeyRing>>,
+    ledger: Arc<NonceLedger>,
     default_backend: Option<Arc<Backend>>,
     control_magic: Box<[u8]>,
     batch_io: bool,
@@ -223,6 +228,8 @@ impl Worker {
             tcp_token_timeout: setup.config.tcp_token_timeout,
             tcp_connect_timeout: setup.config.tcp_connect_timeout,
             grants: AHashMap::new(),
+            token_keys: setup.config.token_keys.clone(),
+            ledger: setup.ledger,
             default_backend: None,
             control_magic: setup.config.control_magic.clone().into_boxed_slice(),
             batch_io: setup.config.batch_io,

@@ -3,17 +3,18 @@
 //! backend.
 
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::admit::{Admission, AdmitContext, Role, admit, trace_refused};
 use crate::ctl::WorkerEvent;
-use crate::grant::{BackendId, Grant, TokenId};
+use crate::grant::{BackendId, Grant};
 use crate::listener::{ListenerKind, Transport};
 use crate::metrics::{DropReason, TokenRejectReason};
-use crate::packet::{classify, parse_token};
+use crate::packet::{Presented, classify, parse_token};
 use crate::route::{Pick, RouteTable};
+use crate::seal::OpenError;
 use crate::session::{Session, SessionId, SessionKey, SessionKind, SessionStats};
 use crate::upstream::{is_unicast_target, peer_key};
 
@@ -34,7 +35,9 @@ impl Worker {
         let port = usize::from(key.port);
         let ctx = self.admit_context(port);
         let first = classify(datagram, &self.control_magic);
-        let admission = admit(first, ctx, |token| self.find_grant(token, port, now));
+        let admission = admit(first, ctx, |token| {
+            self.find_grant(token, port, key.client.ip(), now)
+        });
         let opens = !matches!(admission, Admission::Drop { .. });
         if opens && !self.session_allowed(key.client, port, now, false) {
             return;
@@ -147,7 +150,7 @@ impl Worker {
         let Ok(upstream) = self.reserve(key.client, target, now) else {
             return;
         };
-        if let Err(reason) = grant.redeem(usize::from(key.port), now) {
+        if let Err(reason) = grant.redeem(usize::from(key.port), key.client.ip(), now) {
             // Another worker redeemed it in the meantime.
             self.abandon(key.client, &upstream, now);
             self.counters().reject(reason);
@@ -173,28 +176,57 @@ impl Worker {
         });
     }
 
-    /// Looks a token up and checks it is redeemable on `port`, without spending it. A grant
-    /// published just before the client got its token may still sit in the grant channel, so a
-    /// miss drains that channel (and nothing else) once.
+    /// Looks a token up (a UUID's published grant) or opens it (a sealed token) and checks it
+    /// is redeemable on `port` by `client`, without spending it. A grant published just before
+    /// the client got its token may still sit in the grant channel, so a miss drains that
+    /// channel (and nothing else) once.
     pub(super) fn find_grant(
         &mut self,
-        token: TokenId,
+        token: Presented<'_>,
         port: usize,
+        client: IpAddr,
         now: Instant,
     ) -> Result<(Arc<Grant>, SocketAddr), TokenRejectReason> {
-        if !self.grants.contains_key(&token) {
-            self.drain_grants();
-        }
-        let result = match self.grants.get(&token) {
-            Some(grant) => grant
-                .check(port, now)
-                .map(|target| (Arc::clone(grant), target)),
-            None => Err(TokenRejectReason::Unknown),
+        let grant = match token {
+            Presented::Uuid(id) => {
+                if !self.grants.contains_key(&id) {
+                    self.drain_grants();
+                }
+                self.grants
+                    .get(&id)
+                    .map(Arc::clone)
+                    .ok_or(TokenRejectReason::Unknown)
+            }
+            Presented::Sealed(text) => self.open_sealed(text, now),
         };
+        let result = grant.and_then(|grant| {
+            let target = grant.check(port, client, now)?;
+            Ok((grant, target))
+        });
         if let Err(reason) = result {
             self.counters().reject(reason);
         }
         result
+    }
+
+    /// Opens a sealed token with this replica's keys into a grant whose redemptions go to the
+    /// replica's ledger. Without keys, no sealed token opens.
+    fn open_sealed(&self, text: &[u8], now: Instant) -> Result<Arc<Grant>, TokenRejectReason> {
+        let keys = self.token_keys.as_ref().ok_or(TokenRejectReason::Invalid)?;
+        let unix = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        match keys.open(text, unix) {
+            Ok(opened) => Ok(Arc::new(Grant::sealed(
+                opened.id,
+                opened.backend,
+                now + opened.remaining,
+                opened.client,
+                Arc::clone(&self.ledger),
+            ))),
+            Err(OpenError::Expired) => Err(TokenRejectReason::Expired),
+            Err(OpenError::Malformed | OpenError::Forged) => Err(TokenRejectReason::Invalid),
+        }
     }
 
     /// Everything a new session needs that can fail: a slot under `maxSessions` and
@@ -341,7 +373,7 @@ impl Worker {
             self.counters().drop(DropReason::MalformedControl, 1);
             return;
         };
-        let (grant, target) = match self.find_grant(token, port, now) {
+        let (grant, target) = match self.find_grant(token, port, client.ip(), now) {
             Ok(found) => found,
             Err(reason) => {
                 if let Some(note) = self.warn_gate.admit(now) {
@@ -368,7 +400,7 @@ impl Worker {
                 return;
             }
         };
-        if let Err(reason) = grant.redeem(port, now) {
+        if let Err(reason) = grant.redeem(port, client.ip(), now) {
             self.leave_place(&upstream, now);
             self.counters().reject(reason);
             self.counters().drop(DropReason::TokenRejected, 1);
@@ -385,7 +417,7 @@ impl Worker {
         let _ = self.events.send(WorkerEvent::SessionMoved {
             from,
             to,
-            token: Some(token),
+            token: Some(grant.token),
         });
     }
 

@@ -339,7 +339,10 @@ impl Worker {
             Prefix::NotToken | Prefix::NeedMore => (Classified::Payload, 0, LineEnd::Done),
         };
         let ctx = self.admit_context(port);
-        let admission = admit(first, ctx, |token| self.find_grant(token, port, now));
+        let client = p.client.ip();
+        let admission = admit(first, ctx, |token| {
+            self.find_grant(token, port, client, now)
+        });
         let eof = why == Decide::Eof;
         match admission {
             Admission::Token { grant, target } => {
@@ -471,7 +474,7 @@ impl Worker {
         // Spent last, once nothing is left that can fail synchronously. A backend that then
         // refuses the connection has the token spent, as on UDP: the player queries again.
         if let Some(grant) = admitted.grant {
-            if let Err(reason) = grant.redeem(port, now) {
+            if let Err(reason) = grant.redeem(port, client.ip(), now) {
                 // Another worker (or this port's UDP twin) redeemed it in the meantime.
                 self.counters().reject(reason);
                 self.counters().refuse(DropReason::TokenRejected);
