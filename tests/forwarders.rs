@@ -462,29 +462,3 @@ fn dns_targets_resolve_and_a_name_that_never_does_is_not_ready() {
     assert_eq!(view(&proxy, "nowhere")["listening"], serde_json::json!([]));
     assert_eq!(round_trip(&c, missing, b"2"), None);
 }
-
-#[test]
-fn a_proxy_protocol_forwarder_stays_closed_until_headers_are_supported() {
-    let echo = Echo::tagged(b'P');
-    let port = free_port();
-    let proxy = Proxy::start(
-        &base_config(CONFIG),
-        &forwarder(
-            "with-header",
-            "",
-            &format!("{{udp: {}, proxyProtocol: v2}}", to(port, echo.addr)),
-        ),
-    );
-    proxy.eventually("the refusal is reported", |p| {
-        view(p, "with-header")["message"]
-            .as_str()
-            .is_some_and(|m| m.contains("proxyProtocol"))
-    });
-    assert_eq!(view(&proxy, "with-header")["ready"], false);
-    let c = client();
-    assert_eq!(
-        round_trip(&c, port, b"1"),
-        None,
-        "no traffic without the header the backend expects"
-    );
-}

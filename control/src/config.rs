@@ -293,6 +293,9 @@ struct RawMapping {
     service_selector_label: Option<String>,
     #[serde(default)]
     service_target_port_name: Option<String>,
+    /// PROXY protocol v2 headers to this mapping's backends (`none`, `v2`, `v2-first`).
+    #[serde(default)]
+    proxy_protocol: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -400,6 +403,8 @@ pub struct Mapping {
     pub kind: Option<String>,
     /// How backends are located.
     pub locator: Locator,
+    /// PROXY protocol v2 headers to its backends.
+    pub proxy_protocol: dataplane::proxy_protocol::ProxyMode,
 }
 
 impl Mapping {
@@ -1308,12 +1313,25 @@ fn mapping(key: &str, m: RawMapping, data_ports: &[DataPort]) -> Result<Mapping,
             }
         }
     };
+    use dataplane::proxy_protocol::ProxyMode;
+    let proxy_protocol = match m.proxy_protocol.as_deref() {
+        None | Some("none") => ProxyMode::None,
+        Some("v2") => ProxyMode::V2,
+        Some("v2-first") => ProxyMode::V2First,
+        Some(other) => {
+            return Err(invalid(
+                format!("{key}.proxyProtocol"),
+                format!("`{}` is not one of none, v2, v2-first", quote(other)),
+            ));
+        }
+    };
     Ok(Mapping {
         group: m.group,
         version: m.version,
         resource: m.resource,
         kind: m.kind,
         locator,
+        proxy_protocol,
     })
 }
 

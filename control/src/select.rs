@@ -170,6 +170,7 @@ pub fn resolve(
     Some(Backend {
         id: backend_id(object, &addrs),
         addrs: addrs.into(),
+        proxy: mapping.proxy_protocol,
     })
 }
 

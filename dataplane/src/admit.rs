@@ -10,6 +10,7 @@ use crate::grant::{BackendId, Grant};
 use crate::listener::ListenerKind;
 use crate::metrics::{DropReason, TokenRejectReason};
 use crate::packet::{Classified, Presented};
+use crate::proxy_protocol::ProxyMode;
 
 /// What a new client's first datagram leads to.
 #[derive(Debug)]
@@ -28,6 +29,8 @@ pub(crate) enum Admission<'a> {
         backend: BackendId,
         /// Its address on this port.
         target: SocketAddr,
+        /// Its PROXY protocol mode.
+        proxy: ProxyMode,
         /// A token that was presented and refused, for the counters.
         refused: Option<(Presented<'a>, TokenRejectReason)>,
     },
@@ -40,6 +43,8 @@ pub(crate) enum Admission<'a> {
         backend: BackendId,
         /// Its target.
         target: SocketAddr,
+        /// Its PROXY protocol mode.
+        proxy: ProxyMode,
     },
     /// No session: dropped and counted with this reason.
     Drop {
@@ -71,6 +76,8 @@ pub(crate) enum Role {
         target: SocketAddr,
         /// The forwarder's identity.
         backend: BackendId,
+        /// PROXY protocol headers to the target.
+        proxy: ProxyMode,
     },
     /// A route entry point.
     Route,
@@ -80,9 +87,14 @@ impl From<&ListenerKind> for Role {
     fn from(kind: &ListenerKind) -> Self {
         match kind {
             ListenerKind::TokenPort => Self::TokenPort,
-            ListenerKind::Forward { target, backend } => Self::Forward {
+            ListenerKind::Forward {
+                target,
+                backend,
+                proxy,
+            } => Self::Forward {
                 target: *target,
                 backend: *backend,
+                proxy: *proxy,
             },
             ListenerKind::Route { .. } => Self::Route,
         }
@@ -96,8 +108,8 @@ pub(crate) struct AdmitContext {
     pub(crate) listener: Role,
     /// The listener is closing or the proxy draining: no new sessions.
     pub(crate) closed: bool,
-    /// The default backend and its address on this port, if any.
-    pub(crate) default: Option<(BackendId, SocketAddr)>,
+    /// The default backend, its address on this port and its PROXY protocol mode, if any.
+    pub(crate) default: Option<(BackendId, SocketAddr, ProxyMode)>,
 }
 
 /// Decides on a first datagram, already classified. `find_grant` looks a token up and says
@@ -115,8 +127,16 @@ pub(crate) fn admit<'a>(
     }
     let (refused, dropped_as) = match ctx.listener {
         // Whatever comes first, token-shaped or not, is the client's traffic.
-        Role::Forward { target, backend } => {
-            return Admission::Forward { backend, target };
+        Role::Forward {
+            target,
+            backend,
+            proxy,
+        } => {
+            return Admission::Forward {
+                backend,
+                target,
+                proxy,
+            };
         }
         // Token magic means nothing on an entry point either.
         Role::Route => return Admission::Route,
@@ -130,9 +150,10 @@ pub(crate) fn admit<'a>(
         },
     };
     match ctx.default {
-        Some((backend, target)) => Admission::Default {
+        Some((backend, target, proxy)) => Admission::Default {
             backend,
             target,
+            proxy,
             refused,
         },
         None => Admission::Drop {
@@ -155,7 +176,7 @@ mod tests {
         AdmitContext {
             listener: Role::TokenPort,
             closed: false,
-            default: default.then(|| (BackendId(9), FALLBACK.parse().unwrap())),
+            default: default.then(|| (BackendId(9), FALLBACK.parse().unwrap(), ProxyMode::V2)),
         }
     }
 
@@ -163,6 +184,7 @@ mod tests {
         let backend = Backend {
             id: BackendId(1),
             addrs: vec![Some(GAME.parse().unwrap())].into(),
+            proxy: Default::default(),
         };
         Arc::new(Grant::new(
             TokenId(7),
@@ -275,6 +297,7 @@ mod tests {
             listener: Role::Forward {
                 target,
                 backend: BackendId(42),
+                proxy: ProxyMode::V2First,
             },
             ..ctx(true)
         };
@@ -286,7 +309,7 @@ mod tests {
         ] {
             let a = admit(first, forward, never);
             assert!(
-                matches!(a, Admission::Forward { backend: BackendId(42), target: t } if t == target),
+                matches!(a, Admission::Forward { backend: BackendId(42), target: t, proxy: ProxyMode::V2First } if t == target),
                 "{a:?}"
             );
         }

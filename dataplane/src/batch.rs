@@ -16,6 +16,8 @@ use std::os::fd::RawFd;
 
 use socket2::SockAddr;
 
+use crate::proxy_protocol::ProxyHeader;
+
 /// Datagrams moved per syscall.
 pub(crate) const BATCH: usize = 32;
 // An [`UpstreamBatch`] stores receive slots as `u8`.
@@ -191,6 +193,7 @@ impl SendQueue {
     pub(crate) fn flush(&mut self, fd: RawFd, batch_io: bool) -> Flushed {
         let (buf, lens, addrs, addr_lens) = (&self.buf, &self.lens, &self.addrs, &self.addr_lens);
         let dropped = send_all(fd, self.count, batch_io, |i| Outgoing {
+            prefix: &[],
             data: &buf[i * SLOT_BYTES..i * SLOT_BYTES + lens[i]],
             addr: &addrs[i],
             addr_len: addr_lens[i],
@@ -217,6 +220,9 @@ fn store_addr(slot: &mut libc::sockaddr_storage, len: &mut libc::socklen_t, addr
 /// One datagram to send, and where.
 #[derive(Clone, Copy)]
 pub(crate) struct Outgoing<'a> {
+    /// Sent in front of `data` in the same datagram (a PROXY protocol header), from its own
+    /// buffer: a second iovec, not a copy of the payload.
+    prefix: &'a [u8],
     data: &'a [u8],
     addr: &'a libc::sockaddr_storage,
     addr_len: libc::socklen_t,
@@ -295,6 +301,9 @@ pub(crate) struct SentUpstream {
 pub(crate) struct UpstreamBatch {
     sockets: [u32; BATCH],
     slots: [u8; BATCH],
+    /// PROXY protocol headers, copied from their sessions (a session may end before the
+    /// flush); empty for datagrams without one.
+    headers: [ProxyHeader; BATCH],
     addrs: [libc::sockaddr_storage; BATCH],
     addr_lens: [libc::socklen_t; BATCH],
     count: usize,
@@ -313,6 +322,7 @@ impl UpstreamBatch {
         Self {
             sockets: [0; BATCH],
             slots: [0; BATCH],
+            headers: [ProxyHeader::EMPTY; BATCH],
             addrs: [zeroed_storage(); BATCH],
             addr_lens: [0; BATCH],
             count: 0,
@@ -320,12 +330,20 @@ impl UpstreamBatch {
     }
 
     /// Queues datagram `slot` of the current receive batch, to go out of upstream socket
-    /// `socket` to `dest`. At most one entry per receive slot, so it never overflows.
-    pub(crate) fn push(&mut self, socket: u32, slot: usize, dest: &SockAddr) {
+    /// `socket` to `dest`, behind `header` if given. At most one entry per receive slot, so it
+    /// never overflows.
+    pub(crate) fn push(
+        &mut self,
+        socket: u32,
+        slot: usize,
+        dest: &SockAddr,
+        header: Option<&ProxyHeader>,
+    ) {
         let i = self.count;
         debug_assert!(i < BATCH && slot < BATCH);
         self.sockets[i] = socket;
         self.slots[i] = slot as u8;
+        self.headers[i] = header.copied().unwrap_or(ProxyHeader::EMPTY);
         store_addr(&mut self.addrs[i], &mut self.addr_lens[i], dest);
         self.count += 1;
     }
@@ -368,6 +386,7 @@ impl UpstreamBatch {
                 |k| {
                     let i = group[k];
                     Outgoing {
+                        prefix: self.headers[i].as_bytes(),
                         data: rx.data(usize::from(self.slots[i])),
                         addr: &self.addrs[i],
                         addr_len: self.addr_lens[i],
@@ -391,6 +410,39 @@ fn msghdr_for(iov: &mut libc::iovec, name: *mut libc::c_void, namelen: u32) -> l
     hdr.msg_namelen = namelen;
     hdr.msg_iov = iov;
     hdr.msg_iovlen = 1;
+    hdr
+}
+
+const EMPTY_IOV: libc::iovec = libc::iovec {
+    iov_base: std::ptr::null_mut(),
+    iov_len: 0,
+};
+
+/// The `msghdr` of one outgoing datagram: its prefix (if any) and data as one or two iovecs
+/// in `iov`, and its destination.
+fn outgoing_msghdr(m: &Outgoing<'_>, iov: &mut [libc::iovec; 2]) -> libc::msghdr {
+    // The kernel only reads through these pointers for a send.
+    let data = libc::iovec {
+        iov_base: m.data.as_ptr().cast_mut().cast(),
+        iov_len: m.data.len(),
+    };
+    let n = if m.prefix.is_empty() {
+        iov[0] = data;
+        1
+    } else {
+        iov[0] = libc::iovec {
+            iov_base: m.prefix.as_ptr().cast_mut().cast(),
+            iov_len: m.prefix.len(),
+        };
+        iov[1] = data;
+        2
+    };
+    let mut hdr = msghdr_for(
+        &mut iov[0],
+        std::ptr::from_ref(m.addr).cast_mut().cast(),
+        m.addr_len,
+    );
+    hdr.msg_iovlen = n;
     hdr
 }
 
@@ -467,22 +519,13 @@ mod sys {
         to: usize,
         msg: &impl Fn(usize) -> Outgoing<'a>,
     ) -> io::Result<usize> {
-        let mut iovs: [MaybeUninit<libc::iovec>; BATCH] = [MaybeUninit::uninit(); BATCH];
+        let mut iovs: [[libc::iovec; 2]; BATCH] = [[EMPTY_IOV; 2]; BATCH];
         let mut hdrs: [MaybeUninit<libc::mmsghdr>; BATCH] = [MaybeUninit::uninit(); BATCH];
         let count = (to - from).min(BATCH);
         for j in 0..count {
             let m = msg(from + j);
-            let iov = iovs[j].write(libc::iovec {
-                // The kernel only reads through this pointer for a send.
-                iov_base: m.data.as_ptr().cast_mut().cast(),
-                iov_len: m.data.len(),
-            });
             hdrs[j].write(libc::mmsghdr {
-                msg_hdr: msghdr_for(
-                    iov,
-                    std::ptr::from_ref(m.addr).cast_mut().cast(),
-                    m.addr_len,
-                ),
+                msg_hdr: outgoing_msghdr(&m, &mut iovs[j]),
                 msg_len: 0,
             });
         }
@@ -557,17 +600,25 @@ mod portable {
     ) -> io::Result<usize> {
         for i in from..to {
             let m = msg(i);
-            // SAFETY: `m.data` is initialised and `m.addr` holds a socket address of
-            // `m.addr_len` bytes; both are only read.
-            let r = unsafe {
-                libc::sendto(
-                    fd,
-                    m.data.as_ptr().cast(),
-                    m.data.len(),
-                    0,
-                    std::ptr::from_ref(m.addr).cast(),
-                    m.addr_len,
-                )
+            let r = if m.prefix.is_empty() {
+                // SAFETY: `m.data` is initialised and `m.addr` holds a socket address of
+                // `m.addr_len` bytes; both are only read.
+                unsafe {
+                    libc::sendto(
+                        fd,
+                        m.data.as_ptr().cast(),
+                        m.data.len(),
+                        0,
+                        std::ptr::from_ref(m.addr).cast(),
+                        m.addr_len,
+                    )
+                }
+            } else {
+                let mut iov = [EMPTY_IOV; 2];
+                let hdr = outgoing_msghdr(&m, &mut iov);
+                // SAFETY: `hdr` points at `iov` (live for the call) and at `m`'s buffers and
+                // address, which the kernel only reads.
+                unsafe { libc::sendmsg(fd, &raw const hdr, 0) }
             };
             if r < 0 {
                 let err = io::Error::last_os_error();
@@ -644,10 +695,20 @@ mod tests {
         let mut up = UpstreamBatch::new();
         let to1 = SockAddr::from(p1.local_addr().unwrap());
         let to2 = SockAddr::from(p2.local_addr().unwrap());
+        // Datagrams to p2 carry a PROXY header, sent from its own buffer in front.
+        let header = ProxyHeader::new(
+            crate::proxy_protocol::HeaderTransport::Dgram,
+            "192.0.2.1:1000".parse().unwrap(),
+            "192.0.2.2:7777".parse().unwrap(),
+        );
         for slot in 0..6 {
             // Even slots leave from u1 to p1, odd ones from u2 to p2, interleaved.
-            let (socket, dest) = if slot % 2 == 0 { (1, &to1) } else { (2, &to2) };
-            up.push(socket, slot, dest);
+            let (socket, dest, h) = if slot % 2 == 0 {
+                (1, &to1, None)
+            } else {
+                (2, &to2, Some(&header))
+            };
+            up.push(socket, slot, dest, h);
         }
         let fds = |n: u32| match n {
             1 => Some(u1.as_raw_fd()),
@@ -655,23 +716,31 @@ mod tests {
             _ => None,
         };
         let sent = up.flush(&rx, batch_io, fds);
-        assert_eq!((sent.packets, sent.bytes, sent.dropped), (6, 600, 0));
+        assert_eq!(
+            (sent.packets, sent.bytes, sent.dropped),
+            (6, 600, 0),
+            "payload bytes"
+        );
         std::thread::sleep(std::time::Duration::from_millis(20));
-        for (peer, from, first) in [(&p1, &u1, 0u8), (&p2, &u2, 1)] {
+        for (peer, from, first, prefix) in [
+            (&p1, &u1, 0u8, &[][..]),
+            (&p2, &u2, 1, header.as_bytes()),
+        ] {
             for k in 0..3u8 {
                 let (len, src) = peer.recv_from(&mut buf).unwrap();
                 assert_eq!(src, from.local_addr().unwrap());
-                assert_eq!(&buf[..len], &[first + 2 * k; 100], "in order");
+                assert_eq!(&buf[..prefix.len()], prefix);
+                assert_eq!(&buf[prefix.len()..len], &[first + 2 * k; 100], "in order");
             }
         }
         // A socket that is gone drops its datagrams and counts them.
-        up.push(9, 0, &to1);
+        up.push(9, 0, &to1, None);
         assert_eq!(up.flush(&rx, batch_io, fds).dropped, 1);
         // One datagram the kernel refuses (an IPv6 destination on an IPv4 socket) in the
         // middle of a group is dropped alone; the rest leave.
         let v6 = SockAddr::from("[::1]:9".parse::<SocketAddr>().unwrap());
         for slot in 0..6 {
-            up.push(1, slot, if slot == 2 { &v6 } else { &to1 });
+            up.push(1, slot, if slot == 2 { &v6 } else { &to1 }, None);
         }
         let sent = up.flush(&rx, batch_io, fds);
         assert_eq!((sent.packets, sent.bytes, sent.dropped), (5, 500, 1));

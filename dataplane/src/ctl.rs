@@ -547,6 +547,7 @@ mod tests {
         let backend = Backend {
             id: BackendId(1),
             addrs: vec![Some("127.0.0.1:1".parse().unwrap())].into(),
+            proxy: Default::default(),
         };
         Grant::new(
             TokenId(n),

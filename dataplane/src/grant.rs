@@ -15,6 +15,7 @@ use ahash::AHashMap;
 use parking_lot::Mutex;
 
 use crate::metrics::TokenRejectReason;
+use crate::proxy_protocol::ProxyMode;
 
 /// A token's value: the 128 bits of its UUID.
 #[derive(Clone, Copy, Debug, Eq, Hash, Ord, PartialEq, PartialOrd)]
@@ -38,6 +39,8 @@ pub struct Backend {
     pub id: BackendId,
     /// `addrs[port]` is where datagrams arriving on data port `port` go; `None`: not served.
     pub addrs: Box<[Option<SocketAddr>]>,
+    /// PROXY protocol v2 headers to it (its mapping's `proxyProtocol`).
+    pub proxy: ProxyMode,
 }
 
 impl Backend {
@@ -284,6 +287,7 @@ mod tests {
         let backend = Backend {
             id: BackendId(7),
             addrs: addrs.into(),
+            proxy: Default::default(),
         };
         (Grant::new(TokenId(1), backend, now + ttl), now)
     }
@@ -354,6 +358,7 @@ mod tests {
         let backend = Backend {
             id: BackendId(7),
             addrs: vec![Some(a), Some(a)].into(),
+            proxy: Default::default(),
         };
         let make = || {
             Arc::new(Grant::sealed(

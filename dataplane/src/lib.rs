@@ -24,6 +24,7 @@ pub mod listener;
 pub mod metrics;
 pub mod packet;
 mod plane;
+pub mod proxy_protocol;
 pub mod ratelimit;
 pub mod route;
 pub mod seal;

@@ -28,6 +28,8 @@ pub enum ListenerKind {
         target: SocketAddr,
         /// Control's identity for the forwarder, as its sessions report it.
         backend: crate::grant::BackendId,
+        /// PROXY protocol v2 headers to the target.
+        proxy: crate::proxy_protocol::ProxyMode,
     },
     /// A route entry point: each new client (UDP) or connection (TCP) is matched against the
     /// table's rules and given an endpoint it keeps. A new table re-homes the UDP sessions whose
@@ -43,12 +45,17 @@ impl PartialEq for ListenerKind {
         match (self, other) {
             (Self::TokenPort, Self::TokenPort) => true,
             (
-                Self::Forward { target, backend },
+                Self::Forward {
+                    target,
+                    backend,
+                    proxy,
+                },
                 Self::Forward {
                     target: t,
                     backend: b,
+                    proxy: p,
                 },
-            ) => target == t && backend == b,
+            ) => target == t && backend == b && proxy == p,
             (Self::Route { table }, Self::Route { table: t }) => std::sync::Arc::ptr_eq(table, t),
             _ => false,
         }

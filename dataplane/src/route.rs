@@ -155,6 +155,8 @@ pub struct Rule {
     pub backends: Vec<RouteBackend>,
     /// Idle timeout of its sessions.
     pub idle_timeout: Duration,
+    /// PROXY protocol v2 headers to its endpoints (its route's `proxyProtocol`).
+    pub proxy: crate::proxy_protocol::ProxyMode,
     /// Sessions it re-homed because their endpoint left.
     pub rehomed: Arc<RouteCounter>,
 }
@@ -179,6 +181,8 @@ pub struct Pick {
     pub key: u64,
     /// The rule's idle timeout.
     pub idle_timeout: Duration,
+    /// The rule's PROXY protocol mode.
+    pub proxy: crate::proxy_protocol::ProxyMode,
 }
 
 /// One worker's place in a table's rotations: per rule the smooth weighted round robin's
@@ -254,6 +258,7 @@ impl RouteTable {
             endpoint: backend.endpoints[turn],
             key: rule.key,
             idle_timeout: rule.idle_timeout,
+            proxy: rule.proxy,
         })
     }
 
@@ -303,6 +308,7 @@ mod tests {
             matcher,
             backends,
             idle_timeout: Duration::from_secs(60),
+            proxy: crate::proxy_protocol::ProxyMode::None,
             rehomed: Arc::default(),
         }
     }

@@ -14,7 +14,8 @@
 //! replicas, and the nonce doubles as the token's identity for replay checks. The first four
 //! characters are the associated data, so a length or version change breaks the tag.
 //!
-//! Plaintext: expiry (Unix ms, u64 BE), backend id (u64 BE), the bound client address
+//! Plaintext: expiry (Unix ms, u64 BE), backend id (u64 BE), the backend's PROXY protocol mode
+//! (`0` none, `1` v2, `2` v2-first), the bound client address
 //! (`0`, or `4` + 4 bytes, or `6` + 16 bytes), the number of ports, then per port its data-port
 //! index, family (`4`/`6`), address and port (u16 BE).
 
@@ -27,6 +28,7 @@ use chacha20poly1305::aead::AeadInPlace;
 use chacha20poly1305::{KeyInit, Tag, XChaCha20Poly1305, XNonce};
 
 use crate::grant::{Backend, BackendId, TokenId};
+use crate::proxy_protocol::ProxyMode;
 
 /// The first two characters of every sealed token.
 pub const SEALED_PREFIX: &[u8; 2] = b"S1";
@@ -40,14 +42,14 @@ const TAG_LEN: usize = 16;
 const KEY_LEN: usize = 32;
 /// One port entry: index, family, IPv6 address, port.
 const PORT_ENTRY_MAX: usize = 1 + 1 + 16 + 2;
-const PLAIN_MAX: usize = 8 + 8 + 17 + 1 + MAX_SEALED_PORTS * PORT_ENTRY_MAX;
+const PLAIN_MAX: usize = 8 + 8 + 1 + 17 + 1 + MAX_SEALED_PORTS * PORT_ENTRY_MAX;
 const BODY_BYTES_MAX: usize = NONCE_LEN + PLAIN_MAX + TAG_LEN;
 /// Base64 characters of the largest body.
 const BODY_CHARS_MAX: usize = (BODY_BYTES_MAX * 4).div_ceil(3);
 /// Longest sealed token text.
 pub const MAX_SEALED_LEN: usize = HEADER_LEN + BODY_CHARS_MAX;
 /// The smallest body a token can have: a nonce, no plaintext beyond the fixed fields, a tag.
-const BODY_BYTES_MIN: usize = NONCE_LEN + 8 + 8 + 1 + 1 + TAG_LEN;
+const BODY_BYTES_MIN: usize = NONCE_LEN + 8 + 8 + 1 + 1 + 1 + TAG_LEN;
 
 const B64URL: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
 
@@ -307,6 +309,11 @@ fn encode_plain(
     let expires = u64::try_from(expires_unix.as_millis()).unwrap_or(u64::MAX);
     out.extend_from_slice(&expires.to_be_bytes());
     out.extend_from_slice(&backend.id.0.to_be_bytes());
+    out.push(match backend.proxy {
+        ProxyMode::None => 0,
+        ProxyMode::V2 => 1,
+        ProxyMode::V2First => 2,
+    });
     push_ip(out, client);
     let ports: Vec<(usize, SocketAddr)> = backend
         .addrs
@@ -381,6 +388,12 @@ fn decode_plain(plain: &[u8]) -> Option<Plain> {
     let mut r = Reader(plain);
     let expires = r.u64()?;
     let backend = BackendId(r.u64()?);
+    let proxy = match r.u8()? {
+        0 => ProxyMode::None,
+        1 => ProxyMode::V2,
+        2 => ProxyMode::V2First,
+        _ => return None,
+    };
     let client = r.ip()?;
     let count = usize::from(r.u8()?);
     if count == 0 || count > MAX_SEALED_PORTS {
@@ -404,6 +417,7 @@ fn decode_plain(plain: &[u8]) -> Option<Plain> {
         Backend {
             id: backend,
             addrs: addrs.into(),
+            proxy,
         },
         client,
     ))
@@ -431,6 +445,7 @@ mod tests {
                     Some("[fd00::7]:7001".parse().unwrap()),
                 ]
                 .into(),
+                proxy: ProxyMode::V2First,
             },
             client,
         }

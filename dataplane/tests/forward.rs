@@ -17,6 +17,7 @@ fn forward(target: SocketAddr) -> ListenerKind {
     ListenerKind::Forward {
         target,
         backend: BackendId(1000),
+        proxy: Default::default(),
     }
 }
 
@@ -178,6 +179,7 @@ fn turning_a_token_port_into_a_forwarder_ends_its_sessions_and_a_new_id_keeps_th
     let renamed = ListenerKind::Forward {
         target: fwd.addr,
         backend: BackendId(2000),
+        proxy: Default::default(),
     };
     assert!(
         proxy

@@ -484,6 +484,7 @@ fn tcp_connections_over_the_rate_are_refused() {
             kind: dataplane::ListenerKind::Forward {
                 target: backend.addr,
                 backend: dataplane::BackendId(7),
+                proxy: Default::default(),
             },
             idle_timeout: Duration::from_secs(60),
         })

@@ -32,6 +32,7 @@ fn rule(key: u64, matcher: Match, backends: Vec<RouteBackend>, idle: u64) -> Rul
         matcher,
         backends,
         idle_timeout: Duration::from_secs(idle),
+        proxy: Default::default(),
         rehomed: Arc::default(),
     }
 }

@@ -1,8 +1,10 @@
 //! Helpers for loopback tests across the workspace: UDP echo backends that can tag their
-//! replies, TCP backends, client sockets with timeouts, and assertions on what arrives. Real
+//! replies, TCP backends, PROXY protocol v2 backends, client sockets with timeouts, and assertions on what arrives. Real
 //! sockets only.
 
+mod proxy;
 mod tcp;
+pub use proxy::{HeaderSeen, ProxyEcho, TcpProxyEcho, read_answer, split_header};
 pub use tcp::{TcpBackend, TcpEcho, expect_closed, read_exact_within, tcp_client};
 
 use std::net::{SocketAddr, UdpSocket};

@@ -70,6 +70,16 @@ pub enum ProxyProtocol {
     V2First,
 }
 
+impl From<ProxyProtocol> for dataplane::proxy_protocol::ProxyMode {
+    fn from(p: ProxyProtocol) -> Self {
+        match p {
+            ProxyProtocol::None => Self::None,
+            ProxyProtocol::V2 => Self::V2,
+            ProxyProtocol::V2First => Self::V2First,
+        }
+    }
+}
+
 /// Each proxy instance's view of the forwarder.
 #[derive(Clone, Debug, Default, Deserialize, Eq, JsonSchema, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]

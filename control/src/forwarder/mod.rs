@@ -20,6 +20,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use dataplane::proxy_protocol::ProxyMode;
 use dataplane::{
     BackendId, CloseMode, Controller, ListenError, ListenerCounters, ListenerKind, ListenerSpec,
     ListenerStats, OpenedListener, Transport,
@@ -28,7 +29,7 @@ use parking_lot::Mutex;
 use tokio::sync::{mpsc, watch};
 
 use crate::config::{Config, ForwardersConfig};
-use crate::crd::{ForwarderInstance, ProxyProtocol};
+use crate::crd::ForwarderInstance;
 use crate::inventory::Snapshot;
 use crate::status::{self, StatusKey, StatusOf, Wanted};
 use plan::{Claim, Reserved, ServicePort};
@@ -78,6 +79,7 @@ struct Held {
     host: String,
     target: SocketAddr,
     idle_timeout: Duration,
+    proxy: ProxyMode,
 }
 
 /// The forwarder reconciler.
@@ -225,15 +227,6 @@ impl Reconciler {
             report.uid.clone_from(&claim.forwarder.uid);
             report.requested += 1;
             let key = (name.clone(), claim.transport);
-            if claim.forwarder.spec.proxy_protocol != ProxyProtocol::None {
-                // Sending traffic without the header a backend expects would be worse than
-                // not forwarding at all.
-                report.problems.push(
-                    "proxyProtocol v2 is not supported yet: the forwarder stays closed".into(),
-                );
-                wanted.insert(key, None);
-                continue;
-            }
             let host = &claim.port.target_host;
             // The address in use, while the name is the same: kept when a lookup fails.
             let current = self
@@ -333,6 +326,7 @@ impl Reconciler {
                 .port
                 .idle_timeout_seconds
                 .map_or(self.session_timeout, Duration::from_secs),
+            proxy: claim.forwarder.spec.proxy_protocol.into(),
             owner: format!(
                 "forwarder {}/{}",
                 claim.forwarder.namespace, claim.forwarder.name
@@ -365,9 +359,13 @@ impl Reconciler {
         let kind = ListenerKind::Forward {
             target: want.target,
             backend: backend_id(key, want.target),
+            proxy: want.proxy,
         };
         if let Some(held) = self.held.get_mut(key) {
-            if held.target == want.target && held.idle_timeout == want.idle_timeout {
+            if held.target == want.target
+                && held.idle_timeout == want.idle_timeout
+                && held.proxy == want.proxy
+            {
                 held.host.clone_from(&want.host);
                 return true;
             }
@@ -387,6 +385,7 @@ impl Reconciler {
                 held.target = want.target;
                 held.host.clone_from(&want.host);
                 held.idle_timeout = want.idle_timeout;
+                held.proxy = want.proxy;
                 return true;
             }
             // The data plane is going down: nothing to hold any more.
@@ -422,6 +421,7 @@ impl Reconciler {
                         host: want.host.clone(),
                         target: want.target,
                         idle_timeout: want.idle_timeout,
+                        proxy: want.proxy,
                     },
                 );
                 true
@@ -596,6 +596,7 @@ struct Want {
     host: String,
     target: SocketAddr,
     idle_timeout: Duration,
+    proxy: ProxyMode,
     owner: String,
 }
 

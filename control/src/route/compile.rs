@@ -231,15 +231,6 @@ pub fn compile(routes: &[RouteObject], inputs: Inputs<'_>, counters: &mut Counte
                 .insert((route.namespace.clone(), route.name.clone()), report);
             continue;
         };
-        if route.spec.proxy_protocol != crate::crd::ProxyProtocol::None {
-            // Traffic without the header a backend expects would be worse than none.
-            report.problems.push(
-                "proxyProtocol v2 is not supported yet: the route's rules are left out".into(),
-            );
-            out.reports
-                .insert((route.namespace.clone(), route.name.clone()), report);
-            continue;
-        }
         let idle_timeout = route
             .spec
             .session_timeout_seconds
@@ -296,6 +287,7 @@ pub fn compile(routes: &[RouteObject], inputs: Inputs<'_>, counters: &mut Counte
                 matcher: matcher.clone(),
                 backends,
                 idle_timeout,
+                proxy: route.spec.proxy_protocol.into(),
                 rehomed,
             });
         }

@@ -79,6 +79,17 @@ impl Worker {
         let index = usize::from(id.0);
         let token = mio::Token(FIRST_LISTENER + index);
         let registry = self.poll.registry();
+        let local = match &socket {
+            ListenSocket::Udp(s) => s.local_addr(),
+            ListenSocket::Tcp(l) => l.local_addr(),
+        };
+        let local = match local {
+            Ok(local) => local,
+            Err(e) => {
+                log::error!("worker {}: cannot serve listener {index}: {e}", self.id);
+                return;
+            }
+        };
         let registered = match socket {
             ListenSocket::Udp(socket) => {
                 let mut socket = mio::net::UdpSocket::from_std(socket);
@@ -108,6 +119,7 @@ impl Worker {
         }
         self.listeners[index] = Some(Listener {
             io,
+            local,
             kind,
             idle_timeout,
             sessions: 0,
@@ -144,15 +156,20 @@ impl Worker {
                 .map(|(id, _)| id)
                 .collect::<Vec<SessionId>>()
         };
-        let (target, backend) = match (old, kind) {
+        let (target, backend, proxy) = match (old, kind) {
             (ListenerKind::TokenPort, ListenerKind::TokenPort) => return,
             (
                 ListenerKind::Forward {
                     target: was,
                     backend: was_backend,
+                    proxy: was_proxy,
                 },
-                ListenerKind::Forward { target, backend },
-            ) if was == target => {
+                ListenerKind::Forward {
+                    target,
+                    backend,
+                    proxy,
+                },
+            ) if was == target && was_proxy == proxy => {
                 if was_backend != backend {
                     // Same target, new identity: the sessions stay and carry the new id
                     // (control is not told: it counts no forwarder sessions).
@@ -164,9 +181,16 @@ impl Worker {
                 }
                 return;
             }
-            (ListenerKind::Forward { .. }, ListenerKind::Forward { target, backend }) => {
-                (target, backend)
-            }
+            // A new target or a new PROXY protocol mode: the UDP sessions start a new path,
+            // with a header built for it if the mode asks.
+            (
+                ListenerKind::Forward { .. },
+                ListenerKind::Forward {
+                    target,
+                    backend,
+                    proxy,
+                },
+            ) => (target, backend, proxy),
             (ListenerKind::Route { .. }, ListenerKind::Route { table }) => {
                 self.rehome_route_sessions(index, &table, now);
                 return;
@@ -181,10 +205,12 @@ impl Worker {
             }
         };
         for id in on_this_port(&self.sessions, true) {
+            let client = self.sessions.get_mut(id).map(|s| s.key.client);
             let moved = self
                 .open_upstream(target, id, now)
                 .ok()
-                .and_then(|upstream| {
+                .and_then(|mut upstream| {
+                    upstream.proxy = self.udp_proxy(proxy, client?, index);
                     self.retarget(id, backend, target, upstream, SessionKind::Forwarder, now)
                 });
             match moved {
@@ -235,7 +261,8 @@ impl Worker {
             let moved = self
                 .open_upstream(pick.endpoint, id, now)
                 .ok()
-                .and_then(|upstream| {
+                .and_then(|mut upstream| {
+                    upstream.proxy = self.udp_proxy(pick.proxy, client, index);
                     self.retarget(
                         id,
                         BackendId(pick.key),

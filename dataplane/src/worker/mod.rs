@@ -28,6 +28,7 @@ use crate::limits::SessionLimits;
 use crate::listener::{ListenerKind, MAX_LISTENERS, Transport};
 use crate::metrics::{DropReason, ListenerCounters, ListenerSlot, WorkerCounters};
 use crate::packet::control_body;
+use crate::proxy_protocol::{HeaderTransport, ProxyHeader, ProxyMode};
 use crate::ratelimit::RateLimiter;
 use crate::route::Picker;
 use crate::seal::KeyRing;
@@ -93,6 +94,31 @@ pub(crate) struct UdpUpstream {
     /// The session the place was taken for.
     session: SessionId,
     dest: socket2::SockAddr,
+    /// PROXY protocol v2 header for this path to the backend, when its `proxyProtocol` asks.
+    proxy: Option<Box<ProxyState>>,
+}
+
+/// A UDP session's PROXY protocol header, built once when the session (or its move to another
+/// backend) starts.
+#[derive(Debug)]
+pub(crate) struct ProxyState {
+    header: ProxyHeader,
+    /// `v2`: every datagram; `v2-first`: only while `armed`.
+    every: bool,
+    /// The next datagram carries the header.
+    armed: bool,
+}
+
+impl ProxyState {
+    /// The header the next datagram carries, if any (disarms a `v2-first` header).
+    #[inline]
+    fn take(&mut self) -> Option<&ProxyHeader> {
+        if !self.armed {
+            return None;
+        }
+        self.armed = self.every;
+        Some(&self.header)
+    }
 }
 
 impl Upstream {
@@ -118,6 +144,8 @@ enum ListenerIo {
 /// This worker's side of one listener.
 struct Listener {
     io: ListenerIo,
+    /// The address its socket is bound to.
+    local: SocketAddr,
     kind: ListenerKind,
     /// Idle timeout of its sessions.
     idle_timeout: Duration,
@@ -450,12 +478,13 @@ impl Worker {
         let Some(session) = self.sessions.get_mut(id) else {
             return;
         };
-        let Upstream::Udp(upstream) = &session.upstream else {
+        let Upstream::Udp(upstream) = &mut session.upstream else {
             return;
         };
         session.last_active = now;
+        let header = upstream.proxy.as_mut().and_then(|p| p.take());
         self.upstream_batch
-            .push(upstream.pool.number(), slot, &upstream.dest);
+            .push(upstream.pool.number(), slot, &upstream.dest, header);
         // The session's own counts include a datagram the kernel then refuses (rare); the
         // worker's count what left ([`Self::flush_upstream`]).
         session.stats.packets_upstream += 1;
@@ -490,6 +519,37 @@ impl Worker {
         if !matches!(kind, SessionKind::Forwarder | SessionKind::Route) {
             let _ = self.events.send(event);
         }
+    }
+
+    /// The PROXY protocol state of a new path from `client` (on listener `port`) to a backend
+    /// under `mode`: the header built now, once, with the listener's address as destination.
+    pub(super) fn proxy_state(
+        &self,
+        mode: ProxyMode,
+        transport: HeaderTransport,
+        client: SocketAddr,
+        port: usize,
+    ) -> Option<ProxyHeader> {
+        if mode == ProxyMode::None {
+            return None;
+        }
+        let local = self.listeners.get(port)?.as_ref()?.local;
+        Some(ProxyHeader::new(transport, client, local))
+    }
+
+    /// A UDP path's header state under `mode`.
+    pub(super) fn udp_proxy(
+        &self,
+        mode: ProxyMode,
+        client: SocketAddr,
+        port: usize,
+    ) -> Option<Box<ProxyState>> {
+        let header = self.proxy_state(mode, HeaderTransport::Dgram, client, port)?;
+        Some(Box::new(ProxyState {
+            header,
+            every: mode == ProxyMode::V2,
+            armed: true,
+        }))
     }
 
     /// Whether `client` may open a session on listener `port` now under `rateLimit`'s

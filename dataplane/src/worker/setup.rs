@@ -45,7 +45,7 @@ impl Worker {
         // A route session also carries its rule's idle timeout and the counter of the Service
         // it went to, added once the session exists.
         let mut route = None;
-        let (backend, target, kind) = match admission {
+        let (backend, target, kind, proxy) = match admission {
             Admission::Token { grant, target } => {
                 self.open_token_session(key, reply_to, &grant, target, now);
                 return;
@@ -59,12 +59,17 @@ impl Worker {
             Admission::Default {
                 backend,
                 target,
+                proxy,
                 refused,
             } => {
                 trace_refused(key.client, refused);
-                (backend, target, SessionKind::Default)
+                (backend, target, SessionKind::Default, proxy)
             }
-            Admission::Forward { backend, target } => (backend, target, SessionKind::Forwarder),
+            Admission::Forward {
+                backend,
+                target,
+                proxy,
+            } => (backend, target, SessionKind::Forwarder, proxy),
             Admission::Route => {
                 let Some((pick, table)) = self.pick_route(port, key.client) else {
                     self.counters().drop(DropReason::NoRoute, 1);
@@ -73,16 +78,17 @@ impl Worker {
                 };
                 let target = pick.endpoint;
                 route = Some((pick, table));
-                (BackendId(pick.key), target, SessionKind::Route)
+                (BackendId(pick.key), target, SessionKind::Route, pick.proxy)
             }
         };
-        let upstream = match self.reserve(key.client, target, now) {
+        let mut upstream = match self.reserve(key.client, target, now) {
             Ok(upstream) => upstream,
             Err(reason) => {
                 self.count_on_listener(port, reason);
                 return;
             }
         };
+        upstream.proxy = self.udp_proxy(proxy, key.client, port);
         let id = self.install(
             key,
             reply_to,
@@ -132,7 +138,7 @@ impl Worker {
             default: self
                 .default_backend
                 .as_ref()
-                .and_then(|d| Some((d.id, d.addr_for(port)?))),
+                .and_then(|d| Some((d.id, d.addr_for(port)?, d.proxy))),
         }
     }
 
@@ -147,9 +153,10 @@ impl Worker {
         target: SocketAddr,
         now: Instant,
     ) {
-        let Ok(upstream) = self.reserve(key.client, target, now) else {
+        let Ok(mut upstream) = self.reserve(key.client, target, now) else {
             return;
         };
+        upstream.proxy = self.udp_proxy(grant.backend.proxy, key.client, usize::from(key.port));
         if let Err(reason) = grant.redeem(usize::from(key.port), key.client.ip(), now) {
             // Another worker redeemed it in the meantime.
             self.abandon(key.client, &upstream, now);
@@ -294,6 +301,7 @@ impl Worker {
             key,
             session: id,
             dest: socket2::SockAddr::from(key),
+            proxy: None,
         })
     }
 
@@ -388,7 +396,7 @@ impl Worker {
         };
         // The new socket first, the token after: a socket that cannot be made leaves both the
         // session and the token as they were.
-        let upstream = match self.open_upstream(target, id, now) {
+        let mut upstream = match self.open_upstream(target, id, now) {
             Ok(upstream) => upstream,
             Err(e) => {
                 if let Some(note) = self.warn_gate.admit(now) {
@@ -400,6 +408,7 @@ impl Worker {
                 return;
             }
         };
+        upstream.proxy = self.udp_proxy(grant.backend.proxy, client, port);
         if let Err(reason) = grant.redeem(port, client.ip(), now) {
             self.leave_place(&upstream, now);
             self.counters().reject(reason);

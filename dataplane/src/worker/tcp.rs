@@ -21,6 +21,7 @@ use crate::ctl::{CloseReason, WorkerEvent};
 use crate::grant::{BackendId, Grant};
 use crate::metrics::DropReason;
 use crate::packet::Classified;
+use crate::proxy_protocol::{HeaderTransport, ProxyHeader, ProxyMode};
 use crate::session::{SessionId, SessionKey, SessionKind};
 use crate::socket::connect_upstream_tcp;
 use crate::tcp::prefix::{LineEnd, MAX_PREFIX, Prefix, read_prefix};
@@ -113,6 +114,8 @@ struct Admitted<'a> {
     line_end: LineEnd,
     /// The session's idle timeout, when not the listener's (a route's own).
     idle_timeout: Option<Duration>,
+    /// PROXY protocol v2: a STREAM header goes first to the backend.
+    proxy: ProxyMode,
 }
 
 impl Worker {
@@ -168,7 +171,11 @@ impl Worker {
         }
         let _ = stream.set_nodelay(true);
         match self.admit_context(port).listener {
-            Role::Forward { target, backend } => {
+            Role::Forward {
+                target,
+                backend,
+                proxy,
+            } => {
                 // Nothing to read first: the connection is the forwarder's at once.
                 let admitted = Admitted {
                     target,
@@ -178,6 +185,7 @@ impl Worker {
                     data: &[],
                     line_end: LineEnd::Done,
                     idle_timeout: None,
+                    proxy,
                 };
                 self.open_tcp_session(stream, client, port, &admitted, false, false, now);
                 return;
@@ -198,6 +206,7 @@ impl Worker {
                     data: &[],
                     line_end: LineEnd::Done,
                     idle_timeout: Some(pick.idle_timeout),
+                    proxy: pick.proxy,
                 };
                 if self.open_tcp_session(stream, client, port, &admitted, false, false, now) {
                     table.rules[pick.rule].backends[pick.backend].sessions.inc();
@@ -354,12 +363,14 @@ impl Worker {
                     data: &bytes[data_from..],
                     line_end,
                     idle_timeout: None,
+                    proxy: grant.backend.proxy,
                 };
                 self.open_tcp_session(p.stream, p.client, port, &admitted, eof, true, now);
             }
             Admission::Default {
                 backend,
                 target,
+                proxy,
                 refused,
             } => {
                 trace_refused(p.client, refused);
@@ -371,10 +382,15 @@ impl Worker {
                     data: bytes,
                     line_end: LineEnd::Done,
                     idle_timeout: None,
+                    proxy,
                 };
                 self.open_tcp_session(p.stream, p.client, port, &admitted, eof, true, now);
             }
-            Admission::Forward { backend, target } => {
+            Admission::Forward {
+                backend,
+                target,
+                proxy,
+            } => {
                 let admitted = Admitted {
                     target,
                     backend,
@@ -383,6 +399,7 @@ impl Worker {
                     data: bytes,
                     line_end: LineEnd::Done,
                     idle_timeout: None,
+                    proxy,
                 };
                 self.open_tcp_session(p.stream, p.client, port, &admitted, eof, true, now);
             }
@@ -483,11 +500,28 @@ impl Worker {
             }
             self.counters().tokens_redeemed.add(1);
         }
+        // The connection's own local address is the exact address the client connected to,
+        // wildcard bind or not.
+        let header = match admitted.proxy {
+            ProxyMode::None => None,
+            _ => client_stream
+                .local_addr()
+                .ok()
+                .map(|local| ProxyHeader::new(HeaderTransport::Stream, client, local)),
+        };
         let splice = Splice {
             client: client_stream,
             upstream,
             connected: false,
-            up: Pipe::with_data(admitted.data, admitted.line_end, eof),
+            up: match header {
+                // The header first, then whatever the client sent with its token.
+                Some(header) => {
+                    let mut first = header.as_bytes().to_vec();
+                    first.extend_from_slice(admitted.data);
+                    Pipe::with_data(&first, admitted.line_end, eof)
+                }
+                None => Pipe::with_data(admitted.data, admitted.line_end, eof),
+            },
             down: Pipe::default(),
         };
         let id = self.install(

@@ -52,6 +52,7 @@ impl Proxy {
             Backend {
                 id: BackendId(backend),
                 addrs: targets.to_vec().into(),
+                proxy: Default::default(),
             },
             Instant::now() + ttl,
         );
@@ -67,6 +68,7 @@ impl Proxy {
         self.ctl.set_default(target.map(|t| Backend {
             id: BackendId(backend),
             addrs: vec![Some(t)].into(),
+            proxy: Default::default(),
         }));
     }
 
