@@ -11,11 +11,12 @@
 
 use std::io;
 use std::mem::{self, MaybeUninit};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::RawFd;
 
 use socket2::SockAddr;
 
+use crate::pktinfo::{self, CtrlBuf, EMPTY_CTRL};
 use crate::proxy_protocol::ProxyHeader;
 
 /// Datagrams moved per syscall.
@@ -61,12 +62,15 @@ fn to_socket_addr(storage: &libc::sockaddr_storage, len: libc::socklen_t) -> Opt
     }
 }
 
-/// Datagrams read from one unconnected socket, with their sources.
+/// Datagrams read from one unconnected socket, with their sources (and, when asked, the
+/// address each was sent to).
 pub(crate) struct RecvBatch {
     buf: Box<[u8]>,
     lens: [usize; BATCH],
     addrs: [libc::sockaddr_storage; BATCH],
     addr_lens: [libc::socklen_t; BATCH],
+    ctrls: [CtrlBuf; BATCH],
+    locals: [Option<IpAddr>; BATCH],
     count: usize,
 }
 
@@ -85,33 +89,37 @@ impl RecvBatch {
             lens: [0; BATCH],
             addrs: [zeroed_storage(); BATCH],
             addr_lens: [0; BATCH],
+            ctrls: [EMPTY_CTRL; BATCH],
+            locals: [None; BATCH],
             count: 0,
         }
     }
 
     /// Reads up to [`BATCH`] datagrams; `Err(WouldBlock)` when none is waiting. A result below
-    /// `BATCH` means the socket's queue was empty when the call returned.
-    pub(crate) fn recv(&mut self, fd: RawFd, batch_io: bool) -> io::Result<usize> {
+    /// `BATCH` means the socket's queue was empty when the call returned. With `pktinfo` (a
+    /// socket with [`crate::pktinfo::enable`]) each datagram's destination address is read too.
+    pub(crate) fn recv(&mut self, fd: RawFd, batch_io: bool, pktinfo: bool) -> io::Result<usize> {
         self.count = 0;
-        let n = if batch_io {
-            sys::recv_many(
-                fd,
-                &mut self.buf,
-                &mut self.lens,
-                Some((&mut self.addrs, &mut self.addr_lens)),
-                BATCH,
-            )?
-        } else {
-            portable::recv_many(
-                fd,
-                &mut self.buf,
-                &mut self.lens,
-                Some((&mut self.addrs, &mut self.addr_lens)),
-                BATCH,
-            )?
+        let slots = Slots {
+            addrs: Some((&mut self.addrs, &mut self.addr_lens)),
+            ctrl: pktinfo.then_some((&mut self.ctrls, &mut self.locals)),
         };
+        let n = if batch_io {
+            sys::recv_many(fd, &mut self.buf, &mut self.lens, slots, BATCH)?
+        } else {
+            portable::recv_many(fd, &mut self.buf, &mut self.lens, slots, BATCH)?
+        };
+        if !pktinfo {
+            self.locals[..n].fill(None);
+        }
         self.count = n;
         Ok(n)
+    }
+
+    /// The address datagram `i` was sent to, when the receive asked for it.
+    #[inline]
+    pub(crate) fn local(&self, i: usize) -> Option<IpAddr> {
+        self.locals[i]
     }
 
     /// Datagram `i` of the last `recv` and its source (None for an address family we do not
@@ -138,6 +146,8 @@ pub(crate) struct SendQueue {
     lens: [usize; BATCH],
     addrs: [libc::sockaddr_storage; BATCH],
     addr_lens: [libc::socklen_t; BATCH],
+    /// The source address each reply must leave from (wildcard sockets), if any.
+    srcs: [Option<IpAddr>; BATCH],
     count: usize,
 }
 
@@ -162,6 +172,7 @@ impl SendQueue {
             lens: [0; BATCH],
             addrs: [zeroed_storage(); BATCH],
             addr_lens: [0; BATCH],
+            srcs: [None; BATCH],
             count: 0,
         }
     }
@@ -174,14 +185,16 @@ impl SendQueue {
         self.count == 0
     }
 
-    /// Copies a datagram into the next free slot, addressed to `dest`; false when full.
-    pub(crate) fn push(&mut self, datagram: &[u8], dest: &SockAddr) -> bool {
+    /// Copies a datagram into the next free slot, addressed to `dest` and leaving from `src`
+    /// when given; false when full.
+    pub(crate) fn push(&mut self, datagram: &[u8], dest: &SockAddr, src: Option<IpAddr>) -> bool {
         if self.is_full() || datagram.len() > SLOT_BYTES {
             return false;
         }
         let i = self.count;
         self.buf[i * SLOT_BYTES..i * SLOT_BYTES + datagram.len()].copy_from_slice(datagram);
         self.lens[i] = datagram.len();
+        self.srcs[i] = src;
         store_addr(&mut self.addrs[i], &mut self.addr_lens[i], dest);
         self.count += 1;
         true
@@ -192,11 +205,13 @@ impl SendQueue {
     /// would delay every other session on this socket.
     pub(crate) fn flush(&mut self, fd: RawFd, batch_io: bool) -> Flushed {
         let (buf, lens, addrs, addr_lens) = (&self.buf, &self.lens, &self.addrs, &self.addr_lens);
+        let srcs = &self.srcs;
         let dropped = send_all(fd, self.count, batch_io, |i| Outgoing {
             prefix: &[],
             data: &buf[i * SLOT_BYTES..i * SLOT_BYTES + lens[i]],
             addr: &addrs[i],
             addr_len: addr_lens[i],
+            src: srcs[i],
         });
         self.count = 0;
         Flushed { dropped }
@@ -226,6 +241,8 @@ pub(crate) struct Outgoing<'a> {
     data: &'a [u8],
     addr: &'a libc::sockaddr_storage,
     addr_len: libc::socklen_t,
+    /// Leave from this address (`IP_PKTINFO`), not the one the kernel would pick.
+    src: Option<IpAddr>,
 }
 
 /// Sends datagrams `0..count` (`msg(i)` is datagram `i`) in as few syscalls as the kernel takes
@@ -390,6 +407,7 @@ impl UpstreamBatch {
                         data: rx.data(usize::from(self.slots[i])),
                         addr: &self.addrs[i],
                         addr_len: self.addr_lens[i],
+                        src: None,
                     }
                 },
                 |k| lost_bytes += size(k),
@@ -419,8 +437,12 @@ const EMPTY_IOV: libc::iovec = libc::iovec {
 };
 
 /// The `msghdr` of one outgoing datagram: its prefix (if any) and data as one or two iovecs
-/// in `iov`, and its destination.
-fn outgoing_msghdr(m: &Outgoing<'_>, iov: &mut [libc::iovec; 2]) -> libc::msghdr {
+/// in `iov`, its destination, and its source address (if any) as a control message in `ctrl`.
+fn outgoing_msghdr(
+    m: &Outgoing<'_>,
+    iov: &mut [libc::iovec; 2],
+    ctrl: &mut CtrlBuf,
+) -> libc::msghdr {
     // The kernel only reads through these pointers for a send.
     let data = libc::iovec {
         iov_base: m.data.as_ptr().cast_mut().cast(),
@@ -443,13 +465,50 @@ fn outgoing_msghdr(m: &Outgoing<'_>, iov: &mut [libc::iovec; 2]) -> libc::msghdr
         m.addr_len,
     );
     hdr.msg_iovlen = n;
+    if let Some(src) = m.src {
+        pktinfo::write(&mut hdr, ctrl, src);
+    }
     hdr
 }
 
-type AddrSlots<'a> = Option<(
-    &'a mut [libc::sockaddr_storage; BATCH],
-    &'a mut [libc::socklen_t; BATCH],
-)>;
+/// Where a receive writes what besides the data: source addresses, and with packet info on,
+/// control buffers and the destination addresses read from them.
+struct Slots<'a> {
+    addrs: Option<(
+        &'a mut [libc::sockaddr_storage; BATCH],
+        &'a mut [libc::socklen_t; BATCH],
+    )>,
+    ctrl: Option<(&'a mut [CtrlBuf; BATCH], &'a mut [Option<IpAddr>; BATCH])>,
+}
+
+impl Slots<'_> {
+    /// The `msghdr` of receive slot `i` into `iov`.
+    fn msghdr(&mut self, i: usize, iov: &mut libc::iovec) -> libc::msghdr {
+        let (name, namelen) = match self.addrs.as_mut() {
+            Some((a, _)) => (
+                (&raw mut a[i]).cast(),
+                mem::size_of::<libc::sockaddr_storage>() as u32,
+            ),
+            None => (std::ptr::null_mut(), 0),
+        };
+        let mut hdr = msghdr_for(iov, name, namelen);
+        if let Some((ctrls, _)) = self.ctrl.as_mut() {
+            hdr.msg_control = ctrls[i].as_mut_ptr().cast();
+            hdr.msg_controllen = mem::size_of::<CtrlBuf>() as _;
+        }
+        hdr
+    }
+
+    /// Records what the kernel wrote for slot `i`.
+    fn received(&mut self, i: usize, hdr: &libc::msghdr) {
+        if let Some((_, l)) = self.addrs.as_mut() {
+            l[i] = hdr.msg_namelen;
+        }
+        if let Some((_, locals)) = self.ctrl.as_mut() {
+            locals[i] = pktinfo::read(hdr);
+        }
+    }
+}
 
 #[cfg(target_os = "linux")]
 mod sys {
@@ -460,7 +519,7 @@ mod sys {
         fd: RawFd,
         buf: &mut [u8],
         lens: &mut [usize],
-        mut addrs: AddrSlots<'_>,
+        mut slots: Slots<'_>,
         max: usize,
     ) -> io::Result<usize> {
         let max = max.min(BATCH).min(buf.len() / SLOT_BYTES);
@@ -472,21 +531,15 @@ mod sys {
                 iov_base: slot.as_mut_ptr().cast(),
                 iov_len: SLOT_BYTES,
             });
-            let (name, namelen) = match addrs.as_mut() {
-                Some((a, _)) => (
-                    (&raw mut a[i]).cast(),
-                    mem::size_of::<libc::sockaddr_storage>() as u32,
-                ),
-                None => (std::ptr::null_mut(), 0),
-            };
             hdrs[i].write(libc::mmsghdr {
-                msg_hdr: msghdr_for(iov, name, namelen),
+                msg_hdr: slots.msghdr(i, iov),
                 msg_len: 0,
             });
         }
         // SAFETY: the first `max` headers are initialised and point at live, exclusively borrowed
-        // buffers (`buf`, `addrs`) that outlive the call; the kernel writes at most `iov_len` bytes
-        // per slot and at most `msg_namelen` bytes of address.
+        // buffers (`buf`, the address and control slots) that outlive the call; the kernel
+        // writes at most `iov_len` bytes per slot, `msg_namelen` bytes of address and
+        // `msg_controllen` bytes of control messages.
         let n = unsafe {
             libc::recvmmsg(
                 fd,
@@ -504,9 +557,7 @@ mod sys {
             // SAFETY: the kernel filled in the first `n` headers.
             let hdr = unsafe { hdrs[i].assume_init_ref() };
             lens[i] = hdr.msg_len as usize;
-            if let Some((_, l)) = addrs.as_mut() {
-                l[i] = hdr.msg_hdr.msg_namelen;
-            }
+            slots.received(i, &hdr.msg_hdr);
         }
         Ok(n)
     }
@@ -520,12 +571,13 @@ mod sys {
         msg: &impl Fn(usize) -> Outgoing<'a>,
     ) -> io::Result<usize> {
         let mut iovs: [[libc::iovec; 2]; BATCH] = [[EMPTY_IOV; 2]; BATCH];
+        let mut ctrls: [CtrlBuf; BATCH] = [EMPTY_CTRL; BATCH];
         let mut hdrs: [MaybeUninit<libc::mmsghdr>; BATCH] = [MaybeUninit::uninit(); BATCH];
         let count = (to - from).min(BATCH);
         for j in 0..count {
             let m = msg(from + j);
             hdrs[j].write(libc::mmsghdr {
-                msg_hdr: outgoing_msghdr(&m, &mut iovs[j]),
+                msg_hdr: outgoing_msghdr(&m, &mut iovs[j], &mut ctrls[j]),
                 msg_len: 0,
             });
         }
@@ -550,32 +602,21 @@ mod portable {
         fd: RawFd,
         buf: &mut [u8],
         lens: &mut [usize],
-        mut addrs: AddrSlots<'_>,
+        mut slots: Slots<'_>,
         max: usize,
     ) -> io::Result<usize> {
         let max = max.min(BATCH).min(buf.len() / SLOT_BYTES);
         let mut n = 0;
         while n < max {
             let slot = &mut buf[n * SLOT_BYTES..(n + 1) * SLOT_BYTES];
-            let (name, mut namelen) = match addrs.as_mut() {
-                Some((a, _)) => (
-                    (&raw mut a[n]).cast::<libc::sockaddr>(),
-                    mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t,
-                ),
-                None => (std::ptr::null_mut(), 0),
+            let mut iov = libc::iovec {
+                iov_base: slot.as_mut_ptr().cast(),
+                iov_len: SLOT_BYTES,
             };
-            // SAFETY: `slot` is an exclusively borrowed buffer of SLOT_BYTES, and `name` is null
-            // or points at a sockaddr_storage of `namelen` bytes.
-            let r = unsafe {
-                libc::recvfrom(
-                    fd,
-                    slot.as_mut_ptr().cast(),
-                    SLOT_BYTES,
-                    0,
-                    name,
-                    &raw mut namelen,
-                )
-            };
+            let mut hdr = slots.msghdr(n, &mut iov);
+            // SAFETY: `hdr` points at `iov` (an exclusively borrowed slot of SLOT_BYTES) and at
+            // the address and control slots, all live for the call.
+            let r = unsafe { libc::recvmsg(fd, &raw mut hdr, libc::MSG_DONTWAIT) };
             if r < 0 {
                 let err = io::Error::last_os_error();
                 if n > 0 && err.kind() == io::ErrorKind::WouldBlock {
@@ -584,9 +625,7 @@ mod portable {
                 return Err(err);
             }
             lens[n] = r as usize;
-            if let Some((_, l)) = addrs.as_mut() {
-                l[n] = namelen;
-            }
+            slots.received(n, &hdr);
             n += 1;
         }
         Ok(n)
@@ -600,7 +639,7 @@ mod portable {
     ) -> io::Result<usize> {
         for i in from..to {
             let m = msg(i);
-            let r = if m.prefix.is_empty() {
+            let r = if m.prefix.is_empty() && m.src.is_none() {
                 // SAFETY: `m.data` is initialised and `m.addr` holds a socket address of
                 // `m.addr_len` bytes; both are only read.
                 unsafe {
@@ -615,7 +654,8 @@ mod portable {
                 }
             } else {
                 let mut iov = [EMPTY_IOV; 2];
-                let hdr = outgoing_msghdr(&m, &mut iov);
+                let mut ctrl = EMPTY_CTRL;
+                let hdr = outgoing_msghdr(&m, &mut iov, &mut ctrl);
                 // SAFETY: `hdr` points at `iov` (live for the call) and at `m`'s buffers and
                 // address, which the kernel only reads.
                 unsafe { libc::sendmsg(fd, &raw const hdr, 0) }
@@ -652,7 +692,10 @@ mod tests {
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
         let mut rx = RecvBatch::new();
-        assert_eq!(rx.recv(a.as_raw_fd(), batch_io).unwrap(), sizes.len());
+        assert_eq!(
+            rx.recv(a.as_raw_fd(), batch_io, false).unwrap(),
+            sizes.len()
+        );
         for (i, &size) in sizes.iter().enumerate() {
             let (data, from) = rx.get(i);
             assert_eq!(data.len(), size);
@@ -660,7 +703,7 @@ mod tests {
             assert_eq!(from, Some(b.local_addr().unwrap()));
         }
         assert_eq!(
-            rx.recv(a.as_raw_fd(), batch_io).unwrap_err().kind(),
+            rx.recv(a.as_raw_fd(), batch_io, false).unwrap_err().kind(),
             io::ErrorKind::WouldBlock
         );
 
@@ -668,8 +711,8 @@ mod tests {
         let c = UdpSocket::bind("127.0.0.1:0").unwrap();
         let mut tx = SendQueue::new();
         let dest = SockAddr::from(c.local_addr().unwrap());
-        assert!(tx.push(b"one", &dest));
-        assert!(tx.push(&[7; 65507], &dest));
+        assert!(tx.push(b"one", &dest, None));
+        assert!(tx.push(&[7; 65507], &dest, None));
         assert_eq!(tx.flush(a.as_raw_fd(), batch_io).dropped, 0);
         assert!(tx.is_empty());
         let mut buf = vec![0; 70000];
@@ -678,9 +721,12 @@ mod tests {
         let (len, _) = c.recv_from(&mut buf).unwrap();
         assert_eq!(len, 65507);
         for _ in 0..BATCH - 1 {
-            assert!(tx.push(b"x", &dest));
+            assert!(tx.push(b"x", &dest, None));
         }
-        assert!(tx.push(b"x", &dest) && !tx.push(b"full", &dest), "bounded");
+        assert!(
+            tx.push(b"x", &dest, None) && !tx.push(b"full", &dest, None),
+            "bounded"
+        );
         tx.flush(a.as_raw_fd(), batch_io);
 
         // Upstream: datagrams of one receive batch out of two sockets to two peers, grouped
@@ -691,7 +737,7 @@ mod tests {
             b.send_to(&[i; 100], a.local_addr().unwrap()).unwrap();
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
-        assert_eq!(rx.recv(a.as_raw_fd(), batch_io).unwrap(), 6);
+        assert_eq!(rx.recv(a.as_raw_fd(), batch_io, false).unwrap(), 6);
         let mut up = UpstreamBatch::new();
         let to1 = SockAddr::from(p1.local_addr().unwrap());
         let to2 = SockAddr::from(p2.local_addr().unwrap());
@@ -722,10 +768,9 @@ mod tests {
             "payload bytes"
         );
         std::thread::sleep(std::time::Duration::from_millis(20));
-        for (peer, from, first, prefix) in [
-            (&p1, &u1, 0u8, &[][..]),
-            (&p2, &u2, 1, header.as_bytes()),
-        ] {
+        for (peer, from, first, prefix) in
+            [(&p1, &u1, 0u8, &[][..]), (&p2, &u2, 1, header.as_bytes())]
+        {
             for k in 0..3u8 {
                 let (len, src) = peer.recv_from(&mut buf).unwrap();
                 assert_eq!(src, from.local_addr().unwrap());
@@ -761,6 +806,51 @@ mod tests {
         round_trip(false);
     }
 
+    /// A wildcard socket with packet info: each datagram's destination is read, and a reply
+    /// given a source leaves from it, batched or not.
+    fn pktinfo_round_trip(batch_io: bool) {
+        let a = UdpSocket::bind("0.0.0.0:0").unwrap();
+        a.set_nonblocking(true).unwrap();
+        crate::pktinfo::enable(a.as_raw_fd(), false).unwrap();
+        let port = a.local_addr().unwrap().port();
+        let c = UdpSocket::bind("127.0.0.1:0").unwrap();
+        for dst in ["127.0.0.1", "127.0.0.2"] {
+            c.send_to(dst.as_bytes(), (dst, port)).unwrap();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let mut rx = RecvBatch::new();
+        assert_eq!(rx.recv(a.as_raw_fd(), batch_io, true).unwrap(), 2);
+        let mut tx = SendQueue::new();
+        let dest = SockAddr::from(c.local_addr().unwrap());
+        for i in 0..2 {
+            let local = rx.local(i).expect("a destination address");
+            assert_eq!(local.to_string().as_bytes(), rx.data(i));
+            assert!(tx.push(rx.data(i), &dest, Some(local)));
+        }
+        // Two replies so the batched path takes sendmmsg, not sendto.
+        assert_eq!(tx.flush(a.as_raw_fd(), batch_io).dropped, 0);
+        let mut buf = [0u8; 64];
+        for _ in 0..2 {
+            let (n, from) = c.recv_from(&mut buf).unwrap();
+            assert_eq!(
+                from.ip().to_string().as_bytes(),
+                &buf[..n],
+                "left from its address"
+            );
+            assert_eq!(from.port(), port);
+        }
+    }
+
+    #[test]
+    fn batched_pktinfo_round_trip() {
+        pktinfo_round_trip(true);
+    }
+
+    #[test]
+    fn portable_pktinfo_round_trip() {
+        pktinfo_round_trip(false);
+    }
+
     #[test]
     fn batch_is_bounded() {
         let (a, b) = pair();
@@ -769,7 +859,7 @@ mod tests {
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
         let mut rx = RecvBatch::new();
-        assert_eq!(rx.recv(a.as_raw_fd(), true).unwrap(), BATCH);
-        assert_eq!(rx.recv(a.as_raw_fd(), true).unwrap(), 5);
+        assert_eq!(rx.recv(a.as_raw_fd(), true, false).unwrap(), BATCH);
+        assert_eq!(rx.recv(a.as_raw_fd(), true, false).unwrap(), 5);
     }
 }

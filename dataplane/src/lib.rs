@@ -23,6 +23,7 @@ mod limits;
 pub mod listener;
 pub mod metrics;
 pub mod packet;
+mod pktinfo;
 mod plane;
 pub mod proxy_protocol;
 pub mod ratelimit;

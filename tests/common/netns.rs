@@ -9,6 +9,10 @@ use std::sync::atomic::{AtomicU8, Ordering};
 /// A namespace `name` with `ns_ip`, reached from the host at `host_ip` (a /30 between them).
 pub struct NetNs {
     name: String,
+    host_if: String,
+    ns_if: String,
+    /// Distinguishes this namespace's extra address blocks from other tests' and processes'.
+    block: u8,
     /// This host's end of the veth pair.
     pub host_ip: IpAddr,
     /// The namespace's end: the address its clients come from.
@@ -46,6 +50,9 @@ impl NetNs {
         let _ = ip(&["link", "del", &host_if]);
         let made = Self {
             name: name.clone(),
+            host_if: host_if.clone(),
+            ns_if: ns_if.clone(),
+            block: ((std::process::id() % 32) as u8) * 8 + (n % 8),
             host_ip: host.into(),
             ns_ip: ns.into(),
         };
@@ -65,6 +72,36 @@ impl NetNs {
         inside(&["link", "set", &ns_if, "up"])?;
         inside(&["link", "set", "lo", "up"])?;
         Ok(made)
+    }
+
+    /// Runs `ip` inside the namespace.
+    fn inside(&self, args: &[&str]) -> Result<(), String> {
+        let mut all = vec!["netns", "exec", &self.name, "ip"];
+        all.extend_from_slice(args);
+        ip(&all)
+    }
+
+    /// Gives this host a second address on its end of the pair (a secondary IP, as on a
+    /// multi-homed node), reachable from the namespace.
+    pub fn add_host_address(&self) -> Result<IpAddr, String> {
+        let second = Ipv4Addr::new(10, 252, self.block, 1);
+        ip(&["addr", "add", &format!("{second}/32"), "dev", &self.host_if])?;
+        self.inside(&["route", "add", &format!("{second}/32"), "dev", &self.ns_if])?;
+        Ok(second.into())
+    }
+
+    /// Gives the namespace `count` (at most 250) more addresses, routed from this host: many
+    /// clients from one namespace.
+    pub fn add_ns_addresses(&self, count: u8) -> Result<Vec<IpAddr>, String> {
+        let block = format!("10.253.{}.0/24", self.block);
+        let mut all = Vec::new();
+        for i in 1..=count.min(250) {
+            let a = Ipv4Addr::new(10, 253, self.block, i);
+            self.inside(&["addr", "add", &format!("{a}/32"), "dev", &self.ns_if])?;
+            all.push(a.into());
+        }
+        ip(&["route", "add", &block, "via", &self.ns_ip.to_string()])?;
+        Ok(all)
     }
 
     /// Runs `f` on a thread that has joined the namespace: sockets it opens live there.
@@ -89,7 +126,8 @@ impl NetNs {
 
 impl Drop for NetNs {
     fn drop(&mut self) {
-        // Deleting the namespace deletes its veth end, and with it the pair.
+        // Deleting the namespace deletes its veth end, and with it the pair, this host's
+        // addresses on it and the routes through it.
         let _ = ip(&["netns", "del", &self.name]);
     }
 }

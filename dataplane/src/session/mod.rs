@@ -97,6 +97,9 @@ pub struct Session<S> {
     pub idle_timeout: Duration,
     /// Traffic counters.
     pub stats: SessionStats,
+    /// The proxy address the client sent its first datagram to, on a wildcard-bound UDP
+    /// listener: its replies leave from there.
+    pub local: Option<std::net::IpAddr>,
 }
 
 struct Slot<S> {

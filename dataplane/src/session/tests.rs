@@ -26,6 +26,7 @@ fn session_idle(n: u16, now: Instant, idle_timeout: Duration) -> Session<()> {
         last_active: now,
         idle_timeout,
         stats: SessionStats::default(),
+        local: None,
     }
 }
 

@@ -14,6 +14,7 @@ use crate::ctl::{ClientMatch, CloseReason, Closing, ControlMsg, SessionInfo, Wor
 use crate::grant::BackendId;
 use crate::listener::{CloseMode, ListenerId, ListenerKind, Transport};
 use crate::metrics::{DropReason, ListenerCounters};
+use crate::pktinfo;
 use crate::route::{Picker, RouteTable};
 use crate::session::{SessionId, SessionKind};
 use crate::socket::ListenSocket;
@@ -93,11 +94,26 @@ impl Worker {
         let registered = match socket {
             ListenSocket::Udp(socket) => {
                 let mut socket = mio::net::UdpSocket::from_std(socket);
+                // On a wildcard address, each datagram's destination is read so that replies
+                // leave from it (multi-homed nodes, secondary IPs).
+                let pktinfo = local.ip().is_unspecified()
+                    && match pktinfo::enable(socket.as_raw_fd(), local.is_ipv6()) {
+                        Ok(()) => true,
+                        Err(e) => {
+                            log::warn!(
+                                "worker {}: listener {index} on {local}: no packet info ({e}): \
+                                 replies leave from the kernel's choice of address",
+                                self.id
+                            );
+                            false
+                        }
+                    };
                 registry
                     .register(&mut socket, token, Interest::READABLE)
                     .map(|()| ListenerIo::Udp {
                         socket,
                         replies: Box::new(SendQueue::new()),
+                        pktinfo,
                     })
             }
             ListenSocket::Tcp(listener) => {
@@ -205,12 +221,13 @@ impl Worker {
             }
         };
         for id in on_this_port(&self.sessions, true) {
-            let client = self.sessions.get_mut(id).map(|s| s.key.client);
+            let path = self.sessions.get_mut(id).map(|s| (s.key.client, s.local));
             let moved = self
                 .open_upstream(target, id, now)
                 .ok()
                 .and_then(|mut upstream| {
-                    upstream.proxy = self.udp_proxy(proxy, client?, index);
+                    let (client, local) = path?;
+                    upstream.proxy = self.udp_proxy(proxy, client, index, local);
                     self.retarget(id, backend, target, upstream, SessionKind::Forwarder, now)
                 });
             match moved {
@@ -236,7 +253,7 @@ impl Worker {
     /// endpoint) and counted; one with nowhere to go ends, counted as `no_route`. TCP
     /// connections keep their endpoint until they close.
     fn rehome_route_sessions(&mut self, index: usize, table: &RouteTable, now: Instant) {
-        let stranded: Vec<(SessionId, u64, SocketAddr)> = self
+        let stranded: Vec<(SessionId, u64, SocketAddr, Option<std::net::IpAddr>)> = self
             .sessions
             .iter()
             .filter(|(_, s)| {
@@ -244,9 +261,9 @@ impl Worker {
                     && s.upstream.transport() == Transport::Udp
                     && !table.serves(s.backend.0, s.target)
             })
-            .map(|(id, s)| (id, s.backend.0, s.key.client))
+            .map(|(id, s)| (id, s.backend.0, s.key.client, s.local))
             .collect();
-        for (id, key, client) in stranded {
+        for (id, key, client, local) in stranded {
             let pick = self
                 .listeners
                 .get_mut(index)
@@ -262,7 +279,7 @@ impl Worker {
                 .open_upstream(pick.endpoint, id, now)
                 .ok()
                 .and_then(|mut upstream| {
-                    upstream.proxy = self.udp_proxy(pick.proxy, client, index);
+                    upstream.proxy = self.udp_proxy(pick.proxy, client, index, local);
                     self.retarget(
                         id,
                         BackendId(pick.key),
@@ -364,7 +381,9 @@ impl Worker {
         if let Some(mut listener) = self.listeners[index].take() {
             let registry = self.poll.registry();
             let _ = match &mut listener.io {
-                ListenerIo::Udp { socket, replies } => {
+                ListenerIo::Udp {
+                    socket, replies, ..
+                } => {
                     if !replies.is_empty() {
                         replies.flush(socket.as_raw_fd(), self.batch_io);
                     }

@@ -130,12 +130,23 @@ impl Upstream {
     }
 }
 
+/// Where a client datagram came in: its slot in the receive batch, and the proxy address it
+/// was sent to (wildcard listeners only).
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Arrival {
+    pub(super) slot: usize,
+    pub(super) local: Option<std::net::IpAddr>,
+}
+
 /// This worker's socket of one listener.
 enum ListenerIo {
     /// A datagram socket and the replies queued for it.
     Udp {
         socket: mio::net::UdpSocket,
         replies: Box<SendQueue>,
+        /// Bound to a wildcard address: each datagram's destination is read (`IP_PKTINFO`)
+        /// and replies leave from it.
+        pktinfo: bool,
     },
     /// A listening stream socket.
     Tcp(mio::net::TcpListener),
@@ -365,17 +376,23 @@ impl Worker {
         };
         // RESET magic means something on token ports only.
         let resets = matches!(listener.kind, ListenerKind::TokenPort);
-        let fd = match &listener.io {
-            ListenerIo::Udp { socket, .. } => socket.as_raw_fd(),
+        let (fd, pktinfo) = match &listener.io {
+            ListenerIo::Udp {
+                socket, pktinfo, ..
+            } => (socket.as_raw_fd(), *pktinfo),
             ListenerIo::Tcp(_) => {
                 self.accept_connections(port, now);
                 return;
             }
         };
-        let drained = self.read_batches(fd, "a data port", |worker, rx, n| {
+        let drained = self.read_batches(fd, "a data port", pktinfo, |worker, rx, n| {
             for i in 0..n {
                 let (datagram, from) = rx.get(i);
-                worker.on_client_datagram(port, resets, i, datagram, from, now);
+                let arrival = Arrival {
+                    slot: i,
+                    local: rx.local(i),
+                };
+                worker.on_client_datagram(port, resets, arrival, datagram, from, now);
             }
             worker.flush_upstream(port, rx);
         });
@@ -392,6 +409,7 @@ impl Worker {
         &mut self,
         fd: std::os::fd::RawFd,
         what: &str,
+        pktinfo: bool,
         mut batch: impl FnMut(&mut Self, &RecvBatch, usize),
     ) -> bool {
         let Some(mut rx) = self.rx.take() else {
@@ -399,7 +417,7 @@ impl Worker {
         };
         let mut drained = false;
         for _ in 0..IO_LOOP_BOUND {
-            match rx.recv(fd, self.batch_io) {
+            match rx.recv(fd, self.batch_io, pktinfo) {
                 Ok(n) => {
                     batch(self, &rx, n);
                     if n < BATCH {
@@ -429,13 +447,13 @@ impl Worker {
         drained
     }
 
-    /// Datagram `slot` of the receive batch, from a client on listener `port`; `resets`: the
+    /// A datagram of the receive batch, from a client on listener `port`; `resets`: the
     /// listener honours RESET magic (a token port).
     fn on_client_datagram(
         &mut self,
         port: usize,
         resets: bool,
-        slot: usize,
+        arrival: Arrival,
         datagram: &[u8],
         from: Option<SocketAddr>,
         now: Instant,
@@ -455,7 +473,7 @@ impl Worker {
                 if resets && let Some(body) = control_body(datagram, &self.control_magic) {
                     self.reset_session(id, body, now);
                 } else {
-                    self.forward_upstream(id, slot, datagram.len(), now);
+                    self.forward_upstream(id, arrival.slot, datagram.len(), now);
                 }
             }
             None => {
@@ -467,7 +485,7 @@ impl Worker {
                     self.count_on_listener(port, DropReason::RateLimited);
                     return;
                 }
-                self.open_session(key, from, slot, datagram, now);
+                self.open_session(key, from, arrival, datagram, now);
             }
         }
     }
@@ -521,30 +539,21 @@ impl Worker {
         }
     }
 
-    /// The PROXY protocol state of a new path from `client` (on listener `port`) to a backend
-    /// under `mode`: the header built now, once, with the listener's address as destination.
-    pub(super) fn proxy_state(
-        &self,
-        mode: ProxyMode,
-        transport: HeaderTransport,
-        client: SocketAddr,
-        port: usize,
-    ) -> Option<ProxyHeader> {
-        if mode == ProxyMode::None {
-            return None;
-        }
-        let local = self.listeners.get(port)?.as_ref()?.local;
-        Some(ProxyHeader::new(transport, client, local))
-    }
-
-    /// A UDP path's header state under `mode`.
+    /// A UDP path's header state under `mode`: the header built now, once, with the address
+    /// the client sent to (`local`, from packet info) or else the listener's, as destination.
     pub(super) fn udp_proxy(
         &self,
         mode: ProxyMode,
         client: SocketAddr,
         port: usize,
+        local: Option<std::net::IpAddr>,
     ) -> Option<Box<ProxyState>> {
-        let header = self.proxy_state(mode, HeaderTransport::Dgram, client, port)?;
+        if mode == ProxyMode::None {
+            return None;
+        }
+        let bound = self.listeners.get(port)?.as_ref()?.local;
+        let proxy = SocketAddr::new(local.unwrap_or(bound.ip()), bound.port());
+        let header = ProxyHeader::new(HeaderTransport::Dgram, client, proxy);
         Some(Box::new(ProxyState {
             header,
             every: mode == ProxyMode::V2,
@@ -609,7 +618,7 @@ impl Worker {
         let Some(fd) = self.pool.fd(pool) else {
             return;
         };
-        let drained = self.read_batches(fd, "an upstream socket", |worker, rx, n| {
+        let drained = self.read_batches(fd, "an upstream socket", false, |worker, rx, n| {
             for i in 0..n {
                 let (datagram, from) = rx.get(i);
                 worker.on_reply(pool, datagram, from, now);
@@ -633,7 +642,9 @@ impl Worker {
         };
         // A listener lives as long as any of its sessions.
         let Some(Listener {
-            io: ListenerIo::Udp { socket, replies },
+            io: ListenerIo::Udp {
+                socket, replies, ..
+            },
             counters: listener_counters,
             ..
         }) = self
@@ -650,7 +661,7 @@ impl Worker {
             counters.drop(DropReason::DownstreamSend, flushed.dropped);
             slot.drop(DropReason::DownstreamSend, flushed.dropped);
         }
-        if !replies.push(datagram, &session.client_sockaddr) {
+        if !replies.push(datagram, &session.client_sockaddr, session.local) {
             counters.drop(DropReason::DownstreamSend, 1);
             slot.drop(DropReason::DownstreamSend, 1);
             return;
@@ -688,7 +699,9 @@ impl Worker {
 
     fn flush_replies(&mut self) {
         for listener in self.listeners.iter_mut().flatten() {
-            if let ListenerIo::Udp { socket, replies } = &mut listener.io
+            if let ListenerIo::Udp {
+                socket, replies, ..
+            } = &mut listener.io
                 && !replies.is_empty()
             {
                 let flushed = replies.flush(socket.as_raw_fd(), self.batch_io);

@@ -18,7 +18,7 @@ use crate::seal::OpenError;
 use crate::session::{Session, SessionId, SessionKey, SessionKind, SessionStats};
 use crate::upstream::{is_unicast_target, peer_key};
 
-use super::{ORPHAN_IDLE_TIMEOUT, UdpUpstream, Upstream, Worker};
+use super::{Arrival, ORPHAN_IDLE_TIMEOUT, UdpUpstream, Upstream, Worker};
 
 impl Worker {
     /// First datagram of an unknown client: a token (or control packet) opens a session to its
@@ -28,7 +28,7 @@ impl Worker {
         &mut self,
         key: SessionKey,
         reply_to: SocketAddr,
-        slot: usize,
+        arrival: Arrival,
         datagram: &[u8],
         now: Instant,
     ) {
@@ -47,7 +47,7 @@ impl Worker {
         let mut route = None;
         let (backend, target, kind, proxy) = match admission {
             Admission::Token { grant, target } => {
-                self.open_token_session(key, reply_to, &grant, target, now);
+                self.open_token_session(key, reply_to, arrival.local, &grant, target, now);
                 return;
             }
             Admission::Drop { reason, refused } => {
@@ -88,7 +88,7 @@ impl Worker {
                 return;
             }
         };
-        upstream.proxy = self.udp_proxy(proxy, key.client, port);
+        upstream.proxy = self.udp_proxy(proxy, key.client, port, arrival.local);
         let id = self.install(
             key,
             reply_to,
@@ -99,6 +99,7 @@ impl Worker {
             route.as_ref().map(|(pick, _)| pick.idle_timeout),
             now,
         );
+        self.set_local(id, arrival.local);
         if let Some((pick, table)) = &route {
             table.rules[pick.rule].backends[pick.backend].sessions.inc();
         }
@@ -110,7 +111,7 @@ impl Worker {
                 token: None,
             },
         );
-        self.forward_upstream(id, slot, datagram.len(), now);
+        self.forward_upstream(id, arrival.slot, datagram.len(), now);
     }
 
     /// Picks the endpoint of a new client of route entry point `port` (with this worker's
@@ -149,6 +150,7 @@ impl Worker {
         &mut self,
         key: SessionKey,
         reply_to: SocketAddr,
+        local: Option<IpAddr>,
         grant: &Grant,
         target: SocketAddr,
         now: Instant,
@@ -156,7 +158,12 @@ impl Worker {
         let Ok(mut upstream) = self.reserve(key.client, target, now) else {
             return;
         };
-        upstream.proxy = self.udp_proxy(grant.backend.proxy, key.client, usize::from(key.port));
+        upstream.proxy = self.udp_proxy(
+            grant.backend.proxy,
+            key.client,
+            usize::from(key.port),
+            local,
+        );
         if let Err(reason) = grant.redeem(usize::from(key.port), key.client.ip(), now) {
             // Another worker redeemed it in the meantime.
             self.abandon(key.client, &upstream, now);
@@ -165,7 +172,7 @@ impl Worker {
             return;
         }
         let backend = grant.backend.id;
-        self.install(
+        let id = self.install(
             key,
             reply_to,
             Upstream::Udp(upstream),
@@ -175,6 +182,7 @@ impl Worker {
             None,
             now,
         );
+        self.set_local(id, local);
         self.counters().tokens_redeemed.add(1);
         let _ = self.events.send(WorkerEvent::SessionOpened {
             backend,
@@ -348,6 +356,7 @@ impl Worker {
             last_active: now,
             idle_timeout,
             stats: SessionStats::default(),
+            local: None,
         });
         debug_assert_eq!(id.slot(), expected_slot, "registered under another token");
         if transport == Transport::Tcp {
@@ -365,6 +374,13 @@ impl Worker {
         id
     }
 
+    /// Records the proxy address a UDP session's client sent to: its replies leave from it.
+    fn set_local(&mut self, id: SessionId, local: Option<IpAddr>) {
+        if let Some(s) = self.sessions.get_mut(id) {
+            s.local = local;
+        }
+    }
+
     /// A control packet on a live session: move it to the new grant's backend.
     pub(super) fn reset_session(&mut self, id: SessionId, body: &[u8], now: Instant) {
         let Some(session) = self.sessions.get_mut(id) else {
@@ -372,6 +388,7 @@ impl Worker {
         };
         let client = session.key.client;
         let port = usize::from(session.key.port);
+        let local = session.local;
         let Some(token) = parse_token(body) else {
             if let Some(note) = self.warn_gate.admit(now) {
                 log::warn!(
@@ -408,7 +425,7 @@ impl Worker {
                 return;
             }
         };
-        upstream.proxy = self.udp_proxy(grant.backend.proxy, client, port);
+        upstream.proxy = self.udp_proxy(grant.backend.proxy, client, port, local);
         if let Err(reason) = grant.redeem(port, client.ip(), now) {
             self.leave_place(&upstream, now);
             self.counters().reject(reason);
