@@ -97,8 +97,9 @@ fn main() -> ExitCode {
         None | Some(Command::Run) => match args.config {
             Some(path) => Config::load(&path)
                 .map_err(Into::into)
-                .and_then(|c| run(Arc::new(c))),
-            None => embedded_default().and_then(|c| run(Arc::new(c))),
+                .and_then(|c| run(Arc::new(c), Some(path))),
+            // The built-in example has no file to reload.
+            None => embedded_default().and_then(|c| run(Arc::new(c), None)),
         },
         Some(Command::CheckConfig { file }) => check_config(&file),
         Some(Command::Query(q)) => query(&q),
@@ -165,11 +166,12 @@ fn embedded_default() -> anyhow::Result<Config> {
     Ok(config)
 }
 
-fn run(config: Arc<Config>) -> anyhow::Result<()> {
+/// Runs the proxy on `config`, loaded from `path` (reloaded from it on SIGHUP or a change).
+fn run(config: Arc<Config>, path: Option<PathBuf>) -> anyhow::Result<()> {
     raise_fd_limit(&config);
     check_fd_budget(&config)?;
     let plane = dataplane::DataPlane::start(config.dataplane()).context("data plane")?;
-    let control = control::start(Arc::clone(&config), &plane).context("control plane")?;
+    let control = control::start(Arc::clone(&config), path, &plane).context("control plane")?;
     let data: Vec<String> = config
         .data_ports
         .iter()

@@ -325,7 +325,7 @@ struct RawLoadBalancing {
 pub use dataplane::Transport as Protocol;
 
 /// A validated data port.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Eq, PartialEq)]
 pub struct DataPort {
     /// Name used in grants, mappings and query answers.
     pub name: String,
@@ -336,7 +336,7 @@ pub struct DataPort {
 }
 
 /// Where the inventory comes from.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Eq, PartialEq)]
 pub enum InventoryConfig {
     /// A YAML file of Kubernetes-shaped objects, reloaded when it changes.
     File {

@@ -5,6 +5,7 @@
 
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use ahash::AHashMap;
 use parking_lot::Mutex;
@@ -34,8 +35,8 @@ impl std::fmt::Display for Refusal {
 /// Concurrent connections, in total and per source IP.
 #[derive(Debug)]
 pub struct ConnectionSlots {
-    max_total: usize,
-    max_per_ip: usize,
+    max_total: AtomicUsize,
+    max_per_ip: AtomicUsize,
     open: Mutex<Open>,
 }
 
@@ -56,23 +57,33 @@ impl ConnectionSlots {
     /// Slots for at most `max_total` connections, `max_per_ip` of them from one address.
     pub fn new(max_total: usize, max_per_ip: usize) -> Arc<Self> {
         Arc::new(Self {
-            max_total,
-            max_per_ip,
+            max_total: AtomicUsize::new(max_total),
+            max_per_ip: AtomicUsize::new(max_per_ip),
             open: Mutex::new(Open::default()),
         })
+    }
+
+    /// New caps (config reload), for connections admitted from now on.
+    pub fn set_caps(&self, max_total: usize, max_per_ip: usize) {
+        self.max_total.store(max_total, Ordering::Relaxed);
+        self.max_per_ip.store(max_per_ip, Ordering::Relaxed);
     }
 
     /// Admits a connection from `ip` (IPv4-mapped IPv6 counts as the IPv4 address, other IPv6
     /// as its /64), or says which cap refused it.
     pub fn try_acquire(self: &Arc<Self>, ip: IpAddr) -> Result<Slot, Refusal> {
         let ip = source_of(ip);
+        let (max_total, max_per_ip) = (
+            self.max_total.load(Ordering::Relaxed),
+            self.max_per_ip.load(Ordering::Relaxed),
+        );
         let mut open = self.open.lock();
-        if open.total >= self.max_total {
-            return Err(Refusal::Total(self.max_total));
+        if open.total >= max_total {
+            return Err(Refusal::Total(max_total));
         }
         let from_ip = open.per_ip.entry(ip).or_insert(0);
-        if *from_ip >= self.max_per_ip {
-            return Err(Refusal::PerIp(self.max_per_ip));
+        if *from_ip >= max_per_ip {
+            return Err(Refusal::PerIp(max_per_ip));
         }
         *from_ip += 1;
         open.total += 1;

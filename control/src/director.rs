@@ -27,7 +27,8 @@ use crate::select::{self, Candidate};
 /// Control's shared state.
 #[derive(Debug)]
 pub struct Director {
-    config: Arc<Config>,
+    /// The running config: replaced whole by a reload.
+    config: watch::Receiver<Arc<Config>>,
     controller: Controller,
     /// Data port name → the port the proxy actually listens on.
     public_ports: Vec<(String, u16)>,
@@ -37,8 +38,16 @@ pub struct Director {
     draining: AtomicBool,
     state: Mutex<LoadState>,
     /// The query index of the latest snapshot (built as the inventory changes, by
-    /// [`Director::reconcile`]), keyed by the snapshot it was built from.
-    index: Mutex<Option<(Arc<Snapshot>, Arc<select::QueryIndex>)>>,
+    /// [`Director::reconcile`]), keyed by the snapshot and the config it was built from.
+    index: Mutex<Option<IndexOf>>,
+}
+
+/// A query index and what it was built from.
+#[derive(Debug)]
+struct IndexOf {
+    snapshot: Arc<Snapshot>,
+    config: Arc<Config>,
+    index: Arc<select::QueryIndex>,
 }
 
 #[derive(Debug, Default)]
@@ -140,7 +149,7 @@ fn decrement(map: &mut AHashMap<BackendId, u64>, key: BackendId) {
 impl Director {
     /// A director steering `controller`'s workers from `inventory`.
     pub fn new(
-        config: Arc<Config>,
+        config: watch::Receiver<Arc<Config>>,
         controller: Controller,
         local_addrs: &[std::net::SocketAddr],
         inventory: watch::Receiver<Arc<Snapshot>>,
@@ -148,6 +157,7 @@ impl Director {
         metrics: Arc<Metrics>,
     ) -> Self {
         let public_ports = config
+            .borrow()
             .data_ports
             .iter()
             .zip(local_addrs)
@@ -164,6 +174,11 @@ impl Director {
             state: Mutex::new(LoadState::default()),
             index: Mutex::new(None),
         }
+    }
+
+    /// The running config.
+    pub fn config(&self) -> Arc<Config> {
+        Arc::clone(&self.config.borrow())
     }
 
     /// The data-plane handle.
@@ -215,13 +230,13 @@ impl Director {
             .map(|(_, (name, port))| (name.clone(), *port))
             .collect();
         let backend_id = backend.id;
-        let ttl = self.config.token_ttl;
+        let config = self.config();
+        let ttl = config.token_ttl;
         let expires = now + ttl;
-        let bound = self
-            .config
+        let bound = config
             .bind_token_to_client_ip
             .then(|| client.to_canonical());
-        let (token, id) = match &self.config.token_secret {
+        let (token, id) = match &config.token_secret {
             Some(secret) => {
                 let expires_unix = SystemTime::now()
                     .duration_since(UNIX_EPOCH)
@@ -260,20 +275,26 @@ impl Director {
         })
     }
 
-    /// The query index of `snapshot`: the cached one, or built now (once per snapshot).
-    fn index_of(&self, snapshot: &Arc<Snapshot>) -> Arc<select::QueryIndex> {
+    /// The query index of `snapshot` under `config`: the cached one, or built now (once per
+    /// snapshot and config).
+    fn index_of(&self, snapshot: &Arc<Snapshot>, config: &Arc<Config>) -> Arc<select::QueryIndex> {
         let mut cached = self.index.lock();
-        if let Some((of, index)) = cached.as_ref()
-            && Arc::ptr_eq(of, snapshot)
+        if let Some(c) = cached.as_ref()
+            && Arc::ptr_eq(&c.snapshot, snapshot)
+            && Arc::ptr_eq(&c.config, config)
         {
-            return Arc::clone(index);
+            return Arc::clone(&c.index);
         }
         let index = Arc::new(select::QueryIndex::build(
             snapshot,
-            &self.config.mappings,
+            &config.mappings,
             self.public_ports.len(),
         ));
-        let old = cached.replace((Arc::clone(snapshot), Arc::clone(&index)));
+        let old = cached.replace(IndexOf {
+            snapshot: Arc::clone(snapshot),
+            config: Arc::clone(config),
+            index: Arc::clone(&index),
+        });
         // The old snapshot may be held here alone now: free it (tens of thousands of objects)
         // off the control thread, as the inventory does with the snapshots it replaces.
         match tokio::runtime::Handle::try_current() {
@@ -293,25 +314,23 @@ impl Director {
                 "the inventory has not loaded yet; try again shortly",
             ));
         }
-        self.config
-            .mappings
-            .get(&query.resource_type)
-            .ok_or_else(|| {
-                QueryError::new(
-                    ErrorCode::UnknownResourceType,
-                    format!(
-                        "unknown resourceType `{}` (known: {})",
-                        crate::quote::quote(&query.resource_type),
-                        self.config
-                            .mappings
-                            .keys()
-                            .cloned()
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    ),
-                )
-            })?;
-        let index = self.index_of(&snapshot);
+        let config = self.config();
+        config.mappings.get(&query.resource_type).ok_or_else(|| {
+            QueryError::new(
+                ErrorCode::UnknownResourceType,
+                format!(
+                    "unknown resourceType `{}` (known: {})",
+                    crate::quote::quote(&query.resource_type),
+                    config
+                        .mappings
+                        .keys()
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            )
+        })?;
+        let index = self.index_of(&snapshot, &config);
         let empty = select::index::MappingIndex::default();
         let candidates =
             select::matching(query, index.mapping(&query.resource_type).unwrap_or(&empty))?;
@@ -326,7 +345,7 @@ impl Director {
             Picker::DefaultEndpoint => state.default_rotation,
         };
         let chosen = select::choose(
-            &self.config.load_balancing,
+            &config.load_balancing,
             &candidates,
             |id| state.load(id),
             &mut rotation,
@@ -369,7 +388,7 @@ impl Director {
         }
         // The index is built here, on the control loop as the inventory changes, so the first
         // query after a change does not pay for it.
-        let index = self.index_of(&snapshot);
+        let index = self.index_of(&snapshot, &self.config());
         self.refresh_default(now);
         let mut known = HashSet::new();
         for name in snapshot.by_mapping.keys() {
@@ -396,15 +415,17 @@ impl Director {
 
     /// Re-evaluates the default endpoint query; publishes only when the choice changes.
     pub fn refresh_default(&self, now: Instant) {
-        let Some(query) = &self.config.default_endpoint else {
-            return;
-        };
-        let chosen = match self.pick(query, Picker::DefaultEndpoint, now) {
-            Ok(c) => Some(c.backend),
-            Err(e) => {
-                log::debug!("default endpoint unresolved: {e}");
-                None
-            }
+        let config = self.config();
+        let chosen = match &config.default_endpoint {
+            // No default endpoint (any more, after a reload): none is published.
+            None => None,
+            Some(query) => match self.pick(query, Picker::DefaultEndpoint, now) {
+                Ok(c) => Some(c.backend),
+                Err(e) => {
+                    log::debug!("default endpoint unresolved: {e}");
+                    None
+                }
+            },
         };
         let mut state = self.state.lock();
         if state.default_backend != chosen {

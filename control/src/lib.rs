@@ -17,6 +17,7 @@ pub mod jsonpath;
 pub mod metrics;
 pub mod query;
 pub mod quote;
+pub mod reload;
 pub mod route;
 pub mod select;
 pub mod server;
@@ -122,7 +123,11 @@ impl ControlPlane {
 
 /// Binds the query and admin listeners, then runs control on its own thread until SIGTERM or
 /// SIGINT: then it drains for `config.drain`, shuts the workers down and returns.
-pub fn start(config: Arc<Config>, plane: &DataPlane) -> Result<ControlPlane, ControlError> {
+pub fn start(
+    config: Arc<Config>,
+    config_path: Option<std::path::PathBuf>,
+    plane: &DataPlane,
+) -> Result<ControlPlane, ControlError> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -175,8 +180,18 @@ pub fn start(config: Arc<Config>, plane: &DataPlane) -> Result<ControlPlane, Con
     let controller = plane.controller();
     let (inventory_tx, inventory_rx) = watch::channel(Arc::new(Snapshot::default()));
     let metrics = Metrics::new(controller.clone(), inventory_rx.clone());
+    // The running config, replaced whole by a reload.
+    let (live_tx, live_rx) = watch::channel(Arc::clone(&config));
+    let reloader = config_path.map(|path| {
+        reload::Reloader::new(
+            path,
+            live_tx.clone(),
+            controller.clone(),
+            Arc::clone(&metrics),
+        )
+    });
     let director = Arc::new(Director::new(
-        Arc::clone(&config),
+        live_rx.clone(),
         controller,
         plane.local_addrs(),
         inventory_rx,
@@ -226,7 +241,8 @@ pub fn start(config: Arc<Config>, plane: &DataPlane) -> Result<ControlPlane, Con
         .name("control".into())
         .spawn(move || {
             runtime.block_on(run(
-                config,
+                live_tx,
+                reloader,
                 director,
                 admin,
                 source,
@@ -249,7 +265,8 @@ pub fn start(config: Arc<Config>, plane: &DataPlane) -> Result<ControlPlane, Con
 
 #[allow(clippy::too_many_arguments)]
 async fn run(
-    config: Arc<Config>,
+    live: watch::Sender<Arc<Config>>,
+    reloader: Option<reload::Reloader>,
     director: Arc<Director>,
     admin: Arc<admin::Admin>,
     source: Source,
@@ -262,24 +279,26 @@ async fn run(
 ) {
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut inventory_rx = inventory_tx.subscribe();
+    let mut live_rx = live.subscribe();
     if let Some(f) = forwarders {
-        tokio::spawn(f.run(inventory_tx.subscribe()));
+        tokio::spawn(f.run(inventory_tx.subscribe(), live.subscribe()));
     }
     if let Some(r) = routes {
-        tokio::spawn(r.run(inventory_tx.subscribe()));
+        tokio::spawn(r.run(inventory_tx.subscribe(), live.subscribe()));
     }
     if let Some(g) = gateways {
-        tokio::spawn(g.run(inventory_tx.subscribe()));
+        tokio::spawn(g.run(inventory_tx.subscribe(), live.subscribe()));
+    }
+    match reloader {
+        Some(r) => drop(tokio::spawn(r.run())),
+        // SIGHUP would end the process by default: with nothing to reload it says so instead.
+        None => drop(tokio::spawn(reload::no_file_to_reload())),
     }
     tokio::spawn(inventory::run(source, inventory_tx));
     tokio::spawn(server::serve(
         query_listener,
         Arc::clone(&director),
-        server::QueryLimits {
-            idle_timeout: config.query_idle_timeout,
-            max_connections: config.max_query_connections,
-            max_connections_per_ip: config.max_query_connections_per_ip,
-        },
+        live.subscribe(),
         stop_rx.clone(),
     ));
     tokio::spawn(admin::serve(admin_listener, admin, stop_rx.clone()));
@@ -302,6 +321,8 @@ async fn run(
                 director.reconcile();
             }
             _ = reconcile.tick() => director.reconcile(),
+            // A reload: mappings, load balancing and the default endpoint apply now.
+            Ok(()) = live_rx.changed() => director.reconcile(),
             _ = events.tick() => director.absorb_events(Instant::now()),
             () = signals.recv() => {
                 if draining {
@@ -309,13 +330,14 @@ async fn run(
                     break;
                 }
                 draining = true;
+                let drain = live.borrow().drain;
                 log::info!(
                     "shutting down: no new sessions, forwarding for {} s more (signal again to \
                      stop now)",
-                    config.drain.as_secs()
+                    drain.as_secs()
                 );
                 director.drain();
-                drain_over.as_mut().reset(tokio::time::Instant::now() + config.drain);
+                drain_over.as_mut().reset(tokio::time::Instant::now() + drain);
             }
             () = &mut drain_over => {
                 log::info!("drained");

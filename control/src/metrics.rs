@@ -28,6 +28,7 @@ pub struct Metrics {
     query_duration: Histogram,
     /// Tokens minted.
     pub tokens_issued: Counter,
+    reloads: Family<ResultLabel, Counter>,
     registry: parking_lot::Mutex<Registry>,
 }
 
@@ -39,6 +40,17 @@ impl Metrics {
         // 25 µs … ~0.4 s.
         let query_duration = Histogram::new(exponential_buckets(0.000_025, 2.0, 15));
         let tokens_issued = Counter::default();
+        let reloads = Family::<ResultLabel, Counter>::default();
+        // Every result shows from the start, at zero.
+        for result in ["applied", "refused", "invalid"] {
+            let _ = reloads.get_or_create(&[("result", result)]);
+        }
+        registry.register(
+            "udp_director_config_reloads",
+            "Config reloads (SIGHUP or a change of the file), by result: applied, refused (a \
+             change that needs a restart) or invalid",
+            reloads.clone(),
+        );
         registry.register(
             "udp_director_queries",
             "Queries answered, by result (ok or an error code)",
@@ -62,8 +74,14 @@ impl Metrics {
             queries,
             query_duration,
             tokens_issued,
+            reloads,
             registry: parking_lot::Mutex::new(registry),
         })
+    }
+
+    /// Counts a config reload by its result (`applied`, `refused`, `invalid`).
+    pub fn count_reload(&self, result: &'static str) {
+        self.reloads.get_or_create(&[("result", result)]).inc();
     }
 
     /// Adds a collector read at scrape time (the forwarders').

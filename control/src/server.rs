@@ -36,14 +36,28 @@ pub struct QueryLimits {
     pub max_connections_per_ip: usize,
 }
 
-/// Accepts query connections until `stop` turns true.
+impl QueryLimits {
+    /// The query server's limits in `config`.
+    pub fn of(config: &crate::config::Config) -> Self {
+        Self {
+            idle_timeout: config.query_idle_timeout,
+            max_connections: config.max_query_connections,
+            max_connections_per_ip: config.max_query_connections_per_ip,
+        }
+    }
+}
+
+/// Accepts query connections until `stop` turns true. The limits follow the running config
+/// (a reload changes them for connections accepted from then on).
 pub async fn serve(
     listener: TcpListener,
     director: Arc<Director>,
-    limits: QueryLimits,
+    mut config: watch::Receiver<Arc<crate::config::Config>>,
     mut stop: watch::Receiver<bool>,
 ) {
+    let mut limits = QueryLimits::of(&config.borrow_and_update());
     let slots = ConnectionSlots::new(limits.max_connections, limits.max_connections_per_ip);
+    let mut config_open = true;
     // Refusals and accept errors are what a flood produces: one log line a second at most.
     let mut refusal_log = WarnGate::new();
     let mut accept_log = WarnGate::new();
@@ -51,6 +65,16 @@ pub async fn serve(
         let accepted = tokio::select! {
             a = listener.accept() => a,
             _ = stop.wait_for(|s| *s) => return,
+            changed = config.changed(), if config_open => {
+                match changed {
+                    Ok(()) => {
+                        limits = QueryLimits::of(&config.borrow_and_update());
+                        slots.set_caps(limits.max_connections, limits.max_connections_per_ip);
+                    }
+                    Err(_) => config_open = false,
+                }
+                continue;
+            }
         };
         let (stream, peer) = match accepted {
             Ok(a) => a,

@@ -52,7 +52,37 @@ pub struct DataPlaneConfig {
     pub token_keys: Option<std::sync::Arc<crate::seal::KeyRing>>,
 }
 
+/// The settings that can change while the data plane runs (config reload): they apply to new
+/// sessions and connections, and the idle timeout to the data ports' open sessions too.
+#[derive(Clone, Debug)]
+pub struct LiveSettings {
+    /// Idle timeout of the data ports' sessions.
+    pub session_timeout: Duration,
+    /// A TCP client's time to send its token.
+    pub tcp_token_timeout: Duration,
+    /// Global session cap.
+    pub max_sessions: usize,
+    /// Per-IP session cap.
+    pub max_sessions_per_ip: Option<usize>,
+    /// Flood limits.
+    pub rate_limit: Option<crate::ratelimit::RateLimit>,
+    /// Sealed-token keys.
+    pub token_keys: Option<std::sync::Arc<crate::seal::KeyRing>>,
+}
+
 impl DataPlaneConfig {
+    /// The part of this configuration that can change at run time.
+    pub fn live(&self) -> LiveSettings {
+        LiveSettings {
+            session_timeout: self.session_timeout,
+            tcp_token_timeout: self.tcp_token_timeout,
+            max_sessions: self.max_sessions,
+            max_sessions_per_ip: self.max_sessions_per_ip,
+            rate_limit: self.rate_limit,
+            token_keys: self.token_keys.clone(),
+        }
+    }
+
     /// A configuration with the product defaults for the given ports (used by tests and tools).
     pub fn with_ports(data_ports: Vec<DataPortConfig>) -> Self {
         Self {

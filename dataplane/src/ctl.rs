@@ -22,6 +22,7 @@ use crate::listener::{
 };
 use crate::socket::{ListenSocket, bind_reuseport, probe_exclusive, unique_port};
 
+use crate::config::LiveSettings;
 use crate::grant::{Backend, BackendId, Grant, TokenId};
 use crate::metrics::{CounterSnapshot, ListenerCounters, WorkerCounters};
 use crate::session::{SessionKind, SessionStats};
@@ -73,6 +74,8 @@ pub(crate) enum ControlMsg {
         /// Frees the port once every worker has let go of it.
         closing: Arc<Closing>,
     },
+    /// New run-time settings (config reload).
+    Reconfigure(Arc<LiveSettings>),
     /// The backend for clients without a token (`None`: drop them).
     SetDefault(Option<Arc<Backend>>),
     /// The backend left the inventory: token sessions to it end, default sessions move to the
@@ -106,6 +109,7 @@ impl std::fmt::Debug for ControlMsg {
                 .field("id", id)
                 .field("mode", mode)
                 .finish_non_exhaustive(),
+            Self::Reconfigure(l) => f.debug_tuple("Reconfigure").field(l).finish(),
             Self::SetDefault(b) => f.debug_tuple("SetDefault").field(b).finish(),
             Self::RemoveBackend(b) => f.debug_tuple("RemoveBackend").field(b).finish(),
             Self::ListSessions(_) => f.write_str("ListSessions"),
@@ -280,6 +284,7 @@ pub(crate) struct SocketSettings {
 pub struct Controller {
     pub(crate) links: Arc<[WorkerLink]>,
     pub(crate) counters: Arc<[CachePadded<WorkerCounters>]>,
+    pub(crate) limits: Arc<crate::limits::SessionLimits>,
     pub(crate) registry: Arc<Mutex<PortRegistry>>,
     pub(crate) sockets: SocketSettings,
 }
@@ -453,6 +458,16 @@ impl Controller {
         Ok(())
     }
 
+    /// Applies new run-time settings: the session caps at once, the rest in each worker as it
+    /// reads its control messages (new sessions and connections follow them; the data ports'
+    /// open sessions take the new idle timeout).
+    pub fn reconfigure(&self, live: LiveSettings) {
+        self.limits
+            .set_caps(live.max_sessions, live.max_sessions_per_ip);
+        let live = Arc::new(live);
+        self.broadcast(|| ControlMsg::Reconfigure(Arc::clone(&live)));
+    }
+
     /// Sets (or clears) the default backend on every worker.
     pub fn set_default(&self, backend: Option<Backend>) {
         let backend = backend.map(Arc::new);
@@ -534,6 +549,7 @@ mod tests {
         let controller = Controller {
             links: vec![WorkerLink { grants, tx, waker }].into(),
             counters: vec![CachePadded::new(WorkerCounters::default())].into(),
+            limits: Arc::new(crate::limits::SessionLimits::new(1, None)),
             registry: Arc::default(),
             sockets: SocketSettings {
                 recv_buffer_bytes: 1 << 16,

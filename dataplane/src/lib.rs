@@ -36,7 +36,7 @@ mod upstream;
 mod warn_gate;
 mod worker;
 
-pub use config::{DataPlaneConfig, DataPortConfig, WorkerAffinity, available_cores};
+pub use config::{DataPlaneConfig, DataPortConfig, LiveSettings, WorkerAffinity, available_cores};
 pub use ctl::{Controller, SessionInfo, WorkerEvent};
 pub use error::{StartError, WorkerError};
 pub use grant::{Backend, BackendId, Grant, TokenId};

@@ -86,6 +86,7 @@ impl DataPlane {
         let controller = Controller {
             links: links.into(),
             counters,
+            limits: Arc::clone(&limits),
             registry: Arc::default(),
             sockets: SocketSettings {
                 recv_buffer_bytes: config.recv_buffer_bytes,

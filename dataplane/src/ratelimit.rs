@@ -49,6 +49,11 @@ pub struct RateLimiter {
 }
 
 impl RateLimiter {
+    /// The rates it applies.
+    pub fn limit(&self) -> RateLimit {
+        self.limit
+    }
+
     /// A table for `limit`, its clock starting at `now`.
     pub fn new(limit: RateLimit, now: Instant) -> Self {
         Self {

@@ -161,7 +161,11 @@ impl Reconciler {
     }
 
     /// Runs until the inventory channel closes.
-    pub async fn run(mut self, mut inventory: watch::Receiver<Arc<Snapshot>>) {
+    pub async fn run(
+        mut self,
+        mut inventory: watch::Receiver<Arc<Snapshot>>,
+        mut live: watch::Receiver<Arc<Config>>,
+    ) {
         if let Some(writer) = self.writer.take() {
             let (tx, rx) = watch::channel(Arc::new(Wanted::default()));
             self.writes = Some((writer.node().to_string(), tx));
@@ -173,6 +177,7 @@ impl Reconciler {
             let wait = if self.retry_soon { RETRY_SOON } else { TICK };
             tokio::select! {
                 changed = inventory.changed() => if changed.is_err() { return },
+                Ok(()) = live.changed() => self.follow(&live.borrow_and_update()),
                 Some((host, result)) = answers.recv() => {
                     self.dns.answered(&host, result, Instant::now(), self.config.resolve_interval);
                 }
@@ -187,6 +192,15 @@ impl Reconciler {
                     let _ = tx.send((host, result));
                 });
             }
+        }
+    }
+
+    /// Takes the settings a config reload may change: the default idle timeout and the DNS
+    /// re-resolution interval (the namespace and Services are fixed at start).
+    fn follow(&mut self, config: &Config) {
+        self.session_timeout = config.session_timeout;
+        if let Some(f) = &config.forwarders {
+            self.config.resolve_interval = f.resolve_interval;
         }
     }
 

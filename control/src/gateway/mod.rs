@@ -144,7 +144,11 @@ impl Reconciler {
     }
 
     /// Runs until the inventory channel closes.
-    pub async fn run(mut self, mut inventory: watch::Receiver<Arc<Snapshot>>) {
+    pub async fn run(
+        mut self,
+        mut inventory: watch::Receiver<Arc<Snapshot>>,
+        mut live: watch::Receiver<Arc<Config>>,
+    ) {
         if let Some(writer) = self.writer.take() {
             let (tx, rx) = watch::channel(Arc::new(Wanted::default()));
             self.writes = Some(tx);
@@ -157,6 +161,9 @@ impl Reconciler {
             let retry = tokio::time::sleep(Duration::from_secs(1));
             tokio::select! {
                 changed = inventory.changed() => if changed.is_err() { return },
+                Ok(()) = live.changed() => {
+                    self.session_timeout = live.borrow_and_update().session_timeout;
+                }
                 () = retry => {}
             }
         }

@@ -153,7 +153,11 @@ impl Reconciler {
     }
 
     /// Runs until the inventory channel closes.
-    pub async fn run(mut self, mut inventory: watch::Receiver<Arc<Snapshot>>) {
+    pub async fn run(
+        mut self,
+        mut inventory: watch::Receiver<Arc<Snapshot>>,
+        mut live: watch::Receiver<Arc<Config>>,
+    ) {
         if let Some(writer) = self.writer.take() {
             let (tx, rx) = watch::channel(Arc::new(Wanted::default()));
             self.writes = Some((writer.node().to_string(), tx));
@@ -162,8 +166,14 @@ impl Reconciler {
         loop {
             let snapshot = Arc::clone(&inventory.borrow_and_update());
             self.reconcile(&snapshot);
-            if inventory.changed().await.is_err() {
-                return;
+            tokio::select! {
+                changed = inventory.changed() => if changed.is_err() { return },
+                Ok(()) = live.changed() => {
+                    // A reload: the default idle timeout and the cross-namespace rule.
+                    let config = Arc::clone(&live.borrow_and_update());
+                    self.allow_cross_namespace = config.routes_allow_cross_namespace;
+                    self.session_timeout = config.session_timeout;
+                }
             }
         }
     }

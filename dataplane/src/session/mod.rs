@@ -208,6 +208,22 @@ impl<S> SessionTable<S> {
         entry.session.as_mut().map(|s| (id, s))
     }
 
+    /// Gives a live session a new idle timeout. A shorter one is scheduled now, so it takes
+    /// effect on time rather than at the deadline already in the wheel (which, when it comes,
+    /// finds the session not due and schedules it once more: one extra wheel entry per
+    /// shortening, for the session's life).
+    pub fn set_idle_timeout(&mut self, id: SessionId, timeout: Duration) {
+        let Some(session) = self.get_mut(id) else {
+            return;
+        };
+        let shorter = timeout < session.idle_timeout;
+        session.idle_timeout = timeout;
+        if shorter {
+            let deadline = session.last_active + timeout;
+            self.wheel.schedule(id, deadline);
+        }
+    }
+
     /// Removes a session and returns it (its socket is the caller's to deregister and close).
     pub fn remove(&mut self, id: SessionId) -> Option<Session<S>> {
         let slot = self.slots.get_mut(id.slot as usize)?;

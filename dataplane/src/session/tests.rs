@@ -179,3 +179,26 @@ fn each_session_expires_after_its_own_timeout() {
     }
     assert_eq!(order, [key(3), key(1), key(2)]);
 }
+
+#[test]
+fn a_shortened_timeout_takes_effect_on_time_and_a_longer_one_waits() {
+    let t0 = Instant::now();
+    let mut table = SessionTable::new(t0);
+    let short = table.insert(session_idle(1, t0, Duration::from_secs(300)));
+    let long = table.insert(session_idle(2, t0, Duration::from_secs(1)));
+    table.set_idle_timeout(short, Duration::from_secs(1));
+    table.set_idle_timeout(long, Duration::from_secs(5));
+    let mut expired = Vec::new();
+    let mut now = t0;
+    let mut ended = Vec::new();
+    while now < t0 + Duration::from_secs(6) {
+        now += timer::TICK;
+        table.expire_idle(now, &mut expired);
+        ended.extend(expired.drain(..).map(|s| (s.key, now - t0)));
+    }
+    assert_eq!(ended.len(), 2, "{ended:?}");
+    assert_eq!(ended[0].0, key(1));
+    assert!(ended[0].1 < Duration::from_secs(2), "{ended:?}");
+    assert_eq!(ended[1].0, key(2));
+    assert!(ended[1].1 >= Duration::from_secs(5), "{ended:?}");
+}

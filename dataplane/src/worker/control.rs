@@ -10,11 +10,13 @@ use crossbeam_channel::TryRecvError;
 use mio::Interest;
 
 use crate::batch::SendQueue;
+use crate::config::LiveSettings;
 use crate::ctl::{ClientMatch, CloseReason, Closing, ControlMsg, SessionInfo, WorkerEvent};
 use crate::grant::BackendId;
 use crate::listener::{CloseMode, ListenerId, ListenerKind, Transport};
 use crate::metrics::{DropReason, ListenerCounters};
 use crate::pktinfo;
+use crate::ratelimit::RateLimiter;
 use crate::route::{Picker, RouteTable};
 use crate::session::{SessionId, SessionKind};
 use crate::socket::ListenSocket;
@@ -60,12 +62,51 @@ impl Worker {
             ControlMsg::CloseListener { id, mode, closing } => {
                 self.close_listener(id, mode, closing);
             }
+            ControlMsg::Reconfigure(live) => self.reconfigure(&live, now),
             ControlMsg::SetDefault(backend) => self.default_backend = backend,
             ControlMsg::RemoveBackend(backend) => self.remove_backend(backend, now),
             ControlMsg::ListSessions(reply) => reply(self.list_sessions(now)),
             ControlMsg::KillSessions(client, reply) => reply(self.kill_sessions(client)),
             ControlMsg::Drain => self.draining = true,
             ControlMsg::Shutdown => self.shutting_down = true,
+        }
+    }
+
+    /// New run-time settings. New sessions and connections follow them; the data ports' open
+    /// sessions that had the data ports' idle timeout take the new one. A changed flood limit
+    /// starts with fresh buckets.
+    fn reconfigure(&mut self, live: &LiveSettings, now: Instant) {
+        self.tcp_token_timeout = live.tcp_token_timeout;
+        self.token_keys.clone_from(&live.token_keys);
+        let same_limit = self.rate_limiter.as_ref().map(|r| r.limit()) == live.rate_limit;
+        if !same_limit {
+            self.rate_limiter = live.rate_limit.map(|l| Box::new(RateLimiter::new(l, now)));
+        }
+        let mut changed = Vec::new();
+        for (index, listener) in self.listeners.iter_mut().enumerate() {
+            if let Some(l) = listener
+                && matches!(l.kind, ListenerKind::TokenPort)
+                && l.idle_timeout != live.session_timeout
+            {
+                changed.push((index, l.idle_timeout));
+                l.idle_timeout = live.session_timeout;
+            }
+        }
+        if changed.is_empty() {
+            return;
+        }
+        let ids: Vec<SessionId> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| {
+                changed
+                    .iter()
+                    .any(|&(port, old)| usize::from(s.key.port) == port && s.idle_timeout == old)
+            })
+            .map(|(id, _)| id)
+            .collect();
+        for id in ids {
+            self.sessions.set_idle_timeout(id, live.session_timeout);
         }
     }
 
