@@ -1101,10 +1101,14 @@ fn named_ports(list_key: &str, list: Vec<RawDataPort>) -> Result<Vec<DataPort>, 
 fn parse_magic(hex: &str) -> Result<Vec<u8>, ConfigError> {
     let key = "controlPacketMagicBytes";
     let hex = hex.trim().trim_start_matches("0x");
-    if hex.is_empty() || !hex.len().is_multiple_of(2) {
+    if hex.is_empty() || !hex.len().is_multiple_of(2) || !hex.bytes().all(|b| b.is_ascii_hexdigit())
+    {
         return Err(invalid(
             key,
-            "must be an even number of hex digits, at least 2",
+            format!(
+                "`{}` must be an even number of hex digits, at least 2",
+                quote(hex)
+            ),
         ));
     }
     if hex.len() > 64 {
@@ -1238,6 +1242,38 @@ fn mapping(key: &str, m: RawMapping, data_ports: &[DataPort]) -> Result<Mapping,
     }
     if m.resource.is_empty() {
         return Err(invalid(format!("{key}.resource"), "must not be empty"));
+    }
+    // These names reach API paths and the generated RBAC: only what Kubernetes allows in them
+    // (a DNS subdomain for the group, lowercase alphanumerics for version and resource).
+    let name_ok = |s: &str, dots: bool| {
+        s.len() <= 253
+            && s.bytes().all(|b| {
+                b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || (dots && b == b'.')
+            })
+    };
+    for (field, value, dots) in [
+        ("group", &m.group, true),
+        ("version", &m.version, false),
+        ("resource", &m.resource, false),
+    ] {
+        if !name_ok(value, dots) {
+            return Err(invalid(
+                format!("{key}.{field}"),
+                format!(
+                    "`{}` is not a Kubernetes API {field} name (lowercase letters, digits, `-`{})",
+                    quote(value),
+                    if dots { ", `.`" } else { "" }
+                ),
+            ));
+        }
+    }
+    if let Some(kind) = &m.kind
+        && (kind.is_empty() || !kind.bytes().all(|b| b.is_ascii_alphanumeric()))
+    {
+        return Err(invalid(
+            format!("{key}.kind"),
+            format!("`{}` is not a Kubernetes kind name", quote(kind)),
+        ));
     }
     let service = m.service_selector_label.is_some() || m.service_target_port_name.is_some();
     let direct = m.address_path.is_some()

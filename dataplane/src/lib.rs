@@ -51,3 +51,9 @@ pub use ratelimit::RateLimit;
 pub use route::{Cidr, Match, RouteBackend, RouteCounter, RouteTable, Rule};
 pub use session::SessionKind;
 pub use warn_gate::WarnGate;
+
+/// Internals the fuzz targets in `fuzz/` drive directly; not a stable API.
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use crate::tcp::prefix::{LineEnd, MAX_PREFIX, Prefix, finish_line_end, read_prefix};
+}

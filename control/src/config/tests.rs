@@ -90,6 +90,11 @@ fn each_rejection_names_its_key() {
         ("maxSessionsPerIp: 0\n", "maxSessionsPerIp"),
         ("controlPacketMagicBytes: FFF\n", "controlPacketMagicBytes"),
         ("controlPacketMagicBytes: ZZZZ\n", "controlPacketMagicBytes"),
+        // Found by the `config` fuzz target: a non-ASCII digit used to panic on a slice.
+        (
+            "controlPacketMagicBytes: \"0é0\"\n",
+            "controlPacketMagicBytes",
+        ),
         ("workers: 0\n", "workers"),
         ("cpuAffinity: sometimes\n", "cpuAffinity"),
         ("cpuAffinity: []\n", "cpuAffinity"),

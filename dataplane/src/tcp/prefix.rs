@@ -12,12 +12,12 @@ use crate::packet::{Presented, TOKEN_LEN};
 use crate::seal::{self, HEADER_LEN, MAX_SEALED_LEN, SEALED_PREFIX};
 
 /// Most bytes the token reader needs: the longest token and `\r\n`.
-pub(crate) const MAX_PREFIX: usize = MAX_SEALED_LEN + 2;
+pub const MAX_PREFIX: usize = MAX_SEALED_LEN + 2;
 
 /// Where a token's optional line ending may still be, when the bytes so far end right after
 /// the token (or after its `\r`): the stream's next bytes decide.
 #[derive(Clone, Copy, Debug, Default, Eq, PartialEq)]
-pub(crate) enum LineEnd {
+pub enum LineEnd {
     /// Decided: the stream data starts with the next byte.
     #[default]
     Done,
@@ -30,7 +30,7 @@ pub(crate) enum LineEnd {
 
 /// What the first bytes of a connection are.
 #[derive(Clone, Copy, Debug, Eq, PartialEq)]
-pub(crate) enum Prefix<'a> {
+pub enum Prefix<'a> {
     /// Too few bytes to decide.
     NeedMore,
     /// A well-formed token; stream data starts at `data_from` of the bytes so far, and
@@ -48,7 +48,7 @@ pub(crate) enum Prefix<'a> {
 }
 
 /// Reads the bytes a connection has sent so far (at most [`MAX_PREFIX`] are looked at).
-pub(crate) fn read_prefix(bytes: &[u8]) -> Prefix<'_> {
+pub fn read_prefix(bytes: &[u8]) -> Prefix<'_> {
     let token = match bytes.first() {
         None => return Prefix::NeedMore,
         Some(&b) if b == SEALED_PREFIX[0] => read_sealed(bytes),
@@ -120,7 +120,7 @@ fn uuid_byte(i: usize, b: u8) -> bool {
 /// Applies a pending [`LineEnd`] to the first bytes read after the token: returns how many
 /// bytes to drop from the front of `data`, and whether a held-back `\r` must be forwarded
 /// before them. `data` is not empty.
-pub(crate) fn finish_line_end(line_end: LineEnd, data: &[u8]) -> (usize, bool, LineEnd) {
+pub fn finish_line_end(line_end: LineEnd, data: &[u8]) -> (usize, bool, LineEnd) {
     match (line_end, data) {
         (LineEnd::Done, _) => (0, false, LineEnd::Done),
         (LineEnd::Maybe, [b'\n', ..]) | (LineEnd::AfterCr, [b'\n', ..]) => {
