@@ -124,7 +124,7 @@ pub(crate) fn run(args: &FloodArgs) -> anyhow::Result<()> {
 }
 
 /// One series of the proxy's `/metrics` (0 when absent).
-fn metric(admin: SocketAddr, series: &str) -> u64 {
+pub(crate) fn metric(admin: SocketAddr, series: &str) -> u64 {
     use std::io::{Read, Write};
     let Ok(mut s) = std::net::TcpStream::connect(admin) else {
         return 0;

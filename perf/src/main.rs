@@ -12,6 +12,7 @@ mod proxy;
 mod query;
 mod report;
 mod sessions;
+mod soak;
 mod tcp;
 
 use std::process::ExitCode;
@@ -49,6 +50,8 @@ enum Command {
     Tcp(tcp::TcpArgs),
     /// Live sessions' throughput with and without a session-less flood from one address.
     Flood(flood::FloodArgs),
+    /// Everything at once for a long time: the proxy's RSS and open fds, sampled.
+    Soak(soak::SoakArgs),
 }
 
 fn main() -> ExitCode {
@@ -68,6 +71,7 @@ fn main() -> ExitCode {
         Command::Compare(a) => compare::run(&a),
         Command::Tcp(a) => tcp::run(&a),
         Command::Flood(a) => flood::run(&a),
+        Command::Soak(a) => soak::run(&a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

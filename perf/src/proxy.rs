@@ -292,6 +292,13 @@ impl ProxyProcess {
     }
 }
 
+impl ProxyProcess {
+    /// The inventory file it watches.
+    pub(crate) fn inventory_path(&self) -> PathBuf {
+        self.dir.join("inventory.yaml")
+    }
+}
+
 impl Drop for ProxyProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();

@@ -192,3 +192,37 @@ fn flood_reports_both_throughputs_and_counts_the_limited_datagrams() {
         "the proxy counted the flood: {s}"
     );
 }
+
+#[test]
+fn soak_runs_every_activity_and_samples_memory_and_fds() {
+    let lines = perf(&[
+        "soak",
+        "--duration",
+        "4",
+        "--sample",
+        "1",
+        "--churners",
+        "1",
+        "--migrators",
+        "2",
+    ]);
+    let s = lines.iter().find(|l| l["summary"] == "soak").unwrap();
+    for key in [
+        "sessions",
+        "round_trips",
+        "migrations",
+        "queries",
+        "inventory_writes",
+        "scrapes",
+    ] {
+        assert!(s[key].as_u64().unwrap() > 0, "{key}: {s}");
+    }
+    let samples = s["samples"].as_array().unwrap();
+    assert!(samples.len() >= 3, "{s}");
+    assert!(
+        samples
+            .iter()
+            .all(|x| x["rss_kib"].as_u64().unwrap() > 0 && x["fds"].as_u64().unwrap() > 0),
+        "{s}"
+    );
+}
