@@ -174,11 +174,16 @@ pub fn resolve(
     })
 }
 
-/// A stable id per (object, addresses): an object whose address changes is a new backend, so
-/// sessions to its old address are ended like those of a deleted one.
+/// A stable id per (object, IP addresses): an object whose IP changes (a rescheduled pod) is a
+/// new backend, so sessions to its old address are ended like those of a deleted one. Ports
+/// are left out: a mapping that gains a data port on reload, or reads the same address from
+/// another path, keeps its backends and their sessions.
 fn backend_id(object: &Object, addrs: &[Option<SocketAddr>]) -> BackendId {
+    let mut ips: Vec<IpAddr> = addrs.iter().flatten().map(SocketAddr::ip).collect();
+    ips.sort_unstable();
+    ips.dedup();
     let mut h = DefaultHasher::new();
-    (&object.kind, &object.namespace, &object.name, addrs).hash(&mut h);
+    (&object.kind, &object.namespace, &object.name, ips).hash(&mut h);
     BackendId(h.finish())
 }
 

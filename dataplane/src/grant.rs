@@ -9,7 +9,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use ahash::AHashMap;
 use parking_lot::Mutex;
@@ -193,6 +193,12 @@ impl Grant {
 /// Number of independently locked shards of a [`NonceLedger`].
 const LEDGER_SHARDS: usize = 16;
 
+/// How long past its expiry a redeemed sealed token stays in the ledger. Expiry is read from
+/// the token against the wall clock, the ledger runs on the monotonic one: if the wall clock
+/// steps back after a redemption, the token opens again for that long, and the entry must
+/// outlive it. Steps larger than this reopen a replay window of their size.
+const LEDGER_GRACE: Duration = Duration::from_secs(120);
+
 /// The sealed tokens this replica has redeemed, per data port, until they expire: a sealed
 /// token is redeemed at most once per data port on each replica, whichever worker sees it.
 ///
@@ -246,7 +252,10 @@ impl NonceLedger {
     pub fn redeem(&self, token: TokenId, port: usize, expires_at: Instant, now: Instant) -> bool {
         let bit = port_bit(port);
         let mut shard = self.shard(token).lock();
-        let entry = shard.used.entry(token).or_insert((expires_at, 0));
+        let entry = shard
+            .used
+            .entry(token)
+            .or_insert((expires_at + LEDGER_GRACE, 0));
         if entry.1 & bit != 0 {
             return false;
         }
@@ -395,7 +404,7 @@ mod tests {
         for i in 0..100_000u128 {
             assert!(ledger.redeem(TokenId(i), 0, now + Duration::from_secs(1), now));
         }
-        let later = now + Duration::from_secs(2);
+        let later = now + LEDGER_GRACE + Duration::from_secs(2);
         for i in 100_000..200_000u128 {
             assert!(ledger.redeem(TokenId(i), 0, later + Duration::from_secs(1), later));
         }

@@ -11,11 +11,13 @@ use std::mem;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::RawFd;
 
-/// Room for one packet-info control message of either family (`u64`s: `cmsghdr` alignment).
-pub(crate) type CtrlBuf = [u64; 8];
+/// Room for the packet-info control messages of a datagram (`u64`s: `cmsghdr` alignment): an
+/// IPv4 datagram on a dual-stack socket may carry both `IP_PKTINFO` (32 bytes with its
+/// header) and `IPV6_PKTINFO` (40).
+pub(crate) type CtrlBuf = [u64; 12];
 
 /// An empty control buffer.
-pub(crate) const EMPTY_CTRL: CtrlBuf = [0; 8];
+pub(crate) const EMPTY_CTRL: CtrlBuf = [0; 12];
 
 /// Asks the kernel for the destination address of every datagram received on `fd` (IPv4, and
 /// for an IPv6 socket IPv6 too: a dual-stack socket reports IPv4 datagrams as `IP_PKTINFO`).
@@ -46,8 +48,8 @@ fn set_int(fd: RawFd, level: libc::c_int, name: libc::c_int) -> io::Result<()> {
     }
 }
 
-/// The destination address in the control messages of a received `hdr` (whose control
-/// buffer the kernel filled), if there is one.
+/// The local address in the control messages of a received `hdr` (whose control buffer the
+/// kernel filled), if there is one: where the client's datagram arrived.
 pub(crate) fn read(hdr: &libc::msghdr) -> Option<IpAddr> {
     // `msg_controllen` is a size_t on glibc and a socklen_t on musl.
     #[allow(clippy::unnecessary_cast)]
@@ -64,8 +66,10 @@ pub(crate) fn read(hdr: &libc::msghdr) -> Option<IpAddr> {
             let data = libc::CMSG_DATA(cmsg);
             if c.cmsg_level == libc::IPPROTO_IP && c.cmsg_type == libc::IP_PKTINFO {
                 let info: libc::in_pktinfo = std::ptr::read_unaligned(data.cast());
+                // The local address the datagram reached (for a broadcast, the interface's
+                // own address, not the broadcast address): what a reply can leave from.
                 return Some(IpAddr::V4(Ipv4Addr::from(u32::from_be(
-                    info.ipi_addr.s_addr,
+                    info.ipi_spec_dst.s_addr,
                 ))));
             }
             if c.cmsg_level == libc::IPPROTO_IPV6 && c.cmsg_type == libc::IPV6_PKTINFO {
@@ -144,13 +148,9 @@ mod tests {
             let mut hdr: libc::msghdr = unsafe { mem::zeroed() };
             let mut ctrl = EMPTY_CTRL;
             write(&mut hdr, &mut ctrl, src);
-            // `write` sets the source field (ipi_spec_dst); `read` reports the destination
-            // field (ipi_addr), as the kernel fills it on receipt: check the IPv6 one, whose
-            // single address field serves both.
-            match src {
-                IpAddr::V6(_) => assert_eq!(read(&hdr), Some(src)),
-                IpAddr::V4(_) => assert_eq!(read(&hdr), Some(IpAddr::V4(Ipv4Addr::UNSPECIFIED))),
-            }
+            // `write` sets the field a send takes its source from, `read` the local address
+            // a receive reports: the same field (ipi_spec_dst, ipi6_addr).
+            assert_eq!(read(&hdr), Some(src));
         }
     }
 

@@ -478,8 +478,17 @@ mod tests {
             assert_eq!(opened.backend, g.backend);
             assert_eq!(opened.client, client);
             assert_eq!(opened.remaining, Duration::from_secs(30));
-            // The backend's address is not in the text, in any encoding a client could read.
+            // The backend's address is in neither the text nor the decoded bytes.
             assert!(!text.contains("10.1.2.3"));
+            let body = URL_SAFE_NO_PAD.decode(&text[HEADER_LEN..]).unwrap();
+            // (The IP alone, and with its port as the plaintext lays them out; a random 2-byte
+            // match of the port alone would be a false alarm.)
+            for needle in [&[10u8, 1, 2, 3][..], &[10, 1, 2, 3, 0x1b, 0x58]] {
+                assert!(
+                    !body.windows(needle.len()).any(|w| w == needle),
+                    "{needle:?} readable in the token"
+                );
+            }
         }
     }
 

@@ -258,3 +258,45 @@ fn busy_polling_workers_forward_expire_and_stop() {
     }
     proxy.eventually("the idle session expires", |p| p.sessions().is_empty());
 }
+
+#[test]
+fn a_moved_default_session_sends_the_new_backends_proxy_header() {
+    use dataplane::proxy_protocol::ProxyMode;
+    let proxy = Proxy::start(1, |_| {});
+    let (old, new) = (
+        ProxyEcho::spawn("127.0.0.1:0"),
+        ProxyEcho::spawn("127.0.0.1:0"),
+    );
+    let default = |id: u64, addr, proxy_mode| dataplane::Backend {
+        id: dataplane::BackendId(id),
+        addrs: vec![Some(addr)].into(),
+        proxy: proxy_mode,
+    };
+    proxy
+        .ctl
+        .set_default(Some(default(10, old.addr, ProxyMode::None)));
+    let c = client();
+    let me = c.local_addr().unwrap();
+    c.send_to(b"a", proxy.addr()).unwrap();
+    assert_eq!(read_answer(&expect_datagram(&c)), (None, b"a".to_vec()));
+    // The old backend leaves; the new default's mapping asks for `v2-first`.
+    proxy
+        .ctl
+        .set_default(Some(default(11, new.addr, ProxyMode::V2First)));
+    proxy.ctl.remove_backend(dataplane::BackendId(10));
+    proxy.eventually("moved", |p| {
+        p.sessions().first().is_some_and(|s| s.target == new.addr)
+    });
+    c.send_to(b"b", proxy.addr()).unwrap();
+    let seen = HeaderSeen {
+        dgram: true,
+        source: me,
+        destination: proxy.addr(),
+    };
+    assert_eq!(
+        read_answer(&expect_datagram(&c)),
+        (Some(seen), b"b".to_vec())
+    );
+    c.send_to(b"c", proxy.addr()).unwrap();
+    assert_eq!(read_answer(&expect_datagram(&c)), (None, b"c".to_vec()));
+}

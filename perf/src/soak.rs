@@ -172,6 +172,9 @@ pub(crate) fn run(args: &SoakArgs) -> anyhow::Result<()> {
         }
         stop.store(true, Ordering::Relaxed);
     });
+    if samples.is_empty() {
+        anyhow::bail!("the soak ended before its first sample (--duration under --sample?)");
+    }
     let third = (samples.len() / 3).max(1);
     let mean = |xs: &[(f64, u64, u64, u64)], f: fn(&(f64, u64, u64, u64)) -> u64| {
         xs.iter().map(|x| f(x) as f64).sum::<f64>() / xs.len().max(1) as f64

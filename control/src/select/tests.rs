@@ -236,6 +236,16 @@ fn backend_ids_are_stable_and_follow_addresses() {
         one[0].backend.id, three[0].backend.id,
         "new address, new backend"
     );
+    // A mapping that reads one data port fewer (as a reload may change it) keeps the ids.
+    let mut fewer = c.mappings["gameserver"].clone();
+    if let crate::config::Locator::Direct { ports, .. } = &mut fewer.locator {
+        ports.truncate(1);
+    }
+    let four = candidates(&q, &fewer, &s, 2).unwrap();
+    assert_eq!(
+        one[0].backend.id, four[0].backend.id,
+        "same IP, same backend"
+    );
 }
 
 fn three_candidates() -> Vec<Candidate> {

@@ -475,13 +475,21 @@ impl Worker {
     /// Token sessions to `backend` end; default sessions move to the current default backend
     /// when it serves their port, and end otherwise.
     pub(super) fn remove_backend(&mut self, backend: BackendId, now: Instant) {
-        let affected: Vec<(SessionId, SessionKind, u16, Transport)> = self
+        type Affected = (
+            SessionId,
+            SessionKind,
+            crate::session::SessionKey,
+            Option<std::net::IpAddr>,
+            Transport,
+        );
+        let affected: Vec<Affected> = self
             .sessions
             .iter()
             .filter(|(_, s)| s.backend == backend)
-            .map(|(id, s)| (id, s.kind, s.key.port, s.upstream.transport()))
+            .map(|(id, s)| (id, s.kind, s.key, s.local, s.upstream.transport()))
             .collect();
-        for (id, kind, port, transport) in affected {
+        for (id, kind, key, local, transport) in affected {
+            let port = key.port;
             if transport == Transport::Tcp {
                 // A stream cannot move to another backend mid-way.
                 self.close_session(id, CloseReason::BackendRemoved);
@@ -491,12 +499,18 @@ impl Worker {
                 .default_backend
                 .as_ref()
                 .filter(|d| d.id != backend)
-                .and_then(|d| Some((d.id, d.addr_for(usize::from(port))?)));
+                .and_then(|d| Some((d.id, d.addr_for(usize::from(port))?, d.proxy)));
             match (kind, new_default) {
-                (SessionKind::Default, Some((to, addr))) => {
-                    let moved = self.open_upstream(addr, id, now).ok().and_then(|upstream| {
-                        self.retarget(id, to, addr, upstream, SessionKind::Default, now)
-                    });
+                (SessionKind::Default, Some((to, addr, proxy))) => {
+                    let moved = self
+                        .open_upstream(addr, id, now)
+                        .ok()
+                        .and_then(|mut upstream| {
+                            // The new backend gets the header its mapping asks for.
+                            upstream.proxy =
+                                self.udp_proxy(proxy, key.client, usize::from(port), local);
+                            self.retarget(id, to, addr, upstream, SessionKind::Default, now)
+                        });
                     match moved {
                         Some(from) => {
                             let _ = self.events.send(WorkerEvent::SessionMoved {
