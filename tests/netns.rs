@@ -84,6 +84,49 @@ fn replies_leave_from_the_address_the_client_sent_to() {
 }
 
 #[test]
+fn ipv6_replies_leave_from_the_address_the_client_sent_to() {
+    let Some(ns) = namespace() else { return };
+    let (host, client_ip, second) = match ns.add_ipv6() {
+        Ok(addrs) => addrs,
+        Err(e) => {
+            skip_test(&format!("no IPv6 on the veth pair: {e}"));
+            return;
+        }
+    };
+    let echo = Echo::tagged(b'E');
+    let config = base_config("").replace("bindAddress: 127.0.0.1", "bindAddress: \"::\"");
+    let proxy = Proxy::start(&config, &gameserver("gs", "Ready", echo.addr, ""));
+    let port = proxy.data_addr().port();
+    for to in [second, host] {
+        let to = SocketAddr::new(to, port);
+        let token = proxy.token(QUERY);
+        let (reply, from) = ns.run(move || {
+            let c = UdpSocket::bind("[::]:0").unwrap();
+            c.set_read_timeout(Some(WAIT)).unwrap();
+            c.send_to(token.as_bytes(), to).unwrap();
+            c.send_to(b"ping", to).unwrap();
+            let mut buf = vec![0u8; 2048];
+            let (n, from) = c.recv_from(&mut buf).expect("a reply");
+            buf.truncate(n);
+            (buf, from)
+        });
+        assert_eq!(reply, b"Eping");
+        assert_eq!(
+            from, to,
+            "the reply left from the address the client sent to"
+        );
+    }
+    let sessions = proxy.sessions();
+    assert!(
+        sessions.iter().all(|s| s["client"]
+            .as_str()
+            .unwrap()
+            .contains(&client_ip.to_string())),
+        "{sessions:?}"
+    );
+}
+
+#[test]
 fn proxy_headers_carry_the_real_client_address() {
     let Some(ns) = namespace() else { return };
     let second = ns.add_host_address().unwrap();

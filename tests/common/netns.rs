@@ -90,6 +90,42 @@ impl NetNs {
         Ok(second.into())
     }
 
+    /// IPv6 on the pair: (this host's address, the namespace's, a second host address routed
+    /// from the namespace), without duplicate address detection so they work at once.
+    pub fn add_ipv6(&self) -> Result<(IpAddr, IpAddr, IpAddr), String> {
+        let b = self.block;
+        let host = format!("fd00:251:{b:x}::1");
+        let ns = format!("fd00:251:{b:x}::2");
+        let second = format!("fd00:252:{b:x}::1");
+        ip(&[
+            "addr",
+            "add",
+            &format!("{host}/64"),
+            "dev",
+            &self.host_if,
+            "nodad",
+        ])?;
+        ip(&[
+            "addr",
+            "add",
+            &format!("{second}/128"),
+            "dev",
+            &self.host_if,
+            "nodad",
+        ])?;
+        self.inside(&[
+            "addr",
+            "add",
+            &format!("{ns}/64"),
+            "dev",
+            &self.ns_if,
+            "nodad",
+        ])?;
+        self.inside(&["route", "add", &format!("{second}/128"), "dev", &self.ns_if])?;
+        let parse = |a: &str| a.parse::<IpAddr>().map_err(|e| e.to_string());
+        Ok((parse(&host)?, parse(&ns)?, parse(&second)?))
+    }
+
     /// Gives the namespace `count` (at most 250) more addresses, routed from this host: many
     /// clients from one namespace.
     pub fn add_ns_addresses(&self, count: u8) -> Result<Vec<IpAddr>, String> {
