@@ -156,6 +156,14 @@ impl Writer {
         &self.node
     }
 
+    /// Starts [`Self::run`] as its own task; the reconciler hands over what it wants through
+    /// the returned sender.
+    pub fn spawn(self, inventory: watch::Receiver<Arc<Snapshot>>) -> watch::Sender<Arc<Wanted>> {
+        let (tx, rx) = watch::channel(Arc::new(Wanted::default()));
+        tokio::spawn(self.run(rx, inventory));
+        tx
+    }
+
     /// Writes what the reconciler wants, as it changes, until either channel closes: a status
     /// entry when it differs from the last one written (to this uid), a Service's ports when
     /// they differ from the last applied or the Service as watched lacks one (the Service was

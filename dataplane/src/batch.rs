@@ -441,7 +441,7 @@ const EMPTY_IOV: libc::iovec = libc::iovec {
 fn outgoing_msghdr(
     m: &Outgoing<'_>,
     iov: &mut [libc::iovec; 2],
-    ctrl: &mut CtrlBuf,
+    ctrl: &mut MaybeUninit<CtrlBuf>,
 ) -> libc::msghdr {
     // The kernel only reads through these pointers for a send.
     let data = libc::iovec {
@@ -466,7 +466,8 @@ fn outgoing_msghdr(
     );
     hdr.msg_iovlen = n;
     if let Some(src) = m.src {
-        pktinfo::write(&mut hdr, ctrl, src);
+        // Written only for a datagram that carries one: most sends touch no control buffer.
+        pktinfo::write(&mut hdr, ctrl.write(EMPTY_CTRL), src);
     }
     hdr
 }
@@ -571,7 +572,7 @@ mod sys {
         msg: &impl Fn(usize) -> Outgoing<'a>,
     ) -> io::Result<usize> {
         let mut iovs: [[libc::iovec; 2]; BATCH] = [[EMPTY_IOV; 2]; BATCH];
-        let mut ctrls: [CtrlBuf; BATCH] = [EMPTY_CTRL; BATCH];
+        let mut ctrls = [const { MaybeUninit::<CtrlBuf>::uninit() }; BATCH];
         let mut hdrs: [MaybeUninit<libc::mmsghdr>; BATCH] = [MaybeUninit::uninit(); BATCH];
         let count = (to - from).min(BATCH);
         for j in 0..count {
@@ -654,7 +655,7 @@ mod portable {
                 }
             } else {
                 let mut iov = [EMPTY_IOV; 2];
-                let mut ctrl = EMPTY_CTRL;
+                let mut ctrl = MaybeUninit::uninit();
                 let hdr = outgoing_msghdr(&m, &mut iov, &mut ctrl);
                 // SAFETY: `hdr` points at `iov` (live for the call) and at `m`'s buffers and
                 // address, which the kernel only reads.

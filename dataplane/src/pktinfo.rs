@@ -82,7 +82,7 @@ pub(crate) fn read(hdr: &libc::msghdr) -> Option<IpAddr> {
     None
 }
 
-/// Points `hdr` at `ctrl`, filled with a control message that makes the datagram leave from
+/// Points `hdr` at `ctrl` (zeroed), filled with a control message that makes the datagram leave from
 /// `src`. An IPv4 source is given as `IP_PKTINFO` (also on a dual-stack socket, for an IPv4
 /// client), an IPv6 one as `IPV6_PKTINFO`.
 pub(crate) fn write(hdr: &mut libc::msghdr, ctrl: &mut CtrlBuf, src: IpAddr) {
@@ -98,7 +98,6 @@ pub(crate) fn write(hdr: &mut libc::msghdr, ctrl: &mut CtrlBuf, src: IpAddr) {
             mem::size_of::<libc::in6_pktinfo>(),
         ),
     };
-    *ctrl = EMPTY_CTRL;
     hdr.msg_control = ctrl.as_mut_ptr().cast();
     // SAFETY: CMSG_SPACE/CMSG_LEN are pure arithmetic; the space of one pktinfo message fits in
     // `CtrlBuf` (checked below), so CMSG_FIRSTHDR is the start of `ctrl` and the writes through

@@ -167,9 +167,8 @@ impl Reconciler {
         mut live: watch::Receiver<Arc<Config>>,
     ) {
         if let Some(writer) = self.writer.take() {
-            let (tx, rx) = watch::channel(Arc::new(Wanted::default()));
-            self.writes = Some((writer.node().to_string(), tx));
-            tokio::spawn(writer.run(rx, inventory.clone()));
+            let node = writer.node().to_string();
+            self.writes = Some((node, writer.spawn(inventory.clone())));
         }
         let (answers_tx, mut answers) =
             mpsc::unbounded_channel::<(String, Result<Vec<IpAddr>, String>)>();

@@ -150,9 +150,7 @@ impl Reconciler {
         mut live: watch::Receiver<Arc<Config>>,
     ) {
         if let Some(writer) = self.writer.take() {
-            let (tx, rx) = watch::channel(Arc::new(Wanted::default()));
-            self.writes = Some(tx);
-            tokio::spawn(writer.run(rx, inventory.clone()));
+            self.writes = Some(writer.spawn(inventory.clone()));
         }
         loop {
             let snapshot = Arc::clone(&inventory.borrow_and_update());
