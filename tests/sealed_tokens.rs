@@ -54,7 +54,7 @@ fn replicas_sharing_a_key_redeem_each_others_tokens_once_each_and_rotation_works
     let c = sealed_proxy(&keys, "c", &[K2], "", &inventory);
 
     let token = a.token(QUERY);
-    assert!(token.starts_with("S1"), "{token}");
+    assert!(token.starts_with("S2"), "{token}");
     assert!(token.len() > 36 && token.bytes().all(|b| b.is_ascii_graphic()));
     assert!(
         !token.contains(&echo.addr.port().to_string()),
@@ -224,10 +224,15 @@ fn a_bad_key_file_is_refused_at_start_naming_the_key() {
     let dir = scratch_dir();
     let bad = dir.join("bad.keys");
     std::fs::write(&bad, "not base64!\n").unwrap();
+    // 17 distinct keys (K1 with its first character changed): over the cap of 16.
+    let many = dir.join("many.keys");
+    let keys: String = ('A'..='Q').map(|c| format!("{c}{}\n", &K1[1..])).collect();
+    std::fs::write(&many, keys).unwrap();
     let config = dir.join("config.yaml");
     for (file, says) in [
         (bad.display().to_string(), "line 1"),
         (dir.join("missing").display().to_string(), "cannot read"),
+        (many.display().to_string(), "17 keys, at most 16"),
     ] {
         std::fs::write(
             &config,

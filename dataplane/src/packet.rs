@@ -160,7 +160,7 @@ mod tests {
     fn sealed_tokens_are_recognised_by_shape_with_or_without_a_line_end() {
         // The shape only: a header giving the length, base64url after it.
         let body = "A".repeat(100);
-        let sealed = format!("S1Bk{body}");
+        let sealed = format!("S2Bk{body}");
         assert_eq!(seal::sealed_len(sealed.as_bytes()), Some(Ok(104)));
         let want = Classified::Token(Presented::Sealed(sealed.as_bytes()));
         assert_eq!(classify(sealed.as_bytes(), MAGIC), want);
@@ -182,10 +182,11 @@ mod tests {
             );
         }
         for bad in [
-            sealed.replace("S1", "S2"),
+            sealed.replace("S2", "S1"),
+            sealed.replace("S2", "S3"),
             format!("{}!", &sealed[..103]),
-            "S1".to_string(),
-            "S1__".to_string(),
+            "S2".to_string(),
+            "S2__".to_string(),
         ] {
             assert_eq!(
                 classify(bad.as_bytes(), MAGIC),

@@ -4,15 +4,22 @@
 //! Wire form (printable, self-delimiting; [`SEALED_PREFIX`] cannot start a UUID):
 //!
 //! ```text
-//! S 1 L L <body>
+//! S 2 L L <body>
 //! ```
 //!
-//! `S1` names the format, `LL` is the body's length in characters as two base64url digits
+//! `S2` names the format, `LL` is the body's length in characters as two base64url digits
 //! (so a reader knows the whole length from the first four characters), and the body is
-//! base64url (no padding) of `nonce (24) || ciphertext || tag (16)`. The cipher is
-//! XChaCha20-Poly1305: its 192-bit nonces are drawn at random with no coordination between
+//! base64url (no padding) of `key id (2) || nonce (24) || ciphertext || tag (16)`. The cipher
+//! is XChaCha20-Poly1305: its 192-bit nonces are drawn at random with no coordination between
 //! replicas, and the nonce doubles as the token's identity for replay checks. The first four
-//! characters are the associated data, so a length or version change breaks the tag.
+//! characters and the key id are the associated data, so a length, version or key id change
+//! breaks the tag.
+//!
+//! The key id names the key that sealed the token (see [`key_id`]): a replica tries only the
+//! keys with that id, so a forged token costs at most one AEAD open (two only for the rare
+//! keys whose ids collide) however many keys the file holds, and none when no key has the id.
+//! A key's id is derived from the key, not from its place in the file, so it survives a
+//! rotation that reorders the keys.
 //!
 //! Plaintext: expiry (Unix ms, u64 BE), backend id (u64 BE), the backend's PROXY protocol mode
 //! (`0` none, `1` v2, `2` v2-first), the bound client address
@@ -31,11 +38,16 @@ use crate::grant::{Backend, BackendId, TokenId};
 use crate::proxy_protocol::ProxyMode;
 
 /// The first two characters of every sealed token.
-pub const SEALED_PREFIX: &[u8; 2] = b"S1";
+pub const SEALED_PREFIX: &[u8; 2] = b"S2";
 /// Characters before the body: the prefix and the two length digits.
 pub const HEADER_LEN: usize = 4;
 /// Most data ports one sealed token can name.
 pub const MAX_SEALED_PORTS: usize = 16;
+/// Most keys a key file may hold: every key is a candidate for a token whose id it shares,
+/// and rotation needs two.
+pub const MAX_KEYS: usize = 16;
+/// Bytes of a key id, at the start of a token's body.
+pub const KEY_ID_LEN: usize = 2;
 
 const NONCE_LEN: usize = 24;
 const TAG_LEN: usize = 16;
@@ -43,13 +55,16 @@ const KEY_LEN: usize = 32;
 /// One port entry: index, family, IPv6 address, port.
 const PORT_ENTRY_MAX: usize = 1 + 1 + 16 + 2;
 const PLAIN_MAX: usize = 8 + 8 + 1 + 17 + 1 + MAX_SEALED_PORTS * PORT_ENTRY_MAX;
-const BODY_BYTES_MAX: usize = NONCE_LEN + PLAIN_MAX + TAG_LEN;
+const BODY_BYTES_MAX: usize = KEY_ID_LEN + NONCE_LEN + PLAIN_MAX + TAG_LEN;
 /// Base64 characters of the largest body.
 const BODY_CHARS_MAX: usize = (BODY_BYTES_MAX * 4).div_ceil(3);
 /// Longest sealed token text.
 pub const MAX_SEALED_LEN: usize = HEADER_LEN + BODY_CHARS_MAX;
-/// The smallest body a token can have: a nonce, no plaintext beyond the fixed fields, a tag.
-const BODY_BYTES_MIN: usize = NONCE_LEN + 8 + 8 + 1 + 1 + 1 + TAG_LEN;
+/// The smallest body a token can have: a key id, a nonce, no plaintext beyond the fixed
+/// fields, a tag.
+const BODY_BYTES_MIN: usize = KEY_ID_LEN + NONCE_LEN + 8 + 8 + 1 + 1 + 1 + TAG_LEN;
+/// Associated data of a key id's derivation (see [`key_id`]).
+const KEY_ID_CONTEXT: &[u8] = b"udp-director sealed-token key id";
 
 const B64URL: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
 
@@ -65,7 +80,7 @@ fn digit(b: u8) -> Option<usize> {
     } as usize)
 }
 
-/// Whether `b` is a base64url digit (the only characters of a sealed token after `S1`).
+/// Whether `b` is a base64url digit (the only characters of a sealed token after `S2`).
 #[inline]
 pub fn is_body_char(b: u8) -> bool {
     digit(b).is_some()
@@ -108,59 +123,113 @@ pub enum KeyFileError {
         /// What is wrong with it.
         why: String,
     },
+    /// More keys than [`MAX_KEYS`].
+    #[error(
+        "{count} keys, at most {MAX_KEYS}: keep the key that seals and those that sealed tokens \
+         still unexpired, drop the rest"
+    )]
+    TooMany {
+        /// Keys in the file.
+        count: usize,
+    },
+}
+
+/// A key's id: the first [`KEY_ID_LEN`] bytes of the XChaCha20-Poly1305 tag, under the key,
+/// of nothing, with an all-zero nonce and a fixed context as associated data. A function of
+/// the key only (its place in the file may change with a rotation) that tells nothing of it:
+/// a one-time MAC under a key stream no token uses (token nonces are random, and never all
+/// zero but with probability 2^-192).
+pub fn key_id(key: &[u8; KEY_LEN]) -> [u8; KEY_ID_LEN] {
+    id_of(&XChaCha20Poly1305::new(key.into()))
+}
+
+fn id_of(cipher: &XChaCha20Poly1305) -> [u8; KEY_ID_LEN] {
+    let tag = cipher
+        .encrypt_in_place_detached(&XNonce::default(), KEY_ID_CONTEXT, &mut [])
+        // Encryption fails only for a plaintext over the cipher's limit: this one is empty.
+        .unwrap_or_default();
+    let mut id = [0u8; KEY_ID_LEN];
+    id.copy_from_slice(&tag[..KEY_ID_LEN]);
+    id
+}
+
+/// One key of a ring, with its id.
+#[derive(Clone)]
+struct Key {
+    id: [u8; KEY_ID_LEN],
+    cipher: XChaCha20Poly1305,
 }
 
 /// The keys of a replica: the first seals, every one opens (key rotation: add the new key
 /// second, roll it out, move it first, roll out, then drop the old one).
 #[derive(Clone)]
 pub struct KeyRing {
-    ciphers: Vec<XChaCha20Poly1305>,
+    /// At least one, at most [`MAX_KEYS`], no two the same.
+    keys: Vec<Key>,
 }
 
 impl std::fmt::Debug for KeyRing {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("KeyRing")
-            .field("keys", &self.ciphers.len())
+            .field("keys", &self.keys.len())
             .finish_non_exhaustive()
     }
 }
 
 impl KeyRing {
-    /// Reads a key file: one standard-base64 key of 32 bytes a line; blank lines and lines
-    /// starting with `#` are skipped.
+    /// Reads a key file: one standard-base64 key of 32 bytes a line, at most [`MAX_KEYS`];
+    /// blank lines and lines starting with `#` are skipped, and a key given twice counts once.
     pub fn parse(text: &str) -> Result<Self, KeyFileError> {
-        let mut ciphers = Vec::new();
+        let mut keys = Vec::new();
+        let mut seen: Vec<[u8; KEY_LEN]> = Vec::new();
+        let mut count = 0;
         for (n, line) in text.lines().enumerate() {
             let line = line.trim();
             if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            count += 1;
+            if count > MAX_KEYS {
+                // Counted for the message only: the file is refused.
                 continue;
             }
             let bad = |why: String| KeyFileError::BadKey { line: n + 1, why };
             let key = STANDARD
                 .decode(line)
                 .map_err(|e| bad(format!("not base64: {e}")))?;
-            if key.len() != KEY_LEN {
+            let Ok(key) = <[u8; KEY_LEN]>::try_from(key.as_slice()) else {
                 return Err(bad(format!(
                     "a key is {KEY_LEN} bytes, this one is {}",
                     key.len()
                 )));
+            };
+            if seen.contains(&key) {
+                continue;
             }
-            ciphers.push(XChaCha20Poly1305::new_from_slice(&key).map_err(|e| bad(e.to_string()))?);
+            seen.push(key);
+            let cipher = XChaCha20Poly1305::new(&key.into());
+            keys.push(Key {
+                id: id_of(&cipher),
+                cipher,
+            });
         }
-        if ciphers.is_empty() {
+        if count > MAX_KEYS {
+            return Err(KeyFileError::TooMany { count });
+        }
+        if keys.is_empty() {
             return Err(KeyFileError::Empty);
         }
-        Ok(Self { ciphers })
+        Ok(Self { keys })
     }
 
     /// Number of keys.
     pub fn len(&self) -> usize {
-        self.ciphers.len()
+        self.keys.len()
     }
 
     /// Always false: a ring has at least one key.
     pub fn is_empty(&self) -> bool {
-        self.ciphers.is_empty()
+        self.keys.is_empty()
     }
 
     /// Seals a grant of `backend`, void from `expires_unix` (since the Unix epoch) on and,
@@ -173,18 +242,28 @@ impl KeyRing {
     ) -> Result<Sealed, SealError> {
         let mut nonce = [0u8; NONCE_LEN];
         getrandom::fill(&mut nonce).map_err(|e| SealError::Random(e.to_string()))?;
+        let key = &self.keys[0];
         let mut body = Vec::with_capacity(BODY_BYTES_MAX);
+        body.extend_from_slice(&key.id);
         body.extend_from_slice(&nonce);
         encode_plain(backend, expires_unix, client, &mut body)?;
         let chars = ((body.len() + TAG_LEN) * 4).div_ceil(3);
-        let header = [
+        let aad = [
             SEALED_PREFIX[0],
             SEALED_PREFIX[1],
             B64URL[chars / 64],
             B64URL[chars % 64],
+            key.id[0],
+            key.id[1],
         ];
-        let tag = self.ciphers[0]
-            .encrypt_in_place_detached(XNonce::from_slice(&nonce), &header, &mut body[NONCE_LEN..])
+        let header = &aad[..HEADER_LEN];
+        let tag = key
+            .cipher
+            .encrypt_in_place_detached(
+                XNonce::from_slice(&nonce),
+                &aad,
+                &mut body[KEY_ID_LEN + NONCE_LEN..],
+            )
             .map_err(|chacha20poly1305::aead::Error| SealError::TooLong)?;
         body.extend_from_slice(&tag);
         let mut text = String::with_capacity(HEADER_LEN + chars);
@@ -197,9 +276,10 @@ impl KeyRing {
         })
     }
 
-    /// Opens a sealed token (exactly the token's text), checking its tag against every key
-    /// and its expiry against `now_unix` (time since the Unix epoch). Nothing is allocated
-    /// before the tag verifies, so forged tokens cost no memory.
+    /// Opens a sealed token (exactly the token's text), checking its tag against the key its
+    /// key id names (every key with that id, should two ids collide) and its expiry against
+    /// `now_unix` (time since the Unix epoch). Nothing is allocated before the tag verifies,
+    /// so forged tokens cost no memory, and a key id no key has costs no AEAD open.
     pub fn open(&self, text: &[u8], now_unix: Duration) -> Result<Opened, OpenError> {
         if sealed_len(text) != Some(Ok(text.len())) {
             return Err(OpenError::Malformed);
@@ -212,18 +292,24 @@ impl KeyRing {
         if n < BODY_BYTES_MIN {
             return Err(OpenError::Malformed);
         }
-        let (nonce, rest) = body[..n].split_at_mut(NONCE_LEN);
+        let (id, rest) = body[..n].split_at_mut(KEY_ID_LEN);
+        let (nonce, rest) = rest.split_at_mut(NONCE_LEN);
         let (plain, tag) = rest.split_at_mut(rest.len() - TAG_LEN);
         let tag = Tag::clone_from_slice(tag);
         let nonce = XNonce::clone_from_slice(nonce);
-        let aad = &text[..HEADER_LEN];
+        let mut aad = [0u8; HEADER_LEN + KEY_ID_LEN];
+        aad[..HEADER_LEN].copy_from_slice(&text[..HEADER_LEN]);
+        aad[HEADER_LEN..].copy_from_slice(id);
         let mut opened = false;
-        for cipher in &self.ciphers {
+        for key in self.keys.iter().filter(|k| k.id[..] == *id) {
             let mut attempt = [0u8; PLAIN_MAX];
             let attempt = &mut attempt[..plain.len()];
             attempt.copy_from_slice(plain);
-            if cipher
-                .decrypt_in_place_detached(&nonce, aad, attempt, &tag)
+            #[cfg(test)]
+            tests::OPENS.set(tests::OPENS.get() + 1);
+            if key
+                .cipher
+                .decrypt_in_place_detached(&nonce, &aad, attempt, &tag)
                 .is_ok()
             {
                 plain.copy_from_slice(attempt);
@@ -287,7 +373,8 @@ pub enum SealError {
 pub enum OpenError {
     /// Not the shape of a sealed token (truncated, bad length, bad characters).
     Malformed,
-    /// The tag does not verify under any key (tampered, or sealed with a key not held).
+    /// The tag does not verify under the key its id names, or no key has that id (tampered,
+    /// or sealed with a key not held).
     Forged,
     /// Past its expiry.
     Expired,
@@ -425,7 +512,26 @@ fn decode_plain(plain: &[u8]) -> Option<Plain> {
 
 #[cfg(test)]
 mod tests {
+    use std::cell::Cell;
+
     use super::*;
+
+    thread_local! {
+        /// AEAD opens tried by [`KeyRing::open`] on this thread.
+        pub(super) static OPENS: Cell<usize> = const { Cell::new(0) };
+    }
+
+    /// Opens `text` with `ring`, and how many AEAD opens it took.
+    fn open_counted(ring: &KeyRing, text: &[u8]) -> (Result<Opened, OpenError>, usize) {
+        OPENS.set(0);
+        let result = ring.open(text, NOW);
+        (result, OPENS.get())
+    }
+
+    /// A key file of `keys`, one a line.
+    fn key_file(keys: &[[u8; KEY_LEN]]) -> String {
+        keys.iter().map(|k| STANDARD.encode(k) + "\n").collect()
+    }
 
     const KEY_A: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
     const KEY_B: &str = "HxwdHhscGRoXFhUUExIREA8ODQwLCgkIBwYFBAMCAQA=";
@@ -510,7 +616,10 @@ mod tests {
         let rotated = KeyRing::parse(KEY_B).unwrap();
         assert_eq!(rotating.len(), 2);
         let from_old = old.seal_text(&grant(None));
-        assert!(rotating.open(from_old.as_bytes(), NOW).is_ok());
+        // The old key, second now, still opens its tokens, and at the cost of one open.
+        let (opened, opens) = open_counted(&rotating, from_old.as_bytes());
+        assert!(opened.is_ok());
+        assert_eq!(opens, 1);
         assert_eq!(
             rotated.open(from_old.as_bytes(), NOW),
             Err(OpenError::Forged)
@@ -557,10 +666,14 @@ mod tests {
         assert_eq!(sealed_len(&b[..3]), None);
         assert_eq!(sealed_len(&b[..4]), Some(Ok(text.len())));
         assert_eq!(sealed_len(b"550e8400"), Some(Err(())));
-        assert_eq!(sealed_len(b"S2AA"), Some(Err(())));
-        assert_eq!(sealed_len(b"S1A"), None);
-        assert_eq!(sealed_len(b"S1AA"), Some(Err(())), "a body too short");
-        assert_eq!(sealed_len(b"S1__"), Some(Err(())), "a body too long");
+        assert_eq!(
+            sealed_len(b"S1BP"),
+            Some(Err(())),
+            "the format before key ids"
+        );
+        assert_eq!(sealed_len(b"S2A"), None);
+        assert_eq!(sealed_len(b"S2AA"), Some(Err(())), "a body too short");
+        assert_eq!(sealed_len(b"S2__"), Some(Err(())), "a body too long");
     }
 
     #[test]
@@ -573,6 +686,130 @@ mod tests {
         assert!(matches!(e, KeyFileError::BadKey { line: 2, .. }), "{e}");
         let e = KeyRing::parse("AAAA").unwrap_err();
         assert!(e.to_string().contains("32 bytes"), "{e}");
+    }
+
+    #[test]
+    fn a_token_opens_only_with_its_key_and_names_it() {
+        let a = KeyRing::parse(KEY_A).unwrap();
+        let b = KeyRing::parse(KEY_B).unwrap();
+        let text = a.seal_text(&grant(None));
+        let body = URL_SAFE_NO_PAD.decode(&text[HEADER_LEN..]).unwrap();
+        assert_eq!(
+            body[..KEY_ID_LEN],
+            a.keys[0].id,
+            "the body starts with the key id"
+        );
+        assert_ne!(a.keys[0].id, b.keys[0].id);
+        let (opened, opens) = open_counted(&a, text.as_bytes());
+        assert!(opened.is_ok());
+        assert_eq!(opens, 1);
+        // Another key has another id: refused without an open.
+        assert_eq!(
+            open_counted(&b, text.as_bytes()),
+            (Err(OpenError::Forged), 0)
+        );
+    }
+
+    #[test]
+    fn a_key_id_is_a_function_of_the_key_alone() {
+        let a: [u8; KEY_LEN] = STANDARD.decode(KEY_A).unwrap().try_into().unwrap();
+        let b: [u8; KEY_LEN] = STANDARD.decode(KEY_B).unwrap().try_into().unwrap();
+        let ring = KeyRing::parse(&key_file(&[b, a])).unwrap();
+        assert_eq!(ring.keys[0].id, key_id(&b));
+        assert_eq!(ring.keys[1].id, key_id(&a));
+        assert_eq!(KeyRing::parse(KEY_A).unwrap().keys[0].id, key_id(&a));
+    }
+
+    #[test]
+    fn a_forged_token_costs_at_most_one_open_whatever_the_number_of_keys() {
+        let keys: Vec<[u8; KEY_LEN]> = (0..MAX_KEYS as u8).map(|i| [i; KEY_LEN]).collect();
+        let ids: Vec<_> = keys.iter().map(key_id).collect();
+        let ring = KeyRing::parse(&key_file(&keys)).unwrap();
+        assert_eq!(ring.len(), MAX_KEYS);
+        // Every key's tokens open with one AEAD open (the ring seals with its first key: one
+        // ring per key, the same file reordered).
+        for (i, key) in keys.iter().enumerate() {
+            let mut rotated = keys.clone();
+            rotated.swap(0, i);
+            let sealer = KeyRing::parse(&key_file(&rotated)).unwrap();
+            let text = sealer.seal_text(&grant(None)).into_bytes();
+            let (opened, opens) = open_counted(&ring, &text);
+            assert!(opened.is_ok(), "key {i}");
+            let colliding = ids.iter().filter(|&&id| id == key_id(key)).count();
+            assert!(opens <= colliding, "key {i}: {opens} opens");
+            // Tampered after the key id (a character of the ciphertext): refused, at the
+            // same cost.
+            let mut forged = text.clone();
+            let at = HEADER_LEN + 40;
+            forged[at] = if forged[at] == b'A' { b'B' } else { b'A' };
+            assert_eq!(
+                open_counted(&ring, &forged),
+                (Err(OpenError::Forged), colliding),
+                "key {i}"
+            );
+        }
+        // A key id no key has: no open at all, whatever the body.
+        let text = KeyRing::parse(&key_file(&[[0xEE; KEY_LEN]]))
+            .unwrap()
+            .seal_text(&grant(None));
+        assert!(!ids.contains(&key_id(&[0xEE; KEY_LEN])));
+        assert_eq!(
+            open_counted(&ring, text.as_bytes()),
+            (Err(OpenError::Forged), 0)
+        );
+    }
+
+    #[test]
+    fn the_key_id_is_authenticated() {
+        // Two keys whose ids collide, found by search (2-byte ids: a few hundred keys).
+        let mut by_id = std::collections::HashMap::new();
+        let (k1, k2) = (0u32..)
+            .find_map(|i| {
+                let mut key = [0u8; KEY_LEN];
+                key[..4].copy_from_slice(&i.to_be_bytes());
+                by_id.insert(key_id(&key), key).map(|other| (other, key))
+            })
+            .unwrap();
+        let ring = KeyRing::parse(&key_file(&[k1, k2])).unwrap();
+        let other = KeyRing::parse(&key_file(&[k2, k1])).unwrap();
+        // Both open, each trying only the two keys of its id.
+        for sealer in [&ring, &other] {
+            let text = sealer.seal_text(&grant(None));
+            let (opened, opens) = open_counted(&ring, text.as_bytes());
+            assert!(opened.is_ok());
+            assert!((1..=2).contains(&opens), "{opens}");
+        }
+        // A key id rewritten to another key's: the tag breaks (the id is associated data).
+        let text = KeyRing::parse(KEY_A).unwrap().seal_text(&grant(None));
+        let mut body = URL_SAFE_NO_PAD.decode(&text[HEADER_LEN..]).unwrap();
+        let b = KeyRing::parse(KEY_B).unwrap();
+        body[..KEY_ID_LEN].copy_from_slice(&b.keys[0].id);
+        let both = KeyRing::parse(&format!("{KEY_A}\n{KEY_B}\n")).unwrap();
+        let relabelled = format!("{}{}", &text[..HEADER_LEN], URL_SAFE_NO_PAD.encode(&body));
+        assert_eq!(
+            open_counted(&both, relabelled.as_bytes()),
+            (Err(OpenError::Forged), 1)
+        );
+    }
+
+    #[test]
+    fn a_key_file_holds_at_most_max_keys() {
+        let keys: Vec<[u8; KEY_LEN]> = (0..=MAX_KEYS as u8).map(|i| [i; KEY_LEN]).collect();
+        let e = KeyRing::parse(&key_file(&keys)).unwrap_err();
+        assert_eq!(
+            e,
+            KeyFileError::TooMany {
+                count: MAX_KEYS + 1
+            }
+        );
+        assert!(e.to_string().starts_with("17 keys, at most 16"), "{e}");
+        assert_eq!(
+            KeyRing::parse(&key_file(&keys[..MAX_KEYS])).unwrap().len(),
+            MAX_KEYS
+        );
+        // A key given twice is one key (and costs one open).
+        let twice = KeyRing::parse(&format!("{KEY_A}\n{KEY_A}\n")).unwrap();
+        assert_eq!(twice.len(), 1);
     }
 
     #[test]

@@ -20,7 +20,9 @@ use chacha20poly1305::{KeyInit, XChaCha20Poly1305, XNonce};
 use dataplane::grant::{Backend, BackendId, TokenId};
 use dataplane::packet::{Classified, Presented, classify};
 use dataplane::proxy_protocol::ProxyMode;
-use dataplane::seal::{HEADER_LEN, KeyRing, MAX_SEALED_LEN, SEALED_PREFIX, is_body_char};
+use dataplane::seal::{
+    HEADER_LEN, KEY_ID_LEN, KeyRing, MAX_SEALED_LEN, SEALED_PREFIX, is_body_char, key_id,
+};
 use libfuzzer_sys::fuzz_target;
 
 const KEY: [u8; 32] = *b"\x00\x01\x02\x03\x04\x05\x06\x07\x08\x09\x0a\x0b\x0c\x0d\x0e\x0f\
@@ -53,27 +55,35 @@ fuzz_target!(|data: &[u8]| {
     }
 });
 
-/// Seals `nonce || plaintext` in the wire form of seal.rs: `S1`, the body length in two
-/// base64url digits, then base64url of nonce, ciphertext and tag, the header as associated data.
+/// Seals `nonce || plaintext` in the wire form of seal.rs: `S2`, the body length in two
+/// base64url digits, then base64url of the key's id, nonce, ciphertext and tag, the header and
+/// the key id as associated data.
 fn seal_raw(nonce: &[u8], plain: &[u8]) -> Option<String> {
-    let chars = ((NONCE_LEN + plain.len() + 16) * 4).div_ceil(3);
+    let chars = ((KEY_ID_LEN + NONCE_LEN + plain.len() + 16) * 4).div_ceil(3);
     if chars >= 64 * 64 {
         return None;
     }
-    let header = [
+    let id = key_id(&KEY);
+    let mut aad = vec![
         SEALED_PREFIX[0],
         SEALED_PREFIX[1],
         B64URL[chars / 64],
         B64URL[chars % 64],
     ];
-    let mut body = nonce.to_vec();
+    aad.extend_from_slice(&id);
+    let mut body = id.to_vec();
+    body.extend_from_slice(nonce);
     body.extend_from_slice(plain);
     let cipher = XChaCha20Poly1305::new_from_slice(&KEY).expect("a 32-byte key");
     let tag = cipher
-        .encrypt_in_place_detached(XNonce::from_slice(nonce), &header, &mut body[NONCE_LEN..])
+        .encrypt_in_place_detached(
+            XNonce::from_slice(nonce),
+            &aad,
+            &mut body[KEY_ID_LEN + NONCE_LEN..],
+        )
         .ok()?;
     body.extend_from_slice(&tag);
-    let mut text: String = header.iter().map(|&b| char::from(b)).collect();
+    let mut text: String = aad[..HEADER_LEN].iter().map(|&b| char::from(b)).collect();
     URL_SAFE_NO_PAD.encode_string(&body, &mut text);
     Some(text)
 }

@@ -198,7 +198,7 @@ mod tests {
 
     #[test]
     fn a_sealed_token_is_read_by_its_header_length_newline_or_not() {
-        let sealed = format!("S1Bk{}", "x".repeat(100));
+        let sealed = format!("S2Bk{}", "x".repeat(100));
         for n in 0..sealed.len() {
             assert_eq!(
                 read_prefix(&sealed.as_bytes()[..n]),
@@ -222,8 +222,8 @@ mod tests {
                 "{after:?}"
             );
         }
-        assert_eq!(read_prefix(b"S1Bk!"), Prefix::NotToken, "a non-base64 byte");
-        assert_eq!(read_prefix(b"S2"), Prefix::NotToken, "another version");
+        assert_eq!(read_prefix(b"S2Bk!"), Prefix::NotToken, "a non-base64 byte");
+        assert_eq!(read_prefix(b"S1"), Prefix::NotToken, "another version");
         assert_eq!(read_prefix(b"SSH-2.0-OpenSSH"), Prefix::NotToken);
     }
 
