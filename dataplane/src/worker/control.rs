@@ -73,10 +73,11 @@ impl Worker {
     }
 
     /// New run-time settings. New sessions and connections follow them; the data ports' open
-    /// sessions that had the data ports' idle timeout take the new one. A changed flood limit
-    /// starts with fresh buckets.
+    /// sessions that had the data ports' idle timeout take the new one, and connections waiting
+    /// for their token the new `tcpTokenTimeoutSeconds`. A changed flood limit starts with
+    /// fresh buckets.
     fn reconfigure(&mut self, live: &LiveSettings, now: Instant) {
-        self.tcp_token_timeout = live.tcp_token_timeout;
+        self.pending_tcp.set_token_timeout(live.tcp_token_timeout);
         self.token_keys.clone_from(&live.token_keys);
         let same_limit = self.rate_limiter.as_ref().map(|r| r.limit()) == live.rate_limit;
         if !same_limit {

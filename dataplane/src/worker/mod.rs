@@ -206,7 +206,6 @@ pub(crate) struct Worker {
     tcp_sessions: usize,
     /// TCP connections accepted and still waiting for their first bytes.
     pending_tcp: tcp::PendingConnections,
-    tcp_token_timeout: Duration,
     tcp_connect_timeout: Duration,
     grants: AHashMap<TokenId, Arc<Grant>>,
     /// The keys that open sealed tokens, and the replica's record of those redeemed.
@@ -263,8 +262,7 @@ impl Worker {
             ),
             sessions: SessionTable::new(now),
             tcp_sessions: 0,
-            pending_tcp: tcp::PendingConnections::default(),
-            tcp_token_timeout: setup.config.tcp_token_timeout,
+            pending_tcp: tcp::PendingConnections::new(setup.config.tcp_token_timeout),
             tcp_connect_timeout: setup.config.tcp_connect_timeout,
             grants: AHashMap::new(),
             token_keys: setup.config.token_keys.clone(),

@@ -48,12 +48,11 @@ fn is_resource_error(e: &io::Error) -> bool {
 
 /// TCP connections waiting for their first bytes or for their backend, and listeners whose
 /// accept is to be retried.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(super) struct PendingConnections {
     slab: Slab<Pending>,
-    /// (deadline, slot, serial) in accept order; every connection waits as long, so this is
-    /// deadline order too.
-    deadlines: VecDeque<(Instant, usize, u64)>,
+    /// The connections of `slab` by accept time, against `tcpTokenTimeoutSeconds`.
+    waits: TokenWaits,
     next_serial: u64,
     /// (deadline, session) of TCP sessions whose backend connection was started, in order.
     connecting: VecDeque<(Instant, SessionId)>,
@@ -62,9 +61,25 @@ pub(super) struct PendingConnections {
 }
 
 impl PendingConnections {
+    /// Nothing waiting yet; a connection waits `token_timeout` for its token.
+    pub(super) fn new(token_timeout: Duration) -> Self {
+        Self {
+            slab: Slab::new(),
+            waits: TokenWaits::new(token_timeout),
+            next_serial: 0,
+            connecting: VecDeque::new(),
+            accept_retries: Vec::new(),
+        }
+    }
+
+    /// A live `tcpTokenTimeoutSeconds` change: it applies to the connections waiting now too.
+    pub(super) fn set_token_timeout(&mut self, timeout: Duration) {
+        self.waits.set_timeout(timeout);
+    }
+
     /// How long until the next deadline: a token wait, a backend connect or an accept retry.
     pub(super) fn next_timeout(&self, now: Instant) -> Option<Duration> {
-        let token = self.deadlines.front().map(|&(deadline, ..)| deadline);
+        let token = self.waits.next_deadline();
         let connect = self.connecting.front().map(|&(deadline, _)| deadline);
         let retry = self.accept_retries.iter().map(|&(at, _)| at).min();
         [token, connect, retry]
@@ -78,6 +93,72 @@ impl PendingConnections {
         if !self.accept_retries.iter().any(|&(_, l)| l == listener) {
             self.accept_retries.push((at, listener));
         }
+    }
+}
+
+/// Connections waiting for their token, in accept order, against `tcpTokenTimeoutSeconds`
+/// (sans-io: time comes in as `now`). An entry keeps its accept time, not a deadline: a
+/// deadline is the accept time plus the timeout in force when it is read. So a live change of
+/// the timeout applies to the connections already waiting, and accept order stays deadline
+/// order whatever the changes (a deadline stored at accept would not be: after a reload that
+/// shortens the timeout, a connection accepted later would come due first, stuck behind an
+/// earlier one).
+#[derive(Debug)]
+pub(super) struct TokenWaits {
+    timeout: Duration,
+    /// (accepted, slot, serial); accept times never decrease front to back.
+    queue: VecDeque<(Instant, usize, u64)>,
+}
+
+impl TokenWaits {
+    pub(super) fn new(timeout: Duration) -> Self {
+        Self {
+            timeout,
+            queue: VecDeque::new(),
+        }
+    }
+
+    pub(super) fn set_timeout(&mut self, timeout: Duration) {
+        self.timeout = timeout;
+    }
+
+    /// Queues the connection in `slot` (`serial` tells it from a later one there), accepted at
+    /// `accepted`: never before the last one queued (the worker's clock only moves forward; one
+    /// that did not would be queued as accepted with the last).
+    pub(super) fn push(&mut self, accepted: Instant, slot: usize, serial: u64) {
+        let accepted = self
+            .queue
+            .back()
+            .map_or(accepted, |&(last, ..)| accepted.max(last));
+        self.queue.push_back((accepted, slot, serial));
+    }
+
+    /// When the front entry's wait ends. It may have been decided since: the wake-up is then
+    /// early, never late. `None`: nothing waits, or not within `Instant`'s range.
+    pub(super) fn next_deadline(&self) -> Option<Instant> {
+        let &(accepted, ..) = self.queue.front()?;
+        accepted.checked_add(self.timeout)
+    }
+
+    /// The slot of the next connection whose wait is over at `now` and that still waits
+    /// (`waiting(slot, serial)`); entries of connections decided since are dropped on the way.
+    pub(super) fn pop_expired(
+        &mut self,
+        now: Instant,
+        waiting: impl Fn(usize, u64) -> bool,
+    ) -> Option<usize> {
+        while let Some(&(accepted, slot, serial)) = self.queue.front() {
+            let live = waiting(slot, serial);
+            let due = accepted.checked_add(self.timeout).is_some_and(|d| d <= now);
+            if live && !due {
+                return None;
+            }
+            self.queue.pop_front();
+            if live {
+                return Some(slot);
+            }
+        }
+        None
     }
 }
 
@@ -237,9 +318,7 @@ impl Worker {
             len: 0,
             serial,
         });
-        pending
-            .deadlines
-            .push_back((now + self.tcp_token_timeout, slot, serial));
+        pending.waits.push(now, slot, serial);
         // Bytes that came with the handshake are readable now.
         self.on_pending(slot, now);
     }
@@ -277,20 +356,15 @@ impl Worker {
     /// Ends the wait of connections whose `tcpTokenTimeoutSeconds` has passed, gives up backend
     /// connections past `tcp_connect_timeout`, and retries deferred accepts.
     pub(super) fn expire_pending(&mut self, now: Instant) {
-        while let Some(&(deadline, slot, serial)) = self.pending_tcp.deadlines.front() {
-            let waiting = self
-                .pending_tcp
-                .slab
-                .get(slot)
-                .is_some_and(|p| p.serial == serial);
-            // Entries of connections decided since are dropped as soon as they are in front.
-            if waiting && deadline > now {
+        loop {
+            let pending = &mut self.pending_tcp;
+            let slab = &pending.slab;
+            let Some(slot) = pending.waits.pop_expired(now, |slot, serial| {
+                slab.get(slot).is_some_and(|p| p.serial == serial)
+            }) else {
                 break;
-            }
-            self.pending_tcp.deadlines.pop_front();
-            if waiting {
-                self.decide(slot, Decide::Timeout, now);
-            }
+            };
+            self.decide(slot, Decide::Timeout, now);
         }
         while let Some(&(deadline, id)) = self.pending_tcp.connecting.front() {
             let connecting = self
@@ -656,5 +730,99 @@ impl Worker {
         for slot in slots {
             self.drop_pending(slot);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: Duration = Duration::from_secs(1);
+
+    /// Every entry still waits.
+    fn all(_: usize, _: u64) -> bool {
+        true
+    }
+
+    fn expired(w: &mut TokenWaits, now: Instant) -> Vec<usize> {
+        std::iter::from_fn(|| w.pop_expired(now, all)).collect()
+    }
+
+    #[test]
+    fn a_shorter_timeout_applies_to_connections_already_waiting() {
+        let t0 = Instant::now();
+        let mut w = TokenWaits::new(10 * S);
+        for slot in 0..3 {
+            w.push(t0 + slot as u32 * S, slot, 0);
+        }
+        assert_eq!(w.next_deadline(), Some(t0 + 10 * S));
+        assert_eq!(expired(&mut w, t0 + 3 * S), Vec::<usize>::new());
+        w.set_timeout(S);
+        assert_eq!(w.next_deadline(), Some(t0 + S), "the wake-up comes earlier");
+        // Accepted at 0 s and 1 s: over at 1 s and 2 s; the one of 2 s waits until 3 s.
+        assert_eq!(expired(&mut w, t0 + 2 * S + S / 2), [0, 1]);
+        assert_eq!(w.next_deadline(), Some(t0 + 3 * S));
+        assert_eq!(expired(&mut w, t0 + 3 * S), [2]);
+        assert_eq!(w.next_deadline(), None);
+    }
+
+    #[test]
+    fn deadlines_stay_in_order_across_a_change() {
+        // Accepted under 10 s, then the timeout drops to 1 s, then another is accepted: the
+        // first is due at 1 s, the second at 6 s, in queue order (with deadlines fixed at
+        // accept, the first would be due at 10 s and hold the second back past its 6 s).
+        let t0 = Instant::now();
+        let mut w = TokenWaits::new(10 * S);
+        w.push(t0, 0, 0);
+        w.set_timeout(S);
+        w.push(t0 + 5 * S, 1, 0);
+        assert_eq!(w.next_deadline(), Some(t0 + S));
+        assert_eq!(expired(&mut w, t0 + 5 * S), [0]);
+        assert_eq!(w.next_deadline(), Some(t0 + 6 * S));
+        assert_eq!(expired(&mut w, t0 + 6 * S), [1]);
+    }
+
+    #[test]
+    fn a_longer_timeout_lets_waiting_connections_wait_longer() {
+        let t0 = Instant::now();
+        let mut w = TokenWaits::new(S);
+        w.push(t0, 7, 0);
+        w.set_timeout(10 * S);
+        assert_eq!(expired(&mut w, t0 + 5 * S), Vec::<usize>::new());
+        assert_eq!(w.next_deadline(), Some(t0 + 10 * S));
+        assert_eq!(expired(&mut w, t0 + 10 * S), [7]);
+    }
+
+    #[test]
+    fn decided_connections_are_skipped_and_a_reused_slot_is_told_apart() {
+        let t0 = Instant::now();
+        let mut w = TokenWaits::new(S);
+        w.push(t0, 0, 1);
+        w.push(t0, 1, 2);
+        // Slot 0 was decided and now holds a later connection (serial 3), queued behind.
+        w.push(t0 + S, 0, 3);
+        let waiting = |slot: usize, serial: u64| (slot, serial) != (0, 1);
+        assert_eq!(w.pop_expired(t0 + S, waiting), Some(1));
+        assert_eq!(
+            w.pop_expired(t0 + S, waiting),
+            None,
+            "serial 3 waits until 2 s"
+        );
+        assert_eq!(w.pop_expired(t0 + 2 * S, waiting), Some(0));
+        assert_eq!(w.next_deadline(), None);
+    }
+
+    #[test]
+    fn an_accept_time_never_goes_back_and_a_huge_timeout_never_expires() {
+        let t0 = Instant::now();
+        let mut w = TokenWaits::new(S);
+        w.push(t0 + S, 0, 0);
+        w.push(t0, 1, 0);
+        assert_eq!(expired(&mut w, t0 + S), Vec::<usize>::new());
+        assert_eq!(expired(&mut w, t0 + 2 * S), [0, 1]);
+        w.set_timeout(Duration::MAX);
+        w.push(t0, 2, 0);
+        assert_eq!(w.next_deadline(), None);
+        assert_eq!(expired(&mut w, t0 + 1000 * S), Vec::<usize>::new());
     }
 }
