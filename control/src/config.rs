@@ -33,6 +33,11 @@ pub const DEFAULT_INVENTORY_MAX_BYTES: u64 = 16 * 1024 * 1024;
 pub const MAX_WORKERS: usize = 1024;
 pub const DEFAULT_MAX_SESSIONS: usize = 100_000;
 pub const DEFAULT_DRAIN_SECONDS: u64 = 10;
+/// Default `watchdogSeconds`: how long a thread may go without a heartbeat before `/healthz`
+/// names it. Well above the half-second beat of an idle worker.
+pub const DEFAULT_WATCHDOG_SECONDS: u64 = 10;
+/// Longest `watchdogSeconds`: an hour of silence is a stuck thread whatever the load.
+pub const MAX_WATCHDOG_SECONDS: u64 = 3600;
 pub const DEFAULT_CONTROL_MAGIC_HEX: &str = "FFFFFFFF5245534554";
 pub const DEFAULT_FILE_POLL_MILLIS: u64 = 1000;
 /// Name of the data port when the config gives a bare `dataPort`.
@@ -145,6 +150,10 @@ struct RawConfig {
     /// Seconds to keep forwarding after SIGTERM before exiting.
     #[serde(default)]
     drain_seconds: Option<u64>,
+    /// Seconds a data-plane worker or the control thread may go without a heartbeat before
+    /// `/healthz` answers 503 naming it.
+    #[serde(default)]
+    watchdog_seconds: Option<u64>,
     /// Where game servers are found.
     #[serde(default)]
     inventory: Option<RawInventory>,
@@ -525,6 +534,8 @@ pub struct Config {
     pub busy_poll: Duration,
     /// Drain period after SIGTERM.
     pub drain: Duration,
+    /// Heartbeat silence after which a thread counts as stuck (`/healthz` 503).
+    pub watchdog: Duration,
     /// Inventory source.
     pub inventory: InventoryConfig,
     /// Resource types by query name.
@@ -825,6 +836,15 @@ impl TryFrom<RawConfig> for Config {
             drain: match raw.drain_seconds.unwrap_or(DEFAULT_DRAIN_SECONDS) {
                 s if s > 3600 => return Err(invalid("drainSeconds", "must be at most 3600")),
                 s => Duration::from_secs(s),
+            },
+            watchdog: match raw.watchdog_seconds.unwrap_or(DEFAULT_WATCHDOG_SECONDS) {
+                s @ 1..=MAX_WATCHDOG_SECONDS => Duration::from_secs(s),
+                _ => {
+                    return Err(invalid(
+                        "watchdogSeconds",
+                        format!("must be between 1 and {MAX_WATCHDOG_SECONDS}"),
+                    ));
+                }
             },
             inventory,
             mappings,

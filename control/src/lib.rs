@@ -29,6 +29,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use dataplane::DataPlane;
+use dataplane::liveness::Heartbeat;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -229,18 +230,28 @@ pub fn start(
     if let Some(f) = &forwarders {
         metrics.register_collector(Box::new(forwarder::metrics::ForwarderCollector(f.table())));
     }
+    let liveness = plane.liveness();
+    metrics.register_collector(Box::new(admin::health::ThreadCollector::new(
+        Arc::clone(&liveness),
+        live_rx.clone(),
+    )));
+    // Registered before the thread starts, so a control thread that never gets going is
+    // silent rather than missing.
+    let heart = liveness.register("control");
     let admin = Arc::new(admin::Admin {
         director: Arc::clone(&director),
         metrics,
         authorizer,
         forwarders: forwarders.as_ref().map(forwarder::Reconciler::table),
         routes: routes.as_ref().map(route::Reconciler::views),
+        liveness,
     });
 
     let thread = std::thread::Builder::new()
         .name("control".into())
         .spawn(move || {
             runtime.block_on(run(
+                heart,
                 live_tx,
                 reloader,
                 director,
@@ -265,6 +276,7 @@ pub fn start(
 
 #[allow(clippy::too_many_arguments)]
 async fn run(
+    heart: Heartbeat,
     live: watch::Sender<Arc<Config>>,
     reloader: Option<reload::Reloader>,
     director: Arc<Director>,
@@ -323,7 +335,12 @@ async fn run(
             _ = reconcile.tick() => director.reconcile(),
             // A reload: mappings, load balancing and the default endpoint apply now.
             Ok(()) = live_rx.changed() => director.reconcile(),
-            _ = events.tick() => director.absorb_events(Instant::now()),
+            // Beaten by the loop itself, not a task of its own: a wedged loop goes silent.
+            _ = events.tick() => {
+                let now = Instant::now();
+                heart.beat(now);
+                director.absorb_events(now);
+            }
             () = signals.recv() => {
                 if draining {
                     log::info!("drain cut short");

@@ -21,6 +21,7 @@ pub mod error;
 pub mod grant;
 mod limits;
 pub mod listener;
+pub mod liveness;
 pub mod metrics;
 pub mod packet;
 mod pktinfo;

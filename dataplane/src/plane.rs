@@ -13,6 +13,7 @@ use crate::error::{StartError, WorkerError};
 use crate::grant::NonceLedger;
 use crate::limits::SessionLimits;
 use crate::listener::{ListenerKind, ListenerSpec};
+use crate::liveness::Liveness;
 use crate::metrics::WorkerCounters;
 use crate::worker::{Worker, WorkerSetup};
 
@@ -26,6 +27,7 @@ pub struct DataPlane {
     events: Receiver<WorkerEvent>,
     threads: Vec<JoinHandle<Result<(), WorkerError>>>,
     local_addrs: Vec<SocketAddr>,
+    liveness: Arc<Liveness>,
 }
 
 impl DataPlane {
@@ -55,6 +57,7 @@ impl DataPlane {
         let mut links = Vec::with_capacity(workers);
         let mut built = Vec::with_capacity(workers);
         let ledger = Arc::new(NonceLedger::default());
+        let liveness = Liveness::new();
         for id in 0..workers {
             let (grants_tx, grants) = crossbeam_channel::bounded(GRANT_CHANNEL_CAPACITY);
             let (tx, rx) = crossbeam_channel::unbounded();
@@ -103,6 +106,9 @@ impl DataPlane {
         let mut threads = Vec::with_capacity(workers);
         for (worker, core) in built {
             let id = worker.id();
+            // Registered before the thread starts, so a worker that never gets going is
+            // silent rather than missing.
+            let heart = liveness.register(format!("dp-worker-{id}"));
             let spawned = std::thread::Builder::new()
                 .name(format!("dp-worker-{id}"))
                 .spawn(move || {
@@ -111,7 +117,9 @@ impl DataPlane {
                     {
                         log::warn!("dp-worker-{id}: could not pin to core {}", core.id);
                     }
-                    worker.run()
+                    // `heart` is dropped when the loop returns or unwinds: the thread then
+                    // shows as stopped.
+                    worker.run(&heart)
                 });
             match spawned {
                 Ok(handle) => threads.push(handle),
@@ -155,6 +163,7 @@ impl DataPlane {
             events,
             threads,
             local_addrs,
+            liveness,
         })
     }
 
@@ -171,6 +180,11 @@ impl DataPlane {
     /// The bound address of each data port (its real port when configured with port 0).
     pub fn local_addrs(&self) -> &[SocketAddr] {
         &self.local_addrs
+    }
+
+    /// The heartbeat table of the workers; control registers its own thread in it too.
+    pub fn liveness(&self) -> Arc<Liveness> {
+        Arc::clone(&self.liveness)
     }
 
     /// Waits for every worker to end (after [`Controller::shutdown`]); the first error wins.

@@ -1,5 +1,5 @@
-//! Admin HTTP (SPEC section 8): `/metrics`, `/healthz`, `/readyz`, `GET /sessions` and
-//! `DELETE /sessions/{client}`, on hyper's HTTP/1 server.
+//! Admin HTTP (SPEC section 8): `/metrics`, `/healthz` (every thread beating, see [`health`]),
+//! `/readyz`, `GET /sessions` and `DELETE /sessions/{client}`, on hyper's HTTP/1 server.
 //!
 //! Health and metrics are read-only and answer anyone (probes, Prometheus). The sessions API
 //! shows player addresses and ends sessions, so [`auth`] decides who gets it. Like the query
@@ -7,6 +7,7 @@
 //! connections in total and per source address, and a bounded read buffer per connection.
 
 pub mod auth;
+pub mod health;
 
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
@@ -62,6 +63,16 @@ pub struct Admin {
     pub forwarders: Option<crate::forwarder::ForwarderTable>,
     /// This instance's routes, when entry points are configured.
     pub routes: Option<crate::route::RouteViews>,
+    /// Heartbeats of the workers and the control thread, for `/healthz`.
+    pub liveness: Arc<dataplane::liveness::Liveness>,
+}
+
+impl Admin {
+    /// `/healthz`: `Ok` while every thread beats under the running config's watchdog, else
+    /// the body naming the stopped ones.
+    fn health(&self) -> Result<(), String> {
+        health::verdict(&self.liveness, self.director.config().watchdog)
+    }
 }
 
 /// Serves admin requests until `stop` turns true.
@@ -87,11 +98,9 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>, mut stop: watch::Re
                 if let Ok(permit) = Arc::clone(&responders).try_acquire_owned() {
                     let admin = Arc::clone(&admin);
                     tokio::spawn(async move {
-                        let _ = tokio::time::timeout(
-                            OVER_CAP_DEADLINE,
-                            answer_probe(stream, &admin.director),
-                        )
-                        .await;
+                        let _ =
+                            tokio::time::timeout(OVER_CAP_DEADLINE, answer_probe(stream, &admin))
+                                .await;
                         drop(permit);
                     });
                 }
@@ -120,7 +129,7 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>, mut stop: watch::Re
 }
 
 /// The over-cap path: one request line, and an answer only for the probes (503 otherwise).
-async fn answer_probe(stream: tokio::net::TcpStream, director: &Director) {
+async fn answer_probe(stream: tokio::net::TcpStream, admin: &Admin) {
     use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
     let (read, mut write) = stream.into_split();
     let mut line = Vec::with_capacity(64);
@@ -129,15 +138,18 @@ async fn answer_probe(stream: tokio::net::TcpStream, director: &Director) {
         return;
     }
     let (status, body) = if line.starts_with(b"GET /healthz ") {
-        ("200 OK", "ok\n")
-    } else if line.starts_with(b"GET /readyz ") && director.is_ready() {
-        ("200 OK", "ready\n")
+        match admin.health() {
+            Ok(()) => ("200 OK", "ok\n".to_string()),
+            Err(body) => ("503 Service Unavailable", body),
+        }
+    } else if line.starts_with(b"GET /readyz ") && admin.director.is_ready() {
+        ("200 OK", "ready\n".to_string())
     } else if line.starts_with(b"GET /readyz ") {
-        ("503 Service Unavailable", "not ready\n")
+        ("503 Service Unavailable", "not ready\n".to_string())
     } else {
         (
             "503 Service Unavailable",
-            "too many admin connections; retry later\n",
+            "too many admin connections; retry later\n".to_string(),
         )
     };
     let answer = format!(
@@ -244,7 +256,10 @@ async fn route(req: Request<Incoming>, peer: IpAddr, admin: &Admin) -> Response<
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
             metrics.render(),
         ),
-        (&Method::GET, "/healthz") => reply(StatusCode::OK, "text/plain", "ok\n"),
+        (&Method::GET, "/healthz") => match admin.health() {
+            Ok(()) => reply(StatusCode::OK, "text/plain", "ok\n"),
+            Err(body) => reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", body),
+        },
         (&Method::GET, "/readyz") => {
             if director.is_ready() {
                 reply(StatusCode::OK, "text/plain", "ready\n")

@@ -34,6 +34,9 @@ fn defaults() {
     assert!(matches!(c.inventory, InventoryConfig::File { .. }));
     assert_eq!(c.affinity, dataplane::WorkerAffinity::None);
     assert_eq!(c.busy_poll, Duration::ZERO);
+    assert_eq!(c.watchdog, Duration::from_secs(10));
+    let c = Config::from_yaml(&with("watchdogSeconds: 1\n")).unwrap();
+    assert_eq!(c.watchdog, Duration::from_secs(1));
     assert!(err(&with("busyPollMicros: 20000\n")).contains("busyPollMicros"));
     let c = Config::from_yaml(&with("busyPollMicros: 50\n")).unwrap();
     assert_eq!(c.dataplane().busy_poll, Duration::from_micros(50));
@@ -100,6 +103,8 @@ fn each_rejection_names_its_key() {
         ("cpuAffinity: []\n", "cpuAffinity"),
         ("socketBufferBytes: 10\n", "socketBufferBytes"),
         ("drainSeconds: 99999\n", "drainSeconds"),
+        ("watchdogSeconds: 0\n", "watchdogSeconds"),
+        ("watchdogSeconds: 3601\n", "watchdogSeconds"),
         (
             "dataPort: 1\ndataPorts: [{name: a, port: 2}]\n",
             "dataPorts",

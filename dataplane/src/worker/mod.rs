@@ -26,6 +26,7 @@ use crate::error::WorkerError;
 use crate::grant::{Backend, Grant, NonceLedger, TokenId};
 use crate::limits::SessionLimits;
 use crate::listener::{ListenerKind, MAX_LISTENERS, Transport};
+use crate::liveness::{BEAT_INTERVAL, Heartbeat};
 use crate::metrics::{DropReason, ListenerCounters, ListenerSlot, WorkerCounters};
 use crate::packet::control_body;
 use crate::proxy_protocol::{HeaderTransport, ProxyHeader, ProxyMode};
@@ -291,8 +292,8 @@ impl Worker {
         self.id
     }
 
-    /// The event loop; returns after a `Shutdown` message.
-    pub(crate) fn run(mut self) -> Result<(), WorkerError> {
+    /// The event loop; returns after a `Shutdown` message. Beats `heart` once per turn.
+    pub(crate) fn run(mut self, heart: &Heartbeat) -> Result<(), WorkerError> {
         let mut events = Events::with_capacity(EVENTS_CAPACITY);
         // Until then the worker polls without blocking (busy_poll after the last event).
         let mut spin_until = Instant::now();
@@ -301,7 +302,11 @@ impl Worker {
             let timeout = if now < spin_until {
                 Some(Duration::ZERO)
             } else {
-                self.next_timeout(now)
+                // An idle worker still wakes to beat, so silence means stuck.
+                Some(
+                    self.next_timeout(now)
+                        .map_or(BEAT_INTERVAL, |t| t.min(BEAT_INTERVAL)),
+                )
             };
             if let Err(source) = self.poll.poll(&mut events, timeout) {
                 if source.kind() == io::ErrorKind::Interrupted {
@@ -313,6 +318,7 @@ impl Worker {
                 });
             }
             let now = Instant::now();
+            heart.beat(now);
             if !events.is_empty() {
                 spin_until = now + self.busy_poll;
             }
