@@ -133,6 +133,32 @@ fn token_sessions_carry_headers_over_udp_and_tcp_on_ipv4_and_ipv6() {
 }
 
 #[test]
+fn a_v2_first_header_waits_for_a_datagram_that_leaves() {
+    for bind in ["127.0.0.1", "::1"] {
+        let any = SocketAddr::new(bind.parse().unwrap(), 0).to_string();
+        let a = ProxyEcho::spawn(&any);
+        let chat = TcpProxyEcho::spawn(&any);
+        let inventory = server("gs-a", "Ready", bind, a.addr.port(), chat.addr.port());
+        let proxy = Proxy::start(&config(bind), &inventory);
+        let game = proxy.data.iter().find(|(n, _)| n == "game").unwrap().1;
+        let c = client_on(&any);
+        let me = c.local_addr().unwrap();
+        c.send_to(proxy.token(&query("first", "Ready")).as_bytes(), game)
+            .unwrap();
+        // The first datagram cannot leave with the header in front (65,507 bytes is the most
+        // an IPv4 datagram holds, 65,527 an IPv6 one): the next one carries the header, and
+        // the backend never sees the session without it.
+        c.send_to(&[7u8; 65507], game).unwrap();
+        assert_eq!(
+            through(&c, game, b"after"),
+            (dgram(me, game), b"after".to_vec()),
+            "{bind}"
+        );
+        assert_eq!(through(&c, game, b"then"), (None, b"then".to_vec()));
+    }
+}
+
+#[test]
 fn forwarders_and_routes_send_headers_too() {
     let udp = ProxyEcho::spawn("127.0.0.1:0");
     let tcp = TcpProxyEcho::spawn("127.0.0.1:0");

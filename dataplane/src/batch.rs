@@ -9,6 +9,7 @@
 //! Every slot is [`SLOT_BYTES`] long so that no datagram (up to 65507 bytes of payload) is ever
 //! truncated. The buffers are zero-filled allocations, so pages are touched only when used.
 
+use std::cell::Cell;
 use std::io;
 use std::mem::{self, MaybeUninit};
 use std::net::{IpAddr, SocketAddr};
@@ -312,15 +313,35 @@ pub(crate) struct SentUpstream {
     pub(crate) dropped: u64,
 }
 
+/// The PROXY protocol header an upstream datagram carries.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Header<'a> {
+    /// None.
+    None,
+    /// `v2`: a header of its own, as every datagram of the session has.
+    Every(&'a ProxyHeader),
+    /// `v2-first`: the session's one header. If this datagram is lost, the header passes to
+    /// the session's next datagram in the batch, so none of them leaves without it first.
+    First(&'a ProxyHeader),
+}
+
 /// Client datagrams of one [`RecvBatch`] queued for their backends: each names the shared
 /// upstream socket it leaves from (a session's) and its destination. [`Self::flush`] sends
 /// them with one `sendmmsg` per socket, pointing at the receive buffer: nothing is copied.
+///
+/// A socket carries at most one session per destination, so within one socket's group the
+/// datagrams to one destination are one session's, in the order they came.
 pub(crate) struct UpstreamBatch {
     sockets: [u32; BATCH],
     slots: [u8; BATCH],
     /// PROXY protocol headers, copied from their sessions (a session may end before the
     /// flush); empty for datagrams without one.
     headers: [ProxyHeader; BATCH],
+    /// Entries whose header is a `v2-first` one ([`Header::First`]).
+    first: [bool; BATCH],
+    /// After a flush: whether the `v2-first` header queued with entry `i` was lost, with every
+    /// datagram it passed to.
+    header_lost: [bool; BATCH],
     addrs: [libc::sockaddr_storage; BATCH],
     addr_lens: [libc::socklen_t; BATCH],
     count: usize,
@@ -340,33 +361,46 @@ impl UpstreamBatch {
             sockets: [0; BATCH],
             slots: [0; BATCH],
             headers: [ProxyHeader::EMPTY; BATCH],
+            first: [false; BATCH],
+            header_lost: [false; BATCH],
             addrs: [zeroed_storage(); BATCH],
             addr_lens: [0; BATCH],
             count: 0,
         }
     }
 
+    /// The entry the next [`Self::push`] fills.
+    pub(crate) fn next_entry(&self) -> usize {
+        self.count
+    }
+
     /// Queues datagram `slot` of the current receive batch, to go out of upstream socket
-    /// `socket` to `dest`, behind `header` if given. At most one entry per receive slot, so it
-    /// never overflows.
-    pub(crate) fn push(
-        &mut self,
-        socket: u32,
-        slot: usize,
-        dest: &SockAddr,
-        header: Option<&ProxyHeader>,
-    ) {
+    /// `socket` to `dest`, behind `header`. At most one entry per receive slot, so it never
+    /// overflows.
+    pub(crate) fn push(&mut self, socket: u32, slot: usize, dest: &SockAddr, header: Header<'_>) {
         let i = self.count;
         debug_assert!(i < BATCH && slot < BATCH);
         self.sockets[i] = socket;
         self.slots[i] = slot as u8;
-        self.headers[i] = header.copied().unwrap_or(ProxyHeader::EMPTY);
+        (self.headers[i], self.first[i]) = match header {
+            Header::None => (ProxyHeader::EMPTY, false),
+            Header::Every(h) => (*h, false),
+            Header::First(h) => (*h, true),
+        };
         store_addr(&mut self.addrs[i], &mut self.addr_lens[i], dest);
         self.count += 1;
     }
 
+    /// After a [`Self::flush`]: whether the `v2-first` header queued with `entry` never left
+    /// (its datagram was lost, and so was every later one of the session it passed to).
+    pub(crate) fn header_lost(&self, entry: usize) -> bool {
+        self.header_lost[entry]
+    }
+
     /// Sends what is queued, grouped by socket (`fd_of` turns a socket number into its fd;
-    /// `None`: gone, its datagrams dropped).
+    /// `None`: gone, its datagrams dropped). A `v2-first` header whose datagram is lost
+    /// passes to the session's next datagram of the batch; [`Self::header_lost`] tells which
+    /// were lost for good.
     pub(crate) fn flush(
         &mut self,
         rx: &RecvBatch,
@@ -377,6 +411,11 @@ impl UpstreamBatch {
         let mut done = [false; BATCH];
         let mut group = [0usize; BATCH];
         let mut result = SentUpstream::default();
+        // Which entry's header goes in front of each entry: its own, or a `v2-first` one
+        // passed on from a lost entry (at most one per session, so one place each).
+        let carrier: [Cell<u8>; BATCH] = std::array::from_fn(|i| Cell::new(i as u8));
+        let passing: [Cell<bool>; BATCH] = std::array::from_fn(|i| Cell::new(self.first[i]));
+        let lost: [Cell<bool>; BATCH] = Default::default();
         for first in 0..count {
             if done[first] {
                 continue;
@@ -390,33 +429,69 @@ impl UpstreamBatch {
                     len += 1;
                 }
             }
+            let group = &group[..len];
             let Some(fd) = fd_of(socket) else {
+                for k in 0..len {
+                    self.pass_on(group, k, &carrier, &passing, &lost);
+                }
                 result.dropped += len as u64;
                 continue;
             };
             let size = |k: usize| rx.data(usize::from(self.slots[group[k]])).len() as u64;
             let mut lost_bytes = 0;
-            let lost = send_all_noting(
+            let dropped = send_all_noting(
                 fd,
                 len,
                 batch_io,
                 |k| {
                     let i = group[k];
                     Outgoing {
-                        prefix: self.headers[i].as_bytes(),
+                        prefix: self.headers[usize::from(carrier[i].get())].as_bytes(),
                         data: rx.data(usize::from(self.slots[i])),
                         addr: &self.addrs[i],
                         addr_len: self.addr_lens[i],
                         src: None,
                     }
                 },
-                |k| lost_bytes += size(k),
+                |k| {
+                    lost_bytes += size(k);
+                    // Before the next send builds the datagrams after this one.
+                    self.pass_on(group, k, &carrier, &passing, &lost);
+                },
             );
-            result.dropped += lost;
-            result.packets += len as u64 - lost;
+            result.dropped += dropped;
+            result.packets += len as u64 - dropped;
             result.bytes += (0..len).map(size).sum::<u64>() - lost_bytes;
         }
+        self.header_lost = lost.map(Cell::into_inner);
         result
+    }
+
+    /// Datagram `group[k]` (of one socket's `group`) was lost: a `v2-first` header it carried
+    /// passes to the session's next datagram in the group, unless that one has a header of its
+    /// own (or there is none), in which case it is lost.
+    fn pass_on(
+        &self,
+        group: &[usize],
+        k: usize,
+        carrier: &[Cell<u8>; BATCH],
+        passing: &[Cell<bool>; BATCH],
+        lost: &[Cell<bool>; BATCH],
+    ) {
+        let i = group[k];
+        if !passing[i].replace(false) {
+            return;
+        }
+        let dest = |j: usize| to_socket_addr(&self.addrs[j], self.addr_lens[j]);
+        let next = group[k + 1..].iter().copied().find(|&j| dest(j) == dest(i));
+        let origin = carrier[i].get();
+        match next {
+            Some(j) if self.headers[j].as_bytes().is_empty() => {
+                carrier[j].set(origin);
+                passing[j].set(true);
+            }
+            _ => lost[usize::from(origin)].set(true),
+        }
     }
 }
 
@@ -751,9 +826,9 @@ mod tests {
         for slot in 0..6 {
             // Even slots leave from u1 to p1, odd ones from u2 to p2, interleaved.
             let (socket, dest, h) = if slot % 2 == 0 {
-                (1, &to1, None)
+                (1, &to1, Header::None)
             } else {
-                (2, &to2, Some(&header))
+                (2, &to2, Header::Every(&header))
             };
             up.push(socket, slot, dest, h);
         }
@@ -780,13 +855,13 @@ mod tests {
             }
         }
         // A socket that is gone drops its datagrams and counts them.
-        up.push(9, 0, &to1, None);
+        up.push(9, 0, &to1, Header::None);
         assert_eq!(up.flush(&rx, batch_io, fds).dropped, 1);
         // One datagram the kernel refuses (an IPv6 destination on an IPv4 socket) in the
         // middle of a group is dropped alone; the rest leave.
         let v6 = SockAddr::from("[::1]:9".parse::<SocketAddr>().unwrap());
         for slot in 0..6 {
-            up.push(1, slot, if slot == 2 { &v6 } else { &to1 }, None);
+            up.push(1, slot, if slot == 2 { &v6 } else { &to1 }, Header::None);
         }
         let sent = up.flush(&rx, batch_io, fds);
         assert_eq!((sent.packets, sent.bytes, sent.dropped), (5, 500, 1));
@@ -850,6 +925,85 @@ mod tests {
     #[test]
     fn portable_pktinfo_round_trip() {
         pktinfo_round_trip(false);
+    }
+
+    /// A `v2-first` header whose datagram the kernel refuses (too big with the header on)
+    /// goes in front of the session's next datagram of the batch; one with no datagram left to
+    /// pass to, or whose socket is gone, is reported lost.
+    fn first_headers_pass_on(batch_io: bool) {
+        let (a, b) = pair();
+        let (u1, u2) = pair();
+        let (p1, p2) = pair();
+        b.send_to(&[0; 65507], a.local_addr().unwrap()).unwrap();
+        b.send_to(&[1; 100], a.local_addr().unwrap()).unwrap();
+        b.send_to(&[2; 100], a.local_addr().unwrap()).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let mut rx = RecvBatch::new();
+        assert_eq!(rx.recv(a.as_raw_fd(), batch_io, false).unwrap(), 3);
+        let header = |client_port: u16| {
+            ProxyHeader::new(
+                crate::proxy_protocol::HeaderTransport::Dgram,
+                SocketAddr::from(([192, 0, 2, 1], client_port)),
+                "192.0.2.2:7777".parse().unwrap(),
+            )
+        };
+        let [hx, hy, hz, hw, hv, hv2] = [1, 2, 3, 4, 5, 6].map(header);
+        let to1 = SockAddr::from(p1.local_addr().unwrap());
+        let to2 = SockAddr::from(p2.local_addr().unwrap());
+        let mut up = UpstreamBatch::new();
+        // (socket, receive slot, destination, header): slot 0 is too big for any header.
+        let entries = [
+            (1, 0, &to1, Header::First(&hx)),  // refused: hx passes to entry 1
+            (1, 1, &to1, Header::None),        // leaves with hx
+            (1, 2, &to1, Header::None),        // leaves bare
+            (1, 0, &to2, Header::First(&hy)),  // refused, nothing after it: lost
+            (2, 1, &to1, Header::First(&hz)),  // leaves with hz
+            (9, 2, &to1, Header::First(&hw)),  // socket gone: lost
+            (2, 0, &to2, Header::First(&hv)),  // refused; the next has its own header: lost
+            (2, 2, &to2, Header::First(&hv2)), // leaves with hv2
+        ];
+        for (e, (socket, slot, dest, h)) in entries.into_iter().enumerate() {
+            assert_eq!(up.next_entry(), e);
+            up.push(socket, slot, dest, h);
+        }
+        let fds = |n: u32| match n {
+            1 => Some(u1.as_raw_fd()),
+            2 => Some(u2.as_raw_fd()),
+            _ => None,
+        };
+        let sent = up.flush(&rx, batch_io, fds);
+        assert_eq!((sent.packets, sent.dropped), (4, 4));
+        let lost: Vec<bool> = (0..entries.len()).map(|e| up.header_lost(e)).collect();
+        assert_eq!(lost, [false, false, false, true, false, true, true, false]);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let mut buf = vec![0; 70000];
+        for (peer, from, prefix, data) in [
+            (&p1, &u1, hx.as_bytes(), [1u8; 100]),
+            (&p1, &u1, &[][..], [2; 100]),
+            (&p1, &u2, hz.as_bytes(), [1; 100]),
+            (&p2, &u2, hv2.as_bytes(), [2; 100]),
+        ] {
+            let (len, src) = peer.recv_from(&mut buf).unwrap();
+            assert_eq!(src, from.local_addr().unwrap());
+            assert_eq!(&buf[..prefix.len()], prefix);
+            assert_eq!(&buf[prefix.len()..len], &data[..]);
+        }
+        for peer in [&p1, &p2] {
+            assert_eq!(
+                peer.recv_from(&mut buf).unwrap_err().kind(),
+                io::ErrorKind::WouldBlock
+            );
+        }
+    }
+
+    #[test]
+    fn batched_first_headers_pass_on() {
+        first_headers_pass_on(true);
+    }
+
+    #[test]
+    fn portable_first_headers_pass_on() {
+        first_headers_pass_on(false);
     }
 
     #[test]

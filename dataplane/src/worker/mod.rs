@@ -19,7 +19,7 @@ use crossbeam_channel::{Receiver, Sender};
 use crossbeam_utils::CachePadded;
 use mio::{Events, Poll, Token, Waker};
 
-use crate::batch::{BATCH, RecvBatch, SendQueue, UpstreamBatch};
+use crate::batch::{BATCH, Header, RecvBatch, SendQueue, UpstreamBatch};
 use crate::config::DataPlaneConfig;
 use crate::ctl::{CloseReason, Closing, ControlMsg, WorkerEvent};
 use crate::error::WorkerError;
@@ -101,24 +101,44 @@ pub(crate) struct UdpUpstream {
 
 /// A UDP session's PROXY protocol header, built once when the session (or its move to another
 /// backend) starts.
+///
+/// A `v2-first` header stays pending until a datagram carrying it has left: a datagram that
+/// carries it is queued, the session's others carry none meanwhile, and the flush says whether
+/// it left (the batch passes it to the session's next datagram if its own is lost) or was lost
+/// (pending again, for the next datagram). So a backend never sees the session's traffic
+/// without the header first, and a lost first datagram does not hide the client's address.
 #[derive(Debug)]
 pub(crate) struct ProxyState {
     header: ProxyHeader,
-    /// `v2`: every datagram; `v2-first`: only while `armed`.
+    /// `v2`: every datagram; `v2-first`: one, until it has left.
     every: bool,
-    /// The next datagram carries the header.
-    armed: bool,
+    /// `v2-first`: no datagram carrying the header has left yet.
+    pending: bool,
+    /// `v2-first`: the upstream batch entry queued with the header, until the flush.
+    queued: Option<u8>,
 }
 
 impl ProxyState {
-    /// The header the next datagram carries, if any (disarms a `v2-first` header).
+    /// The header the datagram queued as `entry` of the upstream batch carries.
     #[inline]
-    fn take(&mut self) -> Option<&ProxyHeader> {
-        if !self.armed {
-            return None;
+    fn take(&mut self, entry: usize) -> Header<'_> {
+        if self.every {
+            return Header::Every(&self.header);
         }
-        self.armed = self.every;
-        Some(&self.header)
+        if !self.pending || self.queued.is_some() {
+            return Header::None;
+        }
+        self.queued = Some(entry as u8);
+        Header::First(&self.header)
+    }
+
+    /// The flush's word on the header queued as `entry`: it left, or it was `lost` and is
+    /// pending again. A header queued before the session moved is not this one: ignored.
+    fn settle(&mut self, entry: usize, lost: bool) {
+        if self.queued == Some(entry as u8) {
+            self.queued = None;
+            self.pending = lost;
+        }
     }
 }
 
@@ -200,6 +220,8 @@ pub(crate) struct Worker {
     rx: Option<Box<RecvBatch>>,
     /// Client datagrams of the batch in `rx` on their way upstream.
     upstream_batch: Box<UpstreamBatch>,
+    /// (entry, session) of the `v2-first` headers queued in `upstream_batch`.
+    queued_headers: Vec<(usize, SessionId)>,
     /// The shared upstream sockets of UDP sessions.
     pool: UpstreamPool,
     sessions: SessionTable<Upstream>,
@@ -257,6 +279,7 @@ impl Worker {
             closing_listeners: 0,
             rx: Some(Box::new(RecvBatch::new())),
             upstream_batch: Box::new(UpstreamBatch::new()),
+            queued_headers: Vec::with_capacity(BATCH),
             pool: UpstreamPool::new(
                 setup.config.recv_buffer_bytes,
                 setup.config.send_buffer_bytes,
@@ -504,7 +527,14 @@ impl Worker {
             return;
         };
         session.last_active = now;
-        let header = upstream.proxy.as_mut().and_then(|p| p.take());
+        let entry = self.upstream_batch.next_entry();
+        let header = match upstream.proxy.as_deref_mut() {
+            Some(p) => p.take(entry),
+            None => Header::None,
+        };
+        if matches!(header, Header::First(_)) {
+            self.queued_headers.push((entry, id));
+        }
         self.upstream_batch
             .push(upstream.pool.number(), slot, &upstream.dest, header);
         // The session's own counts include a datagram the kernel then refuses (rare); the
@@ -532,6 +562,15 @@ impl Worker {
             slot.bytes_upstream.add(sent.bytes);
             slot.drop(DropReason::UpstreamSend, sent.dropped);
         }
+        for &(entry, id) in &self.queued_headers {
+            if let Some(session) = self.sessions.get_mut(id)
+                && let Upstream::Udp(upstream) = &mut session.upstream
+                && let Some(proxy) = upstream.proxy.as_deref_mut()
+            {
+                proxy.settle(entry, self.upstream_batch.header_lost(entry));
+            }
+        }
+        self.queued_headers.clear();
     }
 
     /// Tells control about a session of `kind`. Forwarder sessions are not reported: control
@@ -561,7 +600,8 @@ impl Worker {
         Some(Box::new(ProxyState {
             header,
             every: mode == ProxyMode::V2,
-            armed: true,
+            pending: true,
+            queued: None,
         }))
     }
 
