@@ -404,3 +404,54 @@ fn logs_name_backends_and_refusals_are_throttled() {
     let lines = proxy.log().matches("query server: refusing").count();
     assert!((1..=2).contains(&lines), "{lines} refusal lines");
 }
+
+#[test]
+fn a_control_packet_flood_on_a_session_stays_within_its_allowance() {
+    let echo = Echo::plain();
+    let proxy = Proxy::start(&base_config(""), &gameserver("gs", "Ready", echo.addr, ""));
+    let c = session(&proxy);
+    let rejected = || -> f64 {
+        [
+            "unknown",
+            "invalid",
+            "expired",
+            "used",
+            "wrong_port",
+            "wrong_client",
+        ]
+        .iter()
+        .map(|r| {
+            proxy.metric(&format!(
+                r#"udp_director_tokens_rejected_total{{reason="{r}"}}"#
+            ))
+        })
+        .sum()
+    };
+    let limited = r#"udp_director_packets_dropped_total{reason="rate_limited",source="client"}"#;
+    let started = Instant::now();
+    // 2,000 control packets with tokens nobody issued, each a lookup the proxy would make,
+    // with a round trip of game traffic after every 20.
+    let forged = control_packet("00000000-0000-4000-8000-000000000000");
+    for i in 0..2_000 {
+        c.send_to(&forged, proxy.data_addr()).unwrap();
+        if i % 20 == 19 {
+            c.send_to(b"game", proxy.data_addr()).unwrap();
+            assert_eq!(
+                expect_datagram(&c),
+                b"game",
+                "the session keeps its traffic"
+            );
+        }
+    }
+    proxy.eventually("every control packet is accounted for", |p| {
+        rejected() + p.metric(limited) >= 2_000.0
+    });
+    let seconds = started.elapsed().as_secs_f64().ceil();
+    let looked_at = rejected();
+    assert!(
+        looked_at <= 4.0 + 2.0 * seconds,
+        "{looked_at} control packets were looked at in {seconds} s: over the allowance"
+    );
+    assert!(proxy.metric(limited) >= 2_000.0 - looked_at);
+    assert_eq!(proxy.sessions().len(), 1);
+}

@@ -650,6 +650,11 @@ impl Config {
         dp.busy_poll = self.busy_poll;
         dp.rate_limit = self.rate_limit;
         dp.token_keys = self.token_secret.as_ref().map(|t| Arc::clone(&t.keys));
+        // Every query and admin connection the control thread may hold at once, plus its own
+        // (runtime, API client, files).
+        dp.control_fd_reserve = self.max_query_connections
+            + crate::admin::MAX_ADMIN_CONNECTIONS
+            + dataplane::fd_budget::CONTROL_RESERVE_BASE;
         dp
     }
 }

@@ -50,6 +50,9 @@ pub struct DataPlaneConfig {
     pub rate_limit: Option<crate::ratelimit::RateLimit>,
     /// The keys that open sealed tokens (`tokenSecret`); `None`: only UUID tokens.
     pub token_keys: Option<std::sync::Arc<crate::seal::KeyRing>>,
+    /// Descriptors the control thread may need beyond those open when the data plane starts
+    /// (its connection caps and more): kept out of the data plane's budget.
+    pub control_fd_reserve: usize,
 }
 
 /// The settings that can change while the data plane runs (config reload): they apply to new
@@ -101,6 +104,7 @@ impl DataPlaneConfig {
             busy_poll: Duration::ZERO,
             rate_limit: None,
             token_keys: None,
+            control_fd_reserve: crate::fd_budget::CONTROL_RESERVE_BASE,
         }
     }
 }

@@ -27,9 +27,7 @@ use crate::grant::{Backend, BackendId, Grant, TokenId};
 use crate::metrics::{CounterSnapshot, ListenerCounters, WorkerCounters};
 use crate::session::{SessionKind, SessionStats};
 
-/// Longest idle timeout a listener may give its sessions (a year): deadlines stay far from
-/// `Instant` overflow.
-const MAX_IDLE_TIMEOUT: Duration = Duration::from_secs(365 * 86_400);
+use crate::session::MAX_IDLE_TIMEOUT;
 
 /// Capacity of each worker's grant channel: outstanding grants a worker has not looked at yet.
 pub(crate) const GRANT_CHANNEL_CAPACITY: usize = 4096;
@@ -285,6 +283,10 @@ pub struct Controller {
     pub(crate) links: Arc<[WorkerLink]>,
     pub(crate) counters: Arc<[CachePadded<WorkerCounters>]>,
     pub(crate) limits: Arc<crate::limits::SessionLimits>,
+    /// The data plane's descriptors; a listener takes one per worker.
+    pub(crate) budget: Arc<crate::fd_budget::FdBudget>,
+    /// The host's addresses, to tell a target that is one of our own listeners.
+    pub(crate) host: Arc<crate::own_addrs::HostAddrs>,
     pub(crate) registry: Arc<Mutex<PortRegistry>>,
     pub(crate) sockets: SocketSettings,
 }
@@ -310,6 +312,15 @@ impl Controller {
     pub fn open_listener(&self, spec: ListenerSpec) -> Result<OpenedListener, ListenError> {
         let mut registry = self.registry.lock();
         registry.check(&spec)?;
+        let needed = self.links.len();
+        let lease = self
+            .budget
+            .try_take(needed)
+            .ok_or_else(|| ListenError::Descriptors {
+                needed,
+                held: self.budget.held(),
+                allowed: self.budget.allowed(),
+            })?;
         let addr = if spec.bind.port() == 0 {
             unique_port(spec.bind, spec.transport)?
         } else {
@@ -331,6 +342,7 @@ impl Controller {
             addr.port(),
             spec.owner,
             Arc::clone(&counters),
+            lease,
         )?;
         // Sent under the registry lock, so a close of this id can only come after the open in
         // every worker's channel.
@@ -354,6 +366,25 @@ impl Controller {
             addr,
             generation,
         })
+    }
+
+    /// The listener that a session to `target` over `transport` would reach if it were
+    /// opened: `target` is on this host and one of our listeners holds its port. A forwarder
+    /// or route aimed there would proxy to itself without end, so it is refused.
+    pub fn own_listener_at(&self, target: SocketAddr, transport: Transport) -> Option<String> {
+        let holder = self.registry.lock().holder(transport, target.port())?;
+        self.is_local_address(target.ip()).then_some(holder)
+    }
+
+    /// Whether traffic to `ip` stays on this host (loopback, a wildcard, or an address of one
+    /// of its interfaces).
+    pub fn is_local_address(&self, ip: std::net::IpAddr) -> bool {
+        self.host.is_local(ip)
+    }
+
+    /// Descriptors the data plane holds, and may hold (the limit less the control reserve).
+    pub fn descriptors(&self) -> (usize, usize) {
+        (self.budget.held(), self.budget.allowed())
     }
 
     /// The traffic counts of a listener that is open (or closing), to keep and read at
@@ -550,6 +581,8 @@ mod tests {
             links: vec![WorkerLink { grants, tx, waker }].into(),
             counters: vec![CachePadded::new(WorkerCounters::default())].into(),
             limits: Arc::new(crate::limits::SessionLimits::new(1, None)),
+            budget: crate::fd_budget::FdBudget::for_process(0),
+            host: Arc::default(),
             registry: Arc::default(),
             sockets: SocketSettings {
                 recv_buffer_bytes: 1 << 16,

@@ -146,6 +146,20 @@ pub enum ListenError {
     /// The workers are gone.
     #[error("the data plane is shutting down")]
     Stopped,
+    /// Its sockets (one per worker) would eat into the descriptors kept for the control
+    /// thread.
+    #[error(
+        "out of descriptors: {needed} needed, {held} of the data plane's {allowed} in use \
+         (raise the open-file limit)"
+    )]
+    Descriptors {
+        /// Sockets the listener needs (one per worker).
+        needed: usize,
+        /// Descriptors the data plane holds.
+        held: usize,
+        /// Descriptors the data plane may hold.
+        allowed: usize,
+    },
 }
 
 /// Most listeners open at once (ids are `u16`).
@@ -156,6 +170,11 @@ pub(crate) const MAX_LISTENERS: usize = 1 << 16;
 pub(crate) struct PortRegistry {
     /// Indexed by listener id.
     open: Vec<Option<Entry>>,
+    /// The listener holding each (transport, port), so a check costs the same with 10 or
+    /// 10,000 listeners open.
+    by_port: ahash::AHashMap<(Transport, u16), u16>,
+    /// Ids below `open.len()` that are free, lowest first.
+    free: std::collections::BinaryHeap<std::cmp::Reverse<u16>>,
     /// Stamps each opened listener, so a late message about a closed one never touches a
     /// listener that reused its id.
     next_generation: u64,
@@ -170,19 +189,19 @@ struct Entry {
     /// A close was asked; the port stays held until every worker has let go of it.
     closing: bool,
     counters: std::sync::Arc<crate::metrics::ListenerCounters>,
+    /// Its sockets' descriptors, given back when every worker has let go of it.
+    _lease: crate::fd_budget::FdLease,
 }
 
 impl PortRegistry {
     /// The owner holding (transport, port), if any (a closing listener still holds it).
     pub(crate) fn holder(&self, transport: Transport, port: u16) -> Option<String> {
-        self.open.iter().flatten().find_map(|e| {
-            (e.transport == transport && e.port == port && port != 0).then(|| {
-                if e.closing {
-                    format!("{} (closing)", e.owner)
-                } else {
-                    e.owner.clone()
-                }
-            })
+        let id = *self.by_port.get(&(transport, port))?;
+        let e = self.open.get(usize::from(id))?.as_ref()?;
+        Some(if e.closing {
+            format!("{} (closing)", e.owner)
+        } else {
+            e.owner.clone()
         })
     }
 
@@ -206,15 +225,19 @@ impl PortRegistry {
         port: u16,
         owner: String,
         counters: std::sync::Arc<crate::metrics::ListenerCounters>,
+        lease: crate::fd_budget::FdLease,
     ) -> Result<(ListenerId, u64), ListenError> {
-        let slot = match self.open.iter().position(Option::is_none) {
-            Some(slot) => slot,
+        let slot = match self.free.pop() {
+            Some(std::cmp::Reverse(slot)) => usize::from(slot),
             None if self.open.len() < MAX_LISTENERS => {
                 self.open.push(None);
                 self.open.len() - 1
             }
             None => return Err(ListenError::Full { max: MAX_LISTENERS }),
         };
+        if port != 0 {
+            self.by_port.insert((transport, port), slot as u16);
+        }
         self.next_generation += 1;
         self.open[slot] = Some(Entry {
             transport,
@@ -223,6 +246,7 @@ impl PortRegistry {
             generation: self.next_generation,
             closing: false,
             counters,
+            _lease: lease,
         });
         Ok((ListenerId(slot as u16), self.next_generation))
     }
@@ -269,9 +293,12 @@ impl PortRegistry {
     /// reused.
     pub(crate) fn finish_close(&mut self, id: ListenerId, generation: u64) {
         if let Some(slot) = self.open.get_mut(usize::from(id.0))
-            && slot.as_ref().is_some_and(|e| e.generation == generation)
+            && let Some(entry) = slot.take_if(|e| e.generation == generation)
         {
-            *slot = None;
+            if self.by_port.get(&(entry.transport, entry.port)) == Some(&id.0) {
+                self.by_port.remove(&(entry.transport, entry.port));
+            }
+            self.free.push(std::cmp::Reverse(id.0));
         }
     }
 }
@@ -282,6 +309,12 @@ mod tests {
 
     fn counters() -> std::sync::Arc<crate::metrics::ListenerCounters> {
         std::sync::Arc::new(crate::metrics::ListenerCounters::new(1))
+    }
+
+    fn lease() -> crate::fd_budget::FdLease {
+        crate::fd_budget::FdBudget::with_limit(0, Box::new(|| 100))
+            .try_take(1)
+            .unwrap()
     }
 
     fn spec(port: u16) -> ListenerSpec {
@@ -299,10 +332,22 @@ mod tests {
         let mut r = PortRegistry::default();
         r.check(&spec(7777)).unwrap();
         let (a, generation) = r
-            .insert(Transport::Udp, 7777, "data port game".into(), counters())
+            .insert(
+                Transport::Udp,
+                7777,
+                "data port game".into(),
+                counters(),
+                lease(),
+            )
             .unwrap();
         let (b, _) = r
-            .insert(Transport::Udp, 7778, "data port voice".into(), counters())
+            .insert(
+                Transport::Udp,
+                7778,
+                "data port voice".into(),
+                counters(),
+                lease(),
+            )
             .unwrap();
         assert_eq!((a, b), (ListenerId(0), ListenerId(1)));
         let e = r.check(&spec(7777)).unwrap_err().to_string();
@@ -314,7 +359,7 @@ mod tests {
         r.finish_close(a, generation);
         r.check(&spec(7777)).unwrap();
         let (again, new_generation) = r
-            .insert(Transport::Udp, 7777, "x".into(), counters())
+            .insert(Transport::Udp, 7777, "x".into(), counters(), lease())
             .unwrap();
         assert_eq!(again, ListenerId(0), "the lowest free id");
         // A late finish, or a stale close, of the old listener leaves the new one alone.

@@ -44,11 +44,14 @@ pub enum DropReason {
     /// Over `rateLimit` for its source address: a datagram without a session, or a new
     /// session or connection.
     RateLimited,
+    /// A datagram from one of this proxy's own upstream sockets reached one of its listeners:
+    /// a chain of forwarders or routes that leads back to the proxy.
+    Loop,
 }
 
 impl DropReason {
     /// Every reason, in counter-index order.
-    pub const ALL: [Self; 14] = [
+    pub const ALL: [Self; 15] = [
         Self::NoSession,
         Self::TokenRejected,
         Self::MalformedControl,
@@ -63,10 +66,11 @@ impl DropReason {
         Self::StrayReply,
         Self::NoRoute,
         Self::RateLimited,
+        Self::Loop,
     ];
 
     /// The reasons a datagram is dropped, in metric-label order.
-    pub const DATAGRAM: [Self; 12] = [
+    pub const DATAGRAM: [Self; 13] = [
         Self::NoSession,
         Self::TokenRejected,
         Self::MalformedControl,
@@ -79,6 +83,7 @@ impl DropReason {
         Self::StrayReply,
         Self::NoRoute,
         Self::RateLimited,
+        Self::Loop,
     ];
 
     /// The reasons a TCP connection is refused (closed without a session, or when its backend
@@ -113,6 +118,7 @@ impl DropReason {
             Self::StrayReply => "stray_reply",
             Self::NoRoute => "no_route",
             Self::RateLimited => "rate_limited",
+            Self::Loop => "loop",
         }
     }
 
@@ -127,9 +133,11 @@ impl DropReason {
             | Self::NoRoute
             | Self::RateLimited => "client",
             Self::UpstreamSend | Self::UpstreamConnect | Self::StrayReply => "backend",
-            Self::SessionLimit | Self::Draining | Self::UpstreamSetup | Self::DownstreamSend => {
-                "internal"
-            }
+            Self::SessionLimit
+            | Self::Draining
+            | Self::UpstreamSetup
+            | Self::DownstreamSend
+            | Self::Loop => "internal",
         }
     }
 }

@@ -10,15 +10,54 @@ use crossbeam_utils::CachePadded;
 use crate::config::{DataPlaneConfig, WorkerAffinity};
 use crate::ctl::{Controller, GRANT_CHANNEL_CAPACITY, SocketSettings, WorkerEvent, WorkerLink};
 use crate::error::{StartError, WorkerError};
+use crate::fd_budget::{FdBudget, open_descriptors, raise_nofile_limit};
 use crate::grant::NonceLedger;
 use crate::limits::SessionLimits;
 use crate::listener::{ListenerKind, ListenerSpec};
 use crate::liveness::Liveness;
 use crate::metrics::WorkerCounters;
+use crate::own_addrs::OwnPorts;
 use crate::worker::{Worker, WorkerSetup};
 
 /// Data ports a config may declare (more listeners can be opened at run time).
 const MAX_DATA_PORTS: usize = 64;
+
+/// The data plane's descriptor budget: the process limit (raised to the hard limit first) less
+/// what is open now (the control thread's so far) and what control may still need. Said at
+/// start, with what it means for sessions.
+fn descriptor_budget(config: &DataPlaneConfig) -> Arc<FdBudget> {
+    let limit = raise_nofile_limit();
+    let open = open_descriptors().unwrap_or(0);
+    let budget = FdBudget::for_process(open + config.control_fd_reserve);
+    let allowed = budget.allowed();
+    // A UDP session takes a descriptor only when its backend already has a session on every
+    // shared upstream socket of its worker (so 100,000 sessions over 1,000 backends need about
+    // 100 per worker); a TCP connection takes two.
+    let workers = config.workers.get();
+    let tight = allowed < config.max_sessions.min(1 << 20);
+    let how = if tight {
+        log::Level::Warn
+    } else {
+        log::Level::Info
+    };
+    log::log!(
+        how,
+        "descriptors: limit {limit}, {} kept for the control thread, {allowed} for the data \
+         plane: at most {allowed} UDP sessions to one backend address, {} TCP connections, \
+         {} listeners; maxSessions {}{}",
+        budget.reserve(),
+        allowed / 2,
+        allowed / workers,
+        config.max_sessions,
+        if tight {
+            " is above that: past the budget new sessions that need a socket are refused \
+             (upstream_setup)"
+        } else {
+            ""
+        }
+    );
+    budget
+}
 
 /// The running data plane: worker threads plus the handles control needs.
 #[derive(Debug)]
@@ -51,6 +90,8 @@ impl DataPlane {
             config.max_sessions,
             config.max_sessions_per_ip,
         ));
+        let budget = descriptor_budget(&config);
+        let own_ports = Arc::new(OwnPorts::default());
         let (events_tx, events) = crossbeam_channel::unbounded();
         let cores = core_affinity::get_core_ids().unwrap_or_default();
 
@@ -77,6 +118,8 @@ impl DataPlane {
                 counters: Arc::clone(&counters),
                 limits: Arc::clone(&limits),
                 ledger: Arc::clone(&ledger),
+                budget: Arc::clone(&budget),
+                own_ports: Arc::clone(&own_ports),
             })
             .map_err(|source| StartError::Poll { worker: id, source })?;
             links.push(WorkerLink {
@@ -90,6 +133,8 @@ impl DataPlane {
             links: links.into(),
             counters,
             limits: Arc::clone(&limits),
+            budget,
+            host: Arc::default(),
             registry: Arc::default(),
             sockets: SocketSettings {
                 recv_buffer_bytes: config.recv_buffer_bytes,

@@ -134,6 +134,44 @@ fn take(tokens: &mut u32) -> bool {
     }
 }
 
+/// Control packets a session may send at once: a live migration takes one, a client that
+/// retries a lost one a few.
+pub(crate) const CONTROL_BURST: u32 = 4;
+/// Control packets per second a session earns back once its burst is spent.
+pub(crate) const CONTROL_PER_SECOND: u32 = 2;
+
+/// One session's allowance of control packets. Each costs a token lookup, and a sealed one an
+/// AEAD open, so a client with a session must not be able to send them at line rate (they
+/// never reach the per-source limits, which look at session-less datagrams only). Always on,
+/// far above what a real client needs.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ControlBudget {
+    /// In thousandths of a packet.
+    tokens: u32,
+    at: Instant,
+}
+
+impl ControlBudget {
+    /// A full allowance.
+    pub(crate) fn new(now: Instant) -> Self {
+        Self {
+            tokens: CONTROL_BURST * 1000,
+            at: now,
+        }
+    }
+
+    /// Whether one more control packet may be looked at now; takes it if so.
+    pub(crate) fn admit(&mut self, now: Instant) -> bool {
+        let earned = now.saturating_duration_since(self.at).as_millis();
+        let earned = u32::try_from(earned * u128::from(CONTROL_PER_SECOND)).unwrap_or(u32::MAX);
+        if earned > 0 {
+            self.tokens = self.tokens.saturating_add(earned).min(CONTROL_BURST * 1000);
+            self.at = now;
+        }
+        take(&mut self.tokens)
+    }
+}
+
 /// How long an address that ran dry waits for its next datagram: for logs and tests.
 pub fn interval(limit: &RateLimit) -> Duration {
     Duration::from_secs(1) / limit.packets_per_second.max(1)
@@ -141,6 +179,26 @@ pub fn interval(limit: &RateLimit) -> Duration {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_session_gets_a_burst_of_control_packets_then_a_trickle() {
+        let t0 = Instant::now();
+        let mut b = ControlBudget::new(t0);
+        let burst = (0..100).filter(|_| b.admit(t0)).count();
+        assert_eq!(burst, CONTROL_BURST as usize);
+        // A flood over ten seconds gets the rate, no more.
+        let mut passed = 0;
+        for ms in 1..=10_000u64 {
+            if b.admit(t0 + Duration::from_millis(ms)) {
+                passed += 1;
+            }
+        }
+        assert_eq!(passed, 10 * CONTROL_PER_SECOND as usize);
+        // A quiet minute refills the burst, never more.
+        let later = t0 + Duration::from_secs(70);
+        assert_eq!((0..100).filter(|_| b.admit(later)).count(), 4);
+    }
+
     use super::*;
 
     fn limit() -> RateLimit {

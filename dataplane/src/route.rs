@@ -271,6 +271,20 @@ impl RouteTable {
         })
     }
 
+    /// Every (rule key, endpoint) pair [`Self::serves`] holds for, built once so that checking
+    /// many sessions against a new table costs O(1) each.
+    pub fn served(&self) -> ahash::AHashSet<(u64, SocketAddr)> {
+        self.rules
+            .iter()
+            .flat_map(|r| {
+                r.backends
+                    .iter()
+                    .filter(|b| b.weight > 0)
+                    .flat_map(move |b| b.endpoints.iter().map(move |e| (r.key, *e)))
+            })
+            .collect()
+    }
+
     /// A new endpoint for a session of rule `key` whose endpoint left: by the same rule while
     /// it exists, else by the first rule that takes the client. `None`: nowhere to go.
     pub fn rehome(&self, picker: &mut Picker, key: u64, client: SocketAddr) -> Option<Pick> {
@@ -473,6 +487,10 @@ mod tests {
             !new.serves(8, addr("10.0.0.2:1")),
             "another rule's endpoint"
         );
+        let served = new.served();
+        assert_eq!(served.len(), 1);
+        assert!(served.contains(&(7, addr("10.0.0.2:1"))));
+        assert!(!served.contains(&(7, addr("10.0.0.1:1"))));
         let mut p = Picker::default();
         let pick = new.rehome(&mut p, 7, addr("1.1.1.1:1")).unwrap();
         assert_eq!(pick.endpoint, addr("10.0.0.2:1"));

@@ -49,10 +49,22 @@ pub(crate) fn peer_key(addr: SocketAddr) -> SocketAddr {
     }
 }
 
-/// Which socket each backend address's sessions use.
+/// How long a shared upstream socket opened for a peak stays open once no backend address
+/// has a place on it, before it is closed: long enough that a steady load does not open and
+/// close sockets, short enough that the descriptor count returns to the working size.
+pub(crate) const SOCKET_IDLE: Duration = Duration::from_secs(30);
+
+/// Which socket each backend address's sessions use, over sockets numbered `0..open` per
+/// address family.
+///
+/// Invariant: no place is handed out on a socket that is not open. A new socket is asked for
+/// only as the next number (`open`), and counted only once it opened; a failed open changes
+/// nothing, so the next session cannot be handed a number past the sockets that exist.
 #[derive(Debug, Default)]
 pub(crate) struct SocketAssigner {
     targets: AHashMap<SocketAddr, TargetUse>,
+    /// Sockets open, IPv4 and IPv6.
+    open: [u32; 2],
 }
 
 /// The sockets one backend address uses: `0..high_water`, minus those in `free`.
@@ -63,22 +75,42 @@ struct TargetUse {
     free: VecDeque<(u32, Instant)>,
 }
 
+fn family(target: SocketAddr) -> usize {
+    usize::from(target.is_ipv6())
+}
+
 impl SocketAssigner {
     /// A socket for a new session to `target`, one no live session to `target` uses and none
-    /// left within [`PLACE_QUARANTINE`]. It may be the first index past every socket opened so
-    /// far: the caller opens that one.
-    pub(crate) fn acquire(&mut self, target: SocketAddr, now: Instant) -> u32 {
+    /// left within [`PLACE_QUARANTINE`]. When every open socket of its family is taken,
+    /// `open_socket(n)` is asked to open socket `n` (the next number); if that fails, nothing
+    /// is recorded and its error is returned.
+    pub(crate) fn acquire<E>(
+        &mut self,
+        target: SocketAddr,
+        now: Instant,
+        open_socket: impl FnOnce(u32) -> Result<(), E>,
+    ) -> Result<u32, E> {
+        let open = &mut self.open[family(target)];
         let used = self.targets.entry(target).or_default();
-        match used.free.front() {
-            Some(&(index, since)) if now.saturating_duration_since(since) >= PLACE_QUARANTINE => {
-                used.free.pop_front();
-                index
-            }
-            _ => {
-                used.high_water += 1;
-                used.high_water - 1
-            }
+        if let Some(&(index, since)) = used.free.front()
+            && now.saturating_duration_since(since) >= PLACE_QUARANTINE
+        {
+            used.free.pop_front();
+            return Ok(index);
         }
+        let index = used.high_water;
+        debug_assert!(index <= *open, "a place past the open sockets");
+        if index >= *open {
+            if let Err(e) = open_socket(index) {
+                if used.high_water == 0 {
+                    self.targets.remove(&target);
+                }
+                return Err(e);
+            }
+            *open = index + 1;
+        }
+        used.high_water += 1;
+        Ok(index)
     }
 
     /// The session to `target` on socket `index` has ended, moved or was never made.
@@ -93,15 +125,47 @@ impl SocketAssigner {
         used.free.push_back((index, now));
     }
 
-    /// Forgets backend addresses whose every place has been free past the quarantine (their
-    /// sockets stay for other backends). Call now and then.
-    pub(crate) fn sweep(&mut self, now: Instant) {
-        self.targets.retain(|_, used| {
-            used.free.len() < used.high_water as usize
-                || used.free.back().is_some_and(|&(_, since)| {
-                    now.saturating_duration_since(since) < PLACE_QUARANTINE
-                })
+    /// Forgets places free past the quarantine at the top of a backend address's range, and
+    /// backend addresses with no place left (their sockets stay for other backends). Returns,
+    /// per family, how many sockets some backend address still has a place on: those above
+    /// may be closed ([`Self::closed_above`]). Call now and then.
+    pub(crate) fn sweep(&mut self, now: Instant) -> [u32; 2] {
+        let past = |since: Instant| now.saturating_duration_since(since) >= PLACE_QUARANTINE;
+        let mut needed = [0u32; 2];
+        self.targets.retain(|target, used| {
+            while let Some(top) = used.high_water.checked_sub(1)
+                && let Some(at) = used
+                    .free
+                    .iter()
+                    .position(|&(i, since)| i == top && past(since))
+            {
+                used.free.remove(at);
+                used.high_water = top;
+            }
+            let f = family(*target);
+            needed[f] = needed[f].max(used.high_water);
+            used.high_water > 0
         });
+        needed
+    }
+
+    /// The pool closed the sockets of a family from `open` up (none with a place, see
+    /// [`Self::sweep`]).
+    pub(crate) fn closed_above(&mut self, ipv6: bool, open: u32) {
+        let f = usize::from(ipv6);
+        debug_assert!(
+            self.targets
+                .iter()
+                .all(|(t, u)| family(*t) != f || u.high_water <= open),
+            "a socket closed under a place"
+        );
+        self.open[f] = self.open[f].min(open);
+    }
+
+    /// Sockets open per family, as the assigner counts them.
+    #[cfg(test)]
+    fn open(&self) -> [u32; 2] {
+        self.open
     }
 
     /// Backend addresses known.
@@ -149,6 +213,11 @@ mod tests {
         assert_eq!(peer_key(link).to_string(), "[fe80::1%3]:9");
     }
 
+    /// Acquires with every socket opening.
+    fn take(s: &mut SocketAssigner, target: SocketAddr, now: Instant) -> u32 {
+        s.acquire(target, now, |_| Ok::<(), ()>(())).unwrap()
+    }
+
     #[test]
     fn one_session_per_backend_address_and_socket() {
         let a: SocketAddr = "10.0.0.1:7000".parse().unwrap();
@@ -157,19 +226,23 @@ mod tests {
         let mut s = SocketAssigner::default();
         // Three sessions to A need three sockets; B shares them.
         assert_eq!(
-            [s.acquire(a, t0), s.acquire(a, t0), s.acquire(a, t0)],
+            [
+                take(&mut s, a, t0),
+                take(&mut s, a, t0),
+                take(&mut s, a, t0)
+            ],
             [0, 1, 2]
         );
-        assert_eq!([s.acquire(b, t0), s.acquire(b, t0)], [0, 1]);
+        assert_eq!([take(&mut s, b, t0), take(&mut s, b, t0)], [0, 1]);
         // A's socket 1 frees up: within the quarantine a new session to A does not get it
         // (the backend may still send there for the old player)...
         s.release(a, 1, t0);
-        assert_eq!(s.acquire(a, t0 + Duration::from_secs(1)), 3);
+        assert_eq!(take(&mut s, a, t0 + Duration::from_secs(1)), 3);
         // ...after it, it does, oldest first.
         s.release(a, 0, t0 + Duration::from_secs(2));
         let later = t0 + PLACE_QUARANTINE + Duration::from_secs(2);
-        assert_eq!(s.acquire(a, later), 1);
-        assert_eq!(s.acquire(a, later), 0);
+        assert_eq!(take(&mut s, a, later), 1);
+        assert_eq!(take(&mut s, a, later), 0);
         for i in 0..4 {
             s.release(a, i, later);
         }
@@ -181,9 +254,78 @@ mod tests {
         );
         s.sweep(later + PLACE_QUARANTINE);
         assert_eq!(s.targets(), 1, "and forgotten after");
-        assert_eq!(s.acquire(a, later + PLACE_QUARANTINE), 0);
+        assert_eq!(take(&mut s, a, later + PLACE_QUARANTINE), 0);
         // Releasing for an unknown target does nothing.
         s.release("10.9.9.9:1".parse().unwrap(), 0, later);
+    }
+
+    #[test]
+    fn a_socket_that_fails_to_open_is_never_handed_out() {
+        let a: SocketAddr = "10.0.0.1:7000".parse().unwrap();
+        let b: SocketAddr = "10.0.0.2:7000".parse().unwrap();
+        let v6: SocketAddr = "[2001:db8::1]:7000".parse().unwrap();
+        let t0 = Instant::now();
+        let mut s = SocketAssigner::default();
+        let asked = std::cell::RefCell::new(Vec::new());
+        let open_if = |ok: bool, s: &mut SocketAssigner, t: SocketAddr| {
+            s.acquire(t, t0, |n| {
+                asked.borrow_mut().push(n);
+                if ok { Ok(()) } else { Err("EMFILE") }
+            })
+        };
+        assert_eq!(open_if(true, &mut s, a), Ok(0));
+        assert_eq!(open_if(true, &mut s, a), Ok(1));
+        // Out of descriptors: the third session to A is refused, and nothing is recorded...
+        assert_eq!(open_if(false, &mut s, a), Err("EMFILE"));
+        assert_eq!(open_if(false, &mut s, a), Err("EMFILE"));
+        assert_eq!(s.open(), [2, 0]);
+        // ...so B still shares the open sockets, and A, once a socket opens, gets number 2:
+        // never a number past the sockets that exist.
+        assert_eq!(open_if(false, &mut s, b), Ok(0));
+        assert_eq!(open_if(true, &mut s, a), Ok(2));
+        assert_eq!(*asked.borrow(), [0, 1, 2, 2, 2]);
+        // A refused first session of a backend leaves no trace of it; the families count
+        // apart.
+        assert_eq!(open_if(false, &mut s, v6), Err("EMFILE"));
+        assert_eq!(s.targets(), 2);
+        assert_eq!(open_if(true, &mut s, v6), Ok(0));
+        assert_eq!(s.open(), [3, 1]);
+    }
+
+    #[test]
+    fn sockets_opened_for_a_peak_are_closable_once_its_places_are_free() {
+        let a: SocketAddr = "10.0.0.1:7000".parse().unwrap();
+        let t0 = Instant::now();
+        let mut s = SocketAssigner::default();
+        // A peak of 50 sessions to A; one (on socket 0) outlives it.
+        for _ in 0..50 {
+            take(&mut s, a, t0);
+        }
+        for i in 1..50 {
+            s.release(a, i, t0);
+        }
+        assert_eq!(
+            s.sweep(t0),
+            [50, 0],
+            "in quarantine: every socket is needed"
+        );
+        assert_eq!(s.sweep(t0 + PLACE_QUARANTINE), [1, 0]);
+        s.closed_above(false, 1);
+        assert_eq!(s.open(), [1, 0]);
+        // The next session to A opens socket 1 again rather than reusing a closed one.
+        let later = t0 + PLACE_QUARANTINE;
+        let mut opened = None;
+        assert_eq!(
+            s.acquire(a, later, |n| {
+                opened = Some(n);
+                Ok::<(), ()>(())
+            }),
+            Ok(1)
+        );
+        assert_eq!(opened, Some(1));
+        // A place in quarantine in the middle of the range is kept, and so is its socket.
+        s.release(a, 0, later);
+        assert_eq!(s.sweep(later), [2, 0]);
     }
 
     #[test]
@@ -193,8 +335,9 @@ mod tests {
         let mut max = 0;
         for i in 0..100_000u32 {
             let target = SocketAddr::from(([10, 1, (i % 1000 / 250) as u8, (i % 250) as u8], 7000));
-            max = max.max(s.acquire(target, now));
+            max = max.max(take(&mut s, target, now));
         }
         assert_eq!(max + 1, 100);
+        assert_eq!(s.open(), [100, 0]);
     }
 }

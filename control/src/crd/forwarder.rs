@@ -6,6 +6,10 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+/// Longest `idleTimeoutSeconds` (a year), as the CRD's schema says; the file inventory is
+/// held to it too.
+pub const MAX_FORWARDER_IDLE_SECONDS: u64 = 31_536_000;
+
 /// What a forwarder forwards: a UDP port, a TCP port, or both.
 #[derive(CustomResource, Clone, Debug, Deserialize, Eq, JsonSchema, PartialEq, Serialize)]
 #[kube(
@@ -51,7 +55,7 @@ pub struct ForwardPort {
     /// A session ends after this long without traffic in either direction (default: the
     /// config's `sessionTimeoutSeconds`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = 31536000))]
     pub idle_timeout_seconds: Option<u64>,
 }
 

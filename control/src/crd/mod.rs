@@ -7,11 +7,12 @@ pub mod gateway;
 mod route;
 
 pub use forwarder::{
-    ForwardPort, Forwarder, ForwarderInstance, ForwarderSpec, ForwarderStatus, ProxyProtocol,
+    ForwardPort, Forwarder, ForwarderInstance, ForwarderSpec, ForwarderStatus,
+    MAX_FORWARDER_IDLE_SECONDS, ProxyProtocol,
 };
 pub use route::{
-    Route, RouteBackendRef, RouteInstance, RouteMatch, RouteRule, RouteSpec, RouteStatus,
-    ServicePortRef,
+    MAX_ROUTE_TIMEOUT_SECONDS, Route, RouteBackendRef, RouteInstance, RouteMatch, RouteRule,
+    RouteSpec, RouteStatus, ServicePortRef,
 };
 
 use kube::CustomResourceExt;

@@ -9,6 +9,10 @@ use serde::{Deserialize, Serialize};
 
 use super::ProxyProtocol;
 
+/// Longest `spec.sessionTimeoutSeconds` (a day), as the CRD's schema says; the file inventory
+/// is held to it too.
+pub const MAX_ROUTE_TIMEOUT_SECONDS: u64 = 86_400;
+
 /// Which entry point a route serves, and its rules.
 #[derive(CustomResource, Clone, Debug, Deserialize, Eq, JsonSchema, PartialEq, Serialize)]
 #[kube(

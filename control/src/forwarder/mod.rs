@@ -253,6 +253,15 @@ impl Reconciler {
                     None
                 }
                 Ok(()) => match self.resolve(host, snapshot, current.map(|t| t.ip()), now) {
+                    Ok(ip) if let Some(holder) = self.loops_back(&claims, claim, ip) => {
+                        report.problems.push(format!(
+                            "{}: target {} is this proxy's own {holder}: it would forward \
+                             to itself",
+                            claim.label(),
+                            SocketAddr::new(ip, claim.port.target_port)
+                        ));
+                        None
+                    }
                     Ok(ip) => {
                         if let Some(note) = self.dns.stale_reason(host) {
                             report.notes.push(note);
@@ -328,6 +337,27 @@ impl Reconciler {
             };
             crate::status::hand_over(tx, wanted);
         }
+    }
+
+    /// The listener of this proxy that `claim`'s target (`ip`) would reach, if it is on this
+    /// host at a port one of our listeners holds or a forwarder claims (this one included):
+    /// forwarding there loops.
+    fn loops_back(&self, claims: &[Claim<'_>], claim: &Claim<'_>, ip: IpAddr) -> Option<String> {
+        let target = SocketAddr::new(ip, claim.port.target_port);
+        if let Some(holder) = self.controller.own_listener_at(target, claim.transport) {
+            return Some(holder);
+        }
+        let other = claims.iter().find(|c| {
+            c.transport == claim.transport
+                && c.port.listen_port == target.port()
+                && c.verdict.is_ok()
+        })?;
+        self.controller.is_local_address(ip).then(|| {
+            format!(
+                "forwarder {}/{}",
+                other.forwarder.namespace, other.forwarder.name
+            )
+        })
     }
 
     fn want(&self, claim: &Claim<'_>, target: SocketAddr) -> Want {

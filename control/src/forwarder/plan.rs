@@ -5,7 +5,7 @@
 
 use dataplane::Transport;
 
-use crate::crd::{ForwardPort, ForwarderSpec};
+use crate::crd::{ForwardPort, ForwarderSpec, MAX_FORWARDER_IDLE_SECONDS};
 use crate::inventory::Object;
 
 /// apiVersion of `Forwarder` objects.
@@ -54,8 +54,12 @@ impl ForwarderObject {
             if port.target_host.is_empty() || port.target_host.len() > 253 {
                 return Err(format!("{key}.targetHost: must be 1 to 253 characters"));
             }
-            if port.idle_timeout_seconds == Some(0) {
-                return Err(format!("{key}.idleTimeoutSeconds: must be at least 1"));
+            if let Some(s) = port.idle_timeout_seconds
+                && !(1..=MAX_FORWARDER_IDLE_SECONDS).contains(&s)
+            {
+                return Err(format!(
+                    "{key}.idleTimeoutSeconds: must be 1 to {MAX_FORWARDER_IDLE_SECONDS}, not {s}"
+                ));
             }
         }
         let meta = object.raw.get("metadata");
@@ -439,7 +443,12 @@ mod tests {
         );
         assert_eq!(
             bad("{tcp: {listenPort: 1, targetHost: a, targetPort: 1, idleTimeoutSeconds: 0}}"),
-            "spec.tcp.idleTimeoutSeconds: must be at least 1"
+            "spec.tcp.idleTimeoutSeconds: must be 1 to 31536000, not 0"
+        );
+        assert_eq!(
+            bad("{udp: {listenPort: 1, targetHost: a, targetPort: 1, \
+                 idleTimeoutSeconds: 9223372036854775808}}"),
+            "spec.udp.idleTimeoutSeconds: must be 1 to 31536000, not 9223372036854775808"
         );
     }
 

@@ -11,7 +11,7 @@ use std::time::Duration;
 use dataplane::{Cidr, Match, RouteBackend, RouteCounter, RouteTable, Rule};
 use serde_json::Value;
 
-use crate::crd::{RouteBackendRef, RouteSpec, ServicePortRef};
+use crate::crd::{MAX_ROUTE_TIMEOUT_SECONDS, RouteBackendRef, RouteSpec, ServicePortRef};
 use crate::inventory::{Object, SERVICE_NAME_LABEL};
 
 /// apiVersion of `Route` objects.
@@ -52,8 +52,12 @@ impl RouteObject {
         if spec.entry_point.is_empty() {
             return Err("spec.entryPoint: must not be empty".into());
         }
-        if spec.session_timeout_seconds == Some(0) {
-            return Err("spec.sessionTimeoutSeconds: must be at least 1".into());
+        if let Some(s) = spec.session_timeout_seconds
+            && !(1..=MAX_ROUTE_TIMEOUT_SECONDS).contains(&s)
+        {
+            return Err(format!(
+                "spec.sessionTimeoutSeconds: must be 1 to {MAX_ROUTE_TIMEOUT_SECONDS}, not {s}"
+            ));
         }
         if spec.rules.is_empty() {
             return Err("spec.rules: at least one rule is needed".into());
@@ -681,6 +685,18 @@ mod tests {
             ))[0])
             .unwrap_err()
         };
+        let timeout = |t: &str| {
+            RouteObject::from_object(&objects(&format!(
+                "- {{apiVersion: udp-director.dev/v1alpha1, kind: Route, metadata: {{name: r, namespace: g}}, spec: {{entryPoint: e, sessionTimeoutSeconds: {t}, rules: [{{backends: [{{service: s, port: 1}}]}}]}}}}"
+            ))[0])
+            .map(|_| ())
+        };
+        assert_eq!(
+            timeout("9223372036854775808"),
+            Err("spec.sessionTimeoutSeconds: must be 1 to 86400, not 9223372036854775808".into())
+        );
+        assert!(timeout("0").is_err());
+        assert_eq!(timeout("86400"), Ok(()));
         assert!(
             bad("{sourceCidrs: [10.0.0.1/8]}").starts_with("spec.rules[0].match.sourceCidrs[0]: ")
         );

@@ -105,6 +105,8 @@ pub struct Session<S> {
 struct Slot<S> {
     generation: u32,
     session: Option<Session<S>>,
+    /// Its place in its listener's list (`by_listener`), while it holds a session.
+    listed_at: u32,
 }
 
 /// A worker's sessions.
@@ -112,6 +114,9 @@ pub struct SessionTable<S> {
     slots: Vec<Slot<S>>,
     free: Vec<u32>,
     by_key: AHashMap<SessionKey, SessionId>,
+    /// The slots of each listener's sessions (unordered), so a change to one listener touches
+    /// its own sessions only, however many the others have.
+    by_listener: AHashMap<u16, Vec<u32>>,
     wheel: IdleWheel,
 }
 
@@ -123,6 +128,20 @@ impl<S> std::fmt::Debug for SessionTable<S> {
     }
 }
 
+/// Longest idle timeout a session keeps: a longer one (from a CRD or a config) is this. Far
+/// beyond any game's, and far enough from `Instant`'s range that no deadline overflows.
+pub const MAX_IDLE_TIMEOUT: Duration = Duration::from_secs(365 * 86_400);
+
+/// When a session last active at `last_active` expires; never overflows (a timeout past
+/// [`MAX_IDLE_TIMEOUT`] counts as that).
+#[inline]
+pub fn idle_deadline(last_active: Instant, timeout: Duration) -> Instant {
+    let timeout = timeout.min(MAX_IDLE_TIMEOUT);
+    last_active
+        .checked_add(timeout)
+        .unwrap_or_else(|| last_active + Duration::from_secs(86_400))
+}
+
 impl<S> SessionTable<S> {
     /// An empty table; each session ends after its own `idle_timeout` without traffic.
     pub fn new(epoch: Instant) -> Self {
@@ -130,6 +149,7 @@ impl<S> SessionTable<S> {
             slots: Vec::new(),
             free: Vec::new(),
             by_key: AHashMap::new(),
+            by_listener: AHashMap::new(),
             wheel: IdleWheel::new(epoch),
         }
     }
@@ -154,7 +174,7 @@ impl<S> SessionTable<S> {
     /// Adds a session; the caller has checked that `session.key` is not present.
     pub fn insert(&mut self, session: Session<S>) -> SessionId {
         let key = session.key;
-        let deadline = session.last_active + session.idle_timeout;
+        let deadline = idle_deadline(session.last_active, session.idle_timeout);
         let id = match self.free.pop() {
             Some(slot) => {
                 let entry = &mut self.slots[slot as usize];
@@ -169,6 +189,7 @@ impl<S> SessionTable<S> {
                 self.slots.push(Slot {
                     generation: 0,
                     session: Some(session),
+                    listed_at: 0,
                 });
                 SessionId {
                     slot,
@@ -177,8 +198,24 @@ impl<S> SessionTable<S> {
             }
         };
         self.by_key.insert(key, id);
+        let listed = self.by_listener.entry(key.port).or_default();
+        self.slots[id.slot as usize].listed_at = listed.len() as u32;
+        listed.push(id.slot);
         self.wheel.schedule(id, deadline);
         id
+    }
+
+    /// The sessions of listener `port`, in no particular order.
+    pub fn on_listener(&self, port: u16) -> Vec<SessionId> {
+        self.by_listener.get(&port).map_or_else(Vec::new, |slots| {
+            slots
+                .iter()
+                .map(|&slot| SessionId {
+                    slot,
+                    generation: self.slots[slot as usize].generation,
+                })
+                .collect()
+        })
     }
 
     /// The session of a client on a data port.
@@ -195,6 +232,16 @@ impl<S> SessionTable<S> {
             return None;
         }
         slot.session.as_mut()
+    }
+
+    /// The session behind an id, if it still lives, to read.
+    #[inline]
+    pub fn get(&self, id: SessionId) -> Option<&Session<S>> {
+        let slot = self.slots.get(id.slot as usize)?;
+        if slot.generation != id.generation {
+            return None;
+        }
+        slot.session.as_ref()
     }
 
     /// The live session in a slab slot (mio tokens carry only the slot).
@@ -219,7 +266,7 @@ impl<S> SessionTable<S> {
         let shorter = timeout < session.idle_timeout;
         session.idle_timeout = timeout;
         if shorter {
-            let deadline = session.last_active + timeout;
+            let deadline = idle_deadline(session.last_active, timeout);
             self.wheel.schedule(id, deadline);
         }
     }
@@ -232,8 +279,18 @@ impl<S> SessionTable<S> {
         }
         let session = slot.session.take()?;
         slot.generation = slot.generation.wrapping_add(1);
+        let at = slot.listed_at as usize;
         self.free.push(id.slot);
         self.by_key.remove(&session.key);
+        if let Some(listed) = self.by_listener.get_mut(&session.key.port) {
+            listed.swap_remove(at);
+            if let Some(&moved) = listed.get(at) {
+                self.slots[moved as usize].listed_at = at as u32;
+            }
+            if listed.is_empty() {
+                self.by_listener.remove(&session.key.port);
+            }
+        }
         Some(session)
     }
 
@@ -270,7 +327,7 @@ impl<S> SessionTable<S> {
             let Some(session) = self.get_mut(id) else {
                 continue; // removed since it was scheduled
             };
-            let deadline = session.last_active + session.idle_timeout;
+            let deadline = idle_deadline(session.last_active, session.idle_timeout);
             if deadline <= now {
                 if let Some(s) = self.remove(id) {
                     expired.push(s);

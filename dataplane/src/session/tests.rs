@@ -202,3 +202,55 @@ fn a_shortened_timeout_takes_effect_on_time_and_a_longer_one_waits() {
     assert_eq!(ended[1].0, key(2));
     assert!(ended[1].1 >= Duration::from_secs(5), "{ended:?}");
 }
+
+#[test]
+fn a_timeout_of_any_size_never_overflows_a_deadline() {
+    let t0 = Instant::now();
+    let mut table = SessionTable::new(t0);
+    // 2^63 seconds, as a Route's `sessionTimeoutSeconds` could say before it was bounded.
+    let huge = Duration::from_secs(1 << 63);
+    let id = table.insert(session_idle(1, t0, huge));
+    table.set_idle_timeout(id, Duration::MAX);
+    assert!(table.next_timeout(t0).is_some());
+    let mut expired = Vec::new();
+    table.expire_idle(t0 + Duration::from_secs(86_400), &mut expired);
+    assert!(
+        expired.is_empty(),
+        "a day is well within the longest timeout"
+    );
+    assert_eq!(idle_deadline(t0, huge), t0 + MAX_IDLE_TIMEOUT);
+}
+
+#[test]
+fn each_listener_knows_its_own_sessions() {
+    let t0 = Instant::now();
+    let mut table = SessionTable::new(t0);
+    let on = |n: u16, port: u16| {
+        let mut s = session(n, t0);
+        s.key.port = port;
+        s
+    };
+    let a: Vec<SessionId> = (0..5).map(|n| table.insert(on(n, 1))).collect();
+    let b: Vec<SessionId> = (10..13).map(|n| table.insert(on(n, 2))).collect();
+    let sorted = |mut v: Vec<SessionId>| {
+        v.sort_by_key(|id| id.slot());
+        v
+    };
+    assert_eq!(sorted(table.on_listener(1)), a);
+    assert_eq!(sorted(table.on_listener(2)), b);
+    assert!(table.on_listener(3).is_empty());
+    // Removing from the middle and the end keeps the others listed, under live ids.
+    table.remove(a[1]);
+    table.remove(a[4]);
+    assert_eq!(sorted(table.on_listener(1)), vec![a[0], a[2], a[3]]);
+    // A slot reused by another listener's session is listed there, not here.
+    let c = table.insert(on(20, 2));
+    assert_eq!(c.slot(), a[4].slot());
+    assert_eq!(sorted(table.on_listener(1)), vec![a[0], a[2], a[3]]);
+    assert_eq!(table.on_listener(2).len(), 4);
+    for id in table.on_listener(2) {
+        table.remove(id);
+    }
+    assert!(table.on_listener(2).is_empty());
+    assert_eq!(table.len(), 3);
+}

@@ -203,16 +203,19 @@ impl Worker {
         let old = std::mem::replace(&mut listener.kind, kind.clone());
         listener.idle_timeout = idle_timeout;
         listener.picker.reset();
+        // This listener's sessions only: a change to one listener costs what it has, however
+        // many sessions the others hold.
         let on_this_port = |sessions: &crate::session::SessionTable<super::Upstream>,
                             udp_only: bool| {
-            sessions
-                .iter()
-                .filter(|(_, s)| {
-                    usize::from(s.key.port) == index
-                        && (!udp_only || s.upstream.transport() == Transport::Udp)
-                })
-                .map(|(id, _)| id)
-                .collect::<Vec<SessionId>>()
+            let mut ids = sessions.on_listener(index as u16);
+            if udp_only {
+                ids.retain(|&id| {
+                    sessions
+                        .get(id)
+                        .is_some_and(|s| s.upstream.transport() == Transport::Udp)
+                });
+            }
+            ids
         };
         let (target, backend, proxy) = match (old, kind) {
             (ListenerKind::TokenPort, ListenerKind::TokenPort) => return,
@@ -295,13 +298,16 @@ impl Worker {
     /// endpoint) and counted; one with nowhere to go ends, counted as `no_route`. TCP
     /// connections keep their endpoint until they close.
     fn rehome_route_sessions(&mut self, index: usize, table: &RouteTable, now: Instant) {
+        // Once per swap, so each of the listener's sessions is checked in O(1).
+        let served = table.served();
         let stranded: Vec<(SessionId, u64, SocketAddr, Option<std::net::IpAddr>)> = self
             .sessions
-            .iter()
+            .on_listener(index as u16)
+            .into_iter()
+            .filter_map(|id| Some((id, self.sessions.get(id)?)))
             .filter(|(_, s)| {
-                usize::from(s.key.port) == index
-                    && s.upstream.transport() == Transport::Udp
-                    && !table.serves(s.backend.0, s.target)
+                s.upstream.transport() == Transport::Udp
+                    && !served.contains(&(s.backend.0, s.target))
             })
             .map(|(id, s)| (id, s.backend.0, s.key.client, s.local))
             .collect();
@@ -391,7 +397,7 @@ impl Worker {
     fn set_closing(&mut self, index: usize, closing: Arc<Closing>) {
         if let Some(listener) = self.listeners[index].as_mut() {
             listener.closing = Some(closing);
-            self.closing_listeners += 1;
+            self.closing_listeners.push(index);
         }
     }
 
@@ -410,11 +416,11 @@ impl Worker {
 
     /// Looks at every draining listener (they may have drained on other workers).
     pub(super) fn retire_drained_listeners(&mut self) {
-        if self.closing_listeners == 0 {
-            return;
-        }
-        for index in 0..self.listeners.len() {
-            self.retire_listener_if_drained(index);
+        // The closing ones only (a dirty list), never every listener.
+        for at in (0..self.closing_listeners.len()).rev() {
+            if let Some(&index) = self.closing_listeners.get(at) {
+                self.retire_listener_if_drained(index);
+            }
         }
     }
 
@@ -436,7 +442,7 @@ impl Worker {
             let closing = listener.closing.take();
             drop(listener);
             if let Some(closing) = closing {
-                self.closing_listeners -= 1;
+                self.closing_listeners.retain(|&i| i != index);
                 closing.release();
             }
         }

@@ -23,14 +23,16 @@ use crate::batch::{BATCH, Header, RecvBatch, SendQueue, UpstreamBatch};
 use crate::config::DataPlaneConfig;
 use crate::ctl::{CloseReason, Closing, ControlMsg, WorkerEvent};
 use crate::error::WorkerError;
+use crate::fd_budget::FdBudget;
 use crate::grant::{Backend, Grant, NonceLedger, TokenId};
 use crate::limits::SessionLimits;
 use crate::listener::{ListenerKind, MAX_LISTENERS, Transport};
 use crate::liveness::{BEAT_INTERVAL, Heartbeat};
 use crate::metrics::{DropReason, ListenerCounters, ListenerSlot, WorkerCounters};
+use crate::own_addrs::OwnPorts;
 use crate::packet::control_body;
 use crate::proxy_protocol::{HeaderTransport, ProxyHeader, ProxyMode};
-use crate::ratelimit::RateLimiter;
+use crate::ratelimit::{ControlBudget, RateLimiter};
 use crate::route::Picker;
 use crate::seal::KeyRing;
 use crate::session::{Session, SessionId, SessionKey, SessionKind, SessionTable};
@@ -97,6 +99,8 @@ pub(crate) struct UdpUpstream {
     dest: socket2::SockAddr,
     /// PROXY protocol v2 header for this path to the backend, when its `proxyProtocol` asks.
     proxy: Option<Box<ProxyState>>,
+    /// The control packets this session may still send.
+    control: ControlBudget,
 }
 
 /// A UDP session's PROXY protocol header, built once when the session (or its move to another
@@ -201,6 +205,10 @@ pub(crate) struct WorkerSetup<'a> {
     pub(crate) counters: Arc<[CachePadded<WorkerCounters>]>,
     pub(crate) limits: Arc<SessionLimits>,
     pub(crate) ledger: Arc<NonceLedger>,
+    /// The descriptors sessions may take.
+    pub(crate) budget: Arc<FdBudget>,
+    /// The local ports of every worker's upstream sockets.
+    pub(crate) own_ports: Arc<OwnPorts>,
 }
 
 pub(crate) struct Worker {
@@ -213,9 +221,9 @@ pub(crate) struct Worker {
     limits: Arc<SessionLimits>,
     /// Indexed by listener id; `None` where no listener is open.
     listeners: Vec<Option<Listener>>,
-    /// Listeners of `listeners` that are closing (draining), so the loop looks at them only
-    /// when there are any.
-    closing_listeners: usize,
+    /// The indexes of the listeners that are closing (draining): the loop looks at these,
+    /// never at every listener.
+    closing_listeners: Vec<usize>,
     /// Taken out while a batch is processed, so handlers can borrow the rest of `self`.
     rx: Option<Box<RecvBatch>>,
     /// Client datagrams of the batch in `rx` on their way upstream.
@@ -238,6 +246,8 @@ pub(crate) struct Worker {
     control_magic: Box<[u8]>,
     batch_io: bool,
     busy_poll: Duration,
+    /// The local ports of every worker's upstream sockets, to tell our own datagrams.
+    own_ports: Arc<OwnPorts>,
     /// Per-source buckets for datagrams without a session and new sessions (`rateLimit`).
     rate_limiter: Option<Box<RateLimiter>>,
     /// Rate limit of client-triggered warnings.
@@ -276,11 +286,13 @@ impl Worker {
             counters: setup.counters,
             limits: setup.limits,
             listeners: Vec::new(),
-            closing_listeners: 0,
+            closing_listeners: Vec::new(),
             rx: Some(Box::new(RecvBatch::new())),
             upstream_batch: Box::new(UpstreamBatch::new()),
             queued_headers: Vec::with_capacity(BATCH),
             pool: UpstreamPool::new(
+                Arc::clone(&setup.budget),
+                Arc::clone(&setup.own_ports),
                 setup.config.recv_buffer_bytes,
                 setup.config.send_buffer_bytes,
             ),
@@ -295,6 +307,7 @@ impl Worker {
             control_magic: setup.config.control_magic.clone().into_boxed_slice(),
             batch_io: setup.config.batch_io,
             busy_poll: setup.config.busy_poll,
+            own_ports: setup.own_ports,
             rate_limiter: setup
                 .config
                 .rate_limit
@@ -383,10 +396,11 @@ impl Worker {
         {
             return Some(Duration::ZERO);
         }
-        let grants =
-            (!self.grants.is_empty()).then(|| self.next_grant_sweep.saturating_duration_since(now));
+        // Grants to drop, or sockets of a passed peak to close.
+        let grants = (!self.grants.is_empty() || self.pool.may_shrink())
+            .then(|| self.next_grant_sweep.saturating_duration_since(now));
         // A draining listener may finish on another worker: look again now and then.
-        let closing = (self.closing_listeners > 0).then_some(CLOSING_CHECK_INTERVAL);
+        let closing = (!self.closing_listeners.is_empty()).then_some(CLOSING_CHECK_INTERVAL);
         let pending = self.pending_tcp.next_timeout(now);
         [self.sessions.next_timeout(now), grants, closing, pending]
             .into_iter()
@@ -498,12 +512,22 @@ impl Worker {
         match self.sessions.find(&key) {
             Some(id) => {
                 if resets && let Some(body) = control_body(datagram, &self.control_magic) {
-                    self.reset_session(id, body, now);
+                    if self.control_allowed(id, now) {
+                        self.reset_session(id, body, now);
+                    } else {
+                        self.counters().drop(DropReason::RateLimited, 1);
+                        self.count_on_listener(port, DropReason::RateLimited);
+                    }
                 } else {
                     self.forward_upstream(id, arrival.slot, datagram.len(), now);
                 }
             }
             None => {
+                if self.is_own_datagram(port, arrival, from) {
+                    self.counters().drop(DropReason::Loop, 1);
+                    self.count_on_listener(port, DropReason::Loop);
+                    return;
+                }
                 // A flood from one address costs a table lookup, nothing more.
                 if let Some(rl) = &mut self.rate_limiter
                     && !rl.admit_packet(key.client.ip(), now)
@@ -515,6 +539,26 @@ impl Worker {
                 self.open_session(key, from, arrival, datagram, now);
             }
         }
+    }
+
+    /// Whether session `id` may have one more control packet looked at now (its allowance,
+    /// [`ControlBudget`]); takes it if so.
+    fn control_allowed(&mut self, id: SessionId, now: Instant) -> bool {
+        match self.sessions.get_mut(id).map(|s| &mut s.upstream) {
+            Some(Upstream::Udp(upstream)) => upstream.control.admit(now),
+            _ => false,
+        }
+    }
+
+    /// Whether a datagram from `from` to listener `port` left one of this proxy's own
+    /// upstream sockets: some chain of forwarders or routes leads back here, and opening a
+    /// session for it would loop without end. Checked for session-less datagrams only.
+    fn is_own_datagram(&self, port: usize, arrival: Arrival, from: SocketAddr) -> bool {
+        let Some(listener) = self.listeners.get(port).and_then(Option::as_ref) else {
+            return false;
+        };
+        let to = arrival.local.unwrap_or(listener.local.ip());
+        self.own_ports.is_own(from.ip(), from.port(), to)
     }
 
     /// Queues datagram `slot` of the receive batch (`len` bytes) for the session's backend; it
@@ -787,7 +831,11 @@ impl Worker {
         }
         self.next_grant_sweep = now + GRANT_SWEEP_INTERVAL;
         self.grants.retain(|_, g| !g.is_spent(now));
-        self.pool.sweep(now);
+        if self.pool.sweep(self.poll.registry(), now) > 0 {
+            self.counters()
+                .upstream_sockets
+                .set(self.pool.sockets() as u64);
+        }
     }
 
     fn close_session(&mut self, id: SessionId, reason: CloseReason) {

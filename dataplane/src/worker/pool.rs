@@ -1,18 +1,23 @@
 //! A worker's shared upstream sockets (the assignment is sans-io in `crate::upstream`):
-//! opened as sessions need them, each knowing the session behind every backend address it
-//! serves, so a reply is routed by (socket, source address).
+//! opened as sessions need them, within the data plane's descriptor budget, each knowing the
+//! session behind every backend address it serves, so a reply is routed by (socket, source
+//! address); closed again when a peak has passed.
 
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
 use std::time::Instant;
 
+use std::sync::Arc;
+
 use ahash::AHashMap;
 use mio::{Interest, Registry, Token};
 
+use crate::fd_budget::{FdBudget, FdLease};
+use crate::own_addrs::OwnPorts;
 use crate::session::SessionId;
 use crate::socket::bind_upstream_udp;
-use crate::upstream::{SocketAssigner, peer_key};
+use crate::upstream::{SOCKET_IDLE, SocketAssigner, peer_key};
 
 use super::FIRST_POOL;
 
@@ -54,6 +59,26 @@ struct PoolSocket {
     socket: mio::net::UdpSocket,
     /// The session each backend address this socket serves belongs to.
     peers: AHashMap<SocketAddr, SessionId>,
+    /// Since when it has served no session (`None` while it serves one).
+    idle_since: Option<Instant>,
+    /// Its local port (in [`OwnPorts`] while it is open).
+    port: u16,
+    /// Its descriptor, paid for from the data plane's budget.
+    _lease: FdLease,
+}
+
+/// Why a session got no place on a shared upstream socket.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum PlaceError {
+    /// A wildcard, broadcast or multicast backend, or port 0: every datagram would fail.
+    #[error("not a unicast address a session can send to")]
+    NotUnicast,
+    /// Opening one more socket would eat into the descriptors kept for the control thread.
+    #[error("the descriptor budget is spent ({held} of {allowed} held by the data plane)")]
+    Budget { held: usize, allowed: usize },
+    /// The kernel refused a socket (EMFILE, ENFILE, ENOBUFS, ENOMEM, ...).
+    #[error("cannot open an upstream socket: {0}")]
+    Open(#[source] io::Error),
 }
 
 /// The shared upstream sockets of one worker.
@@ -62,56 +87,73 @@ pub(super) struct UpstreamPool {
     v4: Vec<PoolSocket>,
     v6: Vec<PoolSocket>,
     assigner: SocketAssigner,
+    budget: Arc<FdBudget>,
+    own_ports: Arc<OwnPorts>,
     recv_buffer_bytes: usize,
     send_buffer_bytes: usize,
 }
 
 impl UpstreamPool {
-    pub(super) fn new(recv_buffer_bytes: usize, send_buffer_bytes: usize) -> Self {
+    pub(super) fn new(
+        budget: Arc<FdBudget>,
+        own_ports: Arc<OwnPorts>,
+        recv_buffer_bytes: usize,
+        send_buffer_bytes: usize,
+    ) -> Self {
         Self {
             v4: Vec::new(),
             v6: Vec::new(),
             assigner: SocketAssigner::default(),
+            budget,
+            own_ports,
             recv_buffer_bytes,
             send_buffer_bytes,
         }
     }
 
     /// A socket for `session` to `target` (in [`peer_key`] form): one that serves no other
-    /// session to `target`, opened (and registered) if every open one does.
+    /// session to `target`, opened (and registered) if every open one does. A socket that
+    /// cannot be opened refuses this session only.
     pub(super) fn acquire(
         &mut self,
         target: SocketAddr,
         session: SessionId,
         registry: &Registry,
         now: Instant,
-    ) -> io::Result<PoolRef> {
-        let index = self.assigner.acquire(target, now);
+    ) -> Result<PoolRef, PlaceError> {
         let ipv6 = target.is_ipv6();
-        let pool = PoolRef::new(index, ipv6);
         let sockets = if ipv6 { &mut self.v6 } else { &mut self.v4 };
-        if index as usize == sockets.len() {
-            let opened = bind_upstream_udp(ipv6, self.recv_buffer_bytes, self.send_buffer_bytes)
-                .and_then(|mut socket| {
-                    registry
-                        .register(&mut socket, pool.token(), Interest::READABLE)
-                        .map(|()| socket)
-                });
-            match opened {
-                Ok(socket) => sockets.push(PoolSocket {
-                    socket,
-                    peers: AHashMap::new(),
-                }),
-                Err(e) => {
-                    // Never used: no quarantine needed, but the assigner cannot tell; a socket
-                    // that failed to open is rare enough.
-                    self.assigner.release(target, index, now);
-                    return Err(e);
-                }
-            }
-        }
-        sockets[index as usize].peers.insert(target, session);
-        Ok(pool)
+        let (budget, own_ports) = (&self.budget, &self.own_ports);
+        let (recv, send) = (self.recv_buffer_bytes, self.send_buffer_bytes);
+        let index = self.assigner.acquire(target, now, |index| {
+            debug_assert_eq!(index as usize, sockets.len());
+            let lease = budget.try_take(1).ok_or_else(|| PlaceError::Budget {
+                held: budget.held(),
+                allowed: budget.allowed(),
+            })?;
+            let mut socket = bind_upstream_udp(ipv6, recv, send).map_err(PlaceError::Open)?;
+            registry
+                .register(
+                    &mut socket,
+                    PoolRef::new(index, ipv6).token(),
+                    Interest::READABLE,
+                )
+                .map_err(PlaceError::Open)?;
+            let port = socket.local_addr().map_or(0, |a| a.port());
+            own_ports.add(port);
+            sockets.push(PoolSocket {
+                socket,
+                peers: AHashMap::new(),
+                idle_since: None,
+                port,
+                _lease: lease,
+            });
+            Ok(())
+        })?;
+        let place = &mut sockets[index as usize];
+        place.peers.insert(target, session);
+        place.idle_since = None;
+        Ok(PoolRef::new(index, ipv6))
     }
 
     /// Session `session` to `target` on `pool` has ended, or moved to another socket. A
@@ -131,12 +173,47 @@ impl UpstreamPool {
             return;
         }
         socket.peers.remove(&target);
+        if socket.peers.is_empty() {
+            socket.idle_since = Some(now);
+        }
         self.assigner.release(target, pool.index() as u32, now);
     }
 
-    /// Forgets backends whose places have all been free for a while.
-    pub(super) fn sweep(&mut self, now: Instant) {
-        self.assigner.sweep(now);
+    /// Forgets backends whose places have all been free for a while, and closes the sockets
+    /// opened for a peak once no backend has a place on them and they have served no session
+    /// for [`SOCKET_IDLE`]; returns how many it closed.
+    pub(super) fn sweep(&mut self, registry: &Registry, now: Instant) -> usize {
+        let needed = self.assigner.sweep(now);
+        let mut closed = 0;
+        for (ipv6, sockets) in [(false, &mut self.v4), (true, &mut self.v6)] {
+            let keep = needed[usize::from(ipv6)] as usize;
+            let before = sockets.len();
+            while sockets.len() > keep
+                && let Some(last) = sockets.last()
+                && last.peers.is_empty()
+                && last
+                    .idle_since
+                    .is_some_and(|since| now.saturating_duration_since(since) >= SOCKET_IDLE)
+            {
+                if let Some(mut last) = sockets.pop() {
+                    let _ = registry.deregister(&mut last.socket);
+                    self.own_ports.remove(last.port);
+                }
+            }
+            if sockets.len() < before {
+                closed += before - sockets.len();
+                self.assigner.closed_above(ipv6, sockets.len() as u32);
+            }
+        }
+        closed
+    }
+
+    /// Whether [`Self::sweep`] may have a socket to close later: the last socket of a family
+    /// serves no session (so an idle worker still wakes for a sweep).
+    pub(super) fn may_shrink(&self) -> bool {
+        [&self.v4, &self.v6]
+            .into_iter()
+            .any(|sockets| sockets.last().is_some_and(|s| s.peers.is_empty()))
     }
 
     /// The session whose backend `from` sent a datagram to `pool`.
@@ -168,5 +245,13 @@ impl UpstreamPool {
             &mut self.v4
         };
         sockets.get_mut(pool.index())
+    }
+}
+
+impl Drop for UpstreamPool {
+    fn drop(&mut self) {
+        for socket in self.v4.iter().chain(&self.v6) {
+            self.own_ports.remove(socket.port);
+        }
     }
 }

@@ -2,7 +2,6 @@
 //! socket before a token is spent, and moving a live session (control packet) to a new
 //! backend.
 
-use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -13,11 +12,13 @@ use crate::grant::{BackendId, Grant};
 use crate::listener::{ListenerKind, Transport};
 use crate::metrics::{DropReason, TokenRejectReason};
 use crate::packet::{Presented, classify, parse_token};
+use crate::ratelimit::ControlBudget;
 use crate::route::{Pick, RouteTable};
 use crate::seal::OpenError;
 use crate::session::{Session, SessionId, SessionKey, SessionKind, SessionStats};
 use crate::upstream::{is_unicast_target, peer_key};
 
+use super::pool::PlaceError;
 use super::{Arrival, ORPHAN_IDLE_TIMEOUT, UdpUpstream, Upstream, Worker};
 
 impl Worker {
@@ -290,15 +291,12 @@ impl Worker {
         target: SocketAddr,
         id: SessionId,
         now: Instant,
-    ) -> io::Result<UdpUpstream> {
+    ) -> Result<UdpUpstream, PlaceError> {
         // An IPv4-mapped backend address is an IPv4 backend: sent to from an IPv4 socket, and
         // its replies come from its IPv4 address.
         let key = peer_key(target);
         if !is_unicast_target(key) {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "not a unicast address a session can send to",
-            ));
+            return Err(PlaceError::NotUnicast);
         }
         let pool = self.pool.acquire(key, id, self.poll.registry(), now)?;
         self.counters()
@@ -310,6 +308,7 @@ impl Worker {
             session: id,
             dest: socket2::SockAddr::from(key),
             proxy: None,
+            control: ControlBudget::new(now),
         })
     }
 

@@ -1,0 +1,296 @@
+//! Running out of descriptors is a fault to survive (SPEC §10): a flood of new sources, or a
+//! descriptor limit lowered on the running proxy, refuses only the sessions that needed a new
+//! socket (counted as `upstream_setup`); every worker lives on, live sessions keep forwarding,
+//! the query port, `/healthz` and inventory edits keep working, and new sessions open again once
+//! descriptors free up. Also: forwarders aimed at the proxy itself are refused and loop nowhere.
+
+mod common;
+
+use std::net::{SocketAddr, UdpSocket};
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+
+const ANY: &str = r#"{"resourceType":"gameserver","namespace":"starx"}"#;
+const SETUP_DROPS: &str =
+    r#"udp_director_packets_dropped_total{reason="upstream_setup",source="internal"}"#;
+const LOOP_DROPS: &str = r#"udp_director_packets_dropped_total{reason="loop",source="internal"}"#;
+
+fn forwarder(name: &str, listen: u16, target: SocketAddr, extra: &str) -> String {
+    format!(
+        "- apiVersion: udp-director.dev/v1alpha1\n  kind: Forwarder\n  metadata: {{name: {name}, \
+         namespace: games, creationTimestamp: \"2025-01-01T00:00:00Z\"}}\n  spec: {{udp: \
+         {{listenPort: {listen}, targetHost: \"{}\", targetPort: {}{extra}}}}}\n",
+        target.ip(),
+        target.port()
+    )
+}
+
+/// A Service `voice` in `games` whose one ready endpoint is `endpoint`, and a Route on entry
+/// point `voice` to it.
+fn route_to(endpoint: SocketAddr) -> String {
+    format!(
+        "- {{apiVersion: v1, kind: Service, metadata: {{name: voice, namespace: games}}, spec: {{ports: [{{name: voice, port: 5000}}]}}}}\n\
+         - {{apiVersion: discovery.k8s.io/v1, kind: EndpointSlice, metadata: {{name: voice-1, namespace: games, labels: {{kubernetes.io/service-name: voice}}}}, \
+         ports: [{{name: voice, port: {}}}], endpoints: [{{addresses: [\"{}\"], conditions: {{ready: true}}}}]}}\n\
+         - {{apiVersion: udp-director.dev/v1alpha1, kind: Route, metadata: {{name: voice, namespace: games}}, \
+         spec: {{entryPoint: voice, rules: [{{backends: [{{service: voice, port: voice}}]}}]}}}}\n",
+        endpoint.port(),
+        endpoint.ip()
+    )
+}
+
+fn open_fds(proxy: &Proxy) -> usize {
+    std::fs::read_dir(format!("/proc/{}/fd", proxy.child.id()))
+        .unwrap()
+        .count()
+}
+
+fn set_nofile(proxy: &Proxy, soft: usize) {
+    let out = Command::new("prlimit")
+        .arg(format!("--pid={}", proxy.child.id()))
+        .arg(format!("--nofile={soft}:"))
+        .output()
+        .expect("prlimit (util-linux) runs");
+    assert!(out.status.success(), "{out:?}");
+}
+
+/// One round trip from `c` to `to`.
+fn answers(c: &UdpSocket, to: SocketAddr) -> bool {
+    c.send_to(b"ping", to).unwrap();
+    datagram_within(c, Duration::from_millis(500)).as_deref() == Some(b"ping")
+}
+
+/// Everything control does still works: health, a query, an inventory edit.
+fn control_still_works(proxy: &Proxy, inventory: &str, echo: &Echo, what: &str) {
+    assert_eq!(
+        proxy.http("GET", "/healthz").0,
+        200,
+        "{what}: {}",
+        proxy.log()
+    );
+    assert!(
+        proxy.query(ANY).get("token").is_some(),
+        "{what}: the query port answers"
+    );
+    let edited = format!(
+        "{inventory}{}",
+        gameserver("gs-added", "Ready", echo.addr, ", map: added")
+    );
+    proxy.write_inventory(&edited);
+    proxy.eventually(&format!("{what}: an inventory edit applies"), |p| {
+        p.query(
+            r#"{"resourceType":"gameserver","namespace":"starx","labelSelector":{"map":"added"}}"#,
+        )
+        .get("token")
+        .is_some()
+    });
+    proxy.write_inventory(inventory);
+}
+
+#[test]
+fn twenty_thousand_sources_kill_no_worker_and_their_sockets_are_given_back() {
+    let echo = Echo::plain();
+    let target = Echo::plain();
+    let port = free_port();
+    let inventory = gameserver("gs", "Ready", echo.addr, "")
+        + &forwarder("flooded", port, target.addr, ", idleTimeoutSeconds: 6");
+    let proxy = Proxy::start(&base_config("forwarders: {namespace: games}\n"), &inventory);
+    let at = SocketAddr::from(([127, 0, 0, 1], port));
+    proxy.eventually("the forwarder listens", |_| answers(&client(), at));
+    let player = client();
+    player
+        .send_to(proxy.token(ANY).as_bytes(), proxy.data_addr())
+        .unwrap();
+    assert!(answers(&player, proxy.data_addr()));
+    let before = open_fds(&proxy);
+
+    // 20,000 source addresses, one datagram each, as spoofed UDP gives: every one a session to
+    // the same backend, so each needs a socket of its own, more than the descriptors allow.
+    for i in 0..20_000u32 {
+        let ip = [
+            127,
+            1 + (i / 62_500) as u8,
+            (i / 250 % 250) as u8,
+            (i % 250 + 1) as u8,
+        ];
+        let c = UdpSocket::bind(SocketAddr::from((ip, 0))).unwrap();
+        c.send_to(b"x", at).unwrap();
+        // Paced, so that the datagrams reach the proxy rather than overflow its socket.
+        if i % 500 == 499 {
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+    proxy.eventually("the sessions past the budget are refused", |p| {
+        p.metric(SETUP_DROPS) > 0.0
+            && p.metric("udp_director_sessions_active")
+                + p.metric(SETUP_DROPS)
+                + p.metric("udp_director_sessions_expired_total")
+                >= 19_000.0
+    });
+    let refused = proxy.metric(SETUP_DROPS);
+    assert!(
+        (500.0..20_000.0).contains(&refused),
+        "{refused} refused: the budget ends near the descriptor limit"
+    );
+    assert!(answers(&player, proxy.data_addr()), "the player's session");
+    control_still_works(&proxy, &inventory, &echo, "at the limit");
+    assert!(
+        proxy.log().contains("descriptors: limit"),
+        "{}",
+        proxy.log()
+    );
+
+    // The flood's sessions idle out; once their places leave quarantine, new clients are
+    // served, and the sockets opened for the peak are closed again.
+    proxy.eventually_within(
+        Duration::from_secs(30),
+        "a new client is served again",
+        |_| answers(&client_on("127.0.0.9:0"), at),
+    );
+    proxy.eventually_within(
+        Duration::from_secs(60),
+        "the descriptor count returns to the working size",
+        |p| open_fds(p) <= before + 8,
+    );
+    assert!(answers(&player, proxy.data_addr()));
+    assert_eq!(proxy.http("GET", "/healthz").0, 200);
+}
+
+#[test]
+fn a_limit_lowered_on_the_running_proxy_refuses_only_new_sessions() {
+    let echo = Echo::plain();
+    let voice = Echo::plain();
+    let forwarded = Echo::plain();
+    let port = free_port();
+    let inventory = gameserver("gs", "Ready", echo.addr, "")
+        + &route_to(voice.addr)
+        + &forwarder("fw", port, forwarded.addr, "");
+    let proxy = Proxy::start(
+        &base_config(&format!(
+            "forwarders: {{namespace: games}}\nentryPoints: [{{name: voice, port: 0}}]\n\
+             defaultEndpoint: {ANY}\n"
+        )),
+        &inventory,
+    );
+    let fw = SocketAddr::from(([127, 0, 0, 1], port));
+    let entry = proxy.entry_addr("voice");
+    proxy.eventually("the forwarder listens", |_| answers(&client(), fw));
+    // Live sessions of every kind: token, default, route, forwarder.
+    let player = client();
+    player
+        .send_to(proxy.token(ANY).as_bytes(), proxy.data_addr())
+        .unwrap();
+    let live = [
+        (player, proxy.data_addr()),
+        (client(), proxy.data_addr()),
+        (client(), entry),
+        (client(), fw),
+    ];
+    for (c, to) in &live {
+        assert!(answers(c, *to), "{to}");
+    }
+
+    // The soft limit a few above what the proxy holds: the data plane's budget is spent.
+    set_nofile(&proxy, open_fds(&proxy) + 16);
+    let refused_before = proxy.metric(SETUP_DROPS);
+    for to in [proxy.data_addr(), entry, fw] {
+        for _ in 0..20 {
+            let _ = answers(&client(), to);
+        }
+    }
+    assert!(
+        proxy.metric(SETUP_DROPS) > refused_before,
+        "new sessions are refused and counted"
+    );
+    for (c, to) in &live {
+        assert!(answers(c, *to), "a live session at {to} keeps forwarding");
+    }
+    control_still_works(&proxy, &inventory, &echo, "limit lowered");
+
+    // Raised again: everything answers.
+    set_nofile(&proxy, 20_000);
+    for to in [proxy.data_addr(), entry, fw] {
+        for _ in 0..20 {
+            assert!(answers(&client(), to), "a new client at {to}");
+        }
+    }
+    for (c, to) in &live {
+        assert!(answers(c, *to), "{to}");
+    }
+    assert_eq!(proxy.http("GET", "/healthz").0, 200);
+}
+
+#[test]
+fn forwarders_aimed_at_the_proxy_are_refused_and_nothing_loops() {
+    let echo = Echo::plain();
+    let (a, b, me) = (free_port(), free_port(), free_port());
+    let local = |p: u16| SocketAddr::from(([127, 0, 0, 1], p));
+    let inventory = gameserver("gs", "Ready", echo.addr, "")
+        + &forwarder("self", me, local(me), "")
+        + &forwarder("ping", a, local(b), "")
+        + &forwarder("pong", b, local(a), "")
+        + &forwarder("fine", free_port(), echo.addr, "");
+    let proxy = Proxy::start(&base_config("forwarders: {namespace: games}\n"), &inventory);
+    let view = |p: &Proxy| -> serde_json::Value {
+        serde_json::from_str(&p.http("GET", "/forwarders").1).unwrap()
+    };
+    proxy.eventually("the good forwarder is ready", |p| {
+        view(p)
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f["name"] == "fine" && f["ready"] == true)
+    });
+    for name in ["self", "ping", "pong"] {
+        let v = view(&proxy);
+        let f = v
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["name"] == name)
+            .unwrap();
+        assert_eq!(f["ready"], false, "{name}: {f}");
+        assert!(f.to_string().contains("forward to itself"), "{name}: {f}");
+    }
+    // Nothing listens on the refused ports, so a datagram there goes nowhere; the proxy's
+    // descriptors stay where they are.
+    let before = open_fds(&proxy);
+    let c = client();
+    for p in [a, b, me] {
+        c.send_to(b"x", local(p)).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(open_fds(&proxy) <= before + 2);
+    assert_eq!(proxy.http("GET", "/healthz").0, 200);
+}
+
+#[test]
+fn a_datagram_back_from_our_own_upstream_socket_is_dropped_as_loop() {
+    // A Route whose endpoint is its own entry point: its session's datagram leaves a shared
+    // upstream socket of this proxy and arrives on the entry point again, from that socket.
+    let echo = Echo::plain();
+    let proxy = Proxy::start(
+        &base_config("entryPoints: [{name: voice, port: 0}]\n"),
+        &gameserver("gs", "Ready", echo.addr, ""),
+    );
+    let entry = proxy.entry_addr("voice");
+    proxy.write_inventory(&(gameserver("gs", "Ready", echo.addr, "") + &route_to(entry)));
+    proxy.eventually("the route is ready", |p| {
+        p.http("GET", "/routes").1.contains("\"readyEndpoints\":1")
+    });
+    let c = client();
+    c.send_to(b"round and round", entry).unwrap();
+    proxy.eventually("the looped datagram is dropped as a loop", |p| {
+        p.metric(LOOP_DROPS) >= 1.0
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(proxy.metric(LOOP_DROPS), 1.0, "it went round once, no more");
+    assert_eq!(
+        proxy.metric(r#"udp_director_sessions_created_total{origin="route",protocol="udp"}"#),
+        1.0,
+        "no session for our own datagram"
+    );
+    assert_eq!(proxy.http("GET", "/healthz").0, 200);
+}
