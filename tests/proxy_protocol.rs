@@ -155,6 +155,14 @@ fn a_v2_first_header_waits_for_a_datagram_that_leaves() {
             "{bind}"
         );
         assert_eq!(through(&c, game, b"then"), (None, b"then".to_vec()));
+        // Dropped as the client's doing, not the backend's.
+        let dropped = |reason: &str, source: &str| {
+            proxy.metric(&format!(
+                r#"udp_director_packets_dropped_total{{reason="{reason}",source="{source}"}}"#
+            ))
+        };
+        assert_eq!(dropped("oversize", "client"), 1.0, "{bind}");
+        assert_eq!(dropped("upstream_send", "backend"), 0.0, "{bind}");
     }
 }
 

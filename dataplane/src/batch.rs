@@ -27,6 +27,17 @@ const _: () = assert!(BATCH <= 256);
 /// Room for the largest UDP datagram.
 pub(crate) const SLOT_BYTES: usize = 65_536;
 
+/// The most bytes a UDP datagram to `to` carries: 65,535 less the IPv4 and UDP headers
+/// (65,507), or for IPv6 less the UDP header alone (65,527: an IPv6 payload length leaves out
+/// the IPv6 header). An IPv4-mapped address is IPv4.
+pub(crate) fn max_payload(to: IpAddr) -> usize {
+    if to.to_canonical().is_ipv4() {
+        65_507
+    } else {
+        65_527
+    }
+}
+
 fn zeroed_storage() -> libc::sockaddr_storage {
     // SAFETY: sockaddr_storage is plain old data; all-zero is a valid (AF_UNSPEC) value.
     unsafe { mem::zeroed() }

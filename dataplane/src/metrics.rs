@@ -28,6 +28,9 @@ pub enum DropReason {
     UpstreamSetup,
     /// Sending to the backend failed (e.g. ICMP port unreachable reported on the socket).
     UpstreamSend,
+    /// A client datagram too big to leave for its backend with its PROXY protocol header (if
+    /// any) in front: over 65,507 bytes in all to an IPv4 backend, 65,527 to an IPv6 one.
+    Oversize,
     /// Sending a reply to the client failed or the socket's send buffer was full.
     DownstreamSend,
     /// A TCP client sent no full token within `tcpTokenTimeoutSeconds`, and there is no default
@@ -51,7 +54,7 @@ pub enum DropReason {
 
 impl DropReason {
     /// Every reason, in counter-index order.
-    pub const ALL: [Self; 15] = [
+    pub const ALL: [Self; 16] = [
         Self::NoSession,
         Self::TokenRejected,
         Self::MalformedControl,
@@ -60,6 +63,7 @@ impl DropReason {
         Self::Draining,
         Self::UpstreamSetup,
         Self::UpstreamSend,
+        Self::Oversize,
         Self::DownstreamSend,
         Self::TokenTimeout,
         Self::UpstreamConnect,
@@ -70,7 +74,7 @@ impl DropReason {
     ];
 
     /// The reasons a datagram is dropped, in metric-label order.
-    pub const DATAGRAM: [Self; 13] = [
+    pub const DATAGRAM: [Self; 14] = [
         Self::NoSession,
         Self::TokenRejected,
         Self::MalformedControl,
@@ -79,6 +83,7 @@ impl DropReason {
         Self::Draining,
         Self::UpstreamSetup,
         Self::UpstreamSend,
+        Self::Oversize,
         Self::DownstreamSend,
         Self::StrayReply,
         Self::NoRoute,
@@ -112,6 +117,7 @@ impl DropReason {
             Self::Draining => "draining",
             Self::UpstreamSetup => "upstream_setup",
             Self::UpstreamSend => "upstream_send",
+            Self::Oversize => "oversize",
             Self::DownstreamSend => "downstream_send",
             Self::TokenTimeout => "token_timeout",
             Self::UpstreamConnect => "upstream_connect",
@@ -131,7 +137,8 @@ impl DropReason {
             | Self::IpLimit
             | Self::TokenTimeout
             | Self::NoRoute
-            | Self::RateLimited => "client",
+            | Self::RateLimited
+            | Self::Oversize => "client",
             Self::UpstreamSend | Self::UpstreamConnect | Self::StrayReply => "backend",
             Self::SessionLimit
             | Self::Draining
@@ -454,5 +461,28 @@ impl ListenerStats {
     /// Drops (or refusals) for one reason.
     pub fn dropped(&self, reason: DropReason) -> u64 {
         self.dropped[reason as usize]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reasons_are_listed_in_counter_order_with_their_side() {
+        for (i, reason) in DropReason::ALL.iter().enumerate() {
+            assert_eq!(*reason as usize, i, "{reason:?}");
+        }
+        for reason in DropReason::DATAGRAM.iter().chain(&DropReason::CONNECTION) {
+            assert!(DropReason::ALL.contains(reason));
+            assert!(["client", "backend", "internal"].contains(&reason.source()));
+        }
+        // A datagram too big to forward is the client's doing, not the backend's.
+        assert!(DropReason::DATAGRAM.contains(&DropReason::Oversize));
+        assert_eq!(
+            (DropReason::Oversize.as_str(), DropReason::Oversize.source()),
+            ("oversize", "client")
+        );
+        assert_eq!(DropReason::UpstreamSend.source(), "backend");
     }
 }

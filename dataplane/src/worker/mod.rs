@@ -19,7 +19,7 @@ use crossbeam_channel::{Receiver, Sender};
 use crossbeam_utils::CachePadded;
 use mio::{Events, Poll, Token, Waker};
 
-use crate::batch::{BATCH, Header, RecvBatch, SendQueue, UpstreamBatch};
+use crate::batch::{BATCH, Header, RecvBatch, SendQueue, UpstreamBatch, max_payload};
 use crate::config::DataPlaneConfig;
 use crate::ctl::{CloseReason, Closing, ControlMsg, WorkerEvent};
 use crate::error::WorkerError;
@@ -134,6 +134,16 @@ impl ProxyState {
         }
         self.queued = Some(entry as u8);
         Header::First(&self.header)
+    }
+
+    /// Bytes of header the next datagram would carry.
+    #[inline]
+    fn next_len(&self) -> usize {
+        if self.every || (self.pending && self.queued.is_none()) {
+            self.header.as_bytes().len()
+        } else {
+            0
+        }
     }
 
     /// The flush's word on the header queued as `entry`: it left, or it was `lost` and is
@@ -571,6 +581,16 @@ impl Worker {
             return;
         };
         session.last_active = now;
+        let header_len = upstream.proxy.as_deref().map_or(0, ProxyState::next_len);
+        if len + header_len > max_payload(upstream.key.ip()) {
+            // The kernel would refuse it: no datagram this big reaches this backend with what
+            // goes in front of it. The client's doing, counted as such; a `v2-first` header
+            // stays pending for the next datagram.
+            let port = usize::from(session.key.port);
+            self.counters().drop(DropReason::Oversize, 1);
+            self.count_on_listener(port, DropReason::Oversize);
+            return;
+        }
         let entry = self.upstream_batch.next_entry();
         let header = match upstream.proxy.as_deref_mut() {
             Some(p) => p.take(entry),
