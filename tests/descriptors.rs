@@ -27,6 +27,33 @@ fn forwarder(name: &str, listen: u16, target: SocketAddr, extra: &str) -> String
     )
 }
 
+fn tcp_forwarder(name: &str, listen: u16, target: SocketAddr) -> String {
+    format!(
+        "- apiVersion: udp-director.dev/v1alpha1\n  kind: Forwarder\n  metadata: {{name: {name}, \
+         namespace: games, creationTimestamp: \"2025-01-01T00:00:00Z\"}}\n  spec: {{tcp: \
+         {{listenPort: {listen}, targetHost: \"{}\", targetPort: {}}}}}\n",
+        target.ip(),
+        target.port()
+    )
+}
+
+/// One exchange on a connection to a tagged TCP echo (its tag byte comes first, once).
+fn tcp_answers(s: &mut std::net::TcpStream) -> bool {
+    use std::io::{Read, Write};
+    if s.write_all(b"ping").is_err() {
+        return false;
+    }
+    let mut got = Vec::new();
+    let mut buf = [0u8; 16];
+    while got.len() < 4 || !got.ends_with(b"ping") {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => return false,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+    true
+}
+
 /// A Service `voice` in `games` whose one ready endpoint is `endpoint`, and a Route on entry
 /// point `voice` to it.
 fn route_to(endpoint: SocketAddr) -> String {
@@ -164,9 +191,12 @@ fn a_limit_lowered_on_the_running_proxy_refuses_only_new_sessions() {
     let voice = Echo::plain();
     let forwarded = Echo::plain();
     let port = free_port();
+    let tcp_echo = TcpEcho::tagged(b'T');
+    let tcp_port = free_port();
     let inventory = gameserver("gs", "Ready", echo.addr, "")
         + &route_to(voice.addr)
-        + &forwarder("fw", port, forwarded.addr, "");
+        + &forwarder("fw", port, forwarded.addr, "")
+        + &tcp_forwarder("tcp-fw", tcp_port, tcp_echo.addr);
     let proxy = Proxy::start(
         &base_config(&format!(
             "forwarders: {{namespace: games}}\nentryPoints: [{{name: voice, port: 0}}]\n\
@@ -191,6 +221,12 @@ fn a_limit_lowered_on_the_running_proxy_refuses_only_new_sessions() {
     for (c, to) in &live {
         assert!(answers(c, *to), "{to}");
     }
+    let tcp_at = SocketAddr::from(([127, 0, 0, 1], tcp_port));
+    proxy.eventually("the TCP forwarder listens", |_| {
+        std::net::TcpStream::connect(tcp_at).is_ok()
+    });
+    let mut live_tcp = tcp_client(tcp_at);
+    assert!(tcp_answers(&mut live_tcp));
 
     // The soft limit a few above what the proxy holds: the data plane's budget is spent.
     set_nofile(&proxy, open_fds(&proxy) + 16);
@@ -204,6 +240,14 @@ fn a_limit_lowered_on_the_running_proxy_refuses_only_new_sessions() {
         proxy.metric(SETUP_DROPS) > refused_before,
         "new sessions are refused and counted"
     );
+    // A new TCP connection is accepted and closed at once, counted; the live one streams on.
+    let tcp_refused = r#"udp_director_tcp_connections_refused_total{reason="upstream_setup",source="internal"}"#;
+    let mut refused = tcp_client(tcp_at);
+    expect_closed(&mut refused);
+    proxy.eventually("the refused connection is counted", |p| {
+        p.metric(tcp_refused) >= 1.0
+    });
+    assert!(tcp_answers(&mut live_tcp), "the live TCP connection");
     for (c, to) in &live {
         assert!(answers(c, *to), "a live session at {to} keeps forwarding");
     }
@@ -219,6 +263,8 @@ fn a_limit_lowered_on_the_running_proxy_refuses_only_new_sessions() {
     for (c, to) in &live {
         assert!(answers(c, *to), "{to}");
     }
+    assert!(tcp_answers(&mut tcp_client(tcp_at)), "a new TCP connection");
+    assert!(tcp_answers(&mut live_tcp));
     assert_eq!(proxy.http("GET", "/healthz").0, 200);
 }
 

@@ -15,7 +15,7 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use super::{ForwarderTable, add_stats};
 
 /// Data-plane drops that count as forwarder errors, by `type`.
-const DATA_PLANE_ERRORS: [DropReason; 7] = [
+const DATA_PLANE_ERRORS: [DropReason; 9] = [
     DropReason::SessionLimit,
     DropReason::IpLimit,
     DropReason::Draining,
@@ -23,6 +23,8 @@ const DATA_PLANE_ERRORS: [DropReason; 7] = [
     DropReason::UpstreamSend,
     DropReason::DownstreamSend,
     DropReason::UpstreamConnect,
+    DropReason::Oversize,
+    DropReason::Loop,
 ];
 
 /// Reads a [`ForwarderTable`] at scrape time.

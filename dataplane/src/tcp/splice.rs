@@ -158,6 +158,8 @@ pub(crate) struct Splice {
     pub(crate) client: TcpStream,
     /// The connection to the backend (connecting until `connected`).
     pub(crate) upstream: TcpStream,
+    /// The two connections' descriptors, from the data plane's budget.
+    pub(crate) _lease: crate::fd_budget::FdLease,
     /// The backend connection is established.
     pub(crate) connected: bool,
     /// Client → backend.

@@ -18,6 +18,7 @@ use slab::Slab;
 
 use crate::admit::{Admission, Role, admit, trace_refused};
 use crate::ctl::{CloseReason, WorkerEvent};
+use crate::fd_budget::FdLease;
 use crate::grant::{BackendId, Grant};
 use crate::metrics::DropReason;
 use crate::packet::Classified;
@@ -165,6 +166,8 @@ impl TokenWaits {
 #[derive(Debug)]
 struct Pending {
     stream: TcpStream,
+    /// Its descriptors, the backend connection's included.
+    lease: FdLease,
     /// Canonical client address (IPv4 clients of a dual-stack socket as IPv4).
     client: SocketAddr,
     listener: usize,
@@ -211,8 +214,15 @@ impl Worker {
             else {
                 return;
             };
+            // Both of the connection's descriptors (the client's and, once it has a session,
+            // the backend's) come from the budget up front, so a session is never refused
+            // half-way for want of the second.
+            let lease = self.budget.try_take(2);
             match listener.accept() {
-                Ok((stream, from)) => self.on_accepted(port, stream, from, now),
+                Ok((stream, from)) => match lease {
+                    Some(lease) => self.on_accepted(port, stream, lease, from, now),
+                    None => self.refuse_over_budget(port, stream, from, now),
+                },
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 // Out of descriptors or buffers: what is queued stays queued, and no new edge
@@ -231,7 +241,38 @@ impl Worker {
         self.pending_ports.push(port);
     }
 
-    fn on_accepted(&mut self, port: usize, mut stream: TcpStream, from: SocketAddr, now: Instant) {
+    /// A connection accepted with the descriptor budget spent: closed at once and counted
+    /// (its descriptor came out of the control thread's reserve for that moment only), rather
+    /// than left to wait in the backlog for a budget that may not come back soon.
+    fn refuse_over_budget(
+        &mut self,
+        port: usize,
+        stream: TcpStream,
+        from: SocketAddr,
+        now: Instant,
+    ) {
+        drop(stream);
+        self.counters().tcp_accepted.add(1);
+        self.counters().refuse(DropReason::UpstreamSetup);
+        self.count_on_listener(port, DropReason::UpstreamSetup);
+        if let Some(note) = self.warn_gate.admit(now) {
+            log::warn!(
+                "{from}: connection refused: the data plane's descriptor budget is spent \
+                 ({} of {} held){note}",
+                self.budget.held(),
+                self.budget.allowed()
+            );
+        }
+    }
+
+    fn on_accepted(
+        &mut self,
+        port: usize,
+        mut stream: TcpStream,
+        lease: FdLease,
+        from: SocketAddr,
+        now: Instant,
+    ) {
         self.counters().tcp_accepted.add(1);
         let client = SocketAddr::new(from.ip().to_canonical(), from.port());
         if let Some(rl) = &mut self.rate_limiter
@@ -268,7 +309,7 @@ impl Worker {
                     idle_timeout: None,
                     proxy,
                 };
-                self.open_tcp_session(stream, client, port, &admitted, false, false, now);
+                self.open_tcp_session(stream, lease, client, port, &admitted, false, false, now);
                 return;
             }
             Role::Route => {
@@ -289,7 +330,8 @@ impl Worker {
                     idle_timeout: Some(pick.idle_timeout),
                     proxy: pick.proxy,
                 };
-                if self.open_tcp_session(stream, client, port, &admitted, false, false, now) {
+                if self.open_tcp_session(stream, lease, client, port, &admitted, false, false, now)
+                {
                     table.rules[pick.rule].backends[pick.backend].sessions.inc();
                 }
                 return;
@@ -312,6 +354,7 @@ impl Worker {
         let serial = pending.next_serial;
         pending.slab.insert(Pending {
             stream,
+            lease,
             client,
             listener: port,
             prefix: [0; MAX_PREFIX],
@@ -439,7 +482,7 @@ impl Worker {
                     idle_timeout: None,
                     proxy: grant.backend.proxy,
                 };
-                self.open_tcp_session(p.stream, p.client, port, &admitted, eof, true, now);
+                self.open_tcp_session(p.stream, p.lease, p.client, port, &admitted, eof, true, now);
             }
             Admission::Default {
                 backend,
@@ -458,7 +501,7 @@ impl Worker {
                     idle_timeout: None,
                     proxy,
                 };
-                self.open_tcp_session(p.stream, p.client, port, &admitted, eof, true, now);
+                self.open_tcp_session(p.stream, p.lease, p.client, port, &admitted, eof, true, now);
             }
             Admission::Forward {
                 backend,
@@ -475,7 +518,7 @@ impl Worker {
                     idle_timeout: None,
                     proxy,
                 };
-                self.open_tcp_session(p.stream, p.client, port, &admitted, eof, true, now);
+                self.open_tcp_session(p.stream, p.lease, p.client, port, &admitted, eof, true, now);
             }
             // Waiting connections are on token ports only; an entry point admits at accept.
             Admission::Route => {
@@ -504,6 +547,7 @@ impl Worker {
     fn open_tcp_session(
         &mut self,
         mut client_stream: TcpStream,
+        lease: FdLease,
         client: SocketAddr,
         port: usize,
         admitted: &Admitted<'_>,
@@ -586,6 +630,7 @@ impl Worker {
         let splice = Splice {
             client: client_stream,
             upstream,
+            _lease: lease,
             connected: false,
             up: match header {
                 // The header first, then whatever the client sent with its token.
