@@ -193,3 +193,30 @@ fn turning_a_token_port_into_a_forwarder_ends_its_sessions_and_a_new_id_keeps_th
     });
     assert_eq!(proxy.ctl.counters().created(SessionKind::Forwarder), 1);
 }
+
+#[test]
+fn two_forwarders_aimed_at_each_other_loop_once_and_stop() {
+    // The planner refuses such a pair; here they are opened past it, as a chain it could not
+    // see would be. The datagram leaves our upstream socket for B, and B finds it is ours.
+    let proxy = Proxy::start(2, |_| {});
+    let parked = Echo::plain();
+    let a = open(&proxy, Transport::Udp, parked.addr);
+    let b = open(&proxy, Transport::Udp, a.addr);
+    assert!(
+        proxy
+            .ctl
+            .update_listener(&a, forward(b.addr), Duration::from_secs(300))
+    );
+    std::thread::sleep(Duration::from_millis(100));
+    let c = client();
+    c.send_to(b"round and round", a.addr).unwrap();
+    proxy.eventually("the looped datagram is dropped", |p| {
+        p.ctl.counters().dropped(dataplane::DropReason::Loop) == 1
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(proxy.ctl.counters().dropped(dataplane::DropReason::Loop), 1);
+    let sessions = proxy.sessions();
+    assert_eq!(sessions.len(), 1, "{sessions:?}: only the client's, on A");
+    assert_eq!(sessions[0].target, b.addr);
+    assert_eq!(proxy.ctl.counters().created(SessionKind::Forwarder), 1);
+}

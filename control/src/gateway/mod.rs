@@ -204,6 +204,7 @@ impl Reconciler {
                 allow_cross_namespace: false,
                 session_timeout: self.session_timeout,
                 gateway: Some(&granted),
+                own_listener: None,
             };
             let compiled = routes::compile(&objects, inputs, &mut self.counters[i]);
             for (key, table) in compiled.tables {

@@ -138,6 +138,10 @@ fn port_range(text: &str) -> Result<(u16, u16), String> {
 /// Service namespace, Service name).
 pub type Granted<'a> = dyn Fn(&str, &str, &str) -> bool + 'a;
 
+/// The listener of this proxy that an endpoint reached from an entry point (by name) would
+/// land on, if any: a route there would proxy to itself.
+pub type OwnListener<'a> = dyn Fn(&str, SocketAddr) -> Option<String> + 'a;
+
 /// What the compile reads besides the routes.
 #[derive(Clone, Copy)]
 pub struct Inputs<'a> {
@@ -155,6 +159,8 @@ pub struct Inputs<'a> {
     /// says whether one permits route namespace → Service namespace/name), instead of
     /// `allow_cross_namespace`; and an invalid backend keeps its weighted share (dropped).
     pub gateway: Option<&'a Granted<'a>>,
+    /// Tells endpoints that are this proxy's own listeners, which are left out (and said).
+    pub own_listener: Option<&'a OwnListener<'a>>,
 }
 
 impl std::fmt::Debug for Inputs<'_> {
@@ -244,7 +250,19 @@ pub fn compile(routes: &[RouteObject], inputs: Inputs<'_>, counters: &mut Counte
             let mut backends = Vec::new();
             for b in &rule.backends {
                 match endpoints_of(route, b, inputs) {
-                    Ok((service, endpoints)) => {
+                    Ok((service, mut endpoints)) => {
+                        if let Some(own) = inputs.own_listener {
+                            endpoints.retain(|e| match own(&route.spec.entry_point, *e) {
+                                Some(holder) => {
+                                    report.problems.push(format!(
+                                        "Service {service}: endpoint {e} is this proxy's own \
+                                         {holder}: routing there would loop, left out"
+                                    ));
+                                    false
+                                }
+                                None => true,
+                            });
+                        }
                         report.ready_endpoints +=
                             u32::try_from(endpoints.len()).unwrap_or(u32::MAX);
                         if endpoints.is_empty() && b.weight > 0 {
@@ -476,7 +494,45 @@ mod tests {
             allow_cross_namespace: false,
             session_timeout: Duration::from_secs(300),
             gateway: None,
+            own_listener: None,
         }
+    }
+
+    #[test]
+    fn an_endpoint_that_is_the_proxy_itself_is_left_out() {
+        let (services, slices) = (objects(SERVICES), objects(SLICES));
+        let eps = ["voice".to_string()];
+        let r = route(
+            "- {apiVersion: udp-director.dev/v1alpha1, kind: Route, metadata: {name: voice, \
+             namespace: games}, spec: {entryPoint: voice, rules: [{backends: [{service: eu, \
+             port: voice}]}]}}",
+        );
+        let ours: SocketAddr = "10.0.0.2:15000".parse().unwrap();
+        let own = |entry: &str, e: SocketAddr| {
+            assert_eq!(entry, "voice");
+            (e == ours).then(|| "entry point voice".to_string())
+        };
+        let c = compile(
+            &[r],
+            Inputs {
+                own_listener: Some(&own),
+                ..inputs(&services, &slices, &eps)
+            },
+            &mut Counters::default(),
+        );
+        assert_eq!(
+            c.tables["voice"].rules[0].backends[0].endpoints,
+            ["10.0.0.1:15000".parse::<SocketAddr>().unwrap()]
+        );
+        let report = &c.reports[&("games".to_string(), "voice".to_string())];
+        assert_eq!(report.ready_endpoints, 1);
+        assert_eq!(
+            report.problems,
+            [
+                "Service games/eu: endpoint 10.0.0.2:15000 is this proxy's own entry point voice: \
+              routing there would loop, left out"
+            ]
+        );
     }
 
     #[test]

@@ -195,6 +195,14 @@ impl Reconciler {
                 }
             }
         }
+        let own_listener = |entry_point: &str, endpoint: SocketAddr| {
+            let transport = self
+                .entry_points
+                .iter()
+                .find(|e| e.name == entry_point)?
+                .transport;
+            self.controller.own_listener_at(endpoint, transport)
+        };
         let inputs = Inputs {
             services: &snapshot.services,
             slices: &snapshot.endpoint_slices,
@@ -202,6 +210,7 @@ impl Reconciler {
             allow_cross_namespace: self.allow_cross_namespace,
             session_timeout: self.session_timeout,
             gateway: None,
+            own_listener: Some(&own_listener),
         };
         let Compiled { tables, reports } = compile::compile(&routes, inputs, &mut self.counters);
         for (name, table) in tables {
