@@ -215,3 +215,67 @@ fn tcp_connections_pick_by_the_same_rules_and_keep_their_endpoint() {
         matches!(c.read(&mut buf), Ok(0)) && p.ctl.counters().refused(DropReason::NoRoute) >= 1
     });
 }
+
+#[test]
+fn a_route_swap_touches_its_own_sessions_not_the_ten_thousand_of_another_listener() {
+    let proxy = Proxy::start(2, |_| {});
+    // Another entry point with 10,000 sessions over 100 endpoints (nobody needs to answer:
+    // a session opens on its first datagram).
+    let counted = Arc::new(RouteCounter::default());
+    let silent: Vec<SocketAddr> = (1..=100)
+        .map(|i| SocketAddr::from(([127, 3, 0, i], 9)))
+        .collect();
+    let busy = open(
+        &proxy,
+        Transport::Udp,
+        kind(vec![rule(
+            1,
+            Match::default(),
+            vec![backend(1, &silent, &counted)],
+            300,
+        )]),
+    );
+    for i in 0..10_000u32 {
+        let ip = [127, 2, (i / 250) as u8, (i % 250 + 1) as u8];
+        let c = std::net::UdpSocket::bind(SocketAddr::from((ip, 0))).unwrap();
+        c.send_to(b"x", busy.addr).unwrap();
+        if i % 500 == 499 {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    proxy.eventually("10,000 sessions on the busy entry point", |p| {
+        p.ctl.counters().created(SessionKind::Route) >= 10_000
+    });
+    // The swapped entry point: one session, whose endpoint then leaves.
+    let (a, b) = (Echo::tagged(b'A'), Echo::tagged(b'B'));
+    let table = |to: SocketAddr| {
+        kind(vec![rule(
+            2,
+            Match::default(),
+            vec![backend(1, &[to], &counted)],
+            300,
+        )])
+    };
+    let entry = open(&proxy, Transport::Udp, table(a.addr));
+    let c = client();
+    c.send_to(b"1", entry.addr).unwrap();
+    assert_eq!(expect_datagram(&c), b"A1");
+    assert!(
+        proxy
+            .ctl
+            .update_listener(&entry, table(b.addr), Duration::from_secs(300))
+    );
+    proxy.eventually("the swapped entry point's session is re-homed", |p| {
+        p.ctl.counters().sessions_rehomed == 1
+    });
+    c.send_to(b"2", entry.addr).unwrap();
+    assert_eq!(expect_datagram(&c), b"B2");
+    // The busy entry point's sessions are where they were.
+    let sessions = proxy.sessions();
+    let on_busy = sessions
+        .iter()
+        .filter(|s| silent.contains(&s.target))
+        .count();
+    assert_eq!((on_busy, sessions.len()), (10_000, 10_001));
+    assert_eq!(proxy.ctl.counters().sessions_rehomed, 1);
+}

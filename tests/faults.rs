@@ -1,8 +1,9 @@
-//! Running out of descriptors is a fault to survive (SPEC §10): a flood of new sources, or a
-//! descriptor limit lowered on the running proxy, refuses only the sessions that needed a new
-//! socket (counted as `upstream_setup`); every worker lives on, live sessions keep forwarding,
-//! the query port, `/healthz` and inventory edits keep working, and new sessions open again once
-//! descriptors free up. Also: forwarders aimed at the proxy itself are refused and loop nowhere.
+//! Faults are inputs (SPEC §8, §10). Running out of descriptors is survived: a flood of new
+//! sources, or a descriptor limit lowered on the running proxy, refuses only the sessions that
+//! needed a new socket (counted as `upstream_setup`); every worker lives on, live sessions keep
+//! forwarding, the query port, `/healthz` and inventory edits keep working, and new sessions
+//! open again once descriptors free up. Forwarders and routes aimed at the proxy itself are
+//! refused and loop nowhere; a Route's absurd timeout is refused where it is read.
 
 mod common;
 
@@ -339,4 +340,37 @@ fn a_route_whose_endpoint_is_the_proxy_leaves_it_out() {
     assert_eq!(proxy.metric(LOOP_DROPS), 0.0);
     assert!(proxy.sessions().is_empty());
     assert_eq!(proxy.http("GET", "/healthz").0, 200);
+}
+
+#[test]
+fn a_route_with_an_absurd_session_timeout_is_refused_and_kills_nothing() {
+    let echo = Echo::plain();
+    let voice = Echo::plain();
+    let proxy = Proxy::start(
+        &base_config("entryPoints: [{name: voice, port: 0}]\n"),
+        &gameserver("gs", "Ready", echo.addr, ""),
+    );
+    let entry = proxy.entry_addr("voice");
+    // 2^63 seconds: what once overflowed a worker's clock on the route's first client.
+    let huge = route_to(voice.addr).replace(
+        "spec: {entryPoint: voice,",
+        "spec: {entryPoint: voice, sessionTimeoutSeconds: 9223372036854775808,",
+    );
+    assert!(huge.contains("9223372036854775808"));
+    proxy.write_inventory(&(gameserver("gs", "Ready", echo.addr, "") + &huge));
+    // The file inventory takes a file only whole: it is refused, naming the field, and the
+    // last good inventory stays.
+    proxy.eventually("the file is refused, naming the field", |p| {
+        p.log()
+            .contains("spec.sessionTimeoutSeconds: must be 1 to 86400, not 9223372036854775808")
+    });
+    let c = client();
+    for _ in 0..3 {
+        c.send_to(b"hello", entry).unwrap();
+    }
+    expect_nothing(&c, Duration::from_millis(300));
+    assert_eq!(proxy.http("GET", "/healthz").0, 200, "{}", proxy.log());
+    // The fixed route serves, on the same workers.
+    proxy.write_inventory(&(gameserver("gs", "Ready", echo.addr, "") + &route_to(voice.addr)));
+    proxy.eventually("the valid route serves", |_| answers(&client(), entry));
 }
