@@ -286,6 +286,23 @@ impl Collector for DataPlaneCollector {
             MetricType::Gauge,
         )?;
         ConstGauge::new(c.upstream_sockets as i64).encode(gauge)?;
+        let (held, allowed) = self.controller.descriptors();
+        let gauge = encoder.encode_descriptor(
+            "udp_director_dataplane_descriptors",
+            "Descriptors the data plane holds (sockets of listeners, upstream sockets, TCP \
+             connections)",
+            None,
+            MetricType::Gauge,
+        )?;
+        ConstGauge::new(held as i64).encode(gauge)?;
+        let gauge = encoder.encode_descriptor(
+            "udp_director_dataplane_descriptors_allowed",
+            "Descriptors the data plane may hold: the open-file limit less the control thread's \
+             reserve; past it new sessions and listeners are refused",
+            None,
+            MetricType::Gauge,
+        )?;
+        ConstGauge::new(i64::try_from(allowed).unwrap_or(i64::MAX)).encode(gauge)?;
         let snapshot = Arc::clone(&self.inventory.borrow());
         let mut objects = encoder.encode_descriptor(
             "udp_director_inventory_objects",
