@@ -4,6 +4,8 @@
 use std::io;
 use std::net::SocketAddr;
 
+use crate::transport::Transport;
+
 /// Binding a data-port socket failed; one variant per syscall step so the message says which.
 #[derive(Debug, thiserror::Error)]
 pub enum SocketError {
@@ -33,7 +35,7 @@ pub enum SocketError {
     )]
     Taken {
         /// Transport of the port.
-        transport: crate::listener::Transport,
+        transport: Transport,
         /// Address that is taken.
         addr: SocketAddr,
         /// The OS error.
@@ -58,7 +60,7 @@ pub enum StartError {
         /// The data port's name.
         name: String,
         /// Why.
-        source: crate::listener::ListenError,
+        source: ListenError,
     },
     /// The event loop could not be created or a socket not registered.
     #[error("could not set up the event loop of worker {worker}")]
@@ -96,5 +98,46 @@ pub enum WorkerError {
         worker: usize,
         /// The OS error.
         source: io::Error,
+    },
+}
+
+/// Opening a listener failed; nothing was opened.
+#[derive(Debug, thiserror::Error)]
+pub enum ListenError {
+    /// Another listener of this data plane holds the port.
+    #[error("{transport}/{port} is already open for {holder}", transport = .transport.as_str())]
+    Taken {
+        /// Transport.
+        transport: Transport,
+        /// Port.
+        port: u16,
+        /// The owner that holds it.
+        holder: String,
+    },
+    /// The socket could not be bound (another process holds the port, no such address, …).
+    #[error(transparent)]
+    Socket(#[from] SocketError),
+    /// Every listener id is in use.
+    #[error("no free listener id ({max} listeners are open)")]
+    Full {
+        /// Listeners open.
+        max: usize,
+    },
+    /// The workers are gone.
+    #[error("the data plane is shutting down")]
+    Stopped,
+    /// Its sockets (one per worker) would eat into the descriptors kept for the control
+    /// thread.
+    #[error(
+        "out of descriptors: {needed} needed, {held} of the data plane's {allowed} in use \
+         (raise the open-file limit)"
+    )]
+    Descriptors {
+        /// Sockets the listener needs (one per worker).
+        needed: usize,
+        /// Descriptors the data plane holds.
+        held: usize,
+        /// Descriptors the data plane may hold.
+        allowed: usize,
     },
 }

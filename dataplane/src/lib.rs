@@ -35,6 +35,7 @@ pub mod seal;
 pub mod session;
 mod socket;
 mod tcp;
+mod transport;
 mod upstream;
 mod warn_gate;
 mod worker;

@@ -9,6 +9,9 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+pub use crate::error::ListenError;
+pub use crate::transport::Transport;
+
 /// A listener's id: its index in every worker's listener table, and for a token port the
 /// data-port index that grants and backends use.
 #[derive(Clone, Copy, Debug, Eq, Hash, Ord, PartialEq, PartialOrd)]
@@ -64,28 +67,6 @@ impl PartialEq for ListenerKind {
 
 impl Eq for ListenerKind {}
 
-/// Transport of a listener.
-#[derive(Clone, Copy, Debug, Eq, Hash, Ord, PartialEq, PartialOrd)]
-pub enum Transport {
-    /// Datagrams.
-    Udp,
-    /// Streams.
-    Tcp,
-}
-
-impl Transport {
-    /// Every transport, in metric-label order.
-    pub const ALL: [Self; 2] = [Self::Udp, Self::Tcp];
-
-    /// `udp`, as in `udp/7777`.
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            Self::Udp => "udp",
-            Self::Tcp => "tcp",
-        }
-    }
-}
-
 /// A listener to open.
 #[derive(Clone, Debug)]
 pub struct ListenerSpec {
@@ -119,47 +100,6 @@ pub struct OpenedListener {
     pub addr: SocketAddr,
     /// Tells this listener from a later one that reuses its id: a stale handle closes nothing.
     pub generation: u64,
-}
-
-/// Opening a listener failed; nothing was opened.
-#[derive(Debug, thiserror::Error)]
-pub enum ListenError {
-    /// Another listener of this data plane holds the port.
-    #[error("{transport}/{port} is already open for {holder}", transport = .transport.as_str())]
-    Taken {
-        /// Transport.
-        transport: Transport,
-        /// Port.
-        port: u16,
-        /// The owner that holds it.
-        holder: String,
-    },
-    /// The socket could not be bound (another process holds the port, no such address, …).
-    #[error(transparent)]
-    Socket(#[from] crate::error::SocketError),
-    /// Every listener id is in use.
-    #[error("no free listener id ({max} listeners are open)")]
-    Full {
-        /// Listeners open.
-        max: usize,
-    },
-    /// The workers are gone.
-    #[error("the data plane is shutting down")]
-    Stopped,
-    /// Its sockets (one per worker) would eat into the descriptors kept for the control
-    /// thread.
-    #[error(
-        "out of descriptors: {needed} needed, {held} of the data plane's {allowed} in use \
-         (raise the open-file limit)"
-    )]
-    Descriptors {
-        /// Sockets the listener needs (one per worker).
-        needed: usize,
-        /// Descriptors the data plane holds.
-        held: usize,
-        /// Descriptors the data plane may hold.
-        allowed: usize,
-    },
 }
 
 /// Most listeners open at once (ids are `u16`).

@@ -6,6 +6,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+pub use crate::grant::TokenRejectReason;
 use crate::session::SessionKind;
 
 /// Why a datagram was dropped, or a TCP connection refused. Per-datagram and per-connection
@@ -145,48 +146,6 @@ impl DropReason {
             | Self::UpstreamSetup
             | Self::DownstreamSend
             | Self::Loop => "internal",
-        }
-    }
-}
-
-/// Why a token was not redeemed.
-#[derive(Clone, Copy, Debug, Eq, Hash, PartialEq)]
-pub enum TokenRejectReason {
-    /// No grant with this token is known (never issued, or long gone).
-    Unknown,
-    /// The grant's TTL passed.
-    Expired,
-    /// The grant was already redeemed on this data port.
-    Used,
-    /// The grant does not cover this data port.
-    WrongPort,
-    /// A sealed token that did not open: truncated, tampered with, or sealed with a key this
-    /// replica does not hold.
-    Invalid,
-    /// The token is bound to another client address (`bindTokenToClientIp`).
-    WrongClient,
-}
-
-impl TokenRejectReason {
-    /// Every reason, in metric-label order.
-    pub const ALL: [Self; 6] = [
-        Self::Unknown,
-        Self::Expired,
-        Self::Used,
-        Self::WrongPort,
-        Self::Invalid,
-        Self::WrongClient,
-    ];
-
-    /// The metric label value.
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            Self::Unknown => "unknown",
-            Self::Expired => "expired",
-            Self::Used => "used",
-            Self::WrongPort => "wrong_port",
-            Self::Invalid => "invalid",
-            Self::WrongClient => "wrong_client",
         }
     }
 }
