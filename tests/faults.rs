@@ -254,9 +254,20 @@ fn a_limit_lowered_on_the_running_proxy_refuses_only_new_sessions() {
         assert!(answers(c, *to), "a live session at {to} keeps forwarding");
     }
     control_still_works(&proxy, &inventory, &echo, "limit lowered");
+    // A forwarder added now cannot get its sockets: its status says why.
+    let late = free_port();
+    proxy.write_inventory(&format!(
+        "{inventory}{}",
+        forwarder("late", late, forwarded.addr, "")
+    ));
+    proxy.eventually("the late forwarder says it is out of descriptors", |p| {
+        p.http("GET", "/forwarders").1.contains("out of descriptors")
+    });
 
-    // Raised again: everything answers.
+    // Raised again: everything answers, and the late forwarder opens.
     set_nofile(&proxy, 20_000);
+    let late_at = SocketAddr::from(([127, 0, 0, 1], late));
+    proxy.eventually("the late forwarder opens", |_| answers(&client(), late_at));
     for to in [proxy.data_addr(), entry, fw] {
         for _ in 0..20 {
             assert!(answers(&client(), to), "a new client at {to}");
