@@ -18,21 +18,26 @@ const SETUP_DROPS: &str =
     r#"udp_director_packets_dropped_total{reason="upstream_setup",source="internal"}"#;
 const LOOP_DROPS: &str = r#"udp_director_packets_dropped_total{reason="loop",source="internal"}"#;
 
+/// A UDP `Forwarder` list entry; `extra` goes into its port spec.
 fn forwarder(name: &str, listen: u16, target: SocketAddr, extra: &str) -> String {
-    format!(
-        "- apiVersion: udp-director.dev/v1alpha1\n  kind: Forwarder\n  metadata: {{name: {name}, \
-         namespace: games, creationTimestamp: \"2025-01-01T00:00:00Z\"}}\n  spec: {{udp: \
-         {{listenPort: {listen}, targetHost: \"{}\", targetPort: {}{extra}}}}}\n",
-        target.ip(),
-        target.port()
-    )
+    forwarder_on("udp", name, listen, target, extra)
 }
 
 fn tcp_forwarder(name: &str, listen: u16, target: SocketAddr) -> String {
+    forwarder_on("tcp", name, listen, target, "")
+}
+
+fn forwarder_on(
+    protocol: &str,
+    name: &str,
+    listen: u16,
+    target: SocketAddr,
+    extra: &str,
+) -> String {
     format!(
         "- apiVersion: udp-director.dev/v1alpha1\n  kind: Forwarder\n  metadata: {{name: {name}, \
-         namespace: games, creationTimestamp: \"2025-01-01T00:00:00Z\"}}\n  spec: {{tcp: \
-         {{listenPort: {listen}, targetHost: \"{}\", targetPort: {}}}}}\n",
+         namespace: games, creationTimestamp: \"2025-01-01T00:00:00Z\"}}\n  spec: {{{protocol}: \
+         {{listenPort: {listen}, targetHost: \"{}\", targetPort: {}{extra}}}}}\n",
         target.ip(),
         target.port()
     )
@@ -261,7 +266,9 @@ fn a_limit_lowered_on_the_running_proxy_refuses_only_new_sessions() {
         forwarder("late", late, forwarded.addr, "")
     ));
     proxy.eventually("the late forwarder says it is out of descriptors", |p| {
-        p.http("GET", "/forwarders").1.contains("out of descriptors")
+        p.http("GET", "/forwarders")
+            .1
+            .contains("out of descriptors")
     });
 
     // Raised again: everything answers, and the late forwarder opens.
