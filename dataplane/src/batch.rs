@@ -1,10 +1,14 @@
 //! Batched datagram I/O: `recvmmsg`/`sendmmsg` on Linux, one `recvfrom`/`sendto` per datagram
 //! elsewhere (or when batching is switched off, which is how the portable path is tested here).
 //!
-//! [`RecvBatch`] holds datagrams read from an unconnected socket, with their sources.
-//! [`SendQueue`] holds replies bound for clients through one data-port socket. [`UpstreamBatch`]
-//! sends the client datagrams of one `RecvBatch` on to their backends through the worker's
-//! shared upstream sockets, one `sendmmsg` per socket, straight out of the receive buffer.
+//! [`RecvBatch`] holds datagrams read from unconnected sockets, with their sources: a
+//! listener's, or (replies) those of several upstream sockets in turn.
+//! [`UpstreamBatch`] sends the client datagrams of one `RecvBatch` on to their backends through
+//! the worker's shared upstream sockets, and [`ReplyBatch`] the replies held in one `RecvBatch`
+//! (read from the upstream sockets) back to their clients through the listeners' sockets: one
+//! `sendmmsg` per socket, straight out of the receive buffer. Nothing is held per socket, so a
+//! worker's thousands of idle listeners cost it no buffer each. `Addrs` is the address
+//! storage all three share.
 //!
 //! Every slot is [`SLOT_BYTES`] long so that no datagram (up to 65507 bytes of payload) is ever
 //! truncated. The buffers are zero-filled allocations, so pages are touched only when used.
@@ -43,6 +47,41 @@ fn zeroed_storage() -> libc::sockaddr_storage {
     unsafe { mem::zeroed() }
 }
 
+/// The socket addresses of up to [`BATCH`] datagrams in the kernel's form: where each came
+/// from (a receive) or goes (a send).
+struct Addrs {
+    storage: [libc::sockaddr_storage; BATCH],
+    lens: [libc::socklen_t; BATCH],
+}
+
+impl Addrs {
+    fn new() -> Self {
+        Self {
+            storage: [zeroed_storage(); BATCH],
+            lens: [0; BATCH],
+        }
+    }
+
+    /// Copies `addr` into slot `i`.
+    fn set(&mut self, i: usize, addr: &SockAddr) {
+        // SAFETY: `addr.len()` bytes at `addr.as_ptr()` are a valid socket address, and
+        // sockaddr_storage is large enough for any of them.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                addr.as_ptr().cast::<u8>(),
+                (&raw mut self.storage[i]).cast::<u8>(),
+                addr.len() as usize,
+            );
+        }
+        self.lens[i] = addr.len();
+    }
+
+    /// Slot `i` decoded (`None` for a family other than IPv4 and IPv6).
+    fn get(&self, i: usize) -> Option<SocketAddr> {
+        to_socket_addr(&self.storage[i], self.lens[i])
+    }
+}
+
 /// Decodes a kernel-written socket address; `None` for families other than IPv4 and IPv6.
 fn to_socket_addr(storage: &libc::sockaddr_storage, len: libc::socklen_t) -> Option<SocketAddr> {
     use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6};
@@ -79,8 +118,7 @@ fn to_socket_addr(storage: &libc::sockaddr_storage, len: libc::socklen_t) -> Opt
 pub(crate) struct RecvBatch {
     buf: Box<[u8]>,
     lens: [usize; BATCH],
-    addrs: [libc::sockaddr_storage; BATCH],
-    addr_lens: [libc::socklen_t; BATCH],
+    addrs: Addrs,
     ctrls: [CtrlBuf; BATCH],
     locals: [Option<IpAddr>; BATCH],
     count: usize,
@@ -99,33 +137,71 @@ impl RecvBatch {
         Self {
             buf: vec![0; BATCH * SLOT_BYTES].into_boxed_slice(),
             lens: [0; BATCH],
-            addrs: [zeroed_storage(); BATCH],
-            addr_lens: [0; BATCH],
+            addrs: Addrs::new(),
             ctrls: [EMPTY_CTRL; BATCH],
             locals: [None; BATCH],
             count: 0,
         }
     }
 
-    /// Reads up to [`BATCH`] datagrams; `Err(WouldBlock)` when none is waiting. A result below
-    /// `BATCH` means the socket's queue was empty when the call returned. With `pktinfo` (a
-    /// socket with [`crate::pktinfo::enable`]) each datagram's destination address is read too.
+    /// Reads up to [`BATCH`] datagrams in place of those held; `Err(WouldBlock)` when none is
+    /// waiting. A result below `BATCH` means the socket's queue was empty when the call
+    /// returned. With `pktinfo` (a socket with [`crate::pktinfo::enable`]) each datagram's
+    /// destination address is read too.
+    #[cfg(test)]
     pub(crate) fn recv(&mut self, fd: RawFd, batch_io: bool, pktinfo: bool) -> io::Result<usize> {
-        self.count = 0;
+        self.clear();
+        self.recv_more(fd, batch_io, pktinfo)
+    }
+
+    /// [`Self::recv`] into the free slots, after the datagrams held (which stay, so replies
+    /// read from many sockets can leave together): up to [`Self::room`] datagrams, fewer when
+    /// the socket's queue was empty.
+    pub(crate) fn recv_more(
+        &mut self,
+        fd: RawFd,
+        batch_io: bool,
+        pktinfo: bool,
+    ) -> io::Result<usize> {
+        let (from, room) = (self.count, self.room());
+        if room == 0 {
+            return Ok(0);
+        }
         let slots = Slots {
-            addrs: Some((&mut self.addrs, &mut self.addr_lens)),
+            base: from,
+            addrs: Some(&mut self.addrs),
             ctrl: pktinfo.then_some((&mut self.ctrls, &mut self.locals)),
         };
+        let buf = &mut self.buf[from * SLOT_BYTES..];
+        let lens = &mut self.lens[from..];
         let n = if batch_io {
-            sys::recv_many(fd, &mut self.buf, &mut self.lens, slots, BATCH)?
+            sys::recv_many(fd, buf, lens, slots, room)?
         } else {
-            portable::recv_many(fd, &mut self.buf, &mut self.lens, slots, BATCH)?
+            portable::recv_many(fd, buf, lens, slots, room)?
         };
         if !pktinfo {
-            self.locals[..n].fill(None);
+            self.locals[from..from + n].fill(None);
         }
-        self.count = n;
+        self.count += n;
         Ok(n)
+    }
+
+    /// Datagrams held.
+    #[inline]
+    pub(crate) fn len(&self) -> usize {
+        self.count
+    }
+
+    /// Free slots.
+    #[inline]
+    pub(crate) fn room(&self) -> usize {
+        BATCH - self.count
+    }
+
+    /// Forgets the datagrams held.
+    #[inline]
+    pub(crate) fn clear(&mut self) {
+        self.count = 0;
     }
 
     /// The address datagram `i` was sent to, when the receive asked for it.
@@ -138,10 +214,7 @@ impl RecvBatch {
     /// proxy).
     #[inline]
     pub(crate) fn get(&self, i: usize) -> (&[u8], Option<SocketAddr>) {
-        (
-            self.data(i),
-            to_socket_addr(&self.addrs[i], self.addr_lens[i]),
-        )
+        (self.data(i), self.addrs.get(i))
     }
 
     /// Datagram `i` of the last `recv`.
@@ -150,98 +223,6 @@ impl RecvBatch {
         let start = i * SLOT_BYTES;
         &self.buf[start..start + self.lens[i]]
     }
-}
-
-/// Replies waiting to go out through one data-port socket.
-pub(crate) struct SendQueue {
-    buf: Box<[u8]>,
-    lens: [usize; BATCH],
-    addrs: [libc::sockaddr_storage; BATCH],
-    addr_lens: [libc::socklen_t; BATCH],
-    /// The source address each reply must leave from (wildcard sockets), if any.
-    srcs: [Option<IpAddr>; BATCH],
-    count: usize,
-}
-
-impl std::fmt::Debug for SendQueue {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SendQueue")
-            .field("count", &self.count)
-            .finish()
-    }
-}
-
-/// What a flush did.
-#[derive(Clone, Copy, Debug, Default)]
-pub(crate) struct Flushed {
-    pub(crate) dropped: u64,
-}
-
-impl SendQueue {
-    pub(crate) fn new() -> Self {
-        Self {
-            buf: vec![0; BATCH * SLOT_BYTES].into_boxed_slice(),
-            lens: [0; BATCH],
-            addrs: [zeroed_storage(); BATCH],
-            addr_lens: [0; BATCH],
-            srcs: [None; BATCH],
-            count: 0,
-        }
-    }
-
-    pub(crate) fn is_full(&self) -> bool {
-        self.count == BATCH
-    }
-
-    pub(crate) fn is_empty(&self) -> bool {
-        self.count == 0
-    }
-
-    /// Copies a datagram into the next free slot, addressed to `dest` and leaving from `src`
-    /// when given; false when full.
-    pub(crate) fn push(&mut self, datagram: &[u8], dest: &SockAddr, src: Option<IpAddr>) -> bool {
-        if self.is_full() || datagram.len() > SLOT_BYTES {
-            return false;
-        }
-        let i = self.count;
-        self.buf[i * SLOT_BYTES..i * SLOT_BYTES + datagram.len()].copy_from_slice(datagram);
-        self.lens[i] = datagram.len();
-        self.srcs[i] = src;
-        store_addr(&mut self.addrs[i], &mut self.addr_lens[i], dest);
-        self.count += 1;
-        true
-    }
-
-    /// Sends everything queued. A datagram the kernel refuses (full send buffer, unreachable
-    /// client) is dropped and counted: UDP gives no delivery guarantee, and holding replies back
-    /// would delay every other session on this socket.
-    pub(crate) fn flush(&mut self, fd: RawFd, batch_io: bool) -> Flushed {
-        let (buf, lens, addrs, addr_lens) = (&self.buf, &self.lens, &self.addrs, &self.addr_lens);
-        let srcs = &self.srcs;
-        let dropped = send_all(fd, self.count, batch_io, |i| Outgoing {
-            prefix: &[],
-            data: &buf[i * SLOT_BYTES..i * SLOT_BYTES + lens[i]],
-            addr: &addrs[i],
-            addr_len: addr_lens[i],
-            src: srcs[i],
-        });
-        self.count = 0;
-        Flushed { dropped }
-    }
-}
-
-/// Copies a socket address into a `sockaddr_storage` slot.
-fn store_addr(slot: &mut libc::sockaddr_storage, len: &mut libc::socklen_t, addr: &SockAddr) {
-    // SAFETY: `addr.len()` bytes at `addr.as_ptr()` are a valid socket address, and
-    // sockaddr_storage is large enough for any of them.
-    unsafe {
-        std::ptr::copy_nonoverlapping(
-            addr.as_ptr().cast::<u8>(),
-            std::ptr::from_mut(slot).cast::<u8>(),
-            addr.len() as usize,
-        );
-    }
-    *len = addr.len();
 }
 
 /// One datagram to send, and where.
@@ -255,6 +236,28 @@ pub(crate) struct Outgoing<'a> {
     addr_len: libc::socklen_t,
     /// Leave from this address (`IP_PKTINFO`), not the one the kernel would pick.
     src: Option<IpAddr>,
+}
+
+/// Calls `each(key, group)` once per distinct key among `keys`, `group` holding the indexes
+/// of the entries with that key in order; groups come in the order of their first entries.
+fn for_each_group(keys: &[u32], mut each: impl FnMut(u32, &[usize])) {
+    let mut done = [false; BATCH];
+    let mut group = [0usize; BATCH];
+    for first in 0..keys.len() {
+        if done[first] {
+            continue;
+        }
+        let key = keys[first];
+        let mut len = 0;
+        for (i, taken) in done.iter_mut().enumerate().take(keys.len()).skip(first) {
+            if !*taken && keys[i] == key {
+                *taken = true;
+                group[len] = i;
+                len += 1;
+            }
+        }
+        each(key, &group[..len]);
+    }
 }
 
 /// Sends datagrams `0..count` (`msg(i)` is datagram `i`) in as few syscalls as the kernel takes
@@ -353,8 +356,7 @@ pub(crate) struct UpstreamBatch {
     /// After a flush: whether the `v2-first` header queued with entry `i` was lost, with every
     /// datagram it passed to.
     header_lost: [bool; BATCH],
-    addrs: [libc::sockaddr_storage; BATCH],
-    addr_lens: [libc::socklen_t; BATCH],
+    addrs: Addrs,
     count: usize,
 }
 
@@ -374,8 +376,7 @@ impl UpstreamBatch {
             headers: [ProxyHeader::EMPTY; BATCH],
             first: [false; BATCH],
             header_lost: [false; BATCH],
-            addrs: [zeroed_storage(); BATCH],
-            addr_lens: [0; BATCH],
+            addrs: Addrs::new(),
             count: 0,
         }
     }
@@ -398,7 +399,7 @@ impl UpstreamBatch {
             Header::Every(h) => (*h, false),
             Header::First(h) => (*h, true),
         };
-        store_addr(&mut self.addrs[i], &mut self.addr_lens[i], dest);
+        self.addrs.set(i, dest);
         self.count += 1;
     }
 
@@ -419,34 +420,20 @@ impl UpstreamBatch {
         fd_of: impl Fn(u32) -> Option<RawFd>,
     ) -> SentUpstream {
         let count = std::mem::take(&mut self.count);
-        let mut done = [false; BATCH];
-        let mut group = [0usize; BATCH];
         let mut result = SentUpstream::default();
         // Which entry's header goes in front of each entry: its own, or a `v2-first` one
         // passed on from a lost entry (at most one per session, so one place each).
         let carrier: [Cell<u8>; BATCH] = std::array::from_fn(|i| Cell::new(i as u8));
         let passing: [Cell<bool>; BATCH] = std::array::from_fn(|i| Cell::new(self.first[i]));
         let lost: [Cell<bool>; BATCH] = Default::default();
-        for first in 0..count {
-            if done[first] {
-                continue;
-            }
-            let socket = self.sockets[first];
-            let mut len = 0;
-            for (i, sent) in done.iter_mut().enumerate().take(count).skip(first) {
-                if !*sent && self.sockets[i] == socket {
-                    *sent = true;
-                    group[len] = i;
-                    len += 1;
-                }
-            }
-            let group = &group[..len];
+        for_each_group(&self.sockets[..count], |socket, group| {
+            let len = group.len();
             let Some(fd) = fd_of(socket) else {
                 for k in 0..len {
                     self.pass_on(group, k, &carrier, &passing, &lost);
                 }
                 result.dropped += len as u64;
-                continue;
+                return;
             };
             let size = |k: usize| rx.data(usize::from(self.slots[group[k]])).len() as u64;
             let mut lost_bytes = 0;
@@ -459,8 +446,8 @@ impl UpstreamBatch {
                     Outgoing {
                         prefix: self.headers[usize::from(carrier[i].get())].as_bytes(),
                         data: rx.data(usize::from(self.slots[i])),
-                        addr: &self.addrs[i],
-                        addr_len: self.addr_lens[i],
+                        addr: &self.addrs.storage[i],
+                        addr_len: self.addrs.lens[i],
                         src: None,
                     }
                 },
@@ -473,7 +460,7 @@ impl UpstreamBatch {
             result.dropped += dropped;
             result.packets += len as u64 - dropped;
             result.bytes += (0..len).map(size).sum::<u64>() - lost_bytes;
-        }
+        });
         self.header_lost = lost.map(Cell::into_inner);
         result
     }
@@ -493,7 +480,7 @@ impl UpstreamBatch {
         if !passing[i].replace(false) {
             return;
         }
-        let dest = |j: usize| to_socket_addr(&self.addrs[j], self.addr_lens[j]);
+        let dest = |j: usize| self.addrs.get(j);
         let next = group[k + 1..].iter().copied().find(|&j| dest(j) == dest(i));
         let origin = carrier[i].get();
         match next {
@@ -503,6 +490,94 @@ impl UpstreamBatch {
             }
             _ => lost[usize::from(origin)].set(true),
         }
+    }
+}
+
+/// Replies held in one [`RecvBatch`] (read from the shared upstream sockets) queued for their
+/// clients: each names the listener socket it leaves from, its client and, for a wildcard
+/// listener, the address it leaves from. [`Self::flush`] sends them with one `sendmmsg` per listener
+/// socket, pointing at the receive buffer: nothing is copied, and no listener holds a queue.
+pub(crate) struct ReplyBatch {
+    listeners: [u32; BATCH],
+    slots: [u8; BATCH],
+    /// The source address each reply must leave from (`IP_PKTINFO`), if any.
+    srcs: [Option<IpAddr>; BATCH],
+    addrs: Addrs,
+    count: usize,
+}
+
+impl std::fmt::Debug for ReplyBatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReplyBatch")
+            .field("count", &self.count)
+            .finish()
+    }
+}
+
+impl ReplyBatch {
+    pub(crate) fn new() -> Self {
+        Self {
+            listeners: [0; BATCH],
+            slots: [0; BATCH],
+            srcs: [None; BATCH],
+            addrs: Addrs::new(),
+            count: 0,
+        }
+    }
+
+    /// Queues datagram `slot` of the current receive batch to leave listener `listener`'s
+    /// socket for `dest`, from `src` when given. At most one entry per receive slot, so it
+    /// never overflows.
+    pub(crate) fn push(
+        &mut self,
+        listener: u32,
+        slot: usize,
+        dest: &SockAddr,
+        src: Option<IpAddr>,
+    ) {
+        let i = self.count;
+        debug_assert!(i < BATCH && slot < BATCH);
+        self.listeners[i] = listener;
+        self.slots[i] = slot as u8;
+        self.srcs[i] = src;
+        self.addrs.set(i, dest);
+        self.count += 1;
+    }
+
+    /// Sends what is queued, grouped by listener (`fd_of` turns a listener number into its
+    /// socket; `None`: gone, its replies dropped). A reply the kernel refuses (full send
+    /// buffer, unreachable client) is dropped: UDP gives no delivery guarantee, and holding
+    /// replies back would delay every other session on the socket. `dropped(listener, n)`
+    /// hears of each listener's drops; returns them all.
+    pub(crate) fn flush(
+        &mut self,
+        rx: &RecvBatch,
+        batch_io: bool,
+        fd_of: impl Fn(u32) -> Option<RawFd>,
+        mut dropped: impl FnMut(u32, u64),
+    ) -> u64 {
+        let count = std::mem::take(&mut self.count);
+        let mut all = 0;
+        for_each_group(&self.listeners[..count], |listener, group| {
+            let lost = match fd_of(listener) {
+                Some(fd) => send_all(fd, group.len(), batch_io, |k| {
+                    let i = group[k];
+                    Outgoing {
+                        prefix: &[],
+                        data: rx.data(usize::from(self.slots[i])),
+                        addr: &self.addrs.storage[i],
+                        addr_len: self.addrs.lens[i],
+                        src: self.srcs[i],
+                    }
+                }),
+                None => group.len() as u64,
+            };
+            if lost > 0 {
+                dropped(listener, lost);
+                all += lost;
+            }
+        });
+        all
     }
 }
 
@@ -561,19 +636,19 @@ fn outgoing_msghdr(
 /// Where a receive writes what besides the data: source addresses, and with packet info on,
 /// control buffers and the destination addresses read from them.
 struct Slots<'a> {
-    addrs: Option<(
-        &'a mut [libc::sockaddr_storage; BATCH],
-        &'a mut [libc::socklen_t; BATCH],
-    )>,
+    /// The batch slot the receive's first datagram goes to.
+    base: usize,
+    addrs: Option<&'a mut Addrs>,
     ctrl: Option<(&'a mut [CtrlBuf; BATCH], &'a mut [Option<IpAddr>; BATCH])>,
 }
 
 impl Slots<'_> {
-    /// The `msghdr` of receive slot `i` into `iov`.
+    /// The `msghdr` of the receive's datagram `i` into `iov`.
     fn msghdr(&mut self, i: usize, iov: &mut libc::iovec) -> libc::msghdr {
+        let i = self.base + i;
         let (name, namelen) = match self.addrs.as_mut() {
-            Some((a, _)) => (
-                (&raw mut a[i]).cast(),
+            Some(a) => (
+                (&raw mut a.storage[i]).cast(),
                 mem::size_of::<libc::sockaddr_storage>() as u32,
             ),
             None => (std::ptr::null_mut(), 0),
@@ -586,10 +661,11 @@ impl Slots<'_> {
         hdr
     }
 
-    /// Records what the kernel wrote for slot `i`.
+    /// Records what the kernel wrote for the receive's datagram `i`.
     fn received(&mut self, i: usize, hdr: &libc::msghdr) {
-        if let Some((_, l)) = self.addrs.as_mut() {
-            l[i] = hdr.msg_namelen;
+        let i = self.base + i;
+        if let Some(a) = self.addrs.as_mut() {
+            a.lens[i] = hdr.msg_namelen;
         }
         if let Some((_, locals)) = self.ctrl.as_mut() {
             locals[i] = pktinfo::read(hdr);
@@ -794,27 +870,37 @@ mod tests {
             io::ErrorKind::WouldBlock
         );
 
-        // Replies: copied into a send queue addressed to c, flushed from a.
+        // Replies: the datagrams of the receive batch out of two listener sockets (a and d)
+        // to c, grouped by socket, straight from the receive buffer; one for a listener that
+        // is gone is dropped and told.
         let c = UdpSocket::bind("127.0.0.1:0").unwrap();
-        let mut tx = SendQueue::new();
+        let d = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let mut tx = ReplyBatch::new();
         let dest = SockAddr::from(c.local_addr().unwrap());
-        assert!(tx.push(b"one", &dest, None));
-        assert!(tx.push(&[7; 65507], &dest, None));
-        assert_eq!(tx.flush(a.as_raw_fd(), batch_io).dropped, 0);
-        assert!(tx.is_empty());
-        let mut buf = vec![0; 70000];
-        let (len, from) = c.recv_from(&mut buf).unwrap();
-        assert_eq!((&buf[..len], from), (&b"one"[..], a.local_addr().unwrap()));
-        let (len, _) = c.recv_from(&mut buf).unwrap();
-        assert_eq!(len, 65507);
-        for _ in 0..BATCH - 1 {
-            assert!(tx.push(b"x", &dest, None));
+        for slot in 0..sizes.len() {
+            tx.push(if slot % 2 == 0 { 1 } else { 2 }, slot, &dest, None);
         }
-        assert!(
-            tx.push(b"x", &dest, None) && !tx.push(b"full", &dest, None),
-            "bounded"
+        tx.push(9, 0, &dest, None);
+        let listeners = |n: u32| match n {
+            1 => Some(a.as_raw_fd()),
+            2 => Some(d.as_raw_fd()),
+            _ => None,
+        };
+        let mut told = Vec::new();
+        let dropped = tx.flush(&rx, batch_io, listeners, |l, n| told.push((l, n)));
+        assert_eq!((dropped, told), (1, vec![(9, 1)]));
+        let mut buf = vec![0; 70000];
+        for (slot, from) in [(0, &a), (2, &a), (4, &a), (1, &d), (3, &d)] {
+            let (len, src) = c.recv_from(&mut buf).unwrap();
+            assert_eq!(src, from.local_addr().unwrap(), "slot {slot}");
+            assert_eq!(&buf[..len], rx.data(slot), "slot {slot}");
+        }
+        c.set_nonblocking(true).unwrap();
+        assert_eq!(
+            c.recv_from(&mut buf).unwrap_err().kind(),
+            io::ErrorKind::WouldBlock
         );
-        tx.flush(a.as_raw_fd(), batch_io);
+        assert_eq!(tx.flush(&rx, batch_io, listeners, |_, _| {}), 0, "emptied");
 
         // Upstream: datagrams of one receive batch out of two sockets to two peers, grouped
         // by socket, straight from the receive buffer.
@@ -907,15 +993,16 @@ mod tests {
         std::thread::sleep(std::time::Duration::from_millis(20));
         let mut rx = RecvBatch::new();
         assert_eq!(rx.recv(a.as_raw_fd(), batch_io, true).unwrap(), 2);
-        let mut tx = SendQueue::new();
+        let mut tx = ReplyBatch::new();
         let dest = SockAddr::from(c.local_addr().unwrap());
         for i in 0..2 {
             let local = rx.local(i).expect("a destination address");
             assert_eq!(local.to_string().as_bytes(), rx.data(i));
-            assert!(tx.push(rx.data(i), &dest, Some(local)));
+            tx.push(1, i, &dest, Some(local));
         }
         // Two replies so the batched path takes sendmmsg, not sendto.
-        assert_eq!(tx.flush(a.as_raw_fd(), batch_io).dropped, 0);
+        let fd = |_| Some(a.as_raw_fd());
+        assert_eq!(tx.flush(&rx, batch_io, fd, |_, _| panic!("dropped")), 0);
         let mut buf = [0u8; 64];
         for _ in 0..2 {
             let (n, from) = c.recv_from(&mut buf).unwrap();
@@ -1015,6 +1102,46 @@ mod tests {
     #[test]
     fn portable_first_headers_pass_on() {
         first_headers_pass_on(false);
+    }
+
+    /// Reads from two sockets into one batch: the first read's datagrams stay, the second
+    /// fills only the free slots, and a full batch reads nothing.
+    fn receives_gather_until_full(batch_io: bool) {
+        let (a, b) = pair();
+        let (c, _) = pair();
+        for i in 0..3u8 {
+            b.send_to(&[i], a.local_addr().unwrap()).unwrap();
+        }
+        for i in 0..BATCH as u8 {
+            b.send_to(&[100 + i], c.local_addr().unwrap()).unwrap();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let mut rx = RecvBatch::new();
+        assert_eq!(rx.recv_more(a.as_raw_fd(), batch_io, false).unwrap(), 3);
+        assert_eq!((rx.len(), rx.room()), (3, BATCH - 3));
+        assert_eq!(
+            rx.recv_more(c.as_raw_fd(), batch_io, false).unwrap(),
+            BATCH - 3
+        );
+        assert_eq!(rx.room(), 0);
+        let got: Vec<u8> = (0..BATCH).map(|i| rx.data(i)[0]).collect();
+        let want: Vec<u8> = (0..3).chain(100..100 + BATCH as u8 - 3).collect();
+        assert_eq!(got, want);
+        assert_eq!(rx.get(BATCH - 1).1, Some(b.local_addr().unwrap()));
+        assert_eq!(rx.recv_more(c.as_raw_fd(), batch_io, false).unwrap(), 0);
+        rx.clear();
+        assert_eq!(rx.recv_more(c.as_raw_fd(), batch_io, false).unwrap(), 3);
+        assert_eq!(rx.data(0), &[100 + BATCH as u8 - 3]);
+    }
+
+    #[test]
+    fn batched_receives_gather_until_full() {
+        receives_gather_until_full(true);
+    }
+
+    #[test]
+    fn portable_receives_gather_until_full() {
+        receives_gather_until_full(false);
     }
 
     #[test]

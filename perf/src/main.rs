@@ -6,6 +6,7 @@
 mod compare;
 mod echo;
 mod flood;
+mod listeners;
 mod load;
 mod migrate;
 mod proxy;
@@ -52,6 +53,8 @@ enum Command {
     Flood(flood::FloodArgs),
     /// Everything at once for a long time: the proxy's RSS and open fds, sampled.
     Soak(soak::SoakArgs),
+    /// N idle UDP forwarders: time to open, memory, descriptors, idle CPU, first vs last.
+    Listeners(listeners::ListenersArgs),
 }
 
 fn main() -> ExitCode {
@@ -72,6 +75,7 @@ fn main() -> ExitCode {
         Command::Tcp(a) => tcp::run(&a),
         Command::Flood(a) => flood::run(&a),
         Command::Soak(a) => soak::run(&a),
+        Command::Listeners(a) => listeners::run(&a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -125,6 +125,25 @@ impl ProxyArgs {
         Ok((proxy, entry))
     }
 
+    /// Starts the chosen proxy as [`Self::start`] does, with `objects` (inventory list
+    /// entries) added to its inventory file.
+    pub(crate) fn start_with_objects(
+        &self,
+        servers: &[Server],
+        extra: &str,
+        objects: &str,
+    ) -> anyhow::Result<ProxyProcess> {
+        let bin = binary(self.proxy_bin.as_deref())?;
+        ProxyProcess::start(
+            &bin,
+            servers,
+            self.proxy_workers,
+            "dataPort: 0\n",
+            extra,
+            objects,
+        )
+    }
+
     /// Starts the chosen proxy on `servers` with one UDP data port and no default endpoint:
     /// only clients with a token get a session.
     pub(crate) fn start_tokens_only(

@@ -320,11 +320,13 @@ fn round_trip(c: &UdpSocket, to: SocketAddr, payload: &[u8], tag: u8) -> Trip {
     }
 }
 
-fn open_fds(pid: u32) -> u64 {
+/// How many descriptors `pid` has open.
+pub(crate) fn open_fds(pid: u32) -> u64 {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count() as u64)
 }
 
-fn http_get(admin: SocketAddr, path: &str) -> Option<String> {
+/// The whole response (status line, headers, body) to `GET path`, if it is a 200.
+pub(crate) fn http_get(admin: SocketAddr, path: &str) -> Option<String> {
     let mut s = TcpStream::connect_timeout(&admin, Duration::from_secs(2)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
     write!(

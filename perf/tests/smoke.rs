@@ -226,3 +226,41 @@ fn soak_runs_every_activity_and_samples_memory_and_fds() {
         "{s}"
     );
 }
+
+#[test]
+fn listeners_opens_every_forwarder_and_answers_through_the_first_and_the_last() {
+    let lines = perf(&[
+        "listeners",
+        "--count",
+        "20",
+        "--workers",
+        "2",
+        "--idle-seconds",
+        "0.5",
+        "--round-trips",
+        "20",
+    ]);
+    let s = lines.iter().find(|l| l["summary"] == "listeners").unwrap();
+    assert_eq!(
+        (s["opened"].as_u64(), s["workers"].as_u64()),
+        (Some(20), Some(2)),
+        "{s}"
+    );
+    assert_eq!(s["lost"], 0, "{s}");
+    // A socket per forwarder per worker, beside what the proxy holds without them.
+    let fds = s["fds"].as_u64().unwrap();
+    assert!(
+        fds >= s["fds_without_listeners"].as_u64().unwrap() + 40,
+        "{s}"
+    );
+    for key in [
+        "rss_kib",
+        "vm_size_kib",
+        "first_p50_us",
+        "last_p99_us",
+        "open_seconds",
+    ] {
+        assert!(s[key].as_f64().unwrap() > 0.0, "{key}: {s}");
+    }
+    assert!(s["idle_cpu_percent"].as_f64().unwrap() >= 0.0, "{s}");
+}

@@ -104,6 +104,9 @@ pub struct Reconciler {
     /// The last message logged per forwarder, so a persisting problem is logged once.
     logged: HashMap<String, Option<String>>,
     retry_soon: bool,
+    /// The last pass left nothing for time alone to change: every forwarder open and well,
+    /// none waiting for a port, no closed listener's counters left to fold.
+    settled: bool,
 }
 
 impl std::fmt::Debug for Reconciler {
@@ -152,6 +155,7 @@ impl Reconciler {
             writes: None,
             logged: HashMap::new(),
             retry_soon: false,
+            settled: false,
         })
     }
 
@@ -174,16 +178,25 @@ impl Reconciler {
             mpsc::unbounded_channel::<(String, Result<Vec<IpAddr>, String>)>();
         loop {
             let wait = if self.retry_soon { RETRY_SOON } else { TICK };
-            tokio::select! {
-                changed = inventory.changed() => if changed.is_err() { return },
-                Ok(()) = live.changed() => self.follow(&live.borrow_and_update()),
+            let ticked = tokio::select! {
+                changed = inventory.changed() => if changed.is_err() { return } else { false },
+                Ok(()) = live.changed() => {
+                    self.follow(&live.borrow_and_update());
+                    false
+                }
                 Some((host, result)) = answers.recv() => {
                     self.dns.answered(&host, result, Instant::now(), self.config.resolve_interval);
+                    false
                 }
-                () = tokio::time::sleep(wait) => {}
+                () = tokio::time::sleep(wait) => true,
+            };
+            // A tick alone changes nothing once the last pass settled (lookups falling due are
+            // taken below, and their answers wake the loop): thousands of idle forwarders then
+            // cost the control thread no pass a second.
+            if !(ticked && self.settled) {
+                let snapshot = Arc::clone(&inventory.borrow_and_update());
+                self.reconcile(&snapshot, Instant::now());
             }
-            let snapshot = Arc::clone(&inventory.borrow_and_update());
-            self.reconcile(&snapshot, Instant::now());
             for host in self.dns.take_due(Instant::now()) {
                 let tx = answers_tx.clone();
                 tokio::spawn(async move {
@@ -327,7 +340,13 @@ impl Reconciler {
             Some(_) => self.service_ports(&objects, snapshot, &mut reports),
             None => BTreeMap::new(),
         };
-        self.fold_retired(now);
+        let retiring = self.fold_retired(now);
+        self.settled = !self.retry_soon
+            && !retiring
+            && reports.values().all(|r| {
+                let (ready, message) = r.outcome();
+                ready && message.is_none() && !r.pending && r.errors.is_empty()
+            });
         self.publish(&reports);
         if let Some((node, tx)) = &self.writes {
             let previous = Arc::clone(&tx.borrow());
@@ -495,8 +514,10 @@ impl Reconciler {
         }
     }
 
-    fn fold_retired(&mut self, now: Instant) {
+    /// Folds the counters of listeners closed `RETIRE_AFTER` ago; true while others wait.
+    fn fold_retired(&mut self, now: Instant) -> bool {
         let mut table = self.table.lock();
+        let mut waiting = false;
         for view in table.values_mut() {
             let closed = &mut view.closed;
             view.live.retain(|(_, counters, closed_at)| {
@@ -504,9 +525,11 @@ impl Reconciler {
                 if done {
                     add_stats(closed, &counters.snapshot());
                 }
+                waiting |= closed_at.is_some() && !done;
                 !done
             });
         }
+        waiting
     }
 
     /// Puts this pass's outcome in the shared table; forwarders that are gone leave it (and

@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::TryRecvError;
 use mio::Interest;
 
-use crate::batch::SendQueue;
 use crate::config::LiveSettings;
 use crate::ctl::{ClientMatch, CloseReason, Closing, ControlMsg, SessionInfo, WorkerEvent};
 use crate::grant::BackendId;
@@ -152,11 +151,7 @@ impl Worker {
                     };
                 registry
                     .register(&mut socket, token, Interest::READABLE)
-                    .map(|()| ListenerIo::Udp {
-                        socket,
-                        replies: Box::new(SendQueue::new()),
-                        pktinfo,
-                    })
+                    .map(|()| ListenerIo::Udp { socket, pktinfo })
             }
             ListenSocket::Tcp(listener) => {
                 let mut listener = mio::net::TcpListener::from_std(listener);
@@ -424,19 +419,13 @@ impl Worker {
         }
     }
 
-    /// Drops a closing listener's socket (its last queued replies sent first), and says so.
+    /// Drops a closing listener's socket, and says so. Its replies never wait past the
+    /// receive batch they came in, so none is left queued for it.
     fn retire_listener(&mut self, index: usize) {
         if let Some(mut listener) = self.listeners[index].take() {
             let registry = self.poll.registry();
             let _ = match &mut listener.io {
-                ListenerIo::Udp {
-                    socket, replies, ..
-                } => {
-                    if !replies.is_empty() {
-                        replies.flush(socket.as_raw_fd(), self.batch_io);
-                    }
-                    registry.deregister(socket)
-                }
+                ListenerIo::Udp { socket, .. } => registry.deregister(socket),
                 ListenerIo::Tcp(tcp) => registry.deregister(tcp),
             };
             let closing = listener.closing.take();

@@ -19,7 +19,7 @@ use crossbeam_channel::{Receiver, Sender};
 use crossbeam_utils::CachePadded;
 use mio::{Events, Poll, Token, Waker};
 
-use crate::batch::{BATCH, Header, RecvBatch, SendQueue, UpstreamBatch, max_payload};
+use crate::batch::{BATCH, Header, RecvBatch, ReplyBatch, UpstreamBatch, max_payload};
 use crate::config::DataPlaneConfig;
 use crate::ctl::{CloseReason, Closing, ControlMsg, WorkerEvent};
 use crate::error::WorkerError;
@@ -79,6 +79,9 @@ fn client_token(slot: usize) -> Token {
 }
 
 /// A session's way to its backend.
+// The UDP variant is the one every datagram reads, so it stays inline in the session (boxing
+// it would add a pointer chase per datagram); the rarer TCP one is boxed.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub(crate) enum Upstream {
     /// A UDP session: its place on a shared upstream socket, and its backend's address
@@ -175,10 +178,10 @@ pub(super) struct Arrival {
 
 /// This worker's socket of one listener.
 enum ListenerIo {
-    /// A datagram socket and the replies queued for it.
+    /// A datagram socket. Replies to its clients go out in the worker's [`ReplyBatch`]: an
+    /// idle listener holds no buffer.
     Udp {
         socket: mio::net::UdpSocket,
-        replies: Box<SendQueue>,
         /// Bound to a wildcard address: each datagram's destination is read (`IP_PKTINFO`)
         /// and replies leave from it.
         pktinfo: bool,
@@ -234,10 +237,16 @@ pub(crate) struct Worker {
     /// The indexes of the listeners that are closing (draining): the loop looks at these,
     /// never at every listener.
     closing_listeners: Vec<usize>,
-    /// Taken out while a batch is processed, so handlers can borrow the rest of `self`.
+    /// Client datagrams read from a listener. Taken out while a batch is processed, so
+    /// handlers can borrow the rest of `self`.
     rx: Option<Box<RecvBatch>>,
+    /// Backend replies read from the shared upstream sockets this loop turn, until they leave
+    /// in [`Self::send_replies`] (or once it is full); taken out like `rx`.
+    reply_rx: Option<Box<RecvBatch>>,
     /// Client datagrams of the batch in `rx` on their way upstream.
     upstream_batch: Box<UpstreamBatch>,
+    /// The replies in `reply_rx` on their way to their clients.
+    reply_batch: Box<ReplyBatch>,
     /// (entry, session) of the `v2-first` headers queued in `upstream_batch`.
     queued_headers: Vec<(usize, SessionId)>,
     /// The shared upstream sockets of UDP sessions.
@@ -258,6 +267,8 @@ pub(crate) struct Worker {
     busy_poll: Duration,
     /// The local ports of every worker's upstream sockets, to tell our own datagrams.
     own_ports: Arc<OwnPorts>,
+    /// The data plane's descriptors, which TCP connections take from.
+    budget: Arc<FdBudget>,
     /// Per-source buckets for datagrams without a session and new sessions (`rateLimit`).
     rate_limiter: Option<Box<RateLimiter>>,
     /// Rate limit of client-triggered warnings.
@@ -298,7 +309,9 @@ impl Worker {
             listeners: Vec::new(),
             closing_listeners: Vec::new(),
             rx: Some(Box::new(RecvBatch::new())),
+            reply_rx: Some(Box::new(RecvBatch::new())),
             upstream_batch: Box::new(UpstreamBatch::new()),
+            reply_batch: Box::new(ReplyBatch::new()),
             queued_headers: Vec::with_capacity(BATCH),
             pool: UpstreamPool::new(
                 Arc::clone(&setup.budget),
@@ -317,7 +330,8 @@ impl Worker {
             control_magic: setup.config.control_magic.clone().into_boxed_slice(),
             batch_io: setup.config.batch_io,
             busy_poll: setup.config.busy_poll,
-            own_ports: setup.own_ports,
+            own_ports: Arc::clone(&setup.own_ports),
+            budget: Arc::clone(&setup.budget),
             rate_limiter: setup
                 .config
                 .rate_limit
@@ -371,6 +385,8 @@ impl Worker {
             for event in &events {
                 match event.token() {
                     WAKER => {
+                        // Before control may close a listener (or open another in its place).
+                        self.send_replies();
                         self.drain_grants();
                         self.drain_control(now);
                     }
@@ -383,7 +399,7 @@ impl Worker {
                 }
             }
             self.drain_pending(now);
-            self.flush_replies();
+            self.send_replies();
             if self.shutting_down {
                 self.close_all();
                 return Ok(());
@@ -436,8 +452,11 @@ impl Worker {
                 return;
             }
         };
-        let drained = self.read_batches(fd, "a data port", pktinfo, |worker, rx, n| {
-            for i in 0..n {
+        let Some(mut rx) = self.rx.take() else {
+            return;
+        };
+        let drained = self.read_batches(&mut rx, fd, "a data port", pktinfo, |worker, rx, got| {
+            for i in got {
                 let (datagram, from) = rx.get(i);
                 let arrival = Arrival {
                     slot: i,
@@ -446,32 +465,34 @@ impl Worker {
                 worker.on_client_datagram(port, resets, arrival, datagram, from, now);
             }
             worker.flush_upstream(port, rx);
+            rx.clear();
         });
+        self.rx = Some(rx);
         if !drained {
             self.pending_ports.push(port);
         }
     }
 
-    /// Reads `fd` a batch at a time until its queue is empty or the work bound is hit, handing
-    /// each batch (and its length) to `batch`; true when the queue was emptied. A short batch
+    /// Reads `fd` into the free slots of `rx` until its queue is empty or the work bound is
+    /// hit, handing the slots each read filled to `batch`, which must leave room in `rx` for
+    /// the next; true when the queue was emptied. A read that fills fewer slots than were free
     /// means the queue was empty: a new datagram raises a new readiness edge, so no read is
     /// spent on learning `EAGAIN`.
     fn read_batches(
         &mut self,
+        rx: &mut RecvBatch,
         fd: std::os::fd::RawFd,
         what: &str,
         pktinfo: bool,
-        mut batch: impl FnMut(&mut Self, &RecvBatch, usize),
+        mut batch: impl FnMut(&mut Self, &mut RecvBatch, std::ops::Range<usize>),
     ) -> bool {
-        let Some(mut rx) = self.rx.take() else {
-            return true;
-        };
         let mut drained = false;
         for _ in 0..IO_LOOP_BOUND {
-            match rx.recv(fd, self.batch_io, pktinfo) {
+            let (from, room) = (rx.len(), rx.room());
+            match rx.recv_more(fd, self.batch_io, pktinfo) {
                 Ok(n) => {
-                    batch(self, &rx, n);
-                    if n < BATCH {
+                    batch(self, rx, from..from + n);
+                    if n < room {
                         drained = true;
                         break;
                     }
@@ -494,7 +515,6 @@ impl Worker {
                 }
             }
         }
-        self.rx = Some(rx);
         drained
     }
 
@@ -721,23 +741,42 @@ impl Worker {
     }
 
     /// Replies on a shared upstream socket: each goes to the session of its source address,
-    /// out of that session's listener socket.
+    /// out of that session's listener socket. They gather with those of the other upstream
+    /// sockets ready this turn, so a listener's replies leave in one `sendmmsg` however many
+    /// sockets they came from.
     fn drain_pool(&mut self, pool: PoolRef, now: Instant) {
         let Some(fd) = self.pool.fd(pool) else {
             return;
         };
-        let drained = self.read_batches(fd, "an upstream socket", false, |worker, rx, n| {
-            for i in 0..n {
+        let Some(mut rx) = self.reply_rx.take() else {
+            return;
+        };
+        let what = "an upstream socket";
+        let drained = self.read_batches(&mut rx, fd, what, false, |worker, rx, got| {
+            for i in got {
                 let (datagram, from) = rx.get(i);
-                worker.on_reply(pool, datagram, from, now);
+                worker.on_reply(pool, i, datagram, from, now);
+            }
+            if rx.room() == 0 {
+                worker.flush_replies(rx);
             }
         });
+        self.reply_rx = Some(rx);
         if !drained {
             self.pending_pools.push(pool);
         }
     }
 
-    fn on_reply(&mut self, pool: PoolRef, datagram: &[u8], from: Option<SocketAddr>, now: Instant) {
+    /// Reply `slot` of `reply_rx`, from `from` on upstream socket `pool`: queued for its
+    /// session's client, to leave with the rest in [`Self::flush_replies`].
+    fn on_reply(
+        &mut self,
+        pool: PoolRef,
+        slot: usize,
+        datagram: &[u8],
+        from: Option<SocketAddr>,
+        now: Instant,
+    ) {
         let counters = &self.counters[self.id];
         // Only a session's backend is heard: anything else reaching the socket is dropped.
         let Some(id) = from.and_then(|from| self.pool.session_for(pool, from)) else {
@@ -749,38 +788,61 @@ impl Worker {
             return;
         };
         // A listener lives as long as any of its sessions.
+        let port = usize::from(session.key.port);
         let Some(Listener {
-            io: ListenerIo::Udp {
-                socket, replies, ..
-            },
+            io: ListenerIo::Udp { .. },
             counters: listener_counters,
             ..
-        }) = self
-            .listeners
-            .get_mut(usize::from(session.key.port))
-            .and_then(Option::as_mut)
+        }) = self.listeners.get(port).and_then(Option::as_ref)
         else {
             counters.drop(DropReason::StrayReply, 1);
             return;
         };
-        let slot = listener_counters.slot(self.id);
-        if replies.is_full() {
-            let flushed = replies.flush(socket.as_raw_fd(), self.batch_io);
-            counters.drop(DropReason::DownstreamSend, flushed.dropped);
-            slot.drop(DropReason::DownstreamSend, flushed.dropped);
-        }
-        if !replies.push(datagram, &session.client_sockaddr, session.local) {
-            counters.drop(DropReason::DownstreamSend, 1);
-            slot.drop(DropReason::DownstreamSend, 1);
-            return;
-        }
+        self.reply_batch
+            .push(port as u32, slot, &session.client_sockaddr, session.local);
         session.last_active = now;
         session.stats.packets_downstream += 1;
         session.stats.bytes_downstream += datagram.len() as u64;
         counters.packets_downstream.add(1);
         counters.bytes_downstream.add(datagram.len() as u64);
+        let slot = listener_counters.slot(self.id);
         slot.packets_downstream.add(1);
         slot.bytes_downstream.add(datagram.len() as u64);
+    }
+
+    /// Sends the replies gathered this turn, if any.
+    fn send_replies(&mut self) {
+        if let Some(mut rx) = self.reply_rx.take() {
+            if rx.len() > 0 {
+                self.flush_replies(&mut rx);
+            }
+            self.reply_rx = Some(rx);
+        }
+    }
+
+    /// Sends the replies of `rx` queued for their clients, then empties it: one `sendmmsg` per
+    /// listener socket among them. Only the listeners with a reply in it are looked at, never
+    /// every listener.
+    fn flush_replies(&mut self, rx: &mut RecvBatch) {
+        let (id, listeners) = (self.id, &self.listeners);
+        let listener = |n: u32| listeners.get(n as usize).and_then(Option::as_ref);
+        let dropped = self.reply_batch.flush(
+            rx,
+            self.batch_io,
+            |n| match &listener(n)?.io {
+                ListenerIo::Udp { socket, .. } => Some(socket.as_raw_fd()),
+                ListenerIo::Tcp(_) => None,
+            },
+            |n, lost| {
+                if let Some(l) = listener(n) {
+                    l.counters.slot(id).drop(DropReason::DownstreamSend, lost);
+                }
+            },
+        );
+        if dropped > 0 {
+            self.counters[id].drop(DropReason::DownstreamSend, dropped);
+        }
+        rx.clear();
     }
 
     /// Gives sockets that hit the work bound last turn another turn.
@@ -802,23 +864,6 @@ impl Worker {
         let pools = std::mem::take(&mut self.pending_pools);
         for pool in pools {
             self.drain_pool(pool, now);
-        }
-    }
-
-    fn flush_replies(&mut self) {
-        for listener in self.listeners.iter_mut().flatten() {
-            if let ListenerIo::Udp {
-                socket, replies, ..
-            } = &mut listener.io
-                && !replies.is_empty()
-            {
-                let flushed = replies.flush(socket.as_raw_fd(), self.batch_io);
-                self.counters[self.id].drop(DropReason::DownstreamSend, flushed.dropped);
-                listener
-                    .counters
-                    .slot(self.id)
-                    .drop(DropReason::DownstreamSend, flushed.dropped);
-            }
         }
     }
 
