@@ -413,7 +413,7 @@ pub struct Mapping {
     /// How backends are located.
     pub locator: Locator,
     /// PROXY protocol v2 headers to its backends.
-    pub proxy_protocol: dataplane::proxy_protocol::ProxyMode,
+    pub proxy_protocol: dataplane::policy::proxy_protocol::ProxyMode,
 }
 
 impl Mapping {
@@ -566,7 +566,7 @@ pub struct TokenSecret {
     /// The key file (watched with the config file: a Secret update rotates the keys).
     pub file: PathBuf,
     /// Its keys: the first seals, all open.
-    pub keys: Arc<dataplane::seal::KeyRing>,
+    pub keys: Arc<dataplane::policy::seal::KeyRing>,
 }
 
 impl TokenSecret {
@@ -578,7 +578,7 @@ impl TokenSecret {
                 format!("cannot read {}: {e}", file.display()),
             )
         })?;
-        let keys = dataplane::seal::KeyRing::parse(&text)
+        let keys = dataplane::policy::seal::KeyRing::parse(&text)
             .map_err(|e| invalid("tokenSecret.file", format!("{}: {e}", file.display())))?;
         Ok(Self {
             file,
@@ -654,7 +654,7 @@ impl Config {
         // (runtime, API client, files).
         dp.control_fd_reserve = self.max_query_connections
             + crate::admin::MAX_ADMIN_CONNECTIONS
-            + dataplane::fd_budget::CONTROL_RESERVE_BASE;
+            + dataplane::io::fd_budget::CONTROL_RESERVE_BASE;
         dp
     }
 }
@@ -867,12 +867,12 @@ impl TryFrom<RawConfig> for Config {
                     return Err(invalid("tokenSecret.file", "is empty"));
                 }
                 Some(t) => {
-                    if data_ports_for_seal > dataplane::seal::MAX_SEALED_PORTS {
+                    if data_ports_for_seal > dataplane::policy::seal::MAX_SEALED_PORTS {
                         return Err(invalid(
                             "tokenSecret",
                             format!(
                                 "a sealed token names at most {} data ports",
-                                dataplane::seal::MAX_SEALED_PORTS
+                                dataplane::policy::seal::MAX_SEALED_PORTS
                             ),
                         ));
                     }
@@ -1374,7 +1374,7 @@ fn mapping(key: &str, m: RawMapping, data_ports: &[DataPort]) -> Result<Mapping,
             }
         }
     };
-    use dataplane::proxy_protocol::ProxyMode;
+    use dataplane::policy::proxy_protocol::ProxyMode;
     let proxy_protocol = match m.proxy_protocol.as_deref() {
         None | Some("none") => ProxyMode::None,
         Some("v2") => ProxyMode::V2,

@@ -358,7 +358,7 @@ mod tests {
         // A mapping's paths and PROXY protocol change live.
         let mut paths = config("");
         paths.mappings.get_mut("gs").unwrap().proxy_protocol =
-            dataplane::proxy_protocol::ProxyMode::V2;
+            dataplane::policy::proxy_protocol::ProxyMode::V2;
         assert_eq!(needs_restart(&running, &paths), None);
     }
 

@@ -47,9 +47,9 @@ pub struct DataPlaneConfig {
     /// blocks in `epoll_wait`: a reply that comes back within it costs no wake-up. Zero: off.
     pub busy_poll: Duration,
     /// Per-source-IP limits on datagrams without a session and on new sessions (off: `None`).
-    pub rate_limit: Option<crate::ratelimit::RateLimit>,
+    pub rate_limit: Option<crate::policy::ratelimit::RateLimit>,
     /// The keys that open sealed tokens (`tokenSecret`); `None`: only UUID tokens.
-    pub token_keys: Option<std::sync::Arc<crate::seal::KeyRing>>,
+    pub token_keys: Option<std::sync::Arc<crate::policy::seal::KeyRing>>,
     /// Descriptors the control thread may need beyond those open when the data plane starts
     /// (its connection caps and more): kept out of the data plane's budget.
     pub control_fd_reserve: usize,
@@ -68,9 +68,9 @@ pub struct LiveSettings {
     /// Per-IP session cap.
     pub max_sessions_per_ip: Option<usize>,
     /// Flood limits.
-    pub rate_limit: Option<crate::ratelimit::RateLimit>,
+    pub rate_limit: Option<crate::policy::ratelimit::RateLimit>,
     /// Sealed-token keys.
-    pub token_keys: Option<std::sync::Arc<crate::seal::KeyRing>>,
+    pub token_keys: Option<std::sync::Arc<crate::policy::seal::KeyRing>>,
 }
 
 impl DataPlaneConfig {
@@ -104,7 +104,7 @@ impl DataPlaneConfig {
             busy_poll: Duration::ZERO,
             rate_limit: None,
             token_keys: None,
-            control_fd_reserve: crate::fd_budget::CONTROL_RESERVE_BASE,
+            control_fd_reserve: crate::io::fd_budget::CONTROL_RESERVE_BASE,
         }
     }
 }

@@ -16,18 +16,18 @@ use crossbeam_channel::{Sender, TrySendError};
 use crossbeam_utils::CachePadded;
 use parking_lot::Mutex;
 
+use crate::io::socket::{ListenSocket, bind_reuseport, probe_exclusive, unique_port};
 use crate::listener::{
     CloseMode, ListenError, ListenerId, ListenerKind, ListenerSpec, OpenedListener, PortRegistry,
     Transport,
 };
-use crate::socket::{ListenSocket, bind_reuseport, probe_exclusive, unique_port};
 
 use crate::config::LiveSettings;
-use crate::grant::{Backend, BackendId, Grant, TokenId};
 use crate::metrics::{CounterSnapshot, ListenerCounters, WorkerCounters};
-use crate::session::{SessionKind, SessionStats};
+use crate::policy::grant::{Backend, BackendId, Grant, TokenId};
+use crate::policy::session::{SessionKind, SessionStats};
 
-use crate::session::MAX_IDLE_TIMEOUT;
+use crate::policy::session::MAX_IDLE_TIMEOUT;
 
 /// Capacity of each worker's grant channel: outstanding grants a worker has not looked at yet.
 pub(crate) const GRANT_CHANNEL_CAPACITY: usize = 4096;
@@ -282,11 +282,11 @@ pub(crate) struct SocketSettings {
 pub struct Controller {
     pub(crate) links: Arc<[WorkerLink]>,
     pub(crate) counters: Arc<[CachePadded<WorkerCounters>]>,
-    pub(crate) limits: Arc<crate::limits::SessionLimits>,
+    pub(crate) limits: Arc<crate::policy::limits::SessionLimits>,
     /// The data plane's descriptors; a listener takes one per worker.
-    pub(crate) budget: Arc<crate::fd_budget::FdBudget>,
+    pub(crate) budget: Arc<crate::io::fd_budget::FdBudget>,
     /// The host's addresses, to tell a target that is one of our own listeners.
-    pub(crate) host: Arc<crate::own_addrs::HostAddrs>,
+    pub(crate) host: Arc<crate::io::own_addrs::HostAddrs>,
     pub(crate) registry: Arc<Mutex<PortRegistry>>,
     pub(crate) sockets: SocketSettings,
 }
@@ -564,7 +564,7 @@ fn wake(link: &WorkerLink) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::grant::Backend;
+    use crate::policy::grant::Backend;
 
     /// A controller whose one "worker" is the test: nothing drains its channels.
     fn stalled_controller() -> (
@@ -580,8 +580,8 @@ mod tests {
         let controller = Controller {
             links: vec![WorkerLink { grants, tx, waker }].into(),
             counters: vec![CachePadded::new(WorkerCounters::default())].into(),
-            limits: Arc::new(crate::limits::SessionLimits::new(1, None)),
-            budget: crate::fd_budget::FdBudget::for_process(0),
+            limits: Arc::new(crate::policy::limits::SessionLimits::new(1, None)),
+            budget: crate::io::fd_budget::FdBudget::for_process(0),
             host: Arc::default(),
             registry: Arc::default(),
             sockets: SocketSettings {

@@ -30,16 +30,16 @@ pub enum ListenerKind {
         /// Where its sessions go.
         target: SocketAddr,
         /// Control's identity for the forwarder, as its sessions report it.
-        backend: crate::grant::BackendId,
+        backend: crate::policy::grant::BackendId,
         /// PROXY protocol v2 headers to the target.
-        proxy: crate::proxy_protocol::ProxyMode,
+        proxy: crate::policy::proxy_protocol::ProxyMode,
     },
     /// A route entry point: each new client (UDP) or connection (TCP) is matched against the
     /// table's rules and given an endpoint it keeps. A new table re-homes the UDP sessions whose
     /// endpoint it no longer lists; TCP connections keep theirs.
     Route {
         /// The compiled rules.
-        table: std::sync::Arc<crate::route::RouteTable>,
+        table: std::sync::Arc<crate::policy::route::RouteTable>,
     },
 }
 
@@ -130,7 +130,7 @@ struct Entry {
     closing: bool,
     counters: std::sync::Arc<crate::metrics::ListenerCounters>,
     /// Its sockets' descriptors, given back when every worker has let go of it.
-    _lease: crate::fd_budget::FdLease,
+    _lease: crate::io::fd_budget::FdLease,
 }
 
 impl PortRegistry {
@@ -165,7 +165,7 @@ impl PortRegistry {
         port: u16,
         owner: String,
         counters: std::sync::Arc<crate::metrics::ListenerCounters>,
-        lease: crate::fd_budget::FdLease,
+        lease: crate::io::fd_budget::FdLease,
     ) -> Result<(ListenerId, u64), ListenError> {
         let slot = match self.free.pop() {
             Some(std::cmp::Reverse(slot)) => usize::from(slot),
@@ -251,8 +251,8 @@ mod tests {
         std::sync::Arc::new(crate::metrics::ListenerCounters::new(1))
     }
 
-    fn lease() -> crate::fd_budget::FdLease {
-        crate::fd_budget::FdBudget::with_limit(0, Box::new(|| 100))
+    fn lease() -> crate::io::fd_budget::FdLease {
+        crate::io::fd_budget::FdBudget::with_limit(0, Box::new(|| 100))
             .try_take(1)
             .unwrap()
     }

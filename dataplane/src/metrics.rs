@@ -6,8 +6,8 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-pub use crate::grant::TokenRejectReason;
-use crate::session::SessionKind;
+pub use crate::policy::grant::TokenRejectReason;
+use crate::policy::session::SessionKind;
 
 /// Why a datagram was dropped, or a TCP connection refused. Per-datagram and per-connection
 /// failures are values, never errors.

@@ -10,13 +10,13 @@ use crossbeam_utils::CachePadded;
 use crate::config::{DataPlaneConfig, WorkerAffinity};
 use crate::ctl::{Controller, GRANT_CHANNEL_CAPACITY, SocketSettings, WorkerEvent, WorkerLink};
 use crate::error::{StartError, WorkerError};
-use crate::fd_budget::{FdBudget, open_descriptors, raise_nofile_limit};
-use crate::grant::NonceLedger;
-use crate::limits::SessionLimits;
+use crate::io::fd_budget::{FdBudget, open_descriptors, raise_nofile_limit};
+use crate::io::own_addrs::OwnPorts;
 use crate::listener::{ListenerKind, ListenerSpec};
 use crate::liveness::Liveness;
 use crate::metrics::WorkerCounters;
-use crate::own_addrs::OwnPorts;
+use crate::policy::grant::NonceLedger;
+use crate::policy::limits::SessionLimits;
 use crate::worker::{Worker, WorkerSetup};
 
 /// Data ports a config may declare (more listeners can be opened at run time).

@@ -261,7 +261,7 @@ fn busy_polling_workers_forward_expire_and_stop() {
 
 #[test]
 fn a_moved_default_session_sends_the_new_backends_proxy_header() {
-    use dataplane::proxy_protocol::ProxyMode;
+    use dataplane::policy::proxy_protocol::ProxyMode;
     let proxy = Proxy::start(1, |_| {});
     let (old, new) = (
         ProxyEcho::spawn("127.0.0.1:0"),

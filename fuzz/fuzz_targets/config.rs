@@ -89,8 +89,8 @@ fn accepted(config: &Config) {
     let mut packet = config.control_magic.clone();
     packet.extend_from_slice(TOKEN.as_bytes());
     assert!(matches!(
-        dataplane::packet::classify(&packet, &config.control_magic),
-        dataplane::packet::Classified::Control(_)
+        dataplane::policy::packet::classify(&packet, &config.control_magic),
+        dataplane::policy::packet::Classified::Control(_)
     ));
     // Data ports: at least one, names unique.
     assert!(!config.data_ports.is_empty());
@@ -120,7 +120,7 @@ fn accepted(config: &Config) {
     }
     if let Some(secret) = &config.token_secret {
         assert!(!secret.keys.is_empty());
-        assert!(config.data_ports.len() <= dataplane::seal::MAX_SEALED_PORTS);
+        assert!(config.data_ports.len() <= dataplane::policy::seal::MAX_SEALED_PORTS);
     }
     let dp = config.dataplane();
     assert_eq!(dp.data_ports.len(), config.data_ports.len());

@@ -11,8 +11,10 @@
 use std::sync::LazyLock;
 use std::time::Duration;
 
-use dataplane::packet::{Classified, Presented, TOKEN_LEN, classify, control_body, parse_token};
-use dataplane::seal::{HEADER_LEN, KeyRing, SEALED_PREFIX, is_body_char, sealed_len};
+use dataplane::policy::packet::{
+    Classified, Presented, TOKEN_LEN, classify, control_body, parse_token,
+};
+use dataplane::policy::seal::{HEADER_LEN, KeyRing, SEALED_PREFIX, is_body_char, sealed_len};
 use libfuzzer_sys::fuzz_target;
 
 const DEFAULT_MAGIC: &[u8] = b"\xFF\xFF\xFF\xFFRESET";

@@ -17,10 +17,10 @@ use base64::Engine;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use chacha20poly1305::aead::AeadInPlace;
 use chacha20poly1305::{KeyInit, XChaCha20Poly1305, XNonce};
-use dataplane::grant::{Backend, BackendId, TokenId};
-use dataplane::packet::{Classified, Presented, classify};
-use dataplane::proxy_protocol::ProxyMode;
-use dataplane::seal::{
+use dataplane::policy::grant::{Backend, BackendId, TokenId};
+use dataplane::policy::packet::{Classified, Presented, classify};
+use dataplane::policy::proxy_protocol::ProxyMode;
+use dataplane::policy::seal::{
     HEADER_LEN, KEY_ID_LEN, KeyRing, MAX_SEALED_LEN, SEALED_PREFIX, is_body_char, key_id,
 };
 use libfuzzer_sys::fuzz_target;

@@ -12,16 +12,16 @@
 //! first `seal::sealed_len` bytes for a sealed token, so a TCP token is exactly a UDP one.
 //! A UUID token must also print back as its text.
 //!
-//! `dataplane::tcp` is private; the reader is re-exported for this target as
+//! `dataplane::policy::prefix` is crate-private; the reader is re-exported for this target as
 //! `dataplane::fuzzing`.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 
 use dataplane::fuzzing::{LineEnd, MAX_PREFIX, Prefix, finish_line_end, read_prefix};
-use dataplane::grant::TokenId;
-use dataplane::packet::{Presented, TOKEN_LEN, parse_token};
-use dataplane::seal;
+use dataplane::policy::grant::TokenId;
+use dataplane::policy::packet::{Presented, TOKEN_LEN, parse_token};
+use dataplane::policy::seal;
 
 /// The splice's buffer size is far above anything here; reads are bounded by the cuts only.
 const PIPE_BYTES: usize = 64 * 1024;

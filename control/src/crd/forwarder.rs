@@ -74,7 +74,7 @@ pub enum ProxyProtocol {
     V2First,
 }
 
-impl From<ProxyProtocol> for dataplane::proxy_protocol::ProxyMode {
+impl From<ProxyProtocol> for dataplane::policy::proxy_protocol::ProxyMode {
     fn from(p: ProxyProtocol) -> Self {
         match p {
             ProxyProtocol::None => Self::None,

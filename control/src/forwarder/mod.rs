@@ -20,7 +20,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use dataplane::proxy_protocol::ProxyMode;
+use dataplane::policy::proxy_protocol::ProxyMode;
 use dataplane::{
     BackendId, CloseMode, Controller, ListenError, ListenerCounters, ListenerKind, ListenerSpec,
     ListenerStats, OpenedListener, Transport,

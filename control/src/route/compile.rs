@@ -705,8 +705,8 @@ mod tests {
         assert!(c.reports[&("games".into(), "voice".into())].not_permitted);
     }
 
-    fn dataplane_picker() -> dataplane::route::Picker {
-        dataplane::route::Picker::default()
+    fn dataplane_picker() -> dataplane::policy::route::Picker {
+        dataplane::policy::route::Picker::default()
     }
 
     fn rule_table(c: &Compiled) -> &dataplane::RouteTable {

@@ -11,14 +11,14 @@ use mio::Interest;
 
 use crate::config::LiveSettings;
 use crate::ctl::{ClientMatch, CloseReason, Closing, ControlMsg, SessionInfo, WorkerEvent};
-use crate::grant::BackendId;
+use crate::io::pktinfo;
+use crate::io::socket::ListenSocket;
 use crate::listener::{CloseMode, ListenerId, ListenerKind, Transport};
 use crate::metrics::{DropReason, ListenerCounters};
-use crate::pktinfo;
-use crate::ratelimit::RateLimiter;
-use crate::route::{Picker, RouteTable};
-use crate::session::{SessionId, SessionKind};
-use crate::socket::ListenSocket;
+use crate::policy::grant::BackendId;
+use crate::policy::ratelimit::RateLimiter;
+use crate::policy::route::{Picker, RouteTable};
+use crate::policy::session::{SessionId, SessionKind};
 
 use super::{FIRST_LISTENER, Listener, ListenerIo, Worker};
 
@@ -200,7 +200,7 @@ impl Worker {
         listener.picker.reset();
         // This listener's sessions only: a change to one listener costs what it has, however
         // many sessions the others hold.
-        let on_this_port = |sessions: &crate::session::SessionTable<super::Upstream>,
+        let on_this_port = |sessions: &crate::policy::session::SessionTable<super::Upstream>,
                             udp_only: bool| {
             let mut ids = sessions.on_listener(index as u16);
             if udp_only {
@@ -474,7 +474,7 @@ impl Worker {
         type Affected = (
             SessionId,
             SessionKind,
-            crate::session::SessionKey,
+            crate::policy::session::SessionKey,
             Option<std::net::IpAddr>,
             Transport,
         );

@@ -19,24 +19,24 @@ use crossbeam_channel::{Receiver, Sender};
 use crossbeam_utils::CachePadded;
 use mio::{Events, Poll, Token, Waker};
 
-use crate::batch::{BATCH, Header, RecvBatch, ReplyBatch, UpstreamBatch, max_payload};
 use crate::config::DataPlaneConfig;
 use crate::ctl::{CloseReason, Closing, ControlMsg, WorkerEvent};
 use crate::error::WorkerError;
-use crate::fd_budget::FdBudget;
-use crate::grant::{Backend, Grant, NonceLedger, TokenId};
-use crate::limits::SessionLimits;
+use crate::io::batch::{BATCH, Header, RecvBatch, ReplyBatch, UpstreamBatch, max_payload};
+use crate::io::fd_budget::FdBudget;
+use crate::io::own_addrs::OwnPorts;
+use crate::io::splice::Splice;
 use crate::listener::{ListenerKind, MAX_LISTENERS, Transport};
 use crate::liveness::{BEAT_INTERVAL, Heartbeat};
 use crate::metrics::{DropReason, ListenerCounters, ListenerSlot, WorkerCounters};
-use crate::own_addrs::OwnPorts;
-use crate::packet::control_body;
-use crate::proxy_protocol::{HeaderTransport, ProxyHeader, ProxyMode};
-use crate::ratelimit::{ControlBudget, RateLimiter};
-use crate::route::Picker;
-use crate::seal::KeyRing;
-use crate::session::{Session, SessionId, SessionKey, SessionKind, SessionTable};
-use crate::tcp::splice::Splice;
+use crate::policy::grant::{Backend, Grant, NonceLedger, TokenId};
+use crate::policy::limits::SessionLimits;
+use crate::policy::packet::control_body;
+use crate::policy::proxy_protocol::{HeaderTransport, ProxyHeader, ProxyMode};
+use crate::policy::ratelimit::{ControlBudget, RateLimiter};
+use crate::policy::route::Picker;
+use crate::policy::seal::KeyRing;
+use crate::policy::session::{Session, SessionId, SessionKey, SessionKind, SessionTable};
 use crate::warn_gate::WarnGate;
 
 mod control;
@@ -95,7 +95,7 @@ pub(crate) enum Upstream {
 #[derive(Debug)]
 pub(crate) struct UdpUpstream {
     pool: PoolRef,
-    /// The backend address as the pool knows it (`crate::upstream::peer_key`).
+    /// The backend address as the pool knows it (`crate::policy::upstream::peer_key`).
     key: SocketAddr,
     /// The session the place was taken for.
     session: SessionId,

@@ -1,4 +1,4 @@
-//! A worker's shared upstream sockets (the assignment is sans-io in `crate::upstream`):
+//! A worker's shared upstream sockets (the assignment is sans-io in `crate::policy::upstream`):
 //! opened as sessions need them, within the data plane's descriptor budget, each knowing the
 //! session behind every backend address it serves, so a reply is routed by (socket, source
 //! address); closed again when a peak has passed.
@@ -13,11 +13,11 @@ use std::sync::Arc;
 use ahash::AHashMap;
 use mio::{Interest, Registry, Token};
 
-use crate::fd_budget::{FdBudget, FdLease};
-use crate::own_addrs::OwnPorts;
-use crate::session::SessionId;
-use crate::socket::bind_upstream_udp;
-use crate::upstream::{SOCKET_IDLE, SocketAssigner, peer_key};
+use crate::io::fd_budget::{FdBudget, FdLease};
+use crate::io::own_addrs::OwnPorts;
+use crate::io::socket::bind_upstream_udp;
+use crate::policy::session::SessionId;
+use crate::policy::upstream::{SOCKET_IDLE, SocketAssigner, peer_key};
 
 use super::FIRST_POOL;
 
@@ -38,7 +38,7 @@ impl PoolRef {
         self.0 % 2 == 1
     }
 
-    /// Its number in an [`crate::batch::UpstreamBatch`].
+    /// Its number in an [`crate::io::batch::UpstreamBatch`].
     pub(crate) fn number(self) -> u32 {
         self.0
     }

@@ -6,17 +6,17 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crate::admit::{Admission, AdmitContext, Role, admit, trace_refused};
 use crate::ctl::WorkerEvent;
-use crate::grant::{BackendId, Grant};
 use crate::listener::{ListenerKind, Transport};
 use crate::metrics::{DropReason, TokenRejectReason};
-use crate::packet::{Presented, classify, parse_token};
-use crate::ratelimit::ControlBudget;
-use crate::route::{Pick, RouteTable};
-use crate::seal::OpenError;
-use crate::session::{Session, SessionId, SessionKey, SessionKind, SessionStats};
-use crate::upstream::{is_unicast_target, peer_key};
+use crate::policy::admit::{Admission, AdmitContext, Role, admit, trace_refused};
+use crate::policy::grant::{BackendId, Grant};
+use crate::policy::packet::{Presented, classify, parse_token};
+use crate::policy::ratelimit::ControlBudget;
+use crate::policy::route::{Pick, RouteTable};
+use crate::policy::seal::OpenError;
+use crate::policy::session::{Session, SessionId, SessionKey, SessionKind, SessionStats};
+use crate::policy::upstream::{is_unicast_target, peer_key};
 
 use super::pool::PlaceError;
 use super::{Arrival, ORPHAN_IDLE_TIMEOUT, UdpUpstream, Upstream, Worker};

@@ -16,17 +16,17 @@ use mio::net::TcpStream;
 use mio::{Interest, Token};
 use slab::Slab;
 
-use crate::admit::{Admission, Role, admit, trace_refused};
 use crate::ctl::{CloseReason, WorkerEvent};
-use crate::fd_budget::FdLease;
-use crate::grant::{BackendId, Grant};
+use crate::io::fd_budget::FdLease;
+use crate::io::socket::connect_upstream_tcp;
+use crate::io::splice::{Pipe, Splice, SpliceError};
 use crate::metrics::DropReason;
-use crate::packet::Classified;
-use crate::proxy_protocol::{HeaderTransport, ProxyHeader, ProxyMode};
-use crate::session::{SessionId, SessionKey, SessionKind};
-use crate::socket::connect_upstream_tcp;
-use crate::tcp::prefix::{LineEnd, MAX_PREFIX, Prefix, read_prefix};
-use crate::tcp::splice::{Pipe, Splice, SpliceError};
+use crate::policy::admit::{Admission, Role, admit, trace_refused};
+use crate::policy::grant::{BackendId, Grant};
+use crate::policy::packet::Classified;
+use crate::policy::prefix::{LineEnd, MAX_PREFIX, Prefix, read_prefix};
+use crate::policy::proxy_protocol::{HeaderTransport, ProxyHeader, ProxyMode};
+use crate::policy::session::{SessionId, SessionKey, SessionKind};
 
 use super::{
     FIRST_PENDING, IO_LOOP_BOUND, ListenerIo, Upstream, Worker, client_token, upstream_token,

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use ahash::AHashMap;
 use parking_lot::Mutex;
 
-use crate::proxy_protocol::ProxyMode;
+use crate::policy::proxy_protocol::ProxyMode;
 
 /// Why a token was not redeemed.
 #[derive(Clone, Copy, Debug, Eq, Hash, PartialEq)]

@@ -6,11 +6,11 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use crate::grant::{BackendId, Grant};
 use crate::listener::ListenerKind;
 use crate::metrics::{DropReason, TokenRejectReason};
-use crate::packet::{Classified, Presented};
-use crate::proxy_protocol::ProxyMode;
+use crate::policy::grant::{BackendId, Grant};
+use crate::policy::packet::{Classified, Presented};
+use crate::policy::proxy_protocol::ProxyMode;
 
 /// What a new client's first datagram leads to.
 #[derive(Debug)]
@@ -166,7 +166,7 @@ pub(crate) fn admit<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::grant::{Backend, TokenId};
+    use crate::policy::grant::{Backend, TokenId};
     use std::time::{Duration, Instant};
 
     const GAME: &str = "10.0.0.1:7000";

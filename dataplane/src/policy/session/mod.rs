@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use ahash::AHashMap;
 
-use crate::grant::BackendId;
+use crate::policy::grant::BackendId;
 pub use key::SessionKey;
 pub(crate) use timer::IdleWheel;
 

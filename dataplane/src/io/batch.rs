@@ -21,8 +21,8 @@ use std::os::fd::RawFd;
 
 use socket2::SockAddr;
 
-use crate::pktinfo::{self, CtrlBuf, EMPTY_CTRL};
-use crate::proxy_protocol::ProxyHeader;
+use crate::io::pktinfo::{self, CtrlBuf, EMPTY_CTRL};
+use crate::policy::proxy_protocol::ProxyHeader;
 
 /// Datagrams moved per syscall.
 pub(crate) const BATCH: usize = 32;
@@ -146,7 +146,7 @@ impl RecvBatch {
 
     /// Reads up to [`BATCH`] datagrams in place of those held; `Err(WouldBlock)` when none is
     /// waiting. A result below `BATCH` means the socket's queue was empty when the call
-    /// returned. With `pktinfo` (a socket with [`crate::pktinfo::enable`]) each datagram's
+    /// returned. With `pktinfo` (a socket with [`crate::io::pktinfo::enable`]) each datagram's
     /// destination address is read too.
     #[cfg(test)]
     pub(crate) fn recv(&mut self, fd: RawFd, batch_io: bool, pktinfo: bool) -> io::Result<usize> {
@@ -916,7 +916,7 @@ mod tests {
         let to2 = SockAddr::from(p2.local_addr().unwrap());
         // Datagrams to p2 carry a PROXY header, sent from its own buffer in front.
         let header = ProxyHeader::new(
-            crate::proxy_protocol::HeaderTransport::Dgram,
+            crate::policy::proxy_protocol::HeaderTransport::Dgram,
             "192.0.2.1:1000".parse().unwrap(),
             "192.0.2.2:7777".parse().unwrap(),
         );
@@ -984,7 +984,7 @@ mod tests {
     fn pktinfo_round_trip(batch_io: bool) {
         let a = UdpSocket::bind("0.0.0.0:0").unwrap();
         a.set_nonblocking(true).unwrap();
-        crate::pktinfo::enable(a.as_raw_fd(), false).unwrap();
+        crate::io::pktinfo::enable(a.as_raw_fd(), false).unwrap();
         let port = a.local_addr().unwrap().port();
         let c = UdpSocket::bind("127.0.0.1:0").unwrap();
         for dst in ["127.0.0.1", "127.0.0.2"] {
@@ -1040,7 +1040,7 @@ mod tests {
         assert_eq!(rx.recv(a.as_raw_fd(), batch_io, false).unwrap(), 3);
         let header = |client_port: u16| {
             ProxyHeader::new(
-                crate::proxy_protocol::HeaderTransport::Dgram,
+                crate::policy::proxy_protocol::HeaderTransport::Dgram,
                 SocketAddr::from(([192, 0, 2, 1], client_port)),
                 "192.0.2.2:7777".parse().unwrap(),
             )

@@ -13,7 +13,7 @@ use std::net::Shutdown;
 
 use mio::net::TcpStream;
 
-use super::prefix::{LineEnd, finish_line_end};
+use crate::policy::prefix::{LineEnd, finish_line_end};
 
 /// Buffer of one direction of one connection; allocated on the first byte that direction
 /// carries.
@@ -159,7 +159,7 @@ pub(crate) struct Splice {
     /// The connection to the backend (connecting until `connected`).
     pub(crate) upstream: TcpStream,
     /// The two connections' descriptors, from the data plane's budget.
-    pub(crate) _lease: crate::fd_budget::FdLease,
+    pub(crate) _lease: crate::io::fd_budget::FdLease,
     /// The backend connection is established.
     pub(crate) connected: bool,
     /// Client → backend.

@@ -147,7 +147,7 @@ pub(crate) fn unique_port(
 }
 
 /// A non-blocking, unconnected UDP socket on an ephemeral port of the wildcard address of one
-/// family: a shared upstream socket (see `crate::upstream`).
+/// family: a shared upstream socket (see `crate::policy::upstream`).
 pub(crate) fn bind_upstream_udp(
     ipv6: bool,
     recv_buffer_bytes: usize,

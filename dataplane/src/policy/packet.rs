@@ -3,8 +3,8 @@
 //! Only the first datagram of an unknown client is classified in full; on a live session the only
 //! per-datagram check is a prefix compare against the control magic.
 
-use crate::grant::TokenId;
-use crate::seal;
+use crate::policy::grant::TokenId;
+use crate::policy::seal;
 
 /// Length of a UUID token on the wire: a hyphenated UUID in ASCII.
 pub const TOKEN_LEN: usize = 36;

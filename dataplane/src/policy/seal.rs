@@ -34,8 +34,8 @@ use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use chacha20poly1305::aead::AeadInPlace;
 use chacha20poly1305::{KeyInit, Tag, XChaCha20Poly1305, XNonce};
 
-use crate::grant::{Backend, BackendId, TokenId};
-use crate::proxy_protocol::ProxyMode;
+use crate::policy::grant::{Backend, BackendId, TokenId};
+use crate::policy::proxy_protocol::ProxyMode;
 
 /// The first two characters of every sealed token.
 pub const SEALED_PREFIX: &[u8; 2] = b"S2";

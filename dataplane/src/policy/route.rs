@@ -156,7 +156,7 @@ pub struct Rule {
     /// Idle timeout of its sessions.
     pub idle_timeout: Duration,
     /// PROXY protocol v2 headers to its endpoints (its route's `proxyProtocol`).
-    pub proxy: crate::proxy_protocol::ProxyMode,
+    pub proxy: crate::policy::proxy_protocol::ProxyMode,
     /// Sessions it re-homed because their endpoint left.
     pub rehomed: Arc<RouteCounter>,
 }
@@ -182,7 +182,7 @@ pub struct Pick {
     /// The rule's idle timeout.
     pub idle_timeout: Duration,
     /// The rule's PROXY protocol mode.
-    pub proxy: crate::proxy_protocol::ProxyMode,
+    pub proxy: crate::policy::proxy_protocol::ProxyMode,
 }
 
 /// One worker's place in a table's rotations: per rule the smooth weighted round robin's
@@ -322,7 +322,7 @@ mod tests {
             matcher,
             backends,
             idle_timeout: Duration::from_secs(60),
-            proxy: crate::proxy_protocol::ProxyMode::None,
+            proxy: crate::policy::proxy_protocol::ProxyMode::None,
             rehomed: Arc::default(),
         }
     }

@@ -7,9 +7,9 @@
 //! a token" at once, so a token-less protocol whose client speaks first reaches the default
 //! backend without waiting for `tcpTokenTimeoutSeconds`.
 
-use crate::grant::TokenId;
-use crate::packet::{Presented, TOKEN_LEN};
-use crate::seal::{self, HEADER_LEN, MAX_SEALED_LEN, SEALED_PREFIX};
+use crate::policy::grant::TokenId;
+use crate::policy::packet::{Presented, TOKEN_LEN};
+use crate::policy::seal::{self, HEADER_LEN, MAX_SEALED_LEN, SEALED_PREFIX};
 
 /// Most bytes the token reader needs: the longest token and `\r\n`.
 pub const MAX_PREFIX: usize = MAX_SEALED_LEN + 2;
