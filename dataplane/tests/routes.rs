@@ -235,17 +235,29 @@ fn a_route_swap_touches_its_own_sessions_not_the_ten_thousand_of_another_listene
             300,
         )]),
     );
-    for i in 0..10_000u32 {
-        let ip = [127, 2, (i / 250) as u8, (i % 250 + 1) as u8];
-        let c = std::net::UdpSocket::bind(SocketAddr::from((ip, 0))).unwrap();
-        c.send_to(b"x", busy.addr).unwrap();
-        if i % 500 == 499 {
-            std::thread::sleep(Duration::from_millis(20));
+    // One socket per source address, kept so each round resends from the same addresses: a
+    // datagram the kernel dropped under the burst is sent again, and one that made its session
+    // only adds to it.
+    let sources: Vec<std::net::UdpSocket> = (0..10_000u32)
+        .map(|i| {
+            let ip = [127, 2, (i / 250) as u8, (i % 250 + 1) as u8];
+            std::net::UdpSocket::bind(SocketAddr::from((ip, 0))).unwrap()
+        })
+        .collect();
+    for _round in 0..20 {
+        if proxy.ctl.counters().created(SessionKind::Route) >= 10_000 {
+            break;
         }
+        for (i, c) in sources.iter().enumerate() {
+            c.send_to(b"x", busy.addr).unwrap();
+            if i % 250 == 249 {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
     }
-    proxy.eventually("10,000 sessions on the busy entry point", |p| {
-        p.ctl.counters().created(SessionKind::Route) >= 10_000
-    });
+    assert_eq!(proxy.ctl.counters().created(SessionKind::Route), 10_000);
+    drop(sources);
     // The swapped entry point: one session, whose endpoint then leaves.
     let (a, b) = (Echo::tagged(b'A'), Echo::tagged(b'B'));
     let table = |to: SocketAddr| {
