@@ -313,9 +313,10 @@ impl Controller {
         let mut registry = self.registry.lock();
         registry.check(&spec)?;
         let needed = self.links.len();
+        // An eighth of the budget stays for sessions' sockets whatever the listeners take.
         let lease = self
             .budget
-            .try_take(needed)
+            .try_take_leaving(needed, self.budget.allowed() / 8)
             .ok_or_else(|| ListenError::Descriptors {
                 needed,
                 held: self.budget.held(),

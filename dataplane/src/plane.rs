@@ -44,10 +44,10 @@ fn descriptor_budget(config: &DataPlaneConfig) -> Arc<FdBudget> {
         how,
         "descriptors: limit {limit}, {} kept for the control thread, {allowed} for the data \
          plane: at most {allowed} UDP sessions to one backend address, {} TCP connections, \
-         {} listeners; maxSessions {}{}",
+         {} listeners (an eighth stays for sessions); maxSessions {}{}",
         budget.reserve(),
         allowed / 2,
-        allowed / workers,
+        (allowed - allowed / 8) / workers,
         config.max_sessions,
         if tight {
             " is above that: past the budget new sessions that need a socket are refused \

@@ -55,7 +55,14 @@ impl FdBudget {
 
     /// Takes `n` descriptors, or `None` when they would eat into the reserve.
     pub fn try_take(self: &Arc<Self>, n: usize) -> Option<FdLease> {
-        let allowed = self.allowed();
+        self.try_take_leaving(n, 0)
+    }
+
+    /// Takes `n` descriptors only if `leave` more stay free after them: listeners leave room
+    /// for the sessions they exist to carry, so opening many cannot starve every session of an
+    /// upstream socket.
+    pub fn try_take_leaving(self: &Arc<Self>, n: usize, leave: usize) -> Option<FdLease> {
+        let allowed = self.allowed().saturating_sub(leave);
         let mut held = self.held.load(Ordering::Relaxed);
         loop {
             if held.saturating_add(n) > allowed {
@@ -205,6 +212,18 @@ mod tests {
         assert!(c.grow(5));
         assert_eq!(c.count(), 15);
         drop(c);
+        assert_eq!(b.held(), 0);
+    }
+
+    #[test]
+    fn listeners_leave_room_for_sessions() {
+        let limit = Arc::new(AtomicUsize::new(100));
+        let b = budget(&limit, 0);
+        let listeners = b.try_take_leaving(80, 20).expect("80 of 100, 20 left");
+        assert!(b.try_take_leaving(1, 20).is_none(), "the last 20 are for sessions");
+        let sessions = b.try_take(20).expect("sessions take them");
+        assert!(b.try_take(1).is_none());
+        drop((listeners, sessions));
         assert_eq!(b.held(), 0);
     }
 
