@@ -148,7 +148,8 @@ T
   KUBECONFIG=$run/kubeconfig kubectl wait --for condition=established --timeout=30s \
     crd/gameservers.agones.dev crd/endpointslices.discovery.k8s.io \
     crd/forwarders.udp-director.dev crd/routes.udp-director.dev \
-    crd/gateways.gateway.networking.k8s.io crd/udproutes.gateway.networking.k8s.io >/dev/null
+    crd/gateways.gateway.networking.k8s.io crd/udproutes.gateway.networking.k8s.io \
+    crd/prometheusrules.monitoring.coreos.com crd/podmonitors.monitoring.coreos.com >/dev/null
   echo "k8s-apiserver: ready at https://127.0.0.1:$API_PORT; KUBECONFIG=$run/kubeconfig (admin), $run/kubeconfig-proxy (service account)"
 }
 

@@ -387,8 +387,9 @@ const TARGET_LABELS: [&str; 2] = ["instance", "job"];
 /// forwarder's, a route's, a Service's), nor for query results (each appears with its first
 /// answer).
 fn values_known(metric: &str, label: &str) -> bool {
-    !["forwarder", "route", "service"].contains(&label)
-        && !(metric == "udp_director_queries_total" && label == "result")
+    let object_name = ["forwarder", "route", "service"].contains(&label);
+    let query_result = metric == "udp_director_queries_total" && label == "result";
+    !object_name && !query_result
 }
 
 /// Every metric of `selectors` is in the scrape, with every label its matchers name; every
@@ -471,6 +472,8 @@ fn the_dashboard_is_importable_and_narrowed_by_its_variables() {
         assert_eq!(v["datasource"]["uid"], "${datasource}", "{name}");
         assert_eq!(v["includeAll"], true, "{name}");
         assert_eq!(v["allValue"], ".*", "{name}");
+        // A plain query string: what every Grafana version reads the same way.
+        assert_eq!(v["query"], v["definition"], "{name}");
     }
     assert!(names.len() == 4, "{names:?}");
 
@@ -755,6 +758,16 @@ fn encode(s: &str) -> String {
         .collect()
 }
 
+/// The selector and the label of a Grafana `label_values(selector, label)` variable query.
+fn label_values(definition: &str) -> (&str, &str) {
+    let inner = definition
+        .strip_prefix("label_values(")
+        .and_then(|s| s.strip_suffix(')'))
+        .unwrap_or_else(|| panic!("{definition}: not label_values(selector, label)"));
+    let (selector, label) = inner.rsplit_once(',').unwrap();
+    (selector.trim(), label.trim())
+}
+
 fn value_of(series: &Value) -> f64 {
     series["value"][1]
         .as_str()
@@ -1014,20 +1027,16 @@ fn evaluate(proxy: &Proxy, prometheus: &Prometheus) {
             continue;
         }
         let definition = v["definition"].as_str().unwrap();
-        let inner = definition
-            .strip_prefix("label_values(")
-            .and_then(|s| s.strip_suffix(')'))
-            .unwrap_or_else(|| panic!("{definition}: not label_values(selector, label)"));
-        let (selector, label) = inner.rsplit_once(',').unwrap();
+        let (selector, label) = label_values(definition);
         let found = prometheus.api(
             "/api/v1/series",
-            &[("match[]", &concrete(selector.trim(), &variables))],
+            &[("match[]", &concrete(selector, &variables))],
         );
         let values: BTreeSet<&str> = found
             .as_array()
             .unwrap()
             .iter()
-            .filter_map(|s| s[label.trim()].as_str())
+            .filter_map(|s| s[label].as_str())
             .collect();
         assert!(!values.is_empty(), "{definition} finds nothing");
     }
@@ -1047,11 +1056,22 @@ fn evaluate(proxy: &Proxy, prometheus: &Prometheus) {
     }
     for v in d["templating"]["list"].as_array().unwrap() {
         if let Some(definition) = v["definition"].as_str() {
+            let (selector, label) = label_values(definition);
+            let found = selectors(selector);
             problems.extend(check_against_scrape(
                 &format!("variable {}", v["name"]),
-                &selectors(definition),
+                &found,
                 &index,
             ));
+            let labelled = |s: &Selector| {
+                TARGET_LABELS.contains(&label)
+                    || index
+                        .get(&s.metric)
+                        .is_some_and(|labels| labels.contains_key(label))
+            };
+            if !found.iter().all(labelled) {
+                problems.push(format!("variable {}: no label {label}", v["name"]));
+            }
         }
     }
     for (name, expr, _) in alert_rules(&yaml(RULES)) {
