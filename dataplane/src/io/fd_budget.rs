@@ -220,7 +220,10 @@ mod tests {
         let limit = Arc::new(AtomicUsize::new(100));
         let b = budget(&limit, 0);
         let listeners = b.try_take_leaving(80, 20).expect("80 of 100, 20 left");
-        assert!(b.try_take_leaving(1, 20).is_none(), "the last 20 are for sessions");
+        assert!(
+            b.try_take_leaving(1, 20).is_none(),
+            "the last 20 are for sessions"
+        );
         let sessions = b.try_take(20).expect("sessions take them");
         assert!(b.try_take(1).is_none());
         drop((listeners, sessions));
