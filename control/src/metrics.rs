@@ -70,6 +70,7 @@ impl Metrics {
             controller,
             inventory,
         }));
+        registry.register_collector(Box::new(crate::process_metrics::ProcessCollector));
         Arc::new(Self {
             queries,
             query_duration,
