@@ -2,25 +2,21 @@
 //! the admin API's session list and kills, and backends that leave the inventory.
 
 use std::net::SocketAddr;
-use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::TryRecvError;
-use mio::Interest;
 
 use crate::config::LiveSettings;
 use crate::ctl::{ClientMatch, CloseReason, Closing, ControlMsg, SessionInfo, WorkerEvent};
-use crate::io::pktinfo;
-use crate::io::socket::ListenSocket;
 use crate::listener::{CloseMode, ListenerId, ListenerKind, Transport};
-use crate::metrics::{DropReason, ListenerCounters};
+use crate::metrics::DropReason;
 use crate::policy::grant::BackendId;
 use crate::policy::ratelimit::RateLimiter;
-use crate::policy::route::{Picker, RouteTable};
+use crate::policy::route::RouteTable;
 use crate::policy::session::{SessionId, SessionKind};
 
-use super::{FIRST_LISTENER, Listener, ListenerIo, Worker};
+use super::Worker;
 
 impl Worker {
     /// Takes every grant published so far.
@@ -52,7 +48,14 @@ impl Worker {
                 kind,
                 idle_timeout,
                 counters,
-            } => self.open_listener(id, socket, kind, idle_timeout, counters),
+            } => self.listeners.open(
+                self.poll.registry(),
+                id,
+                socket,
+                kind,
+                idle_timeout,
+                counters,
+            ),
             ControlMsg::UpdateListener {
                 id,
                 kind,
@@ -82,16 +85,7 @@ impl Worker {
         if !same_limit {
             self.rate_limiter = live.rate_limit.map(|l| Box::new(RateLimiter::new(l, now)));
         }
-        let mut changed = Vec::new();
-        for (index, listener) in self.listeners.iter_mut().enumerate() {
-            if let Some(l) = listener
-                && matches!(l.kind, ListenerKind::TokenPort)
-                && l.idle_timeout != live.session_timeout
-            {
-                changed.push((index, l.idle_timeout));
-                l.idle_timeout = live.session_timeout;
-            }
-        }
+        let changed = self.listeners.set_token_port_timeout(live.session_timeout);
         if changed.is_empty() {
             return;
         }
@@ -110,78 +104,6 @@ impl Worker {
         }
     }
 
-    pub(super) fn open_listener(
-        &mut self,
-        id: ListenerId,
-        socket: ListenSocket,
-        kind: ListenerKind,
-        idle_timeout: Duration,
-        counters: Arc<ListenerCounters>,
-    ) {
-        let index = usize::from(id.0);
-        let token = mio::Token(FIRST_LISTENER + index);
-        let registry = self.poll.registry();
-        let local = match &socket {
-            ListenSocket::Udp(s) => s.local_addr(),
-            ListenSocket::Tcp(l) => l.local_addr(),
-        };
-        let local = match local {
-            Ok(local) => local,
-            Err(e) => {
-                log::error!("worker {}: cannot serve listener {index}: {e}", self.id);
-                return;
-            }
-        };
-        let registered = match socket {
-            ListenSocket::Udp(socket) => {
-                let mut socket = mio::net::UdpSocket::from_std(socket);
-                // On a wildcard address, each datagram's destination is read so that replies
-                // leave from it (multi-homed nodes, secondary IPs).
-                let pktinfo = local.ip().is_unspecified()
-                    && match pktinfo::enable(socket.as_raw_fd(), local.is_ipv6()) {
-                        Ok(()) => true,
-                        Err(e) => {
-                            log::warn!(
-                                "worker {}: listener {index} on {local}: no packet info ({e}): \
-                                 replies leave from the kernel's choice of address",
-                                self.id
-                            );
-                            false
-                        }
-                    };
-                registry
-                    .register(&mut socket, token, Interest::READABLE)
-                    .map(|()| ListenerIo::Udp { socket, pktinfo })
-            }
-            ListenSocket::Tcp(listener) => {
-                let mut listener = mio::net::TcpListener::from_std(listener);
-                registry
-                    .register(&mut listener, token, Interest::READABLE)
-                    .map(|()| ListenerIo::Tcp(listener))
-            }
-        };
-        let io = match registered {
-            Ok(io) => io,
-            Err(e) => {
-                log::error!("worker {}: cannot serve listener {index}: {e}", self.id);
-                return;
-            }
-        };
-        if self.listeners.len() <= index {
-            self.listeners.resize_with(index + 1, || None);
-        }
-        self.listeners[index] = Some(Listener {
-            io,
-            local,
-            kind,
-            idle_timeout,
-            sessions: 0,
-            closing: None,
-            counters,
-            picker: Picker::default(),
-        });
-    }
-
     /// Applies a listener update. A forwarder whose target changed moves its UDP sessions to
     /// the new target now (their next datagram goes there); its TCP connections stay where
     /// they were opened to.
@@ -192,12 +114,9 @@ impl Worker {
         idle_timeout: Duration,
         now: Instant,
     ) {
-        let Some(listener) = self.listeners.get_mut(index).and_then(Option::as_mut) else {
+        let Some(old) = self.listeners.update(index, kind.clone(), idle_timeout) else {
             return;
         };
-        let old = std::mem::replace(&mut listener.kind, kind.clone());
-        listener.idle_timeout = idle_timeout;
-        listener.picker.reset();
         // This listener's sessions only: a change to one listener costs what it has, however
         // many sessions the others hold.
         let on_this_port = |sessions: &crate::policy::session::SessionTable<super::Upstream>,
@@ -281,7 +200,7 @@ impl Worker {
                         );
                     }
                     self.counters().drop(DropReason::UpstreamSetup, 1);
-                    self.count_on_listener(index, DropReason::UpstreamSetup);
+                    self.listeners.count(index, DropReason::UpstreamSetup);
                     self.close_session(id, CloseReason::BackendRemoved);
                 }
             }
@@ -307,14 +226,9 @@ impl Worker {
             .map(|(id, s)| (id, s.backend.0, s.key.client, s.local))
             .collect();
         for (id, key, client, local) in stranded {
-            let pick = self
-                .listeners
-                .get_mut(index)
-                .and_then(Option::as_mut)
-                .and_then(|l| table.rehome(&mut l.picker, key, client));
-            let Some(pick) = pick else {
+            let Some(pick) = self.listeners.rehome(index, table, key, client) else {
                 self.counters().drop(DropReason::NoRoute, 1);
-                self.count_on_listener(index, DropReason::NoRoute);
+                self.listeners.count(index, DropReason::NoRoute);
                 self.close_session(id, CloseReason::BackendRemoved);
                 continue;
             };
@@ -344,7 +258,7 @@ impl Worker {
                 self.counters().sessions_rehomed.add(1);
             } else {
                 self.counters().drop(DropReason::UpstreamSetup, 1);
-                self.count_on_listener(index, DropReason::UpstreamSetup);
+                self.listeners.count(index, DropReason::UpstreamSetup);
                 self.close_session(id, CloseReason::BackendRemoved);
             }
         }
@@ -357,84 +271,26 @@ impl Worker {
         closing: Arc<Closing>,
     ) {
         let index = usize::from(id.0);
-        if self.listeners.get(index).and_then(Option::as_ref).is_none() {
-            // Its open never reached this worker (the registration failed).
-            closing.join(0);
-            closing.release();
-            return;
-        }
-        // Connections still waiting for their token would be refused now anyway; closed at
-        // once, none can outlive the listener and land on a later one that reuses its id.
-        self.close_pending_on(index);
-        if mode == CloseMode::End {
-            // Ended here and now, whatever the other workers do.
-            let doomed: Vec<SessionId> = self
-                .sessions
-                .iter()
-                .filter(|(_, s)| usize::from(s.key.port) == index)
-                .map(|(id, _)| id)
-                .collect();
-            for session in doomed {
-                self.close_session(session, CloseReason::ListenerClosed);
-            }
-            closing.join(0);
-            self.set_closing(index, closing);
-            self.retire_listener(index);
-            return;
-        }
-        if let Some(listener) = self.listeners[index].as_ref() {
-            closing.join(listener.sessions);
-        }
-        self.set_closing(index, closing);
-        self.retire_listener_if_drained(index);
-    }
-
-    fn set_closing(&mut self, index: usize, closing: Arc<Closing>) {
-        if let Some(listener) = self.listeners[index].as_mut() {
-            listener.closing = Some(closing);
-            self.closing_listeners.push(index);
-        }
-    }
-
-    /// Drops a draining listener's socket once its sessions on every worker have ended.
-    pub(super) fn retire_listener_if_drained(&mut self, index: usize) {
-        let drained = self
-            .listeners
-            .get(index)
-            .and_then(Option::as_ref)
-            .and_then(|l| l.closing.as_ref())
-            .is_some_and(|c| c.drained());
-        if drained {
-            self.retire_listener(index);
-        }
-    }
-
-    /// Looks at every draining listener (they may have drained on other workers).
-    pub(super) fn retire_drained_listeners(&mut self) {
-        // The closing ones only (a dirty list), never every listener.
-        for at in (0..self.closing_listeners.len()).rev() {
-            if let Some(&index) = self.closing_listeners.get(at) {
-                self.retire_listener_if_drained(index);
+        if self.listeners.get(index).is_some() {
+            // Connections still waiting for their token would be refused now anyway; closed
+            // at once, none can outlive the listener and land on a later one that reuses its
+            // id.
+            self.close_pending_on(index);
+            if mode == CloseMode::End {
+                // Ended here and now, whatever the other workers do.
+                let doomed: Vec<SessionId> = self
+                    .sessions
+                    .iter()
+                    .filter(|(_, s)| usize::from(s.key.port) == index)
+                    .map(|(id, _)| id)
+                    .collect();
+                for session in doomed {
+                    self.close_session(session, CloseReason::ListenerClosed);
+                }
             }
         }
-    }
-
-    /// Drops a closing listener's socket, and says so. Its replies never wait past the
-    /// receive batch they came in, so none is left queued for it.
-    fn retire_listener(&mut self, index: usize) {
-        if let Some(mut listener) = self.listeners[index].take() {
-            let registry = self.poll.registry();
-            let _ = match &mut listener.io {
-                ListenerIo::Udp { socket, .. } => registry.deregister(socket),
-                ListenerIo::Tcp(tcp) => registry.deregister(tcp),
-            };
-            let closing = listener.closing.take();
-            drop(listener);
-            if let Some(closing) = closing {
-                self.closing_listeners.retain(|&i| i != index);
-                closing.release();
-            }
-        }
+        self.listeners
+            .close(self.poll.registry(), index, mode, closing);
     }
 
     pub(super) fn list_sessions(&self, now: Instant) -> Vec<SessionInfo> {

@@ -1,8 +1,9 @@
 //! One data-plane worker: a `mio` event loop owning its socket of every listener and a shard of
 //! sessions. It handles control messages, client datagrams and connections, backend replies
 //! and idle expiry, and never blocks on anything but `epoll_wait`. This file holds the loop and
-//! the per-datagram paths; `control.rs` the control side (state messages, listeners, admin
-//! requests), `setup.rs` session setup and moves, and `tcp.rs` TCP connections.
+//! the per-datagram paths; `listeners.rs` this worker's listeners, `control.rs` the control
+//! side (state messages, listener changes, admin requests), `setup.rs` session setup and
+//! moves, and `tcp.rs` TCP connections.
 //!
 //! Per datagram the worker does one session lookup and one syscall (`send` upstream, or a share of
 //! a `recvmmsg`/`sendmmsg` batch); everything else (socket setup, address encoding, counting
@@ -20,7 +21,7 @@ use crossbeam_utils::CachePadded;
 use mio::{Events, Poll, Token, Waker};
 
 use crate::config::DataPlaneConfig;
-use crate::ctl::{CloseReason, Closing, ControlMsg, WorkerEvent};
+use crate::ctl::{CloseReason, ControlMsg, WorkerEvent};
 use crate::error::WorkerError;
 use crate::io::batch::{BATCH, Header, RecvBatch, ReplyBatch, UpstreamBatch, max_payload};
 use crate::io::fd_budget::FdBudget;
@@ -28,22 +29,23 @@ use crate::io::own_addrs::OwnPorts;
 use crate::io::splice::Splice;
 use crate::listener::{ListenerKind, MAX_LISTENERS, Transport};
 use crate::liveness::{BEAT_INTERVAL, Heartbeat};
-use crate::metrics::{DropReason, ListenerCounters, ListenerSlot, WorkerCounters};
+use crate::metrics::{DropReason, WorkerCounters};
 use crate::policy::grant::{Backend, Grant, NonceLedger, TokenId};
 use crate::policy::limits::SessionLimits;
 use crate::policy::packet::control_body;
 use crate::policy::proxy_protocol::{HeaderTransport, ProxyHeader, ProxyMode};
 use crate::policy::ratelimit::{ControlBudget, RateLimiter};
-use crate::policy::route::Picker;
 use crate::policy::seal::KeyRing;
 use crate::policy::session::{Session, SessionId, SessionKey, SessionKind, SessionTable};
 use crate::warn_gate::WarnGate;
 
 mod control;
+mod listeners;
 mod pool;
 mod setup;
 mod tcp;
 
+use listeners::{ListenerIo, Listeners};
 use pool::{PoolRef, UpstreamPool};
 
 const WAKER: Token = Token(0);
@@ -62,11 +64,14 @@ const IO_LOOP_BOUND: usize = 16;
 /// How often spent grants are dropped from the worker's table.
 const GRANT_SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 const EVENTS_CAPACITY: usize = 1024;
-/// How often a worker looks whether a draining listener has drained on every worker.
-const CLOSING_CHECK_INTERVAL: Duration = Duration::from_millis(100);
 /// Idle timeout of a session whose listener is gone (cannot happen: a listener outlives its
 /// sessions); short, so such a session would not linger.
 const ORPHAN_IDLE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The token of this worker's socket of listener `index`.
+fn listener_token(index: usize) -> Token {
+    Token(FIRST_LISTENER + index)
+}
 
 /// The token of a TCP session's backend connection.
 fn upstream_token(slot: usize) -> Token {
@@ -176,38 +181,6 @@ pub(super) struct Arrival {
     pub(super) local: Option<std::net::IpAddr>,
 }
 
-/// This worker's socket of one listener.
-enum ListenerIo {
-    /// A datagram socket. Replies to its clients go out in the worker's [`ReplyBatch`]: an
-    /// idle listener holds no buffer.
-    Udp {
-        socket: mio::net::UdpSocket,
-        /// Bound to a wildcard address: each datagram's destination is read (`IP_PKTINFO`)
-        /// and replies leave from it.
-        pktinfo: bool,
-    },
-    /// A listening stream socket.
-    Tcp(mio::net::TcpListener),
-}
-
-/// This worker's side of one listener.
-struct Listener {
-    io: ListenerIo,
-    /// The address its socket is bound to.
-    local: SocketAddr,
-    kind: ListenerKind,
-    /// Idle timeout of its sessions.
-    idle_timeout: Duration,
-    /// Live sessions on it in this worker, so a draining listener knows when to close.
-    sessions: usize,
-    /// Set once a close was asked (no new sessions); told when this worker's socket is gone.
-    closing: Option<Arc<Closing>>,
-    /// Its traffic counts; this worker writes its own slot.
-    counters: Arc<ListenerCounters>,
-    /// This worker's place in the route table's rotations (route entry points).
-    picker: Picker,
-}
-
 /// Everything [`Worker::new`] needs.
 pub(crate) struct WorkerSetup<'a> {
     pub(crate) id: usize,
@@ -232,11 +205,7 @@ pub(crate) struct Worker {
     events: Sender<WorkerEvent>,
     counters: Arc<[CachePadded<WorkerCounters>]>,
     limits: Arc<SessionLimits>,
-    /// Indexed by listener id; `None` where no listener is open.
-    listeners: Vec<Option<Listener>>,
-    /// The indexes of the listeners that are closing (draining): the loop looks at these,
-    /// never at every listener.
-    closing_listeners: Vec<usize>,
+    listeners: Listeners,
     /// Client datagrams read from a listener. Taken out while a batch is processed, so
     /// handlers can borrow the rest of `self`.
     rx: Option<Box<RecvBatch>>,
@@ -306,8 +275,7 @@ impl Worker {
             events: setup.events,
             counters: setup.counters,
             limits: setup.limits,
-            listeners: Vec::new(),
-            closing_listeners: Vec::new(),
+            listeners: Listeners::new(setup.id),
             rx: Some(Box::new(RecvBatch::new())),
             reply_rx: Some(Box::new(RecvBatch::new())),
             upstream_batch: Box::new(UpstreamBatch::new()),
@@ -407,7 +375,7 @@ impl Worker {
             self.expire_idle(now);
             self.expire_pending(now);
             self.sweep_grants(now);
-            self.retire_drained_listeners();
+            self.listeners.retire_drained(self.poll.registry());
         }
     }
 
@@ -425,8 +393,7 @@ impl Worker {
         // Grants to drop, or sockets of a passed peak to close.
         let grants = (!self.grants.is_empty() || self.pool.may_shrink())
             .then(|| self.next_grant_sweep.saturating_duration_since(now));
-        // A draining listener may finish on another worker: look again now and then.
-        let closing = (!self.closing_listeners.is_empty()).then_some(CLOSING_CHECK_INTERVAL);
+        let closing = self.listeners.next_timeout();
         let pending = self.pending_tcp.next_timeout(now);
         [self.sessions.next_timeout(now), grants, closing, pending]
             .into_iter()
@@ -438,12 +405,12 @@ impl Worker {
 
     fn drain_port(&mut self, port: usize, now: Instant) {
         // Closed since its readiness was reported.
-        let Some(listener) = self.listeners.get(port).and_then(Option::as_ref) else {
+        let Some(listener) = self.listeners.get(port) else {
             return;
         };
         // RESET magic means something on token ports only.
-        let resets = matches!(listener.kind, ListenerKind::TokenPort);
-        let (fd, pktinfo) = match &listener.io {
+        let resets = matches!(listener.kind(), ListenerKind::TokenPort);
+        let (fd, pktinfo) = match listener.io() {
             ListenerIo::Udp {
                 socket, pktinfo, ..
             } => (socket.as_raw_fd(), *pktinfo),
@@ -546,7 +513,7 @@ impl Worker {
                         self.reset_session(id, body, now);
                     } else {
                         self.counters().drop(DropReason::RateLimited, 1);
-                        self.count_on_listener(port, DropReason::RateLimited);
+                        self.listeners.count(port, DropReason::RateLimited);
                     }
                 } else {
                     self.forward_upstream(id, arrival.slot, datagram.len(), now);
@@ -555,7 +522,7 @@ impl Worker {
             None => {
                 if self.is_own_datagram(port, arrival, from) {
                     self.counters().drop(DropReason::Loop, 1);
-                    self.count_on_listener(port, DropReason::Loop);
+                    self.listeners.count(port, DropReason::Loop);
                     return;
                 }
                 // A flood from one address costs a table lookup, nothing more.
@@ -563,7 +530,7 @@ impl Worker {
                     && !rl.admit_packet(key.client.ip(), now)
                 {
                     self.counters().drop(DropReason::RateLimited, 1);
-                    self.count_on_listener(port, DropReason::RateLimited);
+                    self.listeners.count(port, DropReason::RateLimited);
                     return;
                 }
                 self.open_session(key, from, arrival, datagram, now);
@@ -584,10 +551,10 @@ impl Worker {
     /// upstream sockets: some chain of forwarders or routes leads back here, and opening a
     /// session for it would loop without end. Checked for session-less datagrams only.
     fn is_own_datagram(&self, port: usize, arrival: Arrival, from: SocketAddr) -> bool {
-        let Some(listener) = self.listeners.get(port).and_then(Option::as_ref) else {
+        let Some(listener) = self.listeners.get(port) else {
             return false;
         };
-        let to = arrival.local.unwrap_or(listener.local.ip());
+        let to = arrival.local.unwrap_or(listener.local().ip());
         self.own_ports.is_own(from.ip(), from.port(), to)
     }
 
@@ -608,7 +575,7 @@ impl Worker {
             // stays pending for the next datagram.
             let port = usize::from(session.key.port);
             self.counters().drop(DropReason::Oversize, 1);
-            self.count_on_listener(port, DropReason::Oversize);
+            self.listeners.count(port, DropReason::Oversize);
             return;
         }
         let entry = self.upstream_batch.next_entry();
@@ -641,7 +608,7 @@ impl Worker {
             c.drop(DropReason::UpstreamSend, sent.dropped);
         }
         // Once per batch: every datagram of it came in on this one listener.
-        if let Some(slot) = self.listener_slot(port) {
+        if let Some(slot) = self.listeners.slot(port) {
             slot.packets_upstream.add(sent.packets);
             slot.bytes_upstream.add(sent.bytes);
             slot.drop(DropReason::UpstreamSend, sent.dropped);
@@ -678,8 +645,7 @@ impl Worker {
         if mode == ProxyMode::None {
             return None;
         }
-        let bound = self.listeners.get(port)?.as_ref()?.local;
-        let proxy = SocketAddr::new(local.unwrap_or(bound.ip()), bound.port());
+        let proxy = self.listeners.proxy_address(port, local)?;
         let header = ProxyHeader::new(HeaderTransport::Dgram, client, proxy);
         Some(Box::new(ProxyState {
             header,
@@ -709,25 +675,8 @@ impl Worker {
         } else {
             self.counters().drop(DropReason::RateLimited, 1);
         }
-        self.count_on_listener(port, DropReason::RateLimited);
+        self.listeners.count(port, DropReason::RateLimited);
         false
-    }
-
-    /// Counts a datagram dropped, or a connection refused, on listener `port` for `reason`
-    /// (the worker-wide count is the caller's).
-    pub(super) fn count_on_listener(&self, port: usize, reason: DropReason) {
-        if let Some(slot) = self.listener_slot(port) {
-            slot.drop(reason, 1);
-        }
-    }
-
-    /// This worker's counts of listener `port`, while it is open.
-    #[inline]
-    pub(super) fn listener_slot(&self, port: usize) -> Option<&ListenerSlot> {
-        self.listeners
-            .get(port)
-            .and_then(Option::as_ref)
-            .map(|l| l.counters.slot(self.id))
     }
 
     // ---- backend side ----------------------------------------------------------------------
@@ -789,12 +738,7 @@ impl Worker {
         };
         // A listener lives as long as any of its sessions.
         let port = usize::from(session.key.port);
-        let Some(Listener {
-            io: ListenerIo::Udp { .. },
-            counters: listener_counters,
-            ..
-        }) = self.listeners.get(port).and_then(Option::as_ref)
-        else {
+        let Some(slot_counts) = self.listeners.udp_slot(port) else {
             counters.drop(DropReason::StrayReply, 1);
             return;
         };
@@ -805,9 +749,8 @@ impl Worker {
         session.stats.bytes_downstream += datagram.len() as u64;
         counters.packets_downstream.add(1);
         counters.bytes_downstream.add(datagram.len() as u64);
-        let slot = listener_counters.slot(self.id);
-        slot.packets_downstream.add(1);
-        slot.bytes_downstream.add(datagram.len() as u64);
+        slot_counts.packets_downstream.add(1);
+        slot_counts.bytes_downstream.add(datagram.len() as u64);
     }
 
     /// Sends the replies gathered this turn, if any.
@@ -824,23 +767,19 @@ impl Worker {
     /// listener socket among them. Only the listeners with a reply in it are looked at, never
     /// every listener.
     fn flush_replies(&mut self, rx: &mut RecvBatch) {
-        let (id, listeners) = (self.id, &self.listeners);
-        let listener = |n: u32| listeners.get(n as usize).and_then(Option::as_ref);
+        let listeners = &self.listeners;
         let dropped = self.reply_batch.flush(
             rx,
             self.batch_io,
-            |n| match &listener(n)?.io {
-                ListenerIo::Udp { socket, .. } => Some(socket.as_raw_fd()),
-                ListenerIo::Tcp(_) => None,
-            },
+            |n| listeners.udp_fd(n as usize),
             |n, lost| {
-                if let Some(l) = listener(n) {
-                    l.counters.slot(id).drop(DropReason::DownstreamSend, lost);
+                if let Some(slot) = listeners.slot(n as usize) {
+                    slot.drop(DropReason::DownstreamSend, lost);
                 }
             },
         );
         if dropped > 0 {
-            self.counters[id].drop(DropReason::DownstreamSend, dropped);
+            self.counters[self.id].drop(DropReason::DownstreamSend, dropped);
         }
         rx.clear();
     }
@@ -946,21 +885,8 @@ impl Worker {
                 reason,
             },
         );
-        let index = usize::from(session.key.port);
-        if let Some(listener) = self.listeners.get_mut(index).and_then(Option::as_mut) {
-            listener.sessions = listener.sessions.saturating_sub(1);
-            listener
-                .counters
-                .slot(self.id)
-                .sessions
-                .set(listener.sessions as u64);
-            // Counted in the drain only if it lived when this worker joined the close (a
-            // closing listener takes no new sessions, so every one it has did).
-            if let Some(closing) = &listener.closing {
-                closing.session_ended();
-            }
-        }
-        self.retire_listener_if_drained(index);
+        self.listeners
+            .session_ended(self.poll.registry(), usize::from(session.key.port));
     }
 
     fn close_all(&mut self) {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::ctl::WorkerEvent;
-use crate::listener::{ListenerKind, Transport};
+use crate::listener::Transport;
 use crate::metrics::{DropReason, TokenRejectReason};
 use crate::policy::admit::{Admission, AdmitContext, Role, admit, trace_refused};
 use crate::policy::grant::{BackendId, Grant};
@@ -54,7 +54,7 @@ impl Worker {
             Admission::Drop { reason, refused } => {
                 trace_refused(key.client, refused);
                 self.counters().drop(reason, 1);
-                self.count_on_listener(port, reason);
+                self.listeners.count(port, reason);
                 return;
             }
             Admission::Default {
@@ -74,7 +74,7 @@ impl Worker {
             Admission::Route => {
                 let Some((pick, table)) = self.pick_route(port, key.client) else {
                     self.counters().drop(DropReason::NoRoute, 1);
-                    self.count_on_listener(port, DropReason::NoRoute);
+                    self.listeners.count(port, DropReason::NoRoute);
                     return;
                 };
                 let target = pick.endpoint;
@@ -85,7 +85,7 @@ impl Worker {
         let mut upstream = match self.reserve(key.client, target, now) {
             Ok(upstream) => upstream,
             Err(reason) => {
-                self.count_on_listener(port, reason);
+                self.listeners.count(port, reason);
                 return;
             }
         };
@@ -122,21 +122,15 @@ impl Worker {
         port: usize,
         client: SocketAddr,
     ) -> Option<(Pick, Arc<RouteTable>)> {
-        let listener = self.listeners.get_mut(port)?.as_mut()?;
-        let ListenerKind::Route { table } = &listener.kind else {
-            return None;
-        };
-        let table = Arc::clone(table);
-        let pick = table.pick(&mut listener.picker, client)?;
-        Some((pick, table))
+        self.listeners.pick_route(port, client)
     }
 
     /// What admission needs to know of listener `port` and this worker's state.
     pub(super) fn admit_context(&self, port: usize) -> AdmitContext {
-        let listener = self.listeners.get(port).and_then(Option::as_ref);
+        let listener = self.listeners.get(port);
         AdmitContext {
-            listener: listener.map_or(Role::TokenPort, |l| Role::from(&l.kind)),
-            closed: self.draining || listener.is_none_or(|l| l.closing.is_some()),
+            listener: listener.map_or(Role::TokenPort, |l| Role::from(l.kind())),
+            closed: self.draining || listener.is_none_or(|l| l.is_closing()),
             default: self
                 .default_backend
                 .as_ref()
@@ -327,22 +321,10 @@ impl Worker {
     ) -> SessionId {
         let transport = upstream.transport();
         // `open_session` checked the listener is open, and nothing since could close it.
-        let idle_timeout = match self
+        let idle_timeout = self
             .listeners
-            .get_mut(usize::from(key.port))
-            .and_then(Option::as_mut)
-        {
-            Some(listener) => {
-                listener.sessions += 1;
-                listener
-                    .counters
-                    .slot(self.id)
-                    .sessions
-                    .set(listener.sessions as u64);
-                idle_timeout.unwrap_or(listener.idle_timeout)
-            }
-            None => ORPHAN_IDLE_TIMEOUT,
-        };
+            .session_opened(usize::from(key.port), idle_timeout)
+            .unwrap_or(ORPHAN_IDLE_TIMEOUT);
         let expected_slot = self.sessions.next_slot();
         let id = self.sessions.insert(Session {
             key,

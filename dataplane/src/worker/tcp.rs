@@ -206,12 +206,7 @@ impl Worker {
     /// Accepts what a TCP listener has queued.
     pub(super) fn accept_connections(&mut self, port: usize, now: Instant) {
         for _ in 0..ACCEPT_BOUND {
-            let Some(ListenerIo::Tcp(listener)) = self
-                .listeners
-                .get(port)
-                .and_then(Option::as_ref)
-                .map(|l| &l.io)
-            else {
+            let Some(ListenerIo::Tcp(listener)) = self.listeners.get(port).map(|l| l.io()) else {
                 return;
             };
             // Both of the connection's descriptors (the client's and, once it has a session,
@@ -254,7 +249,7 @@ impl Worker {
         drop(stream);
         self.counters().tcp_accepted.add(1);
         self.counters().refuse(DropReason::UpstreamSetup);
-        self.count_on_listener(port, DropReason::UpstreamSetup);
+        self.listeners.count(port, DropReason::UpstreamSetup);
         if let Some(note) = self.warn_gate.admit(now) {
             log::warn!(
                 "{from}: connection refused: the data plane's descriptor budget is spent \
@@ -279,7 +274,7 @@ impl Worker {
             && !rl.admit_packet(client.ip(), now)
         {
             self.counters().refuse(DropReason::RateLimited);
-            self.count_on_listener(port, DropReason::RateLimited);
+            self.listeners.count(port, DropReason::RateLimited);
             return;
         }
         if self.admit_context(port).closed {
@@ -288,7 +283,7 @@ impl Worker {
         }
         if let Err(reason) = self.limits.try_acquire(client.ip()) {
             self.counters().refuse(reason);
-            self.count_on_listener(port, reason);
+            self.listeners.count(port, reason);
             return;
         }
         let _ = stream.set_nodelay(true);
@@ -317,7 +312,7 @@ impl Worker {
                 let Some((pick, table)) = self.pick_route(port, client) else {
                     self.limits.release(client.ip());
                     self.counters().refuse(DropReason::NoRoute);
-                    self.count_on_listener(port, DropReason::NoRoute);
+                    self.listeners.count(port, DropReason::NoRoute);
                     return;
                 };
                 let admitted = Admitted {
@@ -588,7 +583,7 @@ impl Worker {
                     log::warn!("{client}: cannot connect to {target}: {e}{note}");
                 }
                 self.counters().refuse(DropReason::UpstreamSetup);
-                self.count_on_listener(port, DropReason::UpstreamSetup);
+                self.listeners.count(port, DropReason::UpstreamSetup);
                 self.abandon_connection(client_stream, None, client);
                 return false;
             }
@@ -701,9 +696,7 @@ impl Worker {
                     let c = &self.counters[self.id];
                     c.tcp_bytes_upstream.add(driven.up as u64);
                     c.tcp_bytes_downstream.add(driven.down as u64);
-                    if let Some(Some(listener)) = self.listeners.get(usize::from(session.key.port))
-                    {
-                        let slot = listener.counters.slot(self.id);
+                    if let Some(slot) = self.listeners.slot(usize::from(session.key.port)) {
                         slot.bytes_upstream.add(driven.up as u64);
                         slot.bytes_downstream.add(driven.down as u64);
                     }
@@ -744,7 +737,7 @@ impl Worker {
         }
         self.counters().refuse(DropReason::UpstreamConnect);
         if let Some(port) = self.sessions.get_mut(id).map(|s| usize::from(s.key.port)) {
-            self.count_on_listener(port, DropReason::UpstreamConnect);
+            self.listeners.count(port, DropReason::UpstreamConnect);
         }
         self.close_session(id, CloseReason::UpstreamFailed);
     }
