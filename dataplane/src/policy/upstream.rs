@@ -8,7 +8,7 @@
 //! apart by (socket, source address). A worker then needs as many sockets as its busiest
 //! backend has sessions on it, not one per session.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeSet, VecDeque};
 use std::net::{SocketAddr, SocketAddrV6};
 use std::time::{Duration, Instant};
 
@@ -67,12 +67,41 @@ pub(crate) struct SocketAssigner {
     open: [u32; 2],
 }
 
-/// The sockets one backend address uses: `0..high_water`, minus those in `free`.
+/// The sockets one backend address uses: `0..high_water`, minus the free places.
+///
+/// A place given back waits out its quarantine in `quarantined` (in release order, which is
+/// expiry order), then joins `ready`, from which the lowest is taken first: sessions pack onto
+/// the low sockets, so after a peak the high ones empty out and can be closed. Every step is
+/// O(log n) in the places of one backend, however many a flood left behind.
 #[derive(Debug, Default)]
 struct TargetUse {
     high_water: u32,
-    /// Places given back, oldest first, with when.
-    free: VecDeque<(u32, Instant)>,
+    /// Places given back and still in quarantine, oldest first, with when.
+    quarantined: VecDeque<(u32, Instant)>,
+    /// Places free past their quarantine.
+    ready: BTreeSet<u32>,
+}
+
+impl TargetUse {
+    /// Moves the places whose quarantine is over at `now` to `ready`.
+    fn mature(&mut self, now: Instant) {
+        while let Some(&(index, since)) = self.quarantined.front()
+            && now.saturating_duration_since(since) >= PLACE_QUARANTINE
+        {
+            self.quarantined.pop_front();
+            self.ready.insert(index);
+        }
+    }
+
+    /// Forgets the free places at the top of the range, so the sockets there serve no one.
+    fn trim(&mut self) {
+        while let Some(top) = self.high_water.checked_sub(1)
+            && self.ready.last() == Some(&top)
+        {
+            self.ready.pop_last();
+            self.high_water = top;
+        }
+    }
 }
 
 fn family(target: SocketAddr) -> usize {
@@ -81,9 +110,9 @@ fn family(target: SocketAddr) -> usize {
 
 impl SocketAssigner {
     /// A socket for a new session to `target`, one no live session to `target` uses and none
-    /// left within [`PLACE_QUARANTINE`]. When every open socket of its family is taken,
-    /// `open_socket(n)` is asked to open socket `n` (the next number); if that fails, nothing
-    /// is recorded and its error is returned.
+    /// left within [`PLACE_QUARANTINE`], the lowest such. When every open socket of its family
+    /// is taken, `open_socket(n)` is asked to open socket `n` (the next number); if that fails,
+    /// nothing is recorded and its error is returned.
     pub(crate) fn acquire<E>(
         &mut self,
         target: SocketAddr,
@@ -92,10 +121,8 @@ impl SocketAssigner {
     ) -> Result<u32, E> {
         let open = &mut self.open[family(target)];
         let used = self.targets.entry(target).or_default();
-        if let Some(&(index, since)) = used.free.front()
-            && now.saturating_duration_since(since) >= PLACE_QUARANTINE
-        {
-            used.free.pop_front();
+        used.mature(now);
+        if let Some(index) = used.ready.pop_first() {
             return Ok(index);
         }
         let index = used.high_water;
@@ -119,10 +146,10 @@ impl SocketAssigner {
             return;
         };
         debug_assert!(
-            index < used.high_water && !used.free.iter().any(|&(i, _)| i == index),
+            index < used.high_water && !used.ready.contains(&index),
             "a place released twice, or never handed out"
         );
-        used.free.push_back((index, now));
+        used.quarantined.push_back((index, now));
     }
 
     /// Forgets places free past the quarantine at the top of a backend address's range, and
@@ -130,18 +157,10 @@ impl SocketAssigner {
     /// per family, how many sockets some backend address still has a place on: those above
     /// may be closed ([`Self::closed_above`]). Call now and then.
     pub(crate) fn sweep(&mut self, now: Instant) -> [u32; 2] {
-        let past = |since: Instant| now.saturating_duration_since(since) >= PLACE_QUARANTINE;
         let mut needed = [0u32; 2];
         self.targets.retain(|target, used| {
-            while let Some(top) = used.high_water.checked_sub(1)
-                && let Some(at) = used
-                    .free
-                    .iter()
-                    .position(|&(i, since)| i == top && past(since))
-            {
-                used.free.remove(at);
-                used.high_water = top;
-            }
+            used.mature(now);
+            used.trim();
             let f = family(*target);
             needed[f] = needed[f].max(used.high_water);
             used.high_water > 0
@@ -238,11 +257,11 @@ mod tests {
         // (the backend may still send there for the old player)...
         s.release(a, 1, t0);
         assert_eq!(take(&mut s, a, t0 + Duration::from_secs(1)), 3);
-        // ...after it, it does, oldest first.
+        // ...after it, it does, lowest first.
         s.release(a, 0, t0 + Duration::from_secs(2));
         let later = t0 + PLACE_QUARANTINE + Duration::from_secs(2);
-        assert_eq!(take(&mut s, a, later), 1);
         assert_eq!(take(&mut s, a, later), 0);
+        assert_eq!(take(&mut s, a, later), 1);
         for i in 0..4 {
             s.release(a, i, later);
         }
@@ -326,6 +345,44 @@ mod tests {
         // A place in quarantine in the middle of the range is kept, and so is its socket.
         s.release(a, 0, later);
         assert_eq!(s.sweep(later), [2, 0]);
+    }
+
+    #[test]
+    fn after_a_peak_a_new_session_takes_the_lowest_socket_so_the_rest_can_close() {
+        let a: SocketAddr = "10.0.0.1:7000".parse().unwrap();
+        let t0 = Instant::now();
+        let mut s = SocketAssigner::default();
+        for _ in 0..50 {
+            take(&mut s, a, t0);
+        }
+        // Released in a scrambled order, as sessions end.
+        for i in (0..50).map(|i| (i * 37) % 50) {
+            s.release(a, i, t0);
+        }
+        let later = t0 + PLACE_QUARANTINE;
+        // A long-lived session arriving after the peak packs onto socket 0, not onto the
+        // place freed longest ago, so only one socket stays needed.
+        assert_eq!(take(&mut s, a, later), 0);
+        assert_eq!(s.sweep(later), [1, 0]);
+    }
+
+    #[test]
+    fn a_flood_of_places_is_swept_in_log_time() {
+        // 100,000 sessions to one backend (a spoofed-source flood on a forwarder), all ended in
+        // a scrambled order: one sweep forgets them all without a quadratic scan.
+        let a: SocketAddr = "10.0.0.1:7000".parse().unwrap();
+        let t0 = Instant::now();
+        let mut s = SocketAssigner::default();
+        const N: u32 = 100_000;
+        for _ in 0..N {
+            take(&mut s, a, t0);
+        }
+        for i in 0..N {
+            s.release(a, (i * 7919) % N, t0);
+        }
+        // (A quadratic sweep would take minutes here and hang this test.)
+        assert_eq!(s.sweep(t0 + PLACE_QUARANTINE), [0, 0]);
+        assert_eq!(s.targets(), 0);
     }
 
     #[test]
