@@ -12,20 +12,12 @@ use crate::ctl::{ClientMatch, CloseReason, Closing, ControlMsg, SessionInfo, Wor
 use crate::listener::{CloseMode, ListenerId, ListenerKind, Transport};
 use crate::metrics::DropReason;
 use crate::policy::grant::BackendId;
-use crate::policy::ratelimit::RateLimiter;
 use crate::policy::route::RouteTable;
 use crate::policy::session::{SessionId, SessionKind};
 
 use super::Worker;
 
 impl Worker {
-    /// Takes every grant published so far.
-    pub(super) fn drain_grants(&mut self) {
-        while let Ok(grant) = self.grant_rx.try_recv() {
-            self.grants.insert(grant.token, grant);
-        }
-    }
-
     pub(super) fn drain_control(&mut self, now: Instant) {
         loop {
             match self.control.try_recv() {
@@ -65,11 +57,11 @@ impl Worker {
                 self.close_listener(id, mode, closing);
             }
             ControlMsg::Reconfigure(live) => self.reconfigure(&live, now),
-            ControlMsg::SetDefault(backend) => self.default_backend = backend,
+            ControlMsg::SetDefault(backend) => self.admission.set_default(backend),
             ControlMsg::RemoveBackend(backend) => self.remove_backend(backend, now),
             ControlMsg::ListSessions(reply) => reply(self.list_sessions(now)),
             ControlMsg::KillSessions(client, reply) => reply(self.kill_sessions(client)),
-            ControlMsg::Drain => self.draining = true,
+            ControlMsg::Drain => self.admission.drain(),
             ControlMsg::Shutdown => self.shutting_down = true,
         }
     }
@@ -80,11 +72,7 @@ impl Worker {
     /// fresh buckets.
     fn reconfigure(&mut self, live: &LiveSettings, now: Instant) {
         self.pending_tcp.set_token_timeout(live.tcp_token_timeout);
-        self.token_keys.clone_from(&live.token_keys);
-        let same_limit = self.rate_limiter.as_ref().map(|r| r.limit()) == live.rate_limit;
-        if !same_limit {
-            self.rate_limiter = live.rate_limit.map(|l| Box::new(RateLimiter::new(l, now)));
-        }
+        self.admission.reconfigure(live, now);
         let changed = self.listeners.set_token_port_timeout(live.session_timeout);
         if changed.is_empty() {
             return;
@@ -193,13 +181,13 @@ impl Worker {
                 // Control counts no forwarder sessions, so the move is not reported.
                 Some(_) => {}
                 None => {
-                    if let Some(note) = self.warn_gate.admit(now) {
+                    if let Some(note) = self.out.warn(now) {
                         log::warn!(
                             "worker {}: a forwarder session cannot move to {target}; ended{note}",
-                            self.id
+                            self.out.id()
                         );
                     }
-                    self.counters().drop(DropReason::UpstreamSetup, 1);
+                    self.out.counters().drop(DropReason::UpstreamSetup, 1);
                     self.listeners.count(index, DropReason::UpstreamSetup);
                     self.close_session(id, CloseReason::BackendRemoved);
                 }
@@ -227,7 +215,7 @@ impl Worker {
             .collect();
         for (id, key, client, local) in stranded {
             let Some(pick) = self.listeners.rehome(index, table, key, client) else {
-                self.counters().drop(DropReason::NoRoute, 1);
+                self.out.counters().drop(DropReason::NoRoute, 1);
                 self.listeners.count(index, DropReason::NoRoute);
                 self.close_session(id, CloseReason::BackendRemoved);
                 continue;
@@ -255,9 +243,9 @@ impl Worker {
                 let rule = &table.rules[pick.rule];
                 rule.rehomed.inc();
                 rule.backends[pick.backend].sessions.inc();
-                self.counters().sessions_rehomed.add(1);
+                self.out.counters().sessions_rehomed.add(1);
             } else {
-                self.counters().drop(DropReason::UpstreamSetup, 1);
+                self.out.counters().drop(DropReason::UpstreamSetup, 1);
                 self.listeners.count(index, DropReason::UpstreamSetup);
                 self.close_session(id, CloseReason::BackendRemoved);
             }
@@ -297,7 +285,7 @@ impl Worker {
         self.sessions
             .iter()
             .map(|(_, s)| SessionInfo {
-                worker: self.id,
+                worker: self.out.id(),
                 client: s.key.client,
                 data_port: usize::from(s.key.port),
                 protocol: s.upstream.transport(),
@@ -347,11 +335,7 @@ impl Worker {
                 self.close_session(id, CloseReason::BackendRemoved);
                 continue;
             }
-            let new_default = self
-                .default_backend
-                .as_ref()
-                .filter(|d| d.id != backend)
-                .and_then(|d| Some((d.id, d.addr_for(usize::from(port))?, d.proxy)));
+            let new_default = self.admission.default_for(usize::from(port), Some(backend));
             match (kind, new_default) {
                 (SessionKind::Default, Some((to, addr, proxy))) => {
                     let moved = self
@@ -365,7 +349,7 @@ impl Worker {
                         });
                     match moved {
                         Some(from) => {
-                            let _ = self.events.send(WorkerEvent::SessionMoved {
+                            self.out.send(WorkerEvent::SessionMoved {
                                 from,
                                 to,
                                 token: None,

@@ -1,9 +1,10 @@
 //! One data-plane worker: a `mio` event loop owning its socket of every listener and a shard of
 //! sessions. It handles control messages, client datagrams and connections, backend replies
 //! and idle expiry, and never blocks on anything but `epoll_wait`. This file holds the loop and
-//! the per-datagram paths; `listeners.rs` this worker's listeners, `control.rs` the control
-//! side (state messages, listener changes, admin requests), `setup.rs` session setup and
-//! moves, and `tcp.rs` TCP connections.
+//! the per-datagram paths; `listeners.rs` this worker's listeners, `admission.rs` what admits
+//! a new client (grants, keys, default backend, rate limits), `control.rs` the control side
+//! (state messages, listener changes, admin requests), `setup.rs` session setup and moves,
+//! and `tcp.rs` TCP connections.
 //!
 //! Per datagram the worker does one session lookup and one syscall (`send` upstream, or a share of
 //! a `recvmmsg`/`sendmmsg` batch); everything else (socket setup, address encoding, counting
@@ -15,7 +16,6 @@ use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ahash::AHashMap;
 use crossbeam_channel::{Receiver, Sender};
 use crossbeam_utils::CachePadded;
 use mio::{Events, Poll, Token, Waker};
@@ -30,21 +30,21 @@ use crate::io::splice::Splice;
 use crate::listener::{ListenerKind, MAX_LISTENERS, Transport};
 use crate::liveness::{BEAT_INTERVAL, Heartbeat};
 use crate::metrics::{DropReason, WorkerCounters};
-use crate::policy::grant::{Backend, Grant, NonceLedger, TokenId};
+use crate::policy::grant::{Grant, NonceLedger};
 use crate::policy::limits::SessionLimits;
-use crate::policy::packet::control_body;
 use crate::policy::proxy_protocol::{HeaderTransport, ProxyHeader, ProxyMode};
-use crate::policy::ratelimit::{ControlBudget, RateLimiter};
-use crate::policy::seal::KeyRing;
+use crate::policy::ratelimit::ControlBudget;
 use crate::policy::session::{Session, SessionId, SessionKey, SessionKind, SessionTable};
 use crate::warn_gate::WarnGate;
 
+mod admission;
 mod control;
 mod listeners;
 mod pool;
 mod setup;
 mod tcp;
 
+use admission::Admission;
 use listeners::{ListenerIo, Listeners};
 use pool::{PoolRef, UpstreamPool};
 
@@ -197,13 +197,54 @@ pub(crate) struct WorkerSetup<'a> {
     pub(crate) own_ports: Arc<OwnPorts>,
 }
 
-pub(crate) struct Worker {
+/// What a worker tells the world: its counters, its events to control and its warnings (at
+/// most one line a second). Every part writes through it; it holds none of their state.
+pub(super) struct Outbox {
     id: usize,
+    counters: Arc<[CachePadded<WorkerCounters>]>,
+    events: Sender<WorkerEvent>,
+    /// Rate limit of client-triggered warnings.
+    warn_gate: WarnGate,
+}
+
+impl Outbox {
+    /// This worker's index.
+    pub(super) fn id(&self) -> usize {
+        self.id
+    }
+
+    /// This worker's counters.
+    #[inline]
+    pub(super) fn counters(&self) -> &WorkerCounters {
+        &self.counters[self.id]
+    }
+
+    /// Tells control `event`.
+    pub(super) fn send(&self, event: WorkerEvent) {
+        let _ = self.events.send(event);
+    }
+
+    /// Tells control about a session of `kind`. Forwarder sessions are not reported: control
+    /// counts sessions per inventory backend (for load balancing and to end a removed
+    /// backend's sessions), and a forwarder's clients are counted on its listener instead.
+    pub(super) fn report(&self, kind: SessionKind, event: WorkerEvent) {
+        if !matches!(kind, SessionKind::Forwarder | SessionKind::Route) {
+            self.send(event);
+        }
+    }
+
+    /// Whether a warning a client triggered may be logged at `now`; if so, a note of how
+    /// many were held back before it.
+    pub(super) fn warn(&mut self, now: Instant) -> Option<String> {
+        self.warn_gate.admit(now)
+    }
+}
+
+pub(crate) struct Worker {
     poll: Poll,
     control: Receiver<ControlMsg>,
-    grant_rx: Receiver<Arc<Grant>>,
-    events: Sender<WorkerEvent>,
-    counters: Arc<[CachePadded<WorkerCounters>]>,
+    out: Outbox,
+    admission: Admission,
     limits: Arc<SessionLimits>,
     listeners: Listeners,
     /// Client datagrams read from a listener. Taken out while a batch is processed, so
@@ -226,23 +267,12 @@ pub(crate) struct Worker {
     /// TCP connections accepted and still waiting for their first bytes.
     pending_tcp: tcp::PendingConnections,
     tcp_connect_timeout: Duration,
-    grants: AHashMap<TokenId, Arc<Grant>>,
-    /// The keys that open sealed tokens, and the replica's record of those redeemed.
-    token_keys: Option<Arc<KeyRing>>,
-    ledger: Arc<NonceLedger>,
-    default_backend: Option<Arc<Backend>>,
-    control_magic: Box<[u8]>,
     batch_io: bool,
     busy_poll: Duration,
     /// The local ports of every worker's upstream sockets, to tell our own datagrams.
     own_ports: Arc<OwnPorts>,
     /// The data plane's descriptors, which TCP connections take from.
     budget: Arc<FdBudget>,
-    /// Per-source buckets for datagrams without a session and new sessions (`rateLimit`).
-    rate_limiter: Option<Box<RateLimiter>>,
-    /// Rate limit of client-triggered warnings.
-    warn_gate: WarnGate,
-    draining: bool,
     shutting_down: bool,
     /// Sockets left with unread datagrams after hitting `IO_LOOP_BOUND`.
     pending_ports: Vec<usize>,
@@ -255,7 +285,7 @@ pub(crate) struct Worker {
 impl std::fmt::Debug for Worker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Worker")
-            .field("id", &self.id)
+            .field("id", &self.out.id)
             .field("sessions", &self.sessions.len())
             .finish_non_exhaustive()
     }
@@ -268,12 +298,15 @@ impl Worker {
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
         let now = Instant::now();
         let worker = Self {
-            id: setup.id,
             poll,
             control: setup.control,
-            grant_rx: setup.grants,
-            events: setup.events,
-            counters: setup.counters,
+            out: Outbox {
+                id: setup.id,
+                counters: setup.counters,
+                events: setup.events,
+                warn_gate: WarnGate::new(),
+            },
+            admission: Admission::new(setup.grants, setup.config, setup.ledger, now),
             limits: setup.limits,
             listeners: Listeners::new(setup.id),
             rx: Some(Box::new(RecvBatch::new())),
@@ -291,21 +324,10 @@ impl Worker {
             tcp_sessions: 0,
             pending_tcp: tcp::PendingConnections::new(setup.config.tcp_token_timeout),
             tcp_connect_timeout: setup.config.tcp_connect_timeout,
-            grants: AHashMap::new(),
-            token_keys: setup.config.token_keys.clone(),
-            ledger: setup.ledger,
-            default_backend: None,
-            control_magic: setup.config.control_magic.clone().into_boxed_slice(),
             batch_io: setup.config.batch_io,
             busy_poll: setup.config.busy_poll,
             own_ports: Arc::clone(&setup.own_ports),
             budget: Arc::clone(&setup.budget),
-            rate_limiter: setup
-                .config
-                .rate_limit
-                .map(|l| Box::new(RateLimiter::new(l, now))),
-            warn_gate: WarnGate::new(),
-            draining: false,
             shutting_down: false,
             pending_ports: Vec::new(),
             pending_sessions: Vec::new(),
@@ -317,7 +339,7 @@ impl Worker {
     }
 
     pub(crate) fn id(&self) -> usize {
-        self.id
+        self.out.id
     }
 
     /// The event loop; returns after a `Shutdown` message. Beats `heart` once per turn.
@@ -341,7 +363,7 @@ impl Worker {
                     continue;
                 }
                 return Err(WorkerError::Poll {
-                    worker: self.id,
+                    worker: self.out.id,
                     source,
                 });
             }
@@ -355,7 +377,7 @@ impl Worker {
                     WAKER => {
                         // Before control may close a listener (or open another in its place).
                         self.send_replies();
-                        self.drain_grants();
+                        self.admission.drain_grants();
                         self.drain_control(now);
                     }
                     Token(t) if t < FIRST_SESSION => self.drain_port(t - FIRST_LISTENER, now),
@@ -379,10 +401,6 @@ impl Worker {
         }
     }
 
-    fn counters(&self) -> &WorkerCounters {
-        &self.counters[self.id]
-    }
-
     fn next_timeout(&self, now: Instant) -> Option<Duration> {
         if !self.pending_ports.is_empty()
             || !self.pending_sessions.is_empty()
@@ -391,7 +409,7 @@ impl Worker {
             return Some(Duration::ZERO);
         }
         // Grants to drop, or sockets of a passed peak to close.
-        let grants = (!self.grants.is_empty() || self.pool.may_shrink())
+        let grants = (self.admission.has_grants() || self.pool.may_shrink())
             .then(|| self.next_grant_sweep.saturating_duration_since(now));
         let closing = self.listeners.next_timeout();
         let pending = self.pending_tcp.next_timeout(now);
@@ -476,7 +494,7 @@ impl Worker {
                         io::ErrorKind::ConnectionRefused | io::ErrorKind::Interrupted
                     ) => {}
                 Err(e) => {
-                    log::debug!("worker {}: receive on {what}: {e}", self.id);
+                    log::debug!("worker {}: receive on {what}: {e}", self.out.id);
                     drained = true;
                     break;
                 }
@@ -497,7 +515,7 @@ impl Worker {
         now: Instant,
     ) {
         let Some(from) = from else {
-            self.counters().drop(DropReason::NoSession, 1);
+            self.out.counters().drop(DropReason::NoSession, 1);
             return;
         };
         // An IPv4 client on a dual-stack socket arrives as `::ffff:a.b.c.d`; sessions, limits
@@ -508,11 +526,11 @@ impl Worker {
         };
         match self.sessions.find(&key) {
             Some(id) => {
-                if resets && let Some(body) = control_body(datagram, &self.control_magic) {
+                if resets && let Some(body) = self.admission.control_body(datagram) {
                     if self.control_allowed(id, now) {
                         self.reset_session(id, body, now);
                     } else {
-                        self.counters().drop(DropReason::RateLimited, 1);
+                        self.out.counters().drop(DropReason::RateLimited, 1);
                         self.listeners.count(port, DropReason::RateLimited);
                     }
                 } else {
@@ -521,15 +539,13 @@ impl Worker {
             }
             None => {
                 if self.is_own_datagram(port, arrival, from) {
-                    self.counters().drop(DropReason::Loop, 1);
+                    self.out.counters().drop(DropReason::Loop, 1);
                     self.listeners.count(port, DropReason::Loop);
                     return;
                 }
                 // A flood from one address costs a table lookup, nothing more.
-                if let Some(rl) = &mut self.rate_limiter
-                    && !rl.admit_packet(key.client.ip(), now)
-                {
-                    self.counters().drop(DropReason::RateLimited, 1);
+                if !self.admission.admit_packet(key.client.ip(), now) {
+                    self.out.counters().drop(DropReason::RateLimited, 1);
                     self.listeners.count(port, DropReason::RateLimited);
                     return;
                 }
@@ -574,7 +590,7 @@ impl Worker {
             // goes in front of it. The client's doing, counted as such; a `v2-first` header
             // stays pending for the next datagram.
             let port = usize::from(session.key.port);
-            self.counters().drop(DropReason::Oversize, 1);
+            self.out.counters().drop(DropReason::Oversize, 1);
             self.listeners.count(port, DropReason::Oversize);
             return;
         }
@@ -601,7 +617,7 @@ impl Worker {
         let sent = self
             .upstream_batch
             .flush(rx, self.batch_io, |n| pool.fd(PoolRef::from_number(n)));
-        let c = &self.counters[self.id];
+        let c = self.out.counters();
         c.packets_upstream.add(sent.packets);
         c.bytes_upstream.add(sent.bytes);
         if sent.dropped > 0 {
@@ -624,15 +640,6 @@ impl Worker {
         self.queued_headers.clear();
     }
 
-    /// Tells control about a session of `kind`. Forwarder sessions are not reported: control
-    /// counts sessions per inventory backend (for load balancing and to end a removed
-    /// backend's sessions), and a forwarder's clients are counted on its listener instead.
-    pub(super) fn report(&self, kind: SessionKind, event: WorkerEvent) {
-        if !matches!(kind, SessionKind::Forwarder | SessionKind::Route) {
-            let _ = self.events.send(event);
-        }
-    }
-
     /// A UDP path's header state under `mode`: the header built now, once, with the address
     /// the client sent to (`local`, from packet info) or else the listener's, as destination.
     pub(super) fn udp_proxy(
@@ -653,30 +660,6 @@ impl Worker {
             pending: true,
             queued: None,
         }))
-    }
-
-    /// Whether `client` may open a session on listener `port` now under `rateLimit`'s
-    /// new-session rate (taken only once a session is about to open); counts a refusal.
-    pub(super) fn session_allowed(
-        &mut self,
-        client: SocketAddr,
-        port: usize,
-        now: Instant,
-        tcp: bool,
-    ) -> bool {
-        let Some(rl) = &mut self.rate_limiter else {
-            return true;
-        };
-        if rl.admit_session(client.ip(), now) {
-            return true;
-        }
-        if tcp {
-            self.counters().refuse(DropReason::RateLimited);
-        } else {
-            self.counters().drop(DropReason::RateLimited, 1);
-        }
-        self.listeners.count(port, DropReason::RateLimited);
-        false
     }
 
     // ---- backend side ----------------------------------------------------------------------
@@ -726,7 +709,7 @@ impl Worker {
         from: Option<SocketAddr>,
         now: Instant,
     ) {
-        let counters = &self.counters[self.id];
+        let counters = self.out.counters();
         // Only a session's backend is heard: anything else reaching the socket is dropped.
         let Some(id) = from.and_then(|from| self.pool.session_for(pool, from)) else {
             counters.drop(DropReason::StrayReply, 1);
@@ -779,7 +762,9 @@ impl Worker {
             },
         );
         if dropped > 0 {
-            self.counters[self.id].drop(DropReason::DownstreamSend, dropped);
+            self.out
+                .counters()
+                .drop(DropReason::DownstreamSend, dropped);
         }
         rx.clear();
     }
@@ -824,7 +809,7 @@ impl Worker {
             );
             self.release(&mut session, CloseReason::Idle);
         }
-        self.counters().sessions_expired.add(count);
+        self.out.counters().sessions_expired.add(count);
         self.set_session_gauges();
         self.expired = expired;
     }
@@ -834,9 +819,10 @@ impl Worker {
             return;
         }
         self.next_grant_sweep = now + GRANT_SWEEP_INTERVAL;
-        self.grants.retain(|_, g| !g.is_spent(now));
+        self.admission.sweep_grants(now);
         if self.pool.sweep(self.poll.registry(), now) > 0 {
-            self.counters()
+            self.out
+                .counters()
                 .upstream_sockets
                 .set(self.pool.sockets() as u64);
         }
@@ -845,14 +831,14 @@ impl Worker {
     fn close_session(&mut self, id: SessionId, reason: CloseReason) {
         if let Some(mut session) = self.sessions.remove(id) {
             self.release(&mut session, reason);
-            self.counters().sessions_closed.add(1);
+            self.out.counters().sessions_closed.add(1);
             self.set_session_gauges();
         }
     }
 
     /// Publishes how many sessions live on this worker, in all and over TCP.
     fn set_session_gauges(&self) {
-        let c = self.counters();
+        let c = self.out.counters();
         c.sessions_active.set(self.sessions.len() as u64);
         c.tcp_sessions_active.set(self.tcp_sessions as u64);
     }
@@ -878,7 +864,7 @@ impl Worker {
             }
         }
         self.limits.release(session.key.client.ip());
-        self.report(
+        self.out.report(
             session.kind,
             WorkerEvent::SessionClosed {
                 backend: session.backend,

@@ -1,29 +1,28 @@
-//! A worker's session setup: admission of a new client, the reservation of its slot and
-//! socket before a token is spent, and moving a live session (control packet) to a new
-//! backend.
+//! A worker's session setup: a new UDP client's session (admitted by `admission.rs`), the
+//! reservation of its slot and socket before a token is spent, and moving a live session
+//! (control packet) to a new backend.
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use crate::ctl::WorkerEvent;
 use crate::listener::Transport;
-use crate::metrics::{DropReason, TokenRejectReason};
-use crate::policy::admit::{Admission, AdmitContext, Role, admit, trace_refused};
-use crate::policy::grant::{BackendId, Grant};
-use crate::policy::packet::{Presented, classify, parse_token};
+use crate::metrics::DropReason;
+use crate::policy::admit;
+use crate::policy::grant::BackendId;
+use crate::policy::packet::parse_token;
 use crate::policy::ratelimit::ControlBudget;
-use crate::policy::route::{Pick, RouteTable};
-use crate::policy::seal::OpenError;
 use crate::policy::session::{Session, SessionId, SessionKey, SessionKind, SessionStats};
 use crate::policy::upstream::{is_unicast_target, peer_key};
 
+use super::admission::Admission;
 use super::pool::PlaceError;
 use super::{Arrival, ORPHAN_IDLE_TIMEOUT, UdpUpstream, Upstream, Worker};
 
 impl Worker {
     /// First datagram of an unknown client: a token (or control packet) opens a session to its
-    /// grant's backend and is consumed; anything else goes to the default backend, if any.
+    /// grant's backend and is consumed; anything else goes where the listener's role sends it
+    /// (a forwarder's target, a route's endpoint, the default backend), if anywhere.
     /// `reply_to` is the client's address as received (the session key holds its canonical form).
     pub(super) fn open_session(
         &mut self,
@@ -34,208 +33,78 @@ impl Worker {
         now: Instant,
     ) {
         let port = usize::from(key.port);
-        let ctx = self.admit_context(port);
-        let first = classify(datagram, &self.control_magic);
-        let admission = admit(first, ctx, |token| {
-            self.find_grant(token, port, key.client.ip(), now)
-        });
-        let opens = !matches!(admission, Admission::Drop { .. });
-        if opens && !self.session_allowed(key.client, port, now, false) {
+        let first = self.admission.classify(datagram);
+        let decision = self.admission.decide(
+            first,
+            port,
+            key.client.ip(),
+            &self.listeners,
+            &self.out,
+            now,
+        );
+        if !matches!(decision, admit::Admission::Drop { .. })
+            && !self.admission.admit_session(key.client.ip(), now)
+        {
+            self.out.counters().drop(DropReason::RateLimited, 1);
+            self.listeners.count(port, DropReason::RateLimited);
             return;
         }
-        // A route session also carries its rule's idle timeout and the counter of the Service
-        // it went to, added once the session exists.
-        let mut route = None;
-        let (backend, target, kind, proxy) = match admission {
-            Admission::Token { grant, target } => {
-                self.open_token_session(key, reply_to, arrival.local, &grant, target, now);
-                return;
-            }
-            Admission::Drop { reason, refused } => {
-                trace_refused(key.client, refused);
-                self.counters().drop(reason, 1);
+        let admitted = match Admission::resolve(decision, port, key.client, &mut self.listeners) {
+            Ok(admitted) => admitted,
+            Err(reason) => {
+                self.out.counters().drop(reason, 1);
                 self.listeners.count(port, reason);
                 return;
             }
-            Admission::Default {
-                backend,
-                target,
-                proxy,
-                refused,
-            } => {
-                trace_refused(key.client, refused);
-                (backend, target, SessionKind::Default, proxy)
-            }
-            Admission::Forward {
-                backend,
-                target,
-                proxy,
-            } => (backend, target, SessionKind::Forwarder, proxy),
-            Admission::Route => {
-                let Some((pick, table)) = self.pick_route(port, key.client) else {
-                    self.counters().drop(DropReason::NoRoute, 1);
-                    self.listeners.count(port, DropReason::NoRoute);
-                    return;
-                };
-                let target = pick.endpoint;
-                route = Some((pick, table));
-                (BackendId(pick.key), target, SessionKind::Route, pick.proxy)
-            }
         };
-        let mut upstream = match self.reserve(key.client, target, now) {
+        let mut upstream = match self.reserve(key.client, admitted.target, now) {
             Ok(upstream) => upstream,
             Err(reason) => {
-                self.listeners.count(port, reason);
+                // A token port's refusals at a cap are counted worker-wide only.
+                if admitted.grant.is_none() {
+                    self.listeners.count(port, reason);
+                }
                 return;
             }
         };
-        upstream.proxy = self.udp_proxy(proxy, key.client, port, arrival.local);
+        upstream.proxy = self.udp_proxy(admitted.proxy, key.client, port, arrival.local);
+        // The token is spent last, once the session's slot and socket exist: a session refused
+        // at a cap, or one whose socket cannot be made, leaves the token for the player's retry.
+        if let Some(grant) = &admitted.grant
+            && let Err(reason) = grant.redeem(port, key.client.ip(), now)
+        {
+            // Another worker redeemed it in the meantime.
+            self.abandon(key.client, &upstream, now);
+            self.out.counters().reject(reason);
+            self.out.counters().drop(DropReason::TokenRejected, 1);
+            return;
+        }
         let id = self.install(
             key,
             reply_to,
             Upstream::Udp(upstream),
-            target,
-            backend,
-            kind,
-            route.as_ref().map(|(pick, _)| pick.idle_timeout),
+            admitted.target,
+            admitted.backend,
+            admitted.kind,
+            admitted.idle_timeout(),
             now,
         );
         self.set_local(id, arrival.local);
-        if let Some((pick, table)) = &route {
-            table.rules[pick.rule].backends[pick.backend].sessions.inc();
+        admitted.opened();
+        if admitted.grant.is_some() {
+            self.out.counters().tokens_redeemed.add(1);
         }
-        self.report(
-            kind,
+        self.out.report(
+            admitted.kind,
             WorkerEvent::SessionOpened {
-                backend,
-                kind,
-                token: None,
+                backend: admitted.backend,
+                kind: admitted.kind,
+                token: admitted.grant.as_ref().map(|g| g.token),
             },
         );
-        self.forward_upstream(id, arrival.slot, datagram.len(), now);
-    }
-
-    /// Picks the endpoint of a new client of route entry point `port` (with this worker's
-    /// rotation state); `None`: no rule takes it, or its rule has no ready endpoint.
-    pub(super) fn pick_route(
-        &mut self,
-        port: usize,
-        client: SocketAddr,
-    ) -> Option<(Pick, Arc<RouteTable>)> {
-        self.listeners.pick_route(port, client)
-    }
-
-    /// What admission needs to know of listener `port` and this worker's state.
-    pub(super) fn admit_context(&self, port: usize) -> AdmitContext {
-        let listener = self.listeners.get(port);
-        AdmitContext {
-            listener: listener.map_or(Role::TokenPort, |l| Role::from(l.kind())),
-            closed: self.draining || listener.is_none_or(|l| l.is_closing()),
-            default: self
-                .default_backend
-                .as_ref()
-                .and_then(|d| Some((d.id, d.addr_for(port)?, d.proxy))),
-        }
-    }
-
-    /// Opens a session with a grant that [`Self::find_grant`] found redeemable. The token is
-    /// spent last, once the session's slot and socket exist: a session refused at a cap, or one
-    /// whose socket cannot be made, leaves the token for the player's retry.
-    pub(super) fn open_token_session(
-        &mut self,
-        key: SessionKey,
-        reply_to: SocketAddr,
-        local: Option<IpAddr>,
-        grant: &Grant,
-        target: SocketAddr,
-        now: Instant,
-    ) {
-        let Ok(mut upstream) = self.reserve(key.client, target, now) else {
-            return;
-        };
-        upstream.proxy = self.udp_proxy(
-            grant.backend.proxy,
-            key.client,
-            usize::from(key.port),
-            local,
-        );
-        if let Err(reason) = grant.redeem(usize::from(key.port), key.client.ip(), now) {
-            // Another worker redeemed it in the meantime.
-            self.abandon(key.client, &upstream, now);
-            self.counters().reject(reason);
-            self.counters().drop(DropReason::TokenRejected, 1);
-            return;
-        }
-        let backend = grant.backend.id;
-        let id = self.install(
-            key,
-            reply_to,
-            Upstream::Udp(upstream),
-            target,
-            backend,
-            SessionKind::Token,
-            None,
-            now,
-        );
-        self.set_local(id, local);
-        self.counters().tokens_redeemed.add(1);
-        let _ = self.events.send(WorkerEvent::SessionOpened {
-            backend,
-            kind: SessionKind::Token,
-            token: Some(grant.token),
-        });
-    }
-
-    /// Looks a token up (a UUID's published grant) or opens it (a sealed token) and checks it
-    /// is redeemable on `port` by `client`, without spending it. A grant published just before
-    /// the client got its token may still sit in the grant channel, so a miss drains that
-    /// channel (and nothing else) once.
-    pub(super) fn find_grant(
-        &mut self,
-        token: Presented<'_>,
-        port: usize,
-        client: IpAddr,
-        now: Instant,
-    ) -> Result<(Arc<Grant>, SocketAddr), TokenRejectReason> {
-        let grant = match token {
-            Presented::Uuid(id) => {
-                if !self.grants.contains_key(&id) {
-                    self.drain_grants();
-                }
-                self.grants
-                    .get(&id)
-                    .map(Arc::clone)
-                    .ok_or(TokenRejectReason::Unknown)
-            }
-            Presented::Sealed(text) => self.open_sealed(text, now),
-        };
-        let result = grant.and_then(|grant| {
-            let target = grant.check(port, client, now)?;
-            Ok((grant, target))
-        });
-        if let Err(reason) = result {
-            self.counters().reject(reason);
-        }
-        result
-    }
-
-    /// Opens a sealed token with this replica's keys into a grant whose redemptions go to the
-    /// replica's ledger. Without keys, no sealed token opens.
-    fn open_sealed(&self, text: &[u8], now: Instant) -> Result<Arc<Grant>, TokenRejectReason> {
-        let keys = self.token_keys.as_ref().ok_or(TokenRejectReason::Invalid)?;
-        let unix = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default();
-        match keys.open(text, unix) {
-            Ok(opened) => Ok(Arc::new(Grant::sealed(
-                opened.id,
-                opened.backend,
-                now + opened.remaining,
-                opened.client,
-                Arc::clone(&self.ledger),
-            ))),
-            Err(OpenError::Expired) => Err(TokenRejectReason::Expired),
-            Err(OpenError::Malformed | OpenError::Forged) => Err(TokenRejectReason::Invalid),
+        // A token is consumed; anything else is the client's traffic.
+        if admitted.grant.is_none() {
+            self.forward_upstream(id, arrival.slot, datagram.len(), now);
         }
     }
 
@@ -250,17 +119,17 @@ impl Worker {
         now: Instant,
     ) -> Result<UdpUpstream, DropReason> {
         if let Err(reason) = self.limits.try_acquire(client.ip()) {
-            self.counters().drop(reason, 1);
+            self.out.counters().drop(reason, 1);
             return Err(reason);
         }
         match self.open_upstream(target, self.sessions.next_id(), now) {
             Ok(upstream) => Ok(upstream),
             Err(e) => {
-                if let Some(note) = self.warn_gate.admit(now) {
+                if let Some(note) = self.out.warn(now) {
                     log::warn!("{client}: cannot open a socket to {target}: {e}{note}");
                 }
                 self.limits.release(client.ip());
-                self.counters().drop(DropReason::UpstreamSetup, 1);
+                self.out.counters().drop(DropReason::UpstreamSetup, 1);
                 Err(DropReason::UpstreamSetup)
             }
         }
@@ -293,7 +162,8 @@ impl Worker {
             return Err(PlaceError::NotUnicast);
         }
         let pool = self.pool.acquire(key, id, self.poll.registry(), now)?;
-        self.counters()
+        self.out
+            .counters()
             .upstream_sockets
             .set(self.pool.sockets() as u64);
         Ok(UdpUpstream {
@@ -342,9 +212,9 @@ impl Worker {
         debug_assert_eq!(id.slot(), expected_slot, "registered under another token");
         if transport == Transport::Tcp {
             self.tcp_sessions += 1;
-            self.counters().tcp_sessions_created[kind as usize].add(1);
+            self.out.counters().tcp_sessions_created[kind as usize].add(1);
         }
-        self.counters().sessions_created[kind as usize].add(1);
+        self.out.counters().sessions_created[kind as usize].add(1);
         self.set_session_gauges();
         log::debug!(
             "{}: {} session to {target} ({})",
@@ -371,24 +241,27 @@ impl Worker {
         let port = usize::from(session.key.port);
         let local = session.local;
         let Some(token) = parse_token(body) else {
-            if let Some(note) = self.warn_gate.admit(now) {
+            if let Some(note) = self.out.warn(now) {
                 log::warn!(
                     "{client}: control packet without a valid token; session unchanged{note}"
                 );
             }
-            self.counters().drop(DropReason::MalformedControl, 1);
+            self.out.counters().drop(DropReason::MalformedControl, 1);
             return;
         };
-        let (grant, target) = match self.find_grant(token, port, client.ip(), now) {
+        let found = self
+            .admission
+            .find_grant(token, port, client.ip(), &self.out, now);
+        let (grant, target) = match found {
             Ok(found) => found,
             Err(reason) => {
-                if let Some(note) = self.warn_gate.admit(now) {
+                if let Some(note) = self.out.warn(now) {
                     log::warn!(
                         "{client}: control packet with {} token; session unchanged{note}",
                         reason.as_str()
                     );
                 }
-                self.counters().drop(DropReason::TokenRejected, 1);
+                self.out.counters().drop(DropReason::TokenRejected, 1);
                 return;
             }
         };
@@ -397,31 +270,31 @@ impl Worker {
         let mut upstream = match self.open_upstream(target, id, now) {
             Ok(upstream) => upstream,
             Err(e) => {
-                if let Some(note) = self.warn_gate.admit(now) {
+                if let Some(note) = self.out.warn(now) {
                     log::warn!(
                         "{client}: cannot move the session to {target}: {e}; session unchanged{note}"
                     );
                 }
-                self.counters().drop(DropReason::UpstreamSetup, 1);
+                self.out.counters().drop(DropReason::UpstreamSetup, 1);
                 return;
             }
         };
         upstream.proxy = self.udp_proxy(grant.backend.proxy, client, port, local);
         if let Err(reason) = grant.redeem(port, client.ip(), now) {
             self.leave_place(&upstream, now);
-            self.counters().reject(reason);
-            self.counters().drop(DropReason::TokenRejected, 1);
+            self.out.counters().reject(reason);
+            self.out.counters().drop(DropReason::TokenRejected, 1);
             return;
         }
         let to = grant.backend.id;
         let Some(from) = self.retarget(id, to, target, upstream, SessionKind::Token, now) else {
             return;
         };
-        let c = self.counters();
+        let c = self.out.counters();
         c.sessions_reset.add(1);
         c.tokens_redeemed.add(1);
         log::debug!("{client}: session moved to {target}");
-        let _ = self.events.send(WorkerEvent::SessionMoved {
+        self.out.send(WorkerEvent::SessionMoved {
             from,
             to,
             token: Some(grant.token),

@@ -21,13 +21,13 @@ use crate::io::fd_budget::FdLease;
 use crate::io::socket::connect_upstream_tcp;
 use crate::io::splice::{Pipe, Splice, SpliceError};
 use crate::metrics::DropReason;
-use crate::policy::admit::{Admission, Role, admit, trace_refused};
-use crate::policy::grant::{BackendId, Grant};
+use crate::policy::admit::{self, Role};
 use crate::policy::packet::Classified;
 use crate::policy::prefix::{LineEnd, MAX_PREFIX, Prefix, read_prefix};
 use crate::policy::proxy_protocol::{HeaderTransport, ProxyHeader, ProxyMode};
-use crate::policy::session::{SessionId, SessionKey, SessionKind};
+use crate::policy::session::{SessionId, SessionKey};
 
+use super::admission::{Admission, Admitted};
 use super::{
     FIRST_PENDING, IO_LOOP_BOUND, ListenerIo, Upstream, Worker, client_token, upstream_token,
 };
@@ -188,18 +188,23 @@ enum Decide {
     Timeout,
 }
 
-/// Where an admitted connection goes, and the bytes it sent first that go along.
-struct Admitted<'a> {
-    target: SocketAddr,
-    backend: BackendId,
-    kind: SessionKind,
-    grant: Option<&'a Grant>,
+/// What a connection sent before it had a session: it goes first to the backend.
+#[derive(Clone, Copy, Debug)]
+struct Sent<'a> {
     data: &'a [u8],
+    /// How the token line's end was read.
     line_end: LineEnd,
-    /// The session's idle timeout, when not the listener's (a route's own).
-    idle_timeout: Option<Duration>,
-    /// PROXY protocol v2: a STREAM header goes first to the backend.
-    proxy: ProxyMode,
+    /// The client has closed its side.
+    eof: bool,
+}
+
+impl Sent<'_> {
+    /// Nothing: the connection was admitted at accept.
+    const NOTHING: Sent<'static> = Sent {
+        data: &[],
+        line_end: LineEnd::Done,
+        eof: false,
+    };
 }
 
 impl Worker {
@@ -223,14 +228,17 @@ impl Worker {
                 // Out of descriptors or buffers: what is queued stays queued, and no new edge
                 // may come for it; try again shortly instead of spinning.
                 Err(e) if is_resource_error(&e) => {
-                    if let Some(note) = self.warn_gate.admit(now) {
-                        log::warn!("worker {}: accept on listener {port}: {e}{note}", self.id);
+                    if let Some(note) = self.out.warn(now) {
+                        log::warn!(
+                            "worker {}: accept on listener {port}: {e}{note}",
+                            self.out.id()
+                        );
                     }
                     self.pending_tcp.retry_accept(port, now + ACCEPT_RETRY);
                     return;
                 }
                 // One connection failed while queued (reset, aborted): the next may be fine.
-                Err(e) => log::debug!("worker {}: accept on listener {port}: {e}", self.id),
+                Err(e) => log::debug!("worker {}: accept on listener {port}: {e}", self.out.id()),
             }
         }
         self.pending_ports.push(port);
@@ -247,10 +255,10 @@ impl Worker {
         now: Instant,
     ) {
         drop(stream);
-        self.counters().tcp_accepted.add(1);
-        self.counters().refuse(DropReason::UpstreamSetup);
+        self.out.counters().tcp_accepted.add(1);
+        self.out.counters().refuse(DropReason::UpstreamSetup);
         self.listeners.count(port, DropReason::UpstreamSetup);
-        if let Some(note) = self.warn_gate.admit(now) {
+        if let Some(note) = self.out.warn(now) {
             log::warn!(
                 "{from}: connection refused: the data plane's descriptor budget is spent \
                  ({} of {} held){note}",
@@ -268,70 +276,55 @@ impl Worker {
         from: SocketAddr,
         now: Instant,
     ) {
-        self.counters().tcp_accepted.add(1);
+        self.out.counters().tcp_accepted.add(1);
         let client = SocketAddr::new(from.ip().to_canonical(), from.port());
-        if let Some(rl) = &mut self.rate_limiter
-            && !rl.admit_packet(client.ip(), now)
-        {
-            self.counters().refuse(DropReason::RateLimited);
+        if !self.admission.admit_packet(client.ip(), now) {
+            self.out.counters().refuse(DropReason::RateLimited);
             self.listeners.count(port, DropReason::RateLimited);
             return;
         }
-        if self.admit_context(port).closed {
-            self.counters().refuse(DropReason::Draining);
+        let ctx = self.admission.context(port, &self.listeners);
+        if ctx.closed {
+            self.out.counters().refuse(DropReason::Draining);
             return;
         }
         if let Err(reason) = self.limits.try_acquire(client.ip()) {
-            self.counters().refuse(reason);
+            self.out.counters().refuse(reason);
             self.listeners.count(port, reason);
             return;
         }
         let _ = stream.set_nodelay(true);
-        match self.admit_context(port).listener {
-            Role::Forward {
-                target,
-                backend,
-                proxy,
-            } => {
-                // Nothing to read first: the connection is the forwarder's at once.
-                let admitted = Admitted {
-                    target,
-                    backend,
-                    kind: SessionKind::Forwarder,
-                    grant: None,
-                    data: &[],
-                    line_end: LineEnd::Done,
-                    idle_timeout: None,
-                    proxy,
-                };
-                self.open_tcp_session(stream, lease, client, port, &admitted, false, false, now);
-                return;
-            }
-            Role::Route => {
-                // A connection picks its endpoint by the same rules as a UDP client.
-                let Some((pick, table)) = self.pick_route(port, client) else {
-                    self.limits.release(client.ip());
-                    self.counters().refuse(DropReason::NoRoute);
-                    self.listeners.count(port, DropReason::NoRoute);
-                    return;
-                };
-                let admitted = Admitted {
-                    target: pick.endpoint,
-                    backend: BackendId(pick.key),
-                    kind: SessionKind::Route,
-                    grant: None,
-                    data: &[],
-                    line_end: LineEnd::Done,
-                    idle_timeout: Some(pick.idle_timeout),
-                    proxy: pick.proxy,
-                };
-                if self.open_tcp_session(stream, lease, client, port, &admitted, false, false, now)
-                {
-                    table.rules[pick.rule].backends[pick.backend].sessions.inc();
+        if !matches!(ctx.listener, Role::TokenPort) {
+            // Nothing to read first: a forwarder's connection is its own at once, and a route
+            // entry point's picks its endpoint by the same rules as a UDP client.
+            let decision = self.admission.decide(
+                Classified::Payload,
+                port,
+                client.ip(),
+                &self.listeners,
+                &self.out,
+                now,
+            );
+            match Admission::resolve(decision, port, client, &mut self.listeners) {
+                Ok(admitted) => {
+                    self.open_tcp_session(
+                        stream,
+                        lease,
+                        client,
+                        port,
+                        &admitted,
+                        Sent::NOTHING,
+                        false,
+                        now,
+                    );
                 }
-                return;
+                Err(reason) => {
+                    self.limits.release(client.ip());
+                    self.out.counters().refuse(reason);
+                    self.listeners.count(port, reason);
+                }
             }
-            Role::TokenPort => {}
+            return;
         }
         let slot = self.pending_tcp.slab.vacant_key();
         if let Err(e) = self.poll.registry().register(
@@ -341,7 +334,7 @@ impl Worker {
         ) {
             log::debug!("{client}: cannot register the connection: {e}");
             self.limits.release(client.ip());
-            self.counters().refuse(DropReason::UpstreamSetup);
+            self.out.counters().refuse(DropReason::UpstreamSetup);
             return;
         }
         let pending = &mut self.pending_tcp;
@@ -383,7 +376,7 @@ impl Worker {
                 Err(e) => {
                     log::debug!("{}: connection failed before its token: {e}", p.client);
                     self.drop_pending(slot);
-                    self.counters().refuse(DropReason::NoSession);
+                    self.out.counters().refuse(DropReason::NoSession);
                     return;
                 }
             }
@@ -445,7 +438,7 @@ impl Worker {
         if why == Decide::Eof && p.len == 0 {
             // Connected and closed without a byte (a port scan, a health check): nothing to
             // forward, so no backend connection either.
-            self.counters().refuse(DropReason::NoSession);
+            self.out.counters().refuse(DropReason::NoSession);
             self.abandon_connection(p.stream, None, p.client);
             return;
         }
@@ -459,75 +452,38 @@ impl Worker {
             } => (Classified::Token(token), data_from, line_end),
             Prefix::NotToken | Prefix::NeedMore => (Classified::Payload, 0, LineEnd::Done),
         };
-        let ctx = self.admit_context(port);
-        let client = p.client.ip();
-        let admission = admit(first, ctx, |token| {
-            self.find_grant(token, port, client, now)
-        });
-        let eof = why == Decide::Eof;
-        match admission {
-            Admission::Token { grant, target } => {
-                let admitted = Admitted {
-                    target,
-                    backend: grant.backend.id,
-                    kind: SessionKind::Token,
-                    grant: Some(&grant),
-                    data: &bytes[data_from..],
-                    line_end,
-                    idle_timeout: None,
-                    proxy: grant.backend.proxy,
-                };
-                self.open_tcp_session(p.stream, p.lease, p.client, port, &admitted, eof, true, now);
-            }
-            Admission::Default {
-                backend,
-                target,
-                proxy,
-                refused,
-            } => {
-                trace_refused(p.client, refused);
-                let admitted = Admitted {
-                    target,
-                    backend,
-                    kind: SessionKind::Default,
-                    grant: None,
-                    data: bytes,
-                    line_end: LineEnd::Done,
-                    idle_timeout: None,
-                    proxy,
-                };
-                self.open_tcp_session(p.stream, p.lease, p.client, port, &admitted, eof, true, now);
-            }
-            Admission::Forward {
-                backend,
-                target,
-                proxy,
-            } => {
-                let admitted = Admitted {
-                    target,
-                    backend,
-                    kind: SessionKind::Forwarder,
-                    grant: None,
-                    data: bytes,
-                    line_end: LineEnd::Done,
-                    idle_timeout: None,
-                    proxy,
-                };
-                self.open_tcp_session(p.stream, p.lease, p.client, port, &admitted, eof, true, now);
-            }
+        let decision =
+            self.admission
+                .decide(first, port, p.client.ip(), &self.listeners, &self.out, now);
+        if matches!(decision, admit::Admission::Route) {
             // Waiting connections are on token ports only; an entry point admits at accept.
-            Admission::Route => {
-                self.counters().refuse(DropReason::NoRoute);
-                self.abandon_connection(p.stream, None, p.client);
+            self.out.counters().refuse(DropReason::NoRoute);
+            self.abandon_connection(p.stream, None, p.client);
+            return;
+        }
+        match Admission::resolve(decision, port, p.client, &mut self.listeners) {
+            Ok(admitted) => {
+                // A token's line is not forwarded; anything else is the client's traffic.
+                let (data, line_end) = match admitted.grant {
+                    Some(_) => (&bytes[data_from..], line_end),
+                    None => (bytes, LineEnd::Done),
+                };
+                let sent = Sent {
+                    data,
+                    line_end,
+                    eof: why == Decide::Eof,
+                };
+                self.open_tcp_session(
+                    p.stream, p.lease, p.client, port, &admitted, sent, true, now,
+                );
             }
-            Admission::Drop { reason, refused } => {
-                trace_refused(p.client, refused);
+            Err(reason) => {
                 let reason = if why == Decide::Timeout && reason == DropReason::NoSession {
                     DropReason::TokenTimeout
                 } else {
                     reason
                 };
-                self.counters().refuse(reason);
+                self.out.counters().refuse(reason);
                 self.abandon_connection(p.stream, None, p.client);
             }
         }
@@ -545,12 +501,14 @@ impl Worker {
         lease: FdLease,
         client: SocketAddr,
         port: usize,
-        admitted: &Admitted<'_>,
-        eof: bool,
+        admitted: &Admitted,
+        sent: Sent<'_>,
         registered: bool,
         now: Instant,
     ) -> bool {
-        if !self.session_allowed(client, port, now, true) {
+        if !self.admission.admit_session(client.ip(), now) {
+            self.out.counters().refuse(DropReason::RateLimited);
+            self.listeners.count(port, DropReason::RateLimited);
             self.abandon_connection(client_stream, None, client);
             return false;
         }
@@ -560,7 +518,7 @@ impl Worker {
         };
         if self.sessions.find(&key).is_some() {
             // The same client address and port reached this port on another local address.
-            self.counters().refuse(DropReason::NoSession);
+            self.out.counters().refuse(DropReason::NoSession);
             self.abandon_connection(client_stream, None, client);
             return false;
         }
@@ -579,10 +537,10 @@ impl Worker {
         let upstream = match upstream {
             Ok(upstream) => upstream,
             Err(e) => {
-                if let Some(note) = self.warn_gate.admit(now) {
+                if let Some(note) = self.out.warn(now) {
                     log::warn!("{client}: cannot connect to {target}: {e}{note}");
                 }
-                self.counters().refuse(DropReason::UpstreamSetup);
+                self.out.counters().refuse(DropReason::UpstreamSetup);
                 self.listeners.count(port, DropReason::UpstreamSetup);
                 self.abandon_connection(client_stream, None, client);
                 return false;
@@ -597,21 +555,21 @@ impl Worker {
         };
         if let Err(e) = moved {
             log::debug!("{client}: cannot register the connection: {e}");
-            self.counters().refuse(DropReason::UpstreamSetup);
+            self.out.counters().refuse(DropReason::UpstreamSetup);
             self.abandon_connection(client_stream, Some(upstream), client);
             return false;
         }
         // Spent last, once nothing is left that can fail synchronously. A backend that then
         // refuses the connection has the token spent, as on UDP: the player queries again.
-        if let Some(grant) = admitted.grant {
+        if let Some(grant) = &admitted.grant {
             if let Err(reason) = grant.redeem(port, client.ip(), now) {
                 // Another worker (or this port's UDP twin) redeemed it in the meantime.
-                self.counters().reject(reason);
-                self.counters().refuse(DropReason::TokenRejected);
+                self.out.counters().reject(reason);
+                self.out.counters().refuse(DropReason::TokenRejected);
                 self.abandon_connection(client_stream, Some(upstream), client);
                 return false;
             }
-            self.counters().tokens_redeemed.add(1);
+            self.out.counters().tokens_redeemed.add(1);
         }
         // The connection's own local address is the exact address the client connected to,
         // wildcard bind or not.
@@ -631,10 +589,10 @@ impl Worker {
                 // The header first, then whatever the client sent with its token.
                 Some(header) => {
                     let mut first = header.as_bytes().to_vec();
-                    first.extend_from_slice(admitted.data);
-                    Pipe::with_data(&first, admitted.line_end, eof)
+                    first.extend_from_slice(sent.data);
+                    Pipe::with_data(&first, sent.line_end, sent.eof)
                 }
-                None => Pipe::with_data(admitted.data, admitted.line_end, eof),
+                None => Pipe::with_data(sent.data, sent.line_end, sent.eof),
             },
             down: Pipe::default(),
         };
@@ -645,15 +603,16 @@ impl Worker {
             target,
             admitted.backend,
             admitted.kind,
-            admitted.idle_timeout,
+            admitted.idle_timeout(),
             now,
         );
-        self.report(
+        admitted.opened();
+        self.out.report(
             admitted.kind,
             WorkerEvent::SessionOpened {
                 backend: admitted.backend,
                 kind: admitted.kind,
-                token: admitted.grant.map(|g| g.token),
+                token: admitted.grant.as_ref().map(|g| g.token),
             },
         );
         self.pending_tcp
@@ -693,7 +652,7 @@ impl Worker {
                     session.last_active = now;
                     session.stats.bytes_upstream += driven.up as u64;
                     session.stats.bytes_downstream += driven.down as u64;
-                    let c = &self.counters[self.id];
+                    let c = self.out.counters();
                     c.tcp_bytes_upstream.add(driven.up as u64);
                     c.tcp_bytes_downstream.add(driven.down as u64);
                     if let Some(slot) = self.listeners.slot(usize::from(session.key.port)) {
@@ -727,7 +686,7 @@ impl Worker {
     /// A TCP session whose backend connection failed: the client is closed, and it counts.
     fn connect_failed(&mut self, id: SessionId, why: &str, now: Instant) {
         if let Some(session) = self.sessions.get_mut(id)
-            && let Some(note) = self.warn_gate.admit(now)
+            && let Some(note) = self.out.warn(now)
         {
             log::warn!(
                 "{}: cannot connect to {}: {why}{note}",
@@ -735,7 +694,7 @@ impl Worker {
                 session.target
             );
         }
-        self.counters().refuse(DropReason::UpstreamConnect);
+        self.out.counters().refuse(DropReason::UpstreamConnect);
         if let Some(port) = self.sessions.get_mut(id).map(|s| usize::from(s.key.port)) {
             self.listeners.count(port, DropReason::UpstreamConnect);
         }

@@ -1,0 +1,317 @@
+//! Admission: from policy to sessions. It owns what decides whether a new client gets a
+//! session and where it goes: the grants published by control (and their channel), the keys
+//! that open sealed tokens with the replica's ledger of those redeemed, the default backend,
+//! the flood and new-session rate limiter, the RESET magic and the drain flag.
+//!
+//! Every listener role, over UDP and TCP alike, is admitted the same way: [`Admission::decide`]
+//! asks the sans-io [`admit`] about the client's first bytes, and [`Admission::resolve`] turns
+//! the answer into one [`Admitted`] (a route entry point picks its endpoint there). It opens
+//! no socket and holds no session: the paths do that with its answer. A token is only looked
+//! at here; it is spent by whoever opens the session, once nothing else can fail.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use ahash::AHashMap;
+use crossbeam_channel::Receiver;
+
+use crate::config::{DataPlaneConfig, LiveSettings};
+use crate::metrics::{DropReason, TokenRejectReason};
+use crate::policy::admit::{self, AdmitContext, Role, admit, trace_refused};
+use crate::policy::grant::{Backend, BackendId, Grant, NonceLedger, TokenId};
+use crate::policy::packet::{Classified, Presented, classify, control_body};
+use crate::policy::proxy_protocol::ProxyMode;
+use crate::policy::ratelimit::RateLimiter;
+use crate::policy::route::{Pick, RouteTable};
+use crate::policy::seal::{KeyRing, OpenError};
+use crate::policy::session::SessionKind;
+
+use super::Outbox;
+use super::listeners::Listeners;
+
+/// Where an admitted client goes: one answer for every listener role and transport.
+#[derive(Debug)]
+pub(super) struct Admitted {
+    pub(super) target: SocketAddr,
+    pub(super) backend: BackendId,
+    pub(super) kind: SessionKind,
+    /// A token's grant, found redeemable: spent once the session's slot and socket exist.
+    pub(super) grant: Option<Arc<Grant>>,
+    /// PROXY protocol v2 headers to the backend.
+    pub(super) proxy: ProxyMode,
+    /// A route entry point's pick and its table: the rule's idle timeout, and the Service
+    /// whose count the session adds to once it exists.
+    route: Option<(Pick, Arc<RouteTable>)>,
+}
+
+impl Admitted {
+    /// The session's idle timeout when not its listener's (a route rule's own).
+    pub(super) fn idle_timeout(&self) -> Option<Duration> {
+        self.route.as_ref().map(|(pick, _)| pick.idle_timeout)
+    }
+
+    /// The session exists: a route session counts on its Service.
+    pub(super) fn opened(&self) {
+        if let Some((pick, table)) = &self.route {
+            table.rules[pick.rule].backends[pick.backend].sessions.inc();
+        }
+    }
+}
+
+/// What admits new clients in this worker.
+pub(super) struct Admission {
+    grant_rx: Receiver<Arc<Grant>>,
+    grants: AHashMap<TokenId, Arc<Grant>>,
+    /// The keys that open sealed tokens, and the replica's record of those redeemed.
+    token_keys: Option<Arc<KeyRing>>,
+    ledger: Arc<NonceLedger>,
+    default_backend: Option<Arc<Backend>>,
+    control_magic: Box<[u8]>,
+    /// Per-source buckets for datagrams without a session and new sessions (`rateLimit`).
+    rate_limiter: Option<Box<RateLimiter>>,
+    /// The proxy drains: no new sessions anywhere.
+    draining: bool,
+}
+
+impl Admission {
+    /// No grant yet, with the config's keys, magic and rate limit.
+    pub(super) fn new(
+        grants: Receiver<Arc<Grant>>,
+        config: &DataPlaneConfig,
+        ledger: Arc<NonceLedger>,
+        now: Instant,
+    ) -> Self {
+        Self {
+            grant_rx: grants,
+            grants: AHashMap::new(),
+            token_keys: config.token_keys.clone(),
+            ledger,
+            default_backend: None,
+            control_magic: config.control_magic.clone().into_boxed_slice(),
+            rate_limiter: config
+                .rate_limit
+                .map(|l| Box::new(RateLimiter::new(l, now))),
+            draining: false,
+        }
+    }
+
+    /// Takes every grant published so far.
+    pub(super) fn drain_grants(&mut self) {
+        while let Ok(grant) = self.grant_rx.try_recv() {
+            self.grants.insert(grant.token, grant);
+        }
+    }
+
+    pub(super) fn set_default(&mut self, backend: Option<Arc<Backend>>) {
+        self.default_backend = backend;
+    }
+
+    /// From now on no new session opens on any listener.
+    pub(super) fn drain(&mut self) {
+        self.draining = true;
+    }
+
+    /// New keys, and a changed flood limit with fresh buckets.
+    pub(super) fn reconfigure(&mut self, live: &LiveSettings, now: Instant) {
+        self.token_keys.clone_from(&live.token_keys);
+        let same_limit = self.rate_limiter.as_ref().map(|r| r.limit()) == live.rate_limit;
+        if !same_limit {
+            self.rate_limiter = live.rate_limit.map(|l| Box::new(RateLimiter::new(l, now)));
+        }
+    }
+
+    /// Drops the grants that can no longer be redeemed.
+    pub(super) fn sweep_grants(&mut self, now: Instant) {
+        self.grants.retain(|_, g| !g.is_spent(now));
+    }
+
+    /// Whether a grant is held (so a later sweep has something to drop).
+    pub(super) fn has_grants(&self) -> bool {
+        !self.grants.is_empty()
+    }
+
+    /// The body of a RESET control packet, when `datagram` is one.
+    #[inline]
+    pub(super) fn control_body<'a>(&self, datagram: &'a [u8]) -> Option<&'a [u8]> {
+        control_body(datagram, &self.control_magic)
+    }
+
+    /// What a new client's first datagram is: a token, a control packet or payload.
+    pub(super) fn classify<'a>(&self, datagram: &'a [u8]) -> Classified<'a> {
+        classify(datagram, &self.control_magic)
+    }
+
+    /// Whether `client` may have one more packet looked at without a session (the flood
+    /// limit); a flood from one address costs a table lookup, nothing more.
+    #[inline]
+    pub(super) fn admit_packet(&mut self, client: IpAddr, now: Instant) -> bool {
+        self.rate_limiter
+            .as_mut()
+            .is_none_or(|rl| rl.admit_packet(client, now))
+    }
+
+    /// Whether `client` may open a session now under `rateLimit`'s new-session rate (taken
+    /// only once a session is about to open); the refusal is the caller's to count.
+    pub(super) fn admit_session(&mut self, client: IpAddr, now: Instant) -> bool {
+        self.rate_limiter
+            .as_mut()
+            .is_none_or(|rl| rl.admit_session(client, now))
+    }
+
+    /// What admission needs to know of listener `port` and this worker's state.
+    pub(super) fn context(&self, port: usize, listeners: &Listeners) -> AdmitContext {
+        let listener = listeners.get(port);
+        AdmitContext {
+            listener: listener.map_or(Role::TokenPort, |l| Role::from(l.kind())),
+            closed: self.draining || listener.is_none_or(|l| l.is_closing()),
+            default: self.default_for(port, None),
+        }
+    }
+
+    /// The default backend on `port` (its id, address there and PROXY protocol mode), unless
+    /// it is `except`.
+    pub(super) fn default_for(
+        &self,
+        port: usize,
+        except: Option<BackendId>,
+    ) -> Option<(BackendId, SocketAddr, ProxyMode)> {
+        self.default_backend
+            .as_ref()
+            .filter(|d| Some(d.id) != except)
+            .and_then(|d| Some((d.id, d.addr_for(port)?, d.proxy)))
+    }
+
+    /// Decides on the first bytes of a new client of listener `port`: a redeemable token (or
+    /// control packet) leads to its grant's backend, anything else to the listener's target,
+    /// the default backend, or nowhere.
+    pub(super) fn decide<'a>(
+        &mut self,
+        first: Classified<'a>,
+        port: usize,
+        client: IpAddr,
+        listeners: &Listeners,
+        out: &Outbox,
+        now: Instant,
+    ) -> admit::Admission<'a> {
+        let ctx = self.context(port, listeners);
+        admit(first, ctx, |token| {
+            self.find_grant(token, port, client, out, now)
+        })
+    }
+
+    /// Where a decision sends `client` of listener `port`; a route entry point picks the
+    /// endpoint now, with this worker's rotation. The reason when it goes nowhere (a refused
+    /// token is logged at trace).
+    pub(super) fn resolve(
+        decision: admit::Admission<'_>,
+        port: usize,
+        client: SocketAddr,
+        listeners: &mut Listeners,
+    ) -> Result<Admitted, DropReason> {
+        let admitted = |target, backend, kind, proxy| Admitted {
+            target,
+            backend,
+            kind,
+            grant: None,
+            proxy,
+            route: None,
+        };
+        Ok(match decision {
+            admit::Admission::Token { grant, target } => Admitted {
+                target,
+                backend: grant.backend.id,
+                kind: SessionKind::Token,
+                proxy: grant.backend.proxy,
+                grant: Some(grant),
+                route: None,
+            },
+            admit::Admission::Drop { reason, refused } => {
+                trace_refused(client, refused);
+                return Err(reason);
+            }
+            admit::Admission::Default {
+                backend,
+                target,
+                proxy,
+                refused,
+            } => {
+                trace_refused(client, refused);
+                admitted(target, backend, SessionKind::Default, proxy)
+            }
+            admit::Admission::Forward {
+                backend,
+                target,
+                proxy,
+            } => admitted(target, backend, SessionKind::Forwarder, proxy),
+            admit::Admission::Route => {
+                let (pick, table) = listeners
+                    .pick_route(port, client)
+                    .ok_or(DropReason::NoRoute)?;
+                Admitted {
+                    route: Some((pick, table)),
+                    ..admitted(
+                        pick.endpoint,
+                        BackendId(pick.key),
+                        SessionKind::Route,
+                        pick.proxy,
+                    )
+                }
+            }
+        })
+    }
+
+    /// Looks a token up (a UUID's published grant) or opens it (a sealed token) and checks it
+    /// is redeemable on `port` by `client`, without spending it; counts a rejection. A grant
+    /// published just before the client got its token may still sit in the grant channel, so
+    /// a miss drains that channel (and nothing else) once.
+    pub(super) fn find_grant(
+        &mut self,
+        token: Presented<'_>,
+        port: usize,
+        client: IpAddr,
+        out: &Outbox,
+        now: Instant,
+    ) -> Result<(Arc<Grant>, SocketAddr), TokenRejectReason> {
+        let grant = match token {
+            Presented::Uuid(id) => {
+                if !self.grants.contains_key(&id) {
+                    self.drain_grants();
+                }
+                self.grants
+                    .get(&id)
+                    .map(Arc::clone)
+                    .ok_or(TokenRejectReason::Unknown)
+            }
+            Presented::Sealed(text) => self.open_sealed(text, now),
+        };
+        let result = grant.and_then(|grant| {
+            let target = grant.check(port, client, now)?;
+            Ok((grant, target))
+        });
+        if let Err(reason) = result {
+            out.counters().reject(reason);
+        }
+        result
+    }
+
+    /// Opens a sealed token with this replica's keys into a grant whose redemptions go to the
+    /// replica's ledger. Without keys, no sealed token opens.
+    fn open_sealed(&self, text: &[u8], now: Instant) -> Result<Arc<Grant>, TokenRejectReason> {
+        let keys = self.token_keys.as_ref().ok_or(TokenRejectReason::Invalid)?;
+        let unix = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        match keys.open(text, unix) {
+            Ok(opened) => Ok(Arc::new(Grant::sealed(
+                opened.id,
+                opened.backend,
+                now + opened.remaining,
+                opened.client,
+                Arc::clone(&self.ledger),
+            ))),
+            Err(OpenError::Expired) => Err(TokenRejectReason::Expired),
+            Err(OpenError::Malformed | OpenError::Forged) => Err(TokenRejectReason::Invalid),
+        }
+    }
+}
