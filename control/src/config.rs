@@ -652,9 +652,10 @@ impl Config {
         dp.token_keys = self.token_secret.as_ref().map(|t| Arc::clone(&t.keys));
         // Every query and admin connection the control thread may hold at once, plus its own
         // (runtime, API client, files).
-        dp.control_fd_reserve = self.max_query_connections
-            + crate::admin::MAX_ADMIN_CONNECTIONS
-            + dataplane::io::fd_budget::CONTROL_RESERVE_BASE;
+        dp.control_fd_reserve = self
+            .max_query_connections
+            .saturating_add(crate::admin::MAX_ADMIN_CONNECTIONS)
+            .saturating_add(dataplane::io::fd_budget::CONTROL_RESERVE_BASE);
         dp
     }
 }

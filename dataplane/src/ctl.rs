@@ -340,7 +340,7 @@ impl Controller {
         let counters = Arc::new(ListenerCounters::new(self.links.len()));
         let (id, generation) = registry.insert(
             spec.transport,
-            addr.port(),
+            addr,
             spec.owner,
             Arc::clone(&counters),
             lease,
@@ -373,8 +373,20 @@ impl Controller {
     /// opened: `target` is on this host and one of our listeners holds its port. A forwarder
     /// or route aimed there would proxy to itself without end, so it is refused.
     pub fn own_listener_at(&self, target: SocketAddr, transport: Transport) -> Option<String> {
-        let holder = self.registry.lock().holder(transport, target.port())?;
-        self.is_local_address(target.ip()).then_some(holder)
+        let (holder, bound) = self
+            .registry
+            .lock()
+            .holder_bound(transport, target.port())?;
+        // A listener bound to one address is reached only there (or, for a loopback one, on
+        // any loopback address); a wildcard one on every address of the host.
+        let target_ip = target.ip().to_canonical();
+        let bound_ip = bound.to_canonical();
+        let reached = if bound_ip.is_unspecified() {
+            self.is_local_address(target_ip)
+        } else {
+            target_ip == bound_ip || (target_ip.is_loopback() && bound_ip.is_loopback())
+        };
+        reached.then_some(holder)
     }
 
     /// Whether traffic to `ip` stays on this host (loopback, a wildcard, or an address of one
@@ -620,5 +632,40 @@ mod tests {
         }
         assert_eq!(rx.len(), 3 * GRANT_CHANNEL_CAPACITY);
         assert_eq!(grant_rx.len(), GRANT_CHANNEL_CAPACITY);
+    }
+
+    #[test]
+    fn a_target_is_our_own_listener_only_where_that_listener_is_reached() {
+        let (controller, _grants, _rx, _poll) = stalled_controller();
+        let spec = |bind: &str| ListenerSpec {
+            owner: "forwarder games/fw".into(),
+            bind: bind.parse().unwrap(),
+            transport: Transport::Udp,
+            kind: ListenerKind::TokenPort,
+            idle_timeout: Duration::from_secs(30),
+        };
+        let lo = controller.open_listener(spec("127.0.0.1:0")).unwrap().addr;
+        let at = |ip: &str, port: u16| {
+            controller.own_listener_at(SocketAddr::new(ip.parse().unwrap(), port), Transport::Udp)
+        };
+        assert_eq!(
+            at("127.0.0.1", lo.port()).as_deref(),
+            Some("forwarder games/fw")
+        );
+        assert!(at("127.0.0.2", lo.port()).is_some(), "any loopback address");
+        assert!(at("192.0.2.1", lo.port()).is_none(), "not this host");
+        assert!(
+            at("127.0.0.1", lo.port().wrapping_add(1)).is_none(),
+            "not our port"
+        );
+        assert!(
+            controller.own_listener_at(lo, Transport::Tcp).is_none(),
+            "not our protocol"
+        );
+        // A wildcard listener is reached on every address of the host.
+        let any = controller.open_listener(spec("0.0.0.0:0")).unwrap().addr;
+        assert!(at("127.0.0.1", any.port()).is_some());
+        assert!(at("0.0.0.0", any.port()).is_some());
+        assert!(at("192.0.2.1", any.port()).is_none());
     }
 }

@@ -124,6 +124,8 @@ pub(crate) struct PortRegistry {
 struct Entry {
     transport: Transport,
     port: u16,
+    /// The address its sockets are bound to.
+    ip: std::net::IpAddr,
     owner: String,
     generation: u64,
     /// A close was asked; the port stays held until every worker has let go of it.
@@ -136,13 +138,23 @@ struct Entry {
 impl PortRegistry {
     /// The owner holding (transport, port), if any (a closing listener still holds it).
     pub(crate) fn holder(&self, transport: Transport, port: u16) -> Option<String> {
+        self.holder_bound(transport, port).map(|(holder, _)| holder)
+    }
+
+    /// The owner holding (transport, port), and the address it is bound to.
+    pub(crate) fn holder_bound(
+        &self,
+        transport: Transport,
+        port: u16,
+    ) -> Option<(String, std::net::IpAddr)> {
         let id = *self.by_port.get(&(transport, port))?;
         let e = self.open.get(usize::from(id))?.as_ref()?;
-        Some(if e.closing {
+        let holder = if e.closing {
             format!("{} (closing)", e.owner)
         } else {
             e.owner.clone()
-        })
+        };
+        Some((holder, e.ip))
     }
 
     /// Checks `spec` can be opened: its port is not held by another listener.
@@ -162,11 +174,12 @@ impl PortRegistry {
     pub(crate) fn insert(
         &mut self,
         transport: Transport,
-        port: u16,
+        bound: SocketAddr,
         owner: String,
         counters: std::sync::Arc<crate::metrics::ListenerCounters>,
         lease: crate::io::fd_budget::FdLease,
     ) -> Result<(ListenerId, u64), ListenError> {
+        let port = bound.port();
         let slot = match self.free.pop() {
             Some(std::cmp::Reverse(slot)) => usize::from(slot),
             None if self.open.len() < MAX_LISTENERS => {
@@ -182,6 +195,7 @@ impl PortRegistry {
         self.open[slot] = Some(Entry {
             transport,
             port,
+            ip: bound.ip(),
             owner,
             generation: self.next_generation,
             closing: false,
@@ -251,6 +265,10 @@ mod tests {
         std::sync::Arc::new(crate::metrics::ListenerCounters::new(1))
     }
 
+    fn at(port: u16) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], port))
+    }
+
     fn lease() -> crate::io::fd_budget::FdLease {
         crate::io::fd_budget::FdBudget::with_limit(0, Box::new(|| 100))
             .try_take(1)
@@ -274,7 +292,7 @@ mod tests {
         let (a, generation) = r
             .insert(
                 Transport::Udp,
-                7777,
+                at(7777),
                 "data port game".into(),
                 counters(),
                 lease(),
@@ -283,7 +301,7 @@ mod tests {
         let (b, _) = r
             .insert(
                 Transport::Udp,
-                7778,
+                at(7778),
                 "data port voice".into(),
                 counters(),
                 lease(),
@@ -299,7 +317,7 @@ mod tests {
         r.finish_close(a, generation);
         r.check(&spec(7777)).unwrap();
         let (again, new_generation) = r
-            .insert(Transport::Udp, 7777, "x".into(), counters(), lease())
+            .insert(Transport::Udp, at(7777), "x".into(), counters(), lease())
             .unwrap();
         assert_eq!(again, ListenerId(0), "the lowest free id");
         // A late finish, or a stale close, of the old listener leaves the new one alone.

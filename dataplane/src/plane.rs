@@ -28,12 +28,25 @@ const MAX_DATA_PORTS: usize = 64;
 fn descriptor_budget(config: &DataPlaneConfig) -> Arc<FdBudget> {
     let limit = raise_nofile_limit();
     let open = open_descriptors().unwrap_or(0);
-    let budget = FdBudget::for_process(open + config.control_fd_reserve);
+    let workers = config.workers.get();
+    // What is open now, each worker's poll and waker (made after this count), and what control
+    // may still need; at most half the limit, so a low limit still leaves the data plane room.
+    let wanted = open
+        .saturating_add(2 * workers)
+        .saturating_add(config.control_fd_reserve);
+    let reserve = wanted.min(limit / 2);
+    if reserve < wanted {
+        log::warn!(
+            "descriptors: the open-file limit ({limit}) is low: the control thread keeps \
+             {reserve} of the {wanted} its caps (maxQueryConnections and the admin server's) \
+             could use; raise the limit"
+        );
+    }
+    let budget = FdBudget::for_process(reserve);
     let allowed = budget.allowed();
     // A UDP session takes a descriptor only when its backend already has a session on every
     // shared upstream socket of its worker (so 100,000 sessions over 1,000 backends need about
     // 100 per worker); a TCP connection takes two.
-    let workers = config.workers.get();
     let tight = allowed < config.max_sessions.min(1 << 20);
     let how = if tight {
         log::Level::Warn

@@ -6,7 +6,7 @@
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
@@ -80,10 +80,11 @@ pub(crate) fn interface_addresses() -> io::Result<Vec<IpAddr>> {
     Ok(addrs)
 }
 
-/// The local ports our shared upstream sockets are bound to, counted (an IPv4 and an IPv6
-/// socket may share a number), shared by every worker.
+/// The local ports our shared upstream sockets are bound to, per address family (each socket
+/// has a port of its own in its family), shared by every worker.
 pub(crate) struct OwnPorts {
-    udp: Box<[AtomicU8]>,
+    /// IPv4 and IPv6, indexed by port.
+    held: [Box<[AtomicBool]>; 2],
 }
 
 impl std::fmt::Debug for OwnPorts {
@@ -94,33 +95,33 @@ impl std::fmt::Debug for OwnPorts {
 
 impl Default for OwnPorts {
     fn default() -> Self {
+        let table = || (0..=u16::MAX).map(|_| AtomicBool::new(false)).collect();
         Self {
-            udp: (0..=u16::MAX).map(|_| AtomicU8::new(0)).collect(),
+            held: [table(), table()],
         }
     }
 }
 
 impl OwnPorts {
-    /// An upstream socket was bound to `port`.
-    pub(crate) fn add(&self, port: u16) {
-        self.udp[usize::from(port)].fetch_add(1, Ordering::Relaxed);
+    /// An upstream socket of the family (`ipv6`) was bound to `port`.
+    pub(crate) fn add(&self, ipv6: bool, port: u16) {
+        self.held[usize::from(ipv6)][usize::from(port)].store(true, Ordering::Relaxed);
     }
 
-    /// The upstream socket bound to `port` was closed.
-    pub(crate) fn remove(&self, port: u16) {
-        let _ =
-            self.udp[usize::from(port)]
-                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+    /// The upstream socket of the family bound to `port` was closed.
+    pub(crate) fn remove(&self, ipv6: bool, port: u16) {
+        self.held[usize::from(ipv6)][usize::from(port)].store(false, Ordering::Relaxed);
     }
 
     /// Whether a datagram from `from_ip:from_port`, sent to our address `to`, came from one
-    /// of our own upstream sockets: from a port one of them holds, and from this host (the
-    /// kernel gives a datagram to a local address the source address it was sent to, or
-    /// loopback's).
+    /// of our own upstream sockets: from a port one of them holds in that family, and from this
+    /// host (the kernel gives a datagram to a local address the source address it was sent
+    /// to, or loopback's).
     #[inline]
     pub(crate) fn is_own(&self, from_ip: IpAddr, from_port: u16, to: IpAddr) -> bool {
-        self.udp[usize::from(from_port)].load(Ordering::Relaxed) > 0
-            && (from_ip.to_canonical() == to.to_canonical() || from_ip.is_loopback())
+        let from_ip = from_ip.to_canonical();
+        self.held[usize::from(from_ip.is_ipv6())][usize::from(from_port)].load(Ordering::Relaxed)
+            && (from_ip == to.to_canonical() || from_ip.is_loopback())
     }
 }
 
@@ -148,12 +149,16 @@ mod tests {
     fn a_datagram_from_our_own_upstream_port_on_this_host_is_ours() {
         let own = OwnPorts::default();
         let lo: IpAddr = "127.0.0.1".parse().unwrap();
+        let lo6: IpAddr = "::1".parse().unwrap();
         let node: IpAddr = "10.0.0.5".parse().unwrap();
         let player: IpAddr = "198.51.100.9".parse().unwrap();
         assert!(!own.is_own(lo, 40000, lo));
-        own.add(40000);
-        own.add(40000);
+        own.add(false, 40000);
         assert!(own.is_own(lo, 40000, lo));
+        assert!(
+            own.is_own("::ffff:127.0.0.1".parse().unwrap(), 40000, lo6),
+            "an IPv4 source on a dual-stack listener"
+        );
         assert!(
             own.is_own(node, 40000, node),
             "sent to the node's own address"
@@ -162,13 +167,17 @@ mod tests {
             !own.is_own(player, 40000, node),
             "a player that happens to use the same port is not us"
         );
-        own.remove(40000);
         assert!(
-            own.is_own(lo, 40000, lo),
+            !own.is_own(lo6, 40000, lo6),
+            "an IPv6 client on a port only our IPv4 socket holds is not us"
+        );
+        own.add(true, 40000);
+        assert!(own.is_own(lo6, 40000, lo6));
+        own.remove(false, 40000);
+        assert!(!own.is_own(lo, 40000, lo));
+        assert!(
+            own.is_own(lo6, 40000, lo6),
             "the other family's socket still holds it"
         );
-        own.remove(40000);
-        own.remove(40000);
-        assert!(!own.is_own(lo, 40000, lo));
     }
 }

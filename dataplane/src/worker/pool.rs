@@ -140,7 +140,7 @@ impl UpstreamPool {
                 )
                 .map_err(PlaceError::Open)?;
             let port = socket.local_addr().map_or(0, |a| a.port());
-            own_ports.add(port);
+            own_ports.add(ipv6, port);
             sockets.push(PoolSocket {
                 socket,
                 peers: AHashMap::new(),
@@ -197,7 +197,7 @@ impl UpstreamPool {
             {
                 if let Some(mut last) = sockets.pop() {
                     let _ = registry.deregister(&mut last.socket);
-                    self.own_ports.remove(last.port);
+                    self.own_ports.remove(ipv6, last.port);
                 }
             }
             if sockets.len() < before {
@@ -250,8 +250,10 @@ impl UpstreamPool {
 
 impl Drop for UpstreamPool {
     fn drop(&mut self) {
-        for socket in self.v4.iter().chain(&self.v6) {
-            self.own_ports.remove(socket.port);
+        for (ipv6, sockets) in [(false, &self.v4), (true, &self.v6)] {
+            for socket in sockets {
+                self.own_ports.remove(ipv6, socket.port);
+            }
         }
     }
 }
