@@ -11,7 +11,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use ahash::AHashMap;
 use crossbeam_channel::Receiver;
@@ -25,10 +25,11 @@ use crate::policy::proxy_protocol::ProxyMode;
 use crate::policy::ratelimit::RateLimiter;
 use crate::policy::route::{Pick, RouteTable};
 use crate::policy::seal::{KeyRing, OpenError};
-use crate::policy::session::SessionKind;
+use crate::policy::session::{SessionKey, SessionKind};
 
 use super::Outbox;
 use super::listeners::Listeners;
+use super::sessions::NewSession;
 
 /// Where an admitted client goes: one answer for every listener role and transport.
 #[derive(Debug)]
@@ -46,9 +47,23 @@ pub(super) struct Admitted {
 }
 
 impl Admitted {
-    /// The session's idle timeout when not its listener's (a route rule's own).
-    pub(super) fn idle_timeout(&self) -> Option<Duration> {
-        self.route.as_ref().map(|(pick, _)| pick.idle_timeout)
+    /// The session it opens for `key`: replies go to `reply_to` (from `local`, the address the
+    /// client sent to, on a wildcard UDP listener).
+    pub(super) fn session(
+        &self,
+        key: SessionKey,
+        reply_to: SocketAddr,
+        local: Option<IpAddr>,
+    ) -> NewSession {
+        NewSession {
+            key,
+            reply_to,
+            target: self.target,
+            backend: self.backend,
+            kind: self.kind,
+            idle_timeout: self.route.as_ref().map(|(pick, _)| pick.idle_timeout),
+            local,
+        }
     }
 
     /// The session exists: a route session counts on its Service.

@@ -1,5 +1,6 @@
-//! A worker's control side: grants, state messages from control, listeners opened and closed,
-//! the admin API's session list and kills, and backends that leave the inventory.
+//! A worker's control side: the state messages from control (listeners opened, changed and
+//! closed, live settings, the default backend, drain and shutdown), the admin API's session
+//! list and kills, and backends that leave the inventory.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -8,7 +9,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::TryRecvError;
 
 use crate::config::LiveSettings;
-use crate::ctl::{ClientMatch, CloseReason, Closing, ControlMsg, SessionInfo, WorkerEvent};
+use crate::ctl::{ClientMatch, CloseReason, Closing, ControlMsg, WorkerEvent};
 use crate::listener::{CloseMode, ListenerId, ListenerKind, Transport};
 use crate::metrics::DropReason;
 use crate::policy::grant::BackendId;
@@ -59,7 +60,7 @@ impl Worker {
             ControlMsg::Reconfigure(live) => self.reconfigure(&live, now),
             ControlMsg::SetDefault(backend) => self.admission.set_default(backend),
             ControlMsg::RemoveBackend(backend) => self.remove_backend(backend, now),
-            ControlMsg::ListSessions(reply) => reply(self.list_sessions(now)),
+            ControlMsg::ListSessions(reply) => reply(self.sessions.list(self.out.id(), now)),
             ControlMsg::KillSessions(client, reply) => reply(self.kill_sessions(client)),
             ControlMsg::Drain => self.admission.drain(),
             ControlMsg::Shutdown => self.shutting_down = true,
@@ -74,21 +75,8 @@ impl Worker {
         self.pending_tcp.set_token_timeout(live.tcp_token_timeout);
         self.admission.reconfigure(live, now);
         let changed = self.listeners.set_token_port_timeout(live.session_timeout);
-        if changed.is_empty() {
-            return;
-        }
-        let ids: Vec<SessionId> = self
-            .sessions
-            .iter()
-            .filter(|(_, s)| {
-                changed
-                    .iter()
-                    .any(|&(port, old)| usize::from(s.key.port) == port && s.idle_timeout == old)
-            })
-            .map(|(id, _)| id)
-            .collect();
-        for id in ids {
-            self.sessions.set_idle_timeout(id, live.session_timeout);
+        if !changed.is_empty() {
+            self.sessions.retime(&changed, live.session_timeout);
         }
     }
 
@@ -107,19 +95,7 @@ impl Worker {
         };
         // This listener's sessions only: a change to one listener costs what it has, however
         // many sessions the others hold.
-        let on_this_port = |sessions: &crate::policy::session::SessionTable<super::Upstream>,
-                            udp_only: bool| {
-            let mut ids = sessions.on_listener(index as u16);
-            if udp_only {
-                ids.retain(|&id| {
-                    sessions
-                        .get(id)
-                        .is_some_and(|s| s.upstream.transport() == Transport::Udp)
-                });
-            }
-            ids
-        };
-        let (target, backend, proxy) = match (old, kind) {
+        let to = match (old, kind) {
             (ListenerKind::TokenPort, ListenerKind::TokenPort) => return,
             (
                 ListenerKind::Forward {
@@ -136,7 +112,7 @@ impl Worker {
                 if was_backend != backend {
                     // Same target, new identity: the sessions stay and carry the new id
                     // (control is not told: it counts no forwarder sessions).
-                    for id in on_this_port(&self.sessions, false) {
+                    for id in self.sessions.on_listener(index, false) {
                         if let Some(s) = self.sessions.get_mut(id) {
                             s.backend = backend;
                         }
@@ -153,7 +129,7 @@ impl Worker {
                     backend,
                     proxy,
                 },
-            ) => (target, backend, proxy),
+            ) => (backend, target, proxy),
             (ListenerKind::Route { .. }, ListenerKind::Route { table }) => {
                 self.rehome_route_sessions(index, &table, now);
                 return;
@@ -161,36 +137,34 @@ impl Worker {
             // A token port turned forwarder or back: its sessions were admitted under rules
             // that no longer hold, so they end (the listener itself stays open).
             _ => {
-                for id in on_this_port(&self.sessions, false) {
+                for id in self.sessions.on_listener(index, false) {
                     self.close_session(id, CloseReason::ListenerClosed);
                 }
                 return;
             }
         };
-        for id in on_this_port(&self.sessions, true) {
-            let path = self.sessions.get_mut(id).map(|s| (s.key.client, s.local));
-            let moved = self
-                .open_upstream(target, id, now)
-                .ok()
-                .and_then(|mut upstream| {
-                    let (client, local) = path?;
-                    upstream.proxy = self.udp_proxy(proxy, client, index, local);
-                    self.retarget(id, backend, target, upstream, SessionKind::Forwarder, now)
-                });
-            match moved {
-                // Control counts no forwarder sessions, so the move is not reported.
-                Some(_) => {}
-                None => {
-                    if let Some(note) = self.out.warn(now) {
-                        log::warn!(
-                            "worker {}: a forwarder session cannot move to {target}; ended{note}",
-                            self.out.id()
-                        );
-                    }
-                    self.out.counters().drop(DropReason::UpstreamSetup, 1);
-                    self.listeners.count(index, DropReason::UpstreamSetup);
-                    self.close_session(id, CloseReason::BackendRemoved);
+        for id in self.sessions.on_listener(index, true) {
+            let moved = self.sessions.move_to(
+                id,
+                to,
+                SessionKind::Forwarder,
+                &self.listeners,
+                self.poll.registry(),
+                &self.out,
+                now,
+            );
+            // Control counts no forwarder sessions, so a move is not reported.
+            if moved.is_none() {
+                if let Some(note) = self.out.warn(now) {
+                    log::warn!(
+                        "worker {}: a forwarder session cannot move to {}; ended{note}",
+                        self.out.id(),
+                        to.1
+                    );
                 }
+                self.out.counters().drop(DropReason::UpstreamSetup, 1);
+                self.listeners.count(index, DropReason::UpstreamSetup);
+                self.close_session(id, CloseReason::BackendRemoved);
             }
         }
     }
@@ -202,44 +176,33 @@ impl Worker {
     fn rehome_route_sessions(&mut self, index: usize, table: &RouteTable, now: Instant) {
         // Once per swap, so each of the listener's sessions is checked in O(1).
         let served = table.served();
-        let stranded: Vec<(SessionId, u64, SocketAddr, Option<std::net::IpAddr>)> = self
+        let stranded: Vec<(SessionId, u64, SocketAddr)> = self
             .sessions
-            .on_listener(index as u16)
+            .on_listener(index, true)
             .into_iter()
             .filter_map(|id| Some((id, self.sessions.get(id)?)))
-            .filter(|(_, s)| {
-                s.upstream.transport() == Transport::Udp
-                    && !served.contains(&(s.backend.0, s.target))
-            })
-            .map(|(id, s)| (id, s.backend.0, s.key.client, s.local))
+            .filter(|(_, s)| !served.contains(&(s.backend.0, s.target)))
+            .map(|(id, s)| (id, s.backend.0, s.key.client))
             .collect();
-        for (id, key, client, local) in stranded {
+        for (id, key, client) in stranded {
             let Some(pick) = self.listeners.rehome(index, table, key, client) else {
                 self.out.counters().drop(DropReason::NoRoute, 1);
                 self.listeners.count(index, DropReason::NoRoute);
                 self.close_session(id, CloseReason::BackendRemoved);
                 continue;
             };
-            let moved = self
-                .open_upstream(pick.endpoint, id, now)
-                .ok()
-                .and_then(|mut upstream| {
-                    upstream.proxy = self.udp_proxy(pick.proxy, client, index, local);
-                    self.retarget(
-                        id,
-                        BackendId(pick.key),
-                        pick.endpoint,
-                        upstream,
-                        SessionKind::Route,
-                        now,
-                    )
-                });
+            let moved = self.sessions.move_to(
+                id,
+                (BackendId(pick.key), pick.endpoint, pick.proxy),
+                SessionKind::Route,
+                &self.listeners,
+                self.poll.registry(),
+                &self.out,
+                now,
+            );
             if moved.is_some() {
-                // The rule that took it may be another one, with its own idle timeout (a
-                // shorter one takes effect at the deadline already scheduled).
-                if let Some(s) = self.sessions.get_mut(id) {
-                    s.idle_timeout = pick.idle_timeout;
-                }
+                // The rule that took it may be another one, with its own idle timeout.
+                self.sessions.set_idle_timeout(id, pick.idle_timeout);
                 let rule = &table.rules[pick.rule];
                 rule.rehomed.inc();
                 rule.backends[pick.backend].sessions.inc();
@@ -252,12 +215,9 @@ impl Worker {
         }
     }
 
-    pub(super) fn close_listener(
-        &mut self,
-        id: ListenerId,
-        mode: CloseMode,
-        closing: Arc<Closing>,
-    ) {
+    /// Closes listener `id` in this worker: its waiting connections now, its sessions now
+    /// (`End`) or as they end (`Drain`).
+    fn close_listener(&mut self, id: ListenerId, mode: CloseMode, closing: Arc<Closing>) {
         let index = usize::from(id.0);
         if self.listeners.get(index).is_some() {
             // Connections still waiting for their token would be refused now anyway; closed
@@ -266,13 +226,10 @@ impl Worker {
             self.close_pending_on(index);
             if mode == CloseMode::End {
                 // Ended here and now, whatever the other workers do.
-                let doomed: Vec<SessionId> = self
+                for session in self
                     .sessions
-                    .iter()
-                    .filter(|(_, s)| usize::from(s.key.port) == index)
-                    .map(|(id, _)| id)
-                    .collect();
-                for session in doomed {
+                    .ids_where(|s| usize::from(s.key.port) == index)
+                {
                     self.close_session(session, CloseReason::ListenerClosed);
                 }
             }
@@ -281,31 +238,9 @@ impl Worker {
             .close(self.poll.registry(), index, mode, closing);
     }
 
-    pub(super) fn list_sessions(&self, now: Instant) -> Vec<SessionInfo> {
-        self.sessions
-            .iter()
-            .map(|(_, s)| SessionInfo {
-                worker: self.out.id(),
-                client: s.key.client,
-                data_port: usize::from(s.key.port),
-                protocol: s.upstream.transport(),
-                target: s.target,
-                backend: s.backend,
-                kind: s.kind,
-                age: now.saturating_duration_since(s.created),
-                idle: now.saturating_duration_since(s.last_active),
-                stats: s.stats,
-            })
-            .collect()
-    }
-
-    pub(super) fn kill_sessions(&mut self, client: ClientMatch) -> usize {
-        let doomed: Vec<SessionId> = self
-            .sessions
-            .iter()
-            .filter(|(_, s)| client.matches(s.key.client))
-            .map(|(id, _)| id)
-            .collect();
+    /// Ends the sessions of the clients `client` matches; returns how many.
+    fn kill_sessions(&mut self, client: ClientMatch) -> usize {
+        let doomed = self.sessions.ids_where(|s| client.matches(s.key.client));
         for &id in &doomed {
             self.close_session(id, CloseReason::Killed);
         }
@@ -314,51 +249,46 @@ impl Worker {
 
     /// Token sessions to `backend` end; default sessions move to the current default backend
     /// when it serves their port, and end otherwise.
-    pub(super) fn remove_backend(&mut self, backend: BackendId, now: Instant) {
-        type Affected = (
-            SessionId,
-            SessionKind,
-            crate::policy::session::SessionKey,
-            Option<std::net::IpAddr>,
-            Transport,
-        );
-        let affected: Vec<Affected> = self
+    fn remove_backend(&mut self, backend: BackendId, now: Instant) {
+        let affected: Vec<(SessionId, SessionKind, u16, Transport)> = self
             .sessions
-            .iter()
-            .filter(|(_, s)| s.backend == backend)
-            .map(|(id, s)| (id, s.kind, s.key, s.local, s.upstream.transport()))
+            .ids_where(|s| s.backend == backend)
+            .into_iter()
+            .filter_map(|id| {
+                let s = self.sessions.get(id)?;
+                Some((id, s.kind, s.key.port, s.upstream.transport()))
+            })
             .collect();
-        for (id, kind, key, local, transport) in affected {
-            let port = key.port;
+        for (id, kind, port, transport) in affected {
             if transport == Transport::Tcp {
                 // A stream cannot move to another backend mid-way.
                 self.close_session(id, CloseReason::BackendRemoved);
                 continue;
             }
             let new_default = self.admission.default_for(usize::from(port), Some(backend));
-            match (kind, new_default) {
-                (SessionKind::Default, Some((to, addr, proxy))) => {
-                    let moved = self
-                        .open_upstream(addr, id, now)
-                        .ok()
-                        .and_then(|mut upstream| {
-                            // The new backend gets the header its mapping asks for.
-                            upstream.proxy =
-                                self.udp_proxy(proxy, key.client, usize::from(port), local);
-                            self.retarget(id, to, addr, upstream, SessionKind::Default, now)
-                        });
-                    match moved {
-                        Some(from) => {
-                            self.out.send(WorkerEvent::SessionMoved {
-                                from,
-                                to,
-                                token: None,
-                            });
-                        }
-                        None => self.close_session(id, CloseReason::BackendRemoved),
-                    }
-                }
-                _ => self.close_session(id, CloseReason::BackendRemoved),
+            let moved = match (kind, new_default) {
+                // The new backend gets the header its mapping asks for.
+                (SessionKind::Default, Some(to)) => self
+                    .sessions
+                    .move_to(
+                        id,
+                        to,
+                        SessionKind::Default,
+                        &self.listeners,
+                        self.poll.registry(),
+                        &self.out,
+                        now,
+                    )
+                    .map(|from| (from, to.0)),
+                _ => None,
+            };
+            match moved {
+                Some((from, to)) => self.out.send(WorkerEvent::SessionMoved {
+                    from,
+                    to,
+                    token: None,
+                }),
+                None => self.close_session(id, CloseReason::BackendRemoved),
             }
         }
     }

@@ -2,9 +2,9 @@
 //! sessions. It handles control messages, client datagrams and connections, backend replies
 //! and idle expiry, and never blocks on anything but `epoll_wait`. This file holds the loop and
 //! the per-datagram paths; `listeners.rs` this worker's listeners, `admission.rs` what admits
-//! a new client (grants, keys, default backend, rate limits), `control.rs` the control side
-//! (state messages, listener changes, admin requests), `setup.rs` session setup and moves,
-//! and `tcp.rs` TCP connections.
+//! a new client (grants, keys, default backend, rate limits), `sessions.rs` the session table
+//! and upstream sockets, `control.rs` the control side (state messages, listener changes,
+//! admin requests), `setup.rs` UDP session setup and moves, and `tcp.rs` TCP connections.
 //!
 //! Per datagram the worker does one session lookup and one syscall (`send` upstream, or a share of
 //! a `recvmmsg`/`sendmmsg` batch); everything else (socket setup, address encoding, counting
@@ -26,27 +26,27 @@ use crate::error::WorkerError;
 use crate::io::batch::{BATCH, Header, RecvBatch, ReplyBatch, UpstreamBatch, max_payload};
 use crate::io::fd_budget::FdBudget;
 use crate::io::own_addrs::OwnPorts;
-use crate::io::splice::Splice;
-use crate::listener::{ListenerKind, MAX_LISTENERS, Transport};
+use crate::listener::{ListenerKind, MAX_LISTENERS};
 use crate::liveness::{BEAT_INTERVAL, Heartbeat};
 use crate::metrics::{DropReason, WorkerCounters};
 use crate::policy::grant::{Grant, NonceLedger};
 use crate::policy::limits::SessionLimits;
 use crate::policy::proxy_protocol::{HeaderTransport, ProxyHeader, ProxyMode};
-use crate::policy::ratelimit::ControlBudget;
-use crate::policy::session::{Session, SessionId, SessionKey, SessionKind, SessionTable};
+use crate::policy::session::{SessionId, SessionKey, SessionKind};
 use crate::warn_gate::WarnGate;
 
 mod admission;
 mod control;
 mod listeners;
 mod pool;
+mod sessions;
 mod setup;
 mod tcp;
 
 use admission::Admission;
 use listeners::{ListenerIo, Listeners};
-use pool::{PoolRef, UpstreamPool};
+use pool::PoolRef;
+use sessions::{Sessions, Upstream};
 
 const WAKER: Token = Token(0);
 /// Listener `id` is `Token(FIRST_LISTENER + id)`; sessions come after every possible listener.
@@ -61,12 +61,9 @@ const FIRST_POOL: usize = usize::MAX / 4 + 1;
 const FIRST_PENDING: usize = usize::MAX / 2 + 1;
 /// Batches read from one socket per readiness event before other sockets get a turn.
 const IO_LOOP_BOUND: usize = 16;
-/// How often spent grants are dropped from the worker's table.
-const GRANT_SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+/// How often spent grants are dropped and the upstream sockets of a passed peak closed.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 const EVENTS_CAPACITY: usize = 1024;
-/// Idle timeout of a session whose listener is gone (cannot happen: a listener outlives its
-/// sessions); short, so such a session would not linger.
-const ORPHAN_IDLE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// The token of this worker's socket of listener `index`.
 fn listener_token(index: usize) -> Token {
@@ -83,34 +80,6 @@ fn client_token(slot: usize) -> Token {
     Token(FIRST_SESSION + 2 * slot + 1)
 }
 
-/// A session's way to its backend.
-// The UDP variant is the one every datagram reads, so it stays inline in the session (boxing
-// it would add a pointer chase per datagram); the rarer TCP one is boxed.
-#[allow(clippy::large_enum_variant)]
-#[derive(Debug)]
-pub(crate) enum Upstream {
-    /// A UDP session: its place on a shared upstream socket, and its backend's address
-    /// encoded once for `sendmmsg`. Replies go out of the listener's socket.
-    Udp(UdpUpstream),
-    /// A TCP session: the client's connection spliced to the backend connection.
-    Tcp(Box<Splice>),
-}
-
-/// A UDP session's upstream side: its place (socket, backend address) on the pool.
-#[derive(Debug)]
-pub(crate) struct UdpUpstream {
-    pool: PoolRef,
-    /// The backend address as the pool knows it (`crate::policy::upstream::peer_key`).
-    key: SocketAddr,
-    /// The session the place was taken for.
-    session: SessionId,
-    dest: socket2::SockAddr,
-    /// PROXY protocol v2 header for this path to the backend, when its `proxyProtocol` asks.
-    proxy: Option<Box<ProxyState>>,
-    /// The control packets this session may still send.
-    control: ControlBudget,
-}
-
 /// A UDP session's PROXY protocol header, built once when the session (or its move to another
 /// backend) starts.
 ///
@@ -120,7 +89,7 @@ pub(crate) struct UdpUpstream {
 /// (pending again, for the next datagram). So a backend never sees the session's traffic
 /// without the header first, and a lost first datagram does not hide the client's address.
 #[derive(Debug)]
-pub(crate) struct ProxyState {
+pub(super) struct ProxyState {
     header: ProxyHeader,
     /// `v2`: every datagram; `v2-first`: one, until it has left.
     every: bool,
@@ -164,13 +133,27 @@ impl ProxyState {
     }
 }
 
-impl Upstream {
-    fn transport(&self) -> Transport {
-        match self {
-            Self::Udp(_) => Transport::Udp,
-            Self::Tcp(_) => Transport::Tcp,
-        }
+/// A UDP path's header state under `mode` on listener `port`: the header built now, once,
+/// with the address the client sent to (`local`, from packet info) or else the listener's, as
+/// destination.
+fn udp_proxy(
+    listeners: &Listeners,
+    mode: ProxyMode,
+    client: SocketAddr,
+    port: usize,
+    local: Option<std::net::IpAddr>,
+) -> Option<Box<ProxyState>> {
+    if mode == ProxyMode::None {
+        return None;
     }
+    let proxy = listeners.proxy_address(port, local)?;
+    let header = ProxyHeader::new(HeaderTransport::Dgram, client, proxy);
+    Some(Box::new(ProxyState {
+        header,
+        every: mode == ProxyMode::V2,
+        pending: true,
+        queued: None,
+    }))
 }
 
 /// Where a client datagram came in: its slot in the receive batch, and the proxy address it
@@ -245,7 +228,6 @@ pub(crate) struct Worker {
     control: Receiver<ControlMsg>,
     out: Outbox,
     admission: Admission,
-    limits: Arc<SessionLimits>,
     listeners: Listeners,
     /// Client datagrams read from a listener. Taken out while a batch is processed, so
     /// handlers can borrow the rest of `self`.
@@ -259,11 +241,7 @@ pub(crate) struct Worker {
     reply_batch: Box<ReplyBatch>,
     /// (entry, session) of the `v2-first` headers queued in `upstream_batch`.
     queued_headers: Vec<(usize, SessionId)>,
-    /// The shared upstream sockets of UDP sessions.
-    pool: UpstreamPool,
-    sessions: SessionTable<Upstream>,
-    /// TCP sessions among `sessions`, for the per-protocol gauge.
-    tcp_sessions: usize,
+    sessions: Sessions,
     /// TCP connections accepted and still waiting for their first bytes.
     pending_tcp: tcp::PendingConnections,
     tcp_connect_timeout: Duration,
@@ -278,8 +256,7 @@ pub(crate) struct Worker {
     pending_ports: Vec<usize>,
     pending_sessions: Vec<SessionId>,
     pending_pools: Vec<PoolRef>,
-    expired: Vec<Session<Upstream>>,
-    next_grant_sweep: Instant,
+    next_sweep: Instant,
 }
 
 impl std::fmt::Debug for Worker {
@@ -307,21 +284,19 @@ impl Worker {
                 warn_gate: WarnGate::new(),
             },
             admission: Admission::new(setup.grants, setup.config, setup.ledger, now),
-            limits: setup.limits,
             listeners: Listeners::new(setup.id),
             rx: Some(Box::new(RecvBatch::new())),
             reply_rx: Some(Box::new(RecvBatch::new())),
             upstream_batch: Box::new(UpstreamBatch::new()),
             reply_batch: Box::new(ReplyBatch::new()),
             queued_headers: Vec::with_capacity(BATCH),
-            pool: UpstreamPool::new(
+            sessions: Sessions::new(
+                setup.config,
+                setup.limits,
                 Arc::clone(&setup.budget),
                 Arc::clone(&setup.own_ports),
-                setup.config.recv_buffer_bytes,
-                setup.config.send_buffer_bytes,
+                now,
             ),
-            sessions: SessionTable::new(now),
-            tcp_sessions: 0,
             pending_tcp: tcp::PendingConnections::new(setup.config.tcp_token_timeout),
             tcp_connect_timeout: setup.config.tcp_connect_timeout,
             batch_io: setup.config.batch_io,
@@ -332,8 +307,7 @@ impl Worker {
             pending_ports: Vec::new(),
             pending_sessions: Vec::new(),
             pending_pools: Vec::new(),
-            expired: Vec::new(),
-            next_grant_sweep: now + GRANT_SWEEP_INTERVAL,
+            next_sweep: now + SWEEP_INTERVAL,
         };
         Ok((worker, waker))
     }
@@ -396,7 +370,7 @@ impl Worker {
             }
             self.expire_idle(now);
             self.expire_pending(now);
-            self.sweep_grants(now);
+            self.sweep(now);
             self.listeners.retire_drained(self.poll.registry());
         }
     }
@@ -409,8 +383,8 @@ impl Worker {
             return Some(Duration::ZERO);
         }
         // Grants to drop, or sockets of a passed peak to close.
-        let grants = (self.admission.has_grants() || self.pool.may_shrink())
-            .then(|| self.next_grant_sweep.saturating_duration_since(now));
+        let grants = (self.admission.has_grants() || self.sessions.may_shrink())
+            .then(|| self.next_sweep.saturating_duration_since(now));
         let closing = self.listeners.next_timeout();
         let pending = self.pending_tcp.next_timeout(now);
         [self.sessions.next_timeout(now), grants, closing, pending]
@@ -613,10 +587,10 @@ impl Worker {
     /// Sends the client datagrams of `rx` (received on listener `port`) queued for their
     /// backends: one `sendmmsg` per shared upstream socket.
     fn flush_upstream(&mut self, port: usize, rx: &RecvBatch) {
-        let pool = &self.pool;
-        let sent = self
-            .upstream_batch
-            .flush(rx, self.batch_io, |n| pool.fd(PoolRef::from_number(n)));
+        let sessions = &self.sessions;
+        let sent = self.upstream_batch.flush(rx, self.batch_io, |n| {
+            sessions.pool_fd(PoolRef::from_number(n))
+        });
         let c = self.out.counters();
         c.packets_upstream.add(sent.packets);
         c.bytes_upstream.add(sent.bytes);
@@ -640,33 +614,11 @@ impl Worker {
         self.queued_headers.clear();
     }
 
-    /// A UDP path's header state under `mode`: the header built now, once, with the address
-    /// the client sent to (`local`, from packet info) or else the listener's, as destination.
-    pub(super) fn udp_proxy(
-        &self,
-        mode: ProxyMode,
-        client: SocketAddr,
-        port: usize,
-        local: Option<std::net::IpAddr>,
-    ) -> Option<Box<ProxyState>> {
-        if mode == ProxyMode::None {
-            return None;
-        }
-        let proxy = self.listeners.proxy_address(port, local)?;
-        let header = ProxyHeader::new(HeaderTransport::Dgram, client, proxy);
-        Some(Box::new(ProxyState {
-            header,
-            every: mode == ProxyMode::V2,
-            pending: true,
-            queued: None,
-        }))
-    }
-
     // ---- backend side ----------------------------------------------------------------------
 
     /// An event on a TCP session's connections.
     fn drain_session(&mut self, slot: usize, now: Instant) {
-        let Some((id, _)) = self.sessions.by_slot_mut(slot) else {
+        let Some(id) = self.sessions.by_slot(slot) else {
             return; // closed earlier in this turn
         };
         self.drive_tcp(id, now);
@@ -677,7 +629,7 @@ impl Worker {
     /// sockets ready this turn, so a listener's replies leave in one `sendmmsg` however many
     /// sockets they came from.
     fn drain_pool(&mut self, pool: PoolRef, now: Instant) {
-        let Some(fd) = self.pool.fd(pool) else {
+        let Some(fd) = self.sessions.pool_fd(pool) else {
             return;
         };
         let Some(mut rx) = self.reply_rx.take() else {
@@ -711,7 +663,7 @@ impl Worker {
     ) {
         let counters = self.out.counters();
         // Only a session's backend is heard: anything else reaching the socket is dropped.
-        let Some(id) = from.and_then(|from| self.pool.session_for(pool, from)) else {
+        let Some(id) = from.and_then(|from| self.sessions.on_pool(pool, from)) else {
             counters.drop(DropReason::StrayReply, 1);
             return;
         };
@@ -794,92 +746,32 @@ impl Worker {
     // ---- housekeeping ----------------------------------------------------------------------
 
     fn expire_idle(&mut self, now: Instant) {
-        let mut expired = std::mem::take(&mut self.expired);
-        self.sessions.expire_idle(now, &mut expired);
-        if expired.is_empty() {
-            self.expired = expired;
-            return;
-        }
-        let count = expired.len() as u64;
-        for mut session in expired.drain(..) {
-            log::debug!(
-                "{}: session to {} idle, closed",
-                session.key.client,
-                session.target
-            );
-            self.release(&mut session, CloseReason::Idle);
-        }
-        self.out.counters().sessions_expired.add(count);
-        self.set_session_gauges();
-        self.expired = expired;
+        let registry = self.poll.registry();
+        self.sessions
+            .expire_idle(now, &mut self.listeners, registry, &self.out);
     }
 
-    fn sweep_grants(&mut self, now: Instant) {
-        if now < self.next_grant_sweep {
+    /// Drops spent grants and closes the upstream sockets of a passed peak, once a second.
+    fn sweep(&mut self, now: Instant) {
+        if now < self.next_sweep {
             return;
         }
-        self.next_grant_sweep = now + GRANT_SWEEP_INTERVAL;
+        self.next_sweep = now + SWEEP_INTERVAL;
         self.admission.sweep_grants(now);
-        if self.pool.sweep(self.poll.registry(), now) > 0 {
-            self.out
-                .counters()
-                .upstream_sockets
-                .set(self.pool.sockets() as u64);
-        }
+        self.sessions
+            .sweep_pool(self.poll.registry(), &self.out, now);
     }
 
     fn close_session(&mut self, id: SessionId, reason: CloseReason) {
-        if let Some(mut session) = self.sessions.remove(id) {
-            self.release(&mut session, reason);
-            self.out.counters().sessions_closed.add(1);
-            self.set_session_gauges();
-        }
-    }
-
-    /// Publishes how many sessions live on this worker, in all and over TCP.
-    fn set_session_gauges(&self) {
-        let c = self.out.counters();
-        c.sessions_active.set(self.sessions.len() as u64);
-        c.tcp_sessions_active.set(self.tcp_sessions as u64);
-    }
-
-    /// Frees what a removed session held: its poll registration, its limit slot, its place on
-    /// its listener (a draining listener closes with its last session), and (on drop) its
-    /// socket.
-    fn release(&mut self, session: &mut Session<Upstream>, reason: CloseReason) {
-        match &mut session.upstream {
-            Upstream::Udp(upstream) => {
-                self.pool.release(
-                    upstream.pool,
-                    upstream.key,
-                    upstream.session,
-                    Instant::now(),
-                );
-            }
-            Upstream::Tcp(splice) => {
-                let registry = self.poll.registry();
-                let _ = registry.deregister(&mut splice.client);
-                let _ = registry.deregister(&mut splice.upstream);
-                self.tcp_sessions -= 1;
-            }
-        }
-        self.limits.release(session.key.client.ip());
-        self.out.report(
-            session.kind,
-            WorkerEvent::SessionClosed {
-                backend: session.backend,
-                reason,
-            },
-        );
-        self.listeners
-            .session_ended(self.poll.registry(), usize::from(session.key.port));
+        let registry = self.poll.registry();
+        self.sessions
+            .close(id, reason, &mut self.listeners, registry, &self.out);
     }
 
     fn close_all(&mut self) {
-        let ids: Vec<SessionId> = self.sessions.iter().map(|(id, _)| id).collect();
-        for id in ids {
-            self.close_session(id, CloseReason::Shutdown);
-        }
+        let registry = self.poll.registry();
+        self.sessions
+            .close_all(&mut self.listeners, registry, &self.out);
         self.close_pending_all();
     }
 }

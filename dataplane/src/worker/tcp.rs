@@ -288,7 +288,7 @@ impl Worker {
             self.out.counters().refuse(DropReason::Draining);
             return;
         }
-        if let Err(reason) = self.limits.try_acquire(client.ip()) {
+        if let Err(reason) = self.sessions.limits().try_acquire(client.ip()) {
             self.out.counters().refuse(reason);
             self.listeners.count(port, reason);
             return;
@@ -319,7 +319,7 @@ impl Worker {
                     );
                 }
                 Err(reason) => {
-                    self.limits.release(client.ip());
+                    self.sessions.limits().release(client.ip());
                     self.out.counters().refuse(reason);
                     self.listeners.count(port, reason);
                 }
@@ -333,7 +333,7 @@ impl Worker {
             Interest::READABLE,
         ) {
             log::debug!("{client}: cannot register the connection: {e}");
-            self.limits.release(client.ip());
+            self.sessions.limits().release(client.ip());
             self.out.counters().refuse(DropReason::UpstreamSetup);
             return;
         }
@@ -596,14 +596,11 @@ impl Worker {
             },
             down: Pipe::default(),
         };
-        let id = self.install(
-            key,
-            client,
+        let id = self.sessions.install(
+            admitted.session(key, client, None),
             Upstream::Tcp(Box::new(splice)),
-            target,
-            admitted.backend,
-            admitted.kind,
-            admitted.idle_timeout(),
+            &mut self.listeners,
+            &self.out,
             now,
         );
         admitted.opened();
@@ -634,7 +631,7 @@ impl Worker {
         if let Some(mut upstream) = upstream {
             let _ = registry.deregister(&mut upstream);
         }
-        self.limits.release(client.ip());
+        self.sessions.limits().release(client.ip());
     }
 
     /// Moves what can move on a TCP session, both ways; ends it when both directions have
