@@ -1179,10 +1179,10 @@ fn inventory(raw: Option<RawInventory>) -> Result<InventoryConfig, ConfigError> 
                 .path
                 .ok_or_else(|| invalid("inventory.path", "is required for `kind: file`"))?;
             let millis = raw.poll_interval_millis.unwrap_or(DEFAULT_FILE_POLL_MILLIS);
-            if millis < 10 {
+            if !(10..=60_000).contains(&millis) {
                 return Err(invalid(
                     "inventory.pollIntervalMillis",
-                    "must be at least 10",
+                    "must be 10 to 60000",
                 ));
             }
             let max_bytes = match raw.max_bytes {

@@ -45,8 +45,8 @@ pub enum DropReason {
     /// A new client on a route entry point that no rule takes, or whose rule has no ready
     /// endpoint.
     NoRoute,
-    /// Over `rateLimit` for its source address: a datagram without a session, or a new
-    /// session or connection.
+    /// Over `rateLimit` for its source address (a datagram without a session, or a new
+    /// session or connection), or a control packet over its session's allowance.
     RateLimited,
     /// A datagram from one of this proxy's own upstream sockets reached one of its listeners:
     /// a chain of forwarders or routes that leads back to the proxy.

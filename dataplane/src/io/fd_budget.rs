@@ -114,19 +114,6 @@ pub struct FdLease {
 }
 
 impl FdLease {
-    /// Takes `n` more descriptors into this lease; false (nothing taken) when the budget is
-    /// spent.
-    pub fn grow(&mut self, n: usize) -> bool {
-        match self.budget.try_take(n) {
-            Some(mut more) => {
-                // Merged: `more` gives back nothing when dropped.
-                self.count += std::mem::take(&mut more.count);
-                true
-            }
-            None => false,
-        }
-    }
-
     /// Descriptors this lease holds.
     pub fn count(&self) -> usize {
         self.count
@@ -204,13 +191,12 @@ mod tests {
         let b = budget(&limit, 30);
         let a = b.try_take(60).expect("60 of 70");
         assert!(b.try_take(11).is_none(), "would eat into the reserve");
-        let mut c = b.try_take(10).expect("the last 10");
+        let c = b.try_take(10).expect("the last 10");
         assert_eq!(b.held(), 70);
-        assert!(!c.grow(1));
+        assert!(b.try_take(1).is_none());
         drop(a);
         assert_eq!(b.held(), 10);
-        assert!(c.grow(5));
-        assert_eq!(c.count(), 15);
+        assert_eq!(c.count(), 10);
         drop(c);
         assert_eq!(b.held(), 0);
     }

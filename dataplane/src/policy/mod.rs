@@ -1,5 +1,7 @@
 //! Sans-io decisions: what a worker does with a datagram, a connection or a session, decided
-//! without a syscall or a clock (the caller passes `now`), so each is unit-tested on its own.
+//! without socket I/O or a clock (the caller passes `now`), so each is unit-tested on its own.
+//! (Sealing a token draws its nonce from the OS's random source; nothing else here calls the
+//! kernel.)
 //!
 //! - [`admit`]: a new client's first bytes, its listener and the context → open to a target, or
 //!   drop with a reason; [`packet`] and [`prefix`] read tokens and control packets from a

@@ -182,15 +182,9 @@ impl KeyRing {
     pub fn parse(text: &str) -> Result<Self, KeyFileError> {
         let mut keys = Vec::new();
         let mut seen: Vec<[u8; KEY_LEN]> = Vec::new();
-        let mut count = 0;
         for (n, line) in text.lines().enumerate() {
             let line = line.trim();
             if line.is_empty() || line.starts_with('#') {
-                continue;
-            }
-            count += 1;
-            if count > MAX_KEYS {
-                // Counted for the message only: the file is refused.
                 continue;
             }
             let bad = |why: String| KeyFileError::BadKey { line: n + 1, why };
@@ -207,14 +201,18 @@ impl KeyRing {
                 continue;
             }
             seen.push(key);
+            // Counted past the cap for the message only: the file is refused.
+            if seen.len() > MAX_KEYS {
+                continue;
+            }
             let cipher = XChaCha20Poly1305::new(&key.into());
             keys.push(Key {
                 id: id_of(&cipher),
                 cipher,
             });
         }
-        if count > MAX_KEYS {
-            return Err(KeyFileError::TooMany { count });
+        if seen.len() > MAX_KEYS {
+            return Err(KeyFileError::TooMany { count: seen.len() });
         }
         if keys.is_empty() {
             return Err(KeyFileError::Empty);
@@ -807,9 +805,15 @@ mod tests {
             KeyRing::parse(&key_file(&keys[..MAX_KEYS])).unwrap().len(),
             MAX_KEYS
         );
-        // A key given twice is one key (and costs one open).
+        // A key given twice is one key (and costs one open), also against the cap.
         let twice = KeyRing::parse(&format!("{KEY_A}\n{KEY_A}\n")).unwrap();
         assert_eq!(twice.len(), 1);
+        let mut repeated = keys[..MAX_KEYS].to_vec();
+        repeated.push(keys[0]);
+        assert_eq!(
+            KeyRing::parse(&key_file(&repeated)).unwrap().len(),
+            MAX_KEYS
+        );
     }
 
     #[test]

@@ -1,12 +1,12 @@
-//! The key of a session: client address and data port index.
+//! The key of a session: client address and listener id.
 
 use std::net::SocketAddr;
 
-/// A client on a data port. The same client address on two data ports is two sessions.
+/// A client on a listener. The same client address on two listeners is two sessions.
 #[derive(Clone, Copy, Debug, Eq, Hash, PartialEq)]
 pub struct SessionKey {
     /// The client's address as seen by the proxy.
     pub client: SocketAddr,
-    /// Index of the data port in the data plane's configuration.
+    /// The listener's id (the data ports come first, in config order).
     pub port: u16,
 }

@@ -77,13 +77,14 @@ pub struct SessionStats {
 /// One client's session on one data port.
 #[derive(Debug)]
 pub struct Session<S> {
-    /// Client address and data port.
+    /// Client address and listener.
     pub key: SessionKey,
     /// The client address pre-encoded for `sendmmsg`, done once per session instead of per reply.
     pub client_sockaddr: socket2::SockAddr,
-    /// Connected socket to the backend.
+    /// The session's way to its backend (a place on a shared upstream socket, or a TCP
+    /// splice).
     pub upstream: S,
-    /// Backend address the upstream socket is connected to.
+    /// The backend's address.
     pub target: SocketAddr,
     /// Backend identity (for load-balancing counts and removal).
     pub backend: BackendId,
