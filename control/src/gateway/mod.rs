@@ -197,6 +197,11 @@ impl Reconciler {
                 .collect();
             let granted =
                 |from: &str, to: &str, service: &str| model.granted(kind, from, to, service);
+            // Every listener of this kind shares its transport.
+            let controller = &self.controller;
+            let own_listener = |_listener: &str, endpoint: SocketAddr| {
+                controller.own_listener_at(endpoint, kind.transport())
+            };
             let inputs = Inputs {
                 services: &snapshot.services,
                 slices: &snapshot.endpoint_slices,
@@ -204,7 +209,7 @@ impl Reconciler {
                 allow_cross_namespace: false,
                 session_timeout: self.session_timeout,
                 gateway: Some(&granted),
-                own_listener: None,
+                own_listener: Some(&own_listener),
             };
             let compiled = routes::compile(&objects, inputs, &mut self.counters[i]);
             for (key, table) in compiled.tables {
