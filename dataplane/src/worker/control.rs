@@ -72,7 +72,7 @@ impl Worker {
     /// for their token the new `tcpTokenTimeoutSeconds`. A changed flood limit starts with
     /// fresh buckets.
     fn reconfigure(&mut self, live: &LiveSettings, now: Instant) {
-        self.pending_tcp.set_token_timeout(live.tcp_token_timeout);
+        self.tcp.set_token_timeout(live.tcp_token_timeout);
         self.admission.reconfigure(live, now);
         let changed = self.listeners.set_token_port_timeout(live.session_timeout);
         if !changed.is_empty() {
@@ -223,7 +223,8 @@ impl Worker {
             // Connections still waiting for their token would be refused now anyway; closed
             // at once, none can outlive the listener and land on a later one that reuses its
             // id.
-            self.close_pending_on(index);
+            self.tcp
+                .close_pending_on(index, self.poll.registry(), self.sessions.limits());
             if mode == CloseMode::End {
                 // Ended here and now, whatever the other workers do.
                 for session in self

@@ -4,7 +4,8 @@
 //! the per-datagram paths; `listeners.rs` this worker's listeners, `admission.rs` what admits
 //! a new client (grants, keys, default backend, rate limits), `sessions.rs` the session table
 //! and upstream sockets, `control.rs` the control side (state messages, listener changes,
-//! admin requests), `setup.rs` UDP session setup and moves, and `tcp.rs` TCP connections.
+//! admin requests), `setup.rs` UDP session setup and moves, `tcp.rs` the TCP path and
+//! `pending.rs` its connections waiting for their first bytes.
 //!
 //! Per datagram the worker does one session lookup and one syscall (`send` upstream, or a share of
 //! a `recvmmsg`/`sendmmsg` batch); everything else (socket setup, address encoding, counting
@@ -18,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 use crossbeam_utils::CachePadded;
-use mio::{Events, Poll, Token, Waker};
+use mio::{Events, Poll, Registry, Token, Waker};
 
 use crate::config::DataPlaneConfig;
 use crate::ctl::{CloseReason, ControlMsg, WorkerEvent};
@@ -38,6 +39,7 @@ use crate::warn_gate::WarnGate;
 mod admission;
 mod control;
 mod listeners;
+mod pending;
 mod pool;
 mod sessions;
 mod setup;
@@ -47,6 +49,7 @@ use admission::Admission;
 use listeners::{ListenerIo, Listeners};
 use pool::PoolRef;
 use sessions::{Sessions, Upstream};
+use tcp::Tcp;
 
 const WAKER: Token = Token(0);
 /// Listener `id` is `Token(FIRST_LISTENER + id)`; sessions come after every possible listener.
@@ -70,6 +73,11 @@ fn listener_token(index: usize) -> Token {
     Token(FIRST_LISTENER + index)
 }
 
+/// The token of the TCP connection in slot `slot` of those waiting for their first bytes.
+fn pending_token(slot: usize) -> Token {
+    Token(FIRST_PENDING + slot)
+}
+
 /// The token of a TCP session's backend connection.
 fn upstream_token(slot: usize) -> Token {
     Token(FIRST_SESSION + 2 * slot)
@@ -89,7 +97,7 @@ fn client_token(slot: usize) -> Token {
 /// (pending again, for the next datagram). So a backend never sees the session's traffic
 /// without the header first, and a lost first datagram does not hide the client's address.
 #[derive(Debug)]
-pub(super) struct ProxyState {
+struct ProxyState {
     header: ProxyHeader,
     /// `v2`: every datagram; `v2-first`: one, until it has left.
     every: bool,
@@ -159,9 +167,9 @@ fn udp_proxy(
 /// Where a client datagram came in: its slot in the receive batch, and the proxy address it
 /// was sent to (wildcard listeners only).
 #[derive(Clone, Copy, Debug)]
-pub(super) struct Arrival {
-    pub(super) slot: usize,
-    pub(super) local: Option<std::net::IpAddr>,
+struct Arrival {
+    slot: usize,
+    local: Option<std::net::IpAddr>,
 }
 
 /// Everything [`Worker::new`] needs.
@@ -182,7 +190,7 @@ pub(crate) struct WorkerSetup<'a> {
 
 /// What a worker tells the world: its counters, its events to control and its warnings (at
 /// most one line a second). Every part writes through it; it holds none of their state.
-pub(super) struct Outbox {
+struct Outbox {
     id: usize,
     counters: Arc<[CachePadded<WorkerCounters>]>,
     events: Sender<WorkerEvent>,
@@ -192,25 +200,25 @@ pub(super) struct Outbox {
 
 impl Outbox {
     /// This worker's index.
-    pub(super) fn id(&self) -> usize {
+    fn id(&self) -> usize {
         self.id
     }
 
     /// This worker's counters.
     #[inline]
-    pub(super) fn counters(&self) -> &WorkerCounters {
+    fn counters(&self) -> &WorkerCounters {
         &self.counters[self.id]
     }
 
     /// Tells control `event`.
-    pub(super) fn send(&self, event: WorkerEvent) {
+    fn send(&self, event: WorkerEvent) {
         let _ = self.events.send(event);
     }
 
     /// Tells control about a session of `kind`. Forwarder sessions are not reported: control
     /// counts sessions per inventory backend (for load balancing and to end a removed
     /// backend's sessions), and a forwarder's clients are counted on its listener instead.
-    pub(super) fn report(&self, kind: SessionKind, event: WorkerEvent) {
+    fn report(&self, kind: SessionKind, event: WorkerEvent) {
         if !matches!(kind, SessionKind::Forwarder | SessionKind::Route) {
             self.send(event);
         }
@@ -218,9 +226,19 @@ impl Outbox {
 
     /// Whether a warning a client triggered may be logged at `now`; if so, a note of how
     /// many were held back before it.
-    pub(super) fn warn(&mut self, now: Instant) -> Option<String> {
+    fn warn(&mut self, now: Instant) -> Option<String> {
         self.warn_gate.admit(now)
     }
+}
+
+/// The parts of a worker that its UDP and TCP paths borrow besides their own state, for one
+/// call: the paths take this instead of the whole worker.
+struct Parts<'a> {
+    registry: &'a Registry,
+    out: &'a mut Outbox,
+    listeners: &'a mut Listeners,
+    admission: &'a mut Admission,
+    sessions: &'a mut Sessions,
 }
 
 pub(crate) struct Worker {
@@ -242,19 +260,14 @@ pub(crate) struct Worker {
     /// (entry, session) of the `v2-first` headers queued in `upstream_batch`.
     queued_headers: Vec<(usize, SessionId)>,
     sessions: Sessions,
-    /// TCP connections accepted and still waiting for their first bytes.
-    pending_tcp: tcp::PendingConnections,
-    tcp_connect_timeout: Duration,
+    tcp: Tcp,
     batch_io: bool,
     busy_poll: Duration,
     /// The local ports of every worker's upstream sockets, to tell our own datagrams.
     own_ports: Arc<OwnPorts>,
-    /// The data plane's descriptors, which TCP connections take from.
-    budget: Arc<FdBudget>,
     shutting_down: bool,
     /// Sockets left with unread datagrams after hitting `IO_LOOP_BOUND`.
     pending_ports: Vec<usize>,
-    pending_sessions: Vec<SessionId>,
     pending_pools: Vec<PoolRef>,
     next_sweep: Instant,
 }
@@ -297,15 +310,12 @@ impl Worker {
                 Arc::clone(&setup.own_ports),
                 now,
             ),
-            pending_tcp: tcp::PendingConnections::new(setup.config.tcp_token_timeout),
-            tcp_connect_timeout: setup.config.tcp_connect_timeout,
+            tcp: Tcp::new(setup.config, Arc::clone(&setup.budget)),
             batch_io: setup.config.batch_io,
             busy_poll: setup.config.busy_poll,
             own_ports: Arc::clone(&setup.own_ports),
-            budget: Arc::clone(&setup.budget),
             shutting_down: false,
             pending_ports: Vec::new(),
-            pending_sessions: Vec::new(),
             pending_pools: Vec::new(),
             next_sweep: now + SWEEP_INTERVAL,
         };
@@ -314,6 +324,18 @@ impl Worker {
 
     pub(crate) fn id(&self) -> usize {
         self.out.id
+    }
+
+    /// The parts the paths borrow, and the TCP path.
+    fn split(&mut self) -> (Parts<'_>, &mut Tcp) {
+        let parts = Parts {
+            registry: self.poll.registry(),
+            out: &mut self.out,
+            listeners: &mut self.listeners,
+            admission: &mut self.admission,
+            sessions: &mut self.sessions,
+        };
+        (parts, &mut self.tcp)
     }
 
     /// The event loop; returns after a `Shutdown` message. Beats `heart` once per turn.
@@ -355,21 +377,28 @@ impl Worker {
                         self.drain_control(now);
                     }
                     Token(t) if t < FIRST_SESSION => self.drain_port(t - FIRST_LISTENER, now),
-                    Token(t) if t >= FIRST_PENDING => self.on_pending(t - FIRST_PENDING, now),
+                    Token(t) if t >= FIRST_PENDING => {
+                        let (mut p, tcp) = self.split();
+                        tcp.on_pending(&mut p, t - FIRST_PENDING, now);
+                    }
                     Token(t) if t >= FIRST_POOL => {
                         self.drain_pool(PoolRef::from_number((t - FIRST_POOL) as u32), now);
                     }
-                    Token(t) => self.drain_session((t - FIRST_SESSION) / 2, now),
+                    Token(t) => {
+                        let (mut p, tcp) = self.split();
+                        tcp.drain_session(&mut p, (t - FIRST_SESSION) / 2, now);
+                    }
                 }
             }
-            self.drain_pending(now);
+            self.drain_backlog(now);
             self.send_replies();
             if self.shutting_down {
                 self.close_all();
                 return Ok(());
             }
             self.expire_idle(now);
-            self.expire_pending(now);
+            let (mut p, tcp) = self.split();
+            tcp.expire(&mut p, now);
             self.sweep(now);
             self.listeners.retire_drained(self.poll.registry());
         }
@@ -377,7 +406,7 @@ impl Worker {
 
     fn next_timeout(&self, now: Instant) -> Option<Duration> {
         if !self.pending_ports.is_empty()
-            || !self.pending_sessions.is_empty()
+            || self.tcp.has_backlog()
             || !self.pending_pools.is_empty()
         {
             return Some(Duration::ZERO);
@@ -386,7 +415,7 @@ impl Worker {
         let grants = (self.admission.has_grants() || self.sessions.may_shrink())
             .then(|| self.next_sweep.saturating_duration_since(now));
         let closing = self.listeners.next_timeout();
-        let pending = self.pending_tcp.next_timeout(now);
+        let pending = self.tcp.next_timeout(now);
         [self.sessions.next_timeout(now), grants, closing, pending]
             .into_iter()
             .flatten()
@@ -407,7 +436,8 @@ impl Worker {
                 socket, pktinfo, ..
             } => (socket.as_raw_fd(), *pktinfo),
             ListenerIo::Tcp(_) => {
-                self.accept_connections(port, now);
+                let (mut p, tcp) = self.split();
+                tcp.accept(&mut p, port, now);
                 return;
             }
         };
@@ -616,14 +646,6 @@ impl Worker {
 
     // ---- backend side ----------------------------------------------------------------------
 
-    /// An event on a TCP session's connections.
-    fn drain_session(&mut self, slot: usize, now: Instant) {
-        let Some(id) = self.sessions.by_slot(slot) else {
-            return; // closed earlier in this turn
-        };
-        self.drive_tcp(id, now);
-    }
-
     /// Replies on a shared upstream socket: each goes to the session of its source address,
     /// out of that session's listener socket. They gather with those of the other upstream
     /// sockets ready this turn, so a listener's replies leave in one `sendmmsg` however many
@@ -722,10 +744,8 @@ impl Worker {
     }
 
     /// Gives sockets that hit the work bound last turn another turn.
-    fn drain_pending(&mut self, now: Instant) {
-        if self.pending_ports.is_empty()
-            && self.pending_sessions.is_empty()
-            && self.pending_pools.is_empty()
+    fn drain_backlog(&mut self, now: Instant) {
+        if self.pending_ports.is_empty() && !self.tcp.has_backlog() && self.pending_pools.is_empty()
         {
             return;
         }
@@ -733,9 +753,13 @@ impl Worker {
         for port in ports {
             self.drain_port(port, now);
         }
-        let sessions = std::mem::take(&mut self.pending_sessions);
+        let (ports, sessions) = self.tcp.take_backlog();
+        for port in ports {
+            self.drain_port(port, now);
+        }
+        let (mut p, tcp) = self.split();
         for id in sessions {
-            self.drain_session(id.slot(), now);
+            tcp.drain_session(&mut p, id.slot(), now);
         }
         let pools = std::mem::take(&mut self.pending_pools);
         for pool in pools {
@@ -772,6 +796,7 @@ impl Worker {
         let registry = self.poll.registry();
         self.sessions
             .close_all(&mut self.listeners, registry, &self.out);
-        self.close_pending_all();
+        self.tcp
+            .close_pending_all(self.poll.registry(), self.sessions.limits());
     }
 }
