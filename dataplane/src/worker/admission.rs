@@ -7,7 +7,9 @@
 //! asks the sans-io [`admit`] about the client's first bytes, and [`Admission::resolve`] turns
 //! the answer into one [`Admitted`] (a route entry point picks its endpoint there). It opens
 //! no socket and holds no session: the paths do that with its answer. A token is only looked
-//! at here; it is spent by whoever opens the session, once nothing else can fail.
+//! at here; it is spent by whoever opens the session, once nothing else can fail. The one
+//! exception is [`reset_session`], a control packet on a live session: its token moves the
+//! session through `sessions.rs`.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -17,19 +19,21 @@ use ahash::AHashMap;
 use crossbeam_channel::Receiver;
 
 use crate::config::{DataPlaneConfig, LiveSettings};
+use crate::ctl::WorkerEvent;
 use crate::metrics::{DropReason, TokenRejectReason};
 use crate::policy::admit::{self, AdmitContext, Role, admit, trace_refused};
 use crate::policy::grant::{Backend, BackendId, Grant, NonceLedger, TokenId};
-use crate::policy::packet::{Classified, Presented, classify, control_body};
+use crate::policy::packet::{Classified, Presented, classify, control_body, parse_token};
 use crate::policy::proxy_protocol::ProxyMode;
 use crate::policy::ratelimit::RateLimiter;
 use crate::policy::route::{Pick, RouteTable};
 use crate::policy::seal::{KeyRing, OpenError};
-use crate::policy::session::{SessionKey, SessionKind};
+use crate::policy::session::{SessionId, SessionKey, SessionKind};
 
-use super::Outbox;
 use super::listeners::Listeners;
 use super::sessions::NewSession;
+use super::udp::ProxyState;
+use super::{Outbox, Parts};
 
 /// Where an admitted client goes: one answer for every listener role and transport.
 #[derive(Debug)]
@@ -329,4 +333,73 @@ impl Admission {
             Err(OpenError::Malformed | OpenError::Forged) => Err(TokenRejectReason::Invalid),
         }
     }
+}
+
+/// A control packet on live UDP session `id`: the token in its `body` moves the session to
+/// its grant's backend, and is spent once the new place on an upstream socket exists.
+pub(super) fn reset_session(p: &mut Parts<'_>, id: SessionId, body: &[u8], now: Instant) {
+    let Some(session) = p.sessions.get(id) else {
+        return;
+    };
+    let client = session.key.client;
+    let port = usize::from(session.key.port);
+    let local = session.local;
+    let Some(token) = parse_token(body) else {
+        if let Some(note) = p.out.warn(now) {
+            log::warn!("{client}: control packet without a valid token; session unchanged{note}");
+        }
+        p.out.counters().drop(DropReason::MalformedControl, 1);
+        return;
+    };
+    let found = p.admission.find_grant(token, port, client.ip(), p.out, now);
+    let (grant, target) = match found {
+        Ok(found) => found,
+        Err(reason) => {
+            if let Some(note) = p.out.warn(now) {
+                log::warn!(
+                    "{client}: control packet with {} token; session unchanged{note}",
+                    reason.as_str()
+                );
+            }
+            p.out.counters().drop(DropReason::TokenRejected, 1);
+            return;
+        }
+    };
+    // The new socket first, the token after: a socket that cannot be made leaves both the
+    // session and the token as they were.
+    let mut upstream = match p.sessions.open_upstream(target, id, p.registry, p.out, now) {
+        Ok(upstream) => upstream,
+        Err(e) => {
+            if let Some(note) = p.out.warn(now) {
+                log::warn!(
+                    "{client}: cannot move the session to {target}: {e}; session unchanged{note}"
+                );
+            }
+            p.out.counters().drop(DropReason::UpstreamSetup, 1);
+            return;
+        }
+    };
+    upstream.proxy = ProxyState::for_path(p.listeners, grant.backend.proxy, client, port, local);
+    if let Err(reason) = grant.redeem(port, client.ip(), now) {
+        p.sessions.leave_place(&upstream, now);
+        p.out.counters().reject(reason);
+        p.out.counters().drop(DropReason::TokenRejected, 1);
+        return;
+    }
+    let to = grant.backend.id;
+    let moved = p
+        .sessions
+        .retarget(id, to, target, upstream, SessionKind::Token, now);
+    let Some(from) = moved else {
+        return;
+    };
+    let c = p.out.counters();
+    c.sessions_reset.add(1);
+    c.tokens_redeemed.add(1);
+    log::debug!("{client}: session moved to {target}");
+    p.out.send(WorkerEvent::SessionMoved {
+        from,
+        to,
+        token: Some(grant.token),
+    });
 }

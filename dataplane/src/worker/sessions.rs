@@ -30,9 +30,10 @@ use crate::policy::session::{
 };
 use crate::policy::upstream::{is_unicast_target, peer_key};
 
+use super::Outbox;
 use super::listeners::Listeners;
 use super::pool::{PlaceError, PoolRef, UpstreamPool};
-use super::{Outbox, ProxyState, udp_proxy};
+use super::udp::ProxyState;
 
 /// Idle timeout of a session whose listener is gone (cannot happen: a listener outlives its
 /// sessions); short, so such a session would not linger.
@@ -393,7 +394,7 @@ impl Sessions {
         let s = self.table.get(id)?;
         let (client, port, local) = (s.key.client, usize::from(s.key.port), s.local);
         let mut upstream = self.open_upstream(target, id, registry, out, now).ok()?;
-        upstream.proxy = udp_proxy(listeners, proxy, client, port, local);
+        upstream.proxy = ProxyState::for_path(listeners, proxy, client, port, local);
         self.retarget(id, backend, target, upstream, kind, now)
     }
 
