@@ -46,7 +46,7 @@ mod tcp;
 mod udp;
 
 use admission::Admission;
-use listeners::{ListenerIo, Listeners};
+use listeners::Listeners;
 use pool::PoolRef;
 use sessions::Sessions;
 use tcp::Tcp;
@@ -158,6 +158,7 @@ struct Parts<'a> {
     sessions: &'a mut Sessions,
 }
 
+/// One worker: its poll, its control channel, and the parts it is composed of.
 pub(crate) struct Worker {
     poll: Poll,
     control: Receiver<ControlMsg>,
@@ -316,15 +317,8 @@ impl Worker {
 
     /// Listener `port` is readable: datagrams to read, or connections to accept.
     fn drain_port(&mut self, port: usize, now: Instant) {
-        // Closed since its readiness was reported.
-        let Some(listener) = self.listeners.get(port) else {
-            return;
-        };
-        let udp = matches!(listener.io(), ListenerIo::Udp { .. });
-        let (mut p, udp_path, tcp) = self.split();
-        if udp {
-            udp_path.drain_port(&mut p, port, now);
-        } else {
+        let (mut p, udp, tcp) = self.split();
+        if !udp.drain_port(&mut p, port, now) {
             tcp.accept(&mut p, port, now);
         }
     }
@@ -334,16 +328,15 @@ impl Worker {
         if !self.udp.has_backlog() && !self.tcp.has_backlog() {
             return;
         }
-        let (udp_ports, pools) = self.udp.take_backlog();
-        let (tcp_ports, sessions) = self.tcp.take_backlog();
-        for port in udp_ports.into_iter().chain(tcp_ports) {
+        let ports = self.udp.take_ports_again();
+        for port in ports.into_iter().chain(self.tcp.take_ports_again()) {
             self.drain_port(port, now);
         }
         let (mut p, udp, tcp) = self.split();
-        for id in sessions {
+        for id in tcp.take_sessions_again() {
             tcp.drain_session(&mut p, id.slot(), now);
         }
-        for pool in pools {
+        for pool in udp.take_pools_again() {
             udp.drain_pool(&mut p, pool, now);
         }
     }

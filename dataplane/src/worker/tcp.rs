@@ -119,12 +119,14 @@ impl Tcp {
         !self.ports_again.is_empty() || !self.sessions_again.is_empty()
     }
 
-    /// The listeners and sessions that hit their work bound, taken out for another turn.
-    pub(super) fn take_backlog(&mut self) -> (Vec<usize>, Vec<SessionId>) {
-        (
-            std::mem::take(&mut self.ports_again),
-            std::mem::take(&mut self.sessions_again),
-        )
+    /// The listeners that hit the accept bound, taken out for another turn.
+    pub(super) fn take_ports_again(&mut self) -> Vec<usize> {
+        std::mem::take(&mut self.ports_again)
+    }
+
+    /// The sessions whose splice hit its work bound, taken out for another turn.
+    pub(super) fn take_sessions_again(&mut self) -> Vec<SessionId> {
+        std::mem::take(&mut self.sessions_again)
     }
 
     /// Accepts what TCP listener `port` has queued.

@@ -124,7 +124,8 @@ struct Arrival {
 fn read_batches(
     rx: &mut RecvBatch,
     fd: RawFd,
-    (batch_io, pktinfo): (bool, bool),
+    batch_io: bool,
+    pktinfo: bool,
     (worker, what): (usize, &str),
     mut batch: impl FnMut(&mut RecvBatch, Range<usize>),
 ) -> bool {
@@ -198,32 +199,35 @@ impl Udp {
         !self.ports_again.is_empty() || !self.pools_again.is_empty()
     }
 
-    /// The listeners and upstream sockets that hit the work bound, taken out for another turn.
-    pub(super) fn take_backlog(&mut self) -> (Vec<usize>, Vec<PoolRef>) {
-        (
-            std::mem::take(&mut self.ports_again),
-            std::mem::take(&mut self.pools_again),
-        )
+    /// The listeners that hit the work bound, taken out for another turn.
+    pub(super) fn take_ports_again(&mut self) -> Vec<usize> {
+        std::mem::take(&mut self.ports_again)
+    }
+
+    /// The upstream sockets that hit the work bound, taken out for another turn.
+    pub(super) fn take_pools_again(&mut self) -> Vec<PoolRef> {
+        std::mem::take(&mut self.pools_again)
     }
 
     // ---- client side -----------------------------------------------------------------------
 
-    /// Reads the datagrams UDP listener `port` has queued, and sends each batch on.
-    pub(super) fn drain_port(&mut self, p: &mut Parts<'_>, port: usize, now: Instant) {
+    /// Reads the datagrams listener `port` has queued, and sends each batch on; false when it
+    /// is no UDP listener (a TCP one, or closed since its readiness was reported).
+    pub(super) fn drain_port(&mut self, p: &mut Parts<'_>, port: usize, now: Instant) -> bool {
         let Some(listener) = p.listeners.get(port) else {
-            return;
+            return false;
         };
         // RESET magic means something on token ports only.
         let resets = matches!(listener.kind(), ListenerKind::TokenPort);
         let ListenerIo::Udp { socket, pktinfo } = listener.io() else {
-            return;
+            return false;
         };
-        let (fd, io) = (socket.as_raw_fd(), (self.batch_io, *pktinfo));
+        let (fd, pktinfo) = (socket.as_raw_fd(), *pktinfo);
         let Some(mut rx) = self.rx.take() else {
-            return;
+            return true;
         };
         let log = (p.out.id(), "a data port");
-        let drained = read_batches(&mut rx, fd, io, log, |rx, got| {
+        let drained = read_batches(&mut rx, fd, self.batch_io, pktinfo, log, |rx, got| {
             for i in got {
                 let (datagram, from) = rx.get(i);
                 let arrival = Arrival {
@@ -240,6 +244,7 @@ impl Udp {
         if !drained {
             self.ports_again.push(port);
         }
+        true
     }
 
     /// A datagram of the receive batch from a client; `resets`: its listener honours RESET
@@ -469,7 +474,7 @@ impl Udp {
             return;
         };
         let log = (p.out.id(), "an upstream socket");
-        let drained = read_batches(&mut rx, fd, (self.batch_io, false), log, |rx, got| {
+        let drained = read_batches(&mut rx, fd, self.batch_io, false, log, |rx, got| {
             for i in got {
                 let (datagram, from) = rx.get(i);
                 self.on_reply(p, pool, i, datagram.len(), from, now);
