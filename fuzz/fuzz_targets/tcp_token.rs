@@ -1,13 +1,13 @@
-//! The token at the start of a TCP data-port connection (dataplane/src/tcp/prefix.rs, sans-io):
+//! The token at the start of a TCP data-port connection (dataplane/src/policy/prefix.rs, sans-io):
 //! `read_prefix` on the bytes read so far, then `finish_line_end` on the first bytes the splice
 //! reads after it.
 //!
 //! The input is `[cuts] [stream…]`: the first byte says how many cut points follow (0 to 15),
 //! each one byte, the size of one `read()` (0 reads all that is left); the rest is what the
-//! client sends. The harness replays what `worker/tcp.rs` (`on_pending`, `decide`) and
-//! `tcp/splice.rs` (`Pipe::pump`) do with those reads, and checks the outcome against reading
-//! the whole stream at once: the same token (or none), and exactly the same bytes forwarded to
-//! the backend, however the stream was cut. The whole-stream reference is independent of
+//! client sends. The harness replays what `worker/pending.rs` (`PendingConnections::read`),
+//! `worker/tcp.rs` (`Tcp::decide`) and `io/splice.rs` (`Pipe::pump`) do with those reads, and
+//! checks the outcome against reading the whole stream at once: the same token (or none), and
+//! exactly the same bytes forwarded to the backend, however the stream was cut. The whole-stream reference is independent of
 //! prefix.rs: the UDP token parser (`packet::parse_token`) on the first 36 bytes, or on the
 //! first `seal::sealed_len` bytes for a sealed token, so a TCP token is exactly a UDP one.
 //! A UUID token must also print back as its text.
