@@ -227,10 +227,8 @@ impl Worker {
                 .close_pending_on(index, self.poll.registry(), self.sessions.limits());
             if mode == CloseMode::End {
                 // Ended here and now, whatever the other workers do.
-                for session in self
-                    .sessions
-                    .ids_where(|s| usize::from(s.key.port) == index)
-                {
+                // This listener's sessions only, however many the others hold.
+                for session in self.sessions.on_listener(index, false) {
                     self.close_session(session, CloseReason::ListenerClosed);
                 }
             }

@@ -384,8 +384,10 @@ impl Listeners {
         }
     }
 
-    /// Drops a closing listener's socket, and says so. Its replies never wait past the
-    /// receive batch they came in, so none is left queued for it.
+    /// Drops a closing listener's socket, and says so. A reply still queued for it finds no
+    /// socket when the batch is sent and is dropped (counted); none can leave by a later
+    /// listener that reuses the id, since control messages, which open listeners, are handled
+    /// only after the queued replies are sent.
     fn retire(&mut self, registry: &Registry, port: usize) {
         if let Some(mut listener) = self.slab.get_mut(port).and_then(Option::take) {
             let _ = match &mut listener.io {

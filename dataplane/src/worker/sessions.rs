@@ -367,6 +367,8 @@ impl Sessions {
             self.leave_place(&upstream, now);
             return None;
         };
+        // The new path comes with a full control-packet allowance: a move took a valid, fresh
+        // token (each one a query), so the allowance bounds the token opens between moves.
         let old = std::mem::replace(current, upstream);
         let session = self.table.get_mut(id)?;
         session.target = target;

@@ -135,12 +135,11 @@ impl Tcp {
             let Some(ListenerIo::Tcp(listener)) = p.listeners.get(port).map(|l| l.io()) else {
                 return;
             };
-            // Both of the connection's descriptors (the client's and, once it has a session,
-            // the backend's) come from the budget up front, so a session is never refused
-            // half-way for want of the second.
-            let lease = self.budget.try_take(2);
             match listener.accept() {
-                Ok((stream, from)) => match lease {
+                // Both of the connection's descriptors (the client's and, once it has a
+                // session, the backend's) come from the budget at once, so a session is never
+                // refused half-way for want of the second.
+                Ok((stream, from)) => match self.budget.try_take(2) {
                     Some(lease) => {
                         let conn = Accepted {
                             stream,
