@@ -245,6 +245,20 @@ pub(crate) struct Closing {
 }
 
 impl Closing {
+    /// A close shared by `workers` workers, of a listener no registry holds (tests).
+    #[cfg(test)]
+    pub(crate) fn detached(workers: usize) -> Self {
+        Self {
+            id: ListenerId(0),
+            generation: 0,
+            workers,
+            joined: AtomicUsize::new(0),
+            sessions: AtomicUsize::new(0),
+            released: AtomicUsize::new(0),
+            registry: Arc::default(),
+        }
+    }
+
     /// A worker handles the close; `sessions` of the listener live on it.
     pub(crate) fn join(&self, sessions: usize) {
         self.sessions.fetch_add(sessions, Ordering::AcqRel);

@@ -403,3 +403,61 @@ impl Listeners {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn udp() -> ListenSocket {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        socket.set_nonblocking(true).unwrap();
+        ListenSocket::Udp(socket)
+    }
+
+    fn open(l: &mut Listeners, registry: &Registry, id: u16) {
+        l.open(
+            registry,
+            ListenerId(id),
+            udp(),
+            ListenerKind::TokenPort,
+            Duration::from_secs(30),
+            Arc::new(ListenerCounters::new(1)),
+        );
+    }
+
+    #[test]
+    fn only_closing_listeners_are_looked_at_and_each_retires_once_drained() {
+        let poll = mio::Poll::new().unwrap();
+        let registry = poll.registry();
+        let mut l = Listeners::new(0);
+        for id in 0..3 {
+            open(&mut l, registry, id);
+        }
+        assert_eq!(l.next_timeout(), None, "nothing closing: no wake-up for it");
+        // Listener 1 drains with a live session: it stays until the session ends.
+        assert!(l.session_opened(1, None).is_some());
+        l.close(
+            registry,
+            1,
+            CloseMode::Drain,
+            Arc::new(Closing::detached(1)),
+        );
+        assert!(l.get(1).is_some_and(Listener::is_closing));
+        assert_eq!(l.next_timeout(), Some(CLOSING_CHECK_INTERVAL));
+        l.retire_drained(registry);
+        assert!(l.get(1).is_some(), "not drained yet");
+        l.session_ended(registry, 1);
+        assert!(l.get(1).is_none(), "retired with its last session");
+        assert_eq!(l.next_timeout(), None, "and off the closing list");
+        // `End` retires at once; the others are untouched.
+        l.close(registry, 2, CloseMode::End, Arc::new(Closing::detached(1)));
+        assert!(l.get(2).is_none());
+        assert_eq!(l.next_timeout(), None);
+        assert!(l.get(0).is_some_and(|x| !x.is_closing()));
+        // An id reused by a new listener is open, not closing.
+        open(&mut l, registry, 1);
+        assert!(l.get(1).is_some_and(|x| !x.is_closing()));
+        l.retire_drained(registry);
+        assert!(l.get(1).is_some());
+    }
+}
