@@ -70,11 +70,19 @@ impl Admitted {
         }
     }
 
-    /// The session exists: a route session counts on its Service.
-    pub(super) fn opened(&self) {
+    /// The session exists: a route session counts on its Service, and control hears of it.
+    pub(super) fn opened(&self, out: &Outbox) {
         if let Some((pick, table)) = &self.route {
             table.rules[pick.rule].backends[pick.backend].sessions.inc();
         }
+        out.report(
+            self.kind,
+            WorkerEvent::SessionOpened {
+                backend: self.backend,
+                kind: self.kind,
+                token: self.grant.as_ref().map(|g| g.token),
+            },
+        );
     }
 }
 

@@ -17,7 +17,7 @@ use mio::net::TcpStream;
 use mio::{Interest, Registry};
 
 use crate::config::DataPlaneConfig;
-use crate::ctl::{CloseReason, WorkerEvent};
+use crate::ctl::CloseReason;
 use crate::io::fd_budget::FdBudget;
 use crate::io::socket::connect_upstream_tcp;
 use crate::io::splice::{Pipe, Splice, SpliceError};
@@ -457,15 +457,7 @@ impl Tcp {
             p.out,
             now,
         );
-        admitted.opened();
-        p.out.report(
-            admitted.kind,
-            WorkerEvent::SessionOpened {
-                backend: admitted.backend,
-                kind: admitted.kind,
-                token: admitted.grant.as_ref().map(|g| g.token),
-            },
-        );
+        admitted.opened(p.out);
         self.connecting.push_back((now + self.connect_timeout, id));
         self.drive(p, id, now);
     }

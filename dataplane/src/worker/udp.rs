@@ -16,7 +16,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::config::DataPlaneConfig;
-use crate::ctl::WorkerEvent;
 use crate::io::batch::{BATCH, Header, RecvBatch, ReplyBatch, UpstreamBatch, max_payload};
 use crate::io::own_addrs::OwnPorts;
 use crate::listener::ListenerKind;
@@ -376,18 +375,10 @@ impl Udp {
             p.out,
             now,
         );
-        admitted.opened();
         if admitted.grant.is_some() {
             p.out.counters().tokens_redeemed.add(1);
         }
-        p.out.report(
-            admitted.kind,
-            WorkerEvent::SessionOpened {
-                backend: admitted.backend,
-                kind: admitted.kind,
-                token: admitted.grant.as_ref().map(|g| g.token),
-            },
-        );
+        admitted.opened(p.out);
         // A token is consumed; anything else is the client's traffic.
         if admitted.grant.is_none() {
             self.forward(p, id, arrival.slot, datagram.len(), now);
