@@ -60,20 +60,6 @@ fn tcp_answers(s: &mut std::net::TcpStream) -> bool {
     true
 }
 
-/// A Service `voice` in `games` whose one ready endpoint is `endpoint`, and a Route on entry
-/// point `voice` to it.
-fn route_to(endpoint: SocketAddr) -> String {
-    format!(
-        "- {{apiVersion: v1, kind: Service, metadata: {{name: voice, namespace: games}}, spec: {{ports: [{{name: voice, port: 5000}}]}}}}\n\
-         - {{apiVersion: discovery.k8s.io/v1, kind: EndpointSlice, metadata: {{name: voice-1, namespace: games, labels: {{kubernetes.io/service-name: voice}}}}, \
-         ports: [{{name: voice, port: {}}}], endpoints: [{{addresses: [\"{}\"], conditions: {{ready: true}}}}]}}\n\
-         - {{apiVersion: udp-director.dev/v1alpha1, kind: Route, metadata: {{name: voice, namespace: games}}, \
-         spec: {{entryPoint: voice, rules: [{{backends: [{{service: voice, port: voice}}]}}]}}}}\n",
-        endpoint.port(),
-        endpoint.ip()
-    )
-}
-
 fn open_fds(proxy: &Proxy) -> usize {
     std::fs::read_dir(format!("/proc/{}/fd", proxy.child.id()))
         .unwrap()

@@ -288,3 +288,17 @@ pub fn run_binary(args: &[&str]) -> (i32, String, String) {
         String::from_utf8_lossy(&out.stderr).into(),
     )
 }
+
+/// A Service `voice` in `games` whose one ready endpoint is `endpoint`, and a Route on entry
+/// point `voice` to it.
+pub fn route_to(endpoint: SocketAddr) -> String {
+    format!(
+        "- {{apiVersion: v1, kind: Service, metadata: {{name: voice, namespace: games}}, spec: {{ports: [{{name: voice, port: 5000}}]}}}}\n\
+         - {{apiVersion: discovery.k8s.io/v1, kind: EndpointSlice, metadata: {{name: voice-1, namespace: games, labels: {{kubernetes.io/service-name: voice}}}}, \
+         ports: [{{name: voice, port: {}}}], endpoints: [{{addresses: [\"{}\"], conditions: {{ready: true}}}}]}}\n\
+         - {{apiVersion: udp-director.dev/v1alpha1, kind: Route, metadata: {{name: voice, namespace: games}}, \
+         spec: {{entryPoint: voice, rules: [{{backends: [{{service: voice, port: voice}}]}}]}}}}\n",
+        endpoint.port(),
+        endpoint.ip()
+    )
+}
