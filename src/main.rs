@@ -203,7 +203,6 @@ fn embedded_default() -> anyhow::Result<Config> {
 
 /// Runs the proxy on `config`, loaded from `path` (reloaded from it on SIGHUP or a change).
 fn run(config: Arc<Config>, path: Option<PathBuf>) -> anyhow::Result<()> {
-    raise_fd_limit(&config);
     check_fd_budget(&config)?;
     let plane = dataplane::DataPlane::start(config.dataplane()).context("data plane")?;
     let control = control::start(Arc::clone(&config), path, &plane).context("control plane")?;
@@ -320,62 +319,4 @@ fn open_file_hard_limit() -> u64 {
         return u64::MAX;
     }
     limit.rlim_max
-}
-
-/// Raises the open-file soft limit to the hard limit (a TCP session holds two sockets), and
-/// says so when even that is below what `maxSessions` asks of TCP data ports.
-fn raise_fd_limit(config: &Config) {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
-    let soft = unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut limit) != 0 {
-            return;
-        }
-        if limit.rlim_cur < limit.rlim_max {
-            let raised = libc::rlimit {
-                rlim_cur: limit.rlim_max,
-                rlim_max: limit.rlim_max,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &raw const raised) == 0 {
-                log::info!(
-                    "open-file limit raised from {} to {}",
-                    limit.rlim_cur,
-                    limit.rlim_max
-                );
-                limit = raised;
-            } else {
-                log::warn!(
-                    "could not raise the open-file limit from {}",
-                    limit.rlim_cur
-                );
-            }
-        }
-        limit.rlim_cur
-    };
-    // UDP sessions share upstream sockets, but sessions to one backend address need one
-    // socket each; a TCP session holds two descriptors (client and backend connection).
-    if (soft as u128) < config.max_sessions as u128 {
-        log::info!(
-            "open-file limit {soft}: UDP sessions share upstream sockets, but the sessions to \
-             one backend address need a socket each, so one backend takes at most about {soft} \
-             of maxSessions ({})",
-            config.max_sessions
-        );
-    }
-    let tcp = config
-        .data_ports
-        .iter()
-        .any(|p| p.protocol == control::config::Protocol::Tcp);
-    if tcp && (soft as u128) < 2 * config.max_sessions as u128 {
-        log::warn!(
-            "the open-file limit is {soft}: with two descriptors per TCP session, about {} TCP \
-             sessions fit, fewer than maxSessions ({}); more are refused as upstream_setup. \
-             Raise the hard limit (LimitNOFILE, ulimit -Hn)",
-            soft / 2,
-            config.max_sessions
-        );
-    }
 }
