@@ -266,6 +266,17 @@ impl Reconciler {
                     None
                 }
                 Ok(()) => match self.resolve(host, snapshot, current.map(|t| t.ip()), now) {
+                    // A literal IP or a Service address that no session could be sent to: the
+                    // listener would look ready while dropping every datagram.
+                    Ok(ip) if let Some(why) = resolve::not_unicast(ip) => {
+                        report.problems.push(format!(
+                            "{}: target {} is {why}, not a unicast address: nothing could be \
+                             forwarded there",
+                            claim.label(),
+                            SocketAddr::new(ip, claim.port.target_port)
+                        ));
+                        None
+                    }
                     Ok(ip) if let Some(holder) = self.loops_back(&claims, claim, ip) => {
                         report.problems.push(format!(
                             "{}: target {} is this proxy's own {holder}: it would forward \

@@ -3,7 +3,8 @@
 //! or for a headless Service its first ready endpoint), so a change applies when the watch
 //! delivers it; any other name is looked up by DNS every `resolveIntervalSeconds`, and a failed
 //! lookup keeps the last good address. [`DnsCache`] is the sans-io part of the DNS side: which
-//! names are due, and what each resolved to.
+//! names are due, and what each resolved to. [`not_unicast`] is the one test of whether an
+//! address can be a target at all, for forwarders and route endpoints alike.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -12,6 +13,25 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::inventory::{SERVICE_NAME_LABEL, Snapshot};
+
+/// Why `ip` cannot be a target (`None`: it can): the unspecified address, the limited broadcast
+/// address or a multicast address. The data plane refuses to open a session to one (every
+/// datagram would fail or spray a network), so a target or endpoint that is one is refused where
+/// it enters, with this reason in its status, instead of looking ready while nothing passes. An
+/// IPv4-mapped IPv6 address counts as its IPv4 address, as the data plane sees it. A subnet's
+/// broadcast address cannot be told from the address alone and is not caught.
+pub fn not_unicast(ip: IpAddr) -> Option<&'static str> {
+    let ip = ip.to_canonical();
+    if ip.is_unspecified() {
+        Some("the unspecified address")
+    } else if ip.is_multicast() {
+        Some("a multicast address")
+    } else if matches!(ip, IpAddr::V4(v4) if v4.is_broadcast()) {
+        Some("the broadcast address")
+    } else {
+        None
+    }
+}
 
 /// What kind of name a `targetHost` is.
 #[derive(Clone, Debug, Eq, PartialEq)]
@@ -88,8 +108,18 @@ pub fn service_address(
         .filter(|e| e.pointer("/conditions/ready") != Some(&Value::Bool(false)))
         .filter_map(|e| e.pointer("/addresses/0")?.as_str()?.parse().ok())
         .collect();
-    pick(&ready, current)
-        .ok_or_else(|| format!("headless Service {namespace}/{name} has no ready endpoint"))
+    let total = ready.len();
+    let unicast: Vec<IpAddr> = ready
+        .into_iter()
+        .filter(|ip| not_unicast(*ip).is_none())
+        .collect();
+    pick(&unicast, current).ok_or_else(|| match total - unicast.len() {
+        0 => format!("headless Service {namespace}/{name} has no ready endpoint"),
+        n => format!(
+            "headless Service {namespace}/{name} has no ready endpoint with a unicast address \
+             ({n} left out)"
+        ),
+    })
 }
 
 /// `current` if it is among `addrs`, else the first IPv4 address, else the first: an answer
@@ -179,6 +209,22 @@ impl DnsCache {
             return false; // forgotten meanwhile
         };
         e.due = Some(now + interval);
+        // Only a unicast answer can be a target; an answer with none counts as a failed lookup
+        // (the last good address stays).
+        let result = result.and_then(|addrs| {
+            let unicast: Vec<IpAddr> = addrs
+                .iter()
+                .copied()
+                .filter(|ip| not_unicast(*ip).is_none())
+                .collect();
+            match addrs.first() {
+                Some(first) if unicast.is_empty() => Err(format!(
+                    "it answers with no unicast address ({first} is {})",
+                    not_unicast(*first).unwrap_or("not unicast")
+                )),
+                _ => Ok(unicast),
+            }
+        });
         match result.and_then(|addrs| pick(&addrs, e.addr).ok_or_else(|| "no address".into())) {
             Ok(addr) => {
                 let changed = e.addr != Some(addr) || e.error.is_some();
@@ -205,6 +251,71 @@ mod tests {
     use super::*;
     use crate::inventory::{Object, Snapshot};
     use std::sync::Arc;
+
+    #[test]
+    fn only_unicast_addresses_can_be_targets() {
+        for (bad, why) in [
+            ("0.0.0.0", "the unspecified address"),
+            ("::", "the unspecified address"),
+            ("255.255.255.255", "the broadcast address"),
+            ("::ffff:255.255.255.255", "the broadcast address"),
+            ("224.0.0.1", "a multicast address"),
+            ("239.255.255.250", "a multicast address"),
+            ("ff02::1", "a multicast address"),
+            ("::ffff:224.0.0.1", "a multicast address"),
+        ] {
+            assert_eq!(not_unicast(bad.parse().unwrap()), Some(why), "{bad}");
+        }
+        for good in [
+            "10.0.0.1",
+            "127.0.0.1",
+            "192.168.1.255",
+            "223.255.255.255",
+            "240.0.0.1",
+            "::1",
+            "2001:db8::1",
+            "::ffff:10.0.0.1",
+        ] {
+            assert_eq!(not_unicast(good.parse().unwrap()), None, "{good}");
+        }
+    }
+
+    #[test]
+    fn a_name_that_answers_with_no_unicast_address_does_not_resolve() {
+        let mut dns = DnsCache::default();
+        let t0 = Instant::now();
+        let every = Duration::from_secs(30);
+        dns.lookup("mcast", t0).unwrap_err();
+        dns.take_due(t0);
+        let group: IpAddr = "224.0.0.1".parse().unwrap();
+        let host: IpAddr = "10.0.0.5".parse().unwrap();
+        dns.answered("mcast", Ok(vec![group]), t0, every);
+        assert_eq!(
+            dns.lookup("mcast", t0),
+            Err(
+                "targetHost mcast does not resolve: it answers with no unicast address \
+                 (224.0.0.1 is a multicast address)"
+                    .into()
+            )
+        );
+        dns.answered("mcast", Ok(vec![group, host]), t0, every);
+        assert_eq!(
+            dns.lookup("mcast", t0),
+            Ok(host),
+            "the unicast answer is taken"
+        );
+        assert!(dns.answered("mcast", Ok(vec![group]), t0, every));
+        assert_eq!(
+            dns.lookup("mcast", t0),
+            Ok(host),
+            "the last good address stays"
+        );
+        assert!(
+            dns.stale_reason("mcast")
+                .unwrap()
+                .contains("no unicast address")
+        );
+    }
 
     #[test]
     fn hosts_are_told_apart() {
@@ -256,6 +367,11 @@ mod tests {
   kind: EndpointSlice
   metadata: {name: hl-a, namespace: g, labels: {kubernetes.io/service-name: hl}}
   endpoints: [{addresses: [10.1.0.1], conditions: {ready: false}}, {addresses: [10.1.0.2]}, {addresses: [10.1.0.3]}]
+- {apiVersion: v1, kind: Service, metadata: {name: mc, namespace: g}, spec: {clusterIP: None}}
+- apiVersion: discovery.k8s.io/v1
+  kind: EndpointSlice
+  metadata: {name: mc-a, namespace: g, labels: {kubernetes.io/service-name: mc}}
+  endpoints: [{addresses: [224.0.0.1]}, {addresses: [0.0.0.0]}]
 "#,
         );
         assert_eq!(
@@ -280,6 +396,13 @@ mod tests {
         assert_eq!(
             service_address(&s, "other", "vip", None),
             Err("Service other/vip not found".into())
+        );
+        assert_eq!(
+            service_address(&s, "g", "mc", None),
+            Err(
+                "headless Service g/mc has no ready endpoint with a unicast address (2 left out)"
+                    .into()
+            )
         );
     }
 
