@@ -294,9 +294,9 @@ pub(crate) fn view_of(
     let full = r.full_name();
     RouteView {
         entry_point: r.spec.entry_point.clone(),
-        ready: report.problems.is_empty(),
+        ready: report.ready(),
         ready_endpoints: report.ready_endpoints,
-        message: (!report.problems.is_empty()).then(|| report.problems.join("; ")),
+        message: report.message(),
         sessions: counters
             .sessions
             .iter()
