@@ -27,6 +27,21 @@ fn session_for(proxy: &Proxy, query: &str) -> std::net::UdpSocket {
     c
 }
 
+/// Files the inventory refused so far for `reason`.
+fn refusals(proxy: &Proxy, reason: &str) -> f64 {
+    proxy.metric(&format!(
+        r#"udp_director_inventory_file_refusals_total{{reason="{reason}"}}"#
+    ))
+}
+
+/// Waits until the inventory has looked at the file and refused it for `reason` once more
+/// than `before`: the refusal was seen, not only nothing changed.
+fn refused_once_more(proxy: &Proxy, reason: &str, before: f64) {
+    proxy.eventually(&format!("the file refused as {reason}"), |p| {
+        refusals(p, reason) > before
+    });
+}
+
 fn still_forwards(proxy: &Proxy, c: &std::net::UdpSocket, what: &str) {
     c.send_to(what.as_bytes(), proxy.data_addr()).unwrap();
     assert_eq!(expect_datagram(c), what.as_bytes(), "after {what}");
@@ -53,23 +68,56 @@ fn inventory_edits_that_are_not_whole_keep_every_session() {
     );
     let path = proxy.dir.join("inventory.yaml");
     let settle = || std::thread::sleep(Duration::from_millis(400));
+    for reason in ["empty", "parse_error", "invalid_object", "too_large"] {
+        assert_eq!(
+            refusals(&proxy, reason),
+            0.0,
+            "{reason} shows from the start"
+        );
+    }
+    let rejected = |p: &Proxy, kind: &str| {
+        p.metric(&format!(
+            r#"udp_director_inventory_rejected_objects_total{{kind="{kind}"}}"#
+        ))
+    };
 
     // Emptied in place (`: > inventory.yaml`).
     std::fs::write(&path, "").unwrap();
-    settle();
+    refused_once_more(&proxy, "empty", 0.0);
     still_forwards(&proxy, &c, "emptied");
 
     // Cut off in the middle of the second object: in a flow mapping (invalid YAML), and at a
     // line boundary (valid YAML whose last object has no kind or name).
     std::fs::write(&path, &good[..good.len() - 40]).unwrap();
-    settle();
+    refused_once_more(&proxy, "parse_error", 0.0);
     still_forwards(&proxy, &c, "half-written");
     let second = good.rfind("- apiVersion").unwrap();
     let cut = &good[..good[second..].find('\n').unwrap() + second + 1];
     assert!(cut.ends_with("- apiVersion: agones.dev/v1\n"), "{cut}");
     std::fs::write(&path, cut).unwrap();
-    settle();
+    refused_once_more(&proxy, "invalid_object", 0.0);
+    // No kind: counted, under `other`.
+    assert_eq!(rejected(&proxy, "other"), 1.0);
     still_forwards(&proxy, &c, "cut at a line");
+
+    // Names and labels past Kubernetes' limits: a name over 253 characters (it would become
+    // a label of every metric and log line about the server; this file's maxBytes keeps it
+    // short of the 10,000 a careless script writes) and a label key with a space.
+    let long = good.replace("name: gs-b,", &format!("name: {},", "g".repeat(1_000)));
+    let bad_label = good.replace("map: b", "\"bad key\": b");
+    let before = refusals(&proxy, "invalid_object");
+    std::fs::write(&path, &long).unwrap();
+    refused_once_more(&proxy, "invalid_object", before);
+    std::fs::write(&path, &bad_label).unwrap();
+    refused_once_more(&proxy, "invalid_object", before + 1.0);
+    // Counted by the mapping's kind (its resource, as the mapping names no kind).
+    assert_eq!(rejected(&proxy, "gameservers"), 2.0);
+    still_forwards(&proxy, &c, "over the name limits");
+    let (_, metrics) = proxy.http("GET", "/metrics");
+    assert!(
+        metrics.lines().all(|l| l.len() < 512),
+        "a long name reached a metric line"
+    );
 
     // Grown past inventory.maxBytes.
     let huge: String = (0..60)
@@ -77,7 +125,7 @@ fn inventory_edits_that_are_not_whole_keep_every_session() {
         .collect();
     assert!(huge.len() > 4096);
     std::fs::write(&path, &huge).unwrap();
-    settle();
+    refused_once_more(&proxy, "too_large", 0.0);
     still_forwards(&proxy, &c, "over maxBytes");
     assert_eq!(
         proxy.metric(r#"udp_director_inventory_objects{resource_type="gameserver"}"#),

@@ -43,9 +43,11 @@ fn servers_added_and_removed_live() {
     let first = expect_datagram(&to_a);
     assert_eq!(proxy.sessions().len(), 2, "{first:?}");
 
-    // A bad file keeps the last good inventory.
+    // A bad file is refused (seen, and counted) and the last good inventory stays.
+    let parse_errors = r#"udp_director_inventory_file_refusals_total{reason="parse_error"}"#;
+    assert_eq!(proxy.metric(parse_errors), 0.0);
     proxy.write_inventory("items: [unclosed");
-    std::thread::sleep(Duration::from_millis(300));
+    proxy.eventually("the bad file refused", |p| p.metric(parse_errors) == 1.0);
     assert!(proxy.query(NEW).get("token").is_some());
 
     // Removed: its sessions end, the other's continue.

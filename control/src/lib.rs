@@ -82,7 +82,7 @@ pub enum ControlError {
 /// The configured inventory source.
 #[derive(Debug)]
 enum Source {
-    File(FileSource),
+    File(Box<FileSource>),
     Kube(Box<KubeSource>),
 }
 
@@ -142,20 +142,23 @@ pub fn start(
         }
         InventoryConfig::File { .. } => None,
     };
+    let rejections = inventory::Rejections::default();
     let source = match &config.inventory {
         InventoryConfig::File {
             path,
             poll_interval,
             max_bytes,
-        } => Source::File(FileSource::new(
+        } => Source::File(Box::new(FileSource::new(
             path.clone(),
             *poll_interval,
             *max_bytes,
             config.mappings.clone(),
-        )),
+            rejections.clone(),
+        ))),
         InventoryConfig::Kubernetes { .. } => Source::Kube(Box::new(KubeSource::new(
             kube.clone().expect("a client for the Kubernetes inventory"),
             &config,
+            rejections.clone(),
         ))),
     };
     let authorizer = admin::auth::Authorizer::new(
@@ -181,7 +184,7 @@ pub fn start(
 
     let controller = plane.controller();
     let (inventory_tx, inventory_rx) = watch::channel(Arc::new(Snapshot::default()));
-    let metrics = Metrics::new(controller.clone(), inventory_rx.clone());
+    let metrics = Metrics::new(controller.clone(), inventory_rx.clone(), &rejections);
     // The running config, replaced whole by a reload.
     let (live_tx, live_rx) = watch::channel(Arc::clone(&config));
     let reloader = config_path.map(|path| {

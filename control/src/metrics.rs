@@ -16,7 +16,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 
-use crate::inventory::Snapshot;
+use crate::inventory::{Rejections, Snapshot};
 use crate::query::ErrorCode;
 
 type ResultLabel = [(&'static str, &'static str); 1];
@@ -33,8 +33,13 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    /// Registers every metric; the collector reads `controller` and `inventory` at scrape time.
-    pub fn new(controller: Controller, inventory: watch::Receiver<Arc<Snapshot>>) -> Arc<Self> {
+    /// Registers every metric; the collector reads `controller` and `inventory` at scrape time,
+    /// and the inventory source counts what it refuses on `rejections`.
+    pub fn new(
+        controller: Controller,
+        inventory: watch::Receiver<Arc<Snapshot>>,
+        rejections: &Rejections,
+    ) -> Arc<Self> {
         let mut registry = Registry::default();
         let queries = Family::<ResultLabel, Counter>::default();
         // 25 µs … ~0.4 s.
@@ -51,6 +56,7 @@ impl Metrics {
              change that needs a restart) or invalid",
             reloads.clone(),
         );
+        rejections.register(&mut registry);
         registry.register(
             "udp_director_queries",
             "Queries answered, by result (ok or an error code)",

@@ -4,18 +4,22 @@
 //! A file is applied only whole and settled (SPEC section 8): a file whose size, mtime or inode
 //! changed since the last poll is still being written and is looked at again on the next one;
 //! an empty file, a file over `maxBytes`, something that is not a regular file, invalid YAML or
-//! any invalid object is refused with the reason, and the last good inventory stays. An
-//! operator who wants an empty inventory writes an explicit empty list (`[]`). Reading and
-//! parsing run on a blocking thread, never on the control thread that answers queries.
+//! any invalid object (missing metadata, a name or label past Kubernetes' limits, see
+//! [`super::names`]) is refused with the reason, and the last good inventory stays. An
+//! operator who wants an empty inventory writes an explicit empty list (`[]`). Each refusal is
+//! counted by reason, and each invalid object by kind ([`Rejections`]). Reading and parsing
+//! run on a blocking thread, never on the control thread that answers queries.
 
 use std::collections::BTreeMap;
 use std::io::Read;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use serde_json::Value;
 
-use super::{InventoryError, InventorySource, Object, Snapshot};
+use super::rejections::{FileRefusal, Rejections, kind_label};
+use super::{InventoryError, InventorySource, Object, Snapshot, names};
 use crate::config::Mapping;
 
 /// A YAML file of objects (multi-document, or `kind: List` with `items`, as `kubectl get -o yaml`
@@ -34,6 +38,8 @@ pub struct FileSource {
     judged: Option<Stamp>,
     /// Content of the last applied file: a rewrite with the same bytes changes nothing.
     applied: Option<Vec<u8>>,
+    /// Refused files and invalid objects, counted.
+    rejections: Rejections,
 }
 
 /// What identifies one version of the file without reading it.
@@ -69,12 +75,15 @@ impl Stamp {
 
 impl FileSource {
     /// A source for `path`, checked every `poll_interval`; files over `max_bytes` are refused.
+    /// Refusals are counted on `rejections`.
     pub fn new(
         path: PathBuf,
         poll_interval: Duration,
         max_bytes: u64,
         mappings: BTreeMap<String, Mapping>,
+        rejections: Rejections,
     ) -> Self {
+        rejections.show_file_reasons();
         Self {
             path,
             poll_interval,
@@ -83,11 +92,21 @@ impl FileSource {
             seen: None,
             judged: None,
             applied: None,
+            rejections,
         }
     }
 
     /// One look at the file: `None` while it is unchanged or not settled, else what to report.
+    /// A refusal is counted here, once per version of the file.
     async fn poll_once(&mut self) -> Option<Result<Snapshot, InventoryError>> {
+        let result = self.look().await;
+        if let Some(Err(e)) = &result {
+            self.rejections.count_file(e.refusal());
+        }
+        result
+    }
+
+    async fn look(&mut self) -> Option<Result<Snapshot, InventoryError>> {
         let path = self.path.clone();
         let stamp = tokio::task::spawn_blocking(move || Stamp::of(&path))
             .await
@@ -110,13 +129,16 @@ impl FileSource {
         let max_bytes = self.max_bytes;
         let mappings = self.mappings.clone();
         let previous = self.applied.take();
-        let outcome =
-            tokio::task::spawn_blocking(move || load(&path, stamp, max_bytes, &mappings, previous))
-                .await;
+        let rejections = self.rejections.clone();
+        let outcome = tokio::task::spawn_blocking(move || {
+            load(&path, stamp, max_bytes, &mappings, previous, &rejections)
+        })
+        .await;
         let Ok((applied, loaded)) = outcome else {
             self.judged = Some(stamp);
             return Some(Err(InventoryError::Refused {
                 path: self.path.clone(),
+                cause: FileRefusal::ReadError,
                 reason: "the reader thread failed".into(),
             }));
         };
@@ -124,6 +146,11 @@ impl FileSource {
         match loaded {
             Loaded::Moving(now) => {
                 // Written to while it was read: judge it again once it is still.
+                log::debug!(
+                    "inventory: {} changed while it was read; reading it again once it is still",
+                    self.path.display()
+                );
+                self.rejections.count_file(FileRefusal::Unsettled);
                 self.seen = Some(now);
                 None
             }
@@ -146,6 +173,7 @@ impl FileSource {
         match kind {
             std::io::ErrorKind::InvalidInput => InventoryError::Refused {
                 path: self.path.clone(),
+                cause: FileRefusal::NotRegular,
                 reason: "not a regular file".into(),
             },
             kind => InventoryError::Read {
@@ -169,24 +197,42 @@ enum Loaded {
 }
 
 /// Reads at most `max_bytes + 1` bytes, checks the file did not change meanwhile, parses it and
-/// builds the snapshot. Returns the content to remember as applied, and the outcome. Runs on a
-/// blocking thread.
+/// builds the snapshot; invalid objects are counted on `rejections`. Returns the content to
+/// remember as applied, and the outcome. Runs on a blocking thread.
 fn load(
     path: &Path,
     stamp: Stamp,
     max_bytes: u64,
     mappings: &BTreeMap<String, Mapping>,
     previous: Option<Vec<u8>>,
+    rejections: &Rejections,
 ) -> (Option<Vec<u8>>, Loaded) {
-    let refuse = |reason: String| {
+    let refuse = |cause: FileRefusal, reason: String| {
         Loaded::Refused(InventoryError::Refused {
             path: path.to_owned(),
+            cause,
             reason,
         })
     };
     let mut bytes = Vec::new();
-    let read = std::fs::File::open(path)
-        .and_then(|f| f.take(max_bytes.saturating_add(1)).read_to_end(&mut bytes));
+    // Non-blocking, so a FIFO swapped in since the stamp cannot hold this thread; a regular
+    // file reads the same either way.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path);
+    let read = file.and_then(|f| {
+        if !f.metadata()?.is_file() {
+            return Ok(false);
+        }
+        f.take(max_bytes.saturating_add(1))
+            .read_to_end(&mut bytes)?;
+        Ok(true)
+    });
+    if let Ok(false) = read {
+        let reason = "not a regular file".to_string();
+        return (previous, refuse(FileRefusal::NotRegular, reason));
+    }
     if let Err(source) = read {
         let e = InventoryError::Read {
             path: path.to_owned(),
@@ -202,16 +248,17 @@ fn load(
         let reason = format!(
             "larger than inventory.maxBytes ({max_bytes} bytes); raise it or split the fleet"
         );
-        return (previous, refuse(reason));
+        return (previous, refuse(FileRefusal::TooLarge, reason));
     }
     if previous.as_deref() == Some(bytes.as_slice()) {
         return (previous, Loaded::Unchanged);
     }
     if bytes.iter().all(u8::is_ascii_whitespace) {
         let reason = "the file is empty (write `[]` for an empty inventory)".to_string();
-        return (previous, refuse(reason));
+        return (previous, refuse(FileRefusal::Empty, reason));
     }
-    match parse_objects(&bytes, path) {
+    let count = &mut |kind: Option<&str>| rejections.count_object(&kind_label(kind, mappings));
+    match parse_checking(&bytes, path, count) {
         Ok(objects) => {
             let snapshot = Snapshot::build(objects, mappings);
             (Some(bytes), Loaded::Snapshot(snapshot))
@@ -239,9 +286,20 @@ impl InventorySource for FileSource {
 }
 
 /// Parses a YAML stream of objects; `List` documents and top-level sequences are flattened.
-/// The whole file is refused when any object lacks the basic metadata, or when the file holds
-/// no list and no object (say `[]` to mean "no objects").
+/// The whole file is refused when any object lacks the basic metadata or breaks Kubernetes'
+/// limits on names and labels, or when the file holds no list and no object (say `[]` to mean
+/// "no objects").
 pub fn parse_objects(bytes: &[u8], path: &Path) -> Result<Vec<Object>, InventoryError> {
+    parse_checking(bytes, path, &mut |_| {})
+}
+
+/// [`parse_objects`], calling `invalid` with the kind (when it has one) of each invalid
+/// object: every object is checked, so each is counted, and the reason names the first.
+fn parse_checking(
+    bytes: &[u8],
+    path: &Path,
+    invalid: &mut dyn FnMut(Option<&str>),
+) -> Result<Vec<Object>, InventoryError> {
     use serde::Deserialize;
     let mut values = Vec::new();
     let mut explicit_list = false;
@@ -268,31 +326,73 @@ pub fn parse_objects(bytes: &[u8], path: &Path) -> Result<Vec<Object>, Inventory
     if values.is_empty() && !explicit_list {
         return Err(InventoryError::Refused {
             path: path.to_owned(),
+            cause: FileRefusal::Empty,
             reason: "no objects and no list (write `[]` for an empty inventory)".into(),
         });
     }
-    values
-        .into_iter()
-        .enumerate()
-        .map(|(i, v)| {
-            let refused = |e: String| InventoryError::Refused {
+    let mut objects = Vec::with_capacity(values.len());
+    let mut first_error: Option<String> = None;
+    let mut more_errors = 0usize;
+    for (i, value) in values.into_iter().enumerate() {
+        match check_object(value) {
+            Ok(object) if first_error.is_none() => objects.push(object),
+            // The file is refused already: the rest is only checked and counted.
+            Ok(_) => {}
+            Err((kind, why)) => {
+                invalid(kind.as_deref());
+                if first_error.is_none() {
+                    first_error = Some(format!("object #{i}{why}"));
+                    objects = Vec::new();
+                } else {
+                    more_errors += 1;
+                }
+            }
+        }
+    }
+    match first_error {
+        None => Ok(objects),
+        Some(mut reason) => {
+            if more_errors > 0 {
+                reason.push_str(&format!(" (and {more_errors} more invalid objects)"));
+            }
+            Err(InventoryError::Refused {
                 path: path.to_owned(),
-                reason: format!("object #{i}: {e}"),
-            };
-            let object = Object::from_value(v).map_err(refused)?;
-            // A forwarder is checked here, so a typo refuses the file (and keeps the running
-            // forwarders) instead of closing a listener.
-            if crate::forwarder::is_forwarder(&object) {
-                crate::forwarder::ForwarderObject::from_object(&object)
-                    .map_err(|e| refused(format!("Forwarder {}: {e}", object.name)))?;
-            }
-            if crate::route::is_route(&object) {
-                crate::route::RouteObject::from_object(&object)
-                    .map_err(|e| refused(format!("Route {}: {e}", object.name)))?;
-            }
-            Ok(object)
-        })
-        .collect()
+                cause: FileRefusal::InvalidObject,
+                reason,
+            })
+        }
+    }
+}
+
+/// One object of a file, checked: its metadata, Kubernetes' limits on its name and labels,
+/// and, for a Forwarder or a Route, its spec. An error gives the object's kind (for the
+/// counter) and the reason, to follow `object #i`.
+fn check_object(value: Value) -> Result<Object, (Option<String>, String)> {
+    let kind = value.get("kind").and_then(Value::as_str).map(str::to_owned);
+    let object = match Object::from_value(value) {
+        Ok(o) => o,
+        Err(e) => return Err((kind, format!(": {e}"))),
+    };
+    let failed = |why: String| {
+        let shown = format!(" ({})", names::quote(&object.kind));
+        Err((Some(object.kind.clone()), format!("{shown}: {why}")))
+    };
+    if let Err(why) = names::check_metadata(&object.name, &object.namespace, &object.labels) {
+        return failed(why);
+    }
+    // A forwarder is checked here, so a typo refuses the file (and keeps the running
+    // forwarders) instead of closing a listener.
+    if crate::forwarder::is_forwarder(&object)
+        && let Err(e) = crate::forwarder::ForwarderObject::from_object(&object)
+    {
+        return Err((kind, format!(": Forwarder {}: {e}", object.name)));
+    }
+    if crate::route::is_route(&object)
+        && let Err(e) = crate::route::RouteObject::from_object(&object)
+    {
+        return Err((kind, format!(": Route {}: {e}", object.name)));
+    }
+    Ok(object)
 }
 
 #[cfg(test)]
@@ -372,6 +472,70 @@ metadata: {name: old-version}
     }
 
     #[test]
+    fn names_and_labels_past_kubernetes_limits_refuse_the_file() {
+        let long = "g".repeat(10_000);
+        for (object, says) in [
+            (
+                format!(
+                    "{{apiVersion: agones.dev/v1, kind: GameServer, metadata: {{name: {long}}}}}"
+                ),
+                "object #1 (`GameServer`): metadata.name `gggg",
+            ),
+            (
+                "{apiVersion: v1, kind: Pod, metadata: {name: Pod_1}}".to_string(),
+                "object #1 (`Pod`): metadata.name `Pod_1`: not a DNS-1123 subdomain",
+            ),
+            (
+                "{apiVersion: v1, kind: Pod, metadata: {name: p, namespace: a.b}}".to_string(),
+                "metadata.namespace `a.b`",
+            ),
+            (
+                "{apiVersion: v1, kind: Pod, metadata: {name: p, labels: {\"a b\": x}}}"
+                    .to_string(),
+                "metadata.labels key `a b`",
+            ),
+            (
+                format!(
+                    "{{apiVersion: v1, kind: Pod, metadata: {{name: p, labels: {{k: {}}}}}}}",
+                    "v".repeat(64)
+                ),
+                "64 characters, over the limit of 63",
+            ),
+        ] {
+            let text =
+                format!("- {{apiVersion: v1, kind: Pod, metadata: {{name: ok}}}}\n- {object}\n");
+            let e = parse_objects(text.as_bytes(), "t.yaml".as_ref()).unwrap_err();
+            assert_eq!(e.refusal(), FileRefusal::InvalidObject);
+            let e = e.to_string();
+            assert!(e.contains(says), "{e}");
+            assert!(e.len() < 300, "{} characters: {e}", e.len());
+        }
+    }
+
+    #[test]
+    fn every_invalid_object_is_counted_by_a_bounded_kind() {
+        let config = Config::from_yaml(CONFIG).unwrap();
+        let text = "- {apiVersion: agones.dev/v1, kind: GameServer, metadata: {name: Bad}}\n\
+                    - {apiVersion: v1, kind: Pod, metadata: {name: ok}}\n\
+                    - {apiVersion: v1, kind: Pod, metadata: {name: Bad}}\n\
+                    - {apiVersion: x/v1, kind: Made-Up, metadata: {name: Bad}}\n\
+                    - {metadata: {name: no-kind}}\n";
+        let rejections = Rejections::default();
+        let count = &mut |kind: Option<&str>| {
+            rejections.count_object(&kind_label(kind, &config.mappings));
+        };
+        let e = parse_checking(text.as_bytes(), "t.yaml".as_ref(), count).unwrap_err();
+        assert!(e.to_string().contains("object #0"), "{e}");
+        assert!(
+            e.to_string().contains("(and 3 more invalid objects)"),
+            "{e}"
+        );
+        assert_eq!(rejections.objects("gameservers"), 1);
+        assert_eq!(rejections.objects("pods"), 1);
+        assert_eq!(rejections.objects("other"), 2);
+    }
+
+    #[test]
     fn only_an_explicit_list_is_empty() {
         for empty in ["[]", "items: []", "apiVersion: v1\nkind: List\nitems: []\n"] {
             let objects = parse_objects(empty.as_bytes(), "t.yaml".as_ref()).unwrap();
@@ -390,6 +554,7 @@ metadata: {name: old-version}
             Duration::from_millis(10),
             max_bytes,
             config.mappings,
+            Rejections::default(),
         )
     }
 
@@ -409,6 +574,7 @@ metadata: {name: old-version}
         let path = dir.join("inv.yaml");
         std::fs::write(&path, gameservers(2)).unwrap();
         let mut src = source(&path, 4096);
+        let refused = src.rejections.clone();
         let first = src.poll_once().await.unwrap().unwrap();
         assert_eq!(
             first.by_mapping["gameserver"].len(),
@@ -432,12 +598,14 @@ metadata: {name: old-version}
             src.poll_once().await.is_none(),
             "a refusal is reported once"
         );
+        assert_eq!(refused.files(FileRefusal::Empty), 1, "and counted once");
 
         // Over maxBytes: refused.
         std::fs::write(&path, gameservers(200)).unwrap();
         assert!(src.poll_once().await.is_none());
         let e = src.poll_once().await.unwrap().unwrap_err();
         assert!(e.to_string().contains("maxBytes"), "{e}");
+        assert_eq!(refused.files(FileRefusal::TooLarge), 1);
 
         // Not a regular file (a symlink to a device).
         std::fs::remove_file(&path).unwrap();
@@ -445,7 +613,16 @@ metadata: {name: old-version}
         assert!(src.poll_once().await.is_none());
         let e = src.poll_once().await.unwrap().unwrap_err();
         assert!(e.to_string().contains("not a regular file"), "{e}");
+        assert_eq!(refused.files(FileRefusal::NotRegular), 1);
         std::fs::remove_file(&path).unwrap();
+
+        // An invalid object: the file refused, the object counted by its mapping's kind.
+        std::fs::write(&path, gameservers(2).replace("gs-1", "GS_1")).unwrap();
+        assert!(src.poll_once().await.is_none());
+        let e = src.poll_once().await.unwrap().unwrap_err();
+        assert!(e.to_string().contains("metadata.name `GS_1`"), "{e}");
+        assert_eq!(refused.files(FileRefusal::InvalidObject), 1);
+        assert_eq!(refused.objects("gameservers"), 1);
 
         // Fixed: applied again; an explicit empty list empties it.
         std::fs::write(&path, gameservers(1)).unwrap();

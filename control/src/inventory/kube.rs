@@ -12,6 +12,10 @@
 //! (0.5 s doubling to 30 s) and re-lists. A re-list, rather than resuming the watch from its
 //! resourceVersion, is what makes "stale" end at a known point: the cache is again exactly the
 //! server's state. Until then queries are answered from the last state.
+//!
+//! An object a watch delivers that cannot be read (no name, a name or label past Kubernetes'
+//! limits, which an API server enforces but a proxy does not take on trust) is skipped, logged
+//! and counted by the watch's kind ([`Rejections`]); it never fails the watch.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -26,8 +30,8 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 
 use super::{
-    ENDPOINT_SLICE_API_VERSION, InventoryError, InventorySource, Object, SERVICE_API_VERSION,
-    SERVICE_NAME_LABEL, Snapshot, sort_by_name,
+    ENDPOINT_SLICE_API_VERSION, InventoryError, InventorySource, Object, Rejections,
+    SERVICE_API_VERSION, SERVICE_NAME_LABEL, Snapshot, names, sort_by_name,
 };
 use crate::config::{Config, InventoryConfig, Locator, Mapping};
 
@@ -405,6 +409,8 @@ pub struct KubeSource {
     started: bool,
     tx: mpsc::UnboundedSender<(usize, Change)>,
     rx: mpsc::UnboundedReceiver<(usize, Change)>,
+    /// Objects skipped, counted by kind.
+    rejections: Rejections,
 }
 
 impl std::fmt::Debug for KubeSource {
@@ -419,7 +425,8 @@ impl std::fmt::Debug for KubeSource {
 
 impl KubeSource {
     /// A source for `config`'s mappings; the watches start on the first [`InventorySource::next`].
-    pub fn new(client: Client, config: &Config) -> Self {
+    /// Objects skipped are counted on `rejections`.
+    pub fn new(client: Client, config: &Config, rejections: Rejections) -> Self {
         let plans = plan(config);
         let inventory_namespaces: Vec<Option<String>> = match &config.inventory {
             InventoryConfig::Kubernetes { namespaces, .. } if !namespaces.is_empty() => {
@@ -466,6 +473,7 @@ impl KubeSource {
             started: false,
             tx,
             rx,
+            rejections,
         }
     }
 
@@ -476,10 +484,11 @@ impl KubeSource {
             if let Some(selector) = &plan.label_selector {
                 config = config.labels(selector);
             }
-            let (client, namespace, tx) = (
+            let (client, namespace, tx, rejections) = (
                 self.client.clone(),
                 watch.namespace.clone(),
                 self.tx.clone(),
+                self.rejections.clone(),
             );
             let mut resource = plan.resource.clone();
             // UDPRoute and TCPRoute are served at v1 or, from the Gateway API's experimental
@@ -494,7 +503,7 @@ impl KubeSource {
                     Some(ns) => Api::namespaced_with(client, ns, &resource),
                     None => Api::all_with(client, &resource),
                 };
-                run_watch(api, config, resource, id, tx).await;
+                run_watch(api, config, resource, id, tx, rejections).await;
             });
         }
         self.started = true;
@@ -629,13 +638,14 @@ impl InventorySource for KubeSource {
 }
 
 /// Runs one watch for ever: reports every change, and on an error reports it, backs off and
-/// re-lists. Ends when the source is gone.
+/// re-lists. Objects that cannot be read are skipped and counted. Ends when the source is gone.
 async fn run_watch(
     api: Api<DynamicObject>,
     config: watcher::Config,
     resource: ApiResource,
     id: usize,
     tx: mpsc::UnboundedSender<(usize, Change)>,
+    rejections: Rejections,
 ) {
     let mut delay = BACKOFF_MIN;
     loop {
@@ -648,14 +658,14 @@ async fn run_watch(
                     continue;
                 }
                 Some(Ok(Event::InitApply(o))) => {
-                    listing.extend(to_object(o, &resource));
+                    listing.extend(to_object(o, &resource, &rejections));
                     continue;
                 }
                 Some(Ok(Event::InitDone)) => {
                     delay = BACKOFF_MIN;
                     Change::Listed(std::mem::take(&mut listing))
                 }
-                Some(Ok(Event::Apply(o))) => match to_object(o, &resource) {
+                Some(Ok(Event::Apply(o))) => match to_object(o, &resource, &rejections) {
                     Some(o) => Change::Applied(o),
                     None => continue,
                 },
@@ -680,16 +690,26 @@ async fn run_watch(
 
 /// A watched object as the inventory keeps it. `apiVersion` and `kind` come from the watch (list
 /// items of built-in types carry neither), and `managedFields`, often the largest part of an
-/// object and never queried, is dropped to keep the cache small.
-fn to_object(object: DynamicObject, resource: &ApiResource) -> Option<Arc<Object>> {
+/// object and never queried, is dropped to keep the cache small. `None`, counted on
+/// `rejections` under the watch's kind, when the object cannot be read or breaks Kubernetes'
+/// limits on names and labels.
+fn to_object(
+    object: DynamicObject,
+    resource: &ApiResource,
+    rejections: &Rejections,
+) -> Option<Arc<Object>> {
+    let skip = |why: &dyn std::fmt::Display| {
+        log::warn!("inventory: a {} skipped: {why}", resource.kind);
+        rejections.count_object(&resource.kind);
+        None
+    };
     let mut raw = match serde_json::to_value(object) {
         Ok(v) => v,
-        Err(e) => {
-            log::warn!("inventory: a {} could not be read: {e}", resource.kind);
-            return None;
-        }
+        Err(e) => return skip(&format_args!("it could not be read: {e}")),
     };
-    let map = raw.as_object_mut()?;
+    let Some(map) = raw.as_object_mut() else {
+        return skip(&"not an object");
+    };
     map.insert(
         "apiVersion".into(),
         Value::from(resource.api_version.clone()),
@@ -698,13 +718,14 @@ fn to_object(object: DynamicObject, resource: &ApiResource) -> Option<Arc<Object
     if let Some(meta) = map.get_mut("metadata").and_then(Value::as_object_mut) {
         meta.remove("managedFields");
     }
-    match Object::from_value(raw) {
-        Ok(o) => Some(Arc::new(o)),
-        Err(e) => {
-            log::warn!("inventory: a {} skipped: {e}", resource.kind);
-            None
-        }
+    let object = match Object::from_value(raw) {
+        Ok(o) => o,
+        Err(e) => return skip(&e),
+    };
+    if let Err(e) = names::check_metadata(&object.name, &object.namespace, &object.labels) {
+        return skip(&e);
     }
+    Some(Arc::new(object))
 }
 
 #[cfg(test)]
@@ -886,9 +907,28 @@ resourceQueryMapping:
             "status": {"podIP": "10.0.0.1"}
         }))
         .unwrap();
-        let o = to_object(object, &resource).unwrap();
+        let rejections = Rejections::default();
+        let o = to_object(object, &resource, &rejections).unwrap();
         assert_eq!((o.api_version.as_str(), o.kind.as_str()), ("v1", "Pod"));
         assert_eq!(o.raw.pointer("/metadata/managedFields"), None);
         assert_eq!(o.raw["status"]["podIP"], "10.0.0.1");
+        assert_eq!(rejections.objects("Pod"), 0);
+    }
+
+    #[test]
+    fn unreadable_objects_are_skipped_and_counted_by_the_watch_kind() {
+        let resource = core_resource("v1", "Pod", "pods");
+        let rejections = Rejections::default();
+        for metadata in [
+            serde_json::json!({"namespace": "a"}),
+            serde_json::json!({"name": "x".repeat(10_000), "namespace": "a"}),
+            serde_json::json!({"name": "p", "namespace": "a", "labels": {"bad key": "v"}}),
+        ] {
+            let object: DynamicObject =
+                serde_json::from_value(serde_json::json!({ "metadata": metadata })).unwrap();
+            assert!(to_object(object, &resource, &rejections).is_none());
+        }
+        assert_eq!(rejections.objects("Pod"), 3);
+        assert_eq!(rejections.objects("other"), 0);
     }
 }

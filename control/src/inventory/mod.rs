@@ -8,9 +8,12 @@
 
 pub mod file;
 pub mod kube;
+pub mod names;
+pub mod rejections;
 
 pub use file::{FileSource, parse_objects};
 pub use kube::KubeSource;
+pub use rejections::{FileRefusal, Rejections};
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -263,9 +266,22 @@ pub enum InventoryError {
     Refused {
         /// File path.
         path: PathBuf,
-        /// Why.
+        /// Which kind of refusal, for the counter.
+        cause: FileRefusal,
+        /// Why, for the log.
         reason: String,
     },
+}
+
+impl InventoryError {
+    /// The reason a refused file is counted under.
+    pub fn refusal(&self) -> FileRefusal {
+        match self {
+            Self::Read { .. } => FileRefusal::ReadError,
+            Self::Parse { .. } => FileRefusal::ParseError,
+            Self::Refused { cause, .. } => *cause,
+        }
+    }
 }
 
 /// Something that yields the current inventory, then each changed one.
