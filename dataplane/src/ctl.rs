@@ -29,11 +29,16 @@ use crate::policy::session::{SessionKind, SessionStats};
 
 use crate::policy::session::MAX_IDLE_TIMEOUT;
 
+pub mod listing;
+pub use listing::{SessionOrder, SessionPage, SessionQuery};
+
 /// Capacity of each worker's grant channel: outstanding grants a worker has not looked at yet.
 pub(crate) const GRANT_CHANNEL_CAPACITY: usize = 4096;
 
 /// Callback that receives one worker's session listing.
 pub type SessionListReply = Arc<dyn Fn(Vec<SessionInfo>) + Send + Sync>;
+/// Callback that receives one worker's page of a session listing.
+pub type SessionPageReply = Arc<dyn Fn(SessionPage) + Send + Sync>;
 /// Callback that receives how many sessions one worker ended.
 pub type KillReply = Arc<dyn Fn(usize) + Send + Sync>;
 
@@ -79,8 +84,8 @@ pub(crate) enum ControlMsg {
     /// The backend left the inventory: token sessions to it end, default sessions move to the
     /// current default backend (or end if there is none).
     RemoveBackend(BackendId),
-    /// Report every session through the callback.
-    ListSessions(SessionListReply),
+    /// Report the sessions the query asks for through the callback.
+    ListSessions(SessionQuery, SessionPageReply),
     /// End matching sessions and report how many through the callback.
     KillSessions(ClientMatch, KillReply),
     /// Open no new sessions from now on; keep forwarding for existing ones.
@@ -110,7 +115,7 @@ impl std::fmt::Debug for ControlMsg {
             Self::Reconfigure(l) => f.debug_tuple("Reconfigure").field(l).finish(),
             Self::SetDefault(b) => f.debug_tuple("SetDefault").field(b).finish(),
             Self::RemoveBackend(b) => f.debug_tuple("RemoveBackend").field(b).finish(),
-            Self::ListSessions(_) => f.write_str("ListSessions"),
+            Self::ListSessions(q, _) => f.debug_tuple("ListSessions").field(q).finish(),
             Self::KillSessions(m, _) => f.debug_tuple("KillSessions").field(m).finish(),
             Self::Drain => f.write_str("Drain"),
             Self::Shutdown => f.write_str("Shutdown"),
@@ -118,7 +123,7 @@ impl std::fmt::Debug for ControlMsg {
     }
 }
 
-/// Which sessions a kill applies to.
+/// Which sessions a kill (or a listing's client or backend filter) applies to.
 #[derive(Clone, Copy, Debug, Eq, PartialEq)]
 pub enum ClientMatch {
     /// Every session of this client address (on any data port).
@@ -537,10 +542,25 @@ impl Controller {
         self.broadcast(|| ControlMsg::RemoveBackend(backend));
     }
 
-    /// Asks every worker for its sessions; `reply` is called once per worker that got the ask.
-    /// Returns how many workers were asked.
+    /// Asks every worker for all its sessions; `reply` is called once per worker that got the
+    /// ask. Returns how many workers were asked.
     pub fn list_sessions(&self, reply: SessionListReply) -> usize {
-        self.broadcast(|| ControlMsg::ListSessions(Arc::clone(&reply)))
+        self.list_session_page(
+            SessionQuery::default(),
+            Arc::new(move |page: SessionPage| reply(page.sessions)),
+        )
+    }
+
+    /// Asks every worker for its first sessions that `query` admits, in [`SessionOrder`];
+    /// `reply` is called once per worker that got the ask. Returns how many workers were asked.
+    pub fn list_session_page(&self, query: SessionQuery, reply: SessionPageReply) -> usize {
+        self.broadcast(|| ControlMsg::ListSessions(query.clone(), Arc::clone(&reply)))
+    }
+
+    /// The owner of each open (or closing) listener, as it was opened (`data port game`,
+    /// `forwarder games/fw`, `entry point game`), by listener id.
+    pub fn listener_owners(&self) -> Vec<(ListenerId, String)> {
+        self.registry.lock().owners()
     }
 
     /// Ends matching sessions; `reply` is called once per worker with its count. Returns how

@@ -205,6 +205,15 @@ impl PortRegistry {
         Ok((ListenerId(slot as u16), self.next_generation))
     }
 
+    /// The owner of each open or closing listener, by id.
+    pub(crate) fn owners(&self) -> Vec<(ListenerId, String)> {
+        self.open
+            .iter()
+            .enumerate()
+            .filter_map(|(slot, e)| Some((ListenerId(slot as u16), e.as_ref()?.owner.clone())))
+            .collect()
+    }
+
     /// Whether this listener (id and generation) is open and not closing.
     pub(crate) fn is_open(&self, id: ListenerId, generation: u64) -> bool {
         self.open

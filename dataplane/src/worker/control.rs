@@ -60,7 +60,9 @@ impl Worker {
             ControlMsg::Reconfigure(live) => self.reconfigure(&live, now),
             ControlMsg::SetDefault(backend) => self.admission.set_default(backend),
             ControlMsg::RemoveBackend(backend) => self.remove_backend(backend, now),
-            ControlMsg::ListSessions(reply) => reply(self.sessions.list(self.out.id(), now)),
+            ControlMsg::ListSessions(query, reply) => {
+                reply(self.sessions.list(self.out.id(), now, &query));
+            }
             ControlMsg::KillSessions(client, reply) => reply(self.kill_sessions(client)),
             ControlMsg::Drain => self.admission.drain(),
             ControlMsg::Shutdown => self.shutting_down = true,

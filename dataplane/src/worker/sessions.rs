@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 use mio::Registry;
 
 use crate::config::DataPlaneConfig;
-use crate::ctl::{CloseReason, SessionInfo, WorkerEvent};
+use crate::ctl::listing::Smallest;
+use crate::ctl::{CloseReason, SessionInfo, SessionOrder, SessionPage, SessionQuery, WorkerEvent};
 use crate::io::fd_budget::FdBudget;
 use crate::io::own_addrs::OwnPorts;
 use crate::io::splice::Splice;
@@ -182,10 +183,19 @@ impl Sessions {
         ids
     }
 
-    /// Every session, as the admin API lists it.
-    pub(super) fn list(&self, worker: usize, now: Instant) -> Vec<SessionInfo> {
-        self.table
-            .iter()
+    /// The first sessions `query` admits, in listing order, as the admin API lists them, and
+    /// how many it admits in all. Memory in the page size, not in the number of sessions.
+    pub(super) fn list(&self, worker: usize, now: Instant, query: &SessionQuery) -> SessionPage {
+        let mut page = Smallest::new(query.limit);
+        for (_, s) in self.table.iter() {
+            let at = SessionOrder::new(s.key.client, s.key.port, worker);
+            if query.admits(at, s.key.client, s.target) {
+                page.offer(at, s);
+            }
+        }
+        let (chosen, matched) = page.finish();
+        let sessions = chosen
+            .into_iter()
             .map(|(_, s)| SessionInfo {
                 worker,
                 client: s.key.client,
@@ -198,7 +208,8 @@ impl Sessions {
                 idle: now.saturating_duration_since(s.last_active),
                 stats: s.stats,
             })
-            .collect()
+            .collect();
+        SessionPage { sessions, matched }
     }
 
     /// The descriptor of a shared upstream socket.
