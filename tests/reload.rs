@@ -1,7 +1,8 @@
 //! Config reload through the real binary (SPEC §8): a changed default endpoint and timeout
 //! apply under traffic without losing a session or a datagram; a port change and an invalid
 //! file are refused with the key named, and the running config stays; SIGHUP, a ConfigMap-style
-//! symlink swap, and a rotated `tokenSecret` file all reload.
+//! symlink swap, and a rotated `tokenSecret` file all reload; a config swapped for `/dev/zero`
+//! or grown past the cap is refused without being read, while probes keep answering.
 
 mod common;
 
@@ -19,6 +20,24 @@ fn reloads(p: &Proxy, result: &str) -> f64 {
     p.metric(&format!(
         r#"udp_director_config_reloads_total{{result="{result}"}}"#
     ))
+}
+
+/// Sends SIGHUP to the proxy.
+fn hangup(p: &Proxy) {
+    // SAFETY: kill(2) on our own child's pid.
+    assert_eq!(unsafe { libc::kill(p.child.id() as i32, libc::SIGHUP) }, 0);
+}
+
+/// The proxy's resident memory, in bytes.
+fn rss(p: &Proxy) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", p.child.id())).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().strip_suffix("kB"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no VmRSS in {status}"));
+    kib * 1024
 }
 
 /// Replaces a file the way an editor or `kubectl cp` would: a new file renamed over it.
@@ -185,11 +204,7 @@ fn sighup_and_a_configmap_symlink_swap_reload() {
     let dir = &proxy.dir;
 
     // SIGHUP with the file unchanged: a reload all the same.
-    assert_eq!(
-        // SAFETY: kill(2) on our own child's pid.
-        unsafe { libc::kill(proxy.child.id() as i32, libc::SIGHUP) },
-        0
-    );
+    hangup(&proxy);
     proxy.eventually("SIGHUP reloaded", |p| reloads(p, "applied") == 1.0);
 
     // A ConfigMap mount: config.yaml -> ..data/config.yaml, ..data -> a timestamped folder,
@@ -271,4 +286,59 @@ fn a_rotated_token_secret_applies_without_a_restart() {
         redeem(&old.token(READY), &new).as_deref(),
         Some(&b"Aping"[..])
     );
+}
+
+#[test]
+fn a_config_swapped_for_dev_zero_or_grown_past_the_cap_is_refused_unread() {
+    let echo = Echo::tagged(b'A');
+    let config = base_config("");
+    let proxy = Proxy::start(&config, &gameserver("gs-a", "Ready", echo.addr, ""));
+    let path = proxy.dir.join("config.yaml");
+    let before = rss(&proxy);
+    let answers = |p: &Proxy| {
+        assert_eq!(p.http("GET", "/healthz").0, 200);
+        assert!(p.query(READY).get("token").is_some());
+    };
+
+    // A symlink to /dev/zero swapped in (as a ConfigMap update swaps one), then SIGHUP.
+    let link = proxy.dir.join("config.yaml.link");
+    std::os::unix::fs::symlink("/dev/zero", &link).unwrap();
+    std::fs::rename(&link, &path).unwrap();
+    hangup(&proxy);
+    proxy.eventually("the swap refused", |p| {
+        answers(p);
+        reloads(p, "invalid") >= 1.0
+    });
+    let log = proxy.log();
+    assert!(
+        log.contains(&path.display().to_string()) && log.contains("not a regular file"),
+        "{log}"
+    );
+    // Probes and queries keep answering, and nothing was read into memory.
+    for _ in 0..10 {
+        answers(&proxy);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let grown = rss(&proxy).saturating_sub(before);
+    assert!(grown < 64 << 20, "RSS grew by {grown} bytes");
+
+    // A regular file past the cap (1 MiB): refused, naming the cap.
+    let refused = reloads(&proxy, "invalid");
+    replace(&path, &format!("{config}{}\n", "#".repeat(2 << 20)));
+    hangup(&proxy);
+    proxy.eventually("the big file refused", |p| reloads(p, "invalid") > refused);
+    assert!(
+        proxy.log().contains("larger than 1048576 bytes"),
+        "{}",
+        proxy.log()
+    );
+    answers(&proxy);
+    assert_eq!(reloads(&proxy, "applied"), 0.0, "the running config stays");
+
+    // Restored: read and applied again.
+    replace(&path, &config);
+    hangup(&proxy);
+    proxy.eventually("restored", |p| reloads(p, "applied") >= 1.0);
+    let grown = rss(&proxy).saturating_sub(before);
+    assert!(grown < 64 << 20, "RSS grew by {grown} bytes");
 }
