@@ -291,8 +291,8 @@ subjects: [{{kind: ServiceAccount, name: ops, namespace: {ns}}}]
     );
     let (status, body) = remote("GET", "/sessions", Some(&ops));
     assert_eq!(status, 200, "{body}");
-    let sessions: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
-    assert_eq!(sessions.len(), 1, "{body}");
+    let page: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(page["sessions"].as_array().unwrap().len(), 1, "{body}");
 
     assert_eq!(
         remote("DELETE", "/sessions/127.0.0.1", Some(&viewer)).0,

@@ -210,10 +210,20 @@ impl Proxy {
             .map_or(0.0, |v| v.trim().parse().unwrap())
     }
 
+    /// Every live session, following `GET /sessions`'s pages to the last.
     pub fn sessions(&self) -> Vec<serde_json::Value> {
-        let (status, body) = self.http("GET", "/sessions");
-        assert_eq!(status, 200, "{body}");
-        serde_json::from_str::<Vec<serde_json::Value>>(&body).unwrap()
+        let mut all = Vec::new();
+        let mut path = "/sessions".to_string();
+        loop {
+            let (status, body) = self.http("GET", &path);
+            assert_eq!(status, 200, "{body}");
+            let mut page: serde_json::Value = serde_json::from_str(&body).unwrap();
+            all.append(page["sessions"].as_array_mut().expect("a sessions list"));
+            match page["continue"].as_str() {
+                Some(token) => path = format!("/sessions?continue={token}"),
+                None => return all,
+            }
+        }
     }
 
     pub fn eventually(&self, what: &str, f: impl FnMut(&Self) -> bool) {

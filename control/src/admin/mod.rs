@@ -1,5 +1,6 @@
 //! Admin HTTP (SPEC section 8): `/metrics`, `/healthz` (every thread beating, see [`health`]),
-//! `/readyz`, `GET /sessions` and `DELETE /sessions/{client}`, on hyper's HTTP/1 server.
+//! `/readyz`, `GET /sessions` (paged and filtered, see [`sessions`]) and
+//! `DELETE /sessions/{client}`, on hyper's HTTP/1 server.
 //!
 //! Health and metrics are read-only and answer anyone (probes, Prometheus). The sessions API
 //! shows player addresses and ends sessions, so [`auth`] decides who gets it. Like the query
@@ -8,6 +9,7 @@
 
 pub mod auth;
 pub mod health;
+pub mod sessions;
 
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
@@ -271,7 +273,7 @@ async fn route(req: Request<Incoming>, peer: IpAddr, admin: &Admin) -> Response<
                 )
             }
         }
-        (&Method::GET, "/sessions") => list_sessions(director).await,
+        (&Method::GET, "/sessions") => sessions::list(director, req.uri().query()).await,
         (&Method::GET, "/forwarders") => list_forwarders(admin.forwarders.as_ref()),
         (&Method::GET, "/routes") => list_routes(admin.routes.as_ref()),
         (&Method::DELETE, p) if p.starts_with("/sessions/") => {
@@ -330,34 +332,6 @@ fn worker_silent() -> Response<Full<Bytes>> {
         StatusCode::SERVICE_UNAVAILABLE,
         &json!({"error": "a data-plane worker did not answer"}),
     )
-}
-
-async fn list_sessions(director: &Director) -> Response<Full<Bytes>> {
-    let Some(lists) = ask_workers(|reply| director.controller().list_sessions(reply)).await else {
-        return worker_silent();
-    };
-    let mut sessions: Vec<_> = lists.into_iter().flatten().collect();
-    sessions.sort_by_key(|s| (s.client, s.data_port));
-    let body: Vec<serde_json::Value> = sessions
-        .iter()
-        .map(|s| {
-            json!({
-                "client": s.client.to_string(),
-                "dataPort": director.data_port_name(s.data_port),
-                "protocol": s.protocol.as_str(),
-                "target": s.target.to_string(),
-                "origin": s.kind.as_str(),
-                "worker": s.worker,
-                "ageSeconds": s.age.as_secs_f64(),
-                "idleSeconds": s.idle.as_secs_f64(),
-                "packetsUpstream": s.stats.packets_upstream,
-                "bytesUpstream": s.stats.bytes_upstream,
-                "packetsDownstream": s.stats.packets_downstream,
-                "bytesDownstream": s.stats.bytes_downstream,
-            })
-        })
-        .collect();
-    json_reply(StatusCode::OK, &serde_json::Value::Array(body))
 }
 
 /// `client` is `IP:PORT` (one client) or `IP` (every client at that address); IPv6 as
