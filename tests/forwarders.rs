@@ -462,3 +462,63 @@ fn dns_targets_resolve_and_a_name_that_never_does_is_not_ready() {
     assert_eq!(view(&proxy, "nowhere")["listening"], serde_json::json!([]));
     assert_eq!(round_trip(&c, missing, b"2"), None);
 }
+
+#[test]
+fn a_target_that_is_not_unicast_is_refused_with_the_reason() {
+    let echo = Echo::tagged(b'U');
+    let (group, wildcard, broadcast, fine) = (free_port(), free_port(), free_port(), free_port());
+    let at = |ip: &str, listen: u16| {
+        format!("{{udp: {{listenPort: {listen}, targetHost: \"{ip}\", targetPort: 5000}}}}")
+    };
+    let proxy = Proxy::start(
+        &base_config(CONFIG),
+        &format!(
+            "{}{}{}{}",
+            forwarder("group", "", &at("224.0.0.1", group)),
+            forwarder("wildcard", "", &at("::", wildcard)),
+            forwarder("broadcast", "", &at("255.255.255.255", broadcast)),
+            forwarder("fine", "", &format!("{{udp: {}}}", to(fine, echo.addr))),
+        ),
+    );
+    proxy.eventually("the unicast one is ready", |p| ready(p, "fine"));
+    proxy.eventually("every refusal is reported", |p| {
+        ["group", "wildcard", "broadcast"]
+            .iter()
+            .all(|f| !view(p, f)["message"].is_null())
+    });
+    for (name, port, why) in [
+        ("group", group, "224.0.0.1:5000 is a multicast address"),
+        ("wildcard", wildcard, "[::]:5000 is the unspecified address"),
+        (
+            "broadcast",
+            broadcast,
+            "255.255.255.255:5000 is the broadcast address",
+        ),
+    ] {
+        let v = view(&proxy, name);
+        assert_eq!(v["ready"], false, "{v}");
+        assert_eq!(v["listening"], serde_json::json!([]), "{v}");
+        assert_eq!(
+            v["message"],
+            format!(
+                "udp/{port}: target {why}, not a unicast address: nothing could be forwarded there"
+            ),
+        );
+        assert_eq!(udp_sockets_on_port(port), 0, "{name}: no listener opened");
+    }
+    let c = client();
+    assert_eq!(round_trip(&c, fine, b"1").unwrap(), b"U1");
+    // Aimed at a unicast address, the refused one opens.
+    proxy.write_inventory(&format!(
+        "{}{}",
+        forwarder("group", "", &format!("{{udp: {}}}", to(group, echo.addr))),
+        forwarder("fine", "", &format!("{{udp: {}}}", to(fine, echo.addr))),
+    ));
+    proxy.eventually("the retargeted forwarder is ready", |p| ready(p, "group"));
+    assert_eq!(round_trip(&c, group, b"2").unwrap(), b"U2");
+    assert_eq!(
+        proxy.log().matches("forwarder group: not ready").count(),
+        1,
+        "the refusal is logged once, not on every pass"
+    );
+}

@@ -233,6 +233,104 @@ fn a_not_ready_endpoint_rehomes_its_sessions_and_gets_no_new_ones() {
 }
 
 #[test]
+fn an_invalid_backend_and_one_with_no_ready_endpoint_drop_their_shares() {
+    let eps = endpoints(b"V");
+    let port = eps[0].addr.port();
+    // 1 : 1 : 2 — the valid Service, a missing one, one whose only endpoint is not ready.
+    let rules = "[{backends: [{service: ok, port: voice}, {service: gone, port: voice}, \
+                 {service: empty, port: voice, weight: 2}]}]";
+    let inventory = format!(
+        "{}{}{}",
+        service("ok", port, &[&eps[0]], &[]),
+        service("empty", port, &[], &[&eps[0]]),
+        route("voice", "voice", rules, "")
+    );
+    let proxy = Proxy::start(&base_config(ENTRY_POINTS), &inventory);
+    let entry = proxy.entry_addr("voice");
+    proxy.eventually("the route reports its backends", |p| {
+        !view(p, "voice")["message"].is_null()
+    });
+    let v = view(&proxy, "voice");
+    assert_eq!(v["ready"], false);
+    assert_eq!(
+        v["message"],
+        "Service games/gone not found; Service games/empty has no ready endpoint: its share of \
+         new clients is dropped",
+    );
+    let no_route = r#"udp_director_packets_dropped_total{reason="no_route",source="client"}"#;
+    let before = proxy.metric(no_route);
+    let clients: Vec<UdpSocket> = (0..100).map(|_| client()).collect();
+    for c in &clients {
+        c.send_to(b"x", entry).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let served = clients
+        .iter()
+        .filter(|c| datagram_within(c, Duration::from_millis(1)).is_some())
+        .count();
+    // Each worker rotates through the shares on its own: a quarter each, give or take one.
+    assert!(
+        (23..=27).contains(&served),
+        "a quarter of the clients is served, the rest is not sent elsewhere: {served}"
+    );
+    proxy.eventually("the rest counted as no_route", |p| {
+        p.metric(no_route) - before == (100 - served) as f64
+    });
+}
+
+#[test]
+fn a_route_that_serves_no_client_is_not_ready_and_says_why() {
+    let eps = endpoints(b"O");
+    let port = eps[0].addr.port();
+    let catch_all = "[{backends: [{service: svc, port: voice}]}]";
+    let dated = |name: &str, entry: &str, created: &str, rules: &str| {
+        route(name, entry, rules, "").replace(
+            "namespace: games}",
+            &format!("namespace: games, creationTimestamp: \"{created}\"}}"),
+        )
+    };
+    let inventory = format!(
+        "{}{}{}{}",
+        service("svc", port, &[&eps[0]], &[]),
+        dated("old", "voice", "2026-01-01T00:00:00Z", catch_all),
+        dated("young", "voice", "2026-01-02T00:00:00Z", catch_all),
+        dated(
+            "weightless",
+            "chat",
+            "2026-01-01T00:00:00Z",
+            "[{backends: [{service: svc, port: voice, weight: 0}]}]"
+        ),
+    );
+    let proxy = Proxy::start(&base_config(ENTRY_POINTS), &inventory);
+    proxy.eventually("the routes are reported", |p| {
+        view(p, "old")["ready"] == true && !view(p, "young")["message"].is_null()
+    });
+    let young = view(&proxy, "young");
+    assert_eq!(young["ready"], false, "{young}");
+    assert_eq!(
+        young["message"],
+        "it serves no client: rule 1 is shadowed by route games/old's rule 1, which comes first \
+         on entry point voice (no match)"
+    );
+    let weightless = view(&proxy, "weightless");
+    assert_eq!(weightless["ready"], false, "{weightless}");
+    assert_eq!(
+        weightless["message"],
+        "every backend weighs 0: it serves no client"
+    );
+    assert_eq!(tag(&client(), proxy.entry_addr("voice")), Some(b'O'));
+    // The older route goes: the younger one serves, and says so.
+    proxy.write_inventory(&format!(
+        "{}{}",
+        service("svc", port, &[&eps[0]], &[]),
+        dated("young", "voice", "2026-01-02T00:00:00Z", catch_all),
+    ));
+    proxy.eventually("the younger route is ready", |p| {
+        view(p, "young")["ready"] == true && view(p, "young")["message"].is_null()
+    });
+}
+
+#[test]
 fn cross_namespace_backends_are_refused_and_tcp_entry_points_route_connections() {
     let tcp = TcpEcho::tagged(b't');
     let udp = endpoints(b"U");
