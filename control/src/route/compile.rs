@@ -372,7 +372,10 @@ pub fn compile(routes: &[RouteObject], inputs: Inputs<'_>, counters: &mut Counte
                 rehomed,
             });
         }
-        if idle_rules.len() == route.spec.rules.len() {
+        if route.spec.rules.is_empty() {
+            // A Gateway API route may have none (a `Route` is refused without).
+            report.unserved = Some("it has no rules: it serves no client".to_string());
+        } else if idle_rules.len() == route.spec.rules.len() {
             report.unserved = Some(if idle_rules.iter().all(|r| r.weightless) {
                 "every backend weighs 0: it serves no client".to_string()
             } else {
@@ -1218,6 +1221,21 @@ mod tests {
         assert_eq!(
             report("weightless").message().as_deref(),
             Some("every backend weighs 0: it serves no client")
+        );
+        let mut ruleless = ordered("ruleless", "", &format!("[{{backends: [{eu}]}}]"));
+        ruleless.spec.rules.clear();
+        ruleless.matches.clear();
+        let c2 = compile(
+            &[ruleless],
+            inputs(&services, &slices, &eps),
+            &mut Counters::default(),
+        );
+        assert_eq!(
+            c2.reports[&("games".into(), "ruleless".into())]
+                .message()
+                .as_deref(),
+            Some("it has no rules: it serves no client"),
+            "a Gateway API route may have no rules"
         );
         // Its rule still takes its clients (and drops them).
         assert_eq!(c.tables["voice"].rules.len(), 5);
