@@ -45,8 +45,9 @@ enum Command {
         gateway_api_for_tests: bool,
     },
     /// Print the least-privilege ClusterRole a config needs (list and watch on exactly the
-    /// resource types it watches), and with `forwarders` the Role `NAME-forwarders` in their
-    /// namespace, for `deploy/`.
+    /// resource types it watches), with `forwarders` the Role `NAME-forwarders` in their
+    /// namespace, and when it writes status the Role `NAME-lease` (the status Lease) in the
+    /// proxy's namespace (`POD_NAMESPACE`), for `deploy/`.
     Rbac {
         /// Config file.
         file: PathBuf,
@@ -120,6 +121,7 @@ fn main() -> ExitCode {
                     "{}",
                     control::inventory::kube::forwarders_role(&config, &name)
                 );
+                print!("{}", control::status::lease::role(&config, &name));
             })
             .map_err(Into::into),
     };

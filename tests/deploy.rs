@@ -146,22 +146,34 @@ fn overlays_render_to_what_the_proxy_needs() {
             grants(&generated[0]),
             "{name}: clusterrole.yaml is stale; regenerate it with `udp-director rbac {name}/config.yaml`"
         );
-        // With forwarders, the Role in their namespace is the generated one too, and bound.
-        let role = docs.iter().find(|d| d["kind"] == "Role");
+        // Every generated Role (the forwarders' in their namespace, the status Lease's in the
+        // proxy's) is rendered as generated, and bound; and no other Role is.
+        let roles: Vec<&Value> = docs.iter().filter(|d| d["kind"] == "Role").collect();
         assert_eq!(
-            role.map(|r| &r["rules"]),
-            generated.get(1).map(|r| &r["rules"]),
-            "{name}: role.yaml is stale; regenerate it with `udp-director rbac {name}/config.yaml`"
+            roles.len(),
+            generated.len() - 1,
+            "{name}: the Roles differ from what `udp-director rbac {name}/config.yaml` prints"
         );
-        if let Some(role) = role {
-            let binding = of_kind(&docs, "RoleBinding");
+        for wanted in &generated[1..] {
+            let role = roles
+                .iter()
+                .find(|r| r["metadata"]["name"] == wanted["metadata"]["name"])
+                .unwrap_or_else(|| panic!("{name}: no Role {}", wanted["metadata"]["name"]));
             assert_eq!(
-                binding["roleRef"]["name"], role["metadata"]["name"],
-                "{name}"
+                (&role["metadata"]["namespace"], &role["rules"]),
+                (&wanted["metadata"]["namespace"], &wanted["rules"]),
+                "{name}: Role {} is stale; regenerate it with `udp-director rbac {name}/config.yaml`",
+                wanted["metadata"]["name"]
             );
-            assert_eq!(
-                binding["metadata"]["namespace"], role["metadata"]["namespace"],
-                "{name}"
+            let bound = docs.iter().any(|d| {
+                d["kind"] == "RoleBinding"
+                    && d["roleRef"]["name"] == role["metadata"]["name"]
+                    && d["metadata"]["namespace"] == role["metadata"]["namespace"]
+            });
+            assert!(
+                bound,
+                "{name}: Role {} is not bound",
+                wanted["metadata"]["name"]
             );
         }
         // Read-only on what it watches; `create` only on the reviews of sessionsApi.auth,

@@ -46,6 +46,18 @@ pub const DEFAULT_DATA_PORT_NAME: &str = "default";
 pub const DEFAULT_RESOLVE_INTERVAL_SECONDS: u64 = 30;
 /// The forwarders' namespace when neither `forwarders.namespace` nor `POD_NAMESPACE` says.
 pub const DEFAULT_FORWARDERS_NAMESPACE: &str = "udp-director";
+/// `gatewayApi.leaseName` when not given.
+pub const DEFAULT_STATUS_LEASE: &str = "udp-director-gateway";
+
+/// Where the status Lease lives: the proxy's own namespace (`POD_NAMESPACE`, else
+/// [`DEFAULT_FORWARDERS_NAMESPACE`]) and `gatewayApi.leaseName`.
+#[derive(Clone, Debug, Eq, PartialEq)]
+pub struct StatusLease {
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+}
 
 /// A configuration error, always naming the key at fault.
 #[derive(Debug, thiserror::Error)]
@@ -209,6 +221,9 @@ struct RawRateLimit {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct RawGatewayApi {
     controller_name: String,
+    /// The status Lease's name (in the proxy's namespace).
+    #[serde(default)]
+    lease_name: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -552,6 +567,8 @@ pub struct Config {
     pub routes_allow_cross_namespace: bool,
     /// The Gateway API controller name this proxy serves GatewayClasses of, when enabled.
     pub gateway_controller: Option<String>,
+    /// The Lease that elects the one instance writing whole-object status (SPEC §7).
+    pub status_lease: StatusLease,
     /// Per-source-IP flood limits, when enabled.
     pub rate_limit: Option<dataplane::RateLimit>,
     /// Sealed tokens, when `tokenSecret` is set.
@@ -904,6 +921,19 @@ impl TryFrom<RawConfig> for Config {
                 .transpose()?,
             entry_points,
             routes_allow_cross_namespace,
+            status_lease: StatusLease {
+                namespace: std::env::var("POD_NAMESPACE")
+                    .ok()
+                    .filter(|ns| !ns.is_empty())
+                    .unwrap_or_else(|| DEFAULT_FORWARDERS_NAMESPACE.to_string()),
+                name: match raw.gateway_api.as_ref().and_then(|g| g.lease_name.clone()) {
+                    Some(name) => {
+                        dns_label("gatewayApi.leaseName", &name)?;
+                        name
+                    }
+                    None => DEFAULT_STATUS_LEASE.to_string(),
+                },
+            },
             rate_limit: raw.rate_limit.map(rate_limit).transpose()?,
             token_secret: match raw.token_secret {
                 Some(t) if t.file.is_empty() => {

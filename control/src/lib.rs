@@ -215,11 +215,25 @@ pub fn start(
         .flat_map(|r| r.entry_points())
         .map(|e| (e.name.clone(), e.transport, e.addr))
         .collect();
+    // The status Lease, and the reconcilers' link to it.
+    let (facts_tx, facts_rx) = watch::channel(status::fleet::ListenerFacts::new());
+    let (fleet_tx, fleet_rx) = watch::channel(Arc::new(status::lease::Fleet::default()));
+    let elector = kube
+        .clone()
+        .filter(|_| status::lease::elects(&config))
+        .map(|client| {
+            status::lease::Elector::new(client, config.status_lease.clone(), node_name())
+        });
+    let link = elector.as_ref().map(|_| gateway::FleetLink {
+        facts: facts_tx,
+        fleet: fleet_rx,
+    });
     let gateways = gateway::Reconciler::new(
         &config,
         plane.controller(),
         kube.clone()
             .map(|client| status::Writer::new(client, String::new(), node_name())),
+        link,
     );
     let route_views: Vec<route::RouteViews> = routes
         .iter()
@@ -267,6 +281,7 @@ pub fn start(
                 forwarders,
                 routes,
                 gateways,
+                elector.map(|e| (e, facts_rx, fleet_tx)),
             ));
         })
         .map_err(ControlError::Spawn)?;
@@ -292,8 +307,16 @@ async fn run(
     forwarders: Option<forwarder::Reconciler>,
     routes: Option<route::Reconciler>,
     gateways: Option<gateway::Reconciler>,
+    elector: Option<(
+        status::lease::Elector,
+        watch::Receiver<status::fleet::ListenerFacts>,
+        watch::Sender<Arc<status::lease::Fleet>>,
+    )>,
 ) {
     let (stop_tx, stop_rx) = watch::channel(false);
+    if let Some((elector, facts, fleet)) = elector {
+        tokio::spawn(elector.run(facts, inventory_tx.subscribe(), fleet));
+    }
     let mut inventory_rx = inventory_tx.subscribe();
     let mut live_rx = live.subscribe();
     if let Some(f) = forwarders {

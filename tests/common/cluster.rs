@@ -164,6 +164,7 @@ impl Cluster {
             N.fetch_add(1, Ordering::Relaxed)
         );
         self.must(&["create", "namespace", &name], None);
+        self.grant_lease_rbac(&name);
         name
     }
 
@@ -184,7 +185,14 @@ impl Cluster {
             &format!("bindAddress: {bind_address}"),
         );
         let kubeconfig = self.proxy_kubeconfig();
-        let proxy = Proxy::launch(&config, "", &[("KUBECONFIG", kubeconfig.as_os_str())]);
+        let proxy = Proxy::launch(
+            &config,
+            "",
+            &[
+                ("KUBECONFIG", kubeconfig.as_os_str()),
+                ("POD_NAMESPACE", std::ffi::OsStr::new(namespace)),
+            ],
+        );
         proxy.eventually_within(READY_WITHIN, "proxy ready", |p| {
             p.http("GET", "/readyz").0 == 200
         });
@@ -217,7 +225,11 @@ impl Cluster {
             super::run_binary(&["rbac", config.to_str().unwrap(), "--name", "udp-director"]);
         let _ = std::fs::remove_file(&config);
         assert_eq!(code, 0, "{err}");
-        let (cluster_role, role) = out.split_once("---\n").expect("a ClusterRole and a Role");
+        let (cluster_role, rest) = out.split_once("---\n").expect("a ClusterRole and a Role");
+        let role = rest
+            .split("---\n")
+            .find(|doc| doc.contains("name: udp-director-forwarders"))
+            .expect("the forwarders' Role");
         assert_eq!(
             cluster_role,
             self.granted_cluster_role(),
@@ -234,31 +246,45 @@ impl Cluster {
     /// Starts a proxy serving the forwarders of `namespace` on `bind_address`, as the instance
     /// on `node`, and waits until it is ready.
     pub fn start_forwarder_proxy(&self, namespace: &str, node: &str, bind_address: &str) -> Proxy {
-        self.start_node(&Self::forwarder_config(namespace, bind_address), node)
+        self.start_node(
+            &Self::forwarder_config(namespace, bind_address),
+            namespace,
+            node,
+        )
     }
 
-    /// Starts a proxy on `config` as the service account and as the instance on `node`, and
-    /// waits until it is ready.
-    fn start_node(&self, config: &str, node: &str) -> Proxy {
-        let kubeconfig = self.proxy_kubeconfig();
-        let proxy = Proxy::launch(
-            config,
-            "",
-            &[
-                ("KUBECONFIG", kubeconfig.as_os_str()),
-                ("NODE_NAME", std::ffi::OsStr::new(node)),
-            ],
-        );
+    /// Starts a proxy on `config` as the service account and as the instance on `node` of a
+    /// fleet in `namespace` (its status Lease there), and waits until it is ready.
+    pub fn start_node(&self, config: &str, namespace: &str, node: &str) -> Proxy {
+        let proxy = self.launch_node(config, namespace, node);
         proxy.eventually_within(READY_WITHIN, "proxy ready", |p| {
             p.http("GET", "/readyz").0 == 200
         });
         proxy
     }
 
+    /// Starts a proxy as [`Cluster::start_node`] does, without waiting for it to be ready.
+    pub fn launch_node(&self, config: &str, namespace: &str, node: &str) -> Proxy {
+        let kubeconfig = self.proxy_kubeconfig();
+        Proxy::launch(
+            config,
+            "",
+            &[
+                ("KUBECONFIG", kubeconfig.as_os_str()),
+                ("NODE_NAME", std::ffi::OsStr::new(node)),
+                ("POD_NAMESPACE", std::ffi::OsStr::new(namespace)),
+            ],
+        )
+    }
+
     /// Starts a proxy with [`PROXY_CONFIG`] on `namespace` as the instance on `node` (status
     /// entries are written under that name), and waits until it is ready.
     pub fn start_proxy_as(&self, namespace: &str, node: &str) -> Proxy {
-        self.start_node(&PROXY_CONFIG.replace("NAMESPACE", namespace), node)
+        self.start_node(
+            &PROXY_CONFIG.replace("NAMESPACE", namespace),
+            namespace,
+            node,
+        )
     }
 
     /// kubectl as the proxy's service account: `auth can-i VERB RESOURCE -n NAMESPACE`;
@@ -297,7 +323,14 @@ impl Cluster {
     pub fn launch_proxy(&self, namespace: &str, extra: &str) -> Proxy {
         let config = format!("{}{extra}", PROXY_CONFIG.replace("NAMESPACE", namespace));
         let kubeconfig = self.proxy_kubeconfig();
-        Proxy::launch(&config, "", &[("KUBECONFIG", kubeconfig.as_os_str())])
+        Proxy::launch(
+            &config,
+            "",
+            &[
+                ("KUBECONFIG", kubeconfig.as_os_str()),
+                ("POD_NAMESPACE", std::ffi::OsStr::new(namespace)),
+            ],
+        )
     }
 
     /// A token of service account `namespace/name` (created if missing) from the TokenRequest
@@ -367,11 +400,43 @@ impl Cluster {
             N.fetch_add(1, Ordering::Relaxed)
         ));
         std::fs::write(&config, PROXY_CONFIG.replace("NAMESPACE", "default")).unwrap();
-        let (code, role, err) =
+        let (code, out, err) =
             super::run_binary(&["rbac", config.to_str().unwrap(), "--name", "udp-director"]);
         let _ = std::fs::remove_file(&config);
         assert_eq!(code, 0, "{err}");
-        role
+        // The ClusterRole comes first; the status Lease's Role is granted per namespace.
+        out.split("---\n").next().unwrap_or_default().to_string()
+    }
+
+    /// Grants the proxy's service account the status Lease's Role that `udp-director rbac`
+    /// generates for [`PROXY_CONFIG`], in `namespace`: each test's proxies run with it as their
+    /// own namespace (`POD_NAMESPACE`), so each test's instances are a fleet of their own.
+    fn grant_lease_rbac(&self, namespace: &str) {
+        static ROLE: OnceLock<serde_json::Value> = OnceLock::new();
+        let role = ROLE.get_or_init(|| {
+            let config = std::env::temp_dir().join(format!(
+                "udp-director-rbac-lease-{}.yaml",
+                std::process::id()
+            ));
+            std::fs::write(&config, PROXY_CONFIG.replace("NAMESPACE", "default")).unwrap();
+            let (code, out, err) =
+                super::run_binary(&["rbac", config.to_str().unwrap(), "--name", "udp-director"]);
+            let _ = std::fs::remove_file(&config);
+            assert_eq!(code, 0, "{err}");
+            out.split("---\n")
+                .filter_map(|doc| serde_yaml::from_str::<serde_json::Value>(doc).ok())
+                .find(|doc| doc["metadata"]["name"] == "udp-director-lease")
+                .expect("`udp-director rbac` prints the status Lease's Role")
+        });
+        let mut role = role.clone();
+        role["metadata"]["namespace"] = serde_json::Value::from(namespace);
+        self.apply(&format!(
+            "{}---\napiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\n\
+             metadata: {{name: udp-director-lease, namespace: {namespace}}}\n\
+             roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: Role, name: udp-director-lease}}\n\
+             subjects: [{{kind: ServiceAccount, name: udp-director, namespace: udp-director}}]\n",
+            serde_yaml::to_string(&role).unwrap()
+        ));
     }
 
     /// Binds the proxy's service account to the ClusterRole `udp-director rbac` generates for

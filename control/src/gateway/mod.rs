@@ -71,6 +71,8 @@ use crate::config::Config;
 use crate::crd::gateway::{GROUP, ParentReference};
 use crate::inventory::Snapshot;
 use crate::route::compile::{self as routes, Counters, Inputs, RouteReport};
+use crate::status::fleet::{ListenerFacts, aggregate};
+use crate::status::lease::Fleet;
 use crate::status::{StatusKey, StatusOf, Wanted, Writer};
 use compile::{Model, Plan, RouteKind};
 
@@ -94,7 +96,20 @@ pub struct Reconciler {
     fingerprints: BTreeMap<String, String>,
     writer: Option<Writer>,
     writes: Option<watch::Sender<Arc<Wanted>>>,
+    /// The node this instance reports as.
+    node: String,
+    /// This instance's side of the status Lease: its facts go out, the fleet's come back.
+    fleet: Option<FleetLink>,
     views: crate::route::RouteViews,
+}
+
+/// The reconciler's link to the status Lease ([`crate::status::lease`]).
+#[derive(Debug)]
+pub struct FleetLink {
+    /// Which of this instance's listeners are open, for its per-node Lease.
+    pub facts: watch::Sender<ListenerFacts>,
+    /// Whether this instance writes the fleet's status, and every instance's facts.
+    pub fleet: watch::Receiver<Arc<Fleet>>,
 }
 
 impl std::fmt::Debug for Reconciler {
@@ -123,17 +138,28 @@ fn condition(type_: &str, ok: bool, reason: &str, message: &str, generation: Opt
 
 impl Reconciler {
     /// A reconciler for `gatewayApi.controllerName`; `None` when the Gateway API is off.
-    pub fn new(config: &Config, controller: Controller, writer: Option<Writer>) -> Option<Self> {
+    pub fn new(
+        config: &Config,
+        controller: Controller,
+        writer: Option<Writer>,
+        fleet: Option<FleetLink>,
+    ) -> Option<Self> {
+        let controller_name = config.gateway_controller.clone()?;
         Some(Self {
-            controller_name: config.gateway_controller.clone()?,
+            controller_name: controller_name.clone(),
             controller,
             bind: config.bind_address,
             session_timeout: config.session_timeout,
             held: BTreeMap::new(),
             counters: Default::default(),
             fingerprints: BTreeMap::new(),
-            writer,
+            node: writer
+                .as_ref()
+                .map(|w| w.node().to_string())
+                .unwrap_or_default(),
+            writer: writer.map(|w| w.for_gateway_controller(controller_name.clone())),
             writes: None,
+            fleet,
             views: crate::route::RouteViews::default(),
         })
     }
@@ -157,8 +183,16 @@ impl Reconciler {
             self.reconcile(&snapshot);
             // A port a closing listener still holds is tried again shortly.
             let retry = tokio::time::sleep(Duration::from_secs(1));
+            let fleet_changed = async {
+                match &mut self.fleet {
+                    Some(link) => link.fleet.changed().await.is_ok(),
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 changed = inventory.changed() => if changed.is_err() { return },
+                // The fleet's facts or the holder changed: the status says so.
+                true = fleet_changed => {}
                 Ok(()) = live.changed() => {
                     self.session_timeout = live.borrow_and_update().session_timeout;
                 }
@@ -243,7 +277,20 @@ impl Reconciler {
             }
         }
         *self.views.lock() = views;
-        self.publish(&plan, &opened, &reports);
+        let facts: ListenerFacts = opened
+            .iter()
+            .map(|(key, result)| (key.clone(), result.as_ref().err().cloned()))
+            .collect();
+        if let Some(link) = &self.fleet {
+            link.facts.send_if_modified(|current| {
+                let changed = *current != facts;
+                if changed {
+                    *current = facts.clone();
+                }
+                changed
+            });
+        }
+        self.publish(snapshot, &plan, &facts, &reports);
     }
 
     /// Opens the listeners the plan has and closes the others; what each opened to, or why not.
@@ -321,13 +368,31 @@ impl Reconciler {
     }
 
     /// The status the API defines, for the writer.
+    /// The status is the fleet's: only the holder of the status Lease hands any over, with
+    /// each listener's conditions from every instance's facts (this one's as they are now).
     fn publish(
         &self,
+        snapshot: &Snapshot,
         plan: &Plan,
-        opened: &BTreeMap<String, Result<SocketAddr, String>>,
+        facts: &ListenerFacts,
         reports: &BTreeMap<(String, String), RouteReport>,
     ) {
         let Some(tx) = &self.writes else { return };
+        let (holder, mut fleet_reports) = match &self.fleet {
+            Some(link) => {
+                let fleet = link.fleet.borrow();
+                (fleet.holder, fleet.reports.clone())
+            }
+            // Without a Lease (no link), this instance is the fleet.
+            None => (true, BTreeMap::new()),
+        };
+        if !holder {
+            crate::status::hand_over(tx, Wanted::default());
+            return;
+        }
+        let node = self.node.clone();
+        fleet_reports.insert(node, facts.clone());
+        let states = aggregate(&fleet_reports);
         let mut statuses = BTreeMap::new();
         for class in &plan.classes {
             let status = json!({"conditions": [condition("Accepted", true, "Accepted", "", class.generation)]});
@@ -348,8 +413,9 @@ impl Reconciler {
                     _ => None,
                 };
                 let g = m.generation;
-                let conditions = match (kind, opened.get(&lkey)) {
-                    (None, _) => {
+                let state = states.get(&lkey).cloned().unwrap_or_default();
+                let conditions = match kind {
+                    None => {
                         all_programmed = false;
                         vec![
                             condition(
@@ -363,17 +429,22 @@ impl Reconciler {
                             condition("ResolvedRefs", false, "InvalidRouteKinds", "", g),
                         ]
                     }
-                    (Some(_), Some(Ok(_))) => vec![
+                    Some(_) if state.programmed() => vec![
                         condition("Accepted", true, "Accepted", "", g),
-                        condition("Programmed", true, "Programmed", "", g),
+                        condition("Programmed", true, "Programmed", &state.describe(), g),
                         condition("ResolvedRefs", true, "ResolvedRefs", "", g),
                     ],
-                    (Some(_), other) => {
+                    Some(_) if state.not_open.is_empty() => {
                         all_programmed = false;
-                        let why = match other {
-                            Some(Err(e)) => e.clone(),
-                            _ => "not opened".into(),
-                        };
+                        vec![
+                            condition("Accepted", true, "Accepted", "", g),
+                            condition("Programmed", false, "Pending", &state.describe(), g),
+                            condition("ResolvedRefs", true, "ResolvedRefs", "", g),
+                        ]
+                    }
+                    Some(_) => {
+                        all_programmed = false;
+                        let why = state.describe();
                         vec![
                             condition("Accepted", false, "PortUnavailable", &why, g),
                             condition("Programmed", false, "Invalid", &why, g),
@@ -456,6 +527,30 @@ impl Reconciler {
                 key(of, &namespace, &name),
                 (String::new(), json!({"parents": list})),
             );
+        }
+        // A route that no longer attaches to a Gateway of ours loses our entries (and keeps
+        // the others').
+        for o in &snapshot.gateway_api {
+            let of = match o.kind.as_str() {
+                "UDPRoute" => StatusOf::UdpRoute,
+                "TCPRoute" => StatusOf::TcpRoute,
+                _ => continue,
+            };
+            let ours = o
+                .raw
+                .pointer("/status/parents")
+                .and_then(Value::as_array)
+                .is_some_and(|list| {
+                    list.iter().any(|p| {
+                        p.get("controllerName").and_then(Value::as_str)
+                            == Some(&self.controller_name)
+                    })
+                });
+            if ours {
+                statuses
+                    .entry(key(of, &o.namespace, &o.name))
+                    .or_insert_with(|| (String::new(), json!({"parents": []})));
+            }
         }
         let wanted = Wanted {
             statuses,

@@ -8,8 +8,18 @@
 //! objects), so a port removed from the set is released at once instead of lingering under
 //! another instance's ownership, and ports other managers own (the operator's) are left alone.
 //!
+//! Gateway API objects have one status each, a fact about the fleet rather than one node: only
+//! the holder of the status Lease ([`lease`]) writes it, aggregated from every instance's
+//! facts ([`fleet`]). It is written as a merge patch that carries the `resourceVersion` it was
+//! computed against (a concurrent writer is never overwritten unseen), keeps the route
+//! `parents` entries of other controllers, moves a condition's `lastTransitionTime` only when
+//! its status changes, and is not written at all when the object already says it.
+//!
 //! A reconciler hands what it wants written to [`Writer::run`] through a `watch` channel
 //! ([`Wanted`]), so a slow API server never holds up a listener change.
+
+pub mod fleet;
+pub mod lease;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -24,7 +34,7 @@ use serde_json::{Value, json};
 use tokio::sync::watch;
 
 use crate::forwarder::plan::{ServicePort, live_ports};
-use crate::inventory::Snapshot;
+use crate::inventory::{Object, Snapshot};
 
 /// A custom resource whose status this proxy writes.
 #[derive(Clone, Copy, Debug, Eq, Hash, Ord, PartialEq, PartialOrd)]
@@ -48,7 +58,8 @@ pub enum StatusOf {
 pub const GATEWAY_STATUS_MANAGER: &str = "udp-director-gateway";
 
 impl StatusOf {
-    fn resource(self) -> ApiResource {
+    /// The resource as the API server serves it.
+    pub(crate) fn resource(self) -> ApiResource {
         let (group, version, kind, plural) = match self {
             Self::Forwarder => ("udp-director.dev", "v1alpha1", "Forwarder", "forwarders"),
             Self::Route => ("udp-director.dev", "v1alpha1", "Route", "routes"),
@@ -77,6 +88,18 @@ impl StatusOf {
     /// status, under [`GATEWAY_STATUS_MANAGER`]).
     fn per_node(self) -> bool {
         matches!(self, Self::Forwarder | Self::Route)
+    }
+
+    /// The kind, as objects in the inventory name it.
+    fn kind(self) -> &'static str {
+        match self {
+            Self::Forwarder => "Forwarder",
+            Self::Route => "Route",
+            Self::GatewayClass => "GatewayClass",
+            Self::Gateway => "Gateway",
+            Self::UdpRoute => "UDPRoute",
+            Self::TcpRoute => "TCPRoute",
+        }
     }
 }
 
@@ -128,6 +151,8 @@ pub struct Writer {
     namespace: String,
     node: String,
     manager: String,
+    /// The Gateway API controller name whose route `parents` entries are ours.
+    controller: Option<String>,
 }
 
 impl std::fmt::Debug for Writer {
@@ -148,7 +173,15 @@ impl Writer {
             namespace,
             node,
             manager,
+            controller: None,
         }
+    }
+
+    /// A writer of Gateway API status as `controller`: route `parents` entries naming it are
+    /// ours, the others are kept.
+    pub fn for_gateway_controller(mut self, controller: String) -> Self {
+        self.controller = Some(controller);
+        self
     }
 
     /// The node this instance writes as.
@@ -175,6 +208,7 @@ impl Writer {
         mut inventory: watch::Receiver<Arc<Snapshot>>,
     ) {
         let mut written: HashMap<StatusKey, (String, Value)> = HashMap::new();
+        let mut whole_written: HashMap<StatusKey, WholeStatus> = HashMap::new();
         let mut applied: HashMap<String, Vec<ServicePort>> = HashMap::new();
         let mut retries = Retries::default();
         loop {
@@ -186,8 +220,44 @@ impl Writer {
             let want = Arc::clone(&wanted.borrow_and_update());
             let snapshot = Arc::clone(&inventory.borrow_and_update());
             written.retain(|k, _| want.statuses.contains_key(k));
+            whole_written.retain(|k, _| want.statuses.contains_key(k));
+            let gateway_objects: HashMap<(&str, &str, &str), &Object> = snapshot
+                .gateway_api
+                .iter()
+                .map(|o| {
+                    (
+                        (o.kind.as_str(), o.namespace.as_str(), o.name.as_str()),
+                        &**o,
+                    )
+                })
+                .collect();
             for (target, entry) in &want.statuses {
                 let key = format!("{:?} {}/{}", target.of, target.namespace, target.name);
+                if !target.of.per_node() {
+                    let current = gateway_objects.get(&(
+                        target.of.kind(),
+                        target.namespace.as_str(),
+                        target.name.as_str(),
+                    ));
+                    // Not in the cache (yet): nothing to compute against.
+                    let Some(current) = current else { continue };
+                    let Some(whole) = self.whole_status(target.of, &entry.1, current) else {
+                        continue;
+                    };
+                    if whole_written.get(target) == Some(&whole) || !retries.due(&key) {
+                        continue;
+                    }
+                    match self.write_whole(target, &whole).await {
+                        // The cache was behind: computed again from the next one, no back-off.
+                        Err(kube::Error::Api(e)) if e.code == 409 => {}
+                        result => {
+                            if retries.settle(&key, result, "status not written") {
+                                whole_written.insert(target.clone(), whole);
+                            }
+                        }
+                    }
+                    continue;
+                }
                 if written.get(target) == Some(entry) || !retries.due(&key) {
                     continue;
                 }
@@ -212,22 +282,76 @@ impl Writer {
         }
     }
 
-    /// Applies what `key` should say: this instance's entry of `status.instances`, stamped
-    /// with `lastUpdateTime` (forwarders, routes), or the whole status with every condition's
-    /// empty `lastTransitionTime` stamped (Gateway API objects).
+    /// What a whole-object status should become, computed against `current` as the cache
+    /// holds it: route `parents` merged with other controllers' entries, unchanged conditions
+    /// keeping their `lastTransitionTime`. `None` when `current` already says it all.
+    fn whole_status(&self, of: StatusOf, wanted: &Value, current: &Object) -> Option<WholeStatus> {
+        let have = current
+            .raw
+            .get("status")
+            .cloned()
+            .unwrap_or_else(|| json!({}));
+        let mut status = match (of, &self.controller) {
+            (StatusOf::UdpRoute | StatusOf::TcpRoute, Some(controller)) => {
+                let ours = wanted
+                    .get("parents")
+                    .and_then(Value::as_array)
+                    .map_or(&[][..], Vec::as_slice);
+                json!({"parents": fleet::merge_parents(have.get("parents"), ours, controller)})
+            }
+            _ => wanted.clone(),
+        };
+        fleet::carry_transition_times(&mut status, &have);
+        let said = status
+            .as_object()
+            .is_some_and(|fields| fields.iter().all(|(k, v)| have.get(k) == Some(v)));
+        if said && !fleet::has_unstamped(&status) {
+            return None;
+        }
+        let version = current
+            .raw
+            .pointer("/metadata/resourceVersion")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string();
+        Some(WholeStatus { version, status })
+    }
+
+    /// Writes a whole-object status as computed by [`Self::whole_status`]: a merge patch of
+    /// the status subresource, refused (409) if the object changed since.
+    async fn write_whole(&self, key: &StatusKey, whole: &WholeStatus) -> Result<(), kube::Error> {
+        let now = k8s_openapi::jiff::Timestamp::now().to_string();
+        let mut status = whole.status.clone();
+        stamp_conditions(&mut status, &now);
+        let patch = json!({
+            "metadata": {"resourceVersion": whole.version},
+            "status": status,
+        });
+        let resource = key.of.resource();
+        let api: Api<DynamicObject> = if key.namespace.is_empty() {
+            Api::all_with(self.client.clone(), &resource)
+        } else {
+            Api::namespaced_with(self.client.clone(), &key.namespace, &resource)
+        };
+        let params = PatchParams {
+            field_manager: Some(GATEWAY_STATUS_MANAGER.into()),
+            ..PatchParams::default()
+        };
+        api.patch_status(&key.name, &params, &Patch::Merge(&patch))
+            .await
+            .map(drop)
+    }
+
+    /// Applies this instance's entry of `status.instances` of `key` (a Forwarder or Route),
+    /// stamped with `lastUpdateTime`.
     pub async fn write_instance(&self, key: &StatusKey, value: &Value) -> Result<(), kube::Error> {
         let now = k8s_openapi::jiff::Timestamp::now().to_string();
         let mut value = value.clone();
         let resource = key.of.resource();
-        let (status, manager) = if key.of.per_node() {
-            if let Some(map) = value.as_object_mut() {
-                map.insert("lastUpdateTime".into(), Value::from(now));
-            }
-            (json!({"instances": [value]}), self.manager.as_str())
-        } else {
-            stamp_conditions(&mut value, &now);
-            (value, GATEWAY_STATUS_MANAGER)
-        };
+        if let Some(map) = value.as_object_mut() {
+            map.insert("lastUpdateTime".into(), Value::from(now));
+        }
+        let (status, manager) = (json!({"instances": [value]}), self.manager.as_str());
         let mut metadata = json!({"name": key.name});
         if !key.namespace.is_empty() {
             metadata["namespace"] = Value::from(key.namespace.clone());
@@ -286,6 +410,13 @@ impl Writer {
         .await
         .map(drop)
     }
+}
+
+/// A whole-object status to write, and the `resourceVersion` it was computed against.
+#[derive(Clone, Debug, PartialEq)]
+struct WholeStatus {
+    version: String,
+    status: Value,
 }
 
 /// Sets every empty `lastTransitionTime` under `value` to `now`.
