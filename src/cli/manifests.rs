@@ -1,0 +1,30 @@
+//! `udp-director crds` and `udp-director rbac`: the manifests generated from the code, so what
+//! `deploy/` installs is what the proxy is and needs.
+
+use std::path::Path;
+
+use control::config::Config;
+
+/// Prints udp-director's CRDs, or the Gateway API CRDs a test API server needs.
+pub(crate) fn crds(gateway_api_for_tests: bool) -> anyhow::Result<()> {
+    let yaml = if gateway_api_for_tests {
+        control::crd::gateway_api_yaml()
+    } else {
+        control::crd::all_yaml()
+    }?;
+    print!("{yaml}");
+    Ok(())
+}
+
+/// Prints the RBAC a config needs: the ClusterRole of what it watches, the forwarders' Role in
+/// their namespace, the status Lease's Role in the proxy's.
+pub(crate) fn rbac(file: &Path, name: &str) -> anyhow::Result<()> {
+    let config = Config::load(file)?;
+    print!("{}", control::inventory::kube::cluster_role(&config, name));
+    print!(
+        "{}",
+        control::inventory::kube::forwarders_role(&config, name)
+    );
+    print!("{}", control::status::lease::role(&config, name));
+    Ok(())
+}
