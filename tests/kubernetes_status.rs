@@ -337,3 +337,27 @@ fn the_holder_removes_the_status_entry_of_a_departed_node() {
     );
     assert_eq!(holder(c, &ns).as_deref(), Some("node-a"));
 }
+
+#[test]
+fn a_stopping_holder_hands_the_lease_back_at_once() {
+    let Some(c) = cluster() else { return };
+    let ns = c.namespace("handback");
+    let a = c.start_node(&config(&ns, "127.0.0.1"), &ns, "node-a");
+    wait_for(
+        &[&a],
+        Duration::from_secs(30),
+        "node-a holds the Lease",
+        || holder(c, &ns).as_deref() == Some("node-a"),
+    );
+    let b = c.start_node(&config(&ns, "127.0.0.2"), &ns, "node-b");
+    a.terminate();
+    // Well inside the Lease's 15 s: node-b did not wait for it to lapse.
+    let started = Instant::now();
+    wait_for(
+        &[&a, &b],
+        Duration::from_secs(8),
+        "node-b takes the Lease",
+        || holder(c, &ns).as_deref() == Some("node-b"),
+    );
+    assert!(started.elapsed() < Duration::from_secs(8));
+}

@@ -41,6 +41,8 @@ use crate::metrics::Metrics;
 
 /// How often worker events are folded into the load counts.
 const EVENT_INTERVAL: Duration = Duration::from_millis(100);
+/// How long a stopping instance waits for the status Lease to be handed back.
+const LEASE_RELEASE_WITHIN: Duration = Duration::from_secs(2);
 /// How often the default backend is re-chosen (load balancing moves with the load).
 const RECONCILE_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -314,9 +316,9 @@ async fn run(
     )>,
 ) {
     let (stop_tx, stop_rx) = watch::channel(false);
-    if let Some((elector, facts, fleet)) = elector {
-        tokio::spawn(elector.run(facts, inventory_tx.subscribe(), fleet));
-    }
+    let elector = elector.map(|(elector, facts, fleet)| {
+        tokio::spawn(elector.run(facts, inventory_tx.subscribe(), fleet, stop_rx.clone()))
+    });
     let mut inventory_rx = inventory_tx.subscribe();
     let mut live_rx = live.subscribe();
     if let Some(f) = forwarders {
@@ -390,6 +392,15 @@ async fn run(
         }
     }
     let _ = stop_tx.send(true);
+    // A holder hands the status Lease back, so another instance writes at once rather than
+    // after the Lease lapses.
+    if let Some(task) = elector
+        && tokio::time::timeout(LEASE_RELEASE_WITHIN, task)
+            .await
+            .is_err()
+    {
+        log::warn!("status lease: not released within {LEASE_RELEASE_WITHIN:?}");
+    }
     director.controller().shutdown();
     log::info!("data plane stopped");
 }

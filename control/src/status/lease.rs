@@ -146,14 +146,15 @@ impl Elector {
         }
     }
 
-    /// Runs for the life of the control thread: reports this instance's facts (none once
-    /// `facts` closes: no Gateway API), takes part in the election, and publishes what it
-    /// knows of the fleet on `fleet`.
+    /// Runs until `stop` says so: reports this instance's facts (none once `facts` closes: no
+    /// Gateway API), takes part in the election, and publishes what it knows of the fleet on
+    /// `fleet`. Stopping, a holder hands the Lease back.
     pub async fn run(
         mut self,
         mut facts: watch::Receiver<ListenerFacts>,
         inventory: watch::Receiver<Arc<Snapshot>>,
         fleet: watch::Sender<Arc<Fleet>>,
+        mut stop: watch::Receiver<bool>,
     ) {
         log::info!(
             "status lease {}/{}: taking part as node {}",
@@ -168,6 +169,13 @@ impl Elector {
             tokio::select! {
                 _ = tick.tick() => {}
                 changed = facts.changed(), if facts_open => facts_open = changed.is_ok(),
+                _ = stop.changed() => {
+                    if self.renewed.is_some() {
+                        let released = self.release().await;
+                        self.settle("status lease not released", released);
+                    }
+                    return;
+                }
             }
             let mine = facts.borrow_and_update().clone();
             let result = self.report(&mine).await;
@@ -376,6 +384,31 @@ impl Elector {
             }
             Err(e) => Err(e),
         }
+    }
+
+    /// Hands the status Lease back (no holder), if this instance still holds it.
+    async fn release(&mut self) -> Result<(), kube::Error> {
+        let Some(mut lease) = self.leases.get_opt(&self.config.name).await? else {
+            return Ok(());
+        };
+        let Some(spec) = lease.spec.as_mut() else {
+            return Ok(());
+        };
+        if spec.holder_identity.as_deref() != Some(self.node.as_str()) {
+            return Ok(());
+        }
+        spec.holder_identity = None;
+        self.leases
+            .replace(&self.config.name, &PostParams::default(), &lease)
+            .await?;
+        self.renewed = None;
+        log::info!(
+            "status lease {}/{}: handed back by node {}",
+            self.config.namespace,
+            self.config.name,
+            self.node
+        );
+        Ok(())
     }
 
     /// `spec` renewed by this instance; `acquired` when it takes the Lease over.
