@@ -228,3 +228,58 @@ fn the_gateway_rbac_watches_and_writes_status_only() {
         &ns
     ));
 }
+
+#[test]
+fn a_listener_that_cannot_be_served_is_refused_alone() {
+    let Some(c) = cluster() else { return };
+    let ns = c.namespace("gw-bad");
+    let class = format!("udp-director-{ns}");
+    let port = free_port();
+    let echo = Echo::tagged(b'B');
+    // Port 0 gets past this API server's schema (the official CRDs refuse it; a file does not).
+    c.apply(&format!(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: GatewayClass\nmetadata: {{name: {class}}}\n\
+         spec: {{controllerName: {CONTROLLER}}}\n---\n\
+         apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {{name: edge, namespace: {ns}}}\n\
+         spec: {{gatewayClassName: {class}, listeners: [{{name: nowhere, port: 0, protocol: UDP}}, {{name: voice, port: {port}, protocol: UDP}}]}}\n"
+    ));
+    c.apply(&service(&ns, "voice", 5000, "UDP", echo.addr.port()));
+    c.apply(&udp_route(&ns, "voice", "{name: voice, port: 5000}"));
+    let p = c.start_proxy_as(&ns, "node-b");
+    let to = SocketAddr::from(([127, 0, 0, 1], port));
+    let cl = client();
+    wait_for(&p, "the valid listener serves", || {
+        round_trip(&cl, to, b"1").as_deref() == Some(b"B1".as_slice())
+    });
+    wait_for(&p, "the invalid listener's status says why", || {
+        let gw = get(c, "gateway", &ns, "edge");
+        let listeners = gw["status"]["listeners"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let named = |name: &str| {
+            listeners
+                .iter()
+                .find(|l| l["name"] == name)
+                .cloned()
+                .unwrap_or_default()
+        };
+        let (bad, good) = (named("nowhere"), named("voice"));
+        let accepted = cond(&bad["conditions"], "Accepted");
+        accepted["status"] == "False"
+            && accepted["reason"] == "UnsupportedValue"
+            && accepted["message"] == "port: 0 is not a port (1 to 65535)"
+            && cond(&bad["conditions"], "Programmed")["status"] == "False"
+            && cond(&good["conditions"], "Accepted")["status"] == "True"
+            && good["attachedRoutes"] == 1
+            && cond(&gw["status"]["conditions"], "Accepted")["reason"] == "ListenersNotValid"
+            && cond(&gw["status"]["conditions"], "Accepted")["status"] == "True"
+    });
+    assert_eq!(
+        p.log()
+            .matches("listener nowhere: not served: port: 0 is not a port")
+            .count(),
+        1,
+        "logged once"
+    );
+}

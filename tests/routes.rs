@@ -425,3 +425,46 @@ fn gateway_api_objects_in_the_file_are_served_too() {
     proxy.write_inventory(&service("voice", eps[0].addr.port(), &[&eps[0]], &[]));
     proxy.eventually("the listener is closed", |_| udp_sockets_on_port(port) == 0);
 }
+
+#[test]
+fn a_gateway_listener_that_does_not_read_is_refused_alone() {
+    let eps = endpoints(b"L");
+    let port = free_port();
+    let gateway = |listeners: &str| {
+        format!(
+            "{}\
+             - {{apiVersion: gateway.networking.k8s.io/v1, kind: GatewayClass, metadata: {{name: ours}}, spec: {{controllerName: udp-director.dev/gateway-controller}}}}\n\
+             - {{apiVersion: gateway.networking.k8s.io/v1, kind: Gateway, metadata: {{name: edge, namespace: games}}, \
+             spec: {{gatewayClassName: ours, listeners: [{listeners}]}}}}\n\
+             - {{apiVersion: gateway.networking.k8s.io/v1, kind: UDPRoute, metadata: {{name: voice, namespace: games}}, \
+             spec: {{parentRefs: [{{name: edge, sectionName: voice}}], rules: [{{backendRefs: [{{name: voice, port: 5000}}]}}]}}}}\n",
+            service("voice", eps[0].addr.port(), &[&eps[0]], &[])
+        )
+    };
+    let proxy = Proxy::start(
+        &base_config("gatewayApi: {controllerName: udp-director.dev/gateway-controller}\n"),
+        &gateway(&format!(
+            "{{name: big, port: 70000, protocol: UDP}}, {{name: voice, port: {port}, protocol: UDP}}"
+        )),
+    );
+    let to = SocketAddr::from(([127, 0, 0, 1], port));
+    let c = client();
+    proxy.eventually("the valid listener serves", |_| tag(&c, to) == Some(b'L'));
+    // A few passes of the reconciler (one a second): the problem is logged once.
+    std::thread::sleep(Duration::from_millis(2500));
+    let said =
+        "Gateway games/edge listener big: not served: port: 70000 is not a port (1 to 65535)";
+    assert_eq!(proxy.log().matches(said).count(), 1, "{}", proxy.log());
+    // Its text changes: logged again, once; the valid listener is not disturbed.
+    proxy.write_inventory(&gateway(&format!(
+        "{{name: big, port: 0, protocol: UDP}}, {{name: voice, port: {port}, protocol: UDP}}"
+    )));
+    let changed = "Gateway games/edge listener big: not served: port: 0 is not a port (1 to 65535)";
+    proxy.eventually("the changed problem is logged", |p| {
+        p.log().contains(changed)
+    });
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(proxy.log().matches(changed).count(), 1);
+    assert_eq!(proxy.log().matches(said).count(), 1);
+    assert_eq!(tag(&c, to), Some(b'L'), "the same session serves on");
+}

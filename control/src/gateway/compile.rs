@@ -3,6 +3,12 @@
 //! `parentRefs`, `sectionName`/`port`, protocol and `allowedRoutes`), and the attached routes
 //! turned into [`RouteObject`]s for the shared route compile, with ReferenceGrants deciding
 //! cross-namespace backends.
+//!
+//! A Gateway's listeners are read one by one: one that cannot be read (a port out of range, no
+//! name, a name used twice, a field of the wrong shape) is kept as an [`InvalidListener`], whose
+//! status says why, while the Gateway's other listeners open and serve. What cannot be read is
+//! handed to the reconciler as problems, which [`Logged`] lets it log once per change rather
+//! than on every pass.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -12,7 +18,8 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use crate::crd::gateway::{
-    GROUP, GatewayClassSpec, GatewaySpec, L4Rule, ParentReference, ReferenceGrantSpec,
+    AllowedRoutes, GROUP, GatewayClassSpec, GatewayListener, GatewaySpec, L4Rule, ParentReference,
+    ReferenceGrantSpec,
 };
 use crate::crd::{RouteBackendRef, RouteRule, RouteSpec, ServicePortRef};
 use crate::inventory::Object;
@@ -71,17 +78,46 @@ pub struct L4Route {
     pub rules: Vec<L4Rule>,
 }
 
-/// The Gateway API objects, typed (objects that do not read are skipped).
+/// The Gateway API objects, typed (objects that do not read are skipped, and said in
+/// `skipped`).
 #[derive(Clone, Debug, Default)]
 pub struct Model {
     /// GatewayClasses.
     pub classes: Vec<(Meta, GatewayClassSpec)>,
-    /// Gateways.
+    /// Gateways, with the listeners that read (the others are in `invalid_listeners`).
     pub gateways: Vec<(Meta, GatewaySpec)>,
+    /// Listeners of those Gateways that cannot be served as written.
+    pub invalid_listeners: Vec<InvalidListener>,
     /// UDPRoutes and TCPRoutes.
     pub routes: Vec<L4Route>,
     /// ReferenceGrants.
     pub grants: Vec<(Meta, ReferenceGrantSpec)>,
+    /// Objects left out because they do not read: (`Kind namespace/name`, why).
+    pub skipped: Vec<(String, String)>,
+}
+
+/// A Gateway listener that cannot be served as written, kept so that its status says why.
+#[derive(Clone, Debug, Eq, PartialEq)]
+pub struct InvalidListener {
+    /// The Gateway (namespace, name).
+    pub gateway: (String, String),
+    /// Its place in `spec.listeners`.
+    pub index: usize,
+    /// Its name, when it has one of its own: a listener's status entry is keyed by name, so
+    /// one with no name, or a name an earlier listener has, has none (its Gateway says why).
+    pub name: Option<String>,
+    /// Why, naming the field.
+    pub why: String,
+}
+
+impl InvalidListener {
+    /// `listener voice` or `listeners[2]`, for messages.
+    pub fn label(&self) -> String {
+        match &self.name {
+            Some(name) => format!("listener {name}"),
+            None => format!("listeners[{}]", self.index),
+        }
+    }
 }
 
 fn meta(o: &Object) -> Meta {
@@ -95,14 +131,93 @@ fn meta(o: &Object) -> Meta {
     }
 }
 
-fn spec<T: DeserializeOwned>(o: &Object) -> Option<T> {
-    match serde_json::from_value(o.raw.get("spec")?.clone()) {
-        Ok(s) => Some(s),
-        Err(e) => {
-            log::warn!("{} {}/{} skipped: spec: {e}", o.kind, o.namespace, o.name);
-            None
+/// An object's typed spec; the error names the field.
+fn spec<T: DeserializeOwned>(o: &Object) -> Result<T, String> {
+    let spec = o.raw.get("spec").ok_or("spec: missing")?;
+    serde_json::from_value(spec.clone()).map_err(|e| format!("spec: {e}"))
+}
+
+/// A Gateway's spec with the listeners that read, and those that do not.
+fn gateway_spec(o: &Object) -> Result<(GatewaySpec, Vec<InvalidListener>), String> {
+    let spec = o.raw.get("spec").ok_or("spec: missing")?;
+    let class = spec
+        .get("gatewayClassName")
+        .and_then(Value::as_str)
+        .ok_or("spec.gatewayClassName: missing, or not a string")?;
+    let entries = spec
+        .get("listeners")
+        .and_then(Value::as_array)
+        .ok_or("spec.listeners: missing, or not a list")?;
+    let mut listeners: Vec<GatewayListener> = Vec::new();
+    let mut invalid = Vec::new();
+    for (index, entry) in entries.iter().enumerate() {
+        let refused = |name: Option<String>, why: String| InvalidListener {
+            gateway: (o.namespace.clone(), o.name.clone()),
+            index,
+            name,
+            why,
+        };
+        match listener(entry) {
+            Ok(l)
+                if listeners.iter().any(|e| e.name == l.name)
+                    || invalid
+                        .iter()
+                        .any(|i: &InvalidListener| i.name.as_ref() == Some(&l.name)) =>
+            {
+                let why = format!("name: `{}` is an earlier listener's", l.name);
+                invalid.push(refused(None, why));
+            }
+            Ok(l) => listeners.push(l),
+            Err((name, why)) => {
+                // A name an earlier listener has cannot key a status entry of its own.
+                let name = name.filter(|n| {
+                    !listeners.iter().any(|e| e.name == *n)
+                        && !invalid.iter().any(|i| i.name.as_ref() == Some(n))
+                });
+                invalid.push(refused(name, why));
+            }
         }
     }
+    let gateway = GatewaySpec {
+        gateway_class_name: class.to_string(),
+        listeners,
+    };
+    Ok((gateway, invalid))
+}
+
+/// One entry of `spec.listeners`, checked field by field; the error carries its name when it
+/// has one, and why it cannot be served, naming the field.
+fn listener(entry: &Value) -> Result<GatewayListener, (Option<String>, String)> {
+    let name = match entry.get("name").and_then(Value::as_str) {
+        Some(n) if !n.is_empty() => n.to_string(),
+        _ => return Err((None, "name: missing, or not a string".into())),
+    };
+    let port = match entry.get("port") {
+        Some(p) => match p.as_u64().and_then(|p| u16::try_from(p).ok()) {
+            Some(p) if p > 0 => p,
+            _ => {
+                let why = format!("port: {p} is not a port (1 to 65535)");
+                return Err((Some(name), why));
+            }
+        },
+        None => return Err((Some(name), "port: missing".into())),
+    };
+    let Some(protocol) = entry.get("protocol").and_then(Value::as_str) else {
+        return Err((Some(name), "protocol: missing, or not a string".into()));
+    };
+    let allowed_routes = match entry.get("allowedRoutes") {
+        None | Some(Value::Null) => None,
+        Some(a) => Some(
+            serde_json::from_value::<AllowedRoutes>(a.clone())
+                .map_err(|e| (Some(name.clone()), format!("allowedRoutes: {e}")))?,
+        ),
+    };
+    Ok(GatewayListener {
+        name,
+        port,
+        protocol: protocol.to_string(),
+        allowed_routes,
+    })
 }
 
 impl Model {
@@ -110,10 +225,13 @@ impl Model {
     pub fn read(objects: &[Arc<Object>]) -> Self {
         let mut m = Self::default();
         for o in objects {
-            match o.kind.as_str() {
-                "GatewayClass" => m.classes.extend(spec(o).map(|s| (meta(o), s))),
-                "Gateway" => m.gateways.extend(spec(o).map(|s| (meta(o), s))),
-                "ReferenceGrant" => m.grants.extend(spec(o).map(|s| (meta(o), s))),
+            let read: Result<(), String> = match o.kind.as_str() {
+                "GatewayClass" => spec(o).map(|s| m.classes.push((meta(o), s))),
+                "Gateway" => gateway_spec(o).map(|(s, invalid)| {
+                    m.gateways.push((meta(o), s));
+                    m.invalid_listeners.extend(invalid);
+                }),
+                "ReferenceGrant" => spec(o).map(|s| m.grants.push((meta(o), s))),
                 "UDPRoute" | "TCPRoute" => {
                     let kind = if o.kind == "UDPRoute" {
                         RouteKind::Udp
@@ -128,7 +246,7 @@ impl Model {
                         #[serde(default)]
                         rules: Vec<L4Rule>,
                     }
-                    if let Some(s) = spec::<L4Spec>(o) {
+                    spec::<L4Spec>(o).map(|s| {
                         m.routes.push(L4Route {
                             kind,
                             meta: meta(o),
@@ -141,9 +259,13 @@ impl Model {
                             parent_refs: s.parent_refs,
                             rules: s.rules,
                         });
-                    }
+                    })
                 }
-                _ => {}
+                _ => Ok(()),
+            };
+            if let Err(e) = read {
+                let subject = format!("{} {}/{}", o.kind, o.namespace, o.name);
+                m.skipped.push((subject, e));
             }
         }
         m
@@ -211,10 +333,12 @@ pub struct Attachment {
 pub struct Plan {
     /// Our GatewayClasses, by name.
     pub classes: Vec<Meta>,
-    /// Our Gateways.
+    /// Our Gateways (with the listeners that read).
     pub gateways: Vec<(Meta, GatewaySpec)>,
     /// Their UDP and TCP listeners.
     pub listeners: Vec<Listener>,
+    /// Their listeners that cannot be served as written (not opened; their status says why).
+    pub invalid_listeners: Vec<InvalidListener>,
     /// Every (route, parent) that names one of our Gateways.
     pub attachments: Vec<Attachment>,
     /// The attached routes as route objects, one per (route, listener).
@@ -253,6 +377,13 @@ pub fn plan(model: &Model, controller: &str) -> Plan {
                     == Some("All"),
             });
         }
+        out.invalid_listeners.extend(
+            model
+                .invalid_listeners
+                .iter()
+                .filter(|l| l.gateway.0 == m.namespace && l.gateway.1 == m.name)
+                .cloned(),
+        );
         out.gateways.push((m.clone(), gw.clone()));
     }
     for route in &model.routes {
@@ -368,6 +499,61 @@ fn as_route_object(route: &L4Route, listener: &str) -> RouteObject {
 fn is_service(b: &crate::crd::gateway::BackendRef) -> bool {
     b.group.as_deref().unwrap_or("").is_empty()
         && b.kind.as_deref().unwrap_or("Service") == "Service"
+}
+
+/// What to say in the log, by subject: objects that do not read, our Gateways' listeners that
+/// cannot be served as written, and listeners that did not open (`not_opened`: key, why).
+pub fn problems<'a>(
+    model: &Model,
+    plan: &Plan,
+    not_opened: impl IntoIterator<Item = (&'a String, &'a String)>,
+) -> BTreeMap<String, String> {
+    let skipped = model
+        .skipped
+        .iter()
+        .map(|(subject, why)| (subject.clone(), format!("skipped: {why}")));
+    let invalid = plan.invalid_listeners.iter().map(|l| {
+        let subject = format!("Gateway {}/{} {}", l.gateway.0, l.gateway.1, l.label());
+        (subject, format!("not served: {}", l.why))
+    });
+    let closed = not_opened.into_iter().map(|(key, why)| {
+        (
+            format!("gateway listener {key}"),
+            format!("not open: {why}"),
+        )
+    });
+    skipped.chain(invalid).chain(closed).collect()
+}
+
+/// The problems last logged, by subject (`Gateway games/edge listener voice`), so that a
+/// problem that lasts is logged when it appears or its text changes, not on every pass.
+#[derive(Debug, Default)]
+pub struct Logged {
+    last: BTreeMap<String, String>,
+}
+
+impl Logged {
+    /// Takes this pass's problems; returns those to log now (new, or changed since logged),
+    /// and the subjects whose problem is gone. What is gone is forgotten, so its return is
+    /// logged again.
+    pub fn changes(
+        &mut self,
+        now: BTreeMap<String, String>,
+    ) -> (Vec<(String, String)>, Vec<String>) {
+        let fresh = now
+            .iter()
+            .filter(|(subject, why)| self.last.get(*subject) != Some(*why))
+            .map(|(s, w)| (s.clone(), w.clone()))
+            .collect();
+        let gone = self
+            .last
+            .keys()
+            .filter(|s| !now.contains_key(*s))
+            .cloned()
+            .collect();
+        self.last = now;
+        (fresh, gone)
+    }
 }
 
 /// Routes attached per listener key, for `attachedRoutes`.
@@ -526,6 +712,134 @@ mod tests {
                 .unwrap()
                 .invalid_kind
         );
+    }
+
+    #[test]
+    fn a_listener_that_does_not_read_is_refused_alone() {
+        let m = model(&OBJECTS.replace(
+            "    - {name: web, port: 80, protocol: HTTP}\n",
+            "    - {name: web, port: 80, protocol: HTTP}\n\
+             \x20   - {name: big, port: 70000, protocol: UDP}\n\
+             \x20   - {name: zero, port: 0, protocol: UDP}\n\
+             \x20   - {port: 9003, protocol: UDP}\n\
+             \x20   - {name: voice, port: 9004, protocol: UDP}\n\
+             \x20   - {name: shape, port: 9005, protocol: [UDP]}\n\
+             \x20   - {name: from, port: 9006, protocol: UDP, allowedRoutes: {namespaces: {from: 3}}}\n\
+             \x20   - {name: voice, port: 99999, protocol: UDP}\n",
+        ));
+        assert!(m.skipped.is_empty(), "the Gateway reads: {:?}", m.skipped);
+        let p = plan(&m, "udp-director.dev/gateway-controller");
+        let keys: Vec<&str> = p.listeners.iter().map(|l| l.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            ["infra/edge/voice", "infra/edge/chat"],
+            "the valid listeners are served"
+        );
+        let invalid: Vec<(usize, Option<&str>, &str)> = p
+            .invalid_listeners
+            .iter()
+            .map(|l| (l.index, l.name.as_deref(), l.why.as_str()))
+            .collect();
+        assert_eq!(
+            invalid[0],
+            (3, Some("big"), "port: 70000 is not a port (1 to 65535)")
+        );
+        assert_eq!(
+            invalid[1],
+            (4, Some("zero"), "port: 0 is not a port (1 to 65535)")
+        );
+        assert_eq!(invalid[2], (5, None, "name: missing, or not a string"));
+        assert_eq!(
+            invalid[3],
+            (6, None, "name: `voice` is an earlier listener's"),
+            "a second `voice` has no status entry of its own"
+        );
+        assert_eq!(
+            invalid[4],
+            (7, Some("shape"), "protocol: missing, or not a string")
+        );
+        assert_eq!(invalid[5].1, Some("from"));
+        assert!(
+            invalid[5].2.starts_with("allowedRoutes: "),
+            "{}",
+            invalid[5].2
+        );
+        assert_eq!(
+            invalid[6].1, None,
+            "a used name, even on an invalid listener"
+        );
+        assert_eq!(invalid.len(), 7);
+        assert_eq!(p.invalid_listeners[2].label(), "listeners[5]");
+        // A Gateway of another class: not ours, its listeners not reported.
+        let theirs = model(&OBJECTS.replace(
+            "{name: x, port: 1, protocol: UDP}",
+            "{name: x, port: 0, protocol: UDP}",
+        ));
+        assert_eq!(theirs.invalid_listeners.len(), 1);
+        assert!(
+            plan(&theirs, "udp-director.dev/gateway-controller")
+                .invalid_listeners
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn objects_that_do_not_read_are_skipped_and_logged_once_per_change() {
+        let bad = r#"
+- {apiVersion: gateway.networking.k8s.io/v1, kind: Gateway, metadata: {name: g, namespace: n}, spec: {listeners: []}}
+- {apiVersion: gateway.networking.k8s.io/v1, kind: UDPRoute, metadata: {name: r, namespace: n}, spec: {rules: 3}}
+- apiVersion: gateway.networking.k8s.io/v1
+  kind: Gateway
+  metadata: {name: edge, namespace: infra}
+  spec: {gatewayClassName: ours, listeners: [{name: a, port: 0, protocol: UDP}]}
+- {apiVersion: gateway.networking.k8s.io/v1, kind: GatewayClass, metadata: {name: ours}, spec: {controllerName: c}}
+"#;
+        let m = model(bad);
+        let subjects: Vec<&str> = m.skipped.iter().map(|(s, _)| s.as_str()).collect();
+        assert_eq!(subjects, ["Gateway n/g", "UDPRoute n/r"]);
+        assert_eq!(
+            m.skipped[0].1,
+            "spec.gatewayClassName: missing, or not a string"
+        );
+        let p = plan(&m, "c");
+        let not_open = (
+            "infra/edge/b".to_string(),
+            "udp/9 is held by another process".to_string(),
+        );
+        let now = problems(&m, &p, [(&not_open.0, &not_open.1)]);
+        assert_eq!(now.len(), 4);
+        assert_eq!(
+            now["Gateway infra/edge listener a"],
+            "not served: port: 0 is not a port (1 to 65535)"
+        );
+        assert_eq!(
+            now["gateway listener infra/edge/b"],
+            "not open: udp/9 is held by another process"
+        );
+        let mut logged = Logged::default();
+        let (fresh, gone) = logged.changes(now.clone());
+        assert_eq!(
+            (fresh.len(), gone.len()),
+            (4, 0),
+            "each logged when it appears"
+        );
+        let (fresh, gone) = logged.changes(now.clone());
+        assert!(
+            fresh.is_empty() && gone.is_empty(),
+            "not again on the next pass"
+        );
+        let mut changed = now;
+        changed.insert("Gateway n/g".into(), "skipped: another reason".into());
+        changed.remove("UDPRoute n/r");
+        let (fresh, gone) = logged.changes(changed);
+        assert_eq!(
+            fresh,
+            [(
+                "Gateway n/g".to_string(),
+                "skipped: another reason".to_string()
+            )]
+        );
+        assert_eq!(gone, ["UDPRoute n/r"]);
     }
 
     #[test]

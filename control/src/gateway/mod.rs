@@ -94,6 +94,9 @@ pub struct Reconciler {
     /// Counters per route kind (each kind's routes compile apart: grants are per kind).
     counters: [Counters; 2],
     fingerprints: BTreeMap<String, String>,
+    /// What was last logged of objects that do not read and listeners not served, so a lasting
+    /// problem is logged once, not on every pass.
+    logged: compile::Logged,
     writer: Option<Writer>,
     writes: Option<watch::Sender<Arc<Wanted>>>,
     /// The node this instance reports as.
@@ -153,6 +156,7 @@ impl Reconciler {
             held: BTreeMap::new(),
             counters: Default::default(),
             fingerprints: BTreeMap::new(),
+            logged: compile::Logged::default(),
             node: writer
                 .as_ref()
                 .map(|w| w.node().to_string())
@@ -210,6 +214,7 @@ impl Reconciler {
         let model = Model::read(&snapshot.gateway_api);
         let plan = compile::plan(&model, &self.controller_name);
         let opened = self.sync_listeners(&plan);
+        self.log_problems(&model, &plan, &opened);
         let mut reports: BTreeMap<(String, String), RouteReport> = BTreeMap::new();
         let mut views = BTreeMap::new();
         for (i, kind) in [RouteKind::Udp, RouteKind::Tcp].into_iter().enumerate() {
@@ -291,6 +296,29 @@ impl Reconciler {
             });
         }
         self.publish(snapshot, &plan, &facts, &reports);
+    }
+
+    /// Logs what does not read or is not served when it appears or changes, and when it is gone.
+    fn log_problems(
+        &mut self,
+        model: &Model,
+        plan: &Plan,
+        opened: &BTreeMap<String, Result<SocketAddr, String>>,
+    ) {
+        // A port a closing listener still holds frees within moments: not worth a line.
+        let not_opened = opened.iter().filter_map(|(key, result)| match result {
+            Err(why) if !why.contains("(closing)") => Some((key, why)),
+            _ => None,
+        });
+        let (fresh, gone) = self
+            .logged
+            .changes(compile::problems(model, plan, not_opened));
+        for (subject, why) in fresh {
+            log::warn!("{subject}: {why}");
+        }
+        for subject in gone {
+            log::info!("{subject}: no longer a problem");
+        }
     }
 
     /// Opens the listeners the plan has and closes the others; what each opened to, or why not.
@@ -459,9 +487,48 @@ impl Reconciler {
                     "conditions": conditions,
                 }));
             }
+            // Listeners that cannot be read are not opened, and say why; one with no name of its
+            // own has no entry, and the Gateway's `Accepted` names it.
+            let invalid: Vec<&compile::InvalidListener> = plan
+                .invalid_listeners
+                .iter()
+                .filter(|l| l.gateway.0 == m.namespace && l.gateway.1 == m.name)
+                .collect();
+            for l in &invalid {
+                all_programmed = false;
+                let Some(name) = &l.name else { continue };
+                let g = m.generation;
+                listeners.push(json!({
+                    "name": name,
+                    "attachedRoutes": 0,
+                    "supportedKinds": [],
+                    "conditions": [
+                        condition("Accepted", false, "UnsupportedValue", &l.why, g),
+                        condition("Programmed", false, "Invalid", &l.why, g),
+                        condition("ResolvedRefs", true, "ResolvedRefs", "", g),
+                    ],
+                }));
+            }
+            let accepted = if invalid.is_empty() {
+                condition("Accepted", true, "Accepted", "", m.generation)
+            } else {
+                let why: Vec<String> = invalid
+                    .iter()
+                    .map(|l| format!("{}: {}", l.label(), l.why))
+                    .collect();
+                // Accepted while some listener serves; the API's reason either way.
+                let some_valid = !gw.listeners.is_empty();
+                condition(
+                    "Accepted",
+                    some_valid,
+                    "ListenersNotValid",
+                    &why.join("; "),
+                    m.generation,
+                )
+            };
             let status = json!({
                 "conditions": [
-                    condition("Accepted", true, "Accepted", "", m.generation),
+                    accepted,
                     if all_programmed {
                         condition("Programmed", true, "Programmed", "", m.generation)
                     } else {
