@@ -42,7 +42,7 @@ pub struct EntryPoint {
 pub struct RouteView {
     /// Its entry point.
     pub entry_point: String,
-    /// Every backend resolved.
+    /// Every backend resolved, and some client reaches a rule of it.
     pub ready: bool,
     /// Ready endpoints over its backends.
     pub ready_endpoints: u32,
