@@ -606,6 +606,8 @@ impl KubeSource {
             routes: of_feed(Feed::Routes),
             gateway_api: of_feed(Feed::Gateway),
             watches,
+            // Set by `inventory::run`, against the snapshot before.
+            versions: super::Versions::default(),
         }
     }
 }

@@ -27,7 +27,8 @@ use tokio::sync::watch;
 use crate::config::Mapping;
 
 /// One object (GameServer, Pod, Service, …) with its commonly used metadata pulled out.
-#[derive(Clone, Debug, PartialEq)]
+// `Eq`, so comparing two lists of the same `Arc`s is a pointer comparison each.
+#[derive(Clone, Debug, Eq, PartialEq)]
 pub struct Object {
     /// `apiVersion`.
     pub api_version: String,
@@ -112,6 +113,62 @@ pub struct Snapshot {
     /// Every watched resource (`gameservers.agones.dev`, `services`, …) and whether its cache
     /// is stale: its watch failed and has not yet re-listed. Empty for the file source.
     pub watches: Vec<(String, bool)>,
+    /// A version per kind of object, moved by [`run`] when that kind's list changes, so a
+    /// consumer does work only when what it reads changed: a GameServer update moves
+    /// `mapped` alone, and the reconcilers of forwarders, routes and Gateways sleep through it.
+    pub versions: Versions,
+}
+
+/// A version per kind of object in a [`Snapshot`] (see [`Snapshot::versions`]).
+#[derive(Clone, Copy, Debug, Default, Eq, Hash, PartialEq)]
+pub struct Versions {
+    /// The objects of the mappings (GameServers, Pods, …), and whether the source has loaded.
+    pub mapped: u64,
+    /// Services.
+    pub services: u64,
+    /// EndpointSlices.
+    pub endpoint_slices: u64,
+    /// Forwarders, and whether their watches have listed.
+    pub forwarders: u64,
+    /// Routes, and whether their watches have listed.
+    pub routes: u64,
+    /// Gateway API objects, and whether their watches have listed.
+    pub gateway_api: u64,
+}
+
+impl Versions {
+    /// `previous`'s versions, each moved on by one where `next`'s list differs from
+    /// `previous`'s. Unchanged objects are the same `Arc`s in both (the sources keep them), so
+    /// an unchanged list costs a pointer comparison per object.
+    pub fn next(previous: &Snapshot, next: &Snapshot) -> Self {
+        let v = previous.versions;
+        let bump = |version: u64, changed: bool| version + u64::from(changed);
+        Self {
+            mapped: bump(
+                v.mapped,
+                previous.loaded != next.loaded || previous.by_mapping != next.by_mapping,
+            ),
+            services: bump(v.services, previous.services != next.services),
+            endpoint_slices: bump(
+                v.endpoint_slices,
+                previous.endpoint_slices != next.endpoint_slices,
+            ),
+            forwarders: bump(
+                v.forwarders,
+                previous.forwarders_loaded != next.forwarders_loaded
+                    || previous.forwarders != next.forwarders,
+            ),
+            routes: bump(
+                v.routes,
+                previous.routes_loaded != next.routes_loaded || previous.routes != next.routes,
+            ),
+            gateway_api: bump(
+                v.gateway_api,
+                previous.gateway_loaded != next.gateway_loaded
+                    || previous.gateway_api != next.gateway_api,
+            ),
+        }
+    }
 }
 
 /// apiVersion of Services.
@@ -177,6 +234,7 @@ impl Snapshot {
             routes,
             gateway_api,
             watches: Vec::new(),
+            versions: Versions::default(),
         }
     }
 
@@ -303,7 +361,8 @@ pub async fn run<S: InventorySource>(mut source: S, tx: watch::Sender<Arc<Snapsh
             () = tx.closed() => return,
         };
         match result {
-            Ok(snapshot) => {
+            Ok(mut snapshot) => {
+                snapshot.versions = Versions::next(&tx.borrow(), &snapshot);
                 if snapshot.loaded {
                     log::debug!(
                         "inventory from {}: {}",
@@ -350,4 +409,46 @@ fn retire(previous: Option<Arc<Snapshot>>, trimmed: &mut Instant) {
             }
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_kind_version_moves_only_when_its_list_changes() {
+        let object = |kind: &str, name: &str| {
+            Object::from_value(serde_json::json!({
+                "apiVersion": "v1", "kind": kind, "metadata": {"name": name, "namespace": "a"},
+            }))
+            .unwrap()
+        };
+        let first = Snapshot::build(vec![object("Service", "s")], &BTreeMap::new());
+        let mut first_versioned = first.clone();
+        first_versioned.versions = Versions::next(&Snapshot::default(), &first);
+        assert_eq!(first_versioned.versions.services, 1);
+        assert_eq!(first_versioned.versions.mapped, 1, "loaded");
+        assert_eq!(first_versioned.versions.routes, 1, "routes listed");
+        // The same Arcs again (what the Kubernetes source keeps): nothing moves.
+        let again = first_versioned.clone();
+        assert_eq!(
+            Versions::next(&first_versioned, &again),
+            first_versioned.versions
+        );
+        // A Service changes: services alone.
+        let mut changed = first_versioned.clone();
+        changed.services = vec![Arc::new(object("Service", "t"))];
+        let v = Versions::next(&first_versioned, &changed);
+        assert_eq!(v.services, 2);
+        assert_eq!(
+            (
+                v.mapped,
+                v.forwarders,
+                v.routes,
+                v.gateway_api,
+                v.endpoint_slices
+            ),
+            (1, 1, 1, 1, 0)
+        );
+    }
 }

@@ -162,9 +162,23 @@ impl Reconciler {
             let node = writer.node().to_string();
             self.writes = Some((node, writer.spawn(inventory.clone())));
         }
+        // What the last pass read: a change of anything else (a GameServer) costs nothing here.
+        let mut compiled_from = None;
         loop {
             let snapshot = Arc::clone(&inventory.borrow_and_update());
-            self.reconcile(&snapshot);
+            let v = snapshot.versions;
+            // Forwarders too: a route must not send clients to a listener of this proxy.
+            let inputs = (
+                v.routes,
+                v.services,
+                v.endpoint_slices,
+                v.forwarders,
+                v.gateway_api,
+            );
+            if compiled_from != Some(inputs) {
+                self.reconcile(&snapshot);
+                compiled_from = Some(inputs);
+            }
             tokio::select! {
                 changed = inventory.changed() => if changed.is_err() { return },
                 Ok(()) = live.changed() => {
@@ -172,6 +186,7 @@ impl Reconciler {
                     let config = Arc::clone(&live.borrow_and_update());
                     self.allow_cross_namespace = config.routes_allow_cross_namespace;
                     self.session_timeout = config.session_timeout;
+                    compiled_from = None;
                 }
             }
         }
