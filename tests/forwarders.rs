@@ -1,6 +1,7 @@
 //! Forwarders with the file inventory (SPEC §6): the whole lifecycle by editing the file, port
-//! conflicts reported without disturbing anything else, the largest datagrams, the idle timer
-//! counted in both directions, DNS targets, and the per-forwarder metrics.
+//! conflicts reported without disturbing anything else (a Gateway listener on a forwarder's port
+//! goes by the same rule: the older keeps it), the largest datagrams, the idle timer counted in
+//! both directions, DNS targets, and the per-forwarder metrics.
 
 mod common;
 
@@ -520,5 +521,72 @@ fn a_target_that_is_not_unicast_is_refused_with_the_reason() {
         proxy.log().matches("forwarder group: not ready").count(),
         1,
         "the refusal is logged once, not on every pass"
+    );
+}
+
+#[test]
+fn a_forwarder_and_a_gateway_listener_on_one_port_go_to_the_older() {
+    let (relayed, routed) = (Echo::tagged(b'F'), Echo::tagged(b'G'));
+    let port = free_port();
+    let gateway = |created: &str| {
+        format!(
+            "- {{apiVersion: gateway.networking.k8s.io/v1, kind: GatewayClass, metadata: {{name: ours}}, \
+             spec: {{controllerName: udp-director.dev/gateway-controller}}}}\n\
+             - {{apiVersion: gateway.networking.k8s.io/v1, kind: Gateway, metadata: {{name: edge, namespace: games, \
+             creationTimestamp: \"{created}\"}}, spec: {{gatewayClassName: ours, listeners: [{{name: voice, port: {port}, protocol: UDP}}]}}}}\n\
+             - {{apiVersion: gateway.networking.k8s.io/v1, kind: UDPRoute, metadata: {{name: voice, namespace: games}}, \
+             spec: {{parentRefs: [{{name: edge, sectionName: voice}}], rules: [{{backendRefs: [{{name: voice, port: 5000}}]}}]}}}}\n\
+             - {{apiVersion: v1, kind: Service, metadata: {{name: voice, namespace: games}}, spec: {{ports: [{{name: voice, port: 5000}}]}}}}\n\
+             - {{apiVersion: discovery.k8s.io/v1, kind: EndpointSlice, metadata: {{name: voice-1, namespace: games, \
+             labels: {{kubernetes.io/service-name: voice}}}}, ports: [{{name: voice, port: {}}}], \
+             endpoints: [{{addresses: [\"{}\"]}}]}}\n",
+            routed.addr.port(),
+            routed.addr.ip()
+        )
+    };
+    let relay = forwarder(
+        "relay",
+        "2026-02-01T00:00:00Z",
+        &format!("{{udp: {}}}", to(port, relayed.addr)),
+    );
+    let config = base_config(&format!(
+        "{CONFIG}gatewayApi: {{controllerName: udp-director.dev/gateway-controller}}\n"
+    ));
+    // The Gateway is older: its listener has the port, and the forwarder names it.
+    let proxy = Proxy::start(
+        &config,
+        &format!("{}{relay}", gateway("2026-01-01T00:00:00Z")),
+    );
+    let c = client();
+    proxy.eventually("the Gateway's listener serves", |_| {
+        round_trip(&c, port, b"1").as_deref() == Some(b"G1".as_slice())
+    });
+    let held_by_gateway =
+        format!("udp/{port} is held by Gateway games/edge listener voice (older)");
+    proxy.eventually("the forwarder says who holds its port", |p| {
+        view(p, "relay")["message"] == held_by_gateway.as_str()
+    });
+    assert_eq!(view(&proxy, "relay")["ready"], false);
+
+    // The Gateway goes: the forwarder opens by itself.
+    proxy.write_inventory(&relay);
+    proxy.eventually("the forwarder serves", |p| {
+        ready(p, "relay") && round_trip(&c, port, b"2").as_deref() == Some(b"F2".as_slice())
+    });
+
+    // A younger Gateway asks for the port: the forwarder keeps it, the listener is not opened
+    // and says why.
+    proxy.write_inventory(&format!("{}{relay}", gateway("2026-03-01T00:00:00Z")));
+    let held_by_forwarder = format!(
+        "gateway listener games/edge/voice: not open: udp/{port} is held by Forwarder \
+         games/relay (older)"
+    );
+    proxy.eventually("the listener says who holds its port", |p| {
+        p.log().contains(&held_by_forwarder)
+    });
+    assert!(ready(&proxy, "relay"));
+    assert_eq!(
+        round_trip(&c, port, b"3").as_deref(),
+        Some(b"F3".as_slice())
     );
 }

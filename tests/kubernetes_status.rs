@@ -4,7 +4,9 @@
 //! names that node), does not change while nothing changes, keeps another controller's route
 //! `parents` entry, moves a `lastTransitionTime` only with its condition's status, and stays
 //! true when the holder dies and the other takes over. The holder removes a departed node's
-//! `status.instances` entry. Skipped, loudly, without an API server; a failure under `CI=true`.
+//! `status.instances` entry. A Forwarder and a Gateway listener on one port go to the older on
+//! both instances, before and after a restart, and both statuses say so. Skipped, loudly,
+//! without an API server; a failure under `CI=true`.
 
 mod common;
 
@@ -51,10 +53,13 @@ fn wait_for(proxies: &[&Proxy], limit: Duration, what: &str, mut f: impl FnMut()
     }
 }
 
-/// The node holding the status Lease of `ns`, if any.
+/// The node holding the status Lease of `ns`, if any (the identity is `NODE_TOKEN`: a
+/// token per process, so two processes on one node are two candidates).
 fn holder(c: &Cluster, ns: &str) -> Option<String> {
     get(c, "lease", ns, LEASE)["spec"]["holderIdentity"]
         .as_str()
+        .and_then(|identity| identity.split('_').next())
+        .filter(|node| !node.is_empty())
         .map(str::to_string)
 }
 
@@ -297,9 +302,20 @@ fn the_holder_removes_the_status_entry_of_a_departed_node() {
     wait_for(&[&a, &b], Duration::from_secs(30), "a holder", || {
         holder(c, &ns).is_some()
     });
+    // An entry of a node with no Lease in this fleet (another fleet's, an older release's),
+    // written long ago, is not this fleet's to remove.
+    c.must(
+        &[
+            "apply", "--server-side", "--subresource=status", "--validate=false",
+            "--field-manager=udp-director/node-other", "-f", "-",
+        ],
+        Some(&format!(
+            r#"{{"apiVersion":"udp-director.dev/v1alpha1","kind":"Forwarder","metadata":{{"name":"game","namespace":"{ns}"}},"status":{{"instances":[{{"node":"node-other","ready":true,"listening":[],"message":"elsewhere","lastUpdateTime":"2020-01-01T00:00:00Z"}}]}}}}"#
+        )),
+    );
     // Entries of live nodes stay, however long they have been there.
     std::thread::sleep(Duration::from_secs(12));
-    assert_eq!(nodes(c), ["node-a", "node-b"]);
+    assert_eq!(nodes(c), ["node-a", "node-b", "node-other"]);
     // node-b stops, and its per-node Lease says it has not renewed for years: it has left.
     drop(b);
     c.must(
@@ -321,7 +337,7 @@ fn the_holder_removes_the_status_entry_of_a_departed_node() {
         &[&a],
         Duration::from_secs(60),
         "the departed entry removed",
-        || nodes(c) == ["node-a"],
+        || nodes(c) == ["node-a", "node-other"],
     );
     wait_for(
         &[&a],
@@ -336,6 +352,15 @@ fn the_holder_removes_the_status_entry_of_a_departed_node() {
         },
     );
     assert_eq!(holder(c, &ns).as_deref(), Some("node-a"));
+    assert!(
+        c.kubectl(
+            &["get", "lease", &format!("{LEASE}-node-a"), "-n", &ns],
+            None
+        )
+        .is_ok(),
+        "the live node's Lease stays"
+    );
+    assert_eq!(nodes(c), ["node-a", "node-other"]);
 }
 
 #[test]
@@ -360,4 +385,133 @@ fn a_stopping_holder_hands_the_lease_back_at_once() {
         || holder(c, &ns).as_deref() == Some("node-b"),
     );
     assert!(started.elapsed() < Duration::from_secs(8));
+}
+
+#[test]
+fn a_forwarder_and_a_gateway_listener_on_one_port_go_to_the_older_on_every_instance() {
+    let Some(c) = cluster() else { return };
+    let ns = c.namespace("ports");
+    c.grant_forwarder_rbac(&ns);
+    let class = format!("udp-director-{ns}");
+    let port = free_port();
+    let (relayed, routed) = (Echo::tagged(b'F'), Echo::tagged(b'V'));
+    let forwarder = format!(
+        "apiVersion: udp-director.dev/v1alpha1\nkind: Forwarder\nmetadata: {{name: relay, namespace: {ns}}}\n\
+         spec: {{udp: {{listenPort: {port}, targetHost: \"127.0.0.1\", targetPort: {}}}}}\n",
+        relayed.addr.port()
+    );
+    c.apply(&format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: lb-udp, namespace: {ns}}}\n\
+         spec: {{type: LoadBalancer, ports: [{{name: keep, port: 1, protocol: UDP}}]}}\n---\n\
+         apiVersion: v1\nkind: Service\nmetadata: {{name: lb-tcp, namespace: {ns}}}\n\
+         spec: {{type: LoadBalancer, ports: [{{name: keep, port: 1, protocol: TCP}}]}}\n---\n\
+         {forwarder}"
+    ));
+    // creationTimestamp counts seconds: the Gateway is a second younger, not as old.
+    std::thread::sleep(Duration::from_millis(1100));
+    c.apply(&gateway_objects(&ns, &class, port, routed.addr));
+    let start =
+        |bind: &str, node: &str| c.start_node(&Cluster::forwarder_config(&ns, bind), &ns, node);
+    let a = start("127.0.0.1", "node-a");
+    let b = start("127.0.0.2", "node-b");
+
+    // Whose backend answers a datagram through `ip`'s port (a new client each time, so no
+    // session of the other holder's stands in the way).
+    let answer = |ip: &str| {
+        let cl = client();
+        cl.send_to(b"x", (ip, port)).unwrap();
+        datagram_within(&cl, Duration::from_millis(300)).map(|d| d[0])
+    };
+    let entry = |node: &str| {
+        get(c, "forwarder", &ns, "relay")["status"]["instances"]
+            .as_array()
+            .and_then(|list| list.iter().find(|i| i["node"] == node).cloned())
+            .unwrap_or_default()
+    };
+    let listener = || {
+        let l = get(c, "gateway", &ns, "edge")["status"]["listeners"][0].clone();
+        (
+            cond(&l["conditions"], "Accepted").clone(),
+            cond(&l["conditions"], "Programmed").clone(),
+        )
+    };
+    // The Forwarder is older: it serves on both nodes, its entries say ready, and the
+    // listener's status names it on both.
+    let forwarder_holds = || {
+        let held = format!("udp/{port} is held by Forwarder {ns}/relay (older)");
+        let (accepted, programmed) = listener();
+        let message = accepted["message"].as_str().unwrap_or_default();
+        answer("127.0.0.1") == Some(b'F')
+            && answer("127.0.0.2") == Some(b'F')
+            && ["node-a", "node-b"].iter().all(|n| {
+                entry(n)["ready"] == true
+                    && message.contains(&format!("not open on node {n}: {held}"))
+            })
+            && accepted["status"] == "False"
+            && accepted["reason"] == "PortUnavailable"
+            && programmed["status"] == "False"
+    };
+    wait_for(
+        &[&a, &b],
+        Duration::from_secs(60),
+        "the older Forwarder holds the port everywhere",
+        forwarder_holds,
+    );
+
+    // node-b restarts: it picks the same holder.
+    drop(b);
+    let b = start("127.0.0.2", "node-b");
+    wait_for(
+        &[&a, &b],
+        Duration::from_secs(60),
+        "the Forwarder again, after a restart",
+        forwarder_holds,
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(forwarder_holds(), "and keeps it");
+
+    // The Forwarder goes: the listener opens by itself. Created again, the Forwarder is the
+    // younger: it is refused on both nodes, naming the listener, and the listener serves on.
+    c.must(&["delete", "forwarder", "relay", "-n", &ns], None);
+    let gateway_holds = |refused: bool| {
+        let held = format!("udp/{port} is held by Gateway {ns}/edge listener voice (older)");
+        let (accepted, programmed) = listener();
+        answer("127.0.0.1") == Some(b'V')
+            && answer("127.0.0.2") == Some(b'V')
+            && accepted["status"] == "True"
+            && programmed["status"] == "True"
+            && programmed["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("open on 2 of 2 node(s)"))
+            && (!refused
+                || ["node-a", "node-b"].iter().all(|n| {
+                    let e = entry(n);
+                    e["ready"] == false && e["message"] == held.as_str()
+                }))
+    };
+    wait_for(
+        &[&a, &b],
+        Duration::from_secs(60),
+        "the listener opens once the Forwarder is gone",
+        || gateway_holds(false),
+    );
+    c.apply(&forwarder);
+    wait_for(
+        &[&a, &b],
+        Duration::from_secs(60),
+        "the older listener keeps the port from the new Forwarder",
+        || gateway_holds(true),
+    );
+
+    // node-a restarts: it picks the same holder.
+    drop(a);
+    let a = start("127.0.0.1", "node-a");
+    wait_for(
+        &[&a, &b],
+        Duration::from_secs(60),
+        "the listener again, after a restart",
+        || gateway_holds(true),
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(gateway_holds(true), "and keeps it");
 }

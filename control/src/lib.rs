@@ -15,6 +15,7 @@ pub mod gateway;
 pub mod inventory;
 pub mod jsonpath;
 pub mod metrics;
+pub mod ports;
 pub mod process_metrics;
 pub mod query;
 pub mod quote;

@@ -4,6 +4,8 @@
 //! One task owns it. On every inventory change, DNS answer and once a second it recomputes
 //! what the objects ask for ([`plan`], sans-io), resolves targets ([`resolve`]), and diffs that
 //! against the listeners it holds: open, update (target or idle timeout, sessions kept), close.
+//! A port that a Gateway listener also asks for goes by the port rule ([`crate::ports`]): the
+//! Gateways served here are read from the same snapshot, and a forwarder opens only what it wins.
 //! It acts only once the inventory has listed, so a forwarder deleted while the proxy was down
 //! is never opened. Each instance's view goes into `status.instances` (server-side apply, one
 //! field manager per node, [`status`]) and the managed Service ports follow the forwarders.
@@ -31,6 +33,7 @@ use tokio::sync::{mpsc, watch};
 use crate::config::{Config, ForwardersConfig};
 use crate::crd::ForwarderInstance;
 use crate::inventory::Snapshot;
+use crate::ports::{self, ClaimCache};
 use crate::status::{self, StatusKey, StatusOf, Wanted};
 use plan::{Claim, Reserved, ServicePort};
 use resolve::{DnsCache, Host};
@@ -93,6 +96,10 @@ pub struct Reconciler {
     /// The proxy's own ports as configured: the same on every instance, so every instance
     /// computes the same Service port set (bound ports can differ, e.g. port 0).
     configured: Vec<Reserved>,
+    /// `gatewayApi.controllerName`: the Gateways whose listeners claim ports too.
+    gateway_controller: Option<String>,
+    /// Their listeners' claims, read again only when the Gateway API objects change.
+    gateway_claims: ClaimCache,
     held: BTreeMap<(String, Transport), Held>,
     dns: DnsCache,
     table: ForwarderTable,
@@ -129,18 +136,7 @@ impl Reconciler {
         writer: Option<status::Writer>,
     ) -> Option<Self> {
         let forwarders = config.forwarders.clone()?;
-        let data: Vec<(String, Transport, u16)> = config
-            .data_ports
-            .iter()
-            .map(|p| (p.name.clone(), p.protocol, p.port))
-            .collect();
-        let entry: Vec<(String, Transport, u16)> = config
-            .entry_points
-            .iter()
-            .map(|p| (p.name.clone(), p.protocol, p.port))
-            .collect();
-        let mut configured = own_ports_of(config.query_port, config.admin_port, &data, &entry);
-        configured.retain(|r| r.port != 0);
+        let configured = ports::configured(config);
         Some(Self {
             config: forwarders,
             controller,
@@ -148,6 +144,8 @@ impl Reconciler {
             session_timeout: config.session_timeout,
             reserved: own_ports,
             configured,
+            gateway_controller: config.gateway_controller.clone(),
+            gateway_claims: ClaimCache::default(),
             held: BTreeMap::new(),
             dns: DnsCache::default(),
             table: ForwarderTable::default(),
@@ -228,7 +226,7 @@ impl Reconciler {
         for o in snapshot
             .forwarders
             .iter()
-            .filter(|o| o.namespace == self.config.namespace || o.namespace.is_empty())
+            .filter(|o| plan::served_from(o, &self.config.namespace))
         {
             match ForwarderObject::from_object(o) {
                 Ok(f) => objects.push(f),
@@ -243,7 +241,17 @@ impl Reconciler {
                 }
             }
         }
-        let claims = plan::claims(&objects, &self.reserved);
+        // The Gateway listeners served here claim ports too; until their watches have listed,
+        // none is known (a missing Gateway API must not keep forwarders waiting).
+        let gateway_claims = match &self.gateway_controller {
+            Some(controller) if snapshot.gateway_loaded => {
+                self.gateway_claims.get(&snapshot.gateway_api, |objects| {
+                    crate::gateway::compile::served_port_claims(objects, controller)
+                })
+            }
+            _ => Arc::default(),
+        };
+        let claims = plan::claims(&objects, &self.reserved, &gateway_claims);
         // What each claim wants, resolved; `None` where it cannot be opened now.
         let mut wanted: BTreeMap<(String, Transport), Option<Want>> = BTreeMap::new();
         for claim in &claims {
@@ -348,7 +356,7 @@ impl Reconciler {
             }
         }
         let services = match &self.writes {
-            Some(_) => self.service_ports(&objects, snapshot, &mut reports),
+            Some(_) => self.service_ports(&objects, &gateway_claims, snapshot, &mut reports),
             None => BTreeMap::new(),
         };
         let retiring = self.fold_retired(now);
@@ -589,11 +597,12 @@ impl Reconciler {
     fn service_ports(
         &self,
         objects: &[ForwarderObject],
+        gateway_claims: &[ports::Claim],
         snapshot: &Snapshot,
         reports: &mut BTreeMap<String, Report>,
     ) -> BTreeMap<String, Vec<ServicePort>> {
         let mut out: BTreeMap<String, Vec<ServicePort>> = BTreeMap::new();
-        let claims = plan::claims(objects, &self.configured);
+        let claims = plan::claims(objects, &self.configured, gateway_claims);
         let (udp, tcp) = (&self.config.udp_service, &self.config.tcp_service);
         let shared = udp.is_some() && udp == tcp;
         for (service, transport) in [(udp, Transport::Udp), (tcp, Transport::Tcp)] {
@@ -746,40 +755,5 @@ pub fn own_ports(
     data: &[(String, Transport, u16)],
     entry: &[(String, Transport, u16)],
 ) -> Vec<Reserved> {
-    own_ports_of(query, admin, data, entry)
-}
-
-fn own_ports_of(
-    query: u16,
-    admin: u16,
-    data: &[(String, Transport, u16)],
-    entry: &[(String, Transport, u16)],
-) -> Vec<Reserved> {
-    let mut out = vec![
-        Reserved {
-            transport: Transport::Tcp,
-            port: query,
-            holder: "the query port".into(),
-        },
-        Reserved {
-            transport: Transport::Tcp,
-            port: admin,
-            holder: "the admin port".into(),
-        },
-    ];
-    for (name, transport, port) in data {
-        out.push(Reserved {
-            transport: *transport,
-            port: *port,
-            holder: format!("data port {name}"),
-        });
-    }
-    for (name, transport, port) in entry {
-        out.push(Reserved {
-            transport: *transport,
-            port: *port,
-            holder: format!("entry point {name}"),
-        });
-    }
-    out
+    ports::own_ports(query, admin, data, entry)
 }

@@ -3,10 +3,14 @@
 //! ports that follow from them. Every proxy instance computes the same result from the same
 //! objects, which is what lets N replicas converge on one Service port set.
 
+use std::sync::Arc;
+
 use dataplane::Transport;
 
 use crate::crd::{ForwardPort, ForwarderSpec, MAX_FORWARDER_IDLE_SECONDS};
 use crate::inventory::Object;
+pub use crate::ports::Reserved;
+use crate::ports::{self, Kind};
 
 /// apiVersion of `Forwarder` objects.
 pub const API_VERSION: &str = "udp-director.dev/v1alpha1";
@@ -83,6 +87,42 @@ impl ForwarderObject {
     pub fn listeners(&self) -> impl Iterator<Item = (Transport, &ForwardPort)> {
         listeners_of(&self.spec)
     }
+
+    /// The ports it claims, as the port rule ([`ports`]) weighs them: one per listener.
+    pub fn port_claims(&self) -> impl Iterator<Item = ports::Claim> + '_ {
+        self.listeners()
+            .map(|(transport, port)| self.port_claim(transport, port))
+    }
+
+    fn port_claim(&self, transport: Transport, port: &ForwardPort) -> ports::Claim {
+        ports::Claim {
+            created: self.created.clone(),
+            kind: Kind::Forwarder,
+            namespace: self.namespace.clone(),
+            name: self.name.clone(),
+            listener: String::new(),
+            transport,
+            port: port.listen_port,
+        }
+    }
+}
+
+/// Whether `o` is one of the forwarders served from `namespace` (file objects without a
+/// namespace count as in it).
+pub fn served_from(o: &Object, namespace: &str) -> bool {
+    o.namespace == namespace || o.namespace.is_empty()
+}
+
+/// The ports the forwarders served from `namespace` claim (those that read; one that does not
+/// opens nothing): what Gateway listeners are weighed against.
+pub fn port_claims(objects: &[Arc<Object>], namespace: &str) -> Vec<ports::Claim> {
+    let mut out = Vec::new();
+    for o in objects.iter().filter(|o| served_from(o, namespace)) {
+        if let Ok(f) = ForwarderObject::from_object(o) {
+            out.extend(f.port_claims());
+        }
+    }
+    out
 }
 
 fn listeners_of(spec: &ForwarderSpec) -> impl Iterator<Item = (Transport, &ForwardPort)> {
@@ -142,17 +182,6 @@ pub fn is_forwarder(o: &Object) -> bool {
     o.api_version == API_VERSION && o.kind == KIND
 }
 
-/// A port the proxy holds itself (a data, query or admin port).
-#[derive(Clone, Debug, Eq, PartialEq)]
-pub struct Reserved {
-    /// Transport.
-    pub transport: Transport,
-    /// Port.
-    pub port: u16,
-    /// What holds it, as status says it: `the query port`.
-    pub holder: String,
-}
-
 /// One listener a forwarder asks for, and whether it may have its port.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Claim<'a> {
@@ -173,47 +202,37 @@ impl Claim<'_> {
     }
 }
 
-/// Gives every forwarder listener its port, oldest forwarder first (creationTimestamp, then
-/// name): a port the proxy holds itself, or an older forwarder holds, is refused with the
-/// holder's name. Claims come back in that order.
-pub fn claims<'a>(forwarders: &'a [ForwarderObject], reserved: &[Reserved]) -> Vec<Claim<'a>> {
+/// Gives every forwarder listener its port by the port rule ([`ports`]): a port the proxy holds
+/// itself (`reserved`), or an older forwarder or Gateway listener (`others`: the Gateway
+/// listeners' claims) holds, is refused with the holder's name. Claims come back oldest
+/// forwarder first (creationTimestamp, then name).
+pub fn claims<'a>(
+    forwarders: &'a [ForwarderObject],
+    reserved: &[Reserved],
+    others: &[ports::Claim],
+) -> Vec<Claim<'a>> {
     let mut order: Vec<&ForwarderObject> = forwarders.iter().collect();
-    order.sort_by(|a, b| (&a.created, &a.name).cmp(&(&b.created, &b.name)));
-    let mut out: Vec<Claim<'a>> = Vec::new();
-    for forwarder in order {
-        for (transport, port) in forwarder.listeners() {
-            let taken = |p: u16| {
-                reserved
-                    .iter()
-                    .find(|r| r.transport == transport && r.port == p)
-                    .map(|r| r.holder.clone())
-                    .or_else(|| {
-                        out.iter()
-                            .find(|c| {
-                                c.verdict.is_ok()
-                                    && c.transport == transport
-                                    && c.port.listen_port == p
-                            })
-                            .map(|c| format!("forwarder {} (older)", c.forwarder.name))
-                    })
-            };
-            let verdict = match taken(port.listen_port) {
-                Some(holder) => Err(format!(
-                    "{}/{} is held by {holder}",
-                    transport.as_str(),
-                    port.listen_port
-                )),
-                None => Ok(()),
-            };
-            out.push(Claim {
-                forwarder,
-                transport,
-                port,
-                verdict,
-            });
-        }
-    }
-    out
+    order.sort_by(|a, b| {
+        (&a.created, &a.namespace, &a.name).cmp(&(&b.created, &b.namespace, &b.name))
+    });
+    let mine: Vec<(&ForwarderObject, Transport, &ForwardPort, ports::Claim)> = order
+        .into_iter()
+        .flat_map(|f| {
+            f.listeners()
+                .map(move |(transport, port)| (f, transport, port, f.port_claim(transport, port)))
+        })
+        .collect();
+    let all: Vec<&ports::Claim> = mine.iter().map(|m| &m.3).chain(others).collect();
+    let verdicts = ports::assign(reserved, &all);
+    mine.iter()
+        .zip(verdicts)
+        .map(|((forwarder, transport, port, claim), verdict)| Claim {
+            forwarder,
+            transport: *transport,
+            port,
+            verdict: verdict.map_err(|holder| holder.refusal(claim)),
+        })
+        .collect()
 }
 
 /// One port of a managed Service.
@@ -349,7 +368,7 @@ mod tests {
                 "{udp: {listenPort: 5000, targetHost: b, targetPort: 1}, tcp: {listenPort: 5000, targetHost: b, targetPort: 1}}",
             ),
         ];
-        let c = claims(&f, &reserved());
+        let c = claims(&f, &reserved(), &[]);
         let verdicts: Vec<(&str, String, Result<(), String>)> = c
             .iter()
             .map(|c| (c.forwarder.name.as_str(), c.label(), c.verdict.clone()))
@@ -383,7 +402,7 @@ mod tests {
                 "{udp: {listenPort: 6000, targetHost: x, targetPort: 1}, tcp: {listenPort: 9000, targetHost: x, targetPort: 1}}",
             ),
         ];
-        let c = claims(&f, &reserved());
+        let c = claims(&f, &reserved(), &[]);
         assert_eq!(c[0].forwarder.name, "a");
         assert_eq!(c[0].verdict, Ok(()));
         assert_eq!(
@@ -393,8 +412,40 @@ mod tests {
         );
         assert_eq!(
             c[2].verdict,
-            Err("udp/6000 is held by forwarder a (older)".into())
+            Err("udp/6000 is held by forwarder a (as old, and first by kind and name)".into())
         );
+    }
+
+    #[test]
+    fn an_older_gateway_listener_keeps_its_port_and_a_younger_one_gives_it_up() {
+        let listener = |created: &str, port: u16| ports::Claim {
+            created: created.into(),
+            kind: Kind::Gateway,
+            namespace: "ns".into(),
+            name: "edge".into(),
+            listener: "voice".into(),
+            transport: Transport::Udp,
+            port,
+        };
+        let f = [forwarder(
+            "relay",
+            "2026-01-02T00:00:00Z",
+            "{udp: {listenPort: 7000, targetHost: x, targetPort: 1}, tcp: {listenPort: 7001, targetHost: x, targetPort: 1}}",
+        )];
+        let older = [
+            listener("2026-01-01T00:00:00Z", 7000),
+            listener("2026-01-01T00:00:00Z", 7001),
+        ];
+        let c = claims(&f, &[], &older);
+        assert_eq!(
+            c[0].verdict,
+            Err("udp/7000 is held by Gateway ns/edge listener voice (older)".into())
+        );
+        assert_eq!(c[1].verdict, Ok(()), "tcp/7001 is not udp/7001");
+        let (udp, _) = service_ports(&c, Transport::Udp, false);
+        assert!(udp.is_empty(), "the loser gets no Service port either");
+        let younger = [listener("2026-01-03T00:00:00Z", 7000)];
+        assert!(claims(&f, &[], &younger).iter().all(|c| c.verdict.is_ok()));
     }
 
     #[test]
@@ -413,7 +464,7 @@ mod tests {
                 "{tcp: {listenPort: 9000, targetHost: x, targetPort: 1}}",
             ),
         ];
-        let c = claims(&f, &reserved());
+        let c = claims(&f, &reserved(), &[]);
         assert!(
             c.iter()
                 .all(|c| c.verdict.as_ref().unwrap_err().contains("query port"))
@@ -471,7 +522,7 @@ mod tests {
                 "{udp: {listenPort: 27016, targetHost: x, targetPort: 1}}",
             ),
         ];
-        let c = claims(&f, &[]);
+        let c = claims(&f, &[], &[]);
         let (udp, refused) = service_ports(&c, Transport::Udp, false);
         assert_eq!(
             udp,

@@ -23,6 +23,7 @@ use crate::crd::gateway::{
 };
 use crate::crd::{RouteBackendRef, RouteRule, RouteSpec, ServicePortRef};
 use crate::inventory::Object;
+use crate::ports;
 use crate::route::RouteObject;
 
 /// A UDPRoute or a TCPRoute.
@@ -61,6 +62,8 @@ pub struct Meta {
     pub name: String,
     /// `metadata.generation`.
     pub generation: Option<i64>,
+    /// `metadata.creationTimestamp` (empty when unset).
+    pub created: String,
 }
 
 /// A route of either kind.
@@ -128,6 +131,12 @@ fn meta(o: &Object) -> Meta {
             .raw
             .pointer("/metadata/generation")
             .and_then(Value::as_i64),
+        created: o
+            .raw
+            .pointer("/metadata/creationTimestamp")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string(),
     }
 }
 
@@ -309,6 +318,23 @@ pub struct Listener {
     pub transport: Transport,
     /// `allowedRoutes.namespaces.from: All`.
     pub from_all: bool,
+    /// Its Gateway's `metadata.creationTimestamp`: how old its claim to the port is.
+    pub created: String,
+}
+
+impl Listener {
+    /// Its claim to its port, as the port rule ([`ports`]) weighs it.
+    pub fn port_claim(&self) -> ports::Claim {
+        ports::Claim {
+            created: self.created.clone(),
+            kind: ports::Kind::Gateway,
+            namespace: self.gateway.0.clone(),
+            name: self.gateway.1.clone(),
+            listener: self.name.clone(),
+            transport: self.transport,
+            port: self.port,
+        }
+    }
 }
 
 /// Whether a route attached to one of its parents, and whether its backends resolve.
@@ -375,6 +401,7 @@ pub fn plan(model: &Model, controller: &str) -> Plan {
                     .and_then(|a| a.namespaces.as_ref())
                     .and_then(|n| n.from.as_deref())
                     == Some("All"),
+                created: m.created.clone(),
             });
         }
         out.invalid_listeners.extend(
@@ -493,6 +520,22 @@ fn as_route_object(route: &L4Route, listener: &str) -> RouteObject {
             rules,
         },
     }
+}
+
+/// The ports claimed by the listeners of the Gateways `controller` serves among `objects` (the
+/// Gateway API objects; routes are not read): what forwarders are weighed against. The same
+/// listeners as [`plan`]'s.
+pub fn served_port_claims(objects: &[Arc<Object>], controller: &str) -> Vec<ports::Claim> {
+    let gateways: Vec<Arc<Object>> = objects
+        .iter()
+        .filter(|o| matches!(o.kind.as_str(), "GatewayClass" | "Gateway"))
+        .cloned()
+        .collect();
+    plan(&Model::read(&gateways), controller)
+        .listeners
+        .iter()
+        .map(Listener::port_claim)
+        .collect()
 }
 
 /// Whether a backendRef names a core Service (the kind served).
@@ -840,6 +883,49 @@ mod tests {
             )]
         );
         assert_eq!(gone, ["UDPRoute n/r"]);
+    }
+
+    #[test]
+    fn served_listeners_claim_their_ports_as_old_as_their_gateway() {
+        let yaml = OBJECTS.replace(
+            "metadata: {name: edge, namespace: infra}",
+            "metadata: {name: edge, namespace: infra, creationTimestamp: \"2026-01-01T00:00:00Z\"}",
+        );
+        let values: Vec<Value> = serde_yaml::from_str(&yaml).unwrap();
+        let objects: Vec<Arc<Object>> = values
+            .into_iter()
+            .map(|v| Arc::new(Object::from_value(v).unwrap()))
+            .collect();
+        let controller = "udp-director.dev/gateway-controller";
+        let claims = served_port_claims(&objects, controller);
+        let seen: Vec<(String, &str, Transport, u16)> = claims
+            .iter()
+            .map(|c| (c.owner(), c.created.as_str(), c.transport, c.port))
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                (
+                    "Gateway infra/edge listener voice".to_string(),
+                    "2026-01-01T00:00:00Z",
+                    Transport::Udp,
+                    9001
+                ),
+                (
+                    "Gateway infra/edge listener chat".to_string(),
+                    "2026-01-01T00:00:00Z",
+                    Transport::Tcp,
+                    9002
+                ),
+            ],
+            "our Gateways' UDP and TCP listeners only"
+        );
+        let planned: Vec<ports::Claim> = plan(&Model::read(&objects), controller)
+            .listeners
+            .iter()
+            .map(Listener::port_claim)
+            .collect();
+        assert_eq!(claims, planned, "the listeners the reconciler opens");
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! Gateway API (SPEC §7): Gateways of the GatewayClasses that name this proxy's controller get
 //! their UDP and TCP listeners opened at run time as entry points, the UDPRoutes and TCPRoutes
 //! attached to them compiled into the same rule tables as `Route` objects, and the status the
-//! API defines written back.
+//! API defines written back. A port that a Forwarder also asks for goes by the port rule
+//! ([`crate::ports`]): a listener that loses is not opened, and its status names the holder.
 
 pub mod compile;
 
@@ -70,6 +71,7 @@ use tokio::sync::watch;
 use crate::config::Config;
 use crate::crd::gateway::{GROUP, ParentReference};
 use crate::inventory::Snapshot;
+use crate::ports::{self, ClaimCache, Reserved};
 use crate::route::compile::{self as routes, Counters, Inputs, RouteReport};
 use crate::status::fleet::{ListenerFacts, aggregate};
 use crate::status::lease::Fleet;
@@ -90,6 +92,13 @@ pub struct Reconciler {
     controller: Controller,
     bind: IpAddr,
     session_timeout: Duration,
+    /// The proxy's own ports, as configured: no listener has them.
+    reserved: Vec<Reserved>,
+    /// The namespace whose Forwarders are served here, when forwarders are: their ports are
+    /// weighed against the listeners'.
+    forwarders_namespace: Option<String>,
+    /// Their claims, read again only when the Forwarders change.
+    forwarder_claims: ClaimCache,
     held: BTreeMap<String, Held>,
     /// Counters per route kind (each kind's routes compile apart: grants are per kind).
     counters: [Counters; 2],
@@ -153,6 +162,9 @@ impl Reconciler {
             controller,
             bind: config.bind_address,
             session_timeout: config.session_timeout,
+            reserved: ports::configured(config),
+            forwarders_namespace: config.forwarders.as_ref().map(|f| f.namespace.clone()),
+            forwarder_claims: ClaimCache::default(),
             held: BTreeMap::new(),
             counters: Default::default(),
             fingerprints: BTreeMap::new(),
@@ -213,7 +225,8 @@ impl Reconciler {
         }
         let model = Model::read(&snapshot.gateway_api);
         let plan = compile::plan(&model, &self.controller_name);
-        let opened = self.sync_listeners(&plan);
+        let refused = self.refused(&plan, snapshot);
+        let opened = self.sync_listeners(&plan, &refused);
         self.log_problems(&model, &plan, &opened);
         let mut reports: BTreeMap<(String, String), RouteReport> = BTreeMap::new();
         let mut views = BTreeMap::new();
@@ -321,18 +334,49 @@ impl Reconciler {
         }
     }
 
-    /// Opens the listeners the plan has and closes the others; what each opened to, or why not.
-    fn sync_listeners(&mut self, plan: &Plan) -> BTreeMap<String, Result<SocketAddr, String>> {
-        let stale: Vec<String> =
-            self.held
-                .iter()
-                .filter(|(key, held)| {
-                    !plan.listeners.iter().any(|l| {
+    /// The plan's listeners that may not have their ports, by the port rule, each with why:
+    /// one of the proxy's own ports, an older Forwarder's (of the namespace served here, until
+    /// whose watches have listed none is known) or an older listener's.
+    fn refused(&mut self, plan: &Plan, snapshot: &Snapshot) -> BTreeMap<String, String> {
+        let forwarders = match &self.forwarders_namespace {
+            Some(namespace) if snapshot.forwarders_loaded => {
+                self.forwarder_claims.get(&snapshot.forwarders, |objects| {
+                    crate::forwarder::plan::port_claims(objects, namespace)
+                })
+            }
+            _ => Arc::default(),
+        };
+        let mine: Vec<ports::Claim> = plan.listeners.iter().map(|l| l.port_claim()).collect();
+        let all: Vec<&ports::Claim> = mine.iter().chain(forwarders.iter()).collect();
+        let verdicts = ports::assign(&self.reserved, &all);
+        plan.listeners
+            .iter()
+            .zip(mine.iter().zip(verdicts))
+            .filter_map(|(l, (claim, verdict))| {
+                let holder = verdict.err()?;
+                Some((l.key.clone(), holder.refusal(claim)))
+            })
+            .collect()
+    }
+
+    /// Opens the listeners the plan has that have their ports (`refused`: those that do not,
+    /// with why) and closes the others; what each opened to, or why not.
+    fn sync_listeners(
+        &mut self,
+        plan: &Plan,
+        refused: &BTreeMap<String, String>,
+    ) -> BTreeMap<String, Result<SocketAddr, String>> {
+        let stale: Vec<String> = self
+            .held
+            .iter()
+            .filter(|(key, held)| {
+                refused.contains_key(*key)
+                    || !plan.listeners.iter().any(|l| {
                         l.key == **key && l.port == held.port && l.transport == held.transport
                     })
-                })
-                .map(|(key, _)| key.clone())
-                .collect();
+            })
+            .map(|(key, _)| key.clone())
+            .collect();
         for key in stale {
             if let Some(held) = self.held.remove(&key) {
                 log::info!("gateway listener {key}: closing");
@@ -342,6 +386,10 @@ impl Reconciler {
         }
         let mut out = BTreeMap::new();
         for l in &plan.listeners {
+            if let Some(why) = refused.get(&l.key) {
+                out.insert(l.key.clone(), Err(why.clone()));
+                continue;
+            }
             if let Some(held) = self.held.get(&l.key) {
                 out.insert(l.key.clone(), Ok(held.handle.addr));
                 continue;
