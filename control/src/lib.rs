@@ -227,9 +227,10 @@ pub fn start(
         .map(|client| {
             status::lease::Elector::new(client, config.status_lease.clone(), node_name())
         });
-    let link = elector.as_ref().map(|_| gateway::FleetLink {
+    let link = elector.as_ref().map(|e| gateway::FleetLink {
         facts: facts_tx,
         fleet: fleet_rx,
+        deadline: e.deadline(),
     });
     let gateways = gateway::Reconciler::new(
         &config,

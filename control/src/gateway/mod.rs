@@ -74,7 +74,7 @@ use crate::inventory::Snapshot;
 use crate::ports::{self, ClaimCache, Reserved};
 use crate::route::compile::{self as routes, Counters, Inputs, RouteReport};
 use crate::status::fleet::{ListenerFacts, aggregate};
-use crate::status::lease::Fleet;
+use crate::status::lease::{Fleet, HoldDeadline};
 use crate::status::{StatusKey, StatusOf, Wanted, Writer};
 use compile::{Model, Plan, RouteKind};
 
@@ -122,6 +122,8 @@ pub struct FleetLink {
     pub facts: watch::Sender<ListenerFacts>,
     /// Whether this instance writes the fleet's status, and every instance's facts.
     pub fleet: watch::Receiver<Arc<Fleet>>,
+    /// Until when it may, checked by the status writer before each write.
+    pub deadline: HoldDeadline,
 }
 
 impl std::fmt::Debug for Reconciler {
@@ -173,7 +175,12 @@ impl Reconciler {
                 .as_ref()
                 .map(|w| w.node().to_string())
                 .unwrap_or_default(),
-            writer: writer.map(|w| w.for_gateway_controller(controller_name.clone())),
+            writer: writer.map(|w| {
+                w.for_gateway_controller(
+                    controller_name.clone(),
+                    fleet.as_ref().map(|f| f.deadline.clone()),
+                )
+            }),
             writes: None,
             fleet,
             views: crate::route::RouteViews::default(),
@@ -295,8 +302,11 @@ impl Reconciler {
             }
         }
         *self.views.lock() = views;
+        // A port this proxy's own closing listener still holds frees within moments: that
+        // listener is pending, not unavailable, so it is left out of the facts.
         let facts: ListenerFacts = opened
             .iter()
+            .filter(|(_, result)| !matches!(result, Err(why) if why.contains("(closing)")))
             .map(|(key, result)| (key.clone(), result.as_ref().err().cloned()))
             .collect();
         if let Some(link) = &self.fleet {

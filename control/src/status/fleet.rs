@@ -12,6 +12,9 @@ use serde_json::Value;
 /// (`namespace/gateway/listener`), `None` when open there, else why not.
 pub type ListenerFacts = BTreeMap<String, Option<String>>;
 
+/// How many nodes a listener's message names, before it counts the rest.
+const NAMED_NODES: usize = 5;
+
 /// One Gateway listener across the fleet.
 #[derive(Clone, Debug, Default, Eq, PartialEq)]
 pub struct ListenerState {
@@ -32,18 +35,34 @@ impl ListenerState {
         if self.open_on.is_empty() && self.not_open.is_empty() {
             return "no instance has opened it yet".into();
         }
+        // A few nodes by name, then counts: the message stays short on a large fleet.
         let mut parts: Vec<String> = self
             .not_open
             .iter()
+            .take(NAMED_NODES)
             .map(|(node, why)| format!("not open on node {node}: {why}"))
             .collect();
+        if self.not_open.len() > NAMED_NODES {
+            parts.push(format!("and on {} more", self.not_open.len() - NAMED_NODES));
+        }
         match self.open_on.len() {
             0 => {}
-            n => parts.push(format!(
-                "open on {n} of {} node(s) ({})",
-                n + self.not_open.len(),
-                self.open_on.join(", ")
-            )),
+            n => {
+                let mut names: Vec<&str> = self
+                    .open_on
+                    .iter()
+                    .take(NAMED_NODES)
+                    .map(String::as_str)
+                    .collect();
+                if n > NAMED_NODES {
+                    names.push("…");
+                }
+                parts.push(format!(
+                    "open on {n} of {} node(s) ({})",
+                    n + self.not_open.len(),
+                    names.join(", ")
+                ));
+            }
         }
         parts.join("; ")
     }
@@ -74,23 +93,13 @@ pub struct InstanceEntry {
     pub last_update: Option<Timestamp>,
 }
 
-/// The nodes, among those named by `entries`, that have left: their per-node Lease was last
-/// renewed before `cutoff`, or they have none and their entry was last written before it (or
-/// says nothing of when). `renewed` maps each node with a Lease to its `renewTime`. `me` never
-/// departs.
-pub fn departed(
-    entries: &[InstanceEntry],
-    renewed: &BTreeMap<String, Timestamp>,
-    cutoff: Timestamp,
-    me: &str,
-) -> BTreeSet<String> {
+/// The nodes, among those named by `entries`, that have left: those in `gone` (their per-node
+/// Lease lapsed). A node without a Lease in this fleet is never taken for gone: it may belong
+/// to another fleet, run an older release, or be unable to write its Lease. `me` never departs.
+pub fn departed(entries: &[InstanceEntry], gone: &BTreeSet<String>, me: &str) -> BTreeSet<String> {
     entries
         .iter()
-        .filter(|e| e.node != me)
-        .filter(|e| match renewed.get(&e.node) {
-            Some(renew) => *renew < cutoff,
-            None => e.last_update.is_none_or(|at| at < cutoff),
-        })
+        .filter(|e| e.node != me && gone.contains(&e.node))
         .map(|e| e.node.clone())
         .collect()
 }
@@ -231,27 +240,23 @@ mod tests {
     }
 
     #[test]
-    fn a_node_departs_when_its_lease_lapsed_or_without_one_when_its_entry_is_old() {
-        let t = |s: &str| s.parse::<Timestamp>().unwrap();
-        let entry = |node: &str, at: &str| InstanceEntry {
+    fn only_nodes_whose_lease_lapsed_depart_and_never_this_one() {
+        let entry = |node: &str| InstanceEntry {
             node: node.into(),
-            last_update: Some(t(at)),
+            last_update: None,
         };
         let entries = [
-            entry("live", "2026-12-03T10:00:00Z"),
-            entry("lapsed", "2026-12-03T10:09:00Z"),
-            entry("no-lease-old", "2026-12-03T09:00:00Z"),
-            entry("no-lease-new", "2026-12-03T10:09:00Z"),
-            entry("me", "2026-12-03T09:00:00Z"),
+            entry("live"),
+            entry("lapsed"),
+            entry("no-lease"),
+            entry("me"),
         ];
-        let renewed = BTreeMap::from([
-            ("live".to_string(), t("2026-12-03T10:09:30.5Z")),
-            ("lapsed".to_string(), t("2026-12-03T10:01:00Z")),
-        ]);
-        let gone = departed(&entries, &renewed, t("2026-12-03T10:05:00Z"), "me");
+        let gone = BTreeSet::from(["lapsed".to_string(), "me".to_string()]);
         assert_eq!(
-            gone.into_iter().collect::<Vec<_>>(),
-            ["lapsed", "no-lease-old"]
+            departed(&entries, &gone, "me")
+                .into_iter()
+                .collect::<Vec<_>>(),
+            ["lapsed"]
         );
     }
 

@@ -53,6 +53,40 @@ const REPORT_FRESH: Duration = Duration::from_secs(20);
 pub const DEPARTED_AFTER: Duration = Duration::from_secs(300);
 /// How often the holder looks for departed nodes.
 const CLEANUP_EVERY: Duration = Duration::from_secs(10);
+/// At most this many departed entries are removed per look, so a holder never spends longer
+/// than its Lease on cleaning up.
+const CLEANUP_BATCH: usize = 32;
+/// Any one call to the API server: a holder whose calls hang must not go on believing it holds.
+const API_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Until when this instance may write as the holder: its last renewal plus
+/// [`HOLD_WITHOUT_RENEW`], shared with the status writer, which checks it before every write.
+#[derive(Clone, Debug, Default)]
+pub struct HoldDeadline(Arc<parking_lot::Mutex<Option<Instant>>>);
+
+impl HoldDeadline {
+    /// Whether this instance holds the status Lease now.
+    pub fn holding(&self) -> bool {
+        self.0.lock().is_some_and(|until| Instant::now() < until)
+    }
+
+    fn set(&self, until: Option<Instant>) {
+        *self.0.lock() = until;
+    }
+}
+
+/// `call`, or a timeout error after [`API_TIMEOUT`].
+async fn bounded<T>(
+    call: impl std::future::Future<Output = Result<T, kube::Error>>,
+) -> Result<T, kube::Error> {
+    match tokio::time::timeout(API_TIMEOUT, call).await {
+        Ok(result) => result,
+        Err(_) => Err(kube::Error::Service(Box::new(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("no answer within {} s", API_TIMEOUT.as_secs()),
+        )))),
+    }
+}
 
 /// What an instance knows of the fleet, for the reconcilers.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -110,6 +144,14 @@ pub struct Elector {
     leases: Api<Lease>,
     config: LeaseConfig,
     node: String,
+    /// Who holds the status Lease when this process does: the node and a token of this
+    /// process, so two processes on one node (an upgrade's old and new pod) are two candidates.
+    identity: String,
+    deadline: HoldDeadline,
+    /// Each per-node Lease's `resourceVersion` as last listed, and since when it is unchanged,
+    /// by this instance's clock: whether a node is alive is judged by its Lease changing, not
+    /// by comparing its clock with ours.
+    seen: BTreeMap<String, (String, Instant)>,
     /// The status Lease's `resourceVersion` as last read, and since when it is unchanged.
     observed: Option<(String, Instant)>,
     /// When this instance last renewed the status Lease as its holder.
@@ -125,18 +167,28 @@ impl std::fmt::Debug for Elector {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Elector")
             .field("config", &self.config)
-            .field("node", &self.node)
+            .field("identity", &self.identity)
             .finish_non_exhaustive()
     }
 }
 
 impl Elector {
+    /// The deadline the status writer checks before each write.
+    pub fn deadline(&self) -> HoldDeadline {
+        self.deadline.clone()
+    }
+
     /// The instance on `node` in the fleet of `config`.
     pub fn new(client: Client, config: LeaseConfig, node: String) -> Self {
+        let token = uuid::Uuid::new_v4().simple().to_string();
         Self {
             leases: Api::namespaced(client.clone(), &config.namespace),
             client,
             config,
+            // `_` never appears in a node name (a DNS subdomain).
+            identity: format!("{node}_{}", &token[..8]),
+            deadline: HoldDeadline::default(),
+            seen: BTreeMap::new(),
             node,
             observed: None,
             renewed: None,
@@ -170,18 +222,20 @@ impl Elector {
                 _ = tick.tick() => {}
                 changed = facts.changed(), if facts_open => facts_open = changed.is_ok(),
                 _ = stop.changed() => {
+                    // Nothing more is written as the holder, then the Lease goes back.
+                    self.deadline.set(None);
+                    fleet.send_replace(Arc::new(Fleet::default()));
                     if self.renewed.is_some() {
-                        let released = self.release().await;
+                        let released = bounded(self.release()).await;
                         self.settle("status lease not released", released);
                     }
                     return;
                 }
             }
             let mine = facts.borrow_and_update().clone();
-            let result = self.report(&mine).await;
-            self.settle("per-node lease not renewed", result);
-            let held = self.elect().await;
-            let holder = match held {
+            // The election first: renewing must not wait behind anything else.
+            let held = bounded(self.elect()).await;
+            let mut holder = match held {
                 Ok(holder) => {
                     self.settle("status lease not read", Ok(()));
                     holder
@@ -192,13 +246,18 @@ impl Elector {
                         .is_some_and(|at| at.elapsed() < HOLD_WITHOUT_RENEW)
                 }
             };
+            if !holder {
+                self.deadline.set(None);
+            }
+            let result = bounded(self.report(&mine)).await;
+            self.settle("per-node lease not renewed", result);
             let mut next = Fleet {
                 holder,
                 reports: BTreeMap::new(),
             };
             if holder {
-                match self.read_reports().await {
-                    Ok((reports, renewed)) => {
+                match bounded(self.read_reports()).await {
+                    Ok((reports, lapsed)) => {
                         self.settle("per-node leases not listed", Ok(()));
                         next.reports = reports;
                         let snapshot = Arc::clone(&inventory.borrow());
@@ -207,16 +266,24 @@ impl Elector {
                             .is_none_or(|at| at.elapsed() >= CLEANUP_EVERY)
                         {
                             self.last_cleanup = Some(Instant::now());
-                            self.clean_up(&snapshot, &renewed).await;
+                            self.clean_up(&snapshot, &lapsed).await;
                         }
                     }
                     Err(e) => {
                         self.settle("per-node leases not listed", Err(e));
-                        next.reports = fleet.borrow().reports.clone();
+                        // A new holder that has never read the fleet does not write yet.
+                        if fleet.borrow().holder {
+                            next.reports = fleet.borrow().reports.clone();
+                        } else {
+                            holder = false;
+                            next.holder = false;
+                        }
                     }
                 }
-                // Its own facts as they are now, not as last written.
-                next.reports.insert(self.node.clone(), mine);
+                if holder {
+                    // Its own facts as they are now, not as last written.
+                    next.reports.insert(self.node.clone(), mine);
+                }
             }
             let was = fleet.borrow().holder;
             if was != holder {
@@ -353,7 +420,7 @@ impl Elector {
             _ => now,
         };
         self.observed = Some((version, since));
-        let mine = holder == self.node;
+        let mine = holder == self.identity;
         if !mine && !holder.is_empty() && now.duration_since(since) < duration {
             self.renewed = None;
             return Ok(false);
@@ -394,7 +461,7 @@ impl Elector {
         let Some(spec) = lease.spec.as_mut() else {
             return Ok(());
         };
-        if spec.holder_identity.as_deref() != Some(self.node.as_str()) {
+        if spec.holder_identity.as_deref() != Some(self.identity.as_str()) {
             return Ok(());
         }
         spec.holder_identity = None;
@@ -416,9 +483,13 @@ impl Elector {
         let now = MicroTime(Timestamp::now());
         if acquired {
             spec.acquire_time = Some(now.clone());
-            spec.lease_transitions = Some(spec.lease_transitions.unwrap_or(0).saturating_add(1));
+            // Counted from 0 at creation, as client-go does.
+            spec.lease_transitions = Some(match spec.lease_transitions {
+                None => 0,
+                Some(n) => n.saturating_add(1),
+            });
         }
-        spec.holder_identity = Some(self.node.clone());
+        spec.holder_identity = Some(self.identity.clone());
         spec.lease_duration_seconds = Some(secs(LEASE_DURATION));
         spec.renew_time = Some(now);
         spec
@@ -431,30 +502,49 @@ impl Elector {
             .clone()
             .map(|version| (version, at));
         self.renewed = Some(at);
+        self.deadline.set(Some(at + HOLD_WITHOUT_RENEW));
         true
     }
 
-    /// The facts of every instance whose per-node Lease is fresh, and every per-node Lease's
-    /// last renewal, by node.
+    /// The facts of every instance whose per-node Lease is fresh (it changed within
+    /// [`REPORT_FRESH`], as this instance saw it), and the nodes that have left: their Lease
+    /// says it was last renewed over [`DEPARTED_AFTER`] ago and has not changed since this
+    /// instance has been looking (so a holder whose clock runs ahead departs nobody who is
+    /// still renewing), with the Lease's name and `resourceVersion`.
     async fn read_reports(
-        &self,
-    ) -> Result<(BTreeMap<String, ListenerFacts>, BTreeMap<String, Timestamp>), kube::Error> {
+        &mut self,
+    ) -> Result<(BTreeMap<String, ListenerFacts>, Lapsed), kube::Error> {
         let selector = format!("{FLEET_LABEL}={}", self.config.name);
         let list = self
             .leases
             .list(&ListParams::default().labels(&selector))
             .await?;
-        let fresh_after = Timestamp::now() - signed(REPORT_FRESH);
+        let now = Instant::now();
+        let cutoff = Timestamp::now() - signed(DEPARTED_AFTER);
         let mut reports = BTreeMap::new();
-        let mut renewed = BTreeMap::new();
+        let mut lapsed = BTreeMap::new();
+        let mut seen = BTreeMap::new();
         for lease in list.items {
+            let (Some(name), Some(version)) =
+                (&lease.metadata.name, &lease.metadata.resource_version)
+            else {
+                continue;
+            };
+            let since = match self.seen.get(name) {
+                Some((v, at)) if v == version => *at,
+                _ => now,
+            };
+            seen.insert(name.clone(), (version.clone(), since));
             let Some(spec) = &lease.spec else { continue };
             let (Some(node), Some(MicroTime(at))) = (&spec.holder_identity, &spec.renew_time)
             else {
                 continue;
             };
-            renewed.insert(node.clone(), *at);
-            if *at < fresh_after {
+            let unchanged = now.duration_since(since);
+            if *at < cutoff && unchanged >= REPORT_FRESH {
+                lapsed.insert(node.clone(), (name.clone(), version.clone()));
+            }
+            if unchanged >= REPORT_FRESH {
                 continue;
             }
             let facts = lease
@@ -466,44 +556,64 @@ impl Elector {
                 .unwrap_or_default();
             reports.insert(node.clone(), facts);
         }
-        Ok((reports, renewed))
+        self.seen = seen;
+        Ok((reports, lapsed))
     }
 
     /// Removes the `status.instances` entries of departed nodes from every Forwarder and Route
-    /// the inventory holds, then their lapsed per-node Leases. An entry is removed by applying
-    /// an empty list as its node's own field manager: server-side apply drops what that
-    /// manager alone owned, which is exactly its entry.
-    async fn clean_up(&mut self, snapshot: &Snapshot, renewed: &BTreeMap<String, Timestamp>) {
-        let cutoff = Timestamp::now() - signed(DEPARTED_AFTER);
+    /// the inventory holds (at most [`CLEANUP_BATCH`] per call), then, once none is left, their
+    /// per-node Leases. An entry is removed by applying an empty list as its node's own field
+    /// manager: server-side apply drops what that manager alone owned, which is its entry.
+    async fn clean_up(&mut self, snapshot: &Snapshot, lapsed: &Lapsed) {
+        if lapsed.is_empty() {
+            return;
+        }
+        let gone: std::collections::BTreeSet<String> = lapsed.keys().cloned().collect();
         let objects = snapshot
             .forwarders
             .iter()
             .map(|o| (StatusOf::Forwarder, o))
             .chain(snapshot.routes.iter().map(|o| (StatusOf::Route, o)));
+        let mut pending: std::collections::BTreeSet<String> = std::collections::BTreeSet::new();
+        let mut budget = CLEANUP_BATCH;
         for (of, object) in objects {
-            let entries = instance_entries(object);
-            let gone = departed(&entries, renewed, cutoff, &self.node);
-            for node in gone {
-                let result = self.remove_entry(of, object, &node).await;
-                match result {
+            for node in departed(&instance_entries(object), &gone, &self.node) {
+                if budget == 0 {
+                    pending.insert(node);
+                    continue;
+                }
+                budget -= 1;
+                match bounded(self.remove_entry(of, object, &node)).await {
                     Ok(()) => log::info!(
                         "{} {}/{}: removed the status entry of node {node}, which has left",
                         object.kind,
                         object.namespace,
                         object.name
                     ),
-                    Err(e) => self.settle("a departed node's status entry not removed", Err(e)),
+                    Err(e) => {
+                        pending.insert(node);
+                        self.settle("a departed node's status entry not removed", Err(e));
+                    }
                 }
             }
         }
-        for (node, at) in renewed {
-            if *at < cutoff && *node != self.node {
-                let name = node_lease_name(&self.config.name, node);
-                if let Err(e) = self.leases.delete(&name, &DeleteParams::default()).await {
-                    self.settle("a departed node's lease not deleted", Err(e));
-                } else {
+        for (node, (name, version)) in lapsed {
+            if pending.contains(node) || *node == self.node {
+                continue;
+            }
+            // Only the Lease as listed: one renewed since is not deleted.
+            let params = DeleteParams {
+                preconditions: Some(kube::api::Preconditions {
+                    resource_version: Some(version.clone()),
+                    uid: None,
+                }),
+                ..DeleteParams::default()
+            };
+            match bounded(self.leases.delete(name, &params)).await {
+                Ok(_) => {
                     log::info!("status lease: node {node} has left; its lease {name} is deleted");
                 }
+                Err(e) => self.settle("a departed node's lease not deleted", Err(e)),
             }
         }
     }
@@ -552,6 +662,9 @@ fn instance_entries(object: &Object) -> Vec<InstanceEntry> {
         })
         .collect()
 }
+
+/// Departed nodes: each one's per-node Lease name and `resourceVersion`, by node.
+type Lapsed = BTreeMap<String, (String, String)>;
 
 fn secs(d: Duration) -> i32 {
     i32::try_from(d.as_secs()).unwrap_or(i32::MAX)

@@ -153,6 +153,9 @@ pub struct Writer {
     manager: String,
     /// The Gateway API controller name whose route `parents` entries are ours.
     controller: Option<String>,
+    /// Whether this instance holds the status Lease, checked before every whole-object write
+    /// (none: no Lease, this instance is the fleet).
+    deadline: Option<lease::HoldDeadline>,
 }
 
 impl std::fmt::Debug for Writer {
@@ -174,13 +177,19 @@ impl Writer {
             node,
             manager,
             controller: None,
+            deadline: None,
         }
     }
 
     /// A writer of Gateway API status as `controller`: route `parents` entries naming it are
     /// ours, the others are kept.
-    pub fn for_gateway_controller(mut self, controller: String) -> Self {
+    pub fn for_gateway_controller(
+        mut self,
+        controller: String,
+        deadline: Option<lease::HoldDeadline>,
+    ) -> Self {
         self.controller = Some(controller);
+        self.deadline = deadline;
         self
     }
 
@@ -247,6 +256,10 @@ impl Writer {
                     if whole_written.get(target) == Some(&whole) || !retries.due(&key) {
                         continue;
                     }
+                    // A holder that lost the Lease (or cannot renew it) writes nothing more.
+                    if self.deadline.as_ref().is_some_and(|d| !d.holding()) {
+                        break;
+                    }
                     match self.write_whole(target, &whole).await {
                         // The cache was behind: computed again from the next one, no back-off.
                         Err(kube::Error::Api(e)) if e.code == 409 => {}
@@ -258,7 +271,19 @@ impl Writer {
                     }
                     continue;
                 }
-                if written.get(target) == Some(entry) || !retries.due(&key) {
+                // Written, and the object as watched still has it (a holder may have taken it
+                // for a departed node's, or the object was re-created).
+                let present = || {
+                    let objects = match target.of {
+                        StatusOf::Forwarder => &snapshot.forwarders,
+                        _ => &snapshot.routes,
+                    };
+                    objects
+                        .iter()
+                        .find(|o| o.namespace == target.namespace && o.name == target.name)
+                        .is_none_or(|o| has_entry_of(o, &self.node))
+                };
+                if (written.get(target) == Some(entry) && present()) || !retries.due(&key) {
                     continue;
                 }
                 let result = self.write_instance(target, &entry.1).await;
@@ -410,6 +435,18 @@ impl Writer {
         .await
         .map(drop)
     }
+}
+
+/// Whether `object`'s `status.instances` has an entry of `node`.
+fn has_entry_of(object: &Object, node: &str) -> bool {
+    object
+        .raw
+        .pointer("/status/instances")
+        .and_then(Value::as_array)
+        .is_some_and(|list| {
+            list.iter()
+                .any(|e| e.get("node").and_then(Value::as_str) == Some(node))
+        })
 }
 
 /// A whole-object status to write, and the `resourceVersion` it was computed against.
