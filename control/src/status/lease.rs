@@ -414,17 +414,13 @@ impl Elector {
             .lease_duration_seconds
             .and_then(|s| u64::try_from(s).ok())
             .map_or(LEASE_DURATION, Duration::from_secs);
-        // Since when this instance has seen the Lease unchanged, by its own clock.
-        let since = match &self.observed {
-            Some((seen, at)) if *seen == version => *at,
-            _ => now,
-        };
-        self.observed = Some((version, since));
-        let mine = holder == self.identity;
-        if !mine && !holder.is_empty() && now.duration_since(since) < duration {
+        let unchanged = observe(&mut self.observed, &version, now);
+        let decision = decide(&holder, &self.identity, unchanged, duration);
+        if decision == Decision::Follow {
             self.renewed = None;
             return Ok(false);
         }
+        let mine = decision == Decision::Renew;
         if !mine {
             log::info!(
                 "status lease {}/{}: taking it over from {}",
@@ -530,17 +526,16 @@ impl Elector {
             else {
                 continue;
             };
-            let since = match self.seen.get(name) {
-                Some((v, at)) if v == version => *at,
-                _ => now,
-            };
-            seen.insert(name.clone(), (version.clone(), since));
+            let mut observed = self.seen.get(name).cloned();
+            let unchanged = observe(&mut observed, version, now);
+            if let Some(o) = observed {
+                seen.insert(name.clone(), o);
+            }
             let Some(spec) = &lease.spec else { continue };
             let (Some(node), Some(MicroTime(at))) = (&spec.holder_identity, &spec.renew_time)
             else {
                 continue;
             };
-            let unchanged = now.duration_since(since);
             if *at < cutoff && unchanged >= REPORT_FRESH {
                 lapsed.insert(node.clone(), (name.clone(), version.clone()));
             }
@@ -663,6 +658,40 @@ fn instance_entries(object: &Object) -> Vec<InstanceEntry> {
         .collect()
 }
 
+/// What an instance does with the status Lease as it reads it.
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+enum Decision {
+    /// It holds it: renew.
+    Renew,
+    /// No holder, or the holder let it lapse: take it over.
+    TakeOver,
+    /// Another holds it: write nothing.
+    Follow,
+}
+
+/// The election's rule: `holder` as read, this instance's `me`, how long this instance has
+/// seen the Lease unchanged, and the Lease's duration.
+fn decide(holder: &str, me: &str, unchanged: Duration, duration: Duration) -> Decision {
+    if holder == me {
+        Decision::Renew
+    } else if holder.is_empty() || unchanged >= duration {
+        Decision::TakeOver
+    } else {
+        Decision::Follow
+    }
+}
+
+/// Records `version` as read at `now` and says how long it has been unchanged, by this
+/// instance's clock (a version seen for the first time: no time at all).
+fn observe(observed: &mut Option<(String, Instant)>, version: &str, now: Instant) -> Duration {
+    let since = match observed {
+        Some((seen, at)) if seen == version => *at,
+        _ => now,
+    };
+    *observed = Some((version.to_string(), since));
+    now.duration_since(since)
+}
+
 /// Departed nodes: each one's per-node Lease name and `resourceVersion`, by node.
 type Lapsed = BTreeMap<String, (String, String)>;
 
@@ -677,6 +706,44 @@ fn signed(d: Duration) -> SignedDuration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_lease_is_taken_over_only_when_free_or_unchanged_for_its_duration() {
+        let d = LEASE_DURATION;
+        let me = "node-a_1234";
+        assert_eq!(decide(me, me, Duration::ZERO, d), Decision::Renew);
+        assert_eq!(
+            decide("", me, Duration::ZERO, d),
+            Decision::TakeOver,
+            "handed back"
+        );
+        assert_eq!(
+            decide("node-b_9", me, d - Duration::from_millis(1), d),
+            Decision::Follow
+        );
+        assert_eq!(decide("node-b_9", me, d, d), Decision::TakeOver, "lapsed");
+        // Same node, another process (an upgrade's other pod): another candidate.
+        assert_eq!(
+            decide("node-a_5678", me, Duration::ZERO, d),
+            Decision::Follow
+        );
+    }
+
+    #[test]
+    fn unchanged_time_is_counted_from_the_first_sight_of_a_version() {
+        let start = Instant::now();
+        let mut observed = None;
+        assert_eq!(observe(&mut observed, "1", start), Duration::ZERO);
+        let later = start + Duration::from_secs(7);
+        assert_eq!(observe(&mut observed, "1", later), Duration::from_secs(7));
+        // A renewal (a new version) starts the count again.
+        assert_eq!(observe(&mut observed, "2", later), Duration::ZERO);
+        let much_later = later + Duration::from_secs(20);
+        assert_eq!(
+            observe(&mut observed, "2", much_later),
+            Duration::from_secs(20)
+        );
+    }
 
     #[test]
     fn a_node_lease_name_is_a_dns_subdomain_even_for_a_long_node_name() {
