@@ -264,15 +264,21 @@ fn affinity_forms() {
     let c = Config::from_yaml(&with(&format!("cpuAffinity: [{first}]\nworkers: 2\n"))).unwrap();
     assert_eq!(c.affinity, dataplane::WorkerAffinity::Cores(vec![first]));
     assert_eq!(c.workers.get(), 2);
-    assert_eq!(
-        affinity(Some(RawAffinity::Cores(vec![2, 3])), &[0, 1, 2, 3]).unwrap(),
-        dataplane::WorkerAffinity::Cores(vec![2, 3])
-    );
+    let c = Config::from_yaml_in(&with("cpuAffinity: [2, 3]\n"), &on_cores(&[0, 1, 2, 3])).unwrap();
+    assert_eq!(c.affinity, dataplane::WorkerAffinity::Cores(vec![2, 3]));
+}
+
+/// This process's environment, on a machine with `cores`.
+fn on_cores(cores: &[usize]) -> Environment {
+    Environment {
+        cores: cores.to_vec(),
+        ..Environment::of_this_process()
+    }
 }
 
 #[test]
 fn affinity_names_cores_this_machine_lacks() {
-    let e = affinity(Some(RawAffinity::Cores(vec![1, 99, 100])), &[0, 1])
+    let e = Config::from_yaml_in(&with("cpuAffinity: [1, 99, 100]\n"), &on_cores(&[0, 1]))
         .unwrap_err()
         .to_string();
     assert!(
@@ -439,15 +445,26 @@ fn example_configs_parse() {
 #[test]
 fn forwarders_are_off_unless_configured_and_every_key_is_checked() {
     assert_eq!(Config::from_yaml(MINIMAL).unwrap().forwarders, None);
-    let f = forwarders(RawForwarders::default(), Some("games".into())).unwrap();
+    let in_namespace = |ns: Option<&str>| {
+        let env = Environment {
+            pod_namespace: ns.map(str::to_string),
+            ..Environment::of_this_process()
+        };
+        let c = Config::from_yaml_in(&with("forwarders: {}\n"), &env).unwrap();
+        (c.forwarders.unwrap(), c.status_lease)
+    };
+    let (f, lease) = in_namespace(Some("games"));
     assert_eq!(
         f.namespace, "games",
         "the proxy's own namespace (POD_NAMESPACE)"
     );
+    assert_eq!(lease.namespace, "games", "the status Lease's too");
+    assert_eq!(lease.name, DEFAULT_STATUS_LEASE);
     assert_eq!(f.resolve_interval, Duration::from_secs(30));
     assert_eq!((f.udp_service, f.tcp_service), (None, None));
-    let f = forwarders(RawForwarders::default(), None).unwrap();
+    let (f, lease) = in_namespace(None);
     assert_eq!(f.namespace, DEFAULT_FORWARDERS_NAMESPACE);
+    assert_eq!(lease.namespace, DEFAULT_FORWARDERS_NAMESPACE);
     let c = Config::from_yaml(&with(
         "forwarders: {namespace: edge, servicePorts: {udp: game-lb, tcp: game-lb}, resolveIntervalSeconds: 5}\n",
     ))
@@ -505,5 +522,47 @@ fn rate_limits_are_off_unless_configured_and_checked() {
             "rateLimit: {perIpPacketsPerSecond: 5, perIpBurst: 5000000}\n"
         ))
         .contains("perIpBurst")
+    );
+}
+
+#[test]
+fn the_status_lease_name_is_a_dns_label() {
+    let c = Config::from_yaml(&with(
+        "gatewayApi: {controllerName: example.net/gw, leaseName: edge-status}\n",
+    ))
+    .unwrap();
+    assert_eq!(c.status_lease.name, "edge-status");
+    let e = err(&with(
+        "gatewayApi: {controllerName: example.net/gw, leaseName: Edge_Status}\n",
+    ));
+    assert!(e.contains("gatewayApi.leaseName"), "{e}");
+}
+
+#[test]
+fn option_values_are_refused_by_the_schema_naming_the_key_and_the_choices() {
+    for (yaml, key, choices) in [
+        (
+            "loadBalancing: {type: fastest}\n",
+            "loadBalancing.type",
+            "leastSessions",
+        ),
+        (
+            "sessionsApi: {auth: password}\n",
+            "sessionsApi.auth",
+            "kubernetes",
+        ),
+        (
+            "dataPorts: [{name: game, port: 7777, protocol: sctp}]\n",
+            "dataPorts[0].protocol",
+            "tcp",
+        ),
+    ] {
+        let e = err(&with(yaml));
+        assert!(e.contains(key) && e.contains(choices), "{yaml}: {e}");
+    }
+    let e = err("inventory: {kind: etcd}\n");
+    assert!(
+        e.contains("inventory.kind") && e.contains("kubernetes"),
+        "{e}"
     );
 }
