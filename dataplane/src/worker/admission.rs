@@ -32,7 +32,7 @@ use crate::policy::session::{SessionId, SessionKey, SessionKind};
 
 use super::listeners::Listeners;
 use super::sessions::NewSession;
-use super::udp::ProxyState;
+use super::proxy_header::ProxyState;
 use super::{Outbox, Parts};
 
 /// Where an admitted client goes: one answer for every listener role and transport.

@@ -41,6 +41,7 @@ mod control;
 mod listeners;
 mod pending;
 mod pool;
+mod proxy_header;
 mod sessions;
 mod tcp;
 mod udp;

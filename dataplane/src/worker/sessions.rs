@@ -34,7 +34,7 @@ use crate::policy::upstream::{is_unicast_target, peer_key};
 use super::Outbox;
 use super::listeners::Listeners;
 use super::pool::{PlaceError, PoolRef, UpstreamPool};
-use super::udp::ProxyState;
+use super::proxy_header::ProxyState;
 
 /// Idle timeout of a session whose listener is gone (cannot happen: a listener outlives its
 /// sessions); short, so such a session would not linger.
