@@ -3,6 +3,7 @@
 //!
 //! Everything stays on loopback and every run stops by itself.
 
+mod churn;
 mod compare;
 mod echo;
 mod flood;
@@ -55,6 +56,9 @@ enum Command {
     Soak(soak::SoakArgs),
     /// N idle UDP forwarders: time to open, memory, descriptors, idle CPU, first vs last.
     Listeners(listeners::ListenersArgs),
+    /// The control thread at fleet scale, on a real API server: GameServer status churn,
+    /// control CPU, query latency, time to apply a Forwarder change.
+    Churn(churn::ChurnArgs),
 }
 
 fn main() -> ExitCode {
@@ -76,6 +80,7 @@ fn main() -> ExitCode {
         Command::Flood(a) => flood::run(&a),
         Command::Soak(a) => soak::run(&a),
         Command::Listeners(a) => listeners::run(&a),
+        Command::Churn(a) => churn::run(&a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
