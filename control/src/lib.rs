@@ -7,22 +7,15 @@
 
 pub mod admin;
 pub mod config;
-pub mod conn_limit;
 pub mod crd;
-pub mod director;
 pub mod forwarder;
 pub mod gateway;
 pub mod inventory;
-pub mod jsonpath;
-pub mod metrics;
 pub mod ports;
-pub mod process_metrics;
 pub mod query;
 pub mod quote;
 pub mod reload;
 pub mod route;
-pub mod select;
-pub mod server;
 pub mod status;
 
 use std::net::SocketAddr;
@@ -36,9 +29,9 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::config::{Config, InventoryConfig, SessionsApiAuth};
-use crate::director::Director;
+use crate::query::director::Director;
 use crate::inventory::{FileSource, KubeSource, Snapshot};
-use crate::metrics::Metrics;
+use crate::admin::metrics::Metrics;
 
 /// How often worker events are folded into the load counts.
 const EVENT_INTERVAL: Duration = Duration::from_millis(100);
@@ -338,7 +331,7 @@ async fn run(
         None => drop(tokio::spawn(reload::no_file_to_reload())),
     }
     tokio::spawn(inventory::run(source, inventory_tx));
-    tokio::spawn(server::serve(
+    tokio::spawn(query::server::serve(
         query_listener,
         Arc::clone(&director),
         live.subscribe(),

@@ -114,9 +114,9 @@ fn file_body(data: &[u8], config: &Config) {
             annotation_selector: Default::default(),
             status_query: None,
         };
-        if let Ok(found) = control::select::candidates(&query, mapping, &snapshot, data_ports) {
+        if let Ok(found) = control::query::select::candidates(&query, mapping, &snapshot, data_ports) {
             for c in found {
-                let direct = control::select::resolve(mapping, &c.object, &snapshot, data_ports);
+                let direct = control::query::select::resolve(mapping, &c.object, &snapshot, data_ports);
                 assert!(direct.is_some(), "a candidate resolves on its own too");
             }
         }

@@ -6,9 +6,9 @@
 //! Nothing may panic, and an error message must stay short whatever the input.
 #![no_main]
 
-use control::jsonpath::Path;
+use control::query::jsonpath::Path;
 use control::query::{ErrorCode, Query, QueryError};
-use control::server::MAX_REQUEST_BYTES;
+use control::query::server::MAX_REQUEST_BYTES;
 use libfuzzer_sys::fuzz_target;
 
 /// `quote` keeps 64 characters, `quote_message` 300, each plus a short `… (N bytes)` suffix.

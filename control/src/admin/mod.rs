@@ -9,6 +9,8 @@
 
 pub mod auth;
 pub mod health;
+pub mod metrics;
+pub mod process_metrics;
 pub mod sessions;
 
 use std::convert::Infallible;
@@ -25,9 +27,10 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::conn_limit::ConnectionSlots;
-use crate::director::Director;
-use crate::metrics::Metrics;
+use crate::config::MAX_ADMIN_CONNECTIONS;
+use crate::query::conn_limit::ConnectionSlots;
+use crate::query::director::Director;
+use crate::admin::metrics::Metrics;
 use auth::{Authorizer, Decision, Verb};
 use dataplane::ctl::ClientMatch;
 
@@ -35,10 +38,7 @@ use dataplane::ctl::ClientMatch;
 const WORKER_REPLY_TIMEOUT: Duration = Duration::from_secs(2);
 /// A client must send a request's headers within this long (also between keep-alive requests).
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
-/// Concurrent admin connections, in total and from one address: enough for probes, a few
-/// Prometheus servers and operators, far below the open-file limit.
-pub const MAX_ADMIN_CONNECTIONS: usize = 256;
-/// See [`MAX_ADMIN_CONNECTIONS`].
+/// See [`MAX_ADMIN_CONNECTIONS`] (a config-level limit: the descriptor budget counts it).
 pub const MAX_ADMIN_CONNECTIONS_PER_IP: usize = 32;
 /// Read buffer of one connection (hyper's minimum is 8 KiB): requests here are a line and a few
 /// headers.

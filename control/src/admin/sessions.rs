@@ -20,7 +20,7 @@ use hyper::body::Bytes;
 use serde_json::json;
 
 use super::{ask_workers, json_reply, parse_client, worker_silent};
-use crate::director::Director;
+use crate::query::director::Director;
 
 /// Sessions per page when the request names no `limit`.
 pub const DEFAULT_LIMIT: usize = 500;

@@ -9,10 +9,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::jsonpath::Path as JsonPath;
+use crate::query::jsonpath::Path as JsonPath;
 use crate::query::Query;
 
 mod file;
+pub mod live;
 mod raw;
 mod validate;
 
@@ -28,6 +29,9 @@ pub const DEFAULT_TCP_TOKEN_TIMEOUT_SECONDS: u64 = 10;
 pub const DEFAULT_QUERY_IDLE_TIMEOUT_SECONDS: u64 = 10;
 pub const DEFAULT_MAX_QUERY_CONNECTIONS: usize = 1024;
 pub const DEFAULT_MAX_QUERY_CONNECTIONS_PER_IP: usize = 32;
+/// Concurrent admin connections, in total and from one address: enough for probes, a few
+/// Prometheus servers and operators, far below the open-file limit.
+pub const MAX_ADMIN_CONNECTIONS: usize = 256;
 /// Largest inventory file applied (`inventory.maxBytes`).
 pub const DEFAULT_INVENTORY_MAX_BYTES: u64 = 16 * 1024 * 1024;
 /// Most data-plane threads a config may ask for. Each costs a few file descriptors and about
@@ -443,7 +447,7 @@ impl Config {
         // (runtime, API client, files).
         dp.control_fd_reserve = self
             .max_query_connections
-            .saturating_add(crate::admin::MAX_ADMIN_CONNECTIONS)
+            .saturating_add(MAX_ADMIN_CONNECTIONS)
             .saturating_add(dataplane::io::fd_budget::CONTROL_RESERVE_BASE);
         dp
     }

@@ -13,7 +13,7 @@ use serde_json::Value;
 
 use crate::config::{LoadBalancing, Locator, Mapping, PortSource};
 use crate::inventory::{Object, Snapshot};
-use crate::jsonpath::Path;
+use crate::query::jsonpath::Path;
 use crate::query::{ErrorCode, Query, QueryError};
 
 pub mod index;

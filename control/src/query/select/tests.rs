@@ -338,7 +338,7 @@ fn one_index_per_snapshot_answers_like_a_scan_and_keeps_few_status_paths() {
     let scan_of = |q: &Query| -> Vec<String> {
         let status = q.status_query.as_ref().map(|sq| {
             (
-                crate::jsonpath::Path::parse(&sq.json_path).unwrap(),
+                crate::query::jsonpath::Path::parse(&sq.json_path).unwrap(),
                 sq.expected(),
             )
         });
@@ -386,7 +386,7 @@ fn one_index_per_snapshot_answers_like_a_scan_and_keeps_few_status_paths() {
     // more than a few paths.
     let m = index.mapping("gameserver").unwrap();
     for i in 0..40 {
-        let path = crate::jsonpath::Path::parse(&format!("status.x{i}")).unwrap();
+        let path = crate::query::jsonpath::Path::parse(&format!("status.x{i}")).unwrap();
         let kept = m.status_values(&path);
         assert_eq!(kept.is_some(), i < 15, "path {i}");
     }

@@ -13,8 +13,8 @@ use tokio::sync::watch;
 
 use dataplane::WarnGate;
 
-use crate::conn_limit::ConnectionSlots;
-use crate::director::Director;
+use crate::query::conn_limit::ConnectionSlots;
+use crate::query::director::Director;
 use crate::query::{ErrorCode, Query, QueryError};
 
 /// Largest request line accepted.

@@ -32,7 +32,7 @@ pub struct MappingIndex {
     by_label: HashMap<(String, String), Vec<u32>>,
     /// Per status path asked for: every entry's value there, read once per snapshot.
     /// Keyed by the parsed path, so spellings of one path (`a[0]`, `a[00]`) share an entry.
-    status: parking_lot::Mutex<HashMap<crate::jsonpath::Path, Arc<Vec<Option<String>>>>>,
+    status: parking_lot::Mutex<HashMap<crate::query::jsonpath::Path, Arc<Vec<Option<String>>>>>,
 }
 
 impl MappingIndex {
@@ -71,7 +71,7 @@ impl MappingIndex {
 
     /// Every entry's value at status path `path`, kept for the snapshot's life; `None` once
     /// [`MAX_STATUS_PATHS`] paths are kept (read per query then).
-    pub fn status_values(&self, path: &crate::jsonpath::Path) -> Option<Arc<Vec<Option<String>>>> {
+    pub fn status_values(&self, path: &crate::query::jsonpath::Path) -> Option<Arc<Vec<Option<String>>>> {
         let mut cache = self.status.lock();
         if let Some(values) = cache.get(path) {
             return Some(Arc::clone(values));

@@ -76,7 +76,7 @@ impl Metrics {
             controller,
             inventory,
         }));
-        registry.register_collector(Box::new(crate::process_metrics::ProcessCollector));
+        registry.register_collector(Box::new(crate::admin::process_metrics::ProcessCollector));
         Arc::new(Self {
             queries,
             query_duration,

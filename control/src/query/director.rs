@@ -20,9 +20,9 @@ use tokio::sync::watch;
 
 use crate::config::Config;
 use crate::inventory::Snapshot;
-use crate::metrics::Metrics;
+use crate::admin::metrics::Metrics;
 use crate::query::{ErrorCode, Query, QueryError, TokenAnswer};
-use crate::select::{self, Candidate};
+use crate::query::select::{self, Candidate};
 
 /// Control's shared state.
 #[derive(Debug)]

@@ -105,7 +105,7 @@ impl Query {
                 }
                 _ => {}
             }
-            crate::jsonpath::Path::parse(&sq.json_path)
+            crate::query::jsonpath::Path::parse(&sq.json_path)
                 .map_err(|e| format!("`statusQuery.jsonPath`: {e}"))?;
         }
         Ok(())
