@@ -128,12 +128,17 @@ pub struct Versions {
     pub services: u64,
     /// EndpointSlices.
     pub endpoint_slices: u64,
-    /// Forwarders, and whether their watches have listed.
+    /// Forwarders, and whether their watches have listed: what they ask for, not their
+    /// status (a status this proxy wrote comes back through the watch, and must not make the
+    /// reconcilers plan again).
     pub forwarders: u64,
-    /// Routes, and whether their watches have listed.
+    /// Routes, likewise.
     pub routes: u64,
-    /// Gateway API objects, and whether their watches have listed.
+    /// Gateway API objects, likewise.
     pub gateway_api: u64,
+    /// Any change at all to Forwarders, Routes or Gateway API objects, status included: what
+    /// the status writers compare against.
+    pub statuses: u64,
 }
 
 impl Versions {
@@ -156,19 +161,61 @@ impl Versions {
             forwarders: bump(
                 v.forwarders,
                 previous.forwarders_loaded != next.forwarders_loaded
-                    || previous.forwarders != next.forwarders,
+                    || !same_asks(&previous.forwarders, &next.forwarders),
             ),
             routes: bump(
                 v.routes,
-                previous.routes_loaded != next.routes_loaded || previous.routes != next.routes,
+                previous.routes_loaded != next.routes_loaded
+                    || !same_asks(&previous.routes, &next.routes),
             ),
             gateway_api: bump(
                 v.gateway_api,
                 previous.gateway_loaded != next.gateway_loaded
+                    || !same_asks(&previous.gateway_api, &next.gateway_api),
+            ),
+            statuses: bump(
+                v.statuses,
+                previous.forwarders != next.forwarders
+                    || previous.routes != next.routes
                     || previous.gateway_api != next.gateway_api,
             ),
         }
     }
+}
+
+/// Whether two lists of objects ask for the same: equal but for `status` and the metadata
+/// the API server moves on every write (`resourceVersion`, `managedFields`).
+fn same_asks(a: &[Arc<Object>], b: &[Arc<Object>]) -> bool {
+    a.len() == b.len()
+        && a.iter()
+            .zip(b)
+            .all(|(a, b)| Arc::ptr_eq(a, b) || asks_alike(a, b))
+}
+
+fn asks_alike(a: &Object, b: &Object) -> bool {
+    let (Some(a), Some(b)) = (a.raw.as_object(), b.raw.as_object()) else {
+        return a.raw == b.raw;
+    };
+    let fields = |o: &serde_json::Map<String, Value>| {
+        o.iter()
+            .filter(|(k, _)| *k != "status" && *k != "metadata")
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect::<Vec<_>>()
+    };
+    let metadata = |o: &serde_json::Map<String, Value>| {
+        o.get("metadata")
+            .and_then(Value::as_object)
+            .map(|m| {
+                m.iter()
+                    .filter(|(k, _)| *k != "resourceVersion" && *k != "managedFields")
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default()
+    };
+    // Only objects that differ get here (a changed one, or a file re-read): rare enough that
+    // the copies cost nothing worth a hand-written comparison.
+    fields(a) == fields(b) && metadata(a) == metadata(b)
 }
 
 /// apiVersion of Services.
@@ -434,6 +481,31 @@ mod tests {
         assert_eq!(
             Versions::next(&first_versioned, &again),
             first_versioned.versions
+        );
+        // A status written back: the writers' version alone.
+        let mut written = first_versioned.clone();
+        let mut route = object("Route", "r");
+        route.raw["status"] = serde_json::json!({"instances": [{"node": "a"}]});
+        route.raw["metadata"]["resourceVersion"] = serde_json::json!("7");
+        let mut unwritten = object("Route", "r");
+        unwritten.raw["metadata"]["resourceVersion"] = serde_json::json!("6");
+        let mut before = first_versioned.clone();
+        before.routes = vec![Arc::new(unwritten)];
+        written.routes = vec![Arc::new(route)];
+        let v = Versions::next(&before, &written);
+        assert_eq!(
+            (v.routes, v.statuses),
+            (before.versions.routes, before.versions.statuses + 1)
+        );
+        // A spec change moves both.
+        let mut asked = written.clone();
+        let mut changed_route = object("Route", "r");
+        changed_route.raw["spec"] = serde_json::json!({"entryPoint": "voice"});
+        asked.routes = vec![Arc::new(changed_route)];
+        let w = Versions::next(&written, &asked);
+        assert_eq!(
+            (w.routes, w.statuses),
+            (written.versions.routes + 1, written.versions.statuses + 1)
         );
         // A Service changes: services alone.
         let mut changed = first_versioned.clone();
