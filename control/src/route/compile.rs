@@ -508,18 +508,16 @@ struct Block {
 }
 
 impl Block {
-    fn of(cidr: &Cidr) -> Option<Self> {
-        let text = cidr.to_string();
-        let (addr, len) = text.split_once('/')?;
-        let (v6, bits) = match addr.parse().ok()? {
+    fn of(cidr: &Cidr) -> Self {
+        let (v6, bits) = match cidr.addr() {
             IpAddr::V4(v4) => (false, u128::from(u32::from(v4))),
             IpAddr::V6(v6) => (true, u128::from(v6)),
         };
-        Some(Self {
+        Self {
             v6,
             bits,
-            len: len.parse().ok()?,
-        })
+            len: cidr.prefix_len(),
+        }
     }
 
     const fn width(self) -> u8 {
@@ -559,9 +557,7 @@ fn blocks_cover(outer: &[Cidr], inner: &[Cidr]) -> bool {
     if outer.is_empty() {
         return true;
     }
-    let Some(outer) = outer.iter().map(Block::of).collect::<Option<Vec<_>>>() else {
-        return false;
-    };
+    let outer: Vec<Block> = outer.iter().map(Block::of).collect();
     let every = [
         Block {
             v6: false,
@@ -577,10 +573,7 @@ fn blocks_cover(outer: &[Cidr], inner: &[Cidr]) -> bool {
     let inner: Vec<Block> = if inner.is_empty() {
         every.to_vec()
     } else {
-        match inner.iter().map(Block::of).collect::<Option<Vec<_>>>() {
-            Some(blocks) => blocks,
-            None => return false,
-        }
+        inner.iter().map(Block::of).collect()
     };
     inner.iter().all(|b| block_covered(*b, &outer))
 }

@@ -60,6 +60,16 @@ impl Cidr {
         Ok(cidr)
     }
 
+    /// The block's first address.
+    pub const fn addr(&self) -> IpAddr {
+        self.addr
+    }
+
+    /// The prefix length: 0 to 32 (IPv4) or 128 (IPv6).
+    pub const fn prefix_len(&self) -> u8 {
+        self.len
+    }
+
     /// Whether `ip` is in the block (an IPv4-mapped IPv6 address counts as IPv4).
     pub fn contains(&self, ip: IpAddr) -> bool {
         let ip = ip.to_canonical();
