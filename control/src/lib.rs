@@ -11,6 +11,7 @@ pub mod crd;
 pub mod forwarder;
 pub mod gateway;
 pub mod inventory;
+pub mod names;
 pub mod ports;
 pub mod query;
 pub mod quote;

@@ -360,21 +360,10 @@ fn forwarders(
     })
 }
 
-/// Namespace and Service names are DNS labels (RFC 1123): at most 63 lowercase letters, digits
-/// and `-`, starting and ending with a letter or digit.
+/// Namespace, Service and Lease names are DNS labels (RFC 1123).
 fn dns_label(key: &str, name: &str) -> Result<(), ConfigError> {
-    if crate::forwarder::is_dns_label(name) {
-        Ok(())
-    } else {
-        Err(invalid(
-            key,
-            format!(
-                "`{}` is not a valid name (at most 63 lowercase letters, digits and `-`, \
-                 starting and ending with a letter or digit)",
-                quote(name)
-            ),
-        ))
-    }
+    crate::names::dns_label(name)
+        .map_err(|why| invalid(key, format!("`{}` is not a valid name: {why}", quote(name))))
 }
 
 /// Worker pinning; core ids must be among `available` (the cores this process may run on), so a
@@ -575,12 +564,7 @@ fn inventory(raw: Option<RawInventory>) -> Result<InventoryConfig, ConfigError> 
             only_for(raw.max_bytes.is_some(), "maxBytes", "file")?;
             let namespaces = raw.watch_namespaces.unwrap_or_default();
             for (i, ns) in namespaces.iter().enumerate() {
-                if !is_dns_label(ns) {
-                    return Err(invalid(
-                        format!("inventory.watchNamespaces[{i}]"),
-                        format!("`{ns}` is not a valid namespace name"),
-                    ));
-                }
+                dns_label(&format!("inventory.watchNamespaces[{i}]"), ns)?;
             }
             let label_selector = match raw.label_selector {
                 Some(s) if s.trim().is_empty() => {
@@ -597,16 +581,6 @@ fn inventory(raw: Option<RawInventory>) -> Result<InventoryConfig, ConfigError> 
             })
         }
     }
-}
-
-/// An RFC 1123 label, as namespace names must be.
-fn is_dns_label(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !s.starts_with('-')
-        && !s.ends_with('-')
 }
 
 fn port_source(

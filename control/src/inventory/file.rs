@@ -5,7 +5,7 @@
 //! changed since the last poll is still being written and is looked at again on the next one;
 //! an empty file, a file over `maxBytes`, something that is not a regular file, invalid YAML or
 //! any invalid object (missing metadata, a name or label past Kubernetes' limits, see
-//! [`super::names`]) is refused with the reason, and the last good inventory stays. An
+//! [`crate::names`]) is refused with the reason, and the last good inventory stays. An
 //! operator who wants an empty inventory writes an explicit empty list (`[]`). Each refusal is
 //! counted by reason, and each invalid object by kind ([`Rejections`]). Reading and parsing
 //! run on a blocking thread, never on the control thread that answers queries.
@@ -19,7 +19,8 @@ use std::time::{Duration, SystemTime};
 use serde_json::Value;
 
 use super::rejections::{FileRefusal, Rejections, kind_label};
-use super::{InventoryError, InventorySource, Object, Snapshot, names};
+use super::{InventoryError, InventorySource, Object, Snapshot};
+use crate::names;
 use crate::config::Mapping;
 
 /// A YAML file of objects (multi-document, or `kind: List` with `items`, as `kubectl get -o yaml`
@@ -378,7 +379,7 @@ fn check_object(value: Value) -> Result<Object, (Option<String>, String)> {
         Err((Some(object.kind.clone()), format!("{shown}: {why}")))
     };
     if let Err(why) = names::check_metadata(&object.name, &object.namespace, &object.labels) {
-        return failed(why);
+        return failed(why.to_string());
     }
     // A forwarder is checked here, so a typo refuses the file (and keeps the running
     // forwarders) instead of closing a listener.

@@ -8,7 +8,6 @@
 
 pub mod file;
 pub mod kube;
-pub mod names;
 pub mod rejections;
 
 pub use file::{FileSource, parse_objects};

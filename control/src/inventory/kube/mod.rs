@@ -28,7 +28,8 @@ use kube::{Api, Client};
 use serde_json::Value;
 use tokio::sync::mpsc;
 
-use super::{InventoryError, InventorySource, Object, Rejections, Snapshot, names, sort_by_name};
+use super::{InventoryError, InventorySource, Object, Rejections, Snapshot, sort_by_name};
+use crate::names;
 use crate::config::{Config, InventoryConfig};
 
 mod plan;

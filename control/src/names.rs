@@ -19,42 +19,88 @@ pub const MAX_QUALIFIED_NAME_CHARS: usize = 63;
 /// How much of an offending string a message quotes.
 const QUOTE_CHARS: usize = 40;
 
-/// An object's name, namespace and labels, against Kubernetes' rules. The error names the
-/// field and says what is wrong, quoting the value short.
+/// What is wrong with a name, a label key or a label value.
+#[derive(Clone, Debug, Eq, PartialEq, thiserror::Error)]
+pub enum NameError {
+    /// Nothing at all.
+    #[error("empty")]
+    Empty,
+    /// Over its limit.
+    #[error("{len} characters, over the limit of {max}")]
+    TooLong {
+        /// Its length, in characters.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// Not a DNS-1123 subdomain.
+    #[error(
+        "not a DNS-1123 subdomain (lowercase letters, digits, '-' and '.', starting and ending \
+         with a letter or digit)"
+    )]
+    NotSubdomain,
+    /// Not a DNS-1123 label.
+    #[error(
+        "not a DNS-1123 label (lowercase letters, digits and '-', starting and ending with a \
+         letter or digit)"
+    )]
+    NotLabel,
+    /// Not a qualified name.
+    #[error(
+        "not a qualified name (letters, digits, '-', '_' and '.', starting and ending with a \
+         letter or digit)"
+    )]
+    NotQualified,
+    /// A label key with a prefix and no name.
+    #[error("empty name")]
+    EmptyName,
+    /// A label key whose prefix is not a DNS-1123 subdomain.
+    #[error("prefix {0}")]
+    Prefix(Box<Self>),
+}
+
+/// A metadata field of an object that breaks Kubernetes' rules: which field, its value
+/// (quoted short) and what is wrong.
+#[derive(Clone, Debug, Eq, PartialEq, thiserror::Error)]
+#[error("{field} {value}: {why}")]
+pub struct MetadataError {
+    /// `metadata.name`, `metadata.namespace`, `metadata.labels key …`.
+    pub field: String,
+    /// The value, quoted and cut short.
+    pub value: String,
+    /// What is wrong with it.
+    pub why: NameError,
+}
+
+/// An object's name, namespace and labels, against Kubernetes' rules.
 pub fn check_metadata(
     name: &str,
     namespace: &str,
     labels: &BTreeMap<String, String>,
-) -> Result<(), String> {
-    if let Err(why) = dns_subdomain(name) {
-        return Err(format!("metadata.name {}: {why}", quote(name)));
-    }
+) -> Result<(), MetadataError> {
+    let error = |field: String, value: &str, why| MetadataError {
+        field,
+        value: quote(value),
+        why,
+    };
+    dns_subdomain(name).map_err(|why| error("metadata.name".into(), name, why))?;
     // Empty: cluster-scoped, or unset (the file inventory's default namespace).
-    if !namespace.is_empty()
-        && let Err(why) = dns_label(namespace)
-    {
-        return Err(format!("metadata.namespace {}: {why}", quote(namespace)));
+    if !namespace.is_empty() {
+        dns_label(namespace).map_err(|why| error("metadata.namespace".into(), namespace, why))?;
     }
     for (key, value) in labels {
-        if let Err(why) = label_key(key) {
-            return Err(format!("metadata.labels key {}: {why}", quote(key)));
-        }
-        if let Err(why) = label_value(value) {
-            return Err(format!(
-                "metadata.labels[{}] value {}: {why}",
-                quote(key),
-                quote(value)
-            ));
-        }
+        label_key(key).map_err(|why| error("metadata.labels key".into(), key, why))?;
+        label_value(value)
+            .map_err(|why| error(format!("metadata.labels[{}] value", quote(key)), value, why))?;
     }
     Ok(())
 }
 
 /// A DNS-1123 subdomain: at most 253 characters, dot-separated DNS-1123 labels (each lowercase
 /// alphanumerics and '-', starting and ending alphanumeric).
-pub fn dns_subdomain(s: &str) -> Result<(), String> {
+pub fn dns_subdomain(s: &str) -> Result<(), NameError> {
     if s.is_empty() {
-        return Err("empty".into());
+        return Err(NameError::Empty);
     }
     if s.len() > MAX_SUBDOMAIN_CHARS {
         return Err(too_long(s, MAX_SUBDOMAIN_CHARS));
@@ -62,19 +108,15 @@ pub fn dns_subdomain(s: &str) -> Result<(), String> {
     if s.split('.').all(is_label_shape) {
         Ok(())
     } else {
-        Err(
-            "not a DNS-1123 subdomain (lowercase letters, digits, '-' and '.', starting and \
-             ending with a letter or digit)"
-                .into(),
-        )
+        Err(NameError::NotSubdomain)
     }
 }
 
 /// A DNS-1123 label: at most 63 lowercase alphanumerics and '-', starting and ending
 /// alphanumeric.
-pub fn dns_label(s: &str) -> Result<(), String> {
+pub fn dns_label(s: &str) -> Result<(), NameError> {
     if s.is_empty() {
-        return Err("empty".into());
+        return Err(NameError::Empty);
     }
     if s.len() > MAX_LABEL_CHARS {
         return Err(too_long(s, MAX_LABEL_CHARS));
@@ -82,31 +124,27 @@ pub fn dns_label(s: &str) -> Result<(), String> {
     if is_label_shape(s) {
         Ok(())
     } else {
-        Err(
-            "not a DNS-1123 label (lowercase letters, digits and '-', starting and ending with \
-             a letter or digit)"
-                .into(),
-        )
+        Err(NameError::NotLabel)
     }
 }
 
 /// A label key: `[prefix/]name`, the prefix a DNS-1123 subdomain, the name a qualified name.
-pub fn label_key(s: &str) -> Result<(), String> {
+pub fn label_key(s: &str) -> Result<(), NameError> {
     let name = match s.split_once('/') {
         Some((prefix, name)) => {
-            dns_subdomain(prefix).map_err(|why| format!("prefix {why}"))?;
+            dns_subdomain(prefix).map_err(|why| NameError::Prefix(Box::new(why)))?;
             name
         }
         None => s,
     };
     if name.is_empty() {
-        return Err("empty name".into());
+        return Err(NameError::EmptyName);
     }
     qualified_name(name)
 }
 
 /// A label value: empty, or a qualified name.
-pub fn label_value(s: &str) -> Result<(), String> {
+pub fn label_value(s: &str) -> Result<(), NameError> {
     if s.is_empty() {
         Ok(())
     } else {
@@ -115,7 +153,7 @@ pub fn label_value(s: &str) -> Result<(), String> {
 }
 
 /// At most 63 characters of `[A-Za-z0-9_.-]`, starting and ending alphanumeric.
-fn qualified_name(s: &str) -> Result<(), String> {
+fn qualified_name(s: &str) -> Result<(), NameError> {
     if s.len() > MAX_QUALIFIED_NAME_CHARS {
         return Err(too_long(s, MAX_QUALIFIED_NAME_CHARS));
     }
@@ -128,11 +166,7 @@ fn qualified_name(s: &str) -> Result<(), String> {
     if inner_ok && ends_ok {
         Ok(())
     } else {
-        Err(
-            "not a qualified name (letters, digits, '-', '_' and '.', starting and ending with \
-             a letter or digit)"
-                .into(),
-        )
+        Err(NameError::NotQualified)
     }
 }
 
@@ -145,8 +179,11 @@ fn is_label_shape(s: &str) -> bool {
         && b.iter().all(|c| alnum(c) || *c == b'-')
 }
 
-fn too_long(s: &str, max: usize) -> String {
-    format!("{} characters, over the limit of {max}", s.chars().count())
+fn too_long(s: &str, max: usize) -> NameError {
+    NameError::TooLong {
+        len: s.chars().count(),
+        max,
+    }
 }
 
 /// `s` in backquotes, cut to [`QUOTE_CHARS`] characters and escaped for one log line.
@@ -187,10 +224,9 @@ mod tests {
         ] {
             assert!(dns_subdomain(bad).is_err(), "{bad:?}");
         }
-        assert!(
-            dns_subdomain(&"a".repeat(10_000))
-                .unwrap_err()
-                .contains("10000 characters, over the limit of 253")
+        assert_eq!(
+            dns_subdomain(&"a".repeat(10_000)).unwrap_err().to_string(),
+            "10000 characters, over the limit of 253"
         );
     }
 
@@ -257,14 +293,15 @@ mod tests {
             check_metadata("gs-1", "starx", &labels("agones.dev/fleet", "f1")),
             Ok(())
         );
-        let e = check_metadata(&"x".repeat(10_000), "", &none).unwrap_err();
+        let text = |e: MetadataError| e.to_string();
+        let e = text(check_metadata(&"x".repeat(10_000), "", &none).unwrap_err());
         assert!(e.starts_with("metadata.name `xxxx"), "{e}");
         assert!(e.len() < 200, "{} characters: {e}", e.len());
-        let e = check_metadata("gs", "Bad_NS", &none).unwrap_err();
+        let e = text(check_metadata("gs", "Bad_NS", &none).unwrap_err());
         assert!(e.starts_with("metadata.namespace `Bad_NS`"), "{e}");
-        let e = check_metadata("gs", "a", &labels("bad key", "v")).unwrap_err();
+        let e = text(check_metadata("gs", "a", &labels("bad key", "v")).unwrap_err());
         assert!(e.starts_with("metadata.labels key `bad key`"), "{e}");
-        let e = check_metadata("gs", "a", &labels("k", "a\nb")).unwrap_err();
+        let e = text(check_metadata("gs", "a", &labels("k", "a\nb")).unwrap_err());
         assert!(e.starts_with("metadata.labels[`k`] value `a\\nb`"), "{e}");
     }
 }
