@@ -61,6 +61,7 @@ fn request(line: &[u8]) {
         }
         Err(reason) => {
             // The reason quotes client input (a request type, a path): it must stay short.
+            let reason = reason.to_string();
             assert!(
                 reason.chars().count() <= MESSAGE_MAX_CHARS + QUOTE_MAX_CHARS + 64,
                 "{} chars: {reason}",

@@ -113,7 +113,7 @@ pub(super) fn validate(raw: RawConfig, env: &Environment) -> Result<Validated, C
         let load_balancing = load_balancing(raw.load_balancing)?;
         if let Some(q) = &raw.default_endpoint {
             q.validate()
-                .map_err(|reason| invalid("defaultEndpoint", reason))?;
+                .map_err(|reason| invalid("defaultEndpoint", reason.to_string()))?;
             if !mappings.contains_key(&q.resource_type) {
                 return Err(invalid(
                     "defaultEndpoint.resourceType",
@@ -592,7 +592,7 @@ fn port_source(
         (Some(n), None) if !n.is_empty() => Ok(PortSource::Name(n)),
         (None, Some(p)) if !p.is_empty() => JsonPath::parse(&p)
             .map(PortSource::Path)
-            .map_err(|e| invalid(format!("{key}.portPath"), e)),
+            .map_err(|e| invalid(format!("{key}.portPath"), e.to_string())),
         (Some(_), Some(_)) => Err(invalid(key, "give `portName` or `portPath`, not both")),
         _ => Err(invalid(key, "needs a non-empty `portName` or `portPath`")),
     }
@@ -670,7 +670,7 @@ fn mapping(key: &str, m: RawMapping, data_ports: &[DataPort]) -> Result<Mapping,
                 .address_path
                 .ok_or_else(|| invalid(format!("{key}.addressPath"), "is required"))?;
             let address_path = JsonPath::parse(&address_path)
-                .map_err(|e| invalid(format!("{key}.addressPath"), e))?;
+                .map_err(|e| invalid(format!("{key}.addressPath"), e.to_string()))?;
             let ports = match m.ports {
                 Some(list) => {
                     if m.port_name.is_some() || m.port_path.is_some() {

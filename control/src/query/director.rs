@@ -214,7 +214,7 @@ impl Director {
     ) -> Result<TokenAnswer, QueryError> {
         query
             .validate()
-            .map_err(|e| QueryError::new(ErrorCode::BadRequest, e))?;
+            .map_err(|e| QueryError::new(ErrorCode::BadRequest, e.to_string()))?;
         if self.draining.load(Ordering::Relaxed) {
             return Err(QueryError::new(
                 ErrorCode::Draining,

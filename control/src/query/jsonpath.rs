@@ -12,21 +12,56 @@ pub enum Step {
     Index(usize),
 }
 
+/// Why a dot path does not parse. The path is quoted cut to a readable length: paths come
+/// from clients' queries.
+#[derive(Clone, Debug, Eq, PartialEq, thiserror::Error)]
+pub enum PathError {
+    /// Nothing, or only a dot.
+    #[error("empty path")]
+    Empty,
+    /// `a..b`.
+    #[error("empty segment in `{path}`")]
+    EmptySegment {
+        /// The path, quoted short.
+        path: String,
+    },
+    /// `a[1`.
+    #[error("unclosed `[` in `{path}`")]
+    Unclosed {
+        /// The path, quoted short.
+        path: String,
+    },
+    /// `a[x]`.
+    #[error("`{index}` is not an array index in `{path}`: {source}")]
+    NotAnIndex {
+        /// What stood between the brackets, quoted short.
+        index: String,
+        /// The path, quoted short.
+        path: String,
+        /// Why it is no number.
+        source: std::num::ParseIntError,
+    },
+    /// `a[1]b`.
+    #[error("unexpected `{rest}` in `{path}`")]
+    Unexpected {
+        /// What followed the index, quoted short.
+        rest: String,
+        /// The path, quoted short.
+        path: String,
+    },
+}
+
 /// A parsed dot path.
 #[derive(Clone, Debug, Eq, Hash, PartialEq)]
 pub struct Path(Vec<Step>);
 
 impl Path {
-    /// Parses `a.b[2].c`; keys may contain any character but `.` and `[`. The error quotes the
-    /// path cut to a readable length (paths come from clients' queries).
-    pub fn parse(text: &str) -> Result<Self, String> {
-        Self::parse_steps(text).map_err(|e| crate::quote::quote_message(&e).into_owned())
-    }
-
-    fn parse_steps(text: &str) -> Result<Self, String> {
+    /// Parses `a.b[2].c`; keys may contain any character but `.` and `[`.
+    pub fn parse(text: &str) -> Result<Self, PathError> {
+        let short = |s: &str| crate::quote::quote(s).into_owned();
         let text = text.strip_prefix('.').unwrap_or(text);
         if text.is_empty() {
-            return Err("empty path".into());
+            return Err(PathError::Empty);
         }
         let mut steps = Vec::new();
         for part in text.split('.') {
@@ -35,7 +70,7 @@ impl Path {
                 None => (part, ""),
             };
             if key.is_empty() && rest.is_empty() {
-                return Err(format!("empty segment in `{text}`"));
+                return Err(PathError::EmptySegment { path: short(text) });
             }
             if !key.is_empty() {
                 steps.push(Step::Key(key.to_string()));
@@ -43,17 +78,21 @@ impl Path {
             while !rest.is_empty() {
                 let close = rest
                     .find(']')
-                    .ok_or_else(|| format!("unclosed `[` in `{text}`"))?;
-                let index = rest[1..close].parse().map_err(|e| {
-                    format!(
-                        "`{}` is not an array index in `{text}`: {e}",
-                        &rest[1..close]
-                    )
-                })?;
+                    .ok_or_else(|| PathError::Unclosed { path: short(text) })?;
+                let index = rest[1..close]
+                    .parse()
+                    .map_err(|source| PathError::NotAnIndex {
+                        index: short(&rest[1..close]),
+                        path: short(text),
+                        source,
+                    })?;
                 steps.push(Step::Index(index));
                 rest = &rest[close + 1..];
                 if !rest.is_empty() && !rest.starts_with('[') {
-                    return Err(format!("unexpected `{rest}` in `{text}`"));
+                    return Err(PathError::Unexpected {
+                        rest: short(rest),
+                        path: short(text),
+                    });
                 }
             }
         }

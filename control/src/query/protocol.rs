@@ -73,40 +73,56 @@ impl StatusQuery {
     }
 }
 
+/// A query that breaks a rule serde cannot express.
+#[derive(Clone, Debug, Eq, PartialEq, thiserror::Error)]
+pub enum InvalidQuery {
+    /// `type` other than `query`.
+    #[error("unknown request type `{0}` (only `query` exists)")]
+    UnknownType(String),
+    /// `resourceType: ""`.
+    #[error("`resourceType` must not be empty")]
+    EmptyResourceType,
+    /// `statusQuery.jsonPath: ""`.
+    #[error("`statusQuery.jsonPath` must not be empty")]
+    EmptyStatusPath,
+    /// Both `expectedValue` and `expectedValues`.
+    #[error("`statusQuery` takes `expectedValue` or `expectedValues`, not both")]
+    BothExpected,
+    /// Neither.
+    #[error("`statusQuery` needs `expectedValue` or `expectedValues`")]
+    NoExpected,
+    /// `expectedValues: []`.
+    #[error("`statusQuery.expectedValues` must not be empty")]
+    EmptyExpected,
+    /// A `jsonPath` that does not parse.
+    #[error("`statusQuery.jsonPath`: {0}")]
+    StatusPath(#[from] crate::query::jsonpath::PathError),
+}
+
 impl Query {
     /// Checks the rules serde cannot express.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), InvalidQuery> {
         if let Some(kind) = &self.kind
             && kind != "query"
         {
-            return Err(format!(
-                "unknown request type `{}` (only `query` exists)",
-                crate::quote::quote(kind)
+            return Err(InvalidQuery::UnknownType(
+                crate::quote::quote(kind).into_owned(),
             ));
         }
         if self.resource_type.is_empty() {
-            return Err("`resourceType` must not be empty".into());
+            return Err(InvalidQuery::EmptyResourceType);
         }
         if let Some(sq) = &self.status_query {
             if sq.json_path.is_empty() {
-                return Err("`statusQuery.jsonPath` must not be empty".into());
+                return Err(InvalidQuery::EmptyStatusPath);
             }
             match (&sq.expected_value, &sq.expected_values) {
-                (Some(_), Some(_)) => {
-                    return Err(
-                        "`statusQuery` takes `expectedValue` or `expectedValues`, not both".into(),
-                    );
-                }
-                (None, None) => {
-                    return Err("`statusQuery` needs `expectedValue` or `expectedValues`".into());
-                }
-                (None, Some(v)) if v.is_empty() => {
-                    return Err("`statusQuery.expectedValues` must not be empty".into());
-                }
+                (Some(_), Some(_)) => return Err(InvalidQuery::BothExpected),
+                (None, None) => return Err(InvalidQuery::NoExpected),
+                (None, Some(v)) if v.is_empty() => return Err(InvalidQuery::EmptyExpected),
                 _ => {}
             }
-            crate::query::jsonpath::Path::parse(&sq.json_path)
-                .map_err(|e| format!("`statusQuery.jsonPath`: {e}"))?;
+            crate::query::jsonpath::Path::parse(&sq.json_path)?;
         }
         Ok(())
     }

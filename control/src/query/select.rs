@@ -55,7 +55,7 @@ pub fn matching<'a>(
     let status = match &query.status_query {
         Some(sq) => {
             let path = Path::parse(&sq.json_path)
-                .map_err(|e| QueryError::new(ErrorCode::BadRequest, e))?;
+                .map_err(|e| QueryError::new(ErrorCode::BadRequest, e.to_string()))?;
             // The values at this path, read once per snapshot (while few paths are in use).
             let values = index.status_values(&path);
             Some((path, values, sq.expected()))
