@@ -18,20 +18,25 @@ use tokio::sync::watch;
 
 use crate::config::Config;
 
-/// The liveness verdict now: `Ok` when every thread is alive, else the body naming the
-/// stopped ones (`"unhealthy: dp-worker-0 (no heartbeat for 3.2 s)"`).
-pub fn verdict(liveness: &Liveness, watchdog: Duration) -> Result<(), String> {
-    let down: Vec<String> = liveness
+/// Threads that stopped: each one's name and why (`no heartbeat for 3.2 s`, `exited`). Its
+/// text is `/healthz`'s 503 body: `unhealthy: dp-worker-0 (exited)`.
+#[derive(Clone, Debug, Eq, PartialEq, thiserror::Error)]
+#[error("unhealthy: {}", .0.iter().map(|(name, why)| format!("{name} ({why})")).collect::<Vec<_>>().join(", "))]
+pub struct Unhealthy(pub Vec<(String, String)>);
+
+/// The liveness verdict now: `Ok` when every thread is alive, else the stopped ones.
+pub fn verdict(liveness: &Liveness, watchdog: Duration) -> Result<(), Unhealthy> {
+    let down: Vec<(String, String)> = liveness
         .check(Instant::now(), watchdog)
         .into_iter()
-        .filter_map(|t| t.down.map(|why| format!("{} ({why})", t.name)))
+        .filter_map(|t| t.down.map(|why| (t.name.to_string(), why.to_string())))
         .collect();
     if down.is_empty() {
         return Ok(());
     }
-    let list = down.join(", ");
-    log::warn!("/healthz: unhealthy: {list}");
-    Err(format!("unhealthy: {list}\n"))
+    let unhealthy = Unhealthy(down);
+    log::warn!("/healthz: {unhealthy}");
+    Err(unhealthy)
 }
 
 /// `udp_director_thread_up{thread}`, read at scrape time under the running config's watchdog.
@@ -77,10 +82,14 @@ mod tests {
         let control = liveness.register("control");
         assert_eq!(verdict(&liveness, Duration::from_secs(10)), Ok(()));
         drop(worker);
-        let body = verdict(&liveness, Duration::from_secs(10)).unwrap_err();
-        assert_eq!(body, "unhealthy: dp-worker-0 (exited)\n");
+        let body = verdict(&liveness, Duration::from_secs(10))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(body, "unhealthy: dp-worker-0 (exited)");
         drop(control);
-        let body = verdict(&liveness, Duration::from_secs(10)).unwrap_err();
+        let body = verdict(&liveness, Duration::from_secs(10))
+            .unwrap_err()
+            .to_string();
         assert!(
             body.contains("dp-worker-0 (exited), control (exited)"),
             "{body}"

@@ -27,10 +27,10 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::admin::metrics::Metrics;
 use crate::config::MAX_ADMIN_CONNECTIONS;
 use crate::query::conn_limit::ConnectionSlots;
 use crate::query::director::Director;
-use crate::admin::metrics::Metrics;
 use auth::{Authorizer, Decision, Verb};
 use dataplane::ctl::ClientMatch;
 
@@ -72,7 +72,7 @@ pub struct Admin {
 impl Admin {
     /// `/healthz`: `Ok` while every thread beats under the running config's watchdog, else
     /// the body naming the stopped ones.
-    fn health(&self) -> Result<(), String> {
+    fn health(&self) -> Result<(), health::Unhealthy> {
         health::verdict(&self.liveness, self.director.config().watchdog)
     }
 }
@@ -142,7 +142,7 @@ async fn answer_probe(stream: tokio::net::TcpStream, admin: &Admin) {
     let (status, body) = if line.starts_with(b"GET /healthz ") {
         match admin.health() {
             Ok(()) => ("200 OK", "ok\n".to_string()),
-            Err(body) => ("503 Service Unavailable", body),
+            Err(unhealthy) => ("503 Service Unavailable", format!("{unhealthy}\n")),
         }
     } else if line.starts_with(b"GET /readyz ") && admin.director.is_ready() {
         ("200 OK", "ready\n".to_string())
@@ -260,7 +260,11 @@ async fn route(req: Request<Incoming>, peer: IpAddr, admin: &Admin) -> Response<
         ),
         (&Method::GET, "/healthz") => match admin.health() {
             Ok(()) => reply(StatusCode::OK, "text/plain", "ok\n"),
-            Err(body) => reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", body),
+            Err(unhealthy) => reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                format!("{unhealthy}\n"),
+            ),
         },
         (&Method::GET, "/readyz") => {
             if director.is_ready() {
