@@ -45,10 +45,24 @@ pub struct Object {
     pub raw: Value,
 }
 
+/// A raw object without the fields every object has.
+#[derive(Clone, Copy, Debug, Eq, PartialEq, thiserror::Error)]
+pub enum MissingField {
+    /// No `apiVersion`.
+    #[error("missing apiVersion")]
+    ApiVersion,
+    /// No `kind`.
+    #[error("missing kind")]
+    Kind,
+    /// No `metadata.name`.
+    #[error("missing metadata.name")]
+    Name,
+}
+
 impl Object {
     /// Reads the metadata of a raw object; fails when `apiVersion`, `kind` or `metadata.name` is
     /// missing.
-    pub fn from_value(raw: Value) -> Result<Self, String> {
+    pub fn from_value(raw: Value) -> Result<Self, MissingField> {
         let text = |v: Option<&Value>| v.and_then(Value::as_str).map(str::to_string);
         let map = |v: Option<&Value>| -> BTreeMap<String, String> {
             v.and_then(Value::as_object)
@@ -68,9 +82,9 @@ impl Object {
                 .unwrap_or_default()
         };
         let meta = raw.get("metadata");
-        let api_version = text(raw.get("apiVersion")).ok_or("missing apiVersion")?;
-        let kind = text(raw.get("kind")).ok_or("missing kind")?;
-        let name = text(meta.and_then(|m| m.get("name"))).ok_or("missing metadata.name")?;
+        let api_version = text(raw.get("apiVersion")).ok_or(MissingField::ApiVersion)?;
+        let kind = text(raw.get("kind")).ok_or(MissingField::Kind)?;
+        let name = text(meta.and_then(|m| m.get("name"))).ok_or(MissingField::Name)?;
         Ok(Self {
             api_version,
             kind,
