@@ -10,28 +10,13 @@ use std::io::Write;
 use std::net::{SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
-use common::cluster::{Cluster, cluster};
+use common::cluster::{Cluster, cluster, cond};
 use common::*;
 
 const CONTROLLER: &str = "udp-director.dev/gateway-controller";
 
 fn get(c: &Cluster, resource: &str, ns: &str, name: &str) -> serde_json::Value {
-    let mut args = vec!["get", resource, name, "-o", "json"];
-    if !ns.is_empty() {
-        args.extend(["-n", ns]);
-    }
-    c.kubectl(&args, None)
-        .ok()
-        .and_then(|s| serde_json::from_str(&s).ok())
-        .unwrap_or(serde_json::Value::Null)
-}
-
-/// The condition `type_` in `conditions`.
-fn cond<'a>(conditions: &'a serde_json::Value, type_: &str) -> &'a serde_json::Value {
-    conditions
-        .as_array()
-        .and_then(|list| list.iter().find(|c| c["type"] == type_))
-        .unwrap_or(&serde_json::Value::Null)
+    c.get_json(resource, ns, name)
 }
 
 fn wait_for(p: &Proxy, what: &str, mut f: impl FnMut() -> bool) {

@@ -13,29 +13,14 @@ mod common;
 use std::net::{SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
-use common::cluster::{Cluster, PROXY_CONFIG, cluster};
+use common::cluster::{Cluster, PROXY_CONFIG, cluster, cond};
 use common::*;
 
 const CONTROLLER: &str = "udp-director.dev/gateway-controller";
 const LEASE: &str = "udp-director-gateway";
 
 fn get(c: &Cluster, resource: &str, ns: &str, name: &str) -> serde_json::Value {
-    let mut args = vec!["get", resource, name, "-o", "json"];
-    if !ns.is_empty() {
-        args.extend(["-n", ns]);
-    }
-    c.kubectl(&args, None)
-        .ok()
-        .and_then(|s| serde_json::from_str(&s).ok())
-        .unwrap_or(serde_json::Value::Null)
-}
-
-/// The condition `type_` in `conditions`.
-fn cond<'a>(conditions: &'a serde_json::Value, type_: &str) -> &'a serde_json::Value {
-    conditions
-        .as_array()
-        .and_then(|list| list.iter().find(|c| c["type"] == type_))
-        .unwrap_or(&serde_json::Value::Null)
+    c.get_json(resource, ns, name)
 }
 
 /// Waits up to `limit` for `f`, showing both proxies' logs when it never holds.

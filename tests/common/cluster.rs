@@ -78,6 +78,14 @@ pub fn cluster() -> Option<&'static Cluster> {
         .as_ref()
 }
 
+/// The condition `type_` in `conditions` (a status's list), `Null` when absent.
+pub fn cond<'a>(conditions: &'a serde_json::Value, type_: &str) -> &'a serde_json::Value {
+    conditions
+        .as_array()
+        .and_then(|list| list.iter().find(|c| c["type"] == type_))
+        .unwrap_or(&serde_json::Value::Null)
+}
+
 /// The repository root.
 pub fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -112,6 +120,18 @@ impl Cluster {
         } else {
             Err(text(out.stderr))
         }
+    }
+
+    /// An object as JSON (`Null` when it cannot be read): `ns` empty for a cluster-scoped one.
+    pub fn get_json(&self, resource: &str, ns: &str, name: &str) -> serde_json::Value {
+        let mut args = vec!["get", resource, name, "-o", "json"];
+        if !ns.is_empty() {
+            args.extend(["-n", ns]);
+        }
+        self.kubectl(&args, None)
+            .ok()
+            .and_then(|s| serde_json::from_str(&s).ok())
+            .unwrap_or(serde_json::Value::Null)
     }
 
     /// kubectl as admin, panicking on failure.
