@@ -1,9 +1,14 @@
 //! Forwarders (SPEC §6): the reconciler that turns `Forwarder` objects (from the Kubernetes
 //! watch or the inventory file) into data-plane listeners, and reports back.
 //!
-//! One task owns it. On every inventory change, DNS answer and once a second it recomputes
-//! what the objects ask for ([`plan`], sans-io), resolves targets ([`resolve`]), and diffs that
-//! against the listeners it holds: open, update (target or idle timeout, sessions kept), close.
+//! One task owns it. When what it reads moves (Forwarders, Services, EndpointSlices, Gateway API
+//! objects: the inventory's versions say so, and a GameServer update moves none), it plans again
+//! what the objects ask for ([`plan`], [`planned`], sans-io, each object read once when it
+//! changes) and re-plans only the forwarders that change touched: their targets resolved
+//! ([`resolve`]) and diffed against the listeners they hold: open, update (target or idle
+//! timeout, sessions kept), close. A DNS answer that moved re-plans the forwarders of that name;
+//! once a second, only those that time alone may change (a listener that did not open, a target
+//! that loops back) are re-planned.
 //! A port that a Gateway listener also asks for goes by the port rule ([`crate::ports`]): the
 //! Gateways served here are read from the same snapshot, and a forwarder opens only what it wins.
 //! It acts only once the inventory has listed, so a forwarder deleted while the proxy was down
@@ -12,11 +17,14 @@
 
 pub mod metrics;
 pub mod plan;
+pub mod planned;
 pub mod resolve;
+#[cfg(test)]
+mod tests;
 
 pub use plan::{API_VERSION, ForwarderObject, KIND, is_dns_label, is_forwarder};
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::{Hash, Hasher};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -35,11 +43,13 @@ use crate::crd::ForwarderInstance;
 use crate::inventory::Snapshot;
 use crate::ports::{self, ClaimCache};
 use crate::status::{self, StatusKey, StatusOf, Wanted};
-use plan::{Claim, Reserved, ServicePort};
+use plan::{Claim, ParseCache, Reading, Reserved};
+use planned::{Managed, Planned, PlannedClaim};
 use resolve::{DnsCache, Host};
 
-/// How often the reconciler looks again without a change (DNS due, a port another process
-/// held, a failed status write).
+/// How often the reconciler looks again without a change: lookups that fell due, forwarders
+/// that time alone may change (a port another process held, a target that looped back),
+/// counters to fold.
 const TICK: Duration = Duration::from_secs(1);
 /// How soon a listener is tried again when its port is still being let go by a closing one.
 const RETRY_SOON: Duration = Duration::from_millis(50);
@@ -100,6 +110,13 @@ pub struct Reconciler {
     gateway_controller: Option<String>,
     /// Their listeners' claims, read again only when the Gateway API objects change.
     gateway_claims: ClaimCache,
+    /// Each Forwarder as it read, read again only when it changes.
+    parses: ParseCache,
+    /// What the inputs decide per forwarder, as of `planned_from`.
+    planned: Planned,
+    /// The versions of the inputs `planned` was computed from: Forwarders, Services,
+    /// EndpointSlices, Gateway API objects.
+    planned_from: Option<[u64; 4]>,
     held: BTreeMap<(String, Transport), Held>,
     dns: DnsCache,
     table: ForwarderTable,
@@ -110,10 +127,26 @@ pub struct Reconciler {
     writes: Option<(String, watch::Sender<Arc<Wanted>>)>,
     /// The last message logged per forwarder, so a persisting problem is logged once.
     logged: HashMap<String, Option<String>>,
-    retry_soon: bool,
-    /// The last pass left nothing for time alone to change: every forwarder open and well,
-    /// none waiting for a port, no closed listener's counters left to fold.
-    settled: bool,
+    /// The forwarders that time alone may change (a listener that did not open, a target that
+    /// loops back): each re-planned once a second, or soon (`true`) where a closing listener
+    /// is letting go of the port. The others wait for a change of what they read.
+    waiting: BTreeMap<String, bool>,
+    /// A closed listener's counters wait to be folded.
+    retiring: bool,
+    /// Forwarders re-planned so far: what the changes cost.
+    #[cfg(test)]
+    replanned: usize,
+}
+
+/// What the next pass re-plans.
+#[derive(Debug, Default)]
+struct Dirty {
+    /// Every forwarder (the settings changed).
+    all: bool,
+    /// These forwarders.
+    names: BTreeSet<String>,
+    /// The managed Services' port sets moved.
+    services: bool,
 }
 
 impl std::fmt::Debug for Reconciler {
@@ -146,14 +179,19 @@ impl Reconciler {
             configured,
             gateway_controller: config.gateway_controller.clone(),
             gateway_claims: ClaimCache::default(),
+            parses: ParseCache::default(),
+            planned: Planned::default(),
+            planned_from: None,
             held: BTreeMap::new(),
             dns: DnsCache::default(),
             table: ForwarderTable::default(),
             writer,
             writes: None,
             logged: HashMap::new(),
-            retry_soon: false,
-            settled: false,
+            waiting: BTreeMap::new(),
+            retiring: false,
+            #[cfg(test)]
+            replanned: 0,
         })
     }
 
@@ -174,27 +212,10 @@ impl Reconciler {
         }
         let (answers_tx, mut answers) =
             mpsc::unbounded_channel::<(String, Result<Vec<IpAddr>, String>)>();
+        let mut dirty = Dirty::default();
         loop {
-            let wait = if self.retry_soon { RETRY_SOON } else { TICK };
-            let ticked = tokio::select! {
-                changed = inventory.changed() => if changed.is_err() { return } else { false },
-                Ok(()) = live.changed() => {
-                    self.follow(&live.borrow_and_update());
-                    false
-                }
-                Some((host, result)) = answers.recv() => {
-                    self.dns.answered(&host, result, Instant::now(), self.config.resolve_interval);
-                    false
-                }
-                () = tokio::time::sleep(wait) => true,
-            };
-            // A tick alone changes nothing once the last pass settled (lookups falling due are
-            // taken below, and their answers wake the loop): thousands of idle forwarders then
-            // cost the control thread no pass a second.
-            if !(ticked && self.settled) {
-                let snapshot = Arc::clone(&inventory.borrow_and_update());
-                self.reconcile(&snapshot, Instant::now());
-            }
+            let snapshot = Arc::clone(&inventory.borrow_and_update());
+            self.step(&snapshot, &mut dirty, Instant::now());
             for host in self.dns.take_due(Instant::now()) {
                 let tx = answers_tx.clone();
                 tokio::spawn(async move {
@@ -202,6 +223,36 @@ impl Reconciler {
                     let _ = tx.send((host, result));
                 });
             }
+            let soon = self.waiting.values().any(|soon| *soon);
+            tokio::select! {
+                // A change of what no forwarder reads (a GameServer) costs a version comparison.
+                changed = inventory.changed() => if changed.is_err() { return },
+                Ok(()) = live.changed() => {
+                    self.follow(&live.borrow_and_update());
+                    dirty.all = true;
+                }
+                Some((host, result)) = answers.recv() => {
+                    let interval = self.config.resolve_interval;
+                    if self.dns.answered(&host, result, Instant::now(), interval) {
+                        dirty.names.extend(self.planned.using_dns(&host));
+                    }
+                }
+                // Only what time alone may change: thousands of forwarders that are open, or
+                // refused for a reason only a change of the objects lifts, cost no pass a
+                // second (lookups falling due are taken above, and their answers wake the loop).
+                () = tokio::time::sleep(if soon { RETRY_SOON } else { TICK }) => {
+                    self.tick(&mut dirty, Instant::now());
+                }
+            }
+        }
+    }
+
+    /// What time changes: the forwarders waiting on it are marked for the next pass, and the
+    /// counters of listeners closed a while ago are folded.
+    fn tick(&mut self, dirty: &mut Dirty, now: Instant) {
+        dirty.names.extend(self.waiting.keys().cloned());
+        if self.retiring {
+            self.retiring = self.fold_retired(now);
         }
     }
 
@@ -214,33 +265,71 @@ impl Reconciler {
         }
     }
 
-    /// One pass: listeners brought in line with the objects; what status and the Services
-    /// should say handed to the writer.
+    /// One pass over everything: every forwarder re-planned from `snapshot` and its listeners
+    /// brought in line; what status and the Services should say handed to the writer.
     pub fn reconcile(&mut self, snapshot: &Snapshot, now: Instant) {
+        self.planned_from = None;
+        let mut dirty = Dirty {
+            all: true,
+            ..Dirty::default()
+        };
+        self.step(snapshot, &mut dirty, now);
+    }
+
+    /// Plans again if an input moved (which marks what it touched), then re-plans what is
+    /// marked; nothing when nothing is.
+    fn step(&mut self, snapshot: &Snapshot, dirty: &mut Dirty, now: Instant) {
         if !snapshot.forwarders_loaded {
             return;
         }
-        self.retry_soon = false;
-        let mut reports: BTreeMap<String, Report> = BTreeMap::new();
-        let mut objects = Vec::new();
-        for o in snapshot
-            .forwarders
-            .iter()
-            .filter(|o| plan::served_from(o, &self.config.namespace))
-        {
-            match ForwarderObject::from_object(o) {
-                Ok(f) => objects.push(f),
-                Err(e) => {
-                    let report = reports.entry(o.name.clone()).or_default();
-                    report.uid = plan::uid_of(o);
-                    report.problems.push(format!("invalid: {e}"));
-                    report.generation = o
-                        .raw
-                        .pointer("/metadata/generation")
-                        .and_then(|g| g.as_i64());
-                }
+        let v = snapshot.versions;
+        let inputs = [v.forwarders, v.services, v.endpoint_slices, v.gateway_api];
+        if self.planned_from != Some(inputs) {
+            let before = self.planned_from;
+            self.planned_from = Some(inputs);
+            let services_moved = before.is_none_or(|b| b[1..3] != inputs[1..3]);
+            let others_moved = before.is_none_or(|b| b[1..] != inputs[1..]);
+            let namespace = &self.config.namespace;
+            let parsed = self.parses.read(
+                snapshot
+                    .forwarders
+                    .iter()
+                    .filter(|o| plan::served_from(o, namespace)),
+            );
+            // Only Forwarders moved, and none of those served here reads otherwise (a status
+            // write, another namespace's): the plan stands.
+            if !others_moved && !self.parses.moved() {
+                return self.pass_dirty(dirty, snapshot, now);
             }
+            let planned = self.plan(&parsed, snapshot);
+            dirty
+                .names
+                .extend(planned.touched(&self.planned, services_moved));
+            dirty.services |= planned.services != self.planned.services;
+            // Names no forwarder looks up any more are forgotten.
+            let names = planned.dns_names();
+            self.dns.retain(|host| names.contains(host));
+            self.planned = planned;
         }
+        self.pass_dirty(dirty, snapshot, now);
+    }
+
+    /// Re-plans what `dirty` marks, if anything.
+    fn pass_dirty(&mut self, dirty: &mut Dirty, snapshot: &Snapshot, now: Instant) {
+        if !dirty.all && dirty.names.is_empty() && !dirty.services {
+            return;
+        }
+        let names = if dirty.all {
+            self.everyone()
+        } else {
+            std::mem::take(&mut dirty.names)
+        };
+        *dirty = Dirty::default();
+        self.pass(&names, snapshot, now);
+    }
+
+    /// What the inputs decide for every forwarder served here (`parsed`: each as it read).
+    fn plan(&mut self, parsed: &[Reading<'_>], snapshot: &Snapshot) -> Planned {
         // The Gateway listeners served here claim ports too; until their watches have listed,
         // none is known (a missing Gateway API must not keep forwarders waiting).
         let gateway_claims = match &self.gateway_controller {
@@ -251,93 +340,81 @@ impl Reconciler {
             }
             _ => Arc::default(),
         };
-        let claims = plan::claims(&objects, &self.reserved, &gateway_claims);
+        let managed = self.writes.is_some().then(|| Managed {
+            configured: &self.configured,
+            udp: self.config.udp_service.as_deref(),
+            tcp: self.config.tcp_service.as_deref(),
+            namespace: &self.config.namespace,
+            services: &snapshot.services,
+        });
+        Planned::build(parsed, &self.reserved, &gateway_claims, managed.as_ref())
+    }
+
+    /// Every forwarder this instance knows of: planned, holding a listener, in the table,
+    /// waiting, or with a status entry.
+    fn everyone(&self) -> BTreeSet<String> {
+        let mut names: BTreeSet<String> = self.planned.forwarders.keys().cloned().collect();
+        names.extend(self.held.keys().map(|(name, _)| name.clone()));
+        names.extend(self.table.lock().keys().cloned());
+        names.extend(self.waiting.keys().cloned());
+        if let Some((_, tx)) = &self.writes {
+            names.extend(tx.borrow().statuses.keys().map(|k| k.name.clone()));
+        }
+        names
+    }
+
+    /// Re-plans the forwarders `names` (a forwarder no longer planned is gone): listeners
+    /// brought in line with the plan, their views published, and what status and the Services
+    /// should say handed to the writer.
+    fn pass(&mut self, names: &BTreeSet<String>, snapshot: &Snapshot, now: Instant) {
+        #[cfg(test)]
+        {
+            self.replanned += names.len();
+        }
+        // Taken for the pass, so resolving (which records DNS names) can borrow `self`.
+        let planned = std::mem::take(&mut self.planned);
+        let mut reports: BTreeMap<String, Report> = BTreeMap::new();
         // What each claim wants, resolved; `None` where it cannot be opened now.
         let mut wanted: BTreeMap<(String, Transport), Option<Want>> = BTreeMap::new();
-        for claim in &claims {
-            let name = &claim.forwarder.name;
-            let report = reports.entry(name.clone()).or_default();
-            report.generation = claim.forwarder.generation;
-            report.uid.clone_from(&claim.forwarder.uid);
-            report.requested += 1;
-            let key = (name.clone(), claim.transport);
-            let host = &claim.port.target_host;
-            // The address in use, while the name is the same: kept when a lookup fails.
-            let current = self
-                .held
-                .get(&key)
-                .filter(|h| h.host == *host && h.port == claim.port.listen_port)
-                .map(|h| h.target);
-            let want = match &claim.verdict {
-                Err(why) => {
-                    report.problems.push(why.clone());
-                    None
-                }
-                Ok(()) => match self.resolve(host, snapshot, current.map(|t| t.ip()), now) {
-                    // A literal IP or a Service address that no session could be sent to: the
-                    // listener would look ready while dropping every datagram.
-                    Ok(ip) if let Some(why) = resolve::not_unicast(ip) => {
-                        report.problems.push(format!(
-                            "{}: target {} is {why}, not a unicast address: nothing could be \
-                             forwarded there",
-                            claim.label(),
-                            SocketAddr::new(ip, claim.port.target_port)
-                        ));
-                        None
-                    }
-                    Ok(ip) if let Some(holder) = self.loops_back(&claims, claim, ip) => {
-                        report.problems.push(format!(
-                            "{}: target {} is this proxy's own {holder}: it would forward \
-                             to itself",
-                            claim.label(),
-                            SocketAddr::new(ip, claim.port.target_port)
-                        ));
-                        None
-                    }
-                    Ok(ip) => {
-                        if let Some(note) = self.dns.stale_reason(host) {
-                            report.notes.push(note);
-                        }
-                        Some(self.want(claim, SocketAddr::new(ip, claim.port.target_port)))
-                    }
-                    Err(why) => {
-                        report.errors.push("resolve");
-                        match current {
-                            Some(target) => {
-                                report
-                                    .notes
-                                    .push(format!("{why}; still forwarding to {target}"));
-                                Some(self.want(claim, target))
-                            }
-                            None => {
-                                report.problems.push(why);
-                                None
-                            }
-                        }
-                    }
-                },
+        for name in names {
+            let Some(p) = planned.forwarders.get(name) else {
+                continue;
             };
-            wanted.insert(key, want);
+            let mut report = Report {
+                uid: p.uid.clone(),
+                generation: p.generation,
+                problems: p.invalid.clone(),
+                ..Report::default()
+            };
+            for c in &p.claims {
+                let want = self.want_of(c, &mut report, snapshot, now);
+                wanted.insert((name.clone(), c.claim.transport), want);
+            }
+            report.notes.extend(p.notes.iter().cloned());
+            reports.insert(name.clone(), report);
         }
-        self.dns.retain_used();
+        self.planned = planned;
 
         // Closes first, so a port given up here can be opened by another forwarder below.
-        let stale: Vec<(String, Transport)> = self
-            .held
-            .iter()
-            .filter(|(key, held)| !matches!(wanted.get(*key), Some(Some(w)) if w.port == held.port))
-            .map(|(key, _)| key.clone())
-            .collect();
-        for key in stale {
-            if let Some(held) = self.held.remove(&key) {
-                log::info!(
-                    "forwarder {}: closing {}/{}",
-                    key.0,
-                    key.1.as_str(),
-                    held.port
-                );
-                self.controller.close_listener(&held.handle, CloseMode::End);
-                self.retire(&key, now);
+        for name in names {
+            for transport in Transport::ALL {
+                let key = (name.clone(), transport);
+                let Some(held) = self.held.get(&key) else {
+                    continue;
+                };
+                if matches!(wanted.get(&key), Some(Some(w)) if w.port == held.port) {
+                    continue;
+                }
+                if let Some(held) = self.held.remove(&key) {
+                    log::info!(
+                        "forwarder {}: closing {}/{}",
+                        key.0,
+                        key.1.as_str(),
+                        held.port
+                    );
+                    self.controller.close_listener(&held.handle, CloseMode::End);
+                    self.retire(&key, now);
+                }
             }
         }
         for (key, want) in &wanted {
@@ -353,52 +430,105 @@ impl Reconciler {
                     want.port,
                     want.target
                 ));
+            } else {
+                report.retry = true;
             }
         }
-        let services = match &self.writes {
-            Some(_) => self.service_ports(&objects, &gateway_claims, snapshot, &mut reports),
-            None => BTreeMap::new(),
-        };
-        let retiring = self.fold_retired(now);
-        self.settled = !self.retry_soon
-            && !retiring
-            && reports.values().all(|r| {
-                let (ready, message) = r.outcome();
-                ready && message.is_none() && !r.pending && r.errors.is_empty()
-            });
-        self.publish(&reports);
-        if let Some((node, tx)) = &self.writes {
-            let previous = Arc::clone(&tx.borrow());
-            let wanted = Wanted {
-                statuses: self.statuses(node, &reports, &previous),
-                services,
-            };
-            crate::status::hand_over(tx, wanted);
+        for name in names {
+            self.waiting.remove(name);
+        }
+        for (name, report) in &reports {
+            if report.retry {
+                self.waiting.insert(name.clone(), report.pending);
+            }
+        }
+        self.publish(names, &reports);
+        self.retiring = self.fold_retired(now);
+        self.hand_over(names, &reports);
+    }
+
+    /// What one listener of a forwarder wants opened (`None`: nothing, `report` says why).
+    fn want_of(
+        &mut self,
+        planned: &PlannedClaim,
+        report: &mut Report,
+        snapshot: &Snapshot,
+        now: Instant,
+    ) -> Option<Want> {
+        let claim = &planned.claim;
+        report.requested += 1;
+        let key = (claim.forwarder.name.clone(), claim.transport);
+        let host = &claim.port.target_host;
+        // The address in use, while the name is the same: kept when a lookup fails.
+        let current = self
+            .held
+            .get(&key)
+            .filter(|h| h.host == *host && h.port == claim.port.listen_port)
+            .map(|h| h.target);
+        if let Err(why) = &claim.verdict {
+            report.problems.push(why.clone());
+            return None;
+        }
+        match self.resolve(host, snapshot, current.map(|t| t.ip()), now) {
+            // A literal IP or a Service address that no session could be sent to: the
+            // listener would look ready while dropping every datagram.
+            Ok(ip) if let Some(why) = resolve::not_unicast(ip) => {
+                report.problems.push(format!(
+                    "{}: target {} is {why}, not a unicast address: nothing could be forwarded \
+                     there",
+                    claim.label(),
+                    SocketAddr::new(ip, claim.port.target_port)
+                ));
+                None
+            }
+            Ok(ip) if let Some(holder) = self.loops_back(planned, ip) => {
+                report.problems.push(format!(
+                    "{}: target {} is this proxy's own {holder}: it would forward to itself",
+                    claim.label(),
+                    SocketAddr::new(ip, claim.port.target_port)
+                ));
+                // The proxy's listeners and the host's addresses move without the inventory.
+                report.retry = true;
+                None
+            }
+            Ok(ip) => {
+                if let Some(note) = self.dns.stale_reason(host) {
+                    report.notes.push(note);
+                }
+                Some(self.want(claim, SocketAddr::new(ip, claim.port.target_port)))
+            }
+            Err(why) => {
+                report.errors.push("resolve");
+                match current {
+                    Some(target) => {
+                        report
+                            .notes
+                            .push(format!("{why}; still forwarding to {target}"));
+                        Some(self.want(claim, target))
+                    }
+                    None => {
+                        report.problems.push(why);
+                        None
+                    }
+                }
+            }
         }
     }
 
-    /// The listener of this proxy that `claim`'s target (`ip`) would reach, if it is on this
-    /// host at a port one of our listeners holds or a forwarder claims (this one included):
-    /// forwarding there loops.
-    fn loops_back(&self, claims: &[Claim<'_>], claim: &Claim<'_>, ip: IpAddr) -> Option<String> {
+    /// The listener of this proxy that the claim's target (`ip`) would reach, if it is on this
+    /// host at a port one of our listeners holds or a forwarder was granted (this one
+    /// included): forwarding there loops.
+    fn loops_back(&self, planned: &PlannedClaim, ip: IpAddr) -> Option<String> {
+        let claim = &planned.claim;
         let target = SocketAddr::new(ip, claim.port.target_port);
         if let Some(holder) = self.controller.own_listener_at(target, claim.transport) {
             return Some(holder);
         }
-        let other = claims.iter().find(|c| {
-            c.transport == claim.transport
-                && c.port.listen_port == target.port()
-                && c.verdict.is_ok()
-        })?;
-        self.controller.is_local_address(ip).then(|| {
-            format!(
-                "forwarder {}/{}",
-                other.forwarder.namespace, other.forwarder.name
-            )
-        })
+        let other = planned.loops_to.as_ref()?;
+        self.controller.is_local_address(ip).then(|| other.clone())
     }
 
-    fn want(&self, claim: &Claim<'_>, target: SocketAddr) -> Want {
+    fn want(&self, claim: &Claim, target: SocketAddr) -> Want {
         Want {
             port: claim.port.listen_port,
             host: claim.port.target_host.clone(),
@@ -509,7 +639,6 @@ impl Reconciler {
             }
             Err(ListenError::Taken { holder, .. }) if holder.ends_with("(closing)") => {
                 // A listener given up a moment ago is still letting go of the port.
-                self.retry_soon = true;
                 report.pending = true;
                 false
             }
@@ -523,6 +652,7 @@ impl Reconciler {
 
     /// Marks the counters of a closed listener for folding.
     fn retire(&mut self, key: &(String, Transport), now: Instant) {
+        self.retiring = true;
         let mut table = self.table.lock();
         if let Some(view) = table.get_mut(&key.0) {
             for (transport, _, closed_at) in &mut view.live {
@@ -548,14 +678,29 @@ impl Reconciler {
                 !done
             });
         }
+        // A forwarder that is gone leaves once its last counters are folded.
+        table.retain(|_, view| view.present || !view.live.is_empty());
         waiting
     }
 
-    /// Puts this pass's outcome in the shared table; forwarders that are gone leave it (and
-    /// their metric series end) once nothing of theirs is open.
-    fn publish(&mut self, reports: &BTreeMap<String, Report>) {
+    /// Puts the outcome of the forwarders `names` in the shared table; one that is gone leaves
+    /// it (and its metric series end) once nothing of its is open.
+    fn publish(&mut self, names: &BTreeSet<String>, reports: &BTreeMap<String, Report>) {
         let mut table = self.table.lock();
-        for (name, report) in reports {
+        for name in names {
+            let Some(report) = reports.get(name) else {
+                if let Some(view) = table.get_mut(name) {
+                    view.present = false;
+                    view.ready = false;
+                    view.listening.clear();
+                    view.targets.clear();
+                    if view.live.is_empty() {
+                        table.remove(name);
+                    }
+                }
+                self.logged.remove(name);
+                continue;
+            };
             let view = table.entry(name.clone()).or_default();
             view.present = true;
             view.namespace.clone_from(&self.config.namespace);
@@ -579,99 +724,60 @@ impl Reconciler {
                 self.logged.insert(name.clone(), message);
             }
         }
-        for (name, view) in table.iter_mut() {
-            if !reports.contains_key(name) {
-                view.present = false;
-                view.ready = false;
-                view.listening.clear();
-                view.targets.clear();
-            }
-        }
-        table.retain(|name, view| reports.contains_key(name) || !view.live.is_empty());
-        self.logged.retain(|name, _| reports.contains_key(name));
     }
 
-    /// The managed Services' port sets: each granted listener by the configured ports (the
-    /// same on every instance), less the ports a live Service has under other names; what is
-    /// left out is said in the forwarder's status message.
-    fn service_ports(
-        &self,
-        objects: &[ForwarderObject],
-        gateway_claims: &[ports::Claim],
-        snapshot: &Snapshot,
-        reports: &mut BTreeMap<String, Report>,
-    ) -> BTreeMap<String, Vec<ServicePort>> {
-        let mut out: BTreeMap<String, Vec<ServicePort>> = BTreeMap::new();
-        let claims = plan::claims(objects, &self.configured, gateway_claims);
-        let (udp, tcp) = (&self.config.udp_service, &self.config.tcp_service);
-        let shared = udp.is_some() && udp == tcp;
-        for (service, transport) in [(udp, Transport::Udp), (tcp, Transport::Tcp)] {
-            let Some(service) = service else { continue };
-            let (ports, refused) = plan::service_ports(&claims, transport, shared);
-            for (forwarder, why) in refused {
-                reports.entry(forwarder).or_default().notes.push(why);
-            }
-            out.entry(service.clone()).or_default().extend(ports);
-        }
-        for (service, ports) in &mut out {
-            let live = plan::live_ports(&snapshot.services, &self.config.namespace, service)
-                .unwrap_or_default();
-            let (mut apply, left_out) = plan::leave_out_taken(std::mem::take(ports), &live);
-            for (port, why) in left_out {
-                let owner = claims.iter().find(|c| {
-                    c.verdict.is_ok()
-                        && c.transport == port.protocol
-                        && c.port.listen_port == port.port
-                });
-                if let Some(c) = owner {
-                    reports
-                        .entry(c.forwarder.name.clone())
-                        .or_default()
-                        .notes
-                        .push(format!(
-                            "{} has no port on Service {service}: {why}",
-                            c.label()
-                        ));
+    /// Hands the writer this instance's status entries with those of `names` as they are now,
+    /// and the managed Services' port sets; nothing when neither moved.
+    fn hand_over(&self, names: &BTreeSet<String>, reports: &BTreeMap<String, Report>) {
+        let Some((node, tx)) = &self.writes else {
+            return;
+        };
+        let previous = Arc::clone(&tx.borrow());
+        let mut updates = Vec::new();
+        for name in names {
+            let key = StatusKey {
+                of: StatusOf::Forwarder,
+                namespace: self.config.namespace.clone(),
+                name: name.clone(),
+            };
+            let entry = match reports.get(name) {
+                None => None,
+                // Settles within moments; until then the last entry stands.
+                Some(report) if report.pending => previous.statuses.get(&key).cloned(),
+                Some(report) => {
+                    let (ready, message) = report.outcome();
+                    let instance = ForwarderInstance {
+                        node: node.clone(),
+                        ready,
+                        listening: report.listening.clone(),
+                        message,
+                        observed_generation: report.generation,
+                        last_update_time: None,
+                    };
+                    serde_json::to_value(instance)
+                        .ok()
+                        .map(|instance| (report.uid.clone(), instance))
                 }
+            };
+            if previous.statuses.get(&key) != entry.as_ref() {
+                updates.push((key, entry));
             }
-            apply.sort();
-            *ports = apply;
         }
-        out
-    }
-
-    /// What this instance's status entries say now, by forwarder name.
-    fn statuses(
-        &self,
-        node: &str,
-        reports: &BTreeMap<String, Report>,
-        previous: &Wanted,
-    ) -> BTreeMap<StatusKey, (String, serde_json::Value)> {
-        reports
-            .iter()
-            .filter_map(|(name, report)| {
-                let key = StatusKey {
-                    of: StatusOf::Forwarder,
-                    namespace: self.config.namespace.clone(),
-                    name: name.clone(),
-                };
-                if report.pending {
-                    // Settles within moments; until then the last entry stands.
-                    return previous.statuses.get(&key).map(|e| (key, e.clone()));
-                }
-                let (ready, message) = report.outcome();
-                let instance = ForwarderInstance {
-                    node: node.to_string(),
-                    ready,
-                    listening: report.listening.clone(),
-                    message,
-                    observed_generation: report.generation,
-                    last_update_time: None,
-                };
-                let instance = serde_json::to_value(instance).ok()?;
-                Some((key, (report.uid.clone(), instance)))
-            })
-            .collect()
+        if updates.is_empty() && previous.services == self.planned.services {
+            return;
+        }
+        let mut statuses = previous.statuses.clone();
+        for (key, entry) in updates {
+            match entry {
+                Some(entry) => statuses.insert(key, entry),
+                None => statuses.remove(&key),
+            };
+        }
+        let wanted = Wanted {
+            statuses,
+            services: self.planned.services.clone(),
+        };
+        crate::status::hand_over(tx, wanted);
     }
 }
 
@@ -702,6 +808,8 @@ struct Report {
     errors: Vec<&'static str>,
     /// A listener waits for a closing one to let go of its port (moments).
     pending: bool,
+    /// Time alone may change the outcome: a listener did not open, or a target loops back.
+    retry: bool,
 }
 
 impl Report {

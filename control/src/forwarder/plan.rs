@@ -1,7 +1,9 @@
 //! What the forwarders ask for, decided without I/O: each `Forwarder` object typed and checked,
 //! its listeners given their ports (or refused, naming who holds the port), and the Service
 //! ports that follow from them. Every proxy instance computes the same result from the same
-//! objects, which is what lets N replicas converge on one Service port set.
+//! objects, which is what lets N replicas converge on one Service port set. Each object is read
+//! once, when it changes ([`ParseCache`]): an Agones fleet's GameServer churn, or a change of one
+//! Forwarder among thousands, reads no other Forwarder again.
 
 use std::sync::Arc;
 
@@ -114,15 +116,124 @@ pub fn served_from(o: &Object, namespace: &str) -> bool {
 }
 
 /// The ports the forwarders served from `namespace` claim (those that read; one that does not
-/// opens nothing): what Gateway listeners are weighed against.
-pub fn port_claims(objects: &[Arc<Object>], namespace: &str) -> Vec<ports::Claim> {
-    let mut out = Vec::new();
-    for o in objects.iter().filter(|o| served_from(o, namespace)) {
-        if let Ok(f) = ForwarderObject::from_object(o) {
-            out.extend(f.port_claims());
+/// opens nothing): what Gateway listeners are weighed against. Objects are read through `cache`.
+pub fn port_claims(
+    cache: &mut ParseCache,
+    objects: &[Arc<Object>],
+    namespace: &str,
+) -> Vec<ports::Claim> {
+    cache
+        .read(objects.iter().filter(|o| served_from(o, namespace)))
+        .into_iter()
+        .filter_map(|(_, parsed)| parsed.ok())
+        .flat_map(|f| f.port_claims().collect::<Vec<_>>())
+        .collect()
+}
+
+/// Each `Forwarder` as [`ForwarderObject::from_object`] read it, kept while the object is
+/// unchanged, so a pass over thousands of unchanged forwarders deserialises none of them. An
+/// object is unchanged when it is the same `Arc` (the Kubernetes source keeps unchanged objects
+/// from one snapshot to the next) or what the reading looks at is equal: the name, uid,
+/// `creationTimestamp`, `generation` and `spec`, so a status write (a new `resourceVersion`) or
+/// a file reloaded for another object's sake reads nothing again either.
+#[derive(Debug, Default)]
+pub struct ParseCache {
+    /// In the order of the last read: the inventory's (namespace, then name).
+    entries: Vec<Parsed>,
+    /// Objects read so far (each new or changed one once).
+    reads: u64,
+    /// The last [`Self::read`] read or forgot an object.
+    moved: bool,
+}
+
+/// An object and what it reads as (why not, when it does not).
+pub type Reading<'a> = (&'a Arc<Object>, Result<Arc<ForwarderObject>, String>);
+
+/// One object and what it read as.
+#[derive(Debug)]
+struct Parsed {
+    object: Arc<Object>,
+    result: Result<Arc<ForwarderObject>, String>,
+}
+
+impl ParseCache {
+    /// Each of `objects` with what it reads as, read again only where it changed; objects not
+    /// in `objects` are forgotten. Objects come in the inventory's order (namespace, then
+    /// name), so each is matched with its last reading by walking both lists once, without a
+    /// look-up or an allocation; another order is still read right, only again.
+    pub fn read<'a>(
+        &mut self,
+        objects: impl IntoIterator<Item = &'a Arc<Object>>,
+    ) -> Vec<Reading<'a>> {
+        let mut before = std::mem::take(&mut self.entries).into_iter().peekable();
+        let mut out = Vec::new();
+        let mut moved = false;
+        for object in objects {
+            let name = (object.namespace.as_str(), object.name.as_str());
+            let mut last = None;
+            while let Some(e) = before.peek() {
+                match (e.object.namespace.as_str(), e.object.name.as_str()).cmp(&name) {
+                    // Gone (or out of order).
+                    std::cmp::Ordering::Less => {
+                        before.next();
+                        moved = true;
+                    }
+                    std::cmp::Ordering::Equal => {
+                        last = before.next();
+                        break;
+                    }
+                    std::cmp::Ordering::Greater => break,
+                }
+            }
+            let parsed = match last {
+                Some(mut last) if unchanged(&last.object, object) => {
+                    // The newest `Arc`, so the next comparison is a pointer comparison.
+                    last.object = Arc::clone(object);
+                    last
+                }
+                _ => {
+                    self.reads += 1;
+                    moved = true;
+                    Parsed {
+                        object: Arc::clone(object),
+                        result: ForwarderObject::from_object(object).map(Arc::new),
+                    }
+                }
+            };
+            out.push((object, parsed.result.clone()));
+            self.entries.push(parsed);
         }
+        self.moved = moved || before.next().is_some();
+        out
     }
-    out
+
+    /// Whether the last [`Self::read`] read an object (new or changed) or forgot one: when it
+    /// did not, it gave what the one before gave.
+    pub fn moved(&self) -> bool {
+        self.moved
+    }
+
+    /// How many objects were deserialised so far.
+    pub fn reads(&self) -> u64 {
+        self.reads
+    }
+}
+
+/// Whether `new` reads as `old` did (see [`ParseCache`]).
+fn unchanged(old: &Arc<Object>, new: &Arc<Object>) -> bool {
+    if Arc::ptr_eq(old, new) {
+        return true;
+    }
+    fn read(o: &Object) -> [Option<&serde_json::Value>; 4] {
+        let meta = o.raw.get("metadata");
+        [
+            meta.and_then(|m| m.get("uid")),
+            meta.and_then(|m| m.get("creationTimestamp")),
+            meta.and_then(|m| m.get("generation")),
+            o.raw.get("spec"),
+        ]
+    }
+    old.namespace == new.namespace && old.name == new.name && read(old) == read(new)
 }
 
 fn listeners_of(spec: &ForwarderSpec) -> impl Iterator<Item = (Transport, &ForwardPort)> {
@@ -183,19 +294,29 @@ pub fn is_forwarder(o: &Object) -> bool {
 }
 
 /// One listener a forwarder asks for, and whether it may have its port.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Claim<'a> {
+#[derive(Clone, Debug)]
+pub struct Claim {
     /// The forwarder.
-    pub forwarder: &'a ForwarderObject,
+    pub forwarder: Arc<ForwarderObject>,
     /// Transport.
     pub transport: Transport,
     /// What it asks for.
-    pub port: &'a ForwardPort,
+    pub port: ForwardPort,
     /// `Err(why)` when the port is someone else's.
     pub verdict: Result<(), String>,
 }
 
-impl Claim<'_> {
+impl PartialEq for Claim {
+    fn eq(&self, other: &Self) -> bool {
+        // An unchanged forwarder is the same `Arc` from one plan to the next.
+        (Arc::ptr_eq(&self.forwarder, &other.forwarder) || self.forwarder == other.forwarder)
+            && self.transport == other.transport
+            && self.port == other.port
+            && self.verdict == other.verdict
+    }
+}
+
+impl Claim {
     /// `udp/27015`.
     pub fn label(&self) -> String {
         format!("{}/{}", self.transport.as_str(), self.port.listen_port)
@@ -206,16 +327,16 @@ impl Claim<'_> {
 /// itself (`reserved`), or an older forwarder or Gateway listener (`others`: the Gateway
 /// listeners' claims) holds, is refused with the holder's name. Claims come back oldest
 /// forwarder first (creationTimestamp, then name).
-pub fn claims<'a>(
-    forwarders: &'a [ForwarderObject],
+pub fn claims(
+    forwarders: &[Arc<ForwarderObject>],
     reserved: &[Reserved],
     others: &[ports::Claim],
-) -> Vec<Claim<'a>> {
-    let mut order: Vec<&ForwarderObject> = forwarders.iter().collect();
+) -> Vec<Claim> {
+    let mut order: Vec<&Arc<ForwarderObject>> = forwarders.iter().collect();
     order.sort_by(|a, b| {
         (&a.created, &a.namespace, &a.name).cmp(&(&b.created, &b.namespace, &b.name))
     });
-    let mine: Vec<(&ForwarderObject, Transport, &ForwardPort, ports::Claim)> = order
+    let mine: Vec<(&Arc<ForwarderObject>, Transport, &ForwardPort, ports::Claim)> = order
         .into_iter()
         .flat_map(|f| {
             f.listeners()
@@ -227,9 +348,9 @@ pub fn claims<'a>(
     mine.iter()
         .zip(verdicts)
         .map(|((forwarder, transport, port, claim), verdict)| Claim {
-            forwarder,
+            forwarder: Arc::clone(forwarder),
             transport: *transport,
-            port,
+            port: (*port).clone(),
             verdict: verdict.map_err(|holder| holder.refusal(claim)),
         })
         .collect()
@@ -251,7 +372,7 @@ pub struct ServicePort {
 /// unique. A forwarder whose name cannot be a port name (a DNS label) is left out and named
 /// in the second list.
 pub fn service_ports(
-    claims: &[Claim<'_>],
+    claims: &[Claim],
     protocol: Transport,
     shared: bool,
 ) -> (Vec<ServicePort>, Vec<(String, String)>) {
@@ -338,12 +459,14 @@ mod tests {
         Object::from_value(serde_yaml::from_str(yaml).unwrap()).unwrap()
     }
 
-    fn forwarder(name: &str, created: &str, spec: &str) -> ForwarderObject {
-        ForwarderObject::from_object(&object(&format!(
-            "apiVersion: {API_VERSION}\nkind: Forwarder\nmetadata: {{name: {name}, namespace: ns, \
-             creationTimestamp: \"{created}\", generation: 2}}\nspec: {spec}\n"
-        )))
-        .unwrap()
+    fn forwarder(name: &str, created: &str, spec: &str) -> Arc<ForwarderObject> {
+        Arc::new(
+            ForwarderObject::from_object(&object(&format!(
+                "apiVersion: {API_VERSION}\nkind: Forwarder\nmetadata: {{name: {name}, namespace: ns, \
+                 creationTimestamp: \"{created}\", generation: 2}}\nspec: {spec}\n"
+            )))
+            .unwrap(),
+        )
     }
 
     fn reserved() -> Vec<Reserved> {
@@ -570,6 +693,82 @@ mod tests {
         assert_eq!(left_out[0].0.name, "game-2");
         assert_eq!(left_out[0].1, "the port 27016/UDP named `admin` there");
         assert_eq!(left_out[1].0.name, "query");
+    }
+
+    #[test]
+    fn an_object_is_read_again_only_when_what_it_reads_changed() {
+        let at = |version: &str, port: u16, status: &str| {
+            Arc::new(object(&format!(
+                "apiVersion: {API_VERSION}\nkind: Forwarder\nmetadata: {{name: f, namespace: ns, \
+                 uid: u1, resourceVersion: \"{version}\", generation: 1}}\nspec: {{udp: \
+                 {{listenPort: {port}, targetHost: a, targetPort: 1}}}}\nstatus: {status}\n"
+            )))
+        };
+        let bad = Arc::new(object(&format!(
+            "apiVersion: {API_VERSION}\nkind: Forwarder\nmetadata: {{name: g, namespace: ns}}\n\
+             spec: {{}}\n"
+        )));
+        let mut cache = ParseCache::default();
+        let first = at("1", 7000, "{}");
+        let read = cache.read([&first, &bad]);
+        assert_eq!(cache.reads(), 2);
+        assert!(cache.moved());
+        let parsed = Arc::clone(read[0].1.as_ref().unwrap());
+        assert!(
+            read[1].1.is_err(),
+            "an object that does not read is kept too"
+        );
+
+        // The same Arcs: nothing is read.
+        let again = cache.read([&first, &bad]);
+        assert_eq!(cache.reads(), 2);
+        assert!(!cache.moved());
+        assert!(Arc::ptr_eq(again[0].1.as_ref().unwrap(), &parsed));
+        // Another Arc of an equal object (a file reloaded), or a status written (a new
+        // resourceVersion, the same spec): nothing is read.
+        cache.read([&at("1", 7000, "{}"), &bad]);
+        cache.read([&at("2", 7000, "{instances: [{node: n}]}"), &bad]);
+        assert_eq!(cache.reads(), 2);
+        assert!(!cache.moved());
+        // The spec changed: read again.
+        let third = at("3", 7001, "{}");
+        let changed = cache.read([&third, &bad]);
+        assert_eq!(cache.reads(), 3);
+        assert!(cache.moved());
+        assert_eq!(
+            changed[0]
+                .1
+                .as_ref()
+                .unwrap()
+                .spec
+                .udp
+                .as_ref()
+                .unwrap()
+                .listen_port,
+            7001
+        );
+        // Gone, then back: forgotten, so read anew.
+        cache.read([&bad]);
+        assert!(cache.moved(), "forgetting one moves too");
+        cache.read([&at("3", 7001, "{}"), &bad]);
+        assert_eq!(cache.reads(), 4);
+        // Out of the inventory's order: read again, and right.
+        let (a, b) = (at("3", 7001, "{}"), Arc::clone(&bad));
+        let read = cache.read([&b, &a]);
+        assert_eq!(
+            (read[0].0.name.as_str(), read[1].0.name.as_str()),
+            ("g", "f")
+        );
+        assert!(read[0].1.is_err() && read[1].1.is_ok());
+        // Re-created under the same name: another uid is another object.
+        let recreated = Arc::new(object(&format!(
+            "apiVersion: {API_VERSION}\nkind: Forwarder\nmetadata: {{name: f, namespace: ns, \
+             uid: u2, resourceVersion: \"9\", generation: 1}}\nspec: {{udp: \
+             {{listenPort: 7001, targetHost: a, targetPort: 1}}}}\n"
+        )));
+        let read = cache.read([&recreated]);
+        assert_eq!(cache.reads(), 6, "f out of order, then f re-created");
+        assert_eq!(read[0].1.as_ref().unwrap().uid, "u2");
     }
 
     #[test]

@@ -146,8 +146,6 @@ struct Entry {
     error: Option<String>,
     /// When the next lookup is due (`None` while one runs).
     due: Option<Instant>,
-    /// Asked for since the last [`DnsCache::retain_used`].
-    used: bool,
 }
 
 impl DnsCache {
@@ -158,9 +156,7 @@ impl DnsCache {
             addr: None,
             error: None,
             due: Some(now),
-            used: true,
         });
-        entry.used = true;
         match (entry.addr, &entry.error) {
             (Some(addr), _) => Ok(addr),
             (None, Some(e)) => Err(format!("targetHost {host} does not resolve: {e}")),
@@ -240,9 +236,9 @@ impl DnsCache {
         }
     }
 
-    /// Forgets names no forwarder asked for since the last call.
-    pub fn retain_used(&mut self) {
-        self.entries.retain(|_, e| std::mem::take(&mut e.used));
+    /// Forgets the names `keep` says no forwarder looks up any more.
+    pub fn retain(&mut self, keep: impl Fn(&str) -> bool) {
+        self.entries.retain(|host, _| keep(host));
     }
 }
 
@@ -448,10 +444,15 @@ mod tests {
             Err("targetHost nx does not resolve: no such host".into())
         );
         // Names nobody asks for any more are forgotten.
-        dns.retain_used();
-        dns.lookup("db", t0).unwrap();
-        dns.retain_used();
-        dns.retain_used();
+        dns.retain(|name| name == "db");
+        assert_eq!(dns.lookup("db", t0), Ok(ip), "still asked for: kept");
+        assert!(
+            dns.lookup("nx", t0)
+                .unwrap_err()
+                .contains("being looked up"),
+            "forgotten"
+        );
+        dns.retain(|_| false);
         assert!(dns.lookup("db", t0).is_err(), "forgotten, looked up anew");
     }
 }

@@ -70,6 +70,7 @@ use tokio::sync::watch;
 
 use crate::config::Config;
 use crate::crd::gateway::{GROUP, ParentReference};
+use crate::forwarder::plan::ParseCache;
 use crate::inventory::Snapshot;
 use crate::ports::{self, ClaimCache, Reserved};
 use crate::route::compile::{self as routes, Counters, Inputs, RouteReport};
@@ -99,6 +100,8 @@ pub struct Reconciler {
     forwarders_namespace: Option<String>,
     /// Their claims, read again only when the Forwarders change.
     forwarder_claims: ClaimCache,
+    /// Each Forwarder as it read, read again only when it changes.
+    forwarder_parses: ParseCache,
     held: BTreeMap<String, Held>,
     /// Counters per route kind (each kind's routes compile apart: grants are per kind).
     counters: [Counters; 2],
@@ -113,7 +116,12 @@ pub struct Reconciler {
     /// This instance's side of the status Lease: its facts go out, the fleet's come back.
     fleet: Option<FleetLink>,
     views: crate::route::RouteViews,
+    /// A listener the last pass wanted could not open: the next is due in [`RETRY`].
+    retrying: bool,
 }
+
+/// How soon a listener that could not open is tried again.
+const RETRY: Duration = Duration::from_secs(1);
 
 /// The reconciler's link to the status Lease ([`crate::status::lease`]).
 #[derive(Debug)]
@@ -167,6 +175,7 @@ impl Reconciler {
             reserved: ports::configured(config),
             forwarders_namespace: config.forwarders.as_ref().map(|f| f.namespace.clone()),
             forwarder_claims: ClaimCache::default(),
+            forwarder_parses: ParseCache::default(),
             held: BTreeMap::new(),
             counters: Default::default(),
             fingerprints: BTreeMap::new(),
@@ -184,6 +193,7 @@ impl Reconciler {
             writes: None,
             fleet,
             views: crate::route::RouteViews::default(),
+            retrying: false,
         })
     }
 
@@ -201,11 +211,32 @@ impl Reconciler {
         if let Some(writer) = self.writer.take() {
             self.writes = Some(writer.spawn(inventory.clone()));
         }
+        // The versions of what the last pass read; `again`: the fleet, the settings or a retry
+        // ask for a pass whatever the inventory says. A change of anything else (a GameServer)
+        // costs a version comparison.
+        let mut passed_from = None;
+        let mut again = true;
         loop {
             let snapshot = Arc::clone(&inventory.borrow_and_update());
-            self.reconcile(&snapshot);
-            // A port a closing listener still holds is tried again shortly.
-            let retry = tokio::time::sleep(Duration::from_secs(1));
+            let v = snapshot.versions;
+            // Forwarders claim ports too, and a route must not send clients to a listener of
+            // this proxy.
+            let inputs = [v.gateway_api, v.services, v.endpoint_slices, v.forwarders];
+            if again || passed_from != Some(inputs) {
+                self.reconcile(&snapshot);
+                passed_from = Some(inputs);
+                again = false;
+            }
+            // A listener that could not open (a port a closing listener still holds, or another
+            // process) is tried again shortly; without one, time changes nothing here.
+            let retrying = self.retrying;
+            let retry = async {
+                if retrying {
+                    tokio::time::sleep(RETRY).await;
+                } else {
+                    std::future::pending::<()>().await;
+                }
+            };
             let fleet_changed = async {
                 match &mut self.fleet {
                     Some(link) => link.fleet.changed().await.is_ok(),
@@ -215,11 +246,12 @@ impl Reconciler {
             tokio::select! {
                 changed = inventory.changed() => if changed.is_err() { return },
                 // The fleet's facts or the holder changed: the status says so.
-                true = fleet_changed => {}
+                true = fleet_changed => again = true,
                 Ok(()) = live.changed() => {
                     self.session_timeout = live.borrow_and_update().session_timeout;
+                    again = true;
                 }
-                () = retry => {}
+                () = retry => again = true,
             }
         }
     }
@@ -350,8 +382,9 @@ impl Reconciler {
     fn refused(&mut self, plan: &Plan, snapshot: &Snapshot) -> BTreeMap<String, String> {
         let forwarders = match &self.forwarders_namespace {
             Some(namespace) if snapshot.forwarders_loaded => {
+                let parses = &mut self.forwarder_parses;
                 self.forwarder_claims.get(&snapshot.forwarders, |objects| {
-                    crate::forwarder::plan::port_claims(objects, namespace)
+                    crate::forwarder::plan::port_claims(parses, objects, namespace)
                 })
             }
             _ => Arc::default(),
@@ -376,6 +409,7 @@ impl Reconciler {
         plan: &Plan,
         refused: &BTreeMap<String, String>,
     ) -> BTreeMap<String, Result<SocketAddr, String>> {
+        self.retrying = false;
         let stale: Vec<String> = self
             .held
             .iter()
@@ -428,6 +462,7 @@ impl Reconciler {
                 }
                 Err(e) => {
                     out.insert(l.key.clone(), Err(e.to_string()));
+                    self.retrying = true;
                 }
             }
         }
