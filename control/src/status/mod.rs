@@ -210,7 +210,10 @@ impl Writer {
     /// entry when it differs from the last one written (to this uid), a Service's ports when
     /// they differ from the last applied or the Service as watched lacks one (the Service was
     /// re-created, or an instance with an older view applied last). A failed write is retried
-    /// with a back-off and logged once per distinct error.
+    /// with a back-off and logged once per distinct error. A pass runs only when what is wanted
+    /// changed, the objects it writes to moved (Forwarders, Routes, Gateway API objects, status
+    /// included, and Services: an entry may have gone missing there), or something is left to
+    /// retry: a GameServer update costs a version comparison.
     pub async fn run(
         self,
         mut wanted: watch::Receiver<Arc<Wanted>>,
@@ -220,14 +223,30 @@ impl Writer {
         let mut whole_written: HashMap<StatusKey, WholeStatus> = HashMap::new();
         let mut applied: HashMap<String, Vec<ServicePort>> = HashMap::new();
         let mut retries = Retries::default();
+        // What the last pass wrote from, and whether a write was left for later (backing off,
+        // refused as behind the cache, or the Lease not held just then).
+        let mut passed: Option<(Arc<Wanted>, [u64; 2])> = None;
+        let mut again = false;
         loop {
             tokio::select! {
                 r = wanted.changed() => if r.is_err() { return },
                 r = inventory.changed() => if r.is_err() { return },
-                () = tokio::time::sleep(TICK) => {}
+                () = tokio::time::sleep(TICK), if again => {}
             }
             let want = Arc::clone(&wanted.borrow_and_update());
             let snapshot = Arc::clone(&inventory.borrow_and_update());
+            // Any change to the objects written to, their status included (an entry may have
+            // gone missing, a whole status is computed against the object as it is now), and
+            // the Services whose ports are applied.
+            let read = [snapshot.versions.statuses, snapshot.versions.services];
+            let same = passed
+                .as_ref()
+                .is_some_and(|(w, r)| Arc::ptr_eq(w, &want) && *r == read);
+            if same && !again {
+                continue;
+            }
+            passed = Some((Arc::clone(&want), read));
+            again = false;
             written.retain(|k, _| want.statuses.contains_key(k));
             whole_written.retain(|k, _| want.statuses.contains_key(k));
             let gateway_objects: HashMap<(&str, &str, &str), &Object> = snapshot
@@ -240,8 +259,16 @@ impl Writer {
                     )
                 })
                 .collect();
+            // The objects of per-node entries, found by name in one look-up each.
+            let instance_objects: HashMap<(bool, &str, &str), &Object> = snapshot
+                .forwarders
+                .iter()
+                .map(|o| (true, o))
+                .chain(snapshot.routes.iter().map(|o| (false, o)))
+                .map(|(forwarder, o)| ((forwarder, o.namespace.as_str(), o.name.as_str()), &**o))
+                .collect();
             for (target, entry) in &want.statuses {
-                let key = format!("{:?} {}/{}", target.of, target.namespace, target.name);
+                let key = || format!("{:?} {}/{}", target.of, target.namespace, target.name);
                 if !target.of.per_node() {
                     let current = gateway_objects.get(&(
                         target.of.kind(),
@@ -253,19 +280,27 @@ impl Writer {
                     let Some(whole) = self.whole_status(target.of, &entry.1, current) else {
                         continue;
                     };
-                    if whole_written.get(target) == Some(&whole) || !retries.due(&key) {
+                    if whole_written.get(target) == Some(&whole) {
+                        continue;
+                    }
+                    let key = key();
+                    if !retries.due(&key) {
+                        again = true;
                         continue;
                     }
                     // A holder that lost the Lease (or cannot renew it) writes nothing more.
                     if self.deadline.as_ref().is_some_and(|d| !d.holding()) {
+                        again = true;
                         break;
                     }
                     match self.write_whole(target, &whole).await {
                         // The cache was behind: computed again from the next one, no back-off.
-                        Err(kube::Error::Api(e)) if e.code == 409 => {}
+                        Err(kube::Error::Api(e)) if e.code == 409 => again = true,
                         result => {
                             if retries.settle(&key, result, "status not written") {
                                 whole_written.insert(target.clone(), whole);
+                            } else {
+                                again = true;
                             }
                         }
                     }
@@ -274,34 +309,43 @@ impl Writer {
                 // Written, and the object as watched still has it (a holder may have taken it
                 // for a departed node's, or the object was re-created).
                 let present = || {
-                    let objects = match target.of {
-                        StatusOf::Forwarder => &snapshot.forwarders,
-                        _ => &snapshot.routes,
-                    };
-                    objects
-                        .iter()
-                        .find(|o| o.namespace == target.namespace && o.name == target.name)
+                    let forwarder = target.of == StatusOf::Forwarder;
+                    instance_objects
+                        .get(&(forwarder, target.namespace.as_str(), target.name.as_str()))
                         .is_none_or(|o| has_entry_of(o, &self.node))
                 };
-                if (written.get(target) == Some(entry) && present()) || !retries.due(&key) {
+                if written.get(target) == Some(entry) && present() {
+                    continue;
+                }
+                let key = key();
+                if !retries.due(&key) {
+                    again = true;
                     continue;
                 }
                 let result = self.write_instance(target, &entry.1).await;
                 if retries.settle(&key, result, "status not written") {
                     written.insert(target.clone(), entry.clone());
+                } else {
+                    again = true;
                 }
             }
             for (service, ports) in &want.services {
                 let key = format!("Service {}/{service}", self.namespace);
                 let live = live_ports(&snapshot.services, &self.namespace, service);
                 let missing = live.is_some_and(|live| ports.iter().any(|p| !live.contains(p)));
-                if (applied.get(service) == Some(ports) && !missing) || !retries.due(&key) {
+                if applied.get(service) == Some(ports) && !missing {
+                    continue;
+                }
+                if !retries.due(&key) {
+                    again = true;
                     continue;
                 }
                 let result = self.apply_service_ports(service, ports).await;
                 if retries.settle(&key, result, "forwarder ports not written") {
                     log::info!("{key}: {} forwarder port(s)", ports.len());
                     applied.insert(service.clone(), ports.clone());
+                } else {
+                    again = true;
                 }
             }
         }
