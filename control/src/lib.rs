@@ -8,16 +8,12 @@
 pub mod admin;
 pub mod config;
 pub mod crd;
-pub mod forwarder;
-pub mod gateway;
 pub mod inventory;
 pub mod names;
-pub mod ports;
 pub mod query;
 pub mod quote;
+pub mod reconcile;
 pub mod reload;
-pub mod route;
-pub mod status;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -29,10 +25,11 @@ use dataplane::liveness::Heartbeat;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::config::{Config, InventoryConfig, SessionsApiAuth};
-use crate::query::director::Director;
-use crate::inventory::{FileSource, KubeSource, Snapshot};
 use crate::admin::metrics::Metrics;
+use crate::config::{Config, InventoryConfig, SessionsApiAuth};
+use crate::inventory::{FileSource, KubeSource, Snapshot};
+use crate::query::director::Director;
+use crate::reconcile::{forwarder, gateway, route, status};
 
 /// How often worker events are folded into the load counts.
 const EVENT_INTERVAL: Duration = Duration::from_millis(100);
@@ -151,6 +148,7 @@ pub fn start(
             *max_bytes,
             config.mappings.clone(),
             rejections.clone(),
+            Arc::new(spec_check),
         ))),
         InventoryConfig::Kubernetes { .. } => Source::Kube(Box::new(KubeSource::new(
             kube.clone().expect("a client for the Kubernetes inventory"),
@@ -430,6 +428,22 @@ fn forwarder_reconciler(
         status::Writer::new(client, namespace, node)
     });
     forwarder::Reconciler::new(config, plane.controller(), own, writer)
+}
+
+/// The reconcilers' check of a file-inventory object's spec: a Forwarder or a Route that
+/// does not read refuses the file (the inventory does not know what a spec may be).
+fn spec_check(o: &inventory::Object) -> Result<(), (&'static str, String)> {
+    if forwarder::is_forwarder(o) {
+        forwarder::ForwarderObject::from_object(o)
+            .map(drop)
+            .map_err(|e| ("Forwarder", e))
+    } else if route::is_route(o) {
+        route::RouteObject::from_object(o)
+            .map(drop)
+            .map_err(|e| ("Route", e))
+    } else {
+        Ok(())
+    }
 }
 
 /// `NODE_NAME`, else the host name.

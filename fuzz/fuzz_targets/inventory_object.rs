@@ -16,12 +16,12 @@ use std::path::Path;
 use std::sync::{Arc, LazyLock};
 
 use control::config::Config;
-use control::forwarder::{ForwarderObject, is_forwarder};
-use control::gateway::compile::{Model, plan};
-use control::gateway::is_gateway_api;
+use control::reconcile::forwarder::{ForwarderObject, is_forwarder};
+use control::reconcile::gateway::compile::{Model, plan};
+use control::reconcile::gateway::is_gateway_api;
 use control::inventory::{Object, Snapshot, parse_objects};
 use control::query::Query;
-use control::route::{RouteObject, is_route};
+use control::reconcile::route::{RouteObject, is_route};
 use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
 

@@ -25,6 +25,6 @@ pub(crate) fn rbac(file: &Path, name: &str) -> anyhow::Result<()> {
         "{}",
         control::inventory::kube::forwarders_role(&config, name)
     );
-    print!("{}", control::status::lease::role(&config, name));
+    print!("{}", control::reconcile::status::lease::role(&config, name));
     Ok(())
 }

@@ -62,9 +62,9 @@ pub struct Admin {
     /// Sessions API access.
     pub authorizer: Authorizer,
     /// This instance's forwarders, when enabled.
-    pub forwarders: Option<crate::forwarder::ForwarderTable>,
+    pub forwarders: Option<crate::reconcile::forwarder::ForwarderTable>,
     /// This instance's routes, when entry points are configured.
-    pub routes: Option<crate::route::RouteViews>,
+    pub routes: Option<crate::reconcile::route::RouteViews>,
     /// Heartbeats of the workers and the control thread, for `/healthz`.
     pub liveness: Arc<dataplane::liveness::Liveness>,
 }
@@ -177,7 +177,9 @@ fn json_reply(status: StatusCode, value: &serde_json::Value) -> Response<Full<By
 
 /// `GET /forwarders`: this instance's view of each forwarder (what its status entry says, and
 /// where each open listener forwards to). Read-only, with no player addresses.
-fn list_forwarders(table: Option<&crate::forwarder::ForwarderTable>) -> Response<Full<Bytes>> {
+fn list_forwarders(
+    table: Option<&crate::reconcile::forwarder::ForwarderTable>,
+) -> Response<Full<Bytes>> {
     let Some(table) = table else {
         return json_reply(
             StatusCode::NOT_FOUND,
@@ -204,7 +206,7 @@ fn list_forwarders(table: Option<&crate::forwarder::ForwarderTable>) -> Response
 
 /// `GET /routes`: this instance's view of each route (ready, ready endpoints, what is wrong,
 /// sessions per Service). Read-only, with no player addresses.
-fn list_routes(views: Option<&crate::route::RouteViews>) -> Response<Full<Bytes>> {
+fn list_routes(views: Option<&crate::reconcile::route::RouteViews>) -> Response<Full<Bytes>> {
     let Some(views) = views else {
         return json_reply(
             StatusCode::NOT_FOUND,

@@ -10,6 +10,16 @@ use serde::{Deserialize, Serialize};
 /// held to it too.
 pub const MAX_FORWARDER_IDLE_SECONDS: u64 = 31_536_000;
 
+/// `apiVersion` of a Forwarder.
+pub const API_VERSION: &str = "udp-director.dev/v1alpha1";
+/// `kind` of a Forwarder.
+pub const KIND: &str = "Forwarder";
+
+/// Whether an object of `api_version` and `kind` is a Forwarder.
+pub fn is_forwarder(api_version: &str, kind: &str) -> bool {
+    api_version == API_VERSION && kind == KIND
+}
+
 /// What a forwarder forwards: a UDP port, a TCP port, or both.
 #[derive(CustomResource, Clone, Debug, Deserialize, Eq, JsonSchema, PartialEq, Serialize)]
 #[kube(

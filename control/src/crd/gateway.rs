@@ -11,6 +11,13 @@ use serde::{Deserialize, Serialize};
 /// The API group.
 pub const GROUP: &str = "gateway.networking.k8s.io";
 
+/// Whether an object of `api_version` is of the Gateway API.
+pub fn is_gateway_api(api_version: &str) -> bool {
+    api_version
+        .strip_prefix(GROUP)
+        .is_some_and(|rest| rest.starts_with('/'))
+}
+
 /// A class of Gateways, served by the controller it names.
 #[derive(CustomResource, Clone, Debug, Deserialize, JsonSchema, PartialEq, Serialize)]
 #[kube(

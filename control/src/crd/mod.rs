@@ -2,9 +2,9 @@
 //! (`udp-director crds`), and the copies under `deploy/crds/` are checked against the
 //! generated ones by a test.
 
-mod forwarder;
+pub mod forwarder;
 pub mod gateway;
-mod route;
+pub mod route;
 
 pub use forwarder::{
     ForwardPort, Forwarder, ForwarderInstance, ForwarderSpec, ForwarderStatus,

@@ -13,6 +13,16 @@ use super::ProxyProtocol;
 /// is held to it too.
 pub const MAX_ROUTE_TIMEOUT_SECONDS: u64 = 86_400;
 
+/// `apiVersion` of a Route.
+pub const API_VERSION: &str = "udp-director.dev/v1alpha1";
+/// `kind` of a Route.
+pub const KIND: &str = "Route";
+
+/// Whether an object of `api_version` and `kind` is a Route.
+pub fn is_route(api_version: &str, kind: &str) -> bool {
+    api_version == API_VERSION && kind == KIND
+}
+
 /// Which entry point a route serves, and its rules.
 #[derive(CustomResource, Clone, Debug, Deserialize, Eq, JsonSchema, PartialEq, Serialize)]
 #[kube(

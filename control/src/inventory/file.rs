@@ -14,19 +14,19 @@ use std::collections::BTreeMap;
 use std::io::Read;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use serde_json::Value;
 
 use super::rejections::{FileRefusal, Rejections, kind_label};
 use super::{InventoryError, InventorySource, Object, Snapshot};
-use crate::names;
 use crate::config::Mapping;
+use crate::names;
 
 /// A YAML file of objects (multi-document, or `kind: List` with `items`, as `kubectl get -o yaml`
 /// prints), re-read when it changes. Polling, rather than inotify, also sees a ConfigMap
 /// volume's symlink swap.
-#[derive(Debug)]
 pub struct FileSource {
     path: PathBuf,
     poll_interval: Duration,
@@ -41,6 +41,19 @@ pub struct FileSource {
     applied: Option<Vec<u8>>,
     /// Refused files and invalid objects, counted.
     rejections: Rejections,
+    /// The reconcilers' check of Forwarder and Route specs.
+    spec_check: SpecCheck,
+}
+
+impl std::fmt::Debug for FileSource {
+    // The spec check is a closure.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FileSource")
+            .field("path", &self.path)
+            .field("poll_interval", &self.poll_interval)
+            .field("max_bytes", &self.max_bytes)
+            .finish_non_exhaustive()
+    }
 }
 
 /// What identifies one version of the file without reading it.
@@ -83,6 +96,7 @@ impl FileSource {
         max_bytes: u64,
         mappings: BTreeMap<String, Mapping>,
         rejections: Rejections,
+        spec_check: SpecCheck,
     ) -> Self {
         rejections.show_file_reasons();
         Self {
@@ -90,6 +104,7 @@ impl FileSource {
             poll_interval,
             max_bytes,
             mappings,
+            spec_check,
             seen: None,
             judged: None,
             applied: None,
@@ -131,8 +146,17 @@ impl FileSource {
         let mappings = self.mappings.clone();
         let previous = self.applied.take();
         let rejections = self.rejections.clone();
+        let check = Arc::clone(&self.spec_check);
         let outcome = tokio::task::spawn_blocking(move || {
-            load(&path, stamp, max_bytes, &mappings, previous, &rejections)
+            load(
+                &path,
+                stamp,
+                max_bytes,
+                &mappings,
+                previous,
+                &rejections,
+                &*check,
+            )
         })
         .await;
         let Ok((applied, loaded)) = outcome else {
@@ -207,6 +231,7 @@ fn load(
     mappings: &BTreeMap<String, Mapping>,
     previous: Option<Vec<u8>>,
     rejections: &Rejections,
+    spec_check: &CheckSpec,
 ) -> (Option<Vec<u8>>, Loaded) {
     let refuse = |cause: FileRefusal, reason: String| {
         Loaded::Refused(InventoryError::Refused {
@@ -259,7 +284,7 @@ fn load(
         return (previous, refuse(FileRefusal::Empty, reason));
     }
     let count = &mut |kind: Option<&str>| rejections.count_object(&kind_label(kind, mappings));
-    match parse_checking(&bytes, path, count) {
+    match parse_checking(&bytes, path, spec_check, count) {
         Ok(objects) => {
             let snapshot = Snapshot::build(objects, mappings);
             (Some(bytes), Loaded::Snapshot(snapshot))
@@ -291,7 +316,21 @@ impl InventorySource for FileSource {
 /// limits on names and labels, or when the file holds no list and no object (say `[]` to mean
 /// "no objects").
 pub fn parse_objects(bytes: &[u8], path: &Path) -> Result<Vec<Object>, InventoryError> {
-    parse_checking(bytes, path, &mut |_| {})
+    parse_checking(bytes, path, &no_spec_check, &mut |_| {})
+}
+
+/// What the reconcilers say of an object's spec before a file is taken in (a Forwarder or Route
+/// that does not read refuses the file, keeping the running ones, instead of closing a
+/// listener): `Err` with the kind and why. The inventory does not know what a spec may be;
+/// `lib.rs` hands the reconcilers' check in.
+pub type SpecCheck = Arc<CheckSpec>;
+
+/// The check behind a [`SpecCheck`].
+pub type CheckSpec = dyn Fn(&Object) -> Result<(), (&'static str, String)> + Send + Sync;
+
+/// Takes every spec.
+pub fn no_spec_check(_: &Object) -> Result<(), (&'static str, String)> {
+    Ok(())
 }
 
 /// [`parse_objects`], calling `invalid` with the kind (when it has one) of each invalid
@@ -299,6 +338,7 @@ pub fn parse_objects(bytes: &[u8], path: &Path) -> Result<Vec<Object>, Inventory
 fn parse_checking(
     bytes: &[u8],
     path: &Path,
+    spec_check: &CheckSpec,
     invalid: &mut dyn FnMut(Option<&str>),
 ) -> Result<Vec<Object>, InventoryError> {
     use serde::Deserialize;
@@ -335,7 +375,7 @@ fn parse_checking(
     let mut first_error: Option<String> = None;
     let mut more_errors = 0usize;
     for (i, value) in values.into_iter().enumerate() {
-        match check_object(value) {
+        match check_object(value, spec_check) {
             Ok(object) if first_error.is_none() => objects.push(object),
             // The file is refused already: the rest is only checked and counted.
             Ok(_) => {}
@@ -368,7 +408,10 @@ fn parse_checking(
 /// One object of a file, checked: its metadata, Kubernetes' limits on its name and labels,
 /// and, for a Forwarder or a Route, its spec. An error gives the object's kind (for the
 /// counter) and the reason, to follow `object #i`.
-fn check_object(value: Value) -> Result<Object, (Option<String>, String)> {
+fn check_object(
+    value: Value,
+    spec_check: &CheckSpec,
+) -> Result<Object, (Option<String>, String)> {
     let kind = value.get("kind").and_then(Value::as_str).map(str::to_owned);
     let object = match Object::from_value(value) {
         Ok(o) => o,
@@ -381,17 +424,8 @@ fn check_object(value: Value) -> Result<Object, (Option<String>, String)> {
     if let Err(why) = names::check_metadata(&object.name, &object.namespace, &object.labels) {
         return failed(why.to_string());
     }
-    // A forwarder is checked here, so a typo refuses the file (and keeps the running
-    // forwarders) instead of closing a listener.
-    if crate::forwarder::is_forwarder(&object)
-        && let Err(e) = crate::forwarder::ForwarderObject::from_object(&object)
-    {
-        return Err((kind, format!(": Forwarder {}: {e}", object.name)));
-    }
-    if crate::route::is_route(&object)
-        && let Err(e) = crate::route::RouteObject::from_object(&object)
-    {
-        return Err((kind, format!(": Route {}: {e}", object.name)));
+    if let Err((what, e)) = spec_check(&object) {
+        return Err((kind, format!(": {what} {}: {e}", object.name)));
     }
     Ok(object)
 }
@@ -525,7 +559,8 @@ metadata: {name: old-version}
         let count = &mut |kind: Option<&str>| {
             rejections.count_object(&kind_label(kind, &config.mappings));
         };
-        let e = parse_checking(text.as_bytes(), "t.yaml".as_ref(), count).unwrap_err();
+        let e =
+            parse_checking(text.as_bytes(), "t.yaml".as_ref(), &no_spec_check, count).unwrap_err();
         assert!(e.to_string().contains("object #0"), "{e}");
         assert!(
             e.to_string().contains("(and 3 more invalid objects)"),
@@ -556,6 +591,7 @@ metadata: {name: old-version}
             max_bytes,
             config.mappings,
             Rejections::default(),
+            Arc::new(no_spec_check),
         )
     }
 

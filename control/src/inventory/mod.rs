@@ -6,6 +6,7 @@
 //! publishes each on a `watch` channel, so a query reads a consistent view without waiting on
 //! anything, and never on the API server. A source error keeps the last good snapshot.
 
+pub mod discovery;
 pub mod file;
 pub mod kube;
 pub mod rejections;
@@ -250,13 +251,13 @@ impl Snapshot {
         let mut gateway_api = Vec::new();
         for object in objects {
             let object = Arc::new(object);
-            if crate::forwarder::is_forwarder(&object) {
+            if crate::crd::forwarder::is_forwarder(&object.api_version, &object.kind) {
                 forwarders.push(Arc::clone(&object));
             }
-            if crate::route::is_route(&object) {
+            if crate::crd::route::is_route(&object.api_version, &object.kind) {
                 routes.push(Arc::clone(&object));
             }
-            if crate::gateway::is_gateway_api(&object) {
+            if crate::crd::gateway::is_gateway_api(&object.api_version) {
                 gateway_api.push(Arc::clone(&object));
             }
             if object.api_version == SERVICE_API_VERSION && object.kind == "Service" {

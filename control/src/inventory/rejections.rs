@@ -67,8 +67,8 @@ pub const OTHER_KIND: &str = "other";
 const FIXED_KINDS: [&str; 9] = [
     "Service",
     "EndpointSlice",
-    crate::forwarder::KIND,
-    crate::route::KIND,
+    crate::crd::forwarder::KIND,
+    crate::crd::route::KIND,
     "GatewayClass",
     "Gateway",
     "UDPRoute",

@@ -18,11 +18,11 @@ use dataplane::{Backend, BackendId, Controller, Grant, TokenId, WorkerEvent};
 use parking_lot::Mutex;
 use tokio::sync::watch;
 
+use crate::admin::metrics::Metrics;
 use crate::config::Config;
 use crate::inventory::Snapshot;
-use crate::admin::metrics::Metrics;
-use crate::query::{ErrorCode, Query, QueryError, TokenAnswer};
 use crate::query::select::{self, Candidate};
+use crate::query::{ErrorCode, Query, QueryError, TokenAnswer};
 
 /// Control's shared state.
 #[derive(Debug)]

@@ -29,8 +29,8 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 
 use super::{InventoryError, InventorySource, Object, Rejections, Snapshot, sort_by_name};
-use crate::names;
 use crate::config::{Config, InventoryConfig};
+use crate::names;
 
 mod plan;
 
@@ -174,7 +174,7 @@ impl KubeSource {
                 && matches!(resource.kind.as_str(), "UDPRoute" | "TCPRoute");
             tokio::spawn(async move {
                 if discover {
-                    resource = crate::gateway::served(&client, resource).await;
+                    resource = super::discovery::served(&client, resource).await;
                 }
                 let api: Api<DynamicObject> = match &namespace {
                     Some(ns) => Api::namespaced_with(client, ns, &resource),

@@ -190,7 +190,7 @@ pub fn plan(config: &Config) -> Vec<WatchPlan> {
 }
 
 fn forwarder_resource() -> ApiResource {
-    udp_director_resource(crate::forwarder::KIND, "forwarders")
+    udp_director_resource(crate::crd::forwarder::KIND, "forwarders")
 }
 
 fn udp_director_resource(kind: &str, plural: &str) -> ApiResource {

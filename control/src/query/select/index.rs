@@ -71,7 +71,10 @@ impl MappingIndex {
 
     /// Every entry's value at status path `path`, kept for the snapshot's life; `None` once
     /// [`MAX_STATUS_PATHS`] paths are kept (read per query then).
-    pub fn status_values(&self, path: &crate::query::jsonpath::Path) -> Option<Arc<Vec<Option<String>>>> {
+    pub fn status_values(
+        &self,
+        path: &crate::query::jsonpath::Path,
+    ) -> Option<Arc<Vec<Option<String>>>> {
         let mut cache = self.status.lock();
         if let Some(values) = cache.get(path) {
             return Some(Arc::clone(values));

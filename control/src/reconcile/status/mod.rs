@@ -20,6 +20,7 @@
 
 pub mod fleet;
 pub mod lease;
+pub mod service_ports;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -33,8 +34,8 @@ use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams};
 use serde_json::{Value, json};
 use tokio::sync::watch;
 
-use crate::forwarder::plan::{ServicePort, live_ports};
 use crate::inventory::{Object, Snapshot};
+use service_ports::{ServicePort, live_ports};
 
 /// A custom resource whose status this proxy writes.
 #[derive(Clone, Copy, Debug, Eq, Hash, Ord, PartialEq, PartialOrd)]
@@ -74,7 +75,8 @@ impl StatusOf {
             Self::TcpRoute => (crate::crd::gateway::GROUP, "v1", "TCPRoute", "tcproutes"),
         };
         // Routes at the version the inventory found served (v1, or v1alpha2).
-        let version = crate::gateway::served_version(kind).unwrap_or_else(|| version.to_string());
+        let version = crate::inventory::discovery::served_version(kind)
+            .unwrap_or_else(|| version.to_string());
         ApiResource {
             group: group.into(),
             api_version: format!("{group}/{version}"),

@@ -23,8 +23,8 @@ use crate::crd::gateway::{
 };
 use crate::crd::{RouteBackendRef, RouteRule, RouteSpec, ServicePortRef};
 use crate::inventory::Object;
-use crate::ports;
-use crate::route::RouteObject;
+use crate::reconcile::ports;
+use crate::reconcile::route::RouteObject;
 
 /// A UDPRoute or a TCPRoute.
 #[derive(Clone, Copy, Debug, Eq, Hash, Ord, PartialEq, PartialOrd)]

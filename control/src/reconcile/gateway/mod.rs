@@ -2,59 +2,13 @@
 //! their UDP and TCP listeners opened at run time as entry points, the UDPRoutes and TCPRoutes
 //! attached to them compiled into the same rule tables as `Route` objects, and the status the
 //! API defines written back. A port that a Forwarder also asks for goes by the port rule
-//! ([`crate::ports`]): a listener that loses is not opened, and its status names the holder.
+//! ([`crate::reconcile::ports`]): a listener that loses is not opened, and its status names the holder.
 
 pub mod compile;
 
-/// The versions this API server serves UDPRoute and TCPRoute at, as found by [`served`].
-static SERVED: std::sync::OnceLock<parking_lot::Mutex<BTreeMap<String, String>>> =
-    std::sync::OnceLock::new();
-
-/// `resource` at the version the API server serves its kind at: its own version when served,
-/// else another the group serves it at (`v1alpha2` from the experimental channel), else as
-/// given. Remembered for status writes ([`served_version`]).
-pub async fn served(
-    client: &kube::Client,
-    resource: kube::api::ApiResource,
-) -> kube::api::ApiResource {
-    let Ok(group) = kube::discovery::group(client, &resource.group).await else {
-        return resource;
-    };
-    let mut versions = vec![resource.version.clone()];
-    versions.extend(group.versions().map(str::to_string));
-    let found = versions.iter().find_map(|v| {
-        group
-            .versioned_resources(v)
-            .into_iter()
-            .find(|(ar, _)| ar.kind == resource.kind)
-            .map(|(ar, _)| ar)
-    });
-    let Some(found) = found else { return resource };
-    if found.version != resource.version {
-        log::info!(
-            "{} is served at {}, not {}: using it",
-            found.kind,
-            found.api_version,
-            resource.api_version
-        );
-    }
-    SERVED
-        .get_or_init(Default::default)
-        .lock()
-        .insert(found.kind.clone(), found.version.clone());
-    found
-}
-
-/// The version `kind` was found served at, if it was looked up.
-pub fn served_version(kind: &str) -> Option<String> {
-    SERVED.get()?.lock().get(kind).cloned()
-}
-
 /// Whether `o` is a Gateway API object.
 pub fn is_gateway_api(o: &crate::inventory::Object) -> bool {
-    o.api_version
-        .strip_prefix(crate::crd::gateway::GROUP)
-        .is_some_and(|rest| rest.starts_with('/'))
+    crate::crd::gateway::is_gateway_api(&o.api_version)
 }
 
 use std::collections::BTreeMap;
@@ -70,13 +24,13 @@ use tokio::sync::watch;
 
 use crate::config::Config;
 use crate::crd::gateway::{GROUP, ParentReference};
-use crate::forwarder::plan::ParseCache;
 use crate::inventory::Snapshot;
-use crate::ports::{self, ClaimCache, Reserved};
-use crate::route::compile::{self as routes, Counters, Inputs, RouteReport};
-use crate::status::fleet::{ListenerFacts, aggregate};
-use crate::status::lease::{Fleet, HoldDeadline};
-use crate::status::{StatusKey, StatusOf, Wanted, Writer};
+use crate::reconcile::forwarder::plan::ParseCache;
+use crate::reconcile::ports::{self, ClaimCache, Reserved};
+use crate::reconcile::route::compile::{self as routes, Counters, Inputs, RouteReport};
+use crate::reconcile::status::fleet::{ListenerFacts, aggregate};
+use crate::reconcile::status::lease::{Fleet, HoldDeadline};
+use crate::reconcile::status::{StatusKey, StatusOf, Wanted, Writer};
 use compile::{Model, Plan, RouteKind};
 
 /// A Gateway listener the reconciler holds open.
@@ -115,7 +69,7 @@ pub struct Reconciler {
     node: String,
     /// This instance's side of the status Lease: its facts go out, the fleet's come back.
     fleet: Option<FleetLink>,
-    views: crate::route::RouteViews,
+    views: crate::reconcile::route::RouteViews,
     /// A listener the last pass wanted could not open: the next is due in [`RETRY`].
     retrying: bool,
 }
@@ -123,7 +77,7 @@ pub struct Reconciler {
 /// How soon a listener that could not open is tried again.
 const RETRY: Duration = Duration::from_secs(1);
 
-/// The reconciler's link to the status Lease ([`crate::status::lease`]).
+/// The reconciler's link to the status Lease ([`crate::reconcile::status::lease`]).
 #[derive(Debug)]
 pub struct FleetLink {
     /// Which of this instance's listeners are open, for its per-node Lease.
@@ -192,13 +146,13 @@ impl Reconciler {
             }),
             writes: None,
             fleet,
-            views: crate::route::RouteViews::default(),
+            views: crate::reconcile::route::RouteViews::default(),
             retrying: false,
         })
     }
 
     /// The routes' views, for metrics (named `namespace/udproute/name`).
-    pub fn views(&self) -> crate::route::RouteViews {
+    pub fn views(&self) -> crate::reconcile::route::RouteViews {
         Arc::clone(&self.views)
     }
 
@@ -310,7 +264,7 @@ impl Reconciler {
                 if let Some(report) = compiled.reports.get(&(r.namespace.clone(), r.name.clone())) {
                     views.insert(
                         (r.namespace.clone(), r.name.clone()),
-                        crate::route::view_of(r, report, &self.counters[i]),
+                        crate::reconcile::route::view_of(r, report, &self.counters[i]),
                     );
                 }
             }
@@ -384,7 +338,7 @@ impl Reconciler {
             Some(namespace) if snapshot.forwarders_loaded => {
                 let parses = &mut self.forwarder_parses;
                 self.forwarder_claims.get(&snapshot.forwarders, |objects| {
-                    crate::forwarder::plan::port_claims(parses, objects, namespace)
+                    crate::reconcile::forwarder::plan::port_claims(parses, objects, namespace)
                 })
             }
             _ => Arc::default(),
@@ -470,7 +424,7 @@ impl Reconciler {
     }
 
     fn swap(&mut self, key: &str, table: RouteTable) {
-        let fingerprint = crate::route::fingerprint(&table);
+        let fingerprint = crate::reconcile::route::fingerprint(&table);
         if self.fingerprints.get(key) == Some(&fingerprint) {
             return;
         }
@@ -508,7 +462,7 @@ impl Reconciler {
             None => (true, BTreeMap::new()),
         };
         if !holder {
-            crate::status::hand_over(tx, Wanted::default());
+            crate::reconcile::status::hand_over(tx, Wanted::default());
             return;
         }
         let node = self.node.clone();
@@ -716,7 +670,7 @@ impl Reconciler {
             statuses,
             services: BTreeMap::new(),
         };
-        crate::status::hand_over(tx, wanted);
+        crate::reconcile::status::hand_over(tx, wanted);
     }
 }
 

@@ -22,7 +22,7 @@ use tokio::sync::watch;
 use crate::config::Config;
 use crate::crd::RouteInstance;
 use crate::inventory::Snapshot;
-use crate::status::{StatusKey, StatusOf, Wanted, Writer};
+use crate::reconcile::status::{StatusKey, StatusOf, Wanted, Writer};
 use compile::{Compiled, Counters, Inputs};
 
 /// An entry point the proxy holds.
@@ -295,7 +295,7 @@ impl Reconciler {
                 statuses,
                 services: BTreeMap::new(),
             };
-            crate::status::hand_over(tx, wanted);
+            crate::reconcile::status::hand_over(tx, wanted);
         }
     }
 }

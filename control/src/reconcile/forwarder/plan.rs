@@ -11,13 +11,13 @@ use dataplane::Transport;
 
 use crate::crd::{ForwardPort, ForwarderSpec, MAX_FORWARDER_IDLE_SECONDS};
 use crate::inventory::Object;
-pub use crate::ports::Reserved;
-use crate::ports::{self, Kind};
+pub use crate::reconcile::ports::Reserved;
+use crate::reconcile::ports::{self, Kind};
 
 /// apiVersion of `Forwarder` objects.
-pub const API_VERSION: &str = "udp-director.dev/v1alpha1";
+pub use crate::crd::forwarder::API_VERSION;
 /// Kind of `Forwarder` objects.
-pub const KIND: &str = "Forwarder";
+pub use crate::crd::forwarder::KIND;
 
 /// One `Forwarder`, typed and checked.
 #[derive(Clone, Debug, PartialEq)]
@@ -251,46 +251,9 @@ pub fn uid_of(o: &Object) -> String {
         .to_string()
 }
 
-/// The ports Service `namespace/name` has in the snapshot (`None`: no such Service).
-pub fn live_ports(
-    services: &[std::sync::Arc<Object>],
-    namespace: &str,
-    name: &str,
-) -> Option<Vec<ServicePort>> {
-    let service = services
-        .iter()
-        .find(|s| s.namespace == namespace && s.name == name)?;
-    let ports = service
-        .raw
-        .pointer("/spec/ports")
-        .and_then(serde_json::Value::as_array)
-        .map(Vec::as_slice)
-        .unwrap_or_default();
-    Some(
-        ports
-            .iter()
-            .filter_map(|p| {
-                Some(ServicePort {
-                    port: u16::try_from(p.get("port")?.as_u64()?).ok()?,
-                    protocol: match p.get("protocol").and_then(serde_json::Value::as_str) {
-                        Some("UDP") => Transport::Udp,
-                        Some("TCP") | None => Transport::Tcp,
-                        Some(_) => return None, // SCTP: never one of ours
-                    },
-                    name: p
-                        .get("name")
-                        .and_then(serde_json::Value::as_str)
-                        .unwrap_or_default()
-                        .to_string(),
-                })
-            })
-            .collect(),
-    )
-}
-
 /// Whether `o` is a `Forwarder`.
 pub fn is_forwarder(o: &Object) -> bool {
-    o.api_version == API_VERSION && o.kind == KIND
+    crate::crd::forwarder::is_forwarder(&o.api_version, &o.kind)
 }
 
 /// One listener a forwarder asks for, and whether it may have its port.
@@ -356,16 +319,7 @@ pub fn claims(
         .collect()
 }
 
-/// One port of a managed Service.
-#[derive(Clone, Debug, Eq, Ord, PartialEq, PartialOrd)]
-pub struct ServicePort {
-    /// Port (and target port): the forwarder's `listenPort`.
-    pub port: u16,
-    /// Transport.
-    pub protocol: Transport,
-    /// The forwarder's name (with `-udp`/`-tcp` when one Service carries both protocols).
-    pub name: String,
-}
+pub use crate::reconcile::status::service_ports::{ServicePort, live_ports};
 
 /// The ports the Service of `protocol` carries: one per granted listener of that protocol.
 /// `shared` says one Service carries both protocols, so names get a protocol suffix to stay

@@ -23,17 +23,17 @@ use dataplane::{Cidr, Match, RouteBackend, RouteCounter, RouteTable, Rule};
 use serde_json::Value;
 
 use crate::crd::{MAX_ROUTE_TIMEOUT_SECONDS, RouteBackendRef, RouteSpec, ServicePortRef};
-use crate::forwarder::resolve::not_unicast;
 use crate::inventory::{Object, SERVICE_NAME_LABEL};
+use crate::reconcile::forwarder::resolve::not_unicast;
 
 /// apiVersion of `Route` objects.
-pub const API_VERSION: &str = "udp-director.dev/v1alpha1";
+pub use crate::crd::route::API_VERSION;
 /// Kind of `Route` objects.
-pub const KIND: &str = "Route";
+pub use crate::crd::route::KIND;
 
 /// Whether `o` is a `Route`.
 pub fn is_route(o: &Object) -> bool {
-    o.api_version == API_VERSION && o.kind == KIND
+    crate::crd::route::is_route(&o.api_version, &o.kind)
 }
 
 /// One `Route`, typed and checked, its matches parsed once.

@@ -13,7 +13,7 @@ use dataplane::Transport;
 use super::plan::{self, Claim, ForwarderObject, Reading, Reserved, ServicePort};
 use super::resolve::Host;
 use crate::inventory::Object;
-use crate::ports;
+use crate::reconcile::ports;
 
 /// The plan of every forwarder served here, and the managed Services' port sets.
 #[derive(Debug, Default, PartialEq)]
@@ -225,7 +225,7 @@ fn service_ports(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::forwarder::plan::ParseCache;
+    use crate::reconcile::forwarder::plan::ParseCache;
 
     fn object(name: &str, created: &str, spec: &str) -> Arc<Object> {
         let yaml = format!(

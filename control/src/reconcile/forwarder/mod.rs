@@ -9,7 +9,7 @@
 //! timeout, sessions kept), close. A DNS answer that moved re-plans the forwarders of that name;
 //! once a second, only those that time alone may change (a listener that did not open, a target
 //! that loops back) are re-planned.
-//! A port that a Gateway listener also asks for goes by the port rule ([`crate::ports`]): the
+//! A port that a Gateway listener also asks for goes by the port rule ([`crate::reconcile::ports`]): the
 //! Gateways served here are read from the same snapshot, and a forwarder opens only what it wins.
 //! It acts only once the inventory has listed, so a forwarder deleted while the proxy was down
 //! is never opened. Each instance's view goes into `status.instances` (server-side apply, one
@@ -41,8 +41,8 @@ use tokio::sync::{mpsc, watch};
 use crate::config::{Config, ForwardersConfig};
 use crate::crd::ForwarderInstance;
 use crate::inventory::Snapshot;
-use crate::ports::{self, ClaimCache};
-use crate::status::{self, StatusKey, StatusOf, Wanted};
+use crate::reconcile::ports::{self, ClaimCache};
+use crate::reconcile::status::{self, StatusKey, StatusOf, Wanted};
 use plan::{Claim, ParseCache, Reading, Reserved};
 use planned::{Managed, Planned, PlannedClaim};
 use resolve::{DnsCache, Host};
@@ -335,7 +335,7 @@ impl Reconciler {
         let gateway_claims = match &self.gateway_controller {
             Some(controller) if snapshot.gateway_loaded => {
                 self.gateway_claims.get(&snapshot.gateway_api, |objects| {
-                    crate::gateway::compile::served_port_claims(objects, controller)
+                    crate::reconcile::gateway::compile::served_port_claims(objects, controller)
                 })
             }
             _ => Arc::default(),
@@ -777,7 +777,7 @@ impl Reconciler {
             statuses,
             services: self.planned.services.clone(),
         };
-        crate::status::hand_over(tx, wanted);
+        crate::reconcile::status::hand_over(tx, wanted);
     }
 }
 
