@@ -198,11 +198,19 @@ pub fn start(
         plane.events(),
         Arc::clone(&metrics),
     ));
+    // The status writers, one per reconciler, started here alike: each reconciler gets the
+    // handle it hands its statuses to, and the tasks are spawned with the others.
+    let mut writer_tasks: Vec<status::WriterTask> = Vec::new();
+    let mut start_writer = |writer: status::Writer| {
+        let (writes, task) = writer.start(inventory_tx.subscribe());
+        writer_tasks.push(task);
+        writes
+    };
     let routes = route::Reconciler::open(
         &config,
         plane.controller(),
         kube.clone()
-            .map(|client| status::Writer::new(client, String::new(), node_name())),
+            .map(|client| start_writer(status::Writer::new(client, String::new(), node_name()))),
     )
     .map_err(ControlError::EntryPoint)?;
     let entry_points: Vec<(String, dataplane::Transport, SocketAddr)> = routes
@@ -224,13 +232,17 @@ pub fn start(
         fleet: fleet_rx,
         deadline: e.deadline(),
     });
-    let gateways = gateway::Reconciler::new(
-        &config,
-        plane.controller(),
-        kube.clone()
-            .map(|client| status::Writer::new(client, String::new(), node_name())),
-        link,
-    );
+    let gateway_writes = kube
+        .clone()
+        .zip(config.gateway_controller.clone())
+        .map(|(client, controller)| {
+            let deadline = link.as_ref().map(|l| l.deadline.clone());
+            start_writer(
+                status::Writer::new(client, String::new(), node_name())
+                    .for_gateway_controller(controller, deadline),
+            )
+        });
+    let gateways = gateway::Reconciler::new(&config, plane.controller(), gateway_writes, link);
     let route_views: Vec<route::RouteViews> = routes
         .iter()
         .map(route::Reconciler::views)
@@ -239,8 +251,15 @@ pub fn start(
     if !route_views.is_empty() {
         metrics.register_collector(Box::new(route::metrics::RouteCollector(route_views)));
     }
-    let forwarders =
-        forwarder_reconciler(&config, plane, kube, query_addr, admin_addr, &entry_points);
+    let forwarders = forwarder_reconciler(
+        &config,
+        plane,
+        kube,
+        query_addr,
+        admin_addr,
+        &entry_points,
+        &mut start_writer,
+    );
     if let Some(f) = &forwarders {
         metrics.register_collector(Box::new(forwarder::metrics::ForwarderCollector(f.table())));
     }
@@ -274,10 +293,13 @@ pub fn start(
                 inventory_tx,
                 query_listener,
                 admin_listener,
-                forwarders,
-                routes,
-                gateways,
-                elector.map(|e| (e, facts_rx, fleet_tx)),
+                Reconcilers {
+                    forwarders,
+                    routes,
+                    gateways,
+                    writers: writer_tasks,
+                    elector: elector.map(|e| (e, facts_rx, fleet_tx)),
+                },
             ));
         })
         .map_err(ControlError::Spawn)?;
@@ -287,6 +309,20 @@ pub fn start(
         admin_addr,
         entry_points,
     })
+}
+
+/// The reconcilers, their status writers and this instance's side of the status Lease, built
+/// by [`start`] and run by [`run`].
+struct Reconcilers {
+    forwarders: Option<forwarder::Reconciler>,
+    routes: Option<route::Reconciler>,
+    gateways: Option<gateway::Reconciler>,
+    writers: Vec<status::WriterTask>,
+    elector: Option<(
+        status::lease::Elector,
+        watch::Receiver<status::fleet::ListenerFacts>,
+        watch::Sender<Arc<status::lease::Fleet>>,
+    )>,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -300,19 +336,22 @@ async fn run(
     inventory_tx: watch::Sender<Arc<Snapshot>>,
     query_listener: TcpListener,
     admin_listener: TcpListener,
-    forwarders: Option<forwarder::Reconciler>,
-    routes: Option<route::Reconciler>,
-    gateways: Option<gateway::Reconciler>,
-    elector: Option<(
-        status::lease::Elector,
-        watch::Receiver<status::fleet::ListenerFacts>,
-        watch::Sender<Arc<status::lease::Fleet>>,
-    )>,
+    reconcilers: Reconcilers,
 ) {
+    let Reconcilers {
+        forwarders,
+        routes,
+        gateways,
+        writers,
+        elector,
+    } = reconcilers;
     let (stop_tx, stop_rx) = watch::channel(false);
     let elector = elector.map(|(elector, facts, fleet)| {
         tokio::spawn(elector.run(facts, inventory_tx.subscribe(), fleet, stop_rx.clone()))
     });
+    for writer in writers {
+        tokio::spawn(writer);
+    }
     let mut inventory_rx = inventory_tx.subscribe();
     let mut live_rx = live.subscribe();
     if let Some(f) = forwarders {
@@ -409,6 +448,7 @@ fn forwarder_reconciler(
     query: SocketAddr,
     admin: SocketAddr,
     entry_points: &[(String, dataplane::Transport, SocketAddr)],
+    start_writer: &mut dyn FnMut(status::Writer) -> status::Writes,
 ) -> Option<forwarder::Reconciler> {
     let namespace = config.forwarders.as_ref()?.namespace.clone();
     let data: Vec<(String, dataplane::Transport, u16)> = config
@@ -422,12 +462,12 @@ fn forwarder_reconciler(
         .map(|(name, t, addr)| (name.clone(), *t, addr.port()))
         .collect();
     let own = forwarder::own_ports(query.port(), admin.port(), &data, &entry);
-    let writer = kube.map(|client| {
+    let writes = kube.map(|client| {
         let node = node_name();
         log::info!("forwarders: status is written as node {node}");
-        status::Writer::new(client, namespace, node)
+        start_writer(status::Writer::new(client, namespace, node))
     });
-    forwarder::Reconciler::new(config, plane.controller(), own, writer)
+    forwarder::Reconciler::new(config, plane.controller(), own, writes)
 }
 
 /// The reconcilers' check of a file-inventory object's spec: a Forwarder or a Route that

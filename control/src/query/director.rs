@@ -37,9 +37,16 @@ pub struct Director {
     metrics: Arc<Metrics>,
     draining: AtomicBool,
     state: Mutex<LoadState>,
-    /// The query index of the latest snapshot (built as the inventory changes, by
-    /// [`Director::reconcile`]), keyed by the snapshot and the config it was built from.
-    index: Mutex<Option<IndexOf>>,
+    /// The query index (built as the inventory changes, off the control thread), keyed by the
+    /// snapshot and the config it was built from.
+    index: Arc<Mutex<IndexCache>>,
+}
+
+/// The query index last built, and whether a build is under way.
+#[derive(Debug, Default)]
+struct IndexCache {
+    current: Option<IndexOf>,
+    building: bool,
 }
 
 /// A query index and what it was built from.
@@ -172,7 +179,7 @@ impl Director {
             metrics,
             draining: AtomicBool::new(false),
             state: Mutex::new(LoadState::default()),
-            index: Mutex::new(None),
+            index: Arc::default(),
         }
     }
 
@@ -275,22 +282,34 @@ impl Director {
         })
     }
 
-    /// The query index of `snapshot` under `config`: the cached one, or built now (once per
-    /// snapshot and config).
+    /// The query index for `snapshot` under `config`. When only the snapshot moved on (game
+    /// servers changed), the last index answers while the new one is built on a blocking
+    /// thread: a rebuild over a large fleet takes tens of milliseconds, which queries on the
+    /// control thread must not wait for. The first index, and one for a new config, are built
+    /// here.
     fn index_of(&self, snapshot: &Arc<Snapshot>, config: &Arc<Config>) -> Arc<select::QueryIndex> {
         let mut cached = self.index.lock();
-        if let Some(c) = cached.as_ref()
-            && Arc::ptr_eq(&c.snapshot, snapshot)
+        if let Some(c) = cached.current.as_ref()
             && Arc::ptr_eq(&c.config, config)
         {
-            return Arc::clone(&c.index);
+            if Arc::ptr_eq(&c.snapshot, snapshot) {
+                return Arc::clone(&c.index);
+            }
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                let stale = Arc::clone(&c.index);
+                if !cached.building {
+                    cached.building = true;
+                    self.build_in_background(&runtime);
+                }
+                return stale;
+            }
         }
         let index = Arc::new(select::QueryIndex::build(
             snapshot,
             &config.mappings,
             self.public_ports.len(),
         ));
-        let old = cached.replace(IndexOf {
+        let old = cached.current.replace(IndexOf {
             snapshot: Arc::clone(snapshot),
             config: Arc::clone(config),
             index: Arc::clone(&index),
@@ -302,6 +321,38 @@ impl Director {
             Err(_) => drop(old),
         }
         index
+    }
+
+    /// Builds the index of the latest snapshot on a blocking thread, and again while the
+    /// snapshot moved on during the build; a new config's index (built in place) wins.
+    fn build_in_background(&self, runtime: &tokio::runtime::Handle) {
+        let cache = Arc::clone(&self.index);
+        let inventory = self.inventory.clone();
+        let live = self.config.clone();
+        let ports = self.public_ports.len();
+        drop(runtime.spawn_blocking(move || {
+            loop {
+                let snapshot = Arc::clone(&inventory.borrow());
+                let config = Arc::clone(&live.borrow());
+                let index = Arc::new(select::QueryIndex::build(&snapshot, &config.mappings, ports));
+                let mut cached = cache.lock();
+                let current = cached.current.as_ref();
+                if current.is_some_and(|c| Arc::ptr_eq(&c.config, &config)) {
+                    let old = cached.current.replace(IndexOf {
+                        snapshot: Arc::clone(&snapshot),
+                        config,
+                        index,
+                    });
+                    drop(cached);
+                    drop(old);
+                    cached = cache.lock();
+                }
+                if Arc::ptr_eq(&inventory.borrow(), &snapshot) {
+                    cached.building = false;
+                    return;
+                }
+            }
+        }));
     }
 
     /// Runs selection for a query against the current snapshot and load, and remembers how to

@@ -40,6 +40,10 @@ use plan::{mapped_resource, same_type};
 /// Events arriving within this window after a first one are folded into one snapshot, so a
 /// fleet scaling by a hundred servers rebuilds the snapshot once, not a hundred times.
 const COALESCE: Duration = Duration::from_millis(10);
+/// How long changes of the mapped resources alone (game servers) are gathered into one
+/// snapshot: a query sees a game server's change within this, and the query index is rebuilt
+/// at most about ten times a second however fast the fleet changes.
+const MAPPED_COALESCE: Duration = Duration::from_millis(100);
 const BACKOFF_MIN: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
@@ -304,10 +308,34 @@ impl InventorySource for KubeSource {
             let Some((id, change)) = self.rx.recv().await else {
                 continue;
             };
+            let mut urgent = self.plans[self.watches[id].plan].feed != Feed::Mapped;
             let mut changed = self.apply(id, change);
             tokio::time::sleep(COALESCE).await;
             while let Ok((id, change)) = self.rx.try_recv() {
+                urgent |= self.plans[self.watches[id].plan].feed != Feed::Mapped;
                 changed |= self.apply(id, change);
+            }
+            // Game servers alone (an Agones fleet changes them many times a second): gather
+            // for longer, so the query index is rebuilt a few times a second, not per event.
+            // Anything else (a Forwarder, a Route, a Service) goes out at once.
+            if changed && !urgent {
+                let gather = tokio::time::sleep(MAPPED_COALESCE - COALESCE);
+                tokio::pin!(gather);
+                loop {
+                    tokio::select! {
+                        () = &mut gather => break,
+                        Some((id, change)) = self.rx.recv() => {
+                            let feed = self.plans[self.watches[id].plan].feed;
+                            self.apply(id, change);
+                            if feed != Feed::Mapped {
+                                break;
+                            }
+                        }
+                    }
+                }
+                while let Ok((id, change)) = self.rx.try_recv() {
+                    self.apply(id, change);
+                }
             }
             if changed {
                 return Ok(self.snapshot());

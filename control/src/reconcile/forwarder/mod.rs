@@ -120,8 +120,6 @@ pub struct Reconciler {
     held: BTreeMap<(String, Transport), Held>,
     dns: DnsCache,
     table: ForwarderTable,
-    /// Writes status and Service ports (Kubernetes inventory); started by [`Self::run`].
-    writer: Option<status::Writer>,
     /// The node this instance writes as, and what it wants written (read by the writer task,
     /// so a slow API server never holds up a listener change).
     writes: Option<(String, watch::Sender<Arc<Wanted>>)>,
@@ -161,12 +159,13 @@ impl std::fmt::Debug for Reconciler {
 impl Reconciler {
     /// A reconciler for `config.forwarders`, opening listeners through `controller`. The ports
     /// the proxy holds itself (`query`, `admin`, the data ports as bound) are never given to a
-    /// forwarder. `writer` writes status and Service ports (Kubernetes inventory only).
+    /// forwarder. `writes` reaches the writer of status and Service ports (Kubernetes
+    /// inventory only).
     pub fn new(
         config: &Config,
         controller: Controller,
         own_ports: Vec<Reserved>,
-        writer: Option<status::Writer>,
+        writes: Option<status::Writes>,
     ) -> Option<Self> {
         let forwarders = config.forwarders.clone()?;
         let configured = ports::configured(config);
@@ -185,8 +184,7 @@ impl Reconciler {
             held: BTreeMap::new(),
             dns: DnsCache::default(),
             table: ForwarderTable::default(),
-            writer,
-            writes: None,
+            writes: writes.map(|w| (w.node, w.tx)),
             logged: HashMap::new(),
             waiting: BTreeMap::new(),
             retiring: false,
@@ -206,10 +204,6 @@ impl Reconciler {
         mut inventory: watch::Receiver<Arc<Snapshot>>,
         mut live: watch::Receiver<Arc<Config>>,
     ) {
-        if let Some(writer) = self.writer.take() {
-            let node = writer.node().to_string();
-            self.writes = Some((node, writer.spawn(inventory.clone())));
-        }
         let (answers_tx, mut answers) =
             mpsc::unbounded_channel::<(String, Result<Vec<IpAddr>, String>)>();
         let mut dirty = Dirty::default();

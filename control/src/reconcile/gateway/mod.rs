@@ -30,7 +30,7 @@ use crate::reconcile::ports::{self, ClaimCache, Reserved};
 use crate::reconcile::route::compile::{self as routes, Counters, Inputs, RouteReport};
 use crate::reconcile::status::fleet::{ListenerFacts, aggregate};
 use crate::reconcile::status::lease::{Fleet, HoldDeadline};
-use crate::reconcile::status::{StatusKey, StatusOf, Wanted, Writer};
+use crate::reconcile::status::{StatusKey, StatusOf, Wanted, Writes};
 use compile::{Model, Plan, RouteKind};
 
 /// A Gateway listener the reconciler holds open.
@@ -63,7 +63,7 @@ pub struct Reconciler {
     /// What was last logged of objects that do not read and listeners not served, so a lasting
     /// problem is logged once, not on every pass.
     logged: compile::Logged,
-    writer: Option<Writer>,
+    /// What this instance wants written (read by the writer task).
     writes: Option<watch::Sender<Arc<Wanted>>>,
     /// The node this instance reports as.
     node: String,
@@ -117,7 +117,7 @@ impl Reconciler {
     pub fn new(
         config: &Config,
         controller: Controller,
-        writer: Option<Writer>,
+        writes: Option<Writes>,
         fleet: Option<FleetLink>,
     ) -> Option<Self> {
         let controller_name = config.gateway_controller.clone()?;
@@ -134,17 +134,11 @@ impl Reconciler {
             counters: Default::default(),
             fingerprints: BTreeMap::new(),
             logged: compile::Logged::default(),
-            node: writer
+            node: writes
                 .as_ref()
-                .map(|w| w.node().to_string())
+                .map(|w| w.node.clone())
                 .unwrap_or_default(),
-            writer: writer.map(|w| {
-                w.for_gateway_controller(
-                    controller_name.clone(),
-                    fleet.as_ref().map(|f| f.deadline.clone()),
-                )
-            }),
-            writes: None,
+            writes: writes.map(|w| w.tx),
             fleet,
             views: crate::reconcile::route::RouteViews::default(),
             retrying: false,
@@ -162,9 +156,6 @@ impl Reconciler {
         mut inventory: watch::Receiver<Arc<Snapshot>>,
         mut live: watch::Receiver<Arc<Config>>,
     ) {
-        if let Some(writer) = self.writer.take() {
-            self.writes = Some(writer.spawn(inventory.clone()));
-        }
         // The versions of what the last pass read; `again`: the fleet, the settings or a retry
         // ask for a pass whatever the inventory says. A change of anything else (a GameServer)
         // costs a version comparison.

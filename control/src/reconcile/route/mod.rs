@@ -22,7 +22,7 @@ use tokio::sync::watch;
 use crate::config::Config;
 use crate::crd::RouteInstance;
 use crate::inventory::Snapshot;
-use crate::reconcile::status::{StatusKey, StatusOf, Wanted, Writer};
+use crate::reconcile::status::{StatusKey, StatusOf, Wanted, Writes};
 use compile::{Compiled, Counters, Inputs};
 
 /// An entry point the proxy holds.
@@ -80,7 +80,7 @@ pub struct Reconciler {
     /// swap restarts the weighted rotation).
     fingerprints: BTreeMap<String, String>,
     views: RouteViews,
-    writer: Option<Writer>,
+    /// The node this instance writes as, and what it wants written.
     writes: Option<(String, watch::Sender<Arc<Wanted>>)>,
 }
 
@@ -99,7 +99,7 @@ impl Reconciler {
     pub fn open(
         config: &Config,
         controller: Controller,
-        writer: Option<Writer>,
+        writes: Option<Writes>,
     ) -> Result<Option<Self>, EntryPointError> {
         if config.entry_points.is_empty() {
             return Ok(None);
@@ -137,8 +137,7 @@ impl Reconciler {
             counters: Counters::default(),
             fingerprints: BTreeMap::new(),
             views: RouteViews::default(),
-            writer,
-            writes: None,
+            writes: writes.map(|w| (w.node, w.tx)),
         }))
     }
 
@@ -158,10 +157,6 @@ impl Reconciler {
         mut inventory: watch::Receiver<Arc<Snapshot>>,
         mut live: watch::Receiver<Arc<Config>>,
     ) {
-        if let Some(writer) = self.writer.take() {
-            let node = writer.node().to_string();
-            self.writes = Some((node, writer.spawn(inventory.clone())));
-        }
         // What the last pass read: a change of anything else (a GameServer) costs nothing here.
         let mut compiled_from = None;
         loop {

@@ -146,6 +146,19 @@ pub fn hand_over(tx: &watch::Sender<Arc<Wanted>>, wanted: Wanted) {
     });
 }
 
+/// A reconciler's end of a status writer: the node it writes as, and where it hands over what
+/// it wants written ([`hand_over`]).
+#[derive(Debug)]
+pub struct Writes {
+    /// The node this instance writes as.
+    pub node: String,
+    /// What the reconciler wants written, read by the writer task.
+    pub tx: watch::Sender<Arc<Wanted>>,
+}
+
+/// A writer's task, to be spawned.
+pub type WriterTask = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
 /// Writes one instance's status entries and the managed Service ports.
 #[derive(Clone)]
 pub struct Writer {
@@ -200,12 +213,15 @@ impl Writer {
         &self.node
     }
 
-    /// Starts [`Self::run`] as its own task; the reconciler hands over what it wants through
-    /// the returned sender.
-    pub fn spawn(self, inventory: watch::Receiver<Arc<Snapshot>>) -> watch::Sender<Arc<Wanted>> {
+    /// Sets the writer up, once for every reconciler: the handle its reconciler hands what it
+    /// wants to, and the task that writes it ([`Self::run`]), for `lib.rs` to spawn.
+    pub fn start(self, inventory: watch::Receiver<Arc<Snapshot>>) -> (Writes, WriterTask) {
         let (tx, rx) = watch::channel(Arc::new(Wanted::default()));
-        tokio::spawn(self.run(rx, inventory));
-        tx
+        let writes = Writes {
+            node: self.node.clone(),
+            tx,
+        };
+        (writes, Box::pin(self.run(rx, inventory)))
     }
 
     /// Writes what the reconciler wants, as it changes, until either channel closes: a status
