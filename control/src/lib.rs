@@ -232,16 +232,16 @@ pub fn start(
         fleet: fleet_rx,
         deadline: e.deadline(),
     });
-    let gateway_writes = kube
-        .clone()
-        .zip(config.gateway_controller.clone())
-        .map(|(client, controller)| {
-            let deadline = link.as_ref().map(|l| l.deadline.clone());
-            start_writer(
-                status::Writer::new(client, String::new(), node_name())
-                    .for_gateway_controller(controller, deadline),
-            )
-        });
+    let gateway_writes =
+        kube.clone()
+            .zip(config.gateway_controller.clone())
+            .map(|(client, controller)| {
+                let deadline = link.as_ref().map(|l| l.deadline.clone());
+                start_writer(
+                    status::Writer::new(client, String::new(), node_name())
+                        .for_gateway_controller(controller, deadline),
+                )
+            });
     let gateways = gateway::Reconciler::new(&config, plane.controller(), gateway_writes, link);
     let route_views: Vec<route::RouteViews> = routes
         .iter()

@@ -408,10 +408,7 @@ fn parse_checking(
 /// One object of a file, checked: its metadata, Kubernetes' limits on its name and labels,
 /// and, for a Forwarder or a Route, its spec. An error gives the object's kind (for the
 /// counter) and the reason, to follow `object #i`.
-fn check_object(
-    value: Value,
-    spec_check: &CheckSpec,
-) -> Result<Object, (Option<String>, String)> {
+fn check_object(value: Value, spec_check: &CheckSpec) -> Result<Object, (Option<String>, String)> {
     let kind = value.get("kind").and_then(Value::as_str).map(str::to_owned);
     let object = match Object::from_value(value) {
         Ok(o) => o,

@@ -334,7 +334,11 @@ impl Director {
             loop {
                 let snapshot = Arc::clone(&inventory.borrow());
                 let config = Arc::clone(&live.borrow());
-                let index = Arc::new(select::QueryIndex::build(&snapshot, &config.mappings, ports));
+                let index = Arc::new(select::QueryIndex::build(
+                    &snapshot,
+                    &config.mappings,
+                    ports,
+                ));
                 let mut cached = cache.lock();
                 let current = cached.current.as_ref();
                 if current.is_some_and(|c| Arc::ptr_eq(&c.config, &config)) {

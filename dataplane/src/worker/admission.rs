@@ -31,8 +31,8 @@ use crate::policy::seal::{KeyRing, OpenError};
 use crate::policy::session::{SessionId, SessionKey, SessionKind};
 
 use super::listeners::Listeners;
-use super::sessions::NewSession;
 use super::proxy_header::ProxyState;
+use super::sessions::NewSession;
 use super::{Outbox, Parts};
 
 /// Where an admitted client goes: one answer for every listener role and transport.

@@ -134,10 +134,7 @@ impl Reconciler {
             counters: Default::default(),
             fingerprints: BTreeMap::new(),
             logged: compile::Logged::default(),
-            node: writes
-                .as_ref()
-                .map(|w| w.node.clone())
-                .unwrap_or_default(),
+            node: writes.as_ref().map(|w| w.node.clone()).unwrap_or_default(),
             writes: writes.map(|w| w.tx),
             fleet,
             views: crate::reconcile::route::RouteViews::default(),
