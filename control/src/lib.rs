@@ -472,7 +472,7 @@ fn forwarder_reconciler(
 
 /// The reconcilers' check of a file-inventory object's spec: a Forwarder or a Route that
 /// does not read refuses the file (the inventory does not know what a spec may be).
-fn spec_check(o: &inventory::Object) -> Result<(), (&'static str, String)> {
+pub fn spec_check(o: &inventory::Object) -> Result<(), (&'static str, String)> {
     if forwarder::is_forwarder(o) {
         forwarder::ForwarderObject::from_object(o)
             .map(drop)

@@ -4,7 +4,7 @@
 //! 1. one object as JSON, as a watch delivers it: `Object::from_value`, then the typed reads a
 //!    Forwarder, a Route and a Gateway API object get (`ForwarderObject::from_object`,
 //!    `RouteObject::from_object`, `gateway::compile::Model::read` and `plan`);
-//! 2. a whole inventory file (`inventory.kind: file`): `parse_objects`, then `Snapshot::build`
+//! 2. a whole inventory file (`inventory.kind: file`): `parse_objects_checked` with the proxy's spec check, then `Snapshot::build`
 //!    with a fixed config's mappings and what a query does with the snapshot (`select::
 //!    candidates` for every mapping, `Snapshot::ready_endpoint`, the Gateway API model).
 //!
@@ -16,11 +16,12 @@ use std::path::Path;
 use std::sync::{Arc, LazyLock};
 
 use control::config::Config;
+use control::inventory::file::parse_objects_checked;
+use control::inventory::{Object, Snapshot};
+use control::query::Query;
 use control::reconcile::forwarder::{ForwarderObject, is_forwarder};
 use control::reconcile::gateway::compile::{Model, plan};
 use control::reconcile::gateway::is_gateway_api;
-use control::inventory::{Object, Snapshot, parse_objects};
-use control::query::Query;
 use control::reconcile::route::{RouteObject, is_route};
 use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
@@ -80,11 +81,13 @@ fn one_object(raw: Value, config: &Config) {
 }
 
 fn file_body(data: &[u8], config: &Config) {
-    let Ok(objects) = parse_objects(data, Path::new("inventory.yaml")) else {
+    let Ok(objects) =
+        parse_objects_checked(data, Path::new("inventory.yaml"), &control::spec_check)
+    else {
         return;
     };
     for o in &objects {
-        // parse_objects refuses the file when these fail.
+        // The proxy's file inventory refuses the file when these fail.
         if is_forwarder(o) {
             ForwarderObject::from_object(o).expect("parse_objects checked the Forwarder");
         }
@@ -114,9 +117,12 @@ fn file_body(data: &[u8], config: &Config) {
             annotation_selector: Default::default(),
             status_query: None,
         };
-        if let Ok(found) = control::query::select::candidates(&query, mapping, &snapshot, data_ports) {
+        if let Ok(found) =
+            control::query::select::candidates(&query, mapping, &snapshot, data_ports)
+        {
             for c in found {
-                let direct = control::query::select::resolve(mapping, &c.object, &snapshot, data_ports);
+                let direct =
+                    control::query::select::resolve(mapping, &c.object, &snapshot, data_ports);
                 assert!(direct.is_some(), "a candidate resolves on its own too");
             }
         }

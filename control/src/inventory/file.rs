@@ -319,6 +319,16 @@ pub fn parse_objects(bytes: &[u8], path: &Path) -> Result<Vec<Object>, Inventory
     parse_checking(bytes, path, &no_spec_check, &mut |_| {})
 }
 
+/// [`parse_objects`], refusing the file as the proxy does when `spec_check` refuses an object
+/// (the proxy's check is [`crate::spec_check`]).
+pub fn parse_objects_checked(
+    bytes: &[u8],
+    path: &Path,
+    spec_check: &CheckSpec,
+) -> Result<Vec<Object>, InventoryError> {
+    parse_checking(bytes, path, spec_check, &mut |_| {})
+}
+
 /// What the reconcilers say of an object's spec before a file is taken in (a Forwarder or Route
 /// that does not read refuses the file, keeping the running ones, instead of closing a
 /// listener): `Err` with the kind and why. The inventory does not know what a spec may be;
