@@ -7,8 +7,8 @@
 #![no_main]
 
 use control::query::jsonpath::Path;
-use control::query::{ErrorCode, Query, QueryError};
 use control::query::server::MAX_REQUEST_BYTES;
+use control::query::{ErrorCode, Query, QueryError};
 use libfuzzer_sys::fuzz_target;
 
 /// `quote` keeps 64 characters, `quote_message` 300, each plus a short `… (N bytes)` suffix.
