@@ -849,13 +849,5 @@ async fn lookup(host: &str) -> Result<Vec<IpAddr>, String> {
     Ok(addrs)
 }
 
-/// The ports the proxy holds itself, as forwarder conflicts name them: the query and admin
-/// ports, each data port and each route entry point (name, transport, bound port).
-pub fn own_ports(
-    query: u16,
-    admin: u16,
-    data: &[(String, Transport, u16)],
-    entry: &[(String, Transport, u16)],
-) -> Vec<Reserved> {
-    ports::own_ports(query, admin, data, entry)
-}
+/// The ports the proxy holds itself, as forwarder conflicts name them.
+pub use crate::reconcile::ports::own_ports;
