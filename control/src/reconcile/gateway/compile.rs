@@ -71,10 +71,8 @@ pub struct Meta {
 pub struct L4Route {
     /// Which kind.
     pub kind: RouteKind,
-    /// Identity.
+    /// Identity (its creationTimestamp included).
     pub meta: Meta,
-    /// `metadata.creationTimestamp`.
-    pub created: String,
     /// Its parents.
     pub parent_refs: Vec<ParentReference>,
     /// Its rules.
@@ -259,12 +257,6 @@ impl Model {
                         m.routes.push(L4Route {
                             kind,
                             meta: meta(o),
-                            created: o
-                                .raw
-                                .pointer("/metadata/creationTimestamp")
-                                .and_then(Value::as_str)
-                                .unwrap_or_default()
-                                .to_string(),
                             parent_refs: s.parent_refs,
                             rules: s.rules,
                         });
@@ -510,7 +502,7 @@ fn as_route_object(route: &L4Route, listener: &str) -> RouteObject {
             route.meta.name
         ),
         uid: String::new(),
-        created: route.created.clone(),
+        created: route.meta.created.clone(),
         generation: route.meta.generation,
         matches: vec![Match::default(); rules.len()],
         spec: RouteSpec {
