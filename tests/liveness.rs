@@ -21,7 +21,7 @@ fn every_thread_beats_while_all_is_well() {
     let proxy = Proxy::start(&base_config("watchdogSeconds: 1\n"), "[]\n");
     assert_eq!(proxy.http("GET", "/healthz"), (200, "ok\n".into()));
     let (_, metrics) = proxy.http("GET", "/metrics");
-    for thread in ["dp-worker-0", "dp-worker-1", "control"] {
+    for thread in ["dp-worker-0", "dp-worker-1", "control", "query"] {
         assert_eq!(
             thread_up(&metrics, thread).as_deref(),
             Some("1"),

@@ -304,10 +304,11 @@ impl Director {
                 return stale;
             }
         }
-        let index = Arc::new(select::QueryIndex::build(
+        let index = Arc::new(select::QueryIndex::build_warm(
             snapshot,
             &config.mappings,
             self.public_ports.len(),
+            cached.current.as_ref().map(|c| &*c.index),
         ));
         let old = cached.current.replace(IndexOf {
             snapshot: Arc::clone(snapshot),
@@ -334,11 +335,14 @@ impl Director {
             loop {
                 let snapshot = Arc::clone(&inventory.borrow());
                 let config = Arc::clone(&live.borrow());
-                let index = Arc::new(select::QueryIndex::build(
+                let previous = cache.lock().current.as_ref().map(|c| Arc::clone(&c.index));
+                let index = Arc::new(select::QueryIndex::build_warm(
                     &snapshot,
                     &config.mappings,
                     ports,
+                    previous.as_deref(),
                 ));
+                drop(previous);
                 let mut cached = cache.lock();
                 let current = cached.current.as_ref();
                 if current.is_some_and(|c| Arc::ptr_eq(&c.config, &config)) {

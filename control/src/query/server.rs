@@ -12,6 +12,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 use dataplane::WarnGate;
+use dataplane::liveness::{BEAT_INTERVAL, Heartbeat};
 
 use crate::query::conn_limit::ConnectionSlots;
 use crate::query::director::Director;
@@ -48,13 +49,16 @@ impl QueryLimits {
 }
 
 /// Accepts query connections until `stop` turns true. The limits follow the running config
-/// (a reload changes them for connections accepted from then on).
+/// (a reload changes them for connections accepted from then on). The accept loop beats
+/// `heart`, so a query thread that is wedged or gone shows in `/healthz`.
 pub async fn serve(
     listener: TcpListener,
     director: Arc<Director>,
     mut config: watch::Receiver<Arc<crate::config::Config>>,
     mut stop: watch::Receiver<bool>,
+    heart: Heartbeat,
 ) {
+    let mut beat = tokio::time::interval(BEAT_INTERVAL);
     let mut limits = QueryLimits::of(&config.borrow_and_update());
     let slots = ConnectionSlots::new(limits.max_connections, limits.max_connections_per_ip);
     let mut config_open = true;
@@ -65,6 +69,10 @@ pub async fn serve(
         let accepted = tokio::select! {
             a = listener.accept() => a,
             _ = stop.wait_for(|s| *s) => return,
+            _ = beat.tick() => {
+                heart.beat(std::time::Instant::now());
+                continue;
+            }
             changed = config.changed(), if config_open => {
                 match changed {
                     Ok(()) => {

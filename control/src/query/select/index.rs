@@ -121,6 +121,11 @@ impl MappingIndex {
             None => Box::new(self.entries.iter().enumerate()),
         }
     }
+
+    /// The status paths queries asked about.
+    pub(super) fn status_paths(&self) -> Vec<crate::query::jsonpath::Path> {
+        self.status.lock().keys().cloned().collect()
+    }
 }
 
 /// Every mapping's index, for one snapshot.
@@ -151,6 +156,32 @@ impl QueryIndex {
             })
             .collect();
         Self { mappings }
+    }
+
+    /// Indexes `snapshot` like [`QueryIndex::build`], and reads up front the status values of
+    /// every path that queries asked `previous` about: the index is built off the query path,
+    /// so the first query after a change does not walk the whole fleet for them (about 5 ms at
+    /// 10,000 GameServers), and a fleet that changes every 100 ms keeps its queries fast.
+    pub fn build_warm(
+        snapshot: &Snapshot,
+        mappings: &std::collections::BTreeMap<String, Mapping>,
+        ports: usize,
+        previous: Option<&Self>,
+    ) -> Self {
+        let index = Self::build(snapshot, mappings, ports);
+        if let Some(previous) = previous {
+            for (name, mapping) in &index.mappings {
+                let asked = previous
+                    .mappings
+                    .get(name)
+                    .map(MappingIndex::status_paths)
+                    .unwrap_or_default();
+                for path in asked {
+                    drop(mapping.status_values(&path));
+                }
+            }
+        }
+        index
     }
 
     /// The index of resource type `name`.

@@ -391,3 +391,32 @@ fn one_index_per_snapshot_answers_like_a_scan_and_keeps_few_status_paths() {
         assert_eq!(kept.is_some(), i < 15, "path {i}");
     }
 }
+
+#[test]
+fn a_warm_index_has_the_status_paths_asked_of_the_last_one_read_up_front() {
+    let (config, snap) = setup();
+    let first = QueryIndex::build(&snap, &config.mappings, 2);
+    let state = crate::query::jsonpath::Path::parse("status.state").unwrap();
+    let asked = first.mapping("gameserver").unwrap().status_values(&state);
+    let cold = QueryIndex::build(&snap, &config.mappings, 2);
+    assert!(
+        cold.mapping("gameserver")
+            .unwrap()
+            .status_paths()
+            .is_empty()
+    );
+    let warm = QueryIndex::build_warm(&snap, &config.mappings, 2, Some(&first));
+    let m = warm.mapping("gameserver").unwrap();
+    assert_eq!(m.status_paths(), vec![state.clone()]);
+    // The values are those of the new snapshot's objects, read before any query asks.
+    assert_eq!(m.status_values(&state), asked);
+    let q = query(
+        r#"{"resourceType":"gameserver","statusQuery":{"jsonPath":"status.state","expectedValue":"Ready"}}"#,
+    );
+    assert_eq!(
+        matching(&q, m).map(|c| c.len()).map_err(|e| e.code),
+        matching(&q, first.mapping("gameserver").unwrap())
+            .map(|c| c.len())
+            .map_err(|e| e.code)
+    );
+}
