@@ -17,6 +17,7 @@ use crate::query::jsonpath::Path;
 use crate::query::{ErrorCode, Query, QueryError};
 
 pub mod index;
+use index::Narrowed;
 pub use index::QueryIndex;
 
 /// A matching object and where its traffic goes.
@@ -56,23 +57,31 @@ pub fn matching<'a>(
         Some(sq) => {
             let path = Path::parse(&sq.json_path)
                 .map_err(|e| QueryError::new(ErrorCode::BadRequest, e.to_string()))?;
+            let expected = sq.expected();
             // The values at this path, read once per snapshot (while few paths are in use).
-            let values = index.status_values(&path);
-            Some((path, values, sq.expected()))
+            let column = index.status_values(&path).map(|c| {
+                let ids = c.ids_of(&expected);
+                (c, ids)
+            });
+            Some((path, column, expected))
         }
         None => None,
     };
+    let (narrowed, by) = index.narrow(query.namespace.as_deref(), &query.label_selector);
     let mut matched = 0usize;
-    let resolved: Vec<&Candidate> = index
-        .narrow(query.namespace.as_deref(), &query.label_selector)
+    let resolved: Vec<&Candidate> = narrowed
         .filter(|(i, e)| {
             let o = &e.object;
-            query.namespace.as_ref().is_none_or(|ns| &o.namespace == ns)
-                && subset(&query.label_selector, &o.labels)
+            (by == Narrowed::Namespace
+                || query.namespace.as_ref().is_none_or(|ns| &o.namespace == ns))
+                && query
+                    .label_selector
+                    .iter()
+                    .enumerate()
+                    .filter(|(n, _)| by != Narrowed::Label(*n))
+                    .all(|(_, (k, v))| o.labels.get(k) == Some(v))
                 && match &status {
-                    Some((_, Some(values), expected)) => {
-                        values[*i].as_ref().is_some_and(|v| expected.contains(v))
-                    }
+                    Some((_, Some((column, ids)), _)) => column.has(*i, ids),
                     Some((path, None, expected)) => path
                         .get_string(&o.raw)
                         .is_some_and(|v| expected.contains(&v)),

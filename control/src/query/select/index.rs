@@ -32,7 +32,62 @@ pub struct MappingIndex {
     by_label: HashMap<(String, String), Vec<u32>>,
     /// Per status path asked for: every entry's value there, read once per snapshot.
     /// Keyed by the parsed path, so spellings of one path (`a[0]`, `a[00]`) share an entry.
-    status: parking_lot::Mutex<HashMap<crate::query::jsonpath::Path, Arc<Vec<Option<String>>>>>,
+    status: parking_lot::Mutex<HashMap<crate::query::jsonpath::Path, Arc<StatusColumn>>>,
+}
+
+/// Every entry's value at one status path, as small ids into the table of its distinct values
+/// (a fleet has few: `Ready`, `Allocated`, …). A query turns its expected values into ids once
+/// and then compares integers in one array, instead of following a string per object.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct StatusColumn {
+    /// Per entry: the id of its value, or [`StatusColumn::ABSENT`].
+    ids: Vec<u32>,
+    values: HashMap<String, u32>,
+}
+
+impl StatusColumn {
+    /// The id of an entry with no value at the path.
+    const ABSENT: u32 = u32::MAX;
+
+    fn read(entries: &[Entry], path: &crate::query::jsonpath::Path) -> Self {
+        let mut column = Self::default();
+        column.ids = entries
+            .iter()
+            .map(|e| match path.get_string(&e.object.raw) {
+                Some(value) => {
+                    let next = u32::try_from(column.values.len()).unwrap_or(Self::ABSENT - 1);
+                    *column.values.entry(value).or_insert(next)
+                }
+                None => Self::ABSENT,
+            })
+            .collect();
+        column
+    }
+
+    /// The ids of those of `expected` that some entry has.
+    pub fn ids_of(&self, expected: &[String]) -> Vec<u32> {
+        expected
+            .iter()
+            .filter_map(|v| self.values.get(v).copied())
+            .collect()
+    }
+
+    /// Whether entry `i` has one of the values `ids` stand for.
+    pub fn has(&self, i: usize, ids: &[u32]) -> bool {
+        self.ids.get(i).is_some_and(|id| ids.contains(id))
+    }
+}
+
+/// What a [`MappingIndex::narrow`]ed list already guarantees of its entries, so the caller
+/// does not check it again (each check reads the object, one cache miss per entry).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Narrowed {
+    /// Nothing: every entry.
+    Nothing,
+    /// Every entry is in the query's namespace.
+    Namespace,
+    /// Every entry has the query's label selector's `n`th pair (in the selector's order).
+    Label(usize),
 }
 
 impl MappingIndex {
@@ -71,10 +126,7 @@ impl MappingIndex {
 
     /// Every entry's value at status path `path`, kept for the snapshot's life; `None` once
     /// [`MAX_STATUS_PATHS`] paths are kept (read per query then).
-    pub fn status_values(
-        &self,
-        path: &crate::query::jsonpath::Path,
-    ) -> Option<Arc<Vec<Option<String>>>> {
+    pub fn status_values(&self, path: &crate::query::jsonpath::Path) -> Option<Arc<StatusColumn>> {
         let mut cache = self.status.lock();
         if let Some(values) = cache.get(path) {
             return Some(Arc::clone(values));
@@ -82,43 +134,47 @@ impl MappingIndex {
         if cache.len() >= MAX_STATUS_PATHS {
             return None;
         }
-        let values: Arc<Vec<Option<String>>> = Arc::new(
-            self.entries
-                .iter()
-                .map(|e| path.get_string(&e.object.raw))
-                .collect(),
-        );
+        let values = Arc::new(StatusColumn::read(&self.entries, path));
         cache.insert(path.clone(), Arc::clone(&values));
         Some(values)
     }
 
     /// The entries (with their positions) that may match `namespace` and `labels`: the
-    /// shortest of their lists (in name order); every entry when the query names neither. The
-    /// caller still applies every filter to what comes back.
+    /// shortest of their lists (in name order), and what that list guarantees; every entry
+    /// when the query names neither. The caller applies every other filter to what comes back.
     pub fn narrow<'a>(
         &'a self,
         namespace: Option<&str>,
         labels: &std::collections::BTreeMap<String, String>,
-    ) -> Box<dyn Iterator<Item = (usize, &'a Entry)> + 'a> {
+    ) -> (Box<dyn Iterator<Item = (usize, &'a Entry)> + 'a>, Narrowed) {
         static EMPTY: Vec<u32> = Vec::new();
-        let mut shortest: Option<&Vec<u32>> = None;
-        let mut consider = |list: &'a Vec<u32>| {
-            if shortest.is_none_or(|s| list.len() < s.len()) {
-                shortest = Some(list);
+        let mut shortest: Option<(&Vec<u32>, Narrowed)> = None;
+        let mut consider = |list: &'a Vec<u32>, by: Narrowed| {
+            if shortest.is_none_or(|(s, _)| list.len() < s.len()) {
+                shortest = Some((list, by));
             }
         };
         if let Some(ns) = namespace {
-            consider(self.by_namespace.get(ns).unwrap_or(&EMPTY));
+            consider(
+                self.by_namespace.get(ns).unwrap_or(&EMPTY),
+                Narrowed::Namespace,
+            );
         }
-        for (k, v) in labels {
-            consider(self.by_label.get(&(k.clone(), v.clone())).unwrap_or(&EMPTY));
+        for (n, (k, v)) in labels.iter().enumerate() {
+            consider(
+                self.by_label.get(&(k.clone(), v.clone())).unwrap_or(&EMPTY),
+                Narrowed::Label(n),
+            );
         }
         match shortest {
-            Some(list) => Box::new(
-                list.iter()
-                    .map(|&i| (i as usize, &self.entries[i as usize])),
+            Some((list, by)) => (
+                Box::new(
+                    list.iter()
+                        .map(|&i| (i as usize, &self.entries[i as usize])),
+                ),
+                by,
             ),
-            None => Box::new(self.entries.iter().enumerate()),
+            None => (Box::new(self.entries.iter().enumerate()), Narrowed::Nothing),
         }
     }
 

@@ -333,6 +333,15 @@ fn one_index_per_snapshot_answers_like_a_scan_and_keeps_few_status_paths() {
         r#"{"resourceType":"gameserver","namespace":"nowhere"}"#,
         r#"{"resourceType":"gameserver","labelSelector":{"agones.dev/fleet":"m-tutorial"}}"#,
         r#"{"resourceType":"gameserver","statusQuery":{"jsonPath":"status.state","expectedValue":"Ready"}}"#,
+        // Narrowed by one list, checked against the others: the namespace, every other label.
+        r#"{"resourceType":"gameserver","namespace":"other","labelSelector":{"fleet":"f"}}"#,
+        r#"{"resourceType":"gameserver","namespace":"ns","labelSelector":{"map":"inferno"}}"#,
+        r#"{"resourceType":"gameserver","labelSelector":{"fleet":"f","map":"dust"}}"#,
+        r#"{"resourceType":"gameserver","labelSelector":{"fleet":"f","map":"dust","players":"8"}}"#,
+        r#"{"resourceType":"gameserver","labelSelector":{"map":"inferno","fleet":"broken"}}"#,
+        r#"{"resourceType":"gameserver","labelSelector":{"fleet":"f"},"statusQuery":{"jsonPath":"status.state","expectedValues":["Ready","Allocated"]}}"#,
+        r#"{"resourceType":"gameserver","labelSelector":{"fleet":"f"},"statusQuery":{"jsonPath":"status.state","expectedValue":"Nowhere"}}"#,
+        r#"{"resourceType":"gameserver","labelSelector":{"fleet":"f"},"annotationSelector":{"open":"yes"}}"#,
     ];
     // The reference: every object of the type, filtered in order, no index.
     let scan_of = |q: &Query| -> Vec<String> {
