@@ -109,7 +109,7 @@ fn default_weight() -> u32 {
 }
 
 /// A Service port by name (`voice`) or number (`5000`).
-#[derive(Clone, Debug, Deserialize, Eq, JsonSchema, PartialEq, Serialize)]
+#[derive(Clone, Debug, Deserialize, Eq, Hash, JsonSchema, PartialEq, Serialize)]
 #[serde(untagged)]
 pub enum ServicePortRef {
     /// `spec.ports[].port`.

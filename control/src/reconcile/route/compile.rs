@@ -22,9 +22,10 @@ use std::time::Duration;
 use dataplane::{Cidr, Match, RouteBackend, RouteCounter, RouteTable, Rule};
 use serde_json::Value;
 
-use crate::crd::{MAX_ROUTE_TIMEOUT_SECONDS, RouteBackendRef, RouteSpec, ServicePortRef};
-use crate::inventory::{Object, SERVICE_NAME_LABEL};
-use crate::reconcile::forwarder::resolve::not_unicast;
+pub use super::backends::Resolved;
+use super::backends::{Endpoints, Refusal, ServiceIndex, endpoints_of};
+use crate::crd::{MAX_ROUTE_TIMEOUT_SECONDS, RouteSpec};
+use crate::inventory::Object;
 
 /// apiVersion of `Route` objects.
 pub use crate::crd::route::API_VERSION;
@@ -228,14 +229,16 @@ impl RouteReport {
     }
 }
 
-/// The counters a compile hands to the tables, kept across compiles so counts survive a swap:
-/// sessions per (route, Service), re-homes per rule.
+/// What a compile keeps for the next: the counters it hands to the tables, so counts survive a
+/// swap (sessions per (route, Service), re-homes per rule), and the backends it resolved.
 #[derive(Debug, Default)]
 pub struct Counters {
     /// By (`namespace/route`, `namespace/service`).
     pub sessions: HashMap<(String, String), Arc<RouteCounter>>,
     /// By (`namespace/route`, rule key).
     pub rehomed: HashMap<(String, u64), Arc<RouteCounter>>,
+    /// Each backend's endpoints as the last compile read them, with what they were read from.
+    pub resolved: Resolved,
 }
 
 /// Every entry point's table and every route's report.
@@ -261,6 +264,7 @@ pub fn compile(routes: &[RouteObject], inputs: Inputs<'_>, counters: &mut Counte
     order.sort_by(|a, b| {
         (&a.created, &a.namespace, &a.name).cmp(&(&b.created, &b.namespace, &b.name))
     });
+    let services = ServiceIndex::new(inputs.services, inputs.slices);
     let mut used_sessions = Vec::new();
     let mut used_rehomed = Vec::new();
     // Per entry point, where each rule of its table came from, in table order (for shadowing).
@@ -300,8 +304,12 @@ pub fn compile(routes: &[RouteObject], inputs: Inputs<'_>, counters: &mut Counte
             });
             let mut backends = Vec::new();
             for b in &rule.backends {
-                match endpoints_of(route, b, inputs) {
-                    Ok((service, mut endpoints, left_out)) => {
+                match endpoints_of(route, b, inputs, &services, &mut counters.resolved) {
+                    Ok(Endpoints {
+                        service,
+                        addrs: mut endpoints,
+                        left_out,
+                    }) => {
                         for (ip, why) in left_out {
                             report.warnings.push(format!(
                                 "Service {service}: endpoint {ip} is {why}, not a unicast \
@@ -394,6 +402,7 @@ pub fn compile(routes: &[RouteObject], inputs: Inputs<'_>, counters: &mut Counte
     }
     counters.sessions.retain(|k, _| used_sessions.contains(k));
     counters.rehomed.retain(|k, _| used_rehomed.contains(k));
+    counters.resolved.forget_unused();
     out
 }
 
@@ -600,134 +609,6 @@ fn rule_key(route: &str, index: usize) -> u64 {
     h.finish()
 }
 
-/// Why a backend is left out.
-#[derive(Debug)]
-struct Refused {
-    kind: Refusal,
-    why: String,
-}
-
-#[derive(Debug)]
-enum Refusal {
-    NotFound,
-    NotPermitted,
-}
-
-fn not_found(why: String) -> Refused {
-    Refused {
-        kind: Refusal::NotFound,
-        why,
-    }
-}
-
-/// Ready endpoints left out because their address is not unicast, and why.
-type LeftOut = Vec<(IpAddr, &'static str)>;
-
-/// The ready endpoints of a backend's Service port, sorted, and the ready ones left out because
-/// no session could be sent to their address (counted as not ready); the error says why there
-/// are none to speak of (refused namespace, no such Service or port).
-fn endpoints_of(
-    route: &RouteObject,
-    backend: &RouteBackendRef,
-    inputs: Inputs<'_>,
-) -> Result<(String, Vec<SocketAddr>, LeftOut), Refused> {
-    let namespace = backend.namespace.as_deref().unwrap_or(&route.namespace);
-    let service_name = format!("{namespace}/{}", backend.service);
-    if namespace != route.namespace {
-        let (permitted, how) = match inputs.gateway {
-            Some(granted) => (
-                granted(&route.namespace, namespace, &backend.service),
-                "no ReferenceGrant there permits it",
-            ),
-            None => (
-                inputs.allow_cross_namespace,
-                "set routes.allowCrossNamespace",
-            ),
-        };
-        if !permitted {
-            return Err(Refused {
-                kind: Refusal::NotPermitted,
-                why: format!("backend {service_name} is in another namespace ({how})"),
-            });
-        }
-    }
-    let service = inputs
-        .services
-        .iter()
-        .find(|s| s.namespace == namespace && s.name == backend.service)
-        .ok_or_else(|| not_found(format!("Service {service_name} not found")))?;
-    let ports = service
-        .raw
-        .pointer("/spec/ports")
-        .and_then(Value::as_array)
-        .map(Vec::as_slice)
-        .unwrap_or_default();
-    let port_name = ports
-        .iter()
-        .find(|p| match &backend.port {
-            ServicePortRef::Name(n) => p.get("name").and_then(Value::as_str) == Some(n),
-            ServicePortRef::Number(n) => {
-                p.get("port").and_then(Value::as_u64) == Some(u64::from(*n))
-            }
-        })
-        .map(|p| p.get("name").and_then(Value::as_str).unwrap_or_default())
-        .ok_or_else(|| {
-            let port = match &backend.port {
-                ServicePortRef::Name(n) => n.clone(),
-                ServicePortRef::Number(n) => n.to_string(),
-            };
-            not_found(format!("Service {service_name} has no port {port}"))
-        })?;
-    let mut endpoints: Vec<SocketAddr> = inputs
-        .slices
-        .iter()
-        .filter(|s| {
-            s.namespace == namespace
-                && s.labels.get(SERVICE_NAME_LABEL).map(String::as_str) == Some(&backend.service)
-        })
-        .flat_map(|slice| {
-            let port = slice
-                .raw
-                .get("ports")
-                .and_then(Value::as_array)
-                .and_then(|ports| {
-                    ports.iter().find(|p| {
-                        p.get("name").and_then(Value::as_str).unwrap_or_default() == port_name
-                    })
-                })
-                .and_then(|p| p.get("port")?.as_u64())
-                .and_then(|p| u16::try_from(p).ok());
-            let endpoints = slice
-                .raw
-                .get("endpoints")
-                .and_then(Value::as_array)
-                .map(Vec::as_slice)
-                .unwrap_or_default();
-            endpoints
-                .iter()
-                // An absent `ready` condition means ready (EndpointSlice API contract).
-                .filter(|e| e.pointer("/conditions/ready") != Some(&Value::Bool(false)))
-                .filter_map(move |e| {
-                    let ip: IpAddr = e.pointer("/addresses/0")?.as_str()?.parse().ok()?;
-                    Some(SocketAddr::new(ip, port?))
-                })
-        })
-        .collect();
-    endpoints.sort();
-    endpoints.dedup();
-    let mut left_out: LeftOut = Vec::new();
-    endpoints.retain(|e| match not_unicast(e.ip()) {
-        Some(why) => {
-            if !left_out.iter().any(|(ip, _)| *ip == e.ip()) {
-                left_out.push((e.ip(), why));
-            }
-            false
-        }
-        None => true,
-    });
-    Ok((service_name, endpoints, left_out))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -782,6 +663,64 @@ mod tests {
             gateway: None,
             own_listener: None,
         }
+    }
+
+    #[test]
+    fn a_compile_reads_again_only_the_backends_whose_service_or_slices_changed() {
+        let (services, mut slices) = (objects(SERVICES), objects(SLICES));
+        let eps = ["voice".to_string()];
+        let routes = [
+            route(
+                "- {apiVersion: udp-director.dev/v1alpha1, kind: Route, metadata: {name: a, \
+                 namespace: games}, spec: {entryPoint: voice, rules: [{backends: [{service: eu, \
+                 port: voice}, {service: us, port: voice}]}]}}",
+            ),
+            route(
+                "- {apiVersion: udp-director.dev/v1alpha1, kind: Route, metadata: {name: b, \
+                 namespace: games}, spec: {entryPoint: voice, rules: [{match: {sourceCidrs: \
+                 [10.9.0.0/16]}, backends: [{service: us, port: 5000}]}]}}",
+            ),
+        ];
+        let mut counters = Counters::default();
+        let first = compile(&routes, inputs(&services, &slices, &eps), &mut counters);
+        assert_eq!(counters.resolved.reads(), 3, "eu:voice, us:voice, us:5000");
+        // Nothing changed: nothing is read again, and the tables are the same.
+        let again = compile(&routes, inputs(&services, &slices, &eps), &mut counters);
+        assert_eq!(counters.resolved.reads(), 3);
+        assert_eq!(again.reports, first.reports);
+        // eu's slice changes (a new object, as a watch delivers it): only eu's backend is read.
+        let eu = slices.iter().position(|s| s.name == "eu-1").unwrap();
+        let mut changed = (*slices[eu]).clone();
+        changed.raw["endpoints"] = serde_json::json!([{"addresses": ["10.0.0.7"]}]);
+        slices[eu] = Arc::new(changed);
+        let c = compile(&routes, inputs(&services, &slices, &eps), &mut counters);
+        assert_eq!(counters.resolved.reads(), 4);
+        let eu_endpoints = &c.tables["voice"]
+            .rules
+            .iter()
+            .find(|r| r.route == "games/a")
+            .unwrap()
+            .backends[0];
+        assert_eq!(eu_endpoints.service, "games/eu");
+        assert_eq!(
+            eu_endpoints.endpoints,
+            ["10.0.0.7:15000".parse::<SocketAddr>().unwrap()]
+        );
+        // us goes away: both backends on it are read (and found missing); eu's is kept.
+        let without_us: Vec<Arc<Object>> = services
+            .iter()
+            .filter(|s| s.name != "us")
+            .cloned()
+            .collect();
+        let c = compile(&routes, inputs(&without_us, &slices, &eps), &mut counters);
+        assert_eq!(
+            counters.resolved.reads(),
+            4,
+            "a missing Service is a lookup, not a read"
+        );
+        let a = &c.reports[&("games".to_string(), "a".to_string())];
+        assert_eq!(a.problems, ["Service games/us not found"]);
+        assert!(a.not_found);
     }
 
     #[test]

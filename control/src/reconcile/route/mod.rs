@@ -2,6 +2,7 @@
 //! tables are compiled from `Route` objects and their Services' EndpointSlices
 //! ([`compile`], pure) and swapped into the workers whenever the inventory changes them.
 
+mod backends;
 pub mod compile;
 pub mod metrics;
 
@@ -76,6 +77,8 @@ pub struct Reconciler {
     allow_cross_namespace: bool,
     session_timeout: Duration,
     counters: Counters,
+    /// The Services and EndpointSlices the last compile read, and those its routes use.
+    seen: backends::ServicesSeen,
     /// What each entry point's table was built from, so an unchanged one is not swapped (a
     /// swap restarts the weighted rotation).
     fingerprints: BTreeMap<String, String>,
@@ -135,6 +138,7 @@ impl Reconciler {
             allow_cross_namespace: config.routes_allow_cross_namespace,
             session_timeout: config.session_timeout,
             counters: Counters::default(),
+            seen: backends::ServicesSeen::default(),
             fingerprints: BTreeMap::new(),
             views: RouteViews::default(),
             writes: writes.map(|w| (w.node, w.tx)),
@@ -157,23 +161,29 @@ impl Reconciler {
         mut inventory: watch::Receiver<Arc<Snapshot>>,
         mut live: watch::Receiver<Arc<Config>>,
     ) {
-        // What the last pass read: a change of anything else (a GameServer) costs nothing here.
+        // What the last pass read: a change of anything else (a GameServer) costs nothing
+        // here, nor does a change of Services or EndpointSlices that no route uses.
         let mut compiled_from = None;
         loop {
             let snapshot = Arc::clone(&inventory.borrow_and_update());
             let v = snapshot.versions;
             // Forwarders too: a route must not send clients to a listener of this proxy.
-            let inputs = (
-                v.routes,
-                v.services,
-                v.endpoint_slices,
-                v.forwarders,
-                v.gateway_api,
-            );
-            if compiled_from != Some(inputs) {
+            let routes_side = (v.routes, v.forwarders, v.gateway_api);
+            let services_side = (v.services, v.endpoint_slices);
+            let compile = match compiled_from {
+                None => true,
+                Some((routes, services)) => {
+                    routes != routes_side
+                        || (services != services_side
+                            && !self
+                                .seen
+                                .unchanged_in(&snapshot.services, &snapshot.endpoint_slices))
+                }
+            };
+            if compile {
                 self.reconcile(&snapshot);
-                compiled_from = Some(inputs);
             }
+            compiled_from = Some((routes_side, services_side));
             tokio::select! {
                 changed = inventory.changed() => if changed.is_err() { return },
                 Ok(()) = live.changed() => {
@@ -223,6 +233,8 @@ impl Reconciler {
             own_listener: Some(&own_listener),
         };
         let Compiled { tables, reports } = compile::compile(&routes, inputs, &mut self.counters);
+        self.seen =
+            backends::ServicesSeen::of(&routes, &snapshot.services, &snapshot.endpoint_slices);
         for (name, table) in tables {
             let fingerprint = fingerprint(&table);
             if self.fingerprints.get(&name) == Some(&fingerprint) {
