@@ -569,6 +569,13 @@ fn routes_follow_route_service_and_endpoint_slice_changes_live() {
     });
     let cl = client();
     assert_eq!(round_trip(&cl, entry, b"1").unwrap(), b"A1");
+    // A second node writes its own entry beside the first (server-side apply merges the list
+    // by node; each node's field manager owns its entry).
+    let q = c.start_proxy_as(&ns, "node-s");
+    eventually_logged(&[&p, &q], "both nodes' entries, side by side", || {
+        instance_of(c, "routes.udp-director.dev", &ns, "voice", "node-s")["ready"] == true
+            && route_instance()["ready"] == true
+    });
 
     // The EndpointSlice changes: A not ready, B ready. The session re-homes to B.
     c.apply(&endpoint_slice(
@@ -597,6 +604,11 @@ fn routes_follow_route_service_and_endpoint_slice_changes_live() {
                 .is_some_and(|m| m.contains(&format!("Service {ns}/gone not found")))
     });
     assert_eq!(round_trip(&client(), entry, b"3").unwrap(), b"B3");
+    eventually_logged(&[&p, &q], "the other node's entry says so too", || {
+        let i = instance_of(c, "routes.udp-director.dev", &ns, "voice", "node-s");
+        i["ready"] == false && i["observedGeneration"] == 2 && route_instance()["ready"] == false
+    });
+    drop(q);
 
     // The Service goes: nothing to route to.
     c.must(&["delete", "service", "voice", "-n", &ns], None);
