@@ -522,11 +522,11 @@ pub fn spec_check(o: &inventory::Object) -> Result<(), (&'static str, String)> {
     if forwarder::is_forwarder(o) {
         forwarder::ForwarderObject::from_object(o)
             .map(drop)
-            .map_err(|e| ("Forwarder", e))
+            .map_err(|e| ("Forwarder", e.to_string()))
     } else if route::is_route(o) {
         route::RouteObject::from_object(o)
             .map(drop)
-            .map_err(|e| ("Route", e))
+            .map_err(|e| ("Route", e.to_string()))
     } else {
         Ok(())
     }

@@ -49,7 +49,7 @@ pub use metrics::{
 pub use plane::DataPlane;
 pub use policy::grant::{Backend, BackendId, Grant, TokenId};
 pub use policy::ratelimit::RateLimit;
-pub use policy::route::{Cidr, Match, RouteBackend, RouteCounter, RouteTable, Rule};
+pub use policy::route::{Cidr, CidrError, Match, RouteBackend, RouteCounter, RouteTable, Rule};
 pub use policy::session::SessionKind;
 pub use warn_gate::WarnGate;
 

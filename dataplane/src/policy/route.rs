@@ -16,6 +16,30 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+/// Why a text is not a CIDR block.
+#[derive(Debug, thiserror::Error)]
+pub enum CidrError {
+    /// The address part does not parse.
+    #[error("`{text}` is not an IP address or CIDR block ({source})")]
+    NotAnAddress {
+        /// The text as given.
+        text: String,
+        /// Why.
+        source: std::net::AddrParseError,
+    },
+    /// The prefix length is not a number up to the address width.
+    #[error("`{text}`: the prefix length must be 0 to {max}")]
+    PrefixLength {
+        /// The text as given.
+        text: String,
+        /// The address width (32 or 128).
+        max: u8,
+    },
+    /// Bits below the prefix are set (`10.0.0.1/8`): a typo rather than a block.
+    #[error("`{0}` has host bits set")]
+    HostBits(String),
+}
+
 /// An IPv4 or IPv6 address block.
 #[derive(Clone, Copy, Debug, Eq, PartialEq)]
 pub struct Cidr {
@@ -26,26 +50,28 @@ pub struct Cidr {
 impl Cidr {
     /// Parses `10.0.0.0/8`, `2001:db8::/32`, or a bare address (one host). Host bits must be
     /// zero, so a typo (`10.0.0.1/8`) is an error rather than a surprise.
-    pub fn parse(text: &str) -> Result<Self, String> {
+    pub fn parse(text: &str) -> Result<Self, CidrError> {
         let (addr, len) = match text.split_once('/') {
             Some((a, l)) => (a, Some(l)),
             None => (text, None),
         };
-        let addr: IpAddr = addr
-            .parse()
-            .map_err(|e| format!("`{text}` is not an IP address or CIDR block ({e})"))?;
+        let addr: IpAddr = addr.parse().map_err(|source| CidrError::NotAnAddress {
+            text: text.to_owned(),
+            source,
+        })?;
         let max = if addr.is_ipv4() { 32 } else { 128 };
         let len = match len {
             None => max,
-            Some(l) => l
-                .parse::<u8>()
-                .ok()
-                .filter(|l| *l <= max)
-                .ok_or_else(|| format!("`{text}`: the prefix length must be 0 to {max}"))?,
+            Some(l) => l.parse::<u8>().ok().filter(|l| *l <= max).ok_or_else(|| {
+                CidrError::PrefixLength {
+                    text: text.to_owned(),
+                    max,
+                }
+            })?,
         };
         let cidr = Self { addr, len };
         if cidr.masked(addr) != bits(addr) {
-            return Err(format!("`{text}` has host bits set"));
+            return Err(CidrError::HostBits(text.to_owned()));
         }
         // `::ffff:10.0.0.0/104` is an IPv4 block; clients are matched in their IPv4 form.
         if let IpAddr::V6(v6) = addr
@@ -360,7 +386,16 @@ mod tests {
                 .unwrap()
                 .contains("127.0.0.2".parse().unwrap())
         );
-        assert!(Cidr::parse("10.0.0.1/8").unwrap_err().contains("host bits"));
+        assert!(matches!(
+            Cidr::parse("10.0.0.1/8"),
+            Err(CidrError::HostBits(t)) if t == "10.0.0.1/8"
+        ));
+        assert!(
+            Cidr::parse("10.0.0.1/8")
+                .unwrap_err()
+                .to_string()
+                .contains("host bits")
+        );
         let mapped = Cidr::parse("::ffff:10.0.0.0/104").unwrap();
         assert_eq!(
             mapped.to_string(),
@@ -368,8 +403,14 @@ mod tests {
             "a mapped block is an IPv4 block"
         );
         assert!(mapped.contains("10.1.2.3".parse().unwrap()));
-        assert!(Cidr::parse("10.0.0.0/33").unwrap_err().contains("0 to 32"));
-        assert!(Cidr::parse("ten/8").is_err());
+        assert!(matches!(
+            Cidr::parse("10.0.0.0/33"),
+            Err(CidrError::PrefixLength { max: 32, .. })
+        ));
+        assert!(matches!(
+            Cidr::parse("ten/8"),
+            Err(CidrError::NotAnAddress { .. })
+        ));
         assert_eq!(
             Cidr::parse("2001:db8::/32").unwrap().to_string(),
             "2001:db8::/32"

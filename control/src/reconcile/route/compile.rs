@@ -58,41 +58,49 @@ pub struct RouteObject {
 
 impl RouteObject {
     /// Reads a `Route` inventory object; the error names the field.
-    pub fn from_object(object: &Object) -> Result<Self, String> {
-        let spec = object.raw.get("spec").ok_or("spec: missing")?;
-        let spec: RouteSpec =
-            serde_json::from_value(spec.clone()).map_err(|e| format!("spec: {e}"))?;
+    pub fn from_object(object: &Object) -> Result<Self, InvalidRoute> {
+        let spec = object.raw.get("spec").ok_or(InvalidRoute::NoSpec)?;
+        let spec: RouteSpec = serde_json::from_value(spec.clone()).map_err(InvalidRoute::Spec)?;
         if spec.entry_point.is_empty() {
-            return Err("spec.entryPoint: must not be empty".into());
+            return Err(InvalidRoute::EmptyEntryPoint);
         }
         if let Some(s) = spec.session_timeout_seconds
             && !(1..=MAX_ROUTE_TIMEOUT_SECONDS).contains(&s)
         {
-            return Err(format!(
-                "spec.sessionTimeoutSeconds: must be 1 to {MAX_ROUTE_TIMEOUT_SECONDS}, not {s}"
-            ));
+            return Err(InvalidRoute::SessionTimeout(s));
         }
         if spec.rules.is_empty() {
-            return Err("spec.rules: at least one rule is needed".into());
+            return Err(InvalidRoute::NoRules);
         }
         let mut matches = Vec::with_capacity(spec.rules.len());
-        for (i, rule) in spec.rules.iter().enumerate() {
-            if rule.backends.is_empty() {
-                return Err(format!("spec.rules[{i}].backends: at least one is needed"));
+        for (rule, r) in spec.rules.iter().enumerate() {
+            if r.backends.is_empty() {
+                return Err(InvalidRoute::NoBackends(rule));
             }
-            let m = rule.matcher.clone().unwrap_or_default();
-            let key = format!("spec.rules[{i}].match");
+            let m = r.matcher.clone().unwrap_or_default();
             let source_cidrs = m
                 .source_cidrs
                 .iter()
                 .enumerate()
-                .map(|(j, c)| Cidr::parse(c).map_err(|e| format!("{key}.sourceCidrs[{j}]: {e}")))
+                .map(|(index, c)| {
+                    Cidr::parse(c).map_err(|source| InvalidRoute::SourceCidr {
+                        rule,
+                        index,
+                        source,
+                    })
+                })
                 .collect::<Result<_, _>>()?;
             let source_ports = m
                 .source_ports
                 .iter()
                 .enumerate()
-                .map(|(j, p)| port_range(p).map_err(|e| format!("{key}.sourcePorts[{j}]: {e}")))
+                .map(|(index, p)| {
+                    port_range(p).map_err(|source| InvalidRoute::SourcePorts {
+                        rule,
+                        index,
+                        source,
+                    })
+                })
                 .collect::<Result<_, _>>()?;
             matches.push(Match {
                 source_cidrs,
@@ -125,14 +133,68 @@ impl RouteObject {
     }
 }
 
+/// Why a `Route` does not read; each names the field.
+#[derive(Debug, thiserror::Error)]
+pub enum InvalidRoute {
+    /// No `spec`.
+    #[error("spec: missing")]
+    NoSpec,
+    /// `spec` does not deserialize (serde names the field).
+    #[error("spec: {0}")]
+    Spec(#[source] serde_json::Error),
+    /// `spec.entryPoint: ""`.
+    #[error("spec.entryPoint: must not be empty")]
+    EmptyEntryPoint,
+    /// `spec.sessionTimeoutSeconds` out of range.
+    #[error("spec.sessionTimeoutSeconds: must be 1 to {MAX_ROUTE_TIMEOUT_SECONDS}, not {0}")]
+    SessionTimeout(u64),
+    /// `spec.rules: []`.
+    #[error("spec.rules: at least one rule is needed")]
+    NoRules,
+    /// A rule with no backend.
+    #[error("spec.rules[{0}].backends: at least one is needed")]
+    NoBackends(usize),
+    /// A source CIDR that does not parse.
+    #[error("spec.rules[{rule}].match.sourceCidrs[{index}]: {source}")]
+    SourceCidr {
+        /// The rule's position.
+        rule: usize,
+        /// The CIDR's position.
+        index: usize,
+        /// Why.
+        source: dataplane::CidrError,
+    },
+    /// A source port range that does not parse.
+    #[error("spec.rules[{rule}].match.sourcePorts[{index}]: {source}")]
+    SourcePorts {
+        /// The rule's position.
+        rule: usize,
+        /// The range's position.
+        index: usize,
+        /// Why.
+        source: PortRangeError,
+    },
+}
+
+/// Why a text is not a source port range.
+#[derive(Debug, thiserror::Error)]
+pub enum PortRangeError {
+    /// One end is not a port.
+    #[error("`{0}` is not a port (1 to 65535)")]
+    NotAPort(String),
+    /// `9-1`.
+    #[error("`{0}`: the range is empty")]
+    Empty(String),
+}
+
 /// `"9001"` or `"10000-10100"`.
-fn port_range(text: &str) -> Result<(u16, u16), String> {
+fn port_range(text: &str) -> Result<(u16, u16), PortRangeError> {
     let port = |s: &str| {
         s.trim()
             .parse::<u16>()
             .ok()
             .filter(|p| *p > 0)
-            .ok_or_else(|| format!("`{s}` is not a port (1 to 65535)"))
+            .ok_or_else(|| PortRangeError::NotAPort(s.to_owned()))
     };
     let (lo, hi) = match text.split_once('-') {
         Some((lo, hi)) => (port(lo)?, port(hi)?),
@@ -142,7 +204,7 @@ fn port_range(text: &str) -> Result<(u16, u16), String> {
         }
     };
     if lo > hi {
-        return Err(format!("`{text}`: the range is empty"));
+        return Err(PortRangeError::Empty(text.to_owned()));
     }
     Ok((lo, hi))
 }
@@ -1251,12 +1313,14 @@ mod tests {
                 "- {{apiVersion: udp-director.dev/v1alpha1, kind: Route, metadata: {{name: r, namespace: g}}, spec: {{entryPoint: e, rules: [{{match: {m}, backends: [{{service: s, port: 1}}]}}]}}}}"
             ))[0])
             .unwrap_err()
+            .to_string()
         };
         let timeout = |t: &str| {
             RouteObject::from_object(&objects(&format!(
                 "- {{apiVersion: udp-director.dev/v1alpha1, kind: Route, metadata: {{name: r, namespace: g}}, spec: {{entryPoint: e, sessionTimeoutSeconds: {t}, rules: [{{backends: [{{service: s, port: 1}}]}}]}}}}"
             ))[0])
             .map(|_| ())
+            .map_err(|e| e.to_string())
         };
         assert_eq!(
             timeout("9223372036854775808"),
