@@ -34,10 +34,27 @@ pub(crate) struct QueryArgs {
     json: bool,
 }
 
-fn key_value(s: &str) -> Result<(String, String), String> {
+/// A `--label` or `--annotation` with no `=` in it.
+#[derive(Debug)]
+struct NotKeyValue {
+    /// What was given.
+    given: String,
+}
+
+impl std::fmt::Display for NotKeyValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "`{}` is not key=value", self.given)
+    }
+}
+
+impl std::error::Error for NotKeyValue {}
+
+fn key_value(s: &str) -> Result<(String, String), NotKeyValue> {
     s.split_once('=')
         .map(|(k, v)| (k.to_string(), v.to_string()))
-        .ok_or_else(|| format!("`{s}` is not key=value"))
+        .ok_or_else(|| NotKeyValue {
+            given: s.to_string(),
+        })
 }
 
 /// Sends the query and prints the token (or the whole answer with `--json`).

@@ -45,7 +45,7 @@ use crate::reconcile::ports::{self, ClaimCache};
 use crate::reconcile::status::{self, StatusKey, StatusOf, Wanted};
 use plan::{Claim, ParseCache, Reading, Reserved};
 use planned::{Managed, Planned, PlannedClaim};
-use resolve::{DnsCache, Host};
+use resolve::{DnsCache, DnsError, Host, ResolveError};
 
 /// How often the reconciler looks again without a change: lookups that fell due, forwarders
 /// that time alone may change (a port another process held, a target that looped back),
@@ -205,7 +205,7 @@ impl Reconciler {
         mut live: watch::Receiver<Arc<Config>>,
     ) {
         let (answers_tx, mut answers) =
-            mpsc::unbounded_channel::<(String, Result<Vec<IpAddr>, String>)>();
+            mpsc::unbounded_channel::<(String, Result<Vec<IpAddr>, DnsError>)>();
         let mut dirty = Dirty::default();
         loop {
             let snapshot = Arc::clone(&inventory.borrow_and_update());
@@ -460,7 +460,7 @@ impl Reconciler {
             .filter(|h| h.host == *host && h.port == claim.port.listen_port)
             .map(|h| h.target);
         if let Err(why) = &claim.verdict {
-            report.problems.push(why.clone());
+            report.problems.push(why.to_string());
             return None;
         }
         match self.resolve(host, snapshot, current.map(|t| t.ip()), now) {
@@ -501,7 +501,7 @@ impl Reconciler {
                         Some(self.want(claim, target))
                     }
                     None => {
-                        report.problems.push(why);
+                        report.problems.push(why.to_string());
                         None
                     }
                 }
@@ -547,14 +547,18 @@ impl Reconciler {
         snapshot: &Snapshot,
         current: Option<IpAddr>,
         now: Instant,
-    ) -> Result<IpAddr, String> {
+    ) -> Result<IpAddr, ResolveError> {
         match Host::parse(host) {
             Host::Ip(ip) => Ok(ip),
             Host::Service { name, namespace } => {
-                resolve::service_address(snapshot, namespace, name, current)
-                    .map_err(|e| format!("targetHost {host}: {e}"))
+                resolve::service_address(snapshot, namespace, name, current).map_err(|source| {
+                    ResolveError::Service {
+                        host: host.to_string(),
+                        source,
+                    }
+                })
             }
-            Host::Dns(name) => self.dns.lookup(name, now),
+            Host::Dns(name) => Ok(self.dns.lookup(name, now)?),
         }
     }
 
@@ -837,14 +841,13 @@ fn add_stats(into: &mut ListenerStats, s: &ListenerStats) {
 }
 
 /// One DNS lookup (the system resolver, on a blocking thread): every address.
-async fn lookup(host: &str) -> Result<Vec<IpAddr>, String> {
+async fn lookup(host: &str) -> Result<Vec<IpAddr>, DnsError> {
     let addrs: Vec<IpAddr> = tokio::net::lookup_host((host, 0))
-        .await
-        .map_err(|e| e.to_string())?
+        .await?
         .map(|a| a.ip())
         .collect();
     if addrs.is_empty() {
-        return Err("no address".into());
+        return Err(DnsError::NoAddress);
     }
     Ok(addrs)
 }

@@ -19,6 +19,58 @@ pub use crate::crd::forwarder::API_VERSION;
 /// Kind of `Forwarder` objects.
 pub use crate::crd::forwarder::KIND;
 
+/// Why a `Forwarder` object cannot be served, naming the field: its `Display` is what the
+/// forwarder's status, and a file inventory's refusal, say.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum ForwarderSpecError {
+    /// No `spec` at all.
+    #[error("spec: missing")]
+    Missing,
+    /// A `spec` of the wrong shape: a field missing, of the wrong type, or out of its type's
+    /// range.
+    #[error("spec: {source}")]
+    Malformed {
+        /// What serde says, naming the field (shared: a reading is kept and handed out).
+        source: Arc<serde_json::Error>,
+    },
+    /// Neither `udp` nor `tcp`: nothing to listen on.
+    #[error("spec: neither udp nor tcp is given")]
+    NoListener,
+    /// `listenPort: 0`.
+    #[error("spec.{transport}.listenPort: must be 1 to 65535", transport = .transport.as_str())]
+    ListenPort {
+        /// The listener.
+        transport: Transport,
+    },
+    /// `targetPort: 0`.
+    #[error("spec.{transport}.targetPort: must be 1 to 65535", transport = .transport.as_str())]
+    TargetPort {
+        /// The listener.
+        transport: Transport,
+    },
+    /// An empty `targetHost`, or one longer than any DNS name.
+    #[error(
+        "spec.{transport}.targetHost: must be 1 to 253 characters",
+        transport = .transport.as_str()
+    )]
+    TargetHost {
+        /// The listener.
+        transport: Transport,
+    },
+    /// `idleTimeoutSeconds` out of range.
+    #[error(
+        "spec.{transport}.idleTimeoutSeconds: must be 1 to {max}, not {seconds}",
+        transport = .transport.as_str(),
+        max = MAX_FORWARDER_IDLE_SECONDS
+    )]
+    IdleTimeout {
+        /// The listener.
+        transport: Transport,
+        /// What it says.
+        seconds: u64,
+    },
+}
+
 /// One `Forwarder`, typed and checked.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ForwarderObject {
@@ -39,33 +91,29 @@ pub struct ForwarderObject {
 
 impl ForwarderObject {
     /// Reads a `Forwarder` inventory object; the error names the field.
-    pub fn from_object(object: &Object) -> Result<Self, String> {
-        let spec = object
-            .raw
-            .get("spec")
-            .ok_or_else(|| "spec: missing".to_string())?;
+    pub fn from_object(object: &Object) -> Result<Self, ForwarderSpecError> {
+        let spec = object.raw.get("spec").ok_or(ForwarderSpecError::Missing)?;
         let spec: ForwarderSpec =
-            serde_json::from_value(spec.clone()).map_err(|e| format!("spec: {e}"))?;
+            serde_json::from_value(spec.clone()).map_err(|e| ForwarderSpecError::Malformed {
+                source: Arc::new(e),
+            })?;
         if spec.udp.is_none() && spec.tcp.is_none() {
-            return Err("spec: neither udp nor tcp is given".into());
+            return Err(ForwarderSpecError::NoListener);
         }
         for (transport, port) in listeners_of(&spec) {
-            let key = format!("spec.{}", transport.as_str());
             if port.listen_port == 0 {
-                return Err(format!("{key}.listenPort: must be 1 to 65535"));
+                return Err(ForwarderSpecError::ListenPort { transport });
             }
             if port.target_port == 0 {
-                return Err(format!("{key}.targetPort: must be 1 to 65535"));
+                return Err(ForwarderSpecError::TargetPort { transport });
             }
             if port.target_host.is_empty() || port.target_host.len() > 253 {
-                return Err(format!("{key}.targetHost: must be 1 to 253 characters"));
+                return Err(ForwarderSpecError::TargetHost { transport });
             }
-            if let Some(s) = port.idle_timeout_seconds
-                && !(1..=MAX_FORWARDER_IDLE_SECONDS).contains(&s)
+            if let Some(seconds) = port.idle_timeout_seconds
+                && !(1..=MAX_FORWARDER_IDLE_SECONDS).contains(&seconds)
             {
-                return Err(format!(
-                    "{key}.idleTimeoutSeconds: must be 1 to {MAX_FORWARDER_IDLE_SECONDS}, not {s}"
-                ));
+                return Err(ForwarderSpecError::IdleTimeout { transport, seconds });
             }
         }
         let meta = object.raw.get("metadata");
@@ -147,13 +195,16 @@ pub struct ParseCache {
 }
 
 /// An object and what it reads as (why not, when it does not).
-pub type Reading<'a> = (&'a Arc<Object>, Result<Arc<ForwarderObject>, String>);
+pub type Reading<'a> = (
+    &'a Arc<Object>,
+    Result<Arc<ForwarderObject>, ForwarderSpecError>,
+);
 
 /// One object and what it read as.
 #[derive(Debug)]
 struct Parsed {
     object: Arc<Object>,
-    result: Result<Arc<ForwarderObject>, String>,
+    result: Result<Arc<ForwarderObject>, ForwarderSpecError>,
 }
 
 impl ParseCache {
@@ -256,6 +307,16 @@ pub fn is_forwarder(o: &Object) -> bool {
     crate::crd::forwarder::is_forwarder(&o.api_version, &o.kind)
 }
 
+/// Why a forwarder listener may not have its port: the port rule ([`ports`]) gives it to
+/// another (one of the proxy's own ports, an older forwarder or Gateway listener).
+#[derive(Clone, Debug, Eq, PartialEq, thiserror::Error)]
+#[error("{refusal}")]
+pub struct PortTaken {
+    /// The port rule's refusal, naming the port and its holder: `udp/7000 is held by forwarder
+    /// relay (older)`.
+    pub refusal: String,
+}
+
 /// One listener a forwarder asks for, and whether it may have its port.
 #[derive(Clone, Debug)]
 pub struct Claim {
@@ -266,7 +327,7 @@ pub struct Claim {
     /// What it asks for.
     pub port: ForwardPort,
     /// `Err(why)` when the port is someone else's.
-    pub verdict: Result<(), String>,
+    pub verdict: Result<(), PortTaken>,
 }
 
 impl PartialEq for Claim {
@@ -314,7 +375,9 @@ pub fn claims(
             forwarder: Arc::clone(forwarder),
             transport: *transport,
             port: (*port).clone(),
-            verdict: verdict.map_err(|holder| holder.refusal(claim)),
+            verdict: verdict.map_err(|holder| PortTaken {
+                refusal: holder.refusal(claim),
+            }),
         })
         .collect()
 }
@@ -448,7 +511,10 @@ mod tests {
         let c = claims(&f, &reserved(), &[]);
         let verdicts: Vec<(&str, String, Result<(), String>)> = c
             .iter()
-            .map(|c| (c.forwarder.name.as_str(), c.label(), c.verdict.clone()))
+            .map(|c| {
+                let verdict = c.verdict.clone().map_err(|e| e.to_string());
+                (c.forwarder.name.as_str(), c.label(), verdict)
+            })
             .collect();
         assert_eq!(
             verdicts,
@@ -481,15 +547,16 @@ mod tests {
         ];
         let c = claims(&f, &reserved(), &[]);
         assert_eq!(c[0].forwarder.name, "a");
+        let refusal = |c: &Claim| c.verdict.as_ref().unwrap_err().to_string();
         assert_eq!(c[0].verdict, Ok(()));
         assert_eq!(
-            c[1].verdict,
-            Err("tcp/9000 is held by the query port".into()),
+            refusal(&c[1]),
+            "tcp/9000 is held by the query port",
             "UDP 9000 would be free: ports are per protocol"
         );
         assert_eq!(
-            c[2].verdict,
-            Err("udp/6000 is held by forwarder a (as old, and first by kind and name)".into())
+            refusal(&c[2]),
+            "udp/6000 is held by forwarder a (as old, and first by kind and name)"
         );
     }
 
@@ -516,7 +583,9 @@ mod tests {
         let c = claims(&f, &[], &older);
         assert_eq!(
             c[0].verdict,
-            Err("udp/7000 is held by Gateway ns/edge listener voice (older)".into())
+            Err(PortTaken {
+                refusal: "udp/7000 is held by Gateway ns/edge listener voice (older)".into()
+            })
         );
         assert_eq!(c[1].verdict, Ok(()), "tcp/7001 is not udp/7001");
         let (udp, _) = service_ports(&c, Transport::Udp, false);
@@ -542,10 +611,13 @@ mod tests {
             ),
         ];
         let c = claims(&f, &reserved(), &[]);
-        assert!(
-            c.iter()
-                .all(|c| c.verdict.as_ref().unwrap_err().contains("query port"))
-        );
+        assert!(c.iter().all(|c| {
+            c.verdict
+                .as_ref()
+                .unwrap_err()
+                .refusal
+                .contains("query port")
+        }));
     }
 
     #[test]
@@ -555,6 +627,7 @@ mod tests {
                 "apiVersion: {API_VERSION}\nkind: Forwarder\nmetadata: {{name: f}}\nspec: {spec}\n"
             )))
             .unwrap_err()
+            .to_string()
         };
         assert_eq!(bad("{}"), "spec: neither udp nor tcp is given");
         assert_eq!(

@@ -4,10 +4,14 @@
 //! delivers it; any other name is looked up by DNS every `resolveIntervalSeconds`, and a failed
 //! lookup keeps the last good address. [`DnsCache`] is the sans-io part of the DNS side: which
 //! names are due, and what each resolved to. [`not_unicast`] is the one test of whether an
-//! address can be a target at all, for forwarders and route endpoints alike.
+//! address can be a target at all, for forwarders and route endpoints alike. Each way a
+//! `targetHost` can fail to give an address is a variant of [`ResolveError`], whose text is
+//! what the forwarder's status says.
 
 use std::collections::HashMap;
+use std::io;
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -51,6 +55,126 @@ impl<'a> Host<'a> {
     }
 }
 
+/// Why a `targetHost` gives no address now: a forwarder's status says it (`Display`), and a
+/// listener that already forwards keeps its target meanwhile.
+#[derive(Clone, Debug, Eq, PartialEq, thiserror::Error)]
+pub enum ResolveError {
+    /// A cluster Service name whose Service gives no address.
+    #[error("targetHost {host}: {source}")]
+    Service {
+        /// The `targetHost`, as written.
+        host: String,
+        /// Why the Service gives none.
+        source: ServiceError,
+    },
+    /// A DNS name with no answer yet, or none that can be a target.
+    #[error(transparent)]
+    Dns(#[from] LookupError),
+}
+
+/// Why a Service in the snapshot gives no address.
+#[derive(Clone, Debug, Eq, PartialEq, thiserror::Error)]
+pub enum ServiceError {
+    /// No such Service (yet, or any more).
+    #[error("Service {namespace}/{name} not found")]
+    NotFound {
+        /// Its namespace.
+        namespace: String,
+        /// Its name.
+        name: String,
+    },
+    /// A headless Service none of whose endpoints is ready.
+    #[error("headless Service {namespace}/{name} has no ready endpoint")]
+    NoReadyEndpoint {
+        /// Its namespace.
+        namespace: String,
+        /// Its name.
+        name: String,
+    },
+    /// A headless Service whose ready endpoints are none of them unicast ([`not_unicast`]).
+    #[error(
+        "headless Service {namespace}/{name} has no ready endpoint with a unicast address \
+         ({left_out} left out)"
+    )]
+    NoUnicastEndpoint {
+        /// Its namespace.
+        namespace: String,
+        /// Its name.
+        name: String,
+        /// Ready endpoints left out for their address.
+        left_out: usize,
+    },
+}
+
+/// What [`DnsCache::lookup`] has for a name that has no address to give.
+#[derive(Clone, Debug, Eq, PartialEq, thiserror::Error)]
+pub enum LookupError {
+    /// Every lookup so far failed.
+    #[error("targetHost {host} does not resolve: {source}")]
+    Failed {
+        /// The name.
+        host: String,
+        /// Why the last lookup failed.
+        source: DnsError,
+    },
+    /// The first lookup has not answered yet.
+    #[error("targetHost {host} is being looked up")]
+    Pending {
+        /// The name.
+        host: String,
+    },
+}
+
+/// Why one DNS lookup gave no address a forwarder can use.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum DnsError {
+    /// The resolver failed (no such name, no answer in time, …).
+    #[error("{source}")]
+    Resolver {
+        /// The resolver's error (shared: the last error is kept, and told to every forwarder
+        /// of the name).
+        source: Arc<io::Error>,
+    },
+    /// The resolver answered with no address at all.
+    #[error("no address")]
+    NoAddress,
+    /// Every address it answered with is one no session can be sent to.
+    #[error("it answers with no unicast address ({first} is {why})")]
+    NotUnicast {
+        /// The first address of the answer.
+        first: IpAddr,
+        /// What it is ([`not_unicast`]).
+        why: &'static str,
+    },
+}
+
+impl From<io::Error> for DnsError {
+    fn from(source: io::Error) -> Self {
+        Self::Resolver {
+            source: Arc::new(source),
+        }
+    }
+}
+
+/// Equal when they read the same: a lookup that fails again for the same reason changes nothing
+/// a forwarder says.
+impl PartialEq for DnsError {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Self::Resolver { source: a }, Self::Resolver { source: b }) => {
+                Arc::ptr_eq(a, b) || (a.kind() == b.kind() && a.to_string() == b.to_string())
+            }
+            (Self::NoAddress, Self::NoAddress) => true,
+            (Self::NotUnicast { first: a, why: x }, Self::NotUnicast { first: b, why: y }) => {
+                a == b && x == y
+            }
+            _ => false,
+        }
+    }
+}
+
+impl Eq for DnsError {}
+
 /// The address of a Service in the snapshot: its ClusterIP, or for a headless Service a ready
 /// endpoint: `current` while it is still ready (a new slice sorting first does not move the
 /// sessions), else the first (slices in name order).
@@ -59,12 +183,15 @@ pub fn service_address(
     namespace: &str,
     name: &str,
     current: Option<IpAddr>,
-) -> Result<IpAddr, String> {
+) -> Result<IpAddr, ServiceError> {
     let service = snapshot
         .services
         .iter()
         .find(|s| s.namespace == namespace && s.name == name)
-        .ok_or_else(|| format!("Service {namespace}/{name} not found"))?;
+        .ok_or_else(|| ServiceError::NotFound {
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+        })?;
     let cluster_ip = service
         .raw
         .pointer("/spec/clusterIP")
@@ -96,12 +223,16 @@ pub fn service_address(
         .into_iter()
         .filter(|ip| not_unicast(*ip).is_none())
         .collect();
-    pick(&unicast, current).ok_or_else(|| match total - unicast.len() {
-        0 => format!("headless Service {namespace}/{name} has no ready endpoint"),
-        n => format!(
-            "headless Service {namespace}/{name} has no ready endpoint with a unicast address \
-             ({n} left out)"
-        ),
+    pick(&unicast, current).ok_or_else(|| {
+        let (namespace, name) = (namespace.to_string(), name.to_string());
+        match total - unicast.len() {
+            0 => ServiceError::NoReadyEndpoint { namespace, name },
+            left_out => ServiceError::NoUnicastEndpoint {
+                namespace,
+                name,
+                left_out,
+            },
+        }
     })
 }
 
@@ -126,7 +257,7 @@ struct Entry {
     /// The last good answer.
     addr: Option<IpAddr>,
     /// The last lookup's error, if it failed.
-    error: Option<String>,
+    error: Option<DnsError>,
     /// When the next lookup is due (`None` while one runs).
     due: Option<Instant>,
 }
@@ -134,7 +265,7 @@ struct Entry {
 impl DnsCache {
     /// The answer for `host`: the last good address (even when the latest lookup failed), or
     /// why there is none. A new name is due at once.
-    pub fn lookup(&mut self, host: &str, now: Instant) -> Result<IpAddr, String> {
+    pub fn lookup(&mut self, host: &str, now: Instant) -> Result<IpAddr, LookupError> {
         let entry = self.entries.entry(host.to_string()).or_insert(Entry {
             addr: None,
             error: None,
@@ -142,8 +273,13 @@ impl DnsCache {
         });
         match (entry.addr, &entry.error) {
             (Some(addr), _) => Ok(addr),
-            (None, Some(e)) => Err(format!("targetHost {host} does not resolve: {e}")),
-            (None, None) => Err(format!("targetHost {host} is being looked up")),
+            (None, Some(e)) => Err(LookupError::Failed {
+                host: host.to_string(),
+                source: e.clone(),
+            }),
+            (None, None) => Err(LookupError::Pending {
+                host: host.to_string(),
+            }),
         }
     }
 
@@ -180,7 +316,7 @@ impl DnsCache {
     pub fn answered(
         &mut self,
         host: &str,
-        result: Result<Vec<IpAddr>, String>,
+        result: Result<Vec<IpAddr>, DnsError>,
         now: Instant,
         interval: Duration,
     ) -> bool {
@@ -197,14 +333,14 @@ impl DnsCache {
                 .filter(|ip| not_unicast(*ip).is_none())
                 .collect();
             match addrs.first() {
-                Some(first) if unicast.is_empty() => Err(format!(
-                    "it answers with no unicast address ({first} is {})",
-                    not_unicast(*first).unwrap_or("not unicast")
-                )),
+                Some(&first) if unicast.is_empty() => Err(DnsError::NotUnicast {
+                    first,
+                    why: not_unicast(first).unwrap_or("not unicast"),
+                }),
                 _ => Ok(unicast),
             }
         });
-        match result.and_then(|addrs| pick(&addrs, e.addr).ok_or_else(|| "no address".into())) {
+        match result.and_then(|addrs| pick(&addrs, e.addr).ok_or(DnsError::NoAddress)) {
             Ok(addr) => {
                 let changed = e.addr != Some(addr) || e.error.is_some();
                 e.addr = Some(addr);
@@ -269,13 +405,21 @@ mod tests {
         let group: IpAddr = "224.0.0.1".parse().unwrap();
         let host: IpAddr = "10.0.0.5".parse().unwrap();
         dns.answered("mcast", Ok(vec![group]), t0, every);
+        let e = dns.lookup("mcast", t0).unwrap_err();
         assert_eq!(
-            dns.lookup("mcast", t0),
-            Err(
-                "targetHost mcast does not resolve: it answers with no unicast address \
-                 (224.0.0.1 is a multicast address)"
-                    .into()
-            )
+            e,
+            LookupError::Failed {
+                host: "mcast".into(),
+                source: DnsError::NotUnicast {
+                    first: group,
+                    why: "a multicast address"
+                }
+            }
+        );
+        assert_eq!(
+            e.to_string(),
+            "targetHost mcast does not resolve: it answers with no unicast address \
+             (224.0.0.1 is a multicast address)"
         );
         dns.answered("mcast", Ok(vec![group, host]), t0, every);
         assert_eq!(
@@ -372,16 +516,23 @@ mod tests {
             Ok("10.1.0.2".parse().unwrap()),
             "not ready: moved"
         );
+        let refused = |namespace, name| {
+            service_address(&s, namespace, name, None)
+                .unwrap_err()
+                .to_string()
+        };
+        assert_eq!(refused("other", "vip"), "Service other/vip not found");
         assert_eq!(
-            service_address(&s, "other", "vip", None),
-            Err("Service other/vip not found".into())
+            refused("g", "mc"),
+            "headless Service g/mc has no ready endpoint with a unicast address (2 left out)"
         );
         assert_eq!(
             service_address(&s, "g", "mc", None),
-            Err(
-                "headless Service g/mc has no ready endpoint with a unicast address (2 left out)"
-                    .into()
-            )
+            Err(ServiceError::NoUnicastEndpoint {
+                namespace: "g".into(),
+                name: "mc".into(),
+                left_out: 2
+            })
         );
     }
 
@@ -390,10 +541,13 @@ mod tests {
         let mut dns = DnsCache::default();
         let t0 = Instant::now();
         let every = Duration::from_secs(30);
-        assert!(
-            dns.lookup("db", t0)
-                .unwrap_err()
-                .contains("being looked up")
+        assert_eq!(
+            dns.lookup("db", t0),
+            Err(LookupError::Pending { host: "db".into() })
+        );
+        assert_eq!(
+            dns.lookup("db", t0).unwrap_err().to_string(),
+            "targetHost db is being looked up"
         );
         assert_eq!(dns.take_due(t0), ["db"]);
         assert!(dns.take_due(t0).is_empty(), "one lookup at a time");
@@ -410,29 +564,29 @@ mod tests {
         assert!(dns.take_due(t0 + Duration::from_secs(29)).is_empty());
         assert_eq!(dns.next_due(), Some(t0 + every));
         assert_eq!(dns.take_due(t0 + every), ["db"]);
-        assert!(dns.answered("db", Err("timeout".into()), t0 + every, every));
+        let failed = |why: &str| Err(io::Error::other(why.to_string()).into());
+        assert!(dns.answered("db", failed("timeout"), t0 + every, every));
         assert_eq!(dns.lookup("db", t0), Ok(ip), "the last good address stays");
         assert!(dns.stale_reason("db").unwrap().contains("timeout"));
         assert!(
-            !dns.answered("db", Err("timeout".into()), t0, every),
+            !dns.answered("db", failed("timeout"), t0, every),
             "same error"
         );
         // A name that never resolved says why.
         dns.lookup("nx", t0).unwrap_err();
         dns.take_due(t0);
-        dns.answered("nx", Err("no such host".into()), t0, every);
+        dns.answered("nx", failed("no such host"), t0, every);
         assert!(!dns.answered("gone", Ok(vec![]), t0, every), "unknown name");
         assert_eq!(
-            dns.lookup("nx", t0),
-            Err("targetHost nx does not resolve: no such host".into())
+            dns.lookup("nx", t0).unwrap_err().to_string(),
+            "targetHost nx does not resolve: no such host"
         );
         // Names nobody asks for any more are forgotten.
         dns.retain(|name| name == "db");
         assert_eq!(dns.lookup("db", t0), Ok(ip), "still asked for: kept");
-        assert!(
-            dns.lookup("nx", t0)
-                .unwrap_err()
-                .contains("being looked up"),
+        assert_eq!(
+            dns.lookup("nx", t0),
+            Err(LookupError::Pending { host: "nx".into() }),
             "forgotten"
         );
         dns.retain(|_| false);

@@ -94,7 +94,38 @@ pub struct Model {
     /// ReferenceGrants.
     pub grants: Vec<(Meta, ReferenceGrantSpec)>,
     /// Objects left out because they do not read: (`Kind namespace/name`, why).
-    pub skipped: Vec<(String, String)>,
+    pub skipped: Vec<(String, SpecError)>,
+}
+
+/// Why a Gateway API object's spec does not read, naming the field: its `Display` is what the
+/// log says of the skipped object.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum SpecError {
+    /// No `spec` at all.
+    #[error("spec: missing")]
+    Missing,
+    /// A `spec` of the wrong shape, as serde reads it.
+    #[error("spec: {source}")]
+    Malformed {
+        /// What serde says, naming the field (shared, so a [`Model`] stays cheap to clone).
+        source: Arc<serde_json::Error>,
+    },
+    /// A field the reading needs is absent, or of another type.
+    #[error("spec.{field}: missing, or not {expected}")]
+    Field {
+        /// Its name under `spec`: `gatewayClassName`.
+        field: &'static str,
+        /// What it must be: `a string`.
+        expected: &'static str,
+    },
+}
+
+impl From<serde_json::Error> for SpecError {
+    fn from(source: serde_json::Error) -> Self {
+        Self::Malformed {
+            source: Arc::new(source),
+        }
+    }
 }
 
 /// A Gateway listener that cannot be served as written, kept so that its status says why.
@@ -139,22 +170,28 @@ fn meta(o: &Object) -> Meta {
 }
 
 /// An object's typed spec; the error names the field.
-fn spec<T: DeserializeOwned>(o: &Object) -> Result<T, String> {
-    let spec = o.raw.get("spec").ok_or("spec: missing")?;
-    serde_json::from_value(spec.clone()).map_err(|e| format!("spec: {e}"))
+fn spec<T: DeserializeOwned>(o: &Object) -> Result<T, SpecError> {
+    let spec = o.raw.get("spec").ok_or(SpecError::Missing)?;
+    Ok(serde_json::from_value(spec.clone())?)
 }
 
 /// A Gateway's spec with the listeners that read, and those that do not.
-fn gateway_spec(o: &Object) -> Result<(GatewaySpec, Vec<InvalidListener>), String> {
-    let spec = o.raw.get("spec").ok_or("spec: missing")?;
+fn gateway_spec(o: &Object) -> Result<(GatewaySpec, Vec<InvalidListener>), SpecError> {
+    let spec = o.raw.get("spec").ok_or(SpecError::Missing)?;
     let class = spec
         .get("gatewayClassName")
         .and_then(Value::as_str)
-        .ok_or("spec.gatewayClassName: missing, or not a string")?;
+        .ok_or(SpecError::Field {
+            field: "gatewayClassName",
+            expected: "a string",
+        })?;
     let entries = spec
         .get("listeners")
         .and_then(Value::as_array)
-        .ok_or("spec.listeners: missing, or not a list")?;
+        .ok_or(SpecError::Field {
+            field: "listeners",
+            expected: "a list",
+        })?;
     let mut listeners: Vec<GatewayListener> = Vec::new();
     let mut invalid = Vec::new();
     for (index, entry) in entries.iter().enumerate() {
@@ -232,7 +269,7 @@ impl Model {
     pub fn read(objects: &[Arc<Object>]) -> Self {
         let mut m = Self::default();
         for o in objects {
-            let read: Result<(), String> = match o.kind.as_str() {
+            let read: Result<(), SpecError> = match o.kind.as_str() {
                 "GatewayClass" => spec(o).map(|s| m.classes.push((meta(o), s))),
                 "Gateway" => gateway_spec(o).map(|(s, invalid)| {
                     m.gateways.push((meta(o), s));
@@ -538,10 +575,10 @@ fn is_service(b: &crate::crd::gateway::BackendRef) -> bool {
 
 /// What to say in the log, by subject: objects that do not read, our Gateways' listeners that
 /// cannot be served as written, and listeners that did not open (`not_opened`: key, why).
-pub fn problems<'a>(
+pub fn problems<'a, W: std::fmt::Display + 'a>(
     model: &Model,
     plan: &Plan,
-    not_opened: impl IntoIterator<Item = (&'a String, &'a String)>,
+    not_opened: impl IntoIterator<Item = (&'a String, &'a W)>,
 ) -> BTreeMap<String, String> {
     let skipped = model
         .skipped
@@ -833,7 +870,7 @@ mod tests {
         let subjects: Vec<&str> = m.skipped.iter().map(|(s, _)| s.as_str()).collect();
         assert_eq!(subjects, ["Gateway n/g", "UDPRoute n/r"]);
         assert_eq!(
-            m.skipped[0].1,
+            m.skipped[0].1.to_string(),
             "spec.gatewayClassName: missing, or not a string"
         );
         let p = plan(&m, "c");

@@ -17,7 +17,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dataplane::{
-    CloseMode, Controller, ListenerKind, ListenerSpec, OpenedListener, RouteTable, Transport,
+    CloseMode, Controller, ListenError, ListenerKind, ListenerSpec, OpenedListener, RouteTable,
+    Transport,
 };
 use serde_json::{Value, json};
 use tokio::sync::watch;
@@ -39,6 +40,33 @@ struct Held {
     handle: OpenedListener,
     port: u16,
     transport: Transport,
+}
+
+/// Why a Gateway listener is not open: its `Display` is what the listener's status and the log
+/// say.
+#[derive(Debug, thiserror::Error)]
+pub enum NotOpened {
+    /// The port rule ([`ports`]) gives its port to another: one of the proxy's own ports, an
+    /// older Forwarder or an older listener.
+    #[error("{refusal}")]
+    Refused {
+        /// The port rule's refusal, naming the port and its holder.
+        refusal: String,
+    },
+    /// The data plane could not open it.
+    #[error(transparent)]
+    Listen(#[from] ListenError),
+}
+
+impl NotOpened {
+    /// The port is held by this proxy's own listener that is closing: it frees within moments,
+    /// so the listener is pending, not unavailable.
+    fn is_closing(&self) -> bool {
+        matches!(
+            self,
+            Self::Listen(ListenError::Taken { holder, .. }) if holder.ends_with("(closing)")
+        )
+    }
 }
 
 /// The Gateway API reconciler.
@@ -280,8 +308,8 @@ impl Reconciler {
         // listener is pending, not unavailable, so it is left out of the facts.
         let facts: ListenerFacts = opened
             .iter()
-            .filter(|(_, result)| !matches!(result, Err(why) if why.contains("(closing)")))
-            .map(|(key, result)| (key.clone(), result.as_ref().err().cloned()))
+            .filter(|(_, result)| !matches!(result, Err(why) if why.is_closing()))
+            .map(|(key, result)| (key.clone(), result.as_ref().err().map(ToString::to_string)))
             .collect();
         if let Some(link) = &self.fleet {
             link.facts.send_if_modified(|current| {
@@ -300,11 +328,11 @@ impl Reconciler {
         &mut self,
         model: &Model,
         plan: &Plan,
-        opened: &BTreeMap<String, Result<SocketAddr, String>>,
+        opened: &BTreeMap<String, Result<SocketAddr, NotOpened>>,
     ) {
         // A port a closing listener still holds frees within moments: not worth a line.
         let not_opened = opened.iter().filter_map(|(key, result)| match result {
-            Err(why) if !why.contains("(closing)") => Some((key, why)),
+            Err(why) if !why.is_closing() => Some((key, why)),
             _ => None,
         });
         let (fresh, gone) = self
@@ -350,7 +378,7 @@ impl Reconciler {
         &mut self,
         plan: &Plan,
         refused: &BTreeMap<String, String>,
-    ) -> BTreeMap<String, Result<SocketAddr, String>> {
+    ) -> BTreeMap<String, Result<SocketAddr, NotOpened>> {
         self.retrying = false;
         let stale: Vec<String> = self
             .held
@@ -373,7 +401,8 @@ impl Reconciler {
         let mut out = BTreeMap::new();
         for l in &plan.listeners {
             if let Some(why) = refused.get(&l.key) {
-                out.insert(l.key.clone(), Err(why.clone()));
+                let refusal = why.clone();
+                out.insert(l.key.clone(), Err(NotOpened::Refused { refusal }));
                 continue;
             }
             if let Some(held) = self.held.get(&l.key) {
@@ -403,7 +432,7 @@ impl Reconciler {
                     );
                 }
                 Err(e) => {
-                    out.insert(l.key.clone(), Err(e.to_string()));
+                    out.insert(l.key.clone(), Err(e.into()));
                     self.retrying = true;
                 }
             }
@@ -673,4 +702,32 @@ fn key(of: StatusOf, namespace: &str, name: &str) -> StatusKey {
 /// A parent reference as status repeats it (only the fields given).
 fn parent_ref(p: &ParentReference) -> Value {
     serde_json::to_value(p).unwrap_or(Value::Null)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_port_our_own_closing_listener_holds_is_pending() {
+        let taken = |holder: &str| {
+            NotOpened::from(ListenError::Taken {
+                transport: Transport::Udp,
+                port: 7000,
+                holder: holder.into(),
+            })
+        };
+        assert!(taken("forwarder relay (closing)").is_closing());
+        assert!(!taken("forwarder relay").is_closing());
+        let refused = NotOpened::Refused {
+            refusal: "udp/7000 is held by the query port".into(),
+        };
+        assert!(!refused.is_closing());
+        assert_eq!(refused.to_string(), "udp/7000 is held by the query port");
+        assert_eq!(
+            taken("forwarder relay").to_string(),
+            "udp/7000 is already open for forwarder relay",
+            "the data plane's words"
+        );
+    }
 }
