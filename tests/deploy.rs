@@ -176,8 +176,9 @@ fn overlays_render_to_what_the_proxy_needs() {
                 wanted["metadata"]["name"]
             );
         }
-        // Read-only on what it watches; `create` only on the reviews of sessionsApi.auth,
-        // `patch` only on the status of routes (each instance writes its own entry).
+        // Read-only on what it watches; `create` only on the reviews of sessionsApi.auth and
+        // on Events, `patch` only on the status of routes (each instance writes its own entry)
+        // and on Events (a repeat is counted into the one Event).
         assert!(
             grants(&generated[0]).iter().all(|(g, r, v)| v == "list"
                 || v == "watch"
@@ -188,7 +189,8 @@ fn overlays_render_to_what_the_proxy_needs() {
                     ]
                     .contains(&(g.as_str(), r.as_str())))
                 || (v == "patch" && g == "udp-director.dev" && r == "routes/status")
-                || (v == "patch" && g == "gateway.networking.k8s.io" && r.ends_with("/status"))),
+                || (v == "patch" && g == "gateway.networking.k8s.io" && r.ends_with("/status"))
+                || ((v == "create" || v == "patch") && g == "events.k8s.io" && r == "events")),
             "{name}"
         );
 

@@ -55,6 +55,28 @@ fn config(ns: &str, bind: &str) -> String {
         .replace("bindAddress: 127.0.0.1", &format!("bindAddress: {bind}"))
 }
 
+/// The Events about Gateway `edge` of `ns` that `node` recorded.
+fn gateway_events(c: &Cluster, ns: &str, node: &str) -> Vec<serde_json::Value> {
+    let Ok(out) = c.kubectl(
+        &["get", "events.v1.events.k8s.io", "-n", ns, "-o", "json"],
+        None,
+    ) else {
+        return Vec::new();
+    };
+    let list: serde_json::Value = serde_json::from_str(&out).unwrap();
+    list["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| {
+            e["regarding"]["kind"] == "Gateway"
+                && e["regarding"]["name"] == "edge"
+                && e["reportingInstance"] == node
+        })
+        .cloned()
+        .collect()
+}
+
 fn gateway_objects(ns: &str, class: &str, port: u16, echo: SocketAddr) -> String {
     format!(
         "apiVersion: gateway.networking.k8s.io/v1\nkind: GatewayClass\nmetadata: {{name: {class}}}\n\
@@ -117,6 +139,25 @@ fn two_instances_elect_one_writer_of_a_status_that_tells_the_truth() {
     );
     let first = holder(c, &ns).expect("a holder");
     assert!(["node-a", "node-b"].contains(&first.as_str()), "{first}");
+    // The node that cannot open the port records it on the Gateway, once; the other does not.
+    wait_for(
+        &both,
+        Duration::from_secs(30),
+        "node-b's PortUnavailable Event",
+        || !gateway_events(c, &ns, "node-b").is_empty(),
+    );
+    let events = gateway_events(c, &ns, "node-b");
+    assert_eq!(events.len(), 1, "{events:#?}");
+    assert_eq!(events[0]["reason"], "PortUnavailable");
+    assert!(
+        events[0]["note"]
+            .as_str()
+            .unwrap()
+            .starts_with("listener voice: "),
+        "{:#}",
+        events[0]
+    );
+    assert!(gateway_events(c, &ns, "node-a").is_empty());
     let cl = client();
     wait_for(
         &both,

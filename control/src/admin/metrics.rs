@@ -29,6 +29,7 @@ pub struct Metrics {
     /// Tokens minted.
     pub tokens_issued: Counter,
     reloads: Family<ResultLabel, Counter>,
+    events: crate::reconcile::status::events::EventCounts,
     registry: parking_lot::Mutex<Registry>,
 }
 
@@ -57,6 +58,13 @@ impl Metrics {
             reloads.clone(),
         );
         rejections.register(&mut registry);
+        let events = crate::reconcile::status::events::EventCounts::default();
+        registry.register(
+            "udp_director_events",
+            "Kubernetes Events the reconcilers recorded on objects, by reason and result \
+             (published, or failed: the API server refused or did not answer)",
+            events.clone(),
+        );
         registry.register(
             "udp_director_queries",
             "Queries answered, by result (ok or an error code)",
@@ -82,6 +90,7 @@ impl Metrics {
             query_duration,
             tokens_issued,
             reloads,
+            events,
             registry: parking_lot::Mutex::new(registry),
         })
     }
@@ -89,6 +98,11 @@ impl Metrics {
     /// Counts a config reload by its result (`applied`, `refused`, `invalid`).
     pub fn count_reload(&self, result: &'static str) {
         self.reloads.get_or_create(&[("result", result)]).inc();
+    }
+
+    /// Where the status writers count the Events they record.
+    pub fn event_counts(&self) -> crate::reconcile::status::events::EventCounts {
+        self.events.clone()
     }
 
     /// Adds a collector read at scrape time (the forwarders').

@@ -233,6 +233,10 @@ pub(super) fn same_type(a: &ApiResource, b: &ApiResource) -> bool {
     a.group == b.group && a.version == b.version && a.plural == b.plural
 }
 
+/// What recording Events needs (kube's recorder creates an Event, then patches its count).
+const EVENTS_RULE: &str =
+    "- apiGroups: [\"events.k8s.io\"]\n  resources: [events]\n  verbs: [create, patch]\n";
+
 /// A least-privilege ClusterRole for a config: `list` and `watch` (all a watcher does) on each
 /// watched resource type, nothing else.
 pub fn cluster_role(config: &Config, name: &str) -> String {
@@ -281,6 +285,11 @@ pub fn cluster_role(config: &Config, name: &str) -> String {
             "- apiGroups: [\"udp-director.dev\"]\n  resources: [routes/status]\n  verbs: [patch]\n",
         );
     }
+    if !config.entry_points.is_empty() || config.gateway_controller.is_some() {
+        // Events on the Routes and Gateways (in their namespaces): created once, then patched
+        // as a repeat is counted into them.
+        out.push_str(EVENTS_RULE);
+    }
     if reviews {
         // `sessionsApi.auth: kubernetes`: who a remote caller is, and whether it may.
         out.push_str(
@@ -318,6 +327,7 @@ pub fn forwarders_role(config: &Config, name: &str) -> String {
         "- apiGroups: [\"{}\"]\n  resources: [forwarders/status]\n  verbs: [patch]\n",
         forwarder_resource().group
     );
+    out.push_str(EVENTS_RULE);
     let mut services: Vec<&str> = [&forwarders.udp_service, &forwarders.tcp_service]
         .into_iter()
         .flatten()
@@ -496,6 +506,7 @@ resourceQueryMapping:
             serde_json::json!([
                 {"apiGroups": ["udp-director.dev"], "resources": ["forwarders"], "verbs": ["list", "watch"]},
                 {"apiGroups": ["udp-director.dev"], "resources": ["forwarders/status"], "verbs": ["patch"]},
+                {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
                 {"apiGroups": [""], "resources": ["services"], "resourceNames": ["lb-tcp", "lb-udp"], "verbs": ["get", "patch"]},
             ])
         );

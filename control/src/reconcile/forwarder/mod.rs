@@ -42,6 +42,7 @@ use crate::config::{Config, ForwardersConfig};
 use crate::crd::ForwarderInstance;
 use crate::inventory::Snapshot;
 use crate::reconcile::ports::{self, ClaimCache};
+use crate::reconcile::status::events::{Problem, Reason};
 use crate::reconcile::status::{self, StatusKey, StatusOf, Wanted};
 use plan::{Claim, ParseCache, Reading, Reserved};
 use planned::{Managed, Planned, PlannedClaim};
@@ -461,18 +462,21 @@ impl Reconciler {
             .map(|h| h.target);
         if let Err(why) = &claim.verdict {
             report.problems.push(why.to_string());
+            report.event(Reason::PortConflict, why);
             return None;
         }
         match self.resolve(host, snapshot, current.map(|t| t.ip()), now) {
             // A literal IP or a Service address that no session could be sent to: the
             // listener would look ready while dropping every datagram.
             Ok(ip) if let Some(why) = resolve::not_unicast(ip) => {
-                report.problems.push(format!(
+                let why = format!(
                     "{}: target {} is {why}, not a unicast address: nothing could be forwarded \
                      there",
                     claim.label(),
                     SocketAddr::new(ip, claim.port.target_port)
-                ));
+                );
+                report.event(Reason::TargetUnresolvable, &why);
+                report.problems.push(why);
                 None
             }
             Ok(ip) if let Some(holder) = self.loops_back(planned, ip) => {
@@ -502,6 +506,7 @@ impl Reconciler {
                     }
                     None => {
                         report.problems.push(why.to_string());
+                        report.event(Reason::TargetUnresolvable, &why);
                         None
                     }
                 }
@@ -641,6 +646,14 @@ impl Reconciler {
                 false
             }
             Err(e) => {
+                // Held by another listener of ours, or by another process.
+                if matches!(
+                    e,
+                    ListenError::Taken { .. }
+                        | ListenError::Socket(dataplane::error::SocketError::Taken { .. })
+                ) {
+                    report.event(Reason::PortConflict, &e);
+                }
                 report.problems.push(e.to_string());
                 report.errors.push("listen");
                 false
@@ -732,12 +745,21 @@ impl Reconciler {
         };
         let previous = Arc::clone(&tx.borrow());
         let mut updates = Vec::new();
+        let mut problems = previous.problems.clone();
         for name in names {
             let key = StatusKey {
                 of: StatusOf::Forwarder,
                 namespace: self.config.namespace.clone(),
                 name: name.clone(),
             };
+            match reports.get(name) {
+                None => drop(problems.remove(&key)),
+                Some(report) if report.pending => {}
+                Some(report) if report.events.is_empty() => drop(problems.remove(&key)),
+                Some(report) => {
+                    problems.insert(key.clone(), (report.uid.clone(), report.events.clone()));
+                }
+            }
             let entry = match reports.get(name) {
                 None => None,
                 // Settles within moments; until then the last entry stands.
@@ -761,7 +783,10 @@ impl Reconciler {
                 updates.push((key, entry));
             }
         }
-        if updates.is_empty() && previous.services == self.planned.services {
+        if updates.is_empty()
+            && previous.services == self.planned.services
+            && previous.problems == problems
+        {
             return;
         }
         let mut statuses = previous.statuses.clone();
@@ -774,6 +799,7 @@ impl Reconciler {
         let wanted = Wanted {
             statuses,
             services: self.planned.services.clone(),
+            problems,
         };
         crate::reconcile::status::hand_over(tx, wanted);
     }
@@ -804,6 +830,8 @@ struct Report {
     notes: Vec<String>,
     /// Control-side error types, for metrics.
     errors: Vec<&'static str>,
+    /// What is recorded as Events on the object.
+    events: Vec<Problem>,
     /// A listener waits for a closing one to let go of its port (moments).
     pending: bool,
     /// Time alone may change the outcome: a listener did not open, or a target loops back.
@@ -811,6 +839,13 @@ struct Report {
 }
 
 impl Report {
+    fn event(&mut self, reason: Reason, note: &dyn std::fmt::Display) {
+        self.events.push(Problem {
+            reason,
+            note: note.to_string(),
+        });
+    }
+
     fn outcome(&self) -> (bool, Option<String>) {
         let ready = self.problems.is_empty() && self.listening.len() == self.requested;
         let all: Vec<&str> = self

@@ -29,6 +29,7 @@ use crate::inventory::Snapshot;
 use crate::reconcile::forwarder::plan::ParseCache;
 use crate::reconcile::ports::{self, ClaimCache, Reserved};
 use crate::reconcile::route::compile::{self as routes, Counters, Inputs, RouteReport};
+use crate::reconcile::status::events::{Problem, Problems, Reason};
 use crate::reconcile::status::fleet::{ListenerFacts, aggregate};
 use crate::reconcile::status::lease::{Fleet, HoldDeadline};
 use crate::reconcile::status::{StatusKey, StatusOf, Wanted, Writes};
@@ -478,8 +479,14 @@ impl Reconciler {
             // Without a Lease (no link), this instance is the fleet.
             None => (true, BTreeMap::new()),
         };
+        // Events are this node's own: every instance records its listeners' unavailable ports.
+        let problems = local_problems(facts);
         if !holder {
-            crate::reconcile::status::hand_over(tx, Wanted::default());
+            let wanted = Wanted {
+                problems,
+                ..Wanted::default()
+            };
+            crate::reconcile::status::hand_over(tx, wanted);
             return;
         }
         let node = self.node.clone();
@@ -686,9 +693,34 @@ impl Reconciler {
         let wanted = Wanted {
             statuses,
             services: BTreeMap::new(),
+            problems,
         };
         crate::reconcile::status::hand_over(tx, wanted);
     }
+}
+
+/// The Gateway listeners whose port this node could not open, as Events on their Gateway.
+fn local_problems(facts: &ListenerFacts) -> Problems {
+    let mut problems = Problems::new();
+    for (listener, why) in facts {
+        let Some(why) = why else { continue };
+        // `namespace/gateway/listener`: none of the three holds a `/`.
+        let mut parts = listener.splitn(3, '/');
+        let (Some(namespace), Some(gateway), Some(name)) =
+            (parts.next(), parts.next(), parts.next())
+        else {
+            continue;
+        };
+        problems
+            .entry(key(StatusOf::Gateway, namespace, gateway))
+            .or_insert_with(|| (String::new(), Vec::new()))
+            .1
+            .push(Problem {
+                reason: Reason::PortUnavailable,
+                note: format!("listener {name}: {why}"),
+            });
+    }
+    problems
 }
 
 fn key(of: StatusOf, namespace: &str, name: &str) -> StatusKey {

@@ -270,6 +270,8 @@ pub struct RouteReport {
     pub not_found: bool,
     /// A backend in another namespace is not permitted.
     pub not_permitted: bool,
+    /// Its entry point is not one of this proxy's (the problem says which).
+    pub entry_point_missing: bool,
 }
 
 impl RouteReport {
@@ -343,6 +345,7 @@ pub fn compile(routes: &[RouteObject], inputs: Inputs<'_>, counters: &mut Counte
                 "entry point `{}` is not in this proxy's entryPoints",
                 route.spec.entry_point
             ));
+            report.entry_point_missing = true;
             out.reports
                 .insert((route.namespace.clone(), route.name.clone()), report);
             continue;

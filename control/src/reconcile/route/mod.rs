@@ -23,6 +23,7 @@ use tokio::sync::watch;
 use crate::config::Config;
 use crate::crd::RouteInstance;
 use crate::inventory::Snapshot;
+use crate::reconcile::status::events::{Problem, Reason};
 use crate::reconcile::status::{StatusKey, StatusOf, Wanted, Writes};
 use compile::{Compiled, Counters, Inputs};
 
@@ -265,6 +266,7 @@ impl Reconciler {
     ) {
         let mut views = BTreeMap::new();
         let mut statuses = BTreeMap::new();
+        let mut problems = BTreeMap::new();
         for r in routes {
             let id = (r.namespace.clone(), r.name.clone());
             let Some(report) = reports.get(&id) else {
@@ -284,6 +286,14 @@ impl Reconciler {
                 if let Ok(value) = serde_json::to_value(instance) {
                     statuses.insert(status_key(&id), (report.uid.clone(), value));
                 }
+                if report.entry_point_missing {
+                    let note = report.problems.first().cloned().unwrap_or_default();
+                    let problem = Problem {
+                        reason: Reason::EntryPointMissing,
+                        note,
+                    };
+                    problems.insert(status_key(&id), (report.uid.clone(), vec![problem]));
+                }
             }
             views.insert(id, view);
         }
@@ -301,6 +311,7 @@ impl Reconciler {
             let wanted = Wanted {
                 statuses,
                 services: BTreeMap::new(),
+                problems,
             };
             crate::reconcile::status::hand_over(tx, wanted);
         }

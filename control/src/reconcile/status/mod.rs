@@ -18,6 +18,7 @@
 //! A reconciler hands what it wants written to [`Writer::run`] through a `watch` channel
 //! ([`Wanted`]), so a slow API server never holds up a listener change.
 
+pub mod events;
 pub mod fleet;
 pub mod lease;
 pub mod service_ports;
@@ -124,6 +125,8 @@ pub struct Wanted {
     pub statuses: BTreeMap<StatusKey, (String, Value)>,
     /// By Service name (in the writer's namespace).
     pub services: BTreeMap<String, Vec<ServicePort>>,
+    /// What this instance finds wrong with each object now (recorded as Events).
+    pub problems: events::Problems,
 }
 
 /// How often the writer looks again without a change (retries that came due).
@@ -171,6 +174,8 @@ pub struct Writer {
     /// Whether this instance holds the status Lease, checked before every whole-object write
     /// (none: no Lease, this instance is the fleet).
     deadline: Option<lease::HoldDeadline>,
+    /// Records the reconciler's problems as Events (none: it records none).
+    events: Option<events::Publisher>,
 }
 
 impl std::fmt::Debug for Writer {
@@ -193,7 +198,19 @@ impl Writer {
             manager,
             controller: None,
             deadline: None,
+            events: None,
         }
+    }
+
+    /// A writer that records the problems its reconciler hands over as Kubernetes Events,
+    /// counted on `counts`.
+    pub fn recording_events(mut self, counts: events::EventCounts) -> Self {
+        self.events = Some(events::Publisher::new(
+            self.client.clone(),
+            &self.node,
+            counts,
+        ));
+        self
     }
 
     /// A writer of Gateway API status as `controller`: route `parents` entries naming it are
@@ -245,6 +262,7 @@ impl Writer {
         // refused as behind the cache, or the Lease not held just then).
         let mut passed: Option<(Arc<Wanted>, [u64; 2])> = None;
         let mut again = false;
+        let mut gate = events::EventGate::new(Instant::now());
         loop {
             tokio::select! {
                 r = wanted.changed() => if r.is_err() { return },
@@ -365,6 +383,13 @@ impl Writer {
                 } else {
                     again = true;
                 }
+            }
+            if let Some(publisher) = &self.events {
+                for due in gate.observe(Instant::now(), &want.problems) {
+                    publisher.publish(&due).await;
+                }
+                // A problem held back by the rate limit is looked at again on the next tick.
+                again |= gate.holding_back();
             }
         }
     }
