@@ -42,6 +42,16 @@ pub struct Director {
     index: Arc<Mutex<IndexCache>>,
 }
 
+/// The versions of the parts of a snapshot a query index reads: the mapped objects, and the
+/// Services and EndpointSlices that Service-based mappings resolve through. A snapshot that
+/// moved on for anything else (a Forwarder, a status written back) keeps the index.
+type IndexInputs = (u64, u64, u64);
+
+fn index_inputs(snapshot: &Snapshot) -> IndexInputs {
+    let v = snapshot.versions;
+    (v.mapped, v.services, v.endpoint_slices)
+}
+
 /// The query index last built, and whether a build is under way.
 #[derive(Debug, Default)]
 struct IndexCache {
@@ -53,6 +63,8 @@ struct IndexCache {
 #[derive(Debug)]
 struct IndexOf {
     snapshot: Arc<Snapshot>,
+    /// The versions of what the index reads in `snapshot`.
+    inputs: IndexInputs,
     config: Arc<Config>,
     index: Arc<select::QueryIndex>,
 }
@@ -292,7 +304,7 @@ impl Director {
         if let Some(c) = cached.current.as_ref()
             && Arc::ptr_eq(&c.config, config)
         {
-            if Arc::ptr_eq(&c.snapshot, snapshot) {
+            if Arc::ptr_eq(&c.snapshot, snapshot) || c.inputs == index_inputs(snapshot) {
                 return Arc::clone(&c.index);
             }
             if let Ok(runtime) = tokio::runtime::Handle::try_current() {
@@ -312,6 +324,7 @@ impl Director {
         ));
         let old = cached.current.replace(IndexOf {
             snapshot: Arc::clone(snapshot),
+            inputs: index_inputs(snapshot),
             config: Arc::clone(config),
             index: Arc::clone(&index),
         });
@@ -348,6 +361,7 @@ impl Director {
                 if current.is_some_and(|c| Arc::ptr_eq(&c.config, &config)) {
                     let old = cached.current.replace(IndexOf {
                         snapshot: Arc::clone(&snapshot),
+                        inputs: index_inputs(&snapshot),
                         config,
                         index,
                     });
@@ -355,7 +369,7 @@ impl Director {
                     drop(old);
                     cached = cache.lock();
                 }
-                if Arc::ptr_eq(&inventory.borrow(), &snapshot) {
+                if index_inputs(&inventory.borrow()) == index_inputs(&snapshot) {
                     cached.building = false;
                     return;
                 }

@@ -28,6 +28,7 @@ use crate::crd::gateway::{GROUP, ParentReference};
 use crate::inventory::Snapshot;
 use crate::reconcile::forwarder::plan::ParseCache;
 use crate::reconcile::ports::{self, ClaimCache, Reserved};
+use crate::reconcile::route::ServicesSeen;
 use crate::reconcile::route::compile::{self as routes, Counters, Inputs, RouteReport};
 use crate::reconcile::status::events::{Problem, Problems, Reason};
 use crate::reconcile::status::fleet::{ListenerFacts, aggregate};
@@ -88,6 +89,8 @@ pub struct Reconciler {
     held: BTreeMap<String, Held>,
     /// Counters per route kind (each kind's routes compile apart: grants are per kind).
     counters: [Counters; 2],
+    /// The Services and EndpointSlices the last pass read, and those its routes use.
+    seen: ServicesSeen,
     fingerprints: BTreeMap<String, String>,
     /// What was last logged of objects that do not read and listeners not served, so a lasting
     /// problem is logged once, not on every pass.
@@ -161,6 +164,7 @@ impl Reconciler {
             forwarder_parses: ParseCache::default(),
             held: BTreeMap::new(),
             counters: Default::default(),
+            seen: ServicesSeen::default(),
             fingerprints: BTreeMap::new(),
             logged: compile::Logged::default(),
             node: writes.as_ref().map(|w| w.node.clone()).unwrap_or_default(),
@@ -191,13 +195,25 @@ impl Reconciler {
             let snapshot = Arc::clone(&inventory.borrow_and_update());
             let v = snapshot.versions;
             // Forwarders claim ports too, and a route must not send clients to a listener of
-            // this proxy.
-            let inputs = [v.gateway_api, v.services, v.endpoint_slices, v.forwarders];
-            if again || passed_from != Some(inputs) {
+            // this proxy. A change of Services or EndpointSlices no route uses costs nothing.
+            let routes_side = [v.gateway_api, v.forwarders];
+            let services_side = [v.services, v.endpoint_slices];
+            let pass = again
+                || match passed_from {
+                    None => true,
+                    Some((routes, services)) => {
+                        routes != routes_side
+                            || (services != services_side
+                                && !self
+                                    .seen
+                                    .unchanged_in(&snapshot.services, &snapshot.endpoint_slices))
+                    }
+                };
+            if pass {
                 self.reconcile(&snapshot);
-                passed_from = Some(inputs);
                 again = false;
             }
+            passed_from = Some((routes_side, services_side));
             // A listener that could not open (a port a closing listener still holds, or another
             // process) is tried again shortly; without one, time changes nothing here.
             let retrying = self.retrying;
@@ -235,6 +251,11 @@ impl Reconciler {
         }
         let model = Model::read(&snapshot.gateway_api);
         let plan = compile::plan(&model, &self.controller_name);
+        self.seen = ServicesSeen::of(
+            &plan.route_objects,
+            &snapshot.services,
+            &snapshot.endpoint_slices,
+        );
         let refused = self.refused(&plan, snapshot);
         let opened = self.sync_listeners(&plan, &refused);
         self.log_problems(&model, &plan, &opened);

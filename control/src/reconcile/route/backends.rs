@@ -11,10 +11,23 @@ use std::sync::Arc;
 
 use serde_json::Value;
 
-use super::compile::{Inputs, RouteObject};
+use super::object::RouteObject;
 use crate::crd::{RouteBackendRef, ServicePortRef};
 use crate::inventory::{Object, SERVICE_NAME_LABEL};
 use crate::reconcile::forwarder::resolve::not_unicast;
+
+/// Whether a ReferenceGrant lets routes of a namespace refer to a Service (route namespace,
+/// Service namespace, Service name).
+pub type Granted<'a> = dyn Fn(&str, &str, &str) -> bool + 'a;
+
+/// Who may send a route's clients to a Service in another namespace.
+#[derive(Clone, Copy)]
+pub(super) enum CrossNamespace<'a> {
+    /// `Route`s: `routes.allowCrossNamespace`.
+    Allowed(bool),
+    /// Gateway API routes: a ReferenceGrant in the Service's namespace.
+    Granted(&'a Granted<'a>),
+}
 
 /// Why a backend is left out.
 #[derive(Clone, Debug)]
@@ -130,21 +143,18 @@ impl Resolved {
 pub(super) fn endpoints_of(
     route: &RouteObject,
     backend: &RouteBackendRef,
-    inputs: Inputs<'_>,
+    cross: CrossNamespace<'_>,
     index: &ServiceIndex<'_>,
     resolved: &mut Resolved,
 ) -> Result<Endpoints, Refused> {
     let namespace = backend.namespace.as_deref().unwrap_or(&route.namespace);
     if namespace != route.namespace {
-        let (permitted, how) = match inputs.gateway {
-            Some(granted) => (
+        let (permitted, how) = match cross {
+            CrossNamespace::Granted(granted) => (
                 granted(&route.namespace, namespace, &backend.service),
                 "no ReferenceGrant there permits it",
             ),
-            None => (
-                inputs.allow_cross_namespace,
-                "set routes.allowCrossNamespace",
-            ),
+            CrossNamespace::Allowed(allowed) => (allowed, "set routes.allowCrossNamespace"),
         };
         if !permitted {
             return Err(Refused {
@@ -278,7 +288,7 @@ fn read(
 /// The Services and EndpointSlices as a compile read them, and the Services its routes use: a
 /// later change of Services or slices that touches none of those needs no compile.
 #[derive(Debug, Default)]
-pub(super) struct ServicesSeen {
+pub(crate) struct ServicesSeen {
     services: Vec<Arc<Object>>,
     slices: Vec<Arc<Object>>,
     used: HashSet<(String, String)>,
@@ -286,7 +296,7 @@ pub(super) struct ServicesSeen {
 
 impl ServicesSeen {
     /// What a compile of `routes` over `services` and `slices` read.
-    pub(super) fn of(
+    pub(crate) fn of(
         routes: &[RouteObject],
         services: &[Arc<Object>],
         slices: &[Arc<Object>],
@@ -311,7 +321,7 @@ impl ServicesSeen {
 
     /// Whether every Service the routes use, and each one's slices, is in `services` and
     /// `slices` as it was (the same objects, present or absent alike).
-    pub(super) fn unchanged_in(&self, services: &[Arc<Object>], slices: &[Arc<Object>]) -> bool {
+    pub(crate) fn unchanged_in(&self, services: &[Arc<Object>], slices: &[Arc<Object>]) -> bool {
         let (before, now) = (
             ServiceIndex::new(&self.services, &self.slices),
             ServiceIndex::new(services, slices),

@@ -5,10 +5,12 @@
 mod backends;
 pub mod compile;
 pub mod metrics;
+mod object;
 
+pub(crate) use backends::ServicesSeen;
 pub use compile::{API_VERSION, KIND, RouteObject, is_route};
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,7 +24,7 @@ use tokio::sync::watch;
 
 use crate::config::Config;
 use crate::crd::RouteInstance;
-use crate::inventory::Snapshot;
+use crate::inventory::{Object, Snapshot};
 use crate::reconcile::status::events::{Problem, Reason};
 use crate::reconcile::status::{StatusKey, StatusOf, Wanted, Writes};
 use compile::{Compiled, Counters, Inputs};
@@ -70,6 +72,9 @@ pub struct EntryPointError {
     pub source: ListenError,
 }
 
+/// A Route as last read (or why it does not read), with the object it was read from.
+type Parsed = (Arc<Object>, Result<RouteObject, String>);
+
 /// The route reconciler.
 pub struct Reconciler {
     controller: Controller,
@@ -80,6 +85,8 @@ pub struct Reconciler {
     counters: Counters,
     /// The Services and EndpointSlices the last compile read, and those its routes use.
     seen: backends::ServicesSeen,
+    /// Each Route as last read, with the object it was read from.
+    parsed: HashMap<(String, String), Parsed>,
     /// What each entry point's table was built from, so an unchanged one is not swapped (a
     /// swap restarts the weighted rotation).
     fingerprints: BTreeMap<String, String>,
@@ -140,6 +147,7 @@ impl Reconciler {
             session_timeout: config.session_timeout,
             counters: Counters::default(),
             seen: backends::ServicesSeen::default(),
+            parsed: HashMap::new(),
             fingerprints: BTreeMap::new(),
             views: RouteViews::default(),
             writes: writes.map(|w| (w.node, w.tx)),
@@ -205,17 +213,24 @@ impl Reconciler {
         }
         let mut routes = Vec::new();
         let mut invalid = BTreeMap::new();
+        // Parsed once per object: a compile for another reason (a Service, a Forwarder) reads
+        // the routes again only where they changed.
+        let mut parsed = HashMap::with_capacity(snapshot.routes.len());
         for o in &snapshot.routes {
-            match RouteObject::from_object(o) {
-                Ok(r) => routes.push(r),
-                Err(e) => {
-                    invalid.insert(
-                        (o.namespace.clone(), o.name.clone()),
-                        format!("invalid: {e}"),
-                    );
+            let id = (o.namespace.clone(), o.name.clone());
+            let reading = match self.parsed.remove(&id) {
+                Some((object, reading)) if Arc::ptr_eq(&object, o) => reading,
+                _ => RouteObject::from_object(o).map_err(|e| format!("invalid: {e}")),
+            };
+            match &reading {
+                Ok(r) => routes.push(r.clone()),
+                Err(why) => {
+                    invalid.insert(id.clone(), why.clone());
                 }
             }
+            parsed.insert(id, (Arc::clone(o), reading));
         }
+        self.parsed = parsed;
         let own_listener = |entry_point: &str, endpoint: SocketAddr| {
             let transport = self
                 .entry_points
