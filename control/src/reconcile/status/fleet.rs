@@ -1,9 +1,11 @@
-//! What the fleet says, from what each instance reports (sans-io): a Gateway listener's state
-//! across the nodes that serve it, which nodes have left, and the two rules that make a
-//! whole-object status one truth under one writer: other controllers' route `parents` entries
-//! are kept, and a condition's `lastTransitionTime` moves only when its status does.
+//! What the fleet says, from what each instance reports (sans-io): whose per-node report is
+//! fresh, a Gateway listener's state across the nodes that serve it, which nodes have left, and
+//! the two rules that make a whole-object status one truth under one writer: other
+//! controllers' route `parents` entries are kept, and a condition's `lastTransitionTime` moves
+//! only when its status does. No I/O and no clock reads here: time is passed in.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
 
 use k8s_openapi::jiff::Timestamp;
 use serde_json::Value;
@@ -14,6 +16,117 @@ pub type ListenerFacts = BTreeMap<String, Option<String>>;
 
 /// How many nodes a listener's message names, before it counts the rest.
 const NAMED_NODES: usize = 5;
+/// A per-node report whose Lease has not changed for this long is not counted: its instance
+/// stopped, or cannot reach the API server to say otherwise. Instances renew every 5 s.
+pub const REPORT_FRESH: Duration = Duration::from_secs(20);
+/// How far the clock of a node that wrote a per-node Lease may run behind the holder's before
+/// the Lease's `renewTime` makes the holder take a live node's report for stale. It is spent
+/// only where the holder was not looking (see [`NodeLeases`]): a live node is misjudged only
+/// when the holder's clock runs some 20 s ahead (this, plus [`REPORT_FRESH`], less the age of
+/// a renewal), and then only until its next renewal.
+pub const CLOCK_SKEW_ALLOWANCE: Duration = Duration::from_secs(5);
+/// An instance whose per-node Lease was not renewed for this long has left the fleet: the
+/// holder removes its `status.instances` entries and its Lease.
+pub const DEPARTED_AFTER: Duration = Duration::from_secs(300);
+
+/// One per-node Lease as listed.
+#[derive(Clone, Debug, Eq, PartialEq)]
+pub struct NodeLease {
+    /// The Lease's name.
+    pub name: String,
+    /// Its `resourceVersion`: every renewal changes it.
+    pub version: String,
+    /// The node it reports for (its `holderIdentity`).
+    pub node: String,
+    /// Its `renewTime`, by the clock of the node that wrote it.
+    pub renewed: Timestamp,
+    /// What it reports.
+    pub facts: ListenerFacts,
+}
+
+/// Departed nodes: each one's per-node Lease name and `resourceVersion`, by node.
+pub type Lapsed = BTreeMap<String, (String, String)>;
+
+/// The per-node Leases as the holder has listed them, and what they say at each look.
+///
+/// A report is fresh while its Lease has changed within [`REPORT_FRESH`], counted on the
+/// holder's own clock from its first listing of the Lease's current version. Where the holder
+/// was not looking — its first look after taking the status Lease over, or one after a gap —
+/// that count starts earlier by what the version's `renewTime` shows, less
+/// [`CLOCK_SKEW_ALLOWANCE`] and never before the previous look (a version not listed then was
+/// written since). So a new holder does not count the facts of a node that stopped just
+/// before the failover as current, and a holder whose clock runs ahead misjudges a live node
+/// at most until its next renewal, whose version it lists within a look.
+///
+/// A node has left by a stricter rule that trusts no other clock with that count: its Lease
+/// says it was renewed over [`DEPARTED_AFTER`] ago *and* the holder itself has listed the same
+/// version for [`REPORT_FRESH`], so a holder whose clock runs ahead departs nobody who is
+/// still renewing.
+#[derive(Debug, Default)]
+pub struct NodeLeases {
+    /// Each Lease's current version as first listed, by Lease name.
+    seen: BTreeMap<String, Sighting>,
+    /// When the previous look listed them.
+    looked: Option<Instant>,
+}
+
+/// A per-node Lease's `resourceVersion` as the holder tracks it.
+#[derive(Clone, Debug, Eq, PartialEq)]
+struct Sighting {
+    version: String,
+    /// When this instance first listed it, by its own clock.
+    at: Instant,
+    /// How long it had been unchanged by then, as far as the holder can tell without having
+    /// looked: zero for a version that appeared between two looks a moment apart.
+    before: Duration,
+}
+
+impl NodeLeases {
+    /// One look at every per-node Lease of the fleet, listed at `now` and `wall` (the same
+    /// moment on this instance's monotonic and wall clocks): the facts of each node whose
+    /// report is fresh, and the nodes that have left.
+    pub fn look(
+        &mut self,
+        leases: Vec<NodeLease>,
+        now: Instant,
+        wall: Timestamp,
+    ) -> (BTreeMap<String, ListenerFacts>, Lapsed) {
+        // A version not listed at the previous look was written since.
+        let unlooked = self.looked.map(|then| now.saturating_duration_since(then));
+        let mut reports = BTreeMap::new();
+        let mut lapsed = Lapsed::new();
+        let mut seen = BTreeMap::new();
+        for lease in leases {
+            // Negative (renewed "later" than now, by a clock ahead of ours): none.
+            let age = Duration::try_from(wall.duration_since(lease.renewed)).unwrap_or_default();
+            let sighting = match self.seen.remove(&lease.name) {
+                Some(s) if s.version == lease.version => s,
+                _ => {
+                    let shown = age.saturating_sub(CLOCK_SKEW_ALLOWANCE);
+                    Sighting {
+                        version: lease.version.clone(),
+                        at: now,
+                        before: unlooked.map_or(shown, |gap| shown.min(gap)),
+                    }
+                }
+            };
+            let observed = now.saturating_duration_since(sighting.at);
+            if age > DEPARTED_AFTER && observed >= REPORT_FRESH {
+                lapsed.insert(
+                    lease.node.clone(),
+                    (lease.name.clone(), lease.version.clone()),
+                );
+            }
+            if observed.saturating_add(sighting.before) < REPORT_FRESH {
+                reports.insert(lease.node, lease.facts);
+            }
+            seen.insert(lease.name, sighting);
+        }
+        self.seen = seen;
+        self.looked = Some(now);
+        (reports, lapsed)
+    }
+}
 
 /// One Gateway listener across the fleet.
 #[derive(Clone, Debug, Default, Eq, PartialEq)]
@@ -198,6 +311,7 @@ pub fn has_unstamped(value: &Value) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use k8s_openapi::jiff::SignedDuration;
     use serde_json::json;
 
     fn facts(list: &[(&str, Option<&str>)]) -> ListenerFacts {
@@ -237,6 +351,167 @@ mod tests {
             ListenerState::default().describe(),
             "no instance has opened it yet"
         );
+    }
+
+    /// The instant and wall-clock time `secs` into a test: the holder's two clocks.
+    fn at(start: Instant, secs: u64) -> (Instant, Timestamp) {
+        let wall: Timestamp = "2026-12-03T10:00:00Z".parse().unwrap();
+        (
+            start + Duration::from_secs(secs),
+            wall + SignedDuration::from_secs(i64::try_from(secs).unwrap()),
+        )
+    }
+
+    /// `node`'s per-node Lease at `version`, renewed at `renewed` (by the node's clock).
+    fn lease(node: &str, version: &str, renewed: Timestamp) -> NodeLease {
+        NodeLease {
+            name: format!("udp-director-gateway-{node}"),
+            version: version.into(),
+            node: node.into(),
+            renewed,
+            facts: facts(&[("ns/gw/voice", None)]),
+        }
+    }
+
+    fn ago(wall: Timestamp, secs: u64) -> Timestamp {
+        wall - SignedDuration::from_secs(i64::try_from(secs).unwrap())
+    }
+
+    fn nodes(reports: &BTreeMap<String, ListenerFacts>) -> Vec<&str> {
+        reports.keys().map(String::as_str).collect()
+    }
+
+    #[test]
+    fn a_new_holder_does_not_count_a_report_renewed_long_ago_at_its_first_look() {
+        let start = Instant::now();
+        let mut leases = NodeLeases::default();
+        let (now, wall) = at(start, 0);
+        // A failover: "dead" stopped long ago; "live" renewed just now; "edge" is as old as a
+        // report still counted can be, given the writer's clock, and "over" just older.
+        let edge = (REPORT_FRESH + CLOCK_SKEW_ALLOWANCE).as_secs() - 1;
+        let (reports, lapsed) = leases.look(
+            vec![
+                lease("dead", "7", ago(wall, 60)),
+                lease("edge", "8", ago(wall, edge)),
+                lease("live", "9", ago(wall, 1)),
+                lease("over", "6", ago(wall, edge + 1)),
+            ],
+            now,
+            wall,
+        );
+        assert_eq!(nodes(&reports), ["edge", "live"]);
+        assert_eq!(reports["live"], facts(&[("ns/gw/voice", None)]));
+        assert!(lapsed.is_empty(), "departure waits for its own sighting");
+        // A look later, "edge" has not changed: its count went on from its renewal, not from
+        // this holder's first sight of it.
+        let (now, wall) = at(start, 2);
+        let (reports, _) = leases.look(
+            vec![
+                lease("dead", "7", ago(wall, 62)),
+                lease("edge", "8", ago(wall, edge + 2)),
+                lease("live", "10", ago(wall, 0)),
+                lease("over", "6", ago(wall, edge + 3)),
+            ],
+            now,
+            wall,
+        );
+        assert_eq!(nodes(&reports), ["live"]);
+    }
+
+    #[test]
+    fn a_report_counts_until_its_lease_has_been_unchanged_for_a_while_as_seen() {
+        let start = Instant::now();
+        let mut leases = NodeLeases::default();
+        let (now, wall) = at(start, 0);
+        let renewed = ago(wall, 0);
+        let (reports, _) = leases.look(vec![lease("a", "1", renewed)], now, wall);
+        assert_eq!(nodes(&reports), ["a"]);
+        let (now, wall) = at(start, 19);
+        let (reports, _) = leases.look(vec![lease("a", "1", renewed)], now, wall);
+        assert_eq!(nodes(&reports), ["a"]);
+        let (now, wall) = at(start, 20);
+        let (reports, _) = leases.look(vec![lease("a", "1", renewed)], now, wall);
+        assert!(reports.is_empty(), "unchanged for {REPORT_FRESH:?}");
+        // A renewal counts it again.
+        let (now, wall) = at(start, 22);
+        let (reports, _) = leases.look(vec![lease("a", "2", ago(wall, 1))], now, wall);
+        assert_eq!(nodes(&reports), ["a"]);
+    }
+
+    #[test]
+    fn a_holder_whose_clock_runs_ahead_misjudges_a_live_node_only_until_it_renews() {
+        let start = Instant::now();
+        let mut leases = NodeLeases::default();
+        // Every renewal looks a minute old to this holder.
+        let ahead = 60;
+        let (now, wall) = at(start, 0);
+        // With nothing but its renewTime to go by, it is taken for stale at first...
+        let (reports, _) = leases.look(vec![lease("a", "1", ago(wall, ahead))], now, wall);
+        assert!(reports.is_empty());
+        // ...and counted from its next renewal on, looked at a moment apart.
+        for (secs, version) in [(2, "2"), (4, "2"), (6, "2"), (8, "3"), (10, "3"), (12, "4")] {
+            let (now, wall) = at(start, secs);
+            let (reports, lapsed) =
+                leases.look(vec![lease("a", version, ago(wall, ahead))], now, wall);
+            assert_eq!(nodes(&reports), ["a"], "at {secs} s");
+            assert!(lapsed.is_empty());
+        }
+    }
+
+    #[test]
+    fn a_holder_back_after_a_gap_judges_what_changed_meanwhile_by_its_renewal() {
+        let start = Instant::now();
+        let mut leases = NodeLeases::default();
+        let (now, wall) = at(start, 0);
+        let first = vec![lease("a", "1", wall), lease("b", "2", wall)];
+        let (reports, _) = leases.look(first, now, wall);
+        assert_eq!(nodes(&reports), ["a", "b"]);
+        // Two minutes not holding; meanwhile "a" renewed and then stopped half a minute ago,
+        // and "b" renewed just now.
+        let (now, wall) = at(start, 120);
+        let again = vec![
+            lease("a", "5", ago(wall, 30)),
+            lease("b", "6", ago(wall, 1)),
+        ];
+        let (reports, _) = leases.look(again, now, wall);
+        assert_eq!(nodes(&reports), ["b"]);
+    }
+
+    #[test]
+    fn a_node_departs_only_once_the_holder_itself_saw_its_old_lease_unchanged() {
+        let start = Instant::now();
+        let mut leases = NodeLeases::default();
+        let (now, wall) = at(start, 0);
+        let long_ago = ago(wall, 3600);
+        let (reports, lapsed) = leases.look(vec![lease("gone", "4", long_ago)], now, wall);
+        assert!(reports.is_empty());
+        assert!(lapsed.is_empty(), "a first sight departs nobody");
+        let (now, wall) = at(start, 19);
+        let (_, lapsed) = leases.look(vec![lease("gone", "4", long_ago)], now, wall);
+        assert!(lapsed.is_empty());
+        let (now, wall) = at(start, 20);
+        let (_, lapsed) = leases.look(vec![lease("gone", "4", long_ago)], now, wall);
+        assert_eq!(
+            lapsed,
+            Lapsed::from([(
+                "gone".to_string(),
+                ("udp-director-gateway-gone".to_string(), "4".to_string())
+            )])
+        );
+        // A node still renewing never departs, however far behind its clock is.
+        let mut leases = NodeLeases::default();
+        for (secs, version) in [
+            (0, "1"),
+            (5, "2"),
+            (10, "3"),
+            (15, "4"),
+            (20, "5"),
+            (25, "6"),
+        ] {
+            let (now, wall) = at(start, secs);
+            let (_, lapsed) = leases.look(vec![lease("a", version, ago(wall, 3600))], now, wall);
+            assert!(lapsed.is_empty(), "at {secs} s");
+        }
     }
 
     #[test]

@@ -17,13 +17,15 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
-use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use k8s_openapi::jiff::Timestamp;
 use kube::Client;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 use tokio::sync::watch;
 
-use super::fleet::{InstanceEntry, ListenerFacts, departed};
+use super::fleet::{
+    DEPARTED_AFTER, InstanceEntry, Lapsed, ListenerFacts, NodeLease, NodeLeases, departed,
+};
 use super::{StatusOf, describe, field_manager};
 use crate::config::{Config, InventoryConfig, StatusLease as LeaseConfig};
 use crate::inventory::{Object, Snapshot};
@@ -45,12 +47,6 @@ const LEASE_DURATION: Duration = Duration::from_secs(15);
 const HOLD_WITHOUT_RENEW: Duration = Duration::from_secs(10);
 /// How often an instance renews its per-node Lease when its facts do not change.
 const NODE_RENEW: Duration = Duration::from_secs(5);
-/// A per-node report older than this is not counted: its instance stopped, or cannot reach
-/// the API server to say otherwise.
-const REPORT_FRESH: Duration = Duration::from_secs(20);
-/// An instance whose per-node Lease was not renewed for this long has left the fleet: the
-/// holder removes its `status.instances` entries and its Lease.
-pub const DEPARTED_AFTER: Duration = Duration::from_secs(300);
 /// How often the holder looks for departed nodes.
 const CLEANUP_EVERY: Duration = Duration::from_secs(10);
 /// At most this many departed entries are removed per look, so a holder never spends longer
@@ -148,10 +144,10 @@ pub struct Elector {
     /// process, so two processes on one node (an upgrade's old and new pod) are two candidates.
     identity: String,
     deadline: HoldDeadline,
-    /// Each per-node Lease's `resourceVersion` as last listed, and since when it is unchanged,
-    /// by this instance's clock: whether a node is alive is judged by its Lease changing, not
-    /// by comparing its clock with ours.
-    seen: BTreeMap<String, (String, Instant)>,
+    /// The per-node Leases as this instance has listed them: whether a node is alive is judged
+    /// by its Lease changing as seen by this instance's clock, and by another node's clock only
+    /// where this instance was not looking.
+    node_leases: NodeLeases,
     /// The status Lease's `resourceVersion` as last read, and since when it is unchanged.
     observed: Option<(String, Instant)>,
     /// When this instance last renewed the status Lease as its holder.
@@ -188,7 +184,7 @@ impl Elector {
             // `_` never appears in a node name (a DNS subdomain).
             identity: format!("{node}_{}", &token[..8]),
             deadline: HoldDeadline::default(),
-            seen: BTreeMap::new(),
+            node_leases: NodeLeases::default(),
             node,
             observed: None,
             renewed: None,
@@ -502,11 +498,8 @@ impl Elector {
         true
     }
 
-    /// The facts of every instance whose per-node Lease is fresh (it changed within
-    /// [`REPORT_FRESH`], as this instance saw it), and the nodes that have left: their Lease
-    /// says it was last renewed over [`DEPARTED_AFTER`] ago and has not changed since this
-    /// instance has been looking (so a holder whose clock runs ahead departs nobody who is
-    /// still renewing), with the Lease's name and `resourceVersion`.
+    /// The facts of every instance whose per-node Lease is fresh, and the nodes that have left
+    /// with their Lease's name and `resourceVersion`, as [`NodeLeases::look`] judges them.
     async fn read_reports(
         &mut self,
     ) -> Result<(BTreeMap<String, ListenerFacts>, Lapsed), kube::Error> {
@@ -515,44 +508,10 @@ impl Elector {
             .leases
             .list(&ListParams::default().labels(&selector))
             .await?;
-        let now = Instant::now();
-        let cutoff = Timestamp::now() - signed(DEPARTED_AFTER);
-        let mut reports = BTreeMap::new();
-        let mut lapsed = BTreeMap::new();
-        let mut seen = BTreeMap::new();
-        for lease in list.items {
-            let (Some(name), Some(version)) =
-                (&lease.metadata.name, &lease.metadata.resource_version)
-            else {
-                continue;
-            };
-            let mut observed = self.seen.get(name).cloned();
-            let unchanged = observe(&mut observed, version, now);
-            if let Some(o) = observed {
-                seen.insert(name.clone(), o);
-            }
-            let Some(spec) = &lease.spec else { continue };
-            let (Some(node), Some(MicroTime(at))) = (&spec.holder_identity, &spec.renew_time)
-            else {
-                continue;
-            };
-            if *at < cutoff && unchanged >= REPORT_FRESH {
-                lapsed.insert(node.clone(), (name.clone(), version.clone()));
-            }
-            if unchanged >= REPORT_FRESH {
-                continue;
-            }
-            let facts = lease
-                .metadata
-                .annotations
-                .as_ref()
-                .and_then(|a| a.get(FACTS_ANNOTATION))
-                .and_then(|text| serde_json::from_str::<ListenerFacts>(text).ok())
-                .unwrap_or_default();
-            reports.insert(node.clone(), facts);
-        }
-        self.seen = seen;
-        Ok((reports, lapsed))
+        let leases = list.items.into_iter().filter_map(node_lease).collect();
+        Ok(self
+            .node_leases
+            .look(leases, Instant::now(), Timestamp::now()))
     }
 
     /// Removes the `status.instances` entries of departed nodes from every Forwarder and Route
@@ -638,6 +597,27 @@ impl Elector {
     }
 }
 
+/// A per-node Lease as the holder judges it: `None` without a name, `resourceVersion`, holder
+/// or `renewTime`, none of which an instance's own Lease lacks. Facts that do not parse count
+/// as none.
+fn node_lease(lease: Lease) -> Option<NodeLease> {
+    let spec = lease.spec?;
+    let facts = lease
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(FACTS_ANNOTATION))
+        .and_then(|text| serde_json::from_str::<ListenerFacts>(text).ok())
+        .unwrap_or_default();
+    Some(NodeLease {
+        name: lease.metadata.name?,
+        version: lease.metadata.resource_version?,
+        node: spec.holder_identity?,
+        renewed: spec.renew_time?.0,
+        facts,
+    })
+}
+
 /// The `status.instances` entries of one of our objects.
 fn instance_entries(object: &Object) -> Vec<InstanceEntry> {
     object
@@ -692,15 +672,8 @@ fn observe(observed: &mut Option<(String, Instant)>, version: &str, now: Instant
     now.duration_since(since)
 }
 
-/// Departed nodes: each one's per-node Lease name and `resourceVersion`, by node.
-type Lapsed = BTreeMap<String, (String, String)>;
-
 fn secs(d: Duration) -> i32 {
     i32::try_from(d.as_secs()).unwrap_or(i32::MAX)
-}
-
-fn signed(d: Duration) -> SignedDuration {
-    SignedDuration::try_from(d).unwrap_or(SignedDuration::MAX)
 }
 
 #[cfg(test)]
@@ -758,6 +731,34 @@ mod tests {
             name,
             node_lease_name("udp-director-gateway", &"n".repeat(251))
         );
+    }
+
+    #[test]
+    fn a_node_lease_is_read_with_its_facts() {
+        let lease = |annotation: &str| -> Lease {
+            serde_json::from_value(json!({
+                "metadata": {
+                    "name": "udp-director-gateway-node-a", "resourceVersion": "42",
+                    "annotations": {FACTS_ANNOTATION: annotation},
+                },
+                "spec": {"holderIdentity": "node-a", "renewTime": "2026-12-03T10:00:00.000000Z"},
+            }))
+            .unwrap()
+        };
+        let read = node_lease(lease(r#"{"ns/gw/voice": null, "ns/gw/chat": "held"}"#)).unwrap();
+        assert_eq!(read.name, "udp-director-gateway-node-a");
+        assert_eq!(read.version, "42");
+        assert_eq!(read.node, "node-a");
+        assert_eq!(read.renewed, "2026-12-03T10:00:00Z".parse().unwrap());
+        assert_eq!(read.facts["ns/gw/voice"], None);
+        assert_eq!(read.facts["ns/gw/chat"].as_deref(), Some("held"));
+        assert!(
+            node_lease(lease("not json")).unwrap().facts.is_empty(),
+            "unreadable facts: none"
+        );
+        let mut unrenewed = lease("{}");
+        unrenewed.spec.as_mut().unwrap().renew_time = None;
+        assert_eq!(node_lease(unrenewed), None);
     }
 
     #[test]
