@@ -67,8 +67,13 @@ fn inventory_edits_that_are_not_whole_keep_every_session() {
         r#"{"resourceType":"gameserver","namespace":"starx","labelSelector":{"map":"b"}}"#,
     );
     let path = proxy.dir.join("inventory.yaml");
-    let settle = || std::thread::sleep(Duration::from_millis(400));
-    for reason in ["empty", "parse_error", "invalid_object", "too_large"] {
+    for reason in [
+        "empty",
+        "parse_error",
+        "invalid_object",
+        "too_large",
+        "unsettled",
+    ] {
         assert_eq!(
             refusals(&proxy, reason),
             0.0,
@@ -133,16 +138,33 @@ fn inventory_edits_that_are_not_whole_keep_every_session() {
         "the last good inventory stays"
     );
 
-    // Written slowly, a piece at a time: never applied half-done.
+    // Written slowly, a piece at a time, faster than the file is polled: each version the
+    // inventory sees changes again before it is still, so it is passed over as unsettled
+    // (under load one may settle and be refused as not whole); never applied half-done. The
+    // file ends with a third server, applied once the writing stops.
+    let grown = good.clone() + &gameserver("gs-c", "Ready", echo.addr, "");
+    let not_applied = |p: &Proxy| -> f64 {
+        ["unsettled", "empty", "parse_error", "invalid_object"]
+            .iter()
+            .map(|reason| refusals(p, reason))
+            .sum()
+    };
+    let before = not_applied(&proxy);
     let mut file = std::fs::File::create(&path).unwrap();
-    for chunk in good.as_bytes().chunks(good.len() / 4 + 1) {
+    for chunk in grown.as_bytes().chunks(grown.len() / 4 + 1) {
         file.write_all(chunk).unwrap();
         file.flush().unwrap();
         std::thread::sleep(Duration::from_millis(30));
         assert_eq!(proxy.sessions().len(), 1);
     }
     drop(file);
-    settle();
+    proxy.eventually("the whole file applied", |p| {
+        p.metric(r#"udp_director_inventory_objects{resource_type="gameserver"}"#) == 3.0
+    });
+    assert!(
+        not_applied(&proxy) > before,
+        "no half-written version was seen and passed over"
+    );
     still_forwards(&proxy, &c, "slow write");
 
     // Only an explicit empty list empties the inventory, and then the session ends.

@@ -428,9 +428,10 @@ fn gateway_api_objects_in_the_file_are_served_too() {
 
 #[test]
 fn a_gateway_listener_that_does_not_read_is_refused_alone() {
-    let eps = endpoints(b"L");
+    let eps = endpoints(b"LM");
     let port = free_port();
-    let gateway = |listeners: &str| {
+    // The Gateway with `listeners`, its UDPRoute, and the route's Service with `ready`.
+    let gateway = |listeners: &str, ready: &[&Echo]| {
         format!(
             "{}\
              - {{apiVersion: gateway.networking.k8s.io/v1, kind: GatewayClass, metadata: {{name: ours}}, spec: {{controllerName: udp-director.dev/gateway-controller}}}}\n\
@@ -438,33 +439,42 @@ fn a_gateway_listener_that_does_not_read_is_refused_alone() {
              spec: {{gatewayClassName: ours, listeners: [{listeners}]}}}}\n\
              - {{apiVersion: gateway.networking.k8s.io/v1, kind: UDPRoute, metadata: {{name: voice, namespace: games}}, \
              spec: {{parentRefs: [{{name: edge, sectionName: voice}}], rules: [{{backendRefs: [{{name: voice, port: 5000}}]}}]}}}}\n",
-            service("voice", eps[0].addr.port(), &[&eps[0]], &[])
+            service("voice", eps[0].addr.port(), ready, &[])
+        )
+    };
+    let listeners = |big: u32| {
+        format!(
+            "{{name: big, port: {big}, protocol: UDP}}, {{name: voice, port: {port}, protocol: UDP}}"
         )
     };
     let proxy = Proxy::start(
         &base_config("gatewayApi: {controllerName: udp-director.dev/gateway-controller}\n"),
-        &gateway(&format!(
-            "{{name: big, port: 70000, protocol: UDP}}, {{name: voice, port: {port}, protocol: UDP}}"
-        )),
+        &gateway(&listeners(70000), &[&eps[0]]),
     );
     let to = SocketAddr::from(([127, 0, 0, 1], port));
     let c = client();
     proxy.eventually("the valid listener serves", |_| tag(&c, to) == Some(b'L'));
-    // A few passes of the reconciler (one a second): the problem is logged once.
-    std::thread::sleep(Duration::from_millis(2500));
+    // Passes of the reconciler that leave the listener's problem as it is: the route's Service
+    // gains a ready endpoint and loses it again, each pass seen on the route's gauge.
+    let ready = r#"udp_director_route_ready_endpoints{route="games/udproute/voice"}"#;
+    let passes = |big: u32| {
+        for n in [2, 1, 2, 1] {
+            proxy.write_inventory(&gateway(&listeners(big), &[&eps[0], &eps[1]][..n]));
+            proxy.eventually("a pass of the reconciler", |p| p.metric(ready) == n as f64);
+        }
+    };
+    passes(70000);
     let said =
         "Gateway games/edge listener big: not served: port: 70000 is not a port (1 to 65535)";
     assert_eq!(proxy.log().matches(said).count(), 1, "{}", proxy.log());
     // Its text changes: logged again, once; the valid listener is not disturbed.
-    proxy.write_inventory(&gateway(&format!(
-        "{{name: big, port: 0, protocol: UDP}}, {{name: voice, port: {port}, protocol: UDP}}"
-    )));
+    proxy.write_inventory(&gateway(&listeners(0), &[&eps[0]]));
     let changed = "Gateway games/edge listener big: not served: port: 0 is not a port (1 to 65535)";
     proxy.eventually("the changed problem is logged", |p| {
         p.log().contains(changed)
     });
-    std::thread::sleep(Duration::from_millis(2500));
-    assert_eq!(proxy.log().matches(changed).count(), 1);
+    passes(0);
+    assert_eq!(proxy.log().matches(changed).count(), 1, "{}", proxy.log());
     assert_eq!(proxy.log().matches(said).count(), 1);
     assert_eq!(tag(&c, to), Some(b'L'), "the same session serves on");
 }

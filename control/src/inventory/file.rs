@@ -2,7 +2,8 @@
 //! embedded default for running without a cluster.
 //!
 //! A file is applied only whole and settled (SPEC section 8): a file whose size, mtime or inode
-//! changed since the last poll is still being written and is looked at again on the next one;
+//! changed since the last poll is still being written and is looked at again on the next one
+//! (a version that changes again before then is passed over, and counted as unsettled);
 //! an empty file, a file over `maxBytes`, something that is not a regular file, invalid YAML or
 //! any invalid object (missing metadata, a name or label past Kubernetes' limits, see
 //! [`crate::names`]) is refused with the reason, and the last good inventory stays. An
@@ -128,6 +129,14 @@ impl FileSource {
             .await
             .ok()?;
         let settled = self.seen == Some(stamp);
+        // A version seen but not judged that has changed again was passed over, still being
+        // written: counted, as every version not applied is.
+        if self
+            .seen
+            .is_some_and(|seen| seen != stamp && self.judged != Some(seen))
+        {
+            self.rejections.count_file(FileRefusal::Unsettled);
+        }
         self.seen = Some(stamp);
         if self.judged == Some(stamp) {
             return None;
@@ -632,6 +641,22 @@ metadata: {name: old-version}
         assert!(src.poll_once().await.is_none(), "not settled yet");
         let next = src.poll_once().await.unwrap().unwrap();
         assert_eq!(next.by_mapping["gameserver"].len(), 3);
+        assert_eq!(
+            refused.files(FileRefusal::Unsettled),
+            0,
+            "a change that settles"
+        );
+
+        // Written again before it settled: that version is passed over, counted, and the last
+        // one applies once still.
+        std::fs::write(&path, gameservers(4)).unwrap();
+        assert!(src.poll_once().await.is_none());
+        std::fs::write(&path, gameservers(5)).unwrap();
+        assert!(src.poll_once().await.is_none(), "not settled yet");
+        assert_eq!(refused.files(FileRefusal::Unsettled), 1);
+        let next = src.poll_once().await.unwrap().unwrap();
+        assert_eq!(next.by_mapping["gameserver"].len(), 5);
+        assert_eq!(refused.files(FileRefusal::Unsettled), 1, "counted once");
 
         // Truncated to nothing: refused once, then quiet.
         std::fs::write(&path, "").unwrap();

@@ -21,7 +21,8 @@ pub enum FileRefusal {
     Empty,
     /// Over `inventory.maxBytes`.
     TooLarge,
-    /// It changed while it was read: read again once it is still.
+    /// Still being written: it changed again before a poll found it still, or while it was
+    /// read. The version after it is read once the file is still.
     Unsettled,
     /// Not a regular file (a directory, a device, a FIFO).
     NotRegular,
