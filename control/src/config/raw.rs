@@ -132,7 +132,10 @@ pub(super) struct RawRateLimit {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub(super) struct RawGatewayApi {
-    pub(super) controller_name: String,
+    /// Without it no Gateway is served: `leaseName` alone names a fleet's status Lease (its
+    /// Forwarder and Route entries of departed nodes are still cleaned up by the holder).
+    #[serde(default)]
+    pub(super) controller_name: Option<String>,
     /// The status Lease's name (in the proxy's namespace).
     #[serde(default)]
     pub(super) lease_name: Option<String>,

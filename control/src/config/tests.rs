@@ -536,6 +536,14 @@ fn the_status_lease_name_is_a_dns_label() {
         "gatewayApi: {controllerName: example.net/gw, leaseName: Edge_Status}\n",
     ));
     assert!(e.contains("gatewayApi.leaseName"), "{e}");
+    // A fleet that serves no Gateway (forwarders, routes) names its Lease all the same.
+    let c = Config::from_yaml(&with(
+        "gatewayApi: {leaseName: relay-status}
+",
+    ))
+    .unwrap();
+    assert_eq!(c.status_lease.name, "relay-status");
+    assert_eq!(c.gateway_controller, None);
 }
 
 #[test]

@@ -250,10 +250,9 @@ pub(super) fn validate(raw: RawConfig, env: &Environment) -> Result<Validated, C
                 _ => None,
             },
             bind_token_to_client_ip: raw.bind_token_to_client_ip,
-            gateway_controller: match raw.gateway_api {
+            gateway_controller: match raw.gateway_api.and_then(|g| g.controller_name) {
                 None => None,
-                Some(g) => {
-                    let name = g.controller_name;
+                Some(name) => {
                     // The API's form: a domain-prefixed path (`example.net/gateway-controller`).
                     let valid = name.split_once('/').is_some_and(|(domain, path)| {
                         domain.contains('.') && !path.is_empty() && name.len() <= 253
