@@ -14,6 +14,7 @@ pub mod config;
 pub mod crd;
 pub mod inventory;
 pub mod names;
+pub mod protocol;
 pub mod query;
 pub mod quote;
 pub mod reconcile;

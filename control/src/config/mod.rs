@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::query::Query;
-use crate::query::jsonpath::Path as JsonPath;
+use crate::protocol::Query;
+use crate::protocol::jsonpath::Path as JsonPath;
 
 mod file;
 pub mod live;

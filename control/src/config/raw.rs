@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use serde::Deserialize;
 
 use super::SessionsApiAuth;
-use crate::query::Query;
+use crate::protocol::Query;
 
 /// The config file as written (camelCase keys). See `deploy/examples/` for complete files.
 #[derive(Debug, Deserialize)]

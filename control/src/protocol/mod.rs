@@ -1,4 +1,9 @@
-//! The query protocol's request and answer shapes (SPEC section 2) and its error codes.
+//! The query protocol's request and answer shapes (SPEC section 2), its error codes, and the
+//! dot paths a query or a mapping reads ([`jsonpath`]). The lowest layer of the control
+//! crate besides names and quoting: the config (a default endpoint is a query, a mapping has
+//! paths) and the query side both read it, and it reads neither.
+
+pub mod jsonpath;
 
 use std::collections::BTreeMap;
 
@@ -96,7 +101,7 @@ pub enum InvalidQuery {
     EmptyExpected,
     /// A `jsonPath` that does not parse.
     #[error("`statusQuery.jsonPath`: {0}")]
-    StatusPath(#[from] crate::query::jsonpath::PathError),
+    StatusPath(#[from] crate::protocol::jsonpath::PathError),
 }
 
 impl Query {
@@ -122,7 +127,7 @@ impl Query {
                 (None, Some(v)) if v.is_empty() => return Err(InvalidQuery::EmptyExpected),
                 _ => {}
             }
-            crate::query::jsonpath::Path::parse(&sq.json_path)?;
+            crate::protocol::jsonpath::Path::parse(&sq.json_path)?;
         }
         Ok(())
     }
