@@ -44,6 +44,10 @@ enum Command {
         #[arg(long)]
         gateway_api_for_tests: bool,
     },
+    /// Print the configuration reference (Markdown): every config key with its type, default,
+    /// whether a reload applies it live, and what it does, generated from the config types
+    /// (`docs/configuration.md` is this).
+    ConfigReference,
     /// Print the least-privilege ClusterRole a config needs (list and watch on exactly the
     /// resource types it watches), with `forwarders` the Role `NAME-forwarders` in their
     /// namespace, and when it writes status the Role `NAME-lease` (the status Lease) in the
@@ -74,6 +78,7 @@ fn main() -> ExitCode {
         Some(Command::Crds {
             gateway_api_for_tests,
         }) => cli::manifests::crds(gateway_api_for_tests),
+        Some(Command::ConfigReference) => cli::manifests::config_reference(),
         Some(Command::Rbac { file, name }) => cli::manifests::rbac(&file, &name),
     };
     match result {

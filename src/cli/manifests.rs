@@ -1,5 +1,6 @@
-//! `udp-director crds` and `udp-director rbac`: the manifests generated from the code, so what
-//! `deploy/` installs is what the proxy is and needs.
+//! `udp-director crds`, `udp-director rbac` and `udp-director config-reference`: the manifests
+//! and the reference generated from the code, so what `deploy/` installs is what the proxy is
+//! and needs, and what `docs/` says is what it reads.
 
 use std::path::Path;
 
@@ -13,6 +14,12 @@ pub(crate) fn crds(gateway_api_for_tests: bool) -> anyhow::Result<()> {
         control::crd::all_yaml()
     }?;
     print!("{yaml}");
+    Ok(())
+}
+
+/// Prints the configuration reference (`docs/configuration.md`).
+pub(crate) fn config_reference() -> anyhow::Result<()> {
+    print!("{}", control::config::reference::markdown());
     Ok(())
 }
 

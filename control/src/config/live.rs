@@ -1,6 +1,6 @@
 //! Which config keys change live and which need a restart (sans-io): what a reload may apply.
 
-use super::Config;
+use super::{Config, Mapping};
 
 /// A change only a restart can apply.
 #[derive(Clone, Debug, Eq, PartialEq)]
@@ -17,114 +17,234 @@ impl std::fmt::Display for NeedsRestart {
     }
 }
 
-/// What `new` changes that the running proxy cannot apply live, if anything (the first such
-/// key). Listeners, threads, sockets and the inventory's watches are set up once at start;
-/// everything else (mappings' paths and ports, load balancing, the default endpoint, timeouts,
-/// limits, rate limits, token keys, route and forwarder settings) applies live.
-pub fn needs_restart(running: &Config, new: &Config) -> Option<NeedsRestart> {
-    let differs = |key: &str, changed: bool, why: &'static str| {
-        changed.then(|| NeedsRestart {
-            key: key.to_string(),
-            why,
-        })
-    };
-    const PORT: &str = "changed; listeners are bound once at start";
-    differs(
-        "bindAddress",
-        running.bind_address != new.bind_address,
-        PORT,
-    )
-    .or_else(|| differs("queryPort", running.query_port != new.query_port, PORT))
-    .or_else(|| differs("adminPort", running.admin_port != new.admin_port, PORT))
-    .or_else(|| differs("dataPorts", running.data_ports != new.data_ports, PORT))
-    .or_else(|| {
-        differs(
-            "entryPoints",
-            running.entry_points != new.entry_points,
-            PORT,
-        )
-    })
-    .or_else(|| {
-        differs(
-            "workers",
-            running.workers != new.workers,
-            "changed; worker threads start once",
-        )
-    })
-    .or_else(|| {
-        differs(
-            "cpuAffinity",
-            running.affinity != new.affinity,
-            "changed; threads are pinned once at start",
-        )
-    })
-    .or_else(|| {
-        differs(
-            "socketBufferBytes",
-            running.socket_buffer_bytes != new.socket_buffer_bytes,
-            "changed; socket buffers are set when a socket opens",
-        )
-    })
-    .or_else(|| {
-        differs(
-            "busyPollMicros",
-            running.busy_poll != new.busy_poll,
-            "changed; workers read it once at start",
-        )
-    })
-    .or_else(|| {
-        differs(
-            "controlPacketMagicBytes",
-            running.control_magic != new.control_magic,
-            "changed; live sessions' clients would send the old magic",
-        )
-    })
-    .or_else(|| {
-        differs(
-            "inventory",
-            running.inventory != new.inventory,
-            "changed; the inventory source starts once",
-        )
-    })
-    .or_else(|| {
-        differs(
-            "sessionsApi",
-            running.sessions_api != new.sessions_api
-                || running.sessions_api_audiences != new.sessions_api_audiences,
-            "changed; the admin server's authorizer is set up at start",
-        )
-    })
-    .or_else(|| {
-        let (a, b) = (&running.forwarders, &new.forwarders);
-        match (a, b) {
-            (None, None) => None,
-            (Some(a), Some(b)) => differs(
-                "forwarders.namespace",
-                a.namespace != b.namespace,
-                "changed; the Forwarder watch is per namespace",
-            )
-            .or_else(|| {
-                differs(
-                    "forwarders.servicePorts",
-                    a.udp_service != b.udp_service || a.tcp_service != b.tcp_service,
-                    "changed; the Services written are set up at start",
-                )
-            }),
-            _ => differs(
-                "forwarders",
-                true,
-                "turned on or off; the Forwarder watch starts once",
-            ),
+/// How a reload treats a config key: the classification the reference documents
+/// ([`super::reference`]) and [`needs_restart`] enforces, both read from `RESTART_KEYS`.
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub enum ReloadClass {
+    /// A changed value applies live.
+    Live,
+    /// A changed value is refused until a restart.
+    Restart,
+    /// Adding or removing it needs a restart; its settings below apply as they say.
+    RestartToAddOrRemove,
+}
+
+impl ReloadClass {
+    /// The words the reference prints.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Live => "live",
+            Self::Restart => "restart",
+            Self::RestartToAddOrRemove => "restart to add or remove",
         }
-    })
-    .or_else(|| {
-        differs(
-            "gatewayApi.controllerName",
-            running.gateway_controller != new.gateway_controller,
-            "changed; the Gateway API watches start once",
-        )
-    })
-    .or_else(|| mapping_restart(running, new))
+    }
+}
+
+/// What a restart key covers.
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+enum Scope {
+    /// The key and every key below it.
+    Whole,
+    /// Only turning the key on or off (adding or removing it).
+    Presence,
+}
+
+/// A config key whose change only a restart can apply.
+#[derive(Debug)]
+struct RestartKey {
+    /// The key a refusal names.
+    key: &'static str,
+    /// The config keys whose change it catches (`dataPort` is a shorthand of `dataPorts`).
+    covers: &'static [&'static str],
+    /// Whether the keys below it are caught too.
+    scope: Scope,
+    /// What about it cannot change live.
+    why: &'static str,
+    /// Whether it differs between the running config and the new one.
+    changed: fn(&Config, &Config) -> bool,
+}
+
+const PORT: &str = "changed; listeners are bound once at start";
+
+/// The keys only a restart can change, in the order a reload checks them. Listeners, threads,
+/// sockets and the inventory's watches are set up once at start; everything else (mappings'
+/// paths and ports, load balancing, the default endpoint, timeouts, limits, rate limits, token
+/// keys, route and forwarder settings) applies live.
+const RESTART_KEYS: &[RestartKey] = &[
+    RestartKey {
+        key: "bindAddress",
+        covers: &["bindAddress"],
+        scope: Scope::Whole,
+        why: PORT,
+        changed: |a, b| a.bind_address != b.bind_address,
+    },
+    RestartKey {
+        key: "queryPort",
+        covers: &["queryPort"],
+        scope: Scope::Whole,
+        why: PORT,
+        changed: |a, b| a.query_port != b.query_port,
+    },
+    RestartKey {
+        key: "adminPort",
+        covers: &["adminPort"],
+        scope: Scope::Whole,
+        why: PORT,
+        changed: |a, b| a.admin_port != b.admin_port,
+    },
+    RestartKey {
+        key: "dataPorts",
+        covers: &["dataPort", "dataPorts"],
+        scope: Scope::Whole,
+        why: PORT,
+        changed: |a, b| a.data_ports != b.data_ports,
+    },
+    RestartKey {
+        key: "entryPoints",
+        covers: &["entryPoints"],
+        scope: Scope::Whole,
+        why: PORT,
+        changed: |a, b| a.entry_points != b.entry_points,
+    },
+    RestartKey {
+        key: "workers",
+        covers: &["workers"],
+        scope: Scope::Whole,
+        why: "changed; worker threads start once",
+        changed: |a, b| a.workers != b.workers,
+    },
+    RestartKey {
+        key: "cpuAffinity",
+        covers: &["cpuAffinity"],
+        scope: Scope::Whole,
+        why: "changed; threads are pinned once at start",
+        changed: |a, b| a.affinity != b.affinity,
+    },
+    RestartKey {
+        key: "socketBufferBytes",
+        covers: &["socketBufferBytes"],
+        scope: Scope::Whole,
+        why: "changed; socket buffers are set when a socket opens",
+        changed: |a, b| a.socket_buffer_bytes != b.socket_buffer_bytes,
+    },
+    RestartKey {
+        key: "busyPollMicros",
+        covers: &["busyPollMicros"],
+        scope: Scope::Whole,
+        why: "changed; workers read it once at start",
+        changed: |a, b| a.busy_poll != b.busy_poll,
+    },
+    RestartKey {
+        key: "controlPacketMagicBytes",
+        covers: &["controlPacketMagicBytes"],
+        scope: Scope::Whole,
+        why: "changed; live sessions' clients would send the old magic",
+        changed: |a, b| a.control_magic != b.control_magic,
+    },
+    RestartKey {
+        key: "inventory",
+        covers: &["inventory"],
+        scope: Scope::Whole,
+        why: "changed; the inventory source starts once",
+        changed: |a, b| a.inventory != b.inventory,
+    },
+    RestartKey {
+        key: "sessionsApi",
+        covers: &["sessionsApi"],
+        scope: Scope::Whole,
+        why: "changed; the admin server's authorizer is set up at start",
+        changed: |a, b| {
+            a.sessions_api != b.sessions_api || a.sessions_api_audiences != b.sessions_api_audiences
+        },
+    },
+    RestartKey {
+        key: "forwarders",
+        covers: &["forwarders"],
+        scope: Scope::Presence,
+        why: "turned on or off; the Forwarder watch starts once",
+        changed: |a, b| a.forwarders.is_some() != b.forwarders.is_some(),
+    },
+    RestartKey {
+        key: "forwarders.namespace",
+        covers: &["forwarders.namespace"],
+        scope: Scope::Whole,
+        why: "changed; the Forwarder watch is per namespace",
+        changed: |a, b| match (&a.forwarders, &b.forwarders) {
+            (Some(a), Some(b)) => a.namespace != b.namespace,
+            _ => false,
+        },
+    },
+    RestartKey {
+        key: "forwarders.servicePorts",
+        covers: &["forwarders.servicePorts"],
+        scope: Scope::Whole,
+        why: "changed; the Services written are set up at start",
+        changed: |a, b| match (&a.forwarders, &b.forwarders) {
+            (Some(a), Some(b)) => a.udp_service != b.udp_service || a.tcp_service != b.tcp_service,
+            _ => false,
+        },
+    },
+    RestartKey {
+        key: "gatewayApi.controllerName",
+        covers: &["gatewayApi.controllerName"],
+        scope: Scope::Whole,
+        why: "changed; the Gateway API watches start once",
+        changed: |a, b| a.gateway_controller != b.gateway_controller,
+    },
+];
+
+/// Whether a field differs between two versions of a mapping.
+type MappingChanged = fn(&Mapping, &Mapping) -> bool;
+
+/// The `resourceQueryMapping` entry fields that pick the resource type (and so the watch): a
+/// change of one needs a restart; the entry's other fields change live.
+const MAPPING_RESTART_FIELDS: &[(&str, MappingChanged)] = &[
+    ("group", |a, b| a.group != b.group),
+    ("version", |a, b| a.version != b.version),
+    ("resource", |a, b| a.resource != b.resource),
+    ("kind", |a, b| a.kind != b.kind),
+];
+
+/// How a reload treats the config key at `path`: dotted camelCase keys, `[]` for a list's items
+/// and `<name>` for a map's entries (`dataPorts[].port`, `resourceQueryMapping.<name>.group`).
+pub fn reload_class(path: &str) -> ReloadClass {
+    // `path` is `key` or below it.
+    let under = |key: &str| {
+        path.strip_prefix(key)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with(['.', '[']))
+    };
+    for k in RESTART_KEYS {
+        for key in k.covers {
+            match k.scope {
+                Scope::Presence if path == *key => return ReloadClass::RestartToAddOrRemove,
+                Scope::Whole if under(key) => return ReloadClass::Restart,
+                _ => {}
+            }
+        }
+    }
+    const ENTRY: &str = "resourceQueryMapping.<name>";
+    if path == "resourceQueryMapping" || path == ENTRY {
+        return ReloadClass::RestartToAddOrRemove;
+    }
+    if let Some(field) = path.strip_prefix(ENTRY).and_then(|f| f.strip_prefix('.'))
+        && MAPPING_RESTART_FIELDS.iter().any(|(f, _)| *f == field)
+    {
+        return ReloadClass::Restart;
+    }
+    ReloadClass::Live
+}
+
+/// What `new` changes that the running proxy cannot apply live, if anything (the first such
+/// key of `RESTART_KEYS`, then of the mappings).
+pub fn needs_restart(running: &Config, new: &Config) -> Option<NeedsRestart> {
+    RESTART_KEYS
+        .iter()
+        .find(|k| (k.changed)(running, new))
+        .map(|k| NeedsRestart {
+            key: k.key.to_string(),
+            why: k.why,
+        })
+        .or_else(|| mapping_restart(running, new))
 }
 
 /// Mappings change live in their paths, ports, port names and PROXY protocol; which resource
@@ -148,21 +268,15 @@ fn mapping_restart(running: &Config, new: &Config) -> Option<NeedsRestart> {
     }
     for (name, old) in &running.mappings {
         let new = &new.mappings[name];
-        let field = if old.group != new.group {
-            "group"
-        } else if old.version != new.version {
-            "version"
-        } else if old.resource != new.resource {
-            "resource"
-        } else if old.kind != new.kind {
-            "kind"
-        } else {
-            continue;
-        };
-        return Some(NeedsRestart {
-            key: format!("resourceQueryMapping.{name}.{field}"),
-            why: "changed; each resource type is watched from start",
-        });
+        if let Some((field, _)) = MAPPING_RESTART_FIELDS
+            .iter()
+            .find(|(_, changed)| changed(old, new))
+        {
+            return Some(NeedsRestart {
+                key: format!("resourceQueryMapping.{name}.{field}"),
+                why: "changed; each resource type is watched from start",
+            });
+        }
     }
     None
 }

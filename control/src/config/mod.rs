@@ -15,6 +15,7 @@ use crate::protocol::jsonpath::Path as JsonPath;
 mod file;
 pub mod live;
 mod raw;
+pub mod reference;
 mod validate;
 
 pub use file::{MAX_CONFIG_BYTES, read_config_file};
@@ -255,7 +256,7 @@ pub enum LoadBalancing {
 pub const DEFAULT_SESSIONS_API_AUDIENCE: &str = "udp-director";
 
 /// Who may use the sessions API, which shows player addresses and ends sessions.
-#[derive(Clone, Copy, Debug, Default, Eq, PartialEq, serde::Deserialize)]
+#[derive(Clone, Copy, Debug, Default, Eq, PartialEq, schemars::JsonSchema, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum SessionsApiAuth {
     /// Only callers on loopback (the node itself, `kubectl port-forward`, `kubectl exec`).
