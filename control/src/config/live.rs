@@ -191,6 +191,13 @@ const RESTART_KEYS: &[RestartKey] = &[
         why: "changed; the Gateway API watches start once",
         changed: |a, b| a.gateway_controller != b.gateway_controller,
     },
+    RestartKey {
+        key: "gatewayApi.leaseName",
+        covers: &["gatewayApi.leaseName"],
+        scope: Scope::Whole,
+        why: "changed; the status Lease is joined once, at start",
+        changed: |a, b| a.status_lease != b.status_lease,
+    },
 ];
 
 /// Whether a field differs between two versions of a mapping.

@@ -116,8 +116,8 @@ pub(super) struct RawConfig {
     #[serde(default)]
     #[schemars(extend("x-default" = DEFAULT_DRAIN_SECONDS))]
     pub(super) drain_seconds: Option<u64>,
-    /// Seconds a data-plane worker or the control thread may go without a heartbeat before it
-    /// counts as stuck and `/healthz` answers 503 naming it (1 to 3600).
+    /// Seconds a data-plane worker, the control thread or the query thread may go without a
+    /// heartbeat before it counts as stuck and `/healthz` answers 503 naming it (1 to 3600).
     #[serde(default)]
     #[schemars(extend("x-default" = DEFAULT_WATCHDOG_SECONDS))]
     pub(super) watchdog_seconds: Option<u64>,
