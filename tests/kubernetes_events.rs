@@ -207,6 +207,10 @@ fn forwarder_problems_are_one_event_each_and_a_repeat_is_counted_into_it() {
         p.metric(r#"udp_director_events_total{reason="PortConflict",result="failed"}"#),
         0.0
     );
+    // The forwarders' status entries went out through the same writer, and were counted.
+    assert!(
+        p.metric(r#"udp_director_status_writes_total{kind="Forwarder",result="written"}"#) >= 1.0
+    );
     drop(holder);
 }
 

@@ -945,6 +945,8 @@ fn evaluate(proxy: &Proxy, prometheus: &Prometheus) {
         "UdpDirectorDescriptorsNearLimit",
         "UdpDirectorReloadRefused",
         "UdpDirectorRouteNoReadyEndpoints",
+        "UdpDirectorStatusWritesFailing",
+        "UdpDirectorEventsFailing",
     ] {
         assert!(
             !alerts.iter().any(|a| a["labels"]["alertname"] == quiet),

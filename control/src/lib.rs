@@ -209,10 +209,10 @@ pub fn start(
     // The status writers, one per reconciler, started here alike: each reconciler gets the
     // handle it hands its statuses to, and the tasks are spawned with the others.
     let mut writer_tasks: Vec<status::WriterTask> = Vec::new();
-    let event_counts = metrics.event_counts();
+    let status_counts = metrics.status_counts();
     let mut start_writer = |writer: status::Writer| {
         let (writes, task) = writer
-            .recording_events(event_counts.clone())
+            .recording(status_counts.clone())
             .start(inventory_tx.subscribe());
         writer_tasks.push(task);
         writes

@@ -29,7 +29,7 @@ pub struct Metrics {
     /// Tokens minted.
     pub tokens_issued: Counter,
     reloads: Family<ResultLabel, Counter>,
-    events: crate::reconcile::status::events::EventCounts,
+    status: crate::reconcile::status::Counts,
     registry: parking_lot::Mutex<Registry>,
 }
 
@@ -58,12 +58,19 @@ impl Metrics {
             reloads.clone(),
         );
         rejections.register(&mut registry);
-        let events = crate::reconcile::status::events::EventCounts::default();
+        let status = crate::reconcile::status::Counts::default();
         registry.register(
             "udp_director_events",
             "Kubernetes Events the reconcilers recorded on objects, by reason and result \
              (published, or failed: the API server refused or did not answer)",
-            events.clone(),
+            status.events.clone(),
+        );
+        registry.register(
+            "udp_director_status_writes",
+            "Writes of Kubernetes status (a Forwarder's or Route's entry of this node, a Gateway \
+             API object's whole status) and of managed Service ports, by kind and result \
+             (written, or failed: the API server refused or did not answer)",
+            status.writes.clone(),
         );
         registry.register(
             "udp_director_queries",
@@ -90,7 +97,7 @@ impl Metrics {
             query_duration,
             tokens_issued,
             reloads,
-            events,
+            status,
             registry: parking_lot::Mutex::new(registry),
         })
     }
@@ -100,9 +107,9 @@ impl Metrics {
         self.reloads.get_or_create(&[("result", result)]).inc();
     }
 
-    /// Where the status writers count the Events they record.
-    pub fn event_counts(&self) -> crate::reconcile::status::events::EventCounts {
-        self.events.clone()
+    /// Where the status writers count the Events they record and the writes they make.
+    pub fn status_counts(&self) -> crate::reconcile::status::Counts {
+        self.status.clone()
     }
 
     /// Adds a collector read at scrape time (the forwarders').

@@ -206,6 +206,15 @@ impl EventGate {
 /// `udp_director_events_total{reason,result}`: Events published or refused by the API server.
 pub type EventCounts = Family<[(&'static str, &'static str); 2], Counter>;
 
+/// Creates every reason and result of `counts` at zero.
+pub(super) fn show_every_event(counts: &EventCounts) {
+    for reason in Reason::ALL {
+        for result in ["published", "failed"] {
+            let _ = counts.get_or_create(&[("reason", reason.as_str()), ("result", result)]);
+        }
+    }
+}
+
 /// Publishes the gate's Events through kube's recorder, as the instance on `node`.
 #[derive(Clone)]
 pub struct Publisher {
@@ -222,11 +231,6 @@ impl std::fmt::Debug for Publisher {
 impl Publisher {
     /// A publisher reporting as controller `udp-director`, instance `node`.
     pub fn new(client: kube::Client, node: &str, counts: EventCounts) -> Self {
-        for reason in Reason::ALL {
-            for result in ["published", "failed"] {
-                let _ = counts.get_or_create(&[("reason", reason.as_str()), ("result", result)]);
-            }
-        }
         let reporter = Reporter {
             controller: "udp-director".into(),
             instance: Some(node.to_owned()),

@@ -16,7 +16,9 @@
 //! its status changes, and is not written at all when the object already says it.
 //!
 //! A reconciler hands what it wants written to [`Writer::run`] through a `watch` channel
-//! ([`Wanted`]), so a slow API server never holds up a listener change.
+//! ([`Wanted`]), so a slow API server never holds up a listener change. Every write's outcome
+//! is counted (`udp_director_status_writes_total{kind,result}`, [`Counts`]), so an operator
+//! sees writes failing without reading the logs.
 
 pub mod events;
 pub mod fleet;
@@ -32,6 +34,8 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::core::v1::Service;
 use kube::Client;
 use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use serde_json::{Value, json};
 use tokio::sync::watch;
 
@@ -60,6 +64,15 @@ pub enum StatusOf {
 pub const GATEWAY_STATUS_MANAGER: &str = "udp-director-gateway";
 
 impl StatusOf {
+    const ALL: [Self; 6] = [
+        Self::Forwarder,
+        Self::Route,
+        Self::GatewayClass,
+        Self::Gateway,
+        Self::UdpRoute,
+        Self::TcpRoute,
+    ];
+
     /// The resource as the API server serves it.
     pub(crate) fn resource(self) -> ApiResource {
         let (group, version, kind, plural) = match self {
@@ -104,6 +117,59 @@ impl StatusOf {
             Self::TcpRoute => "TCPRoute",
         }
     }
+}
+
+/// `udp_director_status_writes_total{kind,result}`: API calls that wrote a status (`kind` is
+/// the object's) or a managed Service's ports (`kind="Service"`), by result: `written`, or
+/// `failed` (refused, including a whole status computed against an older version, or not
+/// answered).
+pub type WriteCounts = Family<[(&'static str, &'static str); 2], Counter>;
+
+/// The `kind` of a managed Service's ports in [`WriteCounts`].
+const SERVICE_KIND: &str = "Service";
+
+/// Where the status writers count what they do: the Events they record and the writes they
+/// make. Clones count on the same series.
+#[derive(Clone, Debug)]
+pub struct Counts {
+    /// `udp_director_events_total{reason,result}`.
+    pub events: events::EventCounts,
+    /// `udp_director_status_writes_total{kind,result}`.
+    pub writes: WriteCounts,
+}
+
+impl Default for Counts {
+    /// Every reason, kind and result at zero from the start (on a file inventory too, where
+    /// nothing is written): a rate over them has a series before the first failure, and the
+    /// alerts' metrics are in every scrape.
+    fn default() -> Self {
+        let counts = Self {
+            events: events::EventCounts::default(),
+            writes: WriteCounts::default(),
+        };
+        events::show_every_event(&counts.events);
+        show_every_write(&counts.writes);
+        counts
+    }
+}
+
+/// Creates every kind and result of `counts` at zero, so a rate over them has a series before
+/// the first failure.
+fn show_every_write(counts: &WriteCounts) {
+    let kinds = StatusOf::ALL.map(StatusOf::kind);
+    for kind in kinds.iter().copied().chain([SERVICE_KIND]) {
+        for result in ["written", "failed"] {
+            let _ = counts.get_or_create(&[("kind", kind), ("result", result)]);
+        }
+    }
+}
+
+/// Counts one API call's outcome on `counts`.
+fn count_write<T, E>(counts: &WriteCounts, kind: &'static str, result: &Result<T, E>) {
+    let result = if result.is_ok() { "written" } else { "failed" };
+    counts
+        .get_or_create(&[("kind", kind), ("result", result)])
+        .inc();
 }
 
 /// One object's status entry: which resource, namespace and name.
@@ -176,6 +242,8 @@ pub struct Writer {
     deadline: Option<lease::HoldDeadline>,
     /// Records the reconciler's problems as Events (none: it records none).
     events: Option<events::Publisher>,
+    /// Counts every write's outcome (not registered: nobody reads them).
+    writes: WriteCounts,
 }
 
 impl std::fmt::Debug for Writer {
@@ -199,17 +267,19 @@ impl Writer {
             controller: None,
             deadline: None,
             events: None,
+            writes: WriteCounts::default(),
         }
     }
 
-    /// A writer that records the problems its reconciler hands over as Kubernetes Events,
-    /// counted on `counts`.
-    pub fn recording_events(mut self, counts: events::EventCounts) -> Self {
+    /// A writer that records the problems its reconciler hands over as Kubernetes Events and
+    /// counts those and its writes on `counts`.
+    pub fn recording(mut self, counts: Counts) -> Self {
         self.events = Some(events::Publisher::new(
             self.client.clone(),
             &self.node,
-            counts,
+            counts.events,
         ));
+        self.writes = counts.writes;
         self
     }
 
@@ -329,7 +399,9 @@ impl Writer {
                         again = true;
                         break;
                     }
-                    match self.write_whole(target, &whole).await {
+                    let result = self.write_whole(target, &whole).await;
+                    count_write(&self.writes, target.of.kind(), &result);
+                    match result {
                         // The cache was behind: computed again from the next one, no back-off.
                         Err(kube::Error::Api(e)) if e.code == 409 => again = true,
                         result => {
@@ -359,6 +431,7 @@ impl Writer {
                     continue;
                 }
                 let result = self.write_instance(target, &entry.1).await;
+                count_write(&self.writes, target.of.kind(), &result);
                 if retries.settle(&key, result, "status not written") {
                     written.insert(target.clone(), entry.clone());
                 } else {
@@ -377,6 +450,7 @@ impl Writer {
                     continue;
                 }
                 let result = self.apply_service_ports(service, ports).await;
+                count_write(&self.writes, SERVICE_KIND, &result);
                 if retries.settle(&key, result, "forwarder ports not written") {
                     log::info!("{key}: {} forwarder port(s)", ports.len());
                     applied.insert(service.clone(), ports.clone());
@@ -620,4 +694,100 @@ pub fn describe(e: &kube::Error) -> String {
 /// The status field manager of the instance on `node` (at most 128 characters).
 pub fn field_manager(node: &str) -> String {
     format!("udp-director/{node}").chars().take(128).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prometheus_client::registry::Registry;
+
+    fn scrape(counts: &WriteCounts) -> Vec<String> {
+        let mut registry = Registry::default();
+        registry.register("udp_director_status_writes", "help", counts.clone());
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        let mut lines: Vec<String> = text
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .map(str::to_owned)
+            .collect();
+        lines.sort();
+        lines
+    }
+
+    #[test]
+    fn every_kind_and_result_shows_at_zero_before_the_first_write() {
+        let counts = WriteCounts::default();
+        show_every_write(&counts);
+        let lines = scrape(&counts);
+        assert_eq!(lines.len(), 14, "{lines:?}");
+        for kind in [
+            "Forwarder",
+            "Route",
+            "Gateway",
+            "GatewayClass",
+            "UDPRoute",
+            "TCPRoute",
+            "Service",
+        ] {
+            for result in ["written", "failed"] {
+                let line = format!(
+                    "udp_director_status_writes_total{{kind=\"{kind}\",result=\"{result}\"}} 0"
+                );
+                assert!(lines.contains(&line), "{line} not in {lines:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_counts_show_every_event_and_write_at_zero() {
+        let counts = Counts::default();
+        assert_eq!(scrape(&counts.writes).len(), 14);
+        let mut registry = Registry::default();
+        registry.register("udp_director_events", "help", counts.events.clone());
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        let events: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
+        assert_eq!(events.len(), 8, "{events:?}");
+        assert!(
+            events.contains(
+                &"udp_director_events_total{reason=\"PortConflict\",result=\"failed\"} 0"
+            )
+        );
+    }
+
+    #[test]
+    fn each_api_call_is_counted_once_by_its_outcome() {
+        let counts = WriteCounts::default();
+        show_every_write(&counts);
+        let refused: Result<(), kube::Error> = Err(kube::Error::Api(
+            kube::core::Status::failure("conflict", "Conflict")
+                .with_code(409)
+                .boxed(),
+        ));
+        count_write(&counts, StatusOf::Gateway.kind(), &refused);
+        count_write(&counts, StatusOf::Gateway.kind(), &refused);
+        count_write(
+            &counts,
+            StatusOf::Gateway.kind(),
+            &Ok::<(), kube::Error>(()),
+        );
+        count_write(&counts, SERVICE_KIND, &Ok::<(), kube::Error>(()));
+        let lines = scrape(&counts);
+        let value = |kind: &str, result: &str| {
+            let head =
+                format!("udp_director_status_writes_total{{kind=\"{kind}\",result=\"{result}\"}} ");
+            lines
+                .iter()
+                .find_map(|l| l.strip_prefix(&head))
+                .unwrap_or_else(|| panic!("no {head} in {lines:?}"))
+                .to_owned()
+        };
+        assert_eq!(value("Gateway", "failed"), "2");
+        assert_eq!(value("Gateway", "written"), "1");
+        assert_eq!(value("Service", "written"), "1");
+        assert_eq!(value("Service", "failed"), "0");
+        assert_eq!(value("Forwarder", "failed"), "0");
+        assert_eq!(lines.len(), 14, "no other series: {lines:?}");
+    }
 }
