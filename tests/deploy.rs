@@ -380,8 +380,22 @@ fn overlays_apply_to_the_api_server_with_least_privilege() {
                 assert!(!can_i(c, verb, resource), "{name}: may {verb} {resource}");
             }
         }
+        // Events (with routes or Gateways): create and patch (a repeat is counted into one
+        // Event), nothing else.
+        let events = "events.events.k8s.io";
+        if with_verb("create").contains(events) {
+            for verb in ["create", "patch"] {
+                assert!(can_i(c, verb, events), "{name}: cannot {verb} {events}");
+            }
+            for verb in ["get", "list", "watch", "delete"] {
+                assert!(!can_i(c, verb, events), "{name}: may {verb} {events}");
+            }
+        }
         // `sessionsApi.auth: kubernetes`: create reviews, nothing else.
-        let reviews = with_verb("create");
+        let reviews: BTreeSet<String> = with_verb("create")
+            .into_iter()
+            .filter(|r| r != events)
+            .collect();
         for resource in &reviews {
             assert!(
                 [
