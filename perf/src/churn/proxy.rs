@@ -184,6 +184,27 @@ impl ChurnProxy {
     /// Waits until the control thread has used under [`SETTLED_CORES`] for three seconds in a
     /// row (the proxy's first status writes, and their echoes through its own watches, are
     /// done); returns how long that took, or None if it did not within `timeout`.
+    /// The proxy's own count of query answer times (`udp_director_query_duration_seconds`):
+    /// each bucket's upper bound in seconds and its cumulative count.
+    pub(super) fn answer_buckets(&self) -> Vec<(f64, u64)> {
+        let Some(metrics) = crate::soak::http_get(self.admin, "/metrics") else {
+            return Vec::new();
+        };
+        metrics
+            .lines()
+            .filter_map(|l| l.strip_prefix("udp_director_query_duration_seconds_bucket{le=\""))
+            .filter_map(|l| {
+                let (le, count) = l.split_once("\"} ")?;
+                let le = if le == "+Inf" {
+                    f64::INFINITY
+                } else {
+                    le.parse().ok()?
+                };
+                Some((le, count.trim().parse().ok()?))
+            })
+            .collect()
+    }
+
     pub(super) fn settle(&self, timeout: Duration) -> Option<f64> {
         let started = Instant::now();
         let mut quiet = 0;

@@ -123,6 +123,13 @@ impl Report<'_> {
             ms(&w.queries.scheduled, 0.99),
             max_ms(&w.queries.scheduled),
         );
+        let side = &w.queries.proxy_side;
+        println!(
+            "queries in the proxy (udp_director_query_duration_seconds, parse to token): {} \
+             answers, p99 at most {:.3} ms, {} over 0.8 ms; the rest of the latency above is \
+             the loopback and both sides' scheduling",
+            side.answers, side.p99_at_most_ms, side.over_800us
+        );
         println!(
             "forwarder changes, API write returned → first echo through the new listener: {} \
              ({}): min {min:.1} ms, median {median:.1} ms, max {max:.1} ms, {timed_out} not \
@@ -195,6 +202,9 @@ impl Report<'_> {
                 "query_rate": a.query_rate,
                 "query_p50_ms": ms(&w.queries.latency, 0.5),
                 "query_p99_ms": ms(&w.queries.latency, 0.99),
+                "query_proxy_answers": w.queries.proxy_side.answers,
+                "query_proxy_p99_at_most_ms": w.queries.proxy_side.p99_at_most_ms,
+                "query_proxy_over_800us": w.queries.proxy_side.over_800us,
                 "query_p999_ms": ms(&w.queries.latency, 0.999),
                 "query_max_ms": max_ms(&w.queries.latency),
                 "query_errors": w.queries.errors,

@@ -51,6 +51,49 @@ pub(super) struct Queries {
     /// Answers that were errors, and the first one.
     pub(super) errors: u64,
     pub(super) first_error: Option<String>,
+    /// The proxy's own answer times over the window, from its histogram: what of the latency
+    /// is the proxy's, apart from the machine's scheduling of both sides.
+    pub(super) proxy_side: ProxySide,
+}
+
+/// The window's share of `udp_director_query_duration_seconds` (parse to token, in the proxy).
+#[derive(Debug, Default)]
+pub(super) struct ProxySide {
+    /// Answers counted.
+    pub(super) answers: u64,
+    /// The upper bound of the bucket that holds the 99th percentile, in milliseconds.
+    pub(super) p99_at_most_ms: f64,
+    /// Answers that took over 0.8 ms (the histogram's boundary nearest below 1 ms).
+    pub(super) over_800us: u64,
+}
+
+impl ProxySide {
+    /// From the histogram's buckets before and after the window.
+    pub(super) fn between(before: &[(f64, u64)], after: &[(f64, u64)]) -> Self {
+        let delta: Vec<(f64, u64)> = after
+            .iter()
+            .map(|(le, n)| {
+                let was = before.iter().find(|(b, _)| b == le).map_or(0, |(_, n)| *n);
+                (*le, n.saturating_sub(was))
+            })
+            .collect();
+        let answers = delta.last().map_or(0, |(_, n)| *n);
+        let p99_at_most_ms = delta
+            .iter()
+            .find(|(_, n)| *n as f64 >= answers as f64 * 0.99)
+            .map_or(f64::NAN, |(le, _)| le * 1e3);
+        let under = delta
+            .iter()
+            .filter(|(le, _)| *le <= 0.000_800_1)
+            .map(|(_, n)| *n)
+            .max()
+            .unwrap_or(0);
+        Self {
+            answers,
+            p99_at_most_ms,
+            over_800us: answers.saturating_sub(under),
+        }
+    }
 }
 
 /// One forwarder change: what, and how long until its new listener echoed.
@@ -75,6 +118,7 @@ impl Window {
     ) -> anyhow::Result<Self> {
         let span = Duration::from_secs_f64(args.duration);
         let stop = Arc::new(AtomicBool::new(false));
+        let answered_before = proxy.answer_buckets();
         let start = CpuSnapshot::take(proxy, apiserver);
         let end = start.at + span;
         let patcher = runtime.handle.spawn(patch_statuses(
@@ -110,6 +154,8 @@ impl Window {
             ))
         })?;
         let patches = runtime.block_on(patcher)??;
+        let mut queries = queries;
+        queries.proxy_side = ProxySide::between(&answered_before, &proxy.answer_buckets());
         Ok(Self {
             seconds: span.as_secs_f64(),
             cores,
@@ -204,6 +250,7 @@ fn query_steadily(
         scheduled: Histogram::new(3)?,
         errors: 0,
         first_error: None,
+        proxy_side: ProxySide::default(),
     };
     let every = Duration::from_secs_f64(1.0 / args.query_rate);
     let mut next = Instant::now();
