@@ -13,6 +13,7 @@ pub mod admin;
 pub mod config;
 pub mod crd;
 pub mod inventory;
+pub mod metrics;
 pub mod names;
 pub mod protocol;
 pub mod query;
@@ -30,9 +31,9 @@ use dataplane::liveness::Heartbeat;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::admin::metrics::Metrics;
 use crate::config::{Config, InventoryConfig, SessionsApiAuth};
 use crate::inventory::{FileSource, KubeSource, Snapshot};
+use crate::metrics::Metrics;
 use crate::query::director::Director;
 use crate::reconcile::{forwarder, gateway, route, status};
 

@@ -16,9 +16,9 @@ use std::time::{Duration, SystemTime};
 
 use tokio::sync::watch;
 
-use crate::admin::metrics::Metrics;
 use crate::config::Config;
 use crate::config::live::{NeedsRestart, needs_restart};
+use crate::metrics::Metrics;
 
 /// How often the config and key files are looked at.
 const POLL: Duration = Duration::from_secs(1);

@@ -9,8 +9,6 @@
 
 pub mod auth;
 pub mod health;
-pub mod metrics;
-pub mod process_metrics;
 pub mod sessions;
 
 use std::convert::Infallible;
@@ -27,8 +25,8 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::admin::metrics::Metrics;
 use crate::config::MAX_ADMIN_CONNECTIONS;
+use crate::metrics::Metrics;
 use crate::query::conn_limit::ConnectionSlots;
 use crate::query::director::Director;
 use auth::{Authorizer, Decision, Verb};

@@ -18,9 +18,9 @@ use dataplane::{Backend, BackendId, Controller, Grant, TokenId, WorkerEvent};
 use parking_lot::Mutex;
 use tokio::sync::watch;
 
-use crate::admin::metrics::Metrics;
 use crate::config::Config;
 use crate::inventory::Snapshot;
+use crate::metrics::Metrics;
 use crate::query::select::{self, Candidate};
 use crate::query::{ErrorCode, Query, QueryError, TokenAnswer};
 

@@ -1,6 +1,10 @@
 //! Prometheus metrics (prometheus-client). Control's own metrics are ordinary counters and
 //! histograms; the data plane's per-worker counters and the inventory sizes are read at scrape
-//! time by a collector, so the data path never touches the registry.
+//! time by a collector, so the data path never touches the registry. The registry is counted
+//! into by the query side, the reloader and the status writers, and served by the admin
+//! server: it sits below all of them ([`process`]: the process's own resources).
+
+pub mod process;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,7 +21,7 @@ use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 
 use crate::inventory::{Rejections, Snapshot};
-use crate::query::ErrorCode;
+use crate::protocol::ErrorCode;
 
 type ResultLabel = [(&'static str, &'static str); 1];
 
@@ -91,7 +95,7 @@ impl Metrics {
             controller,
             inventory,
         }));
-        registry.register_collector(Box::new(crate::admin::process_metrics::ProcessCollector));
+        registry.register_collector(Box::new(process::ProcessCollector));
         Arc::new(Self {
             queries,
             query_duration,
