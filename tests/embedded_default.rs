@@ -1,5 +1,6 @@
 //! `udp-director` with no config: outside a cluster it runs the built-in example with its file
-//! inventory (README quick start); inside one it asks for a config.
+//! inventory, and the README's quick start, read from the README, holds against it; inside a
+//! cluster it asks for a config.
 
 mod common;
 
@@ -75,6 +76,143 @@ fn no_config_outside_a_cluster_runs_the_built_in_example() {
         answer = ask();
     }
     assert!(answer.contains("\"token\""), "{answer}");
+    walk_through_the_readme_quick_start();
+}
+
+/// The README's quick start as a newcomer runs it against this proxy: its commands are read
+/// from the README itself (the echo server's address, the `query` subcommand's arguments, the
+/// raw-protocol line and the answer it shows, the token-first datagram and what it prints, the
+/// admin calls), so a command or a shown output that no longer holds fails here. The echo
+/// server is testkit's, which answers as `perf echo` does (the payload back); the live
+/// migration line needs a second token and client port, and is covered by the token-flow tests.
+fn walk_through_the_readme_quick_start() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let start = readme
+        .find("## Quick start")
+        .expect("a Quick start section");
+    let end = start
+        + readme[start..]
+            .find("\n## ")
+            .unwrap_or(readme.len() - start);
+    let section = &readme[start..end];
+    // Shell lines, with `\` continuations joined.
+    let lines: Vec<String> = section
+        .replace("\\\n", " ")
+        .lines()
+        .map(str::trim)
+        .map(str::to_string)
+        .collect();
+    let find = |prefix: &str| -> &str {
+        lines
+            .iter()
+            .find(|l| l.starts_with(prefix) || l.contains(prefix))
+            .unwrap_or_else(|| panic!("the quick start no longer has `{prefix}`:\n{section}"))
+    };
+
+    // The echo server, where the README starts it.
+    let echo_line = find("-p perf -- echo --bind ");
+    let bind = echo_line
+        .split("--bind ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap();
+    let _echo = Echo::spawn(bind, None);
+
+    // A token from the `query` subcommand, with the README's arguments.
+    let query_line = find("TOKEN=$(cargo run -q --release -- query ");
+    let args: Vec<&str> = query_line
+        .split("-- query ")
+        .nth(1)
+        .and_then(|rest| rest.strip_suffix(')'))
+        .expect("TOKEN=$(… -- query ARGS)")
+        .split_whitespace()
+        .collect();
+    let args: Vec<&str> = std::iter::once("query").chain(args).collect();
+    let (code, token, err) = run_binary(&args);
+    assert_eq!(code, 0, "udp-director {args:?}: {err}");
+    let token = token.trim().to_string();
+    assert!(
+        !token.is_empty() && !token.contains(' '),
+        "a bare token: {token:?}"
+    );
+
+    // The raw protocol: the README's request line, and the answer it shows.
+    let raw_line = find("| nc -q1 127.0.0.1 9000");
+    let request = raw_line.split('\'').nth(1).expect("echo '{…}' | nc");
+    let shown_at = lines.iter().position(|l| l == raw_line).unwrap() + 1;
+    let shown: serde_json::Value =
+        serde_json::from_str(lines[shown_at].trim_start_matches("# ")).expect("the shown answer");
+    let mut s = std::net::TcpStream::connect("127.0.0.1:9000").unwrap();
+    std::io::Write::write_all(&mut s, format!("{request}\n").as_bytes()).unwrap();
+    let mut text = String::new();
+    BufReader::new(s).read_line(&mut text).unwrap();
+    let answer: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert!(answer["token"].is_string(), "{answer}");
+    assert_eq!(
+        answer["ttlSeconds"], shown["ttlSeconds"],
+        "{answer} vs the README's {shown}"
+    );
+    assert_eq!(
+        answer["ports"], shown["ports"],
+        "{answer} vs the README's {shown}"
+    );
+
+    // Token first, then traffic from the same socket: it prints what was sent.
+    let udp_line = find("| nc -u -w1 127.0.0.1 7777");
+    let printed = udp_line
+        .split("# prints: ")
+        .nth(1)
+        .expect("what the datagram prints")
+        .trim();
+    assert!(udp_line.contains("echo \"$TOKEN\"") && udp_line.contains(&format!("echo {printed}")));
+    let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    client
+        .set_read_timeout(Some(std::time::Duration::from_secs(2)))
+        .unwrap();
+    client
+        .send_to(format!("{token}\n").as_bytes(), "127.0.0.1:7777")
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    client
+        .send_to(format!("{printed}\n").as_bytes(), "127.0.0.1:7777")
+        .unwrap();
+    let mut buf = [0u8; 1500];
+    let n = client
+        .recv(&mut buf)
+        .expect("the echo's reply through the proxy");
+    assert_eq!(&buf[..n], format!("{printed}\n").as_bytes());
+
+    // The admin calls: the session is listed, and the metrics count it.
+    assert!(find("curl -s 127.0.0.1:9090/sessions").contains("/sessions"));
+    let sessions = admin_get("/sessions");
+    let port = client.local_addr().unwrap().port().to_string();
+    assert!(
+        sessions.contains(&port),
+        "our session on /sessions: {sessions}"
+    );
+    assert!(find("curl -s 127.0.0.1:9090/metrics").contains("/metrics"));
+    let metrics = admin_get("/metrics");
+    assert!(
+        metrics.contains("udp_director_tokens_issued_total"),
+        "Prometheus text on /metrics"
+    );
+}
+
+/// `GET path` on the example's admin port: the body.
+fn admin_get(path: &str) -> String {
+    let mut s = std::net::TcpStream::connect("127.0.0.1:9090").unwrap();
+    std::io::Write::write_all(
+        &mut s,
+        format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    text.split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default()
 }
 
 #[test]
