@@ -13,24 +13,6 @@ use std::time::{Duration, Instant};
 use common::cluster::{Cluster, cluster};
 use common::*;
 
-/// The Events of `ns` about the object `kind`/`name`.
-fn events_about(c: &Cluster, ns: &str, kind: &str, name: &str) -> Vec<serde_json::Value> {
-    let Ok(out) = c.kubectl(
-        &["get", "events.v1.events.k8s.io", "-n", ns, "-o", "json"],
-        None,
-    ) else {
-        return Vec::new();
-    };
-    let list: serde_json::Value = serde_json::from_str(&out).unwrap();
-    list["items"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|e| e["regarding"]["kind"] == kind && e["regarding"]["name"] == name)
-        .cloned()
-        .collect()
-}
-
 /// Waits up to `limit` for `f`, showing the proxy's log when it never holds.
 fn wait_for(p: &Proxy, limit: Duration, what: &str, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + limit;
@@ -52,7 +34,8 @@ fn one_event(
     name: &str,
     reason: &str,
 ) -> Option<serde_json::Value> {
-    let found: Vec<serde_json::Value> = events_about(c, ns, kind, name)
+    let found: Vec<serde_json::Value> = c
+        .events_about(ns, kind, name)
         .into_iter()
         .filter(|e| e["reason"] == reason)
         .collect();

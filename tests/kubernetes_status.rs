@@ -57,23 +57,9 @@ fn config(ns: &str, bind: &str) -> String {
 
 /// The Events about Gateway `edge` of `ns` that `node` recorded.
 fn gateway_events(c: &Cluster, ns: &str, node: &str) -> Vec<serde_json::Value> {
-    let Ok(out) = c.kubectl(
-        &["get", "events.v1.events.k8s.io", "-n", ns, "-o", "json"],
-        None,
-    ) else {
-        return Vec::new();
-    };
-    let list: serde_json::Value = serde_json::from_str(&out).unwrap();
-    list["items"]
-        .as_array()
+    c.events_about(ns, "Gateway", "edge")
         .into_iter()
-        .flatten()
-        .filter(|e| {
-            e["regarding"]["kind"] == "Gateway"
-                && e["regarding"]["name"] == "edge"
-                && e["reportingInstance"] == node
-        })
-        .cloned()
+        .filter(|e| e["reportingInstance"] == node)
         .collect()
 }
 

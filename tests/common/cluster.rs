@@ -122,6 +122,25 @@ impl Cluster {
         }
     }
 
+    /// The `events.k8s.io/v1` Events of `ns` about the object `kind`/`name` (none when they
+    /// cannot be listed).
+    pub fn events_about(&self, ns: &str, kind: &str, name: &str) -> Vec<serde_json::Value> {
+        let Ok(out) = self.kubectl(
+            &["get", "events.v1.events.k8s.io", "-n", ns, "-o", "json"],
+            None,
+        ) else {
+            return Vec::new();
+        };
+        let list: serde_json::Value = serde_json::from_str(&out).unwrap();
+        list["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|e| e["regarding"]["kind"] == kind && e["regarding"]["name"] == name)
+            .cloned()
+            .collect()
+    }
+
     /// An object as JSON (`Null` when it cannot be read): `ns` empty for a cluster-scoped one.
     pub fn get_json(&self, resource: &str, ns: &str, name: &str) -> serde_json::Value {
         let mut args = vec!["get", resource, name, "-o", "json"];

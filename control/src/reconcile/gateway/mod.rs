@@ -196,24 +196,22 @@ impl Reconciler {
             let v = snapshot.versions;
             // Forwarders claim ports too, and a route must not send clients to a listener of
             // this proxy. A change of Services or EndpointSlices no route uses costs nothing.
-            let routes_side = [v.gateway_api, v.forwarders];
-            let services_side = [v.services, v.endpoint_slices];
+            let inputs = (
+                [v.gateway_api, v.forwarders],
+                [v.services, v.endpoint_slices],
+            );
             let pass = again
-                || match passed_from {
-                    None => true,
-                    Some((routes, services)) => {
-                        routes != routes_side
-                            || (services != services_side
-                                && !self
-                                    .seen
-                                    .unchanged_in(&snapshot.services, &snapshot.endpoint_slices))
-                    }
-                };
+                || self.seen.must_compile(
+                    passed_from.as_ref(),
+                    &inputs,
+                    &snapshot.services,
+                    &snapshot.endpoint_slices,
+                );
             if pass {
                 self.reconcile(&snapshot);
                 again = false;
             }
-            passed_from = Some((routes_side, services_side));
+            passed_from = Some(inputs);
             // A listener that could not open (a port a closing listener still holds, or another
             // process) is tried again shortly; without one, time changes nothing here.
             let retrying = self.retrying;

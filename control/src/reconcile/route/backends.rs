@@ -319,6 +319,25 @@ impl ServicesSeen {
         }
     }
 
+    /// Whether a reconciler must compile again: on its first pass, when what its routes are
+    /// read from moved (`routes`, versions it compares as it likes), or when the Services or
+    /// EndpointSlices moved (`services`) in a way that touches one its routes use. `last` is
+    /// what the last pass read, as the same pair.
+    pub(crate) fn must_compile<R: PartialEq>(
+        &self,
+        last: Option<&(R, [u64; 2])>,
+        now: &(R, [u64; 2]),
+        services: &[Arc<Object>],
+        slices: &[Arc<Object>],
+    ) -> bool {
+        match last {
+            None => true,
+            Some((routes, seen)) => {
+                *routes != now.0 || (*seen != now.1 && !self.unchanged_in(services, slices))
+            }
+        }
+    }
+
     /// Whether every Service the routes use, and each one's slices, is in `services` and
     /// `slices` as it was (the same objects, present or absent alike).
     pub(crate) fn unchanged_in(&self, services: &[Arc<Object>], slices: &[Arc<Object>]) -> bool {
@@ -408,5 +427,12 @@ mod tests {
             service("later"),
         ];
         assert!(!seen.unchanged_in(&appeared, &slices));
+        // As a reconciler asks: its first pass, its own inputs moved, or a used Service did.
+        let now = ([1u64], [1u64, 1]);
+        assert!(seen.must_compile(None, &now, &services, &slices));
+        assert!(!seen.must_compile(Some(&now), &now, &services, &slices));
+        assert!(seen.must_compile(Some(&([0], [1, 1])), &now, &services, &slices));
+        assert!(!seen.must_compile(Some(&([1], [0, 0])), &now, &other, &other_slices));
+        assert!(seen.must_compile(Some(&([1], [0, 0])), &now, &replaced, &slices));
     }
 }

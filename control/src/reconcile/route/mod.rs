@@ -177,22 +177,19 @@ impl Reconciler {
             let snapshot = Arc::clone(&inventory.borrow_and_update());
             let v = snapshot.versions;
             // Forwarders too: a route must not send clients to a listener of this proxy.
-            let routes_side = (v.routes, v.forwarders, v.gateway_api);
-            let services_side = (v.services, v.endpoint_slices);
-            let compile = match compiled_from {
-                None => true,
-                Some((routes, services)) => {
-                    routes != routes_side
-                        || (services != services_side
-                            && !self
-                                .seen
-                                .unchanged_in(&snapshot.services, &snapshot.endpoint_slices))
-                }
-            };
-            if compile {
+            let inputs = (
+                [v.routes, v.forwarders, v.gateway_api],
+                [v.services, v.endpoint_slices],
+            );
+            if self.seen.must_compile(
+                compiled_from.as_ref(),
+                &inputs,
+                &snapshot.services,
+                &snapshot.endpoint_slices,
+            ) {
                 self.reconcile(&snapshot);
             }
-            compiled_from = Some((routes_side, services_side));
+            compiled_from = Some(inputs);
             tokio::select! {
                 changed = inventory.changed() => if changed.is_err() { return },
                 Ok(()) = live.changed() => {
