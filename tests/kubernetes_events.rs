@@ -105,6 +105,16 @@ fn forwarder_problems_are_one_event_each_and_a_repeat_is_counted_into_it() {
         "the note names the port: {taken:#}"
     );
     assert_eq!(count(&taken), 1);
+    // While the port stays taken, the problems gauge says so (an alert waits on it).
+    let taken_series = format!(
+        r#"udp_director_object_problems{{kind="Forwarder",namespace="{ns}",name="taken",reason="PortConflict"}}"#
+    );
+    wait_for(
+        &p,
+        Duration::from_secs(10),
+        "the problem on the gauge",
+        || p.metric(&taken_series) == 1.0,
+    );
     let mut lost = None;
     wait_for(
         &p,
@@ -142,6 +152,12 @@ fn forwarder_problems_are_one_event_each_and_a_repeat_is_counted_into_it() {
     wait_for(&p, Duration::from_secs(30), "the forwarder open", || {
         c.get_json("forwarder", &ns, "taken")["status"]["instances"][0]["ready"] == true
     });
+    wait_for(
+        &p,
+        Duration::from_secs(10),
+        "the problem off the gauge",
+        || !p.http("GET", "/metrics").1.contains(&taken_series),
+    );
     c.apply(&forwarder(
         &ns,
         "taken",
@@ -221,6 +237,10 @@ fn a_route_whose_entry_point_is_missing_gets_one_event() {
     );
     let event = event.unwrap();
     assert_eq!(event["reportingInstance"], "node-r");
+    let missing = format!(
+        r#"udp_director_object_problems{{kind="Route",namespace="{ns}",name="voice",reason="EntryPointMissing"}}"#
+    );
+    assert_eq!(p.metric(&missing), 1.0);
     assert!(
         event["note"].as_str().unwrap().contains("`nowhere`"),
         "{event:#}"

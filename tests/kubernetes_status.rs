@@ -144,6 +144,13 @@ fn two_instances_elect_one_writer_of_a_status_that_tells_the_truth() {
         events[0]
     );
     assert!(gateway_events(c, &ns, "node-a").is_empty());
+    // node-b's problems gauge says the listener is not open there (an alert waits on it);
+    // node-a's says nothing of it.
+    let unavailable = format!(
+        r#"udp_director_object_problems{{kind="Gateway",namespace="{ns}",name="edge",reason="PortUnavailable"}}"#
+    );
+    assert_eq!(b.metric(&unavailable), 1.0);
+    assert!(!a.http("GET", "/metrics").1.contains(&unavailable));
     let cl = client();
     wait_for(
         &both,

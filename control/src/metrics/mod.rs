@@ -77,6 +77,13 @@ impl Metrics {
             status.writes.clone(),
         );
         registry.register(
+            "udp_director_object_problems",
+            "1 for each problem this instance sees with a Forwarder, Route or Gateway API \
+             object now, by kind, namespace, name and reason (PortConflict, TargetUnresolvable, \
+             EntryPointMissing, PortUnavailable); the series goes when the problem does",
+            status.problems.clone(),
+        );
+        registry.register(
             "udp_director_queries",
             "Queries answered, by result (ok or an error code)",
             queries.clone(),

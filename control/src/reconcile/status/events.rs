@@ -11,13 +11,14 @@
 //! recorder, which creates the Event the first time and afterwards counts repeats into its
 //! `series` (one Event per object, reason and node, its count rising) instead of adding more.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::ObjectReference;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 
 use super::{StatusKey, StatusOf};
 
@@ -212,6 +213,50 @@ pub(super) fn show_every_event(counts: &EventCounts) {
         for result in ["published", "failed"] {
             let _ = counts.get_or_create(&[("reason", reason.as_str()), ("result", result)]);
         }
+    }
+}
+
+/// `udp_director_object_problems{kind,namespace,name,reason}`: 1 for each problem this
+/// instance sees with an object now (a Forwarder's port taken, a Route's entry point missing, a
+/// Gateway listener's port unavailable, a target not resolving); the series goes when the
+/// problem does. Where an Event says a problem appeared, this says it is still there, so an
+/// alert can wait on it (`UdpDirectorListenerNotOpen`).
+pub type ProblemGauge = Family<ProblemLabels, Gauge>;
+
+/// The labels of [`ProblemGauge`].
+pub type ProblemLabels = [(&'static str, String); 4];
+
+/// Keeps a [`ProblemGauge`] showing one writer's problems: its own series only, since the
+/// writers of the other reconcilers show theirs on the same family.
+#[derive(Debug, Default)]
+pub struct ProblemsShown {
+    shown: HashSet<ProblemLabels>,
+}
+
+impl ProblemsShown {
+    /// Shows `problems` on `gauge`: a series at 1 for each, and those this writer showed
+    /// before that are gone removed.
+    pub fn show(&mut self, gauge: &ProblemGauge, problems: &Problems) {
+        let now: HashSet<ProblemLabels> = problems
+            .iter()
+            .flat_map(|(key, (_, list))| {
+                list.iter().map(move |p| {
+                    [
+                        ("kind", key.of.kind().to_owned()),
+                        ("namespace", key.namespace.clone()),
+                        ("name", key.name.clone()),
+                        ("reason", p.reason.as_str().to_owned()),
+                    ]
+                })
+            })
+            .collect();
+        for gone in self.shown.difference(&now) {
+            gauge.remove(gone);
+        }
+        for labels in &now {
+            gauge.get_or_create(labels).set(1);
+        }
+        self.shown = now;
     }
 }
 
@@ -462,5 +507,70 @@ mod tests {
         assert!(cut.len() <= MAX_NOTE);
         assert!(cut.ends_with("..."));
         assert_eq!(truncate("short", MAX_NOTE), "short");
+    }
+
+    #[test]
+    fn the_gauge_shows_each_problem_while_it_lasts_and_only_this_writers() {
+        let gauge = ProblemGauge::default();
+        let mut other = ProblemsShown::default();
+        let mut route_key = key("r");
+        route_key.of = StatusOf::Route;
+        let mut theirs = Problems::new();
+        theirs.insert(
+            route_key,
+            (
+                "uid-r".into(),
+                vec![Problem {
+                    reason: Reason::EntryPointMissing,
+                    note: "no such entry point".into(),
+                }],
+            ),
+        );
+        other.show(&gauge, &theirs);
+        let mut mine = ProblemsShown::default();
+        mine.show(
+            &gauge,
+            &problems(&[
+                ("a", Reason::PortConflict),
+                ("b", Reason::TargetUnresolvable),
+            ]),
+        );
+        let scrape = || {
+            let mut registry = prometheus_client::registry::Registry::default();
+            registry.register("udp_director_object_problems", "help", gauge.clone());
+            let mut text = String::new();
+            prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+            let mut lines: Vec<String> = text
+                .lines()
+                .filter(|l| !l.starts_with('#'))
+                .map(str::to_owned)
+                .collect();
+            lines.sort();
+            lines
+        };
+        let line = |kind: &str, name: &str, reason: &str| {
+            format!(
+                "udp_director_object_problems{{kind=\"{kind}\",namespace=\"games\",name=\"{name}\",reason=\"{reason}\"}} 1"
+            )
+        };
+        assert_eq!(
+            scrape(),
+            vec![
+                line("Forwarder", "a", "PortConflict"),
+                line("Forwarder", "b", "TargetUnresolvable"),
+                line("Route", "r", "EntryPointMissing"),
+            ]
+        );
+        // a's port is free again: its series goes, the other writer's stays.
+        mine.show(&gauge, &problems(&[("b", Reason::TargetUnresolvable)]));
+        assert_eq!(
+            scrape(),
+            vec![
+                line("Forwarder", "b", "TargetUnresolvable"),
+                line("Route", "r", "EntryPointMissing"),
+            ]
+        );
+        mine.show(&gauge, &Problems::new());
+        assert_eq!(scrape(), vec![line("Route", "r", "EntryPointMissing")]);
     }
 }

@@ -136,6 +136,8 @@ pub struct Counts {
     pub events: events::EventCounts,
     /// `udp_director_status_writes_total{kind,result}`.
     pub writes: WriteCounts,
+    /// `udp_director_object_problems{kind,namespace,name,reason}`.
+    pub problems: events::ProblemGauge,
 }
 
 impl Default for Counts {
@@ -146,6 +148,7 @@ impl Default for Counts {
         let counts = Self {
             events: events::EventCounts::default(),
             writes: WriteCounts::default(),
+            problems: events::ProblemGauge::default(),
         };
         events::show_every_event(&counts.events);
         show_every_write(&counts.writes);
@@ -240,8 +243,9 @@ pub struct Writer {
     /// Whether this instance holds the status Lease, checked before every whole-object write
     /// (none: no Lease, this instance is the fleet).
     deadline: Option<lease::HoldDeadline>,
-    /// Records the reconciler's problems as Events (none: it records none).
-    events: Option<events::Publisher>,
+    /// Records the reconciler's problems as Events and shows them on the problems gauge
+    /// (none: it does neither).
+    events: Option<(events::Publisher, events::ProblemGauge)>,
     /// Counts every write's outcome (not registered: nobody reads them).
     writes: WriteCounts,
 }
@@ -274,10 +278,9 @@ impl Writer {
     /// A writer that records the problems its reconciler hands over as Kubernetes Events and
     /// counts those and its writes on `counts`.
     pub fn recording(mut self, counts: Counts) -> Self {
-        self.events = Some(events::Publisher::new(
-            self.client.clone(),
-            &self.node,
-            counts.events,
+        self.events = Some((
+            events::Publisher::new(self.client.clone(), &self.node, counts.events),
+            counts.problems,
         ));
         self.writes = counts.writes;
         self
@@ -333,6 +336,7 @@ impl Writer {
         let mut passed: Option<(Arc<Wanted>, [u64; 2])> = None;
         let mut again = false;
         let mut gate = events::EventGate::new(Instant::now());
+        let mut shown = events::ProblemsShown::default();
         loop {
             tokio::select! {
                 r = wanted.changed() => if r.is_err() { return },
@@ -458,7 +462,8 @@ impl Writer {
                     again = true;
                 }
             }
-            if let Some(publisher) = &self.events {
+            if let Some((publisher, gauge)) = &self.events {
+                shown.show(gauge, &want.problems);
                 for due in gate.observe(Instant::now(), &want.problems) {
                     publisher.publish(&due).await;
                 }
