@@ -67,7 +67,8 @@ fn replicas_sharing_a_key_redeem_each_others_tokens_once_each_and_rotation_works
     );
     assert_eq!(redeem(token.as_bytes(), b.data_addr()), None, "replay on b");
     b.eventually("the replay counted", |b| rejected(b, "used") == 1.0);
-    // Each replica keeps its own ledger: a redeems it once too (the threat model in README).
+    // Each replica keeps its own ledger: a redeems it once too (the threat model in
+    // docs/security.md).
     assert_eq!(
         redeem(token.as_bytes(), a.data_addr()).as_deref(),
         Some(&b"Aping"[..])

@@ -1,5 +1,6 @@
 //! Smoke test of the harness: every benchmark runs briefly against the real proxy binary and
-//! reports what it should. Correctness only; the numbers are for `README.md`, not asserted.
+//! reports what it should. Correctness only; the numbers are for `docs/performance.md`, not
+//! asserted.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
