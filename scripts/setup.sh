@@ -5,6 +5,7 @@
 #   - for the Kubernetes suite: etcd and a kube-apiserver built from Debian's source package
 #     (scripts/k8s-apiserver.sh build: root, ~7 minutes once, cached in ~/.cache/k8s-test);
 #   - for the deploy/ checks: kubernetes-validate (PyPI), the offline schema checker;
+#   - for the fast-path tests: ethtool (root);
 #   - for the observability checks (tests/observability.rs): Debian's Prometheus, which brings
 #     promtool (root; the service it ships is not started here, the test runs its own).
 # Without root the Kubernetes and Prometheus parts are skipped with a message (and the suite says it skipped);
@@ -36,6 +37,19 @@ if ! command -v kubernetes-validate >/dev/null 2>&1; then
   python3 -m pip install --quiet --disable-pip-version-check kubernetes-validate \
     || need_k8s "cannot install kubernetes-validate"
   hash -r
+fi
+# The fast-path tests (tests/fastpath.rs) turn checksum offload off on their veth pairs.
+if ! command -v ethtool >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ]; then
+    { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends ethtool \
+        >/dev/null 2>&1 \
+        || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+               --no-install-recommends ethtool >/dev/null; }; } \
+      || need "cannot install ethtool (apt-get install ethtool)" "tests/fastpath.rs"
+    hash -r
+  else
+    need "no ethtool and not root to install it" "tests/fastpath.rs"
+  fi
 fi
 if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ]; then

@@ -53,6 +53,9 @@ pub struct DataPlaneConfig {
     /// Descriptors the control thread may need beyond those open when the data plane starts
     /// (its connection caps and more): kept out of the data plane's budget.
     pub control_fd_reserve: usize,
+    /// The kernel fast path for established UDP sessions (`fastPath: {kind: tc}`); `None`:
+    /// off (`kind: none`).
+    pub fast_path: Option<crate::fastpath::FastPathConfig>,
 }
 
 /// The settings that can change while the data plane runs (config reload): they apply to new
@@ -105,6 +108,7 @@ impl DataPlaneConfig {
             rate_limit: None,
             token_keys: None,
             control_fd_reserve: crate::io::fd_budget::CONTROL_RESERVE_BASE,
+            fast_path: None,
         }
     }
 }

@@ -211,8 +211,10 @@ pub struct SessionInfo {
     pub age: Duration,
     /// Time since its last datagram.
     pub idle: Duration,
-    /// Traffic counters.
+    /// Traffic counters (what the kernel fast path forwarded included).
     pub stats: SessionStats,
+    /// Its established traffic is forwarded by the kernel fast path (SPEC §11).
+    pub offloaded: bool,
 }
 
 /// The control plane is not keeping up: a worker's control channel is full or gone.
@@ -308,6 +310,8 @@ pub struct Controller {
     pub(crate) host: Arc<crate::io::own_addrs::HostAddrs>,
     pub(crate) registry: Arc<Mutex<PortRegistry>>,
     pub(crate) sockets: SocketSettings,
+    /// The kernel fast path, while it is on.
+    pub(crate) fast_path: Option<Arc<crate::fastpath::FastPath>>,
 }
 
 impl std::fmt::Debug for Controller {
@@ -319,6 +323,12 @@ impl std::fmt::Debug for Controller {
 }
 
 impl Controller {
+    /// What the kernel fast path forwarded so far; `None` while it is off (not asked for, or
+    /// refused by the kernel).
+    pub fn fast_path(&self) -> Option<crate::fastpath::FastPathTotals> {
+        self.fast_path.as_ref().map(|f| f.totals())
+    }
+
     /// Number of workers.
     pub fn workers(&self) -> usize {
         self.links.len()
@@ -635,6 +645,7 @@ mod tests {
                 recv_buffer_bytes: 1 << 16,
                 send_buffer_bytes: 1 << 16,
             },
+            fast_path: None,
         };
         (controller, grant_rx, rx, poll)
     }

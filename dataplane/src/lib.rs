@@ -27,6 +27,7 @@
 pub mod config;
 pub mod ctl;
 pub mod error;
+pub mod fastpath;
 pub mod io;
 pub mod listener;
 pub mod liveness;

@@ -219,6 +219,8 @@ pub struct WorkerCounters {
     pub tcp_accepted: Counter,
     /// Shared upstream sockets this worker has open (gauge).
     pub upstream_sockets: Counter,
+    /// Sessions of this worker offloaded to the kernel fast path (gauge).
+    pub fastpath_sessions: Counter,
     /// TCP connections refused, indexed like [`DropReason::ALL`].
     pub connections_refused: [Counter; DropReason::ALL.len()],
 }
@@ -281,6 +283,8 @@ pub struct CounterSnapshot {
     pub tcp_accepted: u64,
     /// Shared upstream sockets open.
     pub upstream_sockets: u64,
+    /// Sessions offloaded to the kernel fast path now.
+    pub fastpath_sessions: u64,
     /// TCP connections refused, indexed like [`DropReason::ALL`].
     pub connections_refused: [u64; DropReason::ALL.len()],
 }
@@ -336,6 +340,7 @@ impl CounterSnapshot {
         self.tcp_sessions_active += c.tcp_sessions_active.get();
         self.tcp_accepted += c.tcp_accepted.get();
         self.upstream_sockets += c.upstream_sockets.get();
+        self.fastpath_sessions += c.fastpath_sessions.get();
         sum(&mut self.connections_refused, &c.connections_refused);
     }
 }

@@ -10,6 +10,7 @@ use crossbeam_utils::CachePadded;
 use crate::config::{DataPlaneConfig, WorkerAffinity};
 use crate::ctl::{Controller, GRANT_CHANNEL_CAPACITY, SocketSettings, WorkerEvent, WorkerLink};
 use crate::error::{StartError, WorkerError};
+use crate::fastpath::FastPath;
 use crate::io::fd_budget::{FdBudget, open_descriptors, raise_nofile_limit};
 use crate::io::own_addrs::OwnPorts;
 use crate::listener::{ListenerKind, ListenerSpec};
@@ -72,6 +73,38 @@ fn descriptor_budget(config: &DataPlaneConfig) -> Arc<FdBudget> {
     budget
 }
 
+/// The kernel fast path, when the config asks for it and the kernel lets it load; when it
+/// does not, says why once and the data plane runs in user space.
+fn start_fast_path(config: &DataPlaneConfig) -> Option<Arc<FastPath>> {
+    let wanted = config.fast_path.as_ref()?;
+    match FastPath::start(wanted, &config.control_magic) {
+        Ok(fast) => {
+            log::info!(
+                "fast path: tc program attached to {}; established UDP sessions are forwarded \
+                 in the kernel",
+                fast.interfaces().join(", ")
+            );
+            Some(Arc::new(fast))
+        }
+        Err(e) => {
+            log::warn!("fast path off: {e}; every datagram goes through user space");
+            None
+        }
+    }
+}
+
+/// Worker `id`'s handle on the fast path's map; without one (it says why) that worker
+/// offloads nothing.
+fn worker_map(fast: Option<&FastPath>, id: usize) -> Option<crate::fastpath::WorkerMap> {
+    match fast?.worker_map() {
+        Ok(map) => Some(map),
+        Err(e) => {
+            log::warn!("fast path: worker {id} offloads nothing: {e}");
+            None
+        }
+    }
+}
+
 /// The running data plane: worker threads plus the handles control needs.
 #[derive(Debug)]
 pub struct DataPlane {
@@ -106,6 +139,7 @@ impl DataPlane {
         let budget = descriptor_budget(&config);
         let own_ports = Arc::new(OwnPorts::default());
         let (events_tx, events) = crossbeam_channel::unbounded();
+        let fast_path = start_fast_path(&config);
         let cores = core_affinity::get_core_ids().unwrap_or_default();
 
         let mut links = Vec::with_capacity(workers);
@@ -133,6 +167,7 @@ impl DataPlane {
                 ledger: Arc::clone(&ledger),
                 budget: Arc::clone(&budget),
                 own_ports: Arc::clone(&own_ports),
+                fast_path: worker_map(fast_path.as_deref(), id),
             })
             .map_err(|source| StartError::Poll { worker: id, source })?;
             links.push(WorkerLink {
@@ -149,6 +184,7 @@ impl DataPlane {
             budget,
             host: Arc::default(),
             registry: Arc::default(),
+            fast_path,
             sockets: SocketSettings {
                 recv_buffer_bytes: config.recv_buffer_bytes,
                 send_buffer_bytes: config.send_buffer_bytes,

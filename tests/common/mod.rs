@@ -85,13 +85,33 @@ impl Proxy {
     /// Starts the binary with extra environment variables, once it has printed its addresses;
     /// it may not be ready yet.
     pub fn launch(config: &str, inventory: &str, env: &[(&str, &std::ffi::OsStr)]) -> Self {
+        Self::launch_under(&[], config, inventory, env)
+    }
+
+    /// [`Self::launch`], run by `wrapper` (a command and its arguments, e.g. `setpriv` with
+    /// capabilities dropped) when it is not empty.
+    pub fn launch_under(
+        wrapper: &[&str],
+        config: &str,
+        inventory: &str,
+        env: &[(&str, &std::ffi::OsStr)],
+    ) -> Self {
         let dir = scratch_dir();
         std::fs::write(dir.join("config.yaml"), config).unwrap();
         if !inventory.is_empty() {
             std::fs::write(dir.join("inventory.yaml"), inventory).unwrap();
         }
         let log = std::fs::File::create(dir.join("proxy.log")).unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_udp-director"))
+        let binary = env!("CARGO_BIN_EXE_udp-director");
+        let mut command = match wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(binary);
+                c
+            }
+            None => Command::new(binary),
+        };
+        let mut child = command
             .arg("--config")
             .arg(dir.join("config.yaml"))
             .env("RUST_LOG", "warn")

@@ -74,6 +74,59 @@ impl NetNs {
         Ok(made)
     }
 
+    /// This host's end of the pair.
+    pub fn host_if(&self) -> &str {
+        &self.host_if
+    }
+
+    /// Runs `command` inside the namespace and returns its standard output.
+    pub fn exec(&self, command: &[&str]) -> Result<String, String> {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.name])
+            .args(command)
+            .output()
+            .map_err(|e| format!("ip netns exec: {e}"))?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(format!(
+                "{}: {}",
+                command.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ))
+        }
+    }
+
+    /// Turns checksum offload off on both ends of the pair (`ethtool`), so every UDP checksum
+    /// is computed by the sender's stack and checked by the receiver's: a datagram with a
+    /// wrong one is dropped and counted in the namespace's `Udp: InCsumErrors`.
+    pub fn plain_checksums(&self) -> Result<(), String> {
+        let off = ["tx", "off", "rx", "off"];
+        let host = Command::new("ethtool")
+            .args(["-K", &self.host_if])
+            .args(off)
+            .output()
+            .map_err(|e| format!("ethtool: {e}"))?;
+        if !host.status.success() {
+            return Err(String::from_utf8_lossy(&host.stderr).into_owned());
+        }
+        let mut inside = vec!["ethtool", "-K", &self.ns_if];
+        inside.extend(off);
+        self.exec(&inside).map(drop)
+    }
+
+    /// UDP datagrams the namespace's stack dropped for a bad checksum (`/proc/net/snmp`).
+    pub fn udp_checksum_errors(&self) -> u64 {
+        let snmp = self.exec(&["cat", "/proc/net/snmp"]).unwrap();
+        let mut udp = snmp.lines().filter(|l| l.starts_with("Udp:"));
+        let (names, values) = (udp.next().unwrap(), udp.next().unwrap());
+        let at = names
+            .split_whitespace()
+            .position(|n| n == "InCsumErrors")
+            .unwrap();
+        values.split_whitespace().nth(at).unwrap().parse().unwrap()
+    }
+
     /// Runs `ip` inside the namespace.
     fn inside(&self, args: &[&str]) -> Result<(), String> {
         let mut all = vec!["netns", "exec", &self.name, "ip"];

@@ -129,6 +129,7 @@ pub(super) async fn list(director: &Director, query: Option<&str>) -> Response<F
                 "bytesUpstream": s.stats.bytes_upstream,
                 "packetsDownstream": s.stats.packets_downstream,
                 "bytesDownstream": s.stats.bytes_downstream,
+                "offloaded": s.offloaded,
             })
         })
         .collect();
@@ -337,6 +338,7 @@ mod tests {
             age: Duration::ZERO,
             idle: Duration::ZERO,
             stats: SessionStats::default(),
+            offloaded: false,
         }
     }
 

@@ -142,6 +142,13 @@ const RESTART_KEYS: &[RestartKey] = &[
         changed: |a, b| a.control_magic != b.control_magic,
     },
     RestartKey {
+        key: "fastPath",
+        covers: &["fastPath"],
+        scope: Scope::Whole,
+        why: "changed; the BPF program is loaded and attached once, at start",
+        changed: |a, b| a.fast_path != b.fast_path,
+    },
+    RestartKey {
         key: "inventory",
         covers: &["inventory"],
         scope: Scope::Whole,

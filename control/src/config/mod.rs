@@ -356,6 +356,8 @@ pub struct Config {
     pub status_lease: StatusLease,
     /// Per-source-IP flood limits, when enabled.
     pub rate_limit: Option<dataplane::RateLimit>,
+    /// The kernel fast path, when `fastPath.kind` is `tc`.
+    pub fast_path: Option<dataplane::fastpath::FastPathConfig>,
     /// Sealed tokens, when `tokenSecret` is set.
     pub token_secret: Option<TokenSecret>,
     /// Only the querying client's IP may redeem a token.
@@ -443,6 +445,7 @@ impl Config {
         dp.send_buffer_bytes = self.socket_buffer_bytes;
         dp.busy_poll = self.busy_poll;
         dp.rate_limit = self.rate_limit;
+        dp.fast_path = self.fast_path.clone();
         dp.token_keys = self.token_secret.as_ref().map(|t| Arc::clone(&t.keys));
         // Every query and admin connection the control thread may hold at once, plus its own
         // (runtime, API client, files).

@@ -167,6 +167,12 @@ pub(super) struct RawConfig {
     #[serde(default)]
     #[schemars(extend("x-default" = "off"))]
     pub(super) rate_limit: Option<RawRateLimit>,
+    /// The kernel fast path for established UDP sessions: a tc ingress BPF program that
+    /// forwards their datagrams inside the kernel (needs CAP_BPF and CAP_NET_ADMIN; without
+    /// them, or kernel support, the proxy says why once and runs in user space).
+    #[serde(default)]
+    #[schemars(extend("x-default" = "`{kind: none}`"))]
+    pub(super) fast_path: Option<RawFastPath>,
     /// Sealed tokens, which any replica holding the key redeems; UUID tokens (redeemed only by
     /// the instance that issued them) when absent.
     #[serde(default)]
@@ -188,6 +194,30 @@ pub(super) struct RawTokenSecret {
     /// applies.
     #[schemars(extend("x-default" = "required"))]
     pub(super) file: String,
+}
+
+/// `fastPath`.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(super) struct RawFastPath {
+    /// `tc` (a tc ingress program, tcx where the kernel has it, clsact otherwise) or `none`.
+    #[schemars(extend("x-default" = "`none`"))]
+    pub(super) kind: RawFastPathKind,
+    /// The interfaces the program is attached to, by name; every interface with an address
+    /// that is not loopback when empty.
+    #[serde(default)]
+    #[schemars(extend("x-default" = "`[]`"))]
+    pub(super) interfaces: Vec<String>,
+}
+
+/// `fastPath.kind`.
+#[derive(Clone, Copy, Debug, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub(super) enum RawFastPathKind {
+    /// A tc ingress program.
+    Tc,
+    /// Off.
+    None,
 }
 
 /// `rateLimit`.

@@ -236,6 +236,30 @@ pub(super) fn validate(raw: RawConfig, env: &Environment) -> Result<Validated, C
                 },
             },
             rate_limit: raw.rate_limit.map(rate_limit).transpose()?,
+            fast_path: match raw.fast_path {
+                None
+                | Some(RawFastPath {
+                    kind: RawFastPathKind::None,
+                    ..
+                }) => None,
+                Some(RawFastPath { interfaces, .. }) => {
+                    for name in &interfaces {
+                        // IFNAMSIZ: 15 bytes and a NUL; no slash or space.
+                        let valid = !name.is_empty()
+                            && name.len() <= 15
+                            && !name.contains(['/', ' ', ':'])
+                            && name != "."
+                            && name != "..";
+                        if !valid {
+                            return Err(invalid(
+                                "fastPath.interfaces",
+                                format!("`{}` is not an interface name", quote(name)),
+                            ));
+                        }
+                    }
+                    Some(dataplane::fastpath::FastPathConfig { interfaces })
+                }
+            },
             // Read by `Config::from_yaml_in`, once the rest is known to be valid.
             token_secret: match raw.token_secret {
                 Some(_) if data_ports_for_seal > dataplane::policy::seal::MAX_SEALED_PORTS => {

@@ -325,6 +325,42 @@ impl Collector for DataPlaneCollector {
             MetricType::Gauge,
         )?;
         ConstGauge::new(c.upstream_sockets as i64).encode(gauge)?;
+        let fast = self.controller.fast_path();
+        let gauge = encoder.encode_descriptor(
+            "udp_director_fastpath_enabled",
+            "1 while the kernel fast path is attached and forwarding (fastPath.kind tc and the \
+             kernel let it load); 0 otherwise, the reason in the log",
+            None,
+            MetricType::Gauge,
+        )?;
+        ConstGauge::new(i64::from(fast.is_some())).encode(gauge)?;
+        let fast = fast.unwrap_or_default();
+        labelled_counter(
+            &mut encoder,
+            "udp_director_fastpath_packets",
+            "Datagrams the kernel fast path forwarded, by direction (not in \
+             udp_director_packets_total, which counts what user space forwarded)",
+            [
+                (vec![("direction", "upstream")], fast.packets_upstream),
+                (vec![("direction", "downstream")], fast.packets_downstream),
+            ],
+        )?;
+        labelled_counter(
+            &mut encoder,
+            "udp_director_fastpath_bytes",
+            "Payload bytes the kernel fast path forwarded, by direction",
+            [
+                (vec![("direction", "upstream")], fast.bytes_upstream),
+                (vec![("direction", "downstream")], fast.bytes_downstream),
+            ],
+        )?;
+        let gauge = encoder.encode_descriptor(
+            "udp_director_fastpath_sessions",
+            "UDP sessions whose established traffic the kernel fast path forwards now",
+            None,
+            MetricType::Gauge,
+        )?;
+        ConstGauge::new(c.fastpath_sessions as i64).encode(gauge)?;
         let (held, allowed) = self.controller.descriptors();
         let gauge = encoder.encode_descriptor(
             "udp_director_dataplane_descriptors",

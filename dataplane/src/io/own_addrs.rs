@@ -47,37 +47,66 @@ impl HostAddrs {
 
 /// The addresses of this host's interfaces (`getifaddrs`).
 pub(crate) fn interface_addresses() -> io::Result<Vec<IpAddr>> {
+    Ok(interfaces()?.into_iter().map(|i| i.ip).collect())
+}
+
+/// One address of one of this host's interfaces.
+#[derive(Clone, Debug, Eq, PartialEq)]
+pub(crate) struct InterfaceAddr {
+    /// The interface's name.
+    pub(crate) name: String,
+    /// Its index (0 when it could not be read).
+    pub(crate) index: u32,
+    /// Whether it is a loopback interface.
+    pub(crate) loopback: bool,
+    /// The address.
+    pub(crate) ip: IpAddr,
+}
+
+/// Every IPv4 and IPv6 address of this host's interfaces, with the interface (`getifaddrs`).
+pub(crate) fn interfaces() -> io::Result<Vec<InterfaceAddr>> {
     let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: `getifaddrs` writes a list head into the valid `head`; on success the list is
     // ours until `freeifaddrs`.
     if unsafe { libc::getifaddrs(&mut head) } != 0 {
         return Err(io::Error::last_os_error());
     }
-    let mut addrs = Vec::new();
+    let mut found = Vec::new();
     let mut cursor = head;
     while !cursor.is_null() {
         // SAFETY: `cursor` is a node of the list `getifaddrs` returned, not yet freed.
         let entry = unsafe { &*cursor };
-        if !entry.ifa_addr.is_null() {
-            // SAFETY: a non-null `ifa_addr` points to a `sockaddr` whose family says its type.
-            let family = i32::from(unsafe { (*entry.ifa_addr).sa_family });
-            if family == libc::AF_INET {
-                // SAFETY: an `AF_INET` address is a `sockaddr_in`.
-                let sin = unsafe { &*entry.ifa_addr.cast::<libc::sockaddr_in>() };
-                addrs.push(IpAddr::V4(Ipv4Addr::from(u32::from_be(
-                    sin.sin_addr.s_addr,
-                ))));
-            } else if family == libc::AF_INET6 {
-                // SAFETY: an `AF_INET6` address is a `sockaddr_in6`.
-                let sin6 = unsafe { &*entry.ifa_addr.cast::<libc::sockaddr_in6>() };
-                addrs.push(IpAddr::V6(Ipv6Addr::from(sin6.sin6_addr.s6_addr)));
-            }
-        }
         cursor = entry.ifa_next;
+        if entry.ifa_addr.is_null() || entry.ifa_name.is_null() {
+            continue;
+        }
+        // SAFETY: a non-null `ifa_addr` points to a `sockaddr` whose family says its type.
+        let family = i32::from(unsafe { (*entry.ifa_addr).sa_family });
+        let ip = if family == libc::AF_INET {
+            // SAFETY: an `AF_INET` address is a `sockaddr_in`.
+            let sin = unsafe { &*entry.ifa_addr.cast::<libc::sockaddr_in>() };
+            IpAddr::V4(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)))
+        } else if family == libc::AF_INET6 {
+            // SAFETY: an `AF_INET6` address is a `sockaddr_in6`.
+            let sin6 = unsafe { &*entry.ifa_addr.cast::<libc::sockaddr_in6>() };
+            IpAddr::V6(Ipv6Addr::from(sin6.sin6_addr.s6_addr))
+        } else {
+            continue;
+        };
+        // SAFETY: `ifa_name` is a NUL-terminated string of the list, not yet freed.
+        let name = unsafe { std::ffi::CStr::from_ptr(entry.ifa_name) };
+        // SAFETY: `if_nametoindex` reads the NUL-terminated `name`.
+        let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+        found.push(InterfaceAddr {
+            name: name.to_string_lossy().into_owned(),
+            index,
+            loopback: entry.ifa_flags & libc::IFF_LOOPBACK as u32 != 0,
+            ip,
+        });
     }
     // SAFETY: `head` came from a successful `getifaddrs` and is freed once.
     unsafe { libc::freeifaddrs(head) };
-    Ok(addrs)
+    Ok(found)
 }
 
 /// The local ports our shared upstream sockets are bound to, per address family (each socket

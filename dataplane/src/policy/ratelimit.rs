@@ -79,20 +79,44 @@ impl RateLimiter {
         take(&mut slot.sessions)
     }
 
-    /// `ip`'s slot, refilled to `now` (a slot another address held starts full).
-    fn slot(&mut self, ip: IpAddr, now: Instant) -> &mut Slot {
+    /// Whether `ip` is at its limit now: its datagrams without a session, or its new
+    /// sessions, would be refused. Looks only; an address without a slot is not.
+    pub fn over_limit(&self, ip: IpAddr, now: Instant) -> bool {
+        let (index, tag) = self.place(ip);
+        let slot = &self.slots[index];
+        if slot.tag != tag {
+            return false;
+        }
+        let ms = u64::try_from(now.saturating_duration_since(self.epoch).as_millis())
+            .unwrap_or(u64::MAX);
+        let elapsed = ms.saturating_sub(slot.at);
+        let refilled = |tokens: u32, rate: u32| {
+            u64::from(tokens).saturating_add(elapsed.saturating_mul(u64::from(rate)))
+        };
+        refilled(slot.packets, self.limit.packets_per_second) < 1000
+            || (self.limit.sessions_per_second > 0
+                && refilled(slot.sessions, self.limit.sessions_per_second) < 1000)
+    }
+
+    /// `ip`'s slot index and the tag it holds that slot under.
+    fn place(&self, ip: IpAddr) -> (usize, u64) {
         let mut h = self.hasher.build_hasher();
         match ip.to_canonical() {
             IpAddr::V4(v4) => h.write_u32(u32::from(v4)),
             IpAddr::V6(v6) => h.write_u128(u128::from(v6)),
         }
         let hash = h.finish();
-        let tag = hash | 1; // never 0, the free tag
-        let index = (hash >> 48) as usize;
+        ((hash >> 48) as usize & (SLOTS - 1), hash | 1)
+    }
+
+    /// `ip`'s slot, refilled to `now` (a slot another address held starts full).
+    fn slot(&mut self, ip: IpAddr, now: Instant) -> &mut Slot {
+        // The tag is never 0, the free tag.
+        let (index, tag) = self.place(ip);
         let ms = u64::try_from(now.saturating_duration_since(self.epoch).as_millis())
             .unwrap_or(u64::MAX);
         let limit = self.limit;
-        let slot = &mut self.slots[index & (SLOTS - 1)];
+        let slot = &mut self.slots[index];
         let burst = limit.burst.max(1).saturating_mul(1000);
         let session_burst = limit.sessions_per_second.max(1).saturating_mul(1000);
         if slot.tag != tag {
@@ -207,6 +231,24 @@ mod tests {
             burst: 10,
             sessions_per_second: 2,
         }
+    }
+
+    #[test]
+    fn an_address_is_over_its_limit_while_its_bucket_is_dry_and_looking_takes_nothing() {
+        let t0 = Instant::now();
+        let mut r = RateLimiter::new(limit(), t0);
+        let ip: IpAddr = "192.0.2.7".parse().unwrap();
+        assert!(!r.over_limit(ip, t0), "never seen: not limited");
+        for _ in 0..9 {
+            assert!(r.admit_packet(ip, t0));
+            assert!(!r.over_limit(ip, t0), "looking does not take a token");
+        }
+        assert!(r.admit_packet(ip, t0), "the last of the burst");
+        assert!(r.over_limit(ip, t0), "the burst is spent");
+        // 100 per second: one whole token back after 10 ms.
+        assert!(!r.over_limit(ip, t0 + Duration::from_millis(10)));
+        let other: IpAddr = "192.0.2.8".parse().unwrap();
+        assert!(!r.over_limit(other, t0));
     }
 
     #[test]

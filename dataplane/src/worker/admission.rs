@@ -102,6 +102,13 @@ pub(super) struct Admission {
 }
 
 impl Admission {
+    /// Whether `ip` is over its flood limit now (no limit: never). Looks only.
+    pub(super) fn over_rate_limit(&self, ip: std::net::IpAddr, now: Instant) -> bool {
+        self.rate_limiter
+            .as_ref()
+            .is_some_and(|r| r.over_limit(ip, now))
+    }
+
     /// No grant yet, with the config's keys, magic and rate limit.
     pub(super) fn new(
         grants: Receiver<Arc<Grant>>,

@@ -183,6 +183,12 @@ impl Listeners {
         self.slab.get_mut(port).and_then(Option::as_mut)
     }
 
+    /// The address listener `port` is bound to, while it is open.
+    #[inline]
+    pub(super) fn local_addr(&self, port: usize) -> Option<std::net::SocketAddr> {
+        self.get(port).map(|l| l.local)
+    }
+
     /// This worker's counts of listener `port`, while it is open.
     #[inline]
     pub(super) fn slot(&self, port: usize) -> Option<&ListenerSlot> {

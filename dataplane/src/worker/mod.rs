@@ -104,6 +104,8 @@ pub(crate) struct WorkerSetup<'a> {
     pub(crate) budget: Arc<FdBudget>,
     /// The local ports of every worker's upstream sockets.
     pub(crate) own_ports: Arc<OwnPorts>,
+    /// This worker's handle on the kernel fast path (`None`: off).
+    pub(crate) fast_path: Option<crate::fastpath::WorkerMap>,
 }
 
 /// What a worker tells the world: its counters, its events to control and its warnings (at
@@ -206,6 +208,7 @@ impl Worker {
                 setup.limits,
                 Arc::clone(&setup.budget),
                 Arc::clone(&setup.own_ports),
+                setup.fast_path,
                 now,
             ),
             udp: Udp::new(config, setup.own_ports),

@@ -222,6 +222,11 @@ impl UpstreamPool {
         self.socket(pool)?.peers.get(&peer_key(from)).copied()
     }
 
+    /// The local port of a pool socket.
+    pub(super) fn port(&self, pool: PoolRef) -> Option<u16> {
+        self.socket(pool).map(|s| s.port)
+    }
+
     /// The file descriptor of a pool socket.
     #[inline]
     pub(super) fn fd(&self, pool: PoolRef) -> Option<RawFd> {

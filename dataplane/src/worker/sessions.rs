@@ -17,6 +17,8 @@ use mio::Registry;
 use crate::config::DataPlaneConfig;
 use crate::ctl::listing::Smallest;
 use crate::ctl::{CloseReason, SessionInfo, SessionOrder, SessionPage, SessionQuery, WorkerEvent};
+use crate::fastpath::decide::Candidate;
+use crate::fastpath::{KernelCounts, Offloaded, WorkerMap};
 use crate::io::fd_budget::FdBudget;
 use crate::io::own_addrs::OwnPorts;
 use crate::io::splice::Splice;
@@ -75,6 +77,20 @@ pub(super) struct UdpUpstream {
     pub(super) proxy: Option<Box<ProxyState>>,
     /// The control packets this session may still send.
     pub(super) control: ControlBudget,
+    /// Whether the kernel fast path forwards its established traffic.
+    pub(super) offload: Offload,
+}
+
+/// A UDP session's place on the kernel fast path (SPEC §11).
+#[derive(Clone, Copy, Debug, Default, Eq, PartialEq)]
+pub(super) enum Offload {
+    /// Not decided yet: decided on its next reply.
+    #[default]
+    Untried,
+    /// Stays in user space.
+    Kept,
+    /// Its two entries are in the kernel's map.
+    On(Offloaded),
 }
 
 /// Who a new session is for and where it goes; the rest is set when it is installed.
@@ -103,6 +119,10 @@ pub(super) struct Sessions {
     tcp_count: usize,
     /// Sessions the last expiry took out, kept for their allocation.
     expired: Vec<Session<Upstream>>,
+    /// This worker's handle on the kernel fast path's map (`None`: off).
+    fast: Option<WorkerMap>,
+    /// Sessions offloaded now.
+    offloaded: usize,
 }
 
 impl Sessions {
@@ -112,6 +132,7 @@ impl Sessions {
         limits: Arc<SessionLimits>,
         budget: Arc<FdBudget>,
         own_ports: Arc<OwnPorts>,
+        fast: Option<WorkerMap>,
         now: Instant,
     ) -> Self {
         Self {
@@ -125,7 +146,15 @@ impl Sessions {
             limits,
             tcp_count: 0,
             expired: Vec::new(),
+            fast,
+            offloaded: 0,
         }
+    }
+
+    /// Whether the kernel fast path is on for this worker.
+    #[inline]
+    pub(super) fn fast_path_on(&self) -> bool {
+        self.fast.is_some()
     }
 
     // ---- lookups ---------------------------------------------------------------------------
@@ -196,17 +225,28 @@ impl Sessions {
         let (chosen, matched) = page.finish();
         let sessions = chosen
             .into_iter()
-            .map(|(_, s)| SessionInfo {
-                worker,
-                client: s.key.client,
-                data_port: usize::from(s.key.port),
-                protocol: s.upstream.transport(),
-                target: s.target,
-                backend: s.backend,
-                kind: s.kind,
-                age: now.saturating_duration_since(s.created),
-                idle: now.saturating_duration_since(s.last_active),
-                stats: s.stats,
+            .map(|(_, s)| {
+                let kernel = self.kernel_counts(s);
+                let last_active = kernel
+                    .and_then(|k| k.last)
+                    .map_or(s.last_active, |k| k.max(s.last_active));
+                let mut stats = s.stats;
+                if let Some(k) = kernel {
+                    add_kernel_counts(&mut stats, &k);
+                }
+                SessionInfo {
+                    worker,
+                    client: s.key.client,
+                    data_port: usize::from(s.key.port),
+                    protocol: s.upstream.transport(),
+                    target: s.target,
+                    backend: s.backend,
+                    kind: s.kind,
+                    age: now.saturating_duration_since(s.created),
+                    idle: now.saturating_duration_since(last_active),
+                    stats,
+                    offloaded: kernel.is_some(),
+                }
             })
             .collect();
         SessionPage { sessions, matched }
@@ -300,6 +340,7 @@ impl Sessions {
             dest: socket2::SockAddr::from(key),
             proxy: None,
             control: ControlBudget::new(now),
+            offload: Offload::Untried,
         })
     }
 
@@ -381,7 +422,11 @@ impl Sessions {
         // The new path comes with a full control-packet allowance: a move took a valid, fresh
         // token (each one a query), so the allowance bounds the token opens between moves.
         let old = std::mem::replace(current, upstream);
+        let kernel = self.unload(&old);
         let session = self.table.get_mut(id)?;
+        if let Some(k) = kernel {
+            add_kernel_counts(&mut session.stats, &k);
+        }
         session.target = target;
         session.kind = kind;
         session.last_active = now;
@@ -472,7 +517,17 @@ impl Sessions {
         out: &Outbox,
     ) {
         let mut expired = std::mem::take(&mut self.expired);
-        self.table.expire_idle(now, &mut expired);
+        let fast = &self.fast;
+        self.table.expire_idle_refreshed(now, &mut expired, |s| {
+            // Traffic the kernel forwarded counts toward the idle timer.
+            if let (Some(fast), Upstream::Udp(up)) = (fast, &s.upstream)
+                && let Offload::On(entries) = up.offload
+                && let Some(last) = fast.read(&entries).last
+                && last > s.last_active
+            {
+                s.last_active = last;
+            }
+        });
         if expired.is_empty() {
             self.expired = expired;
             return;
@@ -515,6 +570,89 @@ impl Sessions {
         let c = out.counters();
         c.sessions_active.set(self.table.len() as u64);
         c.tcp_sessions_active.set(self.tcp_count as u64);
+        c.fastpath_sessions.set(self.offloaded as u64);
+    }
+
+    // ---- the kernel fast path ----------------------------------------------------------------
+
+    /// Offloads UDP session `id` to the kernel fast path when it may be (SPEC §11): called on
+    /// its replies while it is undecided, so once per session (and once more after a move).
+    /// `listener` is its listener's bound address; `rate_limited`, whether its client is over
+    /// its flood limit now.
+    pub(super) fn offload(
+        &mut self,
+        id: SessionId,
+        listener: SocketAddr,
+        rate_limited: bool,
+        out: &Outbox,
+        now: Instant,
+    ) {
+        let Some(fast) = self.fast.as_mut() else {
+            return;
+        };
+        let Some(s) = self.table.get_mut(id) else {
+            return;
+        };
+        let Upstream::Udp(up) = &mut s.upstream else {
+            return;
+        };
+        if up.offload != Offload::Untried {
+            return;
+        }
+        let Some(upstream_port) = self.pool.port(up.pool) else {
+            return;
+        };
+        let listener_ip = if listener.ip().is_unspecified() {
+            s.local
+        } else {
+            Some(listener.ip())
+        };
+        let candidate = Candidate {
+            client: s.key.client,
+            target: up.key,
+            listener_ip,
+            listener_port: listener.port(),
+            proxy_header: up.proxy.is_some(),
+            rate_limited,
+        };
+        match fast.offload(&candidate, upstream_port, now) {
+            Ok(entries) => {
+                up.offload = Offload::On(entries);
+                self.offloaded += 1;
+                log::debug!("{}: session to {} offloaded", s.key.client, s.target);
+                self.set_gauges(out);
+            }
+            Err(e) => {
+                up.offload = Offload::Kept;
+                log::debug!(
+                    "{}: session to {} not offloaded: {e}",
+                    s.key.client,
+                    s.target
+                );
+            }
+        }
+    }
+
+    /// Deletes the kernel entries of a UDP place that had them, returning what the kernel
+    /// forwarded under them.
+    fn unload(&mut self, upstream: &UdpUpstream) -> Option<KernelCounts> {
+        let Offload::On(entries) = upstream.offload else {
+            return None;
+        };
+        let fast = self.fast.as_mut()?;
+        self.offloaded = self.offloaded.saturating_sub(1);
+        Some(fast.remove(&entries))
+    }
+
+    /// What the kernel forwarded for session `s` so far; `None` when it is not offloaded.
+    fn kernel_counts(&self, s: &Session<Upstream>) -> Option<KernelCounts> {
+        match (&self.fast, &s.upstream) {
+            (Some(fast), Upstream::Udp(up)) => match up.offload {
+                Offload::On(entries) => Some(fast.read(&entries)),
+                _ => None,
+            },
+            _ => None,
+        }
     }
 
     /// Frees what a removed session held: its poll registration, its limit place, its place on
@@ -530,6 +668,8 @@ impl Sessions {
     ) {
         match &mut session.upstream {
             Upstream::Udp(upstream) => {
+                // Its entries go before its place can be another session's.
+                let _ = self.unload(upstream);
                 self.pool.release(
                     upstream.pool,
                     upstream.key,
@@ -553,4 +693,12 @@ impl Sessions {
         );
         listeners.session_ended(registry, usize::from(session.key.port));
     }
+}
+
+/// Adds what the kernel forwarded to a session's counters.
+fn add_kernel_counts(stats: &mut SessionStats, k: &KernelCounts) {
+    stats.packets_upstream += k.packets_upstream;
+    stats.bytes_upstream += k.bytes_upstream;
+    stats.packets_downstream += k.packets_downstream;
+    stats.bytes_downstream += k.bytes_downstream;
 }

@@ -27,7 +27,7 @@ use super::admission::{Admission, reset_session};
 use super::listeners::{ListenerIo, Listeners};
 use super::pool::PoolRef;
 use super::proxy_header::ProxyState;
-use super::sessions::Upstream;
+use super::sessions::{Offload, Upstream};
 use super::{IO_LOOP_BOUND, Outbox, Parts};
 
 /// Where a client datagram came in: its listener, its slot in the receive batch, and the
@@ -433,6 +433,12 @@ impl Udp {
         };
         self.reply_batch
             .push(port as u32, slot, &session.client_sockaddr, session.local);
+        // Established: the kernel fast path may take its traffic from here on (once decided,
+        // this is one comparison per reply).
+        let undecided = matches!(
+            &session.upstream,
+            Upstream::Udp(u) if u.offload == Offload::Untried
+        );
         session.last_active = now;
         session.stats.packets_downstream += 1;
         session.stats.bytes_downstream += len as u64;
@@ -440,6 +446,9 @@ impl Udp {
         counters.bytes_downstream.add(len as u64);
         listener.packets_downstream.add(1);
         listener.bytes_downstream.add(len as u64);
+        if undecided && p.sessions.fast_path_on() {
+            offload(p, id, port, now);
+        }
     }
 
     /// Sends the replies gathered this turn, if any.
@@ -471,6 +480,19 @@ impl Udp {
         }
         rx.clear();
     }
+}
+
+/// Offloads session `id` of listener `port` to the kernel fast path if it may be.
+fn offload(p: &mut Parts<'_>, id: SessionId, port: usize, now: Instant) {
+    let Some(listener) = p.listeners.local_addr(port) else {
+        return;
+    };
+    let client = match p.sessions.get(id) {
+        Some(s) => s.key.client,
+        None => return,
+    };
+    let rate_limited = p.admission.over_rate_limit(client.ip(), now);
+    p.sessions.offload(id, listener, rate_limited, p.out, now);
 }
 
 /// Whether session `id` may have one more control packet looked at now (its allowance,

@@ -323,11 +323,26 @@ impl<S> SessionTable<S> {
     /// Removes and returns every session idle for at least its timeout at `now`. Looks only at
     /// sessions whose last scheduled deadline has come; busy ones are rescheduled, not expired.
     pub fn expire_idle(&mut self, now: Instant, expired: &mut Vec<Session<S>>) {
+        self.expire_idle_refreshed(now, expired, |_| {});
+    }
+
+    /// [`Self::expire_idle`], with `refresh` given each session whose deadline has come
+    /// before it is judged, to move `last_active` for traffic the table did not see (the
+    /// kernel fast path's).
+    pub fn expire_idle_refreshed(
+        &mut self,
+        now: Instant,
+        expired: &mut Vec<Session<S>>,
+        mut refresh: impl FnMut(&mut Session<S>),
+    ) {
         let mut due = self.wheel.take_due(now);
         for id in due.drain(..) {
             let Some(session) = self.get_mut(id) else {
                 continue; // removed since it was scheduled
             };
+            if idle_deadline(session.last_active, session.idle_timeout) <= now {
+                refresh(session);
+            }
             let deadline = idle_deadline(session.last_active, session.idle_timeout);
             if deadline <= now {
                 if let Some(s) = self.remove(id) {
