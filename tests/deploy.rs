@@ -14,7 +14,7 @@ use common::cluster::{cluster, repo};
 use common::*;
 use serde_json::Value;
 
-const OVERLAYS: [&str; 9] = [
+const OVERLAYS: [&str; 10] = [
     "agones",
     "pods-multiport",
     "dns",
@@ -24,6 +24,7 @@ const OVERLAYS: [&str; 9] = [
     "routes",
     "gateway-api",
     "monitoring",
+    "fast-path",
 ];
 const SERVICE_ACCOUNT: &str = "system:serviceaccount:udp-director:udp-director";
 
@@ -227,13 +228,26 @@ fn overlays_render_to_what_the_proxy_needs() {
             .as_array()
             .cloned()
             .unwrap_or_default();
-        assert!(
-            added.iter().all(|c| c == "NET_BIND_SERVICE"),
-            "{name}: {added:?}"
-        );
         // The config's data ports are declared (host ports, with hostNetwork), and the config
         // volume is the generated ConfigMap.
         let config: Value = serde_yaml::from_str(config_text).unwrap();
+        // Capabilities: NET_BIND_SERVICE for low ports at most, and CAP_BPF with CAP_NET_ADMIN
+        // exactly when the config turns the kernel fast path on (and nothing more for it).
+        let fast_path = config["fastPath"]["kind"] == "tc";
+        let fast_caps = ["BPF", "NET_ADMIN"];
+        assert!(
+            added.iter().all(|c| c == "NET_BIND_SERVICE"
+                || (fast_path && fast_caps.contains(&c.as_str().unwrap()))),
+            "{name}: {added:?}"
+        );
+        if fast_path {
+            for cap in fast_caps {
+                assert!(
+                    added.iter().any(|c| c == cap),
+                    "{name}: no {cap} in {added:?}"
+                );
+            }
+        }
         let declared: BTreeSet<(u64, &str)> = container["ports"]
             .as_array()
             .unwrap()

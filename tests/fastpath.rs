@@ -76,12 +76,23 @@ impl Topology {
     }
 }
 
-/// The proxy on the dual-stack wildcard with the fast path on both host ends; fails with the
-/// log when the program did not attach.
+/// Root, holding only the capabilities the fast-path overlay gives the DaemonSet.
+const FAST_PATH_CAPABILITIES: [&str; 6] = [
+    "setpriv",
+    "--bounding-set",
+    "-all,+bpf,+net_admin",
+    "--inh-caps",
+    "-all",
+    "--",
+];
+
+/// The proxy on the dual-stack wildcard with the fast path on both host ends, holding only
+/// CAP_BPF and CAP_NET_ADMIN; fails with the log when the program did not attach.
 fn start_proxy(t: &Topology, extra: &str, inventory: &str) -> Proxy {
     let config = base_config(&format!("{}{extra}", t.fast_path()))
         .replace("bindAddress: 127.0.0.1", "bindAddress: \"::\"");
-    let proxy = Proxy::start(&config, inventory);
+    let proxy = Proxy::launch_under(&FAST_PATH_CAPABILITIES, &config, inventory, &[]);
+    proxy.eventually("ready", |p| p.http("GET", "/readyz").0 == 200);
     assert_eq!(
         proxy.metric("udp_director_fastpath_enabled"),
         1.0,
