@@ -199,14 +199,17 @@ pub fn start(
             Arc::clone(&metrics),
         )
     });
-    let director = Arc::new(Director::new(
-        live_rx.clone(),
-        controller,
-        plane.local_addrs(),
-        inventory_rx,
-        plane.events(),
-        Arc::clone(&metrics),
-    ));
+    let director = Arc::new(
+        Director::new(
+            live_rx.clone(),
+            controller,
+            plane.local_addrs(),
+            inventory_rx,
+            plane.events(),
+            Arc::clone(&metrics),
+        )
+        .with_allocator(kube.clone().map(query::allocate::Allocator::new)),
+    );
     // The status writers, one per reconciler, started here alike: each reconciler gets the
     // handle it hands its statuses to, and the tasks are spawned with the others.
     let mut writer_tasks: Vec<status::WriterTask> = Vec::new();

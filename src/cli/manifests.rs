@@ -33,5 +33,9 @@ pub(crate) fn rbac(file: &Path, name: &str) -> anyhow::Result<()> {
         control::inventory::kube::forwarders_role(&config, name)
     );
     print!("{}", control::reconcile::status::lease::role(&config, name));
+    print!(
+        "{}",
+        control::inventory::kube::allocation_roles(&config, name)
+    );
     Ok(())
 }

@@ -190,6 +190,25 @@ pub struct Mapping {
     pub locator: Locator,
     /// PROXY protocol v2 headers to its backends.
     pub proxy_protocol: dataplane::policy::proxy_protocol::ProxyMode,
+    /// Agones allocation on query, when the mapping allows it.
+    pub allocation: Option<Allocation>,
+}
+
+/// A mapping's `allocation` (SPEC section 13).
+#[derive(Clone, Debug, Eq, PartialEq)]
+pub struct Allocation {
+    /// Every query allocates (else only one with `"allocate": true`).
+    pub enabled: bool,
+    /// Backfill onto `Allocated` servers with room on this counter first.
+    pub backfill_counter: Option<String>,
+    /// Labels written on the allocated server (`{tokenId}` replaced).
+    pub labels: BTreeMap<String, String>,
+    /// Annotations written on the allocated server (`{tokenId}` replaced).
+    pub annotations: BTreeMap<String, String>,
+    /// Counter actions: name → signed amount.
+    pub counters: BTreeMap<String, i64>,
+    /// Time one allocation may take, retries included.
+    pub timeout: std::time::Duration,
 }
 
 impl Mapping {

@@ -439,6 +439,87 @@ pub(super) struct RawMapping {
     #[serde(default)]
     #[schemars(extend("x-default" = "`none`"))]
     pub(super) proxy_protocol: Option<RawProxyMode>,
+    /// Agones allocation on query (an `agones.dev` `gameservers` mapping only): a query with
+    /// `"allocate": true`, or every query with `enabled`, creates a `GameServerAllocation`
+    /// instead of only selecting a server.
+    #[serde(default)]
+    #[schemars(extend("x-default" = "none"))]
+    pub(super) allocation: Option<RawAllocation>,
+}
+
+/// A mapping's `allocation`.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(super) struct RawAllocation {
+    /// Every query of this mapping allocates; otherwise only a query with `"allocate": true`.
+    #[serde(default)]
+    #[schemars(extend("x-default" = false))]
+    pub(super) enabled: bool,
+    /// Backfill: first an `Allocated` server with room left on this counter (of Agones
+    /// `status.counters`), then a `Ready` one.
+    #[serde(default)]
+    #[schemars(extend("x-default" = "none"))]
+    pub(super) backfill: Option<RawBackfill>,
+    /// Labels and annotations written on the allocated server; `{tokenId}` in a value is
+    /// replaced by the id of the token the answer carries.
+    #[serde(default)]
+    #[schemars(extend("x-default" = "none"))]
+    pub(super) metadata: Option<RawAllocationMetadata>,
+    /// Counter actions applied to the allocated server, by counter name, like
+    /// `{players: {action: Increment, amount: 1}}`.
+    #[serde(default)]
+    #[schemars(extend("x-default" = "`{}`"))]
+    pub(super) counters: BTreeMap<String, RawCounterAction>,
+    /// Time one allocation may take, retries on `Contention` and API errors included (100
+    /// to 30000).
+    #[serde(default)]
+    #[schemars(extend("x-default" = 2000))]
+    pub(super) timeout_ms: Option<u64>,
+}
+
+/// `allocation.backfill`.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(super) struct RawBackfill {
+    /// The counter whose room (capacity less count) must be at least one.
+    #[schemars(extend("x-default" = "required"))]
+    pub(super) counter: String,
+}
+
+/// `allocation.metadata`.
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(super) struct RawAllocationMetadata {
+    /// Labels to set.
+    #[serde(default)]
+    #[schemars(extend("x-default" = "`{}`"))]
+    pub(super) labels: BTreeMap<String, String>,
+    /// Annotations to set.
+    #[serde(default)]
+    #[schemars(extend("x-default" = "`{}`"))]
+    pub(super) annotations: BTreeMap<String, String>,
+}
+
+/// A counter action of `allocation.counters`.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(super) struct RawCounterAction {
+    /// `Increment` or `Decrement`.
+    #[schemars(extend("x-default" = "required"))]
+    pub(super) action: RawCounterVerb,
+    /// By how much (1 to 1000000).
+    #[serde(default)]
+    #[schemars(extend("x-default" = 1))]
+    pub(super) amount: Option<u64>,
+}
+
+/// `Increment` or `Decrement`.
+#[derive(Clone, Copy, Debug, Deserialize, JsonSchema)]
+pub(super) enum RawCounterVerb {
+    /// Adds `amount`.
+    Increment,
+    /// Takes `amount` away.
+    Decrement,
 }
 
 /// An item of a mapping's `ports`.

@@ -574,3 +574,59 @@ fn option_values_are_refused_by_the_schema_naming_the_key_and_the_choices() {
         "{e}"
     );
 }
+
+#[test]
+fn allocation_settings_are_read_and_each_bad_one_names_its_key() {
+    let mapping = |allocation: &str| {
+        format!(
+            "inventory: {{kind: kubernetes}}\nresourceQueryMapping:\n  gs: {{group: agones.dev, \
+             version: v1, resource: gameservers, addressPath: status.address, portName: default, \
+             allocation: {allocation}}}\n"
+        )
+    };
+    let c = Config::from_yaml(&mapping(
+        "{enabled: true, backfill: {counter: players}, timeoutMs: 500, \
+         metadata: {labels: {udp-director.dev/token: \"{tokenId}\"}, annotations: {a: b}}, \
+         counters: {players: {action: Increment}, rooms: {action: Decrement, amount: 2}}}",
+    ))
+    .unwrap();
+    let a = c.mappings["gs"].allocation.clone().unwrap();
+    assert!(a.enabled);
+    assert_eq!(a.backfill_counter.as_deref(), Some("players"));
+    assert_eq!(a.timeout, Duration::from_millis(500));
+    assert_eq!(a.labels["udp-director.dev/token"], "{tokenId}");
+    assert_eq!(a.counters["players"], 1);
+    assert_eq!(a.counters["rooms"], -2);
+    let defaults = Config::from_yaml(&mapping("{}")).unwrap();
+    let d = defaults.mappings["gs"].allocation.clone().unwrap();
+    assert!(!d.enabled);
+    assert_eq!(d.timeout, Duration::from_secs(2));
+    for (allocation, key) in [
+        (
+            "{timeoutMs: 50}",
+            "resourceQueryMapping.gs.allocation.timeoutMs",
+        ),
+        (
+            "{backfill: {counter: \"\"}}",
+            "resourceQueryMapping.gs.allocation.backfill.counter",
+        ),
+        (
+            "{counters: {players: {action: Increment, amount: 0}}}",
+            "resourceQueryMapping.gs.allocation.counters.players.amount",
+        ),
+        (
+            "{metadata: {labels: {\"-bad\": x}}}",
+            "resourceQueryMapping.gs.allocation.metadata.labels",
+        ),
+        ("{counters: {players: {action: Double}}}", "action"),
+    ] {
+        let e = err(&mapping(allocation));
+        assert!(e.contains(key), "{allocation} should name {key}: {e}");
+    }
+    // Pods cannot be allocated.
+    let e = err(
+        "resourceQueryMapping:\n  pod: {group: \"\", version: v1, resource: pods, addressPath: \
+         status.podIP, portName: game, allocation: {}}\n",
+    );
+    assert!(e.contains("resourceQueryMapping.pod.allocation"), "{e}");
+}

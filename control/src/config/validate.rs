@@ -740,6 +740,10 @@ fn mapping(key: &str, m: RawMapping, data_ports: &[DataPort]) -> Result<Mapping,
         Some(RawProxyMode::V2) => ProxyMode::V2,
         Some(RawProxyMode::V2First) => ProxyMode::V2First,
     };
+    let allocation = m
+        .allocation
+        .map(|a| allocation(key, &m.group, &m.resource, a))
+        .transpose()?;
     Ok(Mapping {
         group: m.group,
         version: m.version,
@@ -747,7 +751,101 @@ fn mapping(key: &str, m: RawMapping, data_ports: &[DataPort]) -> Result<Mapping,
         kind: m.kind,
         locator,
         proxy_protocol,
+        allocation,
     })
+}
+
+/// A mapping's `allocation`: Agones GameServers only, a timeout in range, counter amounts in
+/// range, label and annotation keys Kubernetes accepts.
+fn allocation(
+    key: &str,
+    group: &str,
+    resource: &str,
+    raw: RawAllocation,
+) -> Result<Allocation, ConfigError> {
+    let field = |f: &str| format!("{key}.allocation{f}");
+    if group != "agones.dev" || resource != "gameservers" {
+        return Err(invalid(
+            field(""),
+            "allocation is Agones' (group agones.dev, resource gameservers)",
+        ));
+    }
+    let timeout_ms = raw.timeout_ms.unwrap_or(DEFAULT_ALLOCATION_TIMEOUT_MS);
+    if !(100..=30_000).contains(&timeout_ms) {
+        return Err(invalid(field(".timeoutMs"), "must be 100 to 30000"));
+    }
+    let metadata = raw.metadata.unwrap_or_default();
+    for (what, map) in [
+        ("labels", &metadata.labels),
+        ("annotations", &metadata.annotations),
+    ] {
+        for k in map.keys() {
+            if !qualified_name(k) {
+                return Err(invalid(
+                    field(&format!(".metadata.{what}")),
+                    format!("`{}` is not a Kubernetes key", quote(k)),
+                ));
+            }
+        }
+    }
+    let mut counters = BTreeMap::new();
+    for (name, action) in raw.counters {
+        let amount = action.amount.unwrap_or(1);
+        if !(1..=1_000_000).contains(&amount) || name.is_empty() {
+            return Err(invalid(
+                field(&format!(".counters.{name}.amount")),
+                "must be 1 to 1000000",
+            ));
+        }
+        let signed = i64::try_from(amount).unwrap_or(1);
+        counters.insert(
+            name,
+            match action.action {
+                RawCounterVerb::Increment => signed,
+                RawCounterVerb::Decrement => -signed,
+            },
+        );
+    }
+    let backfill_counter = match raw.backfill {
+        Some(b) if b.counter.is_empty() => {
+            return Err(invalid(field(".backfill.counter"), "must not be empty"));
+        }
+        b => b.map(|b| b.counter),
+    };
+    Ok(Allocation {
+        enabled: raw.enabled,
+        backfill_counter,
+        labels: metadata.labels,
+        annotations: metadata.annotations,
+        counters,
+        timeout: Duration::from_millis(timeout_ms),
+    })
+}
+
+/// Default `allocation.timeoutMs`.
+const DEFAULT_ALLOCATION_TIMEOUT_MS: u64 = 2000;
+
+/// A label or annotation key: an optional DNS-subdomain prefix and `/`, then a name of at most
+/// 63 alphanumerics, `-`, `_`, `.`, starting and ending alphanumeric.
+fn qualified_name(k: &str) -> bool {
+    let (prefix, name) = match k.rsplit_once('/') {
+        Some((p, n)) => (Some(p), n),
+        None => (None, k),
+    };
+    let name_ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        && name.as_bytes()[0].is_ascii_alphanumeric()
+        && name.as_bytes()[name.len() - 1].is_ascii_alphanumeric();
+    let prefix_ok = prefix.is_none_or(|p| {
+        !p.is_empty()
+            && p.len() <= 253
+            && p.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+    });
+    name_ok && prefix_ok
 }
 
 fn load_balancing(raw: Option<RawLoadBalancing>) -> Result<LoadBalancing, ConfigError> {

@@ -33,6 +33,8 @@ pub struct Metrics {
     /// Tokens minted.
     pub tokens_issued: Counter,
     reloads: Family<ResultLabel, Counter>,
+    allocations: Family<ResultLabel, Counter>,
+    allocation_duration: Histogram,
     status: crate::reconcile::status::Counts,
     registry: parking_lot::Mutex<Registry>,
 }
@@ -62,6 +64,24 @@ impl Metrics {
             reloads.clone(),
         );
         rejections.register(&mut registry);
+        let allocations = Family::<ResultLabel, Counter>::default();
+        for result in crate::query::allocate::RESULTS {
+            let _ = allocations.get_or_create(&[("result", result)]);
+        }
+        registry.register(
+            "udp_director_allocations",
+            "Agones allocations the query port made (GameServerAllocations created), by result: \
+             allocated, no_capacity (UnAllocated), contention (Contention until the timeout) or \
+             error (refused, not answered, unreadable)",
+            allocations.clone(),
+        );
+        // 1 ms … ~8 s: an allocation is an API call (or several, with retries).
+        let allocation_duration = Histogram::new(exponential_buckets(0.001, 2.0, 14));
+        registry.register(
+            "udp_director_allocation_duration_seconds",
+            "Time from a query's allocation request to its outcome, retries included",
+            allocation_duration.clone(),
+        );
         let status = crate::reconcile::status::Counts::default();
         registry.register(
             "udp_director_events",
@@ -108,6 +128,8 @@ impl Metrics {
             query_duration,
             tokens_issued,
             reloads,
+            allocations,
+            allocation_duration,
             status,
             registry: parking_lot::Mutex::new(registry),
         })
@@ -132,6 +154,13 @@ impl Metrics {
     pub fn observe_query(&self, error: Option<ErrorCode>, took: Duration) {
         self.count_query(error);
         self.query_duration.observe(took.as_secs_f64());
+    }
+
+    /// Counts one allocation's outcome (`result` one of [`crate::query::allocate::RESULTS`])
+    /// and how long it took.
+    pub fn observe_allocation(&self, result: &'static str, took: Duration) {
+        self.allocations.get_or_create(&[("result", result)]).inc();
+        self.allocation_duration.observe(took.as_secs_f64());
     }
 
     /// Counts a query answered without selection (refused at the door, unparseable), which

@@ -30,7 +30,19 @@ pub struct Query {
     /// A field of the object that must have one of the expected values.
     #[serde(default)]
     pub status_query: Option<StatusQuery>,
+    /// Allocate the server through Agones (a `GameServerAllocation`) instead of only
+    /// selecting one (SPEC section 13); the mapping must have `allocation` settings.
+    #[serde(default)]
+    pub allocate: bool,
+    /// The client's id of this request: a retried query with the same id (and resource type
+    /// and namespace) within the token TTL answers with the same server instead of
+    /// allocating another.
+    #[serde(default)]
+    pub request_id: Option<String>,
 }
+
+/// The longest `requestId` accepted.
+pub const MAX_REQUEST_ID: usize = 128;
 
 /// `statusQuery`: a dot path and the value(s) it must have (compared as strings).
 #[derive(Clone, Debug, Deserialize, Eq, PartialEq)]
@@ -102,6 +114,9 @@ pub enum InvalidQuery {
     /// A `jsonPath` that does not parse.
     #[error("`statusQuery.jsonPath`: {0}")]
     StatusPath(#[from] crate::protocol::jsonpath::PathError),
+    /// A `requestId` that is empty, too long or not printable ASCII.
+    #[error("`requestId` must be 1 to {MAX_REQUEST_ID} printable ASCII characters")]
+    BadRequestId,
 }
 
 impl Query {
@@ -129,6 +144,13 @@ impl Query {
             }
             crate::protocol::jsonpath::Path::parse(&sq.json_path)?;
         }
+        if let Some(id) = &self.request_id
+            && (id.is_empty()
+                || id.len() > MAX_REQUEST_ID
+                || !id.bytes().all(|b| b.is_ascii_graphic()))
+        {
+            return Err(InvalidQuery::BadRequestId);
+        }
         Ok(())
     }
 }
@@ -153,11 +175,17 @@ pub enum ErrorCode {
     Overloaded,
     /// The proxy is shutting down and opens no new sessions.
     Draining,
+    /// Allocation kept meeting `Contention` (another allocator took the server) until
+    /// `allocation.timeoutMs` ran out.
+    Contention,
+    /// The allocation could not be made: the API server refused it (RBAC, no Agones), did
+    /// not answer in time, or answered something unreadable.
+    AllocationFailed,
 }
 
 impl ErrorCode {
     /// Every code, in metric-label order.
-    pub const ALL: [Self; 8] = [
+    pub const ALL: [Self; 10] = [
         Self::BadRequest,
         Self::UnknownResourceType,
         Self::NoMatch,
@@ -166,6 +194,8 @@ impl ErrorCode {
         Self::InventoryUnavailable,
         Self::Overloaded,
         Self::Draining,
+        Self::Contention,
+        Self::AllocationFailed,
     ];
 
     /// The code as it appears on the wire and in metric labels.
@@ -179,6 +209,8 @@ impl ErrorCode {
             Self::InventoryUnavailable => "inventory_unavailable",
             Self::Overloaded => "overloaded",
             Self::Draining => "draining",
+            Self::Contention => "contention",
+            Self::AllocationFailed => "allocation_failed",
         }
     }
 }

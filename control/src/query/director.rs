@@ -21,6 +21,7 @@ use tokio::sync::watch;
 use crate::config::Config;
 use crate::inventory::Snapshot;
 use crate::metrics::Metrics;
+use crate::query::allocate::{self, Allocator};
 use crate::query::select::{self, Candidate};
 use crate::query::{ErrorCode, Query, QueryError, TokenAnswer};
 
@@ -40,6 +41,27 @@ pub struct Director {
     /// The query index (built as the inventory changes, off the control thread), keyed by the
     /// snapshot and the config it was built from.
     index: Arc<Mutex<IndexCache>>,
+    /// Creates Agones allocations (Kubernetes inventory only).
+    allocator: Option<Allocator>,
+}
+
+/// A token's identity, drawn before its backend is known (an allocation writes it on the
+/// server it allocates).
+#[derive(Clone, Copy, Debug)]
+enum Prepared {
+    /// A UUID token with this id.
+    Uuid(TokenId),
+    /// A sealed token with this nonce (whose id it makes).
+    Sealed(dataplane::policy::seal::Nonce),
+}
+
+impl Prepared {
+    fn id(&self) -> TokenId {
+        match self {
+            Self::Uuid(id) => *id,
+            Self::Sealed(nonce) => nonce.token_id(),
+        }
+    }
 }
 
 /// The versions of the parts of a snapshot a query index reads: the mapped objects, and the
@@ -149,6 +171,17 @@ impl LoadState {
     }
 }
 
+/// A fresh token identity of the kind `config` issues.
+fn prepare(config: &Config) -> Result<Prepared, QueryError> {
+    Ok(match &config.token_secret {
+        Some(_) => Prepared::Sealed(
+            dataplane::policy::seal::Nonce::fresh()
+                .map_err(|e| QueryError::new(ErrorCode::Overloaded, e.to_string()))?,
+        ),
+        None => Prepared::Uuid(TokenId(uuid::Uuid::new_v4().as_u128())),
+    })
+}
+
 /// Who selects: a client's query, or the default endpoint's periodic refresh.
 #[derive(Clone, Copy, Debug)]
 enum Picker {
@@ -192,7 +225,14 @@ impl Director {
             draining: AtomicBool::new(false),
             state: Mutex::new(LoadState::default()),
             index: Arc::default(),
+            allocator: None,
         }
+    }
+
+    /// This director with `allocator` for queries that allocate (SPEC section 13).
+    pub fn with_allocator(mut self, allocator: Option<Allocator>) -> Self {
+        self.allocator = allocator;
+        self
     }
 
     /// The running config.
@@ -241,6 +281,21 @@ impl Director {
             ));
         }
         let backend = self.pick(query, Picker::Query, now)?.backend;
+        let config = self.config();
+        let prepared = prepare(&config)?;
+        self.mint(backend, client, now, prepared)
+    }
+
+    /// Mints the token `prepared` for `backend`: a UUID token's grant is published to every
+    /// worker, a sealed token carries it; the grant counts toward the backend's load until it
+    /// is redeemed or expires.
+    fn mint(
+        &self,
+        backend: Backend,
+        client: IpAddr,
+        now: Instant,
+        prepared: Prepared,
+    ) -> Result<TokenAnswer, QueryError> {
         let ports = self
             .public_ports
             .iter()
@@ -255,20 +310,20 @@ impl Director {
         let bound = config
             .bind_token_to_client_ip
             .then(|| client.to_canonical());
-        let (token, id) = match &config.token_secret {
-            Some(secret) => {
+        let token = match (&config.token_secret, prepared) {
+            (Some(secret), Prepared::Sealed(nonce)) => {
                 let expires_unix = SystemTime::now()
                     .duration_since(UNIX_EPOCH)
                     .unwrap_or_default()
                     + ttl;
-                let sealed = secret
+                secret
                     .keys
-                    .seal(&backend, expires_unix, bound)
-                    .map_err(|e| QueryError::new(ErrorCode::Overloaded, e.to_string()))?;
-                (sealed.text, sealed.id)
+                    .seal_with(&nonce, &backend, expires_unix, bound)
+                    .map_err(|e| QueryError::new(ErrorCode::Overloaded, e.to_string()))?
+                    .text
             }
-            None => {
-                let id = TokenId(uuid::Uuid::new_v4().as_u128());
+            (_, prepared) => {
+                let id = prepared.id();
                 let grant = Grant::new(id, backend, expires);
                 let grant = match bound {
                     Some(ip) => grant.bound_to(ip),
@@ -277,9 +332,10 @@ impl Director {
                 self.controller
                     .publish_grant(grant)
                     .map_err(|e| QueryError::new(ErrorCode::Overloaded, e.to_string()))?;
-                (id.to_string(), id)
+                id.to_string()
             }
         };
+        let id = prepared.id();
         {
             let mut state = self.state.lock();
             state.outstanding.insert(id, (backend_id, expires));
@@ -292,6 +348,159 @@ impl Director {
             ttl_seconds: ttl.as_secs(),
             ports,
         })
+    }
+
+    /// Answers a query from `client`, allocating through Agones when the query or its mapping
+    /// asks to (SPEC section 13), else as [`Self::query`] does. An allocation awaits the API
+    /// server on the caller's task: other queries are answered meanwhile.
+    pub async fn query_async(
+        &self,
+        query: &Query,
+        client: IpAddr,
+    ) -> Result<TokenAnswer, QueryError> {
+        let config = self.config();
+        let allocates = query.allocate
+            || config
+                .mappings
+                .get(&query.resource_type)
+                .and_then(|m| m.allocation.as_ref())
+                .is_some_and(|a| a.enabled);
+        if !allocates {
+            return self.query(query, client);
+        }
+        let started = Instant::now();
+        let result = self.allocate_answer(query, client, &config).await;
+        self.metrics
+            .observe_query(result.as_ref().err().map(|e| e.code), started.elapsed());
+        result
+    }
+
+    async fn allocate_answer(
+        &self,
+        query: &Query,
+        client: IpAddr,
+        config: &Arc<Config>,
+    ) -> Result<TokenAnswer, QueryError> {
+        let bad = |message: String| QueryError::new(ErrorCode::BadRequest, message);
+        query.validate().map_err(|e| bad(e.to_string()))?;
+        if self.draining.load(Ordering::Relaxed) {
+            return Err(QueryError::new(
+                ErrorCode::Draining,
+                "the proxy is draining and opens no new sessions; ask another instance",
+            ));
+        }
+        let kind = &query.resource_type;
+        let quoted = crate::quote::quote(kind);
+        let mapping = config.mappings.get(kind).ok_or_else(|| {
+            QueryError::new(
+                ErrorCode::UnknownResourceType,
+                format!("unknown resourceType `{quoted}`"),
+            )
+        })?;
+        let allocation = mapping.allocation.as_ref().ok_or_else(|| {
+            bad(format!(
+                "resourceType `{quoted}` cannot allocate: its mapping has no allocation \
+                 settings (resourceQueryMapping.{quoted}.allocation)"
+            ))
+        })?;
+        let namespace = query
+            .namespace
+            .as_deref()
+            .ok_or_else(|| bad("an allocating query needs a namespace".into()))?;
+        if !query.annotation_selector.is_empty() || query.status_query.is_some() {
+            return Err(bad(
+                "an allocating query selects by labelSelector only: Agones picks a Ready server \
+                 (with backfill, first an Allocated one with room)"
+                    .into(),
+            ));
+        }
+        let allocator = self.allocator.as_ref().ok_or_else(|| {
+            QueryError::new(
+                ErrorCode::AllocationFailed,
+                "allocation needs the Kubernetes inventory (inventory.kind: kubernetes)",
+            )
+        })?;
+        let now = Instant::now();
+        // A retried request waits for the first one's allocation and gets its server.
+        let slot = query.request_id.as_ref().map(|id| {
+            allocator.request_slot((kind.clone(), namespace.to_owned(), id.clone()), now)
+        });
+        let mut remembered = match &slot {
+            Some(slot) => Some(slot.lock().await),
+            None => None,
+        };
+        let prepared = prepare(config)?;
+        if let Some(r) = remembered.as_ref().and_then(|r| r.as_ref())
+            && r.until > Instant::now()
+        {
+            return self.mint(r.backend.clone(), client, Instant::now(), prepared);
+        }
+        let token_id = prepared.id().to_string();
+        let body = allocate::request(&allocate::Request {
+            namespace,
+            labels: &query.label_selector,
+            allocation,
+            token_id: &token_id,
+        });
+        let started = Instant::now();
+        let outcome = allocator
+            .allocate(namespace, &body, allocation.timeout)
+            .await;
+        let label = match &outcome {
+            Ok(allocate::Outcome::Allocated { .. }) => "allocated",
+            Ok(allocate::Outcome::UnAllocated) => "no_capacity",
+            Ok(allocate::Outcome::Contention) => "contention",
+            Err(e) => e.result(),
+        };
+        self.metrics.observe_allocation(label, started.elapsed());
+        let (name, status) = match outcome {
+            Ok(allocate::Outcome::Allocated { name, status }) => (name, status),
+            Ok(allocate::Outcome::UnAllocated) | Err(allocate::AllocateError::NoCapacity) => {
+                return Err(QueryError::new(
+                    ErrorCode::NoCapacity,
+                    format!("no {kind} in {namespace} matches the query (UnAllocated)"),
+                ));
+            }
+            Ok(allocate::Outcome::Contention) | Err(allocate::AllocateError::Contention(_)) => {
+                return Err(QueryError::new(
+                    ErrorCode::Contention,
+                    format!(
+                        "other allocators kept taking the {kind} servers of {namespace} for {} ms; \
+                         try again",
+                        allocation.timeout.as_millis()
+                    ),
+                ));
+            }
+            Err(e) => {
+                log::warn!("allocation in {namespace} for {client}: {e}");
+                return Err(QueryError::new(ErrorCode::AllocationFailed, e.to_string()));
+            }
+        };
+        let object = allocate::allocated_object(
+            mapping.kind.as_deref().unwrap_or("GameServer"),
+            namespace,
+            &name,
+            &status,
+        );
+        let backend = select::resolve(mapping, &object, &self.snapshot(), self.public_ports.len())
+            .ok_or_else(|| {
+                QueryError::new(
+                    ErrorCode::BackendUnresolvable,
+                    format!("allocated {namespace}/{name} has no usable address and port"),
+                )
+            })?;
+        log::debug!("allocated {namespace}/{name} for {client}");
+        self.state
+            .lock()
+            .names
+            .insert(backend.id, format!("{namespace}/{name}"));
+        if let Some(r) = remembered.as_mut() {
+            **r = Some(allocate::Remembered {
+                backend: backend.clone(),
+                until: Instant::now() + config.token_ttl,
+            });
+        }
+        self.mint(backend, client, Instant::now(), prepared)
     }
 
     /// The query index for `snapshot` under `config`. When only the snapshot moved on (game

@@ -4,6 +4,7 @@
 //! shapes and paths are [`crate::protocol`]'s (re-exported here), a layer below both this and
 //! the config.
 
+pub mod allocate;
 pub mod conn_limit;
 pub mod director;
 pub mod select;

@@ -205,7 +205,7 @@ async fn handle(
         }
         let line = buf.trim_ascii();
         if !line.is_empty() {
-            let answer = answer(director, line, peer.ip());
+            let answer = answer(director, line, peer.ip()).await;
             write_line(&mut write, &answer).await?;
         }
         if !complete {
@@ -215,9 +215,9 @@ async fn handle(
 }
 
 /// One request line from `client` → one answer line.
-fn answer(director: &Director, line: &[u8], client: IpAddr) -> Vec<u8> {
+async fn answer(director: &Director, line: &[u8], client: IpAddr) -> Vec<u8> {
     let mut out = match serde_json::from_slice::<Query>(line) {
-        Ok(query) => match director.query(&query, client) {
+        Ok(query) => match director.query_async(&query, client).await {
             Ok(token) => serde_json::to_vec(&token).unwrap_or_default(),
             Err(e) => serde_json::to_vec(&e).unwrap_or_default(),
         },

@@ -238,8 +238,19 @@ impl KeyRing {
         expires_unix: Duration,
         client: Option<IpAddr>,
     ) -> Result<Sealed, SealError> {
-        let mut nonce = [0u8; NONCE_LEN];
-        getrandom::fill(&mut nonce).map_err(|e| SealError::Random(e.to_string()))?;
+        self.seal_with(&Nonce::fresh()?, backend, expires_unix, client)
+    }
+
+    /// [`Self::seal`] with a nonce drawn beforehand, so the token's id ([`Nonce::token_id`])
+    /// is known before the backend is (an allocation writes it on the server it allocates).
+    pub fn seal_with(
+        &self,
+        nonce: &Nonce,
+        backend: &Backend,
+        expires_unix: Duration,
+        client: Option<IpAddr>,
+    ) -> Result<Sealed, SealError> {
+        let nonce = nonce.0;
         let key = &self.keys[0];
         let mut body = Vec::with_capacity(BODY_BYTES_MAX);
         body.extend_from_slice(&key.id);
@@ -379,6 +390,24 @@ pub enum OpenError {
 }
 
 /// A token's identity: the first 128 bits of its nonce.
+/// A sealed token's random nonce, which also makes its id.
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub struct Nonce([u8; NONCE_LEN]);
+
+impl Nonce {
+    /// A fresh random nonce.
+    pub fn fresh() -> Result<Self, SealError> {
+        let mut nonce = [0u8; NONCE_LEN];
+        getrandom::fill(&mut nonce).map_err(|e| SealError::Random(e.to_string()))?;
+        Ok(Self(nonce))
+    }
+
+    /// The id of the token sealed with it.
+    pub fn token_id(&self) -> TokenId {
+        nonce_id(&self.0)
+    }
+}
+
 fn nonce_id(nonce: &[u8]) -> TokenId {
     let mut id = [0u8; 16];
     id.copy_from_slice(&nonce[..16]);

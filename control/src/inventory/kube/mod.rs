@@ -34,7 +34,7 @@ use crate::names;
 
 mod plan;
 
-pub use plan::{Feed, Scope, WatchPlan, cluster_role, forwarders_role, plan};
+pub use plan::{Feed, Scope, WatchPlan, allocation_roles, cluster_role, forwarders_role, plan};
 use plan::{mapped_resource, same_type};
 
 /// Events arriving within this window after a first one are folded into one snapshot, so a
