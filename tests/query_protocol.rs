@@ -129,3 +129,52 @@ fn binary_query_helper_prints_a_token() {
     assert_eq!(code, 1);
     assert!(err.contains("unknown_resource_type"), "{err}");
 }
+
+#[test]
+fn an_allocating_query_is_refused_with_a_clear_code_where_it_cannot_allocate() {
+    // The file inventory has no API server to allocate through; a mapping without allocation
+    // settings cannot allocate; a request id must be printable and short.
+    let config = base_config("").replace(
+        "portName: default}",
+        "portName: default, allocation: {timeoutMs: 500}}",
+    );
+    let echo = Echo::plain();
+    let p = Proxy::start(&config, &gameserver("gs", "Ready", echo.addr, ""));
+    let ask = |q: &str| p.query(q);
+    let a = ask(r#"{"resourceType":"gameserver","namespace":"starx","allocate":true}"#);
+    assert_eq!(a["code"], "allocation_failed", "{a}");
+    assert!(
+        a["error"]
+            .as_str()
+            .unwrap()
+            .contains("inventory.kind: kubernetes"),
+        "{a}"
+    );
+    let a = ask(r#"{"resourceType":"gameserver","allocate":true}"#);
+    assert_eq!(a["code"], "bad_request", "{a}");
+    assert!(a["error"].as_str().unwrap().contains("namespace"), "{a}");
+    let a = ask(
+        r#"{"resourceType":"gameserver","namespace":"starx","allocate":true,"statusQuery":{"jsonPath":"status.state","expectedValue":"Ready"}}"#,
+    );
+    assert_eq!(a["code"], "bad_request", "{a}");
+    let long = "x".repeat(129);
+    for id in ["", "has space", long.as_str()] {
+        let a = ask(&format!(
+            r#"{{"resourceType":"gameserver","namespace":"starx","requestId":"{id}"}}"#
+        ));
+        assert_eq!(a["code"], "bad_request", "{id:?}: {a}");
+        assert!(a["error"].as_str().unwrap().contains("requestId"), "{a}");
+    }
+    // Without "allocate", the same mapping still selects as always.
+    let a = ask(r#"{"resourceType":"gameserver","namespace":"starx","requestId":"r-1"}"#);
+    assert!(a["token"].is_string(), "{a}");
+    assert_eq!(
+        p.metric(r#"udp_director_queries_total{result="allocation_failed"}"#),
+        1.0
+    );
+    // A mapping without allocation settings cannot allocate.
+    let plain = Proxy::start(&base_config(""), &gameserver("gs", "Ready", echo.addr, ""));
+    let a = plain.query(r#"{"resourceType":"gameserver","namespace":"starx","allocate":true}"#);
+    assert_eq!(a["code"], "bad_request", "{a}");
+    assert!(a["error"].as_str().unwrap().contains("allocation"), "{a}");
+}
