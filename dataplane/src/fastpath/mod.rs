@@ -200,6 +200,9 @@ fn take(ebpf: &mut aya::Ebpf, name: &str) -> Result<aya::maps::Map, FastPathErro
 /// Attaches `program` to `interface`'s ingress: tcx on kernels that have it, else a filter
 /// on a clsact qdisc (added if missing).
 fn attach(program: &mut SchedClassifier, interface: &str) -> Result<(), FastPathError> {
+    // A clsact filter outlives a proxy that died (a tcx link goes with its process): one left
+    // by an earlier run would see traffic first with a map nobody keeps any more.
+    let _ = tc::qdisc_detach_program(interface, TcAttachType::Ingress, PROGRAM);
     let tcx = program.attach_with_options(
         interface,
         TcAttachType::Ingress,
