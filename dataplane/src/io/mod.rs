@@ -6,7 +6,8 @@
 //!   from the receive buffer, with a portable fallback; [`pktinfo`] reads and writes the local
 //!   address of a datagram on wildcard sockets.
 //! - [`splice`]: the TCP splice between a client and its backend, with half-close and bounded
-//!   buffers.
+//!   buffers; [`pipe`] the kernel pipes it moves bytes through with `splice(2)`, pooled per
+//!   worker.
 //! - [`fd_budget`]: the descriptors the data plane may hold, against the process limit.
 //! - [`own_addrs`]: the host's addresses and our upstream sockets' ports, to never proxy to
 //!   ourselves.
@@ -14,6 +15,7 @@
 pub(crate) mod batch;
 pub mod fd_budget;
 pub(crate) mod own_addrs;
+pub(crate) mod pipe;
 pub(crate) mod pktinfo;
 pub(crate) mod socket;
 pub(crate) mod splice;

@@ -1,24 +1,31 @@
-//! The bidirectional copy between a client's TCP connection and its backend connection.
+//! The bidirectional splice between a client's TCP connection and its backend connection.
 //!
-//! Each direction is a [`Pipe`] with one fixed buffer: a pipe reads only while its buffer has
-//! room and the buffer drains only as fast as the destination takes it, so a slow reader
-//! stops the proxy reading from the writer (TCP backpressure) instead of growing memory. A FIN
-//! in one direction is passed on as a `shutdown(Write)` once that direction's buffer is
-//! empty; the other direction keeps flowing (half-close). Sockets are edge-triggered, so a
-//! pump runs until it meets `WouldBlock` (a new edge will come) or its round bound (the
-//! worker then comes back to it on the next loop turn).
+//! Each direction is a [`Pipe`]: bytes move socket → kernel pipe → socket with `splice(2)`,
+//! never entering user space, once what was read before the splice began (a token-first
+//! connection's prefix, a PROXY header) and the token's line ending on the first bytes are
+//! dealt with in user space. A direction that got no kernel pipe (see [`super::pipe`]) copies
+//! through a user-space buffer instead, with the same behaviour.
+//!
+//! A direction reads only while its pipe (or buffer) is empty and drains only as fast as the
+//! destination takes it, so a slow reader stops the proxy reading from the writer (TCP
+//! backpressure) instead of growing memory. A FIN in one direction is passed on as a
+//! `shutdown(Write)` once that direction holds nothing more; the other direction keeps
+//! flowing (half-close). Sockets are edge-triggered, so a pump runs until it meets
+//! `WouldBlock` (a new edge will come) or its round bound (the worker then comes back to it
+//! on the next loop turn).
 
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
 
 use mio::net::TcpStream;
 
+use super::pipe::{KernelPipe, PipePool};
 use crate::policy::prefix::{LineEnd, finish_line_end};
 
-/// Buffer of one direction of one connection; allocated on the first byte that direction
-/// carries.
+/// Buffer of one direction of one connection that copies through user space; allocated on
+/// the first byte that direction carries.
 pub(crate) const PIPE_BYTES: usize = 64 * 1024;
-/// Reads per direction per readiness event before other sockets get a turn.
+/// Syscalls per direction per readiness event before other sockets get a turn.
 const PUMP_ROUNDS: usize = 16;
 
 /// How a pump ended.
@@ -35,9 +42,13 @@ pub(crate) enum Flow {
 /// One direction of a splice.
 #[derive(Debug, Default)]
 pub(crate) struct Pipe {
+    /// Bytes to send before any from the kernel pipe (read before the splice began, or while
+    /// the token's line ending was looked for); the whole buffer of a direction that copies.
     buf: Vec<u8>,
     start: usize,
     end: usize,
+    /// The kernel pipe bytes are spliced through; `None`: this direction copies.
+    kernel: Option<KernelPipe>,
     /// The source sent its FIN.
     eof: bool,
     /// The FIN was passed on to the destination.
@@ -47,24 +58,47 @@ pub(crate) struct Pipe {
 }
 
 impl Pipe {
-    /// A pipe that starts with `data` (bytes read before the splice began) to send.
-    pub(crate) fn with_data(data: &[u8], line_end: LineEnd, eof: bool) -> Self {
+    /// A direction that starts with `data` (bytes read before the splice began) to send,
+    /// then splices through `kernel`, or copies when there is none.
+    pub(crate) fn with_data(
+        data: &[u8],
+        line_end: LineEnd,
+        eof: bool,
+        kernel: Option<KernelPipe>,
+    ) -> Self {
         let mut pipe = Self {
             line_end,
             eof,
+            kernel,
             ..Self::default()
         };
         if !data.is_empty() {
-            pipe.buf = vec![0; PIPE_BYTES];
-            pipe.buf[..data.len()].copy_from_slice(data);
+            if pipe.kernel.is_some() {
+                // Sent once, then the kernel pipe carries the rest.
+                pipe.buf = data.to_vec();
+            } else {
+                pipe.buf = vec![0; PIPE_BYTES.max(data.len())];
+                pipe.buf[..data.len()].copy_from_slice(data);
+            }
             pipe.end = data.len();
         }
         pipe
     }
 
+    /// A direction with nothing to send first.
+    pub(crate) fn new(kernel: Option<KernelPipe>) -> Self {
+        Self::with_data(&[], LineEnd::Done, false, kernel)
+    }
+
     /// Whether this direction is finished (FIN passed on).
     pub(crate) fn finished(&self) -> bool {
         self.shut
+    }
+
+    /// Whether this direction moves its bytes with `splice(2)`.
+    #[cfg(test)]
+    pub(crate) fn splices(&self) -> bool {
+        self.kernel.is_some()
     }
 
     /// Moves bytes from `src` to `dst`; `dst_ready` is false while `dst` is still connecting
@@ -77,6 +111,8 @@ impl Pipe {
     ) -> io::Result<(usize, Flow)> {
         let mut written = 0;
         for _ in 0..PUMP_ROUNDS {
+            // What user space holds goes first, then what the kernel pipe holds: at most one
+            // of them holds anything, and only once both are empty is the source read.
             if self.start < self.end {
                 if !dst_ready {
                     return Ok((written, Flow::Waiting));
@@ -96,6 +132,22 @@ impl Pipe {
             }
             self.start = 0;
             self.end = 0;
+            if let Some(kernel) = self.kernel.as_mut().filter(|k| k.held() > 0) {
+                if !dst_ready {
+                    return Ok((written, Flow::Waiting));
+                }
+                match kernel.drain_to(dst) {
+                    Ok(n) => {
+                        written += n;
+                        continue;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        return Ok((written, Flow::Waiting));
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(e),
+                }
+            }
             if self.eof {
                 if !self.shut && dst_ready {
                     match dst.shutdown(Shutdown::Write) {
@@ -114,32 +166,30 @@ impl Pipe {
                     },
                 ));
             }
-            if self.buf.is_empty() {
-                self.buf = vec![0; PIPE_BYTES];
-            }
-            // With a held-back `\r`, read one byte further in so it can be put back in front.
-            let offset = usize::from(self.line_end == LineEnd::AfterCr);
-            match (&*src).read(&mut self.buf[offset..]) {
-                Ok(0) => {
-                    if self.line_end == LineEnd::AfterCr {
-                        // The stream ended right after `token\r`: the `\r` was data.
-                        self.buf[0] = b'\r';
-                        self.end = 1;
+            let read = match self.kernel.as_mut() {
+                Some(kernel) if self.line_end == LineEnd::Done => {
+                    if !self.buf.is_empty() {
+                        // The user-space prefix is sent: from here on the kernel pipe only.
+                        self.buf = Vec::new();
                     }
-                    self.line_end = LineEnd::Done;
-                    self.eof = true;
-                }
-                Ok(n) => {
-                    let (skip, put_back_cr, line_end) =
-                        finish_line_end(self.line_end, &self.buf[offset..offset + n]);
-                    self.line_end = line_end;
-                    self.start = offset + skip;
-                    self.end = offset + n;
-                    if put_back_cr {
-                        self.buf[0] = b'\r';
-                        self.start = 0;
+                    match kernel.fill_from(src) {
+                        Ok(0) => {
+                            self.eof = true;
+                            Ok(())
+                        }
+                        Ok(_) => Ok(()),
+                        Err(e) if is_unspliceable(&e) => {
+                            // This kernel will not splice these sockets: copy instead.
+                            self.kernel = None;
+                            Ok(())
+                        }
+                        Err(e) => Err(e),
                     }
                 }
+                _ => self.read_to_buf(src),
+            };
+            match read {
+                Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     return Ok((written, Flow::Waiting));
                 }
@@ -149,6 +199,56 @@ impl Pipe {
         }
         Ok((written, Flow::Again))
     }
+
+    /// Reads from `src` into the (empty) user-space buffer, dropping a token's line ending
+    /// from the first bytes.
+    fn read_to_buf(&mut self, src: &TcpStream) -> io::Result<()> {
+        if self.buf.len() < PIPE_BYTES {
+            self.buf.resize(PIPE_BYTES, 0);
+        }
+        // With a held-back `\r`, read one byte further in so it can be put back in front.
+        let offset = usize::from(self.line_end == LineEnd::AfterCr);
+        match (&*src).read(&mut self.buf[offset..])? {
+            0 => {
+                if self.line_end == LineEnd::AfterCr {
+                    // The stream ended right after `token\r`: the `\r` was data.
+                    self.buf[0] = b'\r';
+                    self.end = 1;
+                }
+                self.line_end = LineEnd::Done;
+                self.eof = true;
+            }
+            n => {
+                let (skip, put_back_cr, line_end) =
+                    finish_line_end(self.line_end, &self.buf[offset..offset + n]);
+                self.line_end = line_end;
+                self.start = offset + skip;
+                self.end = offset + n;
+                if put_back_cr {
+                    self.buf[0] = b'\r';
+                    self.start = 0;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Gives this direction's kernel pipe back to `pool` (closed instead if bytes are left
+    /// in it).
+    fn return_pipe(&mut self, pool: &PipePool) {
+        if let Some(kernel) = self.kernel.take() {
+            pool.put(kernel);
+        }
+    }
+}
+
+/// `splice(2)` errors that say these descriptors cannot be spliced at all (not that this
+/// connection failed): the direction then copies.
+fn is_unspliceable(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP)
+    )
 }
 
 /// A client connection spliced to its backend connection.
@@ -159,13 +259,22 @@ pub(crate) struct Splice {
     /// The connection to the backend (connecting until `connected`).
     pub(crate) upstream: TcpStream,
     /// The two connections' descriptors, from the data plane's budget.
-    pub(crate) _lease: crate::io::fd_budget::FdLease,
+    _lease: crate::io::fd_budget::FdLease,
     /// The backend connection is established.
     pub(crate) connected: bool,
     /// Client → backend.
-    pub(crate) up: Pipe,
+    up: Pipe,
     /// Backend → client.
-    pub(crate) down: Pipe,
+    down: Pipe,
+    /// Where the two directions' kernel pipes go back when the connection ends.
+    pipes: PipePool,
+}
+
+impl Drop for Splice {
+    fn drop(&mut self) {
+        self.up.return_pipe(&self.pipes);
+        self.down.return_pipe(&self.pipes);
+    }
 }
 
 /// What a splice did on one drive.
@@ -191,6 +300,29 @@ pub(crate) enum SpliceError {
 }
 
 impl Splice {
+    /// `client` spliced to `upstream` (still connecting), each direction through a kernel
+    /// pipe from `pipes` if it has one; `up` starts with `first` (bytes read before the
+    /// splice began, minus what `line_end` says is still to drop).
+    pub(crate) fn new(
+        client: TcpStream,
+        upstream: TcpStream,
+        lease: crate::io::fd_budget::FdLease,
+        first: &[u8],
+        line_end: LineEnd,
+        eof: bool,
+        pipes: &PipePool,
+    ) -> Self {
+        Self {
+            client,
+            upstream,
+            _lease: lease,
+            connected: false,
+            up: Pipe::with_data(first, line_end, eof, pipes.take()),
+            down: Pipe::new(pipes.take()),
+            pipes: pipes.clone(),
+        }
+    }
+
     /// Moves whatever can move now, in both directions.
     pub(crate) fn drive(&mut self) -> Result<Driven, SpliceError> {
         if !self.connected {
@@ -227,5 +359,272 @@ impl Splice {
             Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(false),
             Err(e) => Err(e),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::net::{Shutdown, TcpListener};
+    use std::sync::Arc;
+    use std::thread::JoinHandle;
+    use std::time::{Duration, Instant};
+
+    use mio::{Events, Interest, Poll, Token};
+
+    use super::*;
+    use crate::io::fd_budget::FdBudget;
+
+    const WAIT: Duration = Duration::from_secs(10);
+
+    fn budget() -> Arc<FdBudget> {
+        FdBudget::with_limit(0, Box::new(|| 10_000))
+    }
+
+    /// A test's two ends of a splice: the client's socket and the backend's.
+    struct Ends {
+        client: std::net::TcpStream,
+        backend: std::net::TcpStream,
+        /// The splice, driven on its own thread until both directions finish; then its
+        /// bytes up and down.
+        driver: JoinHandle<(usize, usize)>,
+        /// Whether each direction (up, down) has a kernel pipe.
+        splicing: [bool; 2],
+    }
+
+    /// A client connection spliced to a backend connection over loopback, the splice driven
+    /// by its own poll on a thread, as a worker does.
+    fn splice(pool: &PipePool, first: &[u8], line_end: LineEnd) -> Ends {
+        let front = TcpListener::bind("127.0.0.1:0").unwrap();
+        let back = TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = std::net::TcpStream::connect(front.local_addr().unwrap()).unwrap();
+        let (accepted, _) = front.accept().unwrap();
+        accepted.set_nonblocking(true).unwrap();
+        let upstream = TcpStream::connect(back.local_addr().unwrap()).unwrap();
+        let (backend, _) = back.accept().unwrap();
+        for s in [&client, &backend] {
+            s.set_read_timeout(Some(WAIT)).unwrap();
+            s.set_write_timeout(Some(WAIT)).unwrap();
+        }
+        let lease = budget().try_take(2).unwrap();
+        let mut splice = Splice::new(
+            TcpStream::from_std(accepted),
+            upstream,
+            lease,
+            first,
+            line_end,
+            false,
+            pool,
+        );
+        let splicing = [splice.up.splices(), splice.down.splices()];
+        let driver = std::thread::spawn(move || {
+            let mut poll = Poll::new().unwrap();
+            let both = Interest::READABLE | Interest::WRITABLE;
+            let registry = poll.registry();
+            registry
+                .register(&mut splice.client, Token(0), both)
+                .unwrap();
+            registry
+                .register(&mut splice.upstream, Token(1), both)
+                .unwrap();
+            let mut events = Events::with_capacity(8);
+            let (mut up, mut down) = (0, 0);
+            let deadline = Instant::now() + 6 * WAIT;
+            loop {
+                let driven = splice.drive().expect("the splice runs");
+                up += driven.up;
+                down += driven.down;
+                if driven.finished {
+                    return (up, down);
+                }
+                assert!(Instant::now() < deadline, "the splice never finished");
+                if !driven.again {
+                    poll.poll(&mut events, Some(Duration::from_millis(100)))
+                        .unwrap();
+                }
+            }
+        });
+        Ends {
+            client,
+            backend,
+            driver,
+            splicing,
+        }
+    }
+
+    /// `len` bytes that differ with `seed`, so a reordered, lost or duplicated chunk shows.
+    fn pattern(seed: u64, len: usize) -> Vec<u8> {
+        let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    /// Writes `data` then closes its side, on a thread.
+    fn send_all(mut s: std::net::TcpStream, data: Vec<u8>) -> JoinHandle<std::net::TcpStream> {
+        std::thread::spawn(move || {
+            s.write_all(&data).unwrap();
+            s.shutdown(Shutdown::Write).unwrap();
+            s
+        })
+    }
+
+    /// Reads to the end of the stream, pausing after every 64 KiB (a slow reader).
+    fn read_slowly(s: &mut std::net::TcpStream) -> Vec<u8> {
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match s.read(&mut buf).unwrap() {
+                0 => return got,
+                n => got.extend_from_slice(&buf[..n]),
+            }
+            std::thread::sleep(Duration::from_micros(300));
+        }
+    }
+
+    /// Returns whether each direction spliced.
+    fn large_transfers_both_ways(pool: &PipePool) -> [bool; 2] {
+        const BYTES: usize = 8 << 20;
+        let ends = splice(pool, b"", LineEnd::Done);
+        let (up, down) = (pattern(1, BYTES), pattern(2, BYTES));
+        let client_writes = send_all(ends.client.try_clone().unwrap(), up.clone());
+        let backend_writes = send_all(ends.backend.try_clone().unwrap(), down.clone());
+        let mut backend = ends.backend;
+        let backend_reads = std::thread::spawn(move || read_slowly(&mut backend));
+        let mut client = ends.client;
+        let at_client = read_slowly(&mut client);
+        let at_backend = backend_reads.join().unwrap();
+        client_writes.join().unwrap();
+        backend_writes.join().unwrap();
+        assert!(at_backend == up, "client → backend intact");
+        assert!(at_client == down, "backend → client intact");
+        assert_eq!(ends.driver.join().unwrap(), (BYTES, BYTES), "bytes counted");
+        ends.splicing
+    }
+
+    #[test]
+    fn large_transfers_both_ways_arrive_intact_through_slow_readers() {
+        let pool = PipePool::new(budget());
+        assert_eq!(large_transfers_both_ways(&pool), [true, true]);
+        assert_eq!(pool.idle(), 2, "both pipes back in the pool");
+    }
+
+    #[test]
+    fn without_pipes_a_connection_copies_through_user_space() {
+        let pool = PipePool::copy_only(budget());
+        assert_eq!(large_transfers_both_ways(&pool), [false, false]);
+        assert_eq!(pool.opened(), 0);
+    }
+
+    #[test]
+    fn a_stalled_reader_stops_the_writer() {
+        let pool = PipePool::new(budget());
+        let ends = splice(&pool, b"", LineEnd::Done);
+        // The backend reads nothing: what the client can write is bounded by the socket
+        // buffers and one pipe, not by what it wants to send.
+        let mut client = ends.client.try_clone().unwrap();
+        client.set_nonblocking(true).unwrap();
+        let chunk = vec![7u8; 64 * 1024];
+        let mut sent = 0usize;
+        let mut stuck_since = Instant::now();
+        while stuck_since.elapsed() < Duration::from_millis(300) && sent < 256 << 20 {
+            match client.write(&chunk) {
+                Ok(n) => {
+                    sent += n;
+                    stuck_since = Instant::now();
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert!(sent < 64 << 20, "{sent} bytes taken with nobody reading");
+        // Now read it all: nothing was lost while the writer waited.
+        client.set_nonblocking(false).unwrap();
+        client.shutdown(Shutdown::Write).unwrap();
+        let mut backend = ends.backend;
+        let mut got = Vec::new();
+        backend.read_to_end(&mut got).unwrap();
+        assert_eq!(got.len(), sent);
+        backend.shutdown(Shutdown::Write).unwrap();
+        assert_eq!(ends.driver.join().unwrap(), (sent, 0));
+    }
+
+    #[test]
+    fn a_half_closed_client_still_gets_its_reply() {
+        let pool = PipePool::new(budget());
+        let mut ends = splice(&pool, b"", LineEnd::Done);
+        ends.client.write_all(b"request").unwrap();
+        ends.client.shutdown(Shutdown::Write).unwrap();
+        let mut request = Vec::new();
+        ends.backend.read_to_end(&mut request).unwrap();
+        assert_eq!(request, b"request", "the FIN came after the bytes");
+        ends.backend.write_all(b"reply").unwrap();
+        ends.backend.shutdown(Shutdown::Write).unwrap();
+        let mut reply = Vec::new();
+        ends.client.read_to_end(&mut reply).unwrap();
+        assert_eq!(reply, b"reply");
+        assert_eq!(ends.driver.join().unwrap(), (7, 5));
+    }
+
+    #[test]
+    fn the_first_bytes_go_first_and_a_token_line_ending_is_dropped() {
+        /// The bytes read before the splice, how the token line ended there, what the
+        /// client sends next (segment by segment), and what the backend must get first.
+        type Case<'a> = (&'a [u8], LineEnd, &'a [&'a [u8]], &'a [u8]);
+        let cases: [Case<'_>; 5] = [
+            // A PROXY header (or the token's data) read before the splice began.
+            (b"HEADER ", LineEnd::Done, &[b"stream"], b"HEADER stream"),
+            (b"", LineEnd::Maybe, &[b"\r\nstream"], b"stream"),
+            (b"", LineEnd::Maybe, &[b"\r", b"\nstream"], b"stream"),
+            (b"", LineEnd::AfterCr, &[b"stream"], b"\rstream"),
+            (b"", LineEnd::Maybe, &[b"stream\r\n"], b"stream\r\n"),
+        ];
+        for (first, line_end, sends, want) in cases {
+            let pool = PipePool::new(budget());
+            let mut ends = splice(&pool, first, line_end);
+            for part in sends {
+                ends.client.write_all(part).unwrap();
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            // Then a large stream, spliced, behind it.
+            let tail = pattern(3, 1 << 20);
+            ends.client.write_all(&tail).unwrap();
+            ends.client.shutdown(Shutdown::Write).unwrap();
+            let mut got = Vec::new();
+            ends.backend.read_to_end(&mut got).unwrap();
+            assert_eq!(&got[..want.len()], want, "{line_end:?} {sends:?}");
+            assert!(
+                got[want.len()..] == tail[..],
+                "{line_end:?}: the rest intact"
+            );
+            ends.backend.shutdown(Shutdown::Write).unwrap();
+            ends.driver.join().unwrap();
+        }
+    }
+
+    #[test]
+    fn connections_reuse_the_pools_pipes() {
+        let pool = PipePool::new(budget());
+        for i in 0..5 {
+            let mut ends = splice(&pool, b"", LineEnd::Done);
+            ends.client.write_all(b"x").unwrap();
+            ends.client.shutdown(Shutdown::Write).unwrap();
+            let mut one = Vec::new();
+            ends.backend.read_to_end(&mut one).unwrap();
+            ends.backend.write_all(b"!").unwrap();
+            ends.backend.shutdown(Shutdown::Write).unwrap();
+            ends.client.read_to_end(&mut one).unwrap();
+            assert_eq!(one, b"x!", "connection {i}");
+            ends.driver.join().unwrap();
+        }
+        assert_eq!(pool.opened(), 2, "one pipe each way, opened once");
+        assert_eq!(pool.idle(), 2);
     }
 }

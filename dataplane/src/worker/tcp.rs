@@ -19,8 +19,9 @@ use mio::{Interest, Registry};
 use crate::config::DataPlaneConfig;
 use crate::ctl::CloseReason;
 use crate::io::fd_budget::FdBudget;
+use crate::io::pipe::PipePool;
 use crate::io::socket::connect_upstream_tcp;
-use crate::io::splice::{Pipe, Splice, SpliceError};
+use crate::io::splice::{Splice, SpliceError};
 use crate::metrics::DropReason;
 use crate::policy::admit::{self, Role};
 use crate::policy::limits::SessionLimits;
@@ -79,6 +80,8 @@ pub(super) struct Tcp {
     connect_timeout: Duration,
     /// The data plane's descriptors, which TCP connections take from.
     budget: Arc<FdBudget>,
+    /// Empty kernel pipes for the next connections' splices.
+    pipes: PipePool,
     /// Listeners that hit [`ACCEPT_BOUND`]: another turn next time round the loop.
     ports_again: Vec<usize>,
     /// Sessions whose splice hit its work bound: another turn next time round the loop.
@@ -92,6 +95,7 @@ impl Tcp {
             pending: PendingConnections::new(config.tcp_token_timeout),
             connecting: VecDeque::new(),
             connect_timeout: config.tcp_connect_timeout,
+            pipes: PipePool::new(Arc::clone(&budget)),
             budget,
             ports_again: Vec::new(),
             sessions_again: Vec::new(),
@@ -184,6 +188,8 @@ impl Tcp {
         now: Instant,
     ) {
         drop(stream);
+        // Idle pipes hold descriptors too: give them back for connections.
+        self.pipes.clear();
         p.out.counters().tcp_accepted.add(1);
         p.out.counters().refuse(DropReason::UpstreamSetup);
         p.listeners.count(port, DropReason::UpstreamSetup);
@@ -434,21 +440,30 @@ impl Tcp {
                 .ok()
                 .map(|local| ProxyHeader::new(HeaderTransport::Stream, client, local)),
         };
-        let splice = Splice {
-            client: client_stream,
-            upstream,
-            _lease: lease,
-            connected: false,
-            up: match header {
-                // The header first, then whatever the client sent with its token.
-                Some(header) => {
-                    let mut first = header.as_bytes().to_vec();
-                    first.extend_from_slice(sent.data);
-                    Pipe::with_data(&first, sent.line_end, sent.eof)
-                }
-                None => Pipe::with_data(sent.data, sent.line_end, sent.eof),
-            },
-            down: Pipe::default(),
+        let splice = match header {
+            // The header first, then whatever the client sent with its token.
+            Some(header) => {
+                let mut first = header.as_bytes().to_vec();
+                first.extend_from_slice(sent.data);
+                Splice::new(
+                    client_stream,
+                    upstream,
+                    lease,
+                    &first,
+                    sent.line_end,
+                    sent.eof,
+                    &self.pipes,
+                )
+            }
+            None => Splice::new(
+                client_stream,
+                upstream,
+                lease,
+                sent.data,
+                sent.line_end,
+                sent.eof,
+                &self.pipes,
+            ),
         };
         let id = p.sessions.install(
             admitted.session(key, client, None),
