@@ -76,6 +76,12 @@ pub(crate) fn bind_reuseport(
             socket.send_buffer_size(),
         );
     }
+    if transport == Transport::Tcp {
+        // Accepted connections inherit it (Linux copies the listener's options): one
+        // setsockopt per listener rather than one per connection. Game traffic is small and
+        // latency-bound.
+        opt("TCP_NODELAY", socket.set_tcp_nodelay(true))?;
+    }
     opt("O_NONBLOCK", socket.set_nonblocking(true))?;
     socket
         .bind(&addr.into())
@@ -199,6 +205,26 @@ fn warn_if_capped(addr: SocketAddr, option: &str, wanted: usize, got: io::Result
         log::warn!(
             "{addr}: {option} is {got} bytes, not the {wanted} configured; raise \
              net.core.rmem_max / net.core.wmem_max to absorb bursts"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepted_connections_inherit_nodelay_from_the_listener() {
+        let addr = SocketAddr::from(([127, 0, 0, 1], 0));
+        let Ok(ListenSocket::Tcp(listener)) = bind_reuseport(addr, Transport::Tcp, 0, 0) else {
+            panic!("a TCP listener");
+        };
+        let _client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        listener.set_nonblocking(false).unwrap();
+        let (accepted, _) = listener.accept().unwrap();
+        assert!(
+            accepted.nodelay().unwrap(),
+            "no per-connection setsockopt needed"
         );
     }
 }

@@ -224,7 +224,6 @@ impl Tcp {
             p.listeners.count(port, reason);
             return;
         }
-        let _ = conn.stream.set_nodelay(true);
         if !matches!(ctx.listener, Role::TokenPort) {
             // Nothing to read first: a forwarder's connection is its own at once, and a route
             // entry point's picks its endpoint by the same rules as a UDP client.
