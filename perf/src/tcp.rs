@@ -36,7 +36,9 @@ pub(crate) struct TcpArgs {
     #[arg(long, default_value_t = 64 * 1024)]
     write_size: usize,
     /// Another TCP proxy to compare, as NAME=LISTEN_ADDR=COMMAND; `{echo}` in COMMAND is the
-    /// backend's address. E.g. nginx=127.0.0.1:7901='scripts/nginx-peer.sh tcp 127.0.0.1:7901 {echo}'.
+    /// backend's address; repeat for several in the same run. E.g.
+    /// nginx=127.0.0.1:7901='scripts/nginx-peer.sh tcp 127.0.0.1:7901 {echo}',
+    /// haproxy=127.0.0.1:7902='scripts/haproxy-peer.sh tcp 127.0.0.1:7902 {echo}'.
     #[arg(long)]
     other: Vec<String>,
     #[command(flatten)]
