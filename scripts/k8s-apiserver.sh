@@ -13,6 +13,8 @@
 # start writes RUN_DIR/kubeconfig (admin) and RUN_DIR/kubeconfig-proxy: the service account
 # udp-director/udp-director, which can do only what RBAC grants it. Environment: K8S_TEST_BIN
 # (cache dir, default ~/.cache/k8s-test/bin), K8S_API_PORT (6443), K8S_ETCD_PORT (23790).
+# The aggregation layer is on: RUN_DIR/front-proxy-ca.crt is the CA whose client certificate the
+# API server presents to an aggregated API's server (tests/common/agones.rs serves one).
 set -euo pipefail
 BIN_DIR=${K8S_TEST_BIN:-$HOME/.cache/k8s-test/bin}
 APISERVER=$BIN_DIR/kube-apiserver
@@ -75,17 +77,47 @@ build() {
   "$APISERVER" --version
 }
 
+# The aggregation layer's certificates: a front-proxy CA, and the client certificate (CN
+# front-proxy-client) the API server presents when it proxies a request to an aggregated API
+# (an APIService), which that server checks against the CA before trusting X-Remote-User.
+front_proxy_certs() { # RUN
+  local run=$1
+  [ -f "$run/front-proxy-client.crt" ] && return 0
+  local ec=(-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes)
+  openssl req -x509 "${ec[@]}" -days 3650 -subj /CN=front-proxy-ca \
+    -keyout "$run/front-proxy-ca.key" -out "$run/front-proxy-ca.crt" 2>/dev/null
+  openssl req -new "${ec[@]}" -subj /CN=front-proxy-client \
+    -keyout "$run/front-proxy-client.key" -out "$run/front-proxy-client.csr" 2>/dev/null
+  # v3 with clientAuth: Go and rustls verifiers both check the extended key usage.
+  printf 'basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=clientAuth\n' \
+    >"$run/front-proxy-client.ext"
+  openssl x509 -req -in "$run/front-proxy-client.csr" -CA "$run/front-proxy-ca.crt" \
+    -CAkey "$run/front-proxy-ca.key" -set_serial "0x$(openssl rand -hex 8)" -days 3650 \
+    -extfile "$run/front-proxy-client.ext" -out "$run/front-proxy-client.crt" 2>/dev/null
+  rm -f "$run/front-proxy-client.csr" "$run/front-proxy-client.ext"
+}
+
 start_apiserver() { # RUN
   local run=$1
+  front_proxy_certs "$run"
   # No controller-manager runs, so: no ServiceAccount admission (it waits for token
   # controllers), no `kubernetes` Endpoints reconciler (it refuses a loopback address). Only
   # EndpointSlice v1 is served, by the CRD in tests/k8s/ (1.20 has v1beta1 only).
+  # The aggregation layer is on (the tests serve `allocation.agones.dev` from a stand-in). With
+  # no kube-proxy, a ClusterIP leads nowhere: the aggregator dials the Service's Endpoints (which
+  # may not be loopback addresses: such a server listens in a network namespace of its own).
   setsid "$APISERVER" --etcd-servers="http://127.0.0.1:$ETCD_PORT" \
     --bind-address=127.0.0.1 --advertise-address=127.0.0.1 --secure-port="$API_PORT" \
     --cert-dir="$run/certs" --token-auth-file="$run/tokens.csv" --authorization-mode=RBAC \
     --service-account-issuer=https://kubernetes.default.svc --service-account-key-file="$run/sa.pub" \
     --service-account-signing-key-file="$run/sa.key" --service-cluster-ip-range=10.96.0.0/16 \
     --endpoint-reconciler-type=none --disable-admission-plugins=ServiceAccount \
+    --requestheader-client-ca-file="$run/front-proxy-ca.crt" \
+    --requestheader-allowed-names=front-proxy-client \
+    --requestheader-username-headers=X-Remote-User --requestheader-group-headers=X-Remote-Group \
+    --requestheader-extra-headers-prefix=X-Remote-Extra- \
+    --proxy-client-cert-file="$run/front-proxy-client.crt" \
+    --proxy-client-key-file="$run/front-proxy-client.key" --enable-aggregator-routing=true \
     --runtime-config=discovery.k8s.io/v1beta1=false >"$run/apiserver.log" 2>&1 &
   echo $! >"$run/apiserver.pid"
   for _ in $(seq 1 240); do
