@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 #[allow(unused_imports)]
 pub use testkit::*;
 
+pub mod agones;
 pub mod cluster;
 pub mod netns;
 
