@@ -55,6 +55,10 @@ pub(crate) struct Pipe {
     shut: bool,
     /// A token's line ending the first bytes may still hold (client → backend only).
     line_end: LineEnd,
+    /// The source said `EAGAIN` and no readable edge came since.
+    src_idle: bool,
+    /// The destination said `EAGAIN` and no writable edge came since.
+    dst_full: bool,
 }
 
 impl Pipe {
@@ -102,19 +106,23 @@ impl Pipe {
     }
 
     /// Moves bytes from `src` to `dst`; `dst_ready` is false while `dst` is still connecting
-    /// (bytes are read and held, not written). Returns the bytes written to `dst`.
+    /// (bytes are read and held, not written); `edges` are what happened to `src` and `dst`
+    /// since the last pump. Returns the bytes written to `dst`.
     pub(crate) fn pump(
         &mut self,
         src: &TcpStream,
         dst: &TcpStream,
         dst_ready: bool,
+        edges: Edges,
     ) -> io::Result<(usize, Flow)> {
+        self.src_idle &= !edges.from;
+        self.dst_full &= !edges.to;
         let mut written = 0;
         for _ in 0..PUMP_ROUNDS {
             // What user space holds goes first, then what the kernel pipe holds: at most one
             // of them holds anything, and only once both are empty is the source read.
             if self.start < self.end {
-                if !dst_ready {
+                if !dst_ready || self.dst_full {
                     return Ok((written, Flow::Waiting));
                 }
                 match (&*dst).write(&self.buf[self.start..self.end]) {
@@ -124,6 +132,7 @@ impl Pipe {
                         continue;
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        self.dst_full = true;
                         return Ok((written, Flow::Waiting));
                     }
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -133,7 +142,7 @@ impl Pipe {
             self.start = 0;
             self.end = 0;
             if let Some(kernel) = self.kernel.as_mut().filter(|k| k.held() > 0) {
-                if !dst_ready {
+                if !dst_ready || self.dst_full {
                     return Ok((written, Flow::Waiting));
                 }
                 match kernel.drain_to(dst) {
@@ -142,6 +151,7 @@ impl Pipe {
                         continue;
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        self.dst_full = true;
                         return Ok((written, Flow::Waiting));
                     }
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -165,6 +175,9 @@ impl Pipe {
                         Flow::Waiting
                     },
                 ));
+            }
+            if self.src_idle {
+                return Ok((written, Flow::Waiting));
             }
             let read = match self.kernel.as_mut() {
                 Some(kernel) if self.line_end == LineEnd::Done => {
@@ -191,6 +204,7 @@ impl Pipe {
             match read {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.src_idle = true;
                     return Ok((written, Flow::Waiting));
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -277,6 +291,85 @@ impl Drop for Splice {
     }
 }
 
+/// The edges an event brought to one direction of a splice: its source became readable, or
+/// its destination writable.
+#[derive(Clone, Copy, Debug, Default, Eq, PartialEq)]
+pub(crate) struct Edges {
+    /// The source has something new (bytes, FIN, an error).
+    pub(crate) from: bool,
+    /// The destination has room again.
+    pub(crate) to: bool,
+}
+
+/// The edges an event brought to a splice, by direction. A direction remembers that its source
+/// said `EAGAIN` (or its destination did) and skips that `splice` until an edge says it could
+/// go: sockets are edge-triggered, so no edge means it would only say `EAGAIN` again.
+#[derive(Clone, Copy, Debug, Default, Eq, PartialEq)]
+pub(crate) struct Ready {
+    /// Client → backend.
+    pub(crate) up: Edges,
+    /// Backend → client.
+    pub(crate) down: Edges,
+}
+
+impl Ready {
+    /// No new edge: a new splice (nothing is known blocked yet) or one back for another turn
+    /// after its work bound.
+    pub(crate) const NO_EDGE: Self = Self {
+        up: Edges {
+            from: false,
+            to: false,
+        },
+        down: Edges {
+            from: false,
+            to: false,
+        },
+    };
+    /// Every edge: try everything once more.
+    pub(crate) const EVERY_EDGE: Self = Self {
+        up: Edges {
+            from: true,
+            to: true,
+        },
+        down: Edges {
+            from: true,
+            to: true,
+        },
+    };
+
+    /// The edges `event` brings, on the client's connection (`on_client`) or the backend's.
+    /// An error counts as every edge: the `splice` that meets it reports it.
+    pub(crate) fn of(event: &mio::event::Event, on_client: bool) -> Self {
+        if event.is_error() {
+            return Self::EVERY_EDGE;
+        }
+        let readable = event.is_readable() || event.is_read_closed();
+        let writable = event.is_writable() || event.is_write_closed();
+        let (mut ready, (source_of, destination_of)) = (Self::NO_EDGE, (readable, writable));
+        if on_client {
+            ready.up.from = source_of;
+            ready.down.to = destination_of;
+        } else {
+            ready.down.from = source_of;
+            ready.up.to = destination_of;
+        }
+        ready
+    }
+
+    /// Both events' edges.
+    #[cfg(test)]
+    fn and(self, other: Self) -> Self {
+        let or = |a: Edges, b: Edges| Edges {
+            from: a.from || b.from,
+            to: a.to || b.to,
+        };
+        Self {
+            up: or(self.up, other.up),
+            down: or(self.down, other.down),
+        }
+    }
+}
+
 /// What a splice did on one drive.
 #[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct Driven {
@@ -323,22 +416,22 @@ impl Splice {
         }
     }
 
-    /// Moves whatever can move now, in both directions.
-    pub(crate) fn drive(&mut self) -> Result<Driven, SpliceError> {
+    /// Moves whatever can move now, in both directions, given the edges `ready` brings.
+    pub(crate) fn drive(&mut self, ready: Ready) -> Result<Driven, SpliceError> {
         if !self.connected {
             self.connected = self.check_connected().map_err(SpliceError::Connect)?;
         }
         let mut driven = Driven::default();
         let (up, flow_up) = self
             .up
-            .pump(&self.client, &self.upstream, self.connected)
+            .pump(&self.client, &self.upstream, self.connected, ready.up)
             .map_err(SpliceError::Io)?;
         driven.up = up;
         let mut flow_down = Flow::Waiting;
         if self.connected {
             let (down, flow) = self
                 .down
-                .pump(&self.upstream, &self.client, true)
+                .pump(&self.upstream, &self.client, true, ready.down)
                 .map_err(SpliceError::Io)?;
             driven.down = down;
             flow_down = flow;
@@ -430,17 +523,25 @@ mod tests {
             let mut events = Events::with_capacity(8);
             let (mut up, mut down) = (0, 0);
             let deadline = Instant::now() + 6 * WAIT;
+            // As a worker drives it: with the edges its events bring, and with none at first
+            // and after a work bound (a missed edge would hang here).
+            let mut ready = Ready::NO_EDGE;
             loop {
-                let driven = splice.drive().expect("the splice runs");
+                let driven = splice.drive(ready).expect("the splice runs");
                 up += driven.up;
                 down += driven.down;
                 if driven.finished {
                     return (up, down);
                 }
                 assert!(Instant::now() < deadline, "the splice never finished");
-                if !driven.again {
-                    poll.poll(&mut events, Some(Duration::from_millis(100)))
-                        .unwrap();
+                ready = Ready::NO_EDGE;
+                if driven.again {
+                    continue;
+                }
+                poll.poll(&mut events, Some(Duration::from_millis(100)))
+                    .unwrap();
+                for event in &events {
+                    ready = ready.and(Ready::of(event, event.token() == Token(0)));
                 }
             }
         });

@@ -273,7 +273,7 @@ impl Worker {
                     }
                     Token(t) => {
                         let (mut p, _, tcp) = self.split();
-                        tcp.drain_session(&mut p, (t - FIRST_SESSION) / 2, now);
+                        tcp.on_session_event(&mut p, t - FIRST_SESSION, event, now);
                     }
                 }
             }

@@ -21,7 +21,7 @@ use crate::ctl::CloseReason;
 use crate::io::fd_budget::FdBudget;
 use crate::io::pipe::PipePool;
 use crate::io::socket::connect_upstream_tcp;
-use crate::io::splice::{Splice, SpliceError};
+use crate::io::splice::{Ready, Splice, SpliceError};
 use crate::metrics::DropReason;
 use crate::policy::admit::{self, Role};
 use crate::policy::limits::SessionLimits;
@@ -473,27 +473,43 @@ impl Tcp {
         );
         admitted.opened(p.out);
         self.connecting.push_back((now + self.connect_timeout, id));
-        self.drive(p, id, now);
+        self.drive(p, id, Ready::NO_EDGE, now);
     }
 
-    /// An event on the connections of the TCP session in slab slot `slot`.
+    /// `event` on one of a TCP session's connections, `offset` its token's place after the
+    /// first session token (`2 * slot` the backend's, `2 * slot + 1` the client's): moves
+    /// what its edges unblock.
+    pub(super) fn on_session_event(
+        &mut self,
+        p: &mut Parts<'_>,
+        offset: usize,
+        event: &mio::event::Event,
+        now: Instant,
+    ) {
+        let Some(id) = p.sessions.by_slot(offset / 2) else {
+            return; // closed earlier in this turn
+        };
+        self.drive(p, id, Ready::of(event, offset % 2 == 1), now);
+    }
+
+    /// Another turn for the TCP session in slab slot `slot`, which hit its work bound.
     pub(super) fn drain_session(&mut self, p: &mut Parts<'_>, slot: usize, now: Instant) {
         let Some(id) = p.sessions.by_slot(slot) else {
             return; // closed earlier in this turn
         };
-        self.drive(p, id, now);
+        self.drive(p, id, Ready::NO_EDGE, now);
     }
 
-    /// Moves what can move on a TCP session, both ways; ends it when both directions have
-    /// finished, or either connection failed.
-    pub(super) fn drive(&mut self, p: &mut Parts<'_>, id: SessionId, now: Instant) {
+    /// Moves what can move on a TCP session, given the edges `ready` brings; ends it when
+    /// both directions have finished, or either connection failed.
+    fn drive(&mut self, p: &mut Parts<'_>, id: SessionId, ready: Ready, now: Instant) {
         let Some(session) = p.sessions.get_mut(id) else {
             return;
         };
         let Upstream::Tcp(splice) = &mut session.upstream else {
             return;
         };
-        match splice.drive() {
+        match splice.drive(ready) {
             Ok(driven) => {
                 if driven.up + driven.down > 0 {
                     session.last_active = now;
