@@ -45,6 +45,9 @@ const MAY_BE_EMPTY: [&str; 2] = [
 /// against the real API server by tests/kubernetes_events.rs and tests/kubernetes_status.rs.
 const KUBERNETES_ONLY: [&str; 1] = ["udp_director_object_problems"];
 
+/// Series Prometheus makes itself for each target, in no scrape.
+const PROMETHEUS_OWN: [&str; 1] = ["up"];
+
 /// Panels whose series must show traffic moving (a value above zero) while the test's
 /// traffic flows, and for each the label values that must each have such a series.
 const TRAFFIC: [(&str, &[(&str, &str)]); 9] = [
@@ -410,7 +413,9 @@ fn check_against_scrape(
 ) -> Vec<String> {
     let mut problems = Vec::new();
     for s in selectors {
-        if KUBERNETES_ONLY.contains(&s.metric.as_str()) {
+        if KUBERNETES_ONLY.contains(&s.metric.as_str())
+            || PROMETHEUS_OWN.contains(&s.metric.as_str())
+        {
             continue;
         }
         let Some(labels) = index.get(&s.metric) else {
@@ -952,6 +957,8 @@ fn evaluate(proxy: &Proxy, prometheus: &Prometheus) {
         "the listen failure fires: {alerts:?}"
     );
     for quiet in [
+        "UdpDirectorDown",
+        "UdpDirectorRestarting",
         "UdpDirectorThreadDown",
         "UdpDirectorDescriptorsNearLimit",
         "UdpDirectorReloadRefused",

@@ -122,7 +122,7 @@ impl Metrics {
             controller,
             inventory,
         }));
-        registry.register_collector(Box::new(process::ProcessCollector));
+        registry.register_collector(Box::new(process::ProcessCollector::new()));
         Arc::new(Self {
             queries,
             query_duration,
@@ -232,7 +232,7 @@ impl Collector for DataPlaneCollector {
         labelled_counter(
             e,
             "udp_director_sessions_created",
-            "Sessions opened, by origin (token or default backend) and protocol",
+            "Sessions opened, by origin (token, default backend, forwarder or route) and protocol",
             SessionKind::ALL.iter().flat_map(|k| {
                 let tcp = c.tcp_created(*k);
                 [

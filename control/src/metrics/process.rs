@@ -1,8 +1,9 @@
 //! The process's own resource metrics, read from `/proc/self` at scrape time under the names
 //! Prometheus' client libraries use (`process_cpu_seconds_total`, `process_resident_memory_bytes`,
-//! `process_virtual_memory_bytes`, `process_open_fds`, `process_max_fds`), so the dashboard and
-//! the "descriptors near the limit" alert see what the kernel sees. Nothing is read per query or
-//! per datagram.
+//! `process_virtual_memory_bytes`, `process_open_fds`, `process_max_fds`,
+//! `process_start_time_seconds`), so the dashboard and the alerts (descriptors near the limit, a
+//! proxy that keeps restarting) see what the kernel sees. Nothing is read per query or per
+//! datagram.
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
@@ -34,8 +35,28 @@ fn parse_stat(text: &str, ticks_per_second: f64, page_bytes: u64) -> Option<Stat
 }
 
 /// Collects the process metrics at scrape time.
-#[derive(Debug, Default)]
-pub struct ProcessCollector;
+#[derive(Debug)]
+pub struct ProcessCollector {
+    /// When the process started, in seconds since the Unix epoch.
+    started: f64,
+}
+
+impl ProcessCollector {
+    /// A collector for this process, started now (it is made as the process starts).
+    pub fn new() -> Self {
+        Self {
+            started: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64()),
+        }
+    }
+}
+
+impl Default for ProcessCollector {
+    fn default() -> Self {
+        Self::new()
+    }
+}
 
 impl Collector for ProcessCollector {
     fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
@@ -83,6 +104,13 @@ impl Collector for ProcessCollector {
             )?;
             ConstGauge::new(open as i64).encode(family)?;
         }
+        let family = encoder.encode_descriptor(
+            "process_start_time_seconds",
+            "Start time of the process since the Unix epoch, in seconds (a change is a restart)",
+            None,
+            MetricType::Gauge,
+        )?;
+        ConstGauge::new(self.started).encode(family)?;
         let family = encoder.encode_descriptor(
             "process_max_fds",
             "The soft limit on open file descriptors",

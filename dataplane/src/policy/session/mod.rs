@@ -19,7 +19,7 @@ use crate::policy::grant::BackendId;
 pub use key::SessionKey;
 pub(crate) use timer::IdleWheel;
 
-/// How a session came to be; also the `kind` label of `sessions_created_total`.
+/// How a session came to be; also the `origin` label of `udp_director_sessions_created_total`.
 #[derive(Clone, Copy, Debug, Eq, Hash, PartialEq)]
 pub enum SessionKind {
     /// Opened by redeeming a token.
