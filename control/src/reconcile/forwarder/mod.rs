@@ -647,13 +647,17 @@ impl Reconciler {
             }
             Err(e) => {
                 // Held by another listener of ours, or by another process.
-                if matches!(
+                let conflict = matches!(
                     e,
                     ListenError::Taken { .. }
                         | ListenError::Socket(dataplane::error::SocketError::Taken { .. })
-                ) {
-                    report.event(Reason::PortConflict, &e);
-                }
+                );
+                let reason = if conflict {
+                    Reason::PortConflict
+                } else {
+                    Reason::ListenFailed
+                };
+                report.event(reason, &e);
                 report.problems.push(e.to_string());
                 report.errors.push("listen");
                 false

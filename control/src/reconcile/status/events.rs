@@ -41,6 +41,9 @@ pub enum Reason {
     /// A Forwarder's listen port is held by something else (another process, a listener of
     /// this proxy, an older object).
     PortConflict,
+    /// A Forwarder's listen port could not be opened for another reason (a port below 1024
+    /// without CAP_NET_BIND_SERVICE, no descriptor left).
+    ListenFailed,
     /// A Forwarder's target does not resolve to a usable address.
     TargetUnresolvable,
     /// A Route names an entry point this proxy does not have.
@@ -54,6 +57,7 @@ impl Reason {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::PortConflict => "PortConflict",
+            Self::ListenFailed => "ListenFailed",
             Self::TargetUnresolvable => "TargetUnresolvable",
             Self::EntryPointMissing => "EntryPointMissing",
             Self::PortUnavailable => "PortUnavailable",
@@ -63,14 +67,15 @@ impl Reason {
     /// The Event's `action`: what the proxy was doing.
     fn action(self) -> &'static str {
         match self {
-            Self::PortConflict | Self::PortUnavailable => "Listen",
+            Self::PortConflict | Self::ListenFailed | Self::PortUnavailable => "Listen",
             Self::TargetUnresolvable => "Resolve",
             Self::EntryPointMissing => "Attach",
         }
     }
 
-    const ALL: [Self; 4] = [
+    const ALL: [Self; 5] = [
         Self::PortConflict,
+        Self::ListenFailed,
         Self::TargetUnresolvable,
         Self::EntryPointMissing,
         Self::PortUnavailable,

@@ -753,7 +753,7 @@ mod tests {
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
         let events: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
-        assert_eq!(events.len(), 8, "{events:?}");
+        assert_eq!(events.len(), 10, "{events:?}");
         assert!(
             events.contains(
                 &"udp_director_events_total{reason=\"PortConflict\",result=\"failed\"} 0"
