@@ -82,9 +82,9 @@ fn no_config_outside_a_cluster_runs_the_built_in_example() {
 /// The README's quick start as a newcomer runs it against this proxy: its commands are read
 /// from the README itself (the echo server's address, the `query` subcommand's arguments, the
 /// raw-protocol line and the answer it shows, the token-first datagram and what it prints, the
-/// admin calls), so a command or a shown output that no longer holds fails here. The echo
-/// server is testkit's, which answers as `perf echo` does (the payload back); the live
-/// migration line needs a second token and client port, and is covered by the token-flow tests.
+/// live move with a second token and what it prints, the admin calls), so a command or a shown
+/// output that no longer holds fails here. The echo servers are the README's own `perf echo`
+/// commands, run from the perf binary the workspace build puts beside this one.
 fn walk_through_the_readme_quick_start() {
     let readme =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
@@ -110,14 +110,37 @@ fn walk_through_the_readme_quick_start() {
             .unwrap_or_else(|| panic!("the quick start no longer has `{prefix}`:\n{section}"))
     };
 
-    // The echo server, where the README starts it.
-    let echo_line = find("-p perf -- echo --bind ");
-    let bind = echo_line
-        .split("--bind ")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .unwrap();
-    let _echo = Echo::spawn(bind, None);
+    // The echo servers, as the README starts them: its `perf echo` commands, run from the
+    // perf binary (`cargo test --workspace`, the README's test command, builds it).
+    let perf = std::path::Path::new(env!("CARGO_BIN_EXE_udp-director"))
+        .with_file_name("udp-director-perf");
+    if !perf.exists() {
+        skip_test(&format!(
+            "{} is not built (the workspace test command builds it; or cargo build -p perf)",
+            perf.display()
+        ));
+        return;
+    }
+    let echoes: Vec<Killed> = lines
+        .iter()
+        .filter_map(|l| l.split_once("-p perf -- echo ").map(|(_, args)| args))
+        .map(|args| {
+            let args: Vec<&str> = args.split('#').next().unwrap().split_whitespace().collect();
+            Killed(
+                Command::new(&perf)
+                    .arg("echo")
+                    .args(&args)
+                    .stdout(std::process::Stdio::null())
+                    .spawn()
+                    .expect("perf echo starts"),
+            )
+        })
+        .collect();
+    assert_eq!(
+        echoes.len(),
+        2,
+        "two echo servers in the quick start:\n{section}"
+    );
 
     // A token from the `query` subcommand, with the README's arguments.
     let query_line = find("TOKEN=$(cargo run -q --release -- query ");
@@ -159,14 +182,19 @@ fn walk_through_the_readme_quick_start() {
     );
 
     // Token first, then traffic from the same socket: it prints what was sent.
-    let udp_line = find("| nc -u -w1 127.0.0.1 7777");
+    let udp_line = find("{ echo \"$TOKEN\";");
     let printed = udp_line
         .split("# prints: ")
         .nth(1)
         .expect("what the datagram prints")
         .trim();
     assert!(udp_line.contains("echo \"$TOKEN\"") && udp_line.contains(&format!("echo {printed}")));
-    let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let client_port = udp_line
+        .split(" -p ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .expect("nc -p CLIENT_PORT");
+    let client = std::net::UdpSocket::bind(format!("127.0.0.1:{client_port}")).unwrap();
     client
         .set_read_timeout(Some(std::time::Duration::from_secs(2)))
         .unwrap();
@@ -183,14 +211,53 @@ fn walk_through_the_readme_quick_start() {
         .expect("the echo's reply through the proxy");
     assert_eq!(&buf[..n], format!("{printed}\n").as_bytes());
 
+    // The live move: a second token from the README's query, the control packet and a datagram
+    // from the same client port; the session now goes to that server.
+    let move_query = find("NEW_TOKEN=$(cargo run -q --release -- query ");
+    let args: Vec<&str> = move_query
+        .split("-- query ")
+        .nth(1)
+        .and_then(|rest| rest.strip_suffix(')'))
+        .expect("NEW_TOKEN=$(… -- query ARGS)")
+        .split_whitespace()
+        .collect();
+    let args: Vec<&str> = std::iter::once("query").chain(args).collect();
+    let (code, new_token, err) = run_binary(&args);
+    assert_eq!(code, 0, "udp-director {args:?}: {err}");
+    let move_line = find("RESET%s' \"$NEW_TOKEN\"");
+    assert!(
+        move_line.contains(&format!("-p {client_port} 127.0.0.1 7777")),
+        "{move_line}"
+    );
+    let moved = move_line
+        .split("# prints: ")
+        .nth(1)
+        .expect("what the move prints")
+        .trim();
+    let mut control = b"\xFF\xFF\xFF\xFFRESET".to_vec();
+    control.extend_from_slice(new_token.trim().as_bytes());
+    client.send_to(&control, "127.0.0.1:7777").unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    client
+        .send_to(format!("{moved}\n").as_bytes(), "127.0.0.1:7777")
+        .unwrap();
+    let n = client.recv(&mut buf).expect("the reply after the move");
+    assert_eq!(&buf[..n], format!("{moved}\n").as_bytes());
+
     // The admin calls: the session is listed, and the metrics count it.
     assert!(find("curl -s 127.0.0.1:9090/sessions").contains("/sessions"));
-    let sessions = admin_get("/sessions");
-    let port = client.local_addr().unwrap().port().to_string();
-    assert!(
-        sessions.contains(&port),
-        "our session on /sessions: {sessions}"
+    let sessions: serde_json::Value = serde_json::from_str(&admin_get("/sessions")).unwrap();
+    let ours = sessions["sessions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["client"] == format!("127.0.0.1:{client_port}"))
+        .unwrap_or_else(|| panic!("our session on /sessions: {sessions}"));
+    assert_eq!(
+        ours["target"], "127.0.0.1:7002",
+        "moved to de_inferno: {ours}"
     );
+    drop(echoes);
     assert!(find("curl -s 127.0.0.1:9090/metrics").contains("/metrics"));
     let metrics = admin_get("/metrics");
     assert!(
@@ -225,4 +292,14 @@ fn no_config_in_a_cluster_asks_for_one() {
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("no config: pass --config FILE"), "{err}");
+}
+
+/// A child process killed when dropped.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
