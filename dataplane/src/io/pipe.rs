@@ -2,13 +2,15 @@
 //!
 //! A spliced direction moves bytes socket → pipe → socket with `splice(2)`, so they never
 //! cross into user space. A pipe is two descriptors, leased from the data plane's budget like
-//! a socket's; a [`PipePool`] keeps the empty pipes of ended connections so that setting up a
-//! connection costs no `pipe2` in steady state. A pipe with bytes left in it is closed, never
-//! pooled: the next connection must not receive another's bytes.
+//! a socket's. A direction takes one from its worker's [`PipePool`] when it reads and gives it
+//! back as soon as it is empty again (as HAProxy does), so an idle connection holds none and
+//! connections cost no `pipe2` in steady state. A pipe with bytes left in it when its
+//! connection ends is closed, never pooled: the next connection must not receive another's
+//! bytes.
 //!
 //! When no pipe can be had (the budget keeps its last quarter for connections, or `pipe2`
-//! fails) the pool hands out none and the connection copies through user space instead; that
-//! is logged once per pool, never a failure of the connection.
+//! fails) the pool hands out none and that read copies through user space instead; that is
+//! logged once per pool, never a failure of the connection.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -18,7 +20,7 @@ use parking_lot::Mutex;
 
 use super::fd_budget::{FdBudget, FdLease};
 
-/// Empty pipes a worker keeps for its next connections (two descriptors each).
+/// Empty pipes a worker keeps for its connections' next reads (two descriptors each).
 const IDLE_PIPES: usize = 32;
 /// Bytes spliced into a pipe per call. Small enough that the destination gets the first bytes
 /// of a burst while the source is still sending (the kernel does the next socket's receive
@@ -26,8 +28,8 @@ const IDLE_PIPES: usize = 32;
 /// stream moved 5-10 % faster than in 64 KiB calls, with the same bytes per wake-up.
 const SPLICE_IN_BYTES: usize = 16 * 1024;
 /// Pipes are not leased when they would leave less than this share (1/N) of the data plane's
-/// descriptors free: near the limit a connection copies through user space (two descriptors)
-/// rather than taking six.
+/// descriptors free: near the limit a read copies through user space rather than take
+/// descriptors a new connection needs.
 const PIPE_LEAVE_SHARE: usize = 4;
 
 /// One kernel pipe and the bytes spliced into it and not yet out.

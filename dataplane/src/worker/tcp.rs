@@ -80,7 +80,7 @@ pub(super) struct Tcp {
     connect_timeout: Duration,
     /// The data plane's descriptors, which TCP connections take from.
     budget: Arc<FdBudget>,
-    /// Empty kernel pipes for the next connections' splices.
+    /// Empty kernel pipes, which the splices' reads take and give back.
     pipes: PipePool,
     /// Listeners that hit [`ACCEPT_BOUND`]: another turn next time round the loop.
     ports_again: Vec<usize>,
