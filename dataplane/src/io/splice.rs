@@ -461,6 +461,7 @@ mod tests {
     use std::io::{Read, Write};
     use std::net::{Shutdown, TcpListener};
     use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     use std::thread::JoinHandle;
     use std::time::{Duration, Instant};
 
@@ -620,6 +621,39 @@ mod tests {
         let pool = PipePool::copy_only(budget());
         large_transfers_both_ways(&pool);
         assert_eq!(pool.opened(), 0, "copied");
+        // A descriptor budget with no room for a pipe: the same, not a failed connection.
+        let spent = PipePool::new(FdBudget::with_limit(0, Box::new(|| 0)));
+        large_transfers_both_ways(&spent);
+        assert_eq!(spent.opened(), 0, "copied");
+    }
+
+    #[test]
+    fn reads_that_copy_and_reads_that_splice_mix_in_order() {
+        // The budget lets pipes be opened, then not, over and over, and the idle ones are
+        // closed: each direction's reads alternate between a pipe and the user-space buffer.
+        let limit = Arc::new(AtomicUsize::new(0));
+        let seen = Arc::clone(&limit);
+        let pool = PipePool::new(FdBudget::with_limit(
+            0,
+            Box::new(move || seen.load(Ordering::Relaxed)),
+        ));
+        let stop = Arc::new(AtomicBool::new(false));
+        let flipper = {
+            let (pool, stop) = (pool.clone(), Arc::clone(&stop));
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    for room in [0, 1000] {
+                        limit.store(room, Ordering::Relaxed);
+                        pool.clear();
+                        std::thread::sleep(Duration::from_micros(300));
+                    }
+                }
+            })
+        };
+        large_transfers_both_ways(&pool);
+        stop.store(true, Ordering::Relaxed);
+        flipper.join().unwrap();
+        assert!(pool.opened() > 1, "pipes came and went: {}", pool.opened());
     }
 
     #[test]
