@@ -391,6 +391,10 @@ impl Splice {
     /// `client` spliced to `upstream` (still connecting), through kernel pipes from `pipes`;
     /// `up` starts with `first` (bytes read before the splice began, minus what `line_end`
     /// says is still to drop).
+    ///
+    /// Both connections are registered for readable edges (before or after this): a
+    /// registration reports what a socket holds already as an edge, so neither is read before
+    /// its first edge, which spares a `splice` that would mostly say `EAGAIN`.
     pub(crate) fn new(
         client: TcpStream,
         upstream: TcpStream,
@@ -400,13 +404,17 @@ impl Splice {
         eof: bool,
         pipes: &PipePool,
     ) -> Self {
+        let mut up = Pipe::with_data(first, line_end, eof);
+        let mut down = Pipe::default();
+        up.src_idle = true;
+        down.src_idle = true;
         Self {
             client,
             upstream,
             _lease: lease,
             connected: false,
-            up: Pipe::with_data(first, line_end, eof),
-            down: Pipe::default(),
+            up,
+            down,
             pipes: pipes.clone(),
         }
     }
