@@ -11,24 +11,32 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 src=dataplane/bpf/fastpath.bpf.c
 obj=dataplane/bpf/fastpath.bpf.o
-if ! command -v clang >/dev/null 2>&1 || [ ! -e /usr/include/bpf/bpf_helpers.h ]; then
+if ! command -v clang >/dev/null 2>&1 || ! command -v llvm-strip >/dev/null 2>&1 \
+  || [ ! -e /usr/include/bpf/bpf_helpers.h ]; then
   if [ "$(id -u)" = 0 ]; then
-    echo "build-bpf: installing clang and libbpf-dev" >&2
-    { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends clang libbpf-dev \
-        >/dev/null 2>&1 \
+    echo "build-bpf: installing clang, llvm and libbpf-dev" >&2
+    { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends clang llvm \
+        libbpf-dev >/dev/null 2>&1 \
       || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-             --no-install-recommends clang libbpf-dev >/dev/null; }; }
+             --no-install-recommends clang llvm libbpf-dev >/dev/null; }; }
   else
-    echo "build-bpf: clang and libbpf-dev are needed (apt-get install clang libbpf-dev)" >&2
+    echo "build-bpf: clang, llvm and libbpf-dev are needed (apt-get install clang llvm libbpf-dev)" >&2
     exit 1
   fi
 fi
+strip_tool=$(command -v llvm-strip || command -v llvm-strip-14 || true)
+if [ -z "$strip_tool" ]; then
+  echo "build-bpf: llvm-strip is needed (apt-get install llvm)" >&2
+  exit 1
+fi
 build() {
-  # -g keeps BTF (the loader reads the maps' layouts from it); no DWARF line info is kept
-  # beyond what BTF needs. The output depends only on the source and clang's version.
-  clang -O2 -g -Wall -Werror -target bpf -I"/usr/include/$(gcc -print-multiarch 2>/dev/null || echo x86_64-linux-gnu)" \
+  # -g keeps BTF (the loader reads the maps' layouts from it); DWARF is stripped after. The
+  # source path is recorded relative to the checkout (-fdebug-prefix-map), so the object
+  # depends only on the source and clang's version, not on where the repository lies.
+  clang -O2 -g -Wall -Werror -target bpf -fdebug-prefix-map="$PWD=." \
+    -I"/usr/include/$(gcc -print-multiarch 2>/dev/null || echo x86_64-linux-gnu)" \
     -c "$src" -o "$1"
-  llvm-strip -g "$1" 2>/dev/null || llvm-strip-14 -g "$1" 2>/dev/null || true
+  "$strip_tool" -g "$1"
 }
 if [ "${1:-}" = --check ]; then
   tmp=$(mktemp /tmp/fastpath.XXXXXX.o)

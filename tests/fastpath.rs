@@ -111,9 +111,18 @@ fn round_trip(c: &UdpSocket, to: SocketAddr, payload: &[u8]) -> Option<Vec<u8>> 
 
 /// What user space and the kernel forwarded client to backend so far.
 fn upstream_counts(p: &Proxy) -> (f64, f64) {
+    counts(p, "upstream")
+}
+
+/// What user space and the kernel forwarded in `direction` so far.
+fn counts(p: &Proxy, direction: &str) -> (f64, f64) {
     (
-        p.metric(r#"udp_director_packets_total{direction="upstream",protocol="udp"}"#),
-        p.metric(r#"udp_director_fastpath_packets_total{direction="upstream"}"#),
+        p.metric(&format!(
+            r#"udp_director_packets_total{{direction="{direction}",protocol="udp"}}"#
+        )),
+        p.metric(&format!(
+            r#"udp_director_fastpath_packets_total{{direction="{direction}"}}"#
+        )),
     )
 }
 
@@ -128,6 +137,7 @@ fn wait_offloaded(p: &Proxy, what: &str) {
 /// user-space counter moved by at most a few and the fast-path one by nearly all.
 fn carried_by_the_kernel(t: &Topology, p: &Proxy, c: &UdpSocket, to: SocketAddr, tag: u8) {
     let (user_before, kernel_before) = upstream_counts(p);
+    let (user_down_before, kernel_down_before) = counts(p, "downstream");
     for i in 0..ROUNDS {
         let payload = format!("round {i:04} {}", "x".repeat((i % 7 * 150) as usize));
         let reply = round_trip(c, to, payload.as_bytes())
@@ -135,6 +145,18 @@ fn carried_by_the_kernel(t: &Topology, p: &Proxy, c: &UdpSocket, to: SocketAddr,
         assert_eq!(reply[0], tag);
         assert_eq!(&reply[1..], payload.as_bytes());
     }
+    // Both ways: the replies too, once the client's first datagram armed their entry.
+    let (user_down, kernel_down) = counts(p, "downstream");
+    assert!(
+        user_down - user_down_before <= 3.0,
+        "user space forwarded {} replies of {ROUNDS}",
+        user_down - user_down_before
+    );
+    assert!(
+        kernel_down - kernel_down_before >= (ROUNDS - 3) as f64,
+        "the kernel forwarded {} replies of {ROUNDS}",
+        kernel_down - kernel_down_before
+    );
     let (user_after, kernel_after) = upstream_counts(p);
     assert!(
         user_after - user_before <= 3.0,
@@ -282,6 +304,16 @@ fn forwarder(name: &str, listen: u16, target: SocketAddr) -> String {
 fn forwarder_and_route_sessions_go_through_the_kernel_and_a_deleted_forwarder_takes_its_entries() {
     let Some(t) = topology() else { return };
     let (fw_echo, voice) = (t.echo(t.server.ns_ip, b'F'), t.echo(t.server.ns_ip, b'V'));
+    // This host forwards between the two pairs (as a Kubernetes node does): the program then
+    // finds each datagram's way out by a FIB lookup rather than the interface user space read.
+    for pair in [&t.client, &t.server] {
+        let key = format!("net.ipv4.conf.{}.forwarding=1", pair.host_if());
+        let done = std::process::Command::new("sysctl")
+            .args(["-qw", &key])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(done, "sysctl -w {key}");
+    }
     let fw_port = free_port();
     let inventory = forwarder("fw", fw_port, fw_echo.addr) + &route_to(voice.addr);
     let p = start_proxy(
@@ -362,4 +394,30 @@ fn without_the_capabilities_the_proxy_runs_in_user_space_and_says_so() {
     }
     assert!(p.metric(r#"udp_director_packets_total{direction="upstream",protocol="udp"}"#) >= 20.0);
     assert_eq!(p.sessions()[0]["offloaded"], false);
+}
+
+#[test]
+fn a_backend_on_one_of_the_hosts_own_addresses_stays_in_user_space_and_works() {
+    let Some(t) = topology() else { return };
+    // The echo is on this host, on its address toward the client namespace: a route to it is
+    // local, so nothing is offloaded (the program could only send it out of an interface).
+    let echo = Echo::spawn(
+        &SocketAddr::new(t.client.host_ip, 0).to_string(),
+        Some(b'H'),
+    );
+    let p = start_proxy(&t, "", &gameserver("gs", "Ready", echo.addr, ""));
+    let to = SocketAddr::new(t.client.host_ip, p.data_addr().port());
+    let c = t.client_socket(false);
+    c.send_to(
+        p.token(r#"{"resourceType":"gameserver","namespace":"starx"}"#)
+            .as_bytes(),
+        to,
+    )
+    .unwrap();
+    for _ in 0..20 {
+        assert_eq!(round_trip(&c, to, b"x").as_deref(), Some(&b"Hx"[..]));
+    }
+    assert_eq!(p.sessions()[0]["offloaded"], false);
+    assert_eq!(p.metric("udp_director_fastpath_sessions"), 0.0);
+    assert!(upstream_counts(&p).0 >= 20.0);
 }

@@ -6,9 +6,13 @@
 // User space stays the authority. The owning worker writes two entries of `sessions` when a
 // session is established (client -> listener becomes upstream address -> backend; backend ->
 // upstream address becomes listener -> client) and deletes them when the session ends, moves
-// or its listener closes. A miss, or anything this program does not handle, passes the packet
-// up unchanged (TC_ACT_OK), so user space serves it as before. Datagrams that start with the
-// control magic always go up, so a live migration works while a session is offloaded.
+// or its listener closes. A miss, or anything this program does not handle, goes on unchanged
+// (TC_ACT_UNSPEC: the next tc program or filter on the interface, a CNI's, still sees it; then
+// the stack), so user space serves it as before. Datagrams that start with the control magic
+// always go up, so a live migration works while a session is offloaded. A session's reply
+// entry is armed by its first client datagram the program forwards, so a client whose traffic
+// reaches the proxy only after a DNAT (a NodePort, a load balancer) never has its replies
+// rewritten past conntrack's reverse NAT: both directions then stay in user space.
 //
 // Built by scripts/build-bpf.sh (clang -target bpf); the object next to this file is embedded
 // in the binary, and CI rebuilds it and fails when it differs. The layouts of the structs
@@ -29,6 +33,8 @@
 #define MAGIC_MAX 32
 #define DIRECTION_UPSTREAM 0
 #define DIRECTION_DOWNSTREAM 1
+// Not ours: on to the next program or filter, then the stack.
+#define PASS TC_ACT_UNSPEC
 
 // Which datagram: addresses and ports as they arrive (network byte order). IPv4 addresses
 // take the first four bytes of the sixteen; the rest are zero.
@@ -49,10 +55,11 @@ struct fp_value {
 	__be16 sport;
 	__be16 dport;
 	__u32 direction;
-	// Where the rewritten datagram leaves (the interface of the route to its destination,
-	// looked up by user space once per session).
+	// Where the rewritten datagram leaves when the host does not forward (no FIB lookup):
+	// the interface of the route to its destination, read by user space once per peer.
 	__u32 ifindex;
-	__u32 pad;
+	// A reply entry: forwarded only once set. A client entry: its reply entry was set.
+	__u32 armed;
 	__u64 packets;
 	__u64 bytes;
 	__u64 last_ns;
@@ -70,6 +77,9 @@ struct fp_counter {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
+	// Allocated per entry, not up front (262144 preallocated would be ~40 MB of the pod's
+	// memory), and never reused under a program still reading it.
+	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(max_entries, 262144);
 	__type(key, struct fp_key);
 	__type(value, struct fp_value);
@@ -132,6 +142,64 @@ static __always_inline void count(struct fp_value *v, __u32 direction, __u64 byt
 	}
 }
 
+// Where the datagram `v` rewrites leaves: the route's device by a FIB lookup (a forwarding
+// lookup from the interface it came in on: /32 pod routes, route changes and MTUs followed),
+// or, where the host does not forward, the interface user space read for the session. -1: it
+// must go up (a local destination, no route, too big for the route's MTU).
+static __always_inline int egress(struct __sk_buff *skb, struct fp_value *v, __u32 family,
+				  __u16 tot_len)
+{
+	struct bpf_fib_lookup fib = {};
+
+	fib.family = family;
+	fib.l4_protocol = IPPROTO_UDP;
+	fib.sport = v->sport;
+	fib.dport = v->dport;
+	fib.tot_len = tot_len;
+	fib.ifindex = skb->ifindex;
+	if (family == AF_INET) {
+		__builtin_memcpy(&fib.ipv4_src, v->saddr, 4);
+		__builtin_memcpy(&fib.ipv4_dst, v->daddr, 4);
+	} else {
+		__builtin_memcpy(fib.ipv6_src, v->saddr, 16);
+		__builtin_memcpy(fib.ipv6_dst, v->daddr, 16);
+	}
+	int rc = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
+	if (rc == BPF_FIB_LKUP_RET_SUCCESS || rc == BPF_FIB_LKUP_RET_NO_NEIGH)
+		return fib.ifindex;
+	if (rc == BPF_FIB_LKUP_RET_FWD_DISABLED)
+		return v->ifindex;
+	return -1;
+}
+
+// A client datagram of a session is about to be forwarded: its reply entry may be used from
+// now on (a reply entry whose client side never matched here is a client behind a DNAT).
+static __always_inline void arm_reply(struct fp_value *v, __u8 family)
+{
+	struct fp_key back = {};
+	struct fp_value *reply;
+
+	if (v->armed)
+		return;
+	back.family = family;
+	back.sport = v->dport;
+	back.dport = v->sport;
+	__builtin_memcpy(back.saddr, v->daddr, 16);
+	__builtin_memcpy(back.daddr, v->saddr, 16);
+	reply = bpf_map_lookup_elem(&sessions, &back);
+	if (reply)
+		reply->armed = 1;
+	v->armed = 1;
+}
+
+// Whether entry `v` may forward this datagram now (else it goes up).
+static __always_inline int usable(struct __sk_buff *skb, struct fp_value *v, __u32 payload)
+{
+	if (v->direction == DIRECTION_UPSTREAM)
+		return !is_control(skb, payload);
+	return v->armed;
+}
+
 static __always_inline int forward_v4(struct __sk_buff *skb)
 {
 	void *data = (void *)(long)skb->data;
@@ -145,22 +213,22 @@ static __always_inline int forward_v4(struct __sk_buff *skb)
 	__be16 old_sport, old_dport;
 
 	if ((void *)(ip + 1) > end)
-		return TC_ACT_OK;
+		return PASS;
 	// IP options go up too: every offset below is then a constant, which the verifier
 	// accepts from a loader with CAP_BPF and CAP_NET_ADMIN only (a packet pointer moved by a
 	// variable needs CAP_PERFMON).
 	if (ip->protocol != IPPROTO_UDP || ip->ihl != 5)
-		return TC_ACT_OK;
+		return PASS;
 	// Fragments go up: only the first carries the ports.
 	if (ip->frag_off & bpf_htons(0x3fff))
-		return TC_ACT_OK;
+		return PASS;
 	l4 = sizeof(struct ethhdr) + sizeof(struct iphdr);
 	udp = data + l4;
 	if ((void *)(udp + 1) > end)
-		return TC_ACT_OK;
+		return PASS;
 	// No checksum to fix up: user space sends these with one computed.
 	if (udp->check == 0)
-		return TC_ACT_OK;
+		return PASS;
 
 	key.family = AF_INET;
 	key.sport = udp->source;
@@ -169,10 +237,16 @@ static __always_inline int forward_v4(struct __sk_buff *skb)
 	__builtin_memcpy(key.daddr, &ip->daddr, 4);
 	v = bpf_map_lookup_elem(&sessions, &key);
 	if (!v)
-		return TC_ACT_OK;
+		return PASS;
 	payload = l4 + sizeof(struct udphdr);
-	if (v->direction == DIRECTION_UPSTREAM && is_control(skb, payload))
-		return TC_ACT_OK;
+	if (!usable(skb, v, payload))
+		return PASS;
+	__u32 bytes = bpf_ntohs(udp->len) - sizeof(struct udphdr);
+	int out = egress(skb, v, AF_INET, bpf_ntohs(ip->tot_len));
+	if (out < 0)
+		return PASS;
+	if (v->direction == DIRECTION_UPSTREAM)
+		arm_reply(v, AF_INET);
 
 	old_src = ip->saddr;
 	old_dst = ip->daddr;
@@ -205,9 +279,9 @@ static __always_inline int forward_v4(struct __sk_buff *skb)
 	    bpf_skb_store_bytes(skb, l4 + offsetof(struct udphdr, dest), &v->dport, 2, 0) < 0)
 		return TC_ACT_SHOT;
 
-	count(v, v->direction, skb->len - payload);
+	count(v, v->direction, bytes);
 	// The neighbour (next hop's MAC) is resolved by the kernel, as for a routed packet.
-	return bpf_redirect_neigh(v->ifindex, 0, 0, 0);
+	return bpf_redirect_neigh(out, 0, 0, 0);
 }
 
 static __always_inline int forward_v6(struct __sk_buff *skb)
@@ -221,15 +295,15 @@ static __always_inline int forward_v6(struct __sk_buff *skb)
 	__u32 l4 = sizeof(struct ethhdr) + sizeof(struct ipv6hdr);
 
 	if ((void *)(ip + 1) > end)
-		return TC_ACT_OK;
+		return PASS;
 	// Extension headers (fragments included) go up.
 	if (ip->nexthdr != IPPROTO_UDP)
-		return TC_ACT_OK;
+		return PASS;
 	udp = data + l4;
 	if ((void *)(udp + 1) > end)
-		return TC_ACT_OK;
+		return PASS;
 	if (udp->check == 0)
-		return TC_ACT_OK;
+		return PASS;
 
 	key.family = AF_INET6;
 	key.sport = udp->source;
@@ -238,16 +312,22 @@ static __always_inline int forward_v6(struct __sk_buff *skb)
 	__builtin_memcpy(key.daddr, &ip->daddr, 16);
 	v = bpf_map_lookup_elem(&sessions, &key);
 	if (!v)
-		return TC_ACT_OK;
-	if (v->direction == DIRECTION_UPSTREAM && is_control(skb, l4 + sizeof(struct udphdr)))
-		return TC_ACT_OK;
+		return PASS;
+	if (!usable(skb, v, l4 + sizeof(struct udphdr)))
+		return PASS;
+	__u32 bytes = bpf_ntohs(udp->len) - sizeof(struct udphdr);
+	int out = egress(skb, v, AF_INET6, bpf_ntohs(ip->payload_len) + sizeof(struct ipv6hdr));
+	if (out < 0)
+		return PASS;
+	if (v->direction == DIRECTION_UPSTREAM)
+		arm_reply(v, AF_INET6);
 
 	// The UDP checksum covers the pseudo-header: fix it up by the difference of the addresses
 	// (a checksum of the old and new 32 bytes) and the ports.
 	__u32 csum_off = l4 + offsetof(struct udphdr, check);
 	__s64 diff = bpf_csum_diff((__be32 *)&ip->saddr, 32, (__be32 *)v->saddr, 32, 0);
 	if (diff < 0)
-		return TC_ACT_OK;
+		return PASS;
 	__be16 old_sport = udp->source, old_dport = udp->dest;
 	if (bpf_l4_csum_replace(skb, csum_off, 0, diff, BPF_F_PSEUDO_HDR | BPF_F_MARK_MANGLED_0) < 0 ||
 	    bpf_l4_csum_replace(skb, csum_off, old_sport, v->sport,
@@ -255,25 +335,30 @@ static __always_inline int forward_v6(struct __sk_buff *skb)
 	    bpf_l4_csum_replace(skb, csum_off, old_dport, v->dport,
 				BPF_F_MARK_MANGLED_0 | sizeof(__be16)) < 0)
 		return TC_ACT_SHOT;
+	// The addresses are not under an IPv6 header checksum: with CHECKSUM_COMPLETE the skb's
+	// sum must follow the stored bytes (BPF_F_RECOMPUTE_CSUM), or the receiver sees it stale.
 	if (bpf_skb_store_bytes(skb, sizeof(struct ethhdr) + offsetof(struct ipv6hdr, saddr),
-				v->saddr, 32, 0) < 0 ||
+				v->saddr, 32, BPF_F_RECOMPUTE_CSUM) < 0 ||
 	    bpf_skb_store_bytes(skb, l4 + offsetof(struct udphdr, source), &v->sport, 2, 0) < 0 ||
 	    bpf_skb_store_bytes(skb, l4 + offsetof(struct udphdr, dest), &v->dport, 2, 0) < 0)
 		return TC_ACT_SHOT;
 
-	count(v, v->direction, skb->len - l4 - sizeof(struct udphdr));
+	count(v, v->direction, bytes);
 	// The neighbour (next hop's MAC) is resolved by the kernel, as for a routed packet.
-	return bpf_redirect_neigh(v->ifindex, 0, 0, 0);
+	return bpf_redirect_neigh(out, 0, 0, 0);
 }
 
 SEC("classifier")
 int udp_director_fastpath(struct __sk_buff *skb)
 {
+	// A VLAN tag the device took off stays as metadata a redirect would carry along.
+	if (skb->vlan_present)
+		return PASS;
 	if (skb->protocol == bpf_htons(ETH_P_IP))
 		return forward_v4(skb);
 	if (skb->protocol == bpf_htons(ETH_P_IPV6))
 		return forward_v6(skb);
-	return TC_ACT_OK;
+	return PASS;
 }
 
 char LICENSE[] SEC("license") = "Dual MIT/GPL";

@@ -30,7 +30,8 @@ pub(crate) struct Value {
     dport: u16,
     direction: u32,
     ifindex: u32,
-    pad: u32,
+    /// Set by the program (a reply entry is forwarded only once its client side matched).
+    armed: u32,
     /// Datagrams the kernel forwarded under this entry.
     pub(crate) packets: u64,
     /// Their payload bytes.

@@ -238,22 +238,37 @@ fn describe(e: &dyn std::error::Error) -> String {
     text
 }
 
-/// Every interface with an address that is not loopback.
+/// The default interfaces: every Ethernet-type interface (the program reads an Ethernet header)
+/// with an address that is not link-local: the ones holding the node's addresses, the default
+/// route's among them. Pod veths (a link-local address at most), tunnels and WireGuard
+/// devices are left out; name them to have them.
 fn default_interfaces() -> Result<Vec<String>, FastPathError> {
     let mut names: Vec<String> = crate::io::own_addrs::interfaces()
         .map_err(|e| FastPathError::NoInterface(e.to_string()))?
         .into_iter()
-        .filter(|i| !i.loopback)
+        .filter(|i| !i.loopback && !link_local(i.ip) && ethernet(&i.name))
         .map(|i| i.name)
         .collect();
     names.sort();
     names.dedup();
     if names.is_empty() {
         return Err(FastPathError::NoInterface(
-            "the host has only loopback".into(),
+            "no Ethernet interface with an address (name them in fastPath.interfaces)".into(),
         ));
     }
     Ok(names)
+}
+
+fn link_local(ip: std::net::IpAddr) -> bool {
+    match ip {
+        std::net::IpAddr::V4(v4) => v4.is_link_local(),
+        std::net::IpAddr::V6(v6) => v6.segments()[0] & 0xffc0 == 0xfe80,
+    }
+}
+
+/// Whether `name` is an Ethernet-type device (`ARPHRD_ETHER` in sysfs).
+fn ethernet(name: &str) -> bool {
+    std::fs::read_to_string(format!("/sys/class/net/{name}/type")).is_ok_and(|t| t.trim() == "1")
 }
 
 /// The two entries of one offloaded session.
@@ -311,6 +326,9 @@ impl WorkerMap {
         now: Instant,
     ) -> Result<Offloaded, OffloadError> {
         let listener_ip = decide::decide(c).map_err(OffloadError::Kept)?;
+        if upstream_port == 0 || c.listener_port == 0 {
+            return Err(OffloadError::Kept(decide::Kept::Local));
+        }
         let to_target = self.routes.to(c.target.ip(), now)?;
         let to_client = self.routes.to(c.client.ip(), now)?;
         let path = abi::Path {

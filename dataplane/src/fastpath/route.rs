@@ -34,6 +34,9 @@ pub(crate) enum RouteError {
     /// interface (the program can only redirect to an interface).
     #[error("the route's source {0} is not on a non-loopback interface")]
     NoInterface(IpAddr),
+    /// The peer is this host (one of its own addresses): nothing to forward to.
+    #[error("{0} is this host")]
+    Local(IpAddr),
 }
 
 /// A worker's routes, by peer address.
@@ -53,6 +56,11 @@ impl Routes {
             return Ok(*route);
         }
         let source = source_for(peer)?;
+        // A peer on one of this host's addresses is reached through the local stack (a game
+        // server on the node's address, behind a hostPort DNAT), never out of an interface.
+        if source == peer {
+            return Err(RouteError::Local(peer));
+        }
         let ifindex = self.interface_of(source, now)?;
         let route = Route { source, ifindex };
         if self.peers.len() >= MAX_PEERS {
@@ -82,10 +90,10 @@ impl Routes {
 /// The source address the kernel picks for datagrams to `peer`: a connected UDP socket's own
 /// address (connecting a UDP socket sends nothing).
 fn source_for(peer: IpAddr) -> io::Result<IpAddr> {
-    let any: SocketAddr = if peer.is_ipv4() {
-        "0.0.0.0:0".parse().expect("an address")
+    let any = if peer.is_ipv4() {
+        SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, 0))
     } else {
-        "[::]:0".parse().expect("an address")
+        SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0))
     };
     let probe = UdpSocket::bind(any)?;
     probe.connect(SocketAddr::new(peer, 9))?;
@@ -103,5 +111,20 @@ mod tests {
             .to("127.0.0.1".parse().unwrap(), Instant::now())
             .unwrap_err();
         assert!(matches!(e, RouteError::NoInterface(_)), "{e}");
+    }
+
+    #[test]
+    fn a_peer_on_one_of_this_hosts_addresses_is_local() {
+        let mut routes = Routes::default();
+        let own = crate::io::own_addrs::interfaces()
+            .unwrap()
+            .into_iter()
+            .find(|i| !i.loopback && i.ip.is_ipv4())
+            .map(|i| i.ip);
+        let Some(own) = own else {
+            return; // a host with loopback only: nothing to check
+        };
+        let e = routes.to(own, Instant::now()).unwrap_err();
+        assert!(matches!(e, RouteError::Local(_)), "{e}");
     }
 }

@@ -404,7 +404,7 @@ pub(super) fn reset_session(p: &mut Parts<'_>, id: SessionId, body: &[u8], now: 
     let to = grant.backend.id;
     let moved = p
         .sessions
-        .retarget(id, to, target, upstream, SessionKind::Token, now);
+        .retarget(id, to, target, upstream, SessionKind::Token, p.out, now);
     let Some(from) = moved else {
         return;
     };

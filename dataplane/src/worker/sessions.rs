@@ -402,6 +402,7 @@ impl Sessions {
     /// Points a UDP session at a new backend through `upstream`, its new place on a shared
     /// socket. It leaves its old place: late replies from the old backend are dropped as
     /// strays. Returns the backend the session left (`None`: no such UDP session).
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn retarget(
         &mut self,
         id: SessionId,
@@ -409,6 +410,7 @@ impl Sessions {
         target: SocketAddr,
         upstream: UdpUpstream,
         kind: SessionKind,
+        out: &Outbox,
         now: Instant,
     ) -> Option<BackendId> {
         let Some(Session {
@@ -423,6 +425,9 @@ impl Sessions {
         // token (each one a query), so the allowance bounds the token opens between moves.
         let old = std::mem::replace(current, upstream);
         let kernel = self.unload(&old);
+        if kernel.is_some() {
+            self.set_gauges(out);
+        }
         let session = self.table.get_mut(id)?;
         if let Some(k) = kernel {
             add_kernel_counts(&mut session.stats, &k);
@@ -453,7 +458,7 @@ impl Sessions {
         let (client, port, local) = (s.key.client, usize::from(s.key.port), s.local);
         let mut upstream = self.open_upstream(target, id, registry, out, now).ok()?;
         upstream.proxy = ProxyState::for_path(listeners, proxy, client, port, local);
-        self.retarget(id, backend, target, upstream, kind, now)
+        self.retarget(id, backend, target, upstream, kind, out, now)
     }
 
     /// Gives sessions of the listeners in `changed` (listener, old idle timeout) that had the
