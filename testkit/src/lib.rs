@@ -1,7 +1,9 @@
 //! Helpers for loopback tests across the workspace: UDP echo backends that can tag their
 //! replies, TCP backends, PROXY protocol v2 backends, client sockets with timeouts, and assertions on what arrives. Real
-//! sockets only.
+//! sockets only. [`agones`] is a stand-in for Agones' allocation API on a real kube-apiserver,
+//! for the allocation tests and `perf query --allocate`.
 
+pub mod agones;
 mod proxy;
 mod tcp;
 pub use proxy::{HeaderSeen, ProxyEcho, TcpProxyEcho, read_answer, split_header};
