@@ -6,6 +6,7 @@
 mod churn;
 mod compare;
 mod echo;
+mod fastpath;
 mod flood;
 mod listeners;
 mod load;
@@ -59,6 +60,22 @@ enum Command {
     /// The control thread at fleet scale, on a real API server: GameServer status churn,
     /// control CPU, query latency, time to apply a Forwarder change.
     Churn(churn::ChurnArgs),
+    /// The kernel fast path against plain routing and the proxy in user space (root only).
+    ///
+    /// Makes a client and a server network namespace, each joined to this host by a veth pair
+    /// (PREFIX.1.0/24 and PREFIX.2.0/24, `--prefix`, default 10.77), with an echo server in the
+    /// server namespace and the load in the client namespace, and measures, round by round
+    /// (`--rounds`, default 2) at each load (`--shapes`, default 64x32,1x1; `--seconds` each,
+    /// default 5, after `--warmup`): this host routing between the namespaces, the proxy in user
+    /// space (a UDP Forwarder on 0.0.0.0), and the same proxy with `fastPath: {kind: tc}` on both
+    /// host ends (`--baseline-bin` adds another proxy binary in user space). Reports round
+    /// trips/s, loss, p50/p99 and what each adds over routing, the whole machine's CPU per round
+    /// trip and the proxy's own, the share of upstream datagrams the kernel carried, and whether
+    /// the fast path's goals are met. `--proxy-log debug` keeps the proxy's logs (why a session
+    /// was not offloaded); `--plain-checksums` turns checksum offload off on every veth end.
+    /// Everything it makes is removed when it ends, on Ctrl-C and on a panic too.
+    #[command(name = "fastpath")]
+    FastPath(fastpath::FastPathArgs),
 }
 
 fn main() -> ExitCode {
@@ -81,6 +98,7 @@ fn main() -> ExitCode {
         Command::Soak(a) => soak::run(&a),
         Command::Listeners(a) => listeners::run(&a),
         Command::Churn(a) => churn::run(&a),
+        Command::FastPath(a) => fastpath::run(&a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
