@@ -146,6 +146,8 @@ const HEADER: usize = 20;
 /// its added p50 at most this many microseconds.
 const CPU_GOAL_FRACTION: f64 = 0.2;
 const P50_GOAL_MICROS: f64 = 8.0;
+/// Other processes using more of a CPU than this (%) during a run make the summary say so.
+const OTHERS_NOTE_PERCENT: f64 = 5.0;
 
 pub(crate) fn run(args: &FastPathArgs) -> anyhow::Result<()> {
     // SAFETY: geteuid has no preconditions.
@@ -306,6 +308,8 @@ impl Bench<'_> {
 struct Outcome {
     report: Report,
     machine_cpu_seconds: f64,
+    /// What the machine spent beside this process, the proxy and interrupts: others' load.
+    others_cpu_seconds: f64,
     /// Upstream datagrams of the measured period by who forwarded them (proxy runs only).
     carried: Option<Carried>,
 }
@@ -319,6 +323,13 @@ struct Carried {
     offloaded_sessions: f64,
 }
 
+impl Outcome {
+    /// Other processes' CPU in % of one CPU over the measured period.
+    fn others_percent(&self) -> f64 {
+        100.0 * self.others_cpu_seconds.max(0.0) / self.report.seconds.max(1e-9)
+    }
+}
+
 impl Carried {
     fn kernel_share(&self) -> f64 {
         100.0 * self.kernel / (self.kernel + self.user).max(1.0)
@@ -330,16 +341,19 @@ impl Carried {
 struct Total {
     report: Option<Report>,
     machine_cpu_seconds: f64,
+    /// The most other processes used in one of the runs, in % of a CPU.
+    others_max_percent: f64,
     carried: Option<Carried>,
 }
 
 impl Total {
     fn add(&mut self, o: Outcome) -> anyhow::Result<()> {
+        self.machine_cpu_seconds += o.machine_cpu_seconds;
+        self.others_max_percent = self.others_max_percent.max(o.others_percent());
         match &mut self.report {
             None => self.report = Some(o.report),
             Some(r) => r.append(&o.report)?,
         }
-        self.machine_cpu_seconds += o.machine_cpu_seconds;
         if let Some(c) = o.carried {
             let t = self.carried.get_or_insert_with(Carried::default);
             t.kernel += c.kernel;
@@ -401,8 +415,14 @@ fn print_run(label: &str, contender: Contender, load: Load, args: &FastPathArgs,
     });
     println!(
         "{label:<13} {load:>6}: {:>9.0} rt/s  loss {:>6.3}%  misdelivered {}  p50 {:.1} µs  p99 {:.1}  \
-         machine {:.2} µs/rt{proxy}{carried}",
-        f.rate, f.loss, o.report.misdelivered, f.p50, f.p99, f.cpu
+         machine {:.2} µs/rt (others {:.0}% of a CPU){proxy}{carried}",
+        f.rate,
+        f.loss,
+        o.report.misdelivered,
+        f.p50,
+        f.p99,
+        f.cpu,
+        o.others_percent()
     );
     println!(
         "{}",
@@ -413,6 +433,7 @@ fn print_run(label: &str, contender: Contender, load: Load, args: &FastPathArgs,
             "round_trips_per_second": f.rate, "loss_percent": f.loss,
             "misdelivered": o.report.misdelivered, "p50_us": f.p50, "p99_us": f.p99,
             "machine_cpu_seconds": o.machine_cpu_seconds, "machine_cpu_us_per_round_trip": f.cpu,
+            "other_processes_cpu_percent": o.others_percent(),
             "proxy_cpu_seconds": o.report.proxy_cpu_seconds, "proxy_cpu_us_per_round_trip": f.proxy_cpu,
             "kernel_upstream": o.carried.map(|c| c.kernel), "user_upstream": o.carried.map(|c| c.user),
             "kernel_percent": o.carried.map(|c| c.kernel_share()),
@@ -484,6 +505,15 @@ fn summarize(args: &FastPathArgs, load: Load, rows: &[(Contender, &Total)]) {
             })
         );
     }
+    let busiest = figures
+        .iter()
+        .map(|(_, _, t)| t.others_max_percent)
+        .fold(0.0, f64::max);
+    if busiest > OTHERS_NOTE_PERCENT {
+        println!(
+            "note: other processes used up to {busiest:.0}% of a CPU during a run at {load}: the machine was busy and these figures are disturbed"
+        );
+    }
     let (Some(user), Some(fast)) = (find(Contender::UserSpace), find(Contender::FastPath)) else {
         return;
     };
@@ -527,14 +557,17 @@ fn summarize(args: &FastPathArgs, load: Load, rows: &[(Contender, &Total)]) {
 /// What was sampled at the start and at the end of the measured period.
 #[derive(Clone, Copy, Debug)]
 struct Sample {
-    machine_cpu_seconds: f64,
+    machine: MachineCpu,
+    /// This process's CPU (load generator and echo server).
+    own_cpu_seconds: f64,
     proxy_cpu_seconds: Option<f64>,
     counters: Option<Carried>,
 }
 
 fn sample(proxy: Option<&Proxy>) -> Sample {
     Sample {
-        machine_cpu_seconds: machine_cpu_seconds(),
+        machine: MachineCpu::read(),
+        own_cpu_seconds: own_cpu_seconds(),
         proxy_cpu_seconds: proxy.and_then(|p| crate::load::cpu_seconds(p.pid)),
         counters: proxy.and_then(|p| {
             let m = p.metrics()?;
@@ -555,23 +588,57 @@ fn sample(proxy: Option<&Proxy>) -> Sample {
     }
 }
 
-/// Busy CPU seconds of the whole machine, all CPUs (user, nice, system, irq, softirq, steal:
-/// everything but idle and iowait), from /proc/stat.
-fn machine_cpu_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let Some(cpu) = stat.lines().find(|l| l.starts_with("cpu ")) else {
-        return 0.0;
-    };
-    let f: Vec<f64> = cpu
+/// The whole machine's CPU seconds so far, all CPUs, from /proc/stat.
+#[derive(Clone, Copy, Debug, Default)]
+struct MachineCpu {
+    /// Everything but idle and iowait: user, nice, system, irq, softirq, steal.
+    busy: f64,
+    /// Of which irq and softirq (where the fast path runs).
+    interrupts: f64,
+}
+
+impl MachineCpu {
+    fn read() -> Self {
+        let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+        let Some(cpu) = stat.lines().find(|l| l.starts_with("cpu ")) else {
+            return Self::default();
+        };
+        let f: Vec<f64> = cpu
+            .split_whitespace()
+            .skip(1)
+            .map(|v| v.parse().unwrap_or(0.0))
+            .collect();
+        let field = |i: usize| f.get(i).copied().unwrap_or(0.0) / clock_ticks();
+        // user nice system idle iowait irq softirq steal (guest time is inside user already).
+        Self {
+            busy: field(0) + field(1) + field(2) + field(5) + field(6) + field(7),
+            interrupts: field(5) + field(6),
+        }
+    }
+}
+
+/// This process's CPU seconds, all threads (user + system).
+fn own_cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // The fields after the command name: state is the first, utime the 12th, stime the 13th.
+    let fields: Vec<&str> = stat
+        .rfind(')')
+        .map_or("", |at| &stat[at + 1..])
         .split_whitespace()
-        .skip(1)
-        .map(|v| v.parse().unwrap_or(0.0))
         .collect();
-    let field = |i: usize| f.get(i).copied().unwrap_or(0.0);
-    // user nice system idle iowait irq softirq steal (guest time is inside user already).
-    let busy = field(0) + field(1) + field(2) + field(5) + field(6) + field(7);
+    let field = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (field(11) + field(12)) / clock_ticks()
+}
+
+fn clock_ticks() -> f64 {
     // SAFETY: sysconf has no preconditions.
-    busy / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    ticks as f64
 }
 
 /// The value of one series (exact name with labels) in a `/metrics` text.

@@ -106,9 +106,13 @@ pub(super) fn drive_all(
         user: b.user - a.user,
         offloaded_sessions: b.offloaded_sessions,
     });
+    let machine = after.machine.busy - before.machine.busy;
+    let interrupts = after.machine.interrupts - before.machine.interrupts;
+    let own = after.own_cpu_seconds - before.own_cpu_seconds;
     Ok(Outcome {
+        others_cpu_seconds: machine - interrupts - own - report.proxy_cpu_seconds.unwrap_or(0.0),
         report,
-        machine_cpu_seconds: after.machine_cpu_seconds - before.machine_cpu_seconds,
+        machine_cpu_seconds: machine,
         carried,
     })
 }
