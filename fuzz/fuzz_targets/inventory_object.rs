@@ -116,6 +116,8 @@ fn file_body(data: &[u8], config: &Config) {
             label_selector: Default::default(),
             annotation_selector: Default::default(),
             status_query: None,
+            allocate: false,
+            request_id: None,
         };
         if let Ok(found) =
             control::query::select::candidates(&query, mapping, &snapshot, data_ports)
