@@ -308,8 +308,14 @@ impl Bench<'_> {
 struct Outcome {
     report: Report,
     machine_cpu_seconds: f64,
-    /// What the machine spent beside this process, the proxy and interrupts: others' load.
+    /// What the machine spent beside this process and the proxy: others' load (at most; the
+    /// kernel charges softirq work to the task it interrupts, so a little of ours may be in).
     others_cpu_seconds: f64,
+    /// Of the machine's, irq + softirq time (the kernel's forwarding, fast path or not).
+    interrupts_cpu_seconds: f64,
+    /// This process's (the load generator and the echo server, with the softirq work done
+    /// on their time).
+    own_cpu_seconds: f64,
     /// Upstream datagrams of the measured period by who forwarded them (proxy runs only).
     carried: Option<Carried>,
 }
@@ -327,6 +333,11 @@ impl Outcome {
     /// Other processes' CPU in % of one CPU over the measured period.
     fn others_percent(&self) -> f64 {
         100.0 * self.others_cpu_seconds.max(0.0) / self.report.seconds.max(1e-9)
+    }
+
+    /// CPU µs per round trip of `seconds`.
+    fn per_round_trip(&self, seconds: f64) -> f64 {
+        seconds * 1e6 / self.report.round_trips.max(1) as f64
     }
 }
 
@@ -415,13 +426,14 @@ fn print_run(label: &str, contender: Contender, load: Load, args: &FastPathArgs,
     });
     println!(
         "{label:<13} {load:>6}: {:>9.0} rt/s  loss {:>6.3}%  misdelivered {}  p50 {:.1} µs  p99 {:.1}  \
-         machine {:.2} µs/rt (others {:.0}% of a CPU){proxy}{carried}",
+         machine {:.2} µs/rt (irq+softirq {:.2}; others {:.0}% of a CPU){proxy}{carried}",
         f.rate,
         f.loss,
         o.report.misdelivered,
         f.p50,
         f.p99,
         f.cpu,
+        o.per_round_trip(o.interrupts_cpu_seconds),
         o.others_percent()
     );
     println!(
@@ -434,6 +446,8 @@ fn print_run(label: &str, contender: Contender, load: Load, args: &FastPathArgs,
             "misdelivered": o.report.misdelivered, "p50_us": f.p50, "p99_us": f.p99,
             "machine_cpu_seconds": o.machine_cpu_seconds, "machine_cpu_us_per_round_trip": f.cpu,
             "other_processes_cpu_percent": o.others_percent(),
+            "interrupts_cpu_us_per_round_trip": o.per_round_trip(o.interrupts_cpu_seconds),
+            "load_and_echo_cpu_us_per_round_trip": o.per_round_trip(o.own_cpu_seconds),
             "proxy_cpu_seconds": o.report.proxy_cpu_seconds, "proxy_cpu_us_per_round_trip": f.proxy_cpu,
             "kernel_upstream": o.carried.map(|c| c.kernel), "user_upstream": o.carried.map(|c| c.user),
             "kernel_percent": o.carried.map(|c| c.kernel_share()),

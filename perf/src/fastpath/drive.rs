@@ -110,7 +110,9 @@ pub(super) fn drive_all(
     let interrupts = after.machine.interrupts - before.machine.interrupts;
     let own = after.own_cpu_seconds - before.own_cpu_seconds;
     Ok(Outcome {
-        others_cpu_seconds: machine - interrupts - own - report.proxy_cpu_seconds.unwrap_or(0.0),
+        others_cpu_seconds: machine - own - report.proxy_cpu_seconds.unwrap_or(0.0),
+        interrupts_cpu_seconds: interrupts,
+        own_cpu_seconds: own,
         report,
         machine_cpu_seconds: machine,
         carried,
