@@ -149,6 +149,13 @@ const RESTART_KEYS: &[RestartKey] = &[
         changed: |a, b| a.fast_path != b.fast_path,
     },
     RestartKey {
+        key: "handoff",
+        covers: &["handoff"],
+        scope: Scope::Whole,
+        why: "changed; the hand-off socket is taken at start",
+        changed: |a, b| a.handoff != b.handoff,
+    },
+    RestartKey {
         key: "inventory",
         covers: &["inventory"],
         scope: Scope::Whole,

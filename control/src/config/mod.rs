@@ -379,8 +379,17 @@ pub struct Config {
     pub fast_path: Option<dataplane::fastpath::FastPathConfig>,
     /// Sealed tokens, when `tokenSecret` is set.
     pub token_secret: Option<TokenSecret>,
+    /// The hand-off socket, when `handoff` is set (SPEC §12).
+    pub handoff: Option<Handoff>,
     /// Only the querying client's IP may redeem a token.
     pub bind_token_to_client_ip: bool,
+}
+
+/// `handoff`: where the running proxy waits for its successor.
+#[derive(Clone, Debug, Eq, PartialEq)]
+pub struct Handoff {
+    /// The Unix socket's path (absolute, fits `sun_path`).
+    pub socket_path: PathBuf,
 }
 
 /// `tokenSecret`: the key file and the keys read from it at load.

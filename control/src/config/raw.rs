@@ -173,6 +173,12 @@ pub(super) struct RawConfig {
     #[serde(default)]
     #[schemars(extend("x-default" = "`{kind: none}`"))]
     pub(super) fast_path: Option<RawFastPath>,
+    /// Upgrades without dropping players: a starting proxy that finds a running one on
+    /// `socketPath` takes over its sockets and UDP sessions (SPEC §12), and then listens there
+    /// for its own successor.
+    #[serde(default)]
+    #[schemars(extend("x-default" = "off"))]
+    pub(super) handoff: Option<RawHandoff>,
     /// Sealed tokens, which any replica holding the key redeems; UUID tokens (redeemed only by
     /// the instance that issued them) when absent.
     #[serde(default)]
@@ -208,6 +214,16 @@ pub(super) struct RawFastPath {
     #[serde(default)]
     #[schemars(extend("x-default" = "`[]`"))]
     pub(super) interfaces: Vec<String>,
+}
+
+/// `handoff`.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(super) struct RawHandoff {
+    /// The Unix socket the running proxy listens on for its successor: an absolute path in a
+    /// directory both pods mount (a hostPath in Kubernetes), at most 107 bytes.
+    #[schemars(extend("x-default" = "required"))]
+    pub(super) socket_path: String,
 }
 
 /// `fastPath.kind`.

@@ -630,3 +630,30 @@ fn allocation_settings_are_read_and_each_bad_one_names_its_key() {
     );
     assert!(e.contains("resourceQueryMapping.pod.allocation"), "{e}");
 }
+
+#[test]
+fn handoff_takes_an_absolute_unix_socket_path() {
+    assert_eq!(Config::from_yaml(MINIMAL).unwrap().handoff, None);
+    let c = Config::from_yaml(&format!(
+        "{MINIMAL}\nhandoff: {{socketPath: /run/udp-director/handoff.sock}}\n"
+    ))
+    .unwrap();
+    assert_eq!(
+        c.handoff.unwrap().socket_path,
+        std::path::PathBuf::from("/run/udp-director/handoff.sock")
+    );
+    for bad in [
+        "handoff.sock",
+        "/run/dir/",
+        &format!("/{}", "a".repeat(107)),
+    ] {
+        let e = Config::from_yaml(&format!("{MINIMAL}\nhandoff: {{socketPath: {bad:?}}}\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("handoff.socketPath"), "{bad}: {e}");
+    }
+    let e = Config::from_yaml(&format!("{MINIMAL}\nhandoff: {{path: /x}}\n"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("handoff"), "{e}");
+}

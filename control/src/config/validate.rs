@@ -260,6 +260,7 @@ pub(super) fn validate(raw: RawConfig, env: &Environment) -> Result<Validated, C
                     Some(dataplane::fastpath::FastPathConfig { interfaces })
                 }
             },
+            handoff: raw.handoff.map(handoff).transpose()?,
             // Read by `Config::from_yaml_in`, once the rest is known to be valid.
             token_secret: match raw.token_secret {
                 Some(_) if data_ports_for_seal > dataplane::policy::seal::MAX_SEALED_PORTS => {
@@ -303,6 +304,31 @@ pub(super) fn validate(raw: RawConfig, env: &Environment) -> Result<Validated, C
 
 /// `rateLimit`: the burst defaults to one second's packets; new sessions are unlimited unless
 /// given.
+/// `handoff.socketPath`: absolute, and short enough for a Unix socket address.
+fn handoff(raw: RawHandoff) -> Result<super::Handoff, ConfigError> {
+    /// `sun_path` holds 108 bytes with the terminating NUL.
+    const MAX_SOCKET_PATH: usize = 107;
+    let path = raw.socket_path;
+    if !path.starts_with('/') {
+        return Err(invalid(
+            "handoff.socketPath",
+            format!("`{}` is not an absolute path", quote(&path)),
+        ));
+    }
+    if path.len() > MAX_SOCKET_PATH || path.ends_with('/') || path.contains('\0') {
+        return Err(invalid(
+            "handoff.socketPath",
+            format!(
+                "`{}` is not a Unix socket path (a file name, at most {MAX_SOCKET_PATH} bytes)",
+                quote(&path)
+            ),
+        ));
+    }
+    Ok(super::Handoff {
+        socket_path: path.into(),
+    })
+}
+
 fn rate_limit(raw: RawRateLimit) -> Result<dataplane::RateLimit, ConfigError> {
     if raw.per_ip_packets_per_second == 0 {
         return Err(invalid(
