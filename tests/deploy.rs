@@ -2,7 +2,10 @@
 //! config is valid, its ClusterRole is exactly what `udp-director rbac` derives from that
 //! config, its data ports are declared), passes the offline schema check, and applies to the
 //! real API server (`--dry-run=server`), where `kubectl auth can-i` confirms the service
-//! account gets list and watch on what the config watches and nothing else.
+//! account gets list and watch on what the config watches and nothing else. An overlay whose
+//! config has a hand-off socket (SPEC §12) is also checked for what a rollout without dropped
+//! players needs: maxSurge 1 / maxUnavailable 0, no declared ports, the socket's directory a
+//! hostPath mounted where the config puts the socket, and the base's fixed non-root UID.
 
 mod common;
 
@@ -12,9 +15,10 @@ use std::process::Command;
 
 use common::cluster::{cluster, repo};
 use common::*;
+use control::config::{DEFAULT_ADMIN_PORT, DEFAULT_DRAIN_SECONDS};
 use serde_json::Value;
 
-const OVERLAYS: [&str; 10] = [
+const OVERLAYS: [&str; 11] = [
     "agones",
     "pods-multiport",
     "dns",
@@ -25,6 +29,7 @@ const OVERLAYS: [&str; 10] = [
     "gateway-api",
     "monitoring",
     "fast-path",
+    "handoff",
 ];
 const SERVICE_ACCOUNT: &str = "system:serviceaccount:udp-director:udp-director";
 
@@ -228,8 +233,6 @@ fn overlays_render_to_what_the_proxy_needs() {
             .as_array()
             .cloned()
             .unwrap_or_default();
-        // The config's data ports are declared (host ports, with hostNetwork), and the config
-        // volume is the generated ConfigMap.
         let config: Value = serde_yaml::from_str(config_text).unwrap();
         // Capabilities: NET_BIND_SERVICE for low ports at most, and CAP_BPF with CAP_NET_ADMIN
         // exactly when the config turns the kernel fast path on (and nothing more for it).
@@ -248,39 +251,218 @@ fn overlays_render_to_what_the_proxy_needs() {
                 );
             }
         }
-        let declared: BTreeSet<(u64, &str)> = container["ports"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|p| {
-                (
-                    p["containerPort"].as_u64().unwrap(),
-                    p["protocol"].as_str().unwrap(),
-                )
-            })
-            .collect();
-        for port in config["dataPorts"].as_array().unwrap() {
-            assert!(
-                declared.contains(&(port["port"].as_u64().unwrap(), "UDP")),
-                "{name}: {port}"
+        // The probes reach the admin port, by number or by the name of a declared port.
+        let admin_port = config["adminPort"]
+            .as_u64()
+            .unwrap_or(DEFAULT_ADMIN_PORT.into());
+        for probe in ["livenessProbe", "readinessProbe"] {
+            assert_eq!(
+                port_number(container, &container[probe]["httpGet"]["port"]),
+                Some(admin_port),
+                "{name}: {probe} does not reach adminPort"
             );
         }
-        for port in config["entryPoints"].as_array().into_iter().flatten() {
-            let protocol = match port["protocol"].as_str() {
-                Some("tcp") => "TCP",
-                _ => "UDP",
-            };
+        // SIGTERM starts the drain: the grace period leaves it time to finish and the process
+        // time to exit.
+        let drain = config["drainSeconds"]
+            .as_u64()
+            .unwrap_or(DEFAULT_DRAIN_SECONDS);
+        let grace = pod["terminationGracePeriodSeconds"].as_u64().unwrap();
+        assert!(
+            grace >= drain + 10,
+            "{name}: terminationGracePeriodSeconds {grace} leaves drainSeconds {drain} no time"
+        );
+        // Init containers (the hand-off directory's owner) hold CAP_CHOWN at most.
+        let handoff = config["handoff"]["socketPath"].as_str();
+        for init in pod["initContainers"].as_array().into_iter().flatten() {
             assert!(
-                declared.contains(&(port["port"].as_u64().unwrap(), protocol)),
-                "{name}: entry point {port} not declared"
+                handoff.is_some(),
+                "{name}: an init container without hand-off"
+            );
+            let security = &init["securityContext"];
+            assert_eq!(security["allowPrivilegeEscalation"], false, "{name}");
+            assert_eq!(security["readOnlyRootFilesystem"], true, "{name}");
+            assert_eq!(
+                security["capabilities"]["drop"],
+                serde_json::json!(["ALL"]),
+                "{name}"
+            );
+            assert!(
+                security["capabilities"]["add"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .all(|c| c == "CHOWN"),
+                "{name}: {}",
+                init["name"]
             );
         }
+        match handoff {
+            // No declared ports: the rollout starts the new pod beside the old one.
+            Some(socket) => handoff_rollout(name, of_kind(&docs, "DaemonSet"), socket),
+            // The config's data ports are declared (host ports, with hostNetwork).
+            None => {
+                let declared: BTreeSet<(u64, &str)> = container["ports"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|p| {
+                        (
+                            p["containerPort"].as_u64().unwrap(),
+                            p["protocol"].as_str().unwrap(),
+                        )
+                    })
+                    .collect();
+                for port in config["dataPorts"].as_array().unwrap() {
+                    assert!(
+                        declared.contains(&(port["port"].as_u64().unwrap(), "UDP")),
+                        "{name}: {port}"
+                    );
+                }
+                for port in config["entryPoints"].as_array().into_iter().flatten() {
+                    let protocol = match port["protocol"].as_str() {
+                        Some("tcp") => "TCP",
+                        _ => "UDP",
+                    };
+                    assert!(
+                        declared.contains(&(port["port"].as_u64().unwrap(), protocol)),
+                        "{name}: entry point {port} not declared"
+                    );
+                }
+            }
+        }
+        // The config volume is the generated ConfigMap.
         assert_eq!(
             pod["volumes"][0]["configMap"]["name"],
             config_map(&docs)["metadata"]["name"],
             "{name}"
         );
     }
+}
+
+/// The port a probe's `port` names: a number, or a declared port's name.
+fn port_number(container: &Value, port: &Value) -> Option<u64> {
+    match port {
+        Value::Number(n) => n.as_u64(),
+        Value::String(name) => container["ports"]
+            .as_array()?
+            .iter()
+            .find(|p| p["name"] == name.as_str())?["containerPort"]
+            .as_u64(),
+        _ => None,
+    }
+}
+
+/// What a rollout that hands over (SPEC §12) needs of the DaemonSet, for a config whose hand-off
+/// socket is `socket`.
+fn handoff_rollout(name: &str, daemonset: &Value, socket: &str) {
+    // The new pod starts beside the old one (maxSurge), which goes only once the new one is
+    // available (maxUnavailable 0), ready for a while without a break: longer than a refused new
+    // pod lives, and than the moment its probes may reach the old proxy.
+    let spec = &daemonset["spec"];
+    assert_eq!(spec["updateStrategy"]["type"], "RollingUpdate", "{name}");
+    assert_eq!(
+        spec["updateStrategy"]["rollingUpdate"],
+        serde_json::json!({"maxSurge": 1, "maxUnavailable": 0}),
+        "{name}"
+    );
+    let pod = &spec["template"]["spec"];
+    let period = pod["containers"][0]["readinessProbe"]["periodSeconds"]
+        .as_u64()
+        .unwrap_or(10);
+    assert!(
+        spec["minReadySeconds"].as_u64().unwrap_or(0) >= 5 * period,
+        "{name}: minReadySeconds {} is under five readiness periods",
+        spec["minReadySeconds"]
+    );
+
+    // No container declares a port: with hostNetwork each would be a host port, and the
+    // scheduler would not place the second pod on the node.
+    let containers = || {
+        ["containers", "initContainers"]
+            .iter()
+            .flat_map(|k| pod[*k].as_array().into_iter().flatten())
+    };
+    for container in containers() {
+        assert!(
+            container["ports"].as_array().is_none_or(Vec::is_empty),
+            "{name}: {} declares ports",
+            container["name"]
+        );
+    }
+
+    // The socket's directory is a hostPath (the node's, the same for the old and the new pod),
+    // mounted writable where the config puts the socket.
+    let socket = std::path::Path::new(socket);
+    assert!(socket.is_absolute(), "{name}: {socket:?}");
+    let dir = socket.parent().unwrap().to_str().unwrap();
+    let proxy = &pod["containers"][0];
+    let mount = proxy["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["mountPath"] == dir)
+        .unwrap_or_else(|| panic!("{name}: nothing mounted at {dir}"));
+    assert_ne!(mount["readOnly"], true, "{name}: {dir} is read-only");
+    let volume = pod["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == mount["name"])
+        .unwrap_or_else(|| panic!("{name}: no volume {}", mount["name"]));
+    assert_eq!(
+        volume["hostPath"],
+        serde_json::json!({"path": dir, "type": "DirectoryOrCreate"}),
+        "{name}: {dir} is not the node's"
+    );
+
+    // Old and new pod run as the same fixed, non-root UID: the base's.
+    let base: Value = serde_yaml::from_str(
+        &std::fs::read_to_string(repo().join("deploy/base/daemonset.yaml")).unwrap(),
+    )
+    .unwrap();
+    let base = &base["spec"]["template"]["spec"]["securityContext"];
+    let security = &pod["securityContext"];
+    let uid = security["runAsUser"].as_u64().expect("a fixed runAsUser");
+    let gid = security["runAsGroup"].as_u64().expect("a fixed runAsGroup");
+    assert_ne!(uid, 0, "{name}");
+    assert_eq!(security["runAsNonRoot"], true, "{name}");
+    assert_eq!(
+        (&security["runAsUser"], &security["runAsGroup"]),
+        (&base["runAsUser"], &base["runAsGroup"]),
+        "{name}: not the base's UID"
+    );
+    for field in ["runAsUser", "runAsGroup", "runAsNonRoot"] {
+        assert!(
+            proxy["securityContext"][field].is_null(),
+            "{name}: the container sets its own {field}"
+        );
+    }
+    // The kubelet creates the directory as root: an init container gives it to that UID before
+    // the proxy starts.
+    let owner = format!("{uid}:{gid}");
+    let chowns = pod["initContainers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|init| {
+            let command: Vec<&str> = init["command"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .chain(init["args"].as_array().into_iter().flatten())
+                .filter_map(Value::as_str)
+                .collect();
+            command.first() == Some(&"chown")
+                && command.contains(&owner.as_str())
+                && command.contains(&dir)
+                && init["volumeMounts"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|m| m["name"] == mount["name"] && m["mountPath"] == dir)
+        });
+    assert!(chowns, "{name}: nothing gives {dir} to {owner}");
 }
 
 #[test]
@@ -345,7 +527,17 @@ fn overlays_apply_to_the_api_server_with_least_privilege() {
             }
         }
     }
+    // maxSurge on a DaemonSet (the hand-off overlay's rollout) came with Kubernetes 1.21 (on by
+    // default from 1.22); an older server (the suite's is 1.20) refuses the field, and without
+    // it maxUnavailable 0, so it gets such a DaemonSet with the server's default rollingUpdate.
+    // The offline check validates it whole against 1.33's schema.
+    let surge_known = server_minor(c) >= 22;
     for (name, yaml) in &rendered {
+        let yaml = &if surge_known {
+            yaml.clone()
+        } else {
+            without_surge(yaml)
+        };
         // Every object as the server would take it: schema, defaults, admission.
         let server_side = [
             "apply",
@@ -436,6 +628,30 @@ fn overlays_apply_to_the_api_server_with_least_privilege() {
             assert!(!can_i(c, "list", resource), "{name}: may list {resource}");
         }
     }
+}
+
+/// The API server's minor version.
+fn server_minor(c: &common::cluster::Cluster) -> u64 {
+    let version: Value =
+        serde_json::from_str(&c.kubectl(&["version", "-o", "json"], None).unwrap()).unwrap();
+    let minor = version["serverVersion"]["minor"].as_str().unwrap();
+    minor.trim_end_matches('+').parse().unwrap()
+}
+
+/// `yaml` with no DaemonSet's `rollingUpdate` that has a `maxSurge` (the server defaults it).
+fn without_surge(yaml: &str) -> String {
+    documents(yaml)
+        .into_iter()
+        .map(|mut d| {
+            let surge = &d["spec"]["updateStrategy"]["rollingUpdate"]["maxSurge"];
+            if d["kind"] == "DaemonSet" && !surge.is_null() {
+                let strategy = d["spec"]["updateStrategy"].as_object_mut().unwrap();
+                strategy.remove("rollingUpdate");
+            }
+            serde_yaml::to_string(&d).unwrap()
+        })
+        .collect::<Vec<_>>()
+        .join("---\n")
 }
 
 /// `resource.group`, as kubectl names a resource of a group.
