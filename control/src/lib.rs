@@ -12,6 +12,7 @@
 pub mod admin;
 pub mod config;
 pub mod crd;
+pub mod handoff;
 pub mod inventory;
 pub mod metrics;
 pub mod names;
@@ -41,6 +42,9 @@ use crate::reconcile::{forwarder, gateway, route, status};
 const EVENT_INTERVAL: Duration = Duration::from_millis(100);
 /// How long a stopping instance waits for the status Lease to be handed back.
 const LEASE_RELEASE_WITHIN: Duration = Duration::from_secs(2);
+/// How long after start the handed-over listeners may still be claimed once the inventory is
+/// in (the reconcilers open theirs on the first snapshot; this covers their turn).
+const CLAIM_GRACE: Duration = Duration::from_secs(5);
 /// How often the default backend is re-chosen (load balancing moves with the load).
 const RECONCILE_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -57,6 +61,14 @@ pub enum ControlError {
         what: &'static str,
         /// Address.
         addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The hand-off socket could not be listened on.
+    #[error("cannot listen for a successor on {}", path.display())]
+    HandOff {
+        /// `handoff.socketPath`.
+        path: std::path::PathBuf,
         /// The OS error.
         source: std::io::Error,
     },
@@ -133,6 +145,7 @@ pub fn start(
     config: Arc<Config>,
     config_path: Option<std::path::PathBuf>,
     plane: &DataPlane,
+    inherited: handoff::Inherited,
 ) -> Result<ControlPlane, ControlError> {
     let runtime = control_runtime("control-bg")?;
     let query_runtime = control_runtime("query-bg")?;
@@ -176,15 +189,58 @@ pub fn start(
     );
     // Binds a listener on the runtime that will serve it and reads back its address (the real
     // port when configured as 0).
-    let bind = |runtime: &tokio::runtime::Runtime, what: &'static str, port: u16| {
+    // A socket the predecessor handed over is served as it is: connections waiting in it
+    // are answered here.
+    let bind = |runtime: &tokio::runtime::Runtime,
+                what: &'static str,
+                port: u16,
+                inherited: Option<std::net::TcpListener>| {
         let addr = SocketAddr::new(config.bind_address, port);
         let err = |source| ControlError::Bind { what, addr, source };
-        let listener = runtime.block_on(TcpListener::bind(addr)).map_err(err)?;
+        let listener = match inherited {
+            Some(socket) => {
+                socket.set_nonblocking(true).map_err(err)?;
+                let _entered = runtime.enter();
+                TcpListener::from_std(socket).map_err(err)?
+            }
+            None => runtime.block_on(TcpListener::bind(addr)).map_err(err)?,
+        };
         let bound = listener.local_addr().map_err(err)?;
         Ok::<_, ControlError>((listener, bound))
     };
-    let (query_listener, query_addr) = bind(&query_runtime, "query port", config.query_port)?;
-    let (admin_listener, admin_addr) = bind(&runtime, "admin port", config.admin_port)?;
+    let (query_listener, query_addr) = bind(
+        &query_runtime,
+        "query port",
+        config.query_port,
+        inherited.query,
+    )?;
+    let (admin_listener, admin_addr) =
+        bind(&runtime, "admin port", config.admin_port, inherited.admin)?;
+    // The next upgrade: a successor takes over through this socket.
+    let (handed_over_tx, handed_over_rx) = watch::channel(None);
+    if let Some(h) = &config.handoff {
+        use std::os::fd::AsRawFd;
+        dataplane::handoff::old::serve(
+            h.socket_path.clone(),
+            plane.controller(),
+            handoff::vetting(
+                Arc::clone(&config),
+                config_path.clone(),
+                plane.controller().workers(),
+            ),
+            dataplane::handoff::old::ControlSockets {
+                query: Some(query_listener.as_raw_fd()),
+                admin: Some(admin_listener.as_raw_fd()),
+            },
+            Box::new(move |done| {
+                let _ = handed_over_tx.send(Some(done));
+            }),
+        )
+        .map_err(|source| ControlError::HandOff {
+            path: h.socket_path.clone(),
+            source,
+        })?;
+    }
 
     let controller = plane.controller();
     let (inventory_tx, inventory_rx) = watch::channel(Arc::new(Snapshot::default()));
@@ -328,6 +384,7 @@ pub fn start(
                 inventory_tx,
                 admin_listener,
                 (stop_tx, stop_rx),
+                handed_over_rx,
                 Reconcilers {
                     forwarders,
                     routes,
@@ -372,6 +429,7 @@ async fn run(
     inventory_tx: watch::Sender<Arc<Snapshot>>,
     admin_listener: TcpListener,
     (stop_tx, stop_rx): (watch::Sender<bool>, watch::Receiver<bool>),
+    mut handed_over: watch::Receiver<Option<dataplane::handoff::old::HandedOver>>,
     reconcilers: Reconcilers,
 ) {
     let Reconcilers {
@@ -417,13 +475,41 @@ async fn run(
     let drain_over = tokio::time::sleep(Duration::MAX);
     tokio::pin!(drain_over);
     let mut draining = false;
+    // After a hand-off the successor serves the UDP sessions, the query and the admin port;
+    // this process finishes its TCP connections (for at most `drain`) and ends. In a pod it
+    // then waits for its deletion instead: an exit would get its container restarted, and
+    // the restarted old release would take everything back from the new one.
+    let mut finishing = false;
+    let mut finished = false;
+    let in_pod = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some();
+    // Listeners handed over by the predecessor that this process's config and objects do
+    // not claim are closed once the inventory is in and the reconcilers have had their turn.
+    let started = Instant::now();
+    let mut unclaimed = director.controller().has_unclaimed();
     loop {
         tokio::select! {
             changed = inventory_rx.changed() => {
                 if changed.is_err() { break; }
                 director.reconcile();
             }
-            _ = reconcile.tick() => director.reconcile(),
+            _ = reconcile.tick() => {
+                director.reconcile();
+                if unclaimed && director.is_ready() && started.elapsed() >= CLAIM_GRACE {
+                    unclaimed = false;
+                    director.controller().release_unclaimed();
+                }
+            }
+            Ok(()) = handed_over.changed(), if !finishing => {
+                finishing = true;
+                draining = true;
+                // The query and admin servers stop now: their sockets are the successor's.
+                let _ = stop_tx.send(true);
+                director.drain();
+                if !in_pod {
+                    let drain = live.borrow().drain;
+                    drain_over.as_mut().reset(tokio::time::Instant::now() + drain);
+                }
+            }
             // A reload: mappings, load balancing and the default endpoint apply now.
             Ok(()) = live_rx.changed() => director.reconcile(),
             // Beaten by the loop itself, not a task of its own: a wedged loop goes silent.
@@ -431,9 +517,20 @@ async fn run(
                 let now = Instant::now();
                 heart.beat(now);
                 director.absorb_events(now);
+                if finishing && !finished && director.controller().counters().sessions_active == 0 {
+                    finished = true;
+                    if !in_pod {
+                        log::info!("hand-off: every TCP connection has finished; exiting");
+                        break;
+                    }
+                    log::info!(
+                        "hand-off: every TCP connection has finished; idle until this pod is \
+                         deleted"
+                    );
+                }
             }
             () = signals.recv() => {
-                if draining {
+                if draining || finished {
                     log::info!("drain cut short");
                     break;
                 }

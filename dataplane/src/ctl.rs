@@ -29,6 +29,7 @@ use crate::policy::session::{SessionKind, SessionStats};
 
 use crate::policy::session::MAX_IDLE_TIMEOUT;
 
+mod handoff;
 pub mod listing;
 pub use listing::{SessionOrder, SessionPage, SessionQuery};
 
@@ -88,6 +89,17 @@ pub(crate) enum ControlMsg {
     ListSessions(SessionQuery, SessionPageReply),
     /// End matching sessions and report how many through the callback.
     KillSessions(ClientMatch, KillReply),
+    /// Hand-off, old side (SPEC §12): stop reading every listener and upstream socket and
+    /// send this worker's share (sockets duplicated, UDP sessions, grants).
+    HandOffFreeze(crossbeam_channel::Sender<Result<crate::handoff::share::WorkerShare, String>>),
+    /// Hand-off, old side: how it ended.
+    HandOffEnd(crate::handoff::share::HandOffEnd),
+    /// Hand-off, new side: take over these listeners, upstream sockets and sessions before
+    /// anything else; the reply says how many sessions, or why not.
+    Adopt(
+        Box<crate::handoff::share::Adoption>,
+        crossbeam_channel::Sender<Result<usize, String>>,
+    ),
     /// Open no new sessions from now on; keep forwarding for existing ones.
     Drain,
     /// Close everything and end the worker thread.
@@ -117,6 +129,9 @@ impl std::fmt::Debug for ControlMsg {
             Self::RemoveBackend(b) => f.debug_tuple("RemoveBackend").field(b).finish(),
             Self::ListSessions(q, _) => f.debug_tuple("ListSessions").field(q).finish(),
             Self::KillSessions(m, _) => f.debug_tuple("KillSessions").field(m).finish(),
+            Self::HandOffFreeze(_) => f.write_str("HandOffFreeze"),
+            Self::HandOffEnd(end) => f.debug_tuple("HandOffEnd").field(end).finish(),
+            Self::Adopt(..) => f.write_str("Adopt"),
             Self::Drain => f.write_str("Drain"),
             Self::Shutdown => f.write_str("Shutdown"),
         }
@@ -312,6 +327,10 @@ pub struct Controller {
     pub(crate) sockets: SocketSettings,
     /// The kernel fast path, while it is on.
     pub(crate) fast_path: Option<Arc<crate::fastpath::FastPath>>,
+    /// The sealed tokens redeemed here (handed over to a successor).
+    pub(crate) ledger: Arc<crate::policy::grant::NonceLedger>,
+    /// What hand-offs did, either side.
+    pub(crate) handoff: Arc<crate::handoff::stats::HandOffStats>,
 }
 
 impl std::fmt::Debug for Controller {
@@ -329,6 +348,11 @@ impl Controller {
         self.fast_path.as_ref().map(|f| f.totals())
     }
 
+    /// What this process's hand-offs did (SPEC §12).
+    pub fn handoff_stats(&self) -> &crate::handoff::stats::HandOffStats {
+        &self.handoff
+    }
+
     /// Number of workers.
     pub fn workers(&self) -> usize {
         self.links.len()
@@ -340,6 +364,14 @@ impl Controller {
     /// next loop turn.
     pub fn open_listener(&self, spec: ListenerSpec) -> Result<OpenedListener, ListenError> {
         let mut registry = self.registry.lock();
+        // A listener handed over by the previous process on the same address is claimed,
+        // not bound again: its sockets and sessions are in the workers already.
+        if let Some(opened) = registry.claimable(&spec) {
+            registry.claim(opened.id, spec.owner.clone());
+            drop(registry);
+            self.update_listener(&opened, spec.kind, spec.idle_timeout);
+            return Ok(opened);
+        }
         registry.check(&spec)?;
         let needed = self.links.len();
         // An eighth of the budget stays for sessions' sockets whatever the listeners take.
@@ -646,6 +678,8 @@ mod tests {
                 send_buffer_bytes: 1 << 16,
             },
             fast_path: None,
+            ledger: Arc::default(),
+            handoff: Arc::default(),
         };
         (controller, grant_rx, rx, poll)
     }

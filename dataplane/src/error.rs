@@ -78,6 +78,9 @@ pub enum StartError {
         /// The OS error.
         source: io::Error,
     },
+    /// What a running proxy handed over could not be installed (it serves on).
+    #[error("taking over from the running proxy: {0}")]
+    HandOff(String),
     /// The configuration names no data port, or more than the data plane supports.
     #[error("the data plane needs between 1 and {max} data ports, got {got}")]
     DataPortCount {

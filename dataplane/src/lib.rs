@@ -28,6 +28,7 @@ pub mod config;
 pub mod ctl;
 pub mod error;
 pub mod fastpath;
+pub mod handoff;
 pub mod io;
 pub mod listener;
 pub mod liveness;

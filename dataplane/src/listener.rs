@@ -133,6 +133,9 @@ struct Entry {
     counters: std::sync::Arc<crate::metrics::ListenerCounters>,
     /// Its sockets' descriptors, given back when every worker has let go of it.
     _lease: crate::io::fd_budget::FdLease,
+    /// Taken over from the previous process (SPEC §12) and not yet claimed by this one's
+    /// config or reconcilers.
+    handed_over: bool,
 }
 
 impl PortRegistry {
@@ -201,8 +204,97 @@ impl PortRegistry {
             closing: false,
             counters,
             _lease: lease,
+            handed_over: false,
         });
         Ok((ListenerId(slot as u16), self.next_generation))
+    }
+
+    /// Records a listener taken over from the previous process under the id it had there,
+    /// until this process's config or a reconciler claims it ([`Self::claimable`]).
+    pub(crate) fn adopt(
+        &mut self,
+        id: ListenerId,
+        transport: Transport,
+        bound: SocketAddr,
+        owner: String,
+        counters: std::sync::Arc<crate::metrics::ListenerCounters>,
+        lease: crate::io::fd_budget::FdLease,
+    ) -> Result<u64, ListenError> {
+        let slot = usize::from(id.0);
+        if self.open.get(slot).is_some_and(Option::is_some)
+            || self.by_port.contains_key(&(transport, bound.port()))
+            || bound.port() == 0
+        {
+            return Err(ListenError::Taken {
+                transport,
+                port: bound.port(),
+                holder: "another handed-over listener".into(),
+            });
+        }
+        while self.open.len() <= slot {
+            let gap = self.open.len();
+            self.open.push(None);
+            if gap != slot {
+                self.free.push(std::cmp::Reverse(gap as u16));
+            }
+        }
+        // The slot may have been a gap left by an earlier adoption.
+        self.free
+            .retain(|std::cmp::Reverse(free)| usize::from(*free) != slot);
+        self.by_port.insert((transport, bound.port()), id.0);
+        self.next_generation += 1;
+        self.open[slot] = Some(Entry {
+            transport,
+            port: bound.port(),
+            ip: bound.ip(),
+            owner: format!("{owner} (handed over)"),
+            generation: self.next_generation,
+            closing: false,
+            counters,
+            _lease: lease,
+            handed_over: true,
+        });
+        Ok(self.next_generation)
+    }
+
+    /// The handed-over listener `spec` takes over instead of binding: same protocol, port
+    /// and address, not closing. Its id, address and generation.
+    pub(crate) fn claimable(&self, spec: &ListenerSpec) -> Option<OpenedListener> {
+        let id = *self.by_port.get(&(spec.transport, spec.bind.port()))?;
+        let e = self.open.get(usize::from(id))?.as_ref()?;
+        (e.handed_over && !e.closing && e.ip == spec.bind.ip()).then(|| OpenedListener {
+            id: ListenerId(id),
+            addr: SocketAddr::new(e.ip, e.port),
+            generation: e.generation,
+        })
+    }
+
+    /// `owner` has claimed handed-over listener `id`: it is an ordinary listener from now on.
+    pub(crate) fn claim(&mut self, id: ListenerId, owner: String) {
+        if let Some(e) = self
+            .open
+            .get_mut(usize::from(id.0))
+            .and_then(Option::as_mut)
+        {
+            e.owner = owner;
+            e.handed_over = false;
+        }
+    }
+
+    /// The handed-over listeners nothing has claimed.
+    pub(crate) fn unclaimed(&self) -> Vec<OpenedListener> {
+        self.open
+            .iter()
+            .enumerate()
+            .filter_map(|(slot, e)| {
+                let e = e.as_ref()?;
+                (e.handed_over && !e.closing).then(|| OpenedListener {
+                    id: ListenerId(slot as u16),
+                    addr: SocketAddr::new(e.ip, e.port),
+                    generation: e.generation,
+                })
+            })
+            .collect()
     }
 
     /// The owner of each open or closing listener, by id.

@@ -121,6 +121,17 @@ impl DataPlane {
     /// get listener ids 0, 1, … in config order, which is the data-port index grants use. A
     /// bind error is reported here and nothing is left running.
     pub fn start(config: DataPlaneConfig) -> Result<Self, StartError> {
+        Self::start_inheriting(config, None)
+    }
+
+    /// [`Self::start`], taking over first what a running proxy handed over (SPEC §12): its
+    /// listeners keep their ids (the data ports claim theirs), its UDP sessions continue on
+    /// its upstream sockets, its grants and ledger stay valid. Nothing is read before all
+    /// of it is in place.
+    pub fn start_inheriting(
+        config: DataPlaneConfig,
+        inheritance: Option<&mut crate::handoff::new::Inheritance>,
+    ) -> Result<Self, StartError> {
         let port_count = config.data_ports.len();
         if port_count == 0 || port_count > MAX_DATA_PORTS {
             return Err(StartError::DataPortCount {
@@ -185,6 +196,8 @@ impl DataPlane {
             host: Arc::default(),
             registry: Arc::default(),
             fast_path,
+            ledger: Arc::clone(&ledger),
+            handoff: Arc::default(),
             sockets: SocketSettings {
                 recv_buffer_bytes: config.recv_buffer_bytes,
                 send_buffer_bytes: config.send_buffer_bytes,
@@ -224,6 +237,15 @@ impl DataPlane {
             }
         }
 
+        if let Some(inheritance) = inheritance {
+            match inheritance.install(&controller) {
+                Ok(sessions) => log::info!("hand-off: {sessions} UDP sessions installed"),
+                Err(reason) => {
+                    stop(threads);
+                    return Err(StartError::HandOff(reason));
+                }
+            }
+        }
         let mut local_addrs = Vec::with_capacity(port_count);
         for port in &config.data_ports {
             let spec = ListenerSpec {

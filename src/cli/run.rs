@@ -48,8 +48,36 @@ pub(crate) fn embedded_default() -> anyhow::Result<Config> {
 /// Runs the proxy on `config`, loaded from `path` (reloaded from it on SIGHUP or a change).
 pub(crate) fn run(config: Arc<Config>, path: Option<PathBuf>) -> anyhow::Result<()> {
     check_fd_budget(&config)?;
-    let plane = dataplane::DataPlane::start(config.dataplane()).context("data plane")?;
-    let control = control::start(Arc::clone(&config), path, &plane).context("control plane")?;
+    let dataplane_config = config.dataplane();
+    // With `handoff`, a proxy already running on this node hands over first (SPEC §12).
+    let mut inheritance = match (&config.handoff, &path) {
+        (Some(h), Some(file)) => {
+            let text = std::fs::read_to_string(file)
+                .with_context(|| format!("reading {} for the hand-off", file.display()))?;
+            let hello = dataplane::handoff::new::hello(text, dataplane_config.workers.get());
+            dataplane::handoff::new::take_over(
+                &h.socket_path,
+                &hello,
+                dataplane_config.workers.get(),
+            )?
+        }
+        _ => None,
+    };
+    let plane = dataplane::DataPlane::start_inheriting(dataplane_config, inheritance.as_mut())
+        .context("data plane")?;
+    let inherited = inheritance
+        .as_mut()
+        .map(|i| control::handoff::Inherited {
+            query: i.take_query_listener(),
+            admin: i.take_admin_listener(),
+        })
+        .unwrap_or_default();
+    let control =
+        control::start(Arc::clone(&config), path, &plane, inherited).context("control plane")?;
+    // Everything is in place and served: the predecessor may let go.
+    if let Some(inheritance) = inheritance {
+        inheritance.finish(&plane.controller())?;
+    }
     let data: Vec<String> = config
         .data_ports
         .iter()

@@ -102,6 +102,18 @@ impl Proxy {
         if !inventory.is_empty() {
             std::fs::write(dir.join("inventory.yaml"), inventory).unwrap();
         }
+        let config = dir.join("config.yaml");
+        Self::spawn(wrapper, dir, &config, env)
+    }
+
+    /// Runs the binary on the config file `config` (another proxy's, say), logging into
+    /// `dir`, once it has printed its addresses.
+    pub fn spawn(
+        wrapper: &[&str],
+        dir: PathBuf,
+        config: &std::path::Path,
+        env: &[(&str, &std::ffi::OsStr)],
+    ) -> Self {
         let log = std::fs::File::create(dir.join("proxy.log")).unwrap();
         let binary = env!("CARGO_BIN_EXE_udp-director");
         let mut command = match wrapper.split_first() {
@@ -114,7 +126,7 @@ impl Proxy {
         };
         let mut child = command
             .arg("--config")
-            .arg(dir.join("config.yaml"))
+            .arg(config)
             .env("RUST_LOG", "warn")
             .envs(env.iter().copied())
             .stdout(Stdio::piped())

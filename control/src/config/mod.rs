@@ -424,7 +424,13 @@ impl Config {
             path: path.to_owned(),
             source,
         })?;
-        let mut config = Self::from_yaml(&text)?;
+        Self::from_file_text(&text, path)
+    }
+
+    /// Parses the text of the config file at `path` (paths in it are relative to its
+    /// directory): a successor's config as it would load it (SPEC §12).
+    pub fn from_file_text(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let mut config = Self::from_yaml(text)?;
         if let InventoryConfig::File { path: inv, .. } = &mut config.inventory
             && inv.is_relative()
             && let Some(dir) = path.parent()

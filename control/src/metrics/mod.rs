@@ -390,6 +390,36 @@ impl Collector for DataPlaneCollector {
             MetricType::Gauge,
         )?;
         ConstGauge::new(c.fastpath_sessions as i64).encode(gauge)?;
+        let handoff = self.controller.handoff_stats();
+        labelled_counter(
+            &mut encoder,
+            "udp_director_handoff",
+            "Hand-offs (SPEC §12) by result: handed_over and refused on the old process, \
+             took_over on the new one, failed on either",
+            dataplane::handoff::stats::HandOffResult::ALL
+                .iter()
+                .map(|r| (vec![("result", r.as_str())], handoff.results(*r))),
+        )?;
+        counter(
+            &mut encoder,
+            "udp_director_handoff_sessions",
+            "UDP sessions handed over (old process) or taken over (new process)",
+            handoff.sessions(),
+        )?;
+        counter(
+            &mut encoder,
+            "udp_director_handoff_descriptors",
+            "Sockets handed over (old process) or taken over (new process)",
+            handoff.descriptors(),
+        )?;
+        let gauge = encoder.encode_descriptor(
+            "udp_director_handoff_gap_seconds",
+            "The last hand-off's gap: from the old process's last read to the new one's first \
+             (measured by the old process; 0 on the new one)",
+            None,
+            MetricType::Gauge,
+        )?;
+        ConstGauge::new(handoff.last_gap_seconds()).encode(gauge)?;
         let (held, allowed) = self.controller.descriptors();
         let gauge = encoder.encode_descriptor(
             "udp_director_dataplane_descriptors",

@@ -151,6 +151,40 @@ impl Grant {
         }
     }
 
+    /// A published grant taken over from the previous process (SPEC §12): `redeemed` has a
+    /// bit per data port it was redeemed on there, so it stays spent on those ports here.
+    pub fn handed_over(
+        token: TokenId,
+        backend: Backend,
+        expires_at: Instant,
+        client: Option<IpAddr>,
+        redeemed: u64,
+    ) -> Self {
+        let mut grant = Self::new(token, backend, expires_at);
+        grant.client = client.map(|ip| ip.to_canonical());
+        if let Redemptions::Flags(flags) = &grant.redeemed {
+            for (port, flag) in flags.iter().enumerate() {
+                flag.store(redeemed & port_bit(port) != 0, Ordering::Release);
+            }
+        }
+        grant
+    }
+
+    /// The data ports a published grant was redeemed on, a bit per port; `None` for a sealed
+    /// token's grant, whose redemptions are in the ledger.
+    pub fn redeemed_ports(&self) -> Option<u64> {
+        match &self.redeemed {
+            Redemptions::Flags(flags) => Some(
+                flags
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, f)| f.load(Ordering::Acquire))
+                    .fold(0, |bits, (port, _)| bits | port_bit(port)),
+            ),
+            Redemptions::Ledger(_) => None,
+        }
+    }
+
     /// Binds the grant to one client address (`bindTokenToClientIp`).
     pub fn bound_to(mut self, client: IpAddr) -> Self {
         self.client = Some(client.to_canonical());
@@ -306,6 +340,32 @@ impl NonceLedger {
             shard.sweep_at = (shard.used.len() * 2).max(1024);
         }
         true
+    }
+
+    /// Every entry still kept at `now`: (token, kept until, a bit per data port redeemed),
+    /// for the hand-off to a successor.
+    pub fn entries(&self, now: Instant) -> Vec<(TokenId, Instant, u64)> {
+        let mut all = Vec::new();
+        for shard in self.shards.iter() {
+            let shard = shard.lock();
+            all.extend(
+                shard
+                    .used
+                    .iter()
+                    .filter(|(_, (keep, _))| *keep > now)
+                    .map(|(token, (keep, ports))| (*token, *keep, *ports)),
+            );
+        }
+        all
+    }
+
+    /// Takes over an entry of the previous process's ledger: `token` stays redeemed on
+    /// `ports` until `keep_until`.
+    pub fn adopt(&self, token: TokenId, keep_until: Instant, ports: u64) {
+        let mut shard = self.shard(token).lock();
+        let entry = shard.used.entry(token).or_insert((keep_until, 0));
+        entry.0 = entry.0.max(keep_until);
+        entry.1 |= ports;
     }
 
     /// Entries held (redeemed tokens not yet swept).

@@ -65,6 +65,13 @@ impl SessionLimits {
         Ok(())
     }
 
+    /// Takes a slot for a session that exists already (one handed over by the previous
+    /// process), over the caps if need be: the caps refuse new sessions, never live ones.
+    pub(crate) fn acquire_existing(&self, ip: IpAddr) {
+        self.live.fetch_add(1, Ordering::AcqRel);
+        *self.shard(ip).lock().entry(ip).or_insert(0) += 1;
+    }
+
     /// Returns a slot taken by [`Self::try_acquire`].
     pub(crate) fn release(&self, ip: IpAddr) {
         self.live.fetch_sub(1, Ordering::AcqRel);

@@ -140,6 +140,35 @@ impl SocketAssigner {
         Ok(index)
     }
 
+    /// Takes over the places of the previous process's sessions (SPEC §12): `open` sockets per
+    /// family (numbered from 0, as there), and the socket each backend address's live
+    /// sessions are on. The free places below a backend's highest are ready at once (they
+    /// were free there). A place named twice is refused (false): two sessions to one backend
+    /// on one socket could not be told apart.
+    pub(crate) fn adopt(&mut self, open: [u32; 2], places: &[(SocketAddr, u32)]) -> bool {
+        let mut taken: AHashMap<SocketAddr, BTreeSet<u32>> = AHashMap::new();
+        for &(target, index) in places {
+            if index >= open[family(target)] || !taken.entry(target).or_default().insert(index) {
+                return false;
+            }
+        }
+        self.open = open;
+        self.targets.clear();
+        for (target, indexes) in taken {
+            let high_water = indexes.last().map_or(0, |top| top + 1);
+            let ready = (0..high_water).filter(|i| !indexes.contains(i)).collect();
+            self.targets.insert(
+                target,
+                TargetUse {
+                    high_water,
+                    quarantined: VecDeque::new(),
+                    ready,
+                },
+            );
+        }
+        true
+    }
+
     /// The session to `target` on socket `index` has ended, moved or was never made.
     pub(crate) fn release(&mut self, target: SocketAddr, index: u32, now: Instant) {
         let Some(used) = self.targets.get_mut(&target) else {
@@ -396,5 +425,33 @@ mod tests {
         }
         assert_eq!(max + 1, 100);
         assert_eq!(s.open(), [100, 0]);
+    }
+
+    #[test]
+    fn adopted_places_stay_taken_and_the_gaps_below_are_free() {
+        let t0 = Instant::now();
+        let a: SocketAddr = "10.0.0.1:7000".parse().unwrap();
+        let b: SocketAddr = "10.0.0.2:7000".parse().unwrap();
+        let mut s = SocketAssigner::default();
+        assert!(s.adopt([3, 0], &[(a, 0), (a, 2), (b, 1)]));
+        assert_eq!(s.open(), [3, 0]);
+        let never = |_| -> Result<(), ()> { panic!("no socket should open") };
+        // `a` has 0 and 2: the free place 1 comes first, then a new socket (3).
+        assert_eq!(s.acquire(a, t0, never), Ok(1));
+        let mut opened = None;
+        assert_eq!(
+            s.acquire(a, t0, |n| {
+                opened = Some(n);
+                Ok::<_, ()>(())
+            }),
+            Ok(3)
+        );
+        assert_eq!(opened, Some(3));
+        // `b` has 1: 0 is free.
+        assert_eq!(s.acquire(b, t0, never), Ok(0));
+        // A place named twice, or past the open sockets, is refused.
+        let mut s = SocketAssigner::default();
+        assert!(!s.adopt([2, 0], &[(a, 1), (a, 1)]));
+        assert!(!s.adopt([2, 0], &[(a, 2)]));
     }
 }

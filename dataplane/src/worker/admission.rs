@@ -155,6 +155,33 @@ impl Admission {
         }
     }
 
+    /// The published grants a player may still redeem, for the successor (SPEC §12). A
+    /// sealed token's grant is not among them: the token carries it, the ledger its uses.
+    pub(super) fn export_grants(&mut self, now: Instant) -> Vec<crate::handoff::wire::WireGrant> {
+        self.drain_grants();
+        self.grants
+            .values()
+            .filter(|g| !g.is_spent(now))
+            .filter_map(|g| {
+                Some(crate::handoff::wire::WireGrant {
+                    token: g.token.0,
+                    backend: crate::handoff::wire::WireBackend {
+                        id: g.backend.id.0,
+                        addrs: g.backend.addrs.to_vec(),
+                        proxy: crate::handoff::wire_proxy_mode(g.backend.proxy),
+                    },
+                    expires_in_ms: u64::try_from(
+                        g.expires_at.saturating_duration_since(now).as_millis(),
+                    )
+                    .unwrap_or(u64::MAX),
+                    client: g.client,
+                    sealed: false,
+                    redeemed: g.redeemed_ports()?,
+                })
+            })
+            .collect()
+    }
+
     /// Drops the grants that can no longer be redeemed.
     pub(super) fn sweep_grants(&mut self, now: Instant) {
         self.grants.retain(|_, g| !g.is_spent(now));

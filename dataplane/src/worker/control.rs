@@ -64,6 +64,13 @@ impl Worker {
                 reply(self.sessions.list(self.out.id(), now, &query));
             }
             ControlMsg::KillSessions(client, reply) => reply(self.kill_sessions(client)),
+            ControlMsg::HandOffFreeze(reply) => {
+                let _ = reply.send(self.hand_off_freeze(now));
+            }
+            ControlMsg::HandOffEnd(end) => self.hand_off_end(end),
+            ControlMsg::Adopt(adoption, reply) => {
+                let _ = reply.send(self.adopt(*adoption, now));
+            }
             ControlMsg::Drain => self.admission.drain(),
             ControlMsg::Shutdown => self.shutting_down = true,
         }

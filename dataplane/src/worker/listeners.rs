@@ -8,16 +8,17 @@
 //! never reads or writes a datagram.
 
 use std::net::{IpAddr, SocketAddr};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::sync::Arc;
 use std::time::Duration;
 
 use mio::{Interest, Registry};
 
 use crate::ctl::Closing;
+use crate::handoff::share::ListenerShare;
 use crate::io::pktinfo;
 use crate::io::socket::ListenSocket;
-use crate::listener::{CloseMode, ListenerId, ListenerKind};
+use crate::listener::{CloseMode, ListenerId, ListenerKind, Transport};
 use crate::metrics::{DropReason, ListenerCounters, ListenerSlot};
 use crate::policy::route::{Pick, Picker, RouteTable};
 
@@ -354,6 +355,54 @@ impl Listeners {
         closing.join(listener.sessions);
         self.set_closing(port, closing);
         self.retire_if_drained(registry, port);
+    }
+
+    // ---- hand-off (SPEC §12) ---------------------------------------------------------------
+
+    /// Stops reading and accepting on every listener (the successor does now, or this worker
+    /// will again after [`Self::thaw`]) and describes each, with a duplicate of this worker's
+    /// socket of it.
+    pub(super) fn freeze(&mut self, registry: &Registry) -> std::io::Result<Vec<ListenerShare>> {
+        let mut all = Vec::new();
+        for (index, listener) in self.slab.iter_mut().enumerate() {
+            let Some(listener) = listener else { continue };
+            let (transport, fd) = match &mut listener.io {
+                ListenerIo::Udp { socket, .. } => {
+                    let _ = registry.deregister(socket);
+                    (Transport::Udp, socket.as_fd().try_clone_to_owned()?)
+                }
+                ListenerIo::Tcp(tcp) => {
+                    let _ = registry.deregister(tcp);
+                    (Transport::Tcp, tcp.as_fd().try_clone_to_owned()?)
+                }
+            };
+            all.push(ListenerShare {
+                id: ListenerId(index as u16),
+                transport,
+                local: listener.local,
+                kind: listener.kind.clone(),
+                idle_timeout: listener.idle_timeout,
+                fd,
+            });
+        }
+        Ok(all)
+    }
+
+    /// Reads and accepts on every listener again: the hand-off failed.
+    pub(super) fn thaw(&mut self, registry: &Registry) {
+        for (index, listener) in self.slab.iter_mut().enumerate() {
+            let Some(listener) = listener else { continue };
+            let token = listener_token(index);
+            let registered = match &mut listener.io {
+                ListenerIo::Udp { socket, .. } => {
+                    registry.register(socket, token, Interest::READABLE)
+                }
+                ListenerIo::Tcp(tcp) => registry.register(tcp, token, Interest::READABLE),
+            };
+            if let Err(e) = registered {
+                log::error!("hand-off: listener {index} cannot be read again: {e}");
+            }
+        }
     }
 
     /// Looks at every draining listener (they may have drained on other workers).

@@ -38,6 +38,7 @@ use crate::warn_gate::WarnGate;
 
 mod admission;
 mod control;
+mod handoff;
 mod listeners;
 mod pending;
 mod pool;
@@ -174,6 +175,11 @@ pub(crate) struct Worker {
     busy_poll: Duration,
     shutting_down: bool,
     next_sweep: Instant,
+    /// Handing off (SPEC §12): it reads no listener or upstream socket, and its UDP sessions
+    /// neither expire nor change until the hand-off ends.
+    frozen: bool,
+    /// The successor took its listeners and UDP sessions; it only finishes TCP sessions.
+    handed_over: bool,
 }
 
 impl std::fmt::Debug for Worker {
@@ -216,6 +222,8 @@ impl Worker {
             busy_poll: config.busy_poll,
             shutting_down: false,
             next_sweep: now + SWEEP_INTERVAL,
+            frozen: false,
+            handed_over: false,
         };
         Ok((worker, waker))
     }
@@ -283,11 +291,18 @@ impl Worker {
                 self.close_all();
                 return Ok(());
             }
-            self.sessions
-                .expire_idle(now, &mut self.listeners, self.poll.registry(), &self.out);
-            let (mut p, _, tcp) = self.split();
-            tcp.expire(&mut p, now);
-            self.sweep(now);
+            // While a hand-off is under way the sessions stay as they were described.
+            if !self.frozen || self.handed_over {
+                self.sessions.expire_idle(
+                    now,
+                    &mut self.listeners,
+                    self.poll.registry(),
+                    &self.out,
+                );
+                let (mut p, _, tcp) = self.split();
+                tcp.expire(&mut p, now);
+                self.sweep(now);
+            }
             self.listeners.retire_drained(self.poll.registry());
         }
     }

@@ -5,7 +5,7 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::time::Instant;
 
 use std::sync::Arc;
@@ -231,6 +231,105 @@ impl UpstreamPool {
     #[inline]
     pub(super) fn fd(&self, pool: PoolRef) -> Option<RawFd> {
         self.socket(pool).map(|s| s.socket.as_raw_fd())
+    }
+
+    // ---- hand-off (SPEC §12) ---------------------------------------------------------------
+
+    /// Stops reading every socket (the successor reads them now, or will after
+    /// [`Self::thaw`]), and gives its number, local port and a duplicate of its descriptor.
+    pub(super) fn freeze(&mut self, registry: &Registry) -> io::Result<Vec<(u32, u16, OwnedFd)>> {
+        let mut all = Vec::with_capacity(self.sockets());
+        for (ipv6, sockets) in [(false, &mut self.v4), (true, &mut self.v6)] {
+            for (index, s) in sockets.iter_mut().enumerate() {
+                let _ = registry.deregister(&mut s.socket);
+                let fd = s.socket.as_fd().try_clone_to_owned()?;
+                all.push((PoolRef::new(index as u32, ipv6).number(), s.port, fd));
+            }
+        }
+        Ok(all)
+    }
+
+    /// Reads every socket again: the hand-off failed and this process serves on.
+    pub(super) fn thaw(&mut self, registry: &Registry) {
+        for (ipv6, sockets) in [(false, &mut self.v4), (true, &mut self.v6)] {
+            for (index, s) in sockets.iter_mut().enumerate() {
+                let token = PoolRef::new(index as u32, ipv6).token();
+                if let Err(e) = registry.register(&mut s.socket, token, Interest::READABLE) {
+                    log::error!("hand-off: an upstream socket cannot be read again: {e}");
+                }
+            }
+        }
+    }
+
+    /// Takes over the previous process's sockets, by their numbers there (each family's
+    /// numbered from 0 without a gap, as a pool keeps them), registered and paid for.
+    pub(super) fn adopt_sockets(
+        &mut self,
+        mut sockets: Vec<(u32, std::net::UdpSocket)>,
+        registry: &Registry,
+    ) -> Result<(), String> {
+        if self.sockets() != 0 {
+            return Err("the pool has sockets already".into());
+        }
+        sockets.sort_by_key(|(number, _)| *number);
+        for (number, socket) in sockets {
+            let pool = PoolRef::from_number(number);
+            let family = if pool.ipv6() {
+                &mut self.v6
+            } else {
+                &mut self.v4
+            };
+            if pool.index() != family.len() {
+                return Err(format!("upstream socket {number} leaves a gap"));
+            }
+            let lease = self.budget.try_take(1).ok_or_else(|| {
+                format!(
+                    "the descriptor budget is spent ({} of {} held)",
+                    self.budget.held(),
+                    self.budget.allowed()
+                )
+            })?;
+            socket
+                .set_nonblocking(true)
+                .map_err(|e| format!("upstream socket {number}: {e}"))?;
+            let mut socket = mio::net::UdpSocket::from_std(socket);
+            let port = socket.local_addr().map_or(0, |a| a.port());
+            registry
+                .register(&mut socket, pool.token(), Interest::READABLE)
+                .map_err(|e| format!("upstream socket {number}: {e}"))?;
+            self.own_ports.add(pool.ipv6(), port);
+            family.push(PoolSocket {
+                socket,
+                peers: AHashMap::new(),
+                idle_since: Some(Instant::now()),
+                port,
+                _lease: lease,
+            });
+        }
+        Ok(())
+    }
+
+    /// Gives the adopted sessions their places: `(socket, backend address, session)`.
+    pub(super) fn adopt_places(
+        &mut self,
+        places: &[(PoolRef, SocketAddr, SessionId)],
+    ) -> Result<(), String> {
+        let open = [self.v4.len() as u32, self.v6.len() as u32];
+        let by_index: Vec<(SocketAddr, u32)> = places
+            .iter()
+            .map(|(pool, target, _)| (*target, pool.index() as u32))
+            .collect();
+        if !self.assigner.adopt(open, &by_index) {
+            return Err("two sessions to one backend on one upstream socket".into());
+        }
+        for &(pool, target, session) in places {
+            let socket = self
+                .socket_mut(pool)
+                .ok_or_else(|| format!("no upstream socket {}", pool.number()))?;
+            socket.peers.insert(target, session);
+            socket.idle_since = None;
+        }
+        Ok(())
     }
 
     /// Sockets open, IPv4 and IPv6 together.

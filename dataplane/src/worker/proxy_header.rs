@@ -50,6 +50,34 @@ impl ProxyState {
         }))
     }
 
+    /// Its state as the hand-off carries it: a header queued but not yet flushed counts as
+    /// not sent (the batch is flushed before a hand-off, so none is).
+    pub(super) fn wire(&self) -> crate::handoff::wire::WireProxyState {
+        crate::handoff::wire::WireProxyState {
+            every: self.every,
+            pending: self.pending,
+        }
+    }
+
+    /// A handed-over session's header state: rebuilt for its path, with whether a `v2-first`
+    /// header is still to be sent as it was in the previous process.
+    pub(super) fn handed_over(
+        listeners: &Listeners,
+        wire: crate::handoff::wire::WireProxyState,
+        client: SocketAddr,
+        port: usize,
+        local: Option<IpAddr>,
+    ) -> Option<Box<Self>> {
+        let mode = if wire.every {
+            ProxyMode::V2
+        } else {
+            ProxyMode::V2First
+        };
+        let mut state = Self::for_path(listeners, mode, client, port, local)?;
+        state.pending = wire.every || wire.pending;
+        Some(state)
+    }
+
     /// The header the datagram queued as `entry` of the upstream batch carries.
     #[inline]
     pub(super) fn take(&mut self, entry: usize) -> Header<'_> {

@@ -38,6 +38,8 @@ use super::listeners::Listeners;
 use super::pool::{PlaceError, PoolRef, UpstreamPool};
 use super::proxy_header::ProxyState;
 
+mod handoff;
+
 /// Idle timeout of a session whose listener is gone (cannot happen: a listener outlives its
 /// sessions); short, so such a session would not linger.
 const ORPHAN_IDLE_TIMEOUT: Duration = Duration::from_secs(1);
