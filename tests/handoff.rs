@@ -15,6 +15,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::*;
+use dataplane::handoff::stream::Channel;
+use dataplane::handoff::wire::{Answer, State};
 
 const QUERY_A: &str =
     r#"{"resourceType":"gameserver","namespace":"starx","labelSelector":{"map":"a"}}"#;
@@ -81,6 +83,8 @@ struct Ports {
     query: u16,
     admin: u16,
     data: u16,
+    chat: u16,
+    voice: u16,
     forward: u16,
     tcp_forward: u16,
 }
@@ -91,22 +95,50 @@ fn config(p: &Ports, socket: &std::path::Path, data: u16) -> String {
 bindAddress: 127.0.0.1
 queryPort: {query}
 adminPort: {admin}
-dataPorts: [{{name: game, port: {data}, protocol: udp}}]
+dataPorts:
+  - {{name: game, port: {data}, protocol: udp}}
+  - {{name: chat, port: {chat}, protocol: tcp}}
+entryPoints: [{{name: voice, port: {voice}}}]
 workers: 2
 drainSeconds: 5
 inventory: {{kind: file, path: inventory.yaml, pollIntervalMillis: 50}}
 resourceQueryMapping:
-  gameserver: {{group: agones.dev, version: v1, resource: gameservers, addressPath: status.address, portName: default}}
+  gameserver:
+    {{group: agones.dev, version: v1, resource: gameservers, addressPath: status.address,
+     ports: [{{name: game, portName: game}}, {{name: chat, portName: chat}}]}}
+defaultEndpoint: {{resourceType: gameserver, namespace: starx, labelSelector: {{map: a}}}}
 forwarders: {{namespace: games, resolveIntervalSeconds: 1}}
 handoff: {{socketPath: {socket}}}
 "#,
         query = p.query,
         admin = p.admin,
+        chat = p.chat,
+        voice = p.voice,
         socket = socket.display(),
     )
 }
 
-fn inventory(p: &Ports, a: SocketAddr, b: SocketAddr, tcp: SocketAddr) -> String {
+/// The backends: UDP echoes tagged `a`, `b` (game servers) and `r` (the route's endpoint),
+/// and one slow TCP echo behind both game servers and the TCP forwarder.
+struct Backends {
+    a: PortEcho,
+    b: PortEcho,
+    r: PortEcho,
+    tcp: SocketAddr,
+}
+
+impl Backends {
+    fn spawn() -> Self {
+        Self {
+            a: PortEcho::spawn("a"),
+            b: PortEcho::spawn("b"),
+            r: PortEcho::spawn("r"),
+            tcp: slow_tcp_echo(),
+        }
+    }
+}
+
+fn inventory(p: &Ports, be: &Backends) -> String {
     let forwarder = |name: &str, listen: u16, target: SocketAddr, protocol: &str| {
         format!(
             "- apiVersion: udp-director.dev/v1alpha1\n  kind: Forwarder\n  metadata: {{name: {name}, \
@@ -116,12 +148,22 @@ fn inventory(p: &Ports, a: SocketAddr, b: SocketAddr, tcp: SocketAddr) -> String
             target.port()
         )
     };
+    let server = |name: &str, map: &str, udp: SocketAddr| {
+        format!(
+            "- apiVersion: agones.dev/v1\n  kind: GameServer\n  metadata: {{name: {name}, \
+             namespace: starx, labels: {{map: {map}}}}}\n  status: {{state: Ready, address: \
+             \"127.0.0.1\", ports: [{{name: game, port: {}}}, {{name: chat, port: {}}}]}}\n",
+            udp.port(),
+            be.tcp.port()
+        )
+    };
     format!(
-        "{}{}{}{}",
-        gameserver("gs-a", "Ready", a, ", map: a"),
-        gameserver("gs-b", "Ready", b, ", map: b"),
-        forwarder("fwd", p.forward, a, "udp"),
-        forwarder("fwd-tcp", p.tcp_forward, tcp, "tcp"),
+        "{}{}{}{}{}",
+        server("gs-a", "a", be.a.addr),
+        server("gs-b", "b", be.b.addr),
+        forwarder("fwd", p.forward, be.a.addr, "udp"),
+        forwarder("fwd-tcp", p.tcp_forward, be.tcp, "tcp"),
+        route_to(be.r.addr),
     )
 }
 
@@ -146,9 +188,34 @@ fn ports() -> Ports {
         query: free_port(),
         admin: free_port(),
         data: free_port(),
+        chat: free_port(),
+        voice: free_port(),
         forward: free_port(),
         tcp_forward: free_port(),
     }
+}
+
+/// Sends a datagram every 5 ms (200/s) on `client` to `to` until `stop`.
+fn pump(client: &UdpSocket, to: SocketAddr, stop: &Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
+    let c = client.try_clone().unwrap();
+    let stop = Arc::clone(stop);
+    std::thread::spawn(move || {
+        let mut n = 0;
+        while !stop.load(Ordering::Relaxed) {
+            let _ = c.send_to(format!("pump{n}").as_bytes(), to);
+            n += 1;
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    })
+}
+
+/// Reads and drops what is waiting on `client`; how many replies.
+fn drain(client: &UdpSocket) -> usize {
+    let mut n = 0;
+    while datagram_within(client, Duration::from_millis(200)).is_some() {
+        n += 1;
+    }
+    n
 }
 
 fn local(port: u16) -> SocketAddr {
@@ -182,66 +249,85 @@ fn slow_tcp_echo() -> SocketAddr {
 
 #[test]
 fn a_successor_takes_over_every_udp_session_and_the_old_process_finishes_tcp() {
-    let a_echo = PortEcho::spawn("a");
-    let b_echo = PortEcho::spawn("b");
-    let tcp_echo = slow_tcp_echo();
+    let be = Backends::spawn();
     let p = ports();
     let scratch = scratch_dir();
     let socket = scratch.join("handoff.sock");
-    let mut old = Proxy::start(
-        &config(&p, &socket, p.data),
-        &inventory(&p, a_echo.addr, b_echo.addr, tcp_echo),
-    );
+    let mut old = Proxy::start(&config(&p, &socket, p.data), &inventory(&p, &be));
     old.eventually("forwarders open", |px| {
         px.metric(r#"udp_director_forwarders{protocol="udp"}"#) == 1.0
             && px.metric(r#"udp_director_forwarders{protocol="tcp"}"#) == 1.0
     });
-    let data = local(p.data);
+    let (data, chat, voice) = (local(p.data), local(p.chat), local(p.voice));
     let forward = local(p.forward);
 
-    // A token session and a forwarder session with traffic; a token issued but not redeemed.
+    // UDP sessions of every kind: a token, a default, a forwarder and a route session.
     let token_client = client();
     let token = old.token(QUERY_A);
-    let (tag, token_port) = exchange(&token_client, data, &token);
+    assert_eq!(exchange(&token_client, data, &token).0, "a");
+    let (_, token_port) = exchange(&token_client, data, "hello");
+    let default_client = client();
+    let (tag, default_port) = exchange(&default_client, data, "no token");
     assert_eq!(tag, "a");
     let fwd_client = client();
     let (_, fwd_port) = exchange(&fwd_client, forward, "hello");
+    let route_client = client();
+    old.eventually("the route serves", |_| {
+        route_client.send_to(b"probe", voice).unwrap();
+        datagram_within(&route_client, Duration::from_millis(200)).is_some()
+    });
+    drain(&route_client);
+    let (tag, route_port) = exchange(&route_client, voice, "hello");
+    assert_eq!(tag, "r");
+    // Tokens A issues and nobody has redeemed yet.
     let spare = old.token(QUERY_B);
     let move_to_b = old.token(QUERY_B);
-    // A TCP transfer in flight through A.
+    // TCP: a token session on the TCP data port and a forwarder connection, mid-transfer.
+    let mut tcp_token = TcpStream::connect(chat).unwrap();
+    tcp_token
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let chat_token = old.token(QUERY_A);
+    tcp_token
+        .write_all(format!("{chat_token}\nbefore").as_bytes())
+        .unwrap();
+    let mut got = [0u8; 6];
+    tcp_token.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"before");
     let mut tcp = TcpStream::connect(local(p.tcp_forward)).unwrap();
     tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     tcp.write_all(b"before").unwrap();
-    let mut got = [0u8; 6];
     tcp.read_exact(&mut got).unwrap();
     assert_eq!(&got, b"before");
 
-    // Traffic keeps flowing while B takes over.
+    // Traffic flows on every UDP session (200 datagrams/s each) while B takes over.
     let stop = Arc::new(AtomicBool::new(false));
-    let pump = {
-        let stop = Arc::clone(&stop);
-        let c = token_client.try_clone().unwrap();
-        std::thread::spawn(move || {
-            let mut n = 0;
-            while !stop.load(Ordering::Relaxed) {
-                let _ = c.send_to(format!("pump{n}").as_bytes(), data);
-                n += 1;
-                std::thread::sleep(Duration::from_millis(5));
-            }
-        })
-    };
+    let pumps = [
+        pump(&token_client, data, &stop),
+        pump(&default_client, data, &stop),
+        pump(&fwd_client, forward, &stop),
+        pump(&route_client, voice, &stop),
+    ];
     let new = successor(&old);
+    new.eventually("B took over", |px| {
+        px.metric(r#"udp_director_handoff_total{result="took_over"}"#) == 1.0
+    });
     std::thread::sleep(Duration::from_millis(300));
     stop.store(true, Ordering::Relaxed);
-    pump.join().unwrap();
-    // Drain the pump's replies.
-    while datagram_within(&token_client, Duration::from_millis(200)).is_some() {}
+    for p in pumps {
+        p.join().unwrap();
+    }
+    for c in [&token_client, &default_client, &fwd_client, &route_client] {
+        drain(c);
+    }
 
-    // The TCP connection opened on A still carries its transfer; A has stopped accepting.
-    tcp.write_all(b"during").unwrap();
-    tcp.read_exact(&mut got).unwrap();
-    assert_eq!(&got, b"during");
-    drop(tcp);
+    // The TCP connections opened on A still carry their transfers; then A exits.
+    for conn in [&mut tcp_token, &mut tcp] {
+        conn.write_all(b"during").unwrap();
+        conn.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"during");
+    }
+    drop((tcp_token, tcp));
     let status = exited_within(&mut old, Duration::from_secs(10))
         .unwrap_or_else(|| panic!("A did not exit after the hand-off:\n{}", old.log()));
     assert!(status.success(), "A: {status}\n{}", old.log());
@@ -252,51 +338,71 @@ fn a_successor_takes_over_every_udp_session_and_the_old_process_finishes_tcp() {
         ("a".into(), token_port)
     );
     assert_eq!(
+        exchange(&default_client, data, "after"),
+        ("a".into(), default_port)
+    );
+    assert_eq!(
         exchange(&fwd_client, forward, "after"),
         ("a".into(), fwd_port)
+    );
+    assert_eq!(
+        exchange(&route_client, voice, "after"),
+        ("r".into(), route_port)
     );
     // A token A issued is redeemable on B, once.
     let spare_client = client();
     assert_eq!(exchange(&spare_client, data, &spare).0, "b");
     let again = client();
     again.send_to(spare.as_bytes(), data).unwrap();
-    expect_nothing(&again, Duration::from_millis(300));
-    // A live migration on B moves the taken-over session.
+    // (Without a session it would be a default client: the token is not redeemed twice.)
+    let reply = String::from_utf8(expect_datagram(&again)).unwrap();
+    assert!(reply.starts_with("a "), "a spent token opened {reply}");
+    // A live migration on B moves a taken-over session.
     token_client
         .send_to(&control_packet(&move_to_b), data)
         .unwrap();
     new.eventually("the session moved to b", |_| {
         exchange(&token_client, data, "moved").0 == "b"
     });
-    // New TCP connections reach B.
+    // New TCP connections reach B, on the data port and the forwarder.
     let mut tcp = TcpStream::connect(local(p.tcp_forward)).unwrap();
     tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     tcp.write_all(b"new-tc").unwrap();
     tcp.read_exact(&mut got).unwrap();
     assert_eq!(&got, b"new-tc");
-    // B's query port (A's socket) answers.
-    let _ = new.token(QUERY_A);
-    assert_eq!(
-        new.metric(r#"udp_director_handoff_total{result="took_over"}"#),
-        1.0
-    );
-    assert!(new.metric("udp_director_handoff_sessions_total") >= 2.0);
+    let mut tcp_token = TcpStream::connect(chat).unwrap();
+    tcp_token
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    tcp_token
+        .write_all(format!("{}\nnew-tc", new.token(QUERY_A)).as_bytes())
+        .unwrap();
+    tcp_token.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"new-tc");
+    // B's query port (A's socket) answers, and B says what it took.
+    assert!(new.metric("udp_director_handoff_sessions_total") >= 4.0);
+    assert!(new.metric("udp_director_handoff_descriptors_total") >= 10.0);
+    let sessions = new.sessions();
+    assert!(sessions.len() >= 5, "{sessions:?}");
+}
+
+/// A running proxy A with one token session; its client, the session's source port at the
+/// backend, and the data port.
+fn serving(p: &Ports, be: &Backends, socket: &std::path::Path) -> (Proxy, UdpSocket, u16) {
+    let old = Proxy::start(&config(p, socket, p.data), &inventory(p, be));
+    let c = client();
+    let token = old.token(QUERY_A);
+    exchange(&c, local(p.data), &token);
+    let (_, port) = exchange(&c, local(p.data), "hello");
+    (old, c, port)
 }
 
 #[test]
 fn a_successor_with_another_data_port_is_refused_and_the_old_process_serves_on() {
-    let echo = PortEcho::spawn("a");
+    let be = Backends::spawn();
     let p = ports();
-    let scratch = scratch_dir();
-    let socket = scratch.join("handoff.sock");
-    let old = Proxy::start(
-        &config(&p, &socket, p.data),
-        &inventory(&p, echo.addr, echo.addr, echo.addr),
-    );
-    let data = local(p.data);
-    let c = client();
-    let token = old.token(QUERY_A);
-    let (_, port) = exchange(&c, data, &token);
+    let socket = scratch_dir().join("handoff.sock");
+    let (old, c, port) = serving(&p, &be, &socket);
 
     let dir = scratch_dir();
     std::fs::copy(old.dir.join("inventory.yaml"), dir.join("inventory.yaml")).unwrap();
@@ -316,7 +422,7 @@ fn a_successor_with_another_data_port_is_refused_and_the_old_process_serves_on()
         "{err}"
     );
     // A never stopped reading.
-    assert_eq!(exchange(&c, data, "still"), ("a".into(), port));
+    assert_eq!(exchange(&c, local(p.data), "still"), ("a".into(), port));
     assert_eq!(
         old.metric(r#"udp_director_handoff_total{result="refused"}"#),
         1.0
@@ -324,33 +430,28 @@ fn a_successor_with_another_data_port_is_refused_and_the_old_process_serves_on()
     let _ = std::fs::remove_dir_all(dir);
 }
 
-/// A successor that connects, says hello, receives the state and goes away without taking
-/// over: A reads its sockets again and loses no session.
-#[test]
-fn a_successor_that_dies_after_receiving_leaves_the_old_process_serving() {
-    use dataplane::handoff::stream::Channel;
-    use dataplane::handoff::wire::{Answer, State};
-    let echo = PortEcho::spawn("a");
-    let p = ports();
-    let scratch = scratch_dir();
-    let socket = scratch.join("handoff.sock");
-    let old = Proxy::start(
-        &config(&p, &socket, p.data),
-        &inventory(&p, echo.addr, echo.addr, echo.addr),
-    );
-    let data = local(p.data);
-    let c = client();
-    let token = old.token(QUERY_A);
-    let (_, port) = exchange(&c, data, &token);
-
+/// Connects to A as a successor would and says hello with A's own config.
+fn knock(old: &Proxy, socket: &std::path::Path) -> Channel {
     let text = std::fs::read_to_string(old.dir.join("config.yaml")).unwrap();
-    let stream = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+    let stream = std::os::unix::net::UnixStream::connect(socket).unwrap();
     let mut channel = Channel::new(stream, Duration::from_secs(5)).unwrap();
     channel
         .send(&dataplane::handoff::new::hello(text, 2), &[])
         .unwrap();
     let (answer, _): (Answer, _) = channel.recv().unwrap();
     assert_eq!(answer, Answer::Accept);
+    channel
+}
+
+/// A successor that receives the whole state and dies before it takes over: A reads its
+/// sockets again and loses no session.
+#[test]
+fn a_successor_that_dies_after_receiving_leaves_the_old_process_serving() {
+    let be = Backends::spawn();
+    let p = ports();
+    let socket = scratch_dir().join("handoff.sock");
+    let (old, c, port) = serving(&p, &be, &socket);
+    let mut channel = knock(&old, &socket);
     let (state, fds): (State, _) = channel.recv().unwrap();
     assert_eq!(
         state
@@ -362,10 +463,95 @@ fn a_successor_that_dies_after_receiving_leaves_the_old_process_serving() {
     );
     assert!(!fds.is_empty());
     // Dies here: no `Taken`.
-    drop(fds);
-    drop(channel);
+    drop((fds, channel));
     old.eventually("A counts the failed hand-off", |px| {
         px.metric(r#"udp_director_handoff_total{result="failed"}"#) == 1.0
     });
-    assert_eq!(exchange(&c, data, "still"), ("a".into(), port));
+    assert_eq!(exchange(&c, local(p.data), "still"), ("a".into(), port));
+    // And a later successor still takes over.
+    let new = successor(&old);
+    new.eventually("B took over", |px| {
+        px.metric(r#"udp_director_handoff_total{result="took_over"}"#) == 1.0
+    });
+    assert_eq!(exchange(&c, local(p.data), "after"), ("a".into(), port));
+}
+
+/// A successor killed half-way through the state (it read a few bytes of it and its socket
+/// closed): A serves on.
+#[test]
+fn a_successor_killed_half_way_through_the_state_leaves_the_old_process_serving() {
+    let be = Backends::spawn();
+    let p = ports();
+    let socket = scratch_dir().join("handoff.sock");
+    let (old, c, port) = serving(&p, &be, &socket);
+    let text = std::fs::read_to_string(old.dir.join("config.yaml")).unwrap();
+    let mut stream = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+    {
+        let mut channel =
+            Channel::new(stream.try_clone().unwrap(), Duration::from_secs(5)).unwrap();
+        channel
+            .send(&dataplane::handoff::new::hello(text, 2), &[])
+            .unwrap();
+        let (answer, _): (Answer, _) = channel.recv().unwrap();
+        assert_eq!(answer, Answer::Accept);
+    }
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut some = [0u8; 16];
+    stream.read_exact(&mut some).unwrap();
+    drop(stream);
+    old.eventually("A counts the failed hand-off", |px| {
+        px.metric(r#"udp_director_handoff_total{result="failed"}"#) == 1.0
+    });
+    assert_eq!(exchange(&c, local(p.data), "still"), ("a".into(), port));
+}
+
+/// An old process killed in the middle of sending (its socket closes half-way through a
+/// frame): the new one exits with the reason and installs nothing; a malformed stream too.
+#[test]
+fn a_predecessor_that_dies_half_way_or_sends_garbage_makes_the_successor_exit_with_the_reason() {
+    let p = ports();
+    let dir = scratch_dir();
+    let socket = dir.join("handoff.sock");
+    let be = Backends::spawn();
+    std::fs::write(dir.join("config.yaml"), config(&p, &socket, p.data)).unwrap();
+    std::fs::write(dir.join("inventory.yaml"), inventory(&p, &be)).unwrap();
+    for (what, cut) in [("killed mid-frame", true), ("garbage", false)] {
+        let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        let fake = std::thread::spawn(move || {
+            let (stream, _) = listener.accept().unwrap();
+            let mut channel =
+                Channel::new(stream.try_clone().unwrap(), Duration::from_secs(5)).unwrap();
+            let _: (dataplane::handoff::wire::Hello, _) = channel.recv().unwrap();
+            channel.send(&Answer::Accept, &[]).unwrap();
+            let mut raw = stream;
+            if cut {
+                // The first bytes of a frame header, then the process is gone.
+                raw.write_all(b"UDH1\x00\x00").unwrap();
+            } else {
+                raw.write_all(&[0xAB; 64]).unwrap();
+            }
+        });
+        let started = Instant::now();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_udp-director"))
+            .arg("--config")
+            .arg(dir.join("config.yaml"))
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap();
+        fake.join().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{what}: {err}");
+        assert!(err.contains("hand-off"), "{what}: {err}");
+        assert!(
+            started.elapsed() < Duration::from_secs(9),
+            "{what}: took {:?}",
+            started.elapsed()
+        );
+        std::fs::remove_file(&socket).unwrap();
+    }
+    let _ = std::fs::remove_dir_all(dir);
 }

@@ -369,7 +369,14 @@ impl Controller {
         if let Some(opened) = registry.claimable(&spec) {
             registry.claim(opened.id, spec.owner.clone());
             drop(registry);
-            self.update_listener(&opened, spec.kind, spec.idle_timeout);
+            // A route reconciler opens its entry points before its first inventory, with no
+            // rule yet: applied now, that would end every handed-over session on them. Its
+            // first real table comes as an update.
+            let placeholder =
+                matches!(&spec.kind, ListenerKind::Route { table } if table.rules.is_empty());
+            if !placeholder {
+                self.update_listener(&opened, spec.kind, spec.idle_timeout);
+            }
             return Ok(opened);
         }
         registry.check(&spec)?;
