@@ -421,3 +421,63 @@ fn a_backend_on_one_of_the_hosts_own_addresses_stays_in_user_space_and_works() {
     assert_eq!(p.metric("udp_director_fastpath_sessions"), 0.0);
     assert!(upstream_counts(&p).0 >= 20.0);
 }
+
+/// A hand-off (SPEC §12) with an offloaded session: the old proxy deletes its entries when the
+/// new one has taken over, the session goes on without a break in the new proxy, which
+/// offloads it again, and its traffic leaves user space once more.
+#[test]
+fn an_offloaded_session_survives_a_hand_off_and_is_offloaded_again() {
+    let Some(t) = topology() else { return };
+    let echo = t.echo(t.server.ns_ip, b'H');
+    let fw_port = free_port();
+    let socket = scratch_dir().join("handoff.sock");
+    // Fixed data port: a port the kernel picked could not be named by the successor.
+    let extra = format!(
+        "forwarders: {{namespace: games}}\nhandoff: {{socketPath: {}}}\n",
+        socket.display()
+    );
+    let config = base_config(&format!("{}{extra}", t.fast_path()))
+        .replace("bindAddress: 127.0.0.1", "bindAddress: \"::\"")
+        .replace("dataPort: 0", &format!("dataPort: {}", free_port()));
+    let mut old = Proxy::launch_under(
+        &FAST_PATH_CAPABILITIES,
+        &config,
+        &forwarder("fw", fw_port, echo.addr),
+        &[],
+    );
+    old.eventually("ready", |p| p.http("GET", "/readyz").0 == 200);
+    let fw = SocketAddr::new(t.client.host_ip, fw_port);
+    let c = t.client_socket(false);
+    old.eventually("the forwarder answers", |_| {
+        round_trip(&c, fw, b"hello").as_deref() == Some(&b"Hhello"[..])
+    });
+    wait_offloaded(&old, "the session offloaded on the old proxy");
+
+    let new = Proxy::spawn(
+        &FAST_PATH_CAPABILITIES,
+        scratch_dir(),
+        &old.dir.join("config.yaml"),
+        &[],
+    );
+    new.eventually("the new proxy took over", |p| {
+        p.metric(r#"udp_director_handoff_total{result="took_over"}"#) == 1.0
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while old.child.try_wait().unwrap().is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "the old proxy did not exit\n{}",
+            old.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        round_trip(&c, fw, b"after").as_deref(),
+        Some(&b"Hafter"[..]),
+        "{}",
+        new.log()
+    );
+    assert_eq!(new.metric("udp_director_fastpath_enabled"), 1.0);
+    wait_offloaded(&new, "the session offloaded again on the new proxy");
+    carried_by_the_kernel(&t, &new, &c, fw, b'H');
+}
