@@ -1,8 +1,9 @@
-//! The recorded stream of the current hand-off format, `fixtures/handoff-v1.bin`: a Hello, an
-//! Accept and a State whose frames announce the State's descriptors (the descriptors themselves
-//! are not in a file). It must keep reading back as the same messages, and the State must pass
-//! `check`: a change to `wire` or to the framing that breaks this breaks a hand-off from the
-//! release that wrote it.
+//! The recorded stream of the current hand-off format, `fixtures/handoff-v1.bin`: the whole
+//! exchange in order (Hello, Accept, Proceed, the State, its session batches, Taken,
+//! Released), the State's frames announcing its descriptors (the descriptors themselves are not
+//! in a file). It must keep reading back as the same messages, and the State with its batches
+//! must pass `check`: a change to `wire` or to the framing that breaks this breaks a hand-off
+//! from the release that wrote it.
 //!
 //! `UPDATE_HANDOFF_FIXTURE=1 cargo test -p dataplane --test handoff_fixture` rewrites the file
 //! (and the fuzz seeds made from it). Do that only when the format version changes, keeping the
@@ -10,30 +11,51 @@
 
 use std::path::{Path, PathBuf};
 
-use dataplane::handoff::stream::{MAX_FDS_PER_FRAME, decode_stream, encode_message};
+use dataplane::handoff::stream::{MAX_FDS_PER_FRAME, RawMessage, decode_stream, encode_message};
 use dataplane::handoff::wire::{
-    Answer, Hello, State, VERSION, WireBackend, WireGrant, WireLedgerEntry, WireListener,
-    WireListenerKind, WirePoolSocket, WireProxyMode, WireProxyState, WireSession, WireSessionKind,
-    WireStats, WireTransport, WireWorker, accepts_version,
+    Answer, Decision, Hello, MAX_SESSION_BATCHES, Released, SESSIONS_PER_BATCH, SessionBatch,
+    State, Taken, WireBackend, WireGrant, WireLedgerEntry, WireListener, WireListenerKind,
+    WirePoolSocket, WireProxyMode, WireProxyState, WireSession, WireSessionKind, WireStats,
+    WireTransport, WireWorker, accepts_version,
 };
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+/// The format the fixture records (its file name's `v1`).
+const FIXTURE_VERSION: u32 = 1;
 
 fn fixture_hello() -> Hello {
     Hello {
-        version: VERSION,
+        version: FIXTURE_VERSION,
+        reads: vec![FIXTURE_VERSION],
         release: "0.1.0".to_owned(),
         pid: 4242,
-        config: "workers: 2\ndataPorts: [7000]\n".to_owned(),
-        restart_keys: vec![("workers".to_owned(), "2".to_owned())],
     }
 }
+
+fn fixture_answer() -> Answer {
+    Answer::Accept {
+        version: FIXTURE_VERSION,
+        release: "0.1.0".to_owned(),
+        config: "workers: 2\ndataPorts: [7000]\n".to_owned(),
+        workers: FIXTURE_WORKERS as u32,
+        pid: 4141,
+    }
+}
+
+const FIXTURE_RELEASED: Released = Released { gap_us: 12_345 };
 
 /// Descriptors a fixture state names.
 const FIXTURE_FDS: usize = 12;
 const FIXTURE_WORKERS: usize = 2;
 
-/// A state that touches every part of the format: listeners of each kind and transport, IPv4
-/// and IPv6, sessions of each kind with and without PROXY state, grants and ledger entries with
-/// tokens past 64 bits. Its descriptors: listeners 0..6, pools 6..10, query 10, admin 11.
+/// Session batches the fixture state announces: one per worker.
+const FIXTURE_BATCHES: u32 = 2;
+
+/// A state that touches every part of the format, as the new process holds it once its
+/// session batches are in: listeners of each kind and transport, IPv4 and IPv6, sessions of
+/// each kind with and without PROXY state, grants and ledger entries with tokens past 64 bits,
+/// a default backend. Its descriptors: listeners 0..6, pools 6..10, query 10, admin 11.
 fn fixture_state() -> State {
     let listener = |id: u16, transport, addr: &str, kind, fds: [u32; 2]| WireListener {
         id,
@@ -161,26 +183,69 @@ fn fixture_state() -> State {
         }],
         query_fd: Some(10),
         admin_fd: Some(11),
+        session_batches: FIXTURE_BATCHES,
+        default: Some(WireBackend {
+            id: 44,
+            addrs: vec![None, Some("[2001:db8::8]:7777".parse().unwrap())],
+            proxy: WireProxyMode::V2First,
+        }),
     }
 }
 
-fn fixture_answer() -> Answer {
-    Answer::Accept
+/// The fixture state as it travels: its sessions moved out into batches of one worker each,
+/// as the old process sends them.
+fn fixture_wire() -> (State, Vec<SessionBatch>) {
+    let mut state = fixture_state();
+    let batches: Vec<SessionBatch> = state
+        .workers
+        .iter_mut()
+        .enumerate()
+        .map(|(worker, w)| SessionBatch {
+            worker: worker as u32,
+            sessions: std::mem::take(&mut w.sessions),
+        })
+        .collect();
+    assert_eq!(batches.len(), FIXTURE_BATCHES as usize);
+    (state, batches)
 }
 
 fn fixture_path() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/handoff-v1.bin")
 }
 
-/// The frames of the fixture exchange, descriptors counted in the headers.
+fn json(message: &impl Serialize) -> Vec<u8> {
+    serde_json::to_vec(message).unwrap()
+}
+
+/// The frames of the fixture exchange, in order, descriptors counted in the headers.
 fn fixture_stream() -> Vec<u8> {
-    let hello = serde_json::to_vec(&fixture_hello()).unwrap();
-    let answer = serde_json::to_vec(&fixture_answer()).unwrap();
-    let state = serde_json::to_vec(&fixture_state()).unwrap();
-    let mut bytes = encode_message(&hello, 0).unwrap();
-    bytes.extend(encode_message(&answer, 0).unwrap());
-    bytes.extend(encode_message(&state, FIXTURE_FDS).unwrap());
-    bytes
+    let (state, batches) = fixture_wire();
+    let mut messages = vec![
+        (json(&fixture_hello()), 0),
+        (json(&fixture_answer()), 0),
+        (json(&Decision::Proceed), 0),
+        (json(&state), FIXTURE_FDS),
+    ];
+    messages.extend(batches.iter().map(|batch| (json(batch), 0)));
+    messages.push((json(&Taken), 0));
+    messages.push((json(&FIXTURE_RELEASED), 0));
+    messages
+        .iter()
+        .flat_map(|(json, fds)| encode_message(json, *fds).unwrap())
+        .collect()
+}
+
+/// The next message of the stream, as a `T` (parsed as the receiving side would).
+fn next<T: DeserializeOwned>(messages: &mut impl Iterator<Item = RawMessage>) -> (T, usize) {
+    let message = messages.next().expect("the stream ended early");
+    let value = serde_json::from_slice(&message.json).unwrap_or_else(|e| {
+        panic!(
+            "{e}: {} as {}",
+            String::from_utf8_lossy(&message.json),
+            std::any::type_name::<T>()
+        )
+    });
+    (value, message.fds)
 }
 
 #[test]
@@ -189,20 +254,70 @@ fn fixture_of_the_current_format_reads_back() {
         write_fixture_and_seeds();
     }
     let bytes = std::fs::read(fixture_path()).unwrap();
-    let messages = decode_stream(&bytes).unwrap();
-    assert_eq!(messages.len(), 3);
-    let hello: Hello = serde_json::from_slice(&messages[0].json).unwrap();
+    let mut messages = decode_stream(&bytes).unwrap().into_iter();
+
+    let (hello, fds): (Hello, _) = next(&mut messages);
+    assert_eq!((&hello, fds), (&fixture_hello(), 0));
+    let (answer, fds): (Answer, _) = next(&mut messages);
+    assert_eq!((&answer, fds), (&fixture_answer(), 0));
+    let Answer::Accept {
+        version, workers, ..
+    } = answer
+    else {
+        panic!("refused");
+    };
+    // Each side reads what the other writes.
+    assert!(hello.reads.contains(&version), "{hello:?} {version}");
+    assert!(accepts_version(version), "version {version}");
     assert!(accepts_version(hello.version), "version {}", hello.version);
-    assert_eq!(hello, fixture_hello());
-    let answer: Answer = serde_json::from_slice(&messages[1].json).unwrap();
-    assert_eq!(answer, fixture_answer());
-    let state: State = serde_json::from_slice(&messages[2].json).unwrap();
+    let (decision, fds): (Decision, _) = next(&mut messages);
+    assert_eq!((decision, fds), (Decision::Proceed, 0));
+
+    let (mut state, fds): (State, _) = next(&mut messages);
+    let (wire_state, wire_batches) = fixture_wire();
+    assert_eq!((&state, fds), (&wire_state, FIXTURE_FDS));
+    assert!(state.session_batches <= MAX_SESSION_BATCHES);
+    let mut batches = Vec::new();
+    for _ in 0..state.session_batches {
+        let (batch, batch_fds): (SessionBatch, _) = next(&mut messages);
+        assert_eq!(batch_fds, 0);
+        assert!(batch.sessions.len() <= SESSIONS_PER_BATCH);
+        batches.push(batch.clone());
+        state.workers[batch.worker as usize]
+            .sessions
+            .extend(batch.sessions);
+    }
+    assert_eq!(batches, wire_batches);
     assert_eq!(state, fixture_state());
-    assert_eq!(
-        messages.iter().map(|m| m.fds).collect::<Vec<_>>(),
-        [0, 0, FIXTURE_FDS]
-    );
-    state.check(FIXTURE_WORKERS, FIXTURE_FDS).unwrap();
+    state.check(workers as usize, fds).unwrap();
+    assert_eq!(workers as usize, FIXTURE_WORKERS);
+
+    let (Taken, fds) = next(&mut messages);
+    assert_eq!(fds, 0);
+    let (released, fds): (Released, _) = next(&mut messages);
+    assert_eq!((released, fds), (FIXTURE_RELEASED, 0));
+    assert_eq!(messages.next(), None, "messages after Released");
+}
+
+/// A State written without the session batch count and the default backend (an older writer of
+/// format 1) parses, with no batches and no default backend.
+#[test]
+fn state_without_the_newer_fields_parses() {
+    let older = State {
+        session_batches: 0,
+        default: None,
+        ..fixture_state()
+    };
+    // Through text: the tokens are past what a `serde_json::Value` holds.
+    let json = serde_json::to_string(&older).unwrap();
+    let json = json
+        .strip_suffix(r#","session_batches":0,"default":null}"#)
+        .expect("the newer fields come last")
+        .to_owned()
+        + "}";
+    assert!(!json.contains("session_batches") && !json.contains("default"));
+    let state: State = serde_json::from_str(&json).unwrap();
+    assert_eq!(state, older);
 }
 
 /// The fixture, and fuzz seeds from it: the whole exchange, and a multi-frame message.
@@ -213,7 +328,6 @@ fn write_fixture_and_seeds() {
     let seeds = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/handoff_stream");
     std::fs::create_dir_all(&seeds).unwrap();
     std::fs::write(seeds.join("seed-v1-exchange"), &stream).unwrap();
-    let json = serde_json::to_vec(&fixture_state()).unwrap();
-    let multi = encode_message(&json, MAX_FDS_PER_FRAME + FIXTURE_FDS).unwrap();
+    let multi = encode_message(&json(&fixture_wire().0), MAX_FDS_PER_FRAME + FIXTURE_FDS).unwrap();
     std::fs::write(seeds.join("seed-v1-multi-frame"), multi).unwrap();
 }

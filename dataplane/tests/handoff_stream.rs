@@ -1,24 +1,26 @@
-//! The hand-off stream over real Unix sockets: a full state with hundreds of real descriptors
-//! round-trips (the descriptors that arrive are the sockets that were sent), and a peer that
-//! closes, stalls, lies about sizes or descriptor counts, or sends garbage gets an error in
-//! bounded time, never a hang, a panic or a leaked descriptor. (The recorded stream of the
-//! format is `handoff_fixture.rs`'s.)
+//! The hand-off stream over real Unix sockets: the whole exchange, with a full state, hundreds
+//! of real descriptors and the sessions in batches, round-trips (the descriptors that arrive
+//! are the sockets that were sent), and a peer that closes, stalls, lies about sizes or
+//! descriptor counts, or sends garbage gets an error in bounded time, never a hang, a panic or
+//! a leaked descriptor. (The recorded stream of the format is `handoff_fixture.rs`'s.)
 
 use std::collections::HashSet;
-use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::net::{Ipv6Addr, SocketAddr, SocketAddrV6, TcpListener, UdpSocket};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use dataplane::handoff::new::hello;
 use dataplane::handoff::stream::{
     Channel, FrameHeader, HEADER_LEN, MAX_FDS_PER_FRAME, MAX_FDS_PER_MESSAGE,
     MAX_FRAME_PAYLOAD_BYTES, MAX_MESSAGE_BYTES, Reassembler, StreamError, decode_stream,
     encode_message,
 };
 use dataplane::handoff::wire::{
-    Answer, Hello, State, Taken, VERSION, WireListener, WireListenerKind, WirePoolSocket,
+    Answer, Decision, Hello, MAX_SESSION_BATCHES, Released, SESSIONS_PER_BATCH, SessionBatch,
+    State, Taken, VERSION, WireListener, WireListenerKind, WirePoolSocket, WireProxyState,
     WireSession, WireSessionKind, WireStats, WireTransport, WireWorker, accepts_version,
 };
 
@@ -33,14 +35,90 @@ fn pair(timeout: Duration) -> (Channel, Channel) {
     )
 }
 
-fn hello() -> Hello {
-    Hello {
+/// The old process's answer: it runs `workers` workers.
+fn accept(workers: usize) -> Answer {
+    Answer::Accept {
         version: VERSION,
         release: "0.1.0".to_owned(),
-        pid: 4242,
-        config: "workers: 2\n".to_owned(),
-        restart_keys: vec![("workers".to_owned(), "2".to_owned())],
+        config: format!("workers: {workers}\n"),
+        workers: workers as u32,
+        pid: 4141,
     }
+}
+
+/// Moves `state`'s sessions out into batches of at most `per_batch` sessions of one worker
+/// each, as the old process sends them, and announces them in the state.
+fn into_batches(state: &mut State, per_batch: usize) -> Vec<SessionBatch> {
+    let mut batches = Vec::new();
+    for (worker, w) in state.workers.iter_mut().enumerate() {
+        for chunk in std::mem::take(&mut w.sessions).chunks(per_batch) {
+            batches.push(SessionBatch {
+                worker: worker as u32,
+                sessions: chunk.to_vec(),
+            });
+        }
+    }
+    state.session_batches = batches.len() as u32;
+    batches
+}
+
+/// The old side of the exchange: answers the Hello, waits for the decision, sends `state` with
+/// `fds` and then `batches`, waits for Taken and says Released.
+fn hand_over(
+    old: &mut Channel,
+    workers: usize,
+    state: &State,
+    fds: &[BorrowedFd<'_>],
+    batches: &[SessionBatch],
+) {
+    let (got, hello_fds): (Hello, _) = old.recv().unwrap();
+    assert_eq!((&got, hello_fds.len()), (&hello(), 0));
+    assert!(got.reads.contains(&VERSION), "{got:?}");
+    old.send(&accept(workers), &[]).unwrap();
+    let (decision, _): (Decision, _) = old.recv().unwrap();
+    assert_eq!(decision, Decision::Proceed);
+    old.send(state, fds).unwrap();
+    for batch in batches {
+        old.send(batch, &[]).unwrap();
+    }
+    let (Taken, taken_fds) = old.recv().unwrap();
+    assert!(taken_fds.is_empty());
+    old.send(&Released { gap_us: 1000 }, &[]).unwrap();
+}
+
+/// The new side of the exchange up to the state: says Hello, reads the Accept, proceeds, and
+/// reads the state and its batches, the sessions put back into their workers. The state is
+/// checked against the worker count of the Accept and the descriptors that came.
+fn take_over(new: &mut Channel) -> (State, Vec<OwnedFd>) {
+    new.send(&hello(), &[]).unwrap();
+    let (answer, _): (Answer, _) = new.recv().unwrap();
+    let Answer::Accept {
+        version, workers, ..
+    } = answer
+    else {
+        panic!("refused: {answer:?}");
+    };
+    assert!(accepts_version(version));
+    new.send(&Decision::Proceed, &[]).unwrap();
+    let (mut state, fds): (State, Vec<OwnedFd>) = new.recv().unwrap();
+    assert!(state.session_batches <= MAX_SESSION_BATCHES);
+    for _ in 0..state.session_batches {
+        let (batch, extra): (SessionBatch, Vec<OwnedFd>) = new.recv().unwrap();
+        assert!(extra.is_empty());
+        assert!(batch.sessions.len() <= SESSIONS_PER_BATCH);
+        state.workers[batch.worker as usize]
+            .sessions
+            .extend(batch.sessions);
+    }
+    state.check(workers as usize, fds.len()).unwrap();
+    (state, fds)
+}
+
+/// The end of the exchange on the new side: Taken, then the old side's Released.
+fn finish(new: &mut Channel) {
+    new.send(&Taken, &[]).unwrap();
+    let (Released { gap_us }, fds) = new.recv().unwrap();
+    assert_eq!((gap_us, fds.len()), (1000, 0));
 }
 
 fn udp() -> UdpSocket {
@@ -202,10 +280,9 @@ fn full_state_with_real_descriptors_round_trips() {
         release: "0.1.0".to_owned(),
         listeners,
         workers,
-        grants: vec![],
-        ledger: vec![],
         query_fd: Some(sent.len() as u32 - 2),
         admin_fd: Some(sent.len() as u32 - 1),
+        ..State::default()
     };
     assert!(
         sent.len() > 2 * MAX_FDS_PER_FRAME,
@@ -224,25 +301,22 @@ fn full_state_with_real_descriptors_round_trips() {
         .collect();
     let json_len = serde_json::to_vec(&state).unwrap().len();
     eprintln!("state of 10,000 sessions: {json_len} bytes of JSON");
+    // Several batches per worker (smaller ones than the old process sends, so that a worker's
+    // sessions span a few).
+    let mut expected = state.clone();
+    let mut on_the_wire = state;
+    let batches = into_batches(&mut on_the_wire, 1_000);
+    assert_eq!(batches.len(), 12);
+    expected.session_batches = 12;
 
     let (mut old, mut new) = pair(TIMEOUT);
-    let expected = state.clone();
     let old_side = thread::spawn(move || {
-        let (got, fds): (Hello, _) = old.recv().unwrap();
-        assert_eq!((got, fds.len()), (hello(), 0));
-        old.send(&Answer::Accept, &[]).unwrap();
         let borrowed: Vec<BorrowedFd<'_>> = sent.iter().map(AsFd::as_fd).collect();
-        old.send(&state, &borrowed).unwrap();
-        let (Taken, fds) = old.recv().unwrap();
-        assert!(fds.is_empty());
+        hand_over(&mut old, WORKERS, &on_the_wire, &borrowed, &batches);
     });
-    new.send(&hello(), &[]).unwrap();
-    let (answer, _): (Answer, _) = new.recv().unwrap();
-    assert_eq!(answer, Answer::Accept);
-    let (got, fds): (State, Vec<OwnedFd>) = new.recv().unwrap();
+    let (got, fds) = take_over(&mut new);
     assert_eq!(got, expected);
     assert_eq!(fds.len(), local_addrs.len());
-    got.check(WORKERS, fds.len()).unwrap();
     for (i, (fd, addr)) in fds.iter().zip(&local_addrs).enumerate() {
         let local = socket2::SockRef::from(fd).local_addr().unwrap();
         assert_eq!(local.as_socket(), Some(*addr), "descriptor {i}");
@@ -251,8 +325,57 @@ fn full_state_with_real_descriptors_round_trips() {
     let query = TcpListener::from(fds[got.query_fd.unwrap() as usize].try_clone().unwrap());
     let _client = std::net::TcpStream::connect(query_addr).unwrap();
     query.accept().unwrap();
-    new.send(&Taken, &[]).unwrap();
+    finish(&mut new);
     old_side.join().unwrap();
+}
+
+#[test]
+fn a_full_batch_of_the_largest_sessions_fits_one_message() {
+    // The flow label does not travel (an address is its text); the scope id does.
+    let widest = SocketAddr::from(SocketAddrV6::new(
+        Ipv6Addr::from(u128::MAX),
+        u16::MAX,
+        0,
+        u32::MAX,
+    ));
+    let session = WireSession {
+        listener: u16::MAX,
+        client: widest,
+        reply_to: widest,
+        local: Some(widest.ip()),
+        target: widest,
+        backend: u64::MAX,
+        kind: WireSessionKind::Forwarder,
+        pool: u32::MAX,
+        age_ms: u64::MAX,
+        idle_ms: u64::MAX,
+        idle_timeout_ms: u64::MAX,
+        stats: WireStats {
+            packets_upstream: u64::MAX,
+            bytes_upstream: u64::MAX,
+            packets_downstream: u64::MAX,
+            bytes_downstream: u64::MAX,
+        },
+        proxy: Some(WireProxyState {
+            every: false,
+            pending: false,
+        }),
+    };
+    let batch = SessionBatch {
+        worker: u32::MAX,
+        sessions: vec![session; SESSIONS_PER_BATCH],
+    };
+    let json = serde_json::to_vec(&batch).unwrap();
+    eprintln!(
+        "a batch of {SESSIONS_PER_BATCH} of the largest sessions: {} bytes of JSON",
+        json.len()
+    );
+    assert!(json.len() <= MAX_MESSAGE_BYTES);
+    let frames = encode_message(&json, 0).unwrap();
+    let back = decode_stream(&frames).unwrap();
+    assert_eq!(back.len(), 1);
+    // Not `assert_eq!`: a difference would print both batches.
+    assert!(serde_json::from_slice::<SessionBatch>(&back[0].json).unwrap() == batch);
 }
 
 /// A fresh directory for a socket path.
@@ -276,29 +399,30 @@ fn exchange_over_a_socket_path() {
     let old_side = thread::spawn(move || {
         let (stream, _) = listener.accept().unwrap();
         let mut old = Channel::new(stream, TIMEOUT).unwrap();
-        let (got, _): (Hello, _) = old.recv().unwrap();
-        assert!(accepts_version(got.version));
-        old.send(&Answer::Accept, &[]).unwrap();
+        let mut state = small_state();
+        let batches = into_batches(&mut state, SESSIONS_PER_BATCH);
+        assert_eq!(batches.len(), 1);
         let fds: Vec<BorrowedFd<'_>> = sockets.iter().map(AsFd::as_fd).collect();
-        old.send(&small_state(), &fds).unwrap();
-        let (Taken, _) = old.recv().unwrap();
+        hand_over(&mut old, 1, &state, &fds, &batches);
         // The new process is done with the channel: the old one sees it close.
         assert!(matches!(old.recv::<Taken>(), Err(StreamError::Closed)));
     });
     let mut new = Channel::new(connect(&path), TIMEOUT).unwrap();
-    new.send(&hello(), &[]).unwrap();
-    let (Answer::Accept, _) = new.recv().unwrap() else {
-        panic!("refused");
-    };
-    let (state, fds): (State, _) = new.recv().unwrap();
-    assert_eq!(state, small_state());
-    state.check(1, 3).unwrap();
+    let (state, fds) = take_over(&mut new);
+    assert_eq!(
+        state,
+        State {
+            session_batches: 1,
+            ..small_state()
+        }
+    );
+    assert_eq!(fds.len(), 3);
     let got: Vec<u16> = fds
         .into_iter()
         .map(|fd| UdpSocket::from(fd).local_addr().unwrap().port())
         .collect();
     assert_eq!(got, ports);
-    new.send(&Taken, &[]).unwrap();
+    finish(&mut new);
     drop(new);
     old_side.join().unwrap();
     std::fs::remove_dir_all(&dir).unwrap();
@@ -400,8 +524,8 @@ fn silent_or_stalled_peer_times_out() {
     ));
     assert!(started.elapsed() < 10 * SHORT);
     // Nothing moved: the channel can still be used.
-    send_raw(&peer, &encode_message(br#""Accept""#, 0).unwrap(), &[]);
-    assert_eq!(channel.recv::<Answer>().unwrap().0, Answer::Accept);
+    send_raw(&peer, &encode_message(br#""Proceed""#, 0).unwrap(), &[]);
+    assert_eq!(channel.recv::<Decision>().unwrap().0, Decision::Proceed);
 
     // Half a message, then a stall.
     send_raw(&peer, &header(true, 0, 100)[..], &[]);
@@ -548,14 +672,16 @@ fn garbage_is_malformed_or_bad_json() {
         &b"not json"[..],
         b"{\"version\":1",
         br#"{"Accept":1}"#,
+        // A Hello without the formats it reads.
+        br#"{"version":1,"release":"0.1.0","pid":1}"#,
         b"\xff\xfe",
     ] {
         let (mut channel, peer) = raw_peer(TIMEOUT);
         send_raw(&peer, &encode_message(json, 0).unwrap(), &[]);
         assert!(matches!(channel.recv::<Hello>(), Err(StreamError::Json(_))));
         // The frame was whole: the next message reads.
-        send_raw(&peer, &encode_message(br#""Accept""#, 0).unwrap(), &[]);
-        assert_eq!(channel.recv::<Answer>().unwrap().0, Answer::Accept);
+        send_raw(&peer, &encode_message(br#""Proceed""#, 0).unwrap(), &[]);
+        assert_eq!(channel.recv::<Decision>().unwrap().0, Decision::Proceed);
     }
     // The wrong message, with descriptors: refused, and they are closed.
     let sockets: Vec<UdpSocket> = (0..2).map(|_| udp()).collect();
@@ -575,13 +701,13 @@ fn descriptor_count_must_match_its_header() {
     let sockets: Vec<UdpSocket> = (0..2).map(|_| udp()).collect();
     let inodes: HashSet<String> = sockets.iter().map(|s| socket_inode(s.as_fd())).collect();
     let fds: Vec<BorrowedFd<'_>> = sockets.iter().map(AsFd::as_fd).collect();
-    let json = br#""Accept""#;
+    let json = br#""Proceed""#;
     for (announced, attached) in [(2u16, 1usize), (0, 1), (1, 2)] {
         let (mut channel, peer) = raw_peer(TIMEOUT);
         let mut bytes = header(true, announced, json.len() as u32).to_vec();
         bytes.extend_from_slice(json);
         send_raw(&peer, &bytes, &fds[..attached]);
-        let err = channel.recv::<Answer>().unwrap_err();
+        let err = channel.recv::<Decision>().unwrap_err();
         assert!(
             matches!(err, StreamError::DescriptorCount { .. }),
             "{announced} announced, {attached} attached: {err}"
@@ -594,9 +720,9 @@ fn descriptor_count_must_match_its_header() {
     send_raw(&peer, &[&header(false, 0, 1)[..], b"\""].concat(), &[]);
     send_raw(
         &peer,
-        &[&header(true, 2, 7)[..], b"Accept\""].concat(),
+        &[&header(true, 2, 8)[..], b"Proceed\""].concat(),
         &fds,
     );
-    let (answer, got) = channel.recv::<Answer>().unwrap();
-    assert_eq!((answer, got.len()), (Answer::Accept, 2));
+    let (decision, got) = channel.recv::<Decision>().unwrap();
+    assert_eq!((decision, got.len()), (Decision::Proceed, 2));
 }

@@ -1,7 +1,8 @@
 //! The hand-off stream a new proxy reads from the old one (dataplane/src/handoff/): the sans-io
 //! framing (`FrameHeader::decode`, `Reassembler`, `decode_stream`) on arbitrary bytes as the
 //! frames of a peer, then every reassembled message as each message of the exchange
-//! (`Hello`, `Answer`, `State`), and `State::check` on a state that parses.
+//! (`Hello`, `Answer`, `Decision`, `State`, `SessionBatch`, `Released`), and `State::check` on a
+//! state that parses.
 //!
 //! The input is the byte stream itself (descriptors are only counted by the frame headers; the
 //! seeds come from the recorded-format fixture). Checked besides "no panic": reading frame by
@@ -15,7 +16,7 @@ use libfuzzer_sys::fuzz_target;
 use dataplane::handoff::stream::{
     FrameHeader, HEADER_LEN, RawMessage, Reassembler, decode_stream, encode_message,
 };
-use dataplane::handoff::wire::{Answer, Hello, State};
+use dataplane::handoff::wire::{Answer, Decision, Hello, Released, SessionBatch, State};
 
 fuzz_target!(|data: &[u8]| {
     let (messages, failed) = read_frames(data);
@@ -71,6 +72,15 @@ fn parse_as_every_message(message: &RawMessage) {
     }
     if let Ok(answer) = serde_json::from_slice::<Answer>(&message.json) {
         assert_eq!(reparse(&answer), answer);
+    }
+    if let Ok(decision) = serde_json::from_slice::<Decision>(&message.json) {
+        assert_eq!(reparse(&decision), decision);
+    }
+    if let Ok(released) = serde_json::from_slice::<Released>(&message.json) {
+        assert_eq!(reparse(&released), released);
+    }
+    if let Ok(batch) = serde_json::from_slice::<SessionBatch>(&message.json) {
+        assert_eq!(reparse(&batch), batch);
     }
     if let Ok(state) = serde_json::from_slice::<State>(&message.json) {
         assert_eq!(reparse(&state), state);

@@ -365,6 +365,8 @@ mod tests {
             }],
             query_fd: Some(6),
             admin_fd: Some(7),
+            session_batches: 0,
+            default: None,
         }
     }
 
