@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use dataplane::handoff::stream::Channel;
-use dataplane::handoff::wire::{Answer, State};
+use dataplane::handoff::wire::{Answer, Decision, SessionBatch, State};
 
 const QUERY_A: &str =
     r#"{"resourceType":"gameserver","namespace":"starx","labelSelector":{"map":"a"}}"#;
@@ -195,18 +195,61 @@ fn ports() -> Ports {
     }
 }
 
-/// Sends a datagram every 5 ms (200/s) on `client` to `to` until `stop`.
-fn pump(client: &UdpSocket, to: SocketAddr, stop: &Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
-    let c = client.try_clone().unwrap();
-    let stop = Arc::clone(stop);
-    std::thread::spawn(move || {
-        let mut n = 0;
-        while !stop.load(Ordering::Relaxed) {
-            let _ = c.send_to(format!("pump{n}").as_bytes(), to);
-            n += 1;
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    })
+/// Traffic on one session while a hand-off happens: a datagram every 5 ms (200/s), each
+/// numbered, and every reply recorded with the source port the backend saw.
+struct Pump {
+    sender: std::thread::JoinHandle<u64>,
+    receiver: std::thread::JoinHandle<Vec<(String, u16, u64)>>,
+}
+
+impl Pump {
+    fn start(client: &UdpSocket, to: SocketAddr, stop: &Arc<AtomicBool>) -> Self {
+        let (tx, rx) = (client.try_clone().unwrap(), client.try_clone().unwrap());
+        let (stop_tx, stop_rx) = (Arc::clone(stop), Arc::clone(stop));
+        let sender = std::thread::spawn(move || {
+            let mut n = 0;
+            while !stop_tx.load(Ordering::Relaxed) {
+                let _ = tx.send_to(format!("pump {n}").as_bytes(), to);
+                n += 1;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            n
+        });
+        let receiver = std::thread::spawn(move || {
+            let mut replies = Vec::new();
+            let mut quiet_since: Option<Instant> = None;
+            loop {
+                match datagram_within(&rx, Duration::from_millis(50)) {
+                    Some(reply) => {
+                        quiet_since = None;
+                        let text = String::from_utf8(reply).unwrap();
+                        let parts: Vec<&str> = text.splitn(4, ' ').collect();
+                        if let [tag, port, "pump", n] = parts[..] {
+                            replies.push((
+                                tag.to_string(),
+                                port.parse().unwrap(),
+                                n.parse().unwrap(),
+                            ));
+                        }
+                    }
+                    None if stop_rx.load(Ordering::Relaxed) => {
+                        // Replies still on their way get half a second.
+                        let since = *quiet_since.get_or_insert_with(Instant::now);
+                        if since.elapsed() > Duration::from_millis(500) {
+                            return replies;
+                        }
+                    }
+                    None => {}
+                }
+            }
+        });
+        Self { sender, receiver }
+    }
+
+    /// Datagrams sent, and the replies (backend tag, source port there, number).
+    fn finish(self) -> (u64, Vec<(String, u16, u64)>) {
+        (self.sender.join().unwrap(), self.receiver.join().unwrap())
+    }
 }
 
 /// Reads and drops what is waiting on `client`; how many replies.
@@ -303,10 +346,13 @@ fn a_successor_takes_over_every_udp_session_and_the_old_process_finishes_tcp() {
     // Traffic flows on every UDP session (200 datagrams/s each) while B takes over.
     let stop = Arc::new(AtomicBool::new(false));
     let pumps = [
-        pump(&token_client, data, &stop),
-        pump(&default_client, data, &stop),
-        pump(&fwd_client, forward, &stop),
-        pump(&route_client, voice, &stop),
+        (Pump::start(&token_client, data, &stop), ("a", token_port)),
+        (
+            Pump::start(&default_client, data, &stop),
+            ("a", default_port),
+        ),
+        (Pump::start(&fwd_client, forward, &stop), ("a", fwd_port)),
+        (Pump::start(&route_client, voice, &stop), ("r", route_port)),
     ];
     let new = successor(&old);
     new.eventually("B took over", |px| {
@@ -314,11 +360,23 @@ fn a_successor_takes_over_every_udp_session_and_the_old_process_finishes_tcp() {
     });
     std::thread::sleep(Duration::from_millis(300));
     stop.store(true, Ordering::Relaxed);
-    for p in pumps {
-        p.join().unwrap();
-    }
-    for c in [&token_client, &default_client, &fwd_client, &route_client] {
-        drain(c);
+    // Every datagram answered once, by the same backend from the same source port: nothing
+    // was lost, read twice or sent from another socket across the hand-off.
+    for (pump, (tag, port)) in pumps {
+        let (sent, replies) = pump.finish();
+        assert!(sent > 50, "{sent}");
+        let mut numbers: Vec<u64> = replies.iter().map(|r| r.2).collect();
+        numbers.sort_unstable();
+        numbers.dedup();
+        assert_eq!(numbers.len(), replies.len(), "a datagram answered twice");
+        assert!(
+            replies.len() as u64 >= sent,
+            "{} of {sent} datagrams answered through {tag}",
+            replies.len()
+        );
+        for (t, p, n) in &replies {
+            assert_eq!((t.as_str(), *p), (tag, port), "datagram {n}");
+        }
     }
 
     // The TCP connections opened on A still carry their transfers; then A exits.
@@ -418,7 +476,7 @@ fn a_successor_with_another_data_port_is_refused_and_the_old_process_serves_on()
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(
-        err.contains("refused the hand-off") && err.contains("dataPorts"),
+        err.contains("not taking over") && err.contains("dataPorts"),
         "{err}"
     );
     // A never stopped reading.
@@ -430,16 +488,23 @@ fn a_successor_with_another_data_port_is_refused_and_the_old_process_serves_on()
     let _ = std::fs::remove_dir_all(dir);
 }
 
-/// Connects to A as a successor would and says hello with A's own config.
+/// Connects to A as a successor would, and tells it to proceed.
 fn knock(old: &Proxy, socket: &std::path::Path) -> Channel {
     let text = std::fs::read_to_string(old.dir.join("config.yaml")).unwrap();
     let stream = std::os::unix::net::UnixStream::connect(socket).unwrap();
     let mut channel = Channel::new(stream, Duration::from_secs(5)).unwrap();
     channel
-        .send(&dataplane::handoff::new::hello(text, 2), &[])
+        .send(&dataplane::handoff::new::hello(), &[])
         .unwrap();
     let (answer, _): (Answer, _) = channel.recv().unwrap();
-    assert_eq!(answer, Answer::Accept);
+    let Answer::Accept {
+        config, workers, ..
+    } = answer
+    else {
+        panic!("{answer:?}")
+    };
+    assert_eq!((config, workers), (text, 2));
+    channel.send(&Decision::Proceed, &[]).unwrap();
     channel
 }
 
@@ -453,14 +518,9 @@ fn a_successor_that_dies_after_receiving_leaves_the_old_process_serving() {
     let (old, c, port) = serving(&p, &be, &socket);
     let mut channel = knock(&old, &socket);
     let (state, fds): (State, _) = channel.recv().unwrap();
-    assert_eq!(
-        state
-            .workers
-            .iter()
-            .map(|w| w.sessions.len())
-            .sum::<usize>(),
-        1
-    );
+    assert_eq!(state.session_batches, 1);
+    let (batch, _): (SessionBatch, _) = channel.recv().unwrap();
+    assert_eq!(batch.sessions.len(), 1);
     assert!(!fds.is_empty());
     // Dies here: no `Taken`.
     drop((fds, channel));
@@ -484,16 +544,16 @@ fn a_successor_killed_half_way_through_the_state_leaves_the_old_process_serving(
     let p = ports();
     let socket = scratch_dir().join("handoff.sock");
     let (old, c, port) = serving(&p, &be, &socket);
-    let text = std::fs::read_to_string(old.dir.join("config.yaml")).unwrap();
     let mut stream = std::os::unix::net::UnixStream::connect(&socket).unwrap();
     {
         let mut channel =
             Channel::new(stream.try_clone().unwrap(), Duration::from_secs(5)).unwrap();
         channel
-            .send(&dataplane::handoff::new::hello(text, 2), &[])
+            .send(&dataplane::handoff::new::hello(), &[])
             .unwrap();
         let (answer, _): (Answer, _) = channel.recv().unwrap();
-        assert_eq!(answer, Answer::Accept);
+        assert!(matches!(answer, Answer::Accept { .. }), "{answer:?}");
+        channel.send(&Decision::Proceed, &[]).unwrap();
     }
     stream
         .set_read_timeout(Some(Duration::from_secs(5)))
@@ -519,12 +579,22 @@ fn a_predecessor_that_dies_half_way_or_sends_garbage_makes_the_successor_exit_wi
     std::fs::write(dir.join("inventory.yaml"), inventory(&p, &be)).unwrap();
     for (what, cut) in [("killed mid-frame", true), ("garbage", false)] {
         let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        let text = std::fs::read_to_string(dir.join("config.yaml")).unwrap();
         let fake = std::thread::spawn(move || {
             let (stream, _) = listener.accept().unwrap();
             let mut channel =
                 Channel::new(stream.try_clone().unwrap(), Duration::from_secs(5)).unwrap();
             let _: (dataplane::handoff::wire::Hello, _) = channel.recv().unwrap();
-            channel.send(&Answer::Accept, &[]).unwrap();
+            let accept = Answer::Accept {
+                version: dataplane::handoff::wire::VERSION,
+                release: "fake".into(),
+                config: text.clone(),
+                workers: 2,
+                pid: std::process::id(),
+            };
+            channel.send(&accept, &[]).unwrap();
+            let (decision, _): (Decision, _) = channel.recv().unwrap();
+            assert_eq!(decision, Decision::Proceed);
             let mut raw = stream;
             if cut {
                 // The first bytes of a frame header, then the process is gone.
@@ -554,4 +624,90 @@ fn a_predecessor_that_dies_half_way_or_sends_garbage_makes_the_successor_exit_wi
         std::fs::remove_file(&socket).unwrap();
     }
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Sealed tokens across a hand-off: one spent on A stays spent on B (the nonce ledger goes
+/// with the sockets), one A issued and nobody spent opens a session on B, once.
+#[test]
+fn a_sealed_token_spent_on_the_old_process_stays_spent_on_the_new_one() {
+    let be = Backends::spawn();
+    let p = ports();
+    let dir = scratch_dir();
+    let socket = dir.join("handoff.sock");
+    let keys = dir.join("token.keys");
+    std::fs::write(&keys, "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=\n").unwrap();
+    // No default endpoint: a token refused is a datagram dropped, not a default session.
+    let text = config(&p, &socket, p.data)
+        .lines()
+        .filter(|l| !l.starts_with("defaultEndpoint"))
+        .collect::<Vec<_>>()
+        .join("\n")
+        + &format!("\ntokenSecret: {{file: {}}}\n", keys.display());
+    let old = Proxy::start(&text, &inventory(&p, &be));
+    let data = local(p.data);
+    let spent = old.token(QUERY_A);
+    let unspent = old.token(QUERY_B);
+    let first = client();
+    assert_eq!(exchange(&first, data, &spent).0, "a");
+
+    let new = successor(&old);
+    new.eventually("B took over", |px| {
+        px.metric(r#"udp_director_handoff_total{result="took_over"}"#) == 1.0
+    });
+    // The session goes on; the spent token opens nothing new on B.
+    assert_eq!(exchange(&first, data, "after").0, "a");
+    let replay = client();
+    replay.send_to(spent.as_bytes(), data).unwrap();
+    expect_nothing(&replay, Duration::from_millis(300));
+    assert!(new.metric(r#"udp_director_tokens_rejected_total{reason="used"}"#) >= 1.0);
+    // The one nobody spent works on B, once.
+    let later = client();
+    assert_eq!(exchange(&later, data, &unspent).0, "b");
+    let again = client();
+    again.send_to(unspent.as_bytes(), data).unwrap();
+    expect_nothing(&again, Duration::from_millis(300));
+}
+
+/// In a pod, the old process does not exit after handing over (its container would be
+/// restarted with the old release); deleted (SIGTERM), it gives its TCP connections
+/// `drainSeconds` and exits once they are done.
+#[test]
+fn in_a_pod_the_old_process_waits_for_its_deletion_and_then_finishes_its_tcp_connections() {
+    let be = Backends::spawn();
+    let p = ports();
+    let socket = scratch_dir().join("handoff.sock");
+    let mut old = Proxy::launch(
+        &config(&p, &socket, p.data),
+        &inventory(&p, &be),
+        &[("KUBERNETES_SERVICE_HOST", std::ffi::OsStr::new("10.0.0.1"))],
+    );
+    old.eventually("ready", |px| px.http("GET", "/readyz").0 == 200);
+    old.eventually("the TCP forwarder open", |px| {
+        px.metric(r#"udp_director_forwarders{protocol="tcp"}"#) == 1.0
+    });
+    let mut tcp = TcpStream::connect(local(p.tcp_forward)).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut got = [0u8; 6];
+    tcp.write_all(b"before").unwrap();
+    tcp.read_exact(&mut got).unwrap();
+
+    let new = successor(&old);
+    new.eventually("B took over", |px| {
+        px.metric(r#"udp_director_handoff_total{result="took_over"}"#) == 1.0
+    });
+    assert!(
+        exited_within(&mut old, Duration::from_secs(1)).is_none(),
+        "A exited in a pod:\n{}",
+        old.log()
+    );
+    // Deleted: the transfer goes on through the drain.
+    old.terminate();
+    std::thread::sleep(Duration::from_millis(200));
+    tcp.write_all(b"during").unwrap();
+    tcp.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"during");
+    drop(tcp);
+    let status = exited_within(&mut old, Duration::from_secs(4))
+        .unwrap_or_else(|| panic!("A did not exit once its TCP was done:\n{}", old.log()));
+    assert!(status.success(), "{status}");
 }

@@ -1,15 +1,17 @@
-//! Control's part in a hand-off (SPEC §12): whether a successor may take over (its config
-//! keeps every restart key, the worker count is the same, no data port is on a port the
-//! kernel picked), the sockets of the query and admin servers it inherits, and the server
-//! that waits for the next successor.
+//! Control's part in a hand-off (SPEC §12). New process: whether it may take over from a
+//! predecessor (its config, read with this release's parser, keeps every restart key; no data
+//! port is on a port the kernel picked), and the query and admin sockets it inherits. Old
+//! process: the server that waits for the next successor, started once this process serves.
 
 use std::net::TcpListener;
+use std::os::fd::AsFd;
+use std::path::Path;
 use std::sync::Arc;
 
-use dataplane::handoff::old::Vetting;
-use dataplane::handoff::wire::Hello;
+use dataplane::handoff::old::{ControlSockets, HandedOver, Hooks};
 
 use crate::config::Config;
+use crate::query::director::Director;
 
 /// The listening sockets of the query and admin servers, taken over from the predecessor.
 #[derive(Debug, Default)]
@@ -18,50 +20,73 @@ pub struct Inherited {
     pub admin: Option<TcpListener>,
 }
 
-/// Whether a successor saying `hello` may take over from a process running `running` with
-/// `workers` workers: the reason when not.
-/// `path` is the running config's file: the successor's runs from the same one (the same
-/// mount), so relative paths in it resolve alike.
-pub fn vet(
-    running: &Config,
-    path: Option<&std::path::Path>,
-    workers: usize,
-    hello: &Hello,
-) -> Result<(), String> {
-    if let Some(port) = running.data_ports.iter().find(|p| p.port == 0) {
+/// Whether this process, running `mine` (loaded from `path`), may take over from one running
+/// the config file text `theirs`: the reason when not. The newer release decides, with its
+/// own parser, which reads every key an older one could have.
+pub fn vet(mine: &Config, path: Option<&Path>, theirs: &str) -> Result<(), String> {
+    let theirs = match path {
+        Some(path) => Config::from_file_text(theirs, path),
+        None => Config::from_yaml(theirs),
+    }
+    .map_err(|e| format!("its config does not load here: {e}"))?;
+    if let Some(port) = theirs.data_ports.iter().find(|p| p.port == 0) {
         return Err(format!(
-            "data port {} is on a port the kernel picked (0): its successor could not name it",
+            "its data port {} is on a port the kernel picked (0): it cannot be named",
             port.name
         ));
     }
-    let new = match path {
-        Some(path) => Config::from_file_text(&hello.config, path),
-        None => Config::from_yaml(&hello.config),
-    }
-    .map_err(|e| format!("its config does not load here: {e}"))?;
-    if let Some(change) = crate::config::live::needs_restart(running, &new) {
-        return Err(format!("its config changes a restart key: {change}"));
-    }
-    let theirs = hello
-        .restart_keys
-        .iter()
-        .find(|(k, _)| k == "workers")
-        .map(|(_, v)| v.as_str());
-    if theirs != Some(workers.to_string().as_str()) {
-        return Err(format!(
-            "it runs {} workers and this process {workers}: each worker's sockets and sessions \
-             go to the worker of the same index",
-            theirs.unwrap_or("an unknown number of")
-        ));
+    if let Some(change) = crate::config::live::needs_restart(&theirs, mine) {
+        return Err(format!("this config changes a restart key: {change}"));
     }
     Ok(())
 }
 
-/// [`vet`] for the hand-off server.
-pub(crate) fn vetting(
-    running: Arc<Config>,
-    path: Option<std::path::PathBuf>,
-    workers: usize,
-) -> Vetting {
-    Box::new(move |hello| vet(&running, path.as_deref(), workers, hello))
+/// What the hand-off server needs, kept from [`crate::start`] until this process serves.
+pub(crate) struct Successors {
+    pub(crate) path: std::path::PathBuf,
+    pub(crate) config_text: String,
+    pub(crate) sockets: ControlSockets,
+    pub(crate) director: Arc<Director>,
+    pub(crate) handed_over: tokio::sync::watch::Sender<Option<HandedOver>>,
+}
+
+impl std::fmt::Debug for Successors {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Successors")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Successors {
+    /// Listens for the next successor.
+    pub(crate) fn serve(self, controller: dataplane::Controller) -> std::io::Result<()> {
+        let (pause, resume) = (Arc::clone(&self.director), Arc::clone(&self.director));
+        let handed_over = self.handed_over;
+        dataplane::handoff::old::serve(
+            self.path,
+            controller,
+            self.config_text,
+            self.sockets,
+            Hooks {
+                freezing: Box::new(move || pause.pause_tokens(true)),
+                failed: Box::new(move || resume.pause_tokens(false)),
+                taken: Box::new(move |done| {
+                    let _ = handed_over.send(Some(done));
+                }),
+            },
+        )
+        .map(drop)
+    }
+}
+
+/// Duplicates of the query and admin listening sockets, for a successor.
+pub(crate) fn control_sockets(
+    query: &tokio::net::TcpListener,
+    admin: &tokio::net::TcpListener,
+) -> std::io::Result<ControlSockets> {
+    Ok(ControlSockets {
+        query: Some(query.as_fd().try_clone_to_owned()?),
+        admin: Some(admin.as_fd().try_clone_to_owned()?),
+    })
 }

@@ -125,9 +125,25 @@ pub struct ControlPlane {
     pub admin_addr: SocketAddr,
     /// Route entry points as bound: name, transport, address.
     pub entry_points: Vec<(String, dataplane::Transport, SocketAddr)>,
+    /// The hand-off server, until [`Self::serve_successors`] starts it.
+    successors: Option<handoff::Successors>,
+    controller: dataplane::Controller,
 }
 
 impl ControlPlane {
+    /// With `handoff`, starts waiting for a successor on the hand-off socket: called once this
+    /// process serves (after it took over from its own predecessor), so a failure before that
+    /// leaves the predecessor's socket in place.
+    pub fn serve_successors(&mut self) -> Result<(), ControlError> {
+        let Some(successors) = self.successors.take() else {
+            return Ok(());
+        };
+        let path = successors.path.clone();
+        successors
+            .serve(self.controller.clone())
+            .map_err(|source| ControlError::HandOff { path, source })
+    }
+
     /// Waits until control has drained and shut the data plane down (after SIGTERM/SIGINT).
     pub fn join(self) {
         if self.thread.join().is_err() {
@@ -216,31 +232,22 @@ pub fn start(
     )?;
     let (admin_listener, admin_addr) =
         bind(&runtime, "admin port", config.admin_port, inherited.admin)?;
-    // The next upgrade: a successor takes over through this socket.
+    // The next upgrade: a successor takes over through the hand-off socket, served once
+    // this process serves ([`ControlPlane::serve_successors`]).
     let (handed_over_tx, handed_over_rx) = watch::channel(None);
-    if let Some(h) = &config.handoff {
-        use std::os::fd::AsRawFd;
-        dataplane::handoff::old::serve(
-            h.socket_path.clone(),
-            plane.controller(),
-            handoff::vetting(
-                Arc::clone(&config),
-                config_path.clone(),
-                plane.controller().workers(),
-            ),
-            dataplane::handoff::old::ControlSockets {
-                query: Some(query_listener.as_raw_fd()),
-                admin: Some(admin_listener.as_raw_fd()),
-            },
-            Box::new(move |done| {
-                let _ = handed_over_tx.send(Some(done));
-            }),
-        )
-        .map_err(|source| ControlError::HandOff {
-            path: h.socket_path.clone(),
-            source,
-        })?;
-    }
+    let handoff_setup = match (&config.handoff, &config_path) {
+        (Some(h), Some(path)) => {
+            let err = |source| ControlError::HandOff {
+                path: h.socket_path.clone(),
+                source,
+            };
+            let config_text = std::fs::read_to_string(path).map_err(err)?;
+            let sockets =
+                handoff::control_sockets(&query_listener, &admin_listener).map_err(err)?;
+            Some((h.socket_path.clone(), config_text, sockets))
+        }
+        _ => None,
+    };
 
     let controller = plane.controller();
     let (inventory_tx, inventory_rx) = watch::channel(Arc::new(Snapshot::default()));
@@ -334,6 +341,13 @@ pub fn start(
     if let Some(f) = &forwarders {
         metrics.register_collector(Box::new(forwarder::metrics::ForwarderCollector(f.table())));
     }
+    let successors = handoff_setup.map(|(path, config_text, sockets)| handoff::Successors {
+        path,
+        config_text,
+        sockets,
+        director: Arc::clone(&director),
+        handed_over: handed_over_tx,
+    });
     let liveness = plane.liveness();
     metrics.register_collector(Box::new(admin::health::ThreadCollector::new(
         Arc::clone(&liveness),
@@ -401,6 +415,8 @@ pub fn start(
         query_addr,
         admin_addr,
         entry_points,
+        successors,
+        controller: plane.controller(),
     })
 }
 
@@ -442,22 +458,31 @@ async fn run(
     let elector = elector.map(|(elector, facts, fleet)| {
         tokio::spawn(elector.run(facts, inventory_tx.subscribe(), fleet, stop_rx.clone()))
     });
+    // What changes listeners or writes status, stopped after a hand-off: from then on the
+    // successor owns the ports, the statuses and the config.
+    let mut owners: Vec<tokio::task::JoinHandle<()>> = Vec::new();
     for writer in writers {
-        tokio::spawn(writer);
+        owners.push(tokio::spawn(writer));
     }
     let mut inventory_rx = inventory_tx.subscribe();
     let mut live_rx = live.subscribe();
     if let Some(f) = forwarders {
-        tokio::spawn(f.run(inventory_tx.subscribe(), live.subscribe()));
+        owners.push(tokio::spawn(
+            f.run(inventory_tx.subscribe(), live.subscribe()),
+        ));
     }
     if let Some(r) = routes {
-        tokio::spawn(r.run(inventory_tx.subscribe(), live.subscribe()));
+        owners.push(tokio::spawn(
+            r.run(inventory_tx.subscribe(), live.subscribe()),
+        ));
     }
     if let Some(g) = gateways {
-        tokio::spawn(g.run(inventory_tx.subscribe(), live.subscribe()));
+        owners.push(tokio::spawn(
+            g.run(inventory_tx.subscribe(), live.subscribe()),
+        ));
     }
     match reloader {
-        Some(r) => drop(tokio::spawn(r.run())),
+        Some(r) => owners.push(tokio::spawn(r.run())),
         // SIGHUP would end the process by default: with nothing to reload it says so instead.
         None => drop(tokio::spawn(reload::no_file_to_reload())),
     }
@@ -501,11 +526,15 @@ async fn run(
             }
             Ok(()) = handed_over.changed(), if !finishing => {
                 finishing = true;
-                draining = true;
-                // The query and admin servers stop now: their sockets are the successor's.
+                // The query and admin servers stop now: their sockets are the successor's;
+                // so do the reconcilers, status writers and reloads. The workers keep their
+                // TCP connections (a connection still waiting for its token included).
                 let _ = stop_tx.send(true);
-                director.drain();
+                for task in owners.drain(..) {
+                    task.abort();
+                }
                 if !in_pod {
+                    draining = true;
                     let drain = live.borrow().drain;
                     drain_over.as_mut().reset(tokio::time::Instant::now() + drain);
                 }
@@ -517,22 +546,34 @@ async fn run(
                 let now = Instant::now();
                 heart.beat(now);
                 director.absorb_events(now);
-                if finishing && !finished && director.controller().counters().sessions_active == 0 {
-                    finished = true;
-                    if !in_pod {
+                if finishing && director.controller().counters().sessions_active == 0 {
+                    // Outside a pod, or deleted already: nothing is left to do.
+                    if !in_pod || draining {
                         log::info!("hand-off: every TCP connection has finished; exiting");
                         break;
                     }
-                    log::info!(
-                        "hand-off: every TCP connection has finished; idle until this pod is \
-                         deleted"
-                    );
+                    if !finished {
+                        finished = true;
+                        log::info!(
+                            "hand-off: every TCP connection has finished; idle until this pod \
+                             is deleted"
+                        );
+                    }
                 }
             }
             () = signals.recv() => {
                 if draining || finished {
                     log::info!("drain cut short");
                     break;
+                }
+                if finishing {
+                    // In a pod, deleted after the hand-off: the TCP connections get
+                    // `drainSeconds` (a second signal cuts it short).
+                    draining = true;
+                    let drain = live.borrow().drain;
+                    log::info!("finishing TCP connections for {} s more", drain.as_secs());
+                    drain_over.as_mut().reset(tokio::time::Instant::now() + drain);
+                    continue;
                 }
                 draining = true;
                 let drain = live.borrow().drain;

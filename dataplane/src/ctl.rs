@@ -94,8 +94,10 @@ pub(crate) enum ControlMsg {
     HandOffFreeze(crossbeam_channel::Sender<Result<crate::handoff::share::WorkerShare, String>>),
     /// Hand-off, old side: how it ended.
     HandOffEnd(crate::handoff::share::HandOffEnd),
+    /// Hand-off, new side: the predecessor has let go; read what was adopted.
+    HandOffGo,
     /// Hand-off, new side: take over these listeners, upstream sockets and sessions before
-    /// anything else; the reply says how many sessions, or why not.
+    /// anything else, without reading them; the reply says how many sessions, or why not.
     Adopt(
         Box<crate::handoff::share::Adoption>,
         crossbeam_channel::Sender<Result<usize, String>>,
@@ -132,6 +134,7 @@ impl std::fmt::Debug for ControlMsg {
             Self::HandOffFreeze(_) => f.write_str("HandOffFreeze"),
             Self::HandOffEnd(end) => f.debug_tuple("HandOffEnd").field(end).finish(),
             Self::Adopt(..) => f.write_str("Adopt"),
+            Self::HandOffGo => f.write_str("HandOffGo"),
             Self::Drain => f.write_str("Drain"),
             Self::Shutdown => f.write_str("Shutdown"),
         }

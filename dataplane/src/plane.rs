@@ -121,17 +121,23 @@ impl DataPlane {
     /// get listener ids 0, 1, … in config order, which is the data-port index grants use. A
     /// bind error is reported here and nothing is left running.
     pub fn start(config: DataPlaneConfig) -> Result<Self, StartError> {
-        Self::start_inheriting(config, None)
+        Self::start_inheriting(config, None).map(|(plane, _)| plane)
     }
 
-    /// [`Self::start`], taking over first what a running proxy handed over (SPEC §12): its
-    /// listeners keep their ids (the data ports claim theirs), its UDP sessions continue on
-    /// its upstream sockets, its grants and ledger stay valid. Nothing is read before all
-    /// of it is in place.
+    /// [`Self::start`], taking over what a running proxy hands over (SPEC §12) once the
+    /// workers run and the fast path is loaded (so the predecessor's pause is short): `take`
+    /// connects and receives it. Its listeners keep their ids (the data ports claim theirs),
+    /// its UDP sessions continue on its upstream sockets, its grants and ledger stay valid.
+    /// The workers read none of it before [`crate::handoff::new::Inheritance::commit`].
     pub fn start_inheriting(
         config: DataPlaneConfig,
-        inheritance: Option<&mut crate::handoff::new::Inheritance>,
-    ) -> Result<Self, StartError> {
+        take: Option<
+            &dyn Fn() -> Result<
+                Option<crate::handoff::new::Inheritance>,
+                crate::handoff::new::TakeOverError,
+            >,
+        >,
+    ) -> Result<(Self, Option<crate::handoff::new::Inheritance>), StartError> {
         let port_count = config.data_ports.len();
         if port_count == 0 || port_count > MAX_DATA_PORTS {
             return Err(StartError::DataPortCount {
@@ -237,7 +243,15 @@ impl DataPlane {
             }
         }
 
-        if let Some(inheritance) = inheritance {
+        let inheritance = match take.map(|take| take()).transpose() {
+            Ok(taken) => taken.flatten(),
+            Err(e) => {
+                stop(threads);
+                return Err(StartError::HandOff(e.to_string()));
+            }
+        };
+        let mut inheritance = inheritance;
+        if let Some(inheritance) = inheritance.as_mut() {
             match inheritance.install(&controller) {
                 Ok(sessions) => log::info!("hand-off: {sessions} UDP sessions installed"),
                 Err(reason) => {
@@ -256,6 +270,15 @@ impl DataPlane {
                 idle_timeout: config.session_timeout,
             };
             match controller.open_listener(spec) {
+                // Grants name data ports by index, which is the listener id: a predecessor's
+                // listener in a data port's place would get its clients.
+                Ok(opened) if usize::from(opened.id.0) != local_addrs.len() => {
+                    stop(threads);
+                    return Err(StartError::HandOff(format!(
+                        "data port {} is not where the running proxy had it (listener {})",
+                        port.name, opened.id.0
+                    )));
+                }
                 Ok(opened) => local_addrs.push(opened.addr),
                 Err(source) => {
                     stop(threads);
@@ -274,13 +297,16 @@ impl DataPlane {
                 .collect::<Vec<_>>()
                 .join(", ")
         );
-        Ok(Self {
-            controller,
-            events,
-            threads,
-            local_addrs,
-            liveness,
-        })
+        Ok((
+            Self {
+                controller,
+                events,
+                threads,
+                local_addrs,
+                liveness,
+            },
+            inheritance,
+        ))
     }
 
     /// The handle control steers workers with.

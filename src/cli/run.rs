@@ -49,35 +49,37 @@ pub(crate) fn embedded_default() -> anyhow::Result<Config> {
 pub(crate) fn run(config: Arc<Config>, path: Option<PathBuf>) -> anyhow::Result<()> {
     check_fd_budget(&config)?;
     let dataplane_config = config.dataplane();
-    // With `handoff`, a proxy already running on this node hands over first (SPEC §12).
-    let mut inheritance = match (&config.handoff, &path) {
-        (Some(h), Some(file)) => {
-            let text = std::fs::read_to_string(file)
-                .with_context(|| format!("reading {} for the hand-off", file.display()))?;
-            let hello = dataplane::handoff::new::hello(text, dataplane_config.workers.get());
-            dataplane::handoff::new::take_over(
-                &h.socket_path,
-                &hello,
-                dataplane_config.workers.get(),
-            )?
-        }
-        _ => None,
+    let workers = dataplane_config.workers.get();
+    // With `handoff`, a proxy already running on this node hands over (SPEC §12): taken once
+    // this process's workers run, vetted with this release's config parser.
+    let take = |socket: &std::path::Path| {
+        let vet =
+            |theirs: &str, _workers: usize| control::handoff::vet(&config, path.as_deref(), theirs);
+        dataplane::handoff::new::take_over(socket, workers, &vet)
     };
-    let plane = dataplane::DataPlane::start_inheriting(dataplane_config, inheritance.as_mut())
-        .context("data plane")?;
-    let inherited = inheritance
-        .as_mut()
-        .map(|i| control::handoff::Inherited {
-            query: i.take_query_listener(),
-            admin: i.take_admin_listener(),
-        })
-        .unwrap_or_default();
-    let control =
-        control::start(Arc::clone(&config), path, &plane, inherited).context("control plane")?;
-    // Everything is in place and served: the predecessor may let go.
-    if let Some(inheritance) = inheritance {
-        inheritance.finish(&plane.controller())?;
+    let handoff = config.handoff.as_ref().map(|h| {
+        let socket = h.socket_path.clone();
+        move || take(&socket)
+    });
+    let (plane, inheritance) = dataplane::DataPlane::start_inheriting(
+        dataplane_config,
+        handoff
+            .as_ref()
+            .map(|f| f as &dyn Fn() -> Result<_, dataplane::handoff::new::TakeOverError>),
+    )
+    .context("data plane")?;
+    let mut inherited = control::handoff::Inherited::default();
+    if let Some(mut inheritance) = inheritance {
+        inherited.query = inheritance.take_query_listener();
+        inherited.admin = inheritance.take_admin_listener();
+        // The predecessor lets go; only then do the workers read.
+        inheritance
+            .commit(&plane.controller())
+            .context("taking over from the running proxy")?;
     }
+    let mut control =
+        control::start(Arc::clone(&config), path, &plane, inherited).context("control plane")?;
+    control.serve_successors().context("hand-off")?;
     let data: Vec<String> = config
         .data_ports
         .iter()

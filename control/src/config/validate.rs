@@ -302,8 +302,6 @@ pub(super) fn validate(raw: RawConfig, env: &Environment) -> Result<Validated, C
     })
 }
 
-/// `rateLimit`: the burst defaults to one second's packets; new sessions are unlimited unless
-/// given.
 /// `handoff.socketPath`: absolute, and short enough for a Unix socket address.
 fn handoff(raw: RawHandoff) -> Result<super::Handoff, ConfigError> {
     /// `sun_path` holds 108 bytes with the terminating NUL.
@@ -329,6 +327,8 @@ fn handoff(raw: RawHandoff) -> Result<super::Handoff, ConfigError> {
     })
 }
 
+/// `rateLimit`: the burst defaults to one second's packets; new sessions are unlimited unless
+/// given.
 fn rate_limit(raw: RawRateLimit) -> Result<dataplane::RateLimit, ConfigError> {
     if raw.per_ip_packets_per_second == 0 {
         return Err(invalid(

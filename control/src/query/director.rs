@@ -37,6 +37,9 @@ pub struct Director {
     events: Receiver<WorkerEvent>,
     metrics: Arc<Metrics>,
     draining: AtomicBool,
+    /// A hand-off is under way (SPEC §12): no token is issued, since the grants have been
+    /// described to the successor already.
+    handing_off: AtomicBool,
     state: Mutex<LoadState>,
     /// The query index (built as the inventory changes, off the control thread), keyed by the
     /// snapshot and the config it was built from.
@@ -223,6 +226,7 @@ impl Director {
             events,
             metrics,
             draining: AtomicBool::new(false),
+            handing_off: AtomicBool::new(false),
             state: Mutex::new(LoadState::default()),
             index: Arc::default(),
             allocator: None,
@@ -296,6 +300,12 @@ impl Director {
         now: Instant,
         prepared: Prepared,
     ) -> Result<TokenAnswer, QueryError> {
+        if self.handing_off.load(Ordering::Acquire) {
+            return Err(QueryError::new(
+                ErrorCode::Draining,
+                "the proxy is handing over to its successor on this node; ask again",
+            ));
+        }
         let ports = self
             .public_ports
             .iter()
@@ -725,6 +735,12 @@ impl Director {
     /// over a connection limit).
     pub fn count_refused(&self, code: ErrorCode) {
         self.metrics.count_query(Some(code));
+    }
+
+    /// Stops (or resumes, after a failed hand-off) issuing tokens while a hand-off holds the
+    /// workers' state.
+    pub fn pause_tokens(&self, paused: bool) {
+        self.handing_off.store(paused, Ordering::Release);
     }
 
     /// Stops minting tokens and tells the workers to open no new sessions.

@@ -58,6 +58,11 @@ impl Controller {
         Ok(collect(&replies, timeout)?.into_iter().sum())
     }
 
+    /// New side: the predecessor has let go; every worker reads what it adopted.
+    pub(crate) fn hand_off_go(&self) {
+        self.broadcast(|| ControlMsg::HandOffGo);
+    }
+
     /// Closes (draining their sessions) the handed-over listeners that neither the config nor
     /// a reconciler claimed: what the previous process served and this one does not. Returns
     /// how many.

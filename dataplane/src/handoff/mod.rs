@@ -27,6 +27,24 @@ pub(crate) fn wire_proxy_mode(mode: ProxyMode) -> WireProxyMode {
     }
 }
 
+/// A backend as the stream writes it.
+pub(crate) fn wire_backend(b: &crate::policy::grant::Backend) -> wire::WireBackend {
+    wire::WireBackend {
+        id: b.id.0,
+        addrs: b.addrs.to_vec(),
+        proxy: wire_proxy_mode(b.proxy),
+    }
+}
+
+/// A backend the stream names.
+pub(crate) fn backend(b: wire::WireBackend) -> crate::policy::grant::Backend {
+    crate::policy::grant::Backend {
+        id: crate::policy::grant::BackendId(b.id),
+        addrs: b.addrs.into_boxed_slice(),
+        proxy: proxy_mode(b.proxy),
+    }
+}
+
 /// A PROXY protocol mode the stream names.
 pub(crate) fn proxy_mode(mode: WireProxyMode) -> ProxyMode {
     match mode {

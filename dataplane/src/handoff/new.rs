@@ -15,13 +15,16 @@ use crate::ctl::Controller;
 use crate::io::socket::ListenSocket;
 use crate::listener::{ListenerId, ListenerKind, Transport};
 use crate::metrics::ListenerCounters;
-use crate::policy::grant::{Backend, BackendId, Grant, TokenId};
+use crate::policy::grant::{BackendId, Grant, TokenId};
 use crate::policy::route::RouteTable;
 
 use super::share::{AdoptedListener, Adoption};
 use super::stats::HandOffResult;
 use super::stream::{Channel, StreamError};
-use super::wire::{Answer, Hello, State, Taken, WireListenerKind, WireTransport, accepts_version};
+use super::wire::{
+    Answer, Decision, Hello, MAX_SESSION_BATCHES, READS, Released, SessionBatch, State, Taken,
+    VERSION, WireListenerKind, WireTransport, accepts_version,
+};
 
 /// How long one step of the exchange may take before the new process gives up (the old one
 /// then serves on).
@@ -30,9 +33,15 @@ const STEP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Why the new process could not take over.
 #[derive(Debug, thiserror::Error)]
 pub enum TakeOverError {
-    /// The running proxy said no, and why.
+    /// The running proxy cannot hand over to this release, and says why.
     #[error("the running proxy refused the hand-off: {0}")]
     Refused(String),
+    /// This process will not take over (it told the running proxy, which serves on).
+    #[error("not taking over from the running proxy: {0}")]
+    Declined(String),
+    /// The predecessor did not let go (it gave up, or broke off): it serves on.
+    #[error("the running proxy did not let go: {0}")]
+    NotReleased(String),
     /// The exchange broke off.
     #[error("hand-off over {path}: {source}")]
     Stream {
@@ -60,14 +69,23 @@ pub struct Inheritance {
     channel: Channel,
     started: Instant,
     sessions: usize,
+    /// The predecessor's process id.
+    pid: u32,
+    /// Sockets installed.
+    descriptors: usize,
 }
 
-/// Connects to a running proxy on `path` and takes its state; `Ok(None)` when none runs
-/// there (no socket, or a stale one nobody listens on): then this process starts fresh.
+/// Whether this process may take over from a predecessor running the config file text
+/// `config` on `workers` workers: the reason when not.
+pub type Vetting<'a> = &'a dyn Fn(&str, usize) -> Result<(), String>;
+
+/// Connects to a running proxy on `path`, vets what it runs (`vet`) and takes its state;
+/// `Ok(None)` when none runs there (no socket, or a stale one nobody listens on): then this
+/// process starts fresh.
 pub fn take_over(
     path: &Path,
-    hello: &Hello,
     workers: usize,
+    vet: Vetting<'_>,
 ) -> Result<Option<Inheritance>, TakeOverError> {
     let shown = path.display().to_string();
     let stream = match UnixStream::connect(path) {
@@ -94,12 +112,71 @@ pub fn take_over(
         source,
     };
     let mut channel = Channel::new(stream, STEP_TIMEOUT).map_err(stream_err)?;
-    channel.send(hello, &[]).map_err(stream_err)?;
+    channel.send(&hello(), &[]).map_err(stream_err)?;
     let (answer, _): (Answer, _) = channel.recv().map_err(stream_err)?;
-    if let Answer::Refuse { reason } = answer {
-        return Err(TakeOverError::Refused(reason));
+    let (config, theirs, pid) = match answer {
+        Answer::Refuse { reason } => return Err(TakeOverError::Refused(reason)),
+        Answer::Accept {
+            version,
+            release,
+            config,
+            workers,
+            pid,
+        } => {
+            log::info!("hand-off: release {release} (pid {pid}) runs on {shown}");
+            if !accepts_version(version) {
+                let reason =
+                    format!("it writes hand-off format {version}, this release reads {READS:?}");
+                let _ = channel.send(
+                    &Decision::Decline {
+                        reason: reason.clone(),
+                    },
+                    &[],
+                );
+                return Err(TakeOverError::Declined(reason));
+            }
+            (config, workers, pid)
+        }
+    };
+    let theirs = usize::try_from(theirs).unwrap_or(usize::MAX);
+    let verdict = if theirs == workers {
+        vet(&config, theirs)
+    } else {
+        Err(format!(
+            "it runs {theirs} workers and this process {workers}: each worker's sockets and \
+             sessions go to the worker of the same index"
+        ))
+    };
+    if let Err(reason) = verdict {
+        let _ = channel.send(
+            &Decision::Decline {
+                reason: reason.clone(),
+            },
+            &[],
+        );
+        return Err(TakeOverError::Declined(reason));
     }
-    let (state, fds): (State, Vec<OwnedFd>) = channel.recv().map_err(stream_err)?;
+    channel.send(&Decision::Proceed, &[]).map_err(stream_err)?;
+    let (mut state, fds): (State, Vec<OwnedFd>) = channel.recv().map_err(stream_err)?;
+    if state.session_batches > MAX_SESSION_BATCHES {
+        return Err(TakeOverError::Invalid(format!(
+            "{} session batches announced, at most {MAX_SESSION_BATCHES}",
+            state.session_batches
+        )));
+    }
+    for _ in 0..state.session_batches {
+        let (batch, extra): (SessionBatch, Vec<OwnedFd>) = channel.recv().map_err(stream_err)?;
+        let worker = usize::try_from(batch.worker).unwrap_or(usize::MAX);
+        let Some(w) = state.workers.get_mut(worker).filter(|_| extra.is_empty()) else {
+            return Err(TakeOverError::Invalid(format!(
+                "a session batch for worker {} (of {}), with {} descriptors",
+                batch.worker,
+                state.workers.len(),
+                extra.len()
+            )));
+        };
+        w.sessions.extend(batch.sessions);
+    }
     state
         .check(workers, fds.len())
         .map_err(|e| TakeOverError::Invalid(e.to_string()))?;
@@ -118,6 +195,8 @@ pub fn take_over(
         channel,
         started,
         sessions,
+        pid,
+        descriptors: 0,
     }))
 }
 
@@ -125,13 +204,35 @@ impl Inheritance {
     /// The query port's listening socket, when the old process handed one over.
     pub fn take_query_listener(&mut self) -> Option<TcpListener> {
         let fd = self.state.query_fd?;
-        self.take_fd(fd).ok().map(TcpListener::from)
+        self.control_listener(fd, "query")
     }
 
     /// The admin port's listening socket, when the old process handed one over.
     pub fn take_admin_listener(&mut self) -> Option<TcpListener> {
         let fd = self.state.admin_fd?;
-        self.take_fd(fd).ok().map(TcpListener::from)
+        self.control_listener(fd, "admin")
+    }
+
+    /// A handed-over listening TCP socket of control's, checked; `None` (said why) when it is
+    /// not one: control then binds its own.
+    fn control_listener(&mut self, fd: u32, what: &str) -> Option<TcpListener> {
+        let checked = self.take_fd(fd).and_then(|fd| {
+            let socket = socket2::Socket::from(fd);
+            let listening = socket.r#type().ok() == Some(socket2::Type::STREAM)
+                && socket
+                    .local_addr()
+                    .ok()
+                    .and_then(|a| a.as_socket())
+                    .is_some();
+            if listening {
+                Ok(TcpListener::from(socket))
+            } else {
+                Err("not a TCP socket".into())
+            }
+        });
+        checked
+            .map_err(|e| log::warn!("hand-off: the {what} port's socket: {e}; binding anew"))
+            .ok()
     }
 
     /// UDP sessions in the state.
@@ -215,61 +316,98 @@ impl Inheritance {
             shares[worker].sessions = std::mem::take(&mut share.sessions);
         }
         descriptors += shares.iter().map(|s| s.listeners.len()).sum::<usize>();
-        let sessions = controller.adopt(shares, STEP_TIMEOUT)?;
-        for g in std::mem::take(&mut self.state.grants) {
-            let backend = Backend {
-                id: BackendId(g.backend.id),
-                addrs: g.backend.addrs.into_boxed_slice(),
-                proxy: super::proxy_mode(g.backend.proxy),
-            };
-            let expires = now + Duration::from_millis(g.expires_in_ms.min(86_400_000));
-            let grant =
-                Grant::handed_over(TokenId(g.token), backend, expires, g.client, g.redeemed);
-            if controller.publish_grant(grant).is_err() {
-                log::warn!("hand-off: a grant could not be published (workers busy)");
-            }
+        // Grants and the default go into every worker before it reads, not through the
+        // bounded grant channel: none can be dropped, none arrives after its first use.
+        let grants: Vec<Arc<Grant>> = std::mem::take(&mut self.state.grants)
+            .into_iter()
+            .map(|g| {
+                let expires = now + Duration::from_millis(g.expires_in_ms.min(MAX_KEEP_MS));
+                Arc::new(Grant::handed_over(
+                    TokenId(g.token),
+                    super::backend(g.backend),
+                    expires,
+                    g.client,
+                    g.redeemed,
+                ))
+            })
+            .collect();
+        let default = self
+            .state
+            .default
+            .take()
+            .map(|b| Arc::new(super::backend(b)));
+        for share in &mut shares {
+            share.grants.clone_from(&grants);
+            share.default.clone_from(&default);
         }
         for e in std::mem::take(&mut self.state.ledger) {
-            let keep = now + Duration::from_millis(e.keep_ms.min(86_400_000));
+            let keep = now + Duration::from_millis(e.keep_ms.min(MAX_KEEP_MS));
             controller.ledger.adopt(TokenId(e.token), keep, e.ports);
         }
-        controller
-            .handoff
-            .record(sessions, descriptors, Duration::ZERO);
+        let sessions = controller.adopt(shares, STEP_TIMEOUT)?;
+        self.descriptors = descriptors;
         Ok(sessions)
     }
 
-    /// Tells the old process this one serves now: it forgets its UDP sessions, stops its
-    /// query and admin servers, finishes its TCP connections and exits.
-    pub fn finish(mut self, controller: &Controller) -> Result<(), TakeOverError> {
-        let sent = self.channel.send(&Taken, &[]);
-        let result = match sent {
-            Ok(()) => HandOffResult::TookOver,
-            Err(_) => HandOffResult::Failed,
+    /// Commits: tells the old process everything is installed, waits until it has let go
+    /// (it forgets its UDP sessions, stops issuing tokens and serving queries, and finishes
+    /// its TCP connections), and only then lets the workers read. If the old process gives
+    /// up instead, nothing was read here and this process exits with the reason; if it is
+    /// gone, this process reads anyway.
+    pub fn commit(mut self, controller: &Controller) -> Result<Duration, TakeOverError> {
+        let released = self
+            .channel
+            .send(&Taken, &[])
+            .and_then(|()| self.channel.recv::<Released>());
+        let gap = match released {
+            Ok((r, _)) => Duration::from_micros(r.gap_us),
+            Err(e) if !alive(self.pid) => {
+                log::warn!(
+                    "hand-off: the running proxy (pid {}) is gone ({e}): serving on",
+                    self.pid
+                );
+                self.started.elapsed()
+            }
+            Err(e) => {
+                controller.handoff.count(HandOffResult::Failed);
+                return Err(TakeOverError::NotReleased(e.to_string()));
+            }
         };
-        controller.handoff.count(result);
+        controller.hand_off_go();
+        controller.handoff.count(HandOffResult::TookOver);
+        controller
+            .handoff
+            .record(self.sessions, self.descriptors, gap);
         log::info!(
-            "hand-off: took over {} UDP sessions in {:?} ({})",
+            "hand-off: took over {} UDP sessions and {} sockets; the predecessor stopped \
+             reading {gap:?} before this process started",
             self.sessions,
-            self.started.elapsed(),
-            result.as_str()
+            self.descriptors
         );
-        sent.map_err(|source| TakeOverError::Stream {
-            path: "the hand-off socket".into(),
-            source,
-        })
+        Ok(gap)
     }
 }
 
-/// The `Hello` this build sends: its format, its config file as loaded and its worker count.
-pub fn hello(config: String, workers: usize) -> Hello {
-    debug_assert!(accepts_version(super::wire::VERSION));
+/// The longest a handed-over grant or ledger entry is kept (a day): tokens live seconds.
+const MAX_KEEP_MS: u64 = 86_400_000;
+
+/// Whether process `pid` still exists.
+fn alive(pid: u32) -> bool {
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return false;
+    };
+    // SAFETY: kill(2) with signal 0 sends nothing; it only checks the process exists.
+    let r = unsafe { libc::kill(pid, 0) };
+    r == 0 || io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
+}
+
+/// The `Hello` this build sends: the format it writes and those it reads.
+pub fn hello() -> Hello {
     Hello {
-        version: super::wire::VERSION,
+        version: VERSION,
+        reads: READS.to_vec(),
         release: env!("CARGO_PKG_VERSION").to_string(),
         pid: std::process::id(),
-        config,
-        restart_keys: vec![("workers".into(), workers.to_string())],
     }
 }
 

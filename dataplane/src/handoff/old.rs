@@ -1,12 +1,13 @@
 //! The running process's side (SPEC §12): it listens on the hand-off socket; a successor
-//! that connects says who it is; if its config keeps every restart key, the workers stop
-//! reading and describe their share, the state and descriptors go over, and on the
-//! successor's `Taken` the workers forget their UDP sessions and control is told. A refusal or
-//! any failure before `Taken` leaves this process serving as before.
+//! that connects says which formats it reads; this process offers its config; if the
+//! successor proceeds, the workers stop reading and describe their share, the state and
+//! descriptors go over, and on the successor's `Taken` the workers let go of what they handed
+//! over, the successor is told it may read, and control is told. A refusal or any failure
+//! before `Taken` leaves this process serving as before.
 
 use std::collections::BTreeMap;
 use std::io;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
@@ -20,8 +21,8 @@ use super::share::{HandOffEnd, WorkerShare};
 use super::stats::HandOffResult;
 use super::stream::Channel;
 use super::wire::{
-    Answer, Hello, State, Taken, WireListener, WireListenerKind, WirePoolSocket, WireTransport,
-    WireWorker, accepts_version,
+    Answer, Decision, Hello, Released, SESSIONS_PER_BATCH, SessionBatch, State, Taken, VERSION,
+    WireLedgerEntry, WireListener, WireListenerKind, WirePoolSocket, WireTransport, WireWorker,
 };
 
 /// How long each step of the exchange may take; the successor installs within the last one.
@@ -29,34 +30,50 @@ const STEP_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the workers have to stop reading and describe their share.
 const FREEZE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Decides whether a successor may take over: `Err` says why not.
-pub type Vetting = Box<dyn Fn(&Hello) -> Result<(), String> + Send>;
-
 /// What a completed hand-off moved, for control and the logs.
 #[derive(Clone, Copy, Debug)]
 pub struct HandedOver {
     pub sessions: usize,
     pub descriptors: usize,
-    /// From the workers' last read to the successor's `Taken`.
+    /// From the workers' last read to the successor's first.
     pub gap: Duration,
 }
 
-/// The listening sockets of control's own servers, handed over beside the data plane's.
-#[derive(Clone, Copy, Debug, Default)]
+/// The listening sockets of control's own servers (duplicated, so they stay valid however
+/// long the server waits), handed over beside the data plane's.
+#[derive(Debug, Default)]
 pub struct ControlSockets {
-    pub query: Option<RawFd>,
-    pub admin: Option<RawFd>,
+    pub query: Option<OwnedFd>,
+    pub admin: Option<OwnedFd>,
+}
+
+/// What control does at the turns of a hand-off.
+pub struct Hooks {
+    /// Before the workers stop reading: stop issuing tokens (a token issued after the
+    /// grants are described would be unknown to the successor).
+    pub freezing: Box<dyn Fn() + Send>,
+    /// The hand-off failed after `freezing`: issue tokens again.
+    pub failed: Box<dyn Fn() + Send>,
+    /// The successor serves everything handed over.
+    pub taken: Box<dyn FnOnce(HandedOver) + Send>,
+}
+
+impl std::fmt::Debug for Hooks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Hooks")
+    }
 }
 
 /// Starts listening on `path` (a socket file left there by an earlier process is replaced;
 /// only this user may connect) and serves successors on a thread of its own until one takes
-/// over; then `on_taken` runs and the thread ends.
+/// over; then `hooks.taken` runs and the thread ends. `config` is the text of this process's
+/// config file, which the successor vets.
 pub fn serve(
     path: PathBuf,
     controller: Controller,
-    vetting: Vetting,
+    config: String,
     sockets: ControlSockets,
-    on_taken: Box<dyn FnOnce(HandedOver) + Send>,
+    hooks: Hooks,
 ) -> io::Result<JoinHandle<()>> {
     match std::fs::remove_file(&path) {
         Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
@@ -68,6 +85,11 @@ pub fn serve(
     std::thread::Builder::new()
         .name("handoff".into())
         .spawn(move || {
+            let Hooks {
+                freezing,
+                failed,
+                taken,
+            } = hooks;
             for stream in listener.incoming() {
                 let stream = match stream {
                     Ok(stream) => stream,
@@ -77,7 +99,12 @@ pub fn serve(
                         continue;
                     }
                 };
-                match serve_one(stream, &controller, &vetting, sockets) {
+                let mut froze = false;
+                let result = serve_one(stream, &controller, &config, &sockets, &mut || {
+                    froze = true;
+                    freezing();
+                });
+                match result {
                     Ok(Some(done)) => {
                         controller.handoff.count(HandOffResult::HandedOver);
                         controller
@@ -85,12 +112,12 @@ pub fn serve(
                             .record(done.sessions, done.descriptors, done.gap);
                         log::info!(
                             "hand-off: handed over {} UDP sessions and {} sockets; the gap \
-                             was {:?}; finishing TCP connections, then exiting",
+                             was {:?}; finishing TCP connections",
                             done.sessions,
                             done.descriptors,
                             done.gap
                         );
-                        on_taken(done);
+                        taken(done);
                         return;
                     }
                     Ok(None) => controller.handoff.count(HandOffResult::Refused),
@@ -99,74 +126,124 @@ pub fn serve(
                         log::warn!("hand-off failed, serving on: {e}");
                     }
                 }
+                if froze {
+                    failed();
+                }
             }
         })
 }
 
-/// One successor: `Ok(None)` when refused.
+/// One successor: `Ok(None)` when it declined or reads no format this process writes.
 fn serve_one(
     stream: UnixStream,
     controller: &Controller,
-    vetting: &Vetting,
-    sockets: ControlSockets,
+    config: &str,
+    sockets: &ControlSockets,
+    freezing: &mut dyn FnMut(),
 ) -> Result<Option<HandedOver>, String> {
     let mut channel = Channel::new(stream, STEP_TIMEOUT).map_err(|e| e.to_string())?;
     let (hello, _): (Hello, _) = channel.recv().map_err(|e| format!("its hello: {e}"))?;
-    let verdict = if accepts_version(hello.version) {
-        vetting(&hello)
-    } else {
-        Err(format!(
-            "it speaks hand-off format {} and this release writes {}",
-            hello.version,
-            super::wire::VERSION
-        ))
-    };
-    if let Err(reason) = verdict {
+    if !hello.reads.contains(&VERSION) {
+        let reason = format!(
+            "it reads hand-off formats {:?} and this release writes {VERSION}",
+            hello.reads
+        );
         log::warn!(
-            "hand-off: refused release {} (pid {}): {reason}",
+            "hand-off: cannot hand over to release {} (pid {}): {reason}",
             hello.release,
             hello.pid
         );
         let _ = channel.send(&Answer::Refuse { reason }, &[]);
         return Ok(None);
     }
-    channel
-        .send(&Answer::Accept, &[])
-        .map_err(|e| e.to_string())?;
+    let accept = Answer::Accept {
+        version: VERSION,
+        release: env!("CARGO_PKG_VERSION").to_string(),
+        config: config.to_string(),
+        workers: u32::try_from(controller.workers()).unwrap_or(u32::MAX),
+        pid: std::process::id(),
+    };
+    channel.send(&accept, &[]).map_err(|e| e.to_string())?;
+    let (decision, _): (Decision, _) = channel
+        .recv()
+        .map_err(|e| format!("waiting for the successor's decision: {e}"))?;
+    if let Decision::Decline { reason } = decision {
+        log::warn!(
+            "hand-off: release {} (pid {}) declined to take over: {reason}",
+            hello.release,
+            hello.pid
+        );
+        return Ok(None);
+    }
+    freezing();
     let frozen_at = Instant::now();
     let shares = controller.hand_off_freeze(FREEZE_TIMEOUT)?;
     let sent = (|| {
-        let (state, fds) = describe(shares, sockets)?;
-        let sessions = state.workers.iter().map(|w| w.sessions.len()).sum();
+        let (mut state, fds) = describe(shares, sockets, controller)?;
+        let batches = batches(&mut state);
+        let sessions = batches.iter().map(|b| b.sessions.len()).sum();
+        state.session_batches = u32::try_from(batches.len()).unwrap_or(u32::MAX);
         let borrowed: Vec<BorrowedFd<'_>> = fds.iter().map(AsFd::as_fd).collect();
         channel
             .send(&state, &borrowed)
             .map_err(|e| format!("sending the state: {e}"))?;
+        for batch in &batches {
+            channel
+                .send(batch, &[])
+                .map_err(|e| format!("sending sessions: {e}"))?;
+        }
         let _: (Taken, _) = channel
             .recv()
             .map_err(|e| format!("waiting for the successor to take over: {e}"))?;
         Ok::<_, String>((sessions, fds.len()))
     })();
-    match sent {
-        Ok((sessions, descriptors)) => {
-            controller.hand_off_end(HandOffEnd::Taken);
-            Ok(Some(HandedOver {
-                sessions,
-                descriptors,
-                gap: frozen_at.elapsed(),
-            }))
-        }
+    let (sessions, descriptors) = match sent {
+        Ok(done) => done,
         Err(e) => {
             controller.hand_off_end(HandOffEnd::Failed);
-            Err(e)
+            return Err(e);
+        }
+    };
+    // Committed: from here on the successor serves whatever happens to this process.
+    controller.hand_off_end(HandOffEnd::Taken);
+    let gap = frozen_at.elapsed();
+    if let Err(e) = channel.send(
+        &Released {
+            gap_us: u64::try_from(gap.as_micros()).unwrap_or(u64::MAX),
+        },
+        &[],
+    ) {
+        // The successor reads anyway once it finds this process no longer reading.
+        log::warn!("hand-off: telling the successor it may read: {e}");
+    }
+    Ok(Some(HandedOver {
+        sessions,
+        descriptors,
+        gap,
+    }))
+}
+
+/// The workers' sessions taken out of `state`, in batches of at most
+/// [`SESSIONS_PER_BATCH`].
+fn batches(state: &mut State) -> Vec<SessionBatch> {
+    let mut all = Vec::new();
+    for (worker, w) in state.workers.iter_mut().enumerate() {
+        let sessions = std::mem::take(&mut w.sessions);
+        for chunk in sessions.chunks(SESSIONS_PER_BATCH) {
+            all.push(SessionBatch {
+                worker: worker as u32,
+                sessions: chunk.to_vec(),
+            });
         }
     }
+    all
 }
 
 /// The state to send and its descriptors (a field `fd` is an index into them).
 fn describe(
     shares: Vec<WorkerShare>,
-    sockets: ControlSockets,
+    sockets: &ControlSockets,
+    controller: &Controller,
 ) -> Result<(State, Vec<OwnedFd>), String> {
     let workers = shares.len();
     let mut fds: Vec<OwnedFd> = Vec::new();
@@ -225,24 +302,36 @@ fn describe(
             sessions: share.sessions,
         });
         state.grants.extend(share.grants);
+        if share.default.is_some() {
+            state.default = share.default;
+        }
     }
     if let Some(l) = listeners.values().find(|l| l.fds.len() != workers) {
         return Err(format!("listener {} is not open on every worker", l.id));
     }
     state.listeners = listeners.into_values().collect();
-    let dup = |fd: RawFd| {
-        // SAFETY: control's listening sockets outlive the hand-off (they are closed only
-        // when control stops, after it); the borrow is only for the duplicate.
-        let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
-        borrowed
-            .try_clone_to_owned()
+    let dup = |fd: &OwnedFd| {
+        fd.try_clone()
             .map_err(|e| format!("duplicating a control socket: {e}"))
     };
-    if let Some(fd) = sockets.query {
+    if let Some(fd) = &sockets.query {
         state.query_fd = Some(push(dup(fd)?, &mut fds));
     }
-    if let Some(fd) = sockets.admin {
+    if let Some(fd) = &sockets.admin {
         state.admin_fd = Some(push(dup(fd)?, &mut fds));
     }
+    // Sealed tokens spent here stay spent there.
+    let now = Instant::now();
+    state.ledger = controller
+        .ledger
+        .entries(now)
+        .into_iter()
+        .map(|(token, keep, ports)| WireLedgerEntry {
+            token: token.0,
+            keep_ms: u64::try_from(keep.saturating_duration_since(now).as_millis())
+                .unwrap_or(u64::MAX),
+            ports,
+        })
+        .collect();
     Ok((state, fds))
 }

@@ -31,6 +31,8 @@ pub(crate) struct WorkerShare {
     pub(crate) sessions: Vec<WireSession>,
     /// The grants not yet spent (worker 0 only: every worker holds the same ones).
     pub(crate) grants: Vec<WireGrant>,
+    /// The backend of clients without a token (worker 0 only).
+    pub(crate) default: Option<super::wire::WireBackend>,
 }
 
 /// How a hand-off ended, for the old side's workers.
@@ -59,4 +61,8 @@ pub(crate) struct Adoption {
     /// Upstream sockets by their number in the old worker's pool.
     pub(crate) pools: Vec<(u32, std::net::UdpSocket)>,
     pub(crate) sessions: Vec<WireSession>,
+    /// The published grants not yet spent, shared by every worker as when control publishes.
+    pub(crate) grants: Vec<Arc<crate::policy::grant::Grant>>,
+    /// The backend of clients without a token, until control names one.
+    pub(crate) default: Option<Arc<crate::policy::grant::Backend>>,
 }

@@ -4,8 +4,17 @@
 //! with the message that holds it.
 //!
 //! These types are the format: a change to them is a change of [`VERSION`]. A new release
-//! reads the stream of the previous one (`accepts_version`; a stream of the current format is
-//! kept as a fixture and read back by a test). Everything here is parsed as untrusted input:
+//! reads the stream of the previous one ([`READS`]; a stream of the current format is kept as
+//! a fixture and read back by a test), and the newer side decides: the old process writes its
+//! own format if the new one reads it, and the new process vets the old one's config with its
+//! own parser, which knows every key an older release could have.
+//!
+//! The exchange: the new process says [`Hello`]; the old one answers [`Answer::Accept`] with
+//! its config; the new one says [`Decision::Proceed`] (or declines and exits); the old one
+//! stops reading and sends the [`State`] and its [`SessionBatch`]es; the new one installs
+//! everything without reading and says [`Taken`]; the old one forgets what it handed over and
+//! says [`Released`]; only then does the new one read. Until `Released` either side may give
+//! up, and the old one serves on: no datagram is read by both. Everything here is parsed as untrusted input:
 //! sizes are bounded by the framing (`super::stream`) and `check` refuses what cannot be
 //! installed, before anything is.
 
@@ -16,40 +25,64 @@ use serde::{Deserialize, Serialize};
 /// The format version this build writes.
 pub const VERSION: u32 = 1;
 
+/// The formats this build reads: its own and its predecessor's.
+pub const READS: &[u32] = &[1];
+
 /// Whether this build can read a stream of `version`.
 pub fn accepts_version(version: u32) -> bool {
-    version == VERSION
+    READS.contains(&version)
 }
 
-/// The first message, from the new process: who it is and what it would run with.
+/// The first message, from the new process: who it is and which formats it reads.
 #[derive(Clone, Debug, Eq, PartialEq, Serialize, Deserialize)]
 pub struct Hello {
-    /// The format it writes and reads.
+    /// The format it writes.
     pub version: u32,
+    /// The formats it reads; the old process writes its own only if it is among them.
+    pub reads: Vec<u32>,
     /// Its release (`CARGO_PKG_VERSION`), for logs.
     pub release: String,
     /// Its process id, for logs.
     pub pid: u32,
-    /// Its config file as it loaded it (YAML): the old process compares its restart keys
-    /// with its own and refuses when one differs.
-    pub config: String,
-    /// Facts of the new process that the config does not fix but the sockets depend on, as
-    /// `(name, value)`: the resolved worker count (`workers: auto` depends on the machine).
-    pub restart_keys: Vec<(String, String)>,
 }
 
 /// The old process's answer to a [`Hello`].
 #[derive(Clone, Debug, Eq, PartialEq, Serialize, Deserialize)]
 pub enum Answer {
-    /// It hands over: the [`State`] follows.
-    Accept,
-    /// It keeps serving, and says why.
+    /// It can hand over, in format `version`, what it runs with `config` (its config file's
+    /// text) on `workers` workers; the new process decides.
+    Accept {
+        version: u32,
+        release: String,
+        config: String,
+        workers: u32,
+        /// Its process id: a successor that loses the connection after [`Taken`] reads if
+        /// this process is gone.
+        pid: u32,
+    },
+    /// It cannot (it writes no format the new process reads), and says why.
     Refuse { reason: String },
 }
 
-/// The new process's last message: it has installed everything and reads the sockets now.
+/// The new process's decision on an [`Answer::Accept`].
+#[derive(Clone, Debug, Eq, PartialEq, Serialize, Deserialize)]
+pub enum Decision {
+    /// Stop reading and send the state.
+    Proceed,
+    /// It will not take over (a restart key differs, a worker count), and exits with this.
+    Decline { reason: String },
+}
+
+/// The new process has installed everything, without reading yet.
 #[derive(Clone, Copy, Debug, Eq, PartialEq, Serialize, Deserialize)]
 pub struct Taken;
+
+/// The old process has forgotten what it handed over: the new one reads from now on.
+#[derive(Clone, Copy, Debug, Eq, PartialEq, Serialize, Deserialize)]
+pub struct Released {
+    /// Microseconds since the old process stopped reading.
+    pub gap_us: u64,
+}
 
 /// The protocol of a socket.
 #[derive(Clone, Copy, Debug, Eq, PartialEq, Serialize, Deserialize)]
@@ -221,6 +254,29 @@ pub struct State {
     pub query_fd: Option<u32>,
     /// The admin port's listening socket.
     pub admin_fd: Option<u32>,
+    /// How many [`SessionBatch`] messages follow this one: the sessions travel apart from the
+    /// state, so no message grows with a node's session count past the stream's bound.
+    #[serde(default)]
+    pub session_batches: u32,
+    /// The backend of clients without a token, until the new process's own inventory names
+    /// one.
+    #[serde(default)]
+    pub default: Option<WireBackend>,
+}
+
+/// Sessions at most in one [`SessionBatch`] (about 330 bytes of JSON each: a few MiB).
+pub const SESSIONS_PER_BATCH: usize = 16_384;
+
+/// Batches at most after one [`State`]: 4M sessions, far past any node's `maxSessions`
+/// (about 1.3 GiB of JSON at most, each batch within the stream's message bound).
+pub const MAX_SESSION_BATCHES: u32 = 256;
+
+/// Some of one worker's UDP sessions, sent after the [`State`] they belong to.
+#[derive(Clone, Debug, Default, Eq, PartialEq, Serialize, Deserialize)]
+pub struct SessionBatch {
+    /// The worker, by index.
+    pub worker: u32,
+    pub sessions: Vec<WireSession>,
 }
 
 mod check;

@@ -142,10 +142,16 @@ impl SocketAssigner {
 
     /// Takes over the places of the previous process's sessions (SPEC §12): `open` sockets per
     /// family (numbered from 0, as there), and the socket each backend address's live
-    /// sessions are on. The free places below a backend's highest are ready at once (they
-    /// were free there). A place named twice is refused (false): two sessions to one backend
-    /// on one socket could not be told apart.
-    pub(crate) fn adopt(&mut self, open: [u32; 2], places: &[(SocketAddr, u32)]) -> bool {
+    /// sessions are on. The free places below a backend's highest start a quarantine at `now`
+    /// (one may have been given back there a moment ago: a late reply must not reach a new
+    /// session). A place named twice is refused (false): two sessions to one backend on one
+    /// socket could not be told apart.
+    pub(crate) fn adopt(
+        &mut self,
+        open: [u32; 2],
+        places: &[(SocketAddr, u32)],
+        now: Instant,
+    ) -> bool {
         let mut taken: AHashMap<SocketAddr, BTreeSet<u32>> = AHashMap::new();
         for &(target, index) in places {
             if index >= open[family(target)] || !taken.entry(target).or_default().insert(index) {
@@ -156,13 +162,16 @@ impl SocketAssigner {
         self.targets.clear();
         for (target, indexes) in taken {
             let high_water = indexes.last().map_or(0, |top| top + 1);
-            let ready = (0..high_water).filter(|i| !indexes.contains(i)).collect();
+            let quarantined = (0..high_water)
+                .filter(|i| !indexes.contains(i))
+                .map(|i| (i, now))
+                .collect();
             self.targets.insert(
                 target,
                 TargetUse {
                     high_water,
-                    quarantined: VecDeque::new(),
-                    ready,
+                    quarantined,
+                    ready: BTreeSet::new(),
                 },
             );
         }
@@ -433,10 +442,12 @@ mod tests {
         let a: SocketAddr = "10.0.0.1:7000".parse().unwrap();
         let b: SocketAddr = "10.0.0.2:7000".parse().unwrap();
         let mut s = SocketAssigner::default();
-        assert!(s.adopt([3, 0], &[(a, 0), (a, 2), (b, 1)]));
+        assert!(s.adopt([3, 0], &[(a, 0), (a, 2), (b, 1)], t0));
         assert_eq!(s.open(), [3, 0]);
         let never = |_| -> Result<(), ()> { panic!("no socket should open") };
-        // `a` has 0 and 2: the free place 1 comes first, then a new socket (3).
+        // `a` has 0 and 2: the free place 1 comes first once its quarantine is over, then a
+        // new socket (3).
+        let t0 = t0 + PLACE_QUARANTINE;
         assert_eq!(s.acquire(a, t0, never), Ok(1));
         let mut opened = None;
         assert_eq!(
@@ -451,7 +462,7 @@ mod tests {
         assert_eq!(s.acquire(b, t0, never), Ok(0));
         // A place named twice, or past the open sockets, is refused.
         let mut s = SocketAssigner::default();
-        assert!(!s.adopt([2, 0], &[(a, 1), (a, 1)]));
-        assert!(!s.adopt([2, 0], &[(a, 2)]));
+        assert!(!s.adopt([2, 0], &[(a, 1), (a, 1)], t0));
+        assert!(!s.adopt([2, 0], &[(a, 2)], t0));
     }
 }

@@ -141,6 +141,20 @@ impl Admission {
         self.default_backend = backend;
     }
 
+    /// The backend of clients without a token, for the successor.
+    pub(super) fn default_backend(&self) -> Option<&Backend> {
+        self.default_backend.as_deref()
+    }
+
+    /// Takes over the predecessor's grants (before this worker reads anything).
+    pub(super) fn adopt_grants(&mut self, grants: &[Arc<Grant>]) {
+        for grant in grants {
+            self.grants
+                .entry(grant.token)
+                .or_insert_with(|| Arc::clone(grant));
+        }
+    }
+
     /// From now on no new session opens on any listener.
     pub(super) fn drain(&mut self) {
         self.draining = true;
@@ -165,11 +179,7 @@ impl Admission {
             .filter_map(|g| {
                 Some(crate::handoff::wire::WireGrant {
                     token: g.token.0,
-                    backend: crate::handoff::wire::WireBackend {
-                        id: g.backend.id.0,
-                        addrs: g.backend.addrs.to_vec(),
-                        proxy: crate::handoff::wire_proxy_mode(g.backend.proxy),
-                    },
+                    backend: crate::handoff::wire_backend(&g.backend),
                     expires_in_ms: u64::try_from(
                         g.expires_at.saturating_duration_since(now).as_millis(),
                     )

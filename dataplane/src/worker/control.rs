@@ -34,6 +34,10 @@ impl Worker {
     }
 
     pub(super) fn apply_control(&mut self, msg: ControlMsg, now: Instant) {
+        if self.defers(&msg) {
+            self.deferred.push(msg);
+            return;
+        }
         match msg {
             ControlMsg::OpenListener {
                 id,
@@ -67,7 +71,8 @@ impl Worker {
             ControlMsg::HandOffFreeze(reply) => {
                 let _ = reply.send(self.hand_off_freeze(now));
             }
-            ControlMsg::HandOffEnd(end) => self.hand_off_end(end),
+            ControlMsg::HandOffEnd(end) => self.hand_off_end(end, now),
+            ControlMsg::HandOffGo => self.hand_off_go(),
             ControlMsg::Adopt(adoption, reply) => {
                 let _ = reply.send(self.adopt(*adoption, now));
             }

@@ -1,11 +1,13 @@
 //! A worker's side of a hand-off (SPEC §12). Old side: it stops reading every listener and
-//! upstream socket (TCP sessions keep flowing), describes them and its UDP sessions, and then
-//! either forgets its UDP sessions (the successor has them) or reads again (it failed). New
-//! side: before reading anything, it adopts the listeners under their old ids, the upstream
-//! sockets under their old numbers, and the sessions on them.
+//! upstream socket (TCP sessions keep flowing) and defers what would change its listeners or
+//! UDP sessions, describes them, and then either lets go of them (the successor has them) or
+//! reads again and applies what it deferred (it failed). New side: before reading anything, it
+//! adopts the listeners under their old ids, the upstream sockets under their old numbers, the
+//! sessions on them and the grants, and reads only once the predecessor has let go.
 
 use std::time::Instant;
 
+use crate::ctl::ControlMsg;
 use crate::handoff::share::{Adoption, HandOffEnd, WorkerShare};
 
 use super::Worker;
@@ -13,7 +15,7 @@ use super::Worker;
 impl Worker {
     /// Stops reading and describes this worker's share; on an error reads again and says why.
     pub(super) fn hand_off_freeze(&mut self, now: Instant) -> Result<WorkerShare, String> {
-        // Replies queued for clients leave first; grants in the channel are looked at.
+        // Replies queued for clients leave first.
         self.udp.send_replies(&self.listeners, &self.out);
         let registry = self.poll.registry();
         self.frozen = true;
@@ -25,60 +27,106 @@ impl Worker {
         let (listeners, pools) = match share {
             Ok(share) => share,
             Err(e) => {
-                self.hand_off_end(HandOffEnd::Failed);
+                self.hand_off_end(HandOffEnd::Failed, now);
                 return Err(format!("worker {}: {e}", self.out.id()));
             }
         };
-        let grants = if self.out.id() == 0 {
-            self.admission.export_grants(now)
+        let (grants, default) = if self.out.id() == 0 {
+            (
+                self.admission.export_grants(now),
+                self.admission
+                    .default_backend()
+                    .map(crate::handoff::wire_backend),
+            )
         } else {
-            Vec::new()
+            (Vec::new(), None)
         };
         Ok(WorkerShare {
             listeners,
             pools,
             sessions: self.sessions.export_udp(now),
             grants,
+            default,
         })
     }
 
-    /// The hand-off is over: forget the UDP sessions the successor took, or read again.
-    pub(super) fn hand_off_end(&mut self, end: HandOffEnd) {
-        if !self.frozen {
+    /// Whether `msg` must wait while a hand-off holds the sockets: it would change a listener
+    /// or a UDP session after they were described.
+    pub(super) fn defers(&self, msg: &ControlMsg) -> bool {
+        self.frozen
+            && !self.handed_over
+            && matches!(
+                msg,
+                ControlMsg::OpenListener { .. }
+                    | ControlMsg::UpdateListener { .. }
+                    | ControlMsg::CloseListener { .. }
+                    | ControlMsg::RemoveBackend(_)
+                    | ControlMsg::KillSessions(..)
+            )
+    }
+
+    /// The hand-off is over: let go of the listeners, upstream sockets and UDP sessions the
+    /// successor took, or read again.
+    pub(super) fn hand_off_end(&mut self, end: HandOffEnd, now: Instant) {
+        if !self.frozen || self.handed_over {
             return;
         }
         let registry = self.poll.registry();
+        let deferred = std::mem::take(&mut self.deferred);
         match end {
             HandOffEnd::Taken => {
                 let n = self
                     .sessions
                     .forget_udp(&mut self.listeners, registry, &self.out);
+                // This process's copies of the sockets go: were the successor to die, a
+                // process after it binds afresh rather than beside sockets nobody reads.
+                self.listeners.drop_all(registry);
+                self.sessions.drop_pool(registry, &self.out);
                 log::info!(
                     "worker {}: {n} UDP sessions handed over; TCP sessions finish here",
                     self.out.id()
                 );
-                // Stays frozen: its listener and upstream sockets are the successor's.
                 self.handed_over = true;
+                // What control asked meanwhile concerned what the successor now owns; a
+                // listener close still releases its port.
+                for msg in deferred {
+                    if let ControlMsg::CloseListener { closing, .. } = msg {
+                        closing.join(0);
+                        closing.release();
+                    }
+                }
             }
             HandOffEnd::Failed => {
                 self.listeners.thaw(registry);
                 self.sessions.thaw_pool(registry);
                 self.frozen = false;
+                for msg in deferred {
+                    self.apply_control(msg, now);
+                }
             }
         }
     }
 
-    /// Takes over the previous process's listeners, upstream sockets and UDP sessions.
+    /// Takes over the previous process's listeners, upstream sockets, UDP sessions and
+    /// grants; reads none of it until [`Self::hand_off_go`].
     pub(super) fn adopt(&mut self, adoption: Adoption, now: Instant) -> Result<usize, String> {
+        self.frozen = true;
         let registry = self.poll.registry();
         let Adoption {
             listeners,
             pools,
             sessions,
+            grants,
+            default,
         } = adoption;
         for l in listeners {
             self.listeners
                 .open(registry, l.id, l.socket, l.kind, l.idle_timeout, l.counters);
+        }
+        self.listeners.set_frozen();
+        self.admission.adopt_grants(&grants);
+        if default.is_some() {
+            self.admission.set_default(default);
         }
         self.sessions
             .adopt(
@@ -90,5 +138,20 @@ impl Worker {
                 now,
             )
             .map_err(|e| format!("worker {}: {e}", self.out.id()))
+    }
+
+    /// The predecessor has let go: read everything adopted, from what waited meanwhile on.
+    pub(super) fn hand_off_go(&mut self) {
+        if !self.frozen {
+            return;
+        }
+        let registry = self.poll.registry();
+        // Registered at adoption, their readiness was collected and passed over since: a
+        // fresh registration reports what is waiting now.
+        let _ = self.listeners.freeze(registry);
+        let _ = self.sessions.freeze_pool(registry);
+        self.listeners.thaw(registry);
+        self.sessions.thaw_pool(registry);
+        self.frozen = false;
     }
 }

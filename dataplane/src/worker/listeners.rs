@@ -88,6 +88,8 @@ pub(super) struct Listeners {
     /// The indexes of the listeners that are closing (draining): the loop looks at these,
     /// never at every listener.
     closing: Vec<usize>,
+    /// Handing off: no socket of these is read or accepted on.
+    frozen: bool,
 }
 
 impl Listeners {
@@ -97,6 +99,7 @@ impl Listeners {
             worker,
             slab: Vec::new(),
             closing: Vec::new(),
+            frozen: false,
         }
     }
 
@@ -363,6 +366,7 @@ impl Listeners {
     /// will again after [`Self::thaw`]) and describes each, with a duplicate of this worker's
     /// socket of it.
     pub(super) fn freeze(&mut self, registry: &Registry) -> std::io::Result<Vec<ListenerShare>> {
+        self.frozen = true;
         let mut all = Vec::new();
         for (index, listener) in self.slab.iter_mut().enumerate() {
             let Some(listener) = listener else { continue };
@@ -388,8 +392,31 @@ impl Listeners {
         Ok(all)
     }
 
-    /// Reads and accepts on every listener again: the hand-off failed.
+    /// Reads nothing until [`Self::thaw`] (listeners adopted from a predecessor).
+    pub(super) fn set_frozen(&mut self) {
+        self.frozen = true;
+    }
+
+    /// Lets go of every listener's socket (handed over): the successor has its own copies.
+    /// Their sessions here (TCP, finishing) keep going without them.
+    pub(super) fn drop_all(&mut self, registry: &Registry) {
+        for port in 0..self.slab.len() {
+            if self.slab[port].is_some() {
+                self.retire(registry, port);
+            }
+        }
+    }
+
+    /// Whether a hand-off holds the sockets: nothing reads or accepts on them.
+    pub(super) fn is_frozen(&self) -> bool {
+        self.frozen
+    }
+
+    /// Reads and accepts on every listener again: the hand-off failed (or, in the new
+    /// process, has been committed). A registration reports a socket that is readable
+    /// already, so what waited meanwhile is read at once.
     pub(super) fn thaw(&mut self, registry: &Registry) {
+        self.frozen = false;
         for (index, listener) in self.slab.iter_mut().enumerate() {
             let Some(listener) = listener else { continue };
             let token = listener_token(index);

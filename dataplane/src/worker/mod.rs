@@ -71,6 +71,11 @@ const IO_LOOP_BOUND: usize = 16;
 const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 const EVENTS_CAPACITY: usize = 1024;
 
+/// Whether `token` is a shared upstream socket's (below the pending connections').
+fn t_is_pool(token: Token) -> bool {
+    (FIRST_POOL..FIRST_PENDING).contains(&token.0)
+}
+
 /// The token of this worker's socket of listener `index`.
 fn listener_token(index: usize) -> Token {
     Token(FIRST_LISTENER + index)
@@ -180,6 +185,8 @@ pub(crate) struct Worker {
     frozen: bool,
     /// The successor took its listeners and UDP sessions; it only finishes TCP sessions.
     handed_over: bool,
+    /// Control messages that wait for the hand-off to end (see `defers`).
+    deferred: Vec<ControlMsg>,
 }
 
 impl std::fmt::Debug for Worker {
@@ -224,6 +231,7 @@ impl Worker {
             next_sweep: now + SWEEP_INTERVAL,
             frozen: false,
             handed_over: false,
+            deferred: Vec::new(),
         };
         Ok((worker, waker))
     }
@@ -270,11 +278,19 @@ impl Worker {
                         self.admission.drain_grants();
                         self.drain_control(now);
                     }
-                    Token(t) if t < FIRST_SESSION => self.drain_port(t - FIRST_LISTENER, now),
+                    // While handing off, the listener and upstream sockets are the successor's
+                    // (or will be read again on a failure): an event this turn collected
+                    // before the freeze is not acted on.
+                    Token(t) if t < FIRST_SESSION => {
+                        if !self.frozen {
+                            self.drain_port(t - FIRST_LISTENER, now);
+                        }
+                    }
                     Token(t) if t >= FIRST_PENDING => {
                         let (mut p, _, tcp) = self.split();
                         tcp.on_pending(&mut p, t - FIRST_PENDING, now);
                     }
+                    Token(_) if t_is_pool(event.token()) && self.frozen => {}
                     Token(t) if t >= FIRST_POOL => {
                         let (mut p, udp, _) = self.split();
                         udp.drain_pool(&mut p, PoolRef::from_number((t - FIRST_POOL) as u32), now);
@@ -348,15 +364,22 @@ impl Worker {
             return;
         }
         let ports = self.udp.take_ports_again();
-        for port in ports.into_iter().chain(self.tcp.take_ports_again()) {
-            self.drain_port(port, now);
+        let tcp_ports = self.tcp.take_ports_again();
+        let pools = self.udp.take_pools_again();
+        if !self.frozen {
+            for port in ports.into_iter().chain(tcp_ports) {
+                self.drain_port(port, now);
+            }
         }
+        let frozen = self.frozen;
         let (mut p, udp, tcp) = self.split();
         for id in tcp.take_sessions_again() {
             tcp.drain_session(&mut p, id.slot(), now);
         }
-        for pool in udp.take_pools_again() {
-            udp.drain_pool(&mut p, pool, now);
+        if !frozen {
+            for pool in pools {
+                udp.drain_pool(&mut p, pool, now);
+            }
         }
     }
 

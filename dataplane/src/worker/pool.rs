@@ -38,6 +38,11 @@ impl PoolRef {
         self.0 % 2 == 1
     }
 
+    /// Whether it is one of the IPv6 sockets.
+    pub(crate) fn is_ipv6(self) -> bool {
+        self.ipv6()
+    }
+
     /// Its number in an [`crate::io::batch::UpstreamBatch`].
     pub(crate) fn number(self) -> u32 {
         self.0
@@ -249,6 +254,17 @@ impl UpstreamPool {
         Ok(all)
     }
 
+    /// Lets go of every socket (handed over).
+    pub(super) fn drop_all(&mut self, registry: &Registry) {
+        for (ipv6, sockets) in [(false, &mut self.v4), (true, &mut self.v6)] {
+            for mut s in sockets.drain(..) {
+                let _ = registry.deregister(&mut s.socket);
+                self.own_ports.remove(ipv6, s.port);
+            }
+        }
+        self.assigner = SocketAssigner::default();
+    }
+
     /// Reads every socket again: the hand-off failed and this process serves on.
     pub(super) fn thaw(&mut self, registry: &Registry) {
         for (ipv6, sockets) in [(false, &mut self.v4), (true, &mut self.v6)] {
@@ -313,13 +329,14 @@ impl UpstreamPool {
     pub(super) fn adopt_places(
         &mut self,
         places: &[(PoolRef, SocketAddr, SessionId)],
+        now: Instant,
     ) -> Result<(), String> {
         let open = [self.v4.len() as u32, self.v6.len() as u32];
         let by_index: Vec<(SocketAddr, u32)> = places
             .iter()
             .map(|(pool, target, _)| (*target, pool.index() as u32))
             .collect();
-        if !self.assigner.adopt(open, &by_index) {
+        if !self.assigner.adopt(open, &by_index, now) {
             return Err("two sessions to one backend on one upstream socket".into());
         }
         for &(pool, target, session) in places {

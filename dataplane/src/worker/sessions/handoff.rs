@@ -20,9 +20,9 @@ use super::super::pool::PoolRef;
 use super::super::proxy_header::ProxyState;
 use super::{Offload, Sessions, UdpUpstream, Upstream, add_kernel_counts};
 
-/// The longest idle timeout or age a handed-over session may claim (a day): more is a
-/// malformed stream, not a session.
-const MAX_HANDED_OVER: Duration = Duration::from_secs(24 * 3600);
+/// The longest age or idle time a handed-over session may claim (five years, as the stream's
+/// check allows): more is a malformed stream, not a session.
+const MAX_ELAPSED: Duration = Duration::from_millis(crate::handoff::wire::MAX_ELAPSED_MS);
 
 impl Sessions {
     /// Stops reading the shared upstream sockets; see `UpstreamPool::freeze`.
@@ -36,6 +36,13 @@ impl Sessions {
     /// Reads the shared upstream sockets again (the hand-off failed).
     pub(in crate::worker) fn thaw_pool(&mut self, registry: &Registry) {
         self.pool.thaw(registry);
+    }
+
+    /// Lets go of the shared upstream sockets (handed over, none serves a session here any
+    /// more).
+    pub(in crate::worker) fn drop_pool(&mut self, registry: &Registry, out: &Outbox) {
+        self.pool.drop_all(registry);
+        out.counters().upstream_sockets.set(0);
     }
 
     /// Every UDP session as the successor takes it, with what the kernel fast path carried
@@ -81,9 +88,9 @@ impl Sessions {
         all
     }
 
-    /// The successor serves the UDP sessions now: they leave this table without a word to
-    /// anyone (no datagram, no event), their kernel fast-path entries deleted so the
-    /// successor's path sees their traffic. Returns how many.
+    /// The successor serves the UDP sessions now: they leave this table without a datagram to
+    /// anyone (control is told they closed, so its load counts let go of them), their kernel
+    /// fast-path entries deleted so the successor's path sees their traffic. Returns how many.
     pub(in crate::worker) fn forget_udp(
         &mut self,
         listeners: &mut Listeners,
@@ -130,7 +137,7 @@ impl Sessions {
             let (id, pool, key) = self.adopt_one(w, listeners, out, now)?;
             places.push((pool, key, id));
         }
-        self.pool.adopt_places(&places)?;
+        self.pool.adopt_places(&places, now)?;
         out.counters()
             .upstream_sockets
             .set(self.pool.sockets() as u64);
@@ -165,8 +172,15 @@ impl Sessions {
         if !is_unicast_target(target) {
             return Err(format!("{who}: {} is not a backend address", w.target));
         }
-        let [age, idle, idle_timeout] = [w.age_ms, w.idle_ms, w.idle_timeout_ms]
-            .map(|ms| Duration::from_millis(ms).min(MAX_HANDED_OVER));
+        if target.is_ipv6() != pool.is_ipv6() {
+            return Err(format!(
+                "{who}: backend {target} on an upstream socket of the other family"
+            ));
+        }
+        let [age, idle] =
+            [w.age_ms, w.idle_ms].map(|ms| Duration::from_millis(ms).min(MAX_ELAPSED));
+        let idle_timeout =
+            Duration::from_millis(w.idle_timeout_ms).min(crate::policy::session::MAX_IDLE_TIMEOUT);
         let id = self.table.next_id();
         let proxy = w
             .proxy
