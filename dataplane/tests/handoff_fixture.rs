@@ -65,6 +65,7 @@ fn fixture_state() -> State {
         kind,
         idle_timeout_ms: 30_000 * u64::from(id + 1),
         fds: fds.to_vec(),
+        closing: false,
     };
     let session = |listener, client: &str, kind, pool, proxy| WireSession {
         listener,

@@ -251,6 +251,7 @@ fn full_state_with_real_descriptors_round_trips() {
             kind: WireListenerKind::TokenPort,
             idle_timeout_ms: 300_000,
             fds,
+            closing: false,
         });
     }
     let workers = sessions(10_000, WORKERS, LISTENERS, POOLS)
@@ -440,6 +441,7 @@ fn small_state() -> State {
             kind: WireListenerKind::TokenPort,
             idle_timeout_ms: 300_000,
             fds: vec![0],
+            closing: false,
         }],
         workers: sessions(100, 1, 1, 2)
             .into_iter()

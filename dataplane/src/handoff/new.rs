@@ -249,12 +249,14 @@ impl Inheritance {
 
     /// Installs everything into the data plane: listeners under their old ids (until the
     /// config or a reconciler claims them), upstream sockets, sessions, grants and the nonce
-    /// ledger. The workers read from here on.
+    /// ledger. The workers read none of it before [`Self::commit`].
     pub(crate) fn install(&mut self, controller: &Controller) -> Result<usize, String> {
         let now = Instant::now();
         let workers = controller.workers();
         let mut shares: Vec<Adoption> = (0..workers).map(|_| Adoption::default()).collect();
         let listeners = std::mem::take(&mut self.state.listeners);
+        // Listeners that were closing there go on closing here: no new session on them.
+        let mut closing = Vec::new();
         for l in listeners {
             let transport = match l.transport {
                 WireTransport::Udp => Transport::Udp,
@@ -265,7 +267,7 @@ impl Inheritance {
                 .try_take(workers)
                 .ok_or_else(|| format!("listener {}: the descriptor budget is spent", l.addr))?;
             let counters = Arc::new(ListenerCounters::new(workers));
-            controller
+            let generation = controller
                 .registry
                 .lock()
                 .adopt(
@@ -277,6 +279,13 @@ impl Inheritance {
                     lease,
                 )
                 .map_err(|e| e.to_string())?;
+            if l.closing {
+                closing.push(crate::listener::OpenedListener {
+                    id: ListenerId(l.id),
+                    addr: l.addr,
+                    generation,
+                });
+            }
             let kind = match l.kind {
                 WireListenerKind::TokenPort => ListenerKind::TokenPort,
                 WireListenerKind::Forward {
@@ -345,6 +354,9 @@ impl Inheritance {
             controller.ledger.adopt(TokenId(e.token), keep, e.ports);
         }
         let sessions = controller.adopt(shares, STEP_TIMEOUT)?;
+        for listener in &closing {
+            controller.close_listener(listener, crate::listener::CloseMode::Drain);
+        }
         self.descriptors = descriptors;
         Ok(sessions)
     }

@@ -282,6 +282,7 @@ fn describe(
                 },
                 idle_timeout_ms: u64::try_from(l.idle_timeout.as_millis()).unwrap_or(u64::MAX),
                 fds: Vec::new(),
+                closing: l.closing,
             });
             if entry.fds.len() != worker {
                 return Err(format!("listener {} is not open on every worker", l.id.0));

@@ -20,6 +20,8 @@ pub(crate) struct ListenerShare {
     pub(crate) kind: ListenerKind,
     pub(crate) idle_timeout: Duration,
     pub(crate) fd: OwnedFd,
+    /// It takes no new sessions (a close was asked).
+    pub(crate) closing: bool,
 }
 
 /// A worker's share of the hand-off, taken when it stopped reading.

@@ -132,6 +132,9 @@ pub struct WireListener {
     pub idle_timeout_ms: u64,
     /// Its socket on each worker, by worker index.
     pub fds: Vec<u32>,
+    /// It was closing (draining its sessions; it takes no new ones) in the old process.
+    #[serde(default)]
+    pub closing: bool,
 }
 
 /// One of a worker's shared upstream sockets.

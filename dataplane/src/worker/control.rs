@@ -72,7 +72,7 @@ impl Worker {
                 let _ = reply.send(self.hand_off_freeze(now));
             }
             ControlMsg::HandOffEnd(end) => self.hand_off_end(end, now),
-            ControlMsg::HandOffGo => self.hand_off_go(),
+            ControlMsg::HandOffGo => self.hand_off_go(now),
             ControlMsg::Adopt(adoption, reply) => {
                 let _ = reply.send(self.adopt(*adoption, now));
             }

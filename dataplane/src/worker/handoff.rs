@@ -140,8 +140,10 @@ impl Worker {
             .map_err(|e| format!("worker {}: {e}", self.out.id()))
     }
 
-    /// The predecessor has let go: read everything adopted, from what waited meanwhile on.
-    pub(super) fn hand_off_go(&mut self) {
+    /// The predecessor has let go: read everything adopted, from what waited meanwhile on,
+    /// and apply what control asked meanwhile (the data ports' claims, a listener that was
+    /// closing there).
+    pub(super) fn hand_off_go(&mut self, now: Instant) {
         if !self.frozen {
             return;
         }
@@ -153,5 +155,8 @@ impl Worker {
         self.listeners.thaw(registry);
         self.sessions.thaw_pool(registry);
         self.frozen = false;
+        for msg in std::mem::take(&mut self.deferred) {
+            self.apply_control(msg, now);
+        }
     }
 }

@@ -387,6 +387,7 @@ impl Listeners {
                 kind: listener.kind.clone(),
                 idle_timeout: listener.idle_timeout,
                 fd,
+                closing: listener.closing.is_some(),
             });
         }
         Ok(all)

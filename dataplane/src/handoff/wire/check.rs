@@ -309,6 +309,7 @@ mod tests {
             kind: WireListenerKind::TokenPort,
             idle_timeout_ms: 30_000,
             fds,
+            closing: false,
         };
         let session = WireSession {
             listener: 1,
