@@ -43,8 +43,9 @@ const EVENT_INTERVAL: Duration = Duration::from_millis(100);
 /// How long a stopping instance waits for the status Lease to be handed back.
 const LEASE_RELEASE_WITHIN: Duration = Duration::from_secs(2);
 /// How long after start the handed-over listeners may still be claimed once the inventory is
-/// in (the reconcilers open theirs on the first snapshot; this covers their turn).
-const CLAIM_GRACE: Duration = Duration::from_secs(5);
+/// in: the reconcilers open theirs on the first snapshot, but a forwarder whose target is a
+/// name opens once it resolves. Until then an unclaimed listener serves as it did.
+const CLAIM_GRACE: Duration = Duration::from_secs(30);
 /// How often the default backend is re-chosen (load balancing moves with the load).
 const RECONCILE_INTERVAL: Duration = Duration::from_secs(1);
 
