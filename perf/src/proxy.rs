@@ -190,7 +190,7 @@ fn echoes_through(addr: SocketAddr) -> anyhow::Result<()> {
 }
 
 /// The proxy binary: `--proxy-bin`, else `udp-director` beside this binary (same target dir).
-fn binary(given: Option<&Path>) -> anyhow::Result<PathBuf> {
+pub(crate) fn binary(given: Option<&Path>) -> anyhow::Result<PathBuf> {
     let path = match given {
         Some(p) => p.to_owned(),
         None => std::env::current_exe()?.with_file_name("udp-director"),
