@@ -157,6 +157,7 @@ pub fn take_over(
         return Err(TakeOverError::Declined(reason));
     }
     channel.send(&Decision::Proceed, &[]).map_err(stream_err)?;
+    let proceeded = Instant::now();
     let (mut state, fds): (State, Vec<OwnedFd>) = channel.recv().map_err(stream_err)?;
     if state.session_batches > MAX_SESSION_BATCHES {
         return Err(TakeOverError::Invalid(format!(
@@ -183,11 +184,12 @@ pub fn take_over(
     let sessions = state.workers.iter().map(|w| w.sessions.len()).sum();
     log::info!(
         "hand-off: received {} listeners, {sessions} UDP sessions, {} grants and {} \
-         descriptors from release {}",
+         descriptors from release {} in {:?}",
         state.listeners.len(),
         state.grants.len(),
         fds.len(),
-        state.release
+        state.release,
+        proceeded.elapsed()
     );
     Ok(Some(Inheritance {
         state,
@@ -353,7 +355,12 @@ impl Inheritance {
             let keep = now + Duration::from_millis(e.keep_ms.min(MAX_KEEP_MS));
             controller.ledger.adopt(TokenId(e.token), keep, e.ports);
         }
+        let adopting = Instant::now();
         let sessions = controller.adopt(shares, STEP_TIMEOUT)?;
+        log::info!(
+            "hand-off: the workers installed their sessions in {:?}",
+            adopting.elapsed()
+        );
         for listener in &closing {
             controller.close_listener(listener, crate::listener::CloseMode::Drain);
         }

@@ -178,6 +178,8 @@ fn serve_one(
     freezing();
     let frozen_at = Instant::now();
     let shares = controller.hand_off_freeze(FREEZE_TIMEOUT)?;
+    let described_at = Instant::now();
+    let mut sent_at = described_at;
     let sent = (|| {
         let (mut state, fds) = describe(shares, sockets, controller)?;
         let batches = batches(&mut state);
@@ -192,6 +194,7 @@ fn serve_one(
                 .send(batch, &[])
                 .map_err(|e| format!("sending sessions: {e}"))?;
         }
+        sent_at = Instant::now();
         let _: (Taken, _) = channel
             .recv()
             .map_err(|e| format!("waiting for the successor to take over: {e}"))?;
@@ -207,6 +210,13 @@ fn serve_one(
     // Committed: from here on the successor serves whatever happens to this process.
     controller.hand_off_end(HandOffEnd::Taken);
     let gap = frozen_at.elapsed();
+    log::info!(
+        "hand-off: workers described their share in {:?}, the state went out in {:?}, the \
+         successor installed it in {:?}",
+        described_at - frozen_at,
+        sent_at - described_at,
+        frozen_at.elapsed() - (sent_at - frozen_at)
+    );
     if let Err(e) = channel.send(
         &Released {
             gap_us: u64::try_from(gap.as_micros()).unwrap_or(u64::MAX),
@@ -228,11 +238,11 @@ fn serve_one(
 fn batches(state: &mut State) -> Vec<SessionBatch> {
     let mut all = Vec::new();
     for (worker, w) in state.workers.iter_mut().enumerate() {
-        let sessions = std::mem::take(&mut w.sessions);
-        for chunk in sessions.chunks(SESSIONS_PER_BATCH) {
+        let mut sessions = std::mem::take(&mut w.sessions).into_iter().peekable();
+        while sessions.peek().is_some() {
             all.push(SessionBatch {
                 worker: worker as u32,
-                sessions: chunk.to_vec(),
+                sessions: sessions.by_ref().take(SESSIONS_PER_BATCH).collect(),
             });
         }
     }

@@ -159,9 +159,13 @@ pub struct WireProxyState {
 /// The traffic a session has carried.
 #[derive(Clone, Copy, Debug, Default, Eq, PartialEq, Serialize, Deserialize)]
 pub struct WireStats {
+    #[serde(rename = "pu")]
     pub packets_upstream: u64,
+    #[serde(rename = "bu")]
     pub bytes_upstream: u64,
+    #[serde(rename = "pd")]
     pub packets_downstream: u64,
+    #[serde(rename = "bd")]
     pub bytes_downstream: u64,
 }
 
@@ -174,29 +178,43 @@ pub enum WireSessionKind {
     Route,
 }
 
-/// One UDP session of a worker.
+/// One UDP session of a worker. Its fields have one- or two-letter names on the wire: a
+/// node's sessions are most of a hand-off's bytes, and every byte is in the pause.
 #[derive(Clone, Debug, Eq, PartialEq, Serialize, Deserialize)]
 pub struct WireSession {
     /// Its listener's id in the old process ([`WireListener::id`]).
+    #[serde(rename = "l")]
     pub listener: u16,
     /// The client's address, as the session table keys it.
+    #[serde(rename = "c")]
     pub client: SocketAddr,
     /// The client's address as received (its replies go there).
+    #[serde(rename = "r")]
     pub reply_to: SocketAddr,
     /// The proxy address the client sent to (its replies leave from it), when known.
+    #[serde(rename = "o")]
     pub local: Option<IpAddr>,
     /// The backend it forwards to.
+    #[serde(rename = "t")]
     pub target: SocketAddr,
+    #[serde(rename = "b")]
     pub backend: u64,
+    #[serde(rename = "k")]
     pub kind: WireSessionKind,
     /// Its shared upstream socket ([`WirePoolSocket::number`] in the same worker).
+    #[serde(rename = "p")]
     pub pool: u32,
     /// How long ago it opened, in milliseconds.
+    #[serde(rename = "a")]
     pub age_ms: u64,
     /// How long ago it last carried traffic, in milliseconds.
+    #[serde(rename = "i")]
     pub idle_ms: u64,
+    #[serde(rename = "to")]
     pub idle_timeout_ms: u64,
+    #[serde(rename = "s")]
     pub stats: WireStats,
+    #[serde(rename = "x")]
     pub proxy: Option<WireProxyState>,
 }
 
@@ -267,12 +285,13 @@ pub struct State {
     pub default: Option<WireBackend>,
 }
 
-/// Sessions at most in one [`SessionBatch`] (about 330 bytes of JSON each: a few MiB).
-pub const SESSIONS_PER_BATCH: usize = 16_384;
+/// Sessions at most in one [`SessionBatch`] (about 200 bytes of JSON each): small batches
+/// let the new process parse one while the old one encodes the next.
+pub const SESSIONS_PER_BATCH: usize = 1024;
 
 /// Batches at most after one [`State`]: 4M sessions, far past any node's `maxSessions`
-/// (about 1.3 GiB of JSON at most, each batch within the stream's message bound).
-pub const MAX_SESSION_BATCHES: u32 = 256;
+/// (each batch well within the stream's message bound).
+pub const MAX_SESSION_BATCHES: u32 = 4096;
 
 /// Some of one worker's UDP sessions, sent after the [`State`] they belong to.
 #[derive(Clone, Debug, Default, Eq, PartialEq, Serialize, Deserialize)]

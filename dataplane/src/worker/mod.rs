@@ -336,6 +336,11 @@ impl Worker {
     }
 
     fn next_timeout(&self, now: Instant) -> Option<Duration> {
+        if self.frozen && !self.handed_over {
+            // A hand-off holds the timers (see `run`): their deadlines, past or not, must not
+            // keep the loop spinning while the other side works. TCP events still wake it.
+            return self.tcp.has_backlog().then_some(Duration::ZERO);
+        }
         if self.udp.has_backlog() || self.tcp.has_backlog() {
             return Some(Duration::ZERO);
         }

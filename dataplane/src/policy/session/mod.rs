@@ -172,6 +172,12 @@ impl<S> SessionTable<S> {
         }
     }
 
+    /// Room for `more` sessions without growing (a hand-off installs many at once).
+    pub fn reserve(&mut self, more: usize) {
+        self.slots.reserve(more);
+        self.by_key.reserve(more);
+    }
+
     /// Adds a session; the caller has checked that `session.key` is not present.
     pub fn insert(&mut self, session: Session<S>) -> SessionId {
         let key = session.key;

@@ -48,7 +48,7 @@ impl Sessions {
     /// Every UDP session as the successor takes it, with what the kernel fast path carried
     /// for it folded into its counters and idle time.
     pub(in crate::worker) fn export_udp(&self, now: Instant) -> Vec<WireSession> {
-        let mut all = Vec::new();
+        let mut all = Vec::with_capacity(self.table.len());
         for (_, s) in self.table.iter() {
             let Upstream::Udp(up) = &s.upstream else {
                 continue;
@@ -131,6 +131,7 @@ impl Sessions {
         now: Instant,
     ) -> Result<usize, String> {
         self.pool.adopt_sockets(sockets, registry)?;
+        self.table.reserve(sessions.len());
         let mut places = Vec::with_capacity(sessions.len());
         let count = sessions.len();
         for w in sessions {
