@@ -30,13 +30,14 @@ fn wildcard(extra: &str) -> String {
 }
 
 /// In the namespace: sends `token` then `payload` to `to` from a fresh socket and returns the
-/// reply and the address it came from.
+/// reply, the address it came from, and the socket (kept open by the caller, so a later
+/// client cannot get its port and be taken for the same client).
 fn from_ns(
     ns: &NetNs,
     token: &str,
     to: SocketAddr,
     payload: &'static [u8],
-) -> (Vec<u8>, SocketAddr) {
+) -> (Vec<u8>, SocketAddr, UdpSocket) {
     let token = token.to_string();
     ns.run(move || {
         let c = UdpSocket::bind("0.0.0.0:0").unwrap();
@@ -46,7 +47,7 @@ fn from_ns(
         let mut buf = vec![0u8; 2048];
         let (n, from) = c.recv_from(&mut buf).expect("a reply");
         buf.truncate(n);
-        (buf, from)
+        (buf, from, c)
     })
 }
 
@@ -61,9 +62,11 @@ fn replies_leave_from_the_address_the_client_sent_to() {
             base_config("").replace("bindAddress: 127.0.0.1", &format!("bindAddress: {bind}"));
         let proxy = Proxy::start(&config, &gameserver("gs", "Ready", echo.addr, ""));
         let port = proxy.data_addr().port();
+        let mut clients = Vec::new();
         for to in [second, ns.host_ip] {
             let to = SocketAddr::new(to, port);
-            let (reply, from) = from_ns(&ns, &proxy.token(QUERY), to, b"ping");
+            let (reply, from, c) = from_ns(&ns, &proxy.token(QUERY), to, b"ping");
+            clients.push(c);
             assert_eq!(reply, b"Eping", "{bind}");
             assert_eq!(
                 from, to,
@@ -97,10 +100,13 @@ fn ipv6_replies_leave_from_the_address_the_client_sent_to() {
     let config = base_config("").replace("bindAddress: 127.0.0.1", "bindAddress: \"::\"");
     let proxy = Proxy::start(&config, &gameserver("gs", "Ready", echo.addr, ""));
     let port = proxy.data_addr().port();
+    // Each client stays open to the end, so the next cannot get its port and be taken for
+    // the same client (whose session would forward the new token as data).
+    let mut clients = Vec::new();
     for to in [second, host] {
         let to = SocketAddr::new(to, port);
         let token = proxy.token(QUERY);
-        let (reply, from) = ns.run(move || {
+        let (reply, from, c) = ns.run(move || {
             let c = UdpSocket::bind("[::]:0").unwrap();
             c.set_read_timeout(Some(WAIT)).unwrap();
             c.send_to(token.as_bytes(), to).unwrap();
@@ -108,8 +114,9 @@ fn ipv6_replies_leave_from_the_address_the_client_sent_to() {
             let mut buf = vec![0u8; 2048];
             let (n, from) = c.recv_from(&mut buf).expect("a reply");
             buf.truncate(n);
-            (buf, from)
+            (buf, from, c)
         });
+        clients.push(c);
         assert_eq!(reply, b"Eping");
         assert_eq!(
             from, to,
