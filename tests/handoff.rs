@@ -9,7 +9,6 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -465,16 +464,8 @@ fn a_successor_with_another_data_port_is_refused_and_the_old_process_serves_on()
     let dir = scratch_dir();
     std::fs::copy(old.dir.join("inventory.yaml"), dir.join("inventory.yaml")).unwrap();
     std::fs::write(dir.join("config.yaml"), config(&p, &socket, free_port())).unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_udp-director"))
-        .arg("--config")
-        .arg(dir.join("config.yaml"))
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    let (code, _, err) = run_binary(&["--config", dir.join("config.yaml").to_str().unwrap()]);
+    assert_ne!(code, 0);
     assert!(
         err.contains("not taking over") && err.contains("dataPorts"),
         "{err}"
@@ -604,17 +595,9 @@ fn a_predecessor_that_dies_half_way_or_sends_garbage_makes_the_successor_exit_wi
             }
         });
         let started = Instant::now();
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_udp-director"))
-            .arg("--config")
-            .arg(dir.join("config.yaml"))
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .output()
-            .unwrap();
+        let (code, _, err) = run_binary(&["--config", dir.join("config.yaml").to_str().unwrap()]);
         fake.join().unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "{what}: {err}");
+        assert_ne!(code, 0, "{what}: {err}");
         assert!(err.contains("hand-off"), "{what}: {err}");
         assert!(
             started.elapsed() < Duration::from_secs(9),

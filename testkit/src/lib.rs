@@ -212,3 +212,20 @@ pub fn free_port() -> u16 {
         }
     }
 }
+
+/// Runs `ip ARGS` (iproute2): the network namespaces and veth pairs of the tests.
+pub fn ip(args: &[&str]) -> Result<(), String> {
+    let out = std::process::Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|e| format!("ip: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}

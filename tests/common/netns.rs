@@ -6,6 +6,8 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::process::Command;
 use std::sync::atomic::{AtomicU8, Ordering};
 
+use testkit::ip;
+
 /// A namespace `name` with `ns_ip`, reached from the host at `host_ip` (a /30 between them).
 pub struct NetNs {
     name: String,
@@ -17,22 +19,6 @@ pub struct NetNs {
     pub host_ip: IpAddr,
     /// The namespace's end: the address its clients come from.
     pub ns_ip: IpAddr,
-}
-
-fn ip(args: &[&str]) -> Result<(), String> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .map_err(|e| format!("ip: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "ip {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
 }
 
 impl NetNs {

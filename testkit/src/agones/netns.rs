@@ -2,8 +2,9 @@
 //! by a veth pair, since the API server will not dial loopback Endpoints. Needs root and `ip`.
 
 use std::net::{Ipv4Addr, TcpListener};
-use std::process::Command;
 use std::sync::mpsc;
+
+use crate::ip;
 
 /// A TCP listener on an address of a network namespace made for it, reached from this host
 /// over a veth pair. The namespace lives as long as the listener (its sockets hold it); with it
@@ -62,21 +63,4 @@ pub(super) fn listen_in_own_netns() -> Result<TcpListener, String> {
     inside
         .join()
         .map_err(|_panic| "the namespace's thread panicked".to_string())?
-}
-
-/// Runs `ip ARGS`.
-fn ip(args: &[&str]) -> Result<(), String> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .map_err(|e| format!("ip: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "ip {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
 }
