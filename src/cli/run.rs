@@ -53,8 +53,7 @@ pub(crate) fn run(config: Arc<Config>, path: Option<PathBuf>) -> anyhow::Result<
     // With `handoff`, a proxy already running on this node hands over (SPEC §12): taken once
     // this process's workers run, vetted with this release's config parser.
     let take = |socket: &std::path::Path| {
-        let vet =
-            |theirs: &str, _workers: usize| control::handoff::vet(&config, path.as_deref(), theirs);
+        let vet = |theirs: &str| control::handoff::vet(&config, path.as_deref(), theirs);
         dataplane::handoff::new::take_over(socket, workers, &vet)
     };
     let handoff = config.handoff.as_ref().map(|h| {

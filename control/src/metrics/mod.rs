@@ -415,7 +415,7 @@ impl Collector for DataPlaneCollector {
         let gauge = encoder.encode_descriptor(
             "udp_director_handoff_gap_seconds",
             "The last hand-off's gap: from the old process's last read to the new one's first \
-             (measured by the old process; 0 on the new one)",
+             (measured by the old process, which tells the new one)",
             None,
             MetricType::Gauge,
         )?;

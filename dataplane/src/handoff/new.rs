@@ -75,9 +75,9 @@ pub struct Inheritance {
     descriptors: usize,
 }
 
-/// Whether this process may take over from a predecessor running the config file text
-/// `config` on `workers` workers: the reason when not.
-pub type Vetting<'a> = &'a dyn Fn(&str, usize) -> Result<(), String>;
+/// Whether this process may take over from a predecessor running the config file text it is
+/// given (the worker counts are compared before): the reason when not.
+pub type Vetting<'a> = &'a dyn Fn(&str) -> Result<(), String>;
 
 /// Connects to a running proxy on `path`, vets what it runs (`vet`) and takes its state;
 /// `Ok(None)` when none runs there (no socket, or a stale one nobody listens on): then this
@@ -140,7 +140,7 @@ pub fn take_over(
     };
     let theirs = usize::try_from(theirs).unwrap_or(usize::MAX);
     let verdict = if theirs == workers {
-        vet(&config, theirs)
+        vet(&config)
     } else {
         Err(format!(
             "it runs {theirs} workers and this process {workers}: each worker's sockets and \

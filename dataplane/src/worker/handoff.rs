@@ -123,7 +123,6 @@ impl Worker {
             self.listeners
                 .open(registry, l.id, l.socket, l.kind, l.idle_timeout, l.counters);
         }
-        self.listeners.set_frozen();
         self.admission.adopt_grants(&grants);
         if default.is_some() {
             self.admission.set_default(default);
@@ -148,12 +147,10 @@ impl Worker {
             return;
         }
         let registry = self.poll.registry();
-        // Registered at adoption, their readiness was collected and passed over since: a
-        // fresh registration reports what is waiting now.
-        let _ = self.listeners.freeze(registry);
-        let _ = self.sessions.freeze_pool(registry);
-        self.listeners.thaw(registry);
-        self.sessions.thaw_pool(registry);
+        // Registered at adoption, their readiness was collected and passed over since:
+        // re-arming reports what is waiting now.
+        self.listeners.rearm(registry);
+        self.sessions.rearm_pool(registry);
         self.frozen = false;
         for msg in std::mem::take(&mut self.deferred) {
             self.apply_control(msg, now);

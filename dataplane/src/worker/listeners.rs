@@ -88,8 +88,6 @@ pub(super) struct Listeners {
     /// The indexes of the listeners that are closing (draining): the loop looks at these,
     /// never at every listener.
     closing: Vec<usize>,
-    /// Handing off: no socket of these is read or accepted on.
-    frozen: bool,
 }
 
 impl Listeners {
@@ -99,7 +97,6 @@ impl Listeners {
             worker,
             slab: Vec::new(),
             closing: Vec::new(),
-            frozen: false,
         }
     }
 
@@ -366,7 +363,6 @@ impl Listeners {
     /// will again after [`Self::thaw`]) and describes each, with a duplicate of this worker's
     /// socket of it.
     pub(super) fn freeze(&mut self, registry: &Registry) -> std::io::Result<Vec<ListenerShare>> {
-        self.frozen = true;
         let mut all = Vec::new();
         for (index, listener) in self.slab.iter_mut().enumerate() {
             let Some(listener) = listener else { continue };
@@ -393,9 +389,22 @@ impl Listeners {
         Ok(all)
     }
 
-    /// Reads nothing until [`Self::thaw`] (listeners adopted from a predecessor).
-    pub(super) fn set_frozen(&mut self) {
-        self.frozen = true;
+    /// Re-arms every listener's registration (the new process, once its predecessor has let
+    /// go): readiness passed over while it waited is reported again.
+    pub(super) fn rearm(&mut self, registry: &Registry) {
+        for (index, listener) in self.slab.iter_mut().enumerate() {
+            let Some(listener) = listener else { continue };
+            let token = listener_token(index);
+            let rearmed = match &mut listener.io {
+                ListenerIo::Udp { socket, .. } => {
+                    registry.reregister(socket, token, Interest::READABLE)
+                }
+                ListenerIo::Tcp(tcp) => registry.reregister(tcp, token, Interest::READABLE),
+            };
+            if let Err(e) = rearmed {
+                log::error!("hand-off: listener {index} cannot be read: {e}");
+            }
+        }
     }
 
     /// Lets go of every listener's socket (handed over): the successor has its own copies.
@@ -408,16 +417,10 @@ impl Listeners {
         }
     }
 
-    /// Whether a hand-off holds the sockets: nothing reads or accepts on them.
-    pub(super) fn is_frozen(&self) -> bool {
-        self.frozen
-    }
-
     /// Reads and accepts on every listener again: the hand-off failed (or, in the new
     /// process, has been committed). A registration reports a socket that is readable
     /// already, so what waited meanwhile is read at once.
     pub(super) fn thaw(&mut self, registry: &Registry) {
-        self.frozen = false;
         for (index, listener) in self.slab.iter_mut().enumerate() {
             let Some(listener) = listener else { continue };
             let token = listener_token(index);

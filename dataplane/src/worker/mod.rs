@@ -71,11 +71,6 @@ const IO_LOOP_BOUND: usize = 16;
 const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 const EVENTS_CAPACITY: usize = 1024;
 
-/// Whether `token` is a shared upstream socket's (below the pending connections').
-fn t_is_pool(token: Token) -> bool {
-    (FIRST_POOL..FIRST_PENDING).contains(&token.0)
-}
-
 /// The token of this worker's socket of listener `index`.
 fn listener_token(index: usize) -> Token {
     Token(FIRST_LISTENER + index)
@@ -290,8 +285,10 @@ impl Worker {
                         let (mut p, _, tcp) = self.split();
                         tcp.on_pending(&mut p, t - FIRST_PENDING, now);
                     }
-                    Token(_) if t_is_pool(event.token()) && self.frozen => {}
                     Token(t) if t >= FIRST_POOL => {
+                        if self.frozen {
+                            continue;
+                        }
                         let (mut p, udp, _) = self.split();
                         udp.drain_pool(&mut p, PoolRef::from_number((t - FIRST_POOL) as u32), now);
                     }

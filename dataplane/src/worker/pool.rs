@@ -34,13 +34,9 @@ impl PoolRef {
         (self.0 / 2) as usize
     }
 
-    fn ipv6(self) -> bool {
-        self.0 % 2 == 1
-    }
-
     /// Whether it is one of the IPv6 sockets.
-    pub(crate) fn is_ipv6(self) -> bool {
-        self.ipv6()
+    pub(crate) fn ipv6(self) -> bool {
+        self.0 % 2 == 1
     }
 
     /// Its number in an [`crate::io::batch::UpstreamBatch`].
@@ -252,6 +248,19 @@ impl UpstreamPool {
             }
         }
         Ok(all)
+    }
+
+    /// Re-arms every socket's registration (the new process, once its predecessor has let
+    /// go): readiness passed over while it waited is reported again.
+    pub(super) fn rearm(&mut self, registry: &Registry) {
+        for (ipv6, sockets) in [(false, &mut self.v4), (true, &mut self.v6)] {
+            for (index, s) in sockets.iter_mut().enumerate() {
+                let token = PoolRef::new(index as u32, ipv6).token();
+                if let Err(e) = registry.reregister(&mut s.socket, token, Interest::READABLE) {
+                    log::error!("hand-off: an upstream socket cannot be read: {e}");
+                }
+            }
+        }
     }
 
     /// Lets go of every socket (handed over).

@@ -135,10 +135,6 @@ impl Tcp {
 
     /// Accepts what TCP listener `port` has queued.
     pub(super) fn accept(&mut self, p: &mut Parts<'_>, port: usize, now: Instant) {
-        // Handing off: the listening sockets are the successor's (a deferred retry included).
-        if p.listeners.is_frozen() {
-            return;
-        }
         for _ in 0..ACCEPT_BOUND {
             let Some(ListenerIo::Tcp(listener)) = p.listeners.get(port).map(|l| l.io()) else {
                 return;

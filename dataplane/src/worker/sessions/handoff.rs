@@ -20,10 +20,6 @@ use super::super::pool::PoolRef;
 use super::super::proxy_header::ProxyState;
 use super::{Offload, Sessions, UdpUpstream, Upstream, add_kernel_counts};
 
-/// The longest age or idle time a handed-over session may claim (five years, as the stream's
-/// check allows): more is a malformed stream, not a session.
-const MAX_ELAPSED: Duration = Duration::from_millis(crate::handoff::wire::MAX_ELAPSED_MS);
-
 impl Sessions {
     /// Stops reading the shared upstream sockets; see `UpstreamPool::freeze`.
     pub(in crate::worker) fn freeze_pool(
@@ -31,6 +27,11 @@ impl Sessions {
         registry: &Registry,
     ) -> std::io::Result<Vec<(u32, u16, std::os::fd::OwnedFd)>> {
         self.pool.freeze(registry)
+    }
+
+    /// Re-arms the shared upstream sockets; see `UpstreamPool::rearm`.
+    pub(in crate::worker) fn rearm_pool(&mut self, registry: &Registry) {
+        self.pool.rearm(registry);
     }
 
     /// Reads the shared upstream sockets again (the hand-off failed).
@@ -173,13 +174,13 @@ impl Sessions {
         if !is_unicast_target(target) {
             return Err(format!("{who}: {} is not a backend address", w.target));
         }
-        if target.is_ipv6() != pool.is_ipv6() {
+        if target.is_ipv6() != pool.ipv6() {
             return Err(format!(
                 "{who}: backend {target} on an upstream socket of the other family"
             ));
         }
-        let [age, idle] =
-            [w.age_ms, w.idle_ms].map(|ms| Duration::from_millis(ms).min(MAX_ELAPSED));
+        // Bounded by `State::check`; an age past the clock's start reads as now.
+        let [age, idle] = [w.age_ms, w.idle_ms].map(Duration::from_millis);
         let idle_timeout =
             Duration::from_millis(w.idle_timeout_ms).min(crate::policy::session::MAX_IDLE_TIMEOUT);
         let id = self.table.next_id();
