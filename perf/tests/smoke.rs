@@ -292,6 +292,8 @@ fn handoff_keeps_every_session_and_reads_both_proxies_accounts() {
     // A said what it handed over, B counted what it took and opened nothing itself.
     assert_eq!(r["a_handed_over_sessions"], 200, "{r}");
     assert_eq!(r["b_handoff_sessions_total"], 200.0, "{r}");
+    assert_eq!(r["b_took_over_sessions"], 200, "B's log line is read: {r}");
+    assert!(r["b_told_gap_ms"].as_f64().unwrap() > 0.0, "{r}");
     assert_eq!(r["b_sessions_created"], 0.0, "{r}");
     assert_eq!(r["a_exit_code"], 0, "{r}");
     assert!(r["sent_after"].as_u64().unwrap() > 0, "{r}");

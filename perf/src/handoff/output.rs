@@ -103,7 +103,7 @@ impl Round {
             self.b_listening_ms,
             self.b_said
                 .map_or("no \"took over\" line in its log".into(), |(n, d)| format!(
-                    "took over {n} UDP sessions in {:.1} ms (its log)",
+                    "took over {n} UDP sessions after a {:.1} ms gap (its log)",
                     d.as_secs_f64() * 1e3
                 )),
             opt(m.handoff_sessions),
@@ -156,7 +156,7 @@ impl Round {
                 "a_exit_ms": self.a_exit_ms, "a_exit_code": self.a_status.and_then(|s| s.code()),
                 "b_listening_ms": self.b_listening_ms,
                 "b_took_over_sessions": self.b_said.map(|b| b.0),
-                "b_took_over_ms": self.b_said.map(|b| b.1.as_secs_f64() * 1e3),
+                "b_told_gap_ms": self.b_said.map(|b| b.1.as_secs_f64() * 1e3),
                 "b_handoff_sessions_total": m.handoff_sessions,
                 "b_handoff_descriptors_total": m.handoff_descriptors,
                 "b_handoff_took_over": m.took_over, "b_sessions_created": m.created,

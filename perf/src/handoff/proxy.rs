@@ -249,13 +249,18 @@ pub(super) fn handed_over(log: &str) -> Option<HandedOver> {
     })
 }
 
-/// What B said it took over: `took over N UDP sessions in D (took_over)`.
+/// What B said it took over, and the gap A told it: `took over N UDP sessions and M sockets;
+/// the predecessor stopped reading D before this process started`.
 pub(super) fn took_over(log: &str) -> Option<(u64, Duration)> {
     let line = log.lines().find(|l| l.contains("hand-off: took over "))?;
     let rest = line.split_once("took over ")?.1;
-    let (sessions, rest) = rest.split_once(" UDP sessions in ")?;
-    let took = rest.split_whitespace().next()?;
-    Some((sessions.trim().parse().ok()?, debug_duration(took)?))
+    let (sessions, rest) = rest.split_once(" UDP sessions ")?;
+    let gap = rest
+        .split_once("stopped reading ")?
+        .1
+        .split_whitespace()
+        .next()?;
+    Some((sessions.trim().parse().ok()?, debug_duration(gap)?))
 }
 
 /// A `Duration` as its `Debug` prints it (`18.234567ms`, `950µs`, `1.5s`, `12ns`).
@@ -294,8 +299,9 @@ mod tests {
 
     #[test]
     fn the_new_proxys_account_is_read_from_its_log() {
-        let log = "[… INFO  dataplane::handoff::new] hand-off: took over 10000 UDP sessions in 41.5ms (took_over)\n";
+        let log = "[… INFO  dataplane::handoff::new] hand-off: took over 10000 UDP sessions and 1061 sockets; the predecessor stopped reading 41.5ms before this process started\n";
         assert_eq!(took_over(log), Some((10000, Duration::from_micros(41_500))));
+        assert_eq!(took_over("hand-off: took over 5 UDP sessions in 3ms"), None);
     }
 
     #[test]
