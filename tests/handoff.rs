@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use dataplane::handoff::stream::Channel;
-use dataplane::handoff::wire::{Answer, Decision, SessionBatch, State};
+use dataplane::handoff::wire::{Answer, Decision, Hello, State, VERSION, decode_batch};
 
 const QUERY_A: &str =
     r#"{"resourceType":"gameserver","namespace":"starx","labelSelector":{"map":"a"}}"#;
@@ -479,38 +479,49 @@ fn a_successor_with_another_data_port_is_refused_and_the_old_process_serves_on()
     let _ = std::fs::remove_dir_all(dir);
 }
 
-/// Connects to A as a successor would, and tells it to proceed.
-fn knock(old: &Proxy, socket: &std::path::Path) -> Channel {
+/// Connects to A as a successor saying `hello` would and tells it to proceed; returns the
+/// format A writes.
+fn knock(old: &Proxy, socket: &std::path::Path, hello: &Hello) -> (Channel, u32) {
     let text = std::fs::read_to_string(old.dir.join("config.yaml")).unwrap();
     let stream = std::os::unix::net::UnixStream::connect(socket).unwrap();
     let mut channel = Channel::new(stream, Duration::from_secs(5)).unwrap();
-    channel
-        .send(&dataplane::handoff::new::hello(), &[])
-        .unwrap();
+    channel.send(hello, &[]).unwrap();
     let (answer, _): (Answer, _) = channel.recv().unwrap();
     let Answer::Accept {
-        config, workers, ..
+        config,
+        workers,
+        version,
+        ..
     } = answer
     else {
         panic!("{answer:?}")
     };
     assert_eq!((config, workers), (text, 2));
     channel.send(&Decision::Proceed, &[]).unwrap();
-    channel
+    (channel, version)
 }
 
 /// A successor that receives the whole state and dies before it takes over: A reads its
-/// sockets again and loses no session.
+/// sockets again and loses no session. The successor is of an older release, reading only
+/// format 1 (a rollback): A writes that format for it.
 #[test]
 fn a_successor_that_dies_after_receiving_leaves_the_old_process_serving() {
     let be = Backends::spawn();
     let p = ports();
     let socket = scratch_dir().join("handoff.sock");
     let (old, c, port) = serving(&p, &be, &socket);
-    let mut channel = knock(&old, &socket);
+    let older = Hello {
+        version: 1,
+        reads: vec![1],
+        ..dataplane::handoff::new::hello()
+    };
+    let (mut channel, version) = knock(&old, &socket, &older);
+    assert_eq!(version, 1, "the newest format both read");
     let (state, fds): (State, _) = channel.recv().unwrap();
     assert_eq!(state.session_batches, 1);
-    let (batch, _): (SessionBatch, _) = channel.recv().unwrap();
+    let (bytes, _) = channel.recv_bytes().unwrap();
+    assert_eq!(bytes.first(), Some(&b'{'), "format 1's batches are JSON");
+    let batch = decode_batch(1, &bytes).unwrap();
     assert_eq!(batch.sessions.len(), 1);
     assert!(!fds.is_empty());
     // Dies here: no `Taken`.
@@ -577,7 +588,7 @@ fn a_predecessor_that_dies_half_way_or_sends_garbage_makes_the_successor_exit_wi
                 Channel::new(stream.try_clone().unwrap(), Duration::from_secs(5)).unwrap();
             let _: (dataplane::handoff::wire::Hello, _) = channel.recv().unwrap();
             let accept = Answer::Accept {
-                version: dataplane::handoff::wire::VERSION,
+                version: VERSION,
                 release: "fake".into(),
                 config: text.clone(),
                 workers: 2,

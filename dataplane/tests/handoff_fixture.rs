@@ -1,41 +1,43 @@
-//! The recorded stream of the current hand-off format, `fixtures/handoff-v1.bin`: the whole
-//! exchange in order (Hello, Accept, Proceed, the State, its session batches, Taken,
+//! The recorded streams of the hand-off formats this release reads, `fixtures/handoff-vN.bin`
+//! (format 1: session batches as JSON; format 2: as binary): each the whole exchange in order (Hello, Accept, Proceed, the State, its session batches, Taken,
 //! Released), the State's frames announcing its descriptors (the descriptors themselves are not
 //! in a file). It must keep reading back as the same messages, and the State with its batches
 //! must pass `check`: a change to `wire` or to the framing that breaks this breaks a hand-off
 //! from the release that wrote it.
 //!
-//! `UPDATE_HANDOFF_FIXTURE=1 cargo test -p dataplane --test handoff_fixture` rewrites the file
-//! (and the fuzz seeds made from it). Do that only when the format version changes, keeping the
-//! old file and a test that still reads it for as long as that release can be upgraded from.
+//! `UPDATE_HANDOFF_FIXTURE=1 cargo test -p dataplane --test handoff_fixture` rewrites the
+//! current format's file (and the fuzz seeds made from it). Do that only when the format
+//! version changes, keeping the older files read back here for as long as their releases can
+//! be upgraded from.
 
 use std::path::{Path, PathBuf};
 
 use dataplane::handoff::stream::{MAX_FDS_PER_FRAME, RawMessage, decode_stream, encode_message};
 use dataplane::handoff::wire::{
-    Answer, Decision, Hello, MAX_SESSION_BATCHES, Released, SESSIONS_PER_BATCH, SessionBatch,
-    State, Taken, WireBackend, WireGrant, WireLedgerEntry, WireListener, WireListenerKind,
-    WirePoolSocket, WireProxyMode, WireProxyState, WireSession, WireSessionKind, WireStats,
-    WireTransport, WireWorker, accepts_version,
+    Answer, Decision, Hello, MAX_SESSION_BATCHES, READS, Released, SESSIONS_PER_BATCH,
+    SessionBatch, State, Taken, VERSION, WireBackend, WireGrant, WireLedgerEntry, WireListener,
+    WireListenerKind, WirePoolSocket, WireProxyMode, WireProxyState, WireSession, WireSessionKind,
+    WireStats, WireTransport, WireWorker, accepts_version, decode_batch, encode_batch,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-/// The format the fixture records (its file name's `v1`).
-const FIXTURE_VERSION: u32 = 1;
+/// The formats recorded (a file each): every one this release reads.
+const RECORDED: &[u32] = &[1, 2];
 
-fn fixture_hello() -> Hello {
+/// The Hello of a release that writes `version` and reads it and every older one.
+fn fixture_hello(version: u32) -> Hello {
     Hello {
-        version: FIXTURE_VERSION,
-        reads: vec![FIXTURE_VERSION],
+        version,
+        reads: (1..=version).collect(),
         release: "0.1.0".to_owned(),
         pid: 4242,
     }
 }
 
-fn fixture_answer() -> Answer {
+fn fixture_answer(version: u32) -> Answer {
     Answer::Accept {
-        version: FIXTURE_VERSION,
+        version,
         release: "0.1.0".to_owned(),
         config: "workers: 2\ndataPorts: [7000]\n".to_owned(),
         workers: FIXTURE_WORKERS as u32,
@@ -210,24 +212,29 @@ fn fixture_wire() -> (State, Vec<SessionBatch>) {
     (state, batches)
 }
 
-fn fixture_path() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/handoff-v1.bin")
+fn fixture_path(version: u32) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/fixtures/handoff-v{version}.bin"))
 }
 
 fn json(message: &impl Serialize) -> Vec<u8> {
     serde_json::to_vec(message).unwrap()
 }
 
-/// The frames of the fixture exchange, in order, descriptors counted in the headers.
-fn fixture_stream() -> Vec<u8> {
+/// The frames of the fixture exchange in format `version`, in order, descriptors counted in
+/// the headers.
+fn fixture_stream(version: u32) -> Vec<u8> {
     let (state, batches) = fixture_wire();
     let mut messages = vec![
-        (json(&fixture_hello()), 0),
-        (json(&fixture_answer()), 0),
+        (json(&fixture_hello(version)), 0),
+        (json(&fixture_answer(version)), 0),
         (json(&Decision::Proceed), 0),
         (json(&state), FIXTURE_FDS),
     ];
-    messages.extend(batches.iter().map(|batch| (json(batch), 0)));
+    messages.extend(
+        batches
+            .iter()
+            .map(|batch| (encode_batch(version, batch).unwrap(), 0)),
+    );
     messages.push((json(&Taken), 0));
     messages.push((json(&FIXTURE_RELEASED), 0));
     messages
@@ -239,10 +246,10 @@ fn fixture_stream() -> Vec<u8> {
 /// The next message of the stream, as a `T` (parsed as the receiving side would).
 fn next<T: DeserializeOwned>(messages: &mut impl Iterator<Item = RawMessage>) -> (T, usize) {
     let message = messages.next().expect("the stream ended early");
-    let value = serde_json::from_slice(&message.json).unwrap_or_else(|e| {
+    let value = serde_json::from_slice(&message.bytes).unwrap_or_else(|e| {
         panic!(
             "{e}: {} as {}",
-            String::from_utf8_lossy(&message.json),
+            String::from_utf8_lossy(&message.bytes),
             std::any::type_name::<T>()
         )
     });
@@ -250,17 +257,27 @@ fn next<T: DeserializeOwned>(messages: &mut impl Iterator<Item = RawMessage>) ->
 }
 
 #[test]
-fn fixture_of_the_current_format_reads_back() {
+fn fixture_of_each_format_read_reads_back() {
     if std::env::var_os("UPDATE_HANDOFF_FIXTURE").is_some_and(|v| v == "1") {
         write_fixture_and_seeds();
     }
-    let bytes = std::fs::read(fixture_path()).unwrap();
+    assert_eq!(
+        RECORDED, READS,
+        "a recorded stream for every format this release reads"
+    );
+    for &version in RECORDED {
+        read_back(version);
+    }
+}
+
+fn read_back(version: u32) {
+    let bytes = std::fs::read(fixture_path(version)).unwrap();
     let mut messages = decode_stream(&bytes).unwrap().into_iter();
 
     let (hello, fds): (Hello, _) = next(&mut messages);
-    assert_eq!((&hello, fds), (&fixture_hello(), 0));
+    assert_eq!((&hello, fds), (&fixture_hello(version), 0));
     let (answer, fds): (Answer, _) = next(&mut messages);
-    assert_eq!((&answer, fds), (&fixture_answer(), 0));
+    assert_eq!((&answer, fds), (&fixture_answer(version), 0));
     let Answer::Accept {
         version, workers, ..
     } = answer
@@ -280,8 +297,9 @@ fn fixture_of_the_current_format_reads_back() {
     assert!(state.session_batches <= MAX_SESSION_BATCHES);
     let mut batches = Vec::new();
     for _ in 0..state.session_batches {
-        let (batch, batch_fds): (SessionBatch, _) = next(&mut messages);
-        assert_eq!(batch_fds, 0);
+        let message = messages.next().expect("the stream ended early");
+        let batch = decode_batch(version, &message.bytes).unwrap();
+        assert_eq!(message.fds, 0);
         assert!(batch.sessions.len() <= SESSIONS_PER_BATCH);
         batches.push(batch.clone());
         state.workers[batch.worker as usize]
@@ -323,12 +341,12 @@ fn state_without_the_newer_fields_parses() {
 
 /// The fixture, and fuzz seeds from it: the whole exchange, and a multi-frame message.
 fn write_fixture_and_seeds() {
-    let stream = fixture_stream();
-    std::fs::create_dir_all(fixture_path().parent().unwrap()).unwrap();
-    std::fs::write(fixture_path(), &stream).unwrap();
+    let stream = fixture_stream(VERSION);
+    std::fs::create_dir_all(fixture_path(VERSION).parent().unwrap()).unwrap();
+    std::fs::write(fixture_path(VERSION), &stream).unwrap();
     let seeds = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/handoff_stream");
     std::fs::create_dir_all(&seeds).unwrap();
-    std::fs::write(seeds.join("seed-v1-exchange"), &stream).unwrap();
+    std::fs::write(seeds.join(format!("seed-v{VERSION}-exchange")), &stream).unwrap();
     let multi = encode_message(&json(&fixture_wire().0), MAX_FDS_PER_FRAME + FIXTURE_FDS).unwrap();
-    std::fs::write(seeds.join("seed-v1-multi-frame"), multi).unwrap();
+    std::fs::write(seeds.join(format!("seed-v{VERSION}-multi-frame")), multi).unwrap();
 }

@@ -19,9 +19,10 @@ use dataplane::handoff::stream::{
     encode_message,
 };
 use dataplane::handoff::wire::{
-    Answer, Decision, Hello, MAX_SESSION_BATCHES, Released, SESSIONS_PER_BATCH, SessionBatch,
-    State, Taken, VERSION, WireListener, WireListenerKind, WirePoolSocket, WireProxyState,
-    WireSession, WireSessionKind, WireStats, WireTransport, WireWorker, accepts_version,
+    Answer, Decision, Hello, MAX_SESSION_BATCHES, READS, Released, SESSIONS_PER_BATCH,
+    SessionBatch, State, Taken, VERSION, WireListener, WireListenerKind, WirePoolSocket,
+    WireProxyState, WireSession, WireSessionKind, WireStats, WireTransport, WireWorker,
+    accepts_version, decode_batch, encode_batch,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(5);
@@ -79,7 +80,8 @@ fn hand_over(
     assert_eq!(decision, Decision::Proceed);
     old.send(state, fds).unwrap();
     for batch in batches {
-        old.send(batch, &[]).unwrap();
+        let bytes = encode_batch(VERSION, batch).unwrap();
+        old.send_bytes(&bytes, &[]).unwrap();
     }
     let (Taken, taken_fds) = old.recv().unwrap();
     assert!(taken_fds.is_empty());
@@ -103,7 +105,8 @@ fn take_over(new: &mut Channel) -> (State, Vec<OwnedFd>) {
     let (mut state, fds): (State, Vec<OwnedFd>) = new.recv().unwrap();
     assert!(state.session_batches <= MAX_SESSION_BATCHES);
     for _ in 0..state.session_batches {
-        let (batch, extra): (SessionBatch, Vec<OwnedFd>) = new.recv().unwrap();
+        let (bytes, extra) = new.recv_bytes().unwrap();
+        let batch = decode_batch(version, &bytes).unwrap();
         assert!(extra.is_empty());
         assert!(batch.sessions.len() <= SESSIONS_PER_BATCH);
         state.workers[batch.worker as usize]
@@ -366,17 +369,20 @@ fn a_full_batch_of_the_largest_sessions_fits_one_message() {
         worker: u32::MAX,
         sessions: vec![session; SESSIONS_PER_BATCH],
     };
-    let json = serde_json::to_vec(&batch).unwrap();
-    eprintln!(
-        "a batch of {SESSIONS_PER_BATCH} of the largest sessions: {} bytes of JSON",
-        json.len()
-    );
-    assert!(json.len() <= MAX_MESSAGE_BYTES);
-    let frames = encode_message(&json, 0).unwrap();
-    let back = decode_stream(&frames).unwrap();
-    assert_eq!(back.len(), 1);
-    // Not `assert_eq!`: a difference would print both batches.
-    assert!(serde_json::from_slice::<SessionBatch>(&back[0].json).unwrap() == batch);
+    for &version in READS {
+        let bytes = encode_batch(version, &batch).unwrap();
+        eprintln!(
+            "a batch of {SESSIONS_PER_BATCH} of the largest sessions: {} bytes in format \
+             {version}",
+            bytes.len()
+        );
+        assert!(bytes.len() <= MAX_MESSAGE_BYTES);
+        let frames = encode_message(&bytes, 0).unwrap();
+        let back = decode_stream(&frames).unwrap();
+        assert_eq!(back.len(), 1);
+        // Not `assert_eq!`: a difference would print both batches.
+        assert!(decode_batch(version, &back[0].bytes).unwrap() == batch);
+    }
 }
 
 /// A fresh directory for a socket path.

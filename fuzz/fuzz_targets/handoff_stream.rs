@@ -1,8 +1,8 @@
 //! The hand-off stream a new proxy reads from the old one (dataplane/src/handoff/): the sans-io
 //! framing (`FrameHeader::decode`, `Reassembler`, `decode_stream`) on arbitrary bytes as the
 //! frames of a peer, then every reassembled message as each message of the exchange
-//! (`Hello`, `Answer`, `Decision`, `State`, `SessionBatch`, `Released`), and `State::check` on a
-//! state that parses.
+//! (`Hello`, `Answer`, `Decision`, `State`, `Released`, and a session batch in each format
+//! read), and `State::check` on a state that parses.
 //!
 //! The input is the byte stream itself (descriptors are only counted by the frame headers; the
 //! seeds come from the recorded-format fixture). Checked besides "no panic": reading frame by
@@ -16,7 +16,9 @@ use libfuzzer_sys::fuzz_target;
 use dataplane::handoff::stream::{
     FrameHeader, HEADER_LEN, RawMessage, Reassembler, decode_stream, encode_message,
 };
-use dataplane::handoff::wire::{Answer, Decision, Hello, Released, SessionBatch, State};
+use dataplane::handoff::wire::{
+    Answer, Decision, Hello, READS, Released, State, decode_batch, encode_batch,
+};
 
 fuzz_target!(|data: &[u8]| {
     let (messages, failed) = read_frames(data);
@@ -34,7 +36,7 @@ fuzz_target!(|data: &[u8]| {
         ),
     }
     for message in &messages {
-        let encoded = encode_message(&message.json, message.fds).expect("within the bounds");
+        let encoded = encode_message(&message.bytes, message.fds).expect("within the bounds");
         let again = decode_stream(&encoded).expect("a re-encoded message decodes");
         assert_eq!(again.as_slice(), std::slice::from_ref(message));
         parse_as_every_message(message);
@@ -67,22 +69,26 @@ fn read_frames(mut bytes: &[u8]) -> (Vec<RawMessage>, bool) {
 }
 
 fn parse_as_every_message(message: &RawMessage) {
-    if let Ok(hello) = serde_json::from_slice::<Hello>(&message.json) {
+    if let Ok(hello) = serde_json::from_slice::<Hello>(&message.bytes) {
         assert_eq!(reparse(&hello), hello);
     }
-    if let Ok(answer) = serde_json::from_slice::<Answer>(&message.json) {
+    if let Ok(answer) = serde_json::from_slice::<Answer>(&message.bytes) {
         assert_eq!(reparse(&answer), answer);
     }
-    if let Ok(decision) = serde_json::from_slice::<Decision>(&message.json) {
+    if let Ok(decision) = serde_json::from_slice::<Decision>(&message.bytes) {
         assert_eq!(reparse(&decision), decision);
     }
-    if let Ok(released) = serde_json::from_slice::<Released>(&message.json) {
+    if let Ok(released) = serde_json::from_slice::<Released>(&message.bytes) {
         assert_eq!(reparse(&released), released);
     }
-    if let Ok(batch) = serde_json::from_slice::<SessionBatch>(&message.json) {
-        assert_eq!(reparse(&batch), batch);
+    for &version in READS {
+        if let Ok(batch) = decode_batch(version, &message.bytes) {
+            let bytes = encode_batch(version, &batch).expect("a parsed batch writes");
+            let again = decode_batch(version, &bytes).expect("a written batch reads");
+            assert_eq!(again, batch, "format {version}");
+        }
     }
-    if let Ok(state) = serde_json::from_slice::<State>(&message.json) {
+    if let Ok(state) = serde_json::from_slice::<State>(&message.bytes) {
         assert_eq!(reparse(&state), state);
         let workers = state.workers.len();
         if state.check(workers, message.fds).is_ok() {

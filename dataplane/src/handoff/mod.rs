@@ -8,6 +8,7 @@
 //! - [`stream`]: framing over the Unix socket, descriptors beside the frames, bounded sizes and
 //!   timeouts.
 
+pub(crate) mod fdtable;
 pub mod new;
 pub mod old;
 pub(crate) mod share;

@@ -22,13 +22,17 @@ use super::share::{AdoptedListener, Adoption};
 use super::stats::HandOffResult;
 use super::stream::{Channel, StreamError};
 use super::wire::{
-    Answer, Decision, Hello, MAX_SESSION_BATCHES, READS, Released, SessionBatch, State, Taken,
-    VERSION, WireListenerKind, WireTransport, accepts_version,
+    Answer, Decision, Hello, MAX_SESSION_BATCHES, READS, Released, State, Taken, VERSION,
+    WireListenerKind, WireTransport, accepts_version, decode_batch,
 };
 
 /// How long one step of the exchange may take before the new process gives up (the old one
 /// then serves on).
 const STEP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Descriptors the new process makes room for before the predecessor pauses (a socket per
+/// listener and worker, and the upstream sockets): past it the table grows in the pause.
+const EXPECTED_DESCRIPTORS: usize = 1 << 16;
 
 /// Why the new process could not take over.
 #[derive(Debug, thiserror::Error)]
@@ -114,7 +118,7 @@ pub fn take_over(
     let mut channel = Channel::new(stream, STEP_TIMEOUT).map_err(stream_err)?;
     channel.send(&hello(), &[]).map_err(stream_err)?;
     let (answer, _): (Answer, _) = channel.recv().map_err(stream_err)?;
-    let (config, theirs, pid) = match answer {
+    let (config, theirs, pid, version) = match answer {
         Answer::Refuse { reason } => return Err(TakeOverError::Refused(reason)),
         Answer::Accept {
             version,
@@ -135,7 +139,7 @@ pub fn take_over(
                 );
                 return Err(TakeOverError::Declined(reason));
             }
-            (config, workers, pid)
+            (config, workers, pid, version)
         }
     };
     let theirs = usize::try_from(theirs).unwrap_or(usize::MAX);
@@ -156,6 +160,8 @@ pub fn take_over(
         );
         return Err(TakeOverError::Declined(reason));
     }
+    // The predecessor's sockets arrive in the pause: room for them is made now.
+    super::fdtable::make_room(EXPECTED_DESCRIPTORS);
     channel.send(&Decision::Proceed, &[]).map_err(stream_err)?;
     let proceeded = Instant::now();
     let (mut state, fds): (State, Vec<OwnedFd>) = channel.recv().map_err(stream_err)?;
@@ -166,7 +172,9 @@ pub fn take_over(
         )));
     }
     for _ in 0..state.session_batches {
-        let (batch, extra): (SessionBatch, Vec<OwnedFd>) = channel.recv().map_err(stream_err)?;
+        let (bytes, extra) = channel.recv_bytes().map_err(stream_err)?;
+        let batch = decode_batch(version, &bytes)
+            .map_err(|e| TakeOverError::Invalid(format!("a session batch: {e}")))?;
         let worker = usize::try_from(batch.worker).unwrap_or(usize::MAX);
         let Some(w) = state.workers.get_mut(worker).filter(|_| extra.is_empty()) else {
             return Err(TakeOverError::Invalid(format!(

@@ -21,8 +21,9 @@ use super::share::{HandOffEnd, WorkerShare};
 use super::stats::HandOffResult;
 use super::stream::Channel;
 use super::wire::{
-    Answer, Decision, Hello, Released, SESSIONS_PER_BATCH, SessionBatch, State, Taken, VERSION,
+    Answer, Decision, Hello, READS, Released, SESSIONS_PER_BATCH, SessionBatch, State, Taken,
     WireLedgerEntry, WireListener, WireListenerKind, WirePoolSocket, WireTransport, WireWorker,
+    common_version, encode_batch,
 };
 
 /// How long each step of the exchange may take; the successor installs within the last one.
@@ -143,9 +144,9 @@ fn serve_one(
 ) -> Result<Option<HandedOver>, String> {
     let mut channel = Channel::new(stream, STEP_TIMEOUT).map_err(|e| e.to_string())?;
     let (hello, _): (Hello, _) = channel.recv().map_err(|e| format!("its hello: {e}"))?;
-    if !hello.reads.contains(&VERSION) {
+    let Some(version) = common_version(&hello.reads) else {
         let reason = format!(
-            "it reads hand-off formats {:?} and this release writes {VERSION}",
+            "it reads hand-off formats {:?} and this release writes {READS:?}",
             hello.reads
         );
         log::warn!(
@@ -155,9 +156,9 @@ fn serve_one(
         );
         let _ = channel.send(&Answer::Refuse { reason }, &[]);
         return Ok(None);
-    }
+    };
     let accept = Answer::Accept {
-        version: VERSION,
+        version,
         release: env!("CARGO_PKG_VERSION").to_string(),
         config: config.to_string(),
         workers: u32::try_from(controller.workers()).unwrap_or(u32::MAX),
@@ -175,6 +176,8 @@ fn serve_one(
         );
         return Ok(None);
     }
+    // Each socket is duplicated in the pause: room for the copies is made now.
+    super::fdtable::make_room(super::fdtable::open_count() + 64);
     freezing();
     let frozen_at = Instant::now();
     let shares = controller.hand_off_freeze(FREEZE_TIMEOUT)?;
@@ -190,8 +193,9 @@ fn serve_one(
             .send(&state, &borrowed)
             .map_err(|e| format!("sending the state: {e}"))?;
         for batch in &batches {
+            let bytes = encode_batch(version, batch).map_err(|e| e.to_string())?;
             channel
-                .send(batch, &[])
+                .send_bytes(&bytes, &[])
                 .map_err(|e| format!("sending sessions: {e}"))?;
         }
         sent_at = Instant::now();

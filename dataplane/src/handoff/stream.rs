@@ -1,4 +1,5 @@
-//! Framing over the hand-off's Unix socket: a message is its JSON cut into frames, and the
+//! Framing over the hand-off's Unix socket: a message is its bytes (JSON, or a session
+//! batch's binary) cut into frames, and the
 //! descriptors it carries ride beside the frames as `SCM_RIGHTS`. What the peer sends is
 //! bounded (message size, descriptor count, frame size) before anything is allocated for it,
 //! every wait for the peer has a timeout so a stuck peer cannot wedge either side, and received
@@ -38,11 +39,11 @@ pub const HEADER_LEN: usize = 12;
 /// Flag bit: the frame is its message's last.
 const FLAG_LAST: u8 = 1;
 
-/// Most JSON bytes in one frame: the receiver allocates at most this much per frame before
+/// Most payload bytes in one frame: the receiver allocates at most this much per frame before
 /// the bytes are there.
 pub const MAX_FRAME_PAYLOAD_BYTES: usize = 1 << 20;
 
-/// Most JSON bytes in one message: far above a full state (10,000 sessions are about 3 MiB),
+/// Most payload bytes in one message: far above a full state (10,000 sessions are about 3 MiB),
 /// low enough that a hostile length cannot exhaust memory.
 pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
 
@@ -152,19 +153,32 @@ impl Channel {
     ) -> Result<(), StreamError> {
         self.usable()?;
         let json = serde_json::to_vec(msg)?;
-        let cuts = cut_message(json.len(), fds.len())?;
+        self.send_bytes(&json, fds)
+    }
+
+    /// Sends a message's bytes as they are, with `fds` beside them.
+    pub fn send_bytes(&mut self, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> Result<(), StreamError> {
+        self.usable()?;
+        let cuts = cut_message(bytes.len(), fds.len())?;
         let started = Instant::now();
         for cut in cuts {
             let header = cut.header.encode();
-            self.send_frame(&header, &json[cut.payload], &fds[cut.fds], started)?;
+            self.send_frame(&header, &bytes[cut.payload], &fds[cut.fds], started)?;
         }
         self.mid_message = false;
         Ok(())
     }
 
-    /// Receives one message and the descriptors that came with it, in the sender's order.
+    /// Receives one JSON message and the descriptors that came with it, in the sender's order.
     /// [`StreamError::Closed`] when the peer closed before a message began.
     pub fn recv<T: DeserializeOwned>(&mut self) -> Result<(T, Vec<OwnedFd>), StreamError> {
+        let (bytes, fds) = self.recv_bytes()?;
+        let value = serde_json::from_slice(&bytes)?;
+        Ok((value, fds))
+    }
+
+    /// Receives one message's bytes as they came, and its descriptors.
+    pub fn recv_bytes(&mut self) -> Result<(Vec<u8>, Vec<OwnedFd>), StreamError> {
         self.usable()?;
         let mut reassembler = Reassembler::new();
         let mut fds = Vec::new();
@@ -198,8 +212,7 @@ impl Channel {
             }
         };
         self.mid_message = false;
-        let value = serde_json::from_slice(&message.json)?;
-        Ok((value, fds))
+        Ok((message.bytes, fds))
     }
 
     fn usable(&self) -> Result<(), StreamError> {

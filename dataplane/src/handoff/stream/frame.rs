@@ -17,7 +17,7 @@ pub struct FrameHeader {
     pub last: bool,
     /// Descriptors that came with the frame's bytes.
     pub fds: u16,
-    /// Bytes of JSON after the header.
+    /// Payload bytes after the header.
     pub payload_len: u32,
 }
 
@@ -72,7 +72,7 @@ impl FrameHeader {
     }
 }
 
-/// One frame of a message as the sender cuts it: its header, and which of the message's JSON
+/// One frame of a message as the sender cuts it: its header, and which of the message's
 /// bytes and descriptors it carries.
 #[derive(Clone, Debug, Eq, PartialEq)]
 pub struct FrameCut {
@@ -81,18 +81,18 @@ pub struct FrameCut {
     pub fds: Range<usize>,
 }
 
-/// How a message of `json_len` bytes and `fd_count` descriptors travels: as few frames as
+/// How a message of `len` bytes and `fd_count` descriptors travels: as few frames as
 /// the per-frame bounds allow (at least one), descriptors on the first frames.
-pub fn cut_message(json_len: usize, fd_count: usize) -> Result<Vec<FrameCut>, StreamError> {
-    check_message_bounds(json_len, fd_count)?;
-    let frames = json_len
+pub fn cut_message(len: usize, fd_count: usize) -> Result<Vec<FrameCut>, StreamError> {
+    check_message_bounds(len, fd_count)?;
+    let frames = len
         .div_ceil(MAX_FRAME_PAYLOAD_BYTES)
         .max(fd_count.div_ceil(MAX_FDS_PER_FRAME))
         .max(1);
     let cuts = (0..frames)
         .map(|i| {
-            let payload = (i * MAX_FRAME_PAYLOAD_BYTES).min(json_len)
-                ..((i + 1) * MAX_FRAME_PAYLOAD_BYTES).min(json_len);
+            let payload = (i * MAX_FRAME_PAYLOAD_BYTES).min(len)
+                ..((i + 1) * MAX_FRAME_PAYLOAD_BYTES).min(len);
             let fds =
                 (i * MAX_FDS_PER_FRAME).min(fd_count)..((i + 1) * MAX_FDS_PER_FRAME).min(fd_count);
             FrameCut {
@@ -110,8 +110,8 @@ pub fn cut_message(json_len: usize, fd_count: usize) -> Result<Vec<FrameCut>, St
     Ok(cuts)
 }
 
-fn check_message_bounds(json_len: usize, fd_count: usize) -> Result<(), StreamError> {
-    if json_len > MAX_MESSAGE_BYTES {
+fn check_message_bounds(len: usize, fd_count: usize) -> Result<(), StreamError> {
+    if len > MAX_MESSAGE_BYTES {
         return Err(StreamError::TooLarge {
             what: "message bytes",
             limit: MAX_MESSAGE_BYTES,
@@ -128,27 +128,27 @@ fn check_message_bounds(json_len: usize, fd_count: usize) -> Result<(), StreamEr
 
 /// The frames of a message as bytes, descriptors counted in the headers but not attached: what
 /// the peer reads, less the `SCM_RIGHTS` (for fixtures and fuzz seeds).
-pub fn encode_message(json: &[u8], fd_count: usize) -> Result<Vec<u8>, StreamError> {
-    let cuts = cut_message(json.len(), fd_count)?;
-    let mut bytes = Vec::with_capacity(json.len() + cuts.len() * HEADER_LEN);
+pub fn encode_message(payload: &[u8], fd_count: usize) -> Result<Vec<u8>, StreamError> {
+    let cuts = cut_message(payload.len(), fd_count)?;
+    let mut bytes = Vec::with_capacity(payload.len() + cuts.len() * HEADER_LEN);
     for cut in cuts {
         bytes.extend_from_slice(&cut.header.encode());
-        bytes.extend_from_slice(&json[cut.payload]);
+        bytes.extend_from_slice(&payload[cut.payload]);
     }
     Ok(bytes)
 }
 
-/// A reassembled message: its JSON and how many descriptors came with it.
+/// A reassembled message: its bytes and how many descriptors came with it.
 #[derive(Clone, Debug, Eq, PartialEq)]
 pub struct RawMessage {
-    pub json: Vec<u8>,
+    pub bytes: Vec<u8>,
     pub fds: usize,
 }
 
 /// Frames in, messages out, within the message bounds.
 #[derive(Debug, Default)]
 pub struct Reassembler {
-    json: Vec<u8>,
+    bytes: Vec<u8>,
     fds: usize,
     frames: usize,
 }
@@ -174,7 +174,7 @@ impl Reassembler {
                 payload.len()
             )));
         }
-        self.json.extend_from_slice(payload);
+        self.bytes.extend_from_slice(payload);
         self.fds += usize::from(header.fds);
         self.frames += 1;
         if !header.last {
@@ -182,7 +182,7 @@ impl Reassembler {
         }
         self.frames = 0;
         let message = RawMessage {
-            json: mem::take(&mut self.json),
+            bytes: mem::take(&mut self.bytes),
             fds: mem::take(&mut self.fds),
         };
         Ok(Some(message))
@@ -200,7 +200,7 @@ impl Reassembler {
             ));
         }
         check_message_bounds(
-            self.json.len() + header.payload_len as usize,
+            self.bytes.len() + header.payload_len as usize,
             self.fds + usize::from(header.fds),
         )
     }
@@ -330,12 +330,12 @@ mod tests {
         assert_eq!(
             messages[0],
             RawMessage {
-                json: b"{\"a\":1}".to_vec(),
+                bytes: b"{\"a\":1}".to_vec(),
                 fds: 3
             }
         );
         assert_eq!(
-            (messages[1].json.len(), messages[1].fds),
+            (messages[1].bytes.len(), messages[1].fds),
             ((1 << 20) + 5, 450)
         );
         assert!(matches!(
