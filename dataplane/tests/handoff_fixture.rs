@@ -1,15 +1,16 @@
 //! The recorded streams of the hand-off formats this release reads, `fixtures/handoff-vN.bin`
-//! (format 1: session batches as JSON; format 2: as binary): each the whole exchange in order (Hello, Accept, Proceed, the State, its session batches, Taken,
-//! Released), the State's frames announcing its descriptors (the descriptors themselves are not
-//! in a file). It must keep reading back as the same messages, and the State with its batches
-//! must pass `check`: a change to `wire` or to the framing that breaks this breaks a hand-off
-//! from the release that wrote it.
+//! (format 1: session batches as JSON; format 2: as binary): each the whole exchange in order
+//! (Hello, Accept, Proceed, the State, its session batches, Taken, Released), the State's frames
+//! announcing its descriptors (the descriptors themselves are not in a file). It must keep reading
+//! back as the same messages, and the State with its batches must pass `check`: a change to `wire`
+//! or to the framing that breaks this breaks a hand-off from the release that wrote it.
 //!
 //! `UPDATE_HANDOFF_FIXTURE=1 cargo test -p dataplane --test handoff_fixture` rewrites the
 //! current format's file (and the fuzz seeds made from it). Do that only when the format
 //! version changes, keeping the older files read back here for as long as their releases can
 //! be upgraded from.
 
+use std::net::SocketAddrV6;
 use std::path::{Path, PathBuf};
 
 use dataplane::handoff::stream::{MAX_FDS_PER_FRAME, RawMessage, decode_stream, encode_message};
@@ -25,11 +26,11 @@ use serde::de::DeserializeOwned;
 /// The formats recorded (a file each): every one this release reads.
 const RECORDED: &[u32] = &[1, 2];
 
-/// The Hello of a release that writes `version` and reads it and every older one.
+/// The Hello the release that wrote `version` sent: the formats it read.
 fn fixture_hello(version: u32) -> Hello {
     Hello {
         version,
-        reads: (1..=version).collect(),
+        reads: if version == 1 { vec![1] } else { vec![1, 2] },
         release: "0.1.0".to_owned(),
         pid: 4242,
     }
@@ -58,7 +59,7 @@ const FIXTURE_BATCHES: u32 = 2;
 /// session batches are in: listeners of each kind and transport, IPv4 and IPv6, sessions of
 /// each kind with and without PROXY state, grants and ledger entries with tokens past 64 bits,
 /// a default backend. Its descriptors: listeners 0..6, pools 6..10, query 10, admin 11.
-fn fixture_state() -> State {
+fn fixture_state(version: u32) -> State {
     let listener = |id: u16, transport, addr: &str, kind, fds: [u32; 2]| WireListener {
         id,
         owner: format!("fixture listener {id}"),
@@ -90,7 +91,7 @@ fn fixture_state() -> State {
         proxy,
     };
     let pool = |number, port, fd| WirePoolSocket { number, port, fd };
-    State {
+    let mut state = State {
         release: "0.1.0".to_owned(),
         listeners: vec![
             listener(
@@ -192,13 +193,25 @@ fn fixture_state() -> State {
             addrs: vec![None, Some("[2001:db8::8]:7777".parse().unwrap())],
             proxy: WireProxyMode::V2First,
         }),
+    };
+    if version >= 2 {
+        // Format 2 keeps what format 1's text drops: a link-local client's interface and a
+        // flow label.
+        let client = SocketAddrV6::new("fe80::1".parse().unwrap(), 5004, 0, 3).into();
+        state.workers[0].sessions.push(WireSession {
+            client,
+            reply_to: client,
+            target: SocketAddrV6::new("2001:db8::7".parse().unwrap(), 7777, 0xbeef, 0).into(),
+            ..session(1, "[fe80::1]:5004", WireSessionKind::Forwarder, 1, None)
+        });
     }
+    state
 }
 
 /// The fixture state as it travels: its sessions moved out into batches of one worker each,
 /// as the old process sends them.
-fn fixture_wire() -> (State, Vec<SessionBatch>) {
-    let mut state = fixture_state();
+fn fixture_wire(version: u32) -> (State, Vec<SessionBatch>) {
+    let mut state = fixture_state(version);
     let batches: Vec<SessionBatch> = state
         .workers
         .iter_mut()
@@ -223,7 +236,7 @@ fn json(message: &impl Serialize) -> Vec<u8> {
 /// The frames of the fixture exchange in format `version`, in order, descriptors counted in
 /// the headers.
 fn fixture_stream(version: u32) -> Vec<u8> {
-    let (state, batches) = fixture_wire();
+    let (state, batches) = fixture_wire(version);
     let mut messages = vec![
         (json(&fixture_hello(version)), 0),
         (json(&fixture_answer(version)), 0),
@@ -292,7 +305,7 @@ fn read_back(version: u32) {
     assert_eq!((decision, fds), (Decision::Proceed, 0));
 
     let (mut state, fds): (State, _) = next(&mut messages);
-    let (wire_state, wire_batches) = fixture_wire();
+    let (wire_state, wire_batches) = fixture_wire(version);
     assert_eq!((&state, fds), (&wire_state, FIXTURE_FDS));
     assert!(state.session_batches <= MAX_SESSION_BATCHES);
     let mut batches = Vec::new();
@@ -307,7 +320,7 @@ fn read_back(version: u32) {
             .extend(batch.sessions);
     }
     assert_eq!(batches, wire_batches);
-    assert_eq!(state, fixture_state());
+    assert_eq!(state, fixture_state(version));
     state.check(workers as usize, fds).unwrap();
     assert_eq!(workers as usize, FIXTURE_WORKERS);
 
@@ -325,7 +338,7 @@ fn state_without_the_newer_fields_parses() {
     let older = State {
         session_batches: 0,
         default: None,
-        ..fixture_state()
+        ..fixture_state(1)
     };
     // Through text: the tokens are past what a `serde_json::Value` holds.
     let json = serde_json::to_string(&older).unwrap();
@@ -347,6 +360,8 @@ fn write_fixture_and_seeds() {
     let seeds = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/handoff_stream");
     std::fs::create_dir_all(&seeds).unwrap();
     std::fs::write(seeds.join(format!("seed-v{VERSION}-exchange")), &stream).unwrap();
-    let multi = encode_message(&json(&fixture_wire().0), MAX_FDS_PER_FRAME + FIXTURE_FDS).unwrap();
-    std::fs::write(seeds.join(format!("seed-v{VERSION}-multi-frame")), multi).unwrap();
+    // The State is the same JSON since format 1: one multi-frame seed of it serves.
+    let state = json(&fixture_wire(1).0);
+    let multi = encode_message(&state, MAX_FDS_PER_FRAME + FIXTURE_FDS).unwrap();
+    std::fs::write(seeds.join("seed-v1-multi-frame"), multi).unwrap();
 }

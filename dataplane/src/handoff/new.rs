@@ -20,7 +20,7 @@ use crate::policy::route::RouteTable;
 
 use super::share::{AdoptedListener, Adoption};
 use super::stats::HandOffResult;
-use super::stream::{Channel, StreamError};
+use super::stream::{Channel, MAX_FDS_PER_MESSAGE, StreamError};
 use super::wire::{
     Answer, Decision, Hello, MAX_SESSION_BATCHES, READS, Released, State, Taken, VERSION,
     WireListenerKind, WireTransport, accepts_version, decode_batch,
@@ -29,10 +29,6 @@ use super::wire::{
 /// How long one step of the exchange may take before the new process gives up (the old one
 /// then serves on).
 const STEP_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Descriptors the new process makes room for before the predecessor pauses (a socket per
-/// listener and worker, and the upstream sockets): past it the table grows in the pause.
-const EXPECTED_DESCRIPTORS: usize = 1 << 16;
 
 /// Why the new process could not take over.
 #[derive(Debug, thiserror::Error)]
@@ -160,8 +156,9 @@ pub fn take_over(
         );
         return Err(TakeOverError::Declined(reason));
     }
-    // The predecessor's sockets arrive in the pause: room for them is made now.
-    super::fdtable::make_room(EXPECTED_DESCRIPTORS);
+    // The predecessor's sockets arrive in the pause: room is made now for as many as its
+    // state may carry (at most 1 MiB of table, once).
+    super::fdtable::make_room(MAX_FDS_PER_MESSAGE);
     channel.send(&Decision::Proceed, &[]).map_err(stream_err)?;
     let proceeded = Instant::now();
     let (mut state, fds): (State, Vec<OwnedFd>) = channel.recv().map_err(stream_err)?;

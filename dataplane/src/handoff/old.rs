@@ -176,8 +176,9 @@ fn serve_one(
         );
         return Ok(None);
     }
-    // Each socket is duplicated in the pause: room for the copies is made now.
-    super::fdtable::make_room(super::fdtable::open_count() + 64);
+    // Each socket the data plane holds is duplicated in the pause (and control's query and
+    // admin sockets): room for the copies is made now.
+    super::fdtable::make_room(controller.budget.held() + 2);
     freezing();
     let frozen_at = Instant::now();
     let shares = controller.hand_off_freeze(FREEZE_TIMEOUT)?;

@@ -1,9 +1,8 @@
-//! Framing over the hand-off's Unix socket: a message is its bytes (JSON, or a session
-//! batch's binary) cut into frames, and the
-//! descriptors it carries ride beside the frames as `SCM_RIGHTS`. What the peer sends is
-//! bounded (message size, descriptor count, frame size) before anything is allocated for it,
-//! every wait for the peer has a timeout so a stuck peer cannot wedge either side, and received
-//! descriptors are owned at once so any error closes them.
+//! Framing over the hand-off's Unix socket: a message is its bytes (JSON, or a session batch's
+//! binary) cut into frames, and the descriptors it carries ride beside the frames as `SCM_RIGHTS`.
+//! What the peer sends is bounded (message size, descriptor count, frame size) before anything is
+//! allocated for it, every wait for the peer has a timeout so a stuck peer cannot wedge either
+//! side, and received descriptors are owned at once so any error closes them.
 //!
 //! The frame format and the reassembly of frames into messages are sans-io ([`FrameHeader`],
 //! [`cut_message`], [`Reassembler`], [`encode_message`], [`decode_stream`]): the fuzz target

@@ -16,8 +16,8 @@
 //! everything without reading and says [`Taken`]; the old one forgets what it handed over and
 //! says [`Released`]; only then does the new one read. Until `Released` either side may give
 //! up, and the old one serves on: no datagram is read by both. Everything here is parsed as
-//! untrusted input: sizes are bounded by the framing (`super::stream`) and `check` refuses what cannot be
-//! installed, before anything is.
+//! untrusted input: sizes are bounded by the framing (`super::stream`) and [`decode_batch`],
+//! and `check` refuses what cannot be installed, before anything is.
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -49,6 +49,12 @@ pub fn common_version(theirs: &[u32]) -> Option<u32> {
 pub enum BatchError {
     #[error("format {0} is not one this build knows")]
     Version(u32),
+    #[error("{0} bytes, over the bound of {MAX_BATCH_BYTES}")]
+    TooLarge(usize),
+    #[error("{0} sessions, over the bound of {SESSIONS_PER_BATCH}")]
+    TooMany(usize),
+    #[error("{0} bytes after the batch")]
+    Trailing(usize),
     #[error("session batch JSON: {0}")]
     Json(#[from] serde_json::Error),
     #[error("session batch: {0}")]
@@ -64,22 +70,27 @@ pub fn encode_batch(version: u32, batch: &SessionBatch) -> Result<Vec<u8>, Batch
     }
 }
 
-/// A session batch read from its bytes in format `version`, as untrusted input: the bytes are
-/// bounded by the framing, lengths inside them never allocate past what the bytes can hold,
-/// and bytes left over are an error.
+/// A session batch read from its bytes in format `version`, as untrusted input. Bounded
+/// before and after: a session takes a few bytes in binary but about 200 in memory, so a batch
+/// as large as the framing allows could decode into gigabytes; past [`MAX_BATCH_BYTES`] it is
+/// refused unread, and past [`SESSIONS_PER_BATCH`] sessions once read. Bytes left over are an
+/// error too.
 pub fn decode_batch(version: u32, bytes: &[u8]) -> Result<SessionBatch, BatchError> {
-    match version {
-        1 => Ok(serde_json::from_slice(bytes)?),
-        2 => {
-            let (batch, rest) = postcard::take_from_bytes(bytes)?;
-            if rest.is_empty() {
-                Ok(batch)
-            } else {
-                Err(BatchError::Binary(postcard::Error::DeserializeBadEncoding))
-            }
-        }
-        other => Err(BatchError::Version(other)),
+    if bytes.len() > MAX_BATCH_BYTES {
+        return Err(BatchError::TooLarge(bytes.len()));
     }
+    let batch: SessionBatch = match version {
+        1 => serde_json::from_slice(bytes)?,
+        2 => match postcard::take_from_bytes(bytes)? {
+            (batch, []) => batch,
+            (_, rest) => return Err(BatchError::Trailing(rest.len())),
+        },
+        other => return Err(BatchError::Version(other)),
+    };
+    if batch.sessions.len() > SESSIONS_PER_BATCH {
+        return Err(BatchError::TooMany(batch.sessions.len()));
+    }
+    Ok(batch)
 }
 
 /// The first message, from the new process: who it is and which formats it reads.
@@ -228,7 +239,9 @@ pub enum WireSessionKind {
 }
 
 /// One UDP session of a worker. In format 1 (JSON) its fields have one- or two-letter names:
-/// a node's sessions are most of a hand-off's bytes, and every byte is in the pause.
+/// a node's sessions are most of a hand-off's bytes, and every byte is in the pause. Format 2
+/// is positional: adding, removing or reordering a field is a new format, whatever its serde
+/// attributes say.
 #[derive(Clone, Debug, Eq, PartialEq, Serialize, Deserialize)]
 pub struct WireSession {
     /// Its listener's id in the old process ([`WireListener::id`]).
@@ -339,9 +352,13 @@ pub struct State {
 /// the next.
 pub const SESSIONS_PER_BATCH: usize = 1024;
 
-/// Batches at most after one [`State`]: 4M sessions, far past any node's `maxSessions`
-/// (each batch well within the stream's message bound).
-pub const MAX_SESSION_BATCHES: u32 = 4096;
+/// Batches at most after one [`State`]: a million sessions, far past what a node's descriptors
+/// and ports carry, and at most about 200 MiB in memory whatever a peer sends.
+pub const MAX_SESSION_BATCHES: u32 = 1024;
+
+/// Bytes at most in one session batch, in either format: twice a full batch of the largest
+/// sessions in format 1's JSON (about 530 KiB; a third of that in format 2).
+pub const MAX_BATCH_BYTES: usize = 1 << 20;
 
 /// Some of one worker's UDP sessions, sent after the [`State`] they belong to.
 #[derive(Clone, Debug, Default, Eq, PartialEq, Serialize, Deserialize)]
@@ -453,7 +470,10 @@ mod tests {
         let mut binary = encode_batch(2, &batch).unwrap();
         assert!(decode_batch(1, &binary).is_err(), "binary read as format 1");
         binary.push(0);
-        assert!(decode_batch(2, &binary).is_err(), "bytes left over");
+        assert!(matches!(
+            decode_batch(2, &binary),
+            Err(BatchError::Trailing(1))
+        ));
         // A length far past the bytes allocates nothing and fails.
         assert!(decode_batch(2, &[1, 0xff, 0xff, 0xff, 0xff, 0x0f]).is_err());
         assert!(matches!(
@@ -461,5 +481,22 @@ mod tests {
             Err(BatchError::Version(9))
         ));
         assert!(matches!(decode_batch(0, &[]), Err(BatchError::Version(0))));
+        // Past the bounds: too many bytes refused unread, too many sessions once read.
+        let over = vec![b' '; MAX_BATCH_BYTES + 1];
+        assert!(matches!(
+            decode_batch(1, &over),
+            Err(BatchError::TooLarge(_))
+        ));
+        let crowded = SessionBatch {
+            worker: 0,
+            sessions: vec![batch.sessions[0].clone(); SESSIONS_PER_BATCH + 1],
+        };
+        for &version in READS {
+            let bytes = encode_batch(version, &crowded).unwrap();
+            assert!(matches!(
+                decode_batch(version, &bytes),
+                Err(BatchError::TooMany(n)) if n == SESSIONS_PER_BATCH + 1
+            ));
+        }
     }
 }
