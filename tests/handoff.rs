@@ -295,7 +295,10 @@ fn a_successor_takes_over_every_udp_session_and_the_old_process_finishes_tcp() {
     let p = ports();
     let scratch = scratch_dir();
     let socket = scratch.join("handoff.sock");
-    let mut old = Proxy::start(&config(&p, &socket, p.data), &inventory(&p, &be));
+    // A logs what it handed over (an info line) for the count compared with B's below.
+    let logging: [(&str, &std::ffi::OsStr); 1] =
+        [("RUST_LOG", "warn,dataplane::handoff::old=info".as_ref())];
+    let mut old = Proxy::launch(&config(&p, &socket, p.data), &inventory(&p, &be), &logging);
     old.eventually("forwarders open", |px| {
         px.metric(r#"udp_director_forwarders{protocol="udp"}"#) == 1.0
             && px.metric(r#"udp_director_forwarders{protocol="tcp"}"#) == 1.0
@@ -439,6 +442,22 @@ fn a_successor_takes_over_every_udp_session_and_the_old_process_finishes_tcp() {
     // B's query port (A's socket) answers, and B says what it took.
     assert!(new.metric("udp_director_handoff_sessions_total") >= 4.0);
     assert!(new.metric("udp_director_handoff_descriptors_total") >= 10.0);
+    // Both sides count the same sockets handed over (control's two included).
+    let log = old.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("hand-off: handed over "))
+        .unwrap_or_else(|| panic!("A's log: {log}"));
+    let sockets: f64 = line
+        .split(" UDP sessions and ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("{line}"));
+    assert_eq!(
+        new.metric("udp_director_handoff_descriptors_total"),
+        sockets,
+        "{line}"
+    );
     let sessions = new.sessions();
     assert!(sessions.len() >= 5, "{sessions:?}");
 }

@@ -71,7 +71,7 @@ pub struct Inheritance {
     sessions: usize,
     /// The predecessor's process id.
     pid: u32,
-    /// Sockets installed.
+    /// Sockets installed: the data plane's and control's query and admin sockets.
     descriptors: usize,
 }
 
@@ -237,9 +237,12 @@ impl Inheritance {
                 Err("not a TCP socket".into())
             }
         });
-        checked
+        let listener = checked
             .map_err(|e| log::warn!("hand-off: the {what} port's socket: {e}; binding anew"))
-            .ok()
+            .ok()?;
+        // Counted like the data plane's sockets: the old process counts it as handed over.
+        self.descriptors += 1;
+        Some(listener)
     }
 
     /// UDP sessions in the state.
@@ -369,7 +372,7 @@ impl Inheritance {
         for listener in &closing {
             controller.close_listener(listener, crate::listener::CloseMode::Drain);
         }
-        self.descriptors = descriptors;
+        self.descriptors += descriptors;
         Ok(sessions)
     }
 
