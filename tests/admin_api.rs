@@ -47,7 +47,7 @@ fn metrics_sessions_and_kill() {
     assert_eq!(proxy.metric("udp_director_tokens_issued_total"), 2.0);
     assert_eq!(proxy.metric("udp_director_tokens_redeemed_total"), 2.0);
     assert_eq!(
-        proxy.metric(r#"udp_director_sessions_created_total{origin="token",protocol="udp"}"#),
+        proxy.metric(r#"udp_director_sessions_created_total{kind="token",protocol="udp"}"#),
         2.0
     );
     assert_eq!(

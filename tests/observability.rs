@@ -60,11 +60,11 @@ const TRAFFIC: [(&str, &[(&str, &str)]); 9] = [
         &[("protocol", "udp"), ("protocol", "tcp")],
     ),
     (
-        "Sessions opened by origin and protocol",
+        "Sessions opened by kind and protocol",
         &[
-            ("origin", "token"),
-            ("origin", "forwarder"),
-            ("origin", "route"),
+            ("kind", "token"),
+            ("kind", "forwarder"),
+            ("kind", "route"),
         ],
     ),
     ("Sessions live by protocol", &[("protocol", "udp")]),

@@ -134,7 +134,7 @@ fn weights_split_sessions_and_every_datagram_of_one_stays_on_its_endpoint() {
         "weight 0 gets nothing"
     );
     assert_eq!(
-        proxy.metric(r#"udp_director_sessions_created_total{origin="route",protocol="udp"}"#),
+        proxy.metric(r#"udp_director_sessions_created_total{kind="route",protocol="udp"}"#),
         400.0
     );
 }
@@ -364,7 +364,7 @@ fn cross_namespace_backends_are_refused_and_tcp_entry_points_route_connections()
     c.write_all(b"hi").unwrap();
     assert_eq!(read_exact_within(&mut c, 3), b"thi");
     assert_eq!(
-        proxy.metric(r#"udp_director_sessions_created_total{origin="route",protocol="tcp"}"#),
+        proxy.metric(r#"udp_director_sessions_created_total{kind="route",protocol="tcp"}"#),
         1.0
     );
     let away = view(&proxy, "away");

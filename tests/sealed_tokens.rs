@@ -102,7 +102,7 @@ fn replicas_sharing_a_key_redeem_each_others_tokens_once_each_and_rotation_works
         Some(&b"Aping"[..])
     );
     assert_eq!(
-        b.metric(r#"udp_director_sessions_created_total{origin="token",protocol="udp"}"#),
+        b.metric(r#"udp_director_sessions_created_total{kind="token",protocol="udp"}"#),
         2.0
     );
 }

@@ -90,7 +90,7 @@ fn one_token_opens_a_tcp_and_a_udp_port_and_the_admin_api_shows_both() {
         1.0
     );
     assert_eq!(
-        proxy.metric(r#"udp_director_sessions_created_total{origin="token",protocol="tcp"}"#),
+        proxy.metric(r#"udp_director_sessions_created_total{kind="token",protocol="tcp"}"#),
         1.0
     );
     proxy.eventually("the TCP bytes are counted", |p| {

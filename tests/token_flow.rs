@@ -66,7 +66,7 @@ fn default_endpoint_takes_tokenless_clients() {
         matches!(c.recv_from(&mut buf), Ok((6, _)) if &buf[..6] == b"Bhello")
     });
     assert_eq!(
-        proxy.metric(r#"udp_director_sessions_created_total{origin="default",protocol="udp"}"#),
+        proxy.metric(r#"udp_director_sessions_created_total{kind="default",protocol="udp"}"#),
         1.0
     );
 }

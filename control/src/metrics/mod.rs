@@ -232,17 +232,17 @@ impl Collector for DataPlaneCollector {
         labelled_counter(
             e,
             "udp_director_sessions_created",
-            "Sessions opened, by origin (token, default backend, forwarder or route) and protocol",
+            "Sessions opened, by kind (token, default backend, forwarder or route) and protocol",
             SessionKind::ALL.iter().flat_map(|k| {
                 let tcp = c.tcp_created(*k);
                 [
                     (
-                        vec![("origin", k.as_str()), ("protocol", "udp")],
+                        vec![("kind", k.as_str()), ("protocol", "udp")],
                         // Summed without a lock: a TCP session counted in one and not yet
                         // the other must not underflow.
                         c.created(*k).saturating_sub(tcp),
                     ),
-                    (vec![("origin", k.as_str()), ("protocol", "tcp")], tcp),
+                    (vec![("kind", k.as_str()), ("protocol", "tcp")], tcp),
                 ]
             }),
         )?;

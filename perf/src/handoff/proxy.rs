@@ -315,9 +315,9 @@ mod tests {
 
     #[test]
     fn families_are_summed_over_the_matching_labels() {
-        let text = "udp_director_sessions_created_total{origin=\"token\",protocol=\"udp\"} 3\n\
-                    udp_director_sessions_created_total{origin=\"forwarder\",protocol=\"udp\"} 4\n\
-                    udp_director_sessions_created_total{origin=\"forwarder\",protocol=\"tcp\"} 9\n";
+        let text = "udp_director_sessions_created_total{kind=\"token\",protocol=\"udp\"} 3\n\
+                    udp_director_sessions_created_total{kind=\"forwarder\",protocol=\"udp\"} 4\n\
+                    udp_director_sessions_created_total{kind=\"forwarder\",protocol=\"tcp\"} 9\n";
         assert_eq!(
             sum_series(
                 text,
