@@ -61,11 +61,7 @@ const TRAFFIC: [(&str, &[(&str, &str)]); 9] = [
     ),
     (
         "Sessions opened by kind and protocol",
-        &[
-            ("kind", "token"),
-            ("kind", "forwarder"),
-            ("kind", "route"),
-        ],
+        &[("kind", "token"), ("kind", "forwarder"), ("kind", "route")],
     ),
     ("Sessions live by protocol", &[("protocol", "udp")]),
     (
