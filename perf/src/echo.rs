@@ -192,3 +192,68 @@ fn serve(socket: &UdpSocket, tag: Option<u8>, stop: &AtomicBool) {
         }
     }
 }
+
+/// Backends for benchmarks with many of them: `count` UDP sockets on loopback, echoing from one
+/// mio thread (a thread each would crowd the cores the proxy is measured on). `stamp` may
+/// rewrite each reply before it leaves, given the address it came from. Stops when dropped.
+#[derive(Debug)]
+pub(crate) struct MultiEcho {
+    pub(crate) addrs: Vec<SocketAddr>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl MultiEcho {
+    pub(crate) fn start(count: usize, stamp: fn(&mut [u8], SocketAddr)) -> anyhow::Result<Self> {
+        let mut poll = mio::Poll::new()?;
+        let mut sockets = Vec::with_capacity(count);
+        for i in 0..count {
+            let mut s = mio::net::UdpSocket::bind("127.0.0.1:0".parse()?)?;
+            poll.registry()
+                .register(&mut s, mio::Token(i), mio::Interest::READABLE)?;
+            sockets.push(s);
+        }
+        let addrs = sockets
+            .iter()
+            .map(mio::net::UdpSocket::local_addr)
+            .collect::<std::io::Result<_>>()?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = Arc::clone(&stop);
+        let thread = std::thread::Builder::new()
+            .name("echo".into())
+            .spawn(move || {
+                let mut events = mio::Events::with_capacity(1024);
+                let mut buf = [0u8; 2048];
+                while !stopped.load(Ordering::Relaxed) {
+                    if poll
+                        .poll(&mut events, Some(Duration::from_millis(20)))
+                        .is_err()
+                    {
+                        continue;
+                    }
+                    for event in &events {
+                        let s = &sockets[event.token().0];
+                        // Edge triggered: read until the socket is empty.
+                        while let Ok((n, from)) = s.recv_from(&mut buf) {
+                            stamp(&mut buf[..n], from);
+                            let _ = s.send_to(&buf[..n], from);
+                        }
+                    }
+                }
+            })?;
+        Ok(Self {
+            addrs,
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for MultiEcho {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

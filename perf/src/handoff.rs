@@ -36,11 +36,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
+use crate::echo::MultiEcho;
 use crate::proxy::raise_fd_limit;
 use figures::{Figures, Moments};
 use output::summarize;
 use proxy::{HandedOver, Ports, Proxy};
-use traffic::{Backends, CHECK, Clients, HEADER, SETUP};
+use traffic::{CHECK, Clients, HEADER, SETUP, backends};
 
 /// Arguments of `handoff`.
 #[derive(Debug, clap::Args)]
@@ -119,7 +120,7 @@ pub(crate) fn run(args: &HandOffArgs) -> anyhow::Result<()> {
         );
     }
     let bin = crate::proxy::binary(args.proxy_bin.as_deref())?;
-    let backends = Backends::start(args.backends)?;
+    let backends = backends(args.backends)?;
     let mut rounds = Vec::with_capacity(args.rounds);
     for n in 1..=args.rounds {
         let r = round(args, &bin, &backends, n)?;
@@ -208,7 +209,7 @@ struct Stage {
     a_status: Option<ExitStatus>,
 }
 
-fn round(args: &HandOffArgs, bin: &Path, backends: &Backends, n: usize) -> anyhow::Result<Round> {
+fn round(args: &HandOffArgs, bin: &Path, backends: &MultiEcho, n: usize) -> anyhow::Result<Round> {
     let dir = std::env::temp_dir().join(format!(
         "udp-director-perf-handoff-{}-{n}",
         std::process::id()
@@ -229,7 +230,7 @@ fn round(args: &HandOffArgs, bin: &Path, backends: &Backends, n: usize) -> anyho
 fn run_round(
     args: &HandOffArgs,
     bin: &Path,
-    backends: &Backends,
+    backends: &MultiEcho,
     n: usize,
     dir: &Path,
 ) -> anyhow::Result<Round> {

@@ -12,12 +12,11 @@
 use std::io::{BufRead, BufReader, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
+use crate::echo::MultiEcho;
 use crate::proxy::{ProxyArgs, Server, raise_fd_limit, status_kib};
 
 #[derive(Debug, clap::Args)]
@@ -67,64 +66,6 @@ pub(crate) struct ClientArgs {
     batch: usize,
 }
 
-/// Backends: `count` UDP sockets on loopback, echoing from one mio thread.
-struct MultiEcho {
-    addrs: Vec<SocketAddr>,
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl MultiEcho {
-    fn start(count: usize) -> anyhow::Result<Self> {
-        let mut poll = mio::Poll::new()?;
-        let mut sockets = Vec::with_capacity(count);
-        for i in 0..count {
-            let mut s = mio::net::UdpSocket::bind("127.0.0.1:0".parse()?)?;
-            poll.registry()
-                .register(&mut s, mio::Token(i), mio::Interest::READABLE)?;
-            sockets.push(s);
-        }
-        let addrs = sockets
-            .iter()
-            .map(mio::net::UdpSocket::local_addr)
-            .collect::<std::io::Result<_>>()?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let stopped = Arc::clone(&stop);
-        let thread = std::thread::spawn(move || {
-            let mut events = mio::Events::with_capacity(1024);
-            let mut buf = [0u8; 2048];
-            while !stopped.load(Ordering::Relaxed) {
-                if poll
-                    .poll(&mut events, Some(Duration::from_millis(50)))
-                    .is_err()
-                {
-                    continue;
-                }
-                for event in &events {
-                    let s = &sockets[event.token().0];
-                    while let Ok((n, from)) = s.recv_from(&mut buf) {
-                        let _ = s.send_to(&buf[..n], from);
-                    }
-                }
-            }
-        });
-        Ok(Self {
-            addrs,
-            stop,
-            thread: Some(thread),
-        })
-    }
-}
-
-impl Drop for MultiEcho {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
 struct ClientProcess {
     child: Child,
     stdin: ChildStdin,
@@ -163,7 +104,7 @@ pub(crate) fn run(args: &SessionsArgs) -> anyhow::Result<()> {
     if args.backends == 0 || args.per_process == 0 {
         bail!("--backends and --per-process must be at least 1");
     }
-    let echo = MultiEcho::start(args.backends)?;
+    let echo = MultiEcho::start(args.backends, |_, _| {})?;
     let servers: Vec<Server> = echo
         .addrs
         .iter()

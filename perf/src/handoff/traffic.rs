@@ -9,11 +9,12 @@
 //! read; what they mean is worked out after the round (`figures`).
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+
+use crate::echo::MultiEcho;
 
 /// A datagram's kind, its first byte.
 pub(super) const SETUP: u8 = 0;
@@ -23,71 +24,14 @@ pub(super) const CHECK: u8 = 2;
 pub(super) const HEADER: usize = 15;
 const PORT_AT: usize = 13;
 
-/// Backends: UDP sockets on loopback echoing from one mio thread, each reply with the source
-/// port of its datagram written at `PORT_AT`.
-#[derive(Debug)]
-pub(super) struct Backends {
-    pub(super) addrs: Vec<SocketAddr>,
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Backends {
-    pub(super) fn start(count: usize) -> anyhow::Result<Self> {
-        let mut poll = mio::Poll::new()?;
-        let mut sockets = Vec::with_capacity(count);
-        for i in 0..count {
-            let mut s = mio::net::UdpSocket::bind("127.0.0.1:0".parse()?)?;
-            poll.registry()
-                .register(&mut s, mio::Token(i), mio::Interest::READABLE)?;
-            sockets.push(s);
+/// The backends: echo sockets, each reply with the source port of its datagram written at
+/// `PORT_AT`.
+pub(super) fn backends(count: usize) -> anyhow::Result<MultiEcho> {
+    MultiEcho::start(count, |reply, from| {
+        if let Some(port) = reply.get_mut(PORT_AT..PORT_AT + 2) {
+            port.copy_from_slice(&from.port().to_be_bytes());
         }
-        let addrs = sockets
-            .iter()
-            .map(mio::net::UdpSocket::local_addr)
-            .collect::<std::io::Result<_>>()?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let stopped = Arc::clone(&stop);
-        let thread = std::thread::Builder::new()
-            .name("backends".into())
-            .spawn(move || {
-                let mut events = mio::Events::with_capacity(1024);
-                let mut buf = [0u8; 2048];
-                while !stopped.load(Ordering::Relaxed) {
-                    if poll
-                        .poll(&mut events, Some(Duration::from_millis(20)))
-                        .is_err()
-                    {
-                        continue;
-                    }
-                    for event in &events {
-                        let s = &sockets[event.token().0];
-                        // Edge triggered: read until the socket is empty.
-                        while let Ok((n, from)) = s.recv_from(&mut buf) {
-                            if n >= HEADER {
-                                buf[PORT_AT..PORT_AT + 2]
-                                    .copy_from_slice(&from.port().to_be_bytes());
-                            }
-                            let _ = s.send_to(&buf[..n], from);
-                        }
-                    }
-                }
-            })?;
-        Ok(Self {
-            addrs,
-            stop,
-            thread: Some(thread),
-        })
-    }
-}
-
-impl Drop for Backends {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
+    })
 }
 
 /// A reply as a receiver read it.
