@@ -5,7 +5,11 @@
 //! adopts the listeners under their old ids, the upstream sockets under their old numbers, the
 //! sessions on them and the grants, and reads only once the predecessor has let go.
 
+use std::io;
 use std::time::Instant;
+
+use mio::event::Source;
+use mio::{Interest, Registry, Token};
 
 use crate::ctl::ControlMsg;
 use crate::handoff::share::{Adoption, HandOffEnd, WorkerShare};
@@ -97,8 +101,8 @@ impl Worker {
                 }
             }
             HandOffEnd::Failed => {
-                self.listeners.thaw(registry);
-                self.sessions.thaw_pool(registry);
+                self.listeners.resume(registry);
+                self.sessions.resume_pool(registry);
                 self.frozen = false;
                 for msg in deferred {
                     self.apply_control(msg, now);
@@ -149,11 +153,72 @@ impl Worker {
         let registry = self.poll.registry();
         // Registered at adoption, their readiness was collected and passed over since:
         // re-arming reports what is waiting now.
-        self.listeners.rearm(registry);
-        self.sessions.rearm_pool(registry);
+        self.listeners.resume(registry);
+        self.sessions.resume_pool(registry);
         self.frozen = false;
         for msg in std::mem::take(&mut self.deferred) {
             self.apply_control(msg, now);
         }
+    }
+}
+
+/// Reads `source` again from what waits in it now, whether it was deregistered (frozen, then
+/// the hand-off failed; a freeze that failed part-way left some registered) or registered with
+/// its readiness passed over (adopted, then the predecessor let go): a re-registration reports
+/// a socket that is readable already.
+pub(super) fn read_again<S: Source + ?Sized>(
+    registry: &Registry,
+    source: &mut S,
+    token: Token,
+) -> io::Result<()> {
+    match registry.reregister(source, token, Interest::READABLE) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            registry.register(source, token, Interest::READABLE)
+        }
+        armed => armed,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use mio::{Events, Poll};
+
+    use super::*;
+
+    /// Whether `poll` reports `token` within a short wait.
+    fn reported(poll: &mut Poll, token: Token) -> bool {
+        let mut events = Events::with_capacity(8);
+        poll.poll(&mut events, Some(Duration::from_millis(200)))
+            .unwrap();
+        events.iter().any(|e| e.token() == token)
+    }
+
+    #[test]
+    fn read_again_reports_what_waits_whether_registered_or_not() {
+        let mut poll = Poll::new().unwrap();
+        let mut socket = mio::net::UdpSocket::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let sender = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        sender
+            .send_to(b"waiting", socket.local_addr().unwrap())
+            .unwrap();
+        let token = Token(7);
+        // Registered, and its readiness collected and passed over (adopted, not read).
+        poll.registry()
+            .register(&mut socket, token, Interest::READABLE)
+            .unwrap();
+        assert!(reported(&mut poll, token));
+        assert!(!reported(&mut poll, token), "edge triggered: reported once");
+        read_again(poll.registry(), &mut socket, token).unwrap();
+        assert!(reported(&mut poll, token), "re-armed: the waiting datagram");
+        // Deregistered (frozen), then the hand-off failed.
+        poll.registry().deregister(&mut socket).unwrap();
+        assert!(!reported(&mut poll, token));
+        read_again(poll.registry(), &mut socket, token).unwrap();
+        assert!(
+            reported(&mut poll, token),
+            "registered again: the waiting datagram"
+        );
     }
 }

@@ -360,7 +360,7 @@ impl Listeners {
     // ---- hand-off (SPEC §12) ---------------------------------------------------------------
 
     /// Stops reading and accepting on every listener (the successor does now, or this worker
-    /// will again after [`Self::thaw`]) and describes each, with a duplicate of this worker's
+    /// will again after [`Self::resume`]) and describes each, with a duplicate of this worker's
     /// socket of it.
     pub(super) fn freeze(&mut self, registry: &Registry) -> std::io::Result<Vec<ListenerShare>> {
         let mut all = Vec::new();
@@ -389,19 +389,19 @@ impl Listeners {
         Ok(all)
     }
 
-    /// Re-arms every listener's registration (the new process, once its predecessor has let
-    /// go): readiness passed over while it waited is reported again.
-    pub(super) fn rearm(&mut self, registry: &Registry) {
+    /// Reads and accepts on every listener again, from what waits now: after a freeze (the
+    /// hand-off failed) or in the new process once its predecessor has let go.
+    pub(super) fn resume(&mut self, registry: &Registry) {
         for (index, listener) in self.slab.iter_mut().enumerate() {
             let Some(listener) = listener else { continue };
             let token = listener_token(index);
-            let rearmed = match &mut listener.io {
+            let armed = match &mut listener.io {
                 ListenerIo::Udp { socket, .. } => {
-                    registry.reregister(socket, token, Interest::READABLE)
+                    super::handoff::read_again(registry, socket, token)
                 }
-                ListenerIo::Tcp(tcp) => registry.reregister(tcp, token, Interest::READABLE),
+                ListenerIo::Tcp(tcp) => super::handoff::read_again(registry, tcp, token),
             };
-            if let Err(e) = rearmed {
+            if let Err(e) = armed {
                 log::error!("hand-off: listener {index} cannot be read: {e}");
             }
         }
@@ -413,25 +413,6 @@ impl Listeners {
         for port in 0..self.slab.len() {
             if self.slab[port].is_some() {
                 self.retire(registry, port);
-            }
-        }
-    }
-
-    /// Reads and accepts on every listener again: the hand-off failed (or, in the new
-    /// process, has been committed). A registration reports a socket that is readable
-    /// already, so what waited meanwhile is read at once.
-    pub(super) fn thaw(&mut self, registry: &Registry) {
-        for (index, listener) in self.slab.iter_mut().enumerate() {
-            let Some(listener) = listener else { continue };
-            let token = listener_token(index);
-            let registered = match &mut listener.io {
-                ListenerIo::Udp { socket, .. } => {
-                    registry.register(socket, token, Interest::READABLE)
-                }
-                ListenerIo::Tcp(tcp) => registry.register(tcp, token, Interest::READABLE),
-            };
-            if let Err(e) = registered {
-                log::error!("hand-off: listener {index} cannot be read again: {e}");
             }
         }
     }

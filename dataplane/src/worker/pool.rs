@@ -237,7 +237,7 @@ impl UpstreamPool {
     // ---- hand-off (SPEC §12) ---------------------------------------------------------------
 
     /// Stops reading every socket (the successor reads them now, or will after
-    /// [`Self::thaw`]), and gives its number, local port and a duplicate of its descriptor.
+    /// [`Self::resume`]), and gives its number, local port and a duplicate of its descriptor.
     pub(super) fn freeze(&mut self, registry: &Registry) -> io::Result<Vec<(u32, u16, OwnedFd)>> {
         let mut all = Vec::with_capacity(self.sockets());
         for (ipv6, sockets) in [(false, &mut self.v4), (true, &mut self.v6)] {
@@ -250,13 +250,13 @@ impl UpstreamPool {
         Ok(all)
     }
 
-    /// Re-arms every socket's registration (the new process, once its predecessor has let
-    /// go): readiness passed over while it waited is reported again.
-    pub(super) fn rearm(&mut self, registry: &Registry) {
+    /// Reads every socket again, from what waits now: after a freeze (the hand-off failed) or
+    /// in the new process once its predecessor has let go.
+    pub(super) fn resume(&mut self, registry: &Registry) {
         for (ipv6, sockets) in [(false, &mut self.v4), (true, &mut self.v6)] {
             for (index, s) in sockets.iter_mut().enumerate() {
                 let token = PoolRef::new(index as u32, ipv6).token();
-                if let Err(e) = registry.reregister(&mut s.socket, token, Interest::READABLE) {
+                if let Err(e) = super::handoff::read_again(registry, &mut s.socket, token) {
                     log::error!("hand-off: an upstream socket cannot be read: {e}");
                 }
             }
@@ -272,18 +272,6 @@ impl UpstreamPool {
             }
         }
         self.assigner = SocketAssigner::default();
-    }
-
-    /// Reads every socket again: the hand-off failed and this process serves on.
-    pub(super) fn thaw(&mut self, registry: &Registry) {
-        for (ipv6, sockets) in [(false, &mut self.v4), (true, &mut self.v6)] {
-            for (index, s) in sockets.iter_mut().enumerate() {
-                let token = PoolRef::new(index as u32, ipv6).token();
-                if let Err(e) = registry.register(&mut s.socket, token, Interest::READABLE) {
-                    log::error!("hand-off: an upstream socket cannot be read again: {e}");
-                }
-            }
-        }
     }
 
     /// Takes over the previous process's sockets, by their numbers there (each family's

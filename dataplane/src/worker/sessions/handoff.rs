@@ -29,14 +29,9 @@ impl Sessions {
         self.pool.freeze(registry)
     }
 
-    /// Re-arms the shared upstream sockets; see `UpstreamPool::rearm`.
-    pub(in crate::worker) fn rearm_pool(&mut self, registry: &Registry) {
-        self.pool.rearm(registry);
-    }
-
-    /// Reads the shared upstream sockets again (the hand-off failed).
-    pub(in crate::worker) fn thaw_pool(&mut self, registry: &Registry) {
-        self.pool.thaw(registry);
+    /// Reads the shared upstream sockets again; see `UpstreamPool::resume`.
+    pub(in crate::worker) fn resume_pool(&mut self, registry: &Registry) {
+        self.pool.resume(registry);
     }
 
     /// Lets go of the shared upstream sockets (handed over, none serves a session here any
