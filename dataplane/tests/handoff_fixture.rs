@@ -5,20 +5,21 @@
 //! back as the same messages, and the State with its batches must pass `check`: a change to `wire`
 //! or to the framing that breaks this breaks a hand-off from the release that wrote it.
 //!
+//! `handoff-v1.bin` (and the `seed-v1-*` fuzz seeds) are the stream of the release that wrote
+//! format 1 (commit 91be642), kept byte for byte: never rewrite them.
 //! `UPDATE_HANDOFF_FIXTURE=1 cargo test -p dataplane --test handoff_fixture` rewrites the
-//! current format's file (and the fuzz seeds made from it). Do that only when the format
-//! version changes, keeping the older files read back here for as long as their releases can
-//! be upgraded from.
+//! current format's file and its fuzz seed. Do that only when the format version changes,
+//! keeping the older files read back here for as long as their releases can be upgraded from.
 
 use std::net::SocketAddrV6;
 use std::path::{Path, PathBuf};
 
-use dataplane::handoff::stream::{MAX_FDS_PER_FRAME, RawMessage, decode_stream, encode_message};
+use dataplane::handoff::stream::{RawMessage, decode_stream, encode_message};
 use dataplane::handoff::wire::{
-    Answer, Decision, Hello, MAX_SESSION_BATCHES, READS, Released, SESSIONS_PER_BATCH,
-    SessionBatch, State, Taken, VERSION, WireBackend, WireGrant, WireLedgerEntry, WireListener,
-    WireListenerKind, WirePoolSocket, WireProxyMode, WireProxyState, WireSession, WireSessionKind,
-    WireStats, WireTransport, WireWorker, accepts_version, decode_batch, encode_batch,
+    Answer, Decision, Hello, READS, Released, SessionBatch, State, Taken, VERSION, WireBackend,
+    WireGrant, WireLedgerEntry, WireListener, WireListenerKind, WirePoolSocket, WireProxyMode,
+    WireProxyState, WireSession, WireSessionKind, WireStats, WireTransport, WireWorker,
+    accepts_version, decode_batch, encode_batch, limits,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -307,13 +308,14 @@ fn read_back(version: u32) {
     let (mut state, fds): (State, _) = next(&mut messages);
     let (wire_state, wire_batches) = fixture_wire(version);
     assert_eq!((&state, fds), (&wire_state, FIXTURE_FDS));
-    assert!(state.session_batches <= MAX_SESSION_BATCHES);
+    let bounds = limits(version).unwrap();
+    assert!(state.session_batches <= bounds.batches);
     let mut batches = Vec::new();
     for _ in 0..state.session_batches {
         let message = messages.next().expect("the stream ended early");
         let batch = decode_batch(version, &message.bytes).unwrap();
         assert_eq!(message.fds, 0);
-        assert!(batch.sessions.len() <= SESSIONS_PER_BATCH);
+        assert!(batch.sessions.len() <= bounds.sessions_per_batch);
         batches.push(batch.clone());
         state.workers[batch.worker as usize]
             .sessions
@@ -352,7 +354,7 @@ fn state_without_the_newer_fields_parses() {
     assert_eq!(state, older);
 }
 
-/// The fixture, and fuzz seeds from it: the whole exchange, and a multi-frame message.
+/// The current format's fixture, and a fuzz seed of it.
 fn write_fixture_and_seeds() {
     let stream = fixture_stream(VERSION);
     std::fs::create_dir_all(fixture_path(VERSION).parent().unwrap()).unwrap();
@@ -360,8 +362,4 @@ fn write_fixture_and_seeds() {
     let seeds = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/handoff_stream");
     std::fs::create_dir_all(&seeds).unwrap();
     std::fs::write(seeds.join(format!("seed-v{VERSION}-exchange")), &stream).unwrap();
-    // The State is the same JSON since format 1: one multi-frame seed of it serves.
-    let state = json(&fixture_wire(1).0);
-    let multi = encode_message(&state, MAX_FDS_PER_FRAME + FIXTURE_FDS).unwrap();
-    std::fs::write(seeds.join("seed-v1-multi-frame"), multi).unwrap();
 }

@@ -19,10 +19,9 @@ use dataplane::handoff::stream::{
     encode_message,
 };
 use dataplane::handoff::wire::{
-    Answer, Decision, Hello, MAX_SESSION_BATCHES, READS, Released, SESSIONS_PER_BATCH,
-    SessionBatch, State, Taken, VERSION, WireListener, WireListenerKind, WirePoolSocket,
-    WireProxyState, WireSession, WireSessionKind, WireStats, WireTransport, WireWorker,
-    accepts_version, decode_batch, encode_batch,
+    Answer, Decision, FORMAT_2, Hello, READS, Released, SessionBatch, State, Taken, VERSION,
+    WireListener, WireListenerKind, WirePoolSocket, WireProxyState, WireSession, WireSessionKind,
+    WireStats, WireTransport, WireWorker, accepts_version, decode_batch, encode_batch, limits,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(5);
@@ -114,14 +113,15 @@ fn take_over(new: &mut Channel) -> (State, Vec<OwnedFd>) {
         panic!("refused: {answer:?}");
     };
     assert!(accepts_version(version));
+    let bounds = limits(version).unwrap();
     new.send(&Decision::Proceed, &[]).unwrap();
     let (mut state, fds): (State, Vec<OwnedFd>) = new.recv().unwrap();
-    assert!(state.session_batches <= MAX_SESSION_BATCHES);
+    assert!(state.session_batches <= bounds.batches);
     for _ in 0..state.session_batches {
         let (bytes, extra) = new.recv_bytes().unwrap();
         let batch = decode_batch(version, &bytes).unwrap();
         assert!(extra.is_empty());
-        assert!(batch.sessions.len() <= SESSIONS_PER_BATCH);
+        assert!(batch.sessions.len() <= bounds.sessions_per_batch);
         state.workers[batch.worker as usize]
             .sessions
             .extend(batch.sessions);
@@ -378,17 +378,21 @@ fn a_full_batch_of_the_largest_sessions_fits_one_message() {
             pending: false,
         }),
     };
-    let batch = SessionBatch {
-        worker: u32::MAX,
-        sessions: vec![session; SESSIONS_PER_BATCH],
-    };
     for &version in READS {
+        let bounds = limits(version).unwrap();
+        let batch = SessionBatch {
+            worker: u32::MAX,
+            sessions: vec![session.clone(); bounds.sessions_per_batch],
+        };
         let bytes = encode_batch(version, &batch).unwrap();
         eprintln!(
-            "a batch of {SESSIONS_PER_BATCH} of the largest sessions: {} bytes in format \
-             {version}",
+            "a batch of {} of the largest sessions: {} bytes in format {version}",
+            bounds.sessions_per_batch,
             bytes.len()
         );
+        // Within the format's bound with room to spare (the bound is twice a full batch), and
+        // so within the framing's.
+        assert!(bytes.len() * 2 <= bounds.batch_bytes, "{}", bytes.len());
         assert!(bytes.len() <= MAX_MESSAGE_BYTES);
         let frames = encode_message(&bytes, 0).unwrap();
         let back = decode_stream(&frames).unwrap();
@@ -420,7 +424,7 @@ fn exchange_over_a_socket_path() {
         let (stream, _) = listener.accept().unwrap();
         let mut old = Channel::new(stream, TIMEOUT).unwrap();
         let mut state = small_state();
-        let batches = into_batches(&mut state, SESSIONS_PER_BATCH);
+        let batches = into_batches(&mut state, FORMAT_2.sessions_per_batch);
         assert_eq!(batches.len(), 1);
         let fds: Vec<BorrowedFd<'_>> = sockets.iter().map(AsFd::as_fd).collect();
         hand_over(&mut old, 1, &state, &fds, &batches);
@@ -461,7 +465,7 @@ fn take_over_reads_each_format_a_predecessor_writes() {
             let (stream, _) = listener.accept().unwrap();
             let mut old = Channel::new(stream, TIMEOUT).unwrap();
             let mut state = small_state();
-            let batches = into_batches(&mut state, SESSIONS_PER_BATCH);
+            let batches = into_batches(&mut state, FORMAT_2.sessions_per_batch);
             let fds: Vec<BorrowedFd<'_>> = sockets.iter().map(AsFd::as_fd).collect();
             offer(&mut old, version, 1, &state, &fds, &batches);
             // Installing and committing need a data plane: the successor hangs up instead.

@@ -22,8 +22,8 @@ use super::share::{AdoptedListener, Adoption};
 use super::stats::HandOffResult;
 use super::stream::{Channel, MAX_FDS_PER_MESSAGE, StreamError};
 use super::wire::{
-    Answer, Decision, Hello, MAX_SESSION_BATCHES, READS, Released, State, Taken, VERSION,
-    WireListenerKind, WireTransport, accepts_version, decode_batch,
+    Answer, Decision, Hello, READS, Released, State, Taken, VERSION, WireListenerKind,
+    WireTransport, accepts_version, decode_batch, limits,
 };
 
 /// How long one step of the exchange may take before the new process gives up (the old one
@@ -114,7 +114,7 @@ pub fn take_over(
     let mut channel = Channel::new(stream, STEP_TIMEOUT).map_err(stream_err)?;
     channel.send(&hello(), &[]).map_err(stream_err)?;
     let (answer, _): (Answer, _) = channel.recv().map_err(stream_err)?;
-    let (config, theirs, pid, version) = match answer {
+    let (config, theirs, pid, (version, format)) = match answer {
         Answer::Refuse { reason } => return Err(TakeOverError::Refused(reason)),
         Answer::Accept {
             version,
@@ -124,7 +124,7 @@ pub fn take_over(
             pid,
         } => {
             log::info!("hand-off: release {release} (pid {pid}) runs on {shown}");
-            if !accepts_version(version) {
+            let Some(format) = limits(version).filter(|_| accepts_version(version)) else {
                 let reason =
                     format!("it writes hand-off format {version}, this release reads {READS:?}");
                 let _ = channel.send(
@@ -134,8 +134,8 @@ pub fn take_over(
                     &[],
                 );
                 return Err(TakeOverError::Declined(reason));
-            }
-            (config, workers, pid, version)
+            };
+            (config, workers, pid, (version, format))
         }
     };
     let theirs = usize::try_from(theirs).unwrap_or(usize::MAX);
@@ -162,10 +162,10 @@ pub fn take_over(
     channel.send(&Decision::Proceed, &[]).map_err(stream_err)?;
     let proceeded = Instant::now();
     let (mut state, fds): (State, Vec<OwnedFd>) = channel.recv().map_err(stream_err)?;
-    if state.session_batches > MAX_SESSION_BATCHES {
+    if state.session_batches > format.batches {
         return Err(TakeOverError::Invalid(format!(
-            "{} session batches announced, at most {MAX_SESSION_BATCHES}",
-            state.session_batches
+            "{} session batches announced, at most {}",
+            state.session_batches, format.batches
         )));
     }
     for _ in 0..state.session_batches {

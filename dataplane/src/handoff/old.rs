@@ -21,9 +21,9 @@ use super::share::{HandOffEnd, WorkerShare};
 use super::stats::HandOffResult;
 use super::stream::Channel;
 use super::wire::{
-    Answer, Decision, Hello, READS, Released, SESSIONS_PER_BATCH, SessionBatch, State, Taken,
-    WireLedgerEntry, WireListener, WireListenerKind, WirePoolSocket, WireTransport, WireWorker,
-    common_version, encode_batch,
+    Answer, Decision, Hello, READS, Released, SessionBatch, State, Taken, WireLedgerEntry,
+    WireListener, WireListenerKind, WirePoolSocket, WireTransport, WireWorker, common_version,
+    encode_batch, limits,
 };
 
 /// How long each step of the exchange may take; the successor installs within the last one.
@@ -144,7 +144,8 @@ fn serve_one(
 ) -> Result<Option<HandedOver>, String> {
     let mut channel = Channel::new(stream, STEP_TIMEOUT).map_err(|e| e.to_string())?;
     let (hello, _): (Hello, _) = channel.recv().map_err(|e| format!("its hello: {e}"))?;
-    let Some(version) = common_version(&hello.reads) else {
+    let agreed = common_version(&hello.reads).and_then(|v| Some((v, limits(v)?)));
+    let Some((version, format)) = agreed else {
         let reason = format!(
             "it reads hand-off formats {:?} and this release writes {READS:?}",
             hello.reads
@@ -186,7 +187,7 @@ fn serve_one(
     let mut sent_at = described_at;
     let sent = (|| {
         let (mut state, fds) = describe(shares, sockets, controller)?;
-        let batches = batches(&mut state);
+        let batches = batches(&mut state, format.sessions_per_batch);
         let sessions = batches.iter().map(|b| b.sessions.len()).sum();
         state.session_batches = u32::try_from(batches.len()).unwrap_or(u32::MAX);
         let borrowed: Vec<BorrowedFd<'_>> = fds.iter().map(AsFd::as_fd).collect();
@@ -215,13 +216,6 @@ fn serve_one(
     // Committed: from here on the successor serves whatever happens to this process.
     controller.hand_off_end(HandOffEnd::Taken);
     let gap = frozen_at.elapsed();
-    log::info!(
-        "hand-off: workers described their share in {:?}, the state went out in {:?}, the \
-         successor installed it in {:?}",
-        described_at - frozen_at,
-        sent_at - described_at,
-        frozen_at.elapsed() - (sent_at - frozen_at)
-    );
     if let Err(e) = channel.send(
         &Released {
             gap_us: u64::try_from(gap.as_micros()).unwrap_or(u64::MAX),
@@ -231,6 +225,14 @@ fn serve_one(
         // The successor reads anyway once it finds this process no longer reading.
         log::warn!("hand-off: telling the successor it may read: {e}");
     }
+    // Logged once the successor may read: a log line in the pause would lengthen it.
+    log::info!(
+        "hand-off: workers described their share in {:?}, the state went out in {:?}, the \
+         successor installed it and said so in {:?}",
+        described_at - frozen_at,
+        sent_at - described_at,
+        gap - (sent_at - frozen_at)
+    );
     Ok(Some(HandedOver {
         sessions,
         descriptors,
@@ -238,16 +240,15 @@ fn serve_one(
     }))
 }
 
-/// The workers' sessions taken out of `state`, in batches of at most
-/// [`SESSIONS_PER_BATCH`].
-fn batches(state: &mut State) -> Vec<SessionBatch> {
+/// The workers' sessions taken out of `state`, in batches of at most `per_batch`.
+fn batches(state: &mut State, per_batch: usize) -> Vec<SessionBatch> {
     let mut all = Vec::new();
     for (worker, w) in state.workers.iter_mut().enumerate() {
         let mut sessions = std::mem::take(&mut w.sessions).into_iter().peekable();
         while sessions.peek().is_some() {
             all.push(SessionBatch {
                 worker: worker as u32,
-                sessions: sessions.by_ref().take(SESSIONS_PER_BATCH).collect(),
+                sessions: sessions.by_ref().take(per_batch).collect(),
             });
         }
     }

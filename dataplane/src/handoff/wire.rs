@@ -49,10 +49,10 @@ pub fn common_version(theirs: &[u32]) -> Option<u32> {
 pub enum BatchError {
     #[error("format {0} is not one this build knows")]
     Version(u32),
-    #[error("{0} bytes, over the bound of {MAX_BATCH_BYTES}")]
-    TooLarge(usize),
-    #[error("{0} sessions, over the bound of {SESSIONS_PER_BATCH}")]
-    TooMany(usize),
+    #[error("{0} bytes, over the format's bound of {1}")]
+    TooLarge(usize, usize),
+    #[error("{0} sessions, over the format's bound of {1}")]
+    TooMany(usize, usize),
     #[error("{0} bytes after the batch")]
     Trailing(usize),
     #[error("session batch JSON: {0}")]
@@ -70,25 +70,27 @@ pub fn encode_batch(version: u32, batch: &SessionBatch) -> Result<Vec<u8>, Batch
     }
 }
 
-/// A session batch read from its bytes in format `version`, as untrusted input. Bounded
-/// before and after: a session takes a few bytes in binary but about 200 in memory, so a batch
-/// as large as the framing allows could decode into gigabytes; past [`MAX_BATCH_BYTES`] it is
-/// refused unread, and past [`SESSIONS_PER_BATCH`] sessions once read. Bytes left over are an
+/// A session batch read from its bytes in format `version`, as untrusted input, held to the
+/// format's [`Limits`] before and after: a session takes a few bytes in binary but about 200
+/// in memory, so a batch as large as the framing allows could decode into gigabytes; past the
+/// byte bound it is refused unread, past the session bound once read. Bytes left over are an
 /// error too.
 pub fn decode_batch(version: u32, bytes: &[u8]) -> Result<SessionBatch, BatchError> {
-    if bytes.len() > MAX_BATCH_BYTES {
-        return Err(BatchError::TooLarge(bytes.len()));
+    let limits = limits(version).ok_or(BatchError::Version(version))?;
+    if bytes.len() > limits.batch_bytes {
+        return Err(BatchError::TooLarge(bytes.len(), limits.batch_bytes));
     }
-    let batch: SessionBatch = match version {
-        1 => serde_json::from_slice(bytes)?,
-        2 => match postcard::take_from_bytes(bytes)? {
+    let batch: SessionBatch = if version == 1 {
+        serde_json::from_slice(bytes)?
+    } else {
+        match postcard::take_from_bytes(bytes)? {
             (batch, []) => batch,
             (_, rest) => return Err(BatchError::Trailing(rest.len())),
-        },
-        other => return Err(BatchError::Version(other)),
+        }
     };
-    if batch.sessions.len() > SESSIONS_PER_BATCH {
-        return Err(BatchError::TooMany(batch.sessions.len()));
+    let sessions = batch.sessions.len();
+    if sessions > limits.sessions_per_batch {
+        return Err(BatchError::TooMany(sessions, limits.sessions_per_batch));
     }
     Ok(batch)
 }
@@ -219,13 +221,9 @@ pub struct WireProxyState {
 /// The traffic a session has carried.
 #[derive(Clone, Copy, Debug, Default, Eq, PartialEq, Serialize, Deserialize)]
 pub struct WireStats {
-    #[serde(rename = "pu")]
     pub packets_upstream: u64,
-    #[serde(rename = "bu")]
     pub bytes_upstream: u64,
-    #[serde(rename = "pd")]
     pub packets_downstream: u64,
-    #[serde(rename = "bd")]
     pub bytes_downstream: u64,
 }
 
@@ -238,45 +236,34 @@ pub enum WireSessionKind {
     Route,
 }
 
-/// One UDP session of a worker. In format 1 (JSON) its fields have one- or two-letter names:
-/// a node's sessions are most of a hand-off's bytes, and every byte is in the pause. Format 2
-/// is positional: adding, removing or reordering a field is a new format, whatever its serde
-/// attributes say.
+/// One UDP session of a worker. Format 1 writes it as JSON under these field names, as the
+/// release that wrote format 1 did; format 2 is positional: adding, removing or reordering a
+/// field is a new format, whatever its serde attributes say.
 #[derive(Clone, Debug, Eq, PartialEq, Serialize, Deserialize)]
 pub struct WireSession {
     /// Its listener's id in the old process ([`WireListener::id`]).
-    #[serde(rename = "l")]
     pub listener: u16,
     /// The client's address, as the session table keys it.
-    #[serde(rename = "c", with = "exact_addr")]
+    #[serde(with = "exact_addr")]
     pub client: SocketAddr,
     /// The client's address as received (its replies go there).
-    #[serde(rename = "r", with = "exact_addr")]
+    #[serde(with = "exact_addr")]
     pub reply_to: SocketAddr,
     /// The proxy address the client sent to (its replies leave from it), when known.
-    #[serde(rename = "o")]
     pub local: Option<IpAddr>,
     /// The backend it forwards to.
-    #[serde(rename = "t", with = "exact_addr")]
+    #[serde(with = "exact_addr")]
     pub target: SocketAddr,
-    #[serde(rename = "b")]
     pub backend: u64,
-    #[serde(rename = "k")]
     pub kind: WireSessionKind,
     /// Its shared upstream socket ([`WirePoolSocket::number`] in the same worker).
-    #[serde(rename = "p")]
     pub pool: u32,
     /// How long ago it opened, in milliseconds.
-    #[serde(rename = "a")]
     pub age_ms: u64,
     /// How long ago it last carried traffic, in milliseconds.
-    #[serde(rename = "i")]
     pub idle_ms: u64,
-    #[serde(rename = "to")]
     pub idle_timeout_ms: u64,
-    #[serde(rename = "s")]
     pub stats: WireStats,
-    #[serde(rename = "x")]
     pub proxy: Option<WireProxyState>,
 }
 
@@ -347,18 +334,42 @@ pub struct State {
     pub default: Option<WireBackend>,
 }
 
-/// Sessions at most in one [`SessionBatch`] (about 50 bytes each in format 2, 200 in
-/// format 1's JSON): small batches let the new process parse one while the old one encodes
-/// the next.
-pub const SESSIONS_PER_BATCH: usize = 1024;
+/// How each format cuts the sessions into batches, and the bounds a reader holds a peer to.
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub struct Limits {
+    /// Sessions at most in one [`SessionBatch`].
+    pub sessions_per_batch: usize,
+    /// Bytes at most of one batch: twice a full batch of the largest sessions.
+    pub batch_bytes: usize,
+    /// Batches at most after one [`State`].
+    pub batches: u32,
+}
 
-/// Batches at most after one [`State`]: a million sessions, far past what a node's descriptors
-/// and ports carry, and at most about 200 MiB in memory whatever a peer sends.
-pub const MAX_SESSION_BATCHES: u32 = 1024;
+/// Format 1, as its release wrote it: batches of 16,384 sessions in JSON (a few hundred bytes
+/// each, a few MiB a batch), 256 batches.
+pub const FORMAT_1: Limits = Limits {
+    sessions_per_batch: 16_384,
+    batch_bytes: 24 << 20,
+    batches: 256,
+};
 
-/// Bytes at most in one session batch, in either format: twice a full batch of the largest
-/// sessions in format 1's JSON (about 530 KiB; a third of that in format 2).
-pub const MAX_BATCH_BYTES: usize = 1 << 20;
+/// Format 2: batches of 1,024 sessions in binary (about 50 bytes each, 170 at most), so the
+/// new process parses one while the old one encodes the next; at most a million sessions,
+/// about 200 MiB in memory whatever a peer sends.
+pub const FORMAT_2: Limits = Limits {
+    sessions_per_batch: 1024,
+    batch_bytes: 1 << 20,
+    batches: 1024,
+};
+
+/// The limits of format `version`, when this build knows it.
+pub fn limits(version: u32) -> Option<Limits> {
+    match version {
+        1 => Some(FORMAT_1),
+        2 => Some(FORMAT_2),
+        _ => None,
+    }
+}
 
 /// Some of one worker's UDP sessions, sent after the [`State`] they belong to.
 #[derive(Clone, Debug, Default, Eq, PartialEq, Serialize, Deserialize)]
@@ -427,7 +438,11 @@ mod tests {
         );
         assert_eq!(common_version(&[3, 4]), None);
         assert_eq!(common_version(&[]), None);
-        assert!(READS.contains(&VERSION) && READS.iter().all(|&v| accepts_version(v)));
+        assert!(READS.contains(&VERSION));
+        assert!(
+            READS.iter().all(|&v| limits(v).is_some()),
+            "limits for each format read"
+        );
     }
 
     #[test]
@@ -482,20 +497,21 @@ mod tests {
         ));
         assert!(matches!(decode_batch(0, &[]), Err(BatchError::Version(0))));
         // Past the bounds: too many bytes refused unread, too many sessions once read.
-        let over = vec![b' '; MAX_BATCH_BYTES + 1];
-        assert!(matches!(
-            decode_batch(1, &over),
-            Err(BatchError::TooLarge(_))
-        ));
-        let crowded = SessionBatch {
-            worker: 0,
-            sessions: vec![batch.sessions[0].clone(); SESSIONS_PER_BATCH + 1],
-        };
         for &version in READS {
+            let bounds = limits(version).unwrap();
+            let over = vec![b' '; bounds.batch_bytes + 1];
+            assert!(matches!(
+                decode_batch(version, &over),
+                Err(BatchError::TooLarge(..))
+            ));
+            let crowded = SessionBatch {
+                worker: 0,
+                sessions: vec![batch.sessions[0].clone(); bounds.sessions_per_batch + 1],
+            };
             let bytes = encode_batch(version, &crowded).unwrap();
             assert!(matches!(
                 decode_batch(version, &bytes),
-                Err(BatchError::TooMany(n)) if n == SESSIONS_PER_BATCH + 1
+                Err(BatchError::TooMany(n, _)) if n == bounds.sessions_per_batch + 1
             ));
         }
     }
