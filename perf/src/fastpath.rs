@@ -25,7 +25,7 @@ use anyhow::{Context, bail};
 
 use crate::echo::Echo;
 use crate::load::Report;
-use crate::proxy::ProxyArgs;
+use crate::proxy::{ProxyArgs, series};
 use net::Topology;
 use proxy::Proxy;
 
@@ -653,13 +653,6 @@ fn clock_ticks() -> f64 {
     // SAFETY: sysconf has no preconditions.
     let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
     ticks as f64
-}
-
-/// The value of one series (exact name with labels) in a `/metrics` text.
-fn series(metrics: &str, name: &str) -> Option<f64> {
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
 /// The proxy binary: `given`, else `udp-director` beside this binary.

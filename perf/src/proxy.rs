@@ -363,3 +363,23 @@ pub(crate) fn raise_fd_limit() -> u64 {
         l.rlim_cur
     }
 }
+
+/// The value of one series (exact name with labels) in a `/metrics` text.
+pub(crate) fn series(metrics: &str, name: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// The sum of every series of a family whose labels include `label` (`protocol="udp"`).
+pub(crate) fn sum_series(metrics: &str, family: &str, label: &str) -> Option<f64> {
+    let values: Vec<f64> = metrics
+        .lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix(family)?.strip_prefix('{')?;
+            let (labels, value) = rest.split_once("} ")?;
+            labels.contains(label).then(|| value.trim().parse().ok())?
+        })
+        .collect();
+    (!values.is_empty()).then(|| values.iter().sum())
+}

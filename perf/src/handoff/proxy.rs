@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
+pub(super) use crate::proxy::{series, sum_series};
+
 /// The fixed ports of a round, all distinct numbers (a forwarder on the number of one of the
 /// proxy's own ports would not open, whatever the protocol).
 #[derive(Debug)]
@@ -207,26 +209,6 @@ pub(super) fn wait_ready(
     )
 }
 
-/// The value of one series (exact name with labels) in a `/metrics` text.
-pub(super) fn series(metrics: &str, name: &str) -> Option<f64> {
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-}
-
-/// The sum of every series of a family whose labels include `label` (`protocol="udp"`).
-pub(super) fn sum_series(metrics: &str, family: &str, label: &str) -> Option<f64> {
-    let values: Vec<f64> = metrics
-        .lines()
-        .filter_map(|l| {
-            let rest = l.strip_prefix(family)?.strip_prefix('{')?;
-            let (labels, value) = rest.split_once("} ")?;
-            labels.contains(label).then(|| value.trim().parse().ok())?
-        })
-        .collect();
-    (!values.is_empty()).then(|| values.iter().sum())
-}
-
 /// What A said it handed over: `handed over N UDP sessions and M sockets; the gap was G`.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub(super) struct HandedOver {
@@ -247,20 +229,6 @@ pub(super) fn handed_over(log: &str) -> Option<HandedOver> {
         sockets: sockets.trim().parse().ok()?,
         gap: debug_duration(gap.trim())?,
     })
-}
-
-/// What B said it took over, and the gap A told it: `took over N UDP sessions and M sockets;
-/// the predecessor stopped reading D before this process started`.
-pub(super) fn took_over(log: &str) -> Option<(u64, Duration)> {
-    let line = log.lines().find(|l| l.contains("hand-off: took over "))?;
-    let rest = line.split_once("took over ")?.1;
-    let (sessions, rest) = rest.split_once(" UDP sessions ")?;
-    let gap = rest
-        .split_once("stopped reading ")?
-        .1
-        .split_whitespace()
-        .next()?;
-    Some((sessions.trim().parse().ok()?, debug_duration(gap)?))
 }
 
 /// A `Duration` as its `Debug` prints it (`18.234567ms`, `950µs`, `1.5s`, `12ns`).
@@ -295,13 +263,6 @@ mod tests {
             })
         );
         assert_eq!(handed_over("nothing here"), None);
-    }
-
-    #[test]
-    fn the_new_proxys_account_is_read_from_its_log() {
-        let log = "[… INFO  dataplane::handoff::new] hand-off: took over 10000 UDP sessions and 1061 sockets; the predecessor stopped reading 41.5ms before this process started\n";
-        assert_eq!(took_over(log), Some((10000, Duration::from_micros(41_500))));
-        assert_eq!(took_over("hand-off: took over 5 UDP sessions in 3ms"), None);
     }
 
     #[test]
