@@ -139,8 +139,12 @@ fn live_changes_apply_under_traffic_and_restart_changes_are_refused() {
         )),
     );
     proxy.eventually("reloaded", |p| reloads(p, "applied") == 1.0);
-    let newcomer = client();
+    // A new client each try: "applied" counts the reload when control takes the new config,
+    // and the new default reaches the workers a moment later; a datagram read before that opens
+    // its session on gs-a (sessions keep their backend), which a client that kept trying from
+    // the same port would never leave.
     proxy.eventually("new tokenless clients reach gs-b", |_| {
+        let newcomer = client();
         newcomer.send_to(b"hi", data).unwrap();
         datagram_within(&newcomer, Duration::from_millis(100)).is_some_and(|r| r == b"Bhi")
     });
